@@ -1,0 +1,204 @@
+"""Model directories: save and load, atomically, in the Hugging Face layout.
+
+A model directory holds `config.json` (LlamaConfig-shaped), `model.safetensors` (weights named as
+transformers names them), `tokenizer.json` + `tokenizer_config.json` and `generation_config.json`.
+Writes go to a temporary sibling directory that is renamed into place, so a crash mid-save never leaves
+a half-written directory under the final name, and the previous one stays loadable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+from slmkit.config import ModelConfig
+from slmkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_HF_PREFIX = "model."
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our parameter names -> transformers' (`model.` prefix on all but lm_head; tied head dropped)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            if config.tie_embeddings:
+                continue
+            out[name] = tensor
+        else:
+            out[_HF_PREFIX + name] = tensor
+    return out
+
+
+def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name.removeprefix(_HF_PREFIX): tensor for name, tensor in state.items()}
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
+
+    On any exception the temporary directory is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_dir_files(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def write_model_files(model: torch.nn.Module, config: ModelConfig, directory: Path,
+                      tokenizer_dir: str | Path | None = None) -> None:
+    """Write a model directory's files into an existing (usually temporary) directory."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(to_hf_state_dict(state, config), str(directory / WEIGHTS), metadata={"format": "pt"})
+    config.save(directory / "config.json")
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+                  "max_length": config.max_seq_len, "do_sample": False}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, directory)
+
+
+def copy_tokenizer(source: str | Path, directory: Path) -> None:
+    source = Path(source)
+    if source.is_file():  # a tokenizer.json given directly
+        shutil.copyfile(source, directory / "tokenizer.json")
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, directory / name)
+
+
+def save_model(model: torch.nn.Module, directory: str | Path, tokenizer_dir: str | Path | None = None,
+               extra: Callable[[Path], None] | None = None) -> Path:
+    """Atomically write a model directory; `extra(tmp_dir)` may add files (e.g. trainer state)."""
+    config: ModelConfig = model.config  # type: ignore[assignment]
+    with atomic_directory(directory) as tmp:
+        write_model_files(model, config, tmp, tokenizer_dir)
+        if extra is not None:
+            extra(tmp)
+    return Path(directory)
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    ckpt_root = run_dir / "checkpoints"
+    if not ckpt_root.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in ckpt_root.iterdir()
+             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()]
+    return max(steps)[1] if steps else None
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The optimizer step a checkpoint was taken at (from trainer_state.json), -1 if unknown."""
+    try:
+        return int(json.loads((directory / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model dir as given, or for a run dir its `final/` or else its latest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such model or run directory")
+    if not path.is_dir():
+        raise UserError(f"{path}: expected a model directory (with config.json and {WEIGHTS}) or a run dir")
+    if (path / "config.json").is_file():
+        return path
+    if (path / "checkpoints").is_dir() or (path / "final").is_dir():
+        # the later of final/ and the latest step checkpoint: a resumed run may be past its old final/
+        candidates = [p for p in (path / "final", latest_checkpoint(path)) if p is not None and (p / WEIGHTS).is_file()]
+        if not candidates:
+            raise UserError(f"{path}: run directory has no checkpoint yet (train it, or give a model dir)")
+        return max(candidates, key=checkpoint_step)
+    raise UserError(f"{path}: not a model directory (no config.json) nor a run directory (no checkpoints/)")
+
+
+def load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: weights file not found")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{path}: corrupt or truncated safetensors file ({exc}); re-save or re-download it") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load a model directory (or a run dir's latest checkpoint) into a `Transformer`.
+
+    The module is built on the meta device and the safetensors weights are assigned to it, so no
+    memory is spent on a throwaway random initialisation.
+    """
+    from slmkit.models.transformer import Transformer
+
+    directory = resolve_model_dir(path)
+    config = ModelConfig.load(directory / "config.json")
+    weights = directory / WEIGHTS
+    if not weights.is_file() and (directory / "model.safetensors.index.json").is_file():
+        raise UserError(f"{directory}: sharded checkpoints are not supported yet; merge the shards first")
+    state = from_hf_state_dict(load_state_file(weights))
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = dict(model.state_dict())
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(f"{weights}: weights do not match config.json "
+                        f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise UserError(f"{weights}: tensor {name} has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {tuple(expected[name].shape)}")
+    target_dtype = dtype or torch.float32
+    state = {k: v.to(device=device, dtype=target_dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.eval()
+    model.source_dir = directory  # type: ignore[attr-defined]
+    return model

@@ -1,0 +1,67 @@
+"""Deterministic, resumable batches of token windows.
+
+The training stream is cut into windows of seq_len + 1 tokens; each epoch visits them in a permutation
+drawn from (seed, epoch). A batch position is one integer, the number of windows consumed, so resuming
+needs nothing else, and rank r of a world of size W takes windows r, r + W, r + 2W, ... of the same
+global order: disjoint slices whose union is what one process would see.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class WindowSampler:
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < 1:
+            raise ValueError("too few tokens for one window")
+        self.position = 0  # global windows consumed (all ranks together)
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _window(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.n_windows)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._epoch = epoch
+        assert self._perm is not None
+        return int(self._perm[offset])
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of shape (batch_size, seq_len); y is x shifted by one token."""
+        rows = []
+        for i in range(batch_size):
+            global_index = self.position + i * self.world_size + self.rank
+            start = self._window(global_index) * self.seq_len
+            rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+        self.position += batch_size * self.world_size
+        block = torch.from_numpy(np.stack(rows))
+        return block[:, :-1], block[:, 1:]
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.n_windows
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, count: int | None = None) -> list[tuple[int, int]]:
+    """(start, length) of non-overlapping windows covering the stream; `count` evenly spaced ones if given.
+
+    Each window predicts `length` tokens: tokens[start+1 : start+length+1] from tokens[start : start+length].
+    """
+    n = len(tokens) - 1
+    if n < 1:
+        return []
+    starts = list(range(0, n, seq_len))
+    windows = [(s, min(seq_len, n - s)) for s in starts]
+    if count is not None and count < len(windows):
+        full = [w for w in windows if w[1] == seq_len] or windows
+        picks = np.linspace(0, len(full) - 1, count).round().astype(int)
+        windows = [full[i] for i in sorted(set(picks.tolist()))]
+    return windows

@@ -1,0 +1,127 @@
+"""Training configuration: one typed dataclass, loadable from YAML, saved as JSON in the run dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from slmkit.config import PRESETS, ModelConfig, preset
+from slmkit.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, data, budget and bookkeeping settings of one training run."""
+
+    preset: str = "micro"
+    model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on top of the preset
+    # optimisation
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    grad_accum: int = 1
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = 0.2  # wsd: share of the run spent decaying
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    # budgets (stop at the first one reached); at least one is required
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    max_minutes: float | None = None
+    max_flops: float | None = None
+    # bookkeeping
+    eval_interval: int = 100
+    eval_batches: int = 8
+    log_interval: int = 1
+    save_interval: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    compile: bool = False
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise UserError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
+        for name in ("batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches", "log_interval",
+                     "save_interval", "keep_checkpoints"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"train config: {name} must be an integer >= 1, got {value!r}")
+        if self.warmup_steps < 0:
+            raise UserError(f"train config: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"train config: lr must be a positive number, got {self.lr}")
+        if not (0 <= self.min_lr_ratio <= 1):
+            raise UserError(f"train config: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not (0 < self.decay_fraction <= 1):
+            raise UserError(f"train config: decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise UserError(f"train config: schedule must be cosine, wsd or constant, got {self.schedule!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise UserError(f"train config: dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError("train config: beta1 and beta2 must be in [0, 1)")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("train config: weight_decay and grad_clip must be >= 0")
+        for name in ("max_steps", "max_tokens", "max_minutes", "max_flops"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0):
+                raise UserError(f"train config: {name} must be > 0, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"train config: threads must be >= 1, got {self.threads}")
+        self.model_config(vocab_size=self.model.get("vocab_size", 8192))  # validate overrides early
+
+    @property
+    def has_budget(self) -> bool:
+        return any(getattr(self, n) is not None for n in ("max_steps", "max_tokens", "max_minutes", "max_flops"))
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        """The preset with overrides; max_seq_len at least seq_len; vocabulary from the tokenizer."""
+        overrides = {"max_seq_len": max(self.seq_len, PRESETS[self.preset].get("max_seq_len", 0)),
+                     **self.model, "vocab_size": vocab_size}
+        return preset(self.preset, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> TrainConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise UserError(f"{source}: unknown training option(s) {unknown}; valid: {sorted(fields)}")
+        try:
+            return cls(**d)
+        except TypeError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """YAML with top-level training options, `preset`, and a `model:` mapping of overrides."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: invalid YAML ({exc})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: expected a mapping of options at the top level")
+        if "model" in data and not isinstance(data["model"], dict):
+            raise UserError(f"{path}: `model` must be a mapping of ModelConfig fields")
+        return cls.from_dict(data, source=str(path))
