@@ -164,6 +164,9 @@ class ModelConfig:
             "rope_scaling", "torch_dtype", "dtype", "rope_parameters", "transformers_version",
         }
         n_heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim")
+        if head_dim is not None and head_dim * n_heads == d["hidden_size"]:
+            head_dim = None  # the default; keep configs comparable
         return cls(
             vocab_size=d["vocab_size"],
             d_model=d["hidden_size"],
@@ -178,7 +181,7 @@ class ModelConfig:
             initializer_range=float(d.get("initializer_range", 0.02)),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=eos,
-            head_dim=d.get("head_dim"),
+            head_dim=head_dim,
             extra={k: v for k, v in d.items() if k not in known},
         )
 

@@ -270,7 +270,7 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: b
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with autocast():
                     logits = forward(x)
-                    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
