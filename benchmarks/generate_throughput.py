@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import hardware, timed  # noqa: E402
-
 from slmkit.checkpoint import save_model  # noqa: E402
 from slmkit.config import preset  # noqa: E402
 from slmkit.infer.generate import generate_ids  # noqa: E402
@@ -54,8 +53,9 @@ def main() -> None:
 
     def run_theirs() -> list[int]:
         with torch.no_grad():
-            out = theirs.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0, eos_token_id=None)
+            out = theirs.generate(
+                prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None
+            )
         return out[0, args.prompt_len :].tolist()
 
     a, b = run_ours(), run_theirs()
@@ -66,8 +66,10 @@ def main() -> None:
         theirs_rates.append(n / timed(run_theirs))
     ours_tps, theirs_tps = max(ours_rates), max(theirs_rates)
     print(f"hardware: {hardware()}")
-    print(f"config: preset {args.preset} ({cfg.num_params():,} params), batch 1, prompt {args.prompt_len}, "
-          f"{n} new tokens, greedy, fp32; best of {args.repeats}; identical outputs: {same}")
+    print(
+        f"config: preset {args.preset} ({cfg.num_params():,} params), batch 1, prompt {args.prompt_len}, "
+        f"{n} new tokens, greedy, fp32; best of {args.repeats}; identical outputs: {same}"
+    )
     print(f"slmkit       {ours_tps:8.1f} tokens/s (prefill included)")
     print(f"transformers {theirs_tps:8.1f} tokens/s (prefill included)")
     print(f"ratio (slmkit / transformers): {ours_tps / theirs_tps:.2f}x")

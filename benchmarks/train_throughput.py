@@ -15,7 +15,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import hardware, timed  # noqa: E402
-
 from slmkit.checkpoint import save_model  # noqa: E402
 from slmkit.config import preset  # noqa: E402
 from slmkit.models.transformer import Transformer  # noqa: E402
@@ -77,13 +76,19 @@ def main() -> None:
 
     rows = []
     for _ in range(args.repeats):  # interleave to share any drift in machine load
-        rows.append((tokens_per_second(ours, ours_loss, batches, args.steps),
-                     tokens_per_second(theirs, theirs_loss, batches, args.steps)))
+        rows.append(
+            (
+                tokens_per_second(ours, ours_loss, batches, args.steps),
+                tokens_per_second(theirs, theirs_loss, batches, args.steps),
+            )
+        )
     ours_tps = max(r[0] for r in rows)
     theirs_tps = max(r[1] for r in rows)
     print(f"hardware: {hardware()}")
-    print(f"config: preset {args.preset} ({cfg.num_params():,} params), batch {args.batch_size} x "
-          f"seq {args.seq_len}, fp32, AdamW; best of {args.repeats} x {args.steps} steps")
+    print(
+        f"config: preset {args.preset} ({cfg.num_params():,} params), batch {args.batch_size} x "
+        f"seq {args.seq_len}, fp32, AdamW; best of {args.repeats} x {args.steps} steps"
+    )
     print(f"slmkit       {ours_tps:10.0f} tokens/s")
     print(f"transformers {theirs_tps:10.0f} tokens/s")
     print(f"ratio (slmkit / transformers): {ours_tps / theirs_tps:.2f}x")

@@ -52,9 +52,19 @@ def tiny_model_dir(tmp_path_factory, data_dir) -> Path:
     from slmkit.train.loop import train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = TrainConfig(preset="tiny", model={"max_seq_len": 128}, seq_len=64, batch_size=8, max_steps=30,
-                      lr=3e-3, warmup_steps=5, eval_interval=15, eval_batches=2, save_interval=1000,
-                      device="cpu")
+    cfg = TrainConfig(
+        preset="tiny",
+        model={"max_seq_len": 128},
+        seq_len=64,
+        batch_size=8,
+        max_steps=30,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_interval=15,
+        eval_batches=2,
+        save_interval=1000,
+        device="cpu",
+    )
     result = train(cfg, data_dir, run)
     assert result.final_dir is not None
     return result.final_dir

@@ -89,9 +89,17 @@ def test_load_a_model_transformers_saved(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf_cfg = LlamaConfig(vocab_size=200, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
-                         rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf_cfg = LlamaConfig(
+        vocab_size=200,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
     hf = LlamaForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path / "hf")
     ours = load_model(tmp_path / "hf")

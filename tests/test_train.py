@@ -11,8 +11,19 @@ from slmkit.train.optim import lr_at
 
 
 def cfg(**changes) -> TrainConfig:
-    base = dict(preset="tiny", model={"max_seq_len": 64}, seq_len=32, batch_size=4, lr=3e-3, warmup_steps=2,
-                eval_interval=1000, eval_batches=1, save_interval=1000, device="cpu", seed=7)
+    base = dict(
+        preset="tiny",
+        model={"max_seq_len": 64},
+        seq_len=32,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_interval=1000,
+        eval_batches=1,
+        save_interval=1000,
+        device="cpu",
+        seed=7,
+    )
     return TrainConfig(**{**base, **changes})
 
 
@@ -36,8 +47,11 @@ def test_resume_equals_uninterrupted(data_dir, tmp_path):
     shutil.rmtree(tmp_path / "part" / "final")
     resumed = train(TrainConfig(), data_dir, tmp_path / "part", resume=True)
     assert resumed.losses == full.losses[4:]
-    steps = [json.loads(x)["step"] for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(x)]
+    steps = [
+        json.loads(x)["step"]
+        for x in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(x)
+    ]
     assert steps == list(range(1, 9))
 
 

@@ -1,9 +1,9 @@
 """The public Python API; the CLI and (later) the server call these same functions.
 
-    import slmkit
-    lm = slmkit.load("runs/quickstart")
-    print(slmkit.generate(lm, "def fib(n):", max_new_tokens=64, temperature=0))
-    print(slmkit.evaluate(lm, ["data/val.txt"]).bits_per_byte)
+import slmkit
+lm = slmkit.load("runs/quickstart")
+print(slmkit.generate(lm, "def fib(n):", max_new_tokens=64, temperature=0))
+print(slmkit.evaluate(lm, ["data/val.txt"]).bits_per_byte)
 """
 
 from __future__ import annotations
@@ -44,9 +44,16 @@ def load(path: str | Path | LoadedModel, device: str = "cpu", dtype: torch.dtype
     return LoadedModel(model=model, tokenizer=tokenizer, directory=directory)
 
 
-def generate(model: str | Path | LoadedModel, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: list[str] | None = None) -> str:
+def generate(
+    model: str | Path | LoadedModel,
+    prompt: str,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+) -> str:
     """The continuation of `prompt` (greedy by default)."""
     from slmkit.infer.generate import generate as _generate
     from slmkit.infer.sampling import SamplingParams
@@ -56,8 +63,13 @@ def generate(model: str | Path | LoadedModel, prompt: str, max_new_tokens: int =
     return _generate(lm.model, lm.tokenizer, prompt, max_new_tokens, sampling, stop)
 
 
-def evaluate(model: str | Path | LoadedModel, data: Sequence[str | Path] | str | Path, split: str = "val",
-             seq_len: int | None = None, batch_size: int = 8):
+def evaluate(
+    model: str | Path | LoadedModel,
+    data: Sequence[str | Path] | str | Path,
+    split: str = "val",
+    seq_len: int | None = None,
+    batch_size: int = 8,
+):
     """Loss, perplexity and bits per byte on a data dir's split or on text files (one document each)."""
     import numpy as np
 
@@ -79,9 +91,11 @@ def evaluate(model: str | Path | LoadedModel, data: Sequence[str | Path] | str |
             raise UserError(f"--split must be train or val, got {split!r}")
         model_tok = lm.directory / "tokenizer.json"
         if file_sha256(model_tok) != data_dir.meta.get("tokenizer_sha256"):
-            raise UserError(f"{paths[0]} was tokenized with a different tokenizer than {lm.directory}; "
-                            "evaluate on text files instead, or prepare the data with --tokenizer "
-                            f"{model_tok}")
+            raise UserError(
+                f"{paths[0]} was tokenized with a different tokenizer than {lm.directory}; "
+                "evaluate on text files instead, or prepare the data with --tokenizer "
+                f"{model_tok}"
+            )
         tokens = data_dir.train if split == "train" else data_dir.val
         n_bytes = data_dir.meta["splits"][split]["bytes"]
     else:

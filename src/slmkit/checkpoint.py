@@ -78,16 +78,21 @@ def _fsync_dir_files(directory: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def write_model_files(model: torch.nn.Module, config: ModelConfig, directory: Path,
-                      tokenizer_dir: str | Path | None = None) -> None:
+def write_model_files(
+    model: torch.nn.Module, config: ModelConfig, directory: Path, tokenizer_dir: str | Path | None = None
+) -> None:
     """Write a model directory's files into an existing (usually temporary) directory."""
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(to_hf_state_dict(state, config), str(directory / WEIGHTS), metadata={"format": "pt"})
     config.save(directory / "config.json")
-    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-                  "max_length": config.max_seq_len, "do_sample": False}
+    generation = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "max_length": config.max_seq_len,
+        "do_sample": False,
+    }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, directory)
@@ -103,8 +108,12 @@ def copy_tokenizer(source: str | Path, directory: Path) -> None:
             shutil.copyfile(source / name, directory / name)
 
 
-def save_model(model: torch.nn.Module, directory: str | Path, tokenizer_dir: str | Path | None = None,
-               extra: Callable[[Path], None] | None = None) -> Path:
+def save_model(
+    model: torch.nn.Module,
+    directory: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Atomically write a model directory; `extra(tmp_dir)` may add files (e.g. trainer state)."""
     config: ModelConfig = model.config  # type: ignore[assignment]
     with atomic_directory(directory) as tmp:
@@ -121,8 +130,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     ckpt_root = run_dir / "checkpoints"
     if not ckpt_root.is_dir():
         return None
-    steps = [(int(m.group(1)), p) for p in ckpt_root.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()]
+    steps = [
+        (int(m.group(1)), p)
+        for p in ckpt_root.iterdir()
+        if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()
+    ]
     return max(steps)[1] if steps else None
 
 
@@ -164,8 +176,9 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: corrupt or truncated safetensors file ({exc}); re-save or re-download it") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """Load a model directory (or a run dir's latest checkpoint) into a `Transformer`.
 
     The module is built on the meta device and the safetensors weights are assigned to it, so no
@@ -188,12 +201,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise UserError(f"{weights}: weights do not match config.json "
-                        f"(missing {missing[:4]}, unexpected {unexpected[:4]})")
+        raise UserError(
+            f"{weights}: weights do not match config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
+        )
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
-            raise UserError(f"{weights}: tensor {name} has shape {tuple(tensor.shape)}, "
-                            f"config.json implies {tuple(expected[name].shape)}")
+            raise UserError(
+                f"{weights}: tensor {name} has shape {tuple(tensor.shape)}, "
+                f"config.json implies {tuple(expected[name].shape)}"
+            )
     target_dtype = dtype or torch.float32
     state = {k: v.to(device=device, dtype=target_dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)

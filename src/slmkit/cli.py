@@ -33,8 +33,13 @@ def _console(stderr: bool = False):
 
 @data_app.command("prepare")
 def data_prepare(
-    sources: Annotated[list[str], typer.Argument(help="Files (.txt .md .jsonl .parquet .py), directories, or "
-                                                      "builtin:pystdlib (the Python standard library's code).")],
+    sources: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files (.txt .md .jsonl .parquet .py), directories, or "
+            "builtin:pystdlib (the Python standard library's code)."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output data directory.")],
     vocab_size: Annotated[int | None, typer.Option(help="Train a byte-level BPE tokenizer of this size.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(help="Use this tokenizer.json instead of training one.")] = None,
@@ -46,8 +51,15 @@ def data_prepare(
 
     if vocab_size is None and tokenizer is None:
         vocab_size = 8192
-    meta = prepare(sources, out, vocab_size=vocab_size, tokenizer=tokenizer, val_fraction=val_fraction,
-                   text_field=text_field, progress=True)
+    meta = prepare(
+        sources,
+        out,
+        vocab_size=vocab_size,
+        tokenizer=tokenizer,
+        val_fraction=val_fraction,
+        text_field=text_field,
+        progress=True,
+    )
     _print_data_summary(out, meta)
 
 
@@ -59,8 +71,13 @@ def _print_data_summary(out: Path, meta: dict[str, Any]) -> None:
         table.add_column(col, justify="right")
     for split in ("train", "val"):
         s = meta["splits"][split]
-        table.add_row(split, f"{s['documents']:,}", f"{s['tokens']:,}", f"{s['bytes']:,}",
-                      f"{s['bytes'] / max(s['tokens'], 1):.2f}")
+        table.add_row(
+            split,
+            f"{s['documents']:,}",
+            f"{s['tokens']:,}",
+            f"{s['bytes']:,}",
+            f"{s['bytes'] / max(s['tokens'], 1):.2f}",
+        )
     _console().print(table)
     if meta.get("skipped_files"):
         _console(stderr=True).print(f"[yellow]skipped {meta['skipped_files']} unreadable or non-UTF-8 file(s)[/]")
@@ -82,7 +99,9 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
 def train(
     data: Annotated[Path, typer.Option("--data", help="Data dir written by `slm data prepare`.")],
     out: Annotated[Path, typer.Option("--out", help="Run dir: checkpoints/, metrics.jsonl, final/.")],
-    preset: Annotated[str | None, typer.Option(help="Model preset: tiny, micro, mini, small, medium, base, 124m.")] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Model preset: tiny, micro, mini, small, medium, base, 124m.")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML file of training options (and `model:` overrides).")] = None,
     set_: Annotated[list[str], typer.Option("--set", help="Model field override, e.g. --set n_layers=6.")] = [],  # noqa: B006
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -101,32 +120,48 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto (bf16 autocast on capable GPUs), float32, bfloat16.")] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
     from slmkit.train.loop import train as run_training
     from slmkit.ui import RichReporter
 
-    options = {"lr": lr, "batch_size": batch_size, "seq_len": seq_len, "grad_accum": grad_accum,
-               "warmup_steps": warmup_steps, "schedule": schedule, "max_steps": max_steps, "max_tokens": max_tokens,
-               "max_minutes": max_minutes, "max_flops": max_flops, "eval_interval": eval_interval,
-               "save_interval": save_interval, "seed": seed, "device": device, "dtype": dtype, "preset": preset}
+    options = {
+        "lr": lr,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
+        "warmup_steps": warmup_steps,
+        "schedule": schedule,
+        "max_steps": max_steps,
+        "max_tokens": max_tokens,
+        "max_minutes": max_minutes,
+        "max_flops": max_flops,
+        "eval_interval": eval_interval,
+        "save_interval": save_interval,
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "preset": preset,
+    }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:
         given["compile"] = True
     if resume:
         budgets = {k: given[k] for k in ("max_steps", "max_tokens", "max_minutes", "max_flops") if k in given}
-        result = run_training(TrainConfig(), data, out, resume=True, reporter=RichReporter(),
-                              budget_overrides=budgets)
+        result = run_training(TrainConfig(), data, out, resume=True, reporter=RichReporter(), budget_overrides=budgets)
     else:
         base = TrainConfig.from_yaml(config).to_dict() if config else {}
         model_overrides = {**base.get("model", {}), **_parse_sets(set_)}
         cfg = TrainConfig.from_dict({**base, **given, "model": model_overrides})
         result = run_training(cfg, data, out, reporter=RichReporter())
     if result.stop_reason == "interrupted":
-        _console(stderr=True).print(f"interrupted at step {result.step}; continue with: "
-                                    f"slm train --data {data} --out {out} --resume")
+        _console(stderr=True).print(
+            f"interrupted at step {result.step}; continue with: slm train --data {data} --out {out} --resume"
+        )
         raise typer.Exit(130)
 
 
@@ -158,8 +193,10 @@ def generate(
     sys.stdout.write("\n")
     if verbose:
         _console(stderr=True).print(
-            f"[dim]{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; prefill {stats.prefill_seconds * 1e3:.1f} ms, "
-            f"decode {stats.decode_tokens_per_second:.1f} tokens/s; stop: {stats.stop_reason}[/]")
+            f"[dim]{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; "
+            f"prefill {stats.prefill_seconds * 1e3:.1f} ms, "
+            f"decode {stats.decode_tokens_per_second:.1f} tokens/s; stop: {stats.stop_reason}[/]"
+        )
 
 
 @app.command("eval")
@@ -184,8 +221,13 @@ def eval_command(
     for col in ("loss (nats)", "perplexity", "bits/byte", "tokens", "bytes"):
         table.add_column(col, justify="right")
     bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"
-    table.add_row(f"{result.loss:.4f}", f"{result.perplexity:.2f}", bpb, f"{result.tokens:,}",
-                  f"{result.bytes:,}" if result.bytes else "n/a")
+    table.add_row(
+        f"{result.loss:.4f}",
+        f"{result.perplexity:.2f}",
+        bpb,
+        f"{result.tokens:,}",
+        f"{result.bytes:,}" if result.bytes else "n/a",
+    )
     _console().print(table)
 
 

@@ -141,9 +141,12 @@ class ModelConfig:
                 f"{source}: model_type {model_type!r} is not supported (supported: 'llama'); "
                 "convert the model to a Llama-style checkpoint first"
             )
-        for key, unsupported in (("hidden_act", lambda v: v not in ("silu", "swish")),
-                                 ("attention_bias", bool), ("mlp_bias", bool),
-                                 ("rope_scaling", lambda v: bool(v))):
+        for key, unsupported in (
+            ("hidden_act", lambda v: v not in ("silu", "swish")),
+            ("attention_bias", bool),
+            ("mlp_bias", bool),
+            ("rope_scaling", lambda v: bool(v)),
+        ):
             if key in d and unsupported(d[key]):
                 raise UserError(f"{source}: {key}={d[key]!r} is not supported by slmkit's Llama model")
         required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -157,11 +160,31 @@ class ModelConfig:
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         known = {
-            "architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "intermediate_size", "max_position_embeddings",
-            "rope_theta", "rms_norm_eps", "tie_word_embeddings", "initializer_range", "bos_token_id",
-            "eos_token_id", "head_dim", "hidden_act", "attention_bias", "mlp_bias", "attention_dropout",
-            "rope_scaling", "torch_dtype", "dtype", "rope_parameters", "transformers_version",
+            "architectures",
+            "model_type",
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "rope_theta",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+            "initializer_range",
+            "bos_token_id",
+            "eos_token_id",
+            "head_dim",
+            "hidden_act",
+            "attention_bias",
+            "mlp_bias",
+            "attention_dropout",
+            "rope_scaling",
+            "torch_dtype",
+            "dtype",
+            "rope_parameters",
+            "transformers_version",
         }
         n_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim")
@@ -211,8 +234,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(d_model=256, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=1024),
     "medium": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=4, d_ff=1376, max_seq_len=1024),
     "base": dict(d_model=640, n_layers=12, n_heads=10, n_kv_heads=5, d_ff=1728, max_seq_len=1024),
-    "124m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, max_seq_len=1024,
-                 vocab_size=50304),
+    "124m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, max_seq_len=1024, vocab_size=50304),
 }
 
 

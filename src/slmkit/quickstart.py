@@ -25,8 +25,14 @@ def compressor_bits_per_byte(text: bytes) -> dict[str, float]:
     }
 
 
-def run_quickstart(out: Path, minutes: float = 5.0, preset: str = "micro", console: Console | None = None,
-                   vocab_size: int = 4096, seq_len: int = 256) -> dict[str, Any]:
+def run_quickstart(
+    out: Path,
+    minutes: float = 5.0,
+    preset: str = "micro",
+    console: Console | None = None,
+    vocab_size: int = 4096,
+    seq_len: int = 256,
+) -> dict[str, Any]:
     import numpy as np
 
     from slmkit.api import evaluate, load
@@ -52,8 +58,10 @@ def run_quickstart(out: Path, minutes: float = 5.0, preset: str = "micro", conso
         prepare(["builtin:pystdlib"], data_dir, vocab_size=vocab_size, val_fraction=0.02, progress=True)
     data = load_data_dir(data_dir)
     splits = data.meta["splits"]
-    console.print(f"train {splits['train']['tokens']:,} tokens / val {splits['val']['tokens']:,} tokens "
-                  f"({splits['val']['bytes'] / max(splits['val']['tokens'], 1):.2f} bytes per token)")
+    console.print(
+        f"train {splits['train']['tokens']:,} tokens / val {splits['val']['tokens']:,} tokens "
+        f"({splits['val']['bytes'] / max(splits['val']['tokens'], 1):.2f} bytes per token)"
+    )
 
     console.rule(f"[bold]2/4 train: preset {preset}, {minutes:g} minutes")
     if run_dir.exists():
@@ -61,9 +69,20 @@ def run_quickstart(out: Path, minutes: float = 5.0, preset: str = "micro", conso
         shutil.rmtree(previous, ignore_errors=True)
         run_dir.rename(previous)
         console.print(f"moved the earlier run to {previous}")
-    cfg = TrainConfig(preset=preset, seq_len=seq_len, batch_size=16, lr=3e-3, warmup_steps=30, schedule="wsd",
-                      decay_fraction=0.3, max_minutes=minutes, eval_interval=100, eval_batches=4,
-                      save_interval=250, seed=1337)
+    cfg = TrainConfig(
+        preset=preset,
+        seq_len=seq_len,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=30,
+        schedule="wsd",
+        decay_fraction=0.3,
+        max_minutes=minutes,
+        eval_interval=100,
+        eval_batches=4,
+        save_interval=250,
+        seed=1337,
+    )
     result = train(cfg, data_dir, run_dir, reporter=RichReporter(console))
 
     console.rule("[bold]3/4 evaluate on the val split")
@@ -87,17 +106,30 @@ def run_quickstart(out: Path, minutes: float = 5.0, preset: str = "micro", conso
     console.rule("[bold]4/4 samples (temperature 0.8, top-k 40)")
     lm = load(run_dir)
     for i, prompt in enumerate(SAMPLE_PROMPTS):
-        text = generate(lm.model, lm.tokenizer, prompt, max_new_tokens=80,
-                        sampling=SamplingParams(temperature=0.8, top_k=40, seed=i))
+        text = generate(
+            lm.model,
+            lm.tokenizer,
+            prompt,
+            max_new_tokens=80,
+            sampling=SamplingParams(temperature=0.8, top_k=40, seed=i),
+        )
         console.print(Text(prompt, style="bold cyan") + Text(text))
         console.print("-" * 40)
 
-    summary = {"data_dir": str(data_dir), "run_dir": str(run_dir), "model_dir": str(lm.directory),
-               "steps": result.step, "tokens": result.tokens, "train_seconds": result.seconds,
-               "val": score.to_dict(), "baselines_bits_per_byte": baselines,
-               "total_seconds": time.perf_counter() - started}
+    summary = {
+        "data_dir": str(data_dir),
+        "run_dir": str(run_dir),
+        "model_dir": str(lm.directory),
+        "steps": result.step,
+        "tokens": result.tokens,
+        "train_seconds": result.seconds,
+        "val": score.to_dict(),
+        "baselines_bits_per_byte": baselines,
+        "total_seconds": time.perf_counter() - started,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    console.print(f"done in {summary['total_seconds'] / 60:.1f} min; model at {lm.directory}; "
-                  f"summary in {out / 'summary.json'}")
+    console.print(
+        f"done in {summary['total_seconds'] / 60:.1f} min; model at {lm.directory}; summary in {out / 'summary.json'}"
+    )
     console.print(f"next: slm generate {run_dir} --prompt 'def '   |   slm eval {run_dir} --data {data_dir}")
     return summary

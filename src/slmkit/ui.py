@@ -21,9 +21,15 @@ class RichReporter:
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True, highlight=False)
         self.progress = Progress(
-            TextColumn("[bold]train[/]"), BarColumn(bar_width=24), TextColumn("{task.percentage:>5.1f}%"),
-            TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=self.console, transient=False,
+            TextColumn("[bold]train[/]"),
+            BarColumn(bar_width=24),
+            TextColumn("{task.percentage:>5.1f}%"),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
         )
         self.task: Any = None
         self.val = ""
@@ -32,13 +38,16 @@ class RichReporter:
         budget = ", ".join(f"{k}={v}" for k, v in info["budget"].items())
         self.console.print(
             f"model: {info['params']:,} parameters ({info['non_embedding_params']:,} non-embedding); "
-            f"{info['device']} {info['dtype']}; {info['tokens_per_step']:,} tokens/step; budget: {budget}")
+            f"{info['device']} {info['dtype']}; {info['tokens_per_step']:,} tokens/step; budget: {budget}"
+        )
         self.progress.start()
         self.task = self.progress.add_task("train", total=1000, status="starting")
 
     def step(self, m: dict[str, Any]) -> None:
-        status = (f"step {m['step']}  loss {m['loss']:.3f}{self.val}  {_si(m['tokens_per_second'])} tok/s  "
-                  f"mfu {m['mfu'] * 100:.0f}%  lr {m['lr']:.1e}")
+        status = (
+            f"step {m['step']}  loss {m['loss']:.3f}{self.val}  {_si(m['tokens_per_second'])} tok/s  "
+            f"mfu {m['mfu'] * 100:.0f}%  lr {m['lr']:.1e}"
+        )
         self.progress.update(self.task, completed=int(m["progress"] * 1000), status=status)
 
     def eval(self, m: dict[str, Any]) -> None:
@@ -51,5 +60,7 @@ class RichReporter:
         if self.task is not None:
             self.progress.stop()
         where = result.final_dir or result.run_dir
-        self.console.print(f"stopped ({result.stop_reason}) at step {result.step}, {result.tokens:,} tokens, "
-                           f"{result.seconds:.0f} s; saved to {where}")
+        self.console.print(
+            f"stopped ({result.stop_reason}) at step {result.step}, {result.tokens:,} tokens, "
+            f"{result.seconds:.0f} s; saved to {where}"
+        )

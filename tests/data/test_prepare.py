@@ -234,9 +234,7 @@ def test_malformed_jsonl_reports_line(tmp_path: Path, write_jsonl: Callable[...,
         prepare([str(path)], tmp_path / "out", vocab_size=VOCAB)
 
 
-def test_failed_rerun_keeps_previous_output(
-    tmp_path: Path, corpus_dir: Path, write_jsonl: Callable[..., Path]
-) -> None:
+def test_failed_rerun_keeps_previous_output(tmp_path: Path, corpus_dir: Path, write_jsonl: Callable[..., Path]) -> None:
     out = tmp_path / "out"
     prepare([str(corpus_dir)], out, vocab_size=VOCAB, val_fraction=0.3)
     before = {p.name: p.read_bytes() for p in out.iterdir()}

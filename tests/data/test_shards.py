@@ -138,9 +138,7 @@ def test_truncated_or_stale_bin(tmp_path: Path, split: str) -> None:
     _write_data_dir(tmp_path, 300, np.arange(10), np.arange(3))
     path = tmp_path / f"{split}.bin"
     path.write_bytes(path.read_bytes()[:-2])
-    with pytest.raises(
-        UserError, match=rf"{split}\.bin has \d+ bytes but meta\.json says .*slm data prepare"
-    ):
+    with pytest.raises(UserError, match=rf"{split}\.bin has \d+ bytes but meta\.json says .*slm data prepare"):
         load_data_dir(tmp_path)
 
 

@@ -189,9 +189,7 @@ def test_all_files_bad_is_empty_corpus_naming_skips(tmp_path: Path) -> None:
     assert stats.skipped_files == 2
 
 
-def test_whitespace_documents_dropped_and_empty_corpus(
-    tmp_path: Path, write_jsonl: Callable[..., Path]
-) -> None:
+def test_whitespace_documents_dropped_and_empty_corpus(tmp_path: Path, write_jsonl: Callable[..., Path]) -> None:
     (tmp_path / "blank.txt").write_text("  \n\t\n", encoding="utf-8")
     write_jsonl(tmp_path / "blank.jsonl", ["", "   "])
     with pytest.raises(UserError, match="empty corpus"):

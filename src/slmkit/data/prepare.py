@@ -136,9 +136,7 @@ class _Reporter:
             return
         state = self._progress.tasks[self._progress.task_ids.index(task)]
         done = state.fields["documents"] + documents
-        self._progress.update(
-            task, advance=num_bytes, documents=done, megabytes=(state.completed + num_bytes) / 1e6
-        )
+        self._progress.update(task, advance=num_bytes, documents=done, megabytes=(state.completed + num_bytes) / 1e6)
 
     def finish(self, task: TaskID | None) -> None:
         if self._progress is not None and task is not None:
@@ -157,9 +155,7 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _validate(
-    vocab_size: int | None, tokenizer: str | Path | None, val_fraction: float, batch_documents: int
-) -> None:
+def _validate(vocab_size: int | None, tokenizer: str | Path | None, val_fraction: float, batch_documents: int) -> None:
     if vocab_size is not None and tokenizer is not None:
         raise UserError(
             "both a vocab_size and a tokenizer were given; pass vocab_size (--vocab-size) to train a new "
@@ -332,9 +328,7 @@ def prepare(
             tok.encode_special_tokens = True
             # The training pass already warned about skipped files.
             stats = SourceStats(log_skips=tokenizer is not None)
-            counts = _tokenize(
-                sources, text_field, tok, staging, dtype, val_fraction, batch_documents, reporter, stats
-            )
+            counts = _tokenize(sources, text_field, tok, staging, dtype, val_fraction, batch_documents, reporter, stats)
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "sources": sources,

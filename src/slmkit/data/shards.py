@@ -218,9 +218,7 @@ def load_data_dir(path: str | Path) -> DataDir:
         raise UserError(f"data directory {path} does not exist; create it with `slm data prepare`")
     meta = _read_meta(path / META_FILE)
     dtype = _DTYPES[meta["dtype"]]
-    arrays = {
-        split: open_tokens(bin_path(path, split), dtype, meta["splits"][split]["tokens"]) for split in SPLITS
-    }
+    arrays = {split: open_tokens(bin_path(path, split), dtype, meta["splits"][split]["tokens"]) for split in SPLITS}
     tokenizer_path = path / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise UserError(f"tokenizer file {tokenizer_path} is missing; {_RERUN}")

@@ -176,9 +176,7 @@ def _read_jsonl(path: Path, text_field: str, stats: SourceStats) -> Iterator[str
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{path}:{line_number}: malformed JSON ({exc.msg}); fix or remove that line"
-                ) from None
+                raise UserError(f"{path}:{line_number}: malformed JSON ({exc.msg}); fix or remove that line") from None
             if not isinstance(record, dict):
                 raise UserError(
                     f"{path}:{line_number}: expected a JSON object with a {text_field!r} field, "
@@ -234,9 +232,7 @@ def _read_file(source: SourceFile, text_field: str, stats: SourceStats) -> Itera
     return _read_parquet(source.path, text_field, stats)
 
 
-def _generate(
-    sources: list[str], files: list[SourceFile], text_field: str, stats: SourceStats
-) -> Iterator[str]:
+def _generate(sources: list[str], files: list[SourceFile], text_field: str, stats: SourceStats) -> Iterator[str]:
     for source in files:
         stats.files += 1
         for text in _read_file(source, text_field, stats):
@@ -256,9 +252,7 @@ def _generate(
         )
 
 
-def iter_documents(
-    sources: list[str], text_field: str = "text", stats: SourceStats | None = None
-) -> Iterator[str]:
+def iter_documents(sources: list[str], text_field: str = "text", stats: SourceStats | None = None) -> Iterator[str]:
     """Stream the documents of ``sources`` in a deterministic order.
 
     A ``.txt``/``.md``/``.rst``/``.py`` file is one document; a ``.jsonl`` file gives one document per line

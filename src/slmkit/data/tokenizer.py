@@ -126,9 +126,7 @@ def save_tokenizer(tokenizer: Tokenizer, directory: str | Path, model_max_length
     return path
 
 
-def write_tokenizer_config(
-    tokenizer: Tokenizer, directory: str | Path, model_max_length: int | None = None
-) -> Path:
+def write_tokenizer_config(tokenizer: Tokenizer, directory: str | Path, model_max_length: int | None = None) -> Path:
     """Write ``tokenizer_config.json`` for ``tokenizer`` into ``directory``."""
     path = Path(directory) / TOKENIZER_CONFIG_FILE
     text = json.dumps(tokenizer_config(tokenizer, model_max_length), indent=2) + "\n"
@@ -158,8 +156,7 @@ def load_tokenizer(path_or_dir: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises plain Exception for any parse error
         raise UserError(
-            f"tokenizer file {path} is corrupt or not a tokenizers file ({exc}); "
-            "re-create it with `slm data prepare`"
+            f"tokenizer file {path} is corrupt or not a tokenizers file ({exc}); re-create it with `slm data prepare`"
         ) from None
 
 

@@ -28,14 +28,19 @@ class TextScore:
 def score(total_nats: float, tokens: int, n_bytes: int | None) -> TextScore:
     loss = total_nats / max(tokens, 1)
     bpb = total_nats / math.log(2) / n_bytes if n_bytes else None
-    return TextScore(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=bpb, tokens=tokens,
-                     bytes=n_bytes)
+    return TextScore(loss=loss, perplexity=math.exp(min(loss, 700.0)), bits_per_byte=bpb, tokens=tokens, bytes=n_bytes)
 
 
 @torch.no_grad()
-def token_nats(model: torch.nn.Module, tokens: np.ndarray, seq_len: int, batch_size: int = 8,
-               max_windows: int | None = None, autocast: Callable | None = None,
-               on_batch: Callable[[int], None] | None = None) -> tuple[float, int]:
+def token_nats(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    autocast: Callable | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[float, int]:
     """Sum of next-token cross-entropy (nats) and number of predicted tokens over the stream.
 
     Non-overlapping windows of seq_len; every token but the first is predicted once when

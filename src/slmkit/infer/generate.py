@@ -29,9 +29,14 @@ class GenerationStats:
 
 
 @torch.inference_mode()
-def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: int = 128,
-                 sampling: SamplingParams | None = None, stop_ids: set[int] | None = None,
-                 stats: GenerationStats | None = None) -> Iterator[int]:
+def generate_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int = 128,
+    sampling: SamplingParams | None = None,
+    stop_ids: set[int] | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[int]:
     """Yield new token ids one at a time (batch 1). Stops at a stop id (not yielded) or the limit."""
     sampling = sampling or SamplingParams()
     stats = stats if stats is not None else GenerationStats()
@@ -42,9 +47,11 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: 
         raise UserError(f"max new tokens must be >= 0, got {max_new_tokens}")
     total = len(prompt_ids) + max_new_tokens
     if total > config.max_seq_len:
-        raise UserError(f"prompt ({len(prompt_ids)} tokens) + max new tokens ({max_new_tokens}) = {total} "
-                        f"exceeds the model's context of {config.max_seq_len} tokens; shorten the prompt or "
-                        "lower --max-new-tokens")
+        raise UserError(
+            f"prompt ({len(prompt_ids)} tokens) + max new tokens ({max_new_tokens}) = {total} "
+            f"exceeds the model's context of {config.max_seq_len} tokens; shorten the prompt or "
+            "lower --max-new-tokens"
+        )
     device = next(model.parameters()).device
     generator = None
     if sampling.seed is not None:
@@ -73,15 +80,20 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], max_new_tokens: 
             stats.stop_reason = "length"
             break
         cur = torch.tensor([[token]], device=device)
-        logits = model(cur, cache=cache, cache_pos=torch.tensor([position], device=device),
-                       upto=position + 1)[:, -1]
+        logits = model(cur, cache=cache, cache_pos=torch.tensor([position], device=device), upto=position + 1)[:, -1]
         position += 1
     stats.decode_seconds = time.perf_counter() - start
 
 
-def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128,
-                sampling: SamplingParams | None = None, stop: list[str] | None = None,
-                stats: GenerationStats | None = None) -> Iterator[str]:
+def stream_text(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 128,
+    sampling: SamplingParams | None = None,
+    stop: list[str] | None = None,
+    stats: GenerationStats | None = None,
+) -> Iterator[str]:
     """Yield text deltas of the continuation of `prompt`.
 
     A delta never ends inside a UTF-8 character (byte-level BPE tokens can split one): text is held back
@@ -95,8 +107,9 @@ def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: 
     stop = [s for s in (stop or []) if s]
     ids: list[int] = []
     emitted = ""
-    for token in generate_ids(model, prompt_ids, max_new_tokens, sampling,
-                              stop_ids={eos} if eos is not None else None, stats=stats):
+    for token in generate_ids(
+        model, prompt_ids, max_new_tokens, sampling, stop_ids={eos} if eos is not None else None, stats=stats
+    ):
         ids.append(token)
         text = tokenizer.decode(ids)
         if text.endswith("\ufffd"):
@@ -104,18 +117,18 @@ def stream_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: 
         cut = _first_stop(text, stop)
         if cut is not None:
             if cut > len(emitted):
-                yield text[len(emitted):cut]
+                yield text[len(emitted) : cut]
             if stats is not None:
                 stats.stop_reason = "stop"
             return
         # hold back a tail that could be the start of a stop string
         safe = len(text) - _partial_stop_len(text, stop)
         if safe > len(emitted):
-            yield text[len(emitted):safe]
+            yield text[len(emitted) : safe]
             emitted = text[:safe]
     text = tokenizer.decode(ids)
     if len(text) > len(emitted):
-        yield text[len(emitted):]
+        yield text[len(emitted) :]
 
 
 def _first_stop(text: str, stop: list[str]) -> int | None:
@@ -134,7 +147,13 @@ def _partial_stop_len(text: str, stop: list[str]) -> int:
     return best
 
 
-def generate(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int = 128,
-             sampling: SamplingParams | None = None, stop: list[str] | None = None) -> str:
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int = 128,
+    sampling: SamplingParams | None = None,
+    stop: list[str] | None = None,
+) -> str:
     """The continuation of `prompt` as one string."""
     return "".join(stream_text(model, tokenizer, prompt, max_new_tokens, sampling, stop))

@@ -56,8 +56,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated keys and values for every layer: (L, B, K, S, D) each, S = max slots."""
 
-    def __init__(self, config: ModelConfig, batch_size: int, max_slots: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_slots: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         slots = max_slots or config.max_seq_len
         shape = (config.n_layers, batch_size, config.n_kv_heads, slots, config.dim_per_head)
@@ -72,8 +78,9 @@ class KVCache(nn.Module):
     def max_slots(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               upto: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at slots cache_pos (T,); return the layer's slots [0, upto)."""
         self.k[layer].index_copy_(2, cache_pos, k)
         self.v[layer].index_copy_(2, cache_pos, v)
@@ -93,8 +100,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, self.n_kv_heads * hd, bias=False)
         self.o_proj = nn.Linear(self.n_heads * hd, c, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                cache_pos: torch.Tensor | None, mask: torch.Tensor | None, upto: int | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        cache_pos: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        upto: int | None,
+    ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
@@ -134,8 +149,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                cache_pos: torch.Tensor | None, mask: torch.Tensor | None, upto: int | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None,
+        cache_pos: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        upto: int | None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, cache_pos, mask, upto)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -166,9 +189,17 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=gen) * s)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, *, cache: KVCache | None = None, cache_pos: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, key_mask: torch.Tensor | None = None,
-                upto: int | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        cache_pos: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        key_mask: torch.Tensor | None = None,
+        upto: int | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """Logits (B, T, V) for tokens idx (B, T); (B, 1, V) with last_only.
 
         cache_pos (T,): cache slots to write (required with a cache). positions (B, T): rotary
@@ -212,7 +243,6 @@ class Transformer(nn.Module):
         logits = self(idx)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def new_cache(self, batch_size: int, max_slots: int | None = None,
-                  dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_slots: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         param = next(self.parameters())
         return KVCache(self.config, batch_size, max_slots, device=param.device, dtype=dtype or param.dtype)

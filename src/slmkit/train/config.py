@@ -52,8 +52,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
-        for name in ("batch_size", "grad_accum", "seq_len", "eval_interval", "eval_batches", "log_interval",
-                     "save_interval", "keep_checkpoints"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "seq_len",
+            "eval_interval",
+            "eval_batches",
+            "log_interval",
+            "save_interval",
+            "keep_checkpoints",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"train config: {name} must be an integer >= 1, got {value!r}")
@@ -87,8 +95,11 @@ class TrainConfig:
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The preset with overrides; max_seq_len at least seq_len; vocabulary from the tokenizer."""
-        overrides = {"max_seq_len": max(self.seq_len, PRESETS[self.preset].get("max_seq_len", 0)),
-                     **self.model, "vocab_size": vocab_size}
+        overrides = {
+            "max_seq_len": max(self.seq_len, PRESETS[self.preset].get("max_seq_len", 0)),
+            **self.model,
+            "vocab_size": vocab_size,
+        }
         return preset(self.preset, **overrides)
 
     def to_dict(self) -> dict[str, Any]:

@@ -152,8 +152,14 @@ def _read_metrics_until(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          reporter: Reporter | None = None, budget_overrides: dict[str, Any] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    data_dir: str | Path,
+    run_dir: str | Path,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    budget_overrides: dict[str, Any] | None = None,
+) -> TrainResult:
     """Train a model on a prepared data dir into run_dir; see the module docstring."""
     from slmkit.data.shards import load_data_dir
     from slmkit.eval.perplexity import token_nats
@@ -167,15 +173,18 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: b
         saved = json.loads((run_dir / "train_config.json").read_text())
         cfg = TrainConfig.from_dict({**saved, **(budget_overrides or {})}, source=str(run_dir / "train_config.json"))
     elif run_dir.exists() and (latest_checkpoint(run_dir) or (run_dir / "final" / WEIGHTS).exists()):
-        raise UserError(f"{run_dir}: run directory already has checkpoints; pass --resume to continue it, "
-                        "or choose a new --out")
+        raise UserError(
+            f"{run_dir}: run directory already has checkpoints; pass --resume to continue it, or choose a new --out"
+        )
     if not cfg.has_budget:
         raise UserError("no training budget: give --max-steps, --max-tokens, --max-minutes or --max-flops")
 
     data = load_data_dir(data_dir)
     if len(data.train) < cfg.seq_len + 1:
-        raise UserError(f"{data_dir}: train split has {len(data.train)} tokens, fewer than one sequence of "
-                        f"{cfg.seq_len + 1}; use more data or a smaller --seq-len")
+        raise UserError(
+            f"{data_dir}: train split has {len(data.train)} tokens, fewer than one sequence of "
+            f"{cfg.seq_len + 1}; use more data or a smaller --seq-len"
+        )
     device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -211,11 +220,19 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: b
     budget = Budget(cfg.max_steps, cfg.max_tokens, cfg.max_flops, cfg.max_minutes)
     peak = measure_peak_flops(device, amp_dtype or torch.float32)
     bytes_per_token = data.bytes_per_token("val") if len(data.val) > 1 else None
-    reporter.start({"params": model_cfg.num_params(), "non_embedding_params": model_cfg.num_params(False),
-                    "device": str(device), "dtype": str(amp_dtype or torch.float32).removeprefix("torch."),
-                    "tokens_per_step": tokens_per_step, "flops_per_token": flops_per_token,
-                    "planned_steps": budget.planned_steps(tokens_per_step, tokens_per_step * flops_per_token),
-                    "step": step, "budget": {k: v for k, v in vars(budget).items() if v is not None}})
+    reporter.start(
+        {
+            "params": model_cfg.num_params(),
+            "non_embedding_params": model_cfg.num_params(False),
+            "device": str(device),
+            "dtype": str(amp_dtype or torch.float32).removeprefix("torch."),
+            "tokens_per_step": tokens_per_step,
+            "flops_per_token": flops_per_token,
+            "planned_steps": budget.planned_steps(tokens_per_step, tokens_per_step * flops_per_token),
+            "step": step,
+            "budget": {k: v for k, v in vars(budget).items() if v is not None},
+        }
+    )
 
     forward = torch.compile(model) if cfg.compile else model
     metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
@@ -231,8 +248,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: b
     def run_eval() -> dict[str, float]:
         if bytes_per_token is None:
             return {}
-        nats, count = token_nats(model, data.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches * cfg.batch_size,
-                                 autocast=autocast if amp_dtype else None)
+        nats, count = token_nats(
+            model,
+            data.val,
+            cfg.seq_len,
+            cfg.batch_size,
+            cfg.eval_batches * cfg.batch_size,
+            autocast=autocast if amp_dtype else None,
+        )
         val_loss = nats / count
         return {"val_loss": val_loss, "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token}
 
@@ -242,10 +265,21 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: b
         state = {"step": step, "tokens": tokens, "flops": flops, "elapsed": elapsed}
 
         def add_state(tmp: Path) -> None:
-            torch.save({"optimizer": optimizer.state_dict(), "sampler_position": sampler.position,
-                        "rng": _rng_state(device), **state}, tmp / STATE_PT)
-            (tmp / STATE_JSON).write_text(json.dumps({**state, "val": last_val, "train_config": cfg.to_dict(),
-                                                      "data_dir": str(data.path)}, indent=2) + "\n")
+            torch.save(
+                {
+                    "optimizer": optimizer.state_dict(),
+                    "sampler_position": sampler.position,
+                    "rng": _rng_state(device),
+                    **state,
+                },
+                tmp / STATE_PT,
+            )
+            (tmp / STATE_JSON).write_text(
+                json.dumps(
+                    {**state, "val": last_val, "train_config": cfg.to_dict(), "data_dir": str(data.path)}, indent=2
+                )
+                + "\n"
+            )
 
         save_model(model, target, tokenizer_dir=data.path, extra=add_state)
         last_saved_step = step
@@ -278,19 +312,29 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: b
             optimizer.zero_grad(set_to_none=True)
             train_loss = float(loss_sum) / cfg.grad_accum  # one sync per step, for the log
             if not math.isfinite(train_loss):
-                raise UserError(f"training diverged at step {step + 1} (loss {train_loss}); lower --lr "
-                                f"(now {cfg.lr}) or raise --warmup-steps; the last checkpoint is intact")
+                raise UserError(
+                    f"training diverged at step {step + 1} (loss {train_loss}); lower --lr "
+                    f"(now {cfg.lr}) or raise --warmup-steps; the last checkpoint is intact"
+                )
             step += 1
             tokens += tokens_per_step
             flops += tokens_per_step * flops_per_token
             dt = time.perf_counter() - t0
             elapsed += dt
             result_losses.append(train_loss)
-            record = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": tokens, "flops": flops, "elapsed": elapsed,
-                      "tokens_per_second": tokens_per_step / dt,
-                      "mfu": tokens_per_step * flops_per_token / dt / peak, "epoch": sampler.epoch,
-                      "progress": budget.progress(step, tokens, flops, elapsed)}
+            record = {
+                "step": step,
+                "loss": train_loss,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens,
+                "flops": flops,
+                "elapsed": elapsed,
+                "tokens_per_second": tokens_per_step / dt,
+                "mfu": tokens_per_step * flops_per_token / dt / peak,
+                "epoch": sampler.epoch,
+                "progress": budget.progress(step, tokens, flops, elapsed),
+            }
             stop_reason = budget.done(step, tokens, flops, elapsed)
             if step % cfg.log_interval == 0 or stop_reason:
                 write_metrics(record)
@@ -315,11 +359,19 @@ def train(cfg: TrainConfig, data_dir: str | Path, run_dir: str | Path, resume: b
             checkpoint()
     else:
         final_dir = checkpoint(final=True)
-    result = TrainResult(run_dir=run_dir, final_dir=final_dir, step=step, tokens=tokens, flops=flops,
-                         seconds=elapsed, stop_reason=stop_reason,
-                         train_loss=result_losses[-1] if result_losses else None,
-                         val_loss=last_val.get("val_loss"), val_bits_per_byte=last_val.get("val_bits_per_byte"),
-                         losses=result_losses)
+    result = TrainResult(
+        run_dir=run_dir,
+        final_dir=final_dir,
+        step=step,
+        tokens=tokens,
+        flops=flops,
+        seconds=elapsed,
+        stop_reason=stop_reason,
+        train_loss=result_losses[-1] if result_losses else None,
+        val_loss=last_val.get("val_loss"),
+        val_bits_per_byte=last_val.get("val_bits_per_byte"),
+        losses=result_losses,
+    )
     reporter.end(result)
     return result
 
@@ -348,15 +400,22 @@ class _DeferredInterrupt:
 def _latest_resumable(run_dir: Path) -> Path:
     if not (run_dir / "train_config.json").is_file():
         raise UserError(f"{run_dir}: nothing to resume (no train_config.json); start a run without --resume")
-    candidates = [p for p in (latest_checkpoint(run_dir), run_dir / "final")
-                  if p is not None and (p / STATE_PT).is_file()]
+    candidates = [
+        p for p in (latest_checkpoint(run_dir), run_dir / "final") if p is not None and (p / STATE_PT).is_file()
+    ]
     if not candidates:
         raise UserError(f"{run_dir}: run directory has no checkpoint to resume from; start it again without --resume")
     return max(candidates, key=checkpoint_step)
 
 
-def _load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                sampler: WindowSampler, device: torch.device, data: Any) -> tuple[int, int, float, float]:
+def _load_state(
+    directory: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    sampler: WindowSampler,
+    device: torch.device,
+    data: Any,
+) -> tuple[int, int, float, float]:
     from slmkit.checkpoint import from_hf_state_dict, load_state_file
 
     weights = from_hf_state_dict(load_state_file(directory / WEIGHTS))
@@ -378,7 +437,10 @@ def _load_state(directory: Path, model: torch.nn.Module, optimizer: torch.optim.
 
 def _prune_checkpoints(run_dir: Path, keep: int) -> None:
     root = run_dir / "checkpoints"
-    steps = sorted((int(p.name.split("-")[1]), p) for p in root.iterdir()
-                   if p.is_dir() and p.name.startswith("step-") and p.name.split("-")[1].isdigit())
+    steps = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and p.name.split("-")[1].isdigit()
+    )
     for _, path in steps[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
