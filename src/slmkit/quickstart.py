@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+VAL_FRACTION = 0.05
 SAMPLE_PROMPTS = ("def fibonacci(n):\n", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):\n")
 
 
@@ -52,10 +53,12 @@ def run_quickstart(
 
     console.rule("[bold]1/4 data: builtin:pystdlib")
     meta_path = data_dir / "meta.json"
-    if meta_path.is_file() and json.loads(meta_path.read_text()).get("vocab_size") == vocab_size:
+    wanted = {"sources": ["builtin:pystdlib"], "requested_vocab_size": vocab_size, "val_fraction": VAL_FRACTION}
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if all(meta.get(k) == v for k, v in wanted.items()):
         console.print(f"reusing {data_dir} (delete it to prepare again)")
     else:
-        prepare(["builtin:pystdlib"], data_dir, vocab_size=vocab_size, val_fraction=0.02, progress=True)
+        prepare(["builtin:pystdlib"], data_dir, vocab_size=vocab_size, val_fraction=VAL_FRACTION, progress=True)
     data = load_data_dir(data_dir)
     splits = data.meta["splits"]
     console.print(
