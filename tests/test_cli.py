@@ -153,3 +153,50 @@ def test_run_dir_without_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     r = run_slm("eval", tmp_path / "run", "--data", tmp_path)
     assert_user_error(r, "no checkpoint yet")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, data_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import SRC
+
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    args = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--out",
+        str(run),
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "100000",
+        "--set",
+        "max_seq_len=64",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slmkit", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    steps = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").iterdir())
+    assert steps and steps[-1] >= 3
+    r = run_slm("train", "--data", data_dir, "--out", run, "--resume", "--max-steps", steps[-1] + 2)
+    assert r.returncode == 0, r.stderr
+    assert (run / "final" / "model.safetensors").is_file()
+    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if "loss" in json.loads(x)]
+    assert logged == list(range(1, steps[-1] + 3))
