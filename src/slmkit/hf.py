@@ -15,6 +15,7 @@ silently ignored. Our own parameter names are the Llama ones without the `model.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmkit.config import ModelConfig, RopeScaling
@@ -399,3 +400,29 @@ def _gpt2_from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             out[name] = tensor
     return out
+
+
+# ---- export ---------------------------------------------------------------------------------------
+EXPORT_FORMATS = ("hf", "gguf")
+
+
+def export_model(model_path: str | Path, fmt: str, out: str | Path, dtype: str | None = None) -> Path:
+    """`slm export`: a Hugging Face directory (fp32) or a GGUF file of the model at `model_path`."""
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"export format {fmt!r} is not supported; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if fmt == "gguf":
+        from slmkit.gguf import export_gguf
+
+        return export_gguf(model_path, out, dtype or "f16")
+    if dtype not in (None, "f32"):
+        raise UserError(f"--dtype {dtype} applies to GGUF; Hugging Face export writes float32 weights")
+    from slmkit.checkpoint import load_model, resolve_model_dir, save_model
+
+    directory = resolve_model_dir(model_path)
+    model = load_model(directory)
+    out = Path(out)
+    if out.resolve() == directory.resolve():
+        raise UserError(f"--out {out} is the model directory itself; choose another directory")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    return save_model(model, out, tokenizer_dir=directory)

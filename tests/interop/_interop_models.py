@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-VOCAB = 256
+VOCAB = 320
 
 # (model_type, config kwargs); each case exercises one family switch
 CASES: dict[str, tuple[str, dict]] = {
