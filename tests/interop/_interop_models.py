@@ -1,7 +1,11 @@
-"""Tiny random Hugging Face models per family, built with transformers' own classes."""
+"""Tiny random Hugging Face models per family, built with transformers' own classes, and a fixture
+that saves them (import `hf_dirs` into a test module to use it)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 import torch
 
 VOCAB = 320
@@ -88,3 +92,22 @@ def make_hf_model(model_type: str, seed: int = 0, **overrides):
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if p.dim() == 2 else 0.1))
     return model
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Every CASES model saved with save_pretrained (lazily, once per session)."""
+    cache: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("hf")
+
+    class Lazy(dict):
+        def __missing__(self, case: str) -> Path:
+            model_type, overrides = CASES[case]
+            model = make_hf_model(model_type, **overrides)
+            out = root / case
+            model.save_pretrained(out)
+            cache[case] = out
+            self[case] = out
+            return out
+
+    return Lazy()

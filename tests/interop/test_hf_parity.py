@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _interop_models import CASES, VOCAB
+from _interop_models import CASES, VOCAB, hf_dirs  # noqa: F401
 
 from slmkit.checkpoint import load_model
 from slmkit.infer.generate import generate_ids
@@ -17,7 +17,7 @@ def load_hf(directory):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_logits_and_greedy_generation_match_transformers(case, hf_dirs):
+def test_logits_and_greedy_generation_match_transformers(case, hf_dirs):  # noqa: F811
     directory = hf_dirs[case]
     theirs = load_hf(directory)
     ours = load_model(directory)
