@@ -109,9 +109,7 @@ def read_bpe_vocab(path: Path, vocab_size: int) -> dict[str, Any]:
 def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Rows of a q/k projection (or its bias), per head, from rotate-half to interleaved-pair order."""
     rows = weight.shape[0]
-    return (
-        weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-    )
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
 def llama3_rope_divisors(config: ModelConfig) -> torch.Tensor:
