@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from _interop_models import CASES, VOCAB, hf_dirs, make_hf_model  # noqa: F401
+from _interop_models import CASES, VOCAB, hf_dirs, make_hf_model, run_cli  # noqa: F401
 
-from conftest import run_slm
 from slmkit.checkpoint import load_model, save_model
 from slmkit.errors import UserError
 from slmkit.hf import export_model
@@ -95,13 +94,13 @@ def test_qwen2_mixed_sliding_layers_are_refused(tmp_path):
 
 
 def test_cli_export(tiny_model_dir, tmp_path):
-    result = run_slm("export", tiny_model_dir, "--format", "gguf", "--out", tmp_path / "m.gguf", "--dtype", "q8_0")
+    result = run_cli("export", tiny_model_dir, "--format", "gguf", "--out", tmp_path / "m.gguf", "--dtype", "q8_0")
     assert result.returncode == 0, result.stderr
     assert "wrote" in result.stdout and (tmp_path / "m.gguf").stat().st_size > 0
-    result = run_slm("export", tiny_model_dir, "--format", "hf", "--out", tmp_path / "hf")
+    result = run_cli("export", tiny_model_dir, "--format", "hf", "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in (tmp_path / "hf").iterdir()}
-    result = run_slm("export", tiny_model_dir, "--format", "gguf", "--out", tmp_path / "x.gguf", "--dtype", "q2_k")
+    result = run_cli("export", tiny_model_dir, "--format", "gguf", "--out", tmp_path / "x.gguf", "--dtype", "q2_k")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "error: GGUF dtype 'q2_k' is not supported" in result.stderr
     with pytest.raises(UserError, match="export format 'onnx' is not supported"):
