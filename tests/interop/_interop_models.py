@@ -111,7 +111,6 @@ def make_hf_model(model_type: str, seed: int = 0, **overrides):
 @pytest.fixture(scope="session")
 def hf_dirs(tmp_path_factory) -> dict[str, Path]:
     """Every CASES model saved with save_pretrained (lazily, once per session)."""
-    cache: dict[str, Path] = {}
     root = tmp_path_factory.mktemp("hf")
 
     class Lazy(dict):
@@ -120,7 +119,6 @@ def hf_dirs(tmp_path_factory) -> dict[str, Path]:
             model = make_hf_model(model_type, **overrides)
             out = root / case
             model.save_pretrained(out)
-            cache[case] = out
             self[case] = out
             return out
 
