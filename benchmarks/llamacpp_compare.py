@@ -97,7 +97,7 @@ def main() -> None:
             for _ in range(2):
                 llm.reset()
                 start, theirs_tokens = time.perf_counter(), []
-                for token in llm.generate(prompt, temp=0.0, top_k=1):
+                for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
                     theirs_tokens.append(token)
                     if len(theirs_tokens) == n_new:
                         break

@@ -29,7 +29,7 @@ def test_llama_cpp_matches_slmkit(tiny_model_dir, tmp_path, dtype, tolerance):
     if dtype == "f32":
         llm.reset()
         continuation = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1):
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
             continuation.append(token)
             if len(continuation) == 12:
                 break
