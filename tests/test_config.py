@@ -59,5 +59,6 @@ def test_unsupported_hf_config_is_refused():
     d = preset("tiny").to_hf_dict()
     with pytest.raises(UserError, match="model_type 'gpt_neox' is not supported"):
         ModelConfig.from_hf_dict({**d, "model_type": "gpt_neox"})
-    with pytest.raises(UserError, match="attention_bias"):
-        ModelConfig.from_hf_dict({**d, "attention_bias": True})
+    # attention_bias is supported since the interop issue; yarn rope scaling is not
+    with pytest.raises(UserError, match="rope scaling type 'yarn'"):
+        ModelConfig.from_hf_dict({**d, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

@@ -1,7 +1,9 @@
 """Model directories: save and load, atomically, in the Hugging Face layout.
 
-A model directory holds `config.json` (LlamaConfig-shaped), `model.safetensors` (weights named as
-transformers names them), `tokenizer.json` + `tokenizer_config.json` and `generation_config.json`.
+A model directory holds `config.json` (shaped as its family's config, see `slmkit.hf`),
+`model.safetensors` (weights named as transformers names them; above `max_shard_bytes` split into
+`model-0000i-of-0000n.safetensors` shards listed in `model.safetensors.index.json`), `tokenizer.json` +
+`tokenizer_config.json` and `generation_config.json`.
 Writes go to a temporary sibling directory that is renamed into place, so a crash mid-save never leaves
 a half-written directory under the final name, and the previous one stays loadable.
 """
@@ -26,25 +28,23 @@ from slmkit.errors import UserError
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_HF_PREFIX = "model."
+MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our parameter names -> transformers' (`model.` prefix on all but lm_head; tied head dropped)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight":
-            if config.tie_embeddings:
-                continue
-            out[name] = tensor
-        else:
-            out[_HF_PREFIX + name] = tensor
-    return out
+    """Our parameter names -> the family's in transformers (tied head dropped); see `slmkit.hf`."""
+    from slmkit.hf import to_hf_state_dict as _to_hf
+
+    return _to_hf(state, config)
 
 
-def from_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name.removeprefix(_HF_PREFIX): tensor for name, tensor in state.items()}
+def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """The family's parameter names -> ours (family from config, else told by the names)."""
+    from slmkit.hf import from_hf_state_dict as _from_hf
+
+    return _from_hf(state, config)
 
 
 @contextlib.contextmanager
@@ -78,14 +78,44 @@ def _fsync_dir_files(directory: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def write_model_files(
-    model: torch.nn.Module, config: ModelConfig, directory: Path, tokenizer_dir: str | Path | None = None
-) -> None:
-    """Write a model directory's files into an existing (usually temporary) directory."""
+def write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """One `model.safetensors`, or shards of at most ~max_shard_bytes plus `model.safetensors.index.json`."""
     from safetensors.torch import save_file
 
+    if max_shard_bytes <= 0:
+        raise UserError(f"max shard size must be positive, got {max_shard_bytes}")
+    sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
+    total = sum(sizes.values())
+    if total <= max_shard_bytes:
+        save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    used = 0
+    for name, tensor in state.items():
+        if shards[-1] and used + sizes[name] > max_shard_bytes:
+            shards.append({})
+            used = 0
+        shards[-1][name] = tensor
+        used += sizes[name]
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards, start=1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_model_files(
+    model: torch.nn.Module,
+    config: ModelConfig,
+    directory: Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
+    """Write a model directory's files into an existing (usually temporary) directory."""
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(to_hf_state_dict(state, config), str(directory / WEIGHTS), metadata={"format": "pt"})
+    write_weights(to_hf_state_dict(state, config), directory, max_shard_bytes)
     config.save(directory / "config.json")
     generation = {
         "bos_token_id": config.bos_token_id,
@@ -113,11 +143,12 @@ def save_model(
     directory: str | Path,
     tokenizer_dir: str | Path | None = None,
     extra: Callable[[Path], None] | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
     """Atomically write a model directory; `extra(tmp_dir)` may add files (e.g. trainer state)."""
     config: ModelConfig = model.config  # type: ignore[assignment]
     with atomic_directory(directory) as tmp:
-        write_model_files(model, config, tmp, tokenizer_dir)
+        write_model_files(model, config, tmp, tokenizer_dir, max_shard_bytes)
         if extra is not None:
             extra(tmp)
     return Path(directory)
@@ -176,6 +207,34 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path}: corrupt or truncated safetensors file ({exc}); re-save or re-download it") from None
 
 
+def load_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model dir: `model.safetensors`, or the shards its index lists (each checked)."""
+    single, index_path = directory / WEIGHTS, directory / WEIGHTS_INDEX
+    if single.is_file() or not index_path.is_file():
+        return load_state_file(single)
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("empty weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{index_path}: not a valid shard index ({exc})") from None
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (directory / f).is_file()]
+    if missing:
+        raise UserError(f"{index_path}: names shard file(s) {missing} that are not in {directory}; copy every shard")
+    state: dict[str, torch.Tensor] = {}
+    for filename in files:
+        shard = load_state_file(directory / filename)
+        for name, tensor in shard.items():
+            if weight_map.get(name) == filename:
+                state[name] = tensor
+    absent = sorted(set(weight_map) - set(state))
+    if absent:
+        raise UserError(f"{index_path}: tensors {absent[:4]} are listed but missing from their shards")
+    return state
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> torch.nn.Module:
@@ -188,10 +247,8 @@ def load_model(
 
     directory = resolve_model_dir(path)
     config = ModelConfig.load(directory / "config.json")
-    weights = directory / WEIGHTS
-    if not weights.is_file() and (directory / "model.safetensors.index.json").is_file():
-        raise UserError(f"{directory}: sharded checkpoints are not supported yet; merge the shards first")
-    state = from_hf_state_dict(load_state_file(weights))
+    weights = directory / WEIGHTS if (directory / WEIGHTS).is_file() else directory / WEIGHTS_INDEX
+    state = from_hf_state_dict(load_weights(directory), config)
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
@@ -205,6 +262,11 @@ def load_model(
             f"{weights}: weights do not match config.json (missing {missing[:4]}, unexpected {unexpected[:4]})"
         )
     for name, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise UserError(
+                f"{weights}: tensor {name} has dtype {tensor.dtype}, expected a float dtype "
+                "(quantized or corrupt checkpoint); load the unquantized weights"
+            )
         if tensor.shape != expected[name].shape:
             raise UserError(
                 f"{weights}: tensor {name} has shape {tuple(tensor.shape)}, "

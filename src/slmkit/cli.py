@@ -243,6 +243,23 @@ def quickstart(
     run_quickstart(out, minutes=minutes, preset=preset, console=_console())
 
 
+@app.command("export")
+def export_command(
+    model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],
+    format: Annotated[str, typer.Option("--format", help="hf (a transformers directory) or gguf (llama.cpp).")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (hf) or .gguf file (gguf).")],
+    dtype: Annotated[str | None, typer.Option(help="GGUF weights: f32, f16 (default), bf16, q8_0 or q4_0.")] = None,
+) -> None:
+    """Export MODEL for other runtimes: a Hugging Face directory or one GGUF file (llama.cpp, ollama)."""
+    from slmkit.hf import export_model
+
+    written = export_model(model, format, out, dtype)
+    size = (
+        sum(p.stat().st_size for p in written.rglob("*") if p.is_file()) if written.is_dir() else written.stat().st_size
+    )
+    print(f"wrote {written} ({size / 1e6:.1f} MB, {format})")
+
+
 def main() -> None:
     try:
         app()

@@ -1,8 +1,10 @@
 """Model configuration: one typed dataclass, named presets, parameter and FLOP counts.
 
-`ModelConfig` describes a Llama-style decoder. It is saved as a Hugging Face `LlamaConfig`-shaped
-`config.json` (see :meth:`ModelConfig.to_hf_dict`) so transformers loads our model directories as they
-are, and we load theirs.
+`ModelConfig` describes a decoder-only transformer. The defaults are the Llama recipe (RMSNorm, RoPE,
+GQA, SwiGLU, no biases); a handful of switches (bias flags, norm type, activation, MLP kind, position
+scheme, q/k norm, sliding window, rope scaling) cover the other small-model families (Mistral, Qwen2,
+Qwen3, GPT-2). `family` only names the Hugging Face format the model is saved in (config.json keys and
+weight names, see `slmkit.hf`); the model itself reads only the switches.
 """
 
 from __future__ import annotations
@@ -12,14 +14,93 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from slmkit.errors import UserError
+
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+NormType = Literal["rmsnorm", "layernorm"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+MLPType = Literal["gated", "plain"]
+PositionScheme = Literal["rope", "learned"]
+RopeScalingType = Literal["linear", "dynamic", "llama3"]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Context extension of rotary embeddings, as transformers' `rope_parameters` describe it.
+
+    linear: positions divided by `factor`; dynamic: NTK base growth beyond `max_seq_len`;
+    llama3: per-frequency scaling between `low_freq_factor` and `high_freq_factor` wavelengths of
+    `original_max_seq_len`.
+    """
+
+    type: RopeScalingType
+    factor: float
+    low_freq_factor: float | None = None  # llama3 only
+    high_freq_factor: float | None = None  # llama3 only
+    original_max_seq_len: int | None = None  # llama3 only
+
+    def __post_init__(self) -> None:
+        if self.type not in get_args(RopeScalingType):
+            raise UserError(
+                f"model config: rope_scaling type {self.type!r} is not supported "
+                f"(supported: {', '.join(get_args(RopeScalingType))})"
+            )
+        if not (isinstance(self.factor, (int, float)) and self.factor >= 1.0 and math.isfinite(self.factor)):
+            raise UserError(f"model config: rope_scaling factor must be a number >= 1, got {self.factor!r}")
+        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_seq_len)
+        if self.type == "llama3":
+            if any(v is None for v in llama3):
+                raise UserError(
+                    "model config: llama3 rope_scaling needs low_freq_factor, high_freq_factor and "
+                    "original_max_seq_len (original_max_position_embeddings)"
+                )
+            if not (0 < self.low_freq_factor < self.high_freq_factor):  # type: ignore[operator]
+                raise UserError("model config: llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor")
+        elif any(v is not None for v in llama3):
+            raise UserError(f"model config: {self.type} rope_scaling takes only a factor")
+
+    @classmethod
+    def coerce(cls, value: Any) -> RopeScaling | None:
+        if value is None or isinstance(value, RopeScaling):
+            return value
+        if not isinstance(value, dict):
+            raise UserError(
+                f"model config: rope_scaling must be a mapping like {{type: linear, factor: 2}}, got {value!r}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(value) - names)
+        if bad or "type" not in value or "factor" not in value:
+            raise UserError(
+                f"model config: rope_scaling needs keys type and factor (optional: {sorted(names)}), got {value!r}"
+            )
+        return cls(**value)
+
+
+# Which switch values each Hugging Face family can express. A config outside its family's rules could
+# not be saved as that family's checkpoint, so it is refused up front.
+_FAMILY_RULES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "llama": dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(False,), sliding_window=(None,)),
+    "mistral": dict(
+        norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(False,),
+        qkv_bias=(False,), out_bias=(False,), mlp_bias=(False,),
+    ),
+    "qwen2": dict(
+        norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(False,),
+        qkv_bias=(True,), out_bias=(False,), mlp_bias=(False,),
+    ),
+    "qwen3": dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(True,), mlp_bias=(False,)),
+    "gpt2": dict(
+        norm=("layernorm",), mlp=("plain",), positions=("learned",), qk_norm=(False,), sliding_window=(None,),
+        qkv_bias=(True,), out_bias=(True,), mlp_bias=(True,), tie_embeddings=(True,), rope_scaling=(None,),
+    ),
+}  # fmt: skip
 
 
 @dataclass
 class ModelConfig:
-    """Shape of a decoder-only transformer (Llama family: RMSNorm, RoPE, GQA, SwiGLU)."""
+    """Shape of a decoder-only transformer; defaults are the Llama family (RMSNorm, RoPE, GQA, SwiGLU)."""
 
     vocab_size: int = 8192
     d_model: int = 256
@@ -35,6 +116,18 @@ class ModelConfig:
     bos_token_id: int | None = 0
     eos_token_id: int | None = 0
     head_dim: int | None = None  # None: d_model // n_heads
+    # ---- family switches (defaults: Llama) ----
+    family: Family = "llama"  # the Hugging Face format it is saved in; the model never reads it
+    qkv_bias: bool = False  # biases on q, k, v projections (Qwen2, GPT-2, Llama attention_bias)
+    out_bias: bool = False  # bias on the attention output projection (GPT-2, Llama attention_bias)
+    mlp_bias: bool = False
+    norm: NormType = "rmsnorm"
+    activation: Activation = "silu"
+    mlp: MLPType = "gated"  # gated: down(act(gate(x)) * up(x)); plain: down(act(up(x)))
+    positions: PositionScheme = "rope"  # learned: an absolute position embedding table (GPT-2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
+    sliding_window: int | None = None  # attend to at most this many latest tokens (self included)
+    rope_scaling: RopeScaling | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -55,7 +148,7 @@ class ModelConfig:
                 )
         elif self.head_dim <= 0:
             raise UserError(f"model config: head_dim must be positive, got {self.head_dim}")
-        if self.dim_per_head % 2 != 0:
+        if self.positions == "rope" and self.dim_per_head % 2 != 0:
             raise UserError(f"model config: head dimension must be even for rotary embeddings, got {self.dim_per_head}")
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise UserError(f"model config: rope_theta must be a positive number, got {self.rope_theta}")
@@ -65,6 +158,43 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not (0 <= value < self.vocab_size):
                 raise UserError(f"model config: {name}={value} is outside the vocabulary (size {self.vocab_size})")
+        self._check_switches()
+
+    def _check_switches(self) -> None:
+        choices = {
+            "family": Family,
+            "norm": NormType,
+            "activation": Activation,
+            "mlp": MLPType,
+            "positions": PositionScheme,
+        }
+        for name, kind in choices.items():
+            if getattr(self, name) not in get_args(kind):
+                raise UserError(
+                    f"model config: {name}={getattr(self, name)!r} is not supported "
+                    f"(choose one of: {', '.join(get_args(kind))})"
+                )
+        for name in ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        window = self.sliding_window
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
+            raise UserError(f"model config: sliding_window must be a positive integer or null, got {window!r}")
+        self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
+        if self.rope_scaling is not None and self.positions != "rope":
+            raise UserError("model config: rope_scaling needs positions='rope'")
+        for name, allowed in _FAMILY_RULES[self.family].items():
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"model config: family {self.family!r} cannot express {name}={getattr(self, name)!r} "
+                    f"(it needs {' or '.join(map(repr, allowed))}); change {name} or pick another family"
+                )
+        if self.family == "llama" and self.qkv_bias != self.out_bias:
+            raise UserError("model config: family 'llama' has one attention_bias flag: set qkv_bias == out_bias")
+        if self.family == "qwen3" and self.qkv_bias != self.out_bias:
+            raise UserError("model config: family 'qwen3' has one attention_bias flag: set qkv_bias == out_bias")
+        if self.family == "gpt2" and (self.n_kv_heads != self.n_heads or self.head_dim not in (None,)):
+            raise UserError("model config: family 'gpt2' needs n_kv_heads == n_heads and head_dim = d_model / n_heads")
 
     @property
     def dim_per_head(self) -> int:
@@ -74,17 +204,23 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- counts -------------------------------------------------------------------------------
+    def _norm_params(self) -> int:
+        return self.d_model * (2 if self.norm == "layernorm" else 1)
+
     def num_params(self, include_embeddings: bool = True) -> int:
         """Exact number of trainable parameters (tied embeddings counted once)."""
-        hd = self.dim_per_head
-        attn = self.d_model * hd * (self.n_heads * 2 + self.n_kv_heads * 2)  # q, o, k, v
-        mlp = 3 * self.d_model * self.d_ff
-        norms = 2 * self.d_model
-        body = self.n_layers * (attn + mlp + norms) + self.d_model  # + final norm
+        hd, c = self.dim_per_head, self.d_model
+        attn = c * hd * (self.n_heads * 2 + self.n_kv_heads * 2)  # q, o, k, v
+        attn += hd * (self.n_heads + 2 * self.n_kv_heads) * self.qkv_bias + c * self.out_bias
+        attn += 2 * hd * self.qk_norm
+        n_mats = 3 if self.mlp == "gated" else 2
+        mlp = n_mats * c * self.d_ff + ((n_mats - 1) * self.d_ff + c) * self.mlp_bias
+        norms = 2 * self._norm_params()
+        body = self.n_layers * (attn + mlp + norms) + self._norm_params()  # + final norm
         if not include_embeddings:
             return body
-        embed = self.vocab_size * self.d_model
-        head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+        embed = self.vocab_size * c + (self.max_seq_len * c if self.positions == "learned" else 0)
+        head = 0 if self.tie_embeddings else self.vocab_size * c
         return body + embed + head
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
@@ -96,117 +232,25 @@ class ModelConfig:
         in the PaLM appendix convention of 6N + 12 L d T).
         """
         t = seq_len or self.max_seq_len
-        hd = self.dim_per_head
-        matmul_params = self.num_params(include_embeddings=False) - (2 * self.n_layers + 1) * self.d_model
-        matmul_params += self.vocab_size * self.d_model  # lm_head
+        hd, c = self.dim_per_head, self.d_model
+        matmul_params = (
+            c * hd * (self.n_heads * 2 + self.n_kv_heads * 2) + (3 if self.mlp == "gated" else 2) * c * self.d_ff
+        )
+        matmul_params = self.n_layers * matmul_params + self.vocab_size * c  # + lm_head
         attention = 2 * 2 * self.n_layers * t * self.n_heads * hd
         return 3 * (2 * matmul_params + attention)
 
-    # ---- Hugging Face config.json -------------------------------------------------------------
+    # ---- Hugging Face config.json (per family, see slmkit.hf) -----------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = dict(self.extra)
-        d.update(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": self.vocab_size,
-                "hidden_size": self.d_model,
-                "num_hidden_layers": self.n_layers,
-                "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads,
-                "intermediate_size": self.d_ff,
-                "max_position_embeddings": self.max_seq_len,
-                "rope_theta": self.rope_theta,
-                "rms_norm_eps": self.norm_eps,
-                "tie_word_embeddings": self.tie_embeddings,
-                "initializer_range": self.initializer_range,
-                "bos_token_id": self.bos_token_id,
-                "eos_token_id": self.eos_token_id,
-                "head_dim": self.dim_per_head,
-                "hidden_act": "silu",
-                "attention_bias": False,
-                "mlp_bias": False,
-                "attention_dropout": 0.0,
-                "rope_scaling": None,
-                "torch_dtype": "float32",
-            }
-        )
-        return d
+        from slmkit.hf import config_to_hf
+
+        return config_to_hf(self)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        model_type = d.get("model_type")
-        if model_type != "llama":
-            raise UserError(
-                f"{source}: model_type {model_type!r} is not supported (supported: 'llama'); "
-                "convert the model to a Llama-style checkpoint first"
-            )
-        for key, unsupported in (
-            ("hidden_act", lambda v: v not in ("silu", "swish")),
-            ("attention_bias", bool),
-            ("mlp_bias", bool),
-            ("rope_scaling", lambda v: bool(v)),
-        ):
-            if key in d and unsupported(d[key]):
-                raise UserError(f"{source}: {key}={d[key]!r} is not supported by slmkit's Llama model")
-        required = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise UserError(f"{source}: missing required keys {missing}")
-        rope_theta = d.get("rope_theta")
-        if rope_theta is None:  # transformers 5 nests it under rope_parameters
-            rope_theta = (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        known = {
-            "architectures",
-            "model_type",
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "rope_theta",
-            "rms_norm_eps",
-            "tie_word_embeddings",
-            "initializer_range",
-            "bos_token_id",
-            "eos_token_id",
-            "head_dim",
-            "hidden_act",
-            "attention_bias",
-            "mlp_bias",
-            "attention_dropout",
-            "rope_scaling",
-            "torch_dtype",
-            "dtype",
-            "rope_parameters",
-            "transformers_version",
-        }
-        n_heads = d["num_attention_heads"]
-        head_dim = d.get("head_dim")
-        if head_dim is not None and head_dim * n_heads == d["hidden_size"]:
-            head_dim = None  # the default; keep configs comparable
-        return cls(
-            vocab_size=d["vocab_size"],
-            d_model=d["hidden_size"],
-            n_layers=d["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=d.get("num_key_value_heads") or n_heads,
-            d_ff=d["intermediate_size"],
-            max_seq_len=d.get("max_position_embeddings", 2048),
-            rope_theta=float(rope_theta),
-            norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
-            initializer_range=float(d.get("initializer_range", 0.02)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=eos,
-            head_dim=head_dim,
-            extra={k: v for k, v in d.items() if k not in known},
-        )
+        from slmkit.hf import config_from_hf
+
+        return config_from_hf(d, source)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")

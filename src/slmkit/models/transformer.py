@@ -1,7 +1,10 @@
-"""A Llama-style decoder in one file: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+"""A decoder-only transformer in one file: Llama by default (RMSNorm, rotary embeddings, grouped-query
+attention, SwiGLU), with the few switches of `ModelConfig` that cover Mistral (sliding window), Qwen2
+(q/k/v biases), Qwen3 (q/k norm) and GPT-2 (LayerNorm, learned positions, plain GELU MLP, biases).
+Each variant is a small module picked by a config field.
 
 Module and parameter names follow Hugging Face `LlamaForCausalLM` (without its `model.` prefix), so a
-state dict maps onto theirs by a prefix alone (see `slmkit.checkpoint`).
+Llama-family state dict maps onto theirs by a prefix alone (other families: `slmkit.hf`).
 
 Two ways to run it:
 - training / scoring: ``model(idx)`` runs causal attention over the whole sequence (no cache);
@@ -16,6 +19,7 @@ Shapes: B batch, T query tokens, S cache slots, C d_model, H heads, K kv heads, 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +42,49 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, config.norm_eps) if config.norm == "rmsnorm" else nn.LayerNorm(dim, eps=config.norm_eps)
+
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (D/2,) with the config's rope scaling; seq_len matters for `dynamic` only."""
+    d, theta, scaling = config.dim_per_head, config.rope_theta, config.rope_scaling
+    if scaling is not None and scaling.type == "dynamic" and seq_len > config.max_seq_len:
+        # NTK-aware: grow the base with the sequence past the trained context (as transformers does)
+        theta = theta * ((scaling.factor * seq_len / config.max_seq_len) - (scaling.factor - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    if scaling is None or scaling.type == "dynamic":
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp in between
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for integer positions (..., T) -> (..., T, D), in the "rotate half" layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    freqs = positions.float().unsqueeze(-1) * inv_freq  # (..., T, D/2)
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # (..., T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D)
     return emb.cos(), emb.sin()
 
@@ -95,26 +138,33 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.dim_per_head
         c, hd = config.d_model, config.dim_per_head
-        self.q_proj = nn.Linear(c, self.n_heads * hd, bias=False)
-        self.k_proj = nn.Linear(c, self.n_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(c, self.n_kv_heads * hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * hd, c, bias=False)
+        self.q_proj = nn.Linear(c, self.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, c, bias=config.out_bias)
+        if config.qk_norm:  # per-head RMSNorm of q and k (Qwen3)
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         cache: KVCache | None,
         cache_pos: torch.Tensor | None,
         mask: torch.Tensor | None,
         upto: int | None,
     ) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+        if cos is not None and sin is not None:  # rotary; learned positions were added to the input
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             assert cache_pos is not None
             k, v = cache.update(self.layer_idx, cache_pos, k.to(cache.k.dtype), v.to(cache.v.dtype), upto)
@@ -129,31 +179,45 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """Gated (SwiGLU with silu): down(act(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.act = ACTIVATIONS[config.activation]
+        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PlainMLP(nn.Module):
+    """Ungated (GPT-2): down(act(up(x)))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.act = ACTIVATIONS[config.activation]
+        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.d_model, config.norm_eps)
+        self.input_layernorm = make_norm(config, config.d_model)
         self.self_attn = Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp = MLP(config)
+        self.post_attention_layernorm = make_norm(config, config.d_model)
+        self.mlp = MLP(config) if config.mlp == "gated" else PlainMLP(config)
 
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        cos: torch.Tensor | None,
+        sin: torch.Tensor | None,
         cache: KVCache | None,
         cache_pos: torch.Tensor | None,
         mask: torch.Tensor | None,
@@ -168,20 +232,27 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        if config.positions == "learned":
+            self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     # ---- initialisation --------------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        """Normal(0, initializer_range); residual output projections scaled by 1/sqrt(2 * n_layers).
+
+        Norm weights start at one, biases at zero.
+        """
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
         residual_std = std / math.sqrt(2 * self.config.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
                 s = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
@@ -202,9 +273,10 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens idx (B, T); (B, 1, V) with last_only.
 
-        cache_pos (T,): cache slots to write (required with a cache). positions (B, T): rotary
-        positions, default cache_pos (or 0..T-1). key_mask (B, S): False hides a slot (padding).
+        cache_pos (T,): cache slots to write (required with a cache). positions (B, T): rotary (or
+        learned) positions, default cache_pos (or 0..T-1). key_mask (B, S): False hides a slot (padding).
         upto: attend to slots [0, upto) only (an optimisation; must cover every written slot).
+        With a sliding window, a query at slot i sees slots (i - window, i] only.
         """
         b, t = idx.shape
         if cache is not None and cache_pos is None:
@@ -212,26 +284,42 @@ class Transformer(nn.Module):
         if positions is None:
             base = cache_pos if cache_pos is not None else torch.arange(t, device=idx.device)
             positions = base.unsqueeze(0)  # (1, T)
-        cos, sin = rope_cos_sin(positions, self.config.dim_per_head, self.config.rope_theta)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B or 1, 1, T, D)
+        cfg = self.config
+        cos = sin = None
+        if cfg.positions == "rope":
+            dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic"
+            seq_len = int(positions.max()) + 1 if dynamic else 0  # a device sync, so only when needed
+            inv_freq = rope_inv_freq(cfg, seq_len, idx.device)
+            cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, inv_freq)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B or 1, 1, T, D)
 
         mask = None
+        window = cfg.sliding_window
         if cache is not None:
             assert cache_pos is not None
             slots = torch.arange(upto or cache.max_slots, device=idx.device)
             mask = slots.unsqueeze(0) <= cache_pos.unsqueeze(1)  # (T, S) causal over slots
+            if window is not None:  # slot distance = position distance, left padding or not
+                mask = mask & (slots.unsqueeze(0) > cache_pos.unsqueeze(1) - window)
             mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
             if key_mask is not None:
                 # a query always sees its own slot, so padding rows stay finite (no NaN to leak)
                 own = slots.unsqueeze(0) == cache_pos.unsqueeze(1)
                 mask = (mask & key_mask[:, None, None, : slots.numel()]) | own  # (B, 1, T, S)
-        elif key_mask is not None:
+        elif key_mask is not None or window is not None:
             causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
-            own = torch.eye(t, dtype=torch.bool, device=idx.device)
-            mask = (causal[None, None] & key_mask[:, None, None, :t]) | own
+            if window is not None:
+                causal = causal & ~torch.ones_like(causal).tril(-window)
+            mask = causal[None, None]  # (1, 1, T, T)
+            if key_mask is not None:
+                own = torch.eye(t, dtype=torch.bool, device=idx.device)
+                mask = (mask & key_mask[:, None, None, :t]) | own  # (B, 1, T, T)
 
         x = self.embed_tokens(idx)  # (B, T, C)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        if cfg.positions == "learned":
+            x = x + self.embed_positions(positions)  # (B or 1, T, C) broadcast
+        if cos is not None and sin is not None:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, cache_pos, mask, upto)
         if last_only:

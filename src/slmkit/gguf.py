@@ -1,0 +1,305 @@
+"""Export a model directory to one GGUF file that llama.cpp, llama-cpp-python and ollama load.
+
+What goes in: metadata (architecture, context, widths, heads, rope, norm epsilon, file type), the
+tokenizer as a `gpt2` (byte-level BPE) vocabulary with merges and special tokens, and every tensor
+under the name llama.cpp expects (names come from the `gguf` package's own tables).
+
+Layout differences we handle (learned from llama.cpp's `convert_hf_to_gguf.py`):
+- llama.cpp's `llama` architecture rotates interleaved pairs (x0, x1), (x2, x3) ... while Hugging Face
+  rotates halves (x_i, x_{i + D/2}); so q and k rows (and biases) are permuted per head. Qwen2/Qwen3 use
+  llama.cpp's NeoX rope (halves), so they are written as they are.
+- llama3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors.
+- GPT-2 keeps a fused q/k/v matrix (`attn_qkv`) and an explicit `output` copy of the embedding.
+
+The file is written under a temporary name beside the target and renamed at the end, so a failure
+never leaves a partial `.gguf` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from slmkit.errors import UserError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from slmkit.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
+
+# pre-tokenizer regexes of tokenizer.json -> llama.cpp's name for that pre-tokenizer
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_BY_REGEX = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+
+# ---- tokenizer ------------------------------------------------------------------------------------
+def _pre_tokenizer_name(pre: dict[str, Any] | None, source: Path) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json `pre_tokenizer`; UserError if unknown."""
+
+    def is_byte_level(p: dict[str, Any], regex: bool) -> bool:
+        return p.get("type") == "ByteLevel" and bool(p.get("use_regex", True)) == regex
+
+    if pre is not None and is_byte_level(pre, regex=True):
+        return "gpt-2"
+    steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else None
+    if steps and len(steps) == 2:
+        first, second = steps
+        if first.get("type") == "Digits" and first.get("individual_digits") and is_byte_level(second, regex=True):
+            return "smollm"
+        pattern = (first.get("pattern") or {}).get("Regex")
+        if first.get("type") == "Split" and pattern in _PRE_BY_REGEX and is_byte_level(second, regex=False):
+            return _PRE_BY_REGEX[pattern]
+    raise UserError(
+        f"{source}: pre-tokenizer {json.dumps(pre)[:200]} is not one llama.cpp knows how to reproduce "
+        "(supported: GPT-2 byte-level, Llama 3, Qwen2, SmolLM); GGUF export would tokenize differently"
+    )
+
+
+def read_bpe_vocab(path: Path, vocab_size: int) -> dict[str, Any]:
+    """tokens, token types, merges and pre-tokenizer name of a byte-level BPE tokenizer.json."""
+    import gguf
+
+    try:
+        spec = json.loads(path.read_text())
+        model = spec["model"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: not a readable tokenizer.json ({exc})") from None
+    decoder = (spec.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or decoder != "ByteLevel":
+        raise UserError(
+            f"{path}: GGUF export needs a byte-level BPE tokenizer (model BPE, decoder ByteLevel); "
+            f"this one is model {model.get('type')!r}, decoder {decoder!r}"
+        )
+    pre = _pre_tokenizer_name(spec.get("pre_tokenizer"), path)
+    by_id: dict[int, tuple[str, int]] = {i: (tok, gguf.TokenType.NORMAL) for tok, i in model["vocab"].items()}
+    for added in spec.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        by_id[added["id"]] = (added["content"], kind)
+    if max(by_id) >= vocab_size:
+        raise UserError(
+            f"{path}: tokenizer has token id {max(by_id)} but the model's vocabulary is {vocab_size}; "
+            "tokenizer and model do not belong together"
+        )
+    tokens, types = [], []
+    for i in range(vocab_size):  # the embedding may be padded past the tokenizer (e.g. to a multiple of 64)
+        token, kind = by_id.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED))
+        tokens.append(token)
+        types.append(int(kind))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre}
+
+
+# ---- tensors --------------------------------------------------------------------------------------
+def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q/k projection (or its bias), per head, from rotate-half to interleaved-pair order."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def llama3_rope_divisors(config: ModelConfig) -> torch.Tensor:
+    """Per-frequency divisors of the base frequencies that reproduce llama3 rope scaling in llama.cpp."""
+    from slmkit.models.transformer import rope_inv_freq
+
+    plain = rope_inv_freq(config.replace(rope_scaling=None), 0)
+    return (plain / rope_inv_freq(config, 0)).float()
+
+
+def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the GGUF file, named as llama.cpp names it, in fp32, in llama.cpp's layout."""
+    import gguf
+    import torch
+
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    names, arch = gguf.TENSOR_NAMES, _ARCH[cfg.family]
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    t = gguf.MODEL_TENSOR
+    out: dict[str, torch.Tensor] = {names[t.TOKEN_EMBD] + ".weight": state["embed_tokens.weight"]}
+    if cfg.positions == "learned":
+        out[names[t.POS_EMBD] + ".weight"] = state["embed_positions.weight"]
+    if cfg.rope_scaling is not None and cfg.rope_scaling.type == "llama3":
+        out[names[t.ROPE_FREQS] + ".weight"] = llama3_rope_divisors(cfg)
+    for suffix in ("weight", "bias"):
+        if f"norm.{suffix}" in state:
+            out[names[t.OUTPUT_NORM] + f".{suffix}"] = state[f"norm.{suffix}"]
+    if not cfg.tie_embeddings or cfg.family == "gpt2":  # llama.cpp's gpt2 loads an explicit output matrix
+        out[names[t.OUTPUT] + ".weight"] = state["lm_head.weight"]
+    ours_to_theirs = {
+        "input_layernorm": t.ATTN_NORM,
+        "post_attention_layernorm": t.FFN_NORM,
+        "self_attn.q_proj": t.ATTN_Q,
+        "self_attn.k_proj": t.ATTN_K,
+        "self_attn.v_proj": t.ATTN_V,
+        "self_attn.o_proj": t.ATTN_OUT,
+        "self_attn.q_norm": t.ATTN_Q_NORM,
+        "self_attn.k_norm": t.ATTN_K_NORM,
+        "mlp.gate_proj": t.FFN_GATE,
+        "mlp.up_proj": t.FFN_UP,
+        "mlp.down_proj": t.FFN_DOWN,
+    }
+    heads = {"self_attn.q_proj": cfg.n_heads, "self_attn.k_proj": cfg.n_kv_heads}
+    for i in range(cfg.n_layers):
+        layer = {k.removeprefix(f"layers.{i}."): v for k, v in state.items() if k.startswith(f"layers.{i}.")}
+        if cfg.family == "gpt2":  # fused q/k/v, as GPT-2's own checkpoints have it
+            for suffix in ("weight", "bias"):
+                fused = torch.cat([layer.pop(f"self_attn.{p}_proj.{suffix}") for p in "qkv"])
+                out[names[t.ATTN_QKV].format(bid=i) + f".{suffix}"] = fused
+        for name, tensor in layer.items():
+            module, _, suffix = name.rpartition(".")
+            if arch == "llama" and module in heads:
+                tensor = permute_for_llama_cpp(tensor, heads[module])
+            out[names[ours_to_theirs[module]].format(bid=i) + f".{suffix}"] = tensor
+    return out
+
+
+def _encode(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
+    """(data, raw_dtype or None) for GGUFWriter.add_tensor; 1-D tensors and odd widths stay f32 / f16."""
+    import gguf
+    import numpy as np
+
+    data = tensor.numpy().astype(np.float32)
+    if data.ndim == 1 or dtype == "f32" or name == "rope_freqs.weight":
+        return data, None
+    if dtype == "f16":
+        return data.astype(np.float16), None
+    qtype = {
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+        "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    }[dtype]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block != 0:
+        log.info("%s: row length %d is not a multiple of %d; written as f16", name, data.shape[-1], block)
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+# ---- export ---------------------------------------------------------------------------------------
+def check_exportable(config: ModelConfig) -> None:
+    """UserError naming anything llama.cpp's matching architecture would compute differently."""
+    arch = _ARCH[config.family]
+    if config.rope_scaling is not None and config.rope_scaling.type == "dynamic":
+        raise UserError("GGUF export: dynamic (NTK) rope scaling has no llama.cpp equivalent")
+    if config.rope_scaling is not None and arch != "llama":
+        raise UserError(f"GGUF export: rope scaling on a {config.family} model is not supported")
+    if arch == "llama" and (config.activation != "silu" or config.mlp_bias):
+        raise UserError("GGUF export: llama.cpp's llama architecture needs a silu MLP without biases")
+    if arch == "gpt2" and config.activation != "gelu_tanh":
+        raise UserError(f"GGUF export: llama.cpp's gpt2 architecture uses tanh-GELU, not {config.activation}")
+    if arch in ("qwen2", "qwen3") and config.activation != "silu":
+        raise UserError(f"GGUF export: llama.cpp's {arch} architecture needs silu, not {config.activation}")
+
+
+def _file_type(dtype: str) -> int:
+    import gguf
+
+    return {
+        "f32": gguf.LlamaFileType.ALL_F32,
+        "f16": gguf.LlamaFileType.MOSTLY_F16,
+        "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+        "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    }[dtype]
+
+
+def context_length(config: ModelConfig) -> int:
+    """The context llama.cpp may use: capped at the sliding window, inside which attention is exact."""
+    window = config.sliding_window
+    return min(config.max_seq_len, window) if window is not None else config.max_seq_len
+
+
+def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> Path:
+    """Write `out` (a .gguf file) for the model directory `model_path`; returns the path written."""
+    if dtype not in GGUF_DTYPES:
+        raise UserError(f"GGUF dtype {dtype!r} is not supported; choose one of: {', '.join(GGUF_DTYPES)}")
+    import gguf
+
+    from slmkit.checkpoint import load_model, resolve_model_dir
+
+    directory = resolve_model_dir(model_path)
+    tokenizer_path = directory / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise UserError(f"{directory}: no tokenizer.json; GGUF files carry the tokenizer, so copy it there")
+    model = load_model(directory)
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    check_exportable(cfg)
+    vocab = read_bpe_vocab(tokenizer_path, cfg.vocab_size)
+    tensors = gguf_tensors(model)
+    arch = _ARCH[cfg.family]
+
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a directory; give a file name like {out / 'model.gguf'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer.add_name(directory.name)
+        writer.add_file_type(_file_type(dtype))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_context_length(context_length(cfg))
+        writer.add_embedding_length(cfg.d_model)
+        writer.add_feed_forward_length(cfg.d_ff)
+        writer.add_block_count(cfg.n_layers)
+        writer.add_head_count(cfg.n_heads)
+        writer.add_head_count_kv(cfg.n_kv_heads)
+        if cfg.norm == "rmsnorm":
+            writer.add_layer_norm_rms_eps(cfg.norm_eps)
+        else:
+            writer.add_layer_norm_eps(cfg.norm_eps)
+        if cfg.positions == "rope":
+            writer.add_rope_freq_base(cfg.rope_theta)
+            writer.add_rope_dimension_count(cfg.dim_per_head)
+            writer.add_key_length(cfg.dim_per_head)
+            writer.add_value_length(cfg.dim_per_head)
+            if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
+                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+                writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(vocab["pre"])
+        writer.add_token_list(vocab["tokens"])
+        writer.add_token_types(vocab["types"])
+        writer.add_token_merges(vocab["merges"])
+        if cfg.bos_token_id is not None:
+            writer.add_bos_token_id(cfg.bos_token_id)
+        if cfg.eos_token_id is not None:
+            writer.add_eos_token_id(cfg.eos_token_id)
+        writer.add_add_bos_token(_adds_bos(directory))
+        for name, tensor in tensors.items():
+            data, raw_dtype = _encode(name, tensor, dtype)
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _adds_bos(directory: Path) -> bool:
+    """Whether the tokenizer prepends BOS (tokenizer_config.json's add_bos_token; ours does not)."""
+    try:
+        return bool(json.loads((directory / "tokenizer_config.json").read_text()).get("add_bos_token", False))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False

@@ -1,0 +1,36 @@
+"""Our GGUF in llama.cpp (through llama-cpp-python): same greedy continuation and close logits.
+
+Skipped where `llama_cpp` is not installed (it builds llama.cpp from source; CI need not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-3), ("q8_0", 0.5)])
+def test_llama_cpp_matches_slmkit(tiny_model_dir, tmp_path, dtype, tolerance):
+    from slmkit.api import load
+    from slmkit.gguf import export_gguf
+    from slmkit.infer.generate import generate_ids
+
+    path = export_gguf(tiny_model_dir, tmp_path / "m.gguf", dtype)
+    lm = load(tiny_model_dir)
+    prompt = lm.tokenizer.encode("The model is trained on").ids
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(prompt)
+    theirs = np.array(llm.scores[: len(prompt)])
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([prompt]))[0].numpy()
+    assert np.abs(theirs - ours).max() < tolerance
+    if dtype == "f32":
+        llm.reset()
+        continuation = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+            continuation.append(token)
+            if len(continuation) == 12:
+                break
+        assert continuation == list(generate_ids(lm.model, prompt, 12))

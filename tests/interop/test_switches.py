@@ -1,0 +1,105 @@
+"""The family switches on slmkit's own model: counts, sliding window in the cached path, validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slmkit.config import ModelConfig, preset
+from slmkit.errors import UserError
+from slmkit.models.transformer import Transformer
+
+FAMILIES = {
+    "llama-bias": dict(qkv_bias=True, out_bias=True, mlp_bias=True),
+    "mistral": dict(family="mistral", sliding_window=4),
+    "qwen2": dict(family="qwen2", qkv_bias=True),
+    "qwen3": dict(family="qwen3", qk_norm=True, head_dim=24),
+    "gpt2": dict(
+        family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
+        qkv_bias=True, out_bias=True, mlp_bias=True,
+    ),
+    "llama3-rope": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_seq_len": 16}),
+}  # fmt: skip
+
+
+def make(case: str, seed: int = 0) -> Transformer:
+    model = Transformer(preset("tiny", vocab_size=300, max_seq_len=64, **FAMILIES[case]))
+    model.init_weights(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("case", list(FAMILIES))
+def test_num_params_and_cached_decode(case):
+    model = make(case)
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+    idx = torch.randint(0, 300, (2, 14))
+    with torch.no_grad():
+        full = model(idx)
+        cache = model.new_cache(2, 32)
+        steps = [model(idx[:, :5], cache=cache, cache_pos=torch.arange(5))]
+        for i in range(5, 14):
+            steps.append(model(idx[:, i : i + 1], cache=cache, cache_pos=torch.tensor([i]), upto=i + 1))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_limits_attention_and_left_padding_is_exact():
+    model = make("mistral")
+    idx = torch.randint(0, 300, (1, 12))
+    changed = idx.clone()
+    changed[0, 2] = (changed[0, 2] + 1) % 300
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    # with a window of 4 per layer and 2 layers, token 2 reaches at most position 2 + 2 * 3 = 8
+    assert not torch.allclose(a[:, 2:9], b[:, 2:9])
+    torch.testing.assert_close(a[:, 9:], b[:, 9:])
+
+    long, short = torch.randint(0, 300, (9,)), torch.randint(0, 300, (4,))
+    pad = 5
+    batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
+    key_mask = torch.ones(2, 16, dtype=torch.bool)  # (B, S): every cache slot
+    key_mask[1, :pad] = False
+    positions = torch.stack([torch.arange(9), (torch.arange(9) - pad).clamp(min=0)])
+    with torch.no_grad():
+        cache = model.new_cache(2, 16)
+        batched = model(batch, cache=cache, cache_pos=torch.arange(9), positions=positions, key_mask=key_mask)
+        alone_long, alone_short = model(long[None]), model(short[None])
+    torch.testing.assert_close(batched[0], alone_long[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched[1, pad:], alone_short[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(norm="batchnorm"), "norm='batchnorm' is not supported"),
+        (dict(activation="swiglu"), "activation='swiglu' is not supported"),
+        (dict(family="falcon"), "family='falcon' is not supported"),
+        (dict(qk_norm=True), "family 'llama' cannot express qk_norm=True"),
+        (dict(family="qwen2"), "family 'qwen2' cannot express qkv_bias=False"),
+        (dict(sliding_window=0, family="mistral"), "sliding_window must be a positive integer"),
+        (dict(rope_scaling={"type": "yarn", "factor": 2}), "rope_scaling type 'yarn' is not supported"),
+        (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor must be a number >= 1"),
+        (dict(rope_scaling={"type": "llama3", "factor": 8}), "llama3 rope_scaling needs"),
+        (dict(qkv_bias=True), "one attention_bias flag"),
+    ],
+)
+def test_invalid_switches(changes, message):
+    with pytest.raises(UserError, match=message):
+        preset("tiny", **changes)
+
+
+def test_default_config_is_unchanged_llama():
+    cfg = preset("tiny")
+    assert (cfg.family, cfg.norm, cfg.mlp, cfg.positions, cfg.activation) == (
+        "llama",
+        "rmsnorm",
+        "gated",
+        "rope",
+        "silu",
+    )
+    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    names = set(Transformer(cfg).state_dict())
+    assert "layers.0.self_attn.q_proj.weight" in names and not any(n.endswith(".bias") for n in names)
