@@ -34,7 +34,8 @@ def test_stream_deltas_join_to_full_text_and_stop_strings(tiny_model_dir):
     full = generate(lm.model, lm.tokenizer, "Language", 40, params)
     deltas = list(stream_text(lm.model, lm.tokenizer, "Language", 40, params))
     assert "".join(deltas) == full
-    assert all("\ufffd" not in d for d in deltas)
+    # a delta never ends inside a character (a random-ish tiny model may still emit invalid bytes mid-text)
+    assert all(not d.endswith("\ufffd") for d in deltas[:-1])
     if len(full) > 6:
         stop = full[3:6]
         stats = GenerationStats()
