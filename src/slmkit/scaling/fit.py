@@ -317,7 +317,7 @@ def analyse(
     bootstrap: int = 100,
     ci_level: float = 0.95,
     starts: int | None = None,
-    bootstrap_starts: int = 2,
+    bootstrap_starts: int = 1,
     holdout: bool = True,
     seed: int = 0,
 ) -> FitResult:

@@ -28,9 +28,7 @@ def shape_overrides(width: int, depth: int, context: int) -> dict[str, Any]:
     n_heads = max(2, width // 32)
     n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
     d_ff = max(WIDTH_STEP, round(width * 8 / 3 / 32) * 32)
-    return dict(
-        d_model=width, n_layers=depth, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, max_seq_len=context
-    )
+    return dict(d_model=width, n_layers=depth, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, max_seq_len=context)
 
 
 @dataclass(frozen=True)
@@ -58,9 +56,7 @@ def parse_sizes(text: str) -> list[Shape]:
         elif item in PRESETS:
             shape = Shape(PRESETS[item]["d_model"], PRESETS[item]["n_layers"])
         else:
-            raise UserError(
-                f"--sizes: {item!r} is neither WIDTHxDEPTH (e.g. 64x2) nor a preset ({', '.join(PRESETS)})"
-            )
+            raise UserError(f"--sizes: {item!r} is neither WIDTHxDEPTH (e.g. 64x2) nor a preset ({', '.join(PRESETS)})")
         shape_overrides(shape.width, shape.depth, 8)  # validates
         shapes.append(shape)
     if len(set(shapes)) < 2:
