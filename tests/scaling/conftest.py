@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from scaling_helpers import TINY_SIZES, tiny_settings
+from scaling_helpers import TINY_BUDGET, TINY_SIZES, tiny_settings
 
 
 @pytest.fixture(scope="session")
@@ -15,6 +15,8 @@ def tiny_ladder(tmp_path_factory, data_dir) -> Path:
     from slmkit.scaling.shapes import parse_sizes
 
     out = tmp_path_factory.mktemp("ladder") / "tiny"
-    result = run_ladder(data_dir, out, budget_flops=2e10, sizes=parse_sizes(TINY_SIZES), settings=tiny_settings())
+    result = run_ladder(
+        data_dir, out, budget_flops=TINY_BUDGET, sizes=parse_sizes(TINY_SIZES), settings=tiny_settings()
+    )
     assert not result.interrupted
     return out

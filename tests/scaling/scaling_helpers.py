@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 TINY_SIZES = "32x1,64x4"
+TINY_BUDGET = 1e10  # FLOPs: seven rungs of 3 to 150 steps
 
 
 def tiny_settings(**changes):
     from slmkit.scaling.ladder import LadderSettings
 
-    base = dict(seq_len=32, batch_size=4, levels=4, min_steps=5, val_windows=16, threads=1, lr=1e-2)
+    base = dict(seq_len=32, batch_size=4, levels=4, min_steps=3, val_windows=16, threads=1, lr=1e-2)
     return LadderSettings(**{**base, **changes})
 
 

@@ -7,7 +7,7 @@ import math
 import shutil
 
 import pytest
-from scaling_helpers import TINY_SIZES, run_slm, tiny_settings
+from scaling_helpers import TINY_BUDGET, TINY_SIZES, run_slm, tiny_settings
 
 from slmkit.errors import UserError
 from slmkit.scaling.fit import load_rungs
@@ -91,7 +91,9 @@ def test_interrupted_ladder_resumes(tiny_ladder, data_dir, tmp_path, monkeypatch
         return real_train(cfg, data, run_dir, resume=resume, **kw)
 
     monkeypatch.setattr(loop, "train", spy)
-    result = run_ladder(data_dir, ladder, budget_flops=2e10, sizes=parse_sizes(TINY_SIZES), settings=tiny_settings())
+    result = run_ladder(
+        data_dir, ladder, budget_flops=TINY_BUDGET, sizes=parse_sizes(TINY_SIZES), settings=tiny_settings()
+    )
     assert calls == [(unfinished["name"], True)]  # only the unfinished rung ran, from its checkpoint
     again = {r["name"]: r for r in result.records}[unfinished["name"]]
     assert again["steps"] == unfinished["steps"] and again["tokens"] == unfinished["tokens"]
@@ -104,7 +106,9 @@ def test_resume_with_other_data_or_options_is_refused(tiny_ladder, tmp_path, cor
     other = tmp_path / "other"
     prepare([str(corpus_file)], other, vocab_size=300, val_fraction=0.1)
     with pytest.raises(UserError, match="different data or a different tokenizer"):
-        run_ladder(other, tiny_ladder, budget_flops=2e10, sizes=parse_sizes(TINY_SIZES), settings=tiny_settings())
+        run_ladder(
+            other, tiny_ladder, budget_flops=TINY_BUDGET, sizes=parse_sizes(TINY_SIZES), settings=tiny_settings()
+        )
 
 
 def test_cli_ladder_bad_budget_exits_2(data_dir, tmp_path):

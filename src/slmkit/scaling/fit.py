@@ -317,11 +317,15 @@ def analyse(
     bootstrap: int = 100,
     ci_level: float = 0.95,
     starts: int | None = None,
-    bootstrap_starts: int = 1,
+    bootstrap_starts: int = 0,
     holdout: bool = True,
     seed: int = 0,
 ) -> FitResult:
-    """Fit the law, bootstrap it, and check it by predicting the largest-compute rung from the others."""
+    """Fit the law, bootstrap it, and check it by predicting the largest-compute rung from the others.
+
+    Bootstrap refits start from the full fit's optimum (plus the `bootstrap_starts` best grid points) and
+    run L-BFGS to convergence like the main fit; the held-out fit uses the full grid of starts.
+    """
     check_fittable(rungs)
     if bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0, got {bootstrap}")

@@ -1,7 +1,8 @@
 """One family of model shapes shared by ladders and the planner, so a plan is shaped like the rungs.
 
-A shape is (width, depth); heads are 32 wide (16 for width 32), KV heads are half the heads when that
-divides evenly (grouped-query attention with groups of 2), and the MLP width is 8/3 of the model width
+A shape is (width, depth), width a multiple of 16; heads are about 32 wide (the most heads, at most
+width // 32 and at least 2, that divide the width into even head sizes), KV heads are half the heads when
+that divides evenly (grouped-query attention with groups of 2), and the MLP width is 8/3 of the model width
 rounded to a multiple of 32, as in Llama and the presets. The law is fitted on non-embedding parameters
 (Kaplan et al. 2020 found those give cleaner laws at small scale); FLOPs come from
 ``ModelConfig.flops_per_token``, which counts the embedding's matmul in the output head.
@@ -16,7 +17,7 @@ from typing import Any
 from slmkit.config import PRESETS, ModelConfig
 from slmkit.errors import UserError
 
-WIDTH_STEP = 32
+WIDTH_STEP = 16
 
 
 def shape_overrides(width: int, depth: int, context: int) -> dict[str, Any]:
@@ -26,8 +27,10 @@ def shape_overrides(width: int, depth: int, context: int) -> dict[str, Any]:
     if depth < 1:
         raise UserError(f"model depth must be >= 1, got {depth}")
     n_heads = max(2, width // 32)
+    while n_heads > 1 and (width % n_heads or (width // n_heads) % 2):
+        n_heads -= 1
     n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
-    d_ff = max(WIDTH_STEP, round(width * 8 / 3 / 32) * 32)
+    d_ff = max(32, round(width * 8 / 3 / 32) * 32)
     return dict(d_model=width, n_layers=depth, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, max_seq_len=context)
 
 
