@@ -139,3 +139,14 @@ def test_mixed_data_or_tokenizers_is_a_user_error(tmp_path):
 def test_missing_ladder_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no ladder results"):
         load_rungs(tmp_path)
+
+
+def test_largest_rung_is_the_biggest_model_of_the_top_compute_level():
+    from slmkit.scaling.fit import largest_rung
+
+    records = [
+        {"name": "small-top", "params": 1e4, "tokens": 1.02e6, "flops": 6.12e10, "val_loss": 3.0},
+        {"name": "big-top", "params": 1e5, "tokens": 1e5, "flops": 6.0e10, "val_loss": 3.2},
+        {"name": "bigger-low", "params": 1e6, "tokens": 5e3, "flops": 3e10, "val_loss": 4.0},
+    ]
+    assert largest_rung(rungs_from_records(records)) == 1

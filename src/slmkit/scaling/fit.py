@@ -151,7 +151,8 @@ class Law:
     beta: float
 
     def __call__(self, params: Any, tokens: Any) -> Any:
-        return self.E + self.A / np.power(params, self.alpha) + self.B / np.power(tokens, self.beta)
+        with np.errstate(over="ignore"):  # a bootstrap refit may have a huge exponent; inf is the answer
+            return self.E + self.A / np.power(params, self.alpha) + self.B / np.power(tokens, self.beta)
 
     def to_dict(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in PARAM_NAMES}
@@ -195,6 +196,10 @@ def _grid_values(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: 
     return np.where(r <= delta, 0.5 * r * r, delta * (r - 0.5 * delta)).sum(axis=1)
 
 
+# Exponents are kept in [0, 10]: a negative one (loss growing with N or D) is not a scaling law, and
+# tiny, badly undertrained ladders can otherwise fit one. e, a, b (logs of E, A, B) get wide bounds that
+# only keep exp() finite; a fit that ends on a bound is degenerate, and the summary says so.
+_BOUNDS = [(-20.0, 10.0), (-20.0, 80.0), (-20.0, 80.0), (0.0, 10.0), (0.0, 10.0)]
 _GRID_POINTS = np.array(list(itertools.product(GRID["e"], GRID["a"], GRID["b"], GRID["alpha"], GRID["beta"])))
 
 
@@ -246,6 +251,7 @@ def fit_law(
                 args=(log_n, log_d, log_l, delta),
                 jac=True,
                 method="L-BFGS-B",
+                bounds=_BOUNDS,
                 options={"maxiter": 20000, "maxfun": 40000, "ftol": 0.0, "gtol": 1e-12},
             )
             if np.all(np.isfinite(result.x)) and math.isfinite(result.fun) and result.fun < best_value:
@@ -303,6 +309,13 @@ class FitResult:
         return out
 
 
+def largest_rung(rungs: Rungs) -> int:
+    """The biggest model of the top compute level (rungs within 10% of the largest compute), i.e. the
+    run a ladder is meant to predict."""
+    top = np.flatnonzero(rungs.flops >= 0.9 * rungs.flops.max())
+    return int(top[np.lexsort((rungs.flops[top], rungs.params[top]))[-1]])
+
+
 def fit_flops_model(rungs: Rungs) -> tuple[float, float]:
     """C/D = k N^gamma by least squares in log space (exactly 6N-like when gamma = 1)."""
     per_token = rungs.flops / rungs.tokens
@@ -317,7 +330,7 @@ def analyse(
     bootstrap: int = 100,
     ci_level: float = 0.95,
     starts: int | None = None,
-    bootstrap_starts: int = 0,
+    bootstrap_starts: int = 2,
     holdout: bool = True,
     seed: int = 0,
 ) -> FitResult:
@@ -344,7 +357,7 @@ def analyse(
         laws.append(boot)
     held = None
     if holdout and n - 1 >= N_PARAMS + 1:
-        largest = int(np.lexsort((rungs.params, rungs.flops))[-1])
+        largest = largest_rung(rungs)
         rest = rungs.subset([i for i in range(n) if i != largest])
         if len(np.unique(rest.params)) >= 2 and len(np.unique(rest.tokens)) >= 2:
             held_law, _, _ = fit_law(rest.params, rest.tokens, rest.loss, starts=starts)
@@ -379,6 +392,12 @@ def analyse(
 _LOG_N_BOUNDS = (math.log(1e2), math.log(1e13))
 
 
+def _search_bounds(fit: FitResult) -> tuple[float, float]:
+    """log N range of optimisation: from a tenth of the smallest rung (the FLOPs-per-token model is not
+    trusted further down) to 1e13."""
+    return max(_LOG_N_BOUNDS[0], math.log(fit.rungs.params.min() / 10)), _LOG_N_BOUNDS[1]
+
+
 def optimal_for_compute(fit: FitResult, flops: float, law: Law | None = None) -> dict[str, float]:
     """N*(C), D*(C) and the loss there: minimise L(N, C / flops_per_token(N)) over N."""
     from scipy.optimize import minimize_scalar
@@ -389,7 +408,7 @@ def optimal_for_compute(fit: FitResult, flops: float, law: Law | None = None) ->
         n = math.exp(log_n)
         return float(law(n, flops / fit.flops_per_token(n)))
 
-    grid = np.linspace(*_LOG_N_BOUNDS, 400)
+    grid = np.linspace(*_search_bounds(fit), 400)
     values = [loss_at(x) for x in grid]
     i = int(np.argmin(values))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
@@ -431,18 +450,22 @@ def inference_aware(fit: FitResult, target_loss: float, inference_tokens: float)
         )
     if inference_tokens < 0:
         raise UserError(f"--inference-tokens must be >= 0, got {inference_tokens}")
+    if law.beta <= 0:
+        raise UserError("the fitted law has no data term (beta = 0), so no token count reaches a target loss")
     log_n_min = math.log(law.A / (target_loss - law.E)) / law.alpha if law.alpha > 0 else _LOG_N_BOUNDS[0]
 
     def tokens_for(log_n: float) -> float:
-        gap = target_loss - law.E - law.A / math.exp(law.alpha * log_n)
-        return (law.B / gap) ** (1 / law.beta) if gap > 0 else math.inf
+        gap = target_loss - law.E - law.A * math.exp(-law.alpha * log_n)
+        if gap <= 0 or law.beta <= 0:
+            return math.inf
+        return math.exp(min((math.log(law.B) - math.log(gap)) / law.beta, 700.0))
 
     def cost(log_n: float, inference: float) -> float:
         per_token = fit.flops_per_token(math.exp(log_n))
         return per_token * tokens_for(log_n) + per_token / 3 * inference
 
     def solve(inference: float) -> dict[str, float]:
-        lo = max(log_n_min + 1e-9, _LOG_N_BOUNDS[0])
+        lo = max(log_n_min + 1e-9, _search_bounds(fit)[0])
         grid = np.linspace(lo + 1e-6, lo + 25, 500)
         values = [cost(x, inference) for x in grid]
         i = int(np.argmin(values))

@@ -48,11 +48,32 @@ def fit_ladder(
         for name, actual, pred in zip(rungs.names, rungs.loss, predicted, strict=True)
     ]
     summary["rms_log_residual"] = float(np.sqrt(np.mean(np.log(rungs.loss / predicted) ** 2)))
+    summary["warnings"] = fit_warnings(fit, summary)
     if plots_dir is None:
         plots_dir = ladder_file(path).parent / "plots"
     if plots_dir:
         summary["plots"] = [str(p) for p in draw_plots(fit, summary, Path(plots_dir))]
     return fit, summary
+
+
+def fit_warnings(fit: FitResult, summary: dict[str, Any]) -> list[str]:
+    """Signs that the law is degenerate (a parameter on its bound, the frontier at the search edge)."""
+    from slmkit.scaling.fit import _BOUNDS, _search_bounds
+
+    out = []
+    for name, value, (low, high) in zip(PARAM_NAMES, fit.theta, _BOUNDS, strict=True):
+        shown = "log " + name if name in ("E", "A", "B") else name
+        if (low is not None and value <= low + 1e-6) or (high is not None and value >= high - 1e-6):
+            out.append(f"{shown} ended on its bound ({value:.4g}): the rungs do not pin it down")
+    if fit.law.E < 0.05 * float(fit.rungs.loss.min()):
+        out.append(
+            "E is near 0: the rungs are far from converged, so the law describes early training and "
+            "extrapolates poorly; train longer rungs (a larger budget) for a usable frontier"
+        )
+    edge = math.exp(_search_bounds(fit)[0])
+    if any(row["params"] <= edge * 1.01 for row in summary["frontier"]):
+        out.append(f"the frontier's N* sits at the search edge ({edge:,.0f}): smaller is always better on these rungs")
+    return out
 
 
 def draw_plots(fit: FitResult, summary: dict[str, Any], out: Path) -> list[Path]:
@@ -96,11 +117,12 @@ def draw_plots(fit: FitResult, summary: dict[str, Any], out: Path) -> list[Path]
     paths.append(_save(fig, out / "loss_vs_params.png"))
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for c in np.unique(np.round(np.log10(r.flops), 1)):
-        flops = 10**c
+    groups = np.round(np.log10(r.flops) / 0.05)  # rungs within ~12% of each other's compute
+    for g in np.unique(groups):
+        near = groups == g
+        flops = float(np.exp(np.log(r.flops[near]).mean()))
         curve = fit.law(n_grid, flops / fit.flops_per_token(n_grid))
         (line,) = ax.plot(n_grid, curve, label=f"C = {flops:.2g}")
-        near = np.abs(np.log10(r.flops) - c) < 0.05
         ax.scatter(r.params[near], r.loss[near], color=line.get_color(), zorder=3)
     ax.set(xscale="log", xlabel="non-embedding params N", ylabel="val loss", title="IsoFLOP view (law and rungs)")
     ax.legend(fontsize=8)
@@ -171,5 +193,7 @@ def print_fit(summary: dict[str, Any], console: Any) -> None:
         f"total {a['total_flops']:.3g} FLOPs vs compute-optimal N = {c['params']:,.0f}, D = {c['tokens']:,.0f}: "
         f"total {c['total_flops']:.3g} FLOPs ({ia['total_flops_saved'] * 100:.1f}% saved)"
     )
+    for warning in summary.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
     if summary.get("plots"):
         console.print("plots: " + ", ".join(summary["plots"]))
