@@ -7,7 +7,7 @@ import math
 import shutil
 
 import pytest
-from scaling_helpers import TINY_BUDGET, TINY_SIZES, run_slm, tiny_settings
+from scaling_helpers import TINY_BUDGET, TINY_SIZES, run_slm, tiny_ladder_fixture, tiny_settings  # noqa: F401
 
 from slmkit.errors import UserError
 from slmkit.scaling.fit import load_rungs

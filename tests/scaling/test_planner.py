@@ -7,7 +7,7 @@ import math
 
 import pytest
 import yaml
-from scaling_helpers import run_slm
+from scaling_helpers import run_slm, tiny_ladder_fixture  # noqa: F401
 
 from slmkit.errors import UserError
 from slmkit.scaling.planner import candidates, config_for_params, plan, write_config

@@ -263,6 +263,8 @@ def plan(
         allowed &= ok
     masked = np.where(allowed, losses, np.inf)
     optimum = math.exp(grid[int(np.argmin(masked))])
+    if int(np.argmin(masked)) == 0:
+        binding.append(f"the smallest preset, {SMALLEST_PRESET!r}")
 
     allowed_pool = pool
     if max_decode_ms is not None and decode is not None:
@@ -343,7 +345,7 @@ def print_plan(result: Plan, console: Any) -> None:
     )
     console.print(
         f"  {result.params:,} non-embedding parameters ({result.total_params:,} in all); optimum N* = "
-        f"{result.optimal_params:,.0f}" + (f" (capped by {', '.join(result.binding)})" if result.binding else "")
+        f"{result.optimal_params:,.0f}" + (f" (limited by {', '.join(result.binding)})" if result.binding else "")
     )
     minutes = f", ~{result.predicted_minutes:.1f} min here" if math.isfinite(result.predicted_minutes) else ""
     console.print(
