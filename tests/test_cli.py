@@ -38,7 +38,7 @@ def test_help_does_not_import_torch():
     import subprocess
     import sys
 
-    from conftest import SRC
+    SRC = _root_conftest.SRC
 
     code = "import sys, slmkit.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)})

@@ -102,3 +102,8 @@ def test_cli_plan_writes_a_config(tiny_ladder, tmp_path):
     assert TrainConfig.from_yaml(out).max_tokens == shown["tokens"]
     result = run_slm("plan", "--ladder", tiny_ladder, "--budget-flops", "10", "--bootstrap", "0")
     assert result.returncode == 2 and "too small for the smallest preset" in result.stderr
+
+
+def test_latency_cap_no_model_can_meet_is_a_user_error(tiny_ladder):
+    with pytest.raises(UserError, match="no model meets --max-decode-ms"):
+        plan(tiny_ladder, budget_flops=1e13, max_decode_ms=1e-6, bootstrap=0)
