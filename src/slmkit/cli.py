@@ -260,6 +260,125 @@ def export_command(
     print(f"wrote {written} ({size / 1e6:.1f} MB, {format})")
 
 
+# ---- scaling: ladders, law fits, budget planner (slmkit.scaling) ------------------------------------
+scaling_app = typer.Typer(help="Scaling laws fitted on ladders of small runs.", no_args_is_help=True)
+app.add_typer(scaling_app, name="scaling")
+
+
+@app.command()
+def ladder(
+    data: Annotated[Path, typer.Option("--data", help="Data dir written by `slm data prepare`.")],
+    out: Annotated[Path, typer.Option("--out", help="Ladder dir: ladder.json, ladder.jsonl, runs/.")],
+    budget_flops: Annotated[float | None, typer.Option(help="Total training FLOPs of all rungs.")] = None,
+    budget_minutes: Annotated[float | None, typer.Option(help="Total wall-clock minutes of all rungs.")] = None,
+    sizes: Annotated[
+        str | None, typer.Option(help="Model sizes, WIDTHxDEPTH or presets, comma separated (default: chosen).")
+    ] = None,
+    levels: Annotated[int, typer.Option(help="Compute levels (IsoFLOP groups).")] = 4,
+    level_ratio: Annotated[float, typer.Option(help="Compute ratio between levels.")] = 2.0,
+    seq_len: Annotated[int, typer.Option(help="Tokens per training sequence.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 16,
+    lr: Annotated[float, typer.Option(help="Peak learning rate at width <= 128 (scaled by 128/width above).")] = 3e-3,
+    min_steps: Annotated[int, typer.Option(help="Fewest optimizer steps of a rung.")] = 20,
+    val_windows: Annotated[int, typer.Option(help="Val windows every rung is evaluated on.")] = 128,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for training.")] = None,
+) -> None:
+    """Train a ladder of small models within a budget (re-run the same command to resume)."""
+    from slmkit.scaling.ladder import LadderSettings, run_ladder
+    from slmkit.scaling.shapes import parse_sizes
+
+    settings = LadderSettings(
+        seq_len=seq_len,
+        batch_size=batch_size,
+        lr=lr,
+        levels=levels,
+        level_ratio=level_ratio,
+        min_steps=min_steps,
+        val_windows=val_windows,
+        device=device,
+        threads=threads,
+    )
+    result = run_ladder(
+        data,
+        out,
+        budget_flops=budget_flops,
+        budget_minutes=budget_minutes,
+        sizes=parse_sizes(sizes) if sizes else None,
+        settings=settings,
+        progress=True,
+    )
+    if result.interrupted:
+        _console(stderr=True).print("interrupted; re-run the same command to resume the ladder")
+        raise typer.Exit(130)
+    _console().print(f"{len(result.records)} rungs in {out / 'ladder.jsonl'}; fit them with: slm scaling fit {out}")
+
+
+@scaling_app.command("fit")
+def scaling_fit(
+    ladder: Annotated[Path, typer.Argument(help="Ladder dir or its ladder.jsonl.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap refits for the confidence intervals.")] = 100,
+    ci: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
+    plots: Annotated[Path | None, typer.Option(help="Folder for the PNG plots (default LADDER/plots).")] = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip the plots.")] = False,
+    inference_tokens: Annotated[
+        float, typer.Option(help="Tokens the model will generate over its life (inference-aware optimum).")
+    ] = 1e9,
+    target_loss: Annotated[
+        float | None, typer.Option(help="Loss the inference-aware optimum must reach (default: frontier at 10x C).")
+    ] = None,
+) -> None:
+    """Fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder (Chinchilla approach 3) with a held-out check."""
+    from slmkit.scaling.report import fit_ladder, print_fit
+
+    _, summary = fit_ladder(
+        ladder,
+        bootstrap=bootstrap,
+        ci_level=ci,
+        plots_dir="" if no_plots else plots,
+        inference_tokens=inference_tokens,
+        target_loss=target_loss,
+    )
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print_fit(summary, _console())
+
+
+@app.command()
+def plan(
+    ladder: Annotated[Path, typer.Option("--ladder", help="Ladder dir written by `slm ladder`.")],
+    budget_flops: Annotated[float | None, typer.Option(help="Training FLOPs of the planned run.")] = None,
+    budget_minutes: Annotated[float | None, typer.Option(help="Training minutes on this machine.")] = None,
+    max_decode_ms: Annotated[float | None, typer.Option(help="Most milliseconds per decoded token here.")] = None,
+    max_params: Annotated[float | None, typer.Option(help="Most parameters (total, embeddings included).")] = None,
+    write_config: Annotated[Path | None, typer.Option(help="Write a YAML config for `slm train --config`.")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap refits for the loss interval.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Recommend a model shape and token count for a budget, with predicted loss and decode latency."""
+    from slmkit.scaling.planner import plan as make_plan
+    from slmkit.scaling.planner import print_plan
+    from slmkit.scaling.planner import write_config as write_yaml
+
+    result = make_plan(
+        ladder,
+        budget_flops=budget_flops,
+        budget_minutes=budget_minutes,
+        max_decode_ms=max_decode_ms,
+        max_params=max_params,
+        bootstrap=bootstrap,
+    )
+    written = write_yaml(result, write_config) if write_config else None
+    if as_json:
+        print(json.dumps({**result.to_dict(), "config_file": str(written) if written else None}))
+        return
+    print_plan(result, _console())
+    if written:
+        _console().print(f"wrote {written}; train it with: slm train --data DATA --out RUN --config {written}")
+
+
 def main() -> None:
     try:
         app()

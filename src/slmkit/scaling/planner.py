@@ -1,0 +1,365 @@
+"""`slm plan`: the best model for a budget, from a fitted ladder.
+
+1. Fit the law on the ladder's rungs (with bootstrap intervals).
+2. Turn the budget into FLOPs per model size: a FLOP budget is used as is; a minute budget is multiplied
+   by the training FLOP/s the ladder's own rungs achieved on this machine (a log-log fit over rung
+   size, clamped to the measured range so nothing is extrapolated optimistically).
+3. Find the loss-optimal size N* for that budget under the caps (--max-params on total parameters,
+   --max-decode-ms on the decode latency predicted from timed decode steps of a few sizes here).
+4. Pick the member of the ladder's shape family (width, depth, heads, KV groups, the ladder's context)
+   whose non-embedding parameters are within 10% of N* and whose predicted loss, with its exact FLOPs
+   per token, is lowest; train it on D = budget / flops_per_token tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmkit.config import PRESETS
+from slmkit.errors import UserError
+from slmkit.scaling.fit import FitResult, analyse, ladder_file, load_rungs
+from slmkit.scaling.ladder import PLAN_FILE, rung_lr
+from slmkit.scaling.shapes import Shape, family, shape_overrides
+
+SIZE_TOLERANCE = 0.10
+SMALLEST_PRESET = "tiny"
+MAX_MEASURED_PARAMS = 400e6  # larger models are timed by extrapolation, not built
+
+
+@dataclass
+class Candidate:
+    shape: Shape
+    params: int  # non-embedding
+    total_params: int
+    flops_per_token: float
+
+
+@dataclass
+class Plan:
+    width: int
+    depth: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    context: int
+    params: int  # non-embedding
+    total_params: int
+    tokens: int
+    flops: float
+    predicted_loss: float
+    loss_interval: tuple[float, float]
+    ci_level: float
+    predicted_bits_per_byte: float | None
+    predicted_minutes: float
+    optimal_params: float  # the continuous optimum N* under the caps
+    unconstrained_params: float
+    predicted_decode_ms: float
+    measured_decode_ms: float | None
+    decode_measurements: list[dict[str, float]] = field(default_factory=list)
+    binding: list[str] = field(default_factory=list)  # which caps moved the optimum
+    train_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def train_config(self) -> dict[str, Any]:
+        """A `slm train --config` YAML mapping: top-level options, `preset`, and `model:` overrides."""
+        return {
+            "preset": SMALLEST_PRESET,
+            "model": shape_overrides(self.width, self.depth, self.context),
+            **self.train_options,
+            "max_tokens": self.tokens,
+        }
+
+
+def candidates(vocab_size: int, context: int, min_params: int = 0) -> list[Candidate]:
+    out = []
+    for shape in family(vocab_size, context):
+        cfg = shape.config(vocab_size, context)
+        n = cfg.num_params(False)
+        if n >= min_params:
+            out.append(Candidate(shape, n, cfg.num_params(), cfg.flops_per_token(context)))
+    return out
+
+
+def config_for_params(target: float, pool: list[Candidate], score: Any = None) -> Candidate:
+    """The family member within 10% of `target` non-embedding params with the best score (lowest;
+    default: closest aspect ratio to the presets' 32), or the nearest one when none is that close."""
+    near = [c for c in pool if abs(c.params / target - 1) <= SIZE_TOLERANCE]
+    if not near:
+        return min(pool, key=lambda c: abs(math.log(c.params / target)))
+    score = score or (lambda c: abs(math.log(c.shape.width / c.shape.depth / 32)))
+    return min(near, key=score)
+
+
+def _ladder_meta(path: str | Path) -> dict[str, Any]:
+    plan_path = ladder_file(path).parent / PLAN_FILE
+    if not plan_path.is_file():
+        raise UserError(f"{plan_path}: missing; `slm plan` needs a ladder directory written by `slm ladder`")
+    return json.loads(plan_path.read_text())
+
+
+def training_rate(fit: FitResult) -> Any:
+    """FLOP/s as a function of N from the rungs' own timings (log-log line, clamped to the measured range)."""
+    records = fit.rungs.records
+    rates = np.array([r["flops"] / r["seconds"] for r in records if r.get("seconds")])
+    params = np.array([r["params"] for r in records if r.get("seconds")])
+    if len(rates) == 0:
+        raise UserError("the ladder's rungs have no timings; a --budget-minutes plan needs them (use --budget-flops)")
+    if len(np.unique(params)) < 2:
+        return lambda n: float(np.median(rates))
+    slope, intercept = np.polyfit(np.log(params), np.log(rates), 1)
+    low, high = rates.min(), rates.max()
+    return lambda n: float(np.clip(math.exp(intercept + slope * math.log(n)), low, high))
+
+
+def measure_decode_ms(shape: Shape, vocab_size: int, context: int, new_tokens: int = 24) -> float:
+    """Milliseconds per decoded token (batch 1, static KV cache) of a random-init model of this shape."""
+
+    from slmkit.infer.generate import GenerationStats, generate_ids
+    from slmkit.infer.sampling import SamplingParams
+    from slmkit.models.transformer import Transformer
+
+    cfg = shape.config(vocab_size, max(context, 64))
+    model = Transformer(cfg).eval()
+    prompt = list(range(1, 9))
+    new_tokens = min(new_tokens, cfg.max_seq_len - len(prompt))
+    best = math.inf
+    for _ in range(2):  # the first run warms up allocations
+        stats = GenerationStats()
+        start = time.perf_counter()
+        for _token in generate_ids(model, prompt, new_tokens, SamplingParams(temperature=0.0), stats=stats):
+            pass
+        if stats.new_tokens > 1 and stats.decode_seconds > 0:
+            best = min(best, stats.decode_seconds / (stats.new_tokens - 1) * 1e3)
+        else:
+            best = min(best, (time.perf_counter() - start) * 1e3)
+    return best
+
+
+def _decode_model(points: list[dict[str, float]]) -> Any:
+    """ms/token = a + b * total params, least squares over the timed sizes (decode is bandwidth-bound)."""
+    x = np.array([p["total_params"] for p in points])
+    y = np.array([p["ms"] for p in points])
+    if len(np.unique(x)) < 2:
+        return lambda n: float(y.mean() * n / x.mean())
+    b, a = np.polyfit(x, y, 1)
+    b = max(b, 1e-12)
+    return lambda n: float(max(a, 0.0) + b * n)
+
+
+def plan(
+    ladder: str | Path,
+    budget_flops: float | None = None,
+    budget_minutes: float | None = None,
+    max_decode_ms: float | None = None,
+    max_params: float | None = None,
+    bootstrap: int = 100,
+    ci_level: float = 0.95,
+    measure_decode: bool = True,
+    seed: int = 0,
+) -> Plan:
+    """Recommend a config and token count for a budget; see the module docstring."""
+    if (budget_flops is None) == (budget_minutes is None):
+        raise UserError("give exactly one budget: --budget-flops or --budget-minutes")
+    for name, value in (
+        ("--budget-flops", budget_flops),
+        ("--budget-minutes", budget_minutes),
+        ("--max-decode-ms", max_decode_ms),
+        ("--max-params", max_params),
+    ):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UserError(f"{name} must be a positive number, got {value}")
+    meta = _ladder_meta(ladder)
+    rungs = load_rungs(ladder)
+    vocab = int(meta["vocab_size"])
+    context = int(meta["request"]["settings"]["seq_len"])
+    fit = analyse(rungs, bootstrap=bootstrap, ci_level=ci_level, holdout=False, seed=seed)
+    law = fit.law
+
+    smallest = Shape(PRESETS[SMALLEST_PRESET]["d_model"], PRESETS[SMALLEST_PRESET]["n_layers"])
+    smallest_cfg = smallest.config(vocab, context)
+    pool = candidates(vocab, context, min_params=smallest_cfg.num_params(False))
+    if max_params is not None:
+        pool = [c for c in pool if c.total_params <= max_params]
+        if not pool:
+            raise UserError(
+                f"--max-params {max_params:,.0f} is below the smallest preset {SMALLEST_PRESET!r} "
+                f"({smallest_cfg.num_params():,} parameters at this vocabulary); raise it"
+            )
+
+    rate = training_rate(fit) if budget_minutes is not None else None
+
+    def budget_for(n: float) -> float:
+        return budget_flops if rate is None else budget_minutes * 60 * rate(n)  # type: ignore[operator]
+
+    # the smallest preset trained on one token per parameter is the least worth recommending
+    floor_cost = smallest_cfg.num_params() * smallest_cfg.flops_per_token(context)
+    if budget_for(smallest_cfg.num_params(False)) < floor_cost:
+        have = (
+            f"{budget_flops:.3g} FLOPs"
+            if rate is None
+            else f"{budget_minutes:g} minutes (~{budget_for(smallest_cfg.num_params(False)):.3g} FLOPs here)"
+        )
+        raise UserError(
+            f"a budget of {have} is too small for the smallest preset {SMALLEST_PRESET!r} "
+            f"({smallest_cfg.num_params():,} parameters needs at least {floor_cost:.3g} FLOPs, one token per "
+            "parameter); raise the budget"
+        )
+
+    def loss_at(n: float) -> float:
+        return float(law(n, budget_for(n) / fit.flops_per_token(n)))
+
+    log_lo, log_hi = math.log(min(c.params for c in pool)), math.log(max(c.params for c in pool))
+    grid = np.linspace(log_lo, log_hi, 600)
+    losses = np.array([loss_at(math.exp(x)) for x in grid])
+    unconstrained = math.exp(grid[int(np.argmin(losses))])
+
+    # decode latency: time a few sizes spanning the range of interest, fit a line, check the caps
+    points: list[dict[str, float]] = []
+    decode = None
+    if measure_decode or max_decode_ms is not None:
+        by_size = sorted(pool, key=lambda c: c.params)
+        probe_targets = sorted({by_size[0].params, unconstrained, math.sqrt(by_size[0].params * unconstrained)})
+        for target in probe_targets:
+            c = config_for_params(target, pool)
+            if c.total_params > MAX_MEASURED_PARAMS or any(p["total_params"] == c.total_params for p in points):
+                continue
+            ms = measure_decode_ms(c.shape, vocab, context)
+            points.append({"shape": c.shape.name, "total_params": c.total_params, "ms": ms})  # type: ignore[dict-item]
+        decode = _decode_model(points)
+
+    allowed = np.ones_like(grid, dtype=bool)
+    binding = []
+    if max_params is not None:
+        ok = np.array([math.exp(x) <= max(c.params for c in pool) for x in grid])
+        if not ok[int(np.argmin(losses))]:
+            binding.append("max_params")
+        allowed &= ok
+    if max_decode_ms is not None and decode is not None:
+        total_of = {c.params: c.total_params for c in pool}
+        keys = np.array(sorted(total_of))
+        ok = []
+        for x in grid:
+            n = math.exp(x)
+            nearest = keys[min(np.searchsorted(keys, n), len(keys) - 1)]
+            ok.append(decode(total_of[int(nearest)]) <= max_decode_ms)
+        ok = np.array(ok)
+        if not ok.any():
+            fastest = decode(min(c.total_params for c in pool))
+            raise UserError(
+                f"no model meets --max-decode-ms {max_decode_ms:g}: even the smallest preset-sized model is predicted "
+                f"to take {fastest:.2f} ms per token on this machine; relax the latency limit"
+            )
+        if not ok[int(np.argmin(losses))]:
+            binding.append("max_decode_ms")
+        allowed &= ok
+    masked = np.where(allowed, losses, np.inf)
+    optimum = math.exp(grid[int(np.argmin(masked))])
+    if int(np.argmin(masked)) == 0:
+        binding.append(f"the smallest preset, {SMALLEST_PRESET!r}")
+
+    allowed_pool = pool
+    if max_decode_ms is not None and decode is not None:
+        allowed_pool = [c for c in pool if decode(c.total_params) <= max_decode_ms] or pool
+
+    def predicted(c: Candidate) -> float:
+        return float(law(c.params, budget_for(c.params) / c.flops_per_token))
+
+    chosen = config_for_params(optimum, allowed_pool, score=predicted)
+    flops = budget_for(chosen.params)
+    tokens = int(flops / chosen.flops_per_token)
+    loss, low, high = fit.predict(chosen.params, tokens)
+    bpb_ratio = [r["bits_per_byte"] / r["val_loss"] for r in rungs.records if r.get("bits_per_byte")]
+    settings = meta["request"]["settings"]
+    steps = max(1, tokens // (settings["seq_len"] * settings["batch_size"]))
+    overrides = shape_overrides(chosen.shape.width, chosen.shape.depth, context)
+    measured = None
+    if measure_decode and chosen.total_params <= MAX_MEASURED_PARAMS:
+        measured = measure_decode_ms(chosen.shape, vocab, context)
+    rate_here = training_rate(fit) if any(r.get("seconds") for r in rungs.records) else None
+    return Plan(
+        width=chosen.shape.width,
+        depth=chosen.shape.depth,
+        n_heads=overrides["n_heads"],
+        n_kv_heads=overrides["n_kv_heads"],
+        d_ff=overrides["d_ff"],
+        context=context,
+        params=chosen.params,
+        total_params=chosen.total_params,
+        tokens=tokens,
+        flops=tokens * chosen.flops_per_token,
+        predicted_loss=loss,
+        loss_interval=(low, high),
+        ci_level=ci_level,
+        predicted_bits_per_byte=loss * float(np.median(bpb_ratio)) if bpb_ratio else None,
+        predicted_minutes=tokens * chosen.flops_per_token / rate_here(chosen.params) / 60 if rate_here else math.nan,
+        optimal_params=optimum,
+        unconstrained_params=unconstrained,
+        predicted_decode_ms=decode(chosen.total_params) if decode else math.nan,
+        measured_decode_ms=measured,
+        decode_measurements=points,
+        binding=binding,
+        train_options={
+            "seq_len": settings["seq_len"],
+            "batch_size": settings["batch_size"],
+            "lr": rung_lr(settings["lr"], chosen.shape.width),
+            "warmup_steps": max(1, min(100, steps // 10)),
+            "schedule": "cosine",
+            "seed": settings["seed"],
+        },
+    )
+
+
+def write_config(result: Plan, path: str | Path) -> Path:
+    """Write the plan as YAML that `slm train --config` accepts (checked by loading it back)."""
+    import yaml
+
+    from slmkit.train.config import TrainConfig
+
+    path = Path(path)
+    config = result.train_config()
+    TrainConfig.from_dict(config, source="plan")  # the trainer must accept what we write
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "# written by `slm plan`: predicted val loss "
+        f"{result.predicted_loss:.4f} ({result.ci_level:.0%} interval {result.loss_interval[0]:.4f}-"
+        f"{result.loss_interval[1]:.4f})\n" + yaml.safe_dump(config, sort_keys=False)
+    )
+    return path
+
+
+def print_plan(result: Plan, console: Any) -> None:
+    low, high = result.loss_interval
+    console.print(
+        f"recommended: width {result.width}, depth {result.depth}, {result.n_heads} heads, "
+        f"{result.n_kv_heads} KV heads ({result.n_heads // result.n_kv_heads} per group), d_ff {result.d_ff}, "
+        f"context {result.context}"
+    )
+    console.print(
+        f"  {result.params:,} non-embedding parameters ({result.total_params:,} in all); optimum N* = "
+        f"{result.optimal_params:,.0f}" + (f" (limited by {', '.join(result.binding)})" if result.binding else "")
+    )
+    minutes = f", ~{result.predicted_minutes:.1f} min here" if math.isfinite(result.predicted_minutes) else ""
+    console.print(
+        f"  train on {result.tokens:,} tokens ({result.tokens / result.params:.1f} per parameter), "
+        f"{result.flops:.3g} FLOPs{minutes}"
+    )
+    bpb = f" (~{result.predicted_bits_per_byte:.3f} bits/byte)" if result.predicted_bits_per_byte else ""
+    console.print(
+        f"  predicted val loss {result.predicted_loss:.4f}{bpb}, {result.ci_level:.0%} interval {low:.4f}-{high:.4f}"
+    )
+    if math.isfinite(result.predicted_decode_ms):
+        measured = f", measured {result.measured_decode_ms:.2f} ms" if result.measured_decode_ms else ""
+        probes = ", ".join(f"{p['shape']}: {p['ms']:.2f} ms" for p in result.decode_measurements)
+        console.print(
+            f"  decode latency (batch 1) predicted {result.predicted_decode_ms:.2f} ms/token{measured} "
+            f"(timed here: {probes})"
+        )

@@ -1,0 +1,109 @@
+"""The planner: sizes match the optimum, caps bind, the YAML trains, bad budgets; the fit and plan CLIs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from scaling_helpers import run_slm, tiny_ladder_fixture  # noqa: F401
+
+from slmkit.errors import UserError
+from slmkit.scaling.planner import candidates, config_for_params, plan, write_config
+from slmkit.train.config import TrainConfig
+
+
+@pytest.mark.parametrize("target", [1e5, 3.3e5, 1e6, 4.2e6, 2.5e7, 1.1e8])
+def test_config_for_params_is_within_ten_percent(target):
+    pool = candidates(8192, 256)
+    chosen = config_for_params(target, pool)
+    assert abs(chosen.params / target - 1) <= 0.10
+    cfg = chosen.shape.config(8192, 256)
+    assert cfg.num_params(False) == chosen.params
+    assert cfg.n_heads % cfg.n_kv_heads == 0 and cfg.d_model % cfg.n_heads == 0
+    assert 12 <= cfg.d_model / cfg.n_layers <= 64
+
+
+@pytest.fixture(scope="module")
+def flop_plan(tiny_ladder):
+    return plan(tiny_ladder, budget_flops=1e13, bootstrap=10, measure_decode=False)
+
+
+def test_plan_matches_the_optimum_and_spends_the_budget(flop_plan):
+    p = flop_plan
+    assert abs(p.params / p.optimal_params - 1) <= 0.10
+    assert p.flops == pytest.approx(1e13, rel=1e-3)
+    assert p.tokens * p.flops / p.tokens == pytest.approx(p.flops)
+    low, high = p.loss_interval
+    assert math.isfinite(low) and math.isfinite(high) and low < high
+    assert p.n_heads % p.n_kv_heads == 0 and p.width % p.n_heads == 0
+
+
+def test_max_params_caps_the_recommendation(tiny_ladder, flop_plan):
+    cap = 150_000
+    p = plan(tiny_ladder, budget_flops=1e15, max_params=cap, bootstrap=5, measure_decode=False)
+    assert p.total_params <= cap
+    assert abs(p.params / p.optimal_params - 1) <= 0.10
+
+
+def test_written_config_is_accepted_by_the_trainer(tiny_ladder, flop_plan, tmp_path, data_dir):
+    path = write_config(flop_plan, tmp_path / "plan.yaml")
+    cfg = TrainConfig.from_yaml(path)
+    model = cfg.model_config(vocab_size=json.loads((tiny_ladder / "ladder.json").read_text())["vocab_size"])
+    assert model.num_params(False) == flop_plan.params
+    assert model.d_model == flop_plan.width and model.n_layers == flop_plan.depth
+    assert cfg.max_tokens == flop_plan.tokens and cfg.seq_len == flop_plan.context
+    assert "model" in yaml.safe_load(path.read_text())
+
+
+def test_budget_too_small_for_the_smallest_preset(tiny_ladder):
+    with pytest.raises(UserError, match="too small for the smallest preset 'tiny'"):
+        plan(tiny_ladder, budget_flops=1e6, bootstrap=0, measure_decode=False)
+    with pytest.raises(UserError, match="exactly one budget"):
+        plan(tiny_ladder, bootstrap=0, measure_decode=False)
+
+
+def test_cli_fit_json_and_plots(tiny_ladder, tmp_path):
+    result = run_slm("scaling", "fit", tiny_ladder, "--json", "--bootstrap", "5", "--plots", tmp_path / "plots")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    for key in ("E", "A", "B", "alpha", "beta", "holdout_relative_error", "confidence_intervals", "frontier"):
+        assert key in summary
+    h = summary["holdout"]
+    assert summary["holdout_relative_error"] == pytest.approx(
+        (h["predicted_loss"] - h["actual_loss"]) / h["actual_loss"]
+    )
+    for name in ("loss_vs_compute.png", "loss_vs_params.png", "isoflop.png", "residuals.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_fit_bad_input_exits_2(tmp_path):
+    lines = [
+        {"name": f"r{i}", "params": 1e4 * (i + 1), "tokens": 1e5, "flops": 1e11, "val_loss": 3.0} for i in range(4)
+    ]
+    (tmp_path / "ladder.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = run_slm("scaling", "fit", tmp_path)
+    assert result.returncode == 2 and "needs at least 6" in result.stderr and "Traceback" not in result.stderr
+    lines[1]["val_loss"] = float("inf")
+    (tmp_path / "ladder.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    result = run_slm("scaling", "fit", tmp_path / "ladder.jsonl")
+    assert result.returncode == 2 and "finite positive" in result.stderr
+
+
+def test_cli_plan_writes_a_config(tiny_ladder, tmp_path):
+    out = tmp_path / "plan.yaml"
+    result = run_slm(
+        "plan", "--ladder", tiny_ladder, "--budget-flops", "1e12", "--bootstrap", "5", "--write-config", out, "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["measured_decode_ms"] > 0 and shown["predicted_decode_ms"] > 0
+    assert TrainConfig.from_yaml(out).max_tokens == shown["tokens"]
+    result = run_slm("plan", "--ladder", tiny_ladder, "--budget-flops", "10", "--bootstrap", "0")
+    assert result.returncode == 2 and "too small for the smallest preset" in result.stderr
+
+
+def test_latency_cap_no_model_can_meet_is_a_user_error(tiny_ladder):
+    with pytest.raises(UserError, match="no model meets --max-decode-ms"):
+        plan(tiny_ladder, budget_flops=1e13, max_decode_ms=1e-6, bootstrap=0)
