@@ -1,0 +1,23 @@
+"""Shared data and helpers of the evaluation tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MC_EXAMPLES = [
+    {
+        "context": "Language models are trained on",
+        "choices": [" text", " rocks", " a very long answer about water"],
+        "answer": 0,
+    },
+    {"context": "Scaling laws predict the", "choices": [" loss", " banana"], "answer": 0},
+    {"context": "The transformer uses", "choices": [" attention", " glue", " paint", " x"], "answer": 2},
+    {"context": "We train small", "choices": [" models", " elephants", " tokens"], "answer": 1},
+    {"context": "Compute budgets limit", "choices": [" training", " nothing"], "answer": 0},
+]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
