@@ -132,7 +132,12 @@ def measure_efficiency(
     if min(prompt_tokens, new_tokens, batch_size, repeats) < 1:
         raise UserError("efficiency: prompt tokens, new tokens, batch size and repeats must all be >= 1")
     if threads is not None:
+        previous = torch.get_num_threads()
         torch.set_num_threads(threads)
+        try:
+            return measure_efficiency(model, prompt_tokens, new_tokens, batch_size, repeats, device)
+        finally:
+            torch.set_num_threads(previous)
     rss_before = psutil.Process().memory_info().rss
     with PeakRSS() as peak:
         lm = model if isinstance(model, LoadedModel) else load(model, device=device)

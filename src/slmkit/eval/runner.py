@@ -72,6 +72,7 @@ def run_eval(
     limit: int | None = None,
     efficiency: bool = False,
     efficiency_options: dict[str, Any] | None = None,
+    isolate_efficiency: bool = True,
     device: str = "cpu",
     on_status: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def run_eval(
 
     from slmkit.api import evaluate, load
     from slmkit.eval.builtin import builtin_suite, resolve_tasks
-    from slmkit.eval.efficiency import device_name, measure_in_subprocess
+    from slmkit.eval.efficiency import device_name, measure_efficiency, measure_in_subprocess
     from slmkit.eval.tasks import evaluate_task
 
     status = on_status or (lambda _msg: None)
@@ -114,9 +115,13 @@ def run_eval(
                 status(f"{name}: task {task.name} ({len(task.examples)} examples)")
                 entry["tasks"].append(evaluate_task(lm, task, templates, num_fewshot, seed, batch_size, limit=limit))
         if efficiency:
-            status(f"{name}: efficiency (fresh process)")
             opts = {"device": device, **(efficiency_options or {})}
-            entry["efficiency"] = measure_in_subprocess(lm.directory, **opts)
+            if isolate_efficiency:  # a fresh process: peak memory is this model's alone
+                status(f"{name}: efficiency (fresh process)")
+                entry["efficiency"] = measure_in_subprocess(lm.directory, **opts)
+            else:
+                status(f"{name}: efficiency")
+                entry["efficiency"] = measure_efficiency(lm, **opts)
         entry["quality"] = quality_of(entry)
         entries.append(entry)
     import slmkit
