@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 MC_EXAMPLES = [
     {
         "context": "Language models are trained on",
@@ -21,3 +23,19 @@ MC_EXAMPLES = [
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+# Fixtures (imported by the test modules; a tests/eval/conftest.py would shadow tests/conftest.py, whose
+# `run_slm` the CLI tests import). Torch's default of one thread per core makes small forward passes
+# crawl when other processes compete for the cores (a shared CI machine); these tests check
+# correctness, not speed, so they run on one thread.
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

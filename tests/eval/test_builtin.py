@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from evalfixtures import one_thread  # noqa: F401
 
 from slmkit.errors import UserError
 from slmkit.eval.builtin import (

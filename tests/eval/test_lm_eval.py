@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from evalfixtures import write_jsonl
+from evalfixtures import one_thread, write_jsonl  # noqa: F401
 
 pytest.importorskip("lm_eval")
 

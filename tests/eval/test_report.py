@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from evalfixtures import MC_EXAMPLES, write_jsonl
+from evalfixtures import MC_EXAMPLES, one_thread, write_jsonl  # noqa: F401
 
 from slmkit.errors import UserError
 from slmkit.eval.report import pareto_front, write_report

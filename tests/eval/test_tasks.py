@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from evalfixtures import MC_EXAMPLES, write_jsonl
+from evalfixtures import MC_EXAMPLES, one_thread, write_jsonl  # noqa: F401
 
 from slmkit.errors import UserError
 from slmkit.eval.tasks import (
@@ -21,6 +21,11 @@ from slmkit.eval.tasks import (
     render_mc,
     summarize,
 )
+
+
+@pytest.fixture
+def mc_task_file(tmp_path):
+    return write_jsonl(tmp_path / "mc.jsonl", MC_EXAMPLES)
 
 
 @pytest.fixture(scope="module")

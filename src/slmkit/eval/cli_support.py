@@ -104,13 +104,13 @@ def run_eval_command(
     console: Any,
     err_console: Any,
 ) -> None:
-    import torch
-
     from slmkit.eval.runner import run_eval
 
     if threads is not None:
         if threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}")
+        import torch
+
         torch.set_num_threads(threads)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")

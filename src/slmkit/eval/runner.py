@@ -77,12 +77,7 @@ def run_eval(
     on_status: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on the same text, tasks and efficiency probes; return the report dict."""
-    import torch
-
-    from slmkit.api import evaluate, load
     from slmkit.eval.builtin import builtin_suite, resolve_tasks
-    from slmkit.eval.efficiency import device_name, measure_efficiency, measure_in_subprocess
-    from slmkit.eval.tasks import evaluate_task
 
     status = on_status or (lambda _msg: None)
     if not models:
@@ -96,6 +91,13 @@ def run_eval(
     task_list = resolve_tasks([str(t) for t in tasks or []], suite_size, seed, corpus_list)
     if suite == "builtin":
         task_list += builtin_suite(suite_size, seed, corpus_list)
+    # torch comes in only now: bad input above is reported without waiting for it to import
+    import torch
+
+    from slmkit.api import evaluate, load
+    from slmkit.eval.efficiency import device_name, measure_efficiency, measure_in_subprocess
+    from slmkit.eval.tasks import evaluate_task
+
     loaded = [load(m, device=device) for m in models]
     names = [model_name(lm.directory) for lm in loaded]
     if len(set(names)) < len(names):
