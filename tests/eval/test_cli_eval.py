@@ -6,9 +6,7 @@ import json
 import shutil
 
 import pytest
-from evalfixtures import MC_EXAMPLES, one_thread, write_jsonl  # noqa: F401
-
-from conftest import run_slm
+from evalfixtures import MC_EXAMPLES, one_thread, run_slm, write_jsonl  # noqa: F401
 
 
 def assert_user_error(result, *fragments):

@@ -2,7 +2,8 @@
 
 - ``pystdlib-nextline``: the Python standard library files of the `builtin:pystdlib` validation split
   (content hash below 1%, the split `slm data prepare` holds out by default); the context is a few
-  lines of code, the choices are the true next line and three other lines of the same file.
+  lines of code, the choices are the true next line and three other lines of the same file that are
+  not in the context (small models copy from their context, which would push them below chance).
 - ``pystdlib-cloze``: the same files; the context is the code up to an identifier, the choices are
   that identifier and three other identifiers of the same file.
 - ``corpus-nextline`` / ``corpus-cloze``: the same two constructions on a corpus the user names
@@ -61,7 +62,8 @@ def nextline_examples(documents: Iterable[str], count: int, seed: int) -> list[d
             break
         context = (joiner.join(segs[max(0, k - 8) : k]) + joiner)[-_CONTEXT_CHARS:]
         answer = segs[k]
-        distractors = [s for s in pool if s.strip() != answer.strip()]
+        # a line already in the context would be favoured by copying alone, so none is a distractor
+        distractors = [s for s in pool if s.strip() != answer.strip() and s.strip() not in context]
         if len(distractors) < 3:
             continue
         choices = rng.sample(distractors, 3) + [answer]
