@@ -76,16 +76,23 @@ def test_corpus_tasks():
 
 
 def test_prose_is_split_into_sentences(tmp_path):
-    paragraph = " ".join(
-        f"Sentence number {i} talks about small language models and their compute budgets." for i in range(12)
-    )
+    topics = ("small language models", "compute budgets", "tokenizers", "scaling laws")
+    paragraphs = [
+        " ".join(f"Sentence number {i} of this abstract talks about {topic} and nothing else." for i in range(12))
+        for topic in topics
+    ]
     corpus = tmp_path / "prose.jsonl"
-    corpus.write_text(json.dumps({"text": paragraph}) + "\n")
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
     task = builtin_task("corpus-nextline", count=5, corpus=[str(corpus)])
     for ex in task.examples:
         answer = ex["choices"][ex["answer"]]
         assert answer.startswith("Sentence number") and answer.endswith(".")
-        assert paragraph.find(ex["context"] + answer) >= 0
+        (source,) = [p for p in paragraphs if ex["context"] + answer in p]
+        # distractors come from the other documents, at the same sentence index
+        index = answer.split()[2]
+        for other in ex["choices"]:
+            if other != answer:
+                assert other not in source and other.split()[2] == index
 
 
 def test_unknown_names_and_sizes(tmp_path):

@@ -2,8 +2,9 @@
 
 - ``pystdlib-nextline``: the Python standard library files of the `builtin:pystdlib` validation split
   (content hash below 1%, the split `slm data prepare` holds out by default); the context is a few
-  lines of code, the choices are the true next line and three other lines of the same file that are
-  not in the context (small models copy from their context, which would push them below chance).
+  lines of code, the choices are the true next line and three lines of other files (at the same line
+  number where possible: lines of the same file tend to be copies of the context or later, more
+  generic code, which pushes small models below chance).
 - ``pystdlib-cloze``: the same files; the context is the code up to an identifier, the choices are
   that identifier and three other identifiers of the same file.
 - ``corpus-nextline`` / ``corpus-cloze``: the same two constructions on a corpus the user names
@@ -46,27 +47,42 @@ def _good_segment(s: str) -> bool:
     return 12 <= len(stripped) <= 160 and not stripped.startswith("#")
 
 
+def _fits(item: tuple[int, str], doc: int, answer: str, context: str) -> bool:
+    return item[0] != doc and item[1].strip() != answer.strip() and item[1].strip() not in context
+
+
 def nextline_examples(documents: Iterable[str], count: int, seed: int) -> list[dict]:
+    """Context: up to 8 lines (sentences) of a document; choices: its next one and three from other documents.
+
+    Distractors come from other documents at the same line (sentence) index where there are such, so
+    they are neither copies of the context nor systematically later (more generic) text of the same one.
+    """
     rng = random.Random(seed)
-    candidates: list[tuple[list[str], str, int, list[str]]] = []
-    for doc in documents:
-        segs, joiner = _segments(doc)
-        pool = sorted({s for s in segs if _good_segment(s)})
-        if len(pool) < 4:
-            continue
-        candidates.extend((segs, joiner, k, pool) for k in range(3, len(segs)) if _good_segment(segs[k]))
+    docs = [_segments(doc) for doc in documents]
+    by_index: dict[int, list[tuple[int, str]]] = {}
+    anywhere: list[tuple[int, str]] = []
+    for d, (segs, _) in enumerate(docs):
+        for k, seg in enumerate(segs):
+            if _good_segment(seg):
+                by_index.setdefault(k, []).append((d, seg))
+                anywhere.append((d, seg))
+    candidates = [(d, k) for d, (segs, _) in enumerate(docs) for k in range(3, len(segs)) if _good_segment(segs[k])]
     rng.shuffle(candidates)
-    examples = []
-    for segs, joiner, k, pool in candidates:
+    examples: list[dict] = []
+    for d, k in candidates:
         if len(examples) >= count:
             break
+        segs, joiner = docs[d]
         context = (joiner.join(segs[max(0, k - 8) : k]) + joiner)[-_CONTEXT_CHARS:]
         answer = segs[k]
-        # a line already in the context would be favoured by copying alone, so none is a distractor
-        distractors = [s for s in pool if s.strip() != answer.strip() and s.strip() not in context]
-        if len(distractors) < 3:
-            continue
-        choices = rng.sample(distractors, 3) + [answer]
+        same_index = sorted({item[1] for item in by_index.get(k, []) if _fits(item, d, answer, context)})
+        picked = rng.sample(same_index, min(3, len(same_index)))
+        if len(picked) < 3:
+            rest = sorted({item[1] for item in anywhere if _fits(item, d, answer, context)} - set(picked))
+            if len(rest) < 3 - len(picked):
+                continue
+            picked += rng.sample(rest, 3 - len(picked))
+        choices = picked + [answer]
         rng.shuffle(choices)
         examples.append({"context": context, "choices": choices, "answer": choices.index(answer)})
     return examples
