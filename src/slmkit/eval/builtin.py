@@ -24,7 +24,7 @@ from slmkit.errors import UserError
 from slmkit.eval.tasks import Task
 
 BUILTIN_TASKS = ("pystdlib-nextline", "pystdlib-cloze", "corpus-nextline", "corpus-cloze")
-PYSTDLIB_VAL_FRACTION = 0.01  # the default val_fraction of `slm data prepare` (quickstart holds out 2%)
+PYSTDLIB_VAL_FRACTION = 0.01  # the default val_fraction of `slm data prepare` (quickstart holds out more)
 _CONTEXT_CHARS = 400
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{3,}")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
