@@ -159,7 +159,8 @@ def render_card(directory: Path, entry: dict[str, Any] | None, license: str | No
         text = entry.get("text")
         if text:
             lines.append(
-                f"- text ({', '.join(text['data'])}, {text.get('split')}): {text['bits_per_byte']:.4f} bits/byte, "
+                f"- text ({', '.join(text['data'])}{', ' + text['split'] if text.get('split') else ''}): "
+                f"{text['bits_per_byte']:.4f} bits/byte, "
                 f"perplexity {text['perplexity']:.2f}"
             )
         if entry.get("tasks"):

@@ -32,7 +32,8 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
     for m in report["models"]:
         if "text" in m:
             t = m["text"]
-            _print_text_table(console, f"{m['name']} on {', '.join(t['data'])} ({t['split']})", t)
+            split = f" ({t['split']})" if t.get("split") else ""
+            _print_text_table(console, f"{m['name']} on {', '.join(t['data'])}{split}", t)
     if any(m.get("tasks") for m in report["models"]):
         table = Table(title="tasks (mean over templates, bootstrap 95% CI, template min-max)")
         for col in ("model", "task", "metric", "mean", "95% CI", "min-max", "chance", "n"):

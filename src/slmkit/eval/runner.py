@@ -109,7 +109,8 @@ def run_eval(
             status(f"{name}: text")
             start = time.perf_counter()
             score = evaluate(lm, list(data), split=split, seq_len=seq_len, batch_size=batch_size)
-            entry["text"] = {**score.to_dict(), "data": [str(d) for d in data], "split": split}
+            is_data_dir = len(data) == 1 and (Path(data[0]) / "meta.json").is_file()
+            entry["text"] = {**score.to_dict(), "data": [str(d) for d in data], "split": split if is_data_dir else None}
             entry["text"]["seconds"] = time.perf_counter() - start
         if task_list:
             entry["tasks"] = []
