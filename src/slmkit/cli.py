@@ -5,7 +5,6 @@ Heavy imports (torch, transformers, tokenizers) happen inside commands so `slm -
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -201,34 +200,75 @@ def generate(
 
 @app.command("eval")
 def eval_command(
-    model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],
-    data: Annotated[list[Path], typer.Option(help="A data dir (its val split) or text files (repeatable).")],
+    models: Annotated[
+        list[Path], typer.Argument(help="Model dirs or run dirs (their latest checkpoint); several to compare.")
+    ],
+    data: Annotated[list[Path], typer.Option(help="A data dir (its val split) or text files (repeatable).")] = [],  # noqa: B006
     split: Annotated[str, typer.Option(help="Split of a data dir: val or train.")] = "val",
     seq_len: Annotated[int | None, typer.Option(help="Window length (default: the model's context).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Windows (or scored sequences) per forward pass.")] = 8,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    tasks: Annotated[
+        list[str], typer.Option("--tasks", help="Task file (.jsonl) or built-in task name (repeatable).")
+    ] = [],  # noqa: B006
+    suite: Annotated[str | None, typer.Option(help="builtin: the offline suite built from real text.")] = None,
+    corpus: Annotated[list[str], typer.Option(help="Text source for the corpus-* built-in tasks (repeatable).")] = [],  # noqa: B006
+    suite_size: Annotated[int, typer.Option(help="Examples per built-in task.")] = 100,
+    template: Annotated[
+        list[str], typer.Option("--template", help="Prompt template(s): plain, instruct, qa (default: all).")
+    ] = [],  # noqa: B006
+    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per prompt (drawn with --seed).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for few-shot draws, built-in tasks and bootstrap.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Score only the first N examples of each task.")] = None,
+    efficiency: Annotated[
+        bool, typer.Option("--efficiency", help="Measure latency, throughput and memory (fresh process per model).")
+    ] = False,
+    report: Annotated[Path | None, typer.Option(help="Write report.json and report.html into this directory.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
-    """Loss (nats/token), perplexity and bits per byte of MODEL on a data dir's split or on text files."""
-    from slmkit.api import evaluate
+    """Perplexity and bits/byte on text, task accuracy with 95% CIs, and measured efficiency of MODELS.
 
-    result = evaluate(model, data, split=split, seq_len=seq_len, batch_size=batch_size)
-    if as_json:
-        print(json.dumps(result.to_dict()))
-        return
-    from rich.table import Table
+    With one model and only --data, prints what it always has (a table, or --json: loss, perplexity,
+    bits_per_byte, tokens, bytes).
+    """
+    from slmkit.eval.cli_support import run_eval_command
 
-    table = Table(title=f"{model} on {', '.join(map(str, data))} ({split})")
-    for col in ("loss (nats)", "perplexity", "bits/byte", "tokens", "bytes"):
-        table.add_column(col, justify="right")
-    bpb = f"{result.bits_per_byte:.4f}" if result.bits_per_byte is not None else "n/a"
-    table.add_row(
-        f"{result.loss:.4f}",
-        f"{result.perplexity:.2f}",
-        bpb,
-        f"{result.tokens:,}",
-        f"{result.bytes:,}" if result.bytes else "n/a",
+    run_eval_command(
+        models,
+        data,
+        split,
+        seq_len,
+        batch_size,
+        as_json,
+        tasks,
+        suite,
+        corpus,
+        suite_size,
+        template,
+        num_fewshot,
+        seed,
+        limit,
+        efficiency,
+        report,
+        threads,
+        console=_console(),
+        err_console=_console(stderr=True),
     )
-    _console().print(table)
+
+
+@app.command()
+def card(
+    model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],
+    report: Annotated[
+        Path | None, typer.Option(help="report.json (or its directory) from `slm eval --report`.")
+    ] = None,
+    license: Annotated[str | None, typer.Option(help="License id for the card's metadata, e.g. apache-2.0.")] = None,
+) -> None:
+    """Write or update MODEL/README.md as a Hugging Face model card (config, training, evaluation, efficiency)."""
+    from slmkit.eval.card import write_card
+
+    path = write_card(model, report, license)
+    print(path)
 
 
 @app.command()

@@ -1,0 +1,147 @@
+"""slmkit models as an lm-evaluation-harness model type, ``slmkit``.
+
+lm-eval finds model types in its own registry; it has no plugin discovery, so this module must be
+imported before lm-eval looks the name up. Two ways:
+
+    python -m slmkit.eval.lm_eval_adapter --model slmkit --model_args pretrained=runs/x/final --tasks ...
+
+(the lm-eval command line, with ``slmkit`` registered), or from Python::
+
+    import lm_eval, slmkit.eval.lm_eval_adapter  # noqa: F401  (registers "slmkit")
+    lm_eval.simple_evaluate(model="slmkit", model_args="pretrained=runs/x/final", tasks=[...])
+
+Log-likelihoods use the same batched scorer as `slm eval --tasks` (:func:`slmkit.eval.tasks.loglikelihoods`);
+generation is greedy with the static-cache decoder of `slmkit.infer.generate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from slmkit.eval.tasks import _prefix_id, loglikelihoods
+
+
+@register_model("slmkit")
+class SlmkitLM(LM):
+    def __init__(
+        self,
+        pretrained: str,
+        device: str | None = "cpu",
+        batch_size: int | str = 8,
+        max_gen_toks: int = 256,
+        dtype: str | None = None,
+        **_: Any,
+    ) -> None:
+        super().__init__()
+        import torch
+
+        from slmkit.api import load
+
+        torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
+        if dtype not in torch_dtype:
+            from slmkit.errors import UserError
+
+            raise UserError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+        device = device or "cpu"
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval asks for cuda by default; run where we can
+        self.lm = load(pretrained, device=device, dtype=torch_dtype[dtype])
+        self._device = device
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+        self.max_gen_toks = int(max_gen_toks)
+        self.prefix = _prefix_id(self.lm)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    @property
+    def max_length(self) -> int:
+        return self.lm.config.max_seq_len
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.prefix
+
+    def tok_encode(self, text: str) -> list[int]:
+        return self.lm.tokenizer.encode(text).ids if text else []
+
+    def tok_decode(self, ids: list[int]) -> str:
+        return self.lm.tokenizer.decode(ids)
+
+    def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        # as lm-eval's own models do: a trailing space of the context belongs to the continuation
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        return [self.prefix, *self.tok_encode(context)], self.tok_encode(continuation)
+
+    # ---- the three request types -------------------------------------------------------------
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [self._encode_pair(*req.args) for req in requests]
+        return loglikelihoods(self.lm.model, pairs, self.batch_size)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        out = []
+        for req in requests:
+            (text,) = req.args
+            windows = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    token_list=self.tok_encode(text),
+                    prefix_token=self.prefix,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                )
+            ]
+            scores = loglikelihoods(self.lm.model, windows, self.batch_size)
+            out.append(sum(s for s, _ in scores))
+        return out
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        from slmkit.infer.generate import generate_ids
+
+        eos = self.lm.config.eos_token_id
+        results = []
+        for req in requests:
+            context, gen_kwargs = req.args
+            gen_kwargs = dict(gen_kwargs or {})
+            until = gen_kwargs.pop("until", None) or []
+            if isinstance(until, str):
+                until = [until]
+            max_new = min(int(gen_kwargs.pop("max_gen_toks", self.max_gen_toks)), self.max_length - 1)
+            ids = [self.prefix, *self.tok_encode(context)][-(self.max_length - max_new) :]
+            tokens: list[int] = []
+            text = ""
+            for token in generate_ids(self.lm.model, ids, max_new, stop_ids={eos} if eos is not None else None):
+                tokens.append(token)
+                text = self.tok_decode(tokens)
+                if any(s in text for s in until):
+                    break
+            for s in until:
+                if s in text:
+                    text = text.split(s)[0]
+            results.append(text)
+            self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
+        return results
+
+
+def main() -> None:
+    """The lm-eval command line with the `slmkit` model type registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    from slmkit.errors import UserError
+
+    try:
+        cli_evaluate()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

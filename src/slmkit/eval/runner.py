@@ -1,0 +1,147 @@
+"""`slm eval` for one or many models: text scores, tasks and efficiency gathered into one report dict."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from slmkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+REPORT_VERSION = 1
+
+
+def model_name(directory: Path) -> str:
+    """A short readable name: `run/final` or `run/step-100` for run outputs, else the directory name."""
+    directory = Path(directory)
+    if directory.name == "final" or directory.name.startswith("step-"):
+        parent = directory.parent.parent if directory.parent.name == "checkpoints" else directory.parent
+        return f"{parent.name}/{directory.name}"
+    return directory.name
+
+
+def static_costs(lm: Any) -> dict[str, Any]:
+    """Costs that need no measurement: parameter and FLOP counts, bytes on disk."""
+    from slmkit.eval.efficiency import disk_bytes
+
+    config = lm.config
+    return {
+        "params": config.num_params(),
+        "non_embedding_params": config.num_params(include_embeddings=False),
+        "train_flops_per_token": config.flops_per_token(),
+        "forward_flops_per_token": config.flops_per_token() / 3,
+        "flops_seq_len": config.max_seq_len,
+        **disk_bytes(lm.directory),
+    }
+
+
+def quality_of(entry: dict[str, Any]) -> dict[str, Any] | None:
+    """The one quality number plotted against cost: mean primary task metric, else bits per byte."""
+    tasks = entry.get("tasks") or []
+    if tasks:
+        values = [t["metrics"][t["primary_metric"]]["mean"] for t in tasks]
+        names = sorted({t["primary_metric"] for t in tasks})
+        return {
+            "name": f"mean {'/'.join(names)} over {len(tasks)} task(s)",
+            "value": sum(values) / len(values),
+            "higher_is_better": True,
+        }
+    text = entry.get("text")
+    if text and text.get("bits_per_byte") is not None:
+        return {"name": "bits per byte", "value": text["bits_per_byte"], "higher_is_better": False}
+    return None
+
+
+def run_eval(
+    models: Sequence[str | Path],
+    data: Sequence[str | Path] | None = None,
+    split: str = "val",
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    tasks: Sequence[str] | None = None,
+    suite: str | None = None,
+    corpus: Sequence[str] | None = None,
+    suite_size: int = 100,
+    templates: Sequence[str] | None = None,
+    num_fewshot: int = 0,
+    seed: int = 0,
+    limit: int | None = None,
+    efficiency: bool = False,
+    efficiency_options: dict[str, Any] | None = None,
+    isolate_efficiency: bool = True,
+    device: str = "cpu",
+    on_status: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate every model on the same text, tasks and efficiency probes; return the report dict."""
+    from slmkit.eval.builtin import builtin_suite, resolve_tasks
+
+    status = on_status or (lambda _msg: None)
+    if not models:
+        raise UserError("give at least one model directory")
+    if not (data or tasks or suite or efficiency):
+        raise UserError("nothing to evaluate: give --data (text), --tasks, --suite builtin and/or --efficiency")
+    if suite is not None and suite != "builtin":
+        raise UserError(f"unknown suite {suite!r}; the only suite is 'builtin'")
+    # resolve every input before the first model runs, so a bad task file fails in a second, not an hour
+    corpus_list = [str(c) for c in corpus] if corpus else None
+    task_list = resolve_tasks([str(t) for t in tasks or []], suite_size, seed, corpus_list)
+    if suite == "builtin":
+        task_list += builtin_suite(suite_size, seed, corpus_list)
+    # torch comes in only now: bad input above is reported without waiting for it to import
+    import torch
+
+    from slmkit.api import evaluate, load
+    from slmkit.eval.efficiency import device_name, measure_efficiency, measure_in_subprocess
+    from slmkit.eval.tasks import evaluate_task
+
+    loaded = [load(m, device=device) for m in models]
+    names = [model_name(lm.directory) for lm in loaded]
+    if len(set(names)) < len(names):
+        names = [str(lm.directory) for lm in loaded]
+    entries = []
+    for lm, name in zip(loaded, names, strict=True):
+        entry: dict[str, Any] = {"name": name, "path": str(lm.directory), "costs": static_costs(lm)}
+        if data:
+            status(f"{name}: text")
+            start = time.perf_counter()
+            score = evaluate(lm, list(data), split=split, seq_len=seq_len, batch_size=batch_size)
+            is_data_dir = len(data) == 1 and (Path(data[0]) / "meta.json").is_file()
+            entry["text"] = {**score.to_dict(), "data": [str(d) for d in data], "split": split if is_data_dir else None}
+            entry["text"]["seconds"] = time.perf_counter() - start
+        if task_list:
+            entry["tasks"] = []
+            for task in task_list:
+                status(f"{name}: task {task.name} ({len(task.examples)} examples)")
+                entry["tasks"].append(evaluate_task(lm, task, templates, num_fewshot, seed, batch_size, limit=limit))
+        if efficiency:
+            opts = {"device": device, **(efficiency_options or {})}
+            if isolate_efficiency:  # a fresh process: peak memory is this model's alone
+                status(f"{name}: efficiency (fresh process)")
+                entry["efficiency"] = measure_in_subprocess(lm.directory, **opts)
+            else:
+                status(f"{name}: efficiency")
+                entry["efficiency"] = measure_efficiency(lm, **opts)
+        entry["quality"] = quality_of(entry)
+        entries.append(entry)
+    import slmkit
+
+    return {
+        "report_version": REPORT_VERSION,
+        "slmkit_version": getattr(slmkit, "__version__", "unknown"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {"device": device, "device_name": device_name(device), "threads": torch.get_num_threads()},
+        "settings": {
+            "num_fewshot": num_fewshot,
+            "seed": seed,
+            "templates": list(templates) if templates else "all",
+            "limit": limit,
+            "suite": suite,
+            "suite_size": suite_size,
+            "corpus": corpus_list,
+        },
+        "models": entries,
+    }

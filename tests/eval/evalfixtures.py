@@ -1,0 +1,57 @@
+"""Shared data and helpers of the evaluation tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+MC_EXAMPLES = [
+    {
+        "context": "Language models are trained on",
+        "choices": [" text", " rocks", " a very long answer about water"],
+        "answer": 0,
+    },
+    {"context": "Scaling laws predict the", "choices": [" loss", " banana"], "answer": 0},
+    {"context": "The transformer uses", "choices": [" attention", " glue", " paint", " x"], "answer": 2},
+    {"context": "We train small", "choices": [" models", " elephants", " tokens"], "answer": 1},
+    {"context": "Compute budgets limit", "choices": [" training", " nothing"], "answer": 0},
+]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+# Fixtures (imported by the test modules; a tests/eval/conftest.py would shadow tests/conftest.py, whose
+# `run_slm` the CLI tests import). Torch's default of one thread per core makes small forward passes
+# crawl when other processes compete for the cores (a shared CI machine); these tests check
+# correctness, not speed, so they run on one thread.
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def run_slm(*args: str, timeout: float = 600):
+    """The CLI as a user runs it (as tests/conftest.py's run_slm, which `import conftest` cannot reach
+    from here once another directory's conftest.py holds that module name)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run(
+        [sys.executable, "-m", "slmkit", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
