@@ -5,6 +5,7 @@ Heavy imports (torch, transformers, tokenizers) happen inside commands so `slm -
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
