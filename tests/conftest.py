@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from slmkit_testing import SRC, run_slm  # noqa: F401 - re-exported for older imports
+
 SHARED_CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "seed-papers.jsonl"
 
 
@@ -68,23 +70,3 @@ def tiny_model_dir(tmp_path_factory, data_dir) -> Path:
     result = train(cfg, data_dir, run)
     assert result.final_dir is not None
     return result.final_dir
-
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def run_slm(*args: str, timeout: float = 300, input: str | None = None):
-    """Run the CLI as a user would (`python -m slmkit ...`, the same entry point as `slm`)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run(
-        [sys.executable, "-m", "slmkit", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        input=input,
-    )

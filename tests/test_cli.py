@@ -1,18 +1,11 @@
 """The `slm` command end to end: each command works, and user errors end with one message and exit code 2."""
 
-import importlib.util
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-# `from conftest import run_slm` picks up whichever conftest.py pytest imported last (tests/data has one
-# too, and a whole-suite run collects it first), so load this folder's by path
-_spec = importlib.util.spec_from_file_location("_tests_root_conftest", Path(__file__).with_name("conftest.py"))
-_root_conftest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_root_conftest)
-run_slm = _root_conftest.run_slm
+from slmkit_testing import SRC, run_slm
 
 
 def assert_user_error(result, *fragments):
@@ -37,8 +30,6 @@ def test_help_is_fast_and_lists_commands():
 def test_help_does_not_import_torch():
     import subprocess
     import sys
-
-    SRC = _root_conftest.SRC
 
     code = "import sys, slmkit.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": str(SRC)})
@@ -167,8 +158,6 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tmp_path, data_dir):
     import signal
     import subprocess
     import sys
-
-    from conftest import SRC
 
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(SRC)}

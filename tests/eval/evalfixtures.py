@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from slmkit_testing import SRC, run_slm  # noqa: F401 - used by the eval test modules
+
 MC_EXAMPLES = [
     {
         "context": "Language models are trained on",
@@ -39,19 +41,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def run_slm(*args: str, timeout: float = 600):
-    """The CLI as a user runs it (as tests/conftest.py's run_slm, which `import conftest` cannot reach
-    from here once another directory's conftest.py holds that module name)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run(
-        [sys.executable, "-m", "slmkit", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
-    )

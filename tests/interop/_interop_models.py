@@ -8,20 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from slmkit_testing import run_slm
+
 VOCAB = 320
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def run_cli(*args: object, timeout: float = 300):
-    """`python -m slmkit ARGS` with this worktree's src first on the path (as tests/conftest.py's run_slm;
-    importing that by the module name `conftest` is ambiguous from a subfolder)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    command = [sys.executable, "-m", "slmkit", *map(str, args)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    return run_slm(*args, timeout=timeout)
 
 
 # (model_type, config kwargs); each case exercises one family switch
