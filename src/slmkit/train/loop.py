@@ -7,6 +7,7 @@ ladder call it. It reports through a `Reporter` (the CLI draws a progress line; 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -251,6 +252,9 @@ def _run(
     if resume_from is not None:
         # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
         saved_state = _load_checkpoint(resume_from, model, device)
+        cfg, note = _keep_global_batch(cfg, saved_state.get("world_size", 1), ctx.world_size)
+        if note:
+            reporter.message(note)
     wrapped = distributed.wrap_model(model, ctx, device, amp_dtype)  # `model` keeps the plain names
     optimizer = make_optimizer(model, cfg, device)
     sampler = WindowSampler(data.train, cfg.seq_len, cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
@@ -339,6 +343,7 @@ def _run(
                     "optimizer": optimizer_state,
                     "sampler_position": sampler.position,
                     "rng": _rng_state(device),
+                    "world_size": ctx.world_size,
                     **state,
                 },
                 tmp / STATE_PT,
@@ -459,6 +464,29 @@ def _run(
     )
     reporter.end(result)
     return result
+
+
+def _keep_global_batch(cfg: TrainConfig, saved_world: int, world: int) -> tuple[TrainConfig, str | None]:
+    """A run resumed on another number of processes keeps its global batch (micro-batch x grad-accum x
+    world size): the sequences each process takes per step are split into micro-batches of at most the
+    old size, so the data order, the schedule and the losses stay those of the original run."""
+    if saved_world == world:
+        return cfg, None
+    global_batch = cfg.batch_size * cfg.grad_accum * saved_world
+    if global_batch % world:
+        raise UserError(
+            f"the run's global batch of {global_batch} sequences ({cfg.batch_size} x {cfg.grad_accum} grad-accum x "
+            f"{saved_world} processes) does not split over {world} processes; resume it on a number of processes "
+            f"that divides {global_batch}"
+        )
+    per_process = global_batch // world
+    batch_size = max(b for b in range(1, min(cfg.batch_size, per_process) + 1) if per_process % b == 0)
+    grad_accum = per_process // batch_size
+    note = (
+        f"{saved_world} -> {world} processes: batch size {cfg.batch_size} -> {batch_size}, grad-accum "
+        f"{cfg.grad_accum} -> {grad_accum}, keeping the global batch of {global_batch} sequences"
+    )
+    return dataclasses.replace(cfg, batch_size=batch_size, grad_accum=grad_accum), note
 
 
 class _GatheredModel:
