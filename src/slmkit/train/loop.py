@@ -200,7 +200,9 @@ def train(
             kept = (
                 f"the last checkpoint, {latest}, is intact; continue with --resume" if latest else "no checkpoint yet"
             )
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            text = str(exc).strip()
+            # the backend's first sentence names what happened ("Connection reset by peer", "Timed out ...")
+            first_line = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
             raise distributed.RankFailure(
                 f"rank {ctx.rank} of {ctx.world_size}: another rank failed or stopped answering within "
                 f"{ctx.timeout_seconds:g} s ({first_line}); every rank stops, see the other ranks' output; {kept}"
