@@ -248,3 +248,16 @@ def test_distributed_strategy_without_torchrun_is_refused(data_dir, tmp_path, mo
     with pytest.raises(UserError, match="--strategy fsdp needs processes launched by torchrun"):
         train(TrainConfig(**SETTINGS, batch_size=2, strategy="fsdp"), data_dir, tmp_path / "r")
     assert not (tmp_path / "r").exists()
+
+
+def test_bad_launch_environment_is_a_clear_error(monkeypatch):
+    from slmkit.train.distributed import start
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="RANK and WORLD_SIZE must be set"):
+        start("ddp", torch.device("cpu"), 5.0)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="rank 0: could not join the process group of 2 .*MASTER_ADDR"):
+        start("ddp", torch.device("cpu"), 5.0)
