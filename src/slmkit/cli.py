@@ -123,6 +123,13 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
     ] = False,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="auto, single, ddp or fsdp. Under torchrun (`torchrun --nproc-per-node N -m slmkit train ...`) "
+            "auto means ddp; alone it means single. --batch-size is per process."
+        ),
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -146,12 +153,14 @@ def train(
         "device": device,
         "dtype": dtype,
         "preset": preset,
+        "strategy": strategy,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:
         given["compile"] = True
     if resume:
-        budgets = {k: given[k] for k in ("max_steps", "max_tokens", "max_minutes", "max_flops") if k in given}
+        keys = ("max_steps", "max_tokens", "max_minutes", "max_flops", "strategy")
+        budgets = {k: given[k] for k in keys if k in given}
         result = run_training(TrainConfig(), data, out, resume=True, reporter=RichReporter(), budget_overrides=budgets)
     else:
         base = TrainConfig.from_yaml(config).to_dict() if config else {}

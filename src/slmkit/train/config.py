@@ -48,6 +48,9 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     compile: bool = False
     threads: int | None = None
+    # more than one process (torchrun); see slmkit.train.distributed
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
+    dist_timeout_seconds: float = 600.0  # a collective waiting longer than this fails the run on every rank
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -85,6 +88,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value > 0):
                 raise UserError(f"train config: {name} must be > 0, got {value}")
+        if self.strategy not in ("auto", "single", "ddp", "fsdp"):
+            raise UserError(f"train config: strategy must be auto, single, ddp or fsdp, got {self.strategy!r}")
+        if not (isinstance(self.dist_timeout_seconds, int | float) and self.dist_timeout_seconds > 0):
+            raise UserError(f"train config: dist_timeout_seconds must be > 0, got {self.dist_timeout_seconds!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"train config: threads must be >= 1, got {self.threads}")
         self.model_config(vocab_size=self.model.get("vocab_size", 8192))  # validate overrides early

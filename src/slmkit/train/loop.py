@@ -7,6 +7,7 @@ ladder call it. It reports through a `Reporter` (the CLI draws a progress line; 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ import torch
 
 from slmkit.checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint, save_model
 from slmkit.errors import UserError
+from slmkit.train import distributed
 from slmkit.train.batches import WindowSampler
 from slmkit.train.budget import Budget
 from slmkit.train.config import TrainConfig
@@ -160,12 +162,13 @@ def train(
     reporter: Reporter | None = None,
     budget_overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a model on a prepared data dir into run_dir; see the module docstring."""
-    from slmkit.data.shards import load_data_dir
-    from slmkit.eval.perplexity import token_nats
-    from slmkit.models.transformer import Transformer
+    """Train a model on a prepared data dir into run_dir; see the module docstring.
 
-    reporter = reporter or LogReporter()
+    Under torchrun every rank calls this; `cfg.strategy` picks one process, DDP or FSDP (see
+    `slmkit.train.distributed`), and only rank 0 reports, writes metrics and checkpoints.
+    """
+    from slmkit.data.shards import load_data_dir
+
     run_dir = Path(run_dir)
     resume_from: Path | None = None
     if resume:
@@ -178,6 +181,7 @@ def train(
         )
     if not cfg.has_budget:
         raise UserError("no training budget: give --max-steps, --max-tokens, --max-minutes or --max-flops")
+    strategy = distributed.resolve_strategy(cfg.strategy)
 
     data = load_data_dir(data_dir)
     if len(data.train) < cfg.seq_len + 1:
@@ -186,6 +190,51 @@ def train(
             f"{cfg.seq_len + 1}; use more data or a smaller --seq-len"
         )
     device = resolve_device(cfg.device)
+    ctx, device = distributed.start(strategy, device, cfg.dist_timeout_seconds)
+    try:
+        with distributed.quiet_unless_main(ctx):
+            return _run(cfg, data, run_dir, resume_from, reporter if ctx.is_main else _SilentReporter(), ctx, device)
+    except Exception as exc:
+        if ctx.distributed and distributed.is_collective_failure(exc):
+            latest = latest_checkpoint(run_dir)
+            kept = (
+                f"the last checkpoint, {latest}, is intact; continue with --resume" if latest else "no checkpoint yet"
+            )
+            text = str(exc).strip()
+            # the backend's first sentence names what happened ("Connection reset by peer", "Timed out ...")
+            first_line = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+            raise distributed.RankFailure(
+                f"rank {ctx.rank} of {ctx.world_size}: another rank failed or stopped answering within "
+                f"{ctx.timeout_seconds:g} s ({first_line}); every rank stops, see the other ranks' output; {kept}"
+            ) from None
+        raise
+    finally:
+        distributed.stop(ctx)
+
+
+class _SilentReporter:
+    """Ranks other than 0 report nothing."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+    def step(self, metrics: dict[str, Any]) -> None: ...
+    def eval(self, metrics: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def end(self, result: TrainResult) -> None: ...
+
+
+def _run(
+    cfg: TrainConfig,
+    data: Any,
+    run_dir: Path,
+    resume_from: Path | None,
+    reporter: Reporter | None,
+    ctx: distributed.DistContext,
+    device: torch.device,
+) -> TrainResult:
+    from slmkit.eval.perplexity import token_nats
+    from slmkit.models.transformer import Transformer
+
+    reporter = reporter or LogReporter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     amp_dtype = autocast_dtype(cfg, device)
@@ -201,24 +250,43 @@ def train(
     model = Transformer(model_cfg)
     model.init_weights(seed=cfg.seed)
     model.to(device)
+    saved_state: dict[str, Any] | None = None
+    if resume_from is not None:
+        # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
+        saved_state = _load_checkpoint(resume_from, model, device)
+        cfg, note = _keep_global_batch(cfg, saved_state.get("world_size", 1), ctx.world_size)
+        if note:
+            reporter.message(note)
+    wrapped = distributed.wrap_model(model, ctx, device, amp_dtype)  # `model` keeps the plain names
     optimizer = make_optimizer(model, cfg, device)
-    sampler = WindowSampler(data.train, cfg.seq_len, cfg.seed)
+    sampler = WindowSampler(data.train, cfg.seq_len, cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
     step, tokens, flops, elapsed = 0, 0, 0.0, 0.0
 
-    if resume_from is not None:
-        step, tokens, flops, elapsed = _load_state(resume_from, model, optimizer, sampler, device, data)
-        _read_metrics_until(run_dir / "metrics.jsonl", step)
+    if saved_state is not None:
+        assert resume_from is not None
+        distributed.load_named_optimizer_state(model, optimizer, saved_state["optimizer"], str(resume_from / STATE_PT))
+        sampler.position = saved_state["sampler_position"]
+        _set_rng_state(saved_state["rng"], device)
+        step, tokens = saved_state["step"], saved_state["tokens"]
+        flops, elapsed = saved_state["flops"], saved_state["elapsed"]
+        if ctx.is_main:
+            _read_metrics_until(run_dir / "metrics.jsonl", step)
         reporter.message(f"resuming from {resume_from} (step {step})")
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "metrics.jsonl").write_text("")
+        if ctx.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text("")
         torch.manual_seed(cfg.seed)
-    cfg.save(run_dir / "train_config.json")
+    if ctx.is_main:
+        cfg.save(run_dir / "train_config.json")
+    if ctx.distributed:
+        reporter.message(f"{ctx.strategy} on {ctx.world_size} processes ({ctx.backend})")
 
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    # the global batch: micro-batch x grad-accum x world size; budgets and the schedule count it
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * ctx.world_size
     flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
     budget = Budget(cfg.max_steps, cfg.max_tokens, cfg.max_flops, cfg.max_minutes)
-    peak = measure_peak_flops(device, amp_dtype or torch.float32)
+    peak = measure_peak_flops(device, amp_dtype or torch.float32) * ctx.world_size
     bytes_per_token = data.bytes_per_token("val") if len(data.val) > 1 else None
     reporter.start(
         {
@@ -231,21 +299,25 @@ def train(
             "planned_steps": budget.planned_steps(tokens_per_step, tokens_per_step * flops_per_token),
             "step": step,
             "budget": {k: v for k, v in vars(budget).items() if v is not None},
+            "strategy": ctx.strategy,
+            "world_size": ctx.world_size,
         }
     )
 
-    forward = torch.compile(model) if cfg.compile else model
-    metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+    forward = torch.compile(wrapped) if cfg.compile else wrapped
+    metrics_file = open(run_dir / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115 - closed in finally
     result_losses: list[float] = []
     last_val: dict[str, float] = {}
     stop_reason: str | None = budget.done(step, tokens, flops, elapsed)
     last_saved_step = step if resume_from is not None else -1
 
     def write_metrics(record: dict[str, Any]) -> None:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+        if metrics_file is not None:
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
 
     def run_eval() -> dict[str, float]:
+        # every rank scores the same windows (fsdp needs all ranks in each forward); the results agree
         if bytes_per_token is None:
             return {}
         nats, count = token_nats(
@@ -263,35 +335,49 @@ def train(
         nonlocal last_saved_step
         target = run_dir / "final" if final else run_dir / "checkpoints" / f"step-{step}"
         state = {"step": step, "tokens": tokens, "flops": flops, "elapsed": elapsed}
+        # gathering is a collective under fsdp (every rank takes part); only rank 0 writes
+        weights = distributed.full_model_state(model) if ctx.distributed else model.state_dict()
+        optimizer_state = distributed.named_optimizer_state(model, optimizer)
 
         def add_state(tmp: Path) -> None:
             torch.save(
                 {
-                    "optimizer": optimizer.state_dict(),
+                    "optimizer": optimizer_state,
                     "sampler_position": sampler.position,
                     "rng": _rng_state(device),
+                    "world_size": ctx.world_size,
                     **state,
                 },
                 tmp / STATE_PT,
             )
             (tmp / STATE_JSON).write_text(
                 json.dumps(
-                    {**state, "val": last_val, "train_config": cfg.to_dict(), "data_dir": str(data.path)}, indent=2
+                    {
+                        **state,
+                        "val": last_val,
+                        "train_config": cfg.to_dict(),
+                        "data_dir": str(data.path),
+                        "world_size": ctx.world_size,
+                    },
+                    indent=2,
                 )
                 + "\n"
             )
 
-        save_model(model, target, tokenizer_dir=data.path, extra=add_state)
+        if ctx.is_main:
+            save_model(_GatheredModel(model_cfg, weights), target, tokenizer_dir=data.path, extra=add_state)
+            if not final:
+                _prune_checkpoints(run_dir, cfg.keep_checkpoints)
+        distributed.barrier(ctx)  # when checkpoint() returns, the directory exists for every rank
         last_saved_step = step
-        if not final:
-            _prune_checkpoints(run_dir, cfg.keep_checkpoints)
         return target
 
-    model.train()
+    wrapped.train()
     interrupt = _DeferredInterrupt()
+    interrupted_anywhere = False
     try:
         while stop_reason is None:
-            if interrupt.requested:
+            if interrupted_anywhere or (not ctx.distributed and interrupt.requested):
                 raise KeyboardInterrupt
             t0 = time.perf_counter()
             progress = budget.progress(step, tokens, flops, elapsed)
@@ -299,18 +385,24 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro_step in range(cfg.grad_accum):
                 x, y = sampler.next_batch(cfg.batch_size)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast():
-                    logits = forward(x)
-                    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-                (loss / cfg.grad_accum).backward()
+                with distributed.sync_gradients(wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
+                    with autocast():
+                        logits = forward(x)
+                        loss = torch.nn.functional.cross_entropy(
+                            logits.float().view(-1, logits.size(-1)), y.reshape(-1)
+                        )
+                    (loss / cfg.grad_accum).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            train_loss = float(loss_sum) / cfg.grad_accum  # one sync per step, for the log
+            # one sync per step, for the log; distributed: mean over ranks, slowest rank's time, any Ctrl-C
+            train_loss, dt, interrupted_anywhere = distributed.step_stats(
+                ctx, loss_sum / cfg.grad_accum, time.perf_counter() - t0, interrupt.requested
+            )
             if not math.isfinite(train_loss):
                 raise UserError(
                     f"training diverged at step {step + 1} (loss {train_loss}); lower --lr "
@@ -319,14 +411,13 @@ def train(
             step += 1
             tokens += tokens_per_step
             flops += tokens_per_step * flops_per_token
-            dt = time.perf_counter() - t0
             elapsed += dt
             result_losses.append(train_loss)
             record = {
                 "step": step,
                 "loss": train_loss,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": distributed.grad_norm_value(grad_norm),
                 "tokens": tokens,
                 "flops": flops,
                 "elapsed": elapsed,
@@ -351,7 +442,8 @@ def train(
         reporter.message(f"interrupted at step {step}; saving a checkpoint")
     finally:
         interrupt.restore()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
 
     final_dir = None
     if stop_reason == "interrupted":
@@ -374,6 +466,40 @@ def train(
     )
     reporter.end(result)
     return result
+
+
+def _keep_global_batch(cfg: TrainConfig, saved_world: int, world: int) -> tuple[TrainConfig, str | None]:
+    """A run resumed on another number of processes keeps its global batch (micro-batch x grad-accum x
+    world size): the sequences each process takes per step are split into micro-batches of at most the
+    old size, so the data order, the schedule and the losses stay those of the original run."""
+    if saved_world == world:
+        return cfg, None
+    global_batch = cfg.batch_size * cfg.grad_accum * saved_world
+    if global_batch % world:
+        raise UserError(
+            f"the run's global batch of {global_batch} sequences ({cfg.batch_size} x {cfg.grad_accum} grad-accum x "
+            f"{saved_world} processes) does not split over {world} processes; resume it on a number of processes "
+            f"that divides {global_batch}"
+        )
+    per_process = global_batch // world
+    batch_size = max(b for b in range(1, min(cfg.batch_size, per_process) + 1) if per_process % b == 0)
+    grad_accum = per_process // batch_size
+    note = (
+        f"{saved_world} -> {world} processes: batch size {cfg.batch_size} -> {batch_size}, grad-accum "
+        f"{cfg.grad_accum} -> {grad_accum}, keeping the global batch of {global_batch} sequences"
+    )
+    return dataclasses.replace(cfg, batch_size=batch_size, grad_accum=grad_accum), note
+
+
+class _GatheredModel:
+    """What `save_model` reads of a module (its config and state dict), for a state gathered from shards."""
+
+    def __init__(self, config: Any, state: dict[str, torch.Tensor]) -> None:
+        self.config = config
+        self._state = state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._state
 
 
 class _DeferredInterrupt:
@@ -408,14 +534,8 @@ def _latest_resumable(run_dir: Path) -> Path:
     return max(candidates, key=checkpoint_step)
 
 
-def _load_state(
-    directory: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    sampler: WindowSampler,
-    device: torch.device,
-    data: Any,
-) -> tuple[int, int, float, float]:
+def _load_checkpoint(directory: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """Load a checkpoint's full weights into the (unwrapped) model; return its trainer state."""
     from slmkit.checkpoint import from_hf_state_dict, load_state_file
 
     weights = from_hf_state_dict(load_state_file(directory / WEIGHTS))
@@ -426,13 +546,9 @@ def _load_state(
     except RuntimeError as exc:
         raise UserError(f"{directory}: checkpoint does not match this run's model ({exc})") from None
     try:
-        state = torch.load(directory / STATE_PT, map_location=device, weights_only=False)
+        return torch.load(directory / STATE_PT, map_location=device, weights_only=False)
     except Exception as exc:  # a truncated or foreign file
         raise UserError(f"{directory / STATE_PT}: unreadable trainer state ({exc})") from None
-    optimizer.load_state_dict(state["optimizer"])
-    sampler.position = state["sampler_position"]
-    _set_rng_state(state["rng"], device)
-    return state["step"], state["tokens"], state["flops"], state["elapsed"]
 
 
 def _prune_checkpoints(run_dir: Path, keep: int) -> None:
