@@ -83,3 +83,15 @@ class ScriptedModel(torch.nn.Module):
 @pytest.fixture
 def scripted_model():
     return ScriptedModel
+
+
+@pytest.fixture(scope="session")
+def run_slm():
+    """The root conftest's `run_slm` (a plain `from conftest import` would find this file instead)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("slmkit_tests_root_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run_slm
