@@ -467,7 +467,7 @@ class Engine:
                     else:
                         text = seq.text.emitted if seq.text is not None and seq.text.stopped else None
                         if text is None:
-                            text = self.tokenizer.decode(seq.out)
+                            text = self.tokenizer.decode(seq.out) if self.tokenizer is not None else ""
                         yield Completion(
                             text=text,
                             token_ids=list(seq.out),
