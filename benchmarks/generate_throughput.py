@@ -172,9 +172,9 @@ def section_spec(args: argparse.Namespace) -> None:
 SCHEMA = {
     "type": "object",
     "properties": {
-        "title": {"type": "string", "maxLength": 40},
-        "year": {"type": "integer"},
-        "keywords": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 4},
+        "title": {"type": "string", "maxLength": 24},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+        "keywords": {"type": "array", "items": {"type": "string", "maxLength": 10}, "maxItems": 3},
         "open_access": {"type": "boolean"},
     },
     "required": ["title", "year", "keywords", "open_access"],
@@ -193,12 +193,13 @@ def section_json(args: argparse.Namespace) -> None:
     sampling = SamplingParams(temperature=1.0, seed=0)
     free_rates, json_rates, mask_share, valid = [], [], [], 0
     runs = 0
+    n = max(args.new_tokens, 160)  # room for the whole object, so outputs end by the grammar, not the limit
     for i in range(args.repeats * 3):
         sampling = SamplingParams(temperature=1.0, seed=i)
         free, constrained = EngineStats(), EngineStats()
-        engine.generate("A paper:", max_new_tokens=args.new_tokens, sampling=sampling, stats=free)
+        engine.generate("A paper:", max_new_tokens=n, sampling=sampling, stats=free)
         [out] = engine.generate(
-            "A paper:", max_new_tokens=args.new_tokens, sampling=sampling, constraint=constraint, stats=constrained
+            "A paper:", max_new_tokens=n, sampling=sampling, constraint=constraint, stats=constrained
         )
         runs += 1
         try:

@@ -254,6 +254,7 @@ def generate(
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        sys.stdout.flush()
     else:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start : start + batch_size]

@@ -85,13 +85,21 @@ def scripted_model():
     return ScriptedModel
 
 
-@pytest.fixture(scope="session")
-def run_slm():
-    """The root conftest's `run_slm` (a plain `from conftest import` would find this file instead)."""
+def _root_conftest():
+    """tests/conftest.py, loaded by path.
+
+    Test files import helpers with `from conftest import ...`; this file is also a module named conftest
+    (and may be the one in sys.modules), so it re-exports the root's helpers under the same names.
+    """
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "conftest.py"
     spec = importlib.util.spec_from_file_location("slmkit_tests_root_conftest", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.run_slm
+    return module
+
+
+_ROOT = _root_conftest()
+run_slm = _ROOT.run_slm
+SRC = _ROOT.SRC

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from conftest import run_slm
+
 
 def assert_user_error(result, fragment):
     assert result.returncode == 2, result.stderr + result.stdout
@@ -11,7 +13,7 @@ def assert_user_error(result, fragment):
     assert fragment in result.stderr, result.stderr
 
 
-def test_generate_lookup_verbose_and_batch_file(run_slm, tmp_path, tiny_model_dir):
+def test_generate_lookup_verbose_and_batch_file(tmp_path, tiny_model_dir):
     r = run_slm(
         "generate", tiny_model_dir, "--prompt", "the data and the model and the data and the",
         "--max-new-tokens", 20, "--temperature", 0, "--lookup", "--verbose",
@@ -32,7 +34,7 @@ def test_generate_lookup_verbose_and_batch_file(run_slm, tmp_path, tiny_model_di
     assert all(len(rec["logprobs"]) == rec["new_tokens"] for rec in records)
 
 
-def test_generate_json_schema(run_slm, tmp_path, tiny_model_dir):
+def test_generate_json_schema(tmp_path, tiny_model_dir):
     schema = tmp_path / "schema.json"
     schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}))
     r = run_slm(
@@ -54,10 +56,10 @@ def test_generate_json_schema(run_slm, tmp_path, tiny_model_dir):
         (["--prompt", "x", "--max-new-tokens", "8", "--regex", "a(b"], "invalid regex"),
     ],
 )
-def test_generate_bad_input(run_slm, tiny_model_dir, args, message):
+def test_generate_bad_input(tiny_model_dir, args, message):
     assert_user_error(run_slm("generate", tiny_model_dir, *args), message)
 
 
-def test_generate_draft_with_other_tokenizer(run_slm, tiny_model_dir, other_tokenizer_dir):
+def test_generate_draft_with_other_tokenizer(tiny_model_dir, other_tokenizer_dir):
     r = run_slm("generate", tiny_model_dir, "--prompt", "x", "--draft", other_tokenizer_dir)
     assert_user_error(r, "different tokenizer")

@@ -33,6 +33,8 @@ from slmkit.infer.sampling import SamplingParams, apply_penalties, sample
 logger = logging.getLogger(__name__)
 
 SpeculateMode = Literal["off", "draft", "lookup"]
+# speculation is judged after this many drafted tokens: below `min_acceptance` it is turned off for the request
+MIN_DRAFTED_TO_JUDGE = 16
 
 
 @dataclass
@@ -694,7 +696,7 @@ class Engine:
                 drafter.rewind(n + min(n_accepted, m - 1))  # draft tokens fed beyond this were rejected
             yield
             # turn speculation off when it does not pay: too few drafted tokens survive verification
-            if drafted >= 32 and accepted < min_acceptance * drafted:
+            if drafted >= MIN_DRAFTED_TO_JUDGE and accepted < min_acceptance * drafted:
                 speculating = False
                 stats.speculation_turned_off = True
                 logger.info("speculation off: %d of %d drafted tokens accepted", accepted, drafted)
