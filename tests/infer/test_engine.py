@@ -141,3 +141,18 @@ def test_bad_input_is_a_user_error(lm):
 def test_draft_with_a_different_tokenizer_is_refused(tiny_model_dir, other_tokenizer_dir):
     with pytest.raises(UserError, match="different tokenizer"):
         Engine.load(tiny_model_dir, draft=other_tokenizer_dir)
+
+
+def test_public_api_generate(lm):
+    import json
+
+    import slmkit
+
+    one = slmkit.generate(lm, "The", max_new_tokens=8)
+    many = slmkit.generate(lm, ["The", "Small language models"], max_new_tokens=8)
+    assert isinstance(one, str) and many[0] == one
+    assert slmkit.generate(lm, "The", max_new_tokens=8, lookup=True) == one
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    assert isinstance(json.loads(slmkit.generate(lm, "The", max_new_tokens=40, json_schema=schema))["ok"], bool)
+    with pytest.raises(UserError, match="at most one"):
+        slmkit.generate(lm, "The", regex="a+", grammar='root ::= "a"')
