@@ -156,3 +156,9 @@ def test_public_api_generate(lm):
     assert isinstance(json.loads(slmkit.generate(lm, "The", max_new_tokens=40, json_schema=schema))["ok"], bool)
     with pytest.raises(UserError, match="at most one"):
         slmkit.generate(lm, "The", regex="a+", grammar='root ::= "a"')
+
+
+def test_streaming_does_not_leak_inference_mode(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    for _ in engine.stream("The", max_new_tokens=3):
+        assert not torch.is_inference_mode_enabled()

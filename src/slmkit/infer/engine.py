@@ -407,6 +407,7 @@ class Engine:
             "start of the prompt"
         )
 
+    @torch.inference_mode()  # as a decorator it covers each step of the generator only, not the caller's code
     def _iterate(
         self,
         prompt_ids: list[list[int]],
@@ -434,49 +435,46 @@ class Engine:
             grammar = GrammarState(compiled, self.config.vocab_size) if compiled is not None else None
             return _Seq(p, text, grammar)
 
-        with torch.inference_mode():
+        if speculate == "off":
+            groups = [[new_seq(p) for p in prompt_ids]]
+        else:
+            groups = [[new_seq(p)] for p in prompt_ids]  # speculation runs one prompt at a time
+        for seqs in groups:
+            stats.batch_size = len(seqs)
+            stats.sequences += len(seqs)
+            stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
             if speculate == "off":
-                groups = [[new_seq(p) for p in prompt_ids]]
+                steps = self._decode_batch(seqs, max_new_tokens, sampling, generator, logprobs, stats)
             else:
-                groups = [[new_seq(p)] for p in prompt_ids]  # speculation runs one prompt at a time
-            for seqs in groups:
-                stats.batch_size = len(seqs)
-                stats.sequences += len(seqs)
-                stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
-                if speculate == "off":
-                    steps = self._decode_batch(seqs, max_new_tokens, sampling, generator, logprobs, stats)
-                else:
-                    steps = self._decode_speculative(
-                        seqs[0], max_new_tokens, sampling, generator, logprobs, speculate, speculate_k,
-                        min_acceptance, stats,
-                    )  # fmt: skip
-                for _ in steps:
-                    if stream:
-                        for seq in seqs:
-                            for delta in seq.deltas:
-                                if delta:
-                                    yield delta
-                            seq.deltas.clear()
+                steps = self._decode_speculative(
+                    seqs[0], max_new_tokens, sampling, generator, logprobs, speculate, speculate_k,
+                    min_acceptance, stats,
+                )  # fmt: skip
+            for _ in steps:
                 for seq in seqs:
-                    stats.new_tokens += len(seq.out)
-                    stats.finish_reasons.append(seq.finish_reason)
-                    if seq.grammar is not None:
-                        stats.mask_seconds += seq.grammar.mask_seconds
                     if stream:
-                        tail = seq.text.flush() if seq.text is not None else ""
-                        if tail:
-                            yield tail
-                    else:
-                        text = seq.text.emitted if seq.text is not None and seq.text.stopped else None
-                        if text is None:
-                            text = self.tokenizer.decode(seq.out) if self.tokenizer is not None else ""
-                        yield Completion(
-                            text=text,
-                            token_ids=list(seq.out),
-                            finish_reason=seq.finish_reason,
-                            prompt_tokens=len(seq.prompt),
-                            logprobs=list(seq.logprobs) if logprobs else None,
-                        )
+                        yield from (delta for delta in seq.deltas if delta)
+                    seq.deltas.clear()
+            for seq in seqs:
+                stats.new_tokens += len(seq.out)
+                stats.finish_reasons.append(seq.finish_reason)
+                if seq.grammar is not None:
+                    stats.mask_seconds += seq.grammar.mask_seconds
+                if stream:
+                    tail = seq.text.flush() if seq.text is not None else ""
+                    if tail:
+                        yield tail
+                else:
+                    text = seq.text.emitted if seq.text is not None and seq.text.stopped else None
+                    if text is None:
+                        text = self.tokenizer.decode(seq.out) if self.tokenizer is not None else ""
+                    yield Completion(
+                        text=text,
+                        token_ids=list(seq.out),
+                        finish_reason=seq.finish_reason,
+                        prompt_tokens=len(seq.prompt),
+                        logprobs=list(seq.logprobs) if logprobs else None,
+                    )
 
     # ---- one token for every sequence ---------------------------------------------------------------------
     def _emit(self, seq: _Seq, token: int, logprob: float | None, max_new_tokens: int) -> None:
