@@ -33,10 +33,13 @@ def test_stream_deltas_join_to_full_text_and_stop_strings(tiny_model_dir):
     params = SamplingParams(temperature=0)
     full = generate(lm.model, lm.tokenizer, "Language", 40, params)
     deltas = list(stream_text(lm.model, lm.tokenizer, "Language", 40, params))
+    # joining equals the full decode, so no delta ended inside a character (that would leave U+FFFD in the join
+    # where the full text has the character); a barely trained model can emit invalid byte runs, whose U+FFFD
+    # then shows in both (tests/infer/test_engine.py forces split characters with a scripted model)
     assert "".join(deltas) == full
     # a delta never ends inside a character (a random-ish tiny model may still emit invalid bytes mid-text)
     assert all(not d.endswith("\ufffd") for d in deltas[:-1])
-    if len(full) > 6:
+    if len(full) > 6 and "\ufffd" not in full:  # stop strings are text; invalid byte runs are not matchable
         stop = full[3:6]
         stats = GenerationStats()
         cut = "".join(stream_text(lm.model, lm.tokenizer, "Language", 40, params, stop=[stop], stats=stats))

@@ -46,21 +46,74 @@ def load(path: str | Path | LoadedModel, device: str = "cpu", dtype: torch.dtype
 
 def generate(
     model: str | Path | LoadedModel,
-    prompt: str,
+    prompt: str | Sequence[str],
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
     stop: list[str] | None = None,
-) -> str:
-    """The continuation of `prompt` (greedy by default)."""
-    from slmkit.infer.generate import generate as _generate
+    *,
+    min_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    json_schema: str | dict | None = None,
+    regex: str | None = None,
+    grammar: str | None = None,
+    draft: str | Path | LoadedModel | None = None,
+    lookup: bool = False,
+    speculate_k: int | None = None,
+    truncate: bool = False,
+) -> str | list[str]:
+    """The continuation of `prompt` (greedy by default); a list of prompts gives a list, generated as a batch.
+
+    json_schema / regex / grammar (EBNF) constrain the output (at most one); draft (a smaller model with the
+    same tokenizer) or lookup=True turn on lossless speculative decoding. For log-probabilities, streaming
+    and statistics use :class:`slmkit.infer.engine.Engine`.
+    """
+    from slmkit.infer.constrained import Constraint
+    from slmkit.infer.engine import Engine, load_draft
     from slmkit.infer.sampling import SamplingParams
 
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        seed=seed,
+    )
+    constraints = [
+        c
+        for c in (
+            Constraint.json_schema(json_schema) if json_schema is not None else None,
+            Constraint.regex(regex) if regex is not None else None,
+            Constraint.grammar(grammar) if grammar is not None else None,
+        )
+        if c is not None
+    ]
+    if len(constraints) > 1:
+        raise UserError("give at most one of json_schema, regex and grammar")
+    if draft is not None and lookup:
+        raise UserError("choose one kind of speculation: a draft model or lookup, not both")
     lm = load(model)
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    return _generate(lm.model, lm.tokenizer, prompt, max_new_tokens, sampling, stop)
+    draft_model = load_draft(lm, draft) if draft is not None else None
+    engine = Engine(lm.model, lm.tokenizer, draft=draft_model)
+    completions = engine.generate(
+        prompt,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop=stop or (),
+        truncate=truncate,
+        constraint=constraints[0] if constraints else None,
+        speculate="draft" if draft is not None else "lookup" if lookup else "off",
+        speculate_k=speculate_k,
+    )
+    texts = [c.text for c in completions]
+    return texts[0] if isinstance(prompt, str) else texts
 
 
 def evaluate(

@@ -177,35 +177,105 @@ def train(
 @app.command()
 def generate(
     model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],
-    prompt: Annotated[str, typer.Option(help="Text to continue.")],
+    prompt: Annotated[str | None, typer.Option(help="Text to continue.")] = None,
+    prompts_file: Annotated[
+        Path | None,
+        typer.Option(help="Many prompts, generated in batches: a .txt (one per line) or .jsonl ({'prompt': ...})."),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
     top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1].")] = None,
+    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min-p x p(most likely token).")] = None,
+    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats of prompt/output tokens.")] = 1.0,
+    frequency_penalty: Annotated[float, typer.Option(help="Subtract this per earlier occurrence, in [-2, 2].")] = 0.0,
+    presence_penalty: Annotated[float, typer.Option(help="Subtract this once per seen token, in [-2, 2].")] = 0.0,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     stop: Annotated[list[str], typer.Option(help="Stop at this string (repeatable).")] = [],  # noqa: B006
-    verbose: Annotated[bool, typer.Option("--verbose", help="Print timing after the text.")] = False,
+    draft: Annotated[
+        Path | None, typer.Option(help="Speculative decoding with this smaller model (same tokenizer).")
+    ] = None,
+    lookup: Annotated[
+        bool, typer.Option("--lookup", help="Speculative decoding from n-gram matches in prompt and output.")
+    ] = False,
+    speculate_k: Annotated[
+        int | None, typer.Option(help="Tokens drafted per verification (default 4 with --draft, 8 with --lookup).")
+    ] = None,
+    json_schema: Annotated[Path | None, typer.Option(help="Constrain the output to this JSON schema file.")] = None,
+    regex: Annotated[str | None, typer.Option(help="Constrain the output to this regular expression.")] = None,
+    grammar: Annotated[Path | None, typer.Option(help="Constrain the output to this EBNF (GBNF) grammar file.")] = None,
+    logprobs: Annotated[bool, typer.Option("--logprobs", help="Print JSON with each token's log-probability.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per prompt.")] = False,
+    truncate: Annotated[
+        bool, typer.Option("--truncate", help="Drop the start of a prompt that does not fit the context.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Prompts per batch with --prompts-file.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, else float32), float32, bfloat16.")] = "auto",
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="CUDA graphs for decode (default: on with CUDA).")
+    ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Print timing, acceptance rate and speedup after the text.")
+    ] = False,
 ) -> None:
-    """Continue PROMPT with MODEL, streaming text to the terminal."""
-    from slmkit.api import load
-    from slmkit.infer.generate import GenerationStats, stream_text
+    """Continue PROMPT with MODEL, streaming text to the terminal (or JSON lines for --prompts-file / --json)."""
+    from slmkit.infer.constrained import constraint_from_options
+    from slmkit.infer.engine import Engine, EngineStats, read_prompts
     from slmkit.infer.sampling import SamplingParams
 
-    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    lm = load(model)
-    stats = GenerationStats()
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
-    for delta in stream_text(lm.model, lm.tokenizer, prompt, max_new_tokens, sampling, stop, stats):
-        sys.stdout.write(delta)
+    if (prompt is None) == (prompts_file is None):
+        raise UserError("give exactly one of --prompt TEXT and --prompts-file FILE")
+    if draft is not None and lookup:
+        raise UserError("choose one kind of speculation: --draft MODEL or --lookup, not both")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    sampling = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        seed=seed,
+    )
+    constraint = constraint_from_options(
+        str(json_schema) if json_schema else None, regex, str(grammar) if grammar else None
+    )
+    prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
+    engine = Engine.load(model, draft=draft, device=device, dtype=dtype, compile=compile)
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop=stop,
+        logprobs=logprobs,
+        truncate=truncate,
+        constraint=constraint,
+        speculate="draft" if draft is not None else "lookup" if lookup else "off",
+        speculate_k=speculate_k,
+    )
+    stats = EngineStats()
+    if prompts_file is None and not (as_json or logprobs):
+        sys.stdout.write(prompts[0])
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    if verbose:
+        for delta in engine.stream(prompts[0], stats=stats, **options):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    else:
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            for text, completion in zip(batch, engine.generate(batch, stats=stats, **options), strict=True):
+                record = {"prompt": text, **completion.to_dict()}
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+    if constraint is not None and "length" in stats.finish_reasons:
         _console(stderr=True).print(
-            f"[dim]{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new; "
-            f"prefill {stats.prefill_seconds * 1e3:.1f} ms, "
-            f"decode {stats.decode_tokens_per_second:.1f} tokens/s; stop: {stats.stop_reason}[/]"
+            "[yellow]warning: max new tokens ran out before the output was complete; it may not parse[/]"
         )
+    if verbose:
+        _console(stderr=True).print(f"[dim]{stats.summary()}[/]")
 
 
 @app.command("eval")

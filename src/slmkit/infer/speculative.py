@@ -1,0 +1,157 @@
+"""Speculative decoding: cheap drafts, verified by the target model in one forward pass, losslessly.
+
+Two drafters:
+- :class:`DraftModel`: a smaller model with the same tokenizer proposes k tokens autoregressively.
+- :func:`lookup_draft` ("prompt lookup"): the tokens that followed the latest earlier occurrence of the
+  context's last n-gram (n = 3, 2, 1), found in the prompt and the generated text. Free, and good on
+  repetitive output such as code.
+
+:func:`verify` decides how many drafted tokens to keep. Greedy: keep drafted tokens while they equal the
+target's argmax, then append the target's own choice, so the output equals plain greedy decoding token for
+token. Sampling: standard speculative rejection sampling (Leviathan et al. 2023, Chen et al. 2023): keep
+drafted token d with probability min(1, p(d) / q(d)); at the first rejection draw from the residual
+max(p - q, 0) (normalised); if all are kept draw one more token from p. The output then follows the target
+distribution p exactly. A lookup draft is a point mass (q(d) = 1), so d is kept with probability p(d)
+and the residual is p without d.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from slmkit.infer.sampling import SamplingParams, apply_penalties, probabilities
+
+
+def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+    """Up to k tokens that followed an earlier occurrence of the last n-gram of `tokens` (longest n first)."""
+    arr = np.asarray(tokens)
+    length = len(arr)
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if length <= n:
+            continue
+        pattern = arr[-n:]
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)  # windows[i] = arr[i : i + n]
+        hits = np.flatnonzero((windows == pattern).all(axis=1))
+        if hits.size == 0:
+            continue
+        full = hits[hits + n + k <= length]
+        start = int(full[-1] if full.size else hits[0]) + n  # the latest match with a full continuation
+        return arr[start : start + k].tolist()
+    return []
+
+
+class DraftModel:
+    """A small model that drafts tokens over its own cache, kept in step with the accepted text."""
+
+    def __init__(self, model: torch.nn.Module, max_slots: int, sampling: SamplingParams) -> None:
+        self.model = model
+        self.cache = model.new_cache(1, max_slots)
+        self.sampling = sampling
+        self.device = next(model.parameters()).device
+        self.pos = 0  # the draft cache holds valid keys/values for tokens[:pos]
+
+    def rewind(self, pos: int) -> None:
+        """Forget slots from `pos` on (they held rejected tokens); later writes overwrite them."""
+        self.pos = min(self.pos, pos)
+
+    def propose(
+        self,
+        tokens: list[int],
+        k: int,
+        generator: torch.Generator | None,
+        counts: torch.Tensor | None,
+        seen: torch.Tensor | None,
+    ) -> tuple[list[int], torch.Tensor | None]:
+        """k draft tokens after `tokens`, and their draft distributions (k, V) when sampling."""
+        n = len(tokens)
+        feed = torch.tensor([tokens[self.pos : n]], device=self.device)
+        pos = torch.arange(self.pos, n, device=self.device)
+        logits = self.model(feed, cache=self.cache, cache_pos=pos, upto=n, last_only=True)[:, -1]
+        self.pos = n
+        counts = counts.clone() if counts is not None else None
+        seen = seen.clone() if seen is not None else None
+        draft: list[int] = []
+        probs: list[torch.Tensor] = []
+        for i in range(k):
+            scores = apply_penalties(logits.float(), self.sampling, counts, seen)
+            if self.sampling.greedy:
+                token = int(scores.argmax(-1)[0])
+            else:
+                q = probabilities(scores, self.sampling)  # (1, V)
+                token = int(torch.multinomial(q, 1, generator=generator)[0, 0])
+                probs.append(q[0])
+            draft.append(token)
+            if counts is not None and seen is not None:
+                counts[0, token] += 1
+                seen[0, token] = True
+            if i < k - 1:
+                cur = torch.tensor([[token]], device=self.device)
+                slot = torch.tensor([self.pos], device=self.device)
+                logits = self.model(cur, cache=self.cache, cache_pos=slot, upto=self.pos + 1)[:, -1]
+                self.pos += 1
+        return draft, torch.stack(probs) if probs else None
+
+
+def _penalised_rows(
+    logits: torch.Tensor,
+    draft: list[int],
+    sampling: SamplingParams,
+    counts: torch.Tensor | None,
+    seen: torch.Tensor | None,
+) -> torch.Tensor:
+    """Penalties for rows (m+1, V): row j sees the output so far plus draft[:j]."""
+    if counts is None or seen is None:
+        return logits.float()
+    m = len(draft)
+    onehot = torch.zeros(m + 1, logits.size(-1), device=logits.device)
+    if m:
+        rows = torch.arange(1, m + 1, device=logits.device)
+        onehot[rows, torch.tensor(draft, device=logits.device)] = 1.0
+    cumulative = onehot.cumsum(0)
+    return apply_penalties(logits.float(), sampling, counts + cumulative, seen | (cumulative > 0))
+
+
+def verify(
+    logits: torch.Tensor,
+    draft: list[int],
+    draft_probs: torch.Tensor | None,
+    sampling: SamplingParams,
+    generator: torch.Generator | None,
+    counts: torch.Tensor | None = None,
+    seen: torch.Tensor | None = None,
+) -> tuple[list[int], int]:
+    """Tokens to append (accepted drafts + one from the target) and how many drafts were accepted.
+
+    logits (m+1, V): the target's logits after each draft prefix; draft_probs (m, V): the draft's
+    distributions, or None for a point-mass draft (prompt lookup, or a greedy draft model under greedy).
+    """
+    m = len(draft)
+    scores = _penalised_rows(logits, draft, sampling, counts, seen)
+    if sampling.greedy:
+        target = scores.argmax(-1).tolist()
+        for j in range(m):
+            if target[j] != draft[j]:
+                return draft[:j] + [target[j]], j
+        return draft + [target[m]], m
+    probs = probabilities(scores, sampling)  # (m+1, V)
+    draft_t = torch.tensor(draft, device=logits.device)
+    p_draft = probs[torch.arange(m, device=logits.device), draft_t]  # (m,)
+    q_draft = draft_probs[torch.arange(m, device=logits.device), draft_t] if draft_probs is not None else None
+    uniforms = torch.rand(m, generator=generator, device=logits.device)
+    # accept d_j iff u_j * q(d_j) < p(d_j), i.e. with probability min(1, p/q)
+    keep = (uniforms * q_draft < p_draft) if q_draft is not None else (uniforms < p_draft)
+    keep_list = keep.tolist()
+    for j in range(m):
+        if not keep_list[j]:
+            if draft_probs is not None:
+                residual = (probs[j] - draft_probs[j]).clamp(min=0)
+            else:
+                residual = probs[j].clone()
+                residual[draft[j]] = 0.0
+            if float(residual.sum()) <= 0:  # p == q (or p is the point mass): the residual is p itself
+                residual = probs[j]
+            token = int(torch.multinomial(residual / residual.sum(), 1, generator=generator)[0])
+            return draft[:j] + [token], j
+    bonus = int(torch.multinomial(probs[m], 1, generator=generator)[0])
+    return draft + [bonus], m

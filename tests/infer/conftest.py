@@ -1,0 +1,105 @@
+"""Fixtures for the engine tests: the trained tiny model, a random draft model, a scripted model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmkit.config import ModelConfig
+
+
+@pytest.fixture(scope="session")
+def lm(tiny_model_dir):
+    from slmkit.api import load
+
+    return load(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def random_draft_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A 1-layer random model with the target's tokenizer: a poor draft (many rejections)."""
+    from slmkit.checkpoint import save_model
+    from slmkit.models.transformer import Transformer
+
+    target = ModelConfig.load(tiny_model_dir / "config.json")
+    cfg = target.replace(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
+    model = Transformer(cfg)
+    model.init_weights(seed=1)
+    out = tmp_path_factory.mktemp("draft") / "draft"
+    save_model(model, out, tokenizer_dir=tiny_model_dir)
+    return out
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A model of the same shape but with a different tokenizer."""
+    from slmkit.checkpoint import save_model
+    from slmkit.data.tokenizer import save_tokenizer, train_tokenizer
+    from slmkit.models.transformer import Transformer
+
+    target = ModelConfig.load(tiny_model_dir / "config.json")
+    tok = train_tokenizer(["completely different text " * 20, "zebra yak quokka " * 30], 300)
+    root = tmp_path_factory.mktemp("othertok")
+    save_tokenizer(tok, root / "tok")
+    model = Transformer(target.replace(n_layers=1))
+    model.init_weights(seed=2)
+    save_model(model, root / "model", tokenizer_dir=root / "tok")
+    return root / "model"
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in model whose next token is script[position]: logits put all mass on that token.
+
+    It has the Transformer's forward/new_cache interface, so the engine runs on it unchanged; tests use it to
+    force byte sequences (split UTF-8 characters) that a real tiny model would rarely produce.
+    """
+
+    def __init__(self, script: list[int], vocab_size: int, prompt_len: int) -> None:
+        super().__init__()
+        self.config = ModelConfig(vocab_size=vocab_size, d_model=8, n_heads=2, n_kv_heads=2, d_ff=8, max_seq_len=128)
+        self.script = script
+        self.prompt_len = prompt_len
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def new_cache(self, batch_size, max_slots=None, dtype=None):
+        from slmkit.models.transformer import KVCache
+
+        return KVCache(self.config, batch_size, max_slots)
+
+    def forward(self, idx, *, cache=None, cache_pos=None, positions=None, key_mask=None, upto=None, last_only=False):
+        b, t = idx.shape
+        pos = positions if positions is not None else cache_pos[None, :].expand(b, t)
+        logits = torch.full((b, t, self.config.vocab_size), -10.0)
+        for i in range(b):
+            for j in range(t):
+                k = int(pos[i, j]) + 1 - self.prompt_len
+                token = self.script[k] if 0 <= k < len(self.script) else self.config.eos_token_id
+                logits[i, j, token] = 10.0
+        return logits[:, -1:] if last_only else logits
+
+
+@pytest.fixture
+def scripted_model():
+    return ScriptedModel
+
+
+def _root_conftest():
+    """tests/conftest.py, loaded by path.
+
+    Test files import helpers with `from conftest import ...`; this file is also a module named conftest
+    (and may be the one in sys.modules), so it re-exports the root's helpers under the same names.
+    """
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    spec = importlib.util.spec_from_file_location("slmkit_tests_root_conftest", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_ROOT = _root_conftest()
+run_slm = _ROOT.run_slm
+SRC = _ROOT.SRC

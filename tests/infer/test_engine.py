@@ -1,0 +1,164 @@
+"""The engine: batching equals one-at-a-time, seeds reproduce, streaming keeps UTF-8 whole, logprobs are exact."""
+
+import pytest
+import torch
+
+from slmkit.errors import UserError
+from slmkit.infer.engine import Engine, EngineStats
+from slmkit.infer.sampling import SamplingParams
+
+PROMPTS = ["Small language models", "The", "Scaling laws for neural language models predict"]
+
+
+def test_batched_greedy_equals_each_prompt_alone(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    batched = engine.generate(PROMPTS, max_new_tokens=16)
+    for prompt, out in zip(PROMPTS, batched, strict=True):
+        [alone] = engine.generate([prompt], max_new_tokens=16)
+        assert out.token_ids == alone.token_ids
+        assert out.text == alone.text
+    # and one-at-a-time equals step-by-step argmax without any cache
+    ids = lm.tokenizer.encode(PROMPTS[1]).ids
+    with torch.no_grad():
+        for _ in range(16):
+            ids.append(int(lm.model(torch.tensor([ids]))[0, -1].argmax()))
+    assert batched[1].token_ids == ids[-16:]
+
+
+def test_static_cache_path_equals_dynamic_path(lm):
+    # the path torch.compile uses on CUDA (fixed-shape cache, full-length masks), run eagerly here
+    dynamic = Engine(lm.model, lm.tokenizer).generate(PROMPTS, max_new_tokens=12)
+    static = Engine(lm.model, lm.tokenizer, static_cache=True).generate(PROMPTS, max_new_tokens=12)
+    again = Engine(lm.model, lm.tokenizer, static_cache=True).generate(PROMPTS[::-1], max_new_tokens=12)
+    assert [c.token_ids for c in static] == [c.token_ids for c in dynamic]
+    assert [c.token_ids for c in again] == [c.token_ids for c in dynamic[::-1]]
+
+
+def test_compile_is_skipped_cleanly_on_cpu(lm):
+    engine = Engine(lm.model, lm.tokenizer, compile=True)
+    assert engine.compile is False  # CUDA graphs need CUDA; on CPU the decode step runs eagerly
+    assert engine.generate("The", max_new_tokens=4)[0].token_ids
+
+
+def test_same_seed_same_output_and_seed_matters(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    params = SamplingParams(temperature=1.0, top_p=0.95, min_p=0.02, repetition_penalty=1.2, seed=7)
+    a = engine.generate(PROMPTS, max_new_tokens=24, sampling=params)
+    b = engine.generate(PROMPTS, max_new_tokens=24, sampling=params)
+    c = engine.generate(PROMPTS, max_new_tokens=24, sampling=SamplingParams(temperature=1.0, seed=8))
+    assert [x.token_ids for x in a] == [x.token_ids for x in b]
+    assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def test_logprobs_match_a_direct_forward_pass(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    params = SamplingParams(temperature=1.0, seed=0)
+    outs = engine.generate(PROMPTS, max_new_tokens=10, sampling=params, logprobs=True)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        ids = lm.tokenizer.encode(prompt).ids
+        full = torch.tensor([ids + out.token_ids])
+        with torch.no_grad():
+            logp = lm.model(full)[0].float().log_softmax(-1)
+        expected = [float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(out.token_ids)]
+        assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+        assert out.logprobs == pytest.approx(expected, abs=1e-4)
+
+
+def _byte_token_ids(tokenizer) -> dict[int, int]:
+    """Token id of every single byte, via GPT-2's byte-to-unicode table (byte-level BPE's alphabet)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + n)
+            n += 1
+    return {b: tokenizer.token_to_id(c) for b, c in chars.items()}
+
+
+def test_stream_never_splits_a_utf8_character(lm, scripted_model):
+    tok = lm.tokenizer
+    byte_ids = _byte_token_ids(tok)
+    text = "é😀 ok ü"
+    script = [byte_ids[b] for b in text.encode("utf-8")]  # one token per byte: characters split across tokens
+    prompt = tok.encode("The").ids
+    model = scripted_model(script, lm.config.vocab_size, len(prompt))
+    engine = Engine(model, tok)
+    deltas = list(engine.stream("The", max_new_tokens=len(script)))
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert any(len(d.encode()) > 1 for d in deltas)  # multi-byte characters came out whole
+    # stop strings cut the text, also in a batch
+    stats = EngineStats()
+    [out] = engine.generate(["The"], max_new_tokens=len(script), stop=[" ok"], stats=stats)
+    assert out.text == "é😀" and out.finish_reason == "stop"
+
+
+def test_stream_joins_to_generate(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    full = engine.generate("Language", max_new_tokens=30)[0].text
+    assert "".join(engine.stream("Language", max_new_tokens=30)) == full
+
+
+def test_eos_stops_one_sequence_of_a_batch(lm, scripted_model):
+    tok = lm.tokenizer
+    prompt = tok.encode("The").ids
+    eos = 0
+    model = scripted_model([5, 6, eos, 7], lm.config.vocab_size, len(prompt))
+    [a] = Engine(model, tok).generate_ids([prompt], max_new_tokens=8)
+    assert a.token_ids == [5, 6] and a.finish_reason == "stop"
+    [b] = Engine(model, tok).generate_ids([prompt], max_new_tokens=1)
+    assert b.token_ids == [5] and b.finish_reason == "length"
+
+
+def test_bad_input_is_a_user_error(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    context = lm.config.max_seq_len
+    with pytest.raises(UserError, match="empty"):
+        engine.generate([""])
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        engine.generate("word " * context, max_new_tokens=8)
+    # truncation only when asked: keeps the end of the prompt
+    [out] = engine.generate("word " * context, max_new_tokens=8, truncate=True)
+    assert out.prompt_tokens == context - 8
+    with pytest.raises(UserError, match="temperature"):
+        SamplingParams(temperature=-0.5)
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match="top-p"):
+            SamplingParams(temperature=1.0, top_p=bad)
+    with pytest.raises(UserError, match="min-p"):
+        SamplingParams(min_p=2.0)
+    with pytest.raises(UserError, match="repetition penalty"):
+        SamplingParams(repetition_penalty=0.0)
+    with pytest.raises(UserError, match="needs a draft model"):
+        engine.generate("The", speculate="draft")
+    with pytest.raises(UserError, match="max new tokens"):
+        engine.generate("The", max_new_tokens=0)
+
+
+def test_draft_with_a_different_tokenizer_is_refused(tiny_model_dir, other_tokenizer_dir):
+    with pytest.raises(UserError, match="different tokenizer"):
+        Engine.load(tiny_model_dir, draft=other_tokenizer_dir)
+
+
+def test_public_api_generate(lm):
+    import json
+
+    import slmkit
+
+    one = slmkit.generate(lm, "The", max_new_tokens=8)
+    many = slmkit.generate(lm, ["The", "Small language models"], max_new_tokens=8)
+    assert isinstance(one, str) and many[0] == one
+    assert slmkit.generate(lm, "The", max_new_tokens=8, lookup=True) == one
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    assert isinstance(json.loads(slmkit.generate(lm, "The", max_new_tokens=40, json_schema=schema))["ok"], bool)
+    with pytest.raises(UserError, match="at most one"):
+        slmkit.generate(lm, "The", regex="a+", grammar='root ::= "a"')
+
+
+def test_streaming_does_not_leak_inference_mode(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    for _ in engine.stream("The", max_new_tokens=3):
+        assert not torch.is_inference_mode_enabled()
