@@ -192,6 +192,12 @@ def load_model(
     if not weights.is_file() and (directory / "model.safetensors.index.json").is_file():
         raise UserError(f"{directory}: sharded checkpoints are not supported yet; merge the shards first")
     state = from_hf_state_dict(load_state_file(weights))
+    if config.extra.get("quantization_config") is not None:  # quantized / factored: layers stay packed
+        from slmkit.compress.modules import load_compressed
+
+        model = load_compressed(directory, config, state, device, dtype)
+        model.source_dir = directory  # type: ignore[attr-defined]
+        return model
     with torch.device("meta"):
         model = Transformer(config)
     expected = dict(model.state_dict())
