@@ -60,13 +60,13 @@ def prune_unstructured(
             for sub in subs:
                 norms[sub] = torch.zeros(block.get_submodule(sub).in_features)
 
-            def make_hook(sub: str):
+            def make_hook(acc: torch.Tensor):
                 def hook(x: torch.Tensor) -> None:
-                    norms[sub] += x.float().pow(2).sum(0)
+                    acc.add_(x.float().pow(2).sum(0))
 
                 return hook
 
-            run_until_block(work, i, batches, {sub: make_hook(sub) for sub in subs})
+            run_until_block(work, i, batches, {sub: make_hook(norms[sub]) for sub in subs})
         for sub in subs:
             w = block.get_submodule(sub).weight
             score = w.abs() * (norms[sub].sqrt()[None, :] if use_data else 1.0)

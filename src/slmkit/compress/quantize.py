@@ -213,29 +213,27 @@ def quantize_model(
         stats: dict[str, dict[str, Any]] = {}
         if needs_data:
             assert batches is not None
-            k_max = 4096  # rows of x kept per layer for the AWQ search
             for sub in subs:
                 k = block.get_submodule(sub).in_features
                 stats[sub] = {"h": torch.zeros(k, k), "n": 0, "abs": torch.zeros(k), "sq": torch.zeros(k), "x": []}
 
-            def make_hook(sub: str):
+            def make_hook(st: dict[str, Any]):
                 def hook(x: torch.Tensor) -> None:
-                    st = stats[sub]
                     x = x.float()
                     st["n"] += x.shape[0]
                     st["h"] += x.t() @ x
                     st["abs"] += x.abs().sum(0)
                     st["sq"] += x.pow(2).sum(0)
-                    if sum(len(t) for t in st["x"]) < k_max:
+                    if sum(len(t) for t in st["x"]) < 4096:  # rows kept for the AWQ search
                         st["x"].append(x[:: max(1, x.shape[0] // 512)])
 
                 return hook
 
-            run_until_block(work, i, batches, {sub: make_hook(sub) for sub in subs})
+            run_until_block(work, i, batches, {sub: make_hook(stats[sub]) for sub in subs})
             for st in stats.values():
                 st["h"] /= max(st["n"], 1)
                 st["abs"] /= max(st["n"], 1)
-                st["x"] = torch.cat(st["x"])[:k_max]
+                st["x"] = torch.cat(st["x"])[:4096]
         if options.algorithm == "awq" and options.bits == 4:
             a, m = block.self_attn, block.mlp
             groups = {
@@ -252,7 +250,7 @@ def quantize_model(
                 )
             _fold_awq(block, awq_scales, config)
             # the stats were taken before the fold: rescale them to the folded inputs
-            for key, (_layers, sub, _tie) in groups.items():
+            for key in groups:
                 s = awq_scales[key]
                 subs_of = {
                     "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
