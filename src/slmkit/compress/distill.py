@@ -244,7 +244,7 @@ def distill(
                         teacher_logits = teacher_model(x)
                     loss = distill_loss(model(x), teacher_logits, y, temperature, alpha)
                     (loss / cfg.grad_accum).backward()
-                    total += float(loss)
+                    total += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)

@@ -147,10 +147,11 @@ from slmkit.infer.generate import generate_ids
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 base = rss()
 model = load_model(sys.argv[1])
-prompt = [1] * 16
-list(generate_ids(model, prompt, 8))
+prompt = [model.config.bos_token_id or 0] * 4
+new_tokens = min(int(sys.argv[3]), model.config.max_seq_len - len(prompt))
+list(generate_ids(model, prompt, 4))
 start = time.perf_counter()
-n = len(list(generate_ids(model, prompt, int(sys.argv[3]))))
+n = len(list(generate_ids(model, prompt, new_tokens)))
 seconds = time.perf_counter() - start
 print(json.dumps({"peak": rss(), "base": base, "tokens_per_second": n / seconds}))
 """

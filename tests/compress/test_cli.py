@@ -1,0 +1,63 @@
+"""`slm compress` and `slm distill` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests.conftest import run_slm
+
+
+@pytest.fixture(autouse=True)
+def one_thread_subprocess(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def test_compress_cli_end_to_end(float_model_dir, data_dir, tmp_path):
+    out = tmp_path / "q8"
+    r = run_slm(
+        "compress", float_model_dir, "--method", "int8", "--out", out, "--data", data_dir,
+        "--eval-windows", "4", "--calib-seq-len", "32", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    before, after = result["before"], result["after"]
+    assert before["size_bytes"] / after["size_bytes"] > 3.5
+    for m in (before, after):
+        assert m["peak_memory_mb"] > 0 and m["decode_tokens_per_second"] > 0 and m["perplexity"] > 1
+    assert after["model_memory_mb"] is not None
+    r = run_slm("generate", out, "--prompt", "the model", "--max-new-tokens", "5", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("the model")
+    r = run_slm("eval", out, "--data", data_dir, "--seq-len", "32", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["perplexity"] == pytest.approx(after["perplexity"], rel=0.2)
+    r = run_slm("compress", out, "--method", "int4", "--out", tmp_path / "again", "--no-measure")
+    assert r.returncode == 2 and "already compressed" in r.stderr
+    assert not (tmp_path / "again").exists()
+
+
+def test_compress_cli_table_and_errors(float_model_dir, data_dir, tmp_path):
+    r = run_slm("compress", float_model_dir, "--method", "int3", "--out", tmp_path / "x")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: unknown compression method 'int3'")
+    assert "Traceback" not in r.stderr and not (tmp_path / "x").exists()
+    r = run_slm("compress", float_model_dir, "--method", "gptq-int4", "--out", tmp_path / "x", "--group-size", "32")
+    assert r.returncode == 2 and "calibration data" in r.stderr
+    r = run_slm(
+        "compress", float_model_dir, "--method", "lowrank", "--out", tmp_path / "lr", "--energy", "0.5", "--no-measure",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "before" in r.stdout and "after" in r.stdout and "smaller" in r.stdout
+
+
+def test_distill_cli(float_model_dir, data_dir, tmp_path):
+    args = ("distill", "--teacher", float_model_dir, "--student", "tiny", "--data", data_dir, "--out", tmp_path / "d")
+    r = run_slm(*args, "--max-steps", "2", "--seq-len", "32", "--batch-size", "2", "--alpha", "0.7")
+    assert r.returncode == 0, r.stderr
+    assert "saved to" in r.stdout and (tmp_path / "d" / "final" / "model.safetensors").is_file()
+    r = run_slm(*args, "--max-steps", "2")
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = run_slm(*args, "--resume", "--max-steps", "3")
+    assert r.returncode == 0, r.stderr
+    assert "step 3" in r.stdout
