@@ -85,6 +85,9 @@ def test_distill_bad_input(float_model_dir, data_dir, tmp_path):
         distill(float_model_dir, "tiny", data_dir, tmp_path / "a", CFG, temperature=0)
     with pytest.raises(UserError, match="neither a model directory nor a preset"):
         distill(float_model_dir, "huge", data_dir, tmp_path / "a", CFG)
+    distill(float_model_dir, "tiny", data_dir, tmp_path / "once", dataclasses.replace(CFG, max_steps=1))
+    with pytest.raises(UserError, match="already has checkpoints; pass --resume"):
+        distill(float_model_dir, "tiny", data_dir, tmp_path / "once", CFG)
     with pytest.raises(UserError, match="no distillation checkpoint"):
         distill(float_model_dir, "tiny", data_dir, tmp_path / "nothing", resume=True)
     compress(float_model_dir, "int8", tmp_path / "q8", measure=False)
