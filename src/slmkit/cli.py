@@ -244,7 +244,10 @@ def compress(
     data: Annotated[
         Path | None, typer.Option(help="Data dir: calibration windows (train split), before/after scores (val).")
     ] = None,
-    group_size: Annotated[int, typer.Option(help="int4: inputs per scale/zero group (32, 64, 128).")] = 128,
+    group_size: Annotated[
+        int | None,
+        typer.Option(help="int4: inputs per scale/zero group (default 128, less where 128 won't fit)."),
+    ] = None,
     outliers: Annotated[float, typer.Option(help="int4: share of weights kept in fp16 (SpQR-style).")] = 0.0,
     sparsity: Annotated[float, typer.Option(help="prune-magnitude / prune-wanda: share of weights zeroed.")] = 0.5,
     heads_keep: Annotated[float, typer.Option(help="prune-structured: share of attention heads kept.")] = 1.0,

@@ -87,8 +87,12 @@ def test_int4_fallback_matches_dequantized(data_dir, tmp_path, make_model):
 
     src = make_model(tmp_path / "f", data_dir, d_ff=176, max_seq_len=32)  # 176: group size 16 only
     out = tmp_path / "q"
-    compress(src, "int4", out, options=CompressOptions(group_size=16), measure=False)
+    compress(src, "int4", out, options=CompressOptions(), measure=False)  # auto group sizes
+    spec = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert spec["group_size"] == 64
+    assert spec["group_sizes"] == {"layers.0.mlp.down_proj": 16, "layers.1.mlp.down_proj": 16}
     model = load_model(out)
+    assert model.layers[0].self_attn.q_proj.use_kernel
     layer = model.layers[0].mlp.down_proj
     assert not layer.use_kernel
     x = torch.randn(3, layer.in_features)

@@ -242,7 +242,8 @@ def swap_modules(model: nn.Module, spec: dict[str, Any], state: dict[str, torch.
         if method == "int8":
             new: nn.Module = Int8Linear(old.in_features, old.out_features)
         elif method == "int4":
-            new = Int4Linear(old.in_features, old.out_features, int(spec["group_size"]))
+            group_size = (spec.get("group_sizes") or {}).get(name, spec["group_size"])
+            new = Int4Linear(old.in_features, old.out_features, int(group_size))
         elif method == "lowrank":
             key = name + ".weight_u"
             if key not in state:

@@ -40,7 +40,7 @@ NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured"}
 
 @dataclass
 class CompressOptions:
-    group_size: int = 128  # int4 methods
+    group_size: int | None = None  # int4 methods; None: 128 where it divides a layer's width, else 64, 32...
     outliers: float = 0.0  # int4 methods: share of weights kept in fp16 (SpQR-style)
     sparsity: float = 0.5  # prune-magnitude / prune-wanda
     heads_keep: float = 1.0  # prune-structured

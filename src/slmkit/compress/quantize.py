@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class QuantOptions:
     bits: int = 4  # 4 or 8
-    group_size: int = 128
+    group_size: int | None = None  # None: 128 where it divides a layer's input width, else 64, 32, ...
     algorithm: str = "rtn"  # rtn | gptq | awq
     outliers: float = 0.0  # share of each int4 layer's weights kept in fp16
     damp: float = 0.01  # GPTQ: Hessian damping, as a share of its mean diagonal
@@ -139,14 +139,32 @@ def check_options(model: nn.Module, options: QuantOptions) -> None:
         raise UserError(f"--outliers must be a fraction in [0, 0.1), got {options.outliers}")
     if options.bits == 4:
         g = options.group_size
-        if g < 2 or g % 2:
+        if g is not None and (g < 2 or g % 2):
             raise UserError(f"--group-size must be an even number >= 2 (32, 64 or 128 are usual), got {g}")
-        widths = {name: model.get_submodule(name).in_features for name in linear_names(model.config)}
+        layer_group_sizes(model, g)
+
+
+def layer_group_sizes(model: nn.Module, group_size: int | None) -> dict[str, int]:
+    """The group size of each block linear layer: the one asked for (it must divide every input width), or
+    by default 128 where it divides the layer's width and the largest power of two below that otherwise."""
+    widths = {name: model.get_submodule(name).in_features for name in linear_names(model.config)}
+    if group_size is None:
+        out = {}
         for name, k in widths.items():
-            if k % g:
-                fits = [c for c in (256, 128, 64, 32, 16, 8) if all(w % c == 0 for w in widths.values())]
-                hint = f"sizes that fit this model: {', '.join(map(str, fits))}" if fits else "no power of two fits"
-                raise UserError(f"--group-size {g} does not divide the input width {k} of {name}; {hint}")
+            fits = [c for c in (128, 64, 32, 16, 8, 4, 2) if k % c == 0]
+            if not fits:
+                raise UserError(f"{name} has an odd input width {k}; int4 needs even widths (use int8)")
+            out[name] = fits[0]
+        return out
+    for name, k in widths.items():
+        if k % group_size:
+            fits = [c for c in (256, 128, 64, 32, 16, 8) if all(w % c == 0 for w in widths.values())]
+            hint = f"sizes that fit this model: {', '.join(map(str, fits))}" if fits else "no power of two fits"
+            raise UserError(
+                f"--group-size {group_size} does not divide the input width {k} of {name}; {hint} "
+                "(or leave --group-size out: 128 where it divides, smaller groups elsewhere)"
+            )
+    return dict.fromkeys(widths, group_size)
 
 
 def _fold_awq(block: nn.Module, scales: dict[str, torch.Tensor], config: Any) -> None:
@@ -202,6 +220,7 @@ def quantize_model(
     config = model.config
     work = copy.deepcopy(model).float().eval()
     names = linear_names(config)
+    groups_of = layer_group_sizes(model, options.group_size) if options.bits == 4 else {}
     packed: dict[str, dict[str, torch.Tensor]] = {}
     needs_data = options.algorithm in ("gptq", "awq") or options.outliers > 0
     if needs_data and not batches:
@@ -245,9 +264,8 @@ def quantize_model(
             awq_scales = {}
             for key, (layers, sub, tie) in groups.items():
                 st = stats[sub]
-                awq_scales[key] = _awq_search(
-                    [lin.weight for lin in layers], st["x"], st["abs"], options.group_size, tie
-                )
+                g = groups_of[f"layers.{i}.{sub}"]
+                awq_scales[key] = _awq_search([lin.weight for lin in layers], st["x"], st["abs"], g, tie)
             _fold_awq(block, awq_scales, config)
             # the stats were taken before the fold: rescale them to the folded inputs
             for key in groups:
@@ -270,11 +288,12 @@ def quantize_model(
                 packed[f"layers.{i}.{sub}"] = {"qweight": codes8, "scales": scales8}
                 lin.weight.copy_(codes8.float() * scales8[:, None])
                 continue
+            g = groups_of[f"layers.{i}.{sub}"]
             if options.algorithm == "gptq":
-                codes, sc, ze = int4_gptq(w, stats[sub]["h"], options.group_size, options.damp)
+                codes, sc, ze = int4_gptq(w, stats[sub]["h"], g, options.damp)
             else:
-                codes, sc, ze = int4_rtn(w, options.group_size)
-            deq = int4_dequant(codes, sc, ze, options.group_size)
+                codes, sc, ze = int4_rtn(w, g)
+            deq = int4_dequant(codes, sc, ze, g)
             entry = {"qweight": pack_int4(codes), "scales": sc.half(), "zeros": ze.half()}
             if options.outliers > 0:
                 input_scale = (stats[sub]["sq"] / max(stats[sub]["n"], 1)).sqrt() if stats else None
@@ -309,6 +328,8 @@ def quantize_model(
         "embeddings": "int8",
     }
     if options.bits == 4:
-        spec["group_size"] = options.group_size
+        nominal = options.group_size or max(groups_of.values())
+        spec["group_size"] = nominal
+        spec["group_sizes"] = {name: g for name, g in groups_of.items() if g != nominal}
         spec["outliers"] = options.outliers
     return state, spec
