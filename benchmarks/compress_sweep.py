@@ -120,7 +120,8 @@ def main() -> None:
         print(
             f"{method:18s} ppl {b['perplexity']:.3f} -> {a['perplexity']:.3f} ({change:+.2f}%)"
             f"  size {d['size_ratio']:.2f}x smaller"
-            f"  model RSS {b['model_memory_mb']:.0f} -> {a['model_memory_mb']:.0f} MB"
+            f"  tensors {b['weights_memory_mb']:.2f} -> {a['weights_memory_mb']:.2f} MB"
+            f"  peak RSS {b['peak_memory_mb']:.0f} -> {a['peak_memory_mb']:.0f} MB"
             f"  decode {b['decode_tokens_per_second']:.0f} -> {a['decode_tokens_per_second']:.0f} tok/s",
             flush=True,
         )
@@ -134,21 +135,23 @@ def main() -> None:
     lines = [
         f"model {args.model}, val split of {args.data}; {hardware()}",
         "",
-        "| method | val ppl | ppl change | bits/byte | size MB | size ratio | model RSS MB | decode tok/s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | val ppl | ppl change | bits/byte | file MB | file ratio | tensors MB | peak RSS MB "
+        "| load+decode RSS MB | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     assert base is not None
     lines.append(
         f"| float32 | {base['perplexity']:.3f} | | {base['bits_per_byte']:.4f} | "
-        f"{base['size_bytes'] / 1e6:.2f} | 1.00x "
-        f"| {base['model_memory_mb']:.0f} | {base['decode_tokens_per_second']:.0f} |"
+        f"{base['size_bytes'] / 1e6:.2f} | 1.00x | {base['weights_memory_mb']:.2f} | {base['peak_memory_mb']:.0f} "
+        f"| {base['model_memory_mb']:.1f} | {base['decode_tokens_per_second']:.0f} |"
     )
     for d in rows:
         a = d["after"]
         lines.append(
             f"| {d['method']} | {a['perplexity']:.3f} | {d['perplexity_increase_percent']:+.2f}% | "
             f"{a['bits_per_byte']:.4f} | {a['size_bytes'] / 1e6:.2f} | {d['size_ratio']:.2f}x | "
-            f"{a['model_memory_mb']:.0f} | {a['decode_tokens_per_second']:.0f} |"
+            f"{a['weights_memory_mb']:.2f} | {a['peak_memory_mb']:.0f} | {a['model_memory_mb']:.1f} | "
+            f"{a['decode_tokens_per_second']:.0f} |"
         )
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     pareto_plot(rows, base, args.out / "pareto.png")

@@ -287,7 +287,7 @@ def compress(
         return "n/a" if value is None else format(value, spec)
 
     table = Table(title=f"{method}: {model} -> {out}  ({result.seconds:.1f} s)")
-    columns = ("", "perplexity", "bits/byte", "size (MB)", "params", "peak RSS (MB)", "model RSS (MB)", "decode tok/s")
+    columns = ("", "perplexity", "bits/byte", "file MB", "tensors MB", "peak RSS MB", "load+decode MB", "decode tok/s")
     for col in columns:
         table.add_column(col, justify="right")
     for name, m in (("before", result.before), ("after", result.after)):
@@ -296,9 +296,9 @@ def compress(
             fmt(m.perplexity, ".3f"),
             fmt(m.bits_per_byte, ".4f"),
             f"{m.size_bytes / 1e6:.2f}",
-            fmt(m.parameters, ","),
+            fmt(m.weights_memory_mb, ".2f"),
             fmt(m.peak_memory_mb, ".0f"),
-            fmt(m.model_memory_mb, ".0f"),
+            fmt(m.model_memory_mb, ".1f"),
             fmt(m.decode_tokens_per_second, ".1f"),
         )
     _console().print(table)

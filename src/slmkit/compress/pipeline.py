@@ -59,8 +59,9 @@ class Measurement:
     loss: float | None = None
     perplexity: float | None = None
     bits_per_byte: float | None = None
-    peak_memory_mb: float | None = None  # resident set of a process that loads the model and decodes
-    model_memory_mb: float | None = None  # the same minus the process's size before loading
+    peak_memory_mb: float | None = None  # peak resident set of a process that loads the model and decodes
+    model_memory_mb: float | None = None  # that peak minus the process's resident set before loading
+    weights_memory_mb: float | None = None  # bytes of the loaded model's tensors (packed ones as packed)
     decode_tokens_per_second: float | None = None
 
 
@@ -140,12 +141,22 @@ def _val_score(model: torch.nn.Module, data: Any, seq_len: int, windows: int | N
 
 
 _PROBE = """
-import json, resource, sys, time, torch
+import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
+import safetensors.torch, slmkit.models.transformer, slmkit.compress.modules  # imported before the baseline
 from slmkit.checkpoint import load_model
 from slmkit.infer.generate import generate_ids
-def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-base = rss()
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+try:  # reset the high-water mark so importing torch does not mask the model's peak
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+except OSError:
+    pass
+base = status("VmRSS")
 model = load_model(sys.argv[1])
 prompt = [model.config.bos_token_id or 0] * 4
 new_tokens = min(int(sys.argv[3]), model.config.max_seq_len - len(prompt))
@@ -153,7 +164,7 @@ list(generate_ids(model, prompt, 4))
 start = time.perf_counter()
 n = len(list(generate_ids(model, prompt, new_tokens)))
 seconds = time.perf_counter() - start
-print(json.dumps({"peak": rss(), "base": base, "tokens_per_second": n / seconds}))
+print(json.dumps({"peak": status("VmHWM"), "base": base, "tokens_per_second": n / seconds}))
 """
 
 
@@ -184,6 +195,8 @@ def _measure(
 ) -> Measurement:
     m = Measurement(size_bytes=directory_size(directory))
     m.parameters = sum(t.numel() for t in {id(p): p for p in model.parameters()}.values())
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
+    m.weights_memory_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20
     if data is not None:
         for key, value in _val_score(model, data, seq_len, windows).items():
             setattr(m, key, value)
