@@ -26,7 +26,7 @@ def cli(capsys, monkeypatch):
     return run
 
 
-def test_compress_cli_end_to_end(float_model_dir, data_dir, tmp_path, slm):
+def test_compress_cli_end_to_end(float_model_dir, data_dir, tmp_path, slm, cli):
     out = tmp_path / "q8"
     r = slm(
         "compress", float_model_dir, "--method", "int8", "--out", out, "--data", data_dir,
@@ -40,9 +40,9 @@ def test_compress_cli_end_to_end(float_model_dir, data_dir, tmp_path, slm):
         assert m["peak_memory_mb"] > 0 and m["decode_tokens_per_second"] > 0 and m["perplexity"] > 1
     assert after["model_memory_mb"] > 0
     assert before["weights_memory_mb"] / after["weights_memory_mb"] > 3.5  # packed in memory too
-    r = slm("generate", out, "--prompt", "the model", "--max-new-tokens", "5", "--temperature", "0")
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.startswith("the model")
+    code, text, err = cli("generate", out, "--prompt", "the model", "--max-new-tokens", "5", "--temperature", "0")
+    assert code == 0, err
+    assert text.startswith("the model")
     from slmkit.api import evaluate
 
     score = evaluate(out, data_dir, seq_len=32)  # what `slm eval` runs
@@ -76,5 +76,5 @@ def test_distill_cli(float_model_dir, data_dir, tmp_path, cli):
     code, out, err = cli(*args, "--resume", "--max-steps", "3")
     assert code == 0, err
     assert "step 3" in out
-    code, _out, err = cli(*args[:8], "--out", tmp_path / "e", "--alpha", "2", "--max-steps", "1")
+    code, _out, err = cli(*args[:7], "--out", tmp_path / "e", "--alpha", "2", "--max-steps", "1")
     assert code == 2 and "--alpha" in err
