@@ -42,8 +42,8 @@ def decode_rate(model: torch.nn.Module, new_tokens: int = 64, repeats: int = 3) 
     return best
 
 
-def peer_int8(model_dir: Path, int8_dir: Path, data_dir: Path, seq_len: int, windows: int | None) -> dict:
-    """torch.ao dynamic int8 vs our int8, side by side in this process."""
+def side_by_side(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int, windows: int | None) -> dict:
+    """Float32, our int8 / int4 (GPTQ) and torch.ao dynamic int8, scored and timed in this one process."""
     import math
 
     from slmkit.checkpoint import load_model
@@ -51,15 +51,20 @@ def peer_int8(model_dir: Path, int8_dir: Path, data_dir: Path, seq_len: int, win
     from slmkit.eval.perplexity import token_nats
 
     data = load_data_dir(data_dir)
-    ours = load_model(int8_dir)
-    theirs = torch.ao.quantization.quantize_dynamic(load_model(model_dir), {torch.nn.Linear}, dtype=torch.qint8)
-    out = {}
-    for name, model in (("slmkit int8", ours), ("torch.ao dynamic int8", theirs)):
+    models = {"float32": load_model(model_dir)}
+    for name in ("int8", "gptq-int4"):
+        if (sweep_dir / name).is_dir():
+            models[f"slmkit {name}"] = load_model(sweep_dir / name)
+    models["torch.ao dynamic int8"] = torch.ao.quantization.quantize_dynamic(
+        load_model(model_dir), {torch.nn.Linear}, dtype=torch.qint8
+    )
+    out: dict = {}
+    for name, model in models.items():
         nats, count = token_nats(model, data.val, seq_len, 8, windows)
         out[name] = {"perplexity": math.exp(nats / count), "decode_tokens_per_second": decode_rate(model)}
-    out["decode ratio (ours / torch.ao)"] = (
-        out["slmkit int8"]["decode_tokens_per_second"] / out["torch.ao dynamic int8"]["decode_tokens_per_second"]
-    )
+    reference = out["torch.ao dynamic int8"]["decode_tokens_per_second"]
+    for name in models:
+        out[name]["decode_ratio_vs_torch_ao_int8"] = out[name]["decode_tokens_per_second"] / reference
     return out
 
 
@@ -91,6 +96,13 @@ def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def model_context(model: Path) -> int:
+    from slmkit.checkpoint import resolve_model_dir
+    from slmkit.config import ModelConfig
+
+    return min(256, ModelConfig.load(resolve_model_dir(model) / "config.json").max_seq_len)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
@@ -100,9 +112,15 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=None, help="val windows scored (default: all)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--side-by-side-only", action="store_true", help="only re-time models already in --out")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.side_by_side_only:
+        peer = side_by_side(args.model, args.out, args.data, model_context(args.model), args.eval_windows)
+        print(json.dumps(peer, indent=1))
+        (args.out / "side_by_side.json").write_text(json.dumps(peer, indent=2) + "\n")
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     base = None
@@ -125,11 +143,8 @@ def main() -> None:
             f"  decode {b['decode_tokens_per_second']:.0f} -> {a['decode_tokens_per_second']:.0f} tok/s",
             flush=True,
         )
-    peer = None
-    if "int8" in args.methods.split(","):
-        seq_len = min(256, json.loads((args.out / "int8" / "config.json").read_text())["max_position_embeddings"])
-        peer = peer_int8(args.model, args.out / "int8", args.data, seq_len, args.eval_windows)
-        print("peer:", json.dumps(peer))
+    peer = side_by_side(args.model, args.out, args.data, model_context(args.model), args.eval_windows)
+    print("side by side (one process):", json.dumps(peer, indent=1))
     report = {"hardware": hardware(), "model": str(args.model), "data": str(args.data), "methods": rows, "peer": peer}
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
