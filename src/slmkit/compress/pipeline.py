@@ -35,6 +35,7 @@ METHODS = (
     "prune-structured",
     "lowrank",
 )
+_BEFORE: dict[tuple, Measurement] = {}
 NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured"}
 
 
@@ -293,6 +294,11 @@ def compress(
     log.info("wrote %s (%s) in %.1f s", out, method, seconds)
 
     compressed = load_model(out)
-    before = _measure(source, float_model, data_dir, seq_len, eval_windows, measure)
+    # the source is measured once per process (a sweep compresses one model many ways)
+    key = (str(source.resolve()), (source / "model.safetensors").stat().st_mtime_ns, seq_len, eval_windows, measure)
+    key += (str(data_dir.path) if data_dir is not None else None,)
+    if key not in _BEFORE:
+        _BEFORE[key] = _measure(source, float_model, data_dir, seq_len, eval_windows, measure)
+    before = _BEFORE[key]
     after = _measure(out, compressed, data_dir, seq_len, eval_windows, measure)
     return CompressResult(method=method, out=out, seconds=seconds, before=before, after=after, record=record)
