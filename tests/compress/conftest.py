@@ -51,21 +51,3 @@ def one_thread():
 def make_model():
     """make_model(directory, data_dir, **config overrides) -> a saved random-init model dir."""
     return make_model_dir
-
-
-@pytest.fixture
-def slm():
-    """Run the CLI as a user would (`python -m slmkit ...`), one intra-op thread (shared machine)."""
-    import os
-    import subprocess
-    import sys
-
-    src = Path(__file__).resolve().parents[2] / "src"
-    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-
-    def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "slmkit", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
-        )
-
-    return run

@@ -1,4 +1,4 @@
-"""`slm compress` and `slm distill` as a user runs them: one real subprocess, the rest in-process via `main()`."""
+"""`slm compress` and `slm distill` through the CLI entry point `main()` (exit codes, messages, output)."""
 
 from __future__ import annotations
 
@@ -26,20 +26,18 @@ def cli(capsys, monkeypatch):
     return run
 
 
-def test_compress_cli_end_to_end(float_model_dir, data_dir, tmp_path, slm, cli):
+def test_compress_cli_end_to_end(float_model_dir, data_dir, tmp_path, cli):
     out = tmp_path / "q8"
-    r = slm(
+    code, text, err = cli(
         "compress", float_model_dir, "--method", "int8", "--out", out, "--data", data_dir,
-        "--eval-windows", "4", "--calib-seq-len", "32", "--json",
+        "--eval-windows", "4", "--calib-seq-len", "32", "--json", "--no-measure",
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)
+    assert code == 0, err
+    result = json.loads(text)
     before, after = result["before"], result["after"]
     assert before["size_bytes"] / after["size_bytes"] > 3.5
-    for m in (before, after):
-        assert m["peak_memory_mb"] > 0 and m["decode_tokens_per_second"] > 0 and m["perplexity"] > 1
-    assert after["model_memory_mb"] > 0
     assert before["weights_memory_mb"] / after["weights_memory_mb"] > 3.5  # packed in memory too
+    assert after["perplexity"] > 1 and after["peak_memory_mb"] is None
     code, text, err = cli("generate", out, "--prompt", "the model", "--max-new-tokens", "5", "--temperature", "0")
     assert code == 0, err
     assert text.startswith("the model")
@@ -78,3 +76,12 @@ def test_distill_cli(float_model_dir, data_dir, tmp_path, cli):
     assert "step 3" in out
     code, _out, err = cli(*args[:7], "--out", tmp_path / "e", "--alpha", "2", "--max-steps", "1")
     assert code == 2 and "--alpha" in err
+
+
+def test_memory_and_speed_probe(float_model_dir, tmp_path):
+    """The fresh-process probe behind the before/after table (one subprocess: slow on a shared machine)."""
+    from slmkit.compress.pipeline import probe
+
+    m = probe(float_model_dir, new_tokens=8)
+    assert m["peak_memory_mb"] > m["model_memory_mb"] > 0
+    assert m["decode_tokens_per_second"] > 0
