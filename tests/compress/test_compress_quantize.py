@@ -186,3 +186,13 @@ def test_quantization_bad_input(float_model_dir, data_dir, tmp_path):
     with pytest.raises(UserError, match="already compressed"):
         compress(tmp_path / "q8", "int4", out, measure=False)
     assert not out.exists()
+
+
+def test_int8_kernel_path_matches_default(float_model_dir, tmp_path):
+    compress(float_model_dir, "int8", tmp_path / "q8")
+    layer = load_model(tmp_path / "q8").layers[0].mlp.up_proj
+    x = torch.randn(3, layer.in_features)
+    default = layer(x)
+    layer.use_kernel = True  # torch.ops.aten._weight_int8pack_mm
+    assert torch.allclose(layer(x), default, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(default, x @ (layer.qweight.float() * layer.scales[:, None]).t(), atol=1e-5)

@@ -4,8 +4,9 @@ Phase 2 of the two-phase scheme (phase 1, in quantize.py / lowrank.py, turns a f
 packed tensors): build the model on the meta device, swap each compressed `nn.Linear` / `nn.Embedding`
 for the module below that matches the spec in `config.json`, then load the packed state dict into it.
 
-- `Int8Linear`: int8 weights (N, K) + one fp32 scale per output row; `torch.ops.aten._weight_int8pack_mm`
-  does the matmul on the packed weights (dequantizing inside the kernel).
+- `Int8Linear`: int8 weights (N, K) + one fp32 scale per output row; the forward widens one layer's weight
+  at a time for the matmul (`torch.ops.aten._weight_int8pack_mm` is available with `use_kernel`, but measured
+  slower on CPU).
 - `Int4Linear`: two 4-bit codes per byte + an fp16 scale and zero per group of `group_size` inputs
   (w = (q - 8) * scale + zero); on CPU `_weight_int4pack_mm_for_cpu` runs on the packed weights; elsewhere
   (or for shapes that kernel refuses) the forward unpacks one layer at a time and calls F.linear.
@@ -83,6 +84,10 @@ def _int4_kernel_ok(n: int, k: int, group_size: int, device: torch.device) -> bo
 
 # ---- modules -------------------------------------------------------------------------------------
 class Int8Linear(nn.Module):
+    # torch 2.13's CPU `_weight_int8pack_mm` measured ~4x slower than widening the weight per call and ~8x
+    # slower than an fp32 matmul at batch 1 on our 2-core EPYC (docs/compression.md), so it is opt-in.
+    use_kernel = False
+
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -92,9 +97,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        if self.use_kernel and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
-        else:
+        else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
         return y.view(*shape[:-1], self.out_features)
 
