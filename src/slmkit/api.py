@@ -180,3 +180,17 @@ def train(*args: Any, **kwargs: Any):
     from slmkit.train.loop import train as _train
 
     return _train(*args, **kwargs)
+
+
+def compress(*args: Any, **kwargs: Any):
+    """Quantize, prune or factorize a model dir (see `slmkit.compress.pipeline.compress`)."""
+    from slmkit.compress.pipeline import compress as _compress
+
+    return _compress(*args, **kwargs)
+
+
+def distill(*args: Any, **kwargs: Any):
+    """Distil a teacher into a student (see `slmkit.compress.distill.distill`)."""
+    from slmkit.compress.distill import distill as _distill
+
+    return _distill(*args, **kwargs)

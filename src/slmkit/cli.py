@@ -352,6 +352,131 @@ def card(
 
 
 @app.command()
+def compress(
+    model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],
+    method: Annotated[
+        str,
+        typer.Option(
+            help="int8, int4, gptq-int4, awq-int4, prune-magnitude, prune-wanda, prune-2:4, prune-structured, lowrank."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output model directory (written atomically).")],
+    data: Annotated[
+        Path | None, typer.Option(help="Data dir: calibration windows (train split), before/after scores (val).")
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option(help="int4: inputs per scale/zero group (default 128, less where 128 won't fit)."),
+    ] = None,
+    outliers: Annotated[float, typer.Option(help="int4: share of weights kept in fp16 (SpQR-style).")] = 0.0,
+    sparsity: Annotated[float, typer.Option(help="prune-magnitude / prune-wanda: share of weights zeroed.")] = 0.5,
+    heads_keep: Annotated[float, typer.Option(help="prune-structured: share of attention heads kept.")] = 1.0,
+    ffn_keep: Annotated[float, typer.Option(help="prune-structured: share of FFN channels kept.")] = 1.0,
+    drop_layers: Annotated[int, typer.Option(help="prune-structured: number of whole layers removed.")] = 0,
+    energy: Annotated[float, typer.Option(help="lowrank: share of squared singular values kept per layer.")] = 0.9,
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows from the train split.")] = 128,
+    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
+    eval_windows: Annotated[int | None, typer.Option(help="Val windows scored before/after (default: all).")] = None,
+    measure: Annotated[
+        bool, typer.Option("--measure/--no-measure", help="Measure peak memory and decode speed in a subprocess.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Quantize, prune or factorize MODEL into OUT; prints before/after quality, size, memory and speed."""
+    from slmkit.compress.pipeline import CompressOptions
+    from slmkit.compress.pipeline import compress as run_compress
+
+    options = CompressOptions(
+        group_size=group_size,
+        outliers=outliers,
+        sparsity=sparsity,
+        heads_keep=heads_keep,
+        ffn_keep=ffn_keep,
+        drop_layers=drop_layers,
+        energy=energy,
+        calib_samples=calib_samples,
+        calib_seq_len=calib_seq_len,
+    )
+    result = run_compress(model, method, out, data=data, options=options, measure=measure, eval_windows=eval_windows)
+    if as_json:
+        print(json.dumps(result.to_dict()))
+        return
+    from rich.table import Table
+
+    def fmt(value: Any, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    table = Table(title=f"{method}: {model} -> {out}  ({result.seconds:.1f} s)")
+    columns = ("", "perplexity", "bits/byte", "file MB", "tensors MB", "peak RSS MB", "load+decode MB", "decode tok/s")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for name, m in (("before", result.before), ("after", result.after)):
+        table.add_row(
+            name,
+            fmt(m.perplexity, ".3f"),
+            fmt(m.bits_per_byte, ".4f"),
+            f"{m.size_bytes / 1e6:.2f}",
+            fmt(m.weights_memory_mb, ".2f"),
+            fmt(m.peak_memory_mb, ".0f"),
+            fmt(m.model_memory_mb, ".1f"),
+            fmt(m.decode_tokens_per_second, ".1f"),
+        )
+    _console().print(table)
+    b, a = result.before, result.after
+    notes = [f"size {b.size_bytes / max(a.size_bytes, 1):.2f}x smaller"]
+    if b.perplexity and a.perplexity:
+        notes.append(f"perplexity {100 * (a.perplexity / b.perplexity - 1):+.2f}%")
+    _console().print("; ".join(notes))
+
+
+@app.command()
+def distill(
+    teacher: Annotated[Path, typer.Option(help="Teacher model dir (or run dir).")],
+    student: Annotated[str, typer.Option(help="Student model dir (e.g. a pruned model) or a preset name.")],
+    data: Annotated[Path, typer.Option("--data", help="Data dir tokenized with the teacher's tokenizer.")],
+    out: Annotated[Path, typer.Option("--out", help="Run dir: checkpoints/, metrics.jsonl, final/.")],
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
+    alpha: Annotated[float, typer.Option(help="Weight of the KL term; 1 - alpha goes to the LM loss.")] = 0.5,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per micro-batch.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Budget: optimizer steps.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Budget: training tokens.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Budget: wall-clock minutes.")] = None,
+    save_interval: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (student init and data order).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
+) -> None:
+    """Distil TEACHER into STUDENT on DATA (KL on temperature-softened logits, mixed with the LM loss)."""
+    from slmkit.compress.distill import distill as run_distill
+    from slmkit.train.config import TrainConfig
+
+    options = {
+        "lr": lr,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "warmup_steps": warmup_steps,
+        "max_steps": max_steps,
+        "max_tokens": max_tokens,
+        "max_minutes": max_minutes,
+        "save_interval": save_interval,
+        "seed": seed,
+        "device": device,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    budgets = {k: given[k] for k in ("max_steps", "max_tokens", "max_minutes") if k in given}
+    cfg = None if resume else TrainConfig.from_dict(given)
+    result = run_distill(teacher, student, data, out, cfg, temperature, alpha, resume=resume, budget_overrides=budgets)
+    where = result.final_dir or result.run_dir
+    line = f"stopped ({result.stop_reason}) at step {result.step}, {result.tokens:,} tokens, {result.seconds:.0f} s"
+    if result.val_loss is not None and result.teacher_val_loss is not None:
+        line += f"; val loss student {result.val_loss:.4f}, teacher {result.teacher_val_loss:.4f}"
+    _console().print(f"{line}; saved to {where}")
+
+
+@app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where to write data and the run.")] = Path("runs/quickstart"),
     minutes: Annotated[float, typer.Option(help="Training budget in wall-clock minutes.")] = 5.0,

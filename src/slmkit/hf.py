@@ -72,8 +72,10 @@ def config_from_hf(d: dict[str, Any], source: str = "config.json") -> ModelConfi
             f"{source}: model_type {model_type!r} is not supported (supported: {', '.join(FAMILIES)}); "
             "convert the model to one of these families first"
         )
-    if d.get("quantization_config"):
-        method = (d["quantization_config"] or {}).get("quant_method", "?")
+    quantization = d.get("quantization_config")
+    # our own compressed directories (slmkit.compress) load through their own modules; others are refused
+    if quantization and not (isinstance(quantization, dict) and quantization.get("quant_method") == "slmkit"):
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else "?"
         raise UserError(
             f"{source}: quantized checkpoints ({method}) are not supported; load the unquantized weights instead"
         )

@@ -1,0 +1,321 @@
+"""Compressed layers that stay compressed in memory, and the loader that swaps them into a model.
+
+Phase 2 of the two-phase scheme (phase 1, in quantize.py / lowrank.py, turns a float state dict into
+packed tensors): build the model on the meta device, swap each compressed `nn.Linear` / `nn.Embedding`
+for the module below that matches the spec in `config.json`, then load the packed state dict into it.
+
+- `Int8Linear`: int8 weights (N, K) + one fp32 scale per output row; the forward widens one layer's weight
+  at a time for the matmul (`torch.ops.aten._weight_int8pack_mm` is available with `use_kernel`, but measured
+  slower on CPU).
+- `Int4Linear`: two 4-bit codes per byte + an fp16 scale and zero per group of `group_size` inputs
+  (w = (q - 8) * scale + zero); on CPU `_weight_int4pack_mm_for_cpu` runs on the packed weights; elsewhere
+  (or for shapes that kernel refuses) the forward unpacks one layer at a time and calls F.linear.
+  Optional outliers (SpQR-style) are a sparse fp16 correction added after the matmul.
+- `Int8Embedding`: int8 rows + per-row scale; a tied `lm_head` shares the same packed tensor.
+- `LowRankLinear`: W ~= U @ V with U (N, r), V (r, K): two thin matmuls.
+
+On disk (safetensors) int4 codes use the plain layout: byte j of row n holds column 2j in its low nibble
+and column 2j+1 in its high nibble. The CPU kernel wants its own interleaved layout, so loading converts
+and saving converts back (the permutation is read off the conversion op itself, see `_kernel_order`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPEC_KEY = "quantization_config"  # the key transformers uses for the same purpose
+INFO_KEY = "slmkit_compression"  # informational record for methods that leave a plain dense model
+FORMAT_VERSION = 1
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+
+
+# ---- int4 packing --------------------------------------------------------------------------------
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) integer codes in [0, 15] -> (N, K/2) uint8, low nibble = even column."""
+    codes = codes.to(torch.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) uint8 -> (N, K) uint8 codes."""
+    low, high = packed & 0x0F, packed >> 4
+    return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_order(n: int, k: int) -> torch.Tensor:
+    """For each nibble of the CPU kernel's packed (N, K/2) layout, the flat index n*K+k it holds.
+
+    The op's layout is an implementation detail, so rather than hard-coding it we feed it the flat
+    index of every position, 4 bits at a time, and read where each digit lands.
+    """
+    flat = torch.arange(n * k, dtype=torch.int64).view(n, k)
+    digits = max(1, ((n * k - 1).bit_length() + 3) // 4)
+    order = torch.zeros(n * k, dtype=torch.int64)
+    for d in range(digits):
+        codes = ((flat >> (4 * d)) & 0xF).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(-1).to(torch.int64)
+        order |= nibbles << (4 * d)
+    return order
+
+
+def _int4_kernel_ok(n: int, k: int, group_size: int, device: torch.device) -> bool:
+    return (
+        device.type == "cpu"
+        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        and group_size in KERNEL_GROUP_SIZES
+        and n % 16 == 0
+        and k % group_size == 0
+    )
+
+
+# ---- modules -------------------------------------------------------------------------------------
+class Int8Linear(nn.Module):
+    # torch 2.13's CPU `_weight_int8pack_mm` measured ~4x slower than widening the weight per call and ~8x
+    # slower than an fp32 matmul at batch 1 on our 2-core EPYC (docs/compression.md), so it is opt-in.
+    use_kernel = False
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device="meta"))
+        self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel and x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
+        else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
+            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Int8Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device="meta"))
+        self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device="meta"))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, self.qweight).float() * self.scales[idx].unsqueeze(-1)
+
+
+class Int4Linear(nn.Module):
+    """4-bit group-wise weights; see the module docstring for the layouts."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int) -> None:
+        super().__init__()
+        if in_features % group_size or in_features % 2:
+            raise ValueError(f"in_features {in_features} must be divisible by group_size {group_size} and by 2")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.use_kernel = False
+        # in-memory layout (the state dict is written by _save_to_state_dict in the plain layout)
+        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device="meta")
+        self.register_buffer("qweight", packed, persistent=False)
+        self.register_buffer(
+            "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, device="meta"), persistent=False
+        )
+        self.register_buffer("outlier_index", None, persistent=False)  # flat n*K+k
+        self.register_buffer("outlier_value", None, persistent=False)
+
+    # state dict <-> in-memory layout
+    def _load_from_state_dict(self, state, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        names = ("qweight", "scales", "zeros")
+        for name in names:
+            if prefix + name not in state:
+                missing.append(prefix + name)
+        if any(prefix + n not in state for n in names):
+            return
+        packed = state[prefix + "qweight"]
+        scales = state[prefix + "scales"].float()  # (N, G)
+        zeros = state[prefix + "zeros"].float()
+        n, k, g = self.out_features, self.in_features, self.group_size
+        if packed.shape != (n, k // 2) or scales.shape != (n, k // g) or zeros.shape != (n, k // g):
+            errors.append(f"{prefix}: int4 tensors do not match a ({n}, {k}) layer with group size {g}")
+            return
+        self.scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()  # (G, N, 2)
+        self.use_kernel = _int4_kernel_ok(n, k, g, packed.device)
+        if self.use_kernel:
+            codes = unpack_int4(packed).reshape(-1)
+            order = _kernel_order(n, k)
+            nibbles = codes[order].view(n, k // 2, 2)
+            self.qweight = (nibbles[..., 0] | (nibbles[..., 1] << 4)).contiguous()
+        else:
+            self.qweight = packed.contiguous()
+        if prefix + "outlier_index" in state:
+            self.outlier_index = state[prefix + "outlier_index"].to(torch.int64)
+            self.outlier_value = state[prefix + "outlier_value"].float()
+        for key in state:
+            if key.startswith(prefix) and key[len(prefix) :] not in (*names, "outlier_index", "outlier_value"):
+                unexpected.append(key)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        destination[prefix + "qweight"] = self.plain_packed()
+        destination[prefix + "scales"] = self.scales_and_zeros[..., 0].t().half().contiguous()
+        destination[prefix + "zeros"] = self.scales_and_zeros[..., 1].t().half().contiguous()
+        if self.outlier_index is not None:
+            destination[prefix + "outlier_index"] = self.outlier_index.to(torch.int32)
+            destination[prefix + "outlier_value"] = self.outlier_value.half()
+
+    def plain_packed(self) -> torch.Tensor:
+        if not self.use_kernel:
+            return self.qweight
+        n, k = self.out_features, self.in_features
+        nibbles = unpack_int4(self.qweight).reshape(-1)
+        codes = torch.empty_like(nibbles)
+        codes[_kernel_order(n, k)] = nibbles
+        return pack_int4(codes.view(n, k))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        codes = unpack_int4(self.plain_packed()).to(dtype)  # (N, K)
+        scales = self.scales_and_zeros[..., 0].t().to(dtype).repeat_interleave(self.group_size, dim=1)
+        zeros = self.scales_and_zeros[..., 1].t().to(dtype).repeat_interleave(self.group_size, dim=1)
+        weight = (codes - 8) * scales + zeros
+        if self.outlier_index is not None:
+            weight.view(-1).index_add_(0, self.outlier_index, self.outlier_value.to(dtype))
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_kernel and x2.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros.to(x2.dtype)
+            )
+            if self.outlier_index is not None:
+                rows = self.outlier_index // self.in_features
+                cols = self.outlier_index % self.in_features
+                y = y.index_add(1, rows, x2[:, cols] * self.outlier_value.to(x2.dtype))
+        else:
+            y = F.linear(x2, self.dequantize(x2.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+
+class LowRankLinear(nn.Module):
+    """y = x @ (U @ V)^T computed as two thin matmuls; U (N, r), V (r, K)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.weight_v = nn.Parameter(torch.empty(rank, in_features, device="meta"))
+        self.weight_u = nn.Parameter(torch.empty(out_features, rank, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.weight_v), self.weight_u)
+
+
+# ---- the spec and the loader ---------------------------------------------------------------------
+def linear_names(config: Any) -> list[str]:
+    """Names of the linear layers inside the transformer blocks (the ones methods compress)."""
+    names = []
+    for i in range(config.n_layers):
+        for sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
+            names.append(f"layers.{i}.{sub}")
+        for sub in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            names.append(f"layers.{i}.{sub}")
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def swap_modules(model: nn.Module, spec: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """Replace the layers `spec` names with their compressed modules (on the meta device)."""
+    method = spec.get("method")
+    for name in spec.get("modules", []):
+        old = model.get_submodule(name)
+        if not isinstance(old, nn.Linear):
+            raise UserError(f"{SPEC_KEY}: {name} is not a linear layer of this model")
+        if method == "int8":
+            new: nn.Module = Int8Linear(old.in_features, old.out_features)
+        elif method == "int4":
+            group_size = (spec.get("group_sizes") or {}).get(name, spec["group_size"])
+            new = Int4Linear(old.in_features, old.out_features, int(group_size))
+        elif method == "lowrank":
+            key = name + ".weight_u"
+            if key not in state:
+                raise UserError(f"{SPEC_KEY}: low-rank factor {key} missing from the weights")
+            new = LowRankLinear(old.in_features, old.out_features, state[key].shape[1])
+        else:
+            raise UserError(f"{SPEC_KEY}: unknown method {method!r} (this slmkit knows int8, int4, lowrank)")
+        _set_module(model, name, new)
+    if spec.get("embeddings") == "int8":
+        emb = model.embed_tokens
+        model.embed_tokens = Int8Embedding(emb.num_embeddings, emb.embedding_dim)
+        head = model.lm_head
+        model.lm_head = Int8Linear(head.in_features, head.out_features)
+
+
+def read_spec(config: Any) -> dict[str, Any] | None:
+    spec = config.extra.get(SPEC_KEY)
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or spec.get("quant_method") != "slmkit":
+        raise UserError(
+            f"config.json: {SPEC_KEY} {json.dumps(spec)[:80]} is not an slmkit compression spec; "
+            "only models compressed by `slm compress` can be loaded with it"
+        )
+    if spec.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"config.json: {SPEC_KEY} format_version {spec.get('format_version')!r} is not supported")
+    return spec
+
+
+def load_compressed(
+    directory: Path, config: Any, state: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype | None
+) -> nn.Module:
+    """Build a model whose compressed layers stay packed, and load `state` (our names) into it."""
+    from slmkit.models.transformer import Transformer
+
+    spec = read_spec(config)
+    assert spec is not None
+    with torch.device("meta"):
+        model = Transformer(config)
+    swap_modules(model, spec, state)
+    target_dtype = dtype or torch.float32
+    moved = {}
+    for key, tensor in state.items():
+        tensor = tensor.to(device)
+        if tensor.is_floating_point() and not key.endswith(("scales", "zeros", "outlier_value")):
+            tensor = tensor.to(target_dtype)
+        moved[key] = tensor
+    tied = config.tie_embeddings
+    if tied:
+        for key in [k for k in moved if k.startswith("lm_head.")]:
+            moved.pop(key)
+    result = model.load_state_dict(moved, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (tied and k.startswith("lm_head."))]
+    if missing or result.unexpected_keys:
+        raise UserError(
+            f"{directory}: weights do not match config.json and its {SPEC_KEY} "
+            f"(missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})"
+        )
+    if tied:
+        if isinstance(model.lm_head, Int8Linear):
+            model.lm_head.qweight = model.embed_tokens.qweight
+            model.lm_head.scales = model.embed_tokens.scales
+        else:
+            model.lm_head.weight = model.embed_tokens.weight
+    for name, buf in list(model.named_buffers()) + list(model.named_parameters()):
+        if buf.device.type == "meta":
+            raise UserError(f"{directory}: tensor {name} was not in the weights file")
+    model.eval()
+    model.compression = spec  # type: ignore[attr-defined]
+    return model

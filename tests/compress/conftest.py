@@ -1,0 +1,53 @@
+"""Small float models (random init, widths the int4 CPU kernel accepts) saved with the data_dir tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def make_model_dir(directory: Path, data_dir: Path, seed: int = 0, **overrides) -> Path:
+    from slmkit.checkpoint import save_model
+    from slmkit.config import ModelConfig
+    from slmkit.data.shards import load_data_dir
+    from slmkit.models.transformer import Transformer
+
+    data = load_data_dir(data_dir)
+    fields = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
+    fields.update(overrides)
+    config = ModelConfig(
+        vocab_size=data.vocab_size, bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id, **fields
+    )
+    model = Transformer(config)
+    model.init_weights(seed=seed)
+    # larger than init-scale weights so that blocks matter and rounding errors are visible in the logits
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(5.0)
+    return save_model(model, directory, tokenizer_dir=data_dir)
+
+
+@pytest.fixture(scope="session")
+def float_model_dir(tmp_path_factory, data_dir) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("compress") / "float", data_dir)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning threads are many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def make_model():
+    """make_model(directory, data_dir, **config overrides) -> a saved random-init model dir."""
+    return make_model_dir
