@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: the CPU build on this machine's disk, not a multi-GB CUDA download
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# xgrammar without its GPU-only triton requirement (its CPU needs are in pyproject's dependencies)
+	$(BIN)/python -m pip install --quiet --no-deps 'xgrammar==0.2.8'
 	touch $(STAMP)
 
 install: $(STAMP)
