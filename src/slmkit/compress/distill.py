@@ -131,7 +131,7 @@ def distill(
     from slmkit.eval.perplexity import token_nats
     from slmkit.train.batches import WindowSampler
     from slmkit.train.budget import Budget
-    from slmkit.train.loop import resolve_device
+    from slmkit.train.loop import resolve_device, truncate_metrics
     from slmkit.train.optim import lr_at, make_optimizer
 
     run_dir = Path(run_dir)
@@ -179,7 +179,7 @@ def distill(
         sampler.position = state["sampler_position"]
         torch.set_rng_state(state["rng"])
         step, tokens, elapsed = state["step"], state["tokens"], state["elapsed"]
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
+        truncate_metrics(run_dir / "metrics.jsonl", step)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "metrics.jsonl").write_text("")
@@ -289,16 +289,3 @@ def distill(
         teacher_val_loss=teacher_val,
         losses=losses,
     )
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    path.write_text("".join(x + "\n" for x in kept))

@@ -138,7 +138,7 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _read_metrics_until(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop metrics logged after `step` (a resumed run logs those steps again)."""
     if not path.exists():
         return
@@ -270,7 +270,7 @@ def _run(
         step, tokens = saved_state["step"], saved_state["tokens"]
         flops, elapsed = saved_state["flops"], saved_state["elapsed"]
         if ctx.is_main:
-            _read_metrics_until(run_dir / "metrics.jsonl", step)
+            truncate_metrics(run_dir / "metrics.jsonl", step)
         reporter.message(f"resuming from {resume_from} (step {step})")
     else:
         if ctx.is_main:
