@@ -11,11 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from slmkit.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported on first use, so `import slmkit` stays fast
+    import torch
 
 
 @dataclass
