@@ -60,7 +60,7 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
     n: int = 1
@@ -330,9 +330,16 @@ def create_app(
             raise ApiError(400, "prompt: give at least one prompt", param="prompt")
         if req.stream and len(prompts) != 1:
             raise ApiError(400, "streaming takes a single prompt", param="prompt")
+        if len(prompts) > max_batch:
+            raise ApiError(400, f"at most {max_batch} prompts per request, got {len(prompts)}", param="prompt")
         jobs = [make_job(req, p, 16) for p in prompts]
-        for job in jobs:
-            enqueue(job)
+        try:
+            for job in jobs:
+                enqueue(job)
+        except ApiError:
+            for job in jobs:
+                job.cancelled.set()  # the ones already queued are skipped
+            raise
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if req.stream:
 
