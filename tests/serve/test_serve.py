@@ -279,7 +279,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_slm_serve_live(tiny_model_dir):
+@pytest.fixture(scope="module")
+def live_server(tiny_model_dir):
+    """`slm serve` as a user starts it, on a free loopback port, with an API key."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen(
@@ -289,26 +291,49 @@ def test_slm_serve_live(tiny_model_dir):
         text=True,
         env=env,
     )
+    base = f"http://127.0.0.1:{port}"
     try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(300):
+        for _ in range(600):
             try:
                 urllib.request.urlopen(f"{base}/health", timeout=1)
                 break
             except (urllib.error.URLError, ConnectionError):
                 assert proc.poll() is None, proc.stdout.read()
                 time.sleep(0.1)
-        body = json.dumps({"model": tiny_model_dir.name, "prompt": "The cat", "max_tokens": 5}).encode()
-        req = urllib.request.Request(
-            f"{base}/v1/completions",
-            data=body,
-            headers={"Content-Type": "application/json", "Authorization": "Bearer k"},
-        )
-        out = json.loads(urllib.request.urlopen(req, timeout=30).read())
-        assert out["usage"]["completion_tokens"] >= 1
+        yield base
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_openai_client_against_live_server(live_server, tiny_model_dir):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{live_server}/v1", api_key="k", max_retries=0)
+    name = tiny_model_dir.name
+    assert [m.id for m in client.models.list()] == [name]
+
+    out = client.completions.create(model=name, prompt="The cat", max_tokens=5, temperature=0)
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    streamed = client.completions.create(model=name, prompt="The cat", max_tokens=5, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
+
+    messages = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=1, seed=3)
+    again = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=1, seed=3)
+    assert chat.choices[0].message.content == again.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
+    chunks = list(
+        client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=1, seed=3, stream=True)
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{live_server}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model=name, prompt="x", max_tokens=10**6)
+    assert urllib.request.urlopen(f"{live_server}/health", timeout=5).status == 200
 
 
 def test_slm_serve_bad_model(tmp_path):
