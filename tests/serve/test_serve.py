@@ -372,3 +372,63 @@ def test_cancelled_stream_stops_and_worker_goes_on(engine):
     [full] = engine.generate("The cat", max_new_tokens=60)
     assert len(full.text) > 5  # more than one delta would come without the cancellation
     assert asyncio.run(scenario()) == ["delta"]  # one delta, then nothing: no "done", generation stopped
+
+
+def test_fuzzed_bodies_never_give_5xx(client, name):
+    """Random JSON under the real field names (and junk ones): every answer is 2xx/4xx in OpenAI's shape."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+    values = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+        max_leaves=6,
+    )
+    keys = st.sampled_from(
+        [
+            "model",
+            "prompt",
+            "messages",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "seed",
+            "stop",
+            "n",
+            "logprobs",
+            "response_format",
+            "junk",
+        ]
+    )
+    small = {"max_tokens": st.integers(-2, 4) | values, "stream": st.booleans()}
+    body = st.fixed_dictionaries(
+        {"model": st.just(name) | values},
+        optional={
+            "prompt": st.text(max_size=20) | values,
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "role": st.sampled_from(["user", "assistant", "system", "bogus"]) | values,
+                        "content": st.text(max_size=20) | values,
+                    }
+                ),
+                max_size=3,
+            )
+            | values,
+            **small,
+        },
+    ).flatmap(lambda d: st.dictionaries(keys, values, max_size=3).map(lambda extra: {**extra, **d}))
+
+    @hypothesis.settings(max_examples=60, deadline=None, database=None)
+    @hypothesis.given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=body)
+    def check(path, body):
+        if "max_tokens" not in body or not isinstance(body["max_tokens"], int):
+            body = {**body, "max_tokens": 2}  # keep generation short
+        r = client.post(path, json=body)
+        assert r.status_code < 500, (body, r.text)
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert healthy(client)
