@@ -379,7 +379,13 @@ def test_fuzzed_bodies_never_give_5xx(client, name):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
 
-    scalars = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+    scalars = (
+        st.none()
+        | st.booleans()
+        | st.integers(-(2**70), 2**70)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=12)
+    )
     values = st.recursive(
         scalars,
         lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
@@ -420,7 +426,7 @@ def test_fuzzed_bodies_never_give_5xx(client, name):
         },
     ).flatmap(lambda d: st.dictionaries(keys, values, max_size=3).map(lambda extra: {**extra, **d}))
 
-    @hypothesis.settings(max_examples=60, deadline=None, database=None)
+    @hypothesis.settings(max_examples=60, deadline=None, database=None, derandomize=True)
     @hypothesis.given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), body=body)
     def check(path, body):
         if "max_tokens" not in body or not isinstance(body["max_tokens"], int):
@@ -431,4 +437,34 @@ def test_fuzzed_bodies_never_give_5xx(client, name):
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
     check()
+    assert healthy(client)
+
+
+def test_response_format_json_schema(client, name):
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}
+    body = {"model": name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 40, "temperature": 0}
+    r = client.post("/v1/chat/completions", json={**body, "response_format": fmt})
+    assert r.status_code == 200, r.text
+    out = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert set(out) == {"ok", "n"} and isinstance(out["ok"], bool) and 0 <= out["n"] <= 9
+    plain = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with pytest.raises(ValueError):
+        json.loads(plain)  # without the constraint the same request is no JSON
+
+    with client.stream("POST", "/v1/chat/completions", json={**body, "response_format": fmt, "stream": True}) as s:
+        chunks = parse_sse(s.read().decode())
+    assert json.loads("".join(c["choices"][0]["delta"].get("content", "") for c in chunks)) == out
+
+    bad = {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}
+    r = client.post("/v1/chat/completions", json={**body, "response_format": bad})
+    assert r.status_code == 400 and "JSON schema" in r.json()["error"]["message"]
+    for fmt in ({"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": 3}}):
+        r = client.post("/v1/chat/completions", json={**body, "response_format": fmt})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
     assert healthy(client)

@@ -117,6 +117,26 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part in {"str", "int", "float", "bool", "none"} or any(c in part for c in "[-("))
 
 
+def _constraint(response_format: dict[str, Any] | None) -> Any:
+    """The engine constraint for OpenAI's response_format: text (none), json_object, json_schema."""
+    from slmkit.infer.constrained import Constraint
+
+    kind = (response_format or {"type": "text"}).get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_schema({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise ApiError(
+                400, "response_format.json_schema.schema: give a JSON schema object", param="response_format"
+            )
+        return Constraint.json_schema(schema)
+    raise ApiError(400, "response_format.type must be text, json_object or json_schema", param="response_format")
+
+
 def _load_chat_template(directory: Path | None) -> str:
     if directory is not None:
         path = Path(directory) / "tokenizer_config.json"
@@ -231,8 +251,6 @@ def create_app(
             raise ApiError(400, "only n=1 is supported", param="n")
         if req.logprobs not in (None, False, 0):
             raise ApiError(400, "logprobs are not supported by this server yet", param="logprobs")
-        if req.response_format not in (None, {"type": "text"}):
-            raise ApiError(400, "only response_format {'type': 'text'} is supported yet", param="response_format")
 
     def make_job(req: _Request, text: str, default_max: int | None) -> Job:
         ids = engine.tokenizer.encode(text).ids
@@ -264,7 +282,15 @@ def create_app(
             )
         except UserError as exc:
             raise ApiError(400, str(exc)) from None
-        return Job(ids, max_tokens, sampling, tuple(s for s in stop if s), req.stream, asyncio.get_running_loop())
+        return Job(
+            ids,
+            max_tokens,
+            sampling,
+            tuple(s for s in stop if s),
+            req.stream,
+            asyncio.get_running_loop(),
+            constraint=_constraint(req.response_format),
+        )
 
     def enqueue(job: Job) -> None:
         try:

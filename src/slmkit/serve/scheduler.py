@@ -43,6 +43,7 @@ class Job:
     stop: tuple[str, ...]
     stream: bool
     loop: asyncio.AbstractEventLoop
+    constraint: Any = None  # a slmkit.infer.constrained.Constraint (response_format), hashable
     events: asyncio.Queue = field(
         default_factory=asyncio.Queue
     )  # ("delta", str) ... ("done", Completion)|("error", exc)
@@ -60,7 +61,7 @@ class Job:
         if self.stream or (self.sampling.seed is not None and not self.sampling.greedy):
             return None
         sampling = self.sampling if not self.sampling.greedy else SamplingParams()
-        return (self.max_tokens, sampling, self.stop)
+        return (self.max_tokens, sampling, self.stop, self.constraint)
 
 
 class Scheduler:
@@ -137,7 +138,11 @@ class Scheduler:
         first = jobs[0]
         try:
             results = self.engine.generate_ids(
-                [j.prompt_ids for j in jobs], max_new_tokens=first.max_tokens, sampling=first.sampling, stop=first.stop
+                [j.prompt_ids for j in jobs],
+                max_new_tokens=first.max_tokens,
+                sampling=first.sampling,
+                stop=first.stop,
+                constraint=first.constraint,
             )
         except UserError as exc:
             for job in jobs:
@@ -165,6 +170,7 @@ class Scheduler:
                 max_new_tokens=job.max_tokens,
                 sampling=job.sampling,
                 stop=job.stop,
+                constraint=job.constraint,
                 stats=stats,
             )
             for delta in deltas:
