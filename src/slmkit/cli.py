@@ -624,6 +624,20 @@ def plan(
         _console().print(f"wrote {written}; train it with: slm train --data DATA --out RUN --config {written}")
 
 
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Model dir or run dir to serve.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/ routes.")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 503 + Retry-After.")] = 64,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    from slmkit.serve.app import serve as run_server
+
+    run_server(model, host=host, port=port, api_key=api_key, max_queue=max_queue)
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,1 @@
+"""`slm serve`: an OpenAI-compatible HTTP server over `slmkit.infer.engine.Engine`."""
