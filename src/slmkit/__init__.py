@@ -1,10 +1,11 @@
 """slmkit: build small language models end to end.
 
-    import slmkit
-    slmkit.prepare(["builtin:pystdlib"], "data/pystd", vocab_size=4096)
-    slmkit.train(slmkit.TrainConfig(preset="micro", max_minutes=5), "data/pystd", "runs/micro")
-    lm = slmkit.load("runs/micro")
+The public functions live in `slmkit.api` (the CLI and the server call the same ones):
 
+    from slmkit.api import evaluate, generate, load, prepare, train
+
+`load`, `generate`, `evaluate` and `prepare` are also reachable as `slmkit.load` etc.; `slmkit.train` and
+`slmkit.compress` are the subpackages of those names, so their functions are taken from `slmkit.api`.
 Everything heavy (torch, transformers, tokenizers) is imported on first use, so `import slmkit` and
 `slm --help` stay fast.
 """
@@ -13,30 +14,15 @@ from __future__ import annotations
 
 from typing import Any
 
-# `train` and `compress` are both subpackages and public functions. Import the (light) subpackages first,
-# then bind the functions: a submodule sets its parent's attribute only when it is first imported, so the
-# functions stay bound however often `slmkit.train.loop` or `slmkit.compress.quantize` are imported later.
-import slmkit.compress as _compress_package  # noqa: F401
-import slmkit.train as _train_package  # noqa: F401
-from slmkit.api import compress, distill, evaluate, generate, load, prepare, train
-from slmkit.errors import UserError
-
 __version__ = "0.1.0"
-__all__ = [
-    "load",
-    "generate",
-    "evaluate",
-    "prepare",
-    "train",
-    "compress",
-    "distill",
-    "ModelConfig",
-    "TrainConfig",
-    "UserError",
-]
+__all__ = ["load", "generate", "evaluate", "prepare", "distill", "ModelConfig", "TrainConfig", "UserError"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in ("load", "generate", "evaluate", "prepare", "distill"):
+        from slmkit import api
+
+        return getattr(api, name)
     if name == "ModelConfig":
         from slmkit.config import ModelConfig
 
@@ -45,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from slmkit.train.config import TrainConfig
 
         return TrainConfig
+    if name == "UserError":
+        from slmkit.errors import UserError
+
+        return UserError
     raise AttributeError(f"module 'slmkit' has no attribute {name!r}")
