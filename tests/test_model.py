@@ -72,6 +72,36 @@ def test_left_padded_batch_matches_each_sequence_alone():
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("window", [None, 5])
+def test_per_row_cache_positions_match_each_sequence_alone(window):
+    """Rows at different lengths in one cache (continuous batching): each row decodes as it would alone,
+    even when its slots beyond its length hold another sequence's stale keys."""
+    model = make_model(sliding_window=window, family="mistral" if window else "llama")
+    a = torch.randint(0, 320, (11,))
+    b = torch.randint(0, 320, (4,))
+    with torch.no_grad():
+        cache = model.new_cache(2, 64)
+        # an earlier occupant of row 1 left 11 slots of keys behind
+        model(torch.randint(0, 320, (2, 11)), cache=cache, cache_pos=torch.arange(11))
+        # row 0 prefills 11 tokens while row 1 prefills 4: padded to T=11, row 1's extra query slots
+        # are scratch slots that its later tokens overwrite
+        prompt = torch.stack([a, torch.cat([b, torch.zeros(7, dtype=torch.long)])])
+        pos = torch.stack([torch.arange(11), torch.arange(11)])
+        out = model(prompt, cache=cache, cache_pos=pos)
+        a_steps, b_steps = [out[0, -1]], [out[1, 3]]
+        next_a, next_b = torch.randint(0, 320, (6,)), torch.randint(0, 320, (6,))
+        for i in range(6):
+            tokens = torch.tensor([[next_a[i]], [next_b[i]]])
+            step_pos = torch.tensor([[11 + i], [4 + i]])
+            logits = model(tokens, cache=cache, cache_pos=step_pos, upto=17)
+            a_steps.append(logits[0, 0])
+            b_steps.append(logits[1, 0])
+        alone_a = model(torch.cat([a, next_a])[None])[0, 10:]
+        alone_b = model(torch.cat([b, next_b])[None])[0, 3:]
+    torch.testing.assert_close(torch.stack(a_steps), alone_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(b_steps), alone_b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_match_transformers_llama(tmp_path, tie):
     from transformers import AutoModelForCausalLM

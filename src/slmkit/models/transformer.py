@@ -125,9 +125,14 @@ class KVCache(nn.Module):
     def update(
         self, layer: int, cache_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, K, T, D) at slots cache_pos (T,); return the layer's slots [0, upto)."""
-        self.k[layer].index_copy_(2, cache_pos, k)
-        self.v[layer].index_copy_(2, cache_pos, v)
+        """Write k, v (B, K, T, D) at slots cache_pos (T,) or, per row, (B, T); return the layer's slots [0, upto)."""
+        if cache_pos.dim() == 1:
+            self.k[layer].index_copy_(2, cache_pos, k)
+            self.v[layer].index_copy_(2, cache_pos, v)
+        else:  # each row writes its own slots (continuous batching: rows at different lengths)
+            rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
+            self.k[layer].transpose(1, 2)[rows, cache_pos] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
+            self.v[layer].transpose(1, 2)[rows, cache_pos] = v.transpose(1, 2)
         if upto is None:
             return self.k[layer], self.v[layer]
         return self.k[layer, :, :, :upto], self.v[layer, :, :, :upto]
@@ -274,17 +279,23 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens idx (B, T); (B, 1, V) with last_only.
 
-        cache_pos (T,): cache slots to write (required with a cache). positions (B, T): rotary (or
-        learned) positions, default cache_pos (or 0..T-1). key_mask (B, S): False hides a slot (padding).
+        cache_pos (T,): cache slots to write (required with a cache), the same for every row; or (B, T): each
+        row's own slots (rows at different lengths, as in continuous batching; a row then attends to its slots
+        up to its query's slot). positions (B, T): rotary (or learned) positions, default cache_pos (or 0..T-1).
+        key_mask (B, S): False hides a slot (padding).
         upto: attend to slots [0, upto) only (an optimisation; must cover every written slot).
         With a sliding window, a query at slot i sees slots (i - window, i] only.
         """
         b, t = idx.shape
         if cache is not None and cache_pos is None:
             raise ValueError("cache_pos is required when a cache is given")
+        per_row = cache_pos is not None and cache_pos.dim() == 2
         if positions is None:
-            base = cache_pos if cache_pos is not None else torch.arange(t, device=idx.device)
-            positions = base.unsqueeze(0)  # (1, T)
+            if per_row:
+                positions = cache_pos  # (B, T)
+            else:
+                base = cache_pos if cache_pos is not None else torch.arange(t, device=idx.device)
+                positions = base.unsqueeze(0)  # (1, T)
         cfg = self.config
         cos = sin = None
         if cfg.positions == "rope":
@@ -299,13 +310,15 @@ class Transformer(nn.Module):
         if cache is not None:
             assert cache_pos is not None
             slots = torch.arange(upto or cache.max_slots, device=idx.device)
-            mask = slots.unsqueeze(0) <= cache_pos.unsqueeze(1)  # (T, S) causal over slots
+            query = cache_pos.unsqueeze(-1)  # (T, 1) or (B, T, 1)
+            mask = slots <= query  # (T, S) or (B, T, S): causal over slots
             if window is not None:  # slot distance = position distance, left padding or not
-                mask = mask & (slots.unsqueeze(0) > cache_pos.unsqueeze(1) - window)
-            mask = mask.unsqueeze(0).unsqueeze(0)  # (1, 1, T, S)
+                mask = mask & (slots > query - window)
+            mask = mask.unsqueeze(1) if per_row else mask.unsqueeze(0).unsqueeze(0)  # (B or 1, 1, T, S)
             if key_mask is not None:
                 # a query always sees its own slot, so padding rows stay finite (no NaN to leak)
-                own = slots.unsqueeze(0) == cache_pos.unsqueeze(1)
+                own = slots == query
+                own = own.unsqueeze(1) if per_row else own
                 mask = (mask & key_mask[:, None, None, : slots.numel()]) | own  # (B, 1, T, S)
         elif key_mask is not None or window is not None:
             causal = torch.ones(t, t, dtype=torch.bool, device=idx.device).tril()
