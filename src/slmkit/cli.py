@@ -213,7 +213,11 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, else float32), float32, bfloat16.")] = "auto",
     compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="CUDA graphs for decode (default: on with CUDA).")
+        bool | None, typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the decode step: CUDA graphs on CUDA (default on), C++ kernels on a CPU (default "
+            "off: a one-time 15-40 s compilation, then ~3x faster steps on small models).",
+        ),
     ] = None,
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Print timing, acceptance rate and speedup after the text.")

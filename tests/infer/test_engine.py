@@ -34,10 +34,30 @@ def test_static_cache_path_equals_dynamic_path(lm):
     assert [c.token_ids for c in again] == [c.token_ids for c in dynamic[::-1]]
 
 
-def test_compile_is_skipped_cleanly_on_cpu(lm):
+def test_compiled_decode_step_equals_eager_on_cpu(lm, caplog):
+    # inductor's C++ kernels for the decode step (the CUDA-graph path needs CUDA): same greedy tokens as eager
+    eager = Engine(lm.model, lm.tokenizer).generate(PROMPTS[:2], max_new_tokens=10)
     engine = Engine(lm.model, lm.tokenizer, compile=True)
-    assert engine.compile is False  # CUDA graphs need CUDA; on CPU the decode step runs eagerly
-    assert engine.generate("The", max_new_tokens=4)[0].token_ids
+    assert engine.compile and engine.static_cache
+    with caplog.at_level("WARNING", logger="slmkit.infer.engine"):
+        compiled = engine.generate(PROMPTS[:2], max_new_tokens=10)
+    assert "decoding eagerly" not in caplog.text  # it really compiled (a C++ compiler is part of the setup)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+
+
+def test_a_failed_compilation_falls_back_to_eager(lm, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C++ compiler")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    expected = Engine(lm.model, lm.tokenizer).generate("The", max_new_tokens=6)[0].token_ids
+    with caplog.at_level("WARNING", logger="slmkit.infer.engine"):
+        out = Engine(lm.model, lm.tokenizer, compile=True).generate("The", max_new_tokens=6)[0].token_ids
+    assert "decoding eagerly" in caplog.text
+    assert out == expected
 
 
 def test_same_seed_same_output_and_seed_matters(lm):

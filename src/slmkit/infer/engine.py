@@ -12,7 +12,9 @@ slots, its rotary positions are ``slot - pad_i`` and a key mask hides the paddin
 decodes exactly as it would alone. Every decode step writes slot P + step for the whole batch.
 
 On CUDA the decode step runs in bf16 and, with ``compile=True`` (the default there), through
-``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over a cache of fixed shape; on CPU it runs eagerly.
+``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over a cache of fixed shape. On a CPU it runs eagerly
+unless ``compile=True`` asks for inductor's C++ kernels (a one-time compilation of 15-40 s; about 3x faster
+steps on small models, see docs/inference.md).
 """
 
 from __future__ import annotations
@@ -35,6 +37,27 @@ logger = logging.getLogger(__name__)
 SpeculateMode = Literal["off", "draft", "lookup"]
 # speculation is judged after this many drafted tokens: below `min_acceptance` it is turned off for the request
 MIN_DRAFTED_TO_JUDGE = 16
+# Below this many parameters, decode steps on a CPU run on one intra-op thread. A small model's step is a few
+# hundred tiny kernels: a second thread gains little, and when the OS has lent that core to another process,
+# every parallel region waits for it (measured on a loaded 2-core machine: a micro step went from 0.9 ms to
+# 18 ms with two threads). Prefill, and larger models' matrix-vector products, keep every thread.
+SINGLE_THREAD_PARAMS = 20_000_000
+
+
+class _Threads:
+    """Context: torch's intra-op threads set to n for the block (None: unchanged)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.saved = n, 0
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n is not None:
+            torch.set_num_threads(self.saved)
 
 
 @dataclass
@@ -218,12 +241,47 @@ class _StaticDecoder(torch.nn.Module):
         super().__init__()
         self.model = model
         self.cache = model.new_cache(batch_size, model.config.max_seq_len, dtype=dtype)
+        scaling = model.config.rope_scaling
+        if model.config.positions == "rope" and (scaling is None or scaling.type != "dynamic"):
+            model.rope_table(model.config.max_seq_len, self.cache.k.device)  # built now, read-only when compiled
 
     def forward(
         self, tokens: torch.Tensor, cache_pos: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor
     ) -> torch.Tensor:
         # upto=None: attend over all slots (masked), so every step has the same shapes (CUDA-graph friendly)
         return self.model(tokens, cache=self.cache, cache_pos=cache_pos, positions=positions, key_mask=key_mask)[:, -1]
+
+
+def _compiled_step(decoder: _StaticDecoder, device: torch.device) -> Callable[..., torch.Tensor]:
+    """The decode step through torch.compile: CUDA graphs on CUDA; C++ kernels with a C++ wrapper on a CPU
+    (the Python wrapper's per-kernel overhead is most of a small model's step). A compilation that fails (no C++
+    compiler, an unsupported op) is logged and the step runs eagerly instead."""
+    import torch._dynamo.config as dynamo_config
+
+    # every batch size (and every Engine) compiles the same code again; the default limit of 8 would then
+    # turn into a hard error under fullgraph=True
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    if device.type == "cuda":
+        compiled = torch.compile(decoder, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    else:
+        compiled = torch.compile(decoder, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    state = {"fn": compiled, "checked": False}
+
+    def step(*args: torch.Tensor) -> torch.Tensor:
+        if state["checked"]:
+            return state["fn"](*args)
+        try:
+            out = state["fn"](*args)
+        except Exception as exc:  # compilation happens on this first call, before the cache is touched
+            logger.warning(
+                "torch.compile of the decode step failed (%s: %s); decoding eagerly", type(exc).__name__, exc
+            )
+            state["fn"] = decoder
+            out = decoder(*args)
+        state["checked"] = True
+        return out
+
+    return step
 
 
 class Engine:
@@ -246,12 +304,13 @@ class Engine:
         self.device, self.dtype = param.device, param.dtype
         if self.draft is not None:
             self._check_draft(self.draft)
-        on_cuda = self.device.type == "cuda"
-        if compile and not on_cuda:
-            logger.info("torch.compile of the decode step is used on CUDA only; running eagerly on %s", self.device)
-        self.compile = bool(on_cuda if compile is None else compile and on_cuda)
+        # compile by default on CUDA only: on a CPU the first call costs 15-40 s of compilation (seconds once
+        # inductor's on-disk cache holds the graph), which pays off for long runs and servers, not one-shot use
+        self.compile = bool(self.device.type == "cuda" if compile is None else compile)
         self.static_cache = self.compile if static_cache is None else static_cache or self.compile
         self._static: dict[int, tuple[_StaticDecoder, Callable[..., torch.Tensor]]] = {}
+        small = self.config.num_params() < SINGLE_THREAD_PARAMS
+        self._step_threads = _Threads(1 if self.device.type == "cpu" and small else None)
 
     # ---- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -583,12 +642,14 @@ class Engine:
             slot = p + step
             cache_pos = torch.tensor([slot], device=self.device)
             pos = (slot - pads)[:, None] if padded or static else None  # (B, 1)
-            if static:
-                logits = step_fn(tokens[:, None], cache_pos, pos, key_mask)
-            else:
-                logits = self.model(
-                    tokens[:, None], cache=cache, cache_pos=cache_pos, positions=pos, key_mask=key_mask, upto=slot + 1
-                )[:, -1]
+            with self._step_threads:
+                if static:
+                    logits = step_fn(tokens[:, None], cache_pos, pos, key_mask)
+                else:
+                    logits = self.model(
+                        tokens[:, None], cache=cache, cache_pos=cache_pos, positions=pos, key_mask=key_mask,
+                        upto=slot + 1,
+                    )[:, -1]  # fmt: skip
             stats.decode_forwards += 1
         stats.decode_seconds += time.perf_counter() - start
 
@@ -597,7 +658,7 @@ class Engine:
             decoder = _StaticDecoder(self.model, batch_size, self.dtype)
             step_fn: Callable[..., torch.Tensor] = decoder
             if self.compile:
-                step_fn = torch.compile(decoder, mode="reduce-overhead", fullgraph=True)
+                step_fn = _compiled_step(decoder, self.device)
             self._static[batch_size] = (decoder, step_fn)
         return self._static[batch_size]
 
@@ -659,13 +720,15 @@ class Engine:
                     draft = lookup_draft(tokens, kk)
                 else:
                     assert drafter is not None
-                    draft, draft_probs = drafter.propose(tokens, kk, generator, counts, seen)
+                    with self._step_threads:
+                        draft, draft_probs = drafter.propose(tokens, kk, generator, counts, seen)
             if not draft:
                 step_start = time.perf_counter()
-                logits = self.model(
-                    torch.tensor([[tokens[-1]]], device=device), cache=cache,
-                    cache_pos=torch.tensor([n - 1], device=device), upto=n,
-                )[:, -1]  # fmt: skip
+                with self._step_threads:
+                    logits = self.model(
+                        torch.tensor([[tokens[-1]]], device=device), cache=cache,
+                        cache_pos=torch.tensor([n - 1], device=device), upto=n,
+                    )[:, -1]  # fmt: skip
                 token, chosen = self._choose(logits, [seq], sampling, generator, logprobs, counts, seen)
                 take(int(token[0]), chosen[0] if chosen else None)
                 stats.decode_forwards += 1
@@ -675,9 +738,10 @@ class Engine:
                 continue
             m = len(draft)
             feed = torch.tensor([[tokens[-1], *draft]], device=device)  # (1, m+1)
-            logits = self.model(feed, cache=cache, cache_pos=torch.arange(n - 1, n + m, device=device), upto=n + m)[
-                0
-            ]  # (m+1, V): row j predicts the token after draft[:j]
+            with self._step_threads:  # m+1 tokens: still a decode-sized step
+                logits = self.model(feed, cache=cache, cache_pos=torch.arange(n - 1, n + m, device=device), upto=n + m)[
+                    0
+                ]  # (m+1, V): row j predicts the token after draft[:j]
             stats.decode_forwards += 1
             stats.rounds += 1
             new_tokens, n_accepted = verify(logits, draft, draft_probs, sampling, generator, counts, seen)

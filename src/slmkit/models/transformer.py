@@ -176,8 +176,8 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, cache_pos, k.to(cache.k.dtype), v.to(cache.v.dtype), upto)
             k, v = k.to(q.dtype), v.to(q.dtype)  # (B, K, S, D)
         gqa = self.n_kv_heads != self.n_heads
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if mask is None:  # causal over the sequence; with a cache, one query that sees every slot given
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
@@ -299,15 +299,20 @@ class Transformer(nn.Module):
         cfg = self.config
         cos = sin = None
         if cfg.positions == "rope":
-            dynamic = cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic"
-            seq_len = int(positions.max()) + 1 if dynamic else 0  # a device sync, so only when needed
-            inv_freq = rope_inv_freq(cfg, seq_len, idx.device)
-            cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, inv_freq)
+            if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic":
+                seq_len = int(positions.max()) + 1  # a device sync, so only here
+                inv_freq = rope_inv_freq(cfg, seq_len, idx.device)
+                cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, inv_freq)
+            else:  # a lookup in a table of every position (fewer kernels per decode step)
+                cos_table, sin_table = self.rope_table(max(t, cache.max_slots if cache is not None else 0), idx.device)
+                cos, sin = cos_table[positions], sin_table[positions]
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B or 1, 1, T, D)
 
         mask = None
         window = cfg.sliding_window
-        if cache is not None:
+        if cache is not None and t == 1 and not per_row and key_mask is None and window is None:
+            pass  # one query at the newest slot: every slot in [0, upto) is visible, no mask needed
+        elif cache is not None:
             assert cache_pos is not None
             slots = torch.arange(upto or cache.max_slots, device=idx.device)
             query = cache_pos.unsqueeze(-1)  # (T, 1) or (B, T, 1)
@@ -339,6 +344,16 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (L, D) for positions 0..L-1 (L >= length), computed once per device (not for dynamic scaling)."""
+        cached = self.__dict__.get("_rope_tables", {}).get(str(device))
+        if cached is None or cached[0].shape[0] < length:
+            size = max(length, self.config.max_seq_len)
+            inv_freq = rope_inv_freq(self.config, 0, device)
+            cached = rope_cos_sin(torch.arange(size, device=device), self.config.dim_per_head, 0.0, inv_freq)
+            self.__dict__.setdefault("_rope_tables", {})[str(device)] = cached
+        return cached
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T)."""
