@@ -1,8 +1,10 @@
 """Training tokens/s: slmkit's Transformer vs transformers' LlamaForCausalLM, same config/batch/dtype.
 
     python benchmarks/train_throughput.py [--preset micro] [--batch-size 16] [--seq-len 256] [--steps 10]
+    python benchmarks/train_throughput.py --device cuda --bf16 --compile --preset small --batch-size 32   # GPU
 
-Both models get the same weights, the same batches and an AdamW step; the printed ratio is ours/theirs.
+Both models get the same weights, the same batches and an AdamW step (with --bf16: autocast, as `slm train`
+does on capable GPUs; with --compile: both models through torch.compile); the printed ratio is ours/theirs.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from slmkit.config import preset  # noqa: E402
 from slmkit.models.transformer import Transformer  # noqa: E402
 
 
-def tokens_per_second(model, loss_fn, batches, steps: int) -> float:
+def tokens_per_second(model, loss_fn, batches, steps: int, bf16: bool = False) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    device_type = batches[0][0].device.type
 
     def run(n):
         for i in range(n):
             x, y = batches[i % len(batches)]
-            loss = loss_fn(model, x, y)
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(model, x, y)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -45,6 +49,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -58,12 +65,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_model(ours, tmp)
         theirs = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
-    ours.train()
-    theirs.train()
+    ours.train().to(args.device)
+    theirs.train().to(args.device)
+    if args.compile:
+        ours, theirs = torch.compile(ours), torch.compile(theirs)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(4):
-        block = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=g)
+        block = torch.randint(0, cfg.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(args.device)
         batches.append((block[:, :-1], block[:, 1:]))
 
     def ours_loss(m, x, y):
@@ -78,8 +87,8 @@ def main() -> None:
     for _ in range(args.repeats):  # interleave to share any drift in machine load
         rows.append(
             (
-                tokens_per_second(ours, ours_loss, batches, args.steps),
-                tokens_per_second(theirs, theirs_loss, batches, args.steps),
+                tokens_per_second(ours, ours_loss, batches, args.steps, args.bf16),
+                tokens_per_second(theirs, theirs_loss, batches, args.steps, args.bf16),
             )
         )
     ours_tps = max(r[0] for r in rows)
@@ -87,7 +96,8 @@ def main() -> None:
     print(f"hardware: {hardware()}")
     print(
         f"config: preset {args.preset} ({cfg.num_params():,} params), batch {args.batch_size} x "
-        f"seq {args.seq_len}, fp32, AdamW; best of {args.repeats} x {args.steps} steps"
+        f"seq {args.seq_len}, {'bf16 autocast' if args.bf16 else 'fp32'}{', compiled' if args.compile else ''}, "
+        f"{args.device}, AdamW; best of {args.repeats} x {args.steps} steps"
     )
     print(f"slmkit       {ours_tps:10.0f} tokens/s")
     print(f"transformers {theirs_tps:10.0f} tokens/s")
