@@ -40,8 +40,10 @@ MIN_DRAFTED_TO_JUDGE = 16
 # Below this many parameters, decode steps on a CPU run on one intra-op thread. A small model's step is a few
 # hundred tiny kernels: a second thread gains little, and when the OS has lent that core to another process,
 # every parallel region waits for it (measured on a loaded 2-core machine: a micro step went from 0.9 ms to
-# 18 ms with two threads). Prefill, and larger models' matrix-vector products, keep every thread.
+# 18 ms with two threads; a 64-token prefill from 9 ms to 470 ms). Longer prefills, and larger models'
+# matrix-vector products, keep every thread.
 SINGLE_THREAD_PARAMS = 20_000_000
+SINGLE_THREAD_PREFILL_TOKENS = 512  # and prefills of up to this many tokens (batch x prompt) of such models
 
 
 class _Threads:
@@ -309,8 +311,12 @@ class Engine:
         self.compile = bool(self.device.type == "cuda" if compile is None else compile)
         self.static_cache = self.compile if static_cache is None else static_cache or self.compile
         self._static: dict[int, tuple[_StaticDecoder, Callable[..., torch.Tensor]]] = {}
-        small = self.config.num_params() < SINGLE_THREAD_PARAMS
-        self._step_threads = _Threads(1 if self.device.type == "cpu" and small else None)
+        self._single_thread = self.device.type == "cpu" and self.config.num_params() < SINGLE_THREAD_PARAMS
+        self._step_threads = _Threads(1 if self._single_thread else None)
+
+    def _prefill_threads(self, tokens: int) -> _Threads:
+        """Short prefills of small models are decode-like (see SINGLE_THREAD_PARAMS); long ones use every thread."""
+        return _Threads(1 if self._single_thread and tokens <= SINGLE_THREAD_PREFILL_TOKENS else None)
 
     # ---- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -618,13 +624,16 @@ class Engine:
         slots = torch.arange(cache.max_slots, device=self.device)
         key_mask = slots[None, :] >= pads[:, None] if padded or static else None  # (B, S)
         positions = (torch.arange(p, device=self.device)[None, :] - pads[:, None]).clamp(min=0) if padded else None
+        # every decode step's slot and positions as views of two tensors made once (no per-step host->device copy)
+        step_positions = slots[None, :] - pads[:, None] if padded or static else None  # (B, S)
         counts, seen = self._penalty_state(seqs, sampling)
 
         start = time.perf_counter()
-        logits = self.model(
-            idx, cache=cache, cache_pos=torch.arange(p, device=self.device), positions=positions,
-            key_mask=key_mask, upto=p, last_only=True,
-        )[:, -1]  # fmt: skip
+        with self._prefill_threads(b * p):
+            logits = self.model(
+                idx, cache=cache, cache_pos=torch.arange(p, device=self.device), positions=positions,
+                key_mask=key_mask, upto=p, last_only=True,
+            )[:, -1]  # fmt: skip
         stats.prefill_seconds += time.perf_counter() - start
         start = time.perf_counter()
         for step in range(max_new_tokens):
@@ -640,8 +649,8 @@ class Engine:
             if all(s.finished for s in seqs):
                 break
             slot = p + step
-            cache_pos = torch.tensor([slot], device=self.device)
-            pos = (slot - pads)[:, None] if padded or static else None  # (B, 1)
+            cache_pos = slots[slot : slot + 1]
+            pos = step_positions[:, slot : slot + 1] if step_positions is not None else None  # (B, 1)
             with self._step_threads:
                 if static:
                     logits = step_fn(tokens[:, None], cache_pos, pos, key_mask)
@@ -687,10 +696,11 @@ class Engine:
         drafter = DraftModel(self.draft, slots, sampling) if mode == "draft" else None
 
         start = time.perf_counter()
-        logits = self.model(
-            torch.tensor([prompt], device=device), cache=cache, cache_pos=torch.arange(p, device=device),
-            last_only=True,
-        )[:, -1]  # fmt: skip
+        with self._prefill_threads(p):
+            logits = self.model(
+                torch.tensor([prompt], device=device), cache=cache, cache_pos=torch.arange(p, device=device),
+                last_only=True,
+            )[:, -1]  # fmt: skip
         stats.prefill_seconds += time.perf_counter() - start
 
         start = time.perf_counter()
