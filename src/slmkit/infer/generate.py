@@ -1,4 +1,9 @@
-"""Autoregressive generation with a static KV cache: one prefill step, then one decode step per token."""
+"""A deliberately minimal batch-1 decoder: one prefill step, then one decode step per token over a KV cache.
+
+It is the reference the engine is tested against (and what the quickstart, the efficiency probe and the
+planner use for a quick greedy continuation): no batching, padding, speculation or compilation, so there is
+little in it to get wrong. For anything else use `slmkit.infer.engine.Engine`.
+"""
 
 from __future__ import annotations
 
