@@ -215,8 +215,8 @@ def generate(
     compile: Annotated[
         bool | None, typer.Option(
             "--compile/--no-compile",
-            help="torch.compile the decode step: CUDA graphs on CUDA (default on), C++ kernels on a CPU (default "
-            "off: a one-time 15-40 s compilation, then ~3x faster steps on small models).",
+            help="torch.compile the decode step: CUDA graphs on CUDA (default: on with --prompts-file), C++ kernels "
+            "on a CPU (default off: a one-time 15-40 s compilation, then faster steps on small models).",
         ),
     ] = None,
     verbose: Annotated[
@@ -248,6 +248,8 @@ def generate(
         str(json_schema) if json_schema else None, regex, str(grammar) if grammar else None
     )
     prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
+    if compile is None and prompts_file is None:
+        compile = False  # one prompt: compilation (seconds) would cost more than it saves
     engine = Engine.load(model, draft=draft, device=device, dtype=dtype, compile=compile)
     options = dict(
         max_new_tokens=max_new_tokens,

@@ -13,7 +13,7 @@ decodes exactly as it would alone. Every decode step writes slot P + step for th
 
 On CUDA the decode step runs in bf16 and, with ``compile=True`` (the default there), through
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over a cache of fixed shape. On a CPU it runs eagerly
-unless ``compile=True`` asks for inductor's C++ kernels (a one-time compilation of 15-40 s; about 3x faster
+unless ``compile=True`` asks for inductor's C++ kernels (a one-time compilation of 15-40 s; faster
 steps on small models, see docs/inference.md).
 """
 
