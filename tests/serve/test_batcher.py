@@ -82,8 +82,10 @@ def test_seeded_sampling_is_independent_of_the_batch(engine):
         batcher.step()
     assert seq.out == alone.token_ids
     different = ContinuousBatcher(engine.model, engine.tokenizer).run(
-        [GenerationRequest(ids(engine, "The cat"), 12, SamplingParams(temperature=1.0, top_p=0.9, seed=s))
-         for s in range(12, 16)]  # fmt: skip
+        [
+            GenerationRequest(ids(engine, "The cat"), 12, SamplingParams(temperature=1.0, top_p=0.9, seed=s))
+            for s in range(12, 16)
+        ]  # fmt: skip
     )
     assert len({tuple(s.out) for s in different} | {tuple(seq.out)}) > 1
 

@@ -52,7 +52,7 @@ MAX_TOP_LOGPROBS = 20
 
 @dataclass
 class GenerationRequest:
-    """One sequence to generate. ``constraint`` is a compiled grammar (`slmkit.infer.constrained.compile_constraint`)."""
+    """One sequence to generate. ``constraint``: a grammar from `slmkit.infer.constrained.compile_constraint`."""
 
     prompt_ids: list[int]
     max_new_tokens: int = 128
