@@ -164,18 +164,17 @@ class _TokenText:
         return text, tuple(data)
 
 
-def _completion_logprobs(entries: list[TokenLogprob], pieces: _TokenText, offset: int) -> tuple[dict[str, Any], int]:
-    """The legacy completions ``logprobs`` object for some tokens; `offset`: text length before the first."""
+def _completion_logprobs(entries: list[TokenLogprob], pieces: _TokenText, prior: list[int]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object for some tokens; `prior`: the choice's tokens before them."""
+    ids = list(prior)
     tokens, token_logprobs, top, offsets = [], [], [], []
     for e in entries:
-        text = pieces.piece(e.token)[0]
-        tokens.append(text)
+        offsets.append(len(pieces.tokenizer.decode(ids)) if ids else 0)  # where the token's text starts
+        ids.append(e.token)
+        tokens.append(pieces.piece(e.token)[0])
         token_logprobs.append(e.logprob)
         top.append({pieces.piece(t)[0]: lp for t, lp in e.top})
-        offsets.append(offset)
-        offset += len(text) if not text.startswith("bytes:") else 0
-    out = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-    return out, offset
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
 def _chat_logprobs(entries: list[TokenLogprob], pieces: _TokenText) -> dict[str, Any]:
@@ -444,7 +443,7 @@ def create_app(
         jobs: list[Job],
         events: asyncio.Queue,
         cancelled: threading.Event,
-        chunk: Callable[[int, str | None, str | None, list[TokenLogprob], int], dict[str, Any]],
+        chunk: Callable[[int, str | None, str | None, list[TokenLogprob], list[int]], dict[str, Any]],
         opening: Callable[[int], dict[str, Any]] | None,
         n: int,
     ) -> AsyncIterator[str]:
@@ -454,7 +453,7 @@ def create_app(
                 for job in jobs:
                     yield sse(opening(job.index))
             pending: dict[int, list[TokenLogprob]] = {j.index: [] for j in jobs}
-            offsets = dict.fromkeys(pending, 0)
+            earlier: dict[int, list[int]] = {i: [] for i in pending}  # tokens already sent, per choice
             results: dict[int, Result] = {}
             while len(results) < len(jobs):
                 index, kind, value = await events.get()
@@ -462,12 +461,12 @@ def create_app(
                     assert isinstance(value, Delta)
                     pending[index] += value.logprobs
                     if value.text:
-                        yield sse(chunk(index, value.text, None, pending[index], offsets[index]))
-                        offsets[index] += len(value.text)
+                        yield sse(chunk(index, value.text, None, pending[index], earlier[index]))
+                        earlier[index] += [e.token for e in pending[index]]
                         pending[index] = []
                 elif kind == "done":
                     results[index] = value
-                    final = chunk(index, "", value.finish_reason, pending[index], offsets[index])
+                    final = chunk(index, "", value.finish_reason, pending[index], earlier[index])
                     if len(results) == len(jobs):
                         final["usage"] = usage([results[j.index] for j in jobs], n)
                     yield sse(final)
@@ -493,18 +492,18 @@ def create_app(
         enqueue(jobs)
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
-        def logprobs_of(entries: list[TokenLogprob], offset: int) -> dict[str, Any] | None:
-            return _completion_logprobs(entries, pieces, offset)[0] if req.logprobs is not None else None
+        def logprobs_of(entries: list[TokenLogprob], prior: list[int]) -> dict[str, Any] | None:
+            return _completion_logprobs(entries, pieces, prior) if req.logprobs is not None else None
 
         if req.stream:
 
             def chunk(
-                index: int, text: str | None, reason: str | None, entries: list[TokenLogprob], offset: int
+                index: int, text: str | None, reason: str | None, entries: list[TokenLogprob], prior: list[int]
             ) -> dict[str, Any]:
                 choice = {
                     "index": index,
                     "text": text,
-                    "logprobs": logprobs_of(entries, offset),
+                    "logprobs": logprobs_of(entries, prior),
                     "finish_reason": reason,
                 }
                 return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [choice]}
@@ -514,7 +513,7 @@ def create_app(
             )
         results = await collect(request, jobs, events, cancelled)
         choices = [
-            {"index": i, "text": r.text, "logprobs": logprobs_of(r.logprobs, 0), "finish_reason": r.finish_reason}
+            {"index": i, "text": r.text, "logprobs": logprobs_of(r.logprobs, []), "finish_reason": r.finish_reason}
             for i, r in enumerate(results)
         ]
         return {
@@ -562,7 +561,7 @@ def create_app(
                 return base(index, {"role": "assistant", "content": ""}, None, None)
 
             def chunk(
-                index: int, text: str | None, reason: str | None, entries: list[TokenLogprob], offset: int
+                index: int, text: str | None, reason: str | None, entries: list[TokenLogprob], prior: list[int]
             ) -> dict[str, Any]:
                 lp = logprobs_of(entries) if entries or reason is None else None
                 return base(index, {"content": text} if text else {}, reason, lp)
