@@ -388,6 +388,23 @@ async def next_event(j, timeout=60):
     return kind, value
 
 
+def test_identical_requests_finish_independently(engine):
+    """Equal requests are distinct jobs (a job's request refers back to it: comparing fields would recurse)."""
+
+    async def scenario(scheduler, loop):
+        jobs = [job(engine, loop, "The cat", 6) for _ in range(3)]
+        scheduler.submit(jobs[:1])
+        await asyncio.sleep(0.05)
+        scheduler.submit(jobs[1:])
+        return [await next_event(j) for j in jobs]
+
+    import asyncio
+
+    events = run_jobs(engine, scenario)
+    expected = engine.generate("The cat", max_new_tokens=6)[0].text
+    assert [(kind, result.text) for kind, result in events] == [("done", expected)] * 3
+
+
 def test_cancelled_stream_frees_its_row_for_a_waiting_request(engine):
     async def scenario(scheduler, loop):
         left = job(engine, loop, "The cat", 100, stream=True)

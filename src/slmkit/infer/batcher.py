@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 MAX_TOP_LOGPROBS = 20
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationRequest:
     """One sequence to generate. ``constraint``: a grammar from `slmkit.infer.constrained.compile_constraint`."""
 
@@ -129,7 +129,8 @@ class BatcherStats:
     decode_forwards: int = 0
     prefill_tokens: int = 0
     new_tokens: int = 0
-    last_batch_size: int = 0  # rows in the last decode step
+    last_batch_size: int = 0  # sequences in the last decode step
+    step_batch_size: int = 0  # sequences decoded by the latest step (0: it only prefilled)
 
 
 class ContinuousBatcher:
@@ -221,6 +222,7 @@ class ContinuousBatcher:
     def step(self) -> list[StepOutput]:
         """Admit, prefill (one chunk budget), one decode step, sample; returns what each sequence got."""
         self.stats.steps += 1
+        self.stats.step_batch_size = 0
         while self.waiting and len(self.rows) < self.max_batch:
             seq = self.waiting.popleft()
             seq.row = len(self.rows)
@@ -286,7 +288,7 @@ class ContinuousBatcher:
             upto=max(slots) + 1,
         )[:, -1]  # (n, V)
         self.stats.decode_forwards += 1
-        self.stats.last_batch_size = len(decoding)
+        self.stats.last_batch_size = self.stats.step_batch_size = len(decoding)
         for seq in decoding:
             seq.length += 1
             seq.pending = None

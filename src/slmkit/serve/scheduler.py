@@ -57,7 +57,7 @@ class Result:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity (a job's request refers back to it)
 class Job:
     """One generated choice. Events go to ``events`` as (index, kind, value): ("delta", Delta) while streaming,
     then ("done", Result) or ("error", exception). The choices of one HTTP request share ``events`` and
@@ -163,33 +163,41 @@ class Scheduler:
     # ---- the worker -------------------------------------------------------------------------------------
     def _work(self) -> None:
         while True:
-            now = time.monotonic()
-            self._admit(now)
-            self._reap(now)
-            if self._abort:
-                for job in list(self._running):
-                    self._cancel(job)
-                return
-            if not self.batcher.has_work:
-                if self._stopping and not self._waiting:
-                    return
-                self._wake.wait(timeout=1.0)
-                self._wake.clear()
-                continue
             try:
-                outputs = self.batcher.step()
+                if not self._iteration():
+                    return
             except Exception as exc:  # a bug: fail the running jobs, keep serving
                 logger.exception("generation step failed")
                 for job in list(self._running):
                     job.put("error", exc)
-                    self._cancel(job)
-                continue
-            if self.batcher.stats.last_batch_size and outputs:
-                self.last_batch_size = self.batcher.stats.last_batch_size
-                if self.metrics is not None:
-                    self.metrics.step(self.last_batch_size)
-            for out in outputs:
-                self._dispatch(out)
+                    try:
+                        self._cancel(job)
+                    except Exception:
+                        self._running.remove(job)
+
+    def _iteration(self) -> bool:
+        """Admit, reap, one batcher step, hand out its tokens; False when the worker should stop."""
+        now = time.monotonic()
+        self._admit(now)
+        self._reap(now)
+        if self._abort:
+            for job in list(self._running):
+                self._cancel(job)
+            return False
+        if not self.batcher.has_work:
+            if self._stopping and not self._waiting:
+                return False
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            return True
+        outputs = self.batcher.step()
+        if self.batcher.stats.step_batch_size:
+            self.last_batch_size = self.batcher.stats.step_batch_size
+            if self.metrics is not None:
+                self.metrics.step(self.last_batch_size)
+        for out in outputs:
+            self._dispatch(out)
+        return True
 
     def _admit(self, now: float) -> None:
         """Hand queued jobs to the batcher while it has free rows."""
