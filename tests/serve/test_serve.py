@@ -561,3 +561,8 @@ def test_response_format_json_schema(client, name):
         r = client.post("/v1/chat/completions", json={**body, "response_format": fmt})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
     assert healthy(client)
+
+
+def test_slm_serve_bad_options(shaken_model_dir):
+    r = run_slm("serve", shaken_model_dir, "--max-batch", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "max batch" in r.stderr
