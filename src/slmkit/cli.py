@@ -636,12 +636,27 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/ routes.")] = None,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 503 + Retry-After.")] = 64,
+    max_batch: Annotated[int, typer.Option(help="Sequences decoded together (rows of the KV cache).")] = 32,
+    max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a row; more get 503 + Retry-After.")] = 64,
+    request_timeout: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds from arrival: a running request then ends (finish_reason length), a queued one 503."
+        ),
+    ] = None,
+    prefill_chunk: Annotated[int, typer.Option(help="Prompt tokens prefilled per decode step at most.")] = 512,
+    drain_timeout: Annotated[
+        float, typer.Option(help="On Ctrl-C/SIGTERM, seconds to let running requests finish.")
+    ] = 30,
 ) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
+    batching."""
     from slmkit.serve.app import serve as run_server
 
-    run_server(model, host=host, port=port, api_key=api_key, max_queue=max_queue)
+    run_server(
+        model, host=host, port=port, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
+        request_timeout=request_timeout, prefill_chunk=prefill_chunk, drain_timeout=drain_timeout,
+    )  # fmt: skip
 
 
 def main() -> None:

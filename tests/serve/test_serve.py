@@ -3,46 +3,26 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 from fastapi.testclient import TestClient
 
 from slmkit.infer.engine import Engine
 from slmkit.serve.app import create_app
-from slmkit_testing import SRC, run_slm
+from slmkit_testing import run_slm
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
-    """The tiny model with its weights shaken: the briefly trained one repeats one token for every prompt, which
-    could not tell one request's output from another's; these weights give varied, prompt-dependent text."""
-    import torch
-
-    engine = Engine.load(tiny_model_dir, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in engine.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return engine
-
-
-@pytest.fixture(scope="module")
-def client(engine, tiny_model_dir):
-    with TestClient(create_app(engine, model_name=tiny_model_dir.name)) as c:
+def client(engine, shaken_model_dir):
+    with TestClient(create_app(engine, model_name=shaken_model_dir.name)) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def name(tiny_model_dir):
-    return tiny_model_dir.name
+def name(shaken_model_dir):
+    return shaken_model_dir.name
 
 
 def healthy(client):
@@ -151,46 +131,99 @@ def test_stop_sequence(client, engine, name):
     assert choice["finish_reason"] == "stop"
 
 
+def step_sizes(metrics_text):
+    """(count of decode steps, count of steps with one sequence) from the step batch size histogram."""
+    values = dict(line.rsplit(" ", 1) for line in metrics_text.splitlines() if line.startswith("slm_step_batch_size"))
+    return int(values["slm_step_batch_size_count"]), int(values['slm_step_batch_size_bucket{le="1"}'])
+
+
 def test_concurrent_requests_batch_and_match_alone(client, engine, name):
     prompts = ["The cat", "Once upon a time", "A", "The dog sat on the mat and", "Hello", "It was"]
     alone = [engine.generate(p, max_new_tokens=10)[0].text for p in prompts]
     assert len(set(alone)) == len(prompts)
     scheduler = client.app.state.scheduler
-    gate, sizes, original = threading.Event(), [], scheduler._run_batch
+    gate, original = threading.Event(), scheduler.batcher.step
 
-    def recorded(jobs):
-        gate.wait(30)  # the first round holds the worker until all six requests wait in the queue
-        sizes.append(len(jobs))
-        original(jobs)
+    def gated():
+        gate.wait(30)  # the worker holds until all six requests wait, so they decode together
+        return original()
 
-    scheduler._run_batch = recorded
+    scheduler.batcher.step = gated
     results: dict[int, str] = {}
 
     def call(i, prompt):
         body = {"model": name, "prompt": prompt, "max_tokens": 10, "temperature": 0}
         results[i] = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
 
+    before = step_sizes(client.get("/metrics").text)
     try:
-        blocker = threading.Thread(target=call, args=(-1, "x"))
-        blocker.start()
-        while scheduler.running == 0:
-            time.sleep(0.01)
         threads = [threading.Thread(target=call, args=(i, p)) for i, p in enumerate(prompts)]
         for t in threads:
             t.start()
-        while scheduler.queue_depth < len(prompts):
+        deadline = time.monotonic() + 30
+        while scheduler.queue_depth + scheduler.running < len(prompts) and time.monotonic() < deadline:
             time.sleep(0.01)
         gate.set()
-        for t in [blocker, *threads]:
+        for t in threads:
             t.join(60)
     finally:
-        scheduler._run_batch = original
-    assert sizes == [1, len(prompts)]  # the six waiting requests ran as one batch
+        scheduler.batcher.step = original
     assert [results[i] for i in range(len(prompts))] == alone
     metrics = client.get("/metrics").text
+    steps, single = step_sizes(metrics)
+    assert steps > before[0] and single - before[1] < steps - before[0]  # some steps decoded several requests
     assert 'slm_requests_total{path="/v1/completions",status="200"}' in metrics
-    assert "slm_queue_depth 0" in metrics
-    assert f"slm_last_batch_size {len(prompts)}" in metrics
+    assert "slm_queue_depth 0" in metrics and "slm_running_requests 0" in metrics
+    for histogram in ("slm_time_to_first_token_seconds", "slm_request_latency_seconds", "slm_step_batch_size"):
+        assert f"# TYPE {histogram} histogram" in metrics
+        assert f'{histogram}_bucket{{le="+Inf"}}' in metrics and f"{histogram}_sum " in metrics
+    count = int(
+        next(x for x in metrics.splitlines() if x.startswith("slm_time_to_first_token_seconds_count")).split()[1]
+    )
+    assert count >= len(prompts)
+
+
+def test_request_joins_while_another_streams(client, engine, name):
+    """A request arriving mid-stream joins the running batch at the next step and finishes while the stream goes on."""
+    scheduler = client.app.state.scheduler
+    original = scheduler.batcher.step
+    seen_queued = threading.Event()
+    base = scheduler.batcher.stats.new_tokens
+    sizes = []
+
+    def held():
+        sizes.append(len(scheduler.batcher.rows))
+        out = original()
+        if scheduler.batcher.stats.new_tokens > base and not seen_queued.is_set():
+            # hold the stream after its first tokens until the second request is queued
+            deadline = time.monotonic() + 30
+            while scheduler.queue_depth == 0 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            seen_queued.set()
+        return out
+
+    scheduler.batcher.step = held
+    short = {}
+
+    def second():
+        seen = time.monotonic()
+        while scheduler.running == 0 and time.monotonic() - seen < 30:
+            time.sleep(0.005)
+        body = {"model": name, "prompt": "Hello", "max_tokens": 6, "temperature": 0}
+        short["text"] = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    try:
+        thread = threading.Thread(target=second)
+        thread.start()
+        body = {"model": name, "prompt": "The cat", "max_tokens": 60, "temperature": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            chunks = parse_sse(r.read().decode())
+        thread.join(60)
+    finally:
+        scheduler.batcher.step = original
+    assert short["text"] == engine.generate("Hello", max_new_tokens=6)[0].text
+    assert "".join(c["choices"][0]["text"] for c in chunks) == engine.generate("The cat", max_new_tokens=60)[0].text
+    assert max(sizes) == 2 and sizes[-1] == 1  # they shared steps, and the stream went on after the other left
 
 
 @pytest.mark.parametrize(
@@ -206,7 +239,24 @@ def test_concurrent_requests_batch_and_match_alone(client, engine, name):
         ("/v1/completions", {"model": "NAME", "prompt": "x", "top_p": 0}, 400, "top_p"),
         ("/v1/completions", {"model": "NAME", "prompt": "word " * 500}, 400, "prompt"),
         ("/v1/completions", {"model": "NAME", "prompt": ""}, 400, "prompt"),
-        ("/v1/completions", {"model": "NAME", "prompt": "x", "n": 2}, 400, "n"),
+        ("/v1/completions", {"model": "NAME", "prompt": "x", "n": 0}, 400, "n"),
+        ("/v1/completions", {"model": "NAME", "prompt": "x", "n": 17}, 400, "n"),
+        ("/v1/completions", {"model": "NAME", "prompt": ["x"] * 8, "n": 5}, 400, "n"),
+        ("/v1/completions", {"model": "NAME", "prompt": "x", "logprobs": 6}, 400, "logprobs"),
+        ("/v1/completions", {"model": "NAME", "prompt": "x", "logprobs": True}, 400, "logprobs"),
+        ("/v1/completions", {"model": "NAME", "prompt": "x", "frequency_penalty": 3}, 400, "frequency_penalty"),
+        (
+            "/v1/chat/completions",
+            {"model": "NAME", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            400,
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "NAME", "messages": [{"role": "user", "content": "x"}], "logprobs": 1},
+            400,
+            "logprobs",
+        ),
         ("/v1/completions", {"model": "NAME", "prompt": "x", "seed": 2**70, "temperature": 1}, 400, "seed"),
         ("/v1/completions", {"model": "NAME", "prompt": ["x"] * 33}, 400, "prompt"),
         ("/v1/completions", {"model": "NAME", "prompt": "x", "stop": ["a"] * 5}, 400, "stop"),
@@ -243,97 +293,64 @@ def test_api_key(engine, name):
 
 
 def test_queue_full_gives_503_with_retry_after(engine, name):
-    app = create_app(engine, max_queue=1, model_name=name)
+    app = create_app(engine, max_queue=1, max_batch=1, model_name=name)
     scheduler = app.state.scheduler
     with TestClient(app) as c:
-        gate = threading.Lock()
-        gate.acquire()
-        original = scheduler._run_batch
+        gate = threading.Event()
+        original = scheduler.batcher.step
 
-        def blocked(jobs):
-            with gate:
-                original(jobs)
+        def blocked():
+            gate.wait(30)
+            return original()
 
-        scheduler._run_batch = blocked
+        scheduler.batcher.step = blocked
         body = {"model": name, "prompt": "x", "max_tokens": 2}
-        first = threading.Thread(target=lambda: c.post("/v1/completions", json=body))  # taken by the worker, blocks
-        first.start()
-        while scheduler.running == 0:
-            time.sleep(0.01)
+        first = threading.Thread(target=lambda: c.post("/v1/completions", json=body))  # takes the one row, blocks
         second = threading.Thread(target=lambda: c.post("/v1/completions", json=body))  # waits in the queue
-        second.start()
-        while scheduler.queue_depth == 0:
-            time.sleep(0.01)
-        r = c.post("/v1/completions", json=body)
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
-        assert r.json()["error"]["code"] == "queue_full"
-        gate.release()
-        first.join(30)
-        second.join(30)
+        try:
+            first.start()
+            while scheduler.running == 0:
+                time.sleep(0.01)
+            second.start()
+            while scheduler.queue_depth == 0:
+                time.sleep(0.01)
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+            assert r.json()["error"]["code"] == "queue_full"
+        finally:
+            gate.set()
+            first.join(30)
+            second.join(30)
         assert healthy(c)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_shutdown_refuses_new_requests_and_drains_running_ones(engine, name):
+    app = create_app(engine, model_name=name)
+    scheduler = app.state.scheduler
+    with TestClient(app) as c:
+        gate = threading.Event()
+        original = scheduler.batcher.step
 
+        def blocked():
+            gate.wait(30)
+            return original()
 
-@pytest.fixture(scope="module")
-def live_server(tiny_model_dir):
-    """`slm serve` as a user starts it, on a free loopback port, with an API key."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "slmkit", "serve", str(tiny_model_dir), "--port", str(port), "--api-key", "k"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=1)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None, proc.stdout.read()
-                time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def test_openai_client_against_live_server(live_server, tiny_model_dir):
-    openai = pytest.importorskip("openai")
-    client = openai.OpenAI(base_url=f"{live_server}/v1", api_key="k", max_retries=0)
-    name = tiny_model_dir.name
-    assert [m.id for m in client.models.list()] == [name]
-
-    out = client.completions.create(model=name, prompt="The cat", max_tokens=5, temperature=0)
-    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
-    streamed = client.completions.create(model=name, prompt="The cat", max_tokens=5, temperature=0, stream=True)
-    assert "".join(c.choices[0].text for c in streamed) == out.choices[0].text
-
-    messages = [{"role": "user", "content": "Hi"}]
-    chat = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=1, seed=3)
-    again = client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=1, seed=3)
-    assert chat.choices[0].message.content == again.choices[0].message.content
-    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens >= 1
-    chunks = list(
-        client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=1, seed=3, stream=True)
-    )
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
-
-    with pytest.raises(openai.AuthenticationError):
-        openai.OpenAI(base_url=f"{live_server}/v1", api_key="wrong", max_retries=0).models.list()
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
-    with pytest.raises(openai.BadRequestError, match="context"):
-        client.completions.create(model=name, prompt="x", max_tokens=10**6)
-    assert urllib.request.urlopen(f"{live_server}/health", timeout=5).status == 200
+        scheduler.batcher.step = blocked
+        out = {}
+        body = {"model": name, "prompt": "The cat", "max_tokens": 8, "temperature": 0}
+        running = threading.Thread(target=lambda: out.update(r=c.post("/v1/completions", json=body)))
+        running.start()
+        while scheduler.running == 0:
+            time.sleep(0.01)
+        scheduler.begin_shutdown()
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        assert c.get("/health").status_code == 503
+        gate.set()
+        running.join(30)
+        assert out["r"].status_code == 200
+        assert out["r"].json()["choices"][0]["text"] == engine.generate("The cat", max_new_tokens=8)[0].text
+    assert not scheduler._thread.is_alive()  # the app's shutdown drained and stopped the worker
 
 
 def test_slm_serve_bad_model(tmp_path):
@@ -341,37 +358,111 @@ def test_slm_serve_bad_model(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: ")
 
 
-def test_cancelled_stream_stops_and_worker_goes_on(engine):
+def run_jobs(engine, scenario, **options):
+    """Run `scenario(scheduler, loop)` (a coroutine function) against a Scheduler of its own."""
     import asyncio
 
-    from slmkit.infer.sampling import SamplingParams
-    from slmkit.serve.scheduler import Job, Scheduler
+    from slmkit.serve.scheduler import Scheduler
 
-    class ClientLeavesAfterFirstDelta(Job):
-        def put(self, kind, value):
-            super().put(kind, value)
-            if kind == "delta":
-                self.cancelled.set()  # as the SSE generator's `finally` does when the client disconnects
+    async def main():
+        scheduler = Scheduler(engine.model, engine.tokenizer, **options)
+        try:
+            return await scenario(scheduler, asyncio.get_running_loop())
+        finally:
+            scheduler.close(5)
 
-    async def scenario():
-        scheduler = Scheduler(engine)
-        loop = asyncio.get_running_loop()
-        ids = engine.tokenizer.encode("The cat").ids
-        left = ClientLeavesAfterFirstDelta(ids, 60, SamplingParams(), (), True, loop)
-        scheduler.submit(left)
-        kinds = [(await asyncio.wait_for(left.events.get(), 60))[0]]
-        after = Job(ids, 4, SamplingParams(), (), False, loop)  # queued behind the cancelled stream
-        scheduler.submit(after)
-        kind, result = await asyncio.wait_for(after.events.get(), 60)
+    return asyncio.run(main())
+
+
+def job(engine, loop, prompt, max_tokens, stream=False):
+    from slmkit.infer.batcher import GenerationRequest
+    from slmkit.serve.scheduler import Job
+
+    return Job(GenerationRequest(engine.tokenizer.encode(prompt).ids, max_tokens), loop, stream)
+
+
+async def next_event(j, timeout=60):
+    import asyncio
+
+    _, kind, value = await asyncio.wait_for(j.events.get(), timeout)
+    return kind, value
+
+
+def test_identical_requests_are_distinct_jobs(engine):
+    """Cancelling one of two equal requests leaves the other running (a job's request refers back to the job, so
+    comparing jobs by their fields would recurse)."""
+
+    async def scenario(scheduler, loop):
+        first, second = (job(engine, loop, "The cat", 30, stream=True) for _ in range(2))
+        scheduler.submit([first, second])
+        await next_event(first)
+        await next_event(second)
+        second.cancelled.set()
+        while True:
+            kind, value = await next_event(first)
+            if kind != "delta":
+                return kind, value
+
+    kind, result = run_jobs(engine, scenario)
+    assert kind == "done" and result.text == engine.generate("The cat", max_new_tokens=30)[0].text
+
+
+def test_cancelled_stream_frees_its_row_for_a_waiting_request(engine):
+    async def scenario(scheduler, loop):
+        left = job(engine, loop, "The cat", 100, stream=True)
+        after = job(engine, loop, "Hello", 4)
+        scheduler.submit([left])
+        kinds = [(await next_event(left))[0]]
+        scheduler.submit([after])  # one row only: it waits for the stream's row
+        left.cancelled.set()  # as the SSE generator's `finally` does when the client disconnects
+        kind, result = await next_event(after)
         assert kind == "done" and result.completion_tokens == 4
+        assert result.text == engine.generate("Hello", max_new_tokens=4)[0].text
         while not left.events.empty():
-            kinds.append(left.events.get_nowait()[0])
-        scheduler.close()
-        return kinds
+            kinds.append(left.events.get_nowait()[1])
+        return kinds, len(left.seq.out), left.seq.finish_reason
 
-    [full] = engine.generate("The cat", max_new_tokens=60)
-    assert len(full.text) > 5  # more than one delta would come without the cancellation
-    assert asyncio.run(scenario()) == ["delta"]  # one delta, then nothing: no "done", generation stopped
+    kinds, generated, reason = run_jobs(engine, scenario, max_batch=1)
+    assert set(kinds) == {"delta"} and "done" not in kinds  # stopped without finishing
+    assert generated < 100 and reason == "cancelled"
+
+
+def test_request_timeout(engine):
+    """Past its deadline a running request ends with what it has ("length"); a queued one fails (503)."""
+    from slmkit.serve.scheduler import RequestTimeout
+
+    async def scenario(scheduler, loop):
+        original = scheduler.batcher.step
+
+        def slow():
+            time.sleep(0.02)  # the tiny model is too fast to be caught by a deadline otherwise
+            return original()
+
+        scheduler.batcher.step = slow
+        running = job(engine, loop, "The cat", 120, stream=True)
+        scheduler.submit([running])
+        await next_event(running)
+        scheduler.request_timeout = 0.3  # the next request has a deadline; the running one has none
+        queued = job(engine, loop, "Hello", 4)
+        scheduler.submit([queued])
+        kind, error = await next_event(queued)
+        running.cancelled.set()
+        alone = job(engine, loop, "The cat", 120, stream=True)
+        scheduler.submit([alone])
+        deltas = []
+        while True:
+            kind_, value = await next_event(alone)
+            if kind_ != "delta":
+                break
+            deltas.append(value.text)
+        return kind, error, kind_, value, "".join(deltas)
+
+    kind, error, final, result, streamed = run_jobs(engine, scenario, max_batch=1)
+    assert kind == "error" and isinstance(error, RequestTimeout)
+    assert final == "done" and result.finish_reason == "length" and 0 < result.completion_tokens < 120
+    assert streamed == result.text
+    full = engine.generate("The cat", max_new_tokens=120)[0]
+    assert result.text == engine.tokenizer.decode(full.token_ids[: result.completion_tokens])
 
 
 def test_fuzzed_bodies_never_give_5xx(client, name):
@@ -403,6 +494,8 @@ def test_fuzzed_bodies_never_give_5xx(client, name):
             "stop",
             "n",
             "logprobs",
+            "top_logprobs",
+            "frequency_penalty",
             "response_format",
             "junk",
         ]
@@ -468,3 +561,8 @@ def test_response_format_json_schema(client, name):
         r = client.post("/v1/chat/completions", json={**body, "response_format": fmt})
         assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
     assert healthy(client)
+
+
+def test_slm_serve_bad_options(shaken_model_dir):
+    r = run_slm("serve", shaken_model_dir, "--max-batch", "0")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "max batch" in r.stderr

@@ -3,7 +3,8 @@
     from slmkit.serve.app import create_app
     app = create_app("runs/quickstart")        # then: uvicorn.run(app) or `slm serve runs/quickstart`
 
-Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+Errors use OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Generation runs on the
+continuous-batching scheduler (`slmkit.serve.scheduler`); each of a request's ``n`` choices is a sequence of its own.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 import time
-from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,15 +26,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmkit.errors import UserError
+from slmkit.infer.batcher import GenerationRequest, TokenLogprob
 from slmkit.infer.engine import Engine
 from slmkit.infer.sampling import SamplingParams
-from slmkit.serve.scheduler import Job, QueueFull, Result, Scheduler
+from slmkit.serve.metrics import Metrics
+from slmkit.serve.scheduler import Delta, Job, QueueFull, RequestTimeout, Result, Scheduler, ShuttingDown
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 RETRY_AFTER_SECONDS = 1
+MAX_N = 16
+DISCONNECT_POLL_SECONDS = 0.5
 
 
 class ApiError(Exception):
@@ -60,16 +66,18 @@ class _Request(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0, le=2)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
-    n: int = 1
-    logprobs: Any = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
     response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API: top-k per token (0: the chosen only)
 
 
 class ChatMessage(BaseModel):
@@ -80,36 +88,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.requests: Counter[tuple[str, int]] = Counter()
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-
-    def render(self, scheduler: Scheduler) -> str:
-        lines = ["# HELP slm_requests_total HTTP requests by path and status.", "# TYPE slm_requests_total counter"]
-        for (path, status), count in sorted(self.requests.items()):
-            lines.append(f'slm_requests_total{{path="{path}",status="{status}"}} {count}')
-        lines += [
-            "# HELP slm_prompt_tokens_total Prompt tokens processed.",
-            "# TYPE slm_prompt_tokens_total counter",
-            f"slm_prompt_tokens_total {self.prompt_tokens}",
-            "# HELP slm_completion_tokens_total Tokens generated.",
-            "# TYPE slm_completion_tokens_total counter",
-            f"slm_completion_tokens_total {self.completion_tokens}",
-            "# HELP slm_queue_depth Requests waiting for the worker.",
-            "# TYPE slm_queue_depth gauge",
-            f"slm_queue_depth {scheduler.queue_depth}",
-            "# HELP slm_running_requests Requests in the worker's current round.",
-            "# TYPE slm_running_requests gauge",
-            f"slm_running_requests {scheduler.running}",
-            "# HELP slm_last_batch_size Size of the last engine batch.",
-            "# TYPE slm_last_batch_size gauge",
-            f"slm_last_batch_size {scheduler.last_batch_size}",
-        ]
-        return "\n".join(lines) + "\n"
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
 def _is_union_tag(part: Any) -> bool:
@@ -150,6 +130,63 @@ def _load_chat_template(directory: Path | None) -> str:
     return DEFAULT_CHAT_TEMPLATE
 
 
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (as GPT-2 defines it), inverted: char -> byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in kept}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+class _TokenText:
+    """A token's bytes and its text as OpenAI shows it ("bytes:\\xe2\\x80" for a piece of a UTF-8 character)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.piece = lru_cache(maxsize=65536)(self._piece)
+
+    def _piece(self, token: int) -> tuple[str, tuple[int, ...]]:
+        raw = self.tokenizer.id_to_token(token) or ""
+        table = _byte_level_decoder()
+        if raw and all(c in table for c in raw):
+            data = bytes(table[c] for c in raw)
+        else:
+            data = self.tokenizer.decode([token]).encode()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            text = "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+        return text, tuple(data)
+
+
+def _completion_logprobs(entries: list[TokenLogprob], pieces: _TokenText, prior: list[int]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object for some tokens; `prior`: the choice's tokens before them."""
+    ids = list(prior)
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for e in entries:
+        offsets.append(len(pieces.tokenizer.decode(ids)) if ids else 0)  # where the token's text starts
+        ids.append(e.token)
+        tokens.append(pieces.piece(e.token)[0])
+        token_logprobs.append(e.logprob)
+        top.append({pieces.piece(t)[0]: lp for t, lp in e.top})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def _chat_logprobs(entries: list[TokenLogprob], pieces: _TokenText) -> dict[str, Any]:
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text, data = pieces.piece(token)
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
+
+    return {
+        "content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+    }
+
+
 def create_app(
     engine_or_model_path: Engine | str | Path,
     *,
@@ -157,8 +194,16 @@ def create_app(
     max_queue: int = 64,
     max_batch: int = 32,
     model_name: str | None = None,
+    request_timeout: float | None = None,
+    prefill_chunk: int = 512,
+    drain_timeout: float = 30,
 ) -> FastAPI:
-    """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model)."""
+    """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
+
+    max_batch: rows of the running batch (sequences decoded together); max_queue: sequences that may wait for a
+    row (more get 503); request_timeout: seconds from arrival after which a request stops (see
+    `slmkit.serve.scheduler`); prefill_chunk: prompt tokens prefilled per step at most.
+    """
     directory: Path | None = None
     if isinstance(engine_or_model_path, Engine):
         engine = engine_or_model_path
@@ -173,8 +218,12 @@ def create_app(
     import jinja2.sandbox
 
     template = jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(_load_chat_template(directory))
-    scheduler = Scheduler(engine, max_queue=max_queue, max_batch=max_batch)
     metrics = Metrics()
+    scheduler = Scheduler(
+        engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
+        request_timeout=request_timeout, metrics=metrics,
+    )  # fmt: skip
+    pieces = _TokenText(engine.tokenizer)
     created = int(time.time())
     context = engine.config.max_seq_len
 
@@ -184,7 +233,7 @@ def create_app(
 
     @app.on_event("shutdown")
     def _shutdown() -> None:
-        scheduler.close()
+        scheduler.close(drain_timeout)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -219,16 +268,22 @@ def create_app(
                     type="authentication_error",
                     code="invalid_api_key",
                 ).response()
-                metrics.requests[(path, 401)] += 1
+                metrics.count_request(path, 401)
                 return response
         response = await call_next(request)
         if path.startswith("/v1/"):
-            metrics.requests[(path, response.status_code)] += 1
+            metrics.count_request(path, response.status_code)
         return response
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "queue_depth": scheduler.queue_depth}
+    async def health() -> Any:
+        body = {
+            "status": "ok" if scheduler.accepting else "shutting_down",
+            "model": name,
+            "queue_depth": scheduler.queue_depth,
+            "running": scheduler.running,
+        }
+        return JSONResponse(body, status_code=200 if scheduler.accepting else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def get_metrics() -> str:
@@ -238,7 +293,7 @@ def create_app(
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "slmkit"}]}
 
-    def check(req: _Request) -> None:
+    def check_model(req: _Request) -> None:
         if req.model != name:
             raise ApiError(
                 404,
@@ -247,54 +302,90 @@ def create_app(
                 param="model",
                 code="model_not_found",
             )
-        if req.n != 1:
-            raise ApiError(400, "only n=1 is supported", param="n")
-        if req.logprobs not in (None, False, 0):
-            raise ApiError(400, "logprobs are not supported by this server yet", param="logprobs")
 
-    def make_job(req: _Request, text: str, default_max: int | None) -> Job:
-        ids = engine.tokenizer.encode(text).ids
-        if not ids:
-            raise ApiError(400, "the prompt is empty", param="prompt")
-        room = context - len(ids)
-        if room < 1:
-            raise ApiError(
-                400,
-                f"the prompt has {len(ids)} tokens; this model's context is {context} tokens",
-                param="prompt",
-                code="context_length_exceeded",
+    async def constraint_of(req: _Request) -> Any:
+        constraint = _constraint(req.response_format)
+        if constraint is None:
+            return None
+        from slmkit.infer.constrained import compile_constraint
+
+        try:  # compiling takes a while (and xgrammar's first import seconds): off the event loop
+            return await asyncio.to_thread(
+                compile_constraint, constraint, engine.tokenizer, engine.config.vocab_size, engine.config.eos_token_id
             )
-        max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max or room, room)
-        if len(ids) + max_tokens > context:
+        except UserError as exc:
+            raise ApiError(400, str(exc), param="response_format") from None
+
+    def make_jobs(
+        req: _Request,
+        texts: list[str],
+        default_max: int | None,
+        compiled: Any,
+        top_logprobs: int | None,
+    ) -> tuple[list[Job], asyncio.Queue, threading.Event]:
+        """One job per (prompt, choice), sharing one event queue and one cancel flag."""
+        if len(texts) * req.n > max_batch:
+            what = "prompts x n" if req.n > 1 else "prompts"
             raise ApiError(
-                400,
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this model's "
-                f"context of {context} tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
+                400, f"at most {max_batch} {what} per request, got {len(texts) * req.n}",
+                param="n" if req.n > 1 else "prompt",
+            )  # fmt: skip
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         if len(stop) > 4:
             raise ApiError(400, "at most 4 stop sequences", param="stop")
-        try:
-            sampling = SamplingParams(
-                temperature=req.temperature, top_p=req.top_p if req.top_p < 1 else None, seed=req.seed
-            )
-        except UserError as exc:
-            raise ApiError(400, str(exc)) from None
-        return Job(
-            ids,
-            max_tokens,
-            sampling,
-            tuple(s for s in stop if s),
-            req.stream,
-            asyncio.get_running_loop(),
-            constraint=_constraint(req.response_format),
-        )
+        events: asyncio.Queue = asyncio.Queue()
+        cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        jobs = []
+        for text in texts:
+            ids = engine.tokenizer.encode(text).ids
+            if not ids:
+                raise ApiError(400, "the prompt is empty", param="prompt")
+            room = context - len(ids)
+            if room < 1:
+                raise ApiError(
+                    400,
+                    f"the prompt has {len(ids)} tokens; this model's context is {context} tokens",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max or room, room)
+            if len(ids) + max_tokens > context:
+                raise ApiError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this model's "
+                    f"context of {context} tokens",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+            for i in range(req.n):
+                seed = None
+                if req.seed is not None:  # choice i draws from seed + i (wrapped into int64)
+                    seed = (req.seed + i + 2**63) % 2**64 - 2**63
+                try:
+                    sampling = SamplingParams(
+                        temperature=req.temperature,
+                        top_p=req.top_p if req.top_p < 1 else None,
+                        frequency_penalty=req.frequency_penalty,
+                        presence_penalty=req.presence_penalty,
+                        seed=seed,
+                    )
+                except UserError as exc:
+                    raise ApiError(400, str(exc)) from None
+                request = GenerationRequest(
+                    ids, max_tokens, sampling, tuple(s for s in stop if s), compiled,
+                    logprobs=top_logprobs is not None, top_logprobs=top_logprobs or 0,
+                )  # fmt: skip
+                try:
+                    scheduler.check(request)
+                except UserError as exc:
+                    raise ApiError(400, str(exc), code="context_length_exceeded") from None
+                jobs.append(Job(request, loop, req.stream, len(jobs), events, cancelled))
+        return jobs, events, cancelled
 
-    def enqueue(job: Job) -> None:
+    def enqueue(jobs: list[Job]) -> None:
         try:
-            scheduler.submit(job)
+            scheduler.submit(jobs)
         except QueueFull:
             raise ApiError(
                 503,
@@ -303,91 +394,126 @@ def create_app(
                 code="queue_full",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
             ) from None
+        except ShuttingDown:
+            raise ApiError(
+                503,
+                "the server is shutting down",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            ) from None
 
-    async def wait(job: Job) -> Result:
-        while True:
-            kind, value = await job.events.get()
-            if kind == "done":
-                metrics.prompt_tokens += value.prompt_tokens
-                metrics.completion_tokens += value.completion_tokens
-                return value
-            if kind == "error":
-                raise ApiError(
-                    400 if isinstance(value, UserError) else 500,
-                    str(value),
-                    type="invalid_request_error" if isinstance(value, UserError) else "server_error",
-                )
+    def failure(exc: Exception) -> ApiError:
+        if isinstance(exc, RequestTimeout):
+            return ApiError(
+                503, str(exc), type="server_error", code="timeout", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
+            )
+        if isinstance(exc, UserError):
+            return ApiError(400, str(exc))
+        return ApiError(500, f"generation failed: {type(exc).__name__}", type="server_error")
 
-    def usage(results: list[Result]) -> dict[str, int]:
-        p, c = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    async def collect(request: Request, jobs: list[Job], events: asyncio.Queue, cancelled: threading.Event):
+        """Every job's Result; a client that disconnects cancels them."""
+        results: list[Result | None] = [None] * len(jobs)
+        try:
+            while any(r is None for r in results):
+                try:
+                    index, kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        raise ApiError(499, "the client closed the request") from None
+                    continue
+                if kind == "done":
+                    results[index] = value
+                elif kind == "error":
+                    raise failure(value)
+        finally:
+            cancelled.set()  # a no-op for finished jobs; stops the others
+        return results
+
+    def usage(results: list[Result], n: int) -> dict[str, int]:
+        p = sum(r.prompt_tokens for r in results[::n])  # the n choices of a prompt share its prompt tokens
+        c = sum(r.completion_tokens for r in results)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream_events(job: Job, chunk: Any) -> AsyncIterator[str]:
+    async def stream_events(
+        jobs: list[Job],
+        events: asyncio.Queue,
+        cancelled: threading.Event,
+        chunk: Callable[[int, str | None, str | None, list[TokenLogprob], list[int]], dict[str, Any]],
+        opening: Callable[[int], dict[str, Any]] | None,
+        n: int,
+    ) -> AsyncIterator[str]:
+        """SSE for all choices of one request; logprobs of tokens whose text is held back ride on the next chunk."""
         try:
-            first = chunk(None, None, True)
-            if first is not None:
-                yield sse(first)
-            while True:
-                kind, value = await job.events.get()
+            if opening is not None:
+                for job in jobs:
+                    yield sse(opening(job.index))
+            pending: dict[int, list[TokenLogprob]] = {j.index: [] for j in jobs}
+            earlier: dict[int, list[int]] = {i: [] for i in pending}  # tokens already sent, per choice
+            results: dict[int, Result] = {}
+            while len(results) < len(jobs):
+                index, kind, value = await events.get()
                 if kind == "delta":
-                    yield sse(chunk(value, None, False))
+                    assert isinstance(value, Delta)
+                    pending[index] += value.logprobs
+                    if value.text:
+                        yield sse(chunk(index, value.text, None, pending[index], earlier[index]))
+                        earlier[index] += [e.token for e in pending[index]]
+                        pending[index] = []
                 elif kind == "done":
-                    metrics.prompt_tokens += value.prompt_tokens
-                    metrics.completion_tokens += value.completion_tokens
-                    final = chunk("", value.finish_reason, False)
-                    final["usage"] = usage([value])
+                    results[index] = value
+                    final = chunk(index, "", value.finish_reason, pending[index], earlier[index])
+                    if len(results) == len(jobs):
+                        final["usage"] = usage([results[j.index] for j in jobs], n)
                     yield sse(final)
-                    break
                 else:
-                    yield sse({"error": {"message": str(value), "type": "server_error", "param": None, "code": None}})
+                    error = failure(value)
+                    body = {"message": error.message, "type": error.type, "param": None, "code": error.code}
+                    yield sse({"error": body})
                     break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled.set()  # a client that went away stops its generation
+            cancelled.set()  # a client that went away stops its generation
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest) -> Any:
-        check(req)
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        check_model(req)
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if not prompts:
             raise ApiError(400, "prompt: give at least one prompt", param="prompt")
         if req.stream and len(prompts) != 1:
             raise ApiError(400, "streaming takes a single prompt", param="prompt")
-        if len(prompts) > max_batch:
-            raise ApiError(400, f"at most {max_batch} prompts per request, got {len(prompts)}", param="prompt")
-        jobs = [make_job(req, p, 16) for p in prompts]
-        try:
-            for job in jobs:
-                enqueue(job)
-        except ApiError:
-            for job in jobs:
-                job.cancelled.set()  # the ones already queued are skipped
-            raise
+        compiled = await constraint_of(req)
+        jobs, events, cancelled = make_jobs(req, prompts, 16, compiled, req.logprobs)
+        enqueue(jobs)
         rid, now = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+
+        def logprobs_of(entries: list[TokenLogprob], prior: list[int]) -> dict[str, Any] | None:
+            return _completion_logprobs(entries, pieces, prior) if req.logprobs is not None else None
+
         if req.stream:
 
-            def chunk(text: str | None, reason: str | None, opening: bool) -> dict[str, Any] | None:
-                if opening:
-                    return None
-                return {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": now,
-                    "model": name,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+            def chunk(
+                index: int, text: str | None, reason: str | None, entries: list[TokenLogprob], prior: list[int]
+            ) -> dict[str, Any]:
+                choice = {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs_of(entries, prior),
+                    "finish_reason": reason,
                 }
+                return {"id": rid, "object": "text_completion", "created": now, "model": name, "choices": [choice]}
 
-            return StreamingResponse(stream_events(jobs[0], chunk), media_type="text/event-stream")
-        try:
-            results = await asyncio.gather(*(wait(j) for j in jobs))
-        finally:
-            for job in jobs:
-                job.cancelled.set()
+            return StreamingResponse(
+                stream_events(jobs, events, cancelled, chunk, None, req.n), media_type="text/event-stream"
+            )
+        results = await collect(request, jobs, events, cancelled)
         choices = [
-            {"index": i, "text": r.text, "logprobs": None, "finish_reason": r.finish_reason}
+            {"index": i, "text": r.text, "logprobs": logprobs_of(r.logprobs, []), "finish_reason": r.finish_reason}
             for i, r in enumerate(results)
         ]
         return {
@@ -396,59 +522,108 @@ def create_app(
             "created": now,
             "model": name,
             "choices": choices,
-            "usage": usage(results),
+            "usage": usage(results, req.n),
         }
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest) -> Any:
-        check(req)
+    async def chat(req: ChatRequest, request: Request) -> Any:
+        check_model(req)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         try:
             prompt = template.render(
                 messages=[m.model_dump() for m in req.messages], add_generation_prompt=True, bos_token="", eos_token=""
             )
         except Exception as exc:  # a broken template in the model dir
             raise ApiError(400, f"cannot apply the chat template: {exc}", param="messages") from None
-        job = make_job(req, prompt, None)
-        enqueue(job)
+        compiled = await constraint_of(req)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        jobs, events, cancelled = make_jobs(req, [prompt], None, compiled, top)
+        enqueue(jobs)
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+
+        def logprobs_of(entries: list[TokenLogprob]) -> dict[str, Any] | None:
+            return _chat_logprobs(entries, pieces) if req.logprobs else None
+
         if req.stream:
 
-            def chunk(text: str | None, reason: str | None, opening: bool) -> dict[str, Any]:
-                delta = {"role": "assistant", "content": ""} if opening else ({"content": text} if text else {})
+            def base(index: int, delta: dict[str, Any], reason: str | None, lp: Any) -> dict[str, Any]:
+                choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": reason}
                 return {
                     "id": rid,
                     "object": "chat.completion.chunk",
                     "created": now,
                     "model": name,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}],
+                    "choices": [choice],
                 }
 
-            return StreamingResponse(stream_events(job, chunk), media_type="text/event-stream")
-        try:
-            result = await wait(job)
-        finally:
-            job.cancelled.set()
-        message = {"role": "assistant", "content": result.text}
+            def opening(index: int) -> dict[str, Any]:
+                return base(index, {"role": "assistant", "content": ""}, None, None)
+
+            def chunk(
+                index: int, text: str | None, reason: str | None, entries: list[TokenLogprob], prior: list[int]
+            ) -> dict[str, Any]:
+                lp = logprobs_of(entries) if entries or reason is None else None
+                return base(index, {"content": text} if text else {}, reason, lp)
+
+            return StreamingResponse(
+                stream_events(jobs, events, cancelled, chunk, opening, req.n), media_type="text/event-stream"
+            )
+        results = await collect(request, jobs, events, cancelled)
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": logprobs_of(r.logprobs),
+                "finish_reason": r.finish_reason,
+            }
+            for i, r in enumerate(results)
+        ]
         return {
             "id": rid,
             "object": "chat.completion",
             "created": now,
             "model": name,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
-            "usage": usage([result]),
+            "choices": choices,
+            "usage": usage(results, req.n),
         }
 
     return app
 
 
 def serve(
-    model: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_queue: int = 64
+    model: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    max_queue: int = 64,
+    max_batch: int = 32,
+    request_timeout: float | None = None,
+    prefill_chunk: int = 512,
+    drain_timeout: float = 30,
 ) -> None:
-    """Run the server until interrupted (`slm serve`)."""
+    """Run the server until interrupted (`slm serve`). The first Ctrl-C / SIGTERM drains: new requests get 503,
+    running ones finish (at most `drain_timeout` s); a second one exits at once."""
     import uvicorn
 
     if not (0 < port < 65536):
         raise UserError(f"port must be in 1..65535, got {port}")
-    app = create_app(model, api_key=api_key, max_queue=max_queue)
+    if not drain_timeout >= 0:
+        raise UserError(f"drain timeout must be >= 0 seconds, got {drain_timeout}")
+    app = create_app(
+        model, api_key=api_key, max_queue=max_queue, max_batch=max_batch, request_timeout=request_timeout,
+        prefill_chunk=prefill_chunk, drain_timeout=drain_timeout,
+    )  # fmt: skip
+    scheduler: Scheduler = app.state.scheduler
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            scheduler.begin_shutdown()  # requests on open connections get 503 while the running ones finish
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(drain_timeout) or None
+    )
     print(f"serving model {app.state.model_name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    DrainingServer(config).run()
