@@ -102,6 +102,19 @@ def test_per_row_cache_positions_match_each_sequence_alone(window):
     torch.testing.assert_close(torch.stack(b_steps), alone_b, atol=1e-4, rtol=1e-4)
 
 
+def test_cache_rows_are_views_that_decode_like_the_whole_cache():
+    model = make_model()
+    idx = torch.randint(0, 320, (3, 6))
+    with torch.no_grad():
+        whole = model.new_cache(3, 64)
+        expected = model(idx, cache=whole, cache_pos=torch.arange(6))
+        cache = model.new_cache(3, 64)
+        got = model(idx[1:], cache=cache.rows(1, 3), cache_pos=torch.arange(6))
+    torch.testing.assert_close(got, expected[1:])
+    torch.testing.assert_close(cache.k[:, 1:], whole.k[:, 1:])  # written through the view
+    assert cache.k[:, 0].abs().sum() == 0
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_logits_match_transformers_llama(tmp_path, tie):
     from transformers import AutoModelForCausalLM

@@ -239,13 +239,7 @@ class ContinuousBatcher:
         """The cache rows [start, stop) as a cache of their own (views, so writes land in the big cache)."""
         key = (start, stop)
         if key not in self._views:
-            from slmkit.models.transformer import KVCache
-
-            view = KVCache.__new__(KVCache)
-            torch.nn.Module.__init__(view)
-            view.register_buffer("k", self.cache.k[:, start:stop], persistent=False)
-            view.register_buffer("v", self.cache.v[:, start:stop], persistent=False)
-            self._views[key] = view
+            self._views[key] = self.cache.rows(start, stop)
         return self._views[key]
 
     def _prefill(self, ready: list[tuple[GenerationSequence, torch.Tensor]]) -> None:

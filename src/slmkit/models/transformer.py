@@ -118,6 +118,14 @@ class KVCache(nn.Module):
     def batch_size(self) -> int:
         return self.k.shape[1]
 
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a cache of their own: views, so what a forward pass writes lands in this cache."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[:, start:stop], persistent=False)
+        view.register_buffer("v", self.v[:, start:stop], persistent=False)
+        return view
+
     @property
     def max_slots(self) -> int:
         return self.k.shape[3]
