@@ -84,7 +84,8 @@ def section_hf(args: argparse.Namespace) -> None:
     print(f"\n## batch-1 greedy decode vs transformers generate (preset {args.preset}, fp32)")
     print(f"prompt {args.prompt_len}, {n} new tokens; best of {args.repeats}; identical outputs: {same}")
     print(f"slmkit engine, eager     {ours_tps:8.1f} tokens/s (prefill included)")
-    print(f"slmkit engine, compiled  {compiled_tps:8.1f} tokens/s (prefill included; first call {compile_seconds:.1f} s)")
+    first = f"first call {compile_seconds:.1f} s"
+    print(f"slmkit engine, compiled  {compiled_tps:8.1f} tokens/s (prefill included; {first})")
     print(f"transformers generate    {theirs_tps:8.1f} tokens/s (prefill included)")
     print(f"ratio eager / transformers:    {ours_tps / theirs_tps:.2f}x")
     print(f"ratio compiled / transformers: {compiled_tps / theirs_tps:.2f}x")
