@@ -213,7 +213,8 @@ def generate(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, else float32), float32, bfloat16.")] = "auto",
     compile: Annotated[
-        bool | None, typer.Option(
+        bool | None,
+        typer.Option(
             "--compile/--no-compile",
             help="torch.compile the decode step: CUDA graphs on CUDA (default: on with --prompts-file), C++ kernels "
             "on a CPU (default off: a one-time 15-40 s compilation, then faster steps on small models).",
