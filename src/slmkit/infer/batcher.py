@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from slmkit.errors import UserError
-from slmkit.infer.engine import _TextStream
+from slmkit.infer.engine import SINGLE_THREAD_PARAMS, _TextStream, _Threads
 from slmkit.infer.sampling import SamplingParams, apply_penalties, sample
 
 logger = logging.getLogger(__name__)
@@ -166,6 +166,9 @@ class ContinuousBatcher:
         self.rows: list[GenerationSequence] = []  # running sequences; rows[i] lives in cache row i
         self.waiting: deque[GenerationSequence] = deque()
         self.stats = BatcherStats()
+        # small models step on one CPU thread, as the engine's decode steps do (see SINGLE_THREAD_PARAMS)
+        small = self.config.num_params() < SINGLE_THREAD_PARAMS
+        self._threads = _Threads(1 if self.device.type == "cpu" and small else None)
 
     # ---- queue ------------------------------------------------------------------------------------------
     @property
@@ -229,8 +232,9 @@ class ContinuousBatcher:
             seq.prefilled = seq.length = 0
             self.rows.append(seq)
         ready: list[tuple[GenerationSequence, torch.Tensor]] = []  # logits (V,) to sample from, per sequence
-        self._prefill(ready)
-        self._decode(ready)
+        with self._threads:
+            self._prefill(ready)
+            self._decode(ready)
         outputs = self._choose(ready) if ready else []
         self._release()
         return outputs
