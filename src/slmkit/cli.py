@@ -493,7 +493,9 @@ def export_command(
     model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],
     format: Annotated[str, typer.Option("--format", help="hf (a transformers directory) or gguf (llama.cpp).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (hf) or .gguf file (gguf).")],
-    dtype: Annotated[str | None, typer.Option(help="GGUF weights: f32, f16 (default), bf16, q8_0 or q4_0.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")
+    ] = None,
 ) -> None:
     """Export MODEL for other runtimes: a Hugging Face directory or one GGUF file (llama.cpp, ollama)."""
     from slmkit.hf import export_model

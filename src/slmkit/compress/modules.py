@@ -219,6 +219,32 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.weight_v), self.weight_u)
 
 
+def dense_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float weight a compressed layer stands for (None for any other module)."""
+    if isinstance(module, (Int8Linear, Int8Embedding)):
+        return module.qweight.float() * module.scales.float()[:, None]
+    if isinstance(module, Int4Linear):
+        return module.dequantize(torch.float32)
+    if isinstance(module, LowRankLinear):
+        return (module.weight_u @ module.weight_v).float()
+    return None
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every compressed layer's tensors replaced by its float `weight`
+    (the names a float model of the same config has); a float model's state dict as it is."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        weight = dense_weight(module)
+        if weight is None:
+            continue
+        prefix = name + "."
+        for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix) :]]:
+            del state[key]
+        state[prefix + "weight"] = weight
+    return state
+
+
 # ---- the spec and the loader ---------------------------------------------------------------------
 def linear_names(config: Any) -> list[str]:
     """Names of the linear layers inside the transformer blocks (the ones methods compress)."""
