@@ -369,6 +369,12 @@ def compress(
         typer.Option(help="int4: inputs per scale/zero group (default 128, less where 128 won't fit)."),
     ] = None,
     outliers: Annotated[float, typer.Option(help="int4: share of weights kept in fp16 (SpQR-style).")] = 0.0,
+    activations: Annotated[
+        str, typer.Option(help="int8: none (weight-only) or dynamic (W8A8, activations quantized per call on CPU).")
+    ] = "none",
+    embeddings: Annotated[
+        str, typer.Option(help="Quantized methods: token embedding / tied head as int8 rows (default) or int4.")
+    ] = "int8",
     sparsity: Annotated[float, typer.Option(help="prune-magnitude / prune-wanda: share of weights zeroed.")] = 0.5,
     heads_keep: Annotated[float, typer.Option(help="prune-structured: share of attention heads kept.")] = 1.0,
     ffn_keep: Annotated[float, typer.Option(help="prune-structured: share of FFN channels kept.")] = 1.0,
@@ -389,6 +395,8 @@ def compress(
     options = CompressOptions(
         group_size=group_size,
         outliers=outliers,
+        activations=activations,
+        embeddings=embeddings,
         sparsity=sparsity,
         heads_keep=heads_keep,
         ffn_keep=ffn_keep,

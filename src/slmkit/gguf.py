@@ -214,35 +214,41 @@ def tensor_types(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, tupl
 
 
 def exact_blocks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Layers of an slmkit-quantized model whose codes are a llama.cpp block format as they are, so they
-    can be written without rounding twice: int8 per row -> q8_0 (the same codes, the row scale as each
-    block's fp16 scale), int4 with groups a multiple of 32 and no outliers -> q4_1 (the same codes,
-    scale -> d, zero - 8 * scale -> m). Our name -> (N, K, 4) tensor of (code, scale, offset, bits) per weight."""
+    """The codes of an slmkit-quantized model's layers, for writing them without rounding twice: int8 per row
+    -> q8_0 (the same codes, the row scale as each block's fp16 scale); int4 with groups a multiple of 32 and
+    no outliers -> q4_1 (the same codes, scale -> d, zero - 8 * scale -> m). Our name -> (N, K, 4) tensor of
+    (code, scale, offset, bits) per weight; bits is 8, 4, or -4 for int4 layers no block type holds exactly."""
     import torch
 
-    from slmkit.compress.modules import Int4Linear, Int8Embedding, Int8Linear
+    from slmkit.compress.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, unpack_int4
 
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, (Int8Linear, Int8Embedding)):
             codes = module.qweight.float().cpu()
             scale = module.scales.float().cpu()[:, None].expand_as(codes)
-            bits = torch.full_like(codes, 8.0)
-            out[name + ".weight"] = torch.stack((codes, scale, torch.zeros_like(codes), bits), dim=-1)
-        elif isinstance(module, Int4Linear) and module.group_size % 32 == 0 and module.outlier_index is None:
-            from slmkit.compress.modules import unpack_int4
-
-            codes = unpack_int4(module.plain_packed()).float().cpu()
+            offset, bits = torch.zeros_like(codes), 8.0
+        elif isinstance(module, Int4Linear):
             g = module.group_size
+            codes = unpack_int4(module.plain_packed()).float().cpu()
             scale = module.scales_and_zeros[..., 0].t().float().cpu().repeat_interleave(g, dim=1)
-            zero = module.scales_and_zeros[..., 1].t().float().cpu().repeat_interleave(g, dim=1)
-            bits = torch.full_like(codes, 4.0)
-            out[name + ".weight"] = torch.stack((codes, scale, zero - 8 * scale, bits), dim=-1)
+            offset = module.scales_and_zeros[..., 1].t().float().cpu().repeat_interleave(g, dim=1) - 8 * scale
+            bits = 4.0 if g % 32 == 0 and module.outlier_index is None else -4.0
+        elif isinstance(module, Int4Embedding):
+            g = module.group_size
+            codes = unpack_int4(module.qweight).float().cpu()
+            scale = module.scales.float().cpu().repeat_interleave(g, dim=1)
+            offset = module.zeros.float().cpu().repeat_interleave(g, dim=1) - 8 * scale
+            bits = 4.0 if g % 32 == 0 else -4.0
+        else:
+            continue
+        out[name + ".weight"] = torch.stack((codes, scale, offset, torch.full_like(codes, bits)), dim=-1)
     return out
 
 
-def exact_kind(exact: torch.Tensor) -> str:
-    return "q8_0" if exact[0, 0, 3].item() == 8 else "q4_1"
+def exact_kind(exact: torch.Tensor) -> str | None:
+    """q8_0 or q4_1 for codes that block type holds as they are; None where none does."""
+    return {8: "q8_0", 4: "q4_1"}.get(int(exact[0, 0, 3].item()))
 
 
 def _encode_exact(exact: torch.Tensor, kind: str) -> np.ndarray:
@@ -251,7 +257,7 @@ def _encode_exact(exact: torch.Tensor, kind: str) -> np.ndarray:
 
     codes, scale, offset = (exact[..., i].numpy() for i in range(3))
     if exact_kind(exact) != kind:
-        raise ValueError(f"{exact_kind(exact)} codes cannot be written as {kind}")
+        raise ValueError(f"codes of {exact_kind(exact)} cannot be written as {kind}")
     n, k = codes.shape
     d = scale[:, ::32].astype(np.float16).view(np.uint8).reshape(n, k // 32, 2)
     if kind == "q8_0":
@@ -288,21 +294,12 @@ def plan_tensors(
     4-bit type they do not map onto would round every weight a second time at 4 bits: refused."""
     import torch
 
-    from slmkit.compress.modules import Int4Linear, dense_state_dict
+    from slmkit.compress.modules import dense_state_dict
 
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     state = {k: v.detach().float().cpu() for k, v in dense_state_dict(model).items()}
     tensors = _layout(cfg, state)
     types = tensor_types(tensors, dtype)
-    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
-    if int4 and dtype in ("q4_0", "q4_1"):
-        if dtype == "q4_0" or any(m.group_size % 32 or m.outlier_index is not None for m in int4):
-            why = "4-bit codes of its own" if dtype == "q4_0" else "int4 groups below 32 or outliers"
-            raise UserError(
-                f"this model is int4 with {why}; writing it as {dtype} would round every weight a second "
-                "time at 4 bits. Only int4 with groups that are multiples of 32 and no --outliers maps exactly "
-                "(onto q4_1); export q4_1 (where that holds), q5_0, q5_1, q8_0 or f16, or export the float model"
-            )
     blocks = exact_blocks(model)
     if not blocks:
         return tensors, types, {}
@@ -311,10 +308,18 @@ def plan_tensors(
     for name, codes in _layout(cfg, aux).items():
         if name not in types or codes.dim() != 3 or bool(codes.isnan().any()):
             continue
-        if exact_kind(codes) == dtype:
+        kind = exact_kind(codes)
+        if kind == dtype:
             types[name] = (dtype, None)  # already in the file's type: the output head too stays as it is
-        if types[name][0] == exact_kind(codes):
+        if types[name][0] == kind:
             exact[name] = codes
+        elif abs(codes[0, 0, 3].item()) == 4 and types[name][0] in ("q4_0", "q4_1"):
+            why = "groups below 32 or outliers" if dtype == "q4_1" else "its own 4-bit grid"
+            raise UserError(
+                f"{name} is int4 with {why}; writing it as {dtype} would round its weights a second time at "
+                "4 bits. int4 maps exactly onto q4_1 only (groups that are multiples of 32, no --outliers); "
+                "export q4_1 where that holds, or q5_0, q5_1, q8_0, f16, or export the float model"
+            )
     spec = getattr(model, "compression", {}) or {}
     written = len(exact)
     requantized = sum(1 for n, (k, _) in types.items() if n not in exact and k in BLOCK_DTYPES)

@@ -132,7 +132,7 @@ def test_int4_model_as_q4_1_is_exact_and_q4_0_is_refused(float_model_dir, tmp_pa
         assert error <= 1e-3 * want.abs().max().item() + 1e-7, (name, error)  # fp16 rounding of m only
     assert tensors["token_embd.weight"][0] == "Q8_0"  # the int8 tied embedding/head keeps its codes
 
-    with pytest.raises(UserError, match="round every weight a second time at 4 bits"):
+    with pytest.raises(UserError, match="would round its weights a second time at 4 bits"):
         export_gguf(out, tmp_path / "x.gguf", "q4_0")
     assert not (tmp_path / "x.gguf").exists()
     # a wider type re-quantizes from the dequantized weights: within that type's step
@@ -146,7 +146,7 @@ def test_int4_model_as_q4_1_is_exact_and_q4_0_is_refused(float_model_dir, tmp_pa
 def test_int4_with_small_groups_is_refused_as_q4_1(float_model_dir, tmp_path):
     out = tmp_path / "int4-g16"
     compress(float_model_dir, "int4", out, options=CompressOptions(group_size=16))
-    with pytest.raises(UserError, match="int4 groups below 32 or outliers"):
+    with pytest.raises(UserError, match="is int4 with groups below 32 or outliers"):
         export_gguf(out, tmp_path / "x.gguf", "q4_1")
     export_gguf(out, tmp_path / "ok.gguf", "q5_1")
 
@@ -173,5 +173,5 @@ def test_cli(float_model_dir, tmp_path):
     compress(float_model_dir, "int4", int4)
     result = run_slm("export", int4, "--format", "gguf", "--out", tmp_path / "y.gguf", "--dtype", "q4_0")
     assert result.returncode == 2
-    assert "error: this model is int4" in result.stderr and "export q4_1" in result.stderr
+    assert "is int4 with its own 4-bit grid" in result.stderr and "export q4_1" in result.stderr
     assert sorted(p.name for p in tmp_path.glob("*.gguf")) == ["m.gguf"]

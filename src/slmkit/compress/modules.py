@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,33 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device="meta"))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device="meta"))
+        self.packed: Any = None  # fbgemm/x86 packed weight for dynamic W8A8 (`prepack_dynamic`), or None
+
+    def prepack_dynamic(self) -> bool:
+        """Build the CPU engine's packed weight from qweight and scales so that forward quantizes activations
+        per call (W8A8 dynamic, as torch.ao's dynamic int8 does); False (weight-only path kept) where the
+        quantized engine is not available. The int8 codes and scales are used as they are."""
+        self.packed = None
+        if self.qweight.device.type != "cpu" or torch.backends.quantized.engine not in ("x86", "fbgemm"):
+            return False
+        try:
+            with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao
+                warnings.simplefilter("ignore")
+                zero = torch.zeros(self.out_features, dtype=torch.int64)
+                weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero, 0)
+                self.packed = torch.ops.quantized.linear_prepack(weight, None)
+        except (RuntimeError, AttributeError) as exc:
+            log.info("dynamic int8 not available (%s); weight-only int8 kept", exc)
+            return False
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and x2.device.type == "cpu":
+        if self.packed is not None and x2.device.type == "cpu" and x2.dtype == torch.float32:
+            # reduce_range: 7-bit activations, so that the x86 int8 dot products cannot saturate int16
+            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
+        elif self.use_kernel and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
         else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
@@ -113,6 +136,36 @@ class Int8Embedding(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return F.embedding(idx, self.qweight).float() * self.scales[idx].unsqueeze(-1)
+
+
+class Int4Embedding(nn.Module):
+    """4-bit rows, asymmetric per group of `group_size` columns (the int4 layout on disk, kept as it is: a row
+    gather unpacks only the rows it needs). A tied `lm_head` (an `Int4Linear`) shares these tensors."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int) -> None:
+        super().__init__()
+        if embedding_dim % group_size or embedding_dim % 2:
+            raise ValueError(f"embedding_dim {embedding_dim} must be divisible by group_size {group_size} and by 2")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        groups = embedding_dim // group_size
+        self.register_buffer(
+            "qweight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device="meta")
+        )
+        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=torch.float16, device="meta"))
+        self.register_buffer("zeros", torch.empty(num_embeddings, groups, dtype=torch.float16, device="meta"))
+
+    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `rows` (any shape of ids; all rows when None) as floats, shape (*rows.shape, embedding_dim)."""
+        packed, scales, zeros = self.qweight, self.scales, self.zeros
+        if rows is not None:
+            packed, scales, zeros = packed[rows], scales[rows], zeros[rows]
+        lead = packed.shape[:-1]
+        codes = unpack_int4(packed.reshape(-1, packed.shape[-1])).view(*lead, self.embedding_dim).to(dtype)
+        g = self.group_size
+        return (codes - 8) * scales.to(dtype).repeat_interleave(g, -1) + zeros.to(dtype).repeat_interleave(g, -1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(idx)
 
 
 class Int4Linear(nn.Module):
@@ -225,6 +278,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor | None:
         return module.qweight.float() * module.scales.float()[:, None]
     if isinstance(module, Int4Linear):
         return module.dequantize(torch.float32)
+    if isinstance(module, Int4Embedding):
+        return module.dequantize()
     if isinstance(module, LowRankLinear):
         return (module.weight_u @ module.weight_v).float()
     return None
@@ -283,11 +338,16 @@ def swap_modules(model: nn.Module, spec: dict[str, Any], state: dict[str, torch.
         else:
             raise UserError(f"{SPEC_KEY}: unknown method {method!r} (this slmkit knows int8, int4, lowrank)")
         _set_module(model, name, new)
+    emb, head = model.embed_tokens, model.lm_head
     if spec.get("embeddings") == "int8":
-        emb = model.embed_tokens
         model.embed_tokens = Int8Embedding(emb.num_embeddings, emb.embedding_dim)
-        head = model.lm_head
         model.lm_head = Int8Linear(head.in_features, head.out_features)
+    elif spec.get("embeddings") == "int4":
+        g = int(spec["embeddings_group_size"])
+        model.embed_tokens = Int4Embedding(emb.num_embeddings, emb.embedding_dim, g)
+        model.lm_head = Int4Linear(head.in_features, head.out_features, g)
+    elif spec.get("embeddings") is not None:
+        raise UserError(f"{SPEC_KEY}: embeddings {spec['embeddings']!r} unknown (this slmkit knows int8, int4)")
 
 
 def read_spec(config: Any) -> dict[str, Any] | None:
@@ -334,14 +394,22 @@ def load_compressed(
             f"(missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})"
         )
     if tied:
-        if isinstance(model.lm_head, Int8Linear):
-            model.lm_head.qweight = model.embed_tokens.qweight
-            model.lm_head.scales = model.embed_tokens.scales
+        emb, head = model.embed_tokens, model.lm_head
+        if isinstance(head, Int8Linear):
+            head.qweight, head.scales = emb.qweight, emb.scales
+        elif isinstance(head, Int4Linear):  # shares the packed rows; its own (G, N, 2) fp32 scales and zeros
+            head.qweight, head.use_kernel = emb.qweight, False
+            head.scales_and_zeros = torch.stack((emb.scales.t().float(), emb.zeros.t().float()), dim=-1).contiguous()
         else:
             model.lm_head.weight = model.embed_tokens.weight
     for name, buf in list(model.named_buffers()) + list(model.named_parameters()):
         if buf.device.type == "meta":
             raise UserError(f"{directory}: tensor {name} was not in the weights file")
+    if spec.get("activations", "none") == "dynamic":
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        done = sum(m.prepack_dynamic() for m in layers)
+        if done < len(layers):
+            log.info("dynamic int8 activations: %d of %d layers packed; the rest stay weight-only", done, len(layers))
     model.eval()
     model.compression = spec  # type: ignore[attr-defined]
     return model
