@@ -27,6 +27,12 @@ SETTINGS = {
     "prune-structured": {"ffn_keep": 0.75},
     "lowrank": {"energy": 0.9},
 }
+# extra rows: a method with options (pass their names in --methods, or --variants to add them all)
+VARIANTS = {
+    "int8-dynamic": ("int8", {"activations": "dynamic"}),
+    "int4-emb4": ("int4", {"embeddings": "int4"}),
+    "gptq-int4-emb4": ("gptq-int4", {"embeddings": "int4"}),
+}
 
 
 def decode_rate(model: torch.nn.Module, new_tokens: int = 64, repeats: int = 3) -> float:
@@ -52,7 +58,7 @@ def side_by_side(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int,
 
     data = load_data_dir(data_dir)
     models = {"float32": load_model(model_dir)}
-    for name in ("int8", "gptq-int4"):
+    for name in ("int8", "int8-dynamic", "gptq-int4"):
         if (sweep_dir / name).is_dir():
             models[f"slmkit {name}"] = load_model(sweep_dir / name)
     models["torch.ao dynamic int8"] = torch.ao.quantization.quantize_dynamic(
@@ -109,6 +115,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--variants", action="store_true", help=f"also run {', '.join(VARIANTS)}")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=None, help="val windows scored (default: all)")
     parser.add_argument("--threads", type=int, default=None)
@@ -124,11 +131,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     base = None
-    for method in args.methods.split(","):
-        options = CompressOptions(calib_samples=args.calib_samples, **SETTINGS.get(method, {}))
-        target = args.out / method.replace(":", "_")
+    names = args.methods.split(",") + (list(VARIANTS) if args.variants else [])
+    for name in names:
+        method, extra = VARIANTS.get(name, (name, {}))
+        options = CompressOptions(calib_samples=args.calib_samples, **SETTINGS.get(method, {}), **extra)
+        target = args.out / name.replace(":", "_")
         result = compress(args.model, method, target, data=args.data, options=options, eval_windows=args.eval_windows)
         d = result.to_dict()
+        d["method"] = name
         base = base or d["before"]
         b, a = d["before"], d["after"]
         d["perplexity_increase_percent"] = 100 * (a["perplexity"] / b["perplexity"] - 1)
@@ -136,7 +146,7 @@ def main() -> None:
         rows.append(d)
         change = d["perplexity_increase_percent"]
         print(
-            f"{method:18s} ppl {b['perplexity']:.3f} -> {a['perplexity']:.3f} ({change:+.2f}%)"
+            f"{name:18s} ppl {b['perplexity']:.3f} -> {a['perplexity']:.3f} ({change:+.2f}%)"
             f"  size {d['size_ratio']:.2f}x smaller"
             f"  tensors {b['weights_memory_mb']:.2f} -> {a['weights_memory_mb']:.2f} MB"
             f"  peak RSS {b['peak_memory_mb']:.0f} -> {a['peak_memory_mb']:.0f} MB"

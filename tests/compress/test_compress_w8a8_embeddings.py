@@ -98,7 +98,8 @@ def test_int4_embeddings(float_model_dir, tmp_path, method):
     model = load_model(small)
     emb, head = model.embed_tokens, model.lm_head
     assert isinstance(emb, Int4Embedding) and isinstance(head, Int4Linear)
-    assert head.qweight.data_ptr() == emb.qweight.data_ptr()  # the tied head shares the packed rows
+    assert not head.use_kernel  # 325 rows: not a multiple of 16, so no CPU int4 kernel for the head
+    assert head.qweight.data_ptr() == emb.qweight.data_ptr()  # ... and the tied head shares the packed rows
     assert torch.equal(unpack_int4(emb.qweight), int4_rtn(emb_weight, 32)[0].to(torch.uint8))
     expected = int4_dequant(*int4_rtn(emb_weight, 32), 32)
     ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
@@ -106,6 +107,28 @@ def test_int4_embeddings(float_model_dir, tmp_path, method):
     x = torch.randn(2, width)
     assert torch.allclose(head(x), x @ expected.t(), atol=1e-4)
     assert rel_err(logits(model), logits(float_model)) < 0.5  # random weights: 4-bit rounding is far from small
+
+
+def test_int4_tied_head_with_the_kernel(float_model_dir, tmp_path):
+    from slmkit.checkpoint import save_model
+    from slmkit.models.transformer import Transformer
+
+    small = load_model(float_model_dir)
+    padded = Transformer(small.config.replace(vocab_size=336))  # rows a multiple of 16: the int4 kernel applies
+    state = small.state_dict()
+    state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], torch.randn(11, small.config.d_model)])
+    state["lm_head.weight"] = state["embed_tokens.weight"]
+    padded.load_state_dict(state)
+    src = save_model(padded, tmp_path / "padded", tokenizer_dir=float_model_dir)
+    compress(src, "int4", tmp_path / "q", embeddings="int4")
+    model = load_model(tmp_path / "q")
+    emb, head = model.embed_tokens, model.lm_head
+    assert head.use_kernel and head.qweight.data_ptr() != emb.qweight.data_ptr()  # its own interleaved copy
+    x = torch.randn(3, emb.embedding_dim)
+    assert torch.allclose(head(x), x @ emb.dequantize().t(), atol=1e-4, rtol=1e-4)
+    assert torch.equal(head.plain_packed(), emb.qweight)
+    saved = model.state_dict()
+    assert torch.equal(saved["embed_tokens.qweight"], emb.qweight)
 
 
 def test_int4_embeddings_untied_and_gguf(make_model, data_dir, tmp_path):

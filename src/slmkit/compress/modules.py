@@ -397,9 +397,18 @@ def load_compressed(
         emb, head = model.embed_tokens, model.lm_head
         if isinstance(head, Int8Linear):
             head.qweight, head.scales = emb.qweight, emb.scales
-        elif isinstance(head, Int4Linear):  # shares the packed rows; its own (G, N, 2) fp32 scales and zeros
-            head.qweight, head.use_kernel = emb.qweight, False
-            head.scales_and_zeros = torch.stack((emb.scales.t().float(), emb.zeros.t().float()), dim=-1).contiguous()
+        elif isinstance(head, Int4Linear):
+            # the CPU int4 kernel needs its own interleaved copy (0.5 byte per weight more in memory, same file);
+            # without the kernel the head shares the embedding's packed rows
+            rows = {"qweight": emb.qweight, "scales": emb.scales, "zeros": emb.zeros}
+            errors: list[str] = []
+            head._load_from_state_dict(
+                {"lm_head." + k: v for k, v in rows.items()}, "lm_head.", {}, True, [], [], errors
+            )
+            if errors:
+                raise UserError(f"{directory}: {errors[0]}")
+            if not head.use_kernel:
+                head.qweight = emb.qweight
         else:
             model.lm_head.weight = model.embed_tokens.weight
     for name, buf in list(model.named_buffers()) + list(model.named_parameters()):
