@@ -86,7 +86,7 @@ def test_int4_embeddings(float_model_dir, tmp_path, method):
     compress(float_model_dir, method, base)
     compress(float_model_dir, method, small, embeddings="int4")
     spec = json.loads((small / "config.json").read_text())["quantization_config"]
-    assert spec["embeddings"] == "int4" and spec["embeddings_group_size"] == 32
+    assert spec["embeddings"] == "int4" and spec["embeddings_group_size"] == 64
     saved = load_file(str(small / "model.safetensors"))
     float_model = load_model(float_model_dir)
     emb_weight = float_model.embed_tokens.weight.detach()
@@ -100,8 +100,8 @@ def test_int4_embeddings(float_model_dir, tmp_path, method):
     assert isinstance(emb, Int4Embedding) and isinstance(head, Int4Linear)
     assert not head.use_kernel  # 325 rows: not a multiple of 16, so no CPU int4 kernel for the head
     assert head.qweight.data_ptr() == emb.qweight.data_ptr()  # ... and the tied head shares the packed rows
-    assert torch.equal(unpack_int4(emb.qweight), int4_rtn(emb_weight, 32)[0].to(torch.uint8))
-    expected = int4_dequant(*int4_rtn(emb_weight, 32), 32)
+    assert torch.equal(unpack_int4(emb.qweight), int4_rtn(emb_weight, 64)[0].to(torch.uint8))
+    expected = int4_dequant(*int4_rtn(emb_weight, 64), 64)
     ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
     assert torch.allclose(emb(ids), expected[ids], atol=1e-6)
     x = torch.randn(2, width)
@@ -144,7 +144,7 @@ def test_int4_embeddings_untied_and_gguf(make_model, data_dir, tmp_path):
     )
     head = load_model(src).lm_head.weight.detach()
     x = torch.randn(3, head.shape[1])
-    expected = x @ int4_dequant(*int4_rtn(head, 32), 32).t()
+    expected = x @ int4_dequant(*int4_rtn(head, 64), 64).t()
     assert torch.allclose(model.lm_head(x), expected, atol=1e-4)  # the untied head: its own int4 rows
     import gguf
 

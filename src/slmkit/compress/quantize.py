@@ -9,8 +9,9 @@
   group to minimise the output error on calibration inputs, and fold 1/s into the op that feeds the layer).
 - outliers (SpQR-style, optional): the given fraction of weights with the largest rounding error, weighted
   by the input's scale, is kept as an fp16 sparse correction.
-- the token embedding (and the tied output head) is int8 per row: the head is the layer most sensitive
-  to rounding, and int8 rows keep the embedding a cheap row gather.
+- the token embedding (and the tied output head) is int8 per row by default: the head is the layer most
+  sensitive to rounding, and int8 rows keep the embedding a cheap row gather. `embeddings="int4"` makes
+  them int4 rows (round-to-nearest, groups of 64 where they fit) for the smallest file.
 """
 
 from __future__ import annotations
@@ -155,9 +156,10 @@ def check_options(model: nn.Module, options: QuantOptions) -> None:
 
 
 def embedding_group_size(width: int) -> int:
-    """int4 embedding rows: groups of 32 where they fit (the embedding / head is the layer most sensitive to
-    rounding, so smaller groups than the blocks' 128), else the largest power of two dividing the width."""
-    for g in (32, 16, 8, 4, 2):
+    """int4 embedding rows: groups of 64 where they fit, else the largest power of two dividing the width.
+    Smaller than the blocks' 128 because the embedding is also the output head, the layer most sensitive to
+    rounding; on the micro model g64 scored as g32 and better than g128 (docs/compression.md)."""
+    for g in (64, 32, 16, 8, 4, 2):
         if width % g == 0:
             return g
     raise UserError(f"--embeddings int4 needs an even embedding width, got {width}")
