@@ -95,11 +95,12 @@ class Int8Linear(nn.Module):
     # slower than an fp32 matmul at batch 1 on our 2-core EPYC (docs/compression.md), so it is opt-in.
     use_kernel = False
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device="meta"))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device="meta"))
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
         self.packed: Any = None  # fbgemm/x86 packed weight for dynamic W8A8 (`prepack_dynamic`), or None
 
     def prepack_dynamic(self) -> bool:
@@ -130,6 +131,8 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
         else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -177,7 +180,7 @@ class Int4Embedding(nn.Module):
 class Int4Linear(nn.Module):
     """4-bit group-wise weights; see the module docstring for the layouts."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int) -> None:
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False) -> None:
         super().__init__()
         if in_features % group_size or in_features % 2:
             raise ValueError(f"in_features {in_features} must be divisible by group_size {group_size} and by 2")
@@ -191,10 +194,16 @@ class Int4Linear(nn.Module):
         )
         self.register_buffer("outlier_index", None, persistent=False)  # flat n*K+k
         self.register_buffer("outlier_value", None, persistent=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
     # state dict <-> in-memory layout
     def _load_from_state_dict(self, state, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         names = ("qweight", "scales", "zeros")
+        if self.bias is not None:
+            if prefix + "bias" in state:
+                self.bias = nn.Parameter(state[prefix + "bias"], requires_grad=False)
+            else:
+                missing.append(prefix + "bias")
         for name in names:
             if prefix + name not in state:
                 missing.append(prefix + name)
@@ -220,7 +229,10 @@ class Int4Linear(nn.Module):
             self.outlier_index = state[prefix + "outlier_index"].to(torch.int64)
             self.outlier_value = state[prefix + "outlier_value"].float()
         for key in state:
-            if key.startswith(prefix) and key[len(prefix) :] not in (*names, "outlier_index", "outlier_value"):
+            rest = key[len(prefix) :]
+            if key.startswith(prefix) and rest not in (*names, "outlier_index", "outlier_value", "bias"):
+                unexpected.append(key)
+            elif rest == "bias" and key.startswith(prefix) and self.bias is None:
                 unexpected.append(key)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -230,6 +242,8 @@ class Int4Linear(nn.Module):
         if self.outlier_index is not None:
             destination[prefix + "outlier_index"] = self.outlier_index.to(torch.int32)
             destination[prefix + "outlier_value"] = self.outlier_value.half()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def plain_packed(self) -> torch.Tensor:
         if not self.use_kernel:
@@ -262,20 +276,23 @@ class Int4Linear(nn.Module):
                 y = y.index_add(1, rows, x2[:, cols] * self.outlier_value.to(x2.dtype))
         else:
             y = F.linear(x2, self.dequantize(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
 
 class LowRankLinear(nn.Module):
     """y = x @ (U @ V)^T computed as two thin matmuls; U (N, r), V (r, K)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.weight_v = nn.Parameter(torch.empty(rank, in_features, device="meta"))
         self.weight_u = nn.Parameter(torch.empty(out_features, rank, device="meta"))
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.weight_v), self.weight_u)
+        return F.linear(F.linear(x, self.weight_v), self.weight_u, self.bias)
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor | None:
@@ -301,7 +318,8 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             continue
         prefix = name + "."
         for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix) :]]:
-            del state[key]
+            if key != prefix + "bias":
+                del state[key]
         state[prefix + "weight"] = weight
     return state
 
@@ -331,16 +349,17 @@ def swap_modules(model: nn.Module, spec: dict[str, Any], state: dict[str, torch.
         old = model.get_submodule(name)
         if not isinstance(old, nn.Linear):
             raise UserError(f"{SPEC_KEY}: {name} is not a linear layer of this model")
+        bias = old.bias is not None
         if method == "int8":
-            new: nn.Module = Int8Linear(old.in_features, old.out_features)
+            new: nn.Module = Int8Linear(old.in_features, old.out_features, bias)
         elif method == "int4":
             group_size = (spec.get("group_sizes") or {}).get(name, spec["group_size"])
-            new = Int4Linear(old.in_features, old.out_features, int(group_size))
+            new = Int4Linear(old.in_features, old.out_features, int(group_size), bias)
         elif method == "lowrank":
             key = name + ".weight_u"
             if key not in state:
                 raise UserError(f"{SPEC_KEY}: low-rank factor {key} missing from the weights")
-            new = LowRankLinear(old.in_features, old.out_features, state[key].shape[1])
+            new = LowRankLinear(old.in_features, old.out_features, state[key].shape[1], bias)
         else:
             raise UserError(f"{SPEC_KEY}: unknown method {method!r} (this slmkit knows int8, int4, lowrank)")
         _set_module(model, name, new)

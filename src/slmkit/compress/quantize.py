@@ -328,7 +328,7 @@ def quantize_model(
     state: dict[str, torch.Tensor] = {}
     for name, tensor in work.state_dict().items():
         module_name = name.rsplit(".", 1)[0]
-        if module_name in packed or name.startswith(("embed_tokens.", "lm_head.")):
+        if (module_name in packed and not name.endswith(".bias")) or name.startswith(("embed_tokens.", "lm_head.")):
             continue
         state[name] = tensor.detach().clone()
     for module_name, entry in packed.items():
