@@ -309,7 +309,7 @@ def plan_tensors(
         if name not in types or codes.dim() != 3 or bool(codes.isnan().any()):
             continue
         kind = exact_kind(codes)
-        if kind == dtype:
+        if kind == dtype and codes.shape[1] % 32 == 0:
             types[name] = (dtype, None)  # already in the file's type: the output head too stays as it is
         if types[name][0] == kind:
             exact[name] = codes

@@ -92,6 +92,10 @@ def test_row_length_off_the_block_falls_back_to_f16(make_model, data_dir, tmp_pa
     assert "blk.0.ffn_down.weight written as f16 (row length 48 is not a multiple of the q8_0 block (32))" in (
         caplog.text
     )
+    # the same from an int8 model: its 48-wide int8 rows cannot be q8_0 blocks either
+    compress(directory, "int8", tmp_path / "int8")
+    _, tensors = read(export_gguf(tmp_path / "int8", tmp_path / "q.gguf", "q8_0"))
+    assert tensors["blk.0.ffn_down.weight"][0] == "F16" and tensors["blk.0.ffn_up.weight"][0] == "Q8_0"
 
 
 def test_int8_model_keeps_its_codes_as_q8_0(float_model_dir, tmp_path):
