@@ -87,6 +87,7 @@ def test_int4_embeddings(float_model_dir, tmp_path, method):
     compress(float_model_dir, method, small, embeddings="int4")
     spec = json.loads((small / "config.json").read_text())["quantization_config"]
     assert spec["embeddings"] == "int4" and spec["embeddings_group_size"] == 64
+    assert spec["format_version"] == 2  # older readers refuse it by name instead of failing on the tensors
     saved = load_file(str(small / "model.safetensors"))
     float_model = load_model(float_model_dir)
     emb_weight = float_model.embed_tokens.weight.detach()
@@ -171,3 +172,16 @@ def test_bad_options(float_model_dir, tmp_path):
     )
     assert result.returncode == 2 and "error: --activations dynamic applies to --method int8 only" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_format_version_is_refused(float_model_dir, tmp_path):
+    import shutil
+
+    compress(float_model_dir, "int4", tmp_path / "q", embeddings="int4")
+    bad = tmp_path / "bad"
+    shutil.copytree(tmp_path / "q", bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 3
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="format_version 3 is not supported"):
+        load_model(bad)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 SPEC_KEY = "quantization_config"  # the key transformers uses for the same purpose
 INFO_KEY = "slmkit_compression"  # informational record for methods that leave a plain dense model
 FORMAT_VERSION = 1
+# 2: int4 embeddings (a file slmkit versions before them could not load); files without them stay version 1
+READ_FORMAT_VERSIONS = (1, 2)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -384,7 +386,7 @@ def read_spec(config: Any) -> dict[str, Any] | None:
             f"config.json: {SPEC_KEY} {json.dumps(spec)[:80]} is not an slmkit compression spec; "
             "only models compressed by `slm compress` can be loaded with it"
         )
-    if spec.get("format_version") != FORMAT_VERSION:
+    if spec.get("format_version") not in READ_FORMAT_VERSIONS:
         raise UserError(f"config.json: {SPEC_KEY} format_version {spec.get('format_version')!r} is not supported")
     return spec
 

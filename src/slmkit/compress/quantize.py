@@ -349,7 +349,7 @@ def quantize_model(
             )
     spec: dict[str, Any] = {
         "quant_method": "slmkit",
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if options.embeddings == "int8" else 2,
         "method": "int8" if options.bits == 8 else "int4",
         "bits": options.bits,
         "algorithm": options.algorithm,
