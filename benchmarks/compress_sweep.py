@@ -7,6 +7,15 @@ the val split before and after and measures peak resident memory and decode toke
 The peer for int8 is PyTorch's own dynamic int8 quantization (`torch.ao.quantization.quantize_dynamic`,
 in memory only: it has no file format), scored and timed in this process beside our int8 model.
 Writes OUT/report.json, OUT/report.md and OUT/pareto.png (val perplexity against size on disk).
+
+Two more measurements, each on its own:
+- `--gguf-only`: GGUF files of the float model (every quantized type) and of the compressed models already in
+  OUT (int8 -> q8_0, int4 methods -> q4_1 with their own codes), read back with gguf.GGUFReader, dequantized,
+  loaded into an slmkit float model and scored on val: file size and perplexity per file (OUT/gguf.json).
+- `--speed-preset medium`: a random-init preset (no data needed), compressed with int8, int8 with dynamic
+  activations, int4 and int4 with int4 embeddings; decode tokens/s of each in this one process (best of 5
+  runs of 64 tokens) beside torch.ao dynamic int8, and a fresh-process `probe` per model (peak resident
+  memory, decode rate). Writes OUT/speed.json.
 """
 
 from __future__ import annotations
@@ -26,6 +35,12 @@ from slmkit.compress.pipeline import METHODS, CompressOptions, compress  # noqa:
 SETTINGS = {
     "prune-structured": {"ffn_keep": 0.75},
     "lowrank": {"energy": 0.9},
+}
+# extra rows: a method with options (pass their names in --methods, or --variants to add them all)
+VARIANTS = {
+    "int8-dynamic": ("int8", {"activations": "dynamic"}),
+    "int4-emb4": ("int4", {"embeddings": "int4"}),
+    "gptq-int4-emb4": ("gptq-int4", {"embeddings": "int4"}),
 }
 
 
@@ -52,7 +67,7 @@ def side_by_side(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int,
 
     data = load_data_dir(data_dir)
     models = {"float32": load_model(model_dir)}
-    for name in ("int8", "gptq-int4"):
+    for name in ("int8", "int8-dynamic", "gptq-int4"):
         if (sweep_dir / name).is_dir():
             models[f"slmkit {name}"] = load_model(sweep_dir / name)
     models["torch.ao dynamic int8"] = torch.ao.quantization.quantize_dynamic(
@@ -66,6 +81,114 @@ def side_by_side(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int,
     for name in models:
         out[name]["decode_ratio_vs_torch_ao_int8"] = out[name]["decode_tokens_per_second"] / reference
     return out
+
+
+def gguf_state(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The dequantized tensors of a GGUF file written by slmkit, back under our names and in our layout.
+
+    The exporter's layout (`slmkit.gguf._layout`) only moves rows, so mapping a state of element numbers
+    through it says where each of our weights went; the GGUF values are scattered back from there."""
+    import gguf
+    import numpy as np
+
+    from slmkit.gguf import _layout
+
+    state = model.state_dict()
+    ids, start = {}, 0
+    for key, tensor in state.items():
+        ids[key] = torch.arange(start, start + tensor.numel(), dtype=torch.float64).view(tensor.shape)
+        start += tensor.numel()
+    where = _layout(model.config, ids)
+    flat = torch.full((start,), float("nan"), dtype=torch.float64)
+    for t in gguf.GGUFReader(path).tensors:
+        if t.name == "rope_freqs.weight":  # computed from the config, not a weight
+            continue
+        values = np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float64)
+        flat[where[t.name].reshape(-1).long()] = torch.from_numpy(values).reshape(-1)
+    out, start = {}, 0
+    for key, tensor in state.items():
+        out[key] = flat[start : start + tensor.numel()].view(tensor.shape).float()
+        start += tensor.numel()
+    if model.config.tie_embeddings:
+        out["lm_head.weight"] = out["embed_tokens.weight"]
+    missing = [k for k, v in out.items() if bool(v.isnan().any())]
+    assert not missing, f"{path}: no values for {missing[:4]}"
+    return out
+
+
+def gguf_sweep(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int, windows: int | None) -> list[dict]:
+    import math
+
+    from slmkit.checkpoint import load_model
+    from slmkit.data.shards import load_data_dir
+    from slmkit.eval.perplexity import token_nats
+    from slmkit.gguf import GGUF_DTYPES, export_gguf
+
+    data = load_data_dir(data_dir)
+
+    def perplexity(model: torch.nn.Module) -> float:
+        nats, count = token_nats(model, data.val, seq_len, 8, windows)
+        return math.exp(nats / count)
+
+    jobs = [("float32", model_dir, dtype) for dtype in GGUF_DTYPES]
+    for name in sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()):
+        if name.startswith("int8"):
+            jobs.append((name, sweep_dir / name, "q8_0"))
+        elif "int4" in name:
+            jobs += [(name, sweep_dir / name, "q4_1"), (name, sweep_dir / name, "q5_1")]
+    rows = []
+    gguf_dir = sweep_dir / "gguf"
+    gguf_dir.mkdir(exist_ok=True)
+    for label, source, dtype in jobs:
+        path = export_gguf(source, gguf_dir / f"{label}-{dtype}.gguf", dtype)
+        model = load_model(model_dir)
+        model.load_state_dict(gguf_state(path, model))
+        row = {"source": label, "dtype": dtype, "file_mb": path.stat().st_size / 1e6, "perplexity": perplexity(model)}
+        row["source_perplexity"] = perplexity(load_model(source))
+        rows.append(row)
+        print(
+            f"gguf {label:16s} {dtype:5s} {row['file_mb']:6.2f} MB  ppl {row['perplexity']:.3f}"
+            f" (source {row['source_perplexity']:.3f})",
+            flush=True,
+        )
+    return rows
+
+
+def speed_sweep(preset_name: str, out: Path, vocab_size: int, tokenizer_dir: Path | None) -> dict:
+    from slmkit.checkpoint import load_model, save_model
+    from slmkit.compress.pipeline import directory_size, probe
+    from slmkit.config import preset
+    from slmkit.models.transformer import Transformer
+
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "float32"
+    if not source.exists():
+        model = Transformer(preset(preset_name, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0))
+        model.init_weights(seed=0)
+        save_model(model, source, tokenizer_dir=tokenizer_dir)
+    runs = {
+        "int8": ("int8", {}),
+        "int8-dynamic": ("int8", {"activations": "dynamic"}),
+        "int4": ("int4", {}),
+        "int4-emb4": ("int4", {"embeddings": "int4"}),
+    }
+    for name, (method, extra) in runs.items():
+        if not (out / name).exists():
+            compress(source, method, out / name, options=CompressOptions(**extra), measure=False)
+    dirs = {"float32": source, **{name: out / name for name in runs}}
+    models = {name: load_model(d) for name, d in dirs.items()}
+    models["torch.ao dynamic int8"] = torch.ao.quantization.quantize_dynamic(
+        load_model(source), {torch.nn.Linear}, dtype=torch.qint8
+    )
+    result = {}
+    for name, model in models.items():
+        row: dict = {"decode_tokens_per_second": decode_rate(model, 64, 5)}
+        if name in dirs:
+            row["file_mb"] = directory_size(dirs[name]) / 1e6
+            row.update({f"probe_{k}": v for k, v in probe(dirs[name]).items()})
+        result[name] = row
+        print(name, json.dumps(row), flush=True)
+    return result
 
 
 def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
@@ -109,13 +232,29 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--variants", action="store_true", help=f"also run {', '.join(VARIANTS)}")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--eval-windows", type=int, default=None, help="val windows scored (default: all)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--side-by-side-only", action="store_true", help="only re-time models already in --out")
+    parser.add_argument("--gguf-only", action="store_true", help="GGUF files of the model and of --out's models")
+    parser.add_argument("--speed-preset", default=None, help="time a random-init preset instead (e.g. medium)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.speed_preset:
+        from slmkit.checkpoint import resolve_model_dir
+        from slmkit.config import ModelConfig
+
+        source = resolve_model_dir(args.model)  # its tokenizer and vocabulary size are reused
+        vocab = ModelConfig.load(source / "config.json").vocab_size
+        speed = speed_sweep(args.speed_preset, args.out, vocab, source)
+        (args.out / "speed.json").write_text(json.dumps({"hardware": hardware(), "models": speed}, indent=2) + "\n")
+        return
+    if args.gguf_only:
+        rows = gguf_sweep(args.model, args.out, args.data, model_context(args.model), args.eval_windows)
+        (args.out / "gguf.json").write_text(json.dumps({"hardware": hardware(), "files": rows}, indent=2) + "\n")
+        return
     if args.side_by_side_only:
         peer = side_by_side(args.model, args.out, args.data, model_context(args.model), args.eval_windows)
         print(json.dumps(peer, indent=1))
@@ -124,11 +263,14 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     base = None
-    for method in args.methods.split(","):
-        options = CompressOptions(calib_samples=args.calib_samples, **SETTINGS.get(method, {}))
-        target = args.out / method.replace(":", "_")
+    names = args.methods.split(",") + (list(VARIANTS) if args.variants else [])
+    for name in names:
+        method, extra = VARIANTS.get(name, (name, {}))
+        options = CompressOptions(calib_samples=args.calib_samples, **SETTINGS.get(method, {}), **extra)
+        target = args.out / name.replace(":", "_")
         result = compress(args.model, method, target, data=args.data, options=options, eval_windows=args.eval_windows)
         d = result.to_dict()
+        d["method"] = name
         base = base or d["before"]
         b, a = d["before"], d["after"]
         d["perplexity_increase_percent"] = 100 * (a["perplexity"] / b["perplexity"] - 1)
@@ -136,7 +278,7 @@ def main() -> None:
         rows.append(d)
         change = d["perplexity_increase_percent"]
         print(
-            f"{method:18s} ppl {b['perplexity']:.3f} -> {a['perplexity']:.3f} ({change:+.2f}%)"
+            f"{name:18s} ppl {b['perplexity']:.3f} -> {a['perplexity']:.3f} ({change:+.2f}%)"
             f"  size {d['size_ratio']:.2f}x smaller"
             f"  tensors {b['weights_memory_mb']:.2f} -> {a['weights_memory_mb']:.2f} MB"
             f"  peak RSS {b['peak_memory_mb']:.0f} -> {a['peak_memory_mb']:.0f} MB"

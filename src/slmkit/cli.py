@@ -376,6 +376,12 @@ def compress(
         typer.Option(help="int4: inputs per scale/zero group (default 128, less where 128 won't fit)."),
     ] = None,
     outliers: Annotated[float, typer.Option(help="int4: share of weights kept in fp16 (SpQR-style).")] = 0.0,
+    activations: Annotated[
+        str, typer.Option(help="int8: none (weight-only) or dynamic (W8A8, activations quantized per call on CPU).")
+    ] = "none",
+    embeddings: Annotated[
+        str, typer.Option(help="Quantized methods: token embedding / tied head as int8 rows (default) or int4.")
+    ] = "int8",
     sparsity: Annotated[float, typer.Option(help="prune-magnitude / prune-wanda: share of weights zeroed.")] = 0.5,
     heads_keep: Annotated[float, typer.Option(help="prune-structured: share of attention heads kept.")] = 1.0,
     ffn_keep: Annotated[float, typer.Option(help="prune-structured: share of FFN channels kept.")] = 1.0,
@@ -396,6 +402,8 @@ def compress(
     options = CompressOptions(
         group_size=group_size,
         outliers=outliers,
+        activations=activations,
+        embeddings=embeddings,
         sparsity=sparsity,
         heads_keep=heads_keep,
         ffn_keep=ffn_keep,
@@ -500,7 +508,9 @@ def export_command(
     model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],
     format: Annotated[str, typer.Option("--format", help="hf (a transformers directory) or gguf (llama.cpp).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (hf) or .gguf file (gguf).")],
-    dtype: Annotated[str | None, typer.Option(help="GGUF weights: f32, f16 (default), bf16, q8_0 or q4_0.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")
+    ] = None,
 ) -> None:
     """Export MODEL for other runtimes: a Hugging Face directory or one GGUF file (llama.cpp, ollama)."""
     from slmkit.hf import export_model

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
 
 # pre-tokenizer regexes of tokenizer.json -> llama.cpp's name for that pre-tokenizer
@@ -121,13 +121,22 @@ def llama3_rope_divisors(config: ModelConfig) -> torch.Tensor:
 
 
 def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor of the GGUF file, named as llama.cpp names it, in fp32, in llama.cpp's layout."""
+    """Every tensor of the GGUF file, named as llama.cpp names it, in fp32, in llama.cpp's layout.
+
+    Layers of an slmkit-compressed model (int8, int4, low-rank) come out dequantized."""
+    from slmkit.compress.modules import dense_state_dict
+
+    state = {k: v.detach().float().cpu() for k, v in dense_state_dict(model).items()}
+    return _layout(model.config, state)  # type: ignore[arg-type]
+
+
+def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our state dict -> llama.cpp's names and layout. Only row operations (row permutations, concatenation
+    of rows), so tensors with trailing dimensions beyond the weight's own go through unchanged per row."""
     import gguf
     import torch
 
-    cfg: ModelConfig = model.config  # type: ignore[assignment]
     names, arch = gguf.TENSOR_NAMES, _ARCH[cfg.family]
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     t = gguf.MODEL_TENSOR
     out: dict[str, torch.Tensor] = {names[t.TOKEN_EMBD] + ".weight": state["embed_tokens.weight"]}
     if cfg.positions == "learned":
@@ -167,26 +176,161 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _encode(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, Any]:
-    """(data, raw_dtype or None) for GGUFWriter.add_tensor; 1-D tensors and odd widths stay f32 / f16."""
+# ---- tensor types ---------------------------------------------------------------------------------
+BLOCK_DTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the `gguf` package can quantize itself
+_LOW_BIT = ("q4_0", "q4_1", "q5_0", "q5_1")
+
+
+def _qtype(dtype: str) -> Any:
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, dtype.upper())
+
+
+def tensor_types(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple[str, str | None]]:
+    """name -> (GGUF type, why it differs from `dtype` or None), following llama.cpp's quantize tool:
+    1-D tensors (norms, biases, rope divisors), `*_norm.weight` and the learned position embedding stay f32;
+    the output matrix (the token embedding where the head is tied to it) is kept at 8 bits in 4/5-bit files
+    (llama.cpp's tool uses q6_k, or q8_0 where the row length is not a multiple of 256; the `gguf` package
+    cannot write k-quants, so q8_0 here); the token embedding of an untied model takes the file's type;
+    a matrix whose row length is not a multiple of the block size is written f16."""
+    import gguf
+
+    head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    types: dict[str, tuple[str, str | None]] = {}
+    for name, tensor in tensors.items():
+        if tensor.dim() < 2 or name.endswith("_norm.weight") or name in ("position_embd.weight", "rope_freqs.weight"):
+            types[name] = ("f32", None)
+            continue
+        kind, why = dtype, None
+        if name == head and dtype in _LOW_BIT:
+            kind, why = "q8_0", "output head kept at 8 bits, as llama.cpp does"
+        if kind in BLOCK_DTYPES:
+            block = gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
+            if tensor.shape[-1] % block:
+                kind, why = "f16", f"row length {tensor.shape[-1]} is not a multiple of the {kind} block ({block})"
+        types[name] = (kind, why)
+    return types
+
+
+def exact_blocks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The codes of an slmkit-quantized model's layers, for writing them without rounding twice: int8 per row
+    -> q8_0 (the same codes, the row scale as each block's fp16 scale); int4 with groups a multiple of 32 and
+    no outliers -> q4_1 (the same codes, scale -> d, zero - 8 * scale -> m). Our name -> (N, K, 4) tensor of
+    (code, scale, offset, bits) per weight; bits is 8, 4, or -4 for int4 layers no block type holds exactly."""
+    import torch
+
+    from slmkit.compress.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, unpack_int4
+
+    out: dict[str, torch.Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int8Embedding)):
+            codes = module.qweight.float().cpu()
+            scale = module.scales.float().cpu()[:, None].expand_as(codes)
+            offset, bits = torch.zeros_like(codes), 8.0
+        elif isinstance(module, Int4Linear):
+            g = module.group_size
+            codes = unpack_int4(module.plain_packed()).float().cpu()
+            scale = module.scales_and_zeros[..., 0].t().float().cpu().repeat_interleave(g, dim=1)
+            offset = module.scales_and_zeros[..., 1].t().float().cpu().repeat_interleave(g, dim=1) - 8 * scale
+            bits = 4.0 if g % 32 == 0 and module.outlier_index is None else -4.0
+        elif isinstance(module, Int4Embedding):
+            g = module.group_size
+            codes = unpack_int4(module.qweight).float().cpu()
+            scale = module.scales.float().cpu().repeat_interleave(g, dim=1)
+            offset = module.zeros.float().cpu().repeat_interleave(g, dim=1) - 8 * scale
+            bits = 4.0 if g % 32 == 0 else -4.0
+        else:
+            continue
+        out[name + ".weight"] = torch.stack((codes, scale, offset, torch.full_like(codes, bits)), dim=-1)
+    return out
+
+
+def exact_kind(exact: torch.Tensor) -> str | None:
+    """q8_0 or q4_1 for codes that block type holds as they are; None where none does."""
+    return {8: "q8_0", 4: "q4_1"}.get(int(exact[0, 0, 3].item()))
+
+
+def _encode_exact(exact: torch.Tensor, kind: str) -> np.ndarray:
+    """(N, K, 4) codes/scale/offset/bits -> the q8_0 or q4_1 blocks of those codes, as bytes (N, K/32 * size)."""
+    import numpy as np
+
+    codes, scale, offset = (exact[..., i].numpy() for i in range(3))
+    if exact_kind(exact) != kind:
+        raise ValueError(f"codes of {exact_kind(exact)} cannot be written as {kind}")
+    n, k = codes.shape
+    d = scale[:, ::32].astype(np.float16).view(np.uint8).reshape(n, k // 32, 2)
+    if kind == "q8_0":
+        qs = codes.astype(np.int8).view(np.uint8).reshape(n, k // 32, 32)
+        return np.concatenate([d, qs], axis=-1).reshape(n, -1)
+    m = offset[:, ::32].astype(np.float16).view(np.uint8).reshape(n, k // 32, 2)
+    q = codes.astype(np.uint8).reshape(n, k // 32, 2, 16)  # byte j of a block: element j low, j + 16 high
+    qs = q[:, :, 0, :] | (q[:, :, 1, :] << np.uint8(4))
+    return np.concatenate([d, m, qs], axis=-1).reshape(n, -1)
+
+
+def _encode(tensor: torch.Tensor, kind: str, exact: torch.Tensor | None = None) -> tuple[np.ndarray, Any]:
+    """(data, raw_dtype or None) for GGUFWriter.add_tensor."""
     import gguf
     import numpy as np
 
     data = tensor.numpy().astype(np.float32)
-    if data.ndim == 1 or dtype == "f32" or name == "rope_freqs.weight":
+    if kind == "f32":
         return data, None
-    if dtype == "f16":
+    if kind == "f16":
         return data.astype(np.float16), None
-    qtype = {
-        "bf16": gguf.GGMLQuantizationType.BF16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-        "q4_0": gguf.GGMLQuantizationType.Q4_0,
-    }[dtype]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if data.shape[-1] % block != 0:
-        log.info("%s: row length %d is not a multiple of %d; written as f16", name, data.shape[-1], block)
-        return data.astype(np.float16), None
-    return gguf.quants.quantize(data, qtype), qtype
+    if exact is not None:
+        return _encode_exact(exact, kind), _qtype(kind)
+    return gguf.quants.quantize(data, _qtype(kind)), _qtype(kind)
+
+
+def plan_tensors(
+    model: torch.nn.Module, dtype: str
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str | None]], dict[str, torch.Tensor]]:
+    """(float tensors, name -> (type, note), name -> exact codes) of the GGUF file, llama.cpp's names.
+
+    For an slmkit-quantized model, layers whose codes are already the target block format are written as
+    they are (`exact_blocks`); the others are dequantized and quantized again. Writing 4-bit layers into a
+    4-bit type they do not map onto would round every weight a second time at 4 bits: refused."""
+    import torch
+
+    from slmkit.compress.modules import dense_state_dict
+
+    cfg: ModelConfig = model.config  # type: ignore[assignment]
+    state = {k: v.detach().float().cpu() for k, v in dense_state_dict(model).items()}
+    tensors = _layout(cfg, state)
+    types = tensor_types(tensors, dtype)
+    blocks = exact_blocks(model)
+    if not blocks:
+        return tensors, types, {}
+    aux = {k: blocks[k] if k in blocks else torch.full((*v.shape, 4), float("nan")) for k, v in state.items()}
+    exact = {}
+    for name, codes in _layout(cfg, aux).items():
+        if name not in types or codes.dim() != 3 or bool(codes.isnan().any()):
+            continue
+        kind = exact_kind(codes)
+        if kind == dtype and codes.shape[1] % 32 == 0:
+            types[name] = (dtype, None)  # already in the file's type: the output head too stays as it is
+        if types[name][0] == kind:
+            exact[name] = codes
+        elif abs(codes[0, 0, 3].item()) == 4 and types[name][0] in ("q4_0", "q4_1"):
+            why = "groups below 32 or outliers" if dtype == "q4_1" else "its own 4-bit grid"
+            raise UserError(
+                f"{name} is int4 with {why}; writing it as {dtype} would round its weights a second time at "
+                "4 bits. int4 maps exactly onto q4_1 only (groups that are multiples of 32, no --outliers); "
+                "export q4_1 where that holds, or q5_0, q5_1, q8_0, f16, or export the float model"
+            )
+    spec = getattr(model, "compression", {}) or {}
+    written = len(exact)
+    requantized = sum(1 for n, (k, _) in types.items() if n not in exact and k in BLOCK_DTYPES)
+    log.info(
+        "GGUF %s from an slmkit %s model: %d tensors keep their codes, %d re-quantized",
+        dtype,
+        spec.get("method"),
+        written,
+        requantized,
+    )
+    return tensors, types, exact
 
 
 # ---- export ---------------------------------------------------------------------------------------
@@ -214,6 +358,9 @@ def _file_type(dtype: str) -> int:
         "bf16": gguf.LlamaFileType.MOSTLY_BF16,
         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
         "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+        "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+        "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
+        "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
     }[dtype]
 
 
@@ -239,7 +386,11 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> 
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     check_exportable(cfg)
     vocab = read_bpe_vocab(tokenizer_path, cfg.vocab_size)
-    tensors = gguf_tensors(model)
+    tensors, types, exact = plan_tensors(model, dtype)
+    for name, (kind, why) in types.items():
+        if why is not None:  # a fallback (odd row length) is worth a warning; llama.cpp's head rule is not
+            level = logging.WARNING if kind == "f16" else logging.INFO
+            log.log(level, "GGUF %s: %s written as %s (%s)", dtype, name, kind, why)
     arch = _ARCH[cfg.family]
 
     out = Path(out)
@@ -284,7 +435,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> 
             writer.add_eos_token_id(cfg.eos_token_id)
         writer.add_add_bos_token(_adds_bos(directory))
         for name, tensor in tensors.items():
-            data, raw_dtype = _encode(name, tensor, dtype)
+            data, raw_dtype = _encode(tensor, types[name][0], exact.get(name))
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -196,3 +196,32 @@ def test_int8_kernel_path_matches_default(float_model_dir, tmp_path):
     layer.use_kernel = True  # torch.ops.aten._weight_int8pack_mm
     assert torch.allclose(layer(x), default, atol=1e-4, rtol=1e-4)
     assert torch.allclose(default, x @ (layer.qweight.float() * layer.scales[:, None]).t(), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4", "lowrank"])
+def test_linear_biases_survive_compression(make_model, data_dir, tmp_path, method):
+    from slmkit.checkpoint import save_model
+    from slmkit.gguf import gguf_tensors
+
+    float_model = load_model(make_model(tmp_path / "m", data_dir, family="qwen2", qkv_bias=True))
+    with torch.no_grad():  # large biases: dropping them would move the logits far more than rounding does
+        for block in float_model.layers:
+            for proj in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj):
+                proj.bias.normal_(0, 3.0)
+    src = save_model(float_model, tmp_path / "biased", tokenizer_dir=tmp_path / "m")
+    out = tmp_path / method
+    compress(src, method, out, options=CompressOptions(energy=0.5), measure=False)
+    model = load_model(out)
+    layer = model.layers[1].self_attn.v_proj
+    assert type(layer).__name__ != "Linear"
+    assert layer.bias is not None and torch.equal(layer.bias.detach(), float_model.layers[1].self_attn.v_proj.bias)
+    # the compressed forward adds the bias: it matches a float model holding the dequantized weights and biases
+    from slmkit.compress.modules import dense_state_dict
+    from slmkit.models.transformer import Transformer
+
+    dense = Transformer(model.config)
+    dense.load_state_dict(dense_state_dict(model))
+    assert rel_err(logits(model), logits(dense.eval())) < 1e-4
+    if method == "int8":
+        assert rel_err(logits(model), logits(float_model)) < 0.05
+    assert torch.equal(gguf_tensors(model)["blk.1.attn_v.bias"], float_model.layers[1].self_attn.v_proj.bias.detach())

@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 SPEC_KEY = "quantization_config"  # the key transformers uses for the same purpose
 INFO_KEY = "slmkit_compression"  # informational record for methods that leave a plain dense model
 FORMAT_VERSION = 1
+# 2: int4 embeddings (a file slmkit versions before them could not load); files without them stay version 1
+READ_FORMAT_VERSIONS = (1, 2)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -56,19 +59,25 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _kernel_order(n: int, k: int) -> torch.Tensor:
-    """For each nibble of the CPU kernel's packed (N, K/2) layout, the flat index n*K+k it holds.
+    """For each nibble of the CPU kernel's packed (N, K/2) layout, the flat index n*K+k it holds (int32).
 
     The op's layout is an implementation detail, so rather than hard-coding it we feed it the flat
-    index of every position, 4 bits at a time, and read where each digit lands.
+    index of every position, 4 bits at a time, and read where each digit lands. The cache is cleared
+    after each load (`load_compressed`): for a vocabulary-sized head it holds 4 bytes per weight.
     """
-    flat = torch.arange(n * k, dtype=torch.int64).view(n, k)
+    tile = 32  # torch 2.13 packs blocks of 32 rows independently; checked here, not assumed
+    if n > 2 * tile and n % tile == 0:
+        base = _kernel_order(tile, k)
+        if torch.equal(_kernel_order(2 * tile, k), torch.cat((base, base + tile * k))):
+            starts = torch.arange(0, n * k, tile * k, dtype=torch.int32)
+            return (starts[:, None] + base[None, :]).reshape(-1)
+    flat = torch.arange(n * k, dtype=torch.int32).view(n, k)
     digits = max(1, ((n * k - 1).bit_length() + 3) // 4)
-    order = torch.zeros(n * k, dtype=torch.int64)
+    order = torch.zeros(n * k, dtype=torch.int32)
     for d in range(digits):
-        codes = ((flat >> (4 * d)) & 0xF).to(torch.int32)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(-1).to(torch.int64)
-        order |= nibbles << (4 * d)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu((flat >> (4 * d)) & 0xF, 1)
+        nibbles = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(-1)
+        order |= nibbles.to(torch.int32) << (4 * d)
     return order
 
 
@@ -88,19 +97,44 @@ class Int8Linear(nn.Module):
     # slower than an fp32 matmul at batch 1 on our 2-core EPYC (docs/compression.md), so it is opt-in.
     use_kernel = False
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device="meta"))
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device="meta"))
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
+        self.packed: Any = None  # fbgemm/x86 packed weight for dynamic W8A8 (`prepack_dynamic`), or None
+
+    def prepack_dynamic(self) -> bool:
+        """Build the CPU engine's packed weight from qweight and scales so that forward quantizes activations
+        per call (W8A8 dynamic, as torch.ao's dynamic int8 does); False (weight-only path kept) where the
+        quantized engine is not available. The int8 codes and scales are used as they are."""
+        self.packed = None
+        if self.qweight.device.type != "cpu" or torch.backends.quantized.engine not in ("x86", "fbgemm"):
+            return False
+        try:
+            with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao
+                warnings.simplefilter("ignore")
+                zero = torch.zeros(self.out_features, dtype=torch.int64)
+                weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero, 0)
+                self.packed = torch.ops.quantized.linear_prepack(weight, None)
+        except (RuntimeError, AttributeError) as exc:
+            log.info("dynamic int8 not available (%s); weight-only int8 kept", exc)
+            return False
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and x2.device.type == "cpu":
+        if self.packed is not None and x2.device.type == "cpu" and x2.dtype == torch.float32:
+            # reduce_range: 7-bit activations, so that the x86 int8 dot products cannot saturate int16
+            y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
+        elif self.use_kernel and x2.device.type == "cpu":
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
         else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -115,10 +149,40 @@ class Int8Embedding(nn.Module):
         return F.embedding(idx, self.qweight).float() * self.scales[idx].unsqueeze(-1)
 
 
+class Int4Embedding(nn.Module):
+    """4-bit rows, asymmetric per group of `group_size` columns (the int4 layout on disk, kept as it is: a row
+    gather unpacks only the rows it needs). A tied `lm_head` (an `Int4Linear`) shares these tensors."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int) -> None:
+        super().__init__()
+        if embedding_dim % group_size or embedding_dim % 2:
+            raise ValueError(f"embedding_dim {embedding_dim} must be divisible by group_size {group_size} and by 2")
+        self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
+        groups = embedding_dim // group_size
+        self.register_buffer(
+            "qweight", torch.empty(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device="meta")
+        )
+        self.register_buffer("scales", torch.empty(num_embeddings, groups, dtype=torch.float16, device="meta"))
+        self.register_buffer("zeros", torch.empty(num_embeddings, groups, dtype=torch.float16, device="meta"))
+
+    def dequantize(self, rows: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `rows` (any shape of ids; all rows when None) as floats, shape (*rows.shape, embedding_dim)."""
+        packed, scales, zeros = self.qweight, self.scales, self.zeros
+        if rows is not None:
+            packed, scales, zeros = packed[rows], scales[rows], zeros[rows]
+        lead = packed.shape[:-1]
+        codes = unpack_int4(packed.reshape(-1, packed.shape[-1])).view(*lead, self.embedding_dim).to(dtype)
+        g = self.group_size
+        return (codes - 8) * scales.to(dtype).repeat_interleave(g, -1) + zeros.to(dtype).repeat_interleave(g, -1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(idx)
+
+
 class Int4Linear(nn.Module):
     """4-bit group-wise weights; see the module docstring for the layouts."""
 
-    def __init__(self, in_features: int, out_features: int, group_size: int) -> None:
+    def __init__(self, in_features: int, out_features: int, group_size: int, bias: bool = False) -> None:
         super().__init__()
         if in_features % group_size or in_features % 2:
             raise ValueError(f"in_features {in_features} must be divisible by group_size {group_size} and by 2")
@@ -132,10 +196,16 @@ class Int4Linear(nn.Module):
         )
         self.register_buffer("outlier_index", None, persistent=False)  # flat n*K+k
         self.register_buffer("outlier_value", None, persistent=False)
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
     # state dict <-> in-memory layout
     def _load_from_state_dict(self, state, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
         names = ("qweight", "scales", "zeros")
+        if self.bias is not None:
+            if prefix + "bias" in state:
+                self.bias = nn.Parameter(state[prefix + "bias"], requires_grad=False)
+            else:
+                missing.append(prefix + "bias")
         for name in names:
             if prefix + name not in state:
                 missing.append(prefix + name)
@@ -161,7 +231,10 @@ class Int4Linear(nn.Module):
             self.outlier_index = state[prefix + "outlier_index"].to(torch.int64)
             self.outlier_value = state[prefix + "outlier_value"].float()
         for key in state:
-            if key.startswith(prefix) and key[len(prefix) :] not in (*names, "outlier_index", "outlier_value"):
+            rest = key[len(prefix) :]
+            if key.startswith(prefix) and rest not in (*names, "outlier_index", "outlier_value", "bias"):
+                unexpected.append(key)
+            elif rest == "bias" and key.startswith(prefix) and self.bias is None:
                 unexpected.append(key)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
@@ -171,6 +244,8 @@ class Int4Linear(nn.Module):
         if self.outlier_index is not None:
             destination[prefix + "outlier_index"] = self.outlier_index.to(torch.int32)
             destination[prefix + "outlier_value"] = self.outlier_value.half()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def plain_packed(self) -> torch.Tensor:
         if not self.use_kernel:
@@ -203,20 +278,52 @@ class Int4Linear(nn.Module):
                 y = y.index_add(1, rows, x2[:, cols] * self.outlier_value.to(x2.dtype))
         else:
             y = F.linear(x2, self.dequantize(x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
 
 class LowRankLinear(nn.Module):
     """y = x @ (U @ V)^T computed as two thin matmuls; U (N, r), V (r, K)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.weight_v = nn.Parameter(torch.empty(rank, in_features, device="meta"))
         self.weight_u = nn.Parameter(torch.empty(out_features, rank, device="meta"))
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.weight_v), self.weight_u)
+        return F.linear(F.linear(x, self.weight_v), self.weight_u, self.bias)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor | None:
+    """The float weight a compressed layer stands for (None for any other module)."""
+    if isinstance(module, (Int8Linear, Int8Embedding)):
+        return module.qweight.float() * module.scales.float()[:, None]
+    if isinstance(module, Int4Linear):
+        return module.dequantize(torch.float32)
+    if isinstance(module, Int4Embedding):
+        return module.dequantize()
+    if isinstance(module, LowRankLinear):
+        return (module.weight_u @ module.weight_v).float()
+    return None
+
+
+def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with every compressed layer's tensors replaced by its float `weight`
+    (the names a float model of the same config has); a float model's state dict as it is."""
+    state = model.state_dict()
+    for name, module in model.named_modules():
+        weight = dense_weight(module)
+        if weight is None:
+            continue
+        prefix = name + "."
+        for key in [k for k in state if k.startswith(prefix) and "." not in k[len(prefix) :]]:
+            if key != prefix + "bias":
+                del state[key]
+        state[prefix + "weight"] = weight
+    return state
 
 
 # ---- the spec and the loader ---------------------------------------------------------------------
@@ -244,24 +351,30 @@ def swap_modules(model: nn.Module, spec: dict[str, Any], state: dict[str, torch.
         old = model.get_submodule(name)
         if not isinstance(old, nn.Linear):
             raise UserError(f"{SPEC_KEY}: {name} is not a linear layer of this model")
+        bias = old.bias is not None
         if method == "int8":
-            new: nn.Module = Int8Linear(old.in_features, old.out_features)
+            new: nn.Module = Int8Linear(old.in_features, old.out_features, bias)
         elif method == "int4":
             group_size = (spec.get("group_sizes") or {}).get(name, spec["group_size"])
-            new = Int4Linear(old.in_features, old.out_features, int(group_size))
+            new = Int4Linear(old.in_features, old.out_features, int(group_size), bias)
         elif method == "lowrank":
             key = name + ".weight_u"
             if key not in state:
                 raise UserError(f"{SPEC_KEY}: low-rank factor {key} missing from the weights")
-            new = LowRankLinear(old.in_features, old.out_features, state[key].shape[1])
+            new = LowRankLinear(old.in_features, old.out_features, state[key].shape[1], bias)
         else:
             raise UserError(f"{SPEC_KEY}: unknown method {method!r} (this slmkit knows int8, int4, lowrank)")
         _set_module(model, name, new)
+    emb, head = model.embed_tokens, model.lm_head
     if spec.get("embeddings") == "int8":
-        emb = model.embed_tokens
         model.embed_tokens = Int8Embedding(emb.num_embeddings, emb.embedding_dim)
-        head = model.lm_head
         model.lm_head = Int8Linear(head.in_features, head.out_features)
+    elif spec.get("embeddings") == "int4":
+        g = int(spec["embeddings_group_size"])
+        model.embed_tokens = Int4Embedding(emb.num_embeddings, emb.embedding_dim, g)
+        model.lm_head = Int4Linear(head.in_features, head.out_features, g)
+    elif spec.get("embeddings") is not None:
+        raise UserError(f"{SPEC_KEY}: embeddings {spec['embeddings']!r} unknown (this slmkit knows int8, int4)")
 
 
 def read_spec(config: Any) -> dict[str, Any] | None:
@@ -273,7 +386,7 @@ def read_spec(config: Any) -> dict[str, Any] | None:
             f"config.json: {SPEC_KEY} {json.dumps(spec)[:80]} is not an slmkit compression spec; "
             "only models compressed by `slm compress` can be loaded with it"
         )
-    if spec.get("format_version") != FORMAT_VERSION:
+    if spec.get("format_version") not in READ_FORMAT_VERSIONS:
         raise UserError(f"config.json: {SPEC_KEY} format_version {spec.get('format_version')!r} is not supported")
     return spec
 
@@ -308,14 +421,32 @@ def load_compressed(
             f"(missing {missing[:4]}, unexpected {result.unexpected_keys[:4]})"
         )
     if tied:
-        if isinstance(model.lm_head, Int8Linear):
-            model.lm_head.qweight = model.embed_tokens.qweight
-            model.lm_head.scales = model.embed_tokens.scales
+        emb, head = model.embed_tokens, model.lm_head
+        if isinstance(head, Int8Linear):
+            head.qweight, head.scales = emb.qweight, emb.scales
+        elif isinstance(head, Int4Linear):
+            # the CPU int4 kernel needs its own interleaved copy (0.5 byte per weight more in memory, same file);
+            # without the kernel the head shares the embedding's packed rows
+            rows = {"qweight": emb.qweight, "scales": emb.scales, "zeros": emb.zeros}
+            errors: list[str] = []
+            head._load_from_state_dict(
+                {"lm_head." + k: v for k, v in rows.items()}, "lm_head.", {}, True, [], [], errors
+            )
+            if errors:
+                raise UserError(f"{directory}: {errors[0]}")
+            if not head.use_kernel:
+                head.qweight = emb.qweight
         else:
             model.lm_head.weight = model.embed_tokens.weight
     for name, buf in list(model.named_buffers()) + list(model.named_parameters()):
         if buf.device.type == "meta":
             raise UserError(f"{directory}: tensor {name} was not in the weights file")
+    _kernel_order.cache_clear()
+    if spec.get("activations", "none") == "dynamic":
+        layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+        done = sum(m.prepack_dynamic() for m in layers)
+        if done < len(layers):
+            log.info("dynamic int8 activations: %d of %d layers packed; the rest stay weight-only", done, len(layers))
     model.eval()
     model.compression = spec  # type: ignore[attr-defined]
     return model

@@ -43,6 +43,8 @@ NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured"}
 class CompressOptions:
     group_size: int | None = None  # int4 methods; None: 128 where it divides a layer's width, else 64, 32...
     outliers: float = 0.0  # int4 methods: share of weights kept in fp16 (SpQR-style)
+    activations: str = "none"  # int8: "dynamic" = W8A8 with per-call activation scales on CPU
+    embeddings: str = "int8"  # quantized methods: token embedding / output head as "int8" rows or "int4" groups
     sparsity: float = 0.5  # prune-magnitude / prune-wanda
     heads_keep: float = 1.0  # prune-structured
     ffn_keep: float = 1.0
@@ -121,6 +123,11 @@ def _validate(method: str, source_config: Any, options: CompressOptions, data: A
             f"the model is already compressed ({done}); compressing it again is not supported: "
             "start from the float model"
         )
+    quantizing = method in ("int8", "int4", "gptq-int4", "awq-int4")
+    if options.activations != "none" and method != "int8":
+        raise UserError(f"--activations {options.activations} applies to --method int8 only")
+    if options.embeddings != "int8" and not quantizing:
+        raise UserError(f"--embeddings {options.embeddings} applies to the quantization methods only")
     if method in NEEDS_DATA and data is None:
         raise UserError(f"{method} needs calibration data: pass --data DATA_DIR (from `slm data prepare`)")
 
@@ -258,6 +265,8 @@ def compress(
             group_size=options.group_size,
             algorithm=algorithm,
             outliers=options.outliers,
+            activations=options.activations,
+            embeddings=options.embeddings,
         )
         if method == "int8" and options.outliers:
             raise UserError("--outliers applies to the int4 methods only")

@@ -9,8 +9,9 @@
   group to minimise the output error on calibration inputs, and fold 1/s into the op that feeds the layer).
 - outliers (SpQR-style, optional): the given fraction of weights with the largest rounding error, weighted
   by the input's scale, is kept as an fp16 sparse correction.
-- the token embedding (and the tied output head) is int8 per row: the head is the layer most sensitive
-  to rounding, and int8 rows keep the embedding a cheap row gather.
+- the token embedding (and the tied output head) is int8 per row by default: the head is the layer most
+  sensitive to rounding, and int8 rows keep the embedding a cheap row gather. `embeddings="int4"` makes
+  them int4 rows (round-to-nearest, groups of 64 where they fit) for the smallest file.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class QuantOptions:
     algorithm: str = "rtn"  # rtn | gptq | awq
     outliers: float = 0.0  # share of each int4 layer's weights kept in fp16
     damp: float = 0.01  # GPTQ: Hessian damping, as a share of its mean diagonal
+    activations: str = "none"  # int8: "dynamic" quantizes activations per call on CPU (W8A8); the file is the same
+    embeddings: str = "int8"  # the token embedding / output head: "int8" per row, or "int4" group-wise rows
 
 
 # ---- primitives ----------------------------------------------------------------------------------
@@ -135,6 +138,14 @@ def check_options(model: nn.Module, options: QuantOptions) -> None:
         raise UserError(f"unknown quantization algorithm {options.algorithm!r}; use rtn, gptq or awq")
     if options.bits == 8 and options.algorithm != "rtn":
         raise UserError("int8 uses round-to-nearest per channel; gptq/awq are for int4 (use --method gptq-int4)")
+    if options.activations not in ("none", "dynamic"):
+        raise UserError(f"--activations must be none or dynamic, got {options.activations!r}")
+    if options.activations == "dynamic" and options.bits != 8:
+        raise UserError("--activations dynamic (W8A8) applies to int8 only; int4 layers stay weight-only")
+    if options.embeddings not in ("int8", "int4"):
+        raise UserError(f"--embeddings must be int8 or int4, got {options.embeddings!r}")
+    if options.embeddings == "int4":
+        embedding_group_size(model.config.d_model)
     if not (0.0 <= options.outliers < 0.1):
         raise UserError(f"--outliers must be a fraction in [0, 0.1), got {options.outliers}")
     if options.bits == 4:
@@ -142,6 +153,16 @@ def check_options(model: nn.Module, options: QuantOptions) -> None:
         if g is not None and (g < 2 or g % 2):
             raise UserError(f"--group-size must be an even number >= 2 (32, 64 or 128 are usual), got {g}")
         layer_group_sizes(model, g)
+
+
+def embedding_group_size(width: int) -> int:
+    """int4 embedding rows: groups of 64 where they fit, else the largest power of two dividing the width.
+    Smaller than the blocks' 128 because the embedding is also the output head, the layer most sensitive to
+    rounding; on the micro model g64 scored as g32 and better than g128 (docs/compression.md)."""
+    for g in (64, 32, 16, 8, 4, 2):
+        if width % g == 0:
+            return g
+    raise UserError(f"--embeddings int4 needs an even embedding width, got {width}")
 
 
 def layer_group_sizes(model: nn.Module, group_size: int | None) -> dict[str, int]:
@@ -307,26 +328,38 @@ def quantize_model(
     state: dict[str, torch.Tensor] = {}
     for name, tensor in work.state_dict().items():
         module_name = name.rsplit(".", 1)[0]
-        if module_name in packed or name.startswith(("embed_tokens.", "lm_head.")):
+        if (module_name in packed and not name.endswith(".bias")) or name.startswith(("embed_tokens.", "lm_head.")):
             continue
         state[name] = tensor.detach().clone()
     for module_name, entry in packed.items():
         for key, tensor in entry.items():
             state[f"{module_name}.{key}"] = tensor.contiguous()
-    codes8, scales8 = int8_quantize(work.embed_tokens.weight.float())
-    state["embed_tokens.qweight"], state["embed_tokens.scales"] = codes8, scales8
-    if not config.tie_embeddings:
-        codes8, scales8 = int8_quantize(work.lm_head.weight.float())
-        state["lm_head.qweight"], state["lm_head.scales"] = codes8, scales8
+    heads = ["embed_tokens"] if config.tie_embeddings else ["embed_tokens", "lm_head"]
+    embedding_group = embedding_group_size(config.d_model) if options.embeddings == "int4" else None
+    for name in heads:
+        weight = work.get_submodule(name).weight.float()
+        if embedding_group is None:
+            state[f"{name}.qweight"], state[f"{name}.scales"] = int8_quantize(weight)
+        else:
+            codes, sc, ze = int4_rtn(weight, embedding_group)
+            state[f"{name}.qweight"], state[f"{name}.scales"], state[f"{name}.zeros"] = (
+                pack_int4(codes),
+                sc.half(),
+                ze.half(),
+            )
     spec: dict[str, Any] = {
         "quant_method": "slmkit",
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if options.embeddings == "int8" else 2,
         "method": "int8" if options.bits == 8 else "int4",
         "bits": options.bits,
         "algorithm": options.algorithm,
         "modules": names,
-        "embeddings": "int8",
+        "embeddings": options.embeddings,
     }
+    if embedding_group is not None:
+        spec["embeddings_group_size"] = embedding_group
+    if options.bits == 8:
+        spec["activations"] = options.activations
     if options.bits == 4:
         nominal = options.group_size or max(groups_of.values())
         spec["group_size"] = nominal

@@ -1,0 +1,48 @@
+"""Quantized GGUF files in llama.cpp (through llama-cpp-python): logits close to slmkit's own model.
+
+Skipped where `llama_cpp` is not installed (CI does not build it). llama.cpp's q8_0 / q4_1 matmuls also
+round the activations to 8 bits, so the tolerance is loose; a wrong layout would be off by whole units."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+
+def llama_logits(path, prompt: list[int]) -> np.ndarray:
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=128,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
+    llm.eval(prompt)
+    return np.array(llm.scores[: len(prompt)])
+
+
+@pytest.mark.parametrize(
+    "method, dtype, tolerance", [(None, "q8_0", 0.5), ("int8", "q8_0", 0.5), ("int4", "q4_1", 1.0)]
+)
+def test_llama_cpp_runs_quantized_gguf(tiny_model_dir, tmp_path, method, dtype, tolerance):
+    from slmkit.api import load
+    from slmkit.compress.pipeline import compress
+    from slmkit.gguf import export_gguf
+
+    source = tiny_model_dir
+    if method is not None:
+        source = tmp_path / method
+        compress(tiny_model_dir, method, source, measure=False)
+    path = export_gguf(source, tmp_path / "m.gguf", dtype)
+    lm = load(source)
+    prompt = lm.tokenizer.encode("The model is trained on").ids
+    with torch.no_grad():
+        ours = lm.model(torch.tensor([prompt]))[0].numpy()
+    theirs = llama_logits(path, prompt)
+    assert np.abs(theirs - ours).max() < tolerance
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8
