@@ -78,10 +78,22 @@ def test_dynamic_int8_falls_back_without_the_engine(int8_dirs, monkeypatch):
     assert torch.equal(logits(fast), logits(load_model(weight_only)))
 
 
+@pytest.fixture
+def odd_vocab_dir(make_model, data_dir, tmp_path):
+    """A model whose vocabulary is not a multiple of 16 (the int4 CPU kernel's row multiple), whatever the
+    test tokenizer's size (it depends on whether the shared corpus is there)."""
+    from slmkit.data.shards import load_data_dir
+
+    vocab = load_data_dir(data_dir).vocab_size
+    vocab = vocab if vocab % 16 else vocab + 5
+    return make_model(tmp_path / "odd", data_dir, vocab_size=vocab)
+
+
 @pytest.mark.parametrize("method", ["int4", "int8"])
-def test_int4_embeddings(float_model_dir, tmp_path, method):
+def test_int4_embeddings(odd_vocab_dir, tmp_path, method):
     from safetensors.torch import load_file
 
+    float_model_dir = odd_vocab_dir
     base, small = tmp_path / "base", tmp_path / "small"
     compress(float_model_dir, method, base)
     compress(float_model_dir, method, small, embeddings="int4")
@@ -99,7 +111,7 @@ def test_int4_embeddings(float_model_dir, tmp_path, method):
     model = load_model(small)
     emb, head = model.embed_tokens, model.lm_head
     assert isinstance(emb, Int4Embedding) and isinstance(head, Int4Linear)
-    assert not head.use_kernel  # 325 rows: not a multiple of 16, so no CPU int4 kernel for the head
+    assert not head.use_kernel  # rows not a multiple of 16, so no CPU int4 kernel for the head
     assert head.qweight.data_ptr() == emb.qweight.data_ptr()  # ... and the tied head shares the packed rows
     assert torch.equal(unpack_int4(emb.qweight), int4_rtn(emb_weight, 64)[0].to(torch.uint8))
     expected = int4_dequant(*int4_rtn(emb_weight, 64), 64)
@@ -115,9 +127,12 @@ def test_int4_tied_head_with_the_kernel(float_model_dir, tmp_path):
     from slmkit.models.transformer import Transformer
 
     small = load_model(float_model_dir)
-    padded = Transformer(small.config.replace(vocab_size=336))  # rows a multiple of 16: the int4 kernel applies
+    vocab = small.config.vocab_size
+    rows = (vocab // 16 + 1) * 16  # a multiple of 16 above the vocabulary: the int4 kernel applies
+    padded = Transformer(small.config.replace(vocab_size=rows))
     state = small.state_dict()
-    state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], torch.randn(11, small.config.d_model)])
+    extra = torch.randn(rows - vocab, small.config.d_model)
+    state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], extra])
     state["lm_head.weight"] = state["embed_tokens.weight"]
     padded.load_state_dict(state)
     src = save_model(padded, tmp_path / "padded", tokenizer_dir=float_model_dir)
