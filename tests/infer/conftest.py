@@ -83,23 +83,3 @@ class ScriptedModel(torch.nn.Module):
 @pytest.fixture
 def scripted_model():
     return ScriptedModel
-
-
-def _root_conftest():
-    """tests/conftest.py, loaded by path.
-
-    Test files import helpers with `from conftest import ...`; this file is also a module named conftest
-    (and may be the one in sys.modules), so it re-exports the root's helpers under the same names.
-    """
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    spec = importlib.util.spec_from_file_location("slmkit_tests_root_conftest", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_ROOT = _root_conftest()
-run_slm = _ROOT.run_slm
-SRC = _ROOT.SRC

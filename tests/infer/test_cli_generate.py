@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_slm
+from slmkit_testing import run_slm
 
 
 def assert_user_error(result, fragment):
