@@ -23,3 +23,36 @@ def run_slm(*args: object, timeout: float = 300, input: str | None = None) -> su
         env=env,
         input=input,
     )
+
+
+def seeded_logits(model, seed: int = 0):
+    """The model's logits on a fixed random batch (2 x 24 tokens): for comparing a model with its variants."""
+    import torch
+
+    idx = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(idx)
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b||."""
+    return float((a - b).norm() / b.norm())
+
+
+def llama_cpp_eval(path, prompt: list[int]):
+    """A llama.cpp model (llama-cpp-python) of the GGUF file at path, and its logits (T, V) for prompt. The KV
+    cache is f32: llama.cpp's default f16 cache alone moves logits by ~3e-3."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        str(path),
+        n_ctx=128,
+        logits_all=True,
+        verbose=False,
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )
+    llm.eval(prompt)
+    return llm, np.array(llm.scores[: len(prompt)])

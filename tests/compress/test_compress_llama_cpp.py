@@ -9,21 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-llama_cpp = pytest.importorskip("llama_cpp")
+from slmkit_testing import llama_cpp_eval
 
-
-def llama_logits(path, prompt: list[int]) -> np.ndarray:
-    llm = llama_cpp.Llama(
-        str(path),
-        n_ctx=128,
-        logits_all=True,
-        verbose=False,
-        n_threads=2,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
-    llm.eval(prompt)
-    return np.array(llm.scores[: len(prompt)])
+pytest.importorskip("llama_cpp")
 
 
 @pytest.mark.parametrize(
@@ -43,6 +31,6 @@ def test_llama_cpp_runs_quantized_gguf(tiny_model_dir, tmp_path, method, dtype, 
     prompt = lm.tokenizer.encode("The model is trained on").ids
     with torch.no_grad():
         ours = lm.model(torch.tensor([prompt]))[0].numpy()
-    theirs = llama_logits(path, prompt)
+    _, theirs = llama_cpp_eval(path, prompt)
     assert np.abs(theirs - ours).max() < tolerance
     assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.8

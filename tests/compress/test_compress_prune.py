@@ -12,6 +12,7 @@ from slmkit.compress.modules import LowRankLinear, linear_names
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.errors import UserError
+from slmkit_testing import seeded_logits as logits
 
 CALIB = dict(calib_samples=8, calib_seq_len=32)
 
@@ -20,12 +21,6 @@ def compress(*args, **kwargs):
     kwargs.setdefault("measure", False)
     kwargs.setdefault("eval_windows", 4)
     return _compress(*args, **kwargs)
-
-
-def logits(model) -> torch.Tensor:
-    idx = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        return model(idx)
 
 
 def block_weights(model):

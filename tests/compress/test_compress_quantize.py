@@ -13,6 +13,8 @@ from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_gptq, int4_rtn
 from slmkit.errors import UserError
+from slmkit_testing import rel_err
+from slmkit_testing import seeded_logits as logits
 
 OPTS = dict(calib_samples=8, calib_seq_len=32)
 
@@ -21,16 +23,6 @@ def compress(*args, **kwargs):
     kwargs.setdefault("measure", False)
     kwargs.setdefault("eval_windows", 4)
     return _compress(*args, **kwargs)
-
-
-def logits(model, seed: int = 0) -> torch.Tensor:
-    idx = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(idx)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def test_pack_roundtrip():

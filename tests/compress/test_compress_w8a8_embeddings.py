@@ -13,23 +13,14 @@ from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_rtn
 from slmkit.errors import UserError
-from slmkit_testing import run_slm
+from slmkit_testing import rel_err, run_slm
+from slmkit_testing import seeded_logits as logits
 
 ENGINE = torch.backends.quantized.engine in ("x86", "fbgemm")
 
 
 def compress(model_dir, method, out, **options):
     return _compress(model_dir, method, out, options=CompressOptions(**options), measure=False)
-
-
-def logits(model, seed: int = 0) -> torch.Tensor:
-    idx = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        return model(idx)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.fixture(scope="module")

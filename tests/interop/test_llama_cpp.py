@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-llama_cpp = pytest.importorskip("llama_cpp")
+from slmkit_testing import llama_cpp_eval
+
+pytest.importorskip("llama_cpp")
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-3), ("q8_0", 0.5)])
@@ -20,18 +22,7 @@ def test_llama_cpp_matches_slmkit(tiny_model_dir, tmp_path, dtype, tolerance):
     path = export_gguf(tiny_model_dir, tmp_path / "m.gguf", dtype)
     lm = load(tiny_model_dir)
     prompt = lm.tokenizer.encode("The model is trained on").ids
-    # an f32 KV cache: llama.cpp's default f16 cache alone moves logits by ~3e-3
-    llm = llama_cpp.Llama(
-        str(path),
-        n_ctx=128,
-        logits_all=True,
-        verbose=False,
-        n_threads=2,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
-    llm.eval(prompt)
-    theirs = np.array(llm.scores[: len(prompt)])
+    llm, theirs = llama_cpp_eval(path, prompt)  # f32 KV cache
     with torch.no_grad():
         ours = lm.model(torch.tensor([prompt]))[0].numpy()
     assert np.abs(theirs - ours).max() < tolerance

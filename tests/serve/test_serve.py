@@ -25,6 +25,19 @@ def name(shaken_model_dir):
     return shaken_model_dir.name
 
 
+def hold_steps(scheduler) -> threading.Event:
+    """Make the worker's steps wait (at most 30 s) until the returned event is set."""
+    gate = threading.Event()
+    original = scheduler.batcher.step
+
+    def blocked():
+        gate.wait(30)
+        return original()
+
+    scheduler.batcher.step = blocked
+    return gate
+
+
 def healthy(client):
     r = client.get("/health")
     return r.status_code == 200 and r.json()["status"] == "ok"
@@ -296,14 +309,7 @@ def test_queue_full_gives_503_with_retry_after(engine, name):
     app = create_app(engine, max_queue=1, max_batch=1, model_name=name)
     scheduler = app.state.scheduler
     with TestClient(app) as c:
-        gate = threading.Event()
-        original = scheduler.batcher.step
-
-        def blocked():
-            gate.wait(30)
-            return original()
-
-        scheduler.batcher.step = blocked
+        gate = hold_steps(scheduler)
         body = {"model": name, "prompt": "x", "max_tokens": 2}
         first = threading.Thread(target=lambda: c.post("/v1/completions", json=body))  # takes the one row, blocks
         second = threading.Thread(target=lambda: c.post("/v1/completions", json=body))  # waits in the queue
@@ -328,14 +334,7 @@ def test_shutdown_refuses_new_requests_and_drains_running_ones(engine, name):
     app = create_app(engine, model_name=name)
     scheduler = app.state.scheduler
     with TestClient(app) as c:
-        gate = threading.Event()
-        original = scheduler.batcher.step
-
-        def blocked():
-            gate.wait(30)
-            return original()
-
-        scheduler.batcher.step = blocked
+        gate = hold_steps(scheduler)
         out = {}
         body = {"model": name, "prompt": "The cat", "max_tokens": 8, "temperature": 0}
         running = threading.Thread(target=lambda: out.update(r=c.post("/v1/completions", json=body)))
