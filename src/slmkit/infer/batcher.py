@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from slmkit.errors import UserError
-from slmkit.infer.engine import SINGLE_THREAD_PARAMS, _TextStream, _Threads
+from slmkit.infer.engine import _TextStream, _Threads, single_threaded
 from slmkit.infer.sampling import SamplingParams, apply_penalties, sample
 
 logger = logging.getLogger(__name__)
@@ -167,8 +167,7 @@ class ContinuousBatcher:
         self.waiting: deque[GenerationSequence] = deque()
         self.stats = BatcherStats()
         # small models step on one CPU thread, as the engine's decode steps do (see SINGLE_THREAD_PARAMS)
-        small = self.config.num_params() < SINGLE_THREAD_PARAMS
-        self._threads = _Threads(1 if self.device.type == "cpu" and small else None)
+        self._threads = _Threads(1 if single_threaded(model) else None)
 
     # ---- queue ------------------------------------------------------------------------------------------
     @property

@@ -62,6 +62,12 @@ class _Threads:
             torch.set_num_threads(self.saved)
 
 
+def single_threaded(model: torch.nn.Module) -> bool:
+    """Whether the model's decode-sized steps run on one intra-op thread (see SINGLE_THREAD_PARAMS)."""
+    device = next(model.parameters()).device
+    return device.type == "cpu" and model.config.num_params() < SINGLE_THREAD_PARAMS
+
+
 @dataclass
 class Completion:
     """One prompt's result. ``text`` is cut before a stop string; EOS is in neither text nor token_ids."""
@@ -242,10 +248,9 @@ class _StaticDecoder(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, batch_size: int, dtype: torch.dtype) -> None:
         super().__init__()
         self.model = model
+        # the engine's eager prefill over this cache builds the model's rotary table for every slot before the
+        # first (compiled) step, so the compiled graph only reads it
         self.cache = model.new_cache(batch_size, model.config.max_seq_len, dtype=dtype)
-        scaling = model.config.rope_scaling
-        if model.config.positions == "rope" and (scaling is None or scaling.type != "dynamic"):
-            model.rope_table(model.config.max_seq_len, self.cache.k.device)  # built now, read-only when compiled
 
     def forward(
         self, tokens: torch.Tensor, cache_pos: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor
@@ -311,7 +316,7 @@ class Engine:
         self.compile = bool(self.device.type == "cuda" if compile is None else compile)
         self.static_cache = self.compile if static_cache is None else static_cache or self.compile
         self._static: dict[int, tuple[_StaticDecoder, Callable[..., torch.Tensor]]] = {}
-        self._single_thread = self.device.type == "cpu" and self.config.num_params() < SINGLE_THREAD_PARAMS
+        self._single_thread = single_threaded(self.model)
         self._step_threads = _Threads(1 if self._single_thread else None)
 
     def _prefill_threads(self, tokens: int) -> _Threads:
