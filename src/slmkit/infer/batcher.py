@@ -42,8 +42,8 @@ from typing import Any
 import torch
 
 from slmkit.errors import UserError
-from slmkit.infer.engine import _TextStream, _Threads, single_threaded
-from slmkit.infer.sampling import SamplingParams, apply_penalties, sample
+from slmkit.infer.engine import _TextStream, _Threads, finish_reason, single_threaded
+from slmkit.infer.sampling import SamplingParams, apply_penalties, penalty_state, sample
 
 logger = logging.getLogger(__name__)
 
@@ -300,10 +300,7 @@ class ContinuousBatcher:
             params = seq.request.sampling
             if params.has_penalties:
                 if seq.counts is None:
-                    v = self.config.vocab_size
-                    seq.counts = torch.zeros(1, v, device=self.device)
-                    seq.seen = torch.zeros(1, v, dtype=torch.bool, device=self.device)
-                    seq.seen[0, torch.tensor(seq.prompt, device=self.device)] = True
+                    seq.counts, seq.seen = penalty_state([seq.prompt], self.config.vocab_size, self.device)
                 scores[i : i + 1] = apply_penalties(raw[i : i + 1], params, seq.counts, seq.seen)
             if seq.grammar is not None:
                 seq.grammar.mask_(scores[i])
@@ -360,11 +357,9 @@ class ContinuousBatcher:
             seq.counts[0, token] += 1
             seq.seen[0, token] = True
         text = seq.text.push(token)
-        if seq.text.stopped or (seq.grammar is not None and seq.grammar.terminated):
-            seq.finished, seq.finish_reason = True, "stop"
-        elif len(seq.out) >= seq.request.max_new_tokens:
-            seq.finished, seq.finish_reason = True, "length"
-        if seq.finished:
+        reason = finish_reason(seq.text, seq.grammar, len(seq.out), seq.request.max_new_tokens)
+        if reason is not None:
+            seq.finished, seq.finish_reason = True, reason
             text += seq.text.flush()
         else:
             seq.pending = token

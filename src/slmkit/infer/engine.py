@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from slmkit.errors import UserError
-from slmkit.infer.sampling import SamplingParams, apply_penalties, sample
+from slmkit.infer.sampling import SamplingParams, apply_penalties, penalty_state, sample
 
 logger = logging.getLogger(__name__)
 
@@ -228,6 +228,14 @@ class _TextStream:
         delta = text[len(self.emitted) :] if len(text) > len(self.emitted) else ""
         self.emitted = text
         return delta
+
+
+def finish_reason(text: _TextStream | None, grammar: Any, new_tokens: int, max_new_tokens: int) -> str | None:
+    """Why a sequence ends after its latest (non-EOS) token: "stop" at a stop string or a finished grammar,
+    "length" at max_new_tokens; None while it goes on."""
+    if (text is not None and text.stopped) or (grammar is not None and grammar.terminated):
+        return "stop"
+    return "length" if new_tokens >= max_new_tokens else None
 
 
 class _Seq:
@@ -560,13 +568,9 @@ class Engine:
             seq.logprobs.append(logprob)
         if seq.text is not None:
             seq.deltas.append(seq.text.push(token))
-            if seq.text.stopped:
-                seq.finished, seq.finish_reason = True, "stop"
-                return
-        if seq.grammar is not None and seq.grammar.terminated:
-            seq.finished, seq.finish_reason = True, "stop"
-        elif len(seq.out) >= max_new_tokens:
-            seq.finished, seq.finish_reason = True, "length"
+        reason = finish_reason(seq.text, seq.grammar, len(seq.out), max_new_tokens)
+        if reason is not None:
+            seq.finished, seq.finish_reason = True, reason
 
     def _choose(
         self,
@@ -597,12 +601,7 @@ class Engine:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not sampling.has_penalties:
             return None, None
-        v = self.config.vocab_size
-        counts = torch.zeros(len(seqs), v, device=self.device)
-        seen = torch.zeros(len(seqs), v, dtype=torch.bool, device=self.device)
-        for i, seq in enumerate(seqs):
-            seen[i, torch.tensor(seq.prompt, device=self.device)] = True
-        return counts, seen
+        return penalty_state([seq.prompt for seq in seqs], self.config.vocab_size, self.device)
 
     # ---- plain batched decoding ---------------------------------------------------------------------------
     def _decode_batch(

@@ -73,6 +73,16 @@ def apply_penalties(
     return logits
 
 
+def penalty_state(prompts: list[list[int]], vocab_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence state for `apply_penalties`: output token counts (B, V) at zero, and (B, V) marks of the tokens
+    seen so far (the prompt's)."""
+    counts = torch.zeros(len(prompts), vocab_size, device=device)
+    seen = torch.zeros(len(prompts), vocab_size, dtype=torch.bool, device=device)
+    for i, prompt in enumerate(prompts):
+        seen[i, torch.tensor(prompt, device=device)] = True
+    return counts, seen
+
+
 def filter_logits(
     logits: torch.Tensor, top_k: int | None, top_p: float | None, min_p: float | None = None
 ) -> torch.Tensor:
