@@ -57,6 +57,11 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).reshape(packed.shape[0], -1)
 
 
+def int4_dequant(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Floats from 4-bit codes (..., K) with one scale and zero per group of `group_size` columns (..., K/g)."""
+    return (codes - 8) * scales.repeat_interleave(group_size, -1) + zeros.repeat_interleave(group_size, -1)
+
+
 @functools.lru_cache(maxsize=64)
 def _kernel_order(n: int, k: int) -> torch.Tensor:
     """For each nibble of the CPU kernel's packed (N, K/2) layout, the flat index n*K+k it holds (int32).
@@ -172,8 +177,7 @@ class Int4Embedding(nn.Module):
             packed, scales, zeros = packed[rows], scales[rows], zeros[rows]
         lead = packed.shape[:-1]
         codes = unpack_int4(packed.reshape(-1, packed.shape[-1])).view(*lead, self.embedding_dim).to(dtype)
-        g = self.group_size
-        return (codes - 8) * scales.to(dtype).repeat_interleave(g, -1) + zeros.to(dtype).repeat_interleave(g, -1)
+        return int4_dequant(codes, scales.to(dtype), zeros.to(dtype), self.group_size)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.dequantize(idx)
@@ -258,9 +262,8 @@ class Int4Linear(nn.Module):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         codes = unpack_int4(self.plain_packed()).to(dtype)  # (N, K)
-        scales = self.scales_and_zeros[..., 0].t().to(dtype).repeat_interleave(self.group_size, dim=1)
-        zeros = self.scales_and_zeros[..., 1].t().to(dtype).repeat_interleave(self.group_size, dim=1)
-        weight = (codes - 8) * scales + zeros
+        scales, zeros = self.scales_and_zeros[..., 0].t().to(dtype), self.scales_and_zeros[..., 1].t().to(dtype)
+        weight = int4_dequant(codes, scales, zeros, self.group_size)
         if self.outlier_index is not None:
             weight.view(-1).index_add_(0, self.outlier_index, self.outlier_value.to(dtype))
         return weight

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slmkit.compress.calibration import run_until_block
-from slmkit.compress.modules import FORMAT_VERSION, linear_names, pack_int4
+from slmkit.compress.modules import FORMAT_VERSION, int4_dequant, linear_names, pack_int4
 from slmkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -71,10 +71,6 @@ def int4_rtn(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     scale, zero = int4_params(grouped)
     codes = int4_codes(grouped, scale, zero)
     return codes.view(n, k), scale.view(n, -1), zero.view(n, -1)
-
-
-def int4_dequant(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    return (codes - 8) * scales.repeat_interleave(group_size, 1) + zeros.repeat_interleave(group_size, 1)
 
 
 def int4_gptq(
