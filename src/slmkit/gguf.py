@@ -124,10 +124,14 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every tensor of the GGUF file, named as llama.cpp names it, in fp32, in llama.cpp's layout.
 
     Layers of an slmkit-compressed model (int8, int4, low-rank) come out dequantized."""
+    return _layout(model.config, _float_state(model))  # type: ignore[arg-type]
+
+
+def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict in fp32 on the CPU, compressed layers dequantized."""
     from slmkit.compress.modules import dense_state_dict
 
-    state = {k: v.detach().float().cpu() for k, v in dense_state_dict(model).items()}
-    return _layout(model.config, state)  # type: ignore[arg-type]
+    return {k: v.detach().float().cpu() for k, v in dense_state_dict(model).items()}
 
 
 def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -294,13 +298,12 @@ def plan_tensors(
     4-bit type they do not map onto would round every weight a second time at 4 bits: refused."""
     import torch
 
-    from slmkit.compress.modules import dense_state_dict
-
     cfg: ModelConfig = model.config  # type: ignore[assignment]
-    state = {k: v.detach().float().cpu() for k, v in dense_state_dict(model).items()}
+    state = _float_state(model)
     tensors = _layout(cfg, state)
     types = tensor_types(tensors, dtype)
-    blocks = exact_blocks(model)
+    # codes only matter for block types (kept as they are, or refused); float files need none of this
+    blocks = exact_blocks(model) if dtype in BLOCK_DTYPES else {}
     if not blocks:
         return tensors, types, {}
     aux = {k: blocks[k] if k in blocks else torch.full((*v.shape, 4), float("nan")) for k, v in state.items()}
