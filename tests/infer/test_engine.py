@@ -39,10 +39,16 @@ def test_compiled_decode_step_equals_eager_on_cpu(lm, caplog):
     eager = Engine(lm.model, lm.tokenizer).generate(PROMPTS[:2], max_new_tokens=10)
     engine = Engine(lm.model, lm.tokenizer, compile=True)
     assert engine.compile and engine.static_cache
+    stats = EngineStats()
     with caplog.at_level("WARNING", logger="slmkit.infer.engine"):
-        compiled = engine.generate(PROMPTS[:2], max_new_tokens=10)
+        compiled = engine.generate(PROMPTS[:2], max_new_tokens=10, stats=stats)
     assert "decoding eagerly" not in caplog.text  # it really compiled (a C++ compiler is part of the setup)
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    # the compilation is reported on its own, not folded into the decode rate
+    assert stats.compile_seconds > stats.decode_seconds > 0 and "compiling the decode step" in stats.summary()
+    again = EngineStats()
+    engine.generate(PROMPTS[:2], max_new_tokens=10, stats=again)
+    assert again.compile_seconds == 0 and "compiling" not in again.summary()
 
 
 def test_a_failed_compilation_falls_back_to_eager(lm, monkeypatch, caplog):

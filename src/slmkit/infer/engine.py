@@ -109,6 +109,7 @@ class EngineStats:
     speculation_turned_off: bool = False
     plain_step_seconds: list[float] = field(default_factory=list)  # timed plain decode steps (speedup baseline)
     mask_seconds: float = 0.0  # grammar mask computation (constrained decoding overhead)
+    compile_seconds: float = 0.0  # torch.compile of the decode step (its first call), kept out of decode_seconds
     finish_reasons: list[str] = field(default_factory=list)
 
     @property
@@ -142,6 +143,8 @@ class EngineStats:
             f"decode {self.decode_tokens_per_second:.1f} tokens/s",
             f"finish: {reasons or 'n/a'}",
         ]
+        if self.compile_seconds:
+            parts.insert(3, f"compiling the decode step {self.compile_seconds:.1f} s")
         if self.speculation != "off":
             spec = (
                 f"speculation ({self.speculation}): accepted {self.accepted}/{self.drafted} drafted tokens "
@@ -267,7 +270,7 @@ class _StaticDecoder(torch.nn.Module):
         return self.model(tokens, cache=self.cache, cache_pos=cache_pos, positions=positions, key_mask=key_mask)[:, -1]
 
 
-def _compiled_step(decoder: _StaticDecoder, device: torch.device) -> Callable[..., torch.Tensor]:
+def _compiled_step(decoder: _StaticDecoder, device: torch.device) -> _CompiledStep:
     """The decode step through torch.compile: CUDA graphs on CUDA; C++ kernels with a C++ wrapper on a CPU
     (the Python wrapper's per-kernel overhead is most of a small model's step). A compilation that fails (no C++
     compiler, an unsupported op) is logged and the step runs eagerly instead."""
@@ -280,23 +283,36 @@ def _compiled_step(decoder: _StaticDecoder, device: torch.device) -> Callable[..
         compiled = torch.compile(decoder, mode="reduce-overhead", fullgraph=True, dynamic=False)
     else:
         compiled = torch.compile(decoder, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
-    state = {"fn": compiled, "checked": False}
+    return _CompiledStep(decoder, compiled)
 
-    def step(*args: torch.Tensor) -> torch.Tensor:
-        if state["checked"]:
-            return state["fn"](*args)
+
+class _CompiledStep:
+    """Calls the compiled step; its first call compiles (timed: `take_compile_seconds`) and, if compilation
+    fails (before the cache is touched), logs it and falls back to the eager decoder for good."""
+
+    def __init__(self, decoder: _StaticDecoder, compiled: Callable[..., torch.Tensor]) -> None:
+        self.decoder, self.fn, self.checked, self.compile_seconds = decoder, compiled, False, 0.0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.checked:
+            return self.fn(*args)
+        start = time.perf_counter()
         try:
-            out = state["fn"](*args)
-        except Exception as exc:  # compilation happens on this first call, before the cache is touched
+            out = self.fn(*args)
+        except Exception as exc:
             logger.warning(
                 "torch.compile of the decode step failed (%s: %s); decoding eagerly", type(exc).__name__, exc
             )
-            state["fn"] = decoder
-            out = decoder(*args)
-        state["checked"] = True
+            self.fn = self.decoder
+            out = self.decoder(*args)
+        self.compile_seconds = time.perf_counter() - start
+        self.checked = True
         return out
 
-    return step
+    def take_compile_seconds(self) -> float:
+        """Seconds the first call took (compiling), once; 0 afterwards."""
+        seconds, self.compile_seconds = self.compile_seconds, 0.0
+        return seconds
 
 
 class Engine:
@@ -620,6 +636,7 @@ class Engine:
         padded = any(n != p for n in lengths)
         idx = torch.tensor([[0] * (p - len(s.prompt)) + s.prompt for s in seqs], device=self.device)  # (B, P)
         static = self.static_cache and p + max_new_tokens <= self.config.max_seq_len
+        step_fn: Callable[..., torch.Tensor] | None = None
         if static:
             decoder, step_fn = self._static_decoder(b)
             cache = decoder.cache
@@ -664,13 +681,15 @@ class Engine:
                         upto=slot + 1,
                     )[:, -1]  # fmt: skip
             stats.decode_forwards += 1
-        stats.decode_seconds += time.perf_counter() - start
+        compiling = step_fn.take_compile_seconds() if isinstance(step_fn, _CompiledStep) else 0.0
+        stats.compile_seconds += compiling
+        stats.decode_seconds += time.perf_counter() - start - compiling
 
     def _static_decoder(self, batch_size: int) -> tuple[_StaticDecoder, Callable[..., torch.Tensor]]:
         if batch_size not in self._static:
             decoder = _StaticDecoder(self.model, batch_size, self.dtype)
             step_fn: Callable[..., torch.Tensor] = decoder
-            if self.compile:
+            if self.compile:  # a _CompiledStep
                 step_fn = _compiled_step(decoder, self.device)
             self._static[batch_size] = (decoder, step_fn)
         return self._static[batch_size]
