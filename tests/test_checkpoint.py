@@ -25,6 +25,10 @@ def test_save_load_round_trip_and_hf_layout(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(idx), model(idx))
     assert loaded.lm_head.weight is loaded.embed_tokens.weight  # ties survive loading
+    mask = os.umask(0)
+    os.umask(mask)
+    # the directory gets the permissions mkdir() would give, not tempfile's private 0700
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~mask
 
 
 def test_save_killed_midway_keeps_previous(tmp_path):

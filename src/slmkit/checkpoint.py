@@ -57,6 +57,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
+        use_umask(tmp, directory=True)
         yield tmp
         _fsync_dir_files(tmp)
         if final.exists():
@@ -69,6 +70,15 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def use_umask(path: Path, directory: bool = False) -> None:
+    """Give a temporary file or directory (created private, 0600/0700, by `tempfile`) the permissions a plain
+    open()/mkdir() would have, so what replaces the final path can be read by others as usual (a GGUF file
+    served by another user's llama.cpp or ollama, a model directory on a shared disk)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    path.chmod((0o777 if directory else 0o666) & ~mask)
 
 
 def _fsync_dir_files(directory: Path) -> None:

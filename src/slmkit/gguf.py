@@ -379,7 +379,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> 
         raise UserError(f"GGUF dtype {dtype!r} is not supported; choose one of: {', '.join(GGUF_DTYPES)}")
     import gguf
 
-    from slmkit.checkpoint import load_model, resolve_model_dir
+    from slmkit.checkpoint import load_model, resolve_model_dir, use_umask
 
     directory = resolve_model_dir(model_path)
     tokenizer_path = directory / "tokenizer.json"
@@ -404,6 +404,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> 
     os.close(fd)
     tmp = Path(tmp_name)
     try:
+        use_umask(tmp)
         writer = gguf.GGUFWriter(str(tmp), arch)
         writer.add_name(directory.name)
         writer.add_file_type(_file_type(dtype))

@@ -5,6 +5,7 @@ fused q/k/v for GPT-2) computed from the file's tensors alone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -100,6 +101,9 @@ def test_every_key_and_tensor_reads_back(case, dtype, model_dirs, tokenizer_json
     cfg = model.config
     path = export_gguf(directory, tmp_path / "m.gguf", dtype)
     assert [p.name for p in tmp_path.iterdir()] == ["m.gguf"]  # no temp file left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() would make it, not tempfile's private 0600
     fields, tensors = read(path)
 
     arch = {"mistral": "llama"}.get(cfg.family, cfg.family)
