@@ -61,9 +61,9 @@ def side_by_side(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int,
     """Float32, our int8 / int4 (GPTQ) and torch.ao dynamic int8, scored and timed in this one process."""
     import math
 
-    from slmkit.checkpoint import load_model
     from slmkit.data.shards import load_data_dir
     from slmkit.eval.perplexity import token_nats
+    from slmkit.interop.checkpoint import load_model
 
     data = load_data_dir(data_dir)
     models = {"float32": load_model(model_dir)}
@@ -86,12 +86,12 @@ def side_by_side(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int,
 def gguf_state(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The dequantized tensors of a GGUF file written by slmkit, back under our names and in our layout.
 
-    The exporter's layout (`slmkit.gguf._layout`) only moves rows, so mapping a state of element numbers
+    The exporter's layout (`slmkit.interop.gguf._layout`) only moves rows, so mapping a state of element numbers
     through it says where each of our weights went; the GGUF values are scattered back from there."""
     import gguf
     import numpy as np
 
-    from slmkit.gguf import _layout
+    from slmkit.interop.gguf import _layout
 
     state = model.state_dict()
     ids, start = {}, 0
@@ -119,10 +119,10 @@ def gguf_state(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def gguf_sweep(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int, windows: int | None) -> list[dict]:
     import math
 
-    from slmkit.checkpoint import load_model
     from slmkit.data.shards import load_data_dir
     from slmkit.eval.perplexity import token_nats
-    from slmkit.gguf import GGUF_DTYPES, export_gguf
+    from slmkit.interop.checkpoint import load_model
+    from slmkit.interop.gguf import GGUF_DTYPES, export_gguf
 
     data = load_data_dir(data_dir)
 
@@ -155,15 +155,15 @@ def gguf_sweep(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int, w
 
 
 def speed_sweep(preset_name: str, out: Path, vocab_size: int, tokenizer_dir: Path | None) -> dict:
-    from slmkit.checkpoint import load_model, save_model
     from slmkit.compress.pipeline import directory_size, probe
     from slmkit.config import preset
-    from slmkit.models.transformer import Transformer
+    from slmkit.interop.checkpoint import load_model, save_model
+    from slmkit.models import build_model
 
     out.mkdir(parents=True, exist_ok=True)
     source = out / "float32"
     if not source.exists():
-        model = Transformer(preset(preset_name, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0))
+        model = build_model(preset(preset_name, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0))
         model.init_weights(seed=0)
         save_model(model, source, tokenizer_dir=tokenizer_dir)
     runs = {
@@ -220,8 +220,8 @@ def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
 
 
 def model_context(model: Path) -> int:
-    from slmkit.checkpoint import resolve_model_dir
     from slmkit.config import ModelConfig
+    from slmkit.interop.checkpoint import resolve_model_dir
 
     return min(256, ModelConfig.load(resolve_model_dir(model) / "config.json").max_seq_len)
 
@@ -243,8 +243,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.speed_preset:
-        from slmkit.checkpoint import resolve_model_dir
         from slmkit.config import ModelConfig
+        from slmkit.interop.checkpoint import resolve_model_dir
 
         source = resolve_model_dir(args.model)  # its tokenizer and vocabulary size are reused
         vocab = ModelConfig.load(source / "config.json").vocab_size

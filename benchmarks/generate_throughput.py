@@ -28,15 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import hardware, timed  # noqa: E402
-from slmkit.checkpoint import save_model  # noqa: E402
 from slmkit.config import preset  # noqa: E402
 from slmkit.infer.engine import Engine, EngineStats  # noqa: E402
-from slmkit.models.transformer import Transformer  # noqa: E402
+from slmkit.interop.checkpoint import save_model  # noqa: E402
+from slmkit.models import build_model  # noqa: E402
 
 
-def random_model(name: str, vocab_size: int) -> Transformer:
+def random_model(name: str, vocab_size: int) -> torch.nn.Module:
     cfg = preset(name, vocab_size=vocab_size, eos_token_id=None)  # no early stop: every run makes n tokens
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.init_weights(0)
     with torch.no_grad():  # sharper weights than init so greedy paths are not degenerate
         for p in model.parameters():

@@ -46,8 +46,8 @@ def main() -> None:
 
     from _common import hardware
     from slmkit.api import load
-    from slmkit.gguf import export_gguf
     from slmkit.infer.generate import generate_ids
+    from slmkit.interop.gguf import export_gguf
 
     torch.set_num_threads(args.threads)
     lm = load(args.model)

@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import hardware, timed  # noqa: E402
-from slmkit.checkpoint import save_model  # noqa: E402
 from slmkit.config import preset  # noqa: E402
-from slmkit.models.transformer import Transformer  # noqa: E402
+from slmkit.interop.checkpoint import save_model  # noqa: E402
+from slmkit.models import build_model  # noqa: E402
 
 
 def tokens_per_second(model, loss_fn, batches, steps: int, bf16: bool = False) -> float:
@@ -58,7 +58,7 @@ def main() -> None:
 
     cfg = preset(args.preset, vocab_size=args.vocab_size, max_seq_len=max(args.seq_len, 256))
     torch.manual_seed(0)
-    ours = Transformer(cfg)
+    ours = build_model(cfg)
     ours.init_weights(0)
     import tempfile
 

@@ -3,14 +3,14 @@ import os
 import pytest
 import torch
 
-from slmkit.checkpoint import atomic_directory, load_model, resolve_model_dir, save_model
 from slmkit.config import preset
 from slmkit.errors import UserError
-from slmkit.models.transformer import Transformer
+from slmkit.interop.checkpoint import atomic_directory, load_model, resolve_model_dir, save_model
+from slmkit.models import build_model
 
 
 def tiny(seed=0):
-    model = Transformer(preset("tiny", vocab_size=300, max_seq_len=32))
+    model = build_model(preset("tiny", vocab_size=300, max_seq_len=32))
     model.init_weights(seed)
     return model
 

@@ -12,11 +12,11 @@ def test_presets_span_half_million_to_124m():
 
 
 def test_num_params_matches_module():
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
     for tie in (True, False):
         cfg = preset("tiny", vocab_size=300, tie_embeddings=tie)
-        model = Transformer(cfg)
+        model = build_model(cfg)
         assert cfg.num_params() == sum(p.numel() for p in model.parameters())
 
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from slmkit.checkpoint import load_model, save_model
 from slmkit.config import preset
-from slmkit.models.transformer import Transformer
+from slmkit.interop.checkpoint import load_model, save_model
+from slmkit.models import build_model
 
 
-def make_model(seed: int = 0, **overrides) -> Transformer:
+def make_model(seed: int = 0, **overrides) -> torch.nn.Module:
     cfg = preset("tiny", vocab_size=320, max_seq_len=64, **overrides)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.init_weights(seed)
     # larger weights than the init so attention patterns are sharp and differences would show
     with torch.no_grad():

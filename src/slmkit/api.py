@@ -34,8 +34,8 @@ def load(path: str | Path | LoadedModel, device: str = "cpu", dtype: torch.dtype
     """A model dir or run dir (latest checkpoint) with its tokenizer, ready for inference."""
     if isinstance(path, LoadedModel):
         return path
-    from slmkit.checkpoint import load_model, resolve_model_dir
     from slmkit.data.tokenizer import load_tokenizer
+    from slmkit.interop.checkpoint import load_model, resolve_model_dir
 
     directory = resolve_model_dir(path)
     if not (directory / "tokenizer.json").is_file():

@@ -513,7 +513,7 @@ def export_command(
     ] = None,
 ) -> None:
     """Export MODEL for other runtimes: a Hugging Face directory or one GGUF file (llama.cpp, ollama)."""
-    from slmkit.hf import export_model
+    from slmkit.interop.hf import export_model
 
     written = export_model(model, format, out, dtype)
     size = (

@@ -4,7 +4,7 @@
 GQA, SwiGLU, no biases); a handful of switches (bias flags, norm type, activation, MLP kind, position
 scheme, q/k norm, sliding window, rope scaling) cover the other small-model families (Mistral, Qwen2,
 Qwen3, GPT-2). `family` only names the Hugging Face format the model is saved in (config.json keys and
-weight names, see `slmkit.hf`); the model itself reads only the switches.
+weight names, see `slmkit.interop.hf`); the model itself reads only the switches.
 """
 
 from __future__ import annotations
@@ -240,15 +240,15 @@ class ModelConfig:
         attention = 2 * 2 * self.n_layers * t * self.n_heads * hd
         return 3 * (2 * matmul_params + attention)
 
-    # ---- Hugging Face config.json (per family, see slmkit.hf) -----------------------------------
+    # ---- Hugging Face config.json (per family, see slmkit.interop.hf) -----------------------------------
     def to_hf_dict(self) -> dict[str, Any]:
-        from slmkit.hf import config_to_hf
+        from slmkit.interop.hf import config_to_hf
 
         return config_to_hf(self)
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        from slmkit.hf import config_from_hf
+        from slmkit.interop.hf import config_from_hf
 
         return config_from_hf(d, source)
 

@@ -8,17 +8,17 @@ import pytest
 
 
 def make_model_dir(directory: Path, data_dir: Path, seed: int = 0, **overrides) -> Path:
-    from slmkit.checkpoint import save_model
     from slmkit.config import ModelConfig
     from slmkit.data.shards import load_data_dir
-    from slmkit.models.transformer import Transformer
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.models import build_model
 
     data = load_data_dir(data_dir)
     fields = dict(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_seq_len=64)
     fields["vocab_size"] = data.vocab_size  # a larger vocab_size override pads the vocabulary
     fields.update(overrides)
     config = ModelConfig(bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id, **fields)
-    model = Transformer(config)
+    model = build_model(config)
     model.init_weights(seed=seed)
     # larger than init-scale weights so that blocks matter and rounding errors are visible in the logits
     import torch

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmkit.checkpoint import load_model
 from slmkit.compress.distill import distill, distill_loss
 from slmkit.errors import UserError
+from slmkit.interop.checkpoint import load_model
 from slmkit.train.config import TrainConfig
 
 CFG = TrainConfig(

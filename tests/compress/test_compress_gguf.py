@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from slmkit.checkpoint import load_model
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.errors import UserError
-from slmkit.gguf import export_gguf, gguf_tensors
+from slmkit.interop.checkpoint import load_model
+from slmkit.interop.gguf import export_gguf, gguf_tensors
 from slmkit_testing import run_slm
 
 BLOCK = 32
@@ -84,7 +84,7 @@ def test_float_model_as_block_type(float_model_dir, tmp_path, dtype):
 
 def test_row_length_off_the_block_falls_back_to_f16(make_model, data_dir, tmp_path, caplog):
     directory = make_model(tmp_path / "odd", data_dir, d_ff=48)  # ffn_down rows are 48 long
-    with caplog.at_level(logging.WARNING, logger="slmkit.gguf"):
+    with caplog.at_level(logging.WARNING, logger="slmkit.interop.gguf"):
         path = export_gguf(directory, tmp_path / "m.gguf", "q8_0")
     _, tensors = read(path)
     assert tensors["blk.0.ffn_down.weight"][0] == "F16"

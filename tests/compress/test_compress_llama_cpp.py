@@ -20,7 +20,7 @@ pytest.importorskip("llama_cpp")
 def test_llama_cpp_runs_quantized_gguf(tiny_model_dir, tmp_path, method, dtype, tolerance):
     from slmkit.api import load
     from slmkit.compress.pipeline import compress
-    from slmkit.gguf import export_gguf
+    from slmkit.interop.gguf import export_gguf
 
     source = tiny_model_dir
     if method is not None:

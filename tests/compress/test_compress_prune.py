@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from slmkit.checkpoint import load_model
 from slmkit.compress.modules import LowRankLinear, linear_names
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.errors import UserError
+from slmkit.interop.checkpoint import load_model
 from slmkit_testing import seeded_logits as logits
 
 CALIB = dict(calib_samples=8, calib_seq_len=32)
@@ -64,7 +64,7 @@ def test_two_four_needs_width_divisible_by_four(data_dir, tmp_path, make_model):
 
 def test_structured_drops_dead_channels_and_layers_exactly(data_dir, tmp_path, make_model):
     """Channels whose activation is zero and a block that is the identity are what it removes first."""
-    from slmkit.checkpoint import save_model
+    from slmkit.interop.checkpoint import save_model
 
     src = make_model(tmp_path / "src", data_dir, n_layers=3)
     model = load_model(src)
@@ -115,7 +115,7 @@ def test_lowrank(float_model_dir, tmp_path):
     assert result.after.parameters < result.before.parameters
     assert result.after.size_bytes < result.before.size_bytes
     # weights that are truly rank 8: the factorization finds rank 8 and keeps the function
-    from slmkit.checkpoint import save_model
+    from slmkit.interop.checkpoint import save_model
 
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

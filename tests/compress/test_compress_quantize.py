@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from slmkit.checkpoint import load_model
 from slmkit.compress.modules import Int4Linear, Int8Embedding, Int8Linear, pack_int4, unpack_int4
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_gptq, int4_rtn
 from slmkit.errors import UserError
+from slmkit.interop.checkpoint import load_model
 from slmkit_testing import rel_err
 from slmkit_testing import seeded_logits as logits
 
@@ -192,8 +192,8 @@ def test_int8_kernel_path_matches_default(float_model_dir, tmp_path):
 
 @pytest.mark.parametrize("method", ["int8", "int4", "lowrank"])
 def test_linear_biases_survive_compression(make_model, data_dir, tmp_path, method):
-    from slmkit.checkpoint import save_model
-    from slmkit.gguf import gguf_tensors
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.interop.gguf import gguf_tensors
 
     float_model = load_model(make_model(tmp_path / "m", data_dir, family="qwen2", qkv_bias=True))
     with torch.no_grad():  # large biases: dropping them would move the logits far more than rounding does
@@ -209,9 +209,9 @@ def test_linear_biases_survive_compression(make_model, data_dir, tmp_path, metho
     assert layer.bias is not None and torch.equal(layer.bias.detach(), float_model.layers[1].self_attn.v_proj.bias)
     # the compressed forward adds the bias: it matches a float model holding the dequantized weights and biases
     from slmkit.compress.modules import dense_state_dict
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
-    dense = Transformer(model.config)
+    dense = build_model(model.config)
     dense.load_state_dict(dense_state_dict(model))
     assert rel_err(logits(model), logits(dense.eval())) < 1e-4
     if method == "int8":

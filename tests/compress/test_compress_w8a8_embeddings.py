@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from slmkit.checkpoint import load_model
 from slmkit.compress.modules import Int4Embedding, Int4Linear, Int8Linear, unpack_int4
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_rtn
 from slmkit.errors import UserError
+from slmkit.interop.checkpoint import load_model
 from slmkit_testing import rel_err, run_slm
 from slmkit_testing import seeded_logits as logits
 
@@ -114,13 +114,13 @@ def test_int4_embeddings(odd_vocab_dir, tmp_path, method):
 
 
 def test_int4_tied_head_with_the_kernel(float_model_dir, tmp_path):
-    from slmkit.checkpoint import save_model
-    from slmkit.models.transformer import Transformer
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.models import build_model
 
     small = load_model(float_model_dir)
     vocab = small.config.vocab_size
     rows = (vocab // 16 + 1) * 16  # a multiple of 16 above the vocabulary: the int4 kernel applies
-    padded = Transformer(small.config.replace(vocab_size=rows))
+    padded = build_model(small.config.replace(vocab_size=rows))
     state = small.state_dict()
     extra = torch.randn(rows - vocab, small.config.d_model)
     state["embed_tokens.weight"] = torch.cat([state["embed_tokens.weight"], extra])
@@ -139,7 +139,7 @@ def test_int4_tied_head_with_the_kernel(float_model_dir, tmp_path):
 
 
 def test_int4_embeddings_untied_and_gguf(make_model, data_dir, tmp_path):
-    from slmkit.gguf import export_gguf, gguf_tensors
+    from slmkit.interop.gguf import export_gguf, gguf_tensors
 
     src = make_model(tmp_path / "untied", data_dir, tie_embeddings=False)
     out = tmp_path / "q"

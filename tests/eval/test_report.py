@@ -23,7 +23,7 @@ SMALL = {"prompt_tokens": 8, "new_tokens": 6, "batch_size": 2, "repeats": 1}
 @pytest.fixture(scope="module")
 def second_model(tiny_model_dir, tmp_path_factory) -> Path:
     """A different model of the same shape: the tiny model with its weights perturbed and re-saved."""
-    from slmkit.checkpoint import load_model, save_model
+    from slmkit.interop.checkpoint import load_model, save_model
 
     model = load_model(tiny_model_dir)
     gen = torch.Generator().manual_seed(0)

@@ -20,12 +20,12 @@ def lm(tiny_model_dir):
 @pytest.fixture(scope="session")
 def random_draft_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A 1-layer random model with the target's tokenizer: a poor draft (many rejections)."""
-    from slmkit.checkpoint import save_model
-    from slmkit.models.transformer import Transformer
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.models import build_model
 
     target = ModelConfig.load(tiny_model_dir / "config.json")
     cfg = target.replace(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.init_weights(seed=1)
     out = tmp_path_factory.mktemp("draft") / "draft"
     save_model(model, out, tokenizer_dir=tiny_model_dir)
@@ -35,15 +35,15 @@ def random_draft_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def other_tokenizer_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """A model of the same shape but with a different tokenizer."""
-    from slmkit.checkpoint import save_model
     from slmkit.data.tokenizer import save_tokenizer, train_tokenizer
-    from slmkit.models.transformer import Transformer
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.models import build_model
 
     target = ModelConfig.load(tiny_model_dir / "config.json")
     tok = train_tokenizer(["completely different text " * 20, "zebra yak quokka " * 30], 300)
     root = tmp_path_factory.mktemp("othertok")
     save_tokenizer(tok, root / "tok")
-    model = Transformer(target.replace(n_layers=1))
+    model = build_model(target.replace(n_layers=1))
     model.init_weights(seed=2)
     save_model(model, root / "model", tokenizer_dir=root / "tok")
     return root / "model"

@@ -13,9 +13,9 @@ import pytest
 import torch
 from _interop_models import CASES, VOCAB, make_hf_model
 
-from slmkit.checkpoint import load_model
 from slmkit.errors import UserError
-from slmkit.gguf import export_gguf, gguf_tensors, tensor_types
+from slmkit.interop.checkpoint import load_model
+from slmkit.interop.gguf import export_gguf, gguf_tensors, tensor_types
 
 TOLERANCE = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_0": 0.2}  # x max |w|
 

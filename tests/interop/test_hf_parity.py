@@ -6,8 +6,8 @@ import pytest
 import torch
 from _interop_models import CASES, VOCAB, hf_dirs  # noqa: F401
 
-from slmkit.checkpoint import load_model
 from slmkit.infer.generate import generate_ids
+from slmkit.interop.checkpoint import load_model
 
 
 def load_hf(directory):

@@ -16,8 +16,8 @@ pytest.importorskip("llama_cpp")
 @pytest.mark.parametrize("dtype, tolerance", [("f32", 1e-3), ("q8_0", 0.5)])
 def test_llama_cpp_matches_slmkit(tiny_model_dir, tmp_path, dtype, tolerance):
     from slmkit.api import load
-    from slmkit.gguf import export_gguf
     from slmkit.infer.generate import generate_ids
+    from slmkit.interop.gguf import export_gguf
 
     path = export_gguf(tiny_model_dir, tmp_path / "m.gguf", dtype)
     lm = load(tiny_model_dir)

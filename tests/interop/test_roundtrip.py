@@ -8,9 +8,9 @@ import pytest
 import torch
 from _interop_models import CASES, VOCAB, hf_dirs, make_hf_model, run_cli  # noqa: F401
 
-from slmkit.checkpoint import load_model, save_model
 from slmkit.errors import UserError
-from slmkit.hf import export_model
+from slmkit.interop.checkpoint import load_model, save_model
+from slmkit.interop.hf import export_model
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import torch
 
 from slmkit.config import ModelConfig, preset
 from slmkit.errors import UserError
-from slmkit.models.transformer import Transformer
+from slmkit.models import build_model
 
 FAMILIES = {
     "llama-bias": dict(qkv_bias=True, out_bias=True, mlp_bias=True),
@@ -23,8 +23,8 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def make(case: str, seed: int = 0) -> Transformer:
-    model = Transformer(preset("tiny", vocab_size=300, max_seq_len=64, **FAMILIES[case]))
+def make(case: str, seed: int = 0) -> torch.nn.Module:
+    model = build_model(preset("tiny", vocab_size=300, max_seq_len=64, **FAMILIES[case]))
     model.init_weights(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -101,5 +101,5 @@ def test_default_config_is_unchanged_llama():
         "silu",
     )
     assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
-    names = set(Transformer(cfg).state_dict())
+    names = set(build_model(cfg).state_dict())
     assert "layers.0.self_attn.q_proj.weight" in names and not any(n.endswith(".bias") for n in names)

@@ -12,7 +12,7 @@ def shaken_model_dir(tiny_model_dir, tmp_path_factory):
     import torch
 
     from slmkit.api import load
-    from slmkit.checkpoint import save_model
+    from slmkit.interop.checkpoint import save_model
 
     lm = load(tiny_model_dir, device="cpu")
     g = torch.Generator().manual_seed(0)

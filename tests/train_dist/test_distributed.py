@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from slmkit.checkpoint import load_model
 from slmkit.errors import UserError
+from slmkit.interop.checkpoint import load_model
 from slmkit.train.config import TrainConfig
 from slmkit.train.distributed import resolve_strategy
 from slmkit.train.loop import train

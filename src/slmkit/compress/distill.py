@@ -78,7 +78,7 @@ def _check_options(temperature: float, alpha: float) -> None:
 
 
 def _latest_state(run_dir: Path) -> Path:
-    from slmkit.checkpoint import checkpoint_step, latest_checkpoint
+    from slmkit.interop.checkpoint import checkpoint_step, latest_checkpoint
 
     found = (latest_checkpoint(run_dir), run_dir / "final")
     candidates = [p for p in found if p is not None and (p / STATE_PT).is_file()]
@@ -88,9 +88,9 @@ def _latest_state(run_dir: Path) -> Path:
 
 
 def _build_student(student: str, cfg: TrainConfig, vocab_size: int, eot: int) -> torch.nn.Module:
-    from slmkit.checkpoint import load_model
     from slmkit.config import PRESETS
-    from slmkit.models.transformer import Transformer
+    from slmkit.interop.checkpoint import load_model
+    from slmkit.models import build_model
 
     path = Path(student)
     if path.exists():
@@ -108,7 +108,7 @@ def _build_student(student: str, cfg: TrainConfig, vocab_size: int, eot: int) ->
     config = dataclasses.replace(cfg, preset=student).model_config(vocab_size=vocab_size)
     config = config.replace(bos_token_id=eot, eos_token_id=eot)
     torch.manual_seed(cfg.seed)
-    model = Transformer(config)
+    model = build_model(config)
     model.init_weights(seed=cfg.seed)
     return model
 
@@ -125,10 +125,10 @@ def distill(
     budget_overrides: dict[str, Any] | None = None,
 ) -> DistillResult:
     """Distil `teacher` into `student` (model dir or preset) on `data_dir`, writing a run to `run_dir`."""
-    from slmkit.checkpoint import latest_checkpoint, load_model, resolve_model_dir, save_model
     from slmkit.data.shards import load_data_dir
     from slmkit.data.tokenizer import file_sha256
     from slmkit.eval.perplexity import token_nats
+    from slmkit.interop.checkpoint import latest_checkpoint, load_model, resolve_model_dir, save_model
     from slmkit.train.batches import WindowSampler
     from slmkit.train.budget import Budget
     from slmkit.train.loop import resolve_device, truncate_metrics

@@ -398,12 +398,12 @@ def load_compressed(
     directory: Path, config: Any, state: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype | None
 ) -> nn.Module:
     """Build a model whose compressed layers stay packed, and load `state` (our names) into it."""
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
     spec = read_spec(config)
     assert spec is not None
     with torch.device("meta"):
-        model = Transformer(config)
+        model = build_model(config)
     swap_modules(model, spec, state)
     target_dtype = dtype or torch.float32
     moved = {}

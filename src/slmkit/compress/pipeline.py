@@ -91,7 +91,7 @@ def _write_dir(tmp: Path, source: Path, config: Any, state: dict[str, torch.Tens
     """Model files into tmp: weights (HF names), config.json, generation config, tokenizer."""
     from safetensors.torch import save_file
 
-    from slmkit.checkpoint import WEIGHTS, copy_tokenizer, write_model_files
+    from slmkit.interop.checkpoint import WEIGHTS, copy_tokenizer, write_model_files
 
     if model is not None:
         write_model_files(model, config, tmp, tokenizer_dir=source)
@@ -152,7 +152,7 @@ _PROBE = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
 import safetensors.torch, slmkit.models.transformer, slmkit.compress.modules  # imported before the baseline
-from slmkit.checkpoint import load_model
+from slmkit.interop.checkpoint import load_model
 from slmkit.infer.generate import generate_ids
 def status(key):
     for line in open("/proc/self/status"):
@@ -229,9 +229,9 @@ def compress(
     before/after scores (val split; `eval_windows` evenly spaced windows, all when None). `measure`
     also runs a fresh process per model to record peak memory and decode tokens/s.
     """
-    from slmkit.checkpoint import atomic_directory, load_model, resolve_model_dir
     from slmkit.compress.calibration import calibration_batches
     from slmkit.config import ModelConfig
+    from slmkit.interop.checkpoint import atomic_directory, load_model, resolve_model_dir
 
     options = options or CompressOptions()
     source = resolve_model_dir(model)

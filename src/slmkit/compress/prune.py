@@ -143,7 +143,7 @@ def prune_structured(
     drop_layers: int = 0,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A smaller dense model: fewer heads (or kv groups), FFN channels and layers."""
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
     config = model.config
     if not batches:
@@ -174,7 +174,7 @@ def prune_structured(
         extra=dict(config.extra),
     )
     with torch.device("meta"):
-        small = Transformer(new_config)
+        small = build_model(new_config)
     state: dict[str, torch.Tensor] = {}
     source = model.state_dict()
     for name in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):

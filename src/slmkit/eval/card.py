@@ -212,8 +212,8 @@ def write_card(model: str | Path, report: str | Path | None = None, license: str
     """Write or update MODEL/README.md; returns its path."""
     import yaml
 
-    from slmkit.checkpoint import resolve_model_dir
     from slmkit.eval.report import load_report
+    from slmkit.interop.checkpoint import resolve_model_dir
 
     directory = resolve_model_dir(model)
     entry = _find_entry(load_report(report), directory) if report is not None else None

@@ -4,7 +4,7 @@ attention, SwiGLU), with the few switches of `ModelConfig` that cover Mistral (s
 Each variant is a small module picked by a config field.
 
 Module and parameter names follow Hugging Face `LlamaForCausalLM` (without its `model.` prefix), so a
-Llama-family state dict maps onto theirs by a prefix alone (other families: `slmkit.hf`).
+Llama-family state dict maps onto theirs by a prefix alone (other families: `slmkit.interop.hf`).
 
 Two ways to run it:
 - training / scoring: ``model(idx)`` runs causal attention over the whole sequence (no cache);

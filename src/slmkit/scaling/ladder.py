@@ -102,10 +102,10 @@ def measure_train_throughput(shape: Shape, vocab_size: int, settings: LadderSett
     """Training tokens per second of one size on this machine (a few timed optimizer steps)."""
     import torch
 
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
     cfg = shape.config(vocab_size, settings.seq_len)
-    model = Transformer(cfg)
+    model = build_model(cfg)
     model.init_weights(seed=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, vocab_size, (settings.batch_size, settings.seq_len + 1))
@@ -249,8 +249,8 @@ def _read_results(path: Path) -> dict[str, dict[str, Any]]:
 
 def evaluate_rung(final_dir: Path, data: Any, settings: LadderSettings) -> tuple[float, float, int]:
     """Loss (nats/token) and bits per byte on the same evenly spaced val windows for every rung."""
-    from slmkit.checkpoint import load_model
     from slmkit.eval.perplexity import token_nats
+    from slmkit.interop.checkpoint import load_model
 
     model = load_model(final_dir, device=_device(settings))
     nats, count = token_nats(model, data.val, settings.seq_len, batch_size=16, max_windows=settings.val_windows)
@@ -422,7 +422,7 @@ def _train_rungs(data, out: Path, plan: dict[str, Any], rungs: list[RungPlan], s
                 device=settings.device,
                 threads=settings.threads,
             )
-            from slmkit.checkpoint import WEIGHTS, latest_checkpoint
+            from slmkit.interop.checkpoint import WEIGHTS, latest_checkpoint
 
             final = run_dir / "final"
             reporter.begin(rung)

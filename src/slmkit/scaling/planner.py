@@ -125,10 +125,10 @@ def measure_decode_ms(shape: Shape, vocab_size: int, context: int, new_tokens: i
 
     from slmkit.infer.generate import GenerationStats, generate_ids
     from slmkit.infer.sampling import SamplingParams
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
     cfg = shape.config(vocab_size, max(context, 64))
-    model = Transformer(cfg).eval()
+    model = build_model(cfg).eval()
     prompt = list(range(1, 9))
     new_tokens = min(new_tokens, cfg.max_seq_len - len(prompt))
     best = math.inf

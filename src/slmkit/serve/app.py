@@ -208,7 +208,7 @@ def create_app(
     if isinstance(engine_or_model_path, Engine):
         engine = engine_or_model_path
     else:
-        from slmkit.checkpoint import resolve_model_dir
+        from slmkit.interop.checkpoint import resolve_model_dir
 
         directory = resolve_model_dir(engine_or_model_path)
         engine = Engine.load(directory)

@@ -22,8 +22,8 @@ from typing import Any, Protocol
 
 import torch
 
-from slmkit.checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint, save_model
 from slmkit.errors import UserError
+from slmkit.interop.checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint, save_model
 from slmkit.train import distributed
 from slmkit.train.batches import WindowSampler
 from slmkit.train.budget import Budget
@@ -233,7 +233,7 @@ def _run(
     device: torch.device,
 ) -> TrainResult:
     from slmkit.eval.perplexity import token_nats
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
     reporter = reporter or LogReporter()
     if cfg.threads:
@@ -248,7 +248,7 @@ def _run(
     model_cfg = cfg.model_config(vocab_size=data.vocab_size)
     model_cfg = model_cfg.replace(bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id)
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg)
+    model = build_model(model_cfg)
     model.init_weights(seed=cfg.seed)
     model.to(device)
     saved_state: dict[str, Any] | None = None
@@ -537,7 +537,7 @@ def _latest_resumable(run_dir: Path) -> Path:
 
 def _load_checkpoint(directory: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
     """Load a checkpoint's full weights into the (unwrapped) model; return its trainer state."""
-    from slmkit.checkpoint import from_hf_state_dict, load_state_file
+    from slmkit.interop.checkpoint import from_hf_state_dict, load_state_file
 
     weights = from_hf_state_dict(load_state_file(directory / WEIGHTS))
     if model.config.tie_embeddings:

@@ -1,6 +1,6 @@
 """Model directories: save and load, atomically, in the Hugging Face layout.
 
-A model directory holds `config.json` (shaped as its family's config, see `slmkit.hf`),
+A model directory holds `config.json` (shaped as its family's config, see `slmkit.interop.hf`),
 `model.safetensors` (weights named as transformers names them; above `max_shard_bytes` split into
 `model-0000i-of-0000n.safetensors` shards listed in `model.safetensors.index.json`), `tokenizer.json` +
 `tokenizer_config.json` and `generation_config.json`.
@@ -34,15 +34,15 @@ MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our parameter names -> the family's in transformers (tied head dropped); see `slmkit.hf`."""
-    from slmkit.hf import to_hf_state_dict as _to_hf
+    """Our parameter names -> the family's in transformers (tied head dropped); see `slmkit.interop.hf`."""
+    from slmkit.interop.hf import to_hf_state_dict as _to_hf
 
     return _to_hf(state, config)
 
 
 def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
     """The family's parameter names -> ours (family from config, else told by the names)."""
-    from slmkit.hf import from_hf_state_dict as _from_hf
+    from slmkit.interop.hf import from_hf_state_dict as _from_hf
 
     return _from_hf(state, config)
 
@@ -253,7 +253,7 @@ def load_model(
     The module is built on the meta device and the safetensors weights are assigned to it, so no
     memory is spent on a throwaway random initialisation.
     """
-    from slmkit.models.transformer import Transformer
+    from slmkit.models import build_model
 
     directory = resolve_model_dir(path)
     config = ModelConfig.load(directory / "config.json")
@@ -266,7 +266,7 @@ def load_model(
         model.source_dir = directory  # type: ignore[attr-defined]
         return model
     with torch.device("meta"):
-        model = Transformer(config)
+        model = build_model(config)
     expected = dict(model.state_dict())
     if config.tie_embeddings:
         state.pop("lm_head.weight", None)

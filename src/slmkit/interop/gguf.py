@@ -379,7 +379,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> 
         raise UserError(f"GGUF dtype {dtype!r} is not supported; choose one of: {', '.join(GGUF_DTYPES)}")
     import gguf
 
-    from slmkit.checkpoint import load_model, resolve_model_dir, use_umask
+    from slmkit.interop.checkpoint import load_model, resolve_model_dir, use_umask
 
     directory = resolve_model_dir(model_path)
     tokenizer_path = directory / "tokenizer.json"

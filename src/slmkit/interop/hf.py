@@ -413,12 +413,12 @@ def export_model(model_path: str | Path, fmt: str, out: str | Path, dtype: str |
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"export format {fmt!r} is not supported; choose one of: {', '.join(EXPORT_FORMATS)}")
     if fmt == "gguf":
-        from slmkit.gguf import export_gguf
+        from slmkit.interop.gguf import export_gguf
 
         return export_gguf(model_path, out, dtype or "f16")
     if dtype not in (None, "f32"):
         raise UserError(f"--dtype {dtype} applies to GGUF; Hugging Face export writes float32 weights")
-    from slmkit.checkpoint import load_model, resolve_model_dir, save_model
+    from slmkit.interop.checkpoint import load_model, resolve_model_dir, save_model
 
     directory = resolve_model_dir(model_path)
     model = load_model(directory)
