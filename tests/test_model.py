@@ -46,30 +46,53 @@ def test_cached_decode_equals_full_forward(n_kv_heads):
     idx = torch.randint(0, 320, (2, 20))
     with torch.no_grad():
         full = model(idx)
-        cache = model.new_cache(2, 64)
-        steps = [model(idx[:, :7], cache=cache, cache_pos=torch.arange(7))]
+        state = model.new_state(2, 64)
+        steps = [model(idx[:, :7], state=state, pos=torch.arange(7))]
         for i in range(7, 20):
-            steps.append(model(idx[:, i : i + 1], cache=cache, cache_pos=torch.tensor([i]), upto=i + 1))
+            steps.append(model(idx[:, i : i + 1], state=state, pos=torch.tensor([i]), upto=i + 1))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_left_padded_batch_matches_each_sequence_alone():
+def test_rows_of_different_lengths_prefill_together_like_each_alone():
+    """One prefill over rows of different lengths (per-row positions, the short row's tail is scratch that its
+    later tokens overwrite) gives each row the logits it has alone; nothing is padded on the left."""
     model = make_model()
     a = torch.randint(0, 320, (9,))
     b = torch.randint(0, 320, (4,))
-    pad = 9 - 4
-    batch = torch.stack([a, torch.cat([torch.zeros(pad, dtype=torch.long), b])])
-    key_mask = torch.ones(2, 64, dtype=torch.bool)
-    key_mask[1, :pad] = False
-    positions = torch.stack([torch.arange(9), (torch.arange(9) - pad).clamp(min=0)])
+    batch = torch.stack([a, torch.cat([b, torch.zeros(5, dtype=torch.long)])])
     with torch.no_grad():
-        cache = model.new_cache(2, 64)
-        logits = model(batch, cache=cache, cache_pos=torch.arange(9), positions=positions, key_mask=key_mask)
+        state = model.new_state(2, 64)
+        logits = model(batch, state=state, pos=torch.arange(9)[None].expand(2, 9))
         alone_a = model(a[None])
         alone_b = model(b[None])
     torch.testing.assert_close(logits[0], alone_a[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(logits[1, pad:], alone_b[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1, :4], alone_b[0], atol=1e-4, rtol=1e-4)
     assert torch.isfinite(logits).all()
+
+
+def test_sliding_window_ring_state_bounds_memory_and_decodes_exactly():
+    """A window far shorter than the context gets a ring of window + slack slots whatever max_len is; prefill
+    (longer than the ring), decode steps and a multi-token verification pass all equal the full forward."""
+    from slmkit.models.state import RingKVState
+
+    model = make_model(sliding_window=6, family="mistral")
+    idx = torch.randint(0, 320, (2, 120))
+    with torch.no_grad():
+        full = model(idx)
+        state = model.new_state(2, 1024)
+        ring = state.layer(0)
+        assert isinstance(ring, RingKVState) and ring.k.shape[2] < 64
+        steps = [model(idx[:, :50], state=state, pos=torch.arange(50))]
+        for i in range(50, 80):
+            steps.append(model(idx[:, i : i + 1], state=state, pos=torch.tensor([i])))
+        # a verification pass of 5 tokens, of which 2 are rejected: crop, then feed the true continuation
+        wrong = torch.randint(0, 320, (2, 5))
+        wrong[:, :3] = idx[:, 80:83]
+        steps.append(model(wrong, state=state, pos=torch.arange(80, 85))[:, :3])
+        for row in range(2):
+            state.crop(row, 83)
+        steps.append(model(idx[:, 83:120], state=state, pos=torch.arange(83, 120)))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -80,20 +103,21 @@ def test_per_row_cache_positions_match_each_sequence_alone(window):
     a = torch.randint(0, 320, (11,))
     b = torch.randint(0, 320, (4,))
     with torch.no_grad():
-        cache = model.new_cache(2, 64)
+        state = model.new_state(2, 64)
         # an earlier occupant of row 1 left 11 slots of keys behind
-        model(torch.randint(0, 320, (2, 11)), cache=cache, cache_pos=torch.arange(11))
+        model(torch.randint(0, 320, (2, 11)), state=state, pos=torch.arange(11))
+        state.reset(1, 2)
         # row 0 prefills 11 tokens while row 1 prefills 4: padded to T=11, row 1's extra query slots
         # are scratch slots that its later tokens overwrite
         prompt = torch.stack([a, torch.cat([b, torch.zeros(7, dtype=torch.long)])])
         pos = torch.stack([torch.arange(11), torch.arange(11)])
-        out = model(prompt, cache=cache, cache_pos=pos)
+        out = model(prompt, state=state, pos=pos)
         a_steps, b_steps = [out[0, -1]], [out[1, 3]]
         next_a, next_b = torch.randint(0, 320, (6,)), torch.randint(0, 320, (6,))
         for i in range(6):
             tokens = torch.tensor([[next_a[i]], [next_b[i]]])
             step_pos = torch.tensor([[11 + i], [4 + i]])
-            logits = model(tokens, cache=cache, cache_pos=step_pos, upto=17)
+            logits = model(tokens, state=state, pos=step_pos, upto=17)
             a_steps.append(logits[0, 0])
             b_steps.append(logits[1, 0])
         alone_a = model(torch.cat([a, next_a])[None])[0, 10:]
@@ -102,17 +126,31 @@ def test_per_row_cache_positions_match_each_sequence_alone(window):
     torch.testing.assert_close(torch.stack(b_steps), alone_b, atol=1e-4, rtol=1e-4)
 
 
-def test_cache_rows_are_views_that_decode_like_the_whole_cache():
+def test_state_rows_are_views_that_decode_like_the_whole_state():
     model = make_model()
     idx = torch.randint(0, 320, (3, 6))
     with torch.no_grad():
-        whole = model.new_cache(3, 64)
-        expected = model(idx, cache=whole, cache_pos=torch.arange(6))
-        cache = model.new_cache(3, 64)
-        got = model(idx[1:], cache=cache.rows(1, 3), cache_pos=torch.arange(6))
+        whole = model.new_state(3, 64)
+        expected = model(idx, state=whole, pos=torch.arange(6))
+        state = model.new_state(3, 64)
+        got = model(idx[1:], state=state.rows(1, 3), pos=torch.arange(6))
     torch.testing.assert_close(got, expected[1:])
-    torch.testing.assert_close(cache.k[:, 1:], whole.k[:, 1:])  # written through the view
-    assert cache.k[:, 0].abs().sum() == 0
+    for layer in range(model.config.n_layers):
+        torch.testing.assert_close(state.layer(layer).k[1:], whole.layer(layer).k[1:])  # written through the view
+        assert state.layer(layer).k[0].abs().sum() == 0
+
+
+def test_moved_row_decodes_as_it_did_in_its_old_row():
+    """`move` (the continuous batcher packing rows) carries a sequence's state into another row."""
+    model = make_model(sliding_window=4, family="mistral")
+    idx = torch.randint(0, 320, (2, 60))
+    with torch.no_grad():
+        full = model(idx[1:2])
+        state = model.new_state(2, 256)
+        model(idx[:, :50], state=state, pos=torch.arange(50))
+        state.move(1, 0, 50)
+        got = model(idx[1:2, 50:], state=state.rows(0, 1), pos=torch.arange(50, 60))
+    torch.testing.assert_close(got, full[:, 50:], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -128,6 +128,9 @@ class ModelConfig:
     qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
     sliding_window: int | None = None  # attend to at most this many latest tokens (self included)
     rope_scaling: RopeScaling | None = None
+    # ---- per-layer parts (slmkit.models.registry names them; Hugging Face families use attention) ----
+    mixer: str = "attention"  # the sequence mixer of every layer, unless layer_pattern says otherwise
+    layer_pattern: tuple[str, ...] | None = None  # one mixer name per layer (hybrids: a config, not a class)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -180,6 +183,18 @@ class ModelConfig:
         window = self.sliding_window
         if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window <= 0):
             raise UserError(f"model config: sliding_window must be a positive integer or null, got {window!r}")
+        if not isinstance(self.mixer, str) or not self.mixer:
+            raise UserError(f"model config: mixer must be a name like 'attention', got {self.mixer!r}")
+        if self.layer_pattern is not None:
+            pattern = self.layer_pattern
+            if isinstance(pattern, str) or not all(isinstance(m, str) and m for m in pattern):
+                raise UserError(f"model config: layer_pattern must be a list of mixer names, got {pattern!r}")
+            if len(pattern) != self.n_layers:
+                raise UserError(
+                    f"model config: layer_pattern names {len(pattern)} mixers for {self.n_layers} layers; "
+                    "give one per layer"
+                )
+            self.layer_pattern = tuple(pattern)
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
         if self.rope_scaling is not None and self.positions != "rope":
             raise UserError("model config: rope_scaling needs positions='rope'")
@@ -195,6 +210,10 @@ class ModelConfig:
             raise UserError("model config: family 'qwen3' has one attention_bias flag: set qkv_bias == out_bias")
         if self.family == "gpt2" and (self.n_kv_heads != self.n_heads or self.head_dim not in (None,)):
             raise UserError("model config: family 'gpt2' needs n_kv_heads == n_heads and head_dim = d_model / n_heads")
+
+    def mixer_at(self, layer: int) -> str:
+        """The mixer of layer `layer`."""
+        return self.layer_pattern[layer] if self.layer_pattern is not None else self.mixer
 
     @property
     def dim_per_head(self) -> int:

@@ -39,14 +39,14 @@ def test_num_params_and_cached_decode(case):
     idx = torch.randint(0, 300, (2, 14))
     with torch.no_grad():
         full = model(idx)
-        cache = model.new_cache(2, 32)
-        steps = [model(idx[:, :5], cache=cache, cache_pos=torch.arange(5))]
+        state = model.new_state(2, 32)
+        steps = [model(idx[:, :5], state=state, pos=torch.arange(5))]
         for i in range(5, 14):
-            steps.append(model(idx[:, i : i + 1], cache=cache, cache_pos=torch.tensor([i]), upto=i + 1))
+            steps.append(model(idx[:, i : i + 1], state=state, pos=torch.tensor([i]), upto=i + 1))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
-def test_sliding_window_limits_attention_and_left_padding_is_exact():
+def test_sliding_window_limits_attention_and_rows_of_different_lengths_are_exact():
     model = make("mistral")
     idx = torch.randint(0, 300, (1, 12))
     changed = idx.clone()
@@ -58,17 +58,13 @@ def test_sliding_window_limits_attention_and_left_padding_is_exact():
     torch.testing.assert_close(a[:, 9:], b[:, 9:])
 
     long, short = torch.randint(0, 300, (9,)), torch.randint(0, 300, (4,))
-    pad = 5
-    batch = torch.stack([long, torch.cat([torch.zeros(pad, dtype=torch.long), short])])
-    key_mask = torch.ones(2, 16, dtype=torch.bool)  # (B, S): every cache slot
-    key_mask[1, :pad] = False
-    positions = torch.stack([torch.arange(9), (torch.arange(9) - pad).clamp(min=0)])
+    batch = torch.stack([long, torch.cat([short, torch.zeros(5, dtype=torch.long)])])
     with torch.no_grad():
-        cache = model.new_cache(2, 16)
-        batched = model(batch, cache=cache, cache_pos=torch.arange(9), positions=positions, key_mask=key_mask)
+        state = model.new_state(2, 16)
+        batched = model(batch, state=state, pos=torch.arange(9)[None].expand(2, 9))
         alone_long, alone_short = model(long[None]), model(short[None])
     torch.testing.assert_close(batched[0], alone_long[0], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(batched[1, pad:], alone_short[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched[1, :4], alone_short[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

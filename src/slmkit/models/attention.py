@@ -1,0 +1,170 @@
+"""The attention mixer: grouped-query attention with rotary (or no) positions, q/k norm, a sliding window, and
+its inference state (`KVState`, or a `RingKVState` that bounds a sliding window's memory).
+
+Masks: a query at position q sees key positions in (q - window, q] (window = infinity without one). Training and
+scoring run causal attention over the sequence; with a state, the keys are the state's slots and their positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmkit.config import ModelConfig
+from slmkit.models.state import KVState, RingKVState
+
+# Extra ring slots beyond the window: a call of up to RING_SLACK + 1 tokens (a decode step, a speculative
+# verification) writes before it attends without overwriting a key one of its own queries still needs.
+RING_SLACK = 32
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one fused kernel (about 15% of a CPU training step is norms otherwise); in fp32 as transformers
+        # does, so bf16 runs match fp32 runs closely
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.size(-1),), None, self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """Inverse frequencies (D/2,) with the config's rope scaling; seq_len matters for `dynamic` only."""
+    d, theta, scaling = config.dim_per_head, config.rope_theta, config.rope_scaling
+    if scaling is not None and scaling.type == "dynamic" and seq_len > config.max_seq_len:
+        # NTK-aware: grow the base with the sequence past the trained context (as transformers does)
+        theta = theta * ((scaling.factor * seq_len / config.max_seq_len) - (scaling.factor - 1)) ** (d / (d - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    if scaling is None or scaling.type == "dynamic":
+        return inv_freq
+    if scaling.type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp in between
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_seq_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, theta: float, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer positions (..., T) -> (..., T, D), in the "rotate half" layout."""
+    if inv_freq is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # (..., T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos, sin: (B, 1, T, D) or (1, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class Context:
+    """What every layer of one forward pass shares: token positions, rotary tables, and masks built once."""
+
+    pos: torch.Tensor  # (1, T) shared by every row, or (B, T) per row
+    cos: torch.Tensor | None = None  # (B or 1, 1, T, D)
+    sin: torch.Tensor | None = None
+    upto: int | None = None  # with a state: attend to its slots [0, upto) only (an optimisation)
+    active: torch.Tensor | None = None  # (B,) rows whose state may change (None: all); KV states ignore it
+    masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+
+    @property
+    def per_row(self) -> bool:
+        return self.pos.shape[0] > 1
+
+
+def causal_mask(ctx: Context, key_pos: torch.Tensor | None, n_keys: int, window: int | None) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, S) for queries at ctx.pos over keys at key_pos (B, S), or slots 0..S-1 when
+    key_pos is None; None when every key is visible (one query at the newest slot of a plain cache)."""
+    t = ctx.pos.shape[1]
+    key = ("ring" if key_pos is not None else "kv", n_keys, window)
+    if key in ctx.masks:
+        return ctx.masks[key]
+    query = ctx.pos.unsqueeze(-1)  # (B or 1, T, 1)
+    if key_pos is None:
+        if t == 1 and not ctx.per_row and window is None:
+            mask = None  # one query at the newest slot: every slot in [0, upto) is visible
+        else:
+            slots = torch.arange(n_keys, device=query.device)
+            mask = slots <= query  # (B or 1, T, S)
+            if window is not None:
+                mask = mask & (slots > query - window)
+            mask = mask.unsqueeze(1)
+    else:
+        keys = key_pos.unsqueeze(1)  # (B, 1, S)
+        mask = (keys >= 0) & (keys <= query)
+        if window is not None:
+            mask = mask & (keys > query - window)
+        mask = mask.unsqueeze(1)  # (B, 1, T, S)
+    ctx.masks[key] = mask
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.window = config.sliding_window
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.dim_per_head
+        c, hd = config.d_model, config.dim_per_head
+        self.q_proj = nn.Linear(c, self.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, c, bias=config.out_bias)
+        if config.qk_norm:  # per-head RMSNorm of q and k (Qwen3)
+            self.q_norm = RMSNorm(hd, config.norm_eps)
+            self.k_norm = RMSNorm(hd, config.norm_eps)
+
+    def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+        if self.window is not None and self.window + RING_SLACK < max_len:
+            return RingKVState(batch_size, self.n_kv_heads, self.window, RING_SLACK, self.head_dim, device, dtype)
+        return KVState(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
+
+    def forward(self, x: torch.Tensor, ctx: Context | None, state: KVState | RingKVState | None) -> torch.Tensor:
+        b, t, _ = x.shape  # (B, T, C)
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
+        if ctx is not None and ctx.cos is not None and ctx.sin is not None:  # rotary; learned positions are added
+            q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
+        gqa = self.n_kv_heads != self.n_heads
+        if state is None:  # training / scoring: causal over the sequence
+            if self.window is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            else:
+                causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+                mask = causal & ~torch.ones_like(causal).tril(-self.window)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            assert ctx is not None
+            k, v, key_pos = state.update(ctx.pos, k.to(state.k.dtype), v.to(state.v.dtype), ctx.upto)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # (B, K, S, D)
+            mask = causal_mask(ctx, key_pos, k.shape[2], self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)

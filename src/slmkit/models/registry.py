@@ -1,0 +1,52 @@
+"""Which module each config value builds: mixers (sequence mixing: attention today) and MLPs.
+
+A mixer is a module ``Mixer(config, layer_idx)`` with ``forward(x, ctx, state) -> y`` (x, y: (B, T, C); ctx: the
+pass's `slmkit.models.attention.Context`; state: its own `LayerState` or None when training) and
+``new_state(batch_size, max_len, device, dtype)`` returning its `LayerState` (or None if it keeps nothing). An MLP
+is ``MLP(config)`` with ``forward(x)``. A new part is one module and one `register_*` call; nothing in infer/,
+serve/ or train/ names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from slmkit.errors import UserError
+
+MIXERS: dict[str, Callable[[Any, int], nn.Module]] = {}
+MLPS: dict[str, Callable[[Any], nn.Module]] = {}
+
+
+def register_mixer(name: str, factory: Callable[[Any, int], nn.Module]) -> None:
+    MIXERS[name] = factory
+
+
+def register_mlp(name: str, factory: Callable[[Any], nn.Module]) -> None:
+    MLPS[name] = factory
+
+
+def build_mixer(name: str, config: Any, layer_idx: int) -> nn.Module:
+    if name not in MIXERS:
+        raise UserError(f"model config: unknown mixer {name!r} at layer {layer_idx} (registered: {', '.join(MIXERS)})")
+    return MIXERS[name](config, layer_idx)
+
+
+def build_mlp(name: str, config: Any) -> nn.Module:
+    if name not in MLPS:
+        raise UserError(f"model config: unknown mlp {name!r} (registered: {', '.join(MLPS)})")
+    return MLPS[name](config)
+
+
+def _register_builtins() -> None:
+    from slmkit.models.attention import Attention
+    from slmkit.models.mlp import MLP, PlainMLP
+
+    register_mixer("attention", Attention)
+    register_mlp("gated", MLP)
+    register_mlp("plain", PlainMLP)
+
+
+_register_builtins()

@@ -1,0 +1,219 @@
+"""Per-layer inference state: what a mixer keeps between forward passes, behind one Protocol.
+
+A model's state is one `LayerState` per layer (`ModelState`), made by ``model.new_state(batch, max_len)``;
+each mixer builds, reads and writes only its own. Rows are sequences: the decode core admits a sequence into a
+row (`reset`), moves the last row into a freed one so running rows stay packed (`move`), and takes back
+rejected speculative tokens (`crop`). Nothing outside `slmkit.models` knows what a state holds.
+
+Kinds:
+- `KVState`: keys and values at one slot per position (slot = position), attended over slots ``<= query``;
+  stale slots past a row's length are never visible, so reset and crop cost nothing.
+- `RingKVState`: a sliding-window cache that really bounds memory: ``window + slack`` slots reused modulo,
+  each slot tagged with the position it holds (-1 when empty). The slack keeps the keys that earlier queries of
+  one multi-token call (a verification pass, a prefill chunk) still need while later tokens are written.
+- recurrent states (state-space, linear attention) implement the same Protocol: `crop` restores the state after
+  ``length`` tokens, which such a mixer keeps per token of its latest call (speculation rewinds within it).
+
+All states are `nn.Module`s with their tensors as buffers, so ``torch.compile`` treats them as static
+addresses (CUDA graphs) and ``.to(device)`` moves them.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class LayerState(Protocol):
+    """One layer's inference state over ``batch_size`` rows."""
+
+    @property
+    def batch_size(self) -> int: ...
+
+    def reset(self, start: int, stop: int) -> None:
+        """Forget rows [start, stop): a new sequence starts there at position 0."""
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Make row dst hold what row src holds after its first `length` tokens (row src is then free)."""
+
+    def crop(self, row: int, length: int) -> None:
+        """Keep only the first `length` tokens of row `row` (speculative tokens past it were rejected)."""
+
+    def rows(self, start: int, stop: int) -> LayerState:
+        """Rows [start, stop) as a state of their own; writes land in this state (views)."""
+
+
+class KVState(nn.Module):
+    """Keys and values (B, K, S, D), slot = position; queries see slots up to their own position."""
+
+    kind = "kv"
+
+    def __init__(
+        self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, device=None, dtype=torch.float32
+    ) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self, start: int, stop: int) -> None:
+        pass  # a new row writes slot p before any query at p reads it; later stale slots stay masked
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.k[dst, :, :length] = self.k[src, :, :length]
+        self.v[dst, :, :length] = self.v[src, :, :length]
+
+    def crop(self, row: int, length: int) -> None:
+        pass  # slots from `length` on are masked until rewritten
+
+    def rows(self, start: int, stop: int) -> KVState:
+        view = KVState.__new__(KVState)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        return view
+
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write k, v (B, K, T, D) at positions pos (T,) or (1, T), or per row (B, T); return the keys and values to attend
+        over, slots [0, upto), and None for their positions (slot index = position)."""
+        if pos.dim() == 2 and pos.shape[0] == 1:
+            pos = pos[0]  # one set of positions for every row
+        if pos.dim() == 1:
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+        else:  # each row writes its own slots (rows at different lengths)
+            rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)  # (B, 1)
+            self.k.transpose(1, 2)[rows, pos] = k.transpose(1, 2)  # (B, T, K, D) into (B, S, K, D)
+            self.v.transpose(1, 2)[rows, pos] = v.transpose(1, 2)
+        if upto is None:
+            return self.k, self.v, None
+        return self.k[:, :, :upto], self.v[:, :, :upto], None
+
+
+class RingKVState(nn.Module):
+    """A sliding-window cache of ``window + slack`` slots; slot ``p % size`` holds position p."""
+
+    kind = "ring"
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        window: int,
+        slack: int,
+        head_dim: int,
+        device=None,
+        dtype=torch.float32,
+    ) -> None:
+        super().__init__()
+        self.window, self.slack = window, slack
+        size = window + slack
+        shape = (batch_size, n_kv_heads, size, head_dim)
+        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        # the position each slot holds; -1: empty (never visible)
+        self.register_buffer("slot_pos", torch.full((batch_size, size), -1, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+    def reset(self, start: int, stop: int) -> None:
+        self.slot_pos[start:stop] = -1
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.k[dst] = self.k[src]
+        self.v[dst] = self.v[src]
+        self.slot_pos[dst] = self.slot_pos[src]
+
+    def crop(self, row: int, length: int) -> None:
+        # rejected positions must not be seen (nor seen twice once rewritten); the slack guarantees the positions
+        # they overwrote were older than any later query's window
+        self.slot_pos[row].masked_fill_(self.slot_pos[row] >= length, -1)
+
+    def rows(self, start: int, stop: int) -> RingKVState:
+        view = RingKVState.__new__(RingKVState)
+        nn.Module.__init__(view)
+        view.window, view.slack = self.window, self.slack
+        view.register_buffer("k", self.k[start:stop], persistent=False)
+        view.register_buffer("v", self.v[start:stop], persistent=False)
+        view.register_buffer("slot_pos", self.slot_pos[start:stop], persistent=False)
+        return view
+
+    def update(
+        self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, D) for positions pos (T,) or (B, T); return keys, values and their positions
+        (B, S') to attend over. A call of up to slack + 1 tokens writes first and attends over the ring; a longer
+        one (a prefill) attends over the ring followed by its own tokens, then keeps the newest `size` of them."""
+        b, _, t, _ = k.shape
+        pos = pos.expand(b, t) if pos.dim() == 2 else pos.unsqueeze(0).expand(b, t)  # (B, T)
+        size = self.size
+        if t <= self.slack + 1:
+            self._write(pos, k, v)
+            return self.k, self.v, self.slot_pos
+        keys = torch.cat((self.k, k), dim=2)  # (B, K, S + T, D)
+        values = torch.cat((self.v, v), dim=2)
+        key_pos = torch.cat((self.slot_pos, pos), dim=1)  # (B, S + T)
+        self._write(pos[:, -size:], k[:, :, -size:], v[:, :, -size:])
+        return keys, values, key_pos
+
+    def _write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        slots = pos % self.size  # (B, T), distinct within a row since T <= size
+        rows = torch.arange(k.shape[0], device=k.device).unsqueeze(1)
+        self.k.transpose(1, 2)[rows, slots] = k.transpose(1, 2)
+        self.v.transpose(1, 2)[rows, slots] = v.transpose(1, 2)
+        self.slot_pos[rows, slots] = pos
+
+
+class ModelState(nn.Module):
+    """A model's inference state: one entry per layer (None for a layer that keeps nothing)."""
+
+    def __init__(self, layers: list[nn.Module | None], batch_size: int, max_len: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(s if s is not None else nn.Identity() for s in layers)
+        self._batch_size, self.max_len = batch_size, max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    def layer(self, i: int) -> LayerState | None:
+        state = self.layers[i]
+        return None if isinstance(state, nn.Identity) else state  # type: ignore[return-value]
+
+    def _each(self) -> list[LayerState]:
+        return [s for s in self.layers if not isinstance(s, nn.Identity)]  # type: ignore[misc]
+
+    def reset(self, start: int, stop: int) -> None:
+        for s in self._each():
+            s.reset(start, stop)
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for s in self._each():
+            s.move(src, dst, length)
+
+    def crop(self, row: int, length: int) -> None:
+        for s in self._each():
+            s.crop(row, length)
+
+    def rows(self, start: int, stop: int) -> ModelState:
+        views = [s.rows(start, stop) if not isinstance(s, nn.Identity) else None for s in self.layers]
+        return ModelState(views, stop - start, self.max_len)  # type: ignore[arg-type]
