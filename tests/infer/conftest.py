@@ -52,7 +52,7 @@ def other_tokenizer_dir(tmp_path_factory, tiny_model_dir) -> Path:
 class ScriptedModel(torch.nn.Module):
     """A stand-in model whose next token is script[position]: logits put all mass on that token.
 
-    It has the Transformer's forward/new_cache interface, so the engine runs on it unchanged; tests use it to
+    It has the Transformer's forward/new_state interface, so the engine runs on it unchanged; tests use it to
     force byte sequences (split UTF-8 characters) that a real tiny model would rarely produce.
     """
 
@@ -63,14 +63,14 @@ class ScriptedModel(torch.nn.Module):
         self.prompt_len = prompt_len
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def new_cache(self, batch_size, max_slots=None, dtype=None):
-        from slmkit.models.transformer import KVCache
+    def new_state(self, batch_size, max_len=None, dtype=None):
+        from slmkit.models.state import ModelState
 
-        return KVCache(self.config, batch_size, max_slots)
+        return ModelState([], batch_size, max_len or self.config.max_seq_len)  # it keeps nothing between calls
 
-    def forward(self, idx, *, cache=None, cache_pos=None, positions=None, key_mask=None, upto=None, last_only=False):
+    def forward(self, idx, *, state=None, pos=None, active=None, upto=None, last_only=False):
         b, t = idx.shape
-        pos = positions if positions is not None else cache_pos[None, :].expand(b, t)
+        pos = pos.expand(b, t) if pos.dim() == 2 else pos[None, :].expand(b, t)
         logits = torch.full((b, t, self.config.vocab_size), -10.0)
         for i in range(b):
             for j in range(t):

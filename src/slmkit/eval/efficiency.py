@@ -80,25 +80,13 @@ def _prompt_ids(tokenizer: Any, length: int) -> list[int]:
 
 
 def _time_batch_decode(model: Any, prompt: list[int], batch_size: int, new_tokens: int) -> float:
-    """Decode tokens/s for `batch_size` greedy sequences sharing one static cache (simple batched forward)."""
-    import torch
+    """Decode tokens/s for `batch_size` greedy sequences decoded together by the decode core (what the engine and
+    the server run), prefill excluded."""
+    from slmkit.infer.core import decode_greedy
 
-    device = next(model.parameters()).device
-    total = len(prompt) + new_tokens
-    cache = model.new_cache(batch_size, max_slots=total)
-    idx = torch.tensor([prompt] * batch_size, device=device)
-    with torch.inference_mode():
-        logits = model(idx, cache=cache, cache_pos=torch.arange(len(prompt), device=device), last_only=True)
-        token = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
-        _sync(device)
-        start = time.perf_counter()
-        for pos in range(len(prompt), total - 1):
-            cache_pos = torch.tensor([pos], device=device)
-            token = model(token, cache=cache, cache_pos=cache_pos, upto=pos + 1)[:, -1].argmax(-1, keepdim=True)
-        _sync(device)
-        seconds = time.perf_counter() - start
-    steps = total - 1 - len(prompt)
-    return batch_size * steps / seconds if seconds > 0 else 0.0
+    _, stats = decode_greedy(model, [list(prompt)] * batch_size, new_tokens)
+    steps = new_tokens - 1  # the first token of each row comes from prefill
+    return batch_size * steps / stats.decode_seconds if stats.decode_seconds > 0 else 0.0
 
 
 def _sync(device: Any) -> None:

@@ -7,12 +7,12 @@
         for out in batcher.step():     # at most one new token per running sequence
             print(out.seq is seq, out.text, out.finished)
 
-One static KV cache of ``max_batch`` rows holds the running sequences, one row each. The running rows are kept
-packed at the front of the cache (rows ``0 .. n-1``): when a sequence leaves, the last row's keys and values move
-into its place, so every forward pass runs over exactly the ``n`` running rows (a view of the cache), never over
-idle ones. Rows hold sequences at different lengths: a decode step feeds every row its own token at its own slot
-(per-row cache positions), and each row attends only to its own slots up to its query, so stale keys a previous
-occupant left beyond that are never seen.
+The batcher is a queue in front of the one decode core (`slmkit.infer.core.DecodeCore`): one model state of
+``max_batch`` rows holds the running sequences, one row each, packed at the front (when a sequence leaves, the
+last row's state moves into its place), so every eager forward pass runs over exactly the running rows. Rows hold
+sequences at different lengths: a decode step feeds every row its own token at its own position. With
+``compile=True`` (the default on CUDA) the decode step is compiled over all ``max_batch`` rows (CUDA graphs on a
+GPU, the C++ wrapper on a CPU).
 
 Each :meth:`ContinuousBatcher.step`:
 
@@ -33,94 +33,35 @@ at different steps).
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from slmkit.errors import UserError
-from slmkit.infer.engine import _TextStream, _Threads, finish_reason, single_threaded
-from slmkit.infer.sampling import SamplingParams, apply_penalties, penalty_state, sample
+from slmkit.infer.core import (
+    MAX_TOP_LOGPROBS,
+    DecodeCore,
+    GenerationRequest,
+    GenerationSequence,
+    StepOutput,
+    TokenLogprob,
+    check_request,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_TOP_LOGPROBS = 20
-
-
-@dataclass(eq=False)
-class GenerationRequest:
-    """One sequence to generate. ``constraint``: a grammar from `slmkit.infer.constrained.compile_constraint`."""
-
-    prompt_ids: list[int]
-    max_new_tokens: int = 128
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: Sequence[str] = ()
-    constraint: Any = None
-    logprobs: bool = False  # log p(token) of every chosen token (raw logits, before sampling settings)
-    top_logprobs: int = 0  # and the k most likely tokens at each step (needs logprobs)
-    tag: Any = None  # the caller's, untouched (the server keeps its job here)
-
-
-@dataclass
-class TokenLogprob:
-    token: int
-    logprob: float
-    top: list[tuple[int, float]]  # (token, logprob), most likely first; empty unless top_logprobs > 0
-
-
-@dataclass
-class StepOutput:
-    """What one step did for one sequence: a new token (None when the sequence ended on EOS) and its text."""
-
-    seq: GenerationSequence
-    token: int | None
-    text: str  # new text (may be empty: held back to not split a character or a stop string)
-    logprob: TokenLogprob | None
-    finished: bool
-
-
-class GenerationSequence:
-    """A submitted request's state: its output so far and, once finished, its finish reason."""
-
-    def __init__(self, request: GenerationRequest, tokenizer: Any, device: torch.device, vocab_size: int) -> None:
-        self.request = request
-        self.prompt = list(request.prompt_ids)
-        self.out: list[int] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.finished = False
-        self.finish_reason: str | None = None  # "stop", "length" or "cancelled"
-        self.text = _TextStream(tokenizer, list(request.stop))
-        self.grammar = None
-        if request.constraint is not None:
-            from slmkit.infer.constrained import GrammarState
-
-            self.grammar = GrammarState(request.constraint, vocab_size)
-        self.generator: torch.Generator | None = None
-        if request.sampling.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(request.sampling.seed)
-        self.counts: torch.Tensor | None = None  # (1, V) output token counts, with penalties only
-        self.seen: torch.Tensor | None = None  # (1, V) tokens in prompt or output, with penalties only
-        # place in the cache
-        self.row = -1
-        self.prefilled = 0  # prompt tokens in the cache
-        self.length = 0  # slots filled in the cache row
-        self.pending: int | None = None  # the last sampled token, fed at slot `length` by the next decode step
-        self.submitted_at = time.perf_counter()
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def output_text(self) -> str:
-        """The text so far (cut before a stop string)."""
-        return self.text.emitted
-
-    def __repr__(self) -> str:
-        return f"GenerationSequence(row={self.row}, prompt={len(self.prompt)}, out={len(self.out)})"
+__all__ = [
+    "MAX_TOP_LOGPROBS",
+    "BatcherStats",
+    "ContinuousBatcher",
+    "GenerationRequest",
+    "GenerationSequence",
+    "StepOutput",
+    "TokenLogprob",
+]
 
 
 @dataclass
@@ -134,7 +75,7 @@ class BatcherStats:
 
 
 class ContinuousBatcher:
-    """A slot-based running batch over one static KV cache (see the module docstring). Not thread-safe: one
+    """Requests joining and leaving one running batch (see the module docstring). Not thread-safe: one
     thread (the server's worker) owns it."""
 
     def __init__(
@@ -145,6 +86,7 @@ class ContinuousBatcher:
         max_batch: int = 32,
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
+        compile: bool | None = None,
     ) -> None:
         if max_batch < 1:
             raise UserError(f"max batch must be >= 1, got {max_batch}")
@@ -159,46 +101,40 @@ class ContinuousBatcher:
         self.max_seq_len = max_seq_len or context
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
-        param = next(model.parameters())
-        self.device = param.device
-        self.cache = model.new_cache(max_batch, self.max_seq_len)
-        self._views: dict[tuple[int, int], Any] = {}
-        self.rows: list[GenerationSequence] = []  # running sequences; rows[i] lives in cache row i
+        self.device = next(model.parameters()).device
+        if compile is None:  # CUDA graphs pay at once; a CPU compilation costs 15-40 s first (opt in)
+            compile = self.device.type == "cuda"
+        self.core = DecodeCore(
+            model, tokenizer, max_batch=max_batch, max_len=self.max_seq_len, compile=compile,
+            prefill_chunk=prefill_chunk,
+        )  # fmt: skip
         self.waiting: deque[GenerationSequence] = deque()
         self.stats = BatcherStats()
-        # small models step on one CPU thread, as the engine's decode steps do (see SINGLE_THREAD_PARAMS)
-        self._threads = _Threads(1 if single_threaded(model) else None)
+
+    @property
+    def rows(self) -> list[GenerationSequence]:
+        """The running sequences; rows[i] lives in state row i."""
+        return self.core.rows
 
     # ---- queue ------------------------------------------------------------------------------------------
     @property
     def free_rows(self) -> int:
-        return self.max_batch - len(self.rows)
+        return self.core.free_rows
 
     @property
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.core.rows or self.waiting)
 
     def submit(self, request: GenerationRequest) -> GenerationSequence:
         """Queue a request; it joins the running batch at the next step with a free row."""
         self.check(request)
-        seq = GenerationSequence(request, self.tokenizer, self.device, self.config.vocab_size)
+        seq = self.core.new_sequence(request)
         self.waiting.append(seq)
         return seq
 
     def check(self, request: GenerationRequest) -> None:
-        """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within the cache."""
-        n = len(request.prompt_ids)
-        if n == 0:
-            raise UserError("the prompt is empty: give at least one token")
-        if request.max_new_tokens < 1:
-            raise UserError(f"max new tokens must be >= 1, got {request.max_new_tokens}")
-        if n + request.max_new_tokens > self.max_seq_len:
-            raise UserError(
-                f"prompt ({n} tokens) + max new tokens ({request.max_new_tokens}) exceeds the context of "
-                f"{self.max_seq_len} tokens"
-            )
-        if not (0 <= request.top_logprobs <= MAX_TOP_LOGPROBS):
-            raise UserError(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.top_logprobs}")
+        """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within the state."""
+        check_request(request, self.max_seq_len)
 
     def cancel(self, seq: GenerationSequence) -> None:
         """Stop a sequence (waiting or running); its row is freed at once."""
@@ -210,7 +146,7 @@ class ContinuousBatcher:
                 self.waiting.remove(seq)
             except ValueError:
                 pass
-        self._release()
+        self.core.release()
 
     def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationSequence]:
         """Generate every request to the end (more requests than rows wait for free rows)."""
@@ -224,156 +160,16 @@ class ContinuousBatcher:
     def step(self) -> list[StepOutput]:
         """Admit, prefill (one chunk budget), one decode step, sample; returns what each sequence got."""
         self.stats.steps += 1
-        self.stats.step_batch_size = 0
-        while self.waiting and len(self.rows) < self.max_batch:
-            seq = self.waiting.popleft()
-            seq.row = len(self.rows)
-            seq.prefilled = seq.length = 0
-            self.rows.append(seq)
-        ready: list[tuple[GenerationSequence, torch.Tensor]] = []  # logits (V,) to sample from, per sequence
-        with self._threads:
-            self._prefill(ready)
-            self._decode(ready)
-        outputs = self._choose(ready) if ready else []
-        self._release()
+        core = self.core
+        while self.waiting and core.free_rows:
+            core.admit(self.waiting.popleft())
+        before = core.stats.decode_forwards
+        prefill_tokens = core.stats.prefill_tokens
+        outputs = core.step()
+        decoded = core.stats.decode_forwards > before
+        self.stats.decode_forwards = core.stats.decode_forwards
+        self.stats.prefill_tokens += core.stats.prefill_tokens - prefill_tokens
+        self.stats.new_tokens = core.stats.new_tokens
+        self.stats.step_batch_size = core.stats.last_batch_size if decoded else 0
+        self.stats.last_batch_size = core.stats.last_batch_size
         return outputs
-
-    def _view(self, start: int, stop: int) -> Any:
-        """The cache rows [start, stop) as a cache of their own (views, so writes land in the big cache)."""
-        key = (start, stop)
-        if key not in self._views:
-            self._views[key] = self.cache.rows(start, stop)
-        return self._views[key]
-
-    def _prefill(self, ready: list[tuple[GenerationSequence, torch.Tensor]]) -> None:
-        budget = self.prefill_chunk
-        for seq in self.rows:  # rows are in admission order except after a move; close enough to FIFO
-            remaining = len(seq.prompt) - seq.prefilled
-            if remaining == 0 or seq.finished:
-                continue
-            if budget <= 0:
-                break
-            take = min(remaining, budget)
-            start = seq.prefilled
-            tokens = torch.tensor([seq.prompt[start : start + take]], device=self.device)  # (1, T)
-            logits = self.model(
-                tokens,
-                cache=self._view(seq.row, seq.row + 1),
-                cache_pos=torch.arange(start, start + take, device=self.device),
-                upto=start + take,
-                last_only=True,
-            )  # (1, 1, V)
-            budget -= take
-            seq.prefilled = seq.length = start + take
-            self.stats.prefill_tokens += take
-            if seq.prefilled == len(seq.prompt):
-                ready.append((seq, logits[0, -1]))
-
-    def _decode(self, ready: list[tuple[GenerationSequence, torch.Tensor]]) -> None:
-        decoding = [s for s in self.rows if s.pending is not None and not s.finished]
-        if not decoding:
-            return
-        n = len(self.rows)
-        # a row without a token (still prefilling, or just prefilled) feeds a placeholder at its next free slot:
-        # its own next write overwrites it, and no other row can see it
-        tokens = [s.pending if s.pending is not None else 0 for s in self.rows]
-        slots = [s.length for s in self.rows]
-        logits = self.model(
-            torch.tensor(tokens, device=self.device)[:, None],  # (n, 1)
-            cache=self._view(0, n),
-            cache_pos=torch.tensor(slots, device=self.device)[:, None],  # (n, 1): each row's own slot
-            upto=max(slots) + 1,
-        )[:, -1]  # (n, V)
-        self.stats.decode_forwards += 1
-        self.stats.last_batch_size = self.stats.step_batch_size = len(decoding)
-        for seq in decoding:
-            seq.length += 1
-            seq.pending = None
-            ready.append((seq, logits[seq.row]))
-
-    def _choose(self, ready: list[tuple[GenerationSequence, torch.Tensor]]) -> list[StepOutput]:
-        """Next token per ready sequence: penalties, grammar mask, then each row's own sampling."""
-        seqs = [s for s, _ in ready]
-        raw = torch.stack([row for _, row in ready]).float()  # (R, V)
-        scores = raw.clone()
-        for i, seq in enumerate(seqs):
-            params = seq.request.sampling
-            if params.has_penalties:
-                if seq.counts is None:
-                    seq.counts, seq.seen = penalty_state([seq.prompt], self.config.vocab_size, self.device)
-                scores[i : i + 1] = apply_penalties(raw[i : i + 1], params, seq.counts, seq.seen)
-            if seq.grammar is not None:
-                seq.grammar.mask_(scores[i])
-        tokens = scores.argmax(-1)  # greedy rows; sampled rows are overwritten below
-        groups: dict[SamplingParams, list[int]] = {}
-        for i, seq in enumerate(seqs):
-            params = seq.request.sampling
-            if params.greedy:
-                continue
-            if seq.generator is not None:  # its own random stream: sampled alone, as it would be alone
-                tokens[i] = sample(scores[i : i + 1], params, seq.generator)[0]
-            else:
-                groups.setdefault(params, []).append(i)
-        for params, idx in groups.items():
-            index = torch.tensor(idx, device=self.device)
-            tokens[index] = sample(scores[index], params, None)
-        want = [i for i, s in enumerate(seqs) if s.request.logprobs]
-        chosen_lp: list[float] = []
-        top_ids: list[list[int]] = []
-        top_lp: list[list[float]] = []
-        if want:
-            index = torch.tensor(want, device=self.device)
-            logprobs = raw[index].log_softmax(-1)  # (W, V)
-            chosen_lp = logprobs.gather(-1, tokens[index][:, None])[:, 0].tolist()
-            k = max(seqs[i].request.top_logprobs for i in want)
-            if k:
-                top = logprobs.topk(min(k, logprobs.size(-1)), dim=-1)
-                top_ids, top_lp = top.indices.tolist(), top.values.tolist()
-        token_list = tokens.tolist()
-        outputs = []
-        lp_at = {i: j for j, i in enumerate(want)}
-        for i, seq in enumerate(seqs):
-            logprob = None
-            if i in lp_at:
-                j = lp_at[i]
-                k = seq.request.top_logprobs
-                top = list(zip(top_ids[j][:k], top_lp[j][:k], strict=True)) if k else []
-                logprob = TokenLogprob(token_list[i], chosen_lp[j], top)
-            outputs.append(self._emit(seq, token_list[i], logprob))
-        return outputs
-
-    def _emit(self, seq: GenerationSequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
-        """Append a chosen token to a sequence and decide whether it is finished (as `Engine._emit` does)."""
-        if seq.grammar is not None:
-            seq.grammar.accept(token)
-        if token == self.config.eos_token_id:
-            seq.finished, seq.finish_reason = True, "stop"
-            return StepOutput(seq, None, seq.text.flush(), None, True)
-        seq.out.append(token)
-        self.stats.new_tokens += 1
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-        if seq.counts is not None and seq.seen is not None:
-            seq.counts[0, token] += 1
-            seq.seen[0, token] = True
-        text = seq.text.push(token)
-        reason = finish_reason(seq.text, seq.grammar, len(seq.out), seq.request.max_new_tokens)
-        if reason is not None:
-            seq.finished, seq.finish_reason = True, reason
-            text += seq.text.flush()
-        else:
-            seq.pending = token
-        return StepOutput(seq, token, text, logprob, seq.finished)
-
-    def _release(self) -> None:
-        """Free the rows of finished sequences, moving the last rows into the holes (rows stay packed)."""
-        done = sorted((s for s in self.rows if s.finished), key=lambda s: s.row, reverse=True)
-        for seq in done:
-            last = self.rows.pop()
-            if last is not seq:
-                n = last.length
-                self.cache.k[:, seq.row, :, :n] = self.cache.k[:, last.row, :, :n]
-                self.cache.v[:, seq.row, :, :n] = self.cache.v[:, last.row, :, :n]
-                last.row = seq.row
-                self.rows[seq.row] = last
-            seq.row = -1

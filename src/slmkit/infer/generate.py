@@ -1,20 +1,21 @@
-"""A deliberately minimal batch-1 decoder: one prefill step, then one decode step per token over a KV cache.
+"""Batch-1 generation in a few lines, over the one decode core (`slmkit.infer.core.DecodeCore`).
 
-It is the reference the engine is tested against (and what the quickstart, the efficiency probe and the
-planner use for a quick greedy continuation): no batching, padding, speculation or compilation, so there is
-little in it to get wrong. For anything else use `slmkit.infer.engine.Engine`.
+What the quickstart, the task evaluator, the lm-eval adapter, the efficiency probes and the planner use for a
+quick continuation: the same prefill, decode step, single-thread policy and stop rules as the engine and the
+server, without the engine's options. For batches, speculation, constraints or compilation use
+`slmkit.infer.engine.Engine`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from slmkit.errors import UserError
-from slmkit.infer.sampling import SamplingParams, sample
+from slmkit.infer.core import DecodeCore, GenerationRequest, TextStream
+from slmkit.infer.sampling import SamplingParams
 
 
 @dataclass
@@ -33,7 +34,6 @@ class GenerationStats:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-@torch.inference_mode()
 def generate_ids(
     model: torch.nn.Module,
     prompt_ids: list[int],
@@ -57,37 +57,36 @@ def generate_ids(
             f"exceeds the model's context of {config.max_seq_len} tokens; shorten the prompt or "
             "lower --max-new-tokens"
         )
-    device = next(model.parameters()).device
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(sampling.seed)
     stats.prompt_tokens = len(prompt_ids)
     if max_new_tokens == 0:
         stats.stop_reason = "length"
         return
-    cache = model.new_cache(1, max_slots=total)
-    start = time.perf_counter()
-    idx = torch.tensor([prompt_ids], device=device)
-    pos = torch.arange(len(prompt_ids), device=device)
-    logits = model(idx, cache=cache, cache_pos=pos, last_only=True)[:, -1]
-    stats.prefill_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    position = len(prompt_ids)
-    for i in range(max_new_tokens):
-        token = int(sample(logits, sampling, generator)[0])
-        if stop_ids and token in stop_ids:
+    yield from _decode(model, prompt_ids, max_new_tokens, sampling, stop_ids or set(), stats)
+
+
+def _decode(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_ids: set[int],
+    stats: GenerationStats,
+) -> Iterator[int]:
+    core = DecodeCore(model, None, max_batch=1, max_len=len(prompt_ids) + max_new_tokens)
+    # the caller's stop ids decide the end, so EOS is an ordinary token to the core
+    seq = core.admit(GenerationRequest(list(prompt_ids), max_new_tokens, sampling, detokenize=False, ignore_eos=True))
+    while not seq.finished:
+        with torch.inference_mode():
+            [out] = core.step()
+        stats.prefill_seconds, stats.decode_seconds = core.stats.prefill_seconds, core.stats.decode_seconds
+        assert out.token is not None
+        if out.token in stop_ids:
             stats.stop_reason = "stop"
-            break
+            return
         stats.new_tokens += 1
-        stats.token_ids.append(token)
-        yield token
-        if i == max_new_tokens - 1:
-            stats.stop_reason = "length"
-            break
-        cur = torch.tensor([[token]], device=device)
-        logits = model(cur, cache=cache, cache_pos=torch.tensor([position], device=device), upto=position + 1)[:, -1]
-        position += 1
-    stats.decode_seconds = time.perf_counter() - start
+        stats.token_ids.append(out.token)
+        yield out.token
+    stats.stop_reason = "length"
 
 
 def stream_text(
@@ -101,55 +100,27 @@ def stream_text(
 ) -> Iterator[str]:
     """Yield text deltas of the continuation of `prompt`.
 
-    A delta never ends inside a UTF-8 character (byte-level BPE tokens can split one): text is held back
-    while its decoding ends in U+FFFD. Generation ends at the EOS token, a stop string (not included), or
-    `max_new_tokens`.
+    A delta never ends inside a UTF-8 character (byte-level BPE tokens can split one) nor inside what may be the
+    start of a stop string. Generation ends at the EOS token, a stop string (not included), or `max_new_tokens`.
     """
     if not prompt:
         raise UserError("empty prompt: give some text with --prompt")
     prompt_ids = tokenizer.encode(prompt).ids
     eos = model.config.eos_token_id
-    stop = [s for s in (stop or []) if s]
-    ids: list[int] = []
-    emitted = ""
+    text = TextStream(tokenizer, stop or [])
     for token in generate_ids(
         model, prompt_ids, max_new_tokens, sampling, stop_ids={eos} if eos is not None else None, stats=stats
     ):
-        ids.append(token)
-        text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):
-            continue
-        cut = _first_stop(text, stop)
-        if cut is not None:
-            if cut > len(emitted):
-                yield text[len(emitted) : cut]
+        delta = text.push(token)
+        if delta:
+            yield delta
+        if text.stopped:
             if stats is not None:
                 stats.stop_reason = "stop"
             return
-        # hold back a tail that could be the start of a stop string
-        safe = len(text) - _partial_stop_len(text, stop)
-        if safe > len(emitted):
-            yield text[len(emitted) : safe]
-            emitted = text[:safe]
-    text = tokenizer.decode(ids)
-    if len(text) > len(emitted):
-        yield text[len(emitted) :]
-
-
-def _first_stop(text: str, stop: list[str]) -> int | None:
-    hits = [i for s in stop if (i := text.find(s)) >= 0]
-    return min(hits) if hits else None
-
-
-def _partial_stop_len(text: str, stop: list[str]) -> int:
-    """Length of the longest suffix of text that is a proper prefix of some stop string."""
-    best = 0
-    for s in stop:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
+    tail = text.flush()
+    if tail:
+        yield tail
 
 
 def generate(

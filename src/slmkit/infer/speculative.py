@@ -42,18 +42,20 @@ def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int =
 
 
 class DraftModel:
-    """A small model that drafts tokens over its own cache, kept in step with the accepted text."""
+    """A small model that drafts tokens over its own state, kept in step with the accepted text."""
 
-    def __init__(self, model: torch.nn.Module, max_slots: int, sampling: SamplingParams) -> None:
+    def __init__(self, model: torch.nn.Module, max_len: int, sampling: SamplingParams) -> None:
         self.model = model
-        self.cache = model.new_cache(1, max_slots)
+        self.state = model.new_state(1, max_len)
         self.sampling = sampling
         self.device = next(model.parameters()).device
-        self.pos = 0  # the draft cache holds valid keys/values for tokens[:pos]
+        self.pos = 0  # the draft state holds tokens[:pos]
 
     def rewind(self, pos: int) -> None:
-        """Forget slots from `pos` on (they held rejected tokens); later writes overwrite them."""
-        self.pos = min(self.pos, pos)
+        """Forget positions from `pos` on (they held rejected tokens)."""
+        if pos < self.pos:
+            self.state.crop(0, pos)
+            self.pos = pos
 
     def propose(
         self,
@@ -67,7 +69,7 @@ class DraftModel:
         n = len(tokens)
         feed = torch.tensor([tokens[self.pos : n]], device=self.device)
         pos = torch.arange(self.pos, n, device=self.device)
-        logits = self.model(feed, cache=self.cache, cache_pos=pos, upto=n, last_only=True)[:, -1]
+        logits = self.model(feed, state=self.state, pos=pos, upto=n, last_only=True)[:, -1]
         self.pos = n
         counts = counts.clone() if counts is not None else None
         seen = seen.clone() if seen is not None else None
@@ -88,7 +90,7 @@ class DraftModel:
             if i < k - 1:
                 cur = torch.tensor([[token]], device=self.device)
                 slot = torch.tensor([self.pos], device=self.device)
-                logits = self.model(cur, cache=self.cache, cache_pos=slot, upto=self.pos + 1)[:, -1]
+                logits = self.model(cur, state=self.state, pos=slot, upto=self.pos + 1)[:, -1]
                 self.pos += 1
         return draft, torch.stack(probs) if probs else None
 

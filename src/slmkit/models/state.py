@@ -87,8 +87,8 @@ class KVState(nn.Module):
     def update(
         self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, upto: int | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Write k, v (B, K, T, D) at positions pos (T,) or (1, T), or per row (B, T); return the keys and values to attend
-        over, slots [0, upto), and None for their positions (slot index = position)."""
+        """Write k, v (B, K, T, D) at positions pos (T,) or (1, T), or per row (B, T); return the keys and values
+        to attend over, slots [0, upto), and None for their positions (slot index = position)."""
         if pos.dim() == 2 and pos.shape[0] == 1:
             pos = pos[0]  # one set of positions for every row
         if pos.dim() == 1:

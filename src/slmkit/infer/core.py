@@ -1,0 +1,602 @@
+"""The one decode core: rows of a model state, each holding one sequence; prefill, step, choose, emit.
+
+Everything that generates text runs through `DecodeCore`: the engine (static batches, compilation, speculation),
+the continuous batcher (and so the server), the efficiency probes, the planner's latency and the model card. So
+the numbers users read are the code they run.
+
+    core = DecodeCore(model, tokenizer, max_batch=8, max_len=256)
+    seq = core.admit(GenerationRequest(prompt_ids, max_new_tokens=32))
+    while core.rows:
+        outputs = core.choose(core.prefill() + core.decode())   # StepOutput per sequence that got a token
+        core.release()
+
+Rows hold sequences at different lengths and never padding: a prefill feeds a row's prompt at positions
+0..n-1, a decode step feeds every row its own token at its own position, and each mixer keeps its own state for
+its rows (`slmkit.models.state`). Running rows stay packed at the front (a freed row takes the last row's state),
+so a step runs over exactly the running rows. A row that has no token to feed this step (still prefilling) gets a
+placeholder at its next position and is marked inactive: attention overwrites that slot later, and a recurrent
+state keeps what it had.
+
+With ``compile=True`` the decode step runs through ``torch.compile`` over the whole state (fixed shapes): CUDA
+graphs on CUDA, inductor's C++ kernels with its C++ wrapper on a CPU. A compilation that fails is logged and
+the step runs eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from slmkit.errors import UserError
+from slmkit.infer.sampling import SamplingParams, apply_penalties, penalty_state, sample
+
+logger = logging.getLogger(__name__)
+
+MAX_TOP_LOGPROBS = 20
+# Below this many parameters, decode steps on a CPU run on one intra-op thread. A small model's step is a few
+# hundred tiny kernels: a second thread gains little, and when the OS has lent that core to another process,
+# every parallel region waits for it (measured on a loaded 2-core machine: a micro step went from 0.9 ms to
+# 18 ms with two threads; a 64-token prefill from 9 ms to 470 ms). Longer prefills, and larger models'
+# matrix-vector products, keep every thread.
+SINGLE_THREAD_PARAMS = 20_000_000
+SINGLE_THREAD_PREFILL_TOKENS = 512  # and prefills of up to this many tokens (batch x prompt) of such models
+
+
+class Threads:
+    """Context: torch's intra-op threads set to n for the block (None: unchanged)."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n, self.saved = n, 0
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.n is not None:
+            torch.set_num_threads(self.saved)
+
+
+def single_threaded(model: torch.nn.Module) -> bool:
+    """Whether the model's decode-sized steps run on one intra-op thread (see SINGLE_THREAD_PARAMS)."""
+    device = next(model.parameters()).device
+    return device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SINGLE_THREAD_PARAMS
+
+
+# ---- text ----------------------------------------------------------------------------------------------------
+def first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the earliest stop string in text, or None."""
+    hits = [i for s in stop if (i := text.find(s)) >= 0]
+    return min(hits) if hits else None
+
+
+def partial_stop_len(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    best = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class TextStream:
+    """Turns one sequence's tokens into text deltas that never split a UTF-8 character or a stop string."""
+
+    def __init__(self, tokenizer: Any, stop: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add a token; return the new safe text (``stopped`` turns True at a stop string)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for its other bytes
+            return ""
+        cut = first_stop(text, self.stop)
+        if cut is not None:
+            self.stopped = True
+            delta = text[len(self.emitted) : cut] if cut > len(self.emitted) else ""
+            self.emitted = text[:cut]
+            return delta
+        safe = len(text) - partial_stop_len(text, self.stop)
+        if safe > len(self.emitted):
+            delta = text[len(self.emitted) : safe]
+            self.emitted = text[:safe]
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        if self.stopped:
+            return ""
+        text = self.tokenizer.decode(self.ids)
+        delta = text[len(self.emitted) :] if len(text) > len(self.emitted) else ""
+        self.emitted = text
+        return delta
+
+
+def finish_reason(text: TextStream | None, grammar: Any, new_tokens: int, max_new_tokens: int) -> str | None:
+    """Why a sequence ends after its latest (non-EOS) token: "stop" at a stop string or a finished grammar,
+    "length" at max_new_tokens; None while it goes on."""
+    if (text is not None and text.stopped) or (grammar is not None and grammar.terminated):
+        return "stop"
+    return "length" if new_tokens >= max_new_tokens else None
+
+
+# ---- requests and sequences ------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class GenerationRequest:
+    """One sequence to generate. ``constraint``: a grammar from `slmkit.infer.constrained.compile_constraint`."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: Sequence[str] = ()
+    constraint: Any = None
+    logprobs: bool = False  # log p(token) of every chosen token (raw logits, before sampling settings)
+    top_logprobs: int = 0  # and the k most likely tokens at each step (needs logprobs)
+    tag: Any = None  # the caller's, untouched (the server keeps its job here)
+    detokenize: bool = True  # text deltas per token (off: only token ids, as a batch without stop strings needs)
+    ignore_eos: bool = False  # EOS is a token like any other (timing probes: every row runs max_new_tokens)
+
+
+@dataclass
+class TokenLogprob:
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, logprob), most likely first; empty unless top_logprobs > 0
+
+
+@dataclass
+class StepOutput:
+    """What one step did for one sequence: a new token (None when the sequence ended on EOS) and its text."""
+
+    seq: GenerationSequence
+    token: int | None
+    text: str  # new text (may be empty: held back to not split a character or a stop string)
+    logprob: TokenLogprob | None
+    finished: bool
+
+
+class GenerationSequence:
+    """A request's state: its output so far, its place in the state and, once finished, its finish reason."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Any, device: torch.device, vocab_size: int) -> None:
+        self.request = request
+        self.prompt = list(request.prompt_ids)
+        self.out: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.finished = False
+        self.finish_reason: str | None = None  # "stop", "length" or "cancelled"
+        needs_text = request.detokenize or bool(request.stop)
+        self.text = TextStream(tokenizer, list(request.stop)) if needs_text and tokenizer is not None else None
+        self.grammar = None
+        if request.constraint is not None:
+            from slmkit.infer.constrained import GrammarState
+
+            self.grammar = GrammarState(request.constraint, vocab_size)
+        self.generator: torch.Generator | None = None
+        if request.sampling.seed is not None:
+            self.generator = torch.Generator(device=device).manual_seed(request.sampling.seed)
+        self.counts: torch.Tensor | None = None  # (1, V) output token counts, with penalties only
+        self.seen: torch.Tensor | None = None  # (1, V) tokens in prompt or output, with penalties only
+        self.row = -1
+        self.prefilled = 0  # prompt tokens in the state
+        self.length = 0  # positions fed into the state's row
+        self.pending: int | None = None  # the last sampled token, fed at position `length` by the next step
+        self.submitted_at = time.perf_counter()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def output_text(self) -> str:
+        """The text so far (cut before a stop string)."""
+        return self.text.emitted if self.text is not None else ""
+
+    def __repr__(self) -> str:
+        return f"GenerationSequence(row={self.row}, prompt={len(self.prompt)}, out={len(self.out)})"
+
+
+@dataclass
+class CoreStats:
+    """What the core did. prefill_seconds: prefill forward passes; decode_seconds: wall time of the steps that
+    decoded, past their prefill (forward, choosing and emitting); compile_seconds: first calls of a compiled step."""
+
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_forwards: int = 0
+    decode_seconds: float = 0.0
+    compile_seconds: float = 0.0
+    new_tokens: int = 0
+    last_batch_size: int = 0  # sequences in the last decode step
+
+
+# ---- the compiled step ------------------------------------------------------------------------------------------
+class StaticStep(torch.nn.Module):
+    """Model + its state as one module, so torch.compile sees the state's tensors as static buffers."""
+
+    def __init__(self, model: torch.nn.Module, state: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.state = model, state
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        # every row, every slot (masked): the same shapes at every step
+        return self.model(tokens, state=self.state, pos=pos, active=active)[:, -1]
+
+
+class CompiledStep:
+    """Calls the compiled step; its first call compiles (timed: `take_compile_seconds`) and, if compilation
+    fails (before the state is touched), logs it and falls back to the eager step for good."""
+
+    def __init__(self, step: StaticStep, device: torch.device) -> None:
+        import torch._dynamo.config as dynamo_config
+
+        # every batch size (and every engine) compiles the same code again; the default limit of 8 would then
+        # turn into a hard error under fullgraph=True
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+        if device.type == "cuda":
+            fn = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        else:  # the Python wrapper's per-kernel overhead is most of a small model's step
+            fn = torch.compile(step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        self.step, self.fn, self.checked, self.compile_seconds = step, fn, False, 0.0
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        if self.checked:
+            return self.fn(*args)
+        start = time.perf_counter()
+        try:
+            out = self.fn(*args)
+        except Exception as exc:
+            logger.warning(
+                "torch.compile of the decode step failed (%s: %s); decoding eagerly", type(exc).__name__, exc
+            )
+            self.fn = self.step
+            out = self.step(*args)
+        self.compile_seconds = time.perf_counter() - start
+        self.checked = True
+        return out
+
+    def take_compile_seconds(self) -> float:
+        """Seconds the first call took (compiling), once; 0 afterwards."""
+        seconds, self.compile_seconds = self.compile_seconds, 0.0
+        return seconds
+
+
+Ready = list[tuple[list[GenerationSequence], torch.Tensor]]  # sequences and their logits (R, V) to choose from
+
+
+class DecodeCore:
+    """Rows of one model state (see the module docstring). Not thread-safe: one thread owns it."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        max_batch: int,
+        max_len: int,
+        compile: bool = False,
+        prefill_chunk: int | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch, self.max_len = max_batch, max_len
+        self.prefill_chunk = prefill_chunk
+        param = next(model.parameters())
+        self.device = param.device
+        self.state = model.new_state(max_batch, max_len, dtype=dtype)
+        self.rows: list[GenerationSequence] = []  # running sequences; rows[i] lives in state row i
+        self.stats = CoreStats()
+        self._views: dict[tuple[int, int], Any] = {}
+        self._single_thread = single_threaded(model)
+        self.step_threads = Threads(1 if self._single_thread else None)
+        self._step: CompiledStep | None = None
+        if compile:
+            self._step = CompiledStep(StaticStep(model, self.state), self.device)
+        # positions 0..max_len as a device tensor made once: each step's positions are views of it
+        self._positions = torch.arange(max_len + 1, device=self.device)
+
+    @property
+    def compiled(self) -> bool:
+        return self._step is not None
+
+    def prefill_threads(self, tokens: int) -> Threads:
+        """Short prefills of small models are decode-like (see SINGLE_THREAD_PARAMS); long ones use every thread."""
+        return Threads(1 if self._single_thread and tokens <= SINGLE_THREAD_PREFILL_TOKENS else None)
+
+    # ---- rows ----------------------------------------------------------------------------------------------
+    @property
+    def free_rows(self) -> int:
+        return self.max_batch - len(self.rows)
+
+    def new_sequence(self, request: GenerationRequest) -> GenerationSequence:
+        return GenerationSequence(request, self.tokenizer, self.device, self.config.vocab_size)
+
+    def admit(self, seq: GenerationSequence | GenerationRequest) -> GenerationSequence:
+        """Put a sequence into the next free row (its prompt is fed by the next `prefill`)."""
+        if isinstance(seq, GenerationRequest):
+            seq = self.new_sequence(seq)
+        if not self.free_rows:
+            raise RuntimeError("no free row")
+        seq.row = len(self.rows)
+        seq.prefilled = seq.length = 0
+        seq.pending = None
+        self.state.reset(seq.row, seq.row + 1)
+        self.rows.append(seq)
+        return seq
+
+    def view(self, start: int, stop: int) -> Any:
+        """State rows [start, stop) as a state of their own (views, so writes land in the whole state)."""
+        key = (start, stop)
+        if key not in self._views:
+            self._views[key] = self.state.rows(start, stop)
+        return self._views[key]
+
+    def release(self) -> None:
+        """Free the rows of finished sequences, moving the last rows into the holes (rows stay packed)."""
+        done = sorted((s for s in self.rows if s.finished), key=lambda s: s.row, reverse=True)
+        for seq in done:
+            last = self.rows.pop()
+            if last is not seq:
+                self.state.move(last.row, seq.row, last.length)
+                last.row = seq.row
+                self.rows[seq.row] = last
+            seq.row = -1
+
+    # ---- forward passes --------------------------------------------------------------------------------------
+    def prefill(self) -> Ready:
+        """Feed prompt tokens, at most `prefill_chunk` in all (None: every prompt whole); sequences whose prompt
+        is then complete get logits to choose their first token from. Consecutive rows at the same stage of the
+        same prompt length prefill in one batched pass."""
+        ready: Ready = []
+        budget = self.prefill_chunk
+        pending = [s for s in self.rows if not s.finished and s.prefilled < len(s.prompt)]
+        i = 0
+        while i < len(pending) and (budget is None or budget > 0):
+            seq = pending[i]
+            start, remaining = seq.prefilled, len(seq.prompt) - seq.prefilled
+            take = remaining if budget is None else min(remaining, budget)
+            group = [seq]
+            while (
+                i + len(group) < len(pending)
+                and pending[i + len(group)].row == seq.row + len(group)
+                and pending[i + len(group)].prefilled == start
+                and len(pending[i + len(group)].prompt) == len(seq.prompt)
+                and (budget is None or (len(group) + 1) * take <= budget)
+            ):
+                group.append(pending[i + len(group)])
+            i += len(group)
+            tokens = torch.tensor([s.prompt[start : start + take] for s in group], device=self.device)  # (G, T)
+            begin = time.perf_counter()
+            with self.prefill_threads(len(group) * take):
+                logits = self.model(
+                    tokens,
+                    state=self.view(seq.row, seq.row + len(group)),
+                    pos=self._positions[start : start + take],
+                    upto=start + take,
+                    last_only=True,
+                )[:, -1]  # (G, V)
+            self.stats.prefill_seconds += time.perf_counter() - begin
+            self.stats.prefill_tokens += len(group) * take
+            if budget is not None:
+                budget -= len(group) * take
+            for s in group:
+                s.prefilled = s.length = start + take
+            if start + take == len(seq.prompt):
+                ready.append((group, logits))
+        return ready
+
+    def decode(self) -> Ready:
+        """One step over the running rows: every row with a sampled token feeds it at its own position."""
+        rows = self.rows
+        decoding = [s for s in rows if s.pending is not None and not s.finished]
+        if not decoding:
+            return []
+        if self._step is not None:
+            logits = self._compiled_decode()
+            self.stats.compile_seconds += self._step.take_compile_seconds()
+        else:
+            logits = self._eager_decode(len(decoding) == len(rows))
+        self.stats.decode_forwards += 1
+        self.stats.last_batch_size = len(decoding)
+        for seq in decoding:
+            seq.length += 1
+            seq.pending = None
+        if len(decoding) == len(rows):
+            return [(decoding, logits[: len(rows)])]
+        index = torch.tensor([s.row for s in decoding], device=self.device)
+        return [(decoding, logits[index])]
+
+    def _eager_decode(self, all_active: bool) -> torch.Tensor:
+        rows = self.rows
+        n = len(rows)
+        # a row without a token (still prefilling) feeds a placeholder at its next position, marked inactive
+        tokens = torch.tensor([[s.pending if s.pending is not None else 0] for s in rows], device=self.device)
+        lengths = [s.length for s in rows]
+        same = all(x == lengths[0] for x in lengths)
+        if same:  # one position for every row: no per-row mask at all
+            pos = self._positions[lengths[0] : lengths[0] + 1]
+        else:
+            pos = torch.tensor(lengths, device=self.device)[:, None]  # (n, 1)
+        active = None if all_active else torch.tensor([s.pending is not None for s in rows], device=self.device)
+        with self.step_threads:
+            return self.model(tokens, state=self.view(0, n), pos=pos, active=active, upto=max(lengths) + 1)[:, -1]
+
+    def _compiled_decode(self) -> torch.Tensor:
+        """Every row of the state (idle ones feed a placeholder, inactive), so the compiled graph never changes."""
+        assert self._step is not None
+        b = self.max_batch
+        tokens, pos, active = [0] * b, [0] * b, [False] * b
+        for seq in self.rows:
+            tokens[seq.row] = seq.pending if seq.pending is not None else 0
+            pos[seq.row] = seq.length
+            active[seq.row] = seq.pending is not None
+        t = torch.tensor(tokens, device=self.device)[:, None]
+        p = torch.tensor(pos, device=self.device)[:, None]
+        a = torch.tensor(active, device=self.device)
+        with self.step_threads:
+            return self._step(t, p, a)
+
+    def forward_row(self, seq: GenerationSequence, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` to one row at its next positions (a speculative verification pass); logits (T, V)."""
+        n = len(tokens)
+        feed = torch.tensor([tokens], device=self.device)
+        with self.step_threads:  # a few tokens: still a decode-sized step
+            logits = self.model(
+                feed,
+                state=self.view(seq.row, seq.row + 1),
+                pos=self._positions[seq.length : seq.length + n],
+                upto=seq.length + n,
+            )[0]
+        seq.length += n
+        return logits
+
+    def crop(self, seq: GenerationSequence, length: int) -> None:
+        """Take back a row's positions from `length` on (rejected speculative tokens)."""
+        self.state.crop(seq.row, length)
+        seq.length = min(seq.length, length)
+
+    # ---- choosing and emitting ----------------------------------------------------------------------------------
+    def choose(self, ready: Ready) -> list[StepOutput]:
+        """Next token per ready sequence: penalties, grammar mask, then each sequence's own sampling."""
+        if not ready:
+            return []
+        seqs = [s for group, _ in ready for s in group]
+        raw = ready[0][1] if len(ready) == 1 else torch.cat([logits for _, logits in ready])
+        raw = raw.float()  # (R, V)
+        scores = raw
+        if any(s.request.sampling.has_penalties or s.grammar is not None for s in seqs):
+            scores = raw.clone()
+            for i, seq in enumerate(seqs):
+                params = seq.request.sampling
+                if params.has_penalties:
+                    if seq.counts is None:
+                        seq.counts, seq.seen = penalty_state([seq.prompt], self.config.vocab_size, self.device)
+                    scores[i : i + 1] = apply_penalties(raw[i : i + 1], params, seq.counts, seq.seen)
+                if seq.grammar is not None:
+                    seq.grammar.mask_(scores[i])
+        tokens = self._sample(seqs, scores)
+        want = [i for i, s in enumerate(seqs) if s.request.logprobs]
+        logprobs: dict[int, TokenLogprob] = {}
+        if want:
+            index = torch.tensor(want, device=self.device)
+            log_probs = raw[index].log_softmax(-1)  # (W, V)
+            chosen = log_probs.gather(-1, tokens[index][:, None])[:, 0].tolist()
+            k = max(seqs[i].request.top_logprobs for i in want)
+            top_ids: list[list[int]] = []
+            top_lp: list[list[float]] = []
+            if k:
+                top = log_probs.topk(min(k, log_probs.size(-1)), dim=-1)
+                top_ids, top_lp = top.indices.tolist(), top.values.tolist()
+            token_list = tokens[index].tolist()
+            for j, i in enumerate(want):
+                kk = seqs[i].request.top_logprobs
+                pairs = list(zip(top_ids[j][:kk], top_lp[j][:kk], strict=True)) if kk else []
+                logprobs[i] = TokenLogprob(token_list[j], chosen[j], pairs)
+        chosen_tokens = tokens.tolist()
+        return [self.emit(seq, chosen_tokens[i], logprobs.get(i)) for i, seq in enumerate(seqs)]
+
+    def _sample(self, seqs: list[GenerationSequence], scores: torch.Tensor) -> torch.Tensor:
+        if all(s.request.sampling.greedy for s in seqs):
+            return scores.argmax(-1)
+        tokens = scores.argmax(-1)  # greedy rows; sampled rows are overwritten below
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            params = seq.request.sampling
+            if params.greedy:
+                continue
+            if seq.generator is not None:  # its own random stream: sampled alone, as it would be alone
+                tokens[i] = sample(scores[i : i + 1], params, seq.generator)[0]
+            else:
+                groups.setdefault(params, []).append(i)
+        for params, idx in groups.items():
+            index = torch.tensor(idx, device=self.device)
+            tokens[index] = sample(scores[index], params, None)
+        return tokens
+
+    def emit(self, seq: GenerationSequence, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        """Append a chosen token to a sequence and decide whether it is finished (EOS, stop string, grammar, length)."""
+        if seq.grammar is not None:
+            seq.grammar.accept(token)
+        if token == self.config.eos_token_id and not seq.request.ignore_eos:
+            seq.finished, seq.finish_reason = True, "stop"
+            return StepOutput(seq, None, seq.text.flush() if seq.text is not None else "", None, True)
+        seq.out.append(token)
+        self.stats.new_tokens += 1
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.counts is not None and seq.seen is not None:
+            seq.counts[0, token] += 1
+            seq.seen[0, token] = True
+        text = seq.text.push(token) if seq.text is not None else ""
+        reason = finish_reason(seq.text, seq.grammar, len(seq.out), seq.request.max_new_tokens)
+        if reason is not None:
+            seq.finished, seq.finish_reason = True, reason
+            text += seq.text.flush() if seq.text is not None else ""
+        else:
+            seq.pending = token
+        return StepOutput(seq, token, text, logprob, seq.finished)
+
+    def step(self) -> list[StepOutput]:
+        """Prefill (one chunk budget), one decode step, choose and emit; finished rows are released."""
+        begin = time.perf_counter()
+        prefill_before, compile_before = self.stats.prefill_seconds, self.stats.compile_seconds
+        ready = self.prefill()
+        decoded = self.decode()
+        outputs = self.choose(ready + decoded)
+        self.release()
+        if decoded:  # the step's wall time past prefill and compilation: forward, choosing and emitting
+            spent = time.perf_counter() - begin
+            spent -= self.stats.prefill_seconds - prefill_before + self.stats.compile_seconds - compile_before
+            self.stats.decode_seconds += spent
+        return outputs
+
+
+def check_request(request: GenerationRequest, max_len: int) -> None:
+    """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within `max_len`."""
+    n = len(request.prompt_ids)
+    if n == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    if request.max_new_tokens < 1:
+        raise UserError(f"max new tokens must be >= 1, got {request.max_new_tokens}")
+    if n + request.max_new_tokens > max_len:
+        raise UserError(
+            f"prompt ({n} tokens) + max new tokens ({request.max_new_tokens}) exceeds the context of {max_len} tokens"
+        )
+    if not (0 <= request.top_logprobs <= MAX_TOP_LOGPROBS):
+        raise UserError(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {request.top_logprobs}")
+
+
+def decode_greedy(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    compile: bool = False,
+    ignore_eos: bool = True,
+) -> tuple[list[list[int]], CoreStats]:
+    """Greedy continuations of `prompts` as one batch through the core (the efficiency probes time this: by
+    default EOS does not end a row, so every row runs `max_new_tokens` steps)."""
+    requests = [GenerationRequest(p, max_new_tokens, detokenize=False, ignore_eos=ignore_eos) for p in prompts]
+    core = DecodeCore(
+        model, None, max_batch=len(prompts), max_len=max(len(p) for p in prompts) + max_new_tokens, compile=compile
+    )
+    seqs = [core.admit(r) for r in requests]
+    with torch.inference_mode():
+        while core.rows:
+            core.step()
+    return [s.out for s in seqs], core.stats
