@@ -122,8 +122,7 @@ class Transformer(nn.Module):
             else:  # a lookup in a table of every position (fewer kernels per decode step)
                 cos_table, sin_table = self.rope_table(max(t, state.max_len if state is not None else 0), idx.device)
                 cos, sin = cos_table[positions], sin_table[positions]
-            x_dtype = self.embed_tokens.weight.dtype
-            ctx.cos, ctx.sin = cos.unsqueeze(1).to(x_dtype), sin.unsqueeze(1).to(x_dtype)  # (B or 1, 1, T, D)
+            ctx.cos, ctx.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B or 1, 1, T, D)
 
         x = self.embed_tokens(idx)  # (B, T, C)
         if cfg.positions == "learned":
