@@ -12,7 +12,8 @@ Kinds:
   each slot tagged with the position it holds (-1 when empty). The slack keeps the keys that earlier queries of
   one multi-token call (a verification pass, a prefill chunk) still need while later tokens are written.
 - recurrent states (state-space, linear attention) implement the same Protocol: `crop` restores the state after
-  ``length`` tokens, which such a mixer keeps per token of its latest call (speculation rewinds within it).
+  ``length`` tokens, so such a mixer keeps its state after each of its latest few positions (a speculative round
+  rewinds at most k + 1 of them); `reset` zeroes a row; rows marked inactive in a pass must keep their state.
 
 All states are `nn.Module`s with their tensors as buffers, so ``torch.compile`` treats them as static
 addresses (CUDA graphs) and ``.to(device)`` moves them.
@@ -40,7 +41,8 @@ class LayerState(Protocol):
         """Make row dst hold what row src holds after its first `length` tokens (row src is then free)."""
 
     def crop(self, row: int, length: int) -> None:
-        """Keep only the first `length` tokens of row `row` (speculative tokens past it were rejected)."""
+        """Keep only the first `length` tokens of row `row` (speculative tokens past it were rejected); a recurrent
+        state may go back only a bounded number of positions, at least a speculative round (33)."""
 
     def rows(self, start: int, stop: int) -> LayerState:
         """Rows [start, stop) as a state of their own; writes land in this state (views)."""
