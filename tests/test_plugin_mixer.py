@@ -189,3 +189,20 @@ def test_the_server_serves_it(toy):
     assert r.status_code == 200, r.text
     expected = plain_greedy(model, tokenizer.encode(PROMPTS[0]).ids, 8)
     assert r.json()["choices"][0]["text"] == tokenizer.decode(expected)
+
+
+def test_batcher_lookup_speculation_equals_the_plain_loop(toy):
+    """Every row drafts from its own text and all drafts are verified in one pass; rows join and leave."""
+    model, tokenizer = toy
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=3, prefill_chunk=4, speculate="lookup", speculate_k=4)
+    lengths = [20, 9, 25, 14]
+    requests = [GenerationRequest(tokenizer.encode(p).ids, n) for p, n in zip(PROMPTS, lengths, strict=True)]
+    seqs = [batcher.submit(r) for r in requests[:2]]
+    for _ in range(6):
+        batcher.step()
+    seqs += [batcher.submit(r) for r in requests[2:]]
+    while batcher.has_work:
+        batcher.step()
+    assert sum(s.drafted for s in seqs) > 0 and sum(s.accepted for s in seqs) < sum(s.drafted for s in seqs)
+    for req, seq in zip(requests, seqs, strict=True):
+        assert seq.out == plain_greedy(model, req.prompt_ids, req.max_new_tokens)

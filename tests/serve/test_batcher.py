@@ -157,3 +157,14 @@ def test_requests_that_do_not_fit_are_user_errors(engine):
         batcher.submit(GenerationRequest([], 10))
     with pytest.raises(UserError, match="max batch"):
         ContinuousBatcher(engine.model, engine.tokenizer, max_batch=0)
+
+
+def test_lookup_speculation_keeps_greedy_output(engine):
+    """Drafts verified in one pass over every row (rows joining as others leave) change no greedy token."""
+    requests = [GenerationRequest(ids(engine, p), 40) for p in PROMPTS]
+    plain = ContinuousBatcher(engine.model, engine.tokenizer, max_batch=2).run(requests)
+    batcher = ContinuousBatcher(engine.model, engine.tokenizer, max_batch=2, speculate="lookup", speculate_k=6)
+    fresh = [GenerationRequest(r.prompt_ids, r.max_new_tokens) for r in requests]
+    spec = batcher.run(fresh)
+    assert sum(s.drafted for s in spec) > 0
+    assert [s.out for s in spec] == [s.out for s in plain]

@@ -12,7 +12,8 @@ The batcher is a queue in front of the one decode core (`slmkit.infer.core.Decod
 last row's state moves into its place), so every eager forward pass runs over exactly the running rows. Rows hold
 sequences at different lengths: a decode step feeds every row its own token at its own position. With
 ``compile=True`` (the default on CUDA) the decode step is compiled over all ``max_batch`` rows (CUDA graphs on a
-GPU, the C++ wrapper on a CPU).
+GPU, the C++ wrapper on a CPU). With ``speculate="lookup"`` every step drafts from each row's own text (prompt
+lookup) and verifies every row's draft in one pass (`DecodeCore.verify`): greedy output is unchanged.
 
 Each :meth:`ContinuousBatcher.step`:
 
@@ -36,7 +37,7 @@ import logging
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -50,6 +51,7 @@ from slmkit.infer.core import (
     TokenLogprob,
     check_request,
 )
+from slmkit.infer.speculative import lookup_draft
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +89,19 @@ class ContinuousBatcher:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         compile: bool | None = None,
+        speculate: Literal["off", "lookup"] = "off",
+        speculate_k: int = 8,
+        min_acceptance: float = 0.3,
     ) -> None:
         if max_batch < 1:
             raise UserError(f"max batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
             raise UserError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
+        if speculate not in ("off", "lookup"):
+            raise UserError(f"the batcher speculates with lookup drafts or not at all (off), got {speculate!r}")
+        if not (1 <= speculate_k <= 32):
+            raise UserError(f"speculate-k must be in [1, 32], got {speculate_k}")
+        self.speculate, self.speculate_k, self.min_acceptance = speculate, speculate_k, min_acceptance
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -165,7 +175,7 @@ class ContinuousBatcher:
             core.admit(self.waiting.popleft())
         before = core.stats.decode_forwards
         prefill_tokens = core.stats.prefill_tokens
-        outputs = core.step()
+        outputs = core.step(self._drafts() if self.speculate == "lookup" else None)
         decoded = core.stats.decode_forwards > before
         self.stats.decode_forwards = core.stats.decode_forwards
         self.stats.prefill_tokens += core.stats.prefill_tokens - prefill_tokens
@@ -173,3 +183,19 @@ class ContinuousBatcher:
         self.stats.step_batch_size = core.stats.last_batch_size if decoded else 0
         self.stats.last_batch_size = core.stats.last_batch_size
         return outputs
+
+    def _drafts(self) -> dict[GenerationSequence, tuple[list[int], None]]:
+        """Prompt-lookup drafts for the rows that can take one: decoding, unconstrained, without top logprobs,
+        room left in the state and the token budget, and acceptance still paying for that sequence."""
+        drafts: dict[GenerationSequence, tuple[list[int], None]] = {}
+        for seq in self.core.rows:
+            request = seq.request
+            if seq.pending is None or seq.finished or request.constraint is not None or request.top_logprobs:
+                continue
+            room = min(request.max_new_tokens - len(seq.out) - 1, self.max_seq_len - 1 - seq.length, self.speculate_k)
+            if room < 1 or not seq.speculation_pays(self.min_acceptance):
+                continue
+            draft = lookup_draft(seq.prompt + seq.out, room)
+            if draft:
+                drafts[seq] = (draft, None)
+        return drafts

@@ -38,6 +38,8 @@ from slmkit.infer.sampling import SamplingParams, apply_penalties, penalty_state
 logger = logging.getLogger(__name__)
 
 MAX_TOP_LOGPROBS = 20
+# speculation is judged after this many drafted tokens: below the minimum acceptance it is turned off for the sequence
+MIN_DRAFTED_TO_JUDGE = 16
 # Below this many parameters, decode steps on a CPU run on one intra-op thread. A small model's step is a few
 # hundred tiny kernels: a second thread gains little, and when the OS has lent that core to another process,
 # every parallel region waits for it (measured on a loaded 2-core machine: a micro step went from 0.9 ms to
@@ -194,11 +196,17 @@ class GenerationSequence:
         self.prefilled = 0  # prompt tokens in the state
         self.length = 0  # positions fed into the state's row
         self.pending: int | None = None  # the last sampled token, fed at position `length` by the next step
+        self.drafted = 0  # speculative tokens proposed for this sequence
+        self.accepted = 0  # and kept by verification
         self.submitted_at = time.perf_counter()
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt)
+
+    def speculation_pays(self, min_acceptance: float) -> bool:
+        """False once enough drafted tokens show that too few survive verification."""
+        return self.drafted < MIN_DRAFTED_TO_JUDGE or self.accepted >= min_acceptance * self.drafted
 
     @property
     def output_text(self) -> str:
@@ -275,6 +283,8 @@ class CompiledStep:
 
 
 Ready = list[tuple[list[GenerationSequence], torch.Tensor]]  # sequences and their logits (R, V) to choose from
+# per sequence: drafted tokens and the draft's distributions (m, V), or None for a point-mass draft
+Drafts = dict[GenerationSequence, tuple[list[int], torch.Tensor | None]]
 
 
 class DecodeCore:
@@ -413,6 +423,7 @@ class DecodeCore:
             logits = self._eager_decode(len(decoding) == len(rows))
         self.stats.decode_forwards += 1
         self.stats.last_batch_size = len(decoding)
+        self._forget_placeholders(s for s in rows if s.pending is None)
         for seq in decoding:
             seq.length += 1
             seq.pending = None
@@ -420,6 +431,11 @@ class DecodeCore:
             return [(decoding, logits[: len(rows)])]
         index = torch.tensor([s.row for s in decoding], device=self.device)
         return [(decoding, logits[index])]
+
+    def _forget_placeholders(self, idle: Any) -> None:
+        """Rows fed a placeholder forget it (a ring cache must not keep its position tagged)."""
+        for seq in idle:
+            self.state.crop(seq.row, seq.length)
 
     def _eager_decode(self, all_active: bool) -> torch.Tensor:
         rows = self.rows
@@ -451,19 +467,62 @@ class DecodeCore:
         with self.step_threads:
             return self._step(t, p, a)
 
-    def forward_row(self, seq: GenerationSequence, tokens: list[int]) -> torch.Tensor:
-        """Feed `tokens` to one row at its next positions (a speculative verification pass); logits (T, V)."""
-        n = len(tokens)
-        feed = torch.tensor([tokens], device=self.device)
-        with self.step_threads:  # a few tokens: still a decode-sized step
+    def verify(self, drafts: Drafts) -> list[StepOutput]:
+        """One speculative step over every running row: rows in `drafts` feed their pending token and their draft
+        tokens (with the draft's distributions (m, V), or None for a point-mass draft), verified by rejection
+        sampling (`slmkit.infer.speculative.verify`: greedy output equals plain greedy decoding); the other rows
+        decode one token as in `decode`. Rejected positions are cropped from each row's state."""
+        from slmkit.infer.speculative import verify
+
+        rows = self.rows
+        n = len(rows)
+        width = 1 + max(len(d) for d, _ in drafts.values())
+        tokens = torch.zeros(n, width, dtype=torch.long)
+        for seq in rows:
+            draft = drafts[seq][0] if seq in drafts else []
+            if seq.pending is not None:
+                tokens[seq.row, : 1 + len(draft)] = torch.tensor([seq.pending, *draft])
+        lengths = torch.tensor([s.length for s in rows])
+        pos = (lengths[:, None] + torch.arange(width)).to(self.device)  # (n, width): each row's own positions
+        active = torch.tensor([s.pending is not None and not s.finished for s in rows], device=self.device)
+        with self.step_threads:  # a few tokens per row: still a decode-sized step
             logits = self.model(
-                feed,
-                state=self.view(seq.row, seq.row + 1),
-                pos=self._positions[seq.length : seq.length + n],
-                upto=seq.length + n,
-            )[0]
-        seq.length += n
-        return logits
+                tokens.to(self.device), state=self.view(0, n), pos=pos, active=active, upto=int(lengths.max()) + width
+            )  # (n, width, V)
+        self.stats.decode_forwards += 1
+        plain: list[GenerationSequence] = []
+        outputs: list[StepOutput] = []
+        for seq in rows:
+            if seq.pending is None or seq.finished:
+                self.state.crop(seq.row, seq.length)  # placeholders only
+                continue
+            base = seq.length  # the pending token's position
+            seq.pending = None
+            if seq not in drafts:
+                seq.length += 1
+                self.state.crop(seq.row, seq.length)
+                plain.append(seq)
+                continue
+            draft, draft_probs = drafts[seq]
+            params = seq.request.sampling
+            new_tokens, n_accepted = verify(
+                logits[seq.row, : 1 + len(draft)], draft, draft_probs, params, seq.generator, seq.counts, seq.seen
+            )
+            seq.drafted += len(draft)
+            seq.accepted += n_accepted
+            seq.length = base + 1 + n_accepted  # the pending token and the accepted drafts stay
+            self.state.crop(seq.row, seq.length)
+            raw = logits[seq.row].float().log_softmax(-1) if seq.request.logprobs else None
+            for j, token in enumerate(new_tokens):
+                lp = TokenLogprob(token, float(raw[j, token]), []) if raw is not None else None
+                outputs.append(self.emit(seq, token, lp))
+                if seq.finished:
+                    break
+        if plain:
+            index = torch.tensor([s.row for s in plain], device=self.device)
+            outputs += self.choose([(plain, logits[index, 0])])
+        self.stats.last_batch_size = len(plain) + len(drafts)
+        return outputs
 
     def crop(self, seq: GenerationSequence, length: int) -> None:
         """Take back a row's positions from `length` on (rejected speculative tokens)."""
@@ -551,13 +610,20 @@ class DecodeCore:
             seq.pending = token
         return StepOutput(seq, token, text, logprob, seq.finished)
 
-    def step(self) -> list[StepOutput]:
-        """Prefill (one chunk budget), one decode step, choose and emit; finished rows are released."""
+    def step(
+        self, drafts: dict[GenerationSequence, tuple[list[int], torch.Tensor | None]] | None = None
+    ) -> list[StepOutput]:
+        """Prefill (one chunk budget), one decode step (a verification pass when some rows have `drafts`), choose
+        and emit; finished rows are released."""
         begin = time.perf_counter()
         prefill_before, compile_before = self.stats.prefill_seconds, self.stats.compile_seconds
         ready = self.prefill()
-        decoded = self.decode()
-        outputs = self.choose(ready + decoded)
+        if drafts:
+            outputs = self.choose(ready) + self.verify(drafts)
+            decoded: Ready | bool = True
+        else:
+            decoded = self.decode()
+            outputs = self.choose(ready + decoded)
         self.release()
         if decoded:  # the step's wall time past prefill and compilation: forward, choosing and emitting
             spent = time.perf_counter() - begin

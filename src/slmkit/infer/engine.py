@@ -32,14 +32,18 @@ from typing import Any, Literal
 import torch
 
 from slmkit.errors import UserError
-from slmkit.infer.core import DecodeCore, GenerationRequest, GenerationSequence, StepOutput, TokenLogprob
+from slmkit.infer.core import (  # noqa: F401  (MIN_DRAFTED_TO_JUDGE: the engine's speculation rule, re-exported)
+    MIN_DRAFTED_TO_JUDGE,
+    DecodeCore,
+    GenerationRequest,
+    GenerationSequence,
+    StepOutput,
+)
 from slmkit.infer.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 SpeculateMode = Literal["off", "draft", "lookup"]
-# speculation is judged after this many drafted tokens: below `min_acceptance` it is turned off for the request
-MIN_DRAFTED_TO_JUDGE = 16
 
 
 @dataclass
@@ -445,29 +449,28 @@ class Engine:
         stats: EngineStats,
     ) -> Iterator[list[StepOutput]]:
         """Plain steps first (they time the baseline the speedup is measured against), then rounds of: draft up
-        to k tokens, verify them in one pass over the row, emit what verification keeps, crop the rest."""
-        from slmkit.infer.speculative import DraftModel, lookup_draft, verify
+        to k tokens, verify them in one pass over the row (`DecodeCore.step` with drafts)."""
+        from slmkit.infer.speculative import DraftModel, lookup_draft
 
         sampling = seq.request.sampling
-        max_new_tokens = seq.request.max_new_tokens
         drafter = DraftModel(self.draft, core.max_len, sampling) if mode == "draft" else None
         calibration_steps = 3
-        speculating = True
-        drafted = accepted = plain_steps = 0
+        plain_steps = 0
         yield core.step()  # prefill and the first token
         while not seq.finished:
             tokens = seq.prompt + seq.out  # the row's state holds tokens[:-1]; the last is pending
-            budget = max_new_tokens - len(seq.out) - 1  # draft at most this many (one more comes from the target)
+            budget = seq.request.max_new_tokens - len(seq.out) - 1  # one more token comes from the target
             draft: list[int] = []
             draft_probs = None
-            if speculating and plain_steps >= calibration_steps and budget > 0:
-                kk = min(k, budget)
+            if not stats.speculation_turned_off and plain_steps >= calibration_steps and budget > 0:
                 if mode == "lookup":
-                    draft = lookup_draft(tokens, kk)
+                    draft = lookup_draft(tokens, min(k, budget))
                 else:
                     assert drafter is not None
                     with core.step_threads:
-                        draft, draft_probs = drafter.propose(tokens, kk, seq.generator, seq.counts, seq.seen)
+                        draft, draft_probs = drafter.propose(
+                            tokens, min(k, budget), seq.generator, seq.counts, seq.seen
+                        )
             if not draft:
                 step_start = time.perf_counter()
                 outputs = core.step()
@@ -475,35 +478,18 @@ class Engine:
                 plain_steps += 1
                 yield outputs
                 continue
-            base = seq.length  # the pending token's position
-            assert seq.pending is not None
-            logits = core.forward_row(seq, [seq.pending, *draft])  # (m+1, V): row j predicts the token after draft[:j]
-            seq.pending = None
-            stats.decode_forwards += 1
+            base, accepted = seq.length, seq.accepted  # base: the pending token's position
+            outputs = core.step({seq: (draft, draft_probs)})
+            n_accepted = seq.accepted - accepted
             stats.rounds += 1
-            m = len(draft)
-            new_tokens, n_accepted = verify(logits, draft, draft_probs, sampling, seq.generator, seq.counts, seq.seen)
-            core.crop(seq, base + n_accepted + 1)  # the pending token and the accepted drafts stay
-            raw_logprobs = logits.float().log_softmax(-1) if seq.request.logprobs else None
-            drafted += m
-            accepted += n_accepted
-            stats.drafted += m
+            stats.drafted += len(draft)
             stats.accepted += n_accepted
-            outputs = []
-            for j, t in enumerate(new_tokens):
-                lp = TokenLogprob(t, float(raw_logprobs[j, t]), []) if raw_logprobs is not None else None
-                outputs.append(core.emit(seq, t, lp))
-                if seq.finished:
-                    break
-            if drafter is not None:
-                drafter.rewind(base + 1 + min(n_accepted, m - 1))  # draft tokens fed beyond this were rejected
-            core.release()
+            if drafter is not None:  # draft tokens it was fed beyond this were rejected
+                drafter.rewind(base + 1 + min(n_accepted, len(draft) - 1))
             yield outputs
-            # turn speculation off when it does not pay: too few drafted tokens survive verification
-            if drafted >= MIN_DRAFTED_TO_JUDGE and accepted < min_acceptance * drafted:
-                speculating = False
+            if not seq.speculation_pays(min_acceptance):  # too few drafted tokens survive verification
                 stats.speculation_turned_off = True
-                logger.info("speculation off: %d of %d drafted tokens accepted", accepted, drafted)
+                logger.info("speculation off: %d of %d drafted tokens accepted", seq.accepted, seq.drafted)
 
 
 def load_draft(target: Any, draft: Any, device: str | None = None, dtype: torch.dtype | None = None):
