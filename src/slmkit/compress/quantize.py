@@ -185,7 +185,7 @@ def layer_group_sizes(model: nn.Module, group_size: int | None) -> dict[str, int
     return dict.fromkeys(widths, group_size)
 
 
-def _fold_awq(block: nn.Module, fold: ScaleFold, s: torch.Tensor, config: Any) -> None:
+def fold_awq_scales(block: nn.Module, fold: ScaleFold, s: torch.Tensor, config: Any) -> None:
     """Multiply the consumers' input columns by s and divide the producer's output by s (exact in float)."""
     out_scale = s
     if fold.per_kv_group:  # o_proj's input repeats each kv group's v channels for the heads of that group
@@ -275,7 +275,7 @@ def quantize_model(
                 weights = [block.get_submodule(name).weight for name in fold.consumers]
                 found.append((fold, _awq_search(weights, st["x"], st["abs"], g, tie)))
             for fold, s in found:
-                _fold_awq(block, fold, s, config)
+                fold_awq_scales(block, fold, s, config)
                 for name in fold.consumers:  # the stats were taken before the fold: rescale them to its inputs
                     st = stats[name]
                     st["h"] = st["h"] / s[:, None] / s[None, :]
