@@ -64,7 +64,7 @@ class GGUFLayout:
     rope_scaling: tuple[str, ...]  # rope scaling types it reproduces
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # one instance per family: compared and hashed by identity
 class FamilySpec:
     """Everything family-specific about one Hugging Face `model_type` (see the module docstring)."""
 
@@ -449,11 +449,10 @@ def _gpt2_from_hf(state: StateDict) -> StateDict:
 
 
 # ---- shared pieces of the specs -------------------------------------------------------------------
-_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-GATED_LINEARS = (*_ATTENTION, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-PLAIN_LINEARS = (*_ATTENTION, "mlp.up_proj", "mlp.down_proj")
-
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATED_LINEARS = (*_QKV, "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PLAIN_LINEARS = (*_QKV, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+
 _V_TO_O = ScaleFold("self_attn.v_proj", ("self_attn.o_proj",), per_kv_group=True)
 GATED_FOLDS = (
     ScaleFold("input_layernorm", _QKV),
@@ -495,14 +494,15 @@ def _gguf_llama_like(arch: str, rope_pairs: bool, rope_scaling: tuple[str, ...])
     )
 
 
-def _llama_like(name: str, architecture: str, gguf: GGUFLayout, **rules_and_keys: Any) -> FamilySpec:
-    """A spec for a family whose config.json and weights follow Llama's (names, `model.` prefix)."""
-    llama_recipe = dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",))
-    allowed = {**llama_recipe, **rules_and_keys.pop("allowed")}
+def _llama_like(
+    name: str, architecture: str, gguf: GGUFLayout, allowed: dict[str, tuple[Any, ...]], **keys: Any
+) -> FamilySpec:
+    """A spec for a family whose config.json and weights follow Llama's (key names, `model.` prefix); `allowed`
+    adds to the recipe they all share (RMSNorm, gated MLP, rope)."""
     return FamilySpec(
         name=name,
         architecture=architecture,
-        allowed=allowed,
+        allowed=dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",)) | allowed,
         config_keys=_LLAMA_LIKE_KEYS,
         read_config=_read_llama_like,
         write_config=_write_llama_like,
@@ -511,7 +511,7 @@ def _llama_like(name: str, architecture: str, gguf: GGUFLayout, **rules_and_keys
         gguf=gguf,
         compressible=GATED_LINEARS,
         scale_folds=GATED_FOLDS,
-        **rules_and_keys,
+        **keys,
     )
 
 
