@@ -220,10 +220,10 @@ def pareto_plot(rows: list[dict], base: dict, path: Path) -> None:
 
 
 def model_context(model: Path) -> int:
-    from slmkit.config import ModelConfig
     from slmkit.interop.checkpoint import resolve_model_dir
+    from slmkit.interop.hf import load_config
 
-    return min(256, ModelConfig.load(resolve_model_dir(model) / "config.json").max_seq_len)
+    return min(256, load_config(resolve_model_dir(model) / "config.json").max_seq_len)
 
 
 def main() -> None:
@@ -243,11 +243,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.speed_preset:
-        from slmkit.config import ModelConfig
         from slmkit.interop.checkpoint import resolve_model_dir
+        from slmkit.interop.hf import load_config
 
         source = resolve_model_dir(args.model)  # its tokenizer and vocabulary size are reused
-        vocab = ModelConfig.load(source / "config.json").vocab_size
+        vocab = load_config(source / "config.json").vocab_size
         speed = speed_sweep(args.speed_preset, args.out, vocab, source)
         (args.out / "speed.json").write_text(json.dumps({"hardware": hardware(), "models": speed}, indent=2) + "\n")
         return

@@ -3,17 +3,20 @@
 `ModelConfig` describes a decoder-only transformer. The defaults are the Llama recipe (RMSNorm, RoPE,
 GQA, SwiGLU, no biases); a handful of switches (bias flags, norm type, activation, MLP kind, position
 scheme, q/k norm, sliding window, rope scaling) cover the other small-model families (Mistral, Qwen2,
-Qwen3, GPT-2). `family` only names the Hugging Face format the model is saved in (config.json keys and
-weight names, see `slmkit.interop.hf`); the model itself reads only the switches.
+Qwen3, GPT-2). `family` only names the Hugging Face format the model is saved in; the model itself reads
+only the switches.
+
+This module is the lowest layer: it checks values on their own (types, ranges, choices). Which switch
+values a family can save, its config.json and weight names all live in one spec per family in
+`slmkit.interop.families`, which checks them (`check_family`) wherever a config comes from a user, and
+`slmkit.interop.hf` reads and writes config.json (`load_config`, `save_config`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, get_args
 
 from slmkit.errors import UserError
@@ -78,26 +81,6 @@ class RopeScaling:
         return cls(**value)
 
 
-# Which switch values each Hugging Face family can express. A config outside its family's rules could
-# not be saved as that family's checkpoint, so it is refused up front.
-_FAMILY_RULES: dict[str, dict[str, tuple[Any, ...]]] = {
-    "llama": dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(False,), sliding_window=(None,)),
-    "mistral": dict(
-        norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(False,),
-        qkv_bias=(False,), out_bias=(False,), mlp_bias=(False,),
-    ),
-    "qwen2": dict(
-        norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(False,),
-        qkv_bias=(True,), out_bias=(False,), mlp_bias=(False,),
-    ),
-    "qwen3": dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",), qk_norm=(True,), mlp_bias=(False,)),
-    "gpt2": dict(
-        norm=("layernorm",), mlp=("plain",), positions=("learned",), qk_norm=(False,), sliding_window=(None,),
-        qkv_bias=(True,), out_bias=(True,), mlp_bias=(True,), tie_embeddings=(True,), rope_scaling=(None,),
-    ),
-}  # fmt: skip
-
-
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only transformer; defaults are the Llama family (RMSNorm, RoPE, GQA, SwiGLU)."""
@@ -117,7 +100,7 @@ class ModelConfig:
     eos_token_id: int | None = 0
     head_dim: int | None = None  # None: d_model // n_heads
     # ---- family switches (defaults: Llama) ----
-    family: Family = "llama"  # the Hugging Face format it is saved in; the model never reads it
+    family: Family = "llama"  # the Hugging Face format it is saved in (rules: slmkit.interop.families)
     qkv_bias: bool = False  # biases on q, k, v projections (Qwen2, GPT-2, Llama attention_bias)
     out_bias: bool = False  # bias on the attention output projection (GPT-2, Llama attention_bias)
     mlp_bias: bool = False
@@ -198,18 +181,6 @@ class ModelConfig:
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
         if self.rope_scaling is not None and self.positions != "rope":
             raise UserError("model config: rope_scaling needs positions='rope'")
-        for name, allowed in _FAMILY_RULES[self.family].items():
-            if getattr(self, name) not in allowed:
-                raise UserError(
-                    f"model config: family {self.family!r} cannot express {name}={getattr(self, name)!r} "
-                    f"(it needs {' or '.join(map(repr, allowed))}); change {name} or pick another family"
-                )
-        if self.family == "llama" and self.qkv_bias != self.out_bias:
-            raise UserError("model config: family 'llama' has one attention_bias flag: set qkv_bias == out_bias")
-        if self.family == "qwen3" and self.qkv_bias != self.out_bias:
-            raise UserError("model config: family 'qwen3' has one attention_bias flag: set qkv_bias == out_bias")
-        if self.family == "gpt2" and (self.n_kv_heads != self.n_heads or self.head_dim not in (None,)):
-            raise UserError("model config: family 'gpt2' needs n_kv_heads == n_heads and head_dim = d_model / n_heads")
 
     def mixer_at(self, layer: int) -> str:
         """The mixer of layer `layer`."""
@@ -258,34 +229,6 @@ class ModelConfig:
         matmul_params = self.n_layers * matmul_params + self.vocab_size * c  # + lm_head
         attention = 2 * 2 * self.n_layers * t * self.n_heads * hd
         return 3 * (2 * matmul_params + attention)
-
-    # ---- Hugging Face config.json (per family, see slmkit.interop.hf) -----------------------------------
-    def to_hf_dict(self) -> dict[str, Any]:
-        from slmkit.interop.hf import config_to_hf
-
-        return config_to_hf(self)
-
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> ModelConfig:
-        from slmkit.interop.hf import config_from_hf
-
-        return config_from_hf(d, source)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> ModelConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(d, dict):
-            raise UserError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(path))
 
 
 # Presets span ~0.5M to ~125M parameters at an 8k vocabulary (124m at GPT-2's 50k vocabulary).

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 
-def make_model_dir(directory: Path, data_dir: Path, seed: int = 0, **overrides) -> Path:
+def make_model_dir(directory: Path, data_dir: Path, seed: int = 0, vectors: float = 0.0, **overrides) -> Path:
+    """`vectors`: the scale of random noise added to 1-D parameters (biases start at zero and norms at one,
+    where a method that mishandles them would go unnoticed)."""
     from slmkit.config import ModelConfig
     from slmkit.data.shards import load_data_dir
     from slmkit.interop.checkpoint import save_model
@@ -24,9 +26,12 @@ def make_model_dir(directory: Path, data_dir: Path, seed: int = 0, **overrides) 
     import torch
 
     with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name:
                 p.mul_(5.0)
+            elif p.dim() == 1 and vectors:
+                p.add_(torch.randn(p.shape, generator=gen) * vectors)
     return save_model(model, directory, tokenizer_dir=data_dir)
 
 
@@ -46,7 +51,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # a plain function: module-scoped fixtures may build models with it too
 def make_model():
     """make_model(directory, data_dir, **config overrides) -> a saved random-init model dir."""
     return make_model_dir

@@ -107,22 +107,24 @@ def test_gptq_beats_round_to_nearest():
 
 
 def test_awq_fold_is_exact_in_float(float_model_dir):
-    from slmkit.compress.quantize import _fold_awq
+    from slmkit.compress.quantize import fold_awq_scales
+    from slmkit.interop.families import family_spec
 
     model = load_model(float_model_dir)
     before = logits(model)
     cfg = model.config
     gen = torch.Generator().manual_seed(1)
-    scales = {
-        "qkv": torch.rand(cfg.d_model, generator=gen) + 0.5,
-        "gate_up": torch.rand(cfg.d_model, generator=gen) + 0.5,
-        "o": (torch.rand(cfg.n_kv_heads, 1, cfg.dim_per_head, generator=gen) + 0.5)
-        .expand(cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.dim_per_head)
-        .reshape(-1),
-        "down": torch.rand(cfg.d_ff, generator=gen) + 0.5,
-    }
+    block = model.layers[0]
     with torch.no_grad():
-        _fold_awq(model.layers[0], scales, cfg)
+        for fold in family_spec(cfg.family).scale_folds:  # qkv, gate_up, o (tied per kv group), down
+            width = block.get_submodule(fold.consumers[0]).in_features
+            if fold.per_kv_group:
+                s = (torch.rand(cfg.n_kv_heads, 1, cfg.dim_per_head, generator=gen) + 0.5).expand(
+                    cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.dim_per_head
+                )
+            else:
+                s = torch.rand(width, generator=gen) + 0.5
+            fold_awq_scales(block, fold, s.reshape(-1), cfg)
     assert torch.allclose(logits(model), before, atol=1e-4, rtol=1e-4)
 
 

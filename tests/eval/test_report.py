@@ -55,10 +55,10 @@ def report(tiny_model_dir, second_model, tmp_path_factory):
 
 
 def test_measure_efficiency(tiny_model_dir):
-    from slmkit.config import ModelConfig
     from slmkit.eval.efficiency import measure_efficiency
+    from slmkit.interop.hf import load_config
 
-    config = ModelConfig.load(tiny_model_dir / "config.json")
+    config = load_config(tiny_model_dir / "config.json")
     e = measure_efficiency(tiny_model_dir, **SMALL)
     assert e["params"] == config.num_params() and e["non_embedding_params"] == config.num_params(False)
     assert e["train_flops_per_token"] == config.flops_per_token() == 3 * e["forward_flops_per_token"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from slmkit.config import ModelConfig
+from slmkit.interop.hf import load_config
 
 
 @pytest.fixture(scope="session")
@@ -23,7 +24,7 @@ def random_draft_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from slmkit.interop.checkpoint import save_model
     from slmkit.models import build_model
 
-    target = ModelConfig.load(tiny_model_dir / "config.json")
+    target = load_config(tiny_model_dir / "config.json")
     cfg = target.replace(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64)
     model = build_model(cfg)
     model.init_weights(seed=1)
@@ -39,7 +40,7 @@ def other_tokenizer_dir(tmp_path_factory, tiny_model_dir) -> Path:
     from slmkit.interop.checkpoint import save_model
     from slmkit.models import build_model
 
-    target = ModelConfig.load(tiny_model_dir / "config.json")
+    target = load_config(tiny_model_dir / "config.json")
     tok = train_tokenizer(["completely different text " * 20, "zebra yak quokka " * 30], 300)
     root = tmp_path_factory.mktemp("othertok")
     save_tokenizer(tok, root / "tok")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmkit.config import ModelConfig, preset
+from slmkit.config import preset
 from slmkit.errors import UserError
+from slmkit.interop.checkpoint import save_model
+from slmkit.interop.hf import config_from_hf, config_to_hf
 from slmkit.models import build_model
+from slmkit.train.config import TrainConfig
 
 FAMILIES = {
     "llama-bias": dict(qkv_bias=True, out_bias=True, mlp_bias=True),
@@ -73,18 +76,40 @@ def test_sliding_window_limits_attention_and_rows_of_different_lengths_are_exact
         (dict(norm="batchnorm"), "norm='batchnorm' is not supported"),
         (dict(activation="swiglu"), "activation='swiglu' is not supported"),
         (dict(family="falcon"), "family='falcon' is not supported"),
-        (dict(qk_norm=True), "family 'llama' cannot express qk_norm=True"),
-        (dict(family="qwen2"), "family 'qwen2' cannot express qkv_bias=False"),
         (dict(sliding_window=0, family="mistral"), "sliding_window must be a positive integer"),
         (dict(rope_scaling={"type": "yarn", "factor": 2}), "rope_scaling type 'yarn' is not supported"),
         (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor must be a number >= 1"),
         (dict(rope_scaling={"type": "llama3", "factor": 8}), "llama3 rope_scaling needs"),
-        (dict(qkv_bias=True), "one attention_bias flag"),
     ],
 )
 def test_invalid_switches(changes, message):
     with pytest.raises(UserError, match=message):
         preset("tiny", **changes)
+
+
+# what a family's config.json cannot express (rules in slmkit.interop.families, not in slmkit.config)
+FAMILY_RULES = [
+    (dict(qk_norm=True), "family 'llama' cannot express qk_norm=True"),
+    (dict(family="qwen2"), "family 'qwen2' cannot express qkv_bias=False"),
+    (dict(qkv_bias=True), "family 'llama' has one attention_bias flag: set qkv_bias == out_bias"),
+    (dict(FAMILIES["gpt2"], n_kv_heads=2), "family 'gpt2' has one n_head key: set n_heads == n_kv_heads"),
+]
+
+
+@pytest.mark.parametrize("changes, message", FAMILY_RULES)
+def test_family_rules_are_refused_before_training(changes, message):
+    # `slm train --preset tiny --set ...` resolves its model config here, before any step runs
+    with pytest.raises(UserError, match=f"model config: {message}"):
+        TrainConfig(preset="tiny", model=changes, max_steps=1)
+
+
+@pytest.mark.parametrize("changes, message", FAMILY_RULES)
+def test_family_rules_are_refused_on_save(changes, message, tmp_path):
+    # a config built in Python (no train config) is not written in a format that cannot hold it
+    model = build_model(preset("tiny", vocab_size=300, **changes))
+    with pytest.raises(UserError, match=message):
+        save_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
 
 
 def test_default_config_is_unchanged_llama():
@@ -96,6 +121,6 @@ def test_default_config_is_unchanged_llama():
         "rope",
         "silu",
     )
-    assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    assert config_from_hf(config_to_hf(cfg)) == cfg
     names = set(build_model(cfg).state_dict())
     assert "layers.0.self_attn.q_proj.weight" in names and not any(n.endswith(".bias") for n in names)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.errors import UserError
+from slmkit.interop.families import family_spec
 
 log = logging.getLogger(__name__)
 
@@ -331,14 +332,9 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # ---- the spec and the loader ---------------------------------------------------------------------
 def linear_names(config: Any) -> list[str]:
-    """Names of the linear layers inside the transformer blocks (the ones methods compress)."""
-    names = []
-    for i in range(config.n_layers):
-        for sub in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"):
-            names.append(f"layers.{i}.{sub}")
-        for sub in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            names.append(f"layers.{i}.{sub}")
-    return names
+    """Names of the linear layers inside the transformer blocks that methods compress (the family's spec
+    says which: GPT-2's ungated MLP has no gate_proj)."""
+    return family_spec(config.family).block_linears(config)
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -89,29 +89,12 @@ def directory_size(directory: Path) -> int:
 
 def _write_dir(tmp: Path, source: Path, config: Any, state: dict[str, torch.Tensor] | None, model: Any | None) -> None:
     """Model files into tmp: weights (HF names), config.json, generation config, tokenizer."""
-    from safetensors.torch import save_file
-
-    from slmkit.interop.checkpoint import WEIGHTS, copy_tokenizer, write_model_files
+    from slmkit.interop.checkpoint import write_state_files
 
     if model is not None:
-        write_model_files(model, config, tmp, tokenizer_dir=source)
-        return
+        state = model.state_dict()
     assert state is not None
-    hf = {}
-    for name, tensor in state.items():
-        if name.startswith("lm_head.") and config.tie_embeddings:
-            continue
-        hf[name if name.startswith("lm_head.") else "model." + name] = tensor.detach().contiguous().cpu()
-    save_file(hf, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    config.save(tmp / "config.json")
-    generation = {
-        "bos_token_id": config.bos_token_id,
-        "eos_token_id": config.eos_token_id,
-        "max_length": config.max_seq_len,
-        "do_sample": False,
-    }
-    (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    copy_tokenizer(source, tmp)
+    write_state_files(state, config, tmp, tokenizer_dir=source)
 
 
 def _validate(method: str, source_config: Any, options: CompressOptions, data: Any) -> None:
@@ -230,12 +213,12 @@ def compress(
     also runs a fresh process per model to record peak memory and decode tokens/s.
     """
     from slmkit.compress.calibration import calibration_batches
-    from slmkit.config import ModelConfig
     from slmkit.interop.checkpoint import atomic_directory, load_model, resolve_model_dir
+    from slmkit.interop.hf import load_config
 
     options = options or CompressOptions()
     source = resolve_model_dir(model)
-    config = ModelConfig.load(source / "config.json")
+    config = load_config(source / "config.json")
     _validate(method, config, options, data)
     out = Path(out)
     if out.resolve() == source.resolve():

@@ -10,7 +10,9 @@
 - `structured` (Minitron / ShortGPT style): rank attention heads by the norm of their output, FFN
   channels by the mean |activation| entering down_proj, layers by 1 - cos(input, output) of the block,
   all on calibration data; drop the least important and write a smaller config. This does shrink the
-  file, memory and compute; quality drops more, so follow it with `slm distill`.
+  file, memory and compute; quality drops more, so follow it with `slm distill`. The smaller shape must
+  be one the family's config.json can state (GPT-2's head width is n_embd / n_head, so it keeps its
+  heads); that is checked before any calibration pass.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from torch import nn
 from slmkit.compress.calibration import run_until_block
 from slmkit.compress.modules import linear_names
 from slmkit.errors import UserError
+from slmkit.interop.families import check_family
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +137,18 @@ def _round_width(width: int, keep: float) -> int:
     return max(1, round(target))
 
 
+# how structured pruning cuts each block linear: (weight axis: 0 output rows, 1 input columns, kept index set)
+_CUTS = {
+    "self_attn.q_proj": (0, "q"),
+    "self_attn.k_proj": (0, "kv"),
+    "self_attn.v_proj": (0, "kv"),
+    "self_attn.o_proj": (1, "q"),
+    "mlp.gate_proj": (0, "ff"),
+    "mlp.up_proj": (0, "ff"),
+    "mlp.down_proj": (1, "ff"),
+}
+
+
 @torch.no_grad()
 def prune_structured(
     model: nn.Module,
@@ -154,7 +169,6 @@ def prune_structured(
         raise UserError(f"--drop-layers must be in [0, {config.n_layers - 1}] for this model, got {drop_layers}")
     if heads_keep == 1 and ffn_keep == 1 and drop_layers == 0:
         raise UserError("structured pruning needs at least one of --heads-keep < 1, --ffn-keep < 1, --drop-layers > 0")
-    scores = importance(model.float().eval(), batches)
     h, k, hd = config.n_heads, config.n_kv_heads, config.dim_per_head
     per_group = h // k
     if per_group > 1:  # drop query heads inside each kv group, keeping the group structure
@@ -164,21 +178,28 @@ def prune_structured(
         new_per_group = 1
         new_k = max(1, math.floor(k * heads_keep + 0.5))
     new_ff = _round_width(config.d_ff, ffn_keep)
-    keep_layers = sorted(torch.topk(scores["layers"], config.n_layers - drop_layers).indices.tolist())
+    new_heads = new_k * new_per_group
     new_config = config.replace(
-        n_layers=len(keep_layers),
-        n_heads=new_k * new_per_group,
+        n_layers=config.n_layers - drop_layers,
+        n_heads=new_heads,
         n_kv_heads=new_k,
         d_ff=new_ff,
-        head_dim=hd,
+        head_dim=None if new_heads * hd == config.d_model else hd,  # None where the default holds, as loaded
         extra=dict(config.extra),
     )
+    # before any calibration pass: a shape the family's config.json cannot state could not be saved
+    check_family(
+        new_config,
+        source="prune-structured",
+        fix="keep every head (--heads-keep 1) and prune FFN channels (--ffn-keep) or layers (--drop-layers)",
+    )
+    scores = importance(model.float().eval(), batches)
+    keep_layers = sorted(torch.topk(scores["layers"], config.n_layers - drop_layers).indices.tolist())
     with torch.device("meta"):
         small = build_model(new_config)
-    state: dict[str, torch.Tensor] = {}
     source = model.state_dict()
-    for name in ("embed_tokens.weight", "norm.weight", "lm_head.weight"):
-        state[name] = source[name].clone()
+    # everything outside the blocks (embeddings, final norm, head) is kept as it is
+    state = {name: tensor.clone() for name, tensor in source.items() if not name.startswith("layers.")}
     for new_i, old_i in enumerate(keep_layers):
         p, q = f"layers.{old_i}.", f"layers.{new_i}."
         head_score = scores["heads"][old_i].view(k, per_group)
@@ -189,19 +210,22 @@ def prune_structured(
         else:
             kv_keep = sorted(head_score[:, 0].topk(new_k).indices.tolist())
             q_heads = kv_keep
-        q_rows = torch.cat([torch.arange(x * hd, (x + 1) * hd) for x in q_heads])
-        kv_rows = torch.cat([torch.arange(x * hd, (x + 1) * hd) for x in kv_keep])
-        ff = sorted(scores["channels"][old_i].topk(new_ff).indices.tolist())
-        ff_idx = torch.tensor(ff)
-        state[q + "self_attn.q_proj.weight"] = source[p + "self_attn.q_proj.weight"][q_rows].clone()
-        state[q + "self_attn.k_proj.weight"] = source[p + "self_attn.k_proj.weight"][kv_rows].clone()
-        state[q + "self_attn.v_proj.weight"] = source[p + "self_attn.v_proj.weight"][kv_rows].clone()
-        state[q + "self_attn.o_proj.weight"] = source[p + "self_attn.o_proj.weight"][:, q_rows].clone()
-        state[q + "mlp.gate_proj.weight"] = source[p + "mlp.gate_proj.weight"][ff_idx].clone()
-        state[q + "mlp.up_proj.weight"] = source[p + "mlp.up_proj.weight"][ff_idx].clone()
-        state[q + "mlp.down_proj.weight"] = source[p + "mlp.down_proj.weight"][:, ff_idx].clone()
-        for norm in ("input_layernorm.weight", "post_attention_layernorm.weight"):
-            state[q + norm] = source[p + norm].clone()
+        kept = {
+            "q": torch.cat([torch.arange(x * hd, (x + 1) * hd) for x in q_heads]),
+            "kv": torch.cat([torch.arange(x * hd, (x + 1) * hd) for x in kv_keep]),
+            "ff": torch.tensor(sorted(scores["channels"][old_i].topk(new_ff).indices.tolist())),
+        }
+        for name, tensor in source.items():
+            if not name.startswith(p):
+                continue
+            sub = name.removeprefix(p)
+            module, _, kind = sub.rpartition(".")
+            axis, index = _CUTS.get(module, (None, None))
+            # norms and per-head q/k norms serve every kept channel; an input cut leaves the output bias whole
+            if index is None or (kind == "bias" and axis == 1):
+                state[q + sub] = tensor.clone()
+            else:
+                state[q + sub] = tensor.index_select(axis if kind == "weight" else 0, kept[index]).clone()
     if new_config.tie_embeddings:
         state.pop("lm_head.weight")
     small.load_state_dict(state, strict=not new_config.tie_embeddings, assign=True)

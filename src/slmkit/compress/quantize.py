@@ -28,6 +28,7 @@ from torch import nn
 from slmkit.compress.calibration import run_until_block
 from slmkit.compress.modules import FORMAT_VERSION, int4_dequant, linear_names, pack_int4
 from slmkit.errors import UserError
+from slmkit.interop.families import ScaleFold, family_spec
 
 log = logging.getLogger(__name__)
 
@@ -184,25 +185,18 @@ def layer_group_sizes(model: nn.Module, group_size: int | None) -> dict[str, int
     return dict.fromkeys(widths, group_size)
 
 
-def _fold_awq(block: nn.Module, scales: dict[str, torch.Tensor], config: Any) -> None:
-    """Multiply the layers' input columns by s and divide the producing op's output by s (exact in float)."""
-    attn, mlp = block.self_attn, block.mlp
-    s = scales["qkv"]
-    block.input_layernorm.weight.div_(s)
-    for lin in (attn.q_proj, attn.k_proj, attn.v_proj):
-        lin.weight.mul_(s[None, :])
-    s = scales["gate_up"]
-    block.post_attention_layernorm.weight.div_(s)
-    for lin in (mlp.gate_proj, mlp.up_proj):
-        lin.weight.mul_(s[None, :])
-    s = scales["o"]  # (H*D,), tied across the heads that share a kv group
-    hd, groups = config.dim_per_head, config.n_kv_heads
-    v_scale = s.view(groups, -1, hd)[:, 0, :].reshape(-1)
-    attn.v_proj.weight.div_(v_scale[:, None])
-    attn.o_proj.weight.mul_(s[None, :])
-    s = scales["down"]
-    mlp.up_proj.weight.div_(s[:, None])
-    mlp.down_proj.weight.mul_(s[None, :])
+def fold_awq_scales(block: nn.Module, fold: ScaleFold, s: torch.Tensor, config: Any) -> None:
+    """Multiply the consumers' input columns by s and divide the producer's output by s (exact in float)."""
+    out_scale = s
+    if fold.per_kv_group:  # o_proj's input repeats each kv group's v channels for the heads of that group
+        out_scale = s.view(config.n_kv_heads, -1, config.dim_per_head)[:, 0, :].reshape(-1)
+    producer = block.get_submodule(fold.producer)
+    # a linear layer's output rows, or a norm's elementwise weight; a bias scales with them
+    producer.weight.div_(out_scale[:, None] if isinstance(producer, nn.Linear) else out_scale)
+    if getattr(producer, "bias", None) is not None:
+        producer.bias.div_(out_scale)
+    for name in fold.consumers:
+        block.get_submodule(name).weight.mul_(s[None, :])
 
 
 def _awq_search(
@@ -271,29 +265,18 @@ def quantize_model(
                 st["abs"] /= max(st["n"], 1)
                 st["x"] = torch.cat(st["x"])[:4096]
         if options.algorithm == "awq" and options.bits == 4:
-            a, m = block.self_attn, block.mlp
-            groups = {
-                "qkv": ([a.q_proj, a.k_proj, a.v_proj], "self_attn.q_proj", None),
-                "gate_up": ([m.gate_proj, m.up_proj], "mlp.gate_proj", None),
-                "o": ([a.o_proj], "self_attn.o_proj", (config.n_kv_heads, config.dim_per_head)),
-                "down": ([m.down_proj], "mlp.down_proj", None),
-            }
-            awq_scales = {}
-            for key, (layers, sub, tie) in groups.items():
-                st = stats[sub]
-                g = groups_of[f"layers.{i}.{sub}"]
-                awq_scales[key] = _awq_search([lin.weight for lin in layers], st["x"], st["abs"], g, tie)
-            _fold_awq(block, awq_scales, config)
-            # the stats were taken before the fold: rescale them to the folded inputs
-            for key in groups:
-                s = awq_scales[key]
-                subs_of = {
-                    "qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                    "gate_up": ["mlp.gate_proj", "mlp.up_proj"],
-                    "o": ["self_attn.o_proj"],
-                    "down": ["mlp.down_proj"],
-                }[key]
-                for name in subs_of:
+            # every scale is searched on the unfolded block, then all are folded (they touch disjoint
+            # rows and columns, or commute: up_proj's columns for its input, its rows for down_proj's)
+            found = []
+            for fold in family_spec(config.family).scale_folds:
+                st = stats[fold.consumers[0]]
+                g = groups_of[f"layers.{i}.{fold.consumers[0]}"]
+                tie = (config.n_kv_heads, config.dim_per_head) if fold.per_kv_group else None
+                weights = [block.get_submodule(name).weight for name in fold.consumers]
+                found.append((fold, _awq_search(weights, st["x"], st["abs"], g, tie)))
+            for fold, s in found:
+                fold_awq_scales(block, fold, s, config)
+                for name in fold.consumers:  # the stats were taken before the fold: rescale them to its inputs
                     st = stats[name]
                     st["h"] = st["h"] / s[:, None] / s[None, :]
                     st["sq"] = st["sq"] / s.pow(2)

@@ -81,10 +81,10 @@ def _model_index(name: str, entry: dict[str, Any] | None) -> list[dict[str, Any]
 
 def render_card(directory: Path, entry: dict[str, Any] | None, license: str | None = None) -> tuple[dict, str]:
     """(front matter dict, generated markdown block) for the model directory."""
-    from slmkit.config import ModelConfig
     from slmkit.eval.runner import model_name, static_costs
+    from slmkit.interop.hf import load_config
 
-    config = ModelConfig.load(directory / "config.json")
+    config = load_config(directory / "config.json")
     name = model_name(directory)
     state = _read_json(directory / "trainer_state.json") or {}
     data_meta = _read_json(Path(state["data_dir"]) / "meta.json") if state.get("data_dir") else None

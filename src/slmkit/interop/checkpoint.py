@@ -24,6 +24,7 @@ import torch
 
 from slmkit.config import ModelConfig
 from slmkit.errors import UserError
+from slmkit.interop.hf import from_hf_state_dict, load_config, save_config, to_hf_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,6 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
-
-
-def to_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our parameter names -> the family's in transformers (tied head dropped); see `slmkit.interop.hf`."""
-    from slmkit.interop.hf import to_hf_state_dict as _to_hf
-
-    return _to_hf(state, config)
-
-
-def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig | None = None) -> dict[str, torch.Tensor]:
-    """The family's parameter names -> ours (family from config, else told by the names)."""
-    from slmkit.interop.hf import from_hf_state_dict as _from_hf
-
-    return _from_hf(state, config)
 
 
 @contextlib.contextmanager
@@ -124,9 +111,20 @@ def write_model_files(
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> None:
     """Write a model directory's files into an existing (usually temporary) directory."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    write_state_files(model.state_dict(), config, directory, tokenizer_dir, max_shard_bytes)
+
+
+def write_state_files(
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    directory: Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> None:
+    """A model directory's files for a state dict under our names (float, or packed by slmkit.compress)."""
+    save_config(config, directory / "config.json")  # first: a config its family cannot hold fails before any I/O
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     write_weights(to_hf_state_dict(state, config), directory, max_shard_bytes)
-    config.save(directory / "config.json")
     generation = {
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
@@ -256,7 +254,7 @@ def load_model(
     from slmkit.models import build_model
 
     directory = resolve_model_dir(path)
-    config = ModelConfig.load(directory / "config.json")
+    config = load_config(directory / "config.json")
     weights = directory / WEIGHTS if (directory / WEIGHTS).is_file() else directory / WEIGHTS_INDEX
     state = from_hf_state_dict(load_weights(directory), config)
     if config.extra.get("quantization_config") is not None:  # quantized / factored: layers stay packed

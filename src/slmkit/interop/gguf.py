@@ -10,6 +10,8 @@ Layout differences we handle (learned from llama.cpp's `convert_hf_to_gguf.py`):
   llama.cpp's NeoX rope (halves), so they are written as they are.
 - llama3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors.
 - GPT-2 keeps a fused q/k/v matrix (`attn_qkv`) and an explicit `output` copy of the embedding.
+Which of these applies to a family, and its llama.cpp architecture, is its spec's `gguf` layout
+(`slmkit.interop.families`).
 
 The file is written under a temporary name beside the target and renamed at the end, so a failure
 never leaves a partial `.gguf` behind.
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmkit.errors import UserError
+from slmkit.interop.families import family_spec
 
 if TYPE_CHECKING:
     import numpy as np
@@ -35,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2"}
 
 # pre-tokenizer regexes of tokenizer.json -> llama.cpp's name for that pre-tokenizer
 _LLAMA3_REGEX = (
@@ -140,8 +142,8 @@ def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
     import gguf
     import torch
 
-    names, arch = gguf.TENSOR_NAMES, _ARCH[cfg.family]
-    t = gguf.MODEL_TENSOR
+    layout = family_spec(cfg.family).gguf
+    names, t = gguf.TENSOR_NAMES, gguf.MODEL_TENSOR
     out: dict[str, torch.Tensor] = {names[t.TOKEN_EMBD] + ".weight": state["embed_tokens.weight"]}
     if cfg.positions == "learned":
         out[names[t.POS_EMBD] + ".weight"] = state["embed_positions.weight"]
@@ -150,33 +152,21 @@ def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
     for suffix in ("weight", "bias"):
         if f"norm.{suffix}" in state:
             out[names[t.OUTPUT_NORM] + f".{suffix}"] = state[f"norm.{suffix}"]
-    if not cfg.tie_embeddings or cfg.family == "gpt2":  # llama.cpp's gpt2 loads an explicit output matrix
+    if not cfg.tie_embeddings or layout.explicit_output:
         out[names[t.OUTPUT] + ".weight"] = state["lm_head.weight"]
-    ours_to_theirs = {
-        "input_layernorm": t.ATTN_NORM,
-        "post_attention_layernorm": t.FFN_NORM,
-        "self_attn.q_proj": t.ATTN_Q,
-        "self_attn.k_proj": t.ATTN_K,
-        "self_attn.v_proj": t.ATTN_V,
-        "self_attn.o_proj": t.ATTN_OUT,
-        "self_attn.q_norm": t.ATTN_Q_NORM,
-        "self_attn.k_norm": t.ATTN_K_NORM,
-        "mlp.gate_proj": t.FFN_GATE,
-        "mlp.up_proj": t.FFN_UP,
-        "mlp.down_proj": t.FFN_DOWN,
-    }
-    heads = {"self_attn.q_proj": cfg.n_heads, "self_attn.k_proj": cfg.n_kv_heads}
+    # rows of q and k, per head, from rotate-half to the interleaved pairs llama.cpp's `llama` rotates
+    permuted = {"self_attn.q_proj": cfg.n_heads, "self_attn.k_proj": cfg.n_kv_heads} if layout.rope_pairs else {}
     for i in range(cfg.n_layers):
         layer = {k.removeprefix(f"layers.{i}."): v for k, v in state.items() if k.startswith(f"layers.{i}.")}
-        if cfg.family == "gpt2":  # fused q/k/v, as GPT-2's own checkpoints have it
+        for fused, parts in layout.fused.items():
             for suffix in ("weight", "bias"):
-                fused = torch.cat([layer.pop(f"self_attn.{p}_proj.{suffix}") for p in "qkv"])
-                out[names[t.ATTN_QKV].format(bid=i) + f".{suffix}"] = fused
+                if f"{parts[0]}.{suffix}" in layer:
+                    layer[f"{fused}.{suffix}"] = torch.cat([layer.pop(f"{part}.{suffix}") for part in parts])
         for name, tensor in layer.items():
             module, _, suffix = name.rpartition(".")
-            if arch == "llama" and module in heads:
-                tensor = permute_for_llama_cpp(tensor, heads[module])
-            out[names[ours_to_theirs[module]].format(bid=i) + f".{suffix}"] = tensor
+            if module in permuted:
+                tensor = permute_for_llama_cpp(tensor, permuted[module])
+            out[names[t[layout.tensors[module]]].format(bid=i) + f".{suffix}"] = tensor
     return out
 
 
@@ -339,17 +329,16 @@ def plan_tensors(
 # ---- export ---------------------------------------------------------------------------------------
 def check_exportable(config: ModelConfig) -> None:
     """UserError naming anything llama.cpp's matching architecture would compute differently."""
-    arch = _ARCH[config.family]
-    if config.rope_scaling is not None and config.rope_scaling.type == "dynamic":
+    layout = family_spec(config.family).gguf
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.type == "dynamic":
         raise UserError("GGUF export: dynamic (NTK) rope scaling has no llama.cpp equivalent")
-    if config.rope_scaling is not None and arch != "llama":
-        raise UserError(f"GGUF export: rope scaling on a {config.family} model is not supported")
-    if arch == "llama" and (config.activation != "silu" or config.mlp_bias):
-        raise UserError("GGUF export: llama.cpp's llama architecture needs a silu MLP without biases")
-    if arch == "gpt2" and config.activation != "gelu_tanh":
-        raise UserError(f"GGUF export: llama.cpp's gpt2 architecture uses tanh-GELU, not {config.activation}")
-    if arch in ("qwen2", "qwen3") and config.activation != "silu":
-        raise UserError(f"GGUF export: llama.cpp's {arch} architecture needs silu, not {config.activation}")
+    if scaling is not None and scaling.type not in layout.rope_scaling:
+        raise UserError(f"GGUF export: {scaling.type} rope scaling on a {config.family} model is not supported")
+    if config.activation != layout.activation or (config.mlp_bias and not layout.mlp_bias):
+        needs = f"a {layout.activation} MLP" + ("" if layout.mlp_bias else " without biases")
+        has = config.activation + (" with biases" if config.mlp_bias else "")
+        raise UserError(f"GGUF export: llama.cpp's {layout.arch} architecture needs {needs}, not {has}")
 
 
 def _file_type(dtype: str) -> int:
@@ -394,7 +383,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> 
         if why is not None:  # a fallback (odd row length) is worth a warning; llama.cpp's head rule is not
             level = logging.WARNING if kind == "f16" else logging.INFO
             log.log(level, "GGUF %s: %s written as %s (%s)", dtype, name, kind, why)
-    arch = _ARCH[cfg.family]
+    arch = family_spec(cfg.family).gguf.arch
 
     out = Path(out)
     if out.is_dir():

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from slmkit.config import PRESETS, ModelConfig, preset
 from slmkit.errors import UserError
+from slmkit.interop.families import check_family
 
 
 @dataclass
@@ -107,7 +108,7 @@ class TrainConfig:
             **self.model,
             "vocab_size": vocab_size,
         }
-        return preset(self.preset, **overrides)
+        return check_family(preset(self.preset, **overrides))  # the family can save it: checked before training
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,616 @@
+"""One spec per Hugging Face family: everything that differs between llama, mistral, qwen2, qwen3 and gpt2.
+
+A `FamilySpec` is a frozen record of what one `model_type` means to slmkit:
+
+- rules: which `ModelConfig` switch values the family's config.json can express (`allowed`), and which
+  switches one config.json key holds together (`shared`); `check` refuses a config outside them;
+- config.json: `model_type`, `architectures`, the keys read and written (`fields_from_hf`, `keys_to_hf`);
+- weights: the transformers parameter names, both ways (`weights_to_hf`, `weights_from_hf`);
+- GGUF: llama.cpp's architecture, its tensor names and layout conventions (`gguf`);
+- compression: which block linear layers compress (`compressible`) and where AWQ folds its input
+  scales (`scale_folds`).
+
+`slmkit.interop.hf`, `slmkit.interop.gguf` and `slmkit.compress` read these specs and name no family
+themselves. Adding a family is one `FamilySpec` entry in `FAMILIES` (plus its name in the typed
+`slmkit.config.Family` field; a test keeps the two in step).
+
+`slmkit.config` sits below interop and checks generic values only; the family rules are checked here,
+by `check_family`, wherever a config comes from a user: training-config resolution (before any step
+runs), reading and writing config.json, and compression.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
+
+from slmkit.config import ModelConfig, RopeScaling
+from slmkit.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+StateDict = dict[str, "torch.Tensor"]
+WindowStyle = Literal["none", "every_layer", "layer_types"]
+
+
+@dataclass(frozen=True)
+class ScaleFold:
+    """Block linears that read one input, and the op producing that input.
+
+    AWQ multiplies the consumers' input columns by s and divides the producer's output by s, which is exact
+    only when nothing nonlinear sits between them: a norm (weight and bias) or a linear layer whose output
+    feeds the consumers directly (v_proj -> o_proj through the attention average; up_proj -> down_proj
+    through a gated product, not through GPT-2's GELU)."""
+
+    producer: str  # module name inside a block: a norm or a linear layer
+    consumers: tuple[str, ...]  # linear layers inside the same block
+    per_kv_group: bool = False  # o_proj: one scale per channel of a kv group, shared by the heads that read it
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """How llama.cpp's architecture for this family names and lays out the tensors."""
+
+    arch: str  # general.architecture
+    tensors: Mapping[str, str]  # our module name inside a block -> member name of gguf.MODEL_TENSOR
+    fused: Mapping[str, tuple[str, ...]]  # a GGUF tensor made of ours by concatenating rows (GPT-2's attn_qkv)
+    rope_pairs: bool  # llama.cpp rotates interleaved pairs (x0, x1): q/k rows are permuted per head
+    explicit_output: bool  # writes `output` even when the head is tied (llama.cpp's gpt2 loads one)
+    activation: str  # the MLP activation llama.cpp's architecture computes
+    mlp_bias: bool  # whether that architecture reads MLP biases
+    rope_scaling: tuple[str, ...]  # rope scaling types it reproduces
+
+
+@dataclass(frozen=True, eq=False)  # one instance per family: compared and hashed by identity
+class FamilySpec:
+    """Everything family-specific about one Hugging Face `model_type` (see the module docstring)."""
+
+    name: str  # config.json's model_type, and ModelConfig.family
+    architecture: str  # config.json's architectures[0]
+    allowed: Mapping[str, tuple[Any, ...]]  # ModelConfig switch -> the values config.json can express
+    shared: Mapping[str, tuple[str, ...]]  # config.json key -> switches it holds together (so they must be equal)
+    config_keys: frozenset[str]  # family keys of config.json that fields_from_hf reads (the rest stays in `extra`)
+    read_config: Callable[[FamilySpec, dict[str, Any], str], dict[str, Any]]
+    write_config: Callable[[FamilySpec, ModelConfig], dict[str, Any]]
+    weights_to_hf: Callable[[StateDict, ModelConfig], StateDict]  # our float names -> transformers'
+    weights_from_hf: Callable[[StateDict], StateDict]  # transformers' names -> ours
+    gguf: GGUFLayout
+    compressible: tuple[str, ...]  # linear layers inside a block that compression methods replace
+    scale_folds: tuple[ScaleFold, ...]
+    tie_default: bool = False  # tie_word_embeddings when config.json does not say
+    weight_marker: str | None = None  # a substring only this family's weight names have (tells it from names)
+    # llama-like config.json details (unused by families with their own reader)
+    flag_keys: tuple[str, ...] = ()  # boolean keys (attention_bias, mlp_bias) this family's config.json has
+    refused_flags: tuple[str, ...] = ()  # boolean keys its transformers class ignores: true means another model
+    window: WindowStyle = "none"  # how config.json states a sliding window
+    fixed_keys: Mapping[str, Any] = field(default_factory=dict)  # constant keys written to config.json
+
+    def __post_init__(self) -> None:
+        # frozen all the way down: a spec is shared by every model of its family
+        for name in ("allowed", "shared", "fixed_keys"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    # ---- rules -----------------------------------------------------------------------------------
+    def problem(self, config: ModelConfig) -> tuple[str, str | None] | None:
+        """(what is wrong, the usual fix when not said already) for the first switch this family cannot
+        express, else None."""
+        for name, allowed in self.allowed.items():
+            value = getattr(config, name)
+            if value not in allowed:
+                needs = " or ".join(map(repr, allowed))
+                return (
+                    f"family {self.name!r} cannot express {name}={value!r} (it needs {needs})",
+                    f"change {name} or pick another family",
+                )
+        for key, switches in self.shared.items():
+            values = {getattr(config, s) for s in switches}
+            if len(values) > 1:
+                kind = "flag" if all(isinstance(v, bool) for v in values) else "key"
+                return f"family {self.name!r} has one {key} {kind}: set {' == '.join(switches)}", None
+        return None
+
+    def check(self, config: ModelConfig, source: str = "model config", fix: str | None = None) -> ModelConfig:
+        """`config` if this family can save it, else UserError naming the switch and the fix."""
+        found = self.problem(config)
+        if found is not None:
+            what, usual_fix = found
+            fix = fix or usual_fix
+            raise UserError(f"{source}: {what}" + (f"; {fix}" if fix else ""))
+        return config
+
+    # ---- config.json and weights -----------------------------------------------------------------
+    def fields_from_hf(self, d: dict[str, Any], source: str) -> dict[str, Any]:
+        """ModelConfig fields (shape and switches) from this family's config.json."""
+        return self.read_config(self, d, source)
+
+    def keys_to_hf(self, config: ModelConfig) -> dict[str, Any]:
+        """This family's config.json keys for `config` (the generic ones are added by slmkit.interop.hf)."""
+        return self.write_config(self, config)
+
+    # ---- compression -----------------------------------------------------------------------------
+    def block_linears(self, config: ModelConfig) -> list[str]:
+        """Full names of the compressible linear layers of every block, in order."""
+        return [f"layers.{i}.{sub}" for i in range(config.n_layers) for sub in self.compressible]
+
+
+# ---- config.json readers and writers --------------------------------------------------------------
+# HF activation names -> ours, and back
+_ACT_FROM_HF = {
+    "silu": "silu",
+    "swish": "silu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "relu": "relu",
+}
+_ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+# what each boolean key means wherever a llama-like config.json has it
+_FLAG_SWITCHES = {"attention_bias": ("qkv_bias", "out_bias"), "mlp_bias": ("mlp_bias",)}
+# switches a llama-like family may pin to one value in `allowed`; the reader sets them from there
+_PINNABLE = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "norm", "mlp", "positions")
+
+
+def _require(d: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
+    missing = [k for k in keys if d.get(k) is None]
+    if missing:
+        raise UserError(f"{source}: missing required keys {missing}")
+
+
+def _activation(name: Any, key: str, source: str) -> str:
+    if name not in _ACT_FROM_HF:
+        raise UserError(f"{source}: {key}={name!r} is not supported (supported: {', '.join(_ACT_FROM_HF)})")
+    return _ACT_FROM_HF[name]
+
+
+def _rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
+    """(rope_theta, scaling) from the legacy `rope_scaling` + `rope_theta` or transformers 5's `rope_parameters`."""
+    params = dict(d.get("rope_parameters") or {})
+    legacy = d.get("rope_scaling") or {}
+    if not isinstance(params, dict) or not isinstance(legacy, dict):
+        raise UserError(f"{source}: per-layer rope parameters are not supported")
+    params = {**legacy, **params}
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise UserError(f"{source}: partial_rotary_factor != 1 is not supported")
+    if kind == "default":
+        return float(theta), None
+    if kind not in ("linear", "dynamic", "llama3"):
+        raise UserError(f"{source}: rope scaling type {kind!r} is not supported (supported: linear, dynamic, llama3)")
+    if kind == "llama3":
+        scaling = RopeScaling(
+            type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_seq_len=int(
+                params.get("original_max_position_embeddings") or d.get("max_position_embeddings", 8192)
+            ),
+        )
+    else:
+        scaling = RopeScaling(type=kind, factor=float(params["factor"]))
+    return float(theta), scaling
+
+
+def _read_window(style: WindowStyle, d: dict[str, Any], n_layers: int, source: str) -> int | None:
+    """One sliding window for every layer, or None; mixed full/sliding layers are refused."""
+    if style == "none":
+        return None
+    if style == "every_layer":
+        return d.get("sliding_window", 4096)  # transformers' default when the key is absent
+    if not d.get("use_sliding_window"):
+        return None
+    window = d.get("sliding_window")
+    layer_types = d.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= d.get("max_window_layers", 0) else "full_attention"
+        for i in range(n_layers)
+    ]
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return window
+    raise UserError(
+        f"{source}: a mix of full and sliding-window layers (layer_types / max_window_layers) is not supported"
+    )
+
+
+def _write_window(style: WindowStyle, cfg: ModelConfig) -> dict[str, Any]:
+    if style == "none":
+        return {}
+    if style == "every_layer":
+        return {"sliding_window": cfg.sliding_window}
+    windowed = cfg.sliding_window is not None
+    return {
+        "use_sliding_window": windowed,
+        "sliding_window": cfg.sliding_window,
+        "max_window_layers": 0 if windowed else cfg.n_layers,
+        "layer_types": [("sliding_attention" if windowed else "full_attention")] * cfg.n_layers,
+    }
+
+
+_LLAMA_LIKE_KEYS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "head_dim", "hidden_act",
+    "attention_bias", "mlp_bias", "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window",
+    "max_window_layers", "layer_types",
+})  # fmt: skip
+
+
+def _read_llama_like(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    _require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), source)
+    refused = [key for key in spec.refused_flags if d.get(key)]
+    if refused:
+        raise UserError(f"{source}: {spec.name} with {' or '.join(refused)} is not supported")
+    # switches the family pins (Qwen2's q/k/v biases, Qwen3's q/k norm) come from its rules; flags from config.json
+    switches: dict[str, Any] = {
+        name: values[0] for name, values in spec.allowed.items() if name in _PINNABLE and len(values) == 1
+    }
+    for key in spec.flag_keys:
+        switches.update(dict.fromkeys(_FLAG_SWITCHES[key], bool(d.get(key, False))))
+    n_heads = d["num_attention_heads"]
+    head_dim = d.get("head_dim")
+    if head_dim is not None and head_dim * n_heads == d["hidden_size"]:
+        head_dim = None  # the default; keep configs comparable
+    theta, scaling = _rope(d, source)
+    return dict(
+        vocab_size=d["vocab_size"],
+        d_model=d["hidden_size"],
+        n_layers=d["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=d.get("num_key_value_heads") or n_heads,
+        d_ff=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        head_dim=head_dim,
+        activation=_activation(d.get("hidden_act", "silu"), "hidden_act", source),
+        sliding_window=_read_window(spec.window, d, d["num_hidden_layers"], source),
+        **switches,
+    )
+
+
+def _write_llama_like(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        s = cfg.rope_scaling
+        rope.update({"rope_type": s.type, "factor": s.factor})
+        if s.type == "llama3":
+            rope.update(
+                {
+                    "low_freq_factor": s.low_freq_factor,
+                    "high_freq_factor": s.high_freq_factor,
+                    "original_max_position_embeddings": s.original_max_seq_len,
+                }
+            )
+    d: dict[str, Any] = {
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "intermediate_size": cfg.d_ff,
+        "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+        "rms_norm_eps": cfg.norm_eps,
+        "head_dim": cfg.dim_per_head,
+        "hidden_act": _ACT_TO_HF[cfg.activation],
+        "attention_dropout": 0.0,
+    }
+    for key in spec.flag_keys:  # the rules made the switches a key holds equal, so the first one speaks for all
+        d[key] = getattr(cfg, _FLAG_SWITCHES[key][0])
+    d.update(_write_window(spec.window, cfg))
+    d.update(spec.fixed_keys)
+    return d
+
+
+_GPT2_KEYS = frozenset({
+    "vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+    "layer_norm_epsilon", "resid_pdrop", "embd_pdrop", "attn_pdrop", "summary_type", "summary_use_proj",
+    "summary_activation", "summary_proj_to_labels", "summary_first_dropout", "scale_attn_weights",
+    "scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn", "add_cross_attention", "n_ctx",
+})  # fmt: skip
+
+
+def _read_gpt2(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    _require(d, ("vocab_size", "n_embd", "n_layer", "n_head"), source)
+    for key, bad in (
+        ("scale_attn_weights", False),
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("add_cross_attention", True),
+    ):
+        if d.get(key, not bad) == bad:
+            raise UserError(f"{source}: gpt2 option {key}={bad} is not supported")
+    if d.get("tie_word_embeddings", True) is False:
+        raise UserError(f"{source}: gpt2 with tie_word_embeddings=false is not supported")
+    return dict(
+        vocab_size=d["vocab_size"],
+        d_model=d["n_embd"],
+        n_layers=d["n_layer"],
+        n_heads=d["n_head"],
+        n_kv_heads=d["n_head"],
+        d_ff=d.get("n_inner") or 4 * d["n_embd"],
+        max_seq_len=d.get("n_positions", 1024),
+        norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        activation=_activation(d.get("activation_function", "gelu_new"), "activation_function", source),
+        norm="layernorm",
+        mlp="plain",
+        positions="learned",
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+    )
+
+
+def _write_gpt2(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.d_ff,
+        "n_positions": cfg.max_seq_len,
+        "activation_function": {"gelu_tanh": "gelu_new"}.get(cfg.activation, cfg.activation),
+        "layer_norm_epsilon": cfg.norm_eps,
+        **spec.fixed_keys,
+    }
+
+
+# ---- weight names ---------------------------------------------------------------------------------
+LLAMA_PREFIX = "model."  # our names are Llama's without it
+
+
+def prefixed_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    """Our names -> Llama's: everything but the head under `model.`."""
+    return {(k if k.startswith("lm_head.") else LLAMA_PREFIX + k): v for k, v in state.items()}
+
+
+def prefixed_from_hf(state: StateDict) -> StateDict:
+    return {k.removeprefix(LLAMA_PREFIX): v for k, v in state.items()}
+
+
+def _gpt2_to_hf(state: StateDict, config: ModelConfig) -> StateDict:
+    import torch
+
+    out: StateDict = {
+        "transformer.wte.weight": state["embed_tokens.weight"],
+        "transformer.wpe.weight": state["embed_positions.weight"],
+        "transformer.ln_f.weight": state["norm.weight"],
+        "transformer.ln_f.bias": state["norm.bias"],
+    }
+    for i in range(config.n_layers):
+        ours, theirs = f"layers.{i}.", f"transformer.h.{i}."
+        for part in ("weight", "bias"):
+            out[theirs + f"ln_1.{part}"] = state[ours + f"input_layernorm.{part}"]
+            out[theirs + f"ln_2.{part}"] = state[ours + f"post_attention_layernorm.{part}"]
+        attn = ours + "self_attn."
+        # Conv1D stores (in, out): the transpose of nn.Linear's weight
+        qkv = [state[attn + f"{p}_proj.weight"] for p in "qkv"]
+        out[theirs + "attn.c_attn.weight"] = torch.cat(qkv, dim=0).t().contiguous()
+        out[theirs + "attn.c_attn.bias"] = torch.cat([state[attn + f"{p}_proj.bias"] for p in "qkv"])
+        out[theirs + "attn.c_proj.weight"] = state[attn + "o_proj.weight"].t().contiguous()
+        out[theirs + "attn.c_proj.bias"] = state[attn + "o_proj.bias"]
+        out[theirs + "mlp.c_fc.weight"] = state[ours + "mlp.up_proj.weight"].t().contiguous()
+        out[theirs + "mlp.c_fc.bias"] = state[ours + "mlp.up_proj.bias"]
+        out[theirs + "mlp.c_proj.weight"] = state[ours + "mlp.down_proj.weight"].t().contiguous()
+        out[theirs + "mlp.c_proj.bias"] = state[ours + "mlp.down_proj.bias"]
+    if "lm_head.weight" in state:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out
+
+
+_GPT2_SIMPLE = {
+    "wte.weight": "embed_tokens.weight",
+    "wpe.weight": "embed_positions.weight",
+    "ln_f.weight": "norm.weight",
+    "ln_f.bias": "norm.bias",
+}
+_GPT2_LAYER = {
+    "ln_1": "input_layernorm",
+    "ln_2": "post_attention_layernorm",
+    "attn.c_proj": "self_attn.o_proj",
+    "mlp.c_fc": "mlp.up_proj",
+    "mlp.c_proj": "mlp.down_proj",
+}
+
+
+def _gpt2_from_hf(state: StateDict) -> StateDict:
+    out: StateDict = {}
+    for name, tensor in state.items():
+        if name == "lm_head.weight":
+            out[name] = tensor  # tied; the loader drops it
+            continue
+        key = name.removeprefix("transformer.")
+        if key in _GPT2_SIMPLE:
+            out[_GPT2_SIMPLE[key]] = tensor
+            continue
+        parts = key.split(".")
+        if len(parts) < 4 or parts[0] != "h":
+            out[name] = tensor  # unknown: reported by the loader as unexpected
+            continue
+        layer, rest = parts[1], ".".join(parts[2:])
+        module, _, kind = rest.rpartition(".")
+        if module == "attn" and kind in ("bias", "masked_bias"):
+            continue  # old checkpoints saved the causal-mask buffers
+        ours = f"layers.{layer}."
+        if module == "attn.c_attn":
+            q, k, v = (tensor.t() if kind == "weight" else tensor).chunk(3, dim=0)
+            for p, part in zip("qkv", (q, k, v), strict=True):
+                out[ours + f"self_attn.{p}_proj.{kind}"] = part.contiguous()
+        elif module in _GPT2_LAYER:
+            conv1d = module != "ln_1" and module != "ln_2" and kind == "weight"
+            out[ours + f"{_GPT2_LAYER[module]}.{kind}"] = tensor.t().contiguous() if conv1d else tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+# ---- shared pieces of the specs -------------------------------------------------------------------
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+GATED_LINEARS = (*_QKV, "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PLAIN_LINEARS = (*_QKV, "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+
+_V_TO_O = ScaleFold("self_attn.v_proj", ("self_attn.o_proj",), per_kv_group=True)
+GATED_FOLDS = (
+    ScaleFold("input_layernorm", _QKV),
+    ScaleFold("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    _V_TO_O,
+    ScaleFold("mlp.up_proj", ("mlp.down_proj",)),  # down reads act(gate) * up: linear in up's rows
+)
+# GPT-2's down_proj reads GELU(up): no exact fold, so AWQ leaves its inputs unscaled
+PLAIN_FOLDS = (ScaleFold("input_layernorm", _QKV), ScaleFold("post_attention_layernorm", ("mlp.up_proj",)), _V_TO_O)
+
+_GGUF_COMMON = {
+    "input_layernorm": "ATTN_NORM",
+    "post_attention_layernorm": "FFN_NORM",
+    "self_attn.o_proj": "ATTN_OUT",
+    "mlp.up_proj": "FFN_UP",
+    "mlp.down_proj": "FFN_DOWN",
+}
+_GGUF_GATED = {
+    **_GGUF_COMMON,
+    "self_attn.q_proj": "ATTN_Q",
+    "self_attn.k_proj": "ATTN_K",
+    "self_attn.v_proj": "ATTN_V",
+    "self_attn.q_norm": "ATTN_Q_NORM",
+    "self_attn.k_norm": "ATTN_K_NORM",
+    "mlp.gate_proj": "FFN_GATE",
+}
+
+
+def _gguf_llama_like(arch: str, rope_pairs: bool, rope_scaling: tuple[str, ...]) -> GGUFLayout:
+    return GGUFLayout(
+        arch=arch,
+        tensors=MappingProxyType(_GGUF_GATED),
+        fused=MappingProxyType({}),
+        rope_pairs=rope_pairs,
+        explicit_output=False,
+        activation="silu",
+        mlp_bias=False,
+        rope_scaling=rope_scaling,
+    )
+
+
+def _llama_like(
+    name: str, architecture: str, gguf: GGUFLayout, allowed: dict[str, tuple[Any, ...]], **keys: Any
+) -> FamilySpec:
+    """A spec for a family whose config.json and weights follow Llama's (key names, `model.` prefix); `allowed`
+    adds to the recipe they all share (RMSNorm, gated MLP, rope)."""
+    return FamilySpec(
+        name=name,
+        architecture=architecture,
+        allowed=dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",)) | allowed,
+        config_keys=_LLAMA_LIKE_KEYS,
+        read_config=_read_llama_like,
+        write_config=_write_llama_like,
+        weights_to_hf=prefixed_to_hf,
+        weights_from_hf=prefixed_from_hf,
+        gguf=gguf,
+        compressible=GATED_LINEARS,
+        scale_folds=GATED_FOLDS,
+        **keys,
+    )
+
+
+_NO_BIAS = dict(qkv_bias=(False,), out_bias=(False,), mlp_bias=(False,))
+_ONE_ATTENTION_BIAS = {"attention_bias": ("qkv_bias", "out_bias")}
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llama": _llama_like(
+        "llama",
+        "LlamaForCausalLM",
+        _gguf_llama_like("llama", rope_pairs=True, rope_scaling=("linear", "llama3")),
+        allowed=dict(qk_norm=(False,), sliding_window=(None,)),
+        shared=_ONE_ATTENTION_BIAS,
+        flag_keys=("attention_bias", "mlp_bias"),
+        fixed_keys={"rope_scaling": None},  # rope_parameters holds it; a stale legacy key would shadow it
+    ),
+    "mistral": _llama_like(
+        "mistral",
+        "MistralForCausalLM",
+        _gguf_llama_like("llama", rope_pairs=True, rope_scaling=("linear", "llama3")),
+        allowed=dict(qk_norm=(False,), **_NO_BIAS),
+        shared={},
+        refused_flags=("attention_bias", "mlp_bias"),
+        window="every_layer",
+    ),
+    "qwen2": _llama_like(
+        "qwen2",
+        "Qwen2ForCausalLM",
+        _gguf_llama_like("qwen2", rope_pairs=False, rope_scaling=()),
+        allowed=dict(qk_norm=(False,), qkv_bias=(True,), out_bias=(False,), mlp_bias=(False,)),
+        shared={},
+        refused_flags=("mlp_bias",),
+        window="layer_types",
+    ),
+    "qwen3": _llama_like(
+        "qwen3",
+        "Qwen3ForCausalLM",
+        _gguf_llama_like("qwen3", rope_pairs=False, rope_scaling=()),
+        allowed=dict(qk_norm=(True,), mlp_bias=(False,)),
+        shared=_ONE_ATTENTION_BIAS,
+        flag_keys=("attention_bias",),
+        refused_flags=("mlp_bias",),
+        window="layer_types",
+    ),
+    "gpt2": FamilySpec(
+        name="gpt2",
+        architecture="GPT2LMHeadModel",
+        allowed=dict(
+            norm=("layernorm",),
+            mlp=("plain",),
+            positions=("learned",),
+            qk_norm=(False,),
+            sliding_window=(None,),
+            qkv_bias=(True,),
+            out_bias=(True,),
+            mlp_bias=(True,),
+            tie_embeddings=(True,),
+            rope_scaling=(None,),
+            head_dim=(None,),  # config.json has no head_dim: it is n_embd / n_head
+        ),  # fmt: skip
+        shared={"n_head": ("n_heads", "n_kv_heads")},
+        config_keys=_GPT2_KEYS,
+        read_config=_read_gpt2,
+        write_config=_write_gpt2,
+        weights_to_hf=_gpt2_to_hf,
+        weights_from_hf=_gpt2_from_hf,
+        gguf=GGUFLayout(
+            arch="gpt2",
+            tensors=MappingProxyType({**_GGUF_COMMON, "self_attn.qkv_proj": "ATTN_QKV"}),
+            fused=MappingProxyType({"self_attn.qkv_proj": _QKV}),  # as GPT-2's own checkpoints have it
+            rope_pairs=False,
+            explicit_output=True,
+            activation="gelu_tanh",
+            mlp_bias=True,
+            rope_scaling=(),
+        ),
+        compressible=PLAIN_LINEARS,
+        scale_folds=PLAIN_FOLDS,
+        tie_default=True,
+        weight_marker=".attn.c_attn.",
+        fixed_keys={
+            "scale_attn_weights": True,
+            "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+            "resid_pdrop": 0.0,
+            "embd_pdrop": 0.0,
+            "attn_pdrop": 0.0,
+        },
+    ),
+}
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The spec of family `name`; UserError naming the supported ones otherwise."""
+    if name not in FAMILIES:
+        raise UserError(f"family {name!r} is not supported (supported: {', '.join(FAMILIES)})")
+    return FAMILIES[name]
+
+
+def check_family(config: ModelConfig, source: str = "model config", fix: str | None = None) -> ModelConfig:
+    """`config` if its family can save it; UserError naming the switch and the fix otherwise."""
+    return family_spec(config.family).check(config, source, fix)

@@ -1,0 +1,154 @@
+"""Every Hugging Face family x the compression methods: each pair works end to end (a tiny random model of
+the family compressed through the public `compress`, its directory reloaded and compared with the float
+model) or is refused with a UserError that names the family and the method."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from slmkit.compress.modules import Int4Linear, Int8Linear, linear_names
+from slmkit.compress.pipeline import CompressOptions, compress
+from slmkit.compress.quantize import fold_awq_scales
+from slmkit.errors import UserError
+from slmkit.interop.checkpoint import load_model
+from slmkit.interop.families import FAMILIES
+from slmkit_testing import rel_err
+from slmkit_testing import seeded_logits as logits
+
+# each family with the switches that make it that family (and biases where the family allows them)
+SWITCHES = {
+    "llama": dict(qkv_bias=True, out_bias=True, mlp_bias=True),
+    "mistral": dict(family="mistral", sliding_window=16),
+    "qwen2": dict(family="qwen2", qkv_bias=True),
+    "qwen3": dict(family="qwen3", qk_norm=True, head_dim=32),  # head_dim * n_heads != d_model, as in Qwen3
+    "gpt2": dict(
+        family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
+        qkv_bias=True, out_bias=True, mlp_bias=True,
+    ),
+}  # fmt: skip
+CALIB = dict(calib_samples=8, calib_seq_len=32)
+# method -> (options, max relative logit error of the reloaded model; None for pruning, which changes the model)
+METHODS = {
+    "int8": (CompressOptions(**CALIB), 0.05),
+    # weights x5 make 4-bit rounding visible: 0.06-0.33 measured over the families; a wrong layer gives ~1
+    "int4": (CompressOptions(group_size=32, **CALIB), 0.45),
+    "gptq-int4": (CompressOptions(group_size=32, **CALIB), 0.45),
+    "awq-int4": (CompressOptions(group_size=32, **CALIB), 0.45),
+    "prune-structured": (CompressOptions(heads_keep=0.5, ffn_keep=0.5, **CALIB), None),
+}
+# what a family cannot do, and why: GPT-2's config.json derives the head width from n_embd / n_head
+REFUSED = {("gpt2", "prune-structured"): r"prune-structured: family 'gpt2' cannot express head_dim=16"}
+
+
+def test_every_family_has_switches_here():
+    assert set(SWITCHES) == set(FAMILIES)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory, data_dir, make_model):
+    root = tmp_path_factory.mktemp("families")
+
+    class Lazy(dict):
+        def __missing__(self, family: str):
+            self[family] = make_model(root / family, data_dir, vectors=0.2, **SWITCHES[family])
+            return self[family]
+
+    return Lazy()
+
+
+def block_linears_left(model: nn.Module) -> list[str]:
+    return [name for name, m in model.layers.named_modules() if type(m) is nn.Linear]
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("family", list(SWITCHES))
+def test_family_by_method(family, method, family_dirs, data_dir, tmp_path):
+    source = family_dirs[family]
+    options, max_error = METHODS[method]
+    out = tmp_path / "out"
+    if (family, method) in REFUSED:
+        with pytest.raises(UserError, match=REFUSED[family, method]):
+            compress(source, method, out, data=data_dir, options=options, measure=False, eval_windows=2)
+        assert not out.exists()
+        return
+    compress(source, method, out, data=data_dir, options=options, measure=False, eval_windows=2)
+    original, compressed = load_model(source), load_model(out)
+    assert compressed.config.family == family
+    reference, got = logits(original), logits(compressed)
+    assert bool(torch.isfinite(got).all())
+    if method == "prune-structured":
+        before, after = original.config, compressed.config
+        assert (after.n_heads, after.n_kv_heads, after.d_ff) == (before.n_heads // 2, 2, before.d_ff // 2)
+        hd = before.dim_per_head
+        attn, mlp = compressed.layers[0].self_attn, compressed.layers[0].mlp
+        assert attn.q_proj.weight.shape == (after.n_heads * hd, after.d_model)
+        assert attn.o_proj.weight.shape == (after.d_model, after.n_heads * hd)
+        assert mlp.up_proj.weight.shape == (after.d_ff, after.d_model)
+        assert mlp.down_proj.weight.shape == (after.d_model, after.d_ff)
+        if after.qkv_bias:
+            assert attn.k_proj.bias.shape == (after.n_kv_heads * hd,)
+        if after.mlp_bias:
+            assert mlp.up_proj.bias.shape == (after.d_ff,) and mlp.down_proj.bias.shape == (after.d_model,)
+        return
+    kind = Int8Linear if method == "int8" else Int4Linear
+    assert all(isinstance(compressed.get_submodule(n), kind) for n in linear_names(compressed.config))
+    assert block_linears_left(compressed) == []  # the spec names every linear layer of the family's blocks
+    assert rel_err(got, reference) < max_error
+
+
+def test_gpt2_structured_pruning_of_channels_and_layers(family_dirs, data_dir, tmp_path):
+    """What GPT-2 can express (fewer FFN channels and layers) works, and transformers reads the result."""
+    import transformers
+
+    options = CompressOptions(ffn_keep=0.5, drop_layers=1, **CALIB)
+    out = tmp_path / "gpt2-pruned"
+    compress(family_dirs["gpt2"], "prune-structured", out, data=data_dir, options=options, measure=False)
+    ours = load_model(out)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["n_layer"], config["n_inner"], config["n_head"]) == (1, 64, 4)
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (theirs(idx).logits - ours(idx)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_pruned_heads_load_in_transformers(family, family_dirs, data_dir, tmp_path):
+    """Pruned heads with q/k/v biases (Qwen2) or q/k norms and an explicit head_dim (Qwen3) stay a directory
+    transformers loads with the same logits."""
+    import transformers
+
+    out = tmp_path / family
+    options = CompressOptions(heads_keep=0.5, **CALIB)
+    compress(family_dirs[family], "prune-structured", out, data=data_dir, options=options, measure=False)
+    ours = load_model(out)
+    idx = torch.randint(0, ours.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert (theirs(idx).logits - ours(idx)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", list(SWITCHES))
+def test_awq_scale_folds_leave_every_family_exact(family, family_dirs):
+    """The spec's folds (norm weight and bias, v_proj rows and bias per kv group, up_proj rows where the MLP
+    is gated) change no output: AWQ's scales only move rounding error around."""
+    model = load_model(family_dirs[family])
+    config = model.config
+    before, q_weight = logits(model), model.layers[0].self_attn.q_proj.weight.clone()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.layers:
+            for fold in FAMILIES[family].scale_folds:
+                width = block.get_submodule(fold.consumers[0]).in_features
+                s = torch.rand(width, generator=gen) + 0.5
+                if fold.per_kv_group:  # one scale per kv channel, repeated for the heads that read it
+                    groups, hd = config.n_kv_heads, config.dim_per_head
+                    s = s.view(groups, -1, hd)[:, :1, :].expand(groups, width // (groups * hd), hd).reshape(-1)
+                fold_awq_scales(block, fold, s, config)
+    after = logits(model)
+    assert not torch.equal(model.layers[0].self_attn.q_proj.weight, q_weight)  # the weights did change
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)

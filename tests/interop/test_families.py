@@ -1,0 +1,95 @@
+"""The family specs: in step with the typed config, each one round-trips its config.json and weight names,
+names only GGUF tensors the `gguf` package knows, and lists every linear layer of its blocks."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+import pytest
+import torch
+from torch import nn
+
+from slmkit.config import Family, preset
+from slmkit.errors import UserError
+from slmkit.interop.families import FAMILIES, check_family, family_spec
+from slmkit.interop.hf import config_from_hf, config_to_hf, from_hf_state_dict, to_hf_state_dict
+from slmkit.models import build_model
+
+# a config of each family with the switches that family needs
+CONFIGS = {
+    "llama": dict(qkv_bias=True, out_bias=True, mlp_bias=True),
+    "mistral": dict(family="mistral", sliding_window=8),
+    "qwen2": dict(family="qwen2", qkv_bias=True),
+    "qwen3": dict(family="qwen3", qk_norm=True, head_dim=24),
+    "gpt2": dict(
+        family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
+        qkv_bias=True, out_bias=True, mlp_bias=True,
+    ),
+}  # fmt: skip
+
+
+def make(family: str):
+    config = check_family(preset("tiny", vocab_size=300, max_seq_len=64, **CONFIGS[family]))
+    model = build_model(config)
+    model.init_weights(0)
+    return model
+
+
+def test_specs_and_the_typed_family_field_name_the_same_families():
+    assert set(FAMILIES) == set(get_args(Family)) == set(CONFIGS)
+    assert all(spec.name == name for name, spec in FAMILIES.items())
+    with pytest.raises(UserError, match="family 'falcon' is not supported"):
+        family_spec("falcon")
+
+
+def test_specs_are_frozen():
+    spec = FAMILIES["llama"]
+    with pytest.raises(AttributeError):
+        spec.name = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        spec.allowed["qk_norm"] = (True,)  # type: ignore[index]
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_config_json_round_trip(family):
+    config = make(family).config
+    d = config_to_hf(config)
+    assert d["model_type"] == family and d["architectures"] == [FAMILIES[family].architecture]
+    assert config_from_hf(d) == config
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_weight_names_round_trip_and_the_family_is_told_by_them(family):
+    model = make(family)
+    state = model.state_dict()
+    hf = to_hf_state_dict(state, model.config)
+    assert "lm_head.weight" not in hf  # tied: transformers drops it too
+    back = from_hf_state_dict(hf)  # no config: told by the names (GPT-2's fused c_attn, else Llama's)
+    expected = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    assert back.keys() == expected.keys()
+    assert all(torch.equal(back[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_gguf_names_exist_in_the_gguf_package_and_cover_the_blocks(family):
+    import gguf
+
+    layout = FAMILIES[family].gguf
+    block = {name.rpartition(".")[0] for name in make(family).layers[0].state_dict()}
+    fused_parts = {part for parts in layout.fused.values() for part in parts}
+    written = (block - fused_parts) | set(layout.fused)
+    assert written <= set(layout.tensors)  # every tensor of a block gets a llama.cpp name
+    # ... that llama.cpp's architecture for the family loads
+    known = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH[layout.arch.upper()]])
+    assert {gguf.MODEL_TENSOR[layout.tensors[module]] for module in written} <= known
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_compressible_linears_are_every_linear_of_a_block(family):
+    model = make(family)
+    linears = sorted(name for name, m in model.layers[0].named_modules() if isinstance(m, nn.Linear))
+    assert sorted(FAMILIES[family].compressible) == linears
+    assert ("mlp.gate_proj" in linears) == (family != "gpt2")
+    for fold in FAMILIES[family].scale_folds:
+        assert fold.producer in dict(model.layers[0].named_modules())
+        assert set(fold.consumers) <= set(linears)
