@@ -20,7 +20,6 @@ from slmkit.infer.engine import Engine
 from slmkit.models import build_model
 from slmkit.models.registry import MIXERS, register_mixer
 
-
 SNAPSHOTS = 16  # positions a toy state can rewind: enough for a speculative round (k + 1 tokens)
 
 

@@ -93,3 +93,14 @@ def test_compressible_linears_are_every_linear_of_a_block(family):
     for fold in FAMILIES[family].scale_folds:
         assert fold.producer in dict(model.layers[0].named_modules())
         assert set(fold.consumers) <= set(linears)
+
+
+def test_a_family_refuses_layers_its_transformers_class_lacks():
+    from slmkit.config import preset
+    from slmkit.errors import UserError
+    from slmkit.interop.families import check_family
+
+    config = preset("tiny", layer_pattern=("attention", "mamba"))
+    with pytest.raises(UserError, match="family 'llama' has only attention layers, not mamba"):
+        check_family(config)
+    check_family(preset("tiny", layer_pattern=("attention", "attention")))

@@ -87,6 +87,7 @@ class FamilySpec:
     refused_flags: tuple[str, ...] = ()  # boolean keys its transformers class ignores: true means another model
     window: WindowStyle = "none"  # how config.json states a sliding window
     fixed_keys: Mapping[str, Any] = field(default_factory=dict)  # constant keys written to config.json
+    mixers: tuple[str, ...] = ("attention",)  # the sequence mixers its layers can have (transformers' class)
 
     def __post_init__(self) -> None:
         # frozen all the way down: a spec is shared by every model of its family
@@ -97,6 +98,13 @@ class FamilySpec:
     def problem(self, config: ModelConfig) -> tuple[str, str | None] | None:
         """(what is wrong, the usual fix when not said already) for the first switch this family cannot
         express, else None."""
+        layer_mixers = {config.mixer_at(i) for i in range(config.n_layers)}
+        if not layer_mixers <= set(self.mixers):
+            other = sorted(layer_mixers - set(self.mixers))
+            return (
+                f"family {self.name!r} has only {' or '.join(self.mixers)} layers, not {', '.join(other)}",
+                "use attention in every layer (mixer, layer_pattern) for a Hugging Face family",
+            )
         for name, allowed in self.allowed.items():
             value = getattr(config, name)
             if value not in allowed:
