@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,7 +26,8 @@ from slmkit.errors import UserError
 from slmkit.train.config import TrainConfig
 from slmkit.train.losses import distill_loss
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from slmkit.train.loop import Reporter
 
 __all__ = ["CONFIG_FILE", "DistillResult", "distill", "distill_loss"]
 
@@ -70,6 +70,30 @@ def _build_student(student: str, cfg: TrainConfig, vocab_size: int, eot: int) ->
     return model
 
 
+def _teacher_and_student(
+    teacher: str | Path, student: str, data: Any, data_dir: str | Path, cfg: TrainConfig
+) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
+    """The teacher's model dir, the teacher (on the CPU; the loop moves it) and the student, checked to
+    share the data's tokenizer and to fit the run's sequence length."""
+    from slmkit.data.tokenizer import file_sha256
+    from slmkit.interop.checkpoint import load_model, resolve_model_dir
+
+    teacher_dir = resolve_model_dir(teacher)
+    teacher_tok = teacher_dir / "tokenizer.json"
+    if not teacher_tok.is_file() or file_sha256(teacher_tok) != data.meta.get("tokenizer_sha256"):
+        raise UserError(f"{data_dir} was not tokenized with {teacher_dir}'s tokenizer; prepare it with --tokenizer")
+    teacher_model = load_model(teacher_dir)
+    model = _build_student(student, cfg, teacher_model.config.vocab_size, data.eot_token_id)
+    if model.config.vocab_size != teacher_model.config.vocab_size:
+        raise UserError(
+            f"student vocabulary ({model.config.vocab_size}) differs from the teacher's "
+            f"({teacher_model.config.vocab_size}); both must use the teacher's tokenizer"
+        )
+    if cfg.seq_len > min(model.config.max_seq_len, teacher_model.config.max_seq_len):
+        raise UserError(f"--seq-len {cfg.seq_len} exceeds the context of the teacher or the student")
+    return teacher_dir, teacher_model, model
+
+
 def distill(
     teacher: str | Path,
     student: str | Path,
@@ -80,15 +104,14 @@ def distill(
     alpha: float = 0.5,
     resume: bool = False,
     budget_overrides: dict[str, Any] | None = None,
-    reporter: Any = None,
+    reporter: Reporter | None = None,
 ) -> DistillResult:
     """Distil `teacher` into `student` (model dir or preset) on `data_dir`, writing a run to `run_dir`.
 
-    Under torchrun every rank calls this, as for `slmkit.train.loop.train`.
+    Under torchrun every rank calls this, as for `slmkit.train.loop.train`. `reporter` sees the run as
+    `train`'s does (default: logging).
     """
     from slmkit.data.shards import load_data_dir
-    from slmkit.data.tokenizer import file_sha256
-    from slmkit.interop.checkpoint import load_model, resolve_model_dir
     from slmkit.train import distributed
     from slmkit.train.checkpoints import latest_resumable, refuse_existing_run
     from slmkit.train.loop import RunSpec, check_enough_data, run
@@ -113,20 +136,8 @@ def distill(
     distributed.resolve_strategy(cfg.strategy)
 
     data = load_data_dir(data_dir)
-    teacher_dir = resolve_model_dir(teacher)
-    teacher_tok = teacher_dir / "tokenizer.json"
-    if not teacher_tok.is_file() or file_sha256(teacher_tok) != data.meta.get("tokenizer_sha256"):
-        raise UserError(f"{data_dir} was not tokenized with {teacher_dir}'s tokenizer; prepare it with --tokenizer")
     check_enough_data(data, data_dir, cfg.seq_len)
-    teacher_model = load_model(teacher_dir)  # the loop moves it to the run's device
-    model = _build_student(str(student), cfg, teacher_model.config.vocab_size, data.eot_token_id)
-    if model.config.vocab_size != teacher_model.config.vocab_size:
-        raise UserError(
-            f"student vocabulary ({model.config.vocab_size}) differs from the teacher's "
-            f"({teacher_model.config.vocab_size}); both must use the teacher's tokenizer"
-        )
-    if cfg.seq_len > min(model.config.max_seq_len, teacher_model.config.max_seq_len):
-        raise UserError(f"--seq-len {cfg.seq_len} exceeds the context of the teacher or the student")
+    teacher_dir, teacher_model, model = _teacher_and_student(teacher, str(student), data, data_dir, cfg)
 
     def config_record(final_cfg: TrainConfig) -> dict[str, Any]:
         return {
