@@ -96,3 +96,51 @@ def test_distill_bad_input(float_model_dir, data_dir, tmp_path):
     # a quantized teacher is fine: it only runs forward
     result = distill(tmp_path / "q8", "tiny", data_dir, tmp_path / "qt", dataclasses.replace(CFG, max_steps=2))
     assert result.step == 2
+
+
+def _step_records(run) -> list[dict]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r]
+
+
+def test_resumed_distillation_is_the_uninterrupted_one(float_model_dir, data_dir, tmp_path):
+    """On the shared loop: grad-accum, every RNG state and the objective's metrics survive a resume."""
+    cfg = dataclasses.replace(CFG, max_steps=4, grad_accum=2, eval_interval=2)
+    full = distill(float_model_dir, "tiny", data_dir, tmp_path / "full", cfg, alpha=0.7)
+    part_cfg = dataclasses.replace(cfg, save_interval=2)
+    part = distill(float_model_dir, "tiny", data_dir, tmp_path / "part", part_cfg, alpha=0.7)
+    assert part.losses == full.losses
+    shutil.rmtree(tmp_path / "part" / "final")
+    resumed = distill(float_model_dir, "tiny", data_dir, tmp_path / "part", resume=True)
+    assert resumed.losses == full.losses[2:]
+    keys = ("step", "loss", "distill_kl", "lm_loss", "tokens")
+    expected = [{k: r[k] for k in keys} for r in _step_records(tmp_path / "full")]
+    assert [{k: r[k] for k in keys} for r in _step_records(tmp_path / "part")] == expected
+    for r in _step_records(tmp_path / "full"):  # the logged loss is the documented mix of its terms
+        assert r["loss"] == pytest.approx(0.7 * 2.0**2 * r["distill_kl"] + 0.3 * r["lm_loss"], rel=1e-5)
+    state = torch.load(tmp_path / "part" / "final" / "trainer_state.pt", weights_only=False)
+    assert set(state["rng"]) >= {"torch"} and state["optimizer"]["format"] == "by-name"
+    saved = json.loads((tmp_path / "part" / "distill_config.json").read_text())
+    assert saved["student"] == "tiny" and saved["alpha"] == 0.7
+    a, b = load_model(tmp_path / "full" / "final"), load_model(resumed.final_dir)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_ctrl_c_stops_distillation_after_the_step(float_model_dir, data_dir, tmp_path):
+    """The first Ctrl-C is deferred to the end of the step, then a resumable checkpoint is saved."""
+    import signal
+
+    from slmkit.train.loop import LogReporter
+
+    class CtrlCAtStep2(LogReporter):
+        def step(self, m: dict) -> None:
+            if m["step"] == 2:
+                signal.raise_signal(signal.SIGINT)
+
+    run = tmp_path / "run"
+    result = distill(float_model_dir, "tiny", data_dir, run, CFG, reporter=CtrlCAtStep2())
+    assert result.stop_reason == "interrupted" and result.step == 2 and result.final_dir is None
+    assert (run / "checkpoints" / "step-2" / "trainer_state.pt").is_file()
+    resumed = distill(float_model_dir, "tiny", data_dir, run, resume=True)
+    assert resumed.step == CFG.max_steps and resumed.stop_reason == "steps"

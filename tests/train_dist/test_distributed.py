@@ -261,3 +261,19 @@ def test_bad_launch_environment_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(UserError, match="rank 0: could not join the process group of 2 .*MASTER_ADDR"):
         start("ddp", torch.device("cpu"), 5.0)
+
+
+def test_ddp_distillation_matches_one_process(data_dir, tiny_model_dir, tmp_path):
+    """`slm distill` runs on the trainer's loop, so under torchrun it is data-parallel like `slm train`."""
+    from slmkit.compress.distill import distill
+
+    options = dict(seq_len=32, lr=3e-3, warmup_steps=2, max_steps=3, device="cpu", seed=7)
+    single = distill(tiny_model_dir, "tiny", data_dir, tmp_path / "single", TrainConfig(**options, batch_size=4))
+    args = ["distill", "--teacher", str(tiny_model_dir), "--student", "tiny", "--data", str(data_dir)]
+    args += ["--out", str(tmp_path / "ddp"), "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3"]
+    args += ["--warmup-steps", "2", "--max-steps", "3", "--device", "cpu", "--seed", "7"]
+    outputs = wait_all(launch(args, tmp_path / "logs"), tmp_path / "logs")
+    assert "saved to" in outputs[0]
+    assert json.loads((tmp_path / "ddp" / "final" / "trainer_state.json").read_text())["world_size"] == 2
+    assert_close(losses(tmp_path / "ddp"), single.losses)
+    assert_same_weights(tmp_path / "ddp" / "final", tmp_path / "single" / "final")

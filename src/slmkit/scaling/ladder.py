@@ -103,6 +103,7 @@ def measure_train_throughput(shape: Shape, vocab_size: int, settings: LadderSett
     import torch
 
     from slmkit.models import build_model
+    from slmkit.train.losses import next_token_cross_entropy
 
     cfg = shape.config(vocab_size, settings.seq_len)
     model = build_model(cfg)
@@ -112,7 +113,7 @@ def measure_train_throughput(shape: Shape, vocab_size: int, settings: LadderSett
 
     def step() -> None:
         logits = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), x[:, 1:].reshape(-1))
+        loss = next_token_cross_entropy(logits, x[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

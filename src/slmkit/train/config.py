@@ -52,6 +52,9 @@ class TrainConfig:
     # more than one process (torchrun); see slmkit.train.distributed
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"
     dist_timeout_seconds: float = 600.0  # a collective waiting longer than this fails the run on every rank
+    # objectives (see slmkit.train.objectives)
+    trainable: list[str] | None = None  # fnmatch patterns on parameter names; None trains every parameter
+    aux_loss_weight: float = 0.01  # weight of the auxiliary losses a model reports (e.g. MoE load balancing)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -93,6 +96,16 @@ class TrainConfig:
             raise UserError(f"train config: strategy must be auto, single, ddp or fsdp, got {self.strategy!r}")
         if not (isinstance(self.dist_timeout_seconds, int | float) and self.dist_timeout_seconds > 0):
             raise UserError(f"train config: dist_timeout_seconds must be > 0, got {self.dist_timeout_seconds!r}")
+        if self.trainable is not None and (
+            not isinstance(self.trainable, list | tuple)
+            or not self.trainable
+            or not all(isinstance(p, str) and p for p in self.trainable)
+        ):
+            raise UserError(
+                f"train config: trainable must be a non-empty list of parameter-name patterns, got {self.trainable!r}"
+            )
+        if not (isinstance(self.aux_loss_weight, int | float) and 0 <= self.aux_loss_weight < math.inf):
+            raise UserError(f"train config: aux_loss_weight must be a number >= 0, got {self.aux_loss_weight!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"train config: threads must be >= 1, got {self.threads}")
         self.model_config(vocab_size=self.model.get("vocab_size", 8192))  # validate overrides early

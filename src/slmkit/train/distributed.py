@@ -24,7 +24,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,20 +206,27 @@ def sync_gradients(
     return contextlib.nullcontext()
 
 
-def step_stats(ctx: DistContext, loss: torch.Tensor, seconds: float, interrupted: bool) -> tuple[float, float, bool]:
-    """One collective per step: the mean loss over ranks, the slowest rank's time, and whether any rank
-    was asked to stop (Ctrl-C), so every rank takes the same budget and stop decisions."""
+def step_stats(
+    ctx: DistContext, values: Sequence[torch.Tensor], seconds: float, interrupted: bool
+) -> tuple[list[float], float, bool]:
+    """One device sync (one collective when distributed) per step: the step's loss and the objective's
+    metrics (`values`, scalars; means over ranks), the slowest rank's time, and whether any rank was
+    asked to stop (Ctrl-C), so every rank takes the same budget and stop decisions."""
     if not ctx.distributed:
-        return float(loss), seconds, interrupted
+        if len(values) == 1:
+            return [float(values[0])], seconds, interrupted
+        return torch.stack(list(values)).tolist(), seconds, interrupted
     import torch.distributed as dist
 
-    mine = torch.tensor([float(loss), seconds, float(interrupted)], dtype=torch.float64)
+    mine = torch.stack([v.detach().double() for v in values]).cpu()  # one copy from the device
+    mine = torch.cat([mine, torch.tensor([seconds, float(interrupted)], dtype=torch.float64)])
     if ctx.backend == "nccl":
         mine = mine.cuda()
     everyone = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(everyone, mine)
     table = torch.stack(everyone).cpu()
-    return float(table[:, 0].mean()), float(table[:, 1].max()), bool(table[:, 2].max() > 0)
+    n = len(values)
+    return table[:, :n].mean(dim=0).tolist(), float(table[:, n].max()), bool(table[:, n + 1].max() > 0)
 
 
 def barrier(ctx: DistContext) -> None:

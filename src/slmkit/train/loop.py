@@ -1,7 +1,10 @@
-"""The training loop: budgets, evaluation, metrics, atomic checkpoints and exact resume.
+"""The training loop: budgets, evaluation, metrics, atomic checkpoints and exact resume, for any objective.
 
-`train(cfg, data_dir, run_dir)` is the one public entry point; the CLI, the quickstart and later the
-ladder call it. It reports through a `Reporter` (the CLI draws a progress line; the default logs).
+`train(cfg, data_dir, run_dir)` pre-trains a model with the language-modeling objective; the CLI, the
+quickstart and the ladder call it. `run(cfg, data, run_dir, spec)` is the one loop underneath: it
+trains `spec.model` on `spec.objective` (see `slmkit.train.objectives`), and `slm distill` calls it
+with the distillation objective. Either reports through a `Reporter` (the CLI draws a progress line;
+the default logs).
 """
 
 from __future__ import annotations
@@ -11,11 +14,10 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,17 +25,45 @@ from typing import Any, Protocol
 import torch
 
 from slmkit.errors import UserError
-from slmkit.interop.checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint, save_model
+from slmkit.interop.checkpoint import latest_checkpoint
 from slmkit.train import distributed
 from slmkit.train.batches import WindowSampler
 from slmkit.train.budget import Budget
+from slmkit.train.checkpoints import (
+    STATE_JSON,
+    STATE_PT,
+    latest_resumable,
+    load_checkpoint,
+    prune_checkpoints,
+    refuse_existing_run,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    truncate_metrics,
+)
 from slmkit.train.config import TrainConfig
+from slmkit.train.objectives import LanguageModeling, Metrics, Objective
 from slmkit.train.optim import lr_at, make_optimizer
+from slmkit.train.validation import token_nats
 
 log = logging.getLogger(__name__)
 
-STATE_PT = "trainer_state.pt"
-STATE_JSON = "trainer_state.json"
+__all__ = [
+    "STATE_JSON",
+    "STATE_PT",
+    "LogReporter",
+    "Reporter",
+    "RunSpec",
+    "TrainResult",
+    "autocast_dtype",
+    "measure_peak_flops",
+    "resolve_device",
+    "run",
+    "train",
+    "truncate_metrics",
+]
+
+TRAIN_CONFIG = "train_config.json"
 
 
 class Reporter(Protocol):
@@ -67,6 +97,16 @@ class LogReporter:
         log.info("done: %s after %d steps", result.stop_reason, result.step)
 
 
+class _SilentReporter:
+    """Ranks other than 0 report nothing."""
+
+    def start(self, info: dict[str, Any]) -> None: ...
+    def step(self, metrics: dict[str, Any]) -> None: ...
+    def eval(self, metrics: dict[str, Any]) -> None: ...
+    def message(self, text: str) -> None: ...
+    def end(self, result: TrainResult) -> None: ...
+
+
 @dataclass
 class TrainResult:
     run_dir: Path
@@ -80,6 +120,19 @@ class TrainResult:
     val_loss: float | None = None
     val_bits_per_byte: float | None = None
     losses: list[float] = field(default_factory=list)  # per step, this invocation only
+    val: dict[str, float] = field(default_factory=dict)  # the last evaluation (objectives may add entries)
+
+
+@dataclass
+class RunSpec:
+    """What a run trains and how its directory is kept: the parts training and distillation do not share."""
+
+    kind: str  # "training", "distillation": named in messages and in trainer_state.json
+    model: torch.nn.Module  # to train, initialised, on the CPU; a resumed run loads its checkpoint into it
+    objective: Objective
+    tokenizer_dir: Path  # copied into every checkpoint
+    config_file: str  # in the run dir, written at each start; what `--resume` reads back
+    config_record: Callable[[TrainConfig], dict[str, Any]]  # what config_file holds (given the final config)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -125,36 +178,6 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    # the checkpoint is loaded with map_location=device, which moves these to the GPU; RNG states are CPU bytes
-    torch.set_rng_state(state["torch"].cpu())
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after `step` (a resumed run logs those steps again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(x + "\n" for x in kept))
-    os.replace(tmp, path)
-
-
 def train(
     cfg: TrainConfig,
     data_dir: str | Path,
@@ -163,310 +186,406 @@ def train(
     reporter: Reporter | None = None,
     budget_overrides: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Train a model on a prepared data dir into run_dir; see the module docstring.
+    """Train a model on a prepared data dir into run_dir with the language-modeling objective.
 
     Under torchrun every rank calls this; `cfg.strategy` picks one process, DDP or FSDP (see
     `slmkit.train.distributed`), and only rank 0 reports, writes metrics and checkpoints.
     """
     from slmkit.data.shards import load_data_dir
+    from slmkit.models import build_model
 
     run_dir = Path(run_dir)
     resume_from: Path | None = None
     if resume:
-        resume_from = _latest_resumable(run_dir)
-        saved = json.loads((run_dir / "train_config.json").read_text())
-        cfg = TrainConfig.from_dict({**saved, **(budget_overrides or {})}, source=str(run_dir / "train_config.json"))
-    elif run_dir.exists() and (latest_checkpoint(run_dir) or (run_dir / "final" / WEIGHTS).exists()):
-        raise UserError(
-            f"{run_dir}: run directory already has checkpoints; pass --resume to continue it, or choose a new --out"
-        )
+        resume_from = latest_resumable(run_dir, TRAIN_CONFIG, "training")
+        saved = json.loads((run_dir / TRAIN_CONFIG).read_text())
+        cfg = TrainConfig.from_dict({**saved, **(budget_overrides or {})}, source=str(run_dir / TRAIN_CONFIG))
+    else:
+        refuse_existing_run(run_dir)
     if not cfg.has_budget:
         raise UserError("no training budget: give --max-steps, --max-tokens, --max-minutes or --max-flops")
-    strategy = distributed.resolve_strategy(cfg.strategy)
+    distributed.resolve_strategy(cfg.strategy)  # refuse a strategy that does not fit the launch before any work
 
     data = load_data_dir(data_dir)
-    if len(data.train) < cfg.seq_len + 1:
-        raise UserError(
-            f"{data_dir}: train split has {len(data.train)} tokens, fewer than one sequence of "
-            f"{cfg.seq_len + 1}; use more data or a smaller --seq-len"
-        )
-    device = resolve_device(cfg.device)
-    ctx, device = distributed.start(strategy, device, cfg.dist_timeout_seconds)
-    try:
-        with distributed.quiet_unless_main(ctx):
-            return _run(cfg, data, run_dir, resume_from, reporter if ctx.is_main else _SilentReporter(), ctx, device)
-    except Exception as exc:
-        if ctx.distributed and distributed.is_collective_failure(exc):
-            latest = latest_checkpoint(run_dir)
-            kept = (
-                f"the last checkpoint, {latest}, is intact; continue with --resume" if latest else "no checkpoint yet"
-            )
-            text = str(exc).strip()
-            # the backend's first sentence names what happened ("Connection reset by peer", "Timed out ...")
-            first_line = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
-            raise distributed.RankFailure(
-                f"rank {ctx.rank} of {ctx.world_size}: another rank failed or stopped answering within "
-                f"{ctx.timeout_seconds:g} s ({first_line}); every rank stops, see the other ranks' output; {kept}"
-            ) from None
-        raise
-    finally:
-        distributed.stop(ctx)
-
-
-class _SilentReporter:
-    """Ranks other than 0 report nothing."""
-
-    def start(self, info: dict[str, Any]) -> None: ...
-    def step(self, metrics: dict[str, Any]) -> None: ...
-    def eval(self, metrics: dict[str, Any]) -> None: ...
-    def message(self, text: str) -> None: ...
-    def end(self, result: TrainResult) -> None: ...
-
-
-def _run(
-    cfg: TrainConfig,
-    data: Any,
-    run_dir: Path,
-    resume_from: Path | None,
-    reporter: Reporter | None,
-    ctx: distributed.DistContext,
-    device: torch.device,
-) -> TrainResult:
-    from slmkit.eval.perplexity import token_nats
-    from slmkit.models import build_model
-
-    reporter = reporter or LogReporter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    amp_dtype = autocast_dtype(cfg, device)
-
-    def autocast() -> contextlib.AbstractContextManager:
-        if amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
+    check_enough_data(data, data_dir, cfg.seq_len)
     model_cfg = cfg.model_config(vocab_size=data.vocab_size)
     model_cfg = model_cfg.replace(bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id)
     torch.manual_seed(cfg.seed)
     model = build_model(model_cfg)
     model.init_weights(seed=cfg.seed)
-    model.to(device)
-    saved_state: dict[str, Any] | None = None
-    if resume_from is not None:
-        # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
-        saved_state = _load_checkpoint(resume_from, model, device)
-        cfg, note = _keep_global_batch(cfg, saved_state.get("world_size", 1), ctx.world_size)
-        if note:
-            reporter.message(note)
-    wrapped = distributed.wrap_model(model, ctx, device, amp_dtype)  # `model` keeps the plain names
-    optimizer = make_optimizer(model, cfg, device)
-    sampler = WindowSampler(data.train, cfg.seq_len, cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
-    step, tokens, flops, elapsed = 0, 0, 0.0, 0.0
+    spec = RunSpec(
+        kind="training",
+        model=model,
+        objective=LanguageModeling(cfg.trainable, cfg.aux_loss_weight),
+        tokenizer_dir=Path(data.path),
+        config_file=TRAIN_CONFIG,
+        config_record=TrainConfig.to_dict,
+    )
+    return run(cfg, data, run_dir, spec, resume_from, reporter)
 
-    if saved_state is not None:
-        assert resume_from is not None
-        distributed.load_named_optimizer_state(model, optimizer, saved_state["optimizer"], str(resume_from / STATE_PT))
-        sampler.position = saved_state["sampler_position"]
-        _set_rng_state(saved_state["rng"], device)
-        step, tokens = saved_state["step"], saved_state["tokens"]
-        flops, elapsed = saved_state["flops"], saved_state["elapsed"]
-        if ctx.is_main:
-            truncate_metrics(run_dir / "metrics.jsonl", step)
-        reporter.message(f"resuming from {resume_from} (step {step})")
-    else:
-        if ctx.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "metrics.jsonl").write_text("")
-        torch.manual_seed(cfg.seed)
-    if ctx.is_main:
-        cfg.save(run_dir / "train_config.json")
-    if ctx.distributed:
-        reporter.message(f"{ctx.strategy} on {ctx.world_size} processes ({ctx.backend})")
 
-    # the global batch: micro-batch x grad-accum x world size; budgets and the schedule count it
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * ctx.world_size
-    flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
-    budget = Budget(cfg.max_steps, cfg.max_tokens, cfg.max_flops, cfg.max_minutes)
-    peak = measure_peak_flops(device, amp_dtype or torch.float32) * ctx.world_size
-    bytes_per_token = data.bytes_per_token("val") if len(data.val) > 1 else None
-    reporter.start(
-        {
+def check_enough_data(data: Any, data_dir: str | Path, seq_len: int) -> None:
+    if len(data.train) < seq_len + 1:
+        raise UserError(
+            f"{data_dir}: train split has {len(data.train)} tokens, fewer than one sequence of "
+            f"{seq_len + 1}; use more data or a smaller --seq-len"
+        )
+
+
+def run(
+    cfg: TrainConfig,
+    data: Any,
+    run_dir: Path,
+    spec: RunSpec,
+    resume_from: Path | None = None,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """Train `spec.model` on `spec.objective` with the data dir `data` (a `load_data_dir` result) into run_dir,
+    continuing from the checkpoint `resume_from` if given (see `checkpoints.latest_resumable`)."""
+    strategy = distributed.resolve_strategy(cfg.strategy)
+    device = resolve_device(cfg.device)
+    ctx, device = distributed.start(strategy, device, cfg.dist_timeout_seconds)
+    try:
+        with distributed.quiet_unless_main(ctx):
+            reporter = (reporter or LogReporter()) if ctx.is_main else _SilentReporter()
+            session = _Session(cfg, data, run_dir, spec, ctx, device, reporter)
+            session.setup(resume_from)
+            return session.train()
+    except Exception as exc:
+        if ctx.distributed and distributed.is_collective_failure(exc):
+            raise _rank_failure(ctx, exc, run_dir) from None
+        raise
+    finally:
+        distributed.stop(ctx)
+
+
+def _rank_failure(ctx: distributed.DistContext, exc: Exception, run_dir: Path) -> distributed.RankFailure:
+    latest = latest_checkpoint(run_dir)
+    kept = f"the last checkpoint, {latest}, is intact; continue with --resume" if latest else "no checkpoint yet"
+    text = str(exc).strip()
+    # the backend's first sentence names what happened ("Connection reset by peer", "Timed out ...")
+    first_line = text.splitlines()[0].split(". ")[0] if text else type(exc).__name__
+    return distributed.RankFailure(
+        f"rank {ctx.rank} of {ctx.world_size}: another rank failed or stopped answering within "
+        f"{ctx.timeout_seconds:g} s ({first_line}); every rank stops, see the other ranks' output; {kept}"
+    )
+
+
+@dataclass
+class _Counters:
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    elapsed: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "flops": self.flops, "elapsed": self.elapsed}
+
+
+class _Session:
+    """One invocation of a run: the model, optimizer and sampler, the counters, and the run dir's files."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: Any,
+        run_dir: Path,
+        spec: RunSpec,
+        ctx: distributed.DistContext,
+        device: torch.device,
+        reporter: Reporter,
+    ) -> None:
+        self.cfg, self.data, self.run_dir, self.spec = cfg, data, run_dir, spec
+        self.ctx, self.device, self.reporter = ctx, device, reporter
+        self.model, self.objective = spec.model, spec.objective
+        self.amp_dtype = autocast_dtype(cfg, device)
+        self.counters = _Counters()
+        self.last_val: dict[str, float] = {}
+        self.last_saved_step = -1
+        self.losses: list[float] = []
+        self.metrics_file: Any = None  # open while the loop runs, on rank 0
+        self.bytes_per_token = data.bytes_per_token("val") if len(data.val) > 1 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # --- setup -----------------------------------------------------------------------------------------
+
+    def setup(self, resume_from: Path | None) -> None:
+        cfg, ctx, device = self.cfg, self.ctx, self.device
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        model = self.model.to(device)
+        model.train()
+        self.objective.attach(model, device)
+        _freeze_untrainable(model, self.objective)
+        saved_state: dict[str, Any] | None = None
+        if resume_from is not None:
+            # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
+            saved_state = load_checkpoint(resume_from, model, device)
+            self.cfg, note = _keep_global_batch(cfg, saved_state.get("world_size", 1), ctx.world_size)
+            cfg = self.cfg
+            if note:
+                self.reporter.message(note)
+        self.wrapped = distributed.wrap_model(model, ctx, device, self.amp_dtype)  # `model` keeps the plain names
+        self.forward = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        # after wrapping: fsdp swaps in sharded parameters; frozen ones have no gradient to clip
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(model, cfg, device)
+        self.sampler = WindowSampler(self.data.train, cfg.seq_len, cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+        # before the RNG is seeded or restored: the probe draws random matrices
+        self.peak = measure_peak_flops(device, self.amp_dtype or torch.float32) * ctx.world_size
+        if saved_state is not None:
+            assert resume_from is not None
+            self._restore(resume_from, saved_state)
+        else:
+            if ctx.is_main:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "metrics.jsonl").write_text("")
+            torch.manual_seed(cfg.seed)
+        if ctx.is_main:
+            record = self.spec.config_record(cfg)
+            (self.run_dir / self.spec.config_file).write_text(json.dumps(record, indent=2) + "\n")
+        if ctx.distributed:
+            self.reporter.message(f"{ctx.strategy} on {ctx.world_size} processes ({ctx.backend})")
+
+    def _restore(self, resume_from: Path, state: dict[str, Any]) -> None:
+        distributed.load_named_optimizer_state(
+            self.model, self.optimizer, state["optimizer"], str(resume_from / STATE_PT)
+        )
+        self.sampler.position = state["sampler_position"]
+        set_rng_state(state["rng"], self.device)
+        c = self.counters
+        c.step, c.tokens = state["step"], state["tokens"]
+        # distillation checkpoints from before the shared loop counted no FLOPs
+        c.flops, c.elapsed = state.get("flops", 0.0), state["elapsed"]
+        self.last_saved_step = c.step
+        if self.ctx.is_main:
+            truncate_metrics(self.run_dir / "metrics.jsonl", c.step)
+        self.reporter.message(f"resuming from {resume_from} (step {c.step})")
+
+    # --- the loop --------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        cfg, ctx, c = self.cfg, self.ctx, self.counters
+        model_cfg = self.model.config  # type: ignore[attr-defined]
+        # the global batch: micro-batch x grad-accum x world size; budgets and the schedule count it
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len * ctx.world_size
+        self.flops_per_token = model_cfg.flops_per_token(cfg.seq_len)
+        self.budget = Budget(cfg.max_steps, cfg.max_tokens, cfg.max_flops, cfg.max_minutes)
+        self.reporter.start(self._start_info())
+        if ctx.is_main:
+            self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed below
+        stop_reason: str | None = self.budget.done(c.step, c.tokens, c.flops, c.elapsed)
+        self.wrapped.train()
+        interrupt = _DeferredInterrupt()
+        interrupted_anywhere = False
+        try:
+            while stop_reason is None:
+                if interrupted_anywhere or (not ctx.distributed and interrupt.requested):
+                    raise KeyboardInterrupt
+                record, interrupted_anywhere = self._step(interrupt)
+                stop_reason = self.budget.done(c.step, c.tokens, c.flops, c.elapsed)
+                self._after_step(record, stop_reason)
+        except KeyboardInterrupt:
+            stop_reason = "interrupted"
+            self.reporter.message(f"interrupted at step {c.step}; saving a checkpoint")
+        finally:
+            interrupt.restore()
+            if self.metrics_file is not None:
+                self.metrics_file.close()
+                self.metrics_file = None
+        return self._finish(stop_reason)
+
+    def _start_info(self) -> dict[str, Any]:
+        model_cfg, c = self.model.config, self.counters  # type: ignore[attr-defined]
+        return {
             "params": model_cfg.num_params(),
             "non_embedding_params": model_cfg.num_params(False),
-            "device": str(device),
-            "dtype": str(amp_dtype or torch.float32).removeprefix("torch."),
-            "tokens_per_step": tokens_per_step,
-            "flops_per_token": flops_per_token,
-            "planned_steps": budget.planned_steps(tokens_per_step, tokens_per_step * flops_per_token),
-            "step": step,
-            "budget": {k: v for k, v in vars(budget).items() if v is not None},
-            "strategy": ctx.strategy,
-            "world_size": ctx.world_size,
+            "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "device": str(self.device),
+            "dtype": str(self.amp_dtype or torch.float32).removeprefix("torch."),
+            "tokens_per_step": self.tokens_per_step,
+            "flops_per_token": self.flops_per_token,
+            "planned_steps": self.budget.planned_steps(
+                self.tokens_per_step, self.tokens_per_step * self.flops_per_token
+            ),
+            "step": c.step,
+            "budget": {k: v for k, v in vars(self.budget).items() if v is not None},
+            "strategy": self.ctx.strategy,
+            "world_size": self.ctx.world_size,
+            "objective": self.spec.kind,
         }
-    )
 
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
-    metrics_file = open(run_dir / "metrics.jsonl", "a") if ctx.is_main else None  # noqa: SIM115 - closed in finally
-    result_losses: list[float] = []
-    last_val: dict[str, float] = {}
-    stop_reason: str | None = budget.done(step, tokens, flops, elapsed)
-    last_saved_step = step if resume_from is not None else -1
+    def _step(self, interrupt: _DeferredInterrupt) -> tuple[dict[str, Any], bool]:
+        """One optimizer step over grad_accum micro-batches; returns its metrics record and whether any
+        rank was interrupted (Ctrl-C)."""
+        cfg, ctx, c = self.cfg, self.ctx, self.counters
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, c.step, self.budget.progress(c.step, c.tokens, c.flops, c.elapsed))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum: torch.Tensor | float = 0.0
+        metric_sums: dict[str, torch.Tensor] | None = None  # only objectives that report metrics pay for them
+        for micro_step in range(cfg.grad_accum):
+            x, y = self.sampler.next_batch(cfg.batch_size)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with distributed.sync_gradients(self.wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
+                with self.autocast():
+                    loss, metrics = self.objective.loss(self.forward, x, y)
+                (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
+            if metrics:
+                metric_sums = _accumulate(metric_sums, metrics)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # one sync per step, for the log; distributed: mean over ranks, slowest rank's time, any Ctrl-C
+        n = cfg.grad_accum
+        names = tuple(metric_sums) if metric_sums else ()
+        values = (loss_sum / n, *(metric_sums[k] / n for k in names)) if metric_sums else (loss_sum / n,)
+        means, dt, interrupted = distributed.step_stats(ctx, values, time.perf_counter() - t0, interrupt.requested)
+        train_loss = means[0]
+        if not math.isfinite(train_loss):
+            raise UserError(
+                f"{self.spec.kind} diverged at step {c.step + 1} (loss {train_loss}); lower --lr "
+                f"(now {cfg.lr}) or raise --warmup-steps; the last checkpoint is intact"
+            )
+        c.step += 1
+        c.tokens += self.tokens_per_step
+        c.flops += self.tokens_per_step * self.flops_per_token
+        c.elapsed += dt
+        self.losses.append(train_loss)
+        record = {
+            "step": c.step,
+            "loss": train_loss,
+            "lr": lr,
+            "grad_norm": distributed.grad_norm_value(grad_norm),
+            "tokens": c.tokens,
+            "flops": c.flops,
+            "elapsed": c.elapsed,
+            "tokens_per_second": self.tokens_per_step / dt,
+            "mfu": self.tokens_per_step * self.flops_per_token / dt / self.peak,
+            "epoch": self.sampler.epoch,
+            "progress": self.budget.progress(c.step, c.tokens, c.flops, c.elapsed),
+        }
+        if names:  # the objective's metrics (lm_loss, aux_loss, distill_kl, ...)
+            record.update(zip(names, means[1:], strict=True))
+        return record, interrupted
 
-    def write_metrics(record: dict[str, Any]) -> None:
-        if metrics_file is not None:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+    def _after_step(self, record: dict[str, Any], stop_reason: str | None) -> None:
+        cfg, step = self.cfg, self.counters.step
+        if step % cfg.log_interval == 0 or stop_reason:
+            self._write_metrics(record)
+        self.reporter.step(record)
+        if step % cfg.eval_interval == 0 or stop_reason:
+            self.last_val = self._evaluate()
+            if self.last_val:
+                self._write_metrics({"step": step, **self.last_val})
+                self.reporter.eval({"step": step, **self.last_val})
+        if step % cfg.save_interval == 0 and not stop_reason:
+            self._checkpoint()
 
-    def run_eval() -> dict[str, float]:
-        # every rank scores the same windows (fsdp needs all ranks in each forward); the results agree
-        if bytes_per_token is None:
-            return {}
-        nats, count = token_nats(
-            model,
-            data.val,
-            cfg.seq_len,
-            cfg.batch_size,
-            cfg.eval_batches * cfg.batch_size,
-            autocast=autocast if amp_dtype else None,
+    def _finish(self, stop_reason: str) -> TrainResult:
+        c = self.counters
+        final_dir = None
+        if stop_reason == "interrupted":
+            if c.step > self.last_saved_step and c.step > 0:
+                self._checkpoint()
+        else:
+            final_dir = self._checkpoint(final=True)
+        result = TrainResult(
+            run_dir=self.run_dir,
+            final_dir=final_dir,
+            step=c.step,
+            tokens=c.tokens,
+            flops=c.flops,
+            seconds=c.elapsed,
+            stop_reason=stop_reason,
+            train_loss=self.losses[-1] if self.losses else None,
+            val_loss=self.last_val.get("val_loss"),
+            val_bits_per_byte=self.last_val.get("val_bits_per_byte"),
+            losses=self.losses,
+            val=self.last_val,
         )
-        val_loss = nats / count
-        return {"val_loss": val_loss, "val_bits_per_byte": val_loss / math.log(2) / bytes_per_token}
+        self.reporter.end(result)
+        return result
 
-    def checkpoint(final: bool = False) -> Path:
-        nonlocal last_saved_step
-        target = run_dir / "final" if final else run_dir / "checkpoints" / f"step-{step}"
-        state = {"step": step, "tokens": tokens, "flops": flops, "elapsed": elapsed}
+    # --- evaluation, metrics, checkpoints --------------------------------------------------------------
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.metrics_file is not None:
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
+
+    def _val_loss(self, model: torch.nn.Module) -> float:
+        cfg = self.cfg
+        windows = cfg.eval_batches * cfg.batch_size
+        autocast = self.autocast if self.amp_dtype else None
+        nats, count = token_nats(model, self.data.val, cfg.seq_len, cfg.batch_size, windows, autocast=autocast)
+        return nats / count
+
+    def _evaluate(self) -> dict[str, float]:
+        # every rank scores the same windows (fsdp needs all ranks in each forward); the results agree
+        if self.bytes_per_token is None:
+            return {}
+        val_loss = self._val_loss(self.model)
+        return {
+            "val_loss": val_loss,
+            "val_bits_per_byte": val_loss / math.log(2) / self.bytes_per_token,
+            **self.objective.eval_metrics(self._val_loss),
+        }
+
+    def _checkpoint(self, final: bool = False) -> Path:
+        ctx, c, model = self.ctx, self.counters, self.model
+        target = self.run_dir / "final" if final else self.run_dir / "checkpoints" / f"step-{c.step}"
         # gathering is a collective under fsdp (every rank takes part); only rank 0 writes
         weights = distributed.full_model_state(model) if ctx.distributed else model.state_dict()
-        optimizer_state = distributed.named_optimizer_state(model, optimizer)
-
-        def add_state(tmp: Path) -> None:
-            torch.save(
-                {
-                    "optimizer": optimizer_state,
-                    "sampler_position": sampler.position,
-                    "rng": _rng_state(device),
-                    "world_size": ctx.world_size,
-                    **state,
-                },
-                tmp / STATE_PT,
-            )
-            (tmp / STATE_JSON).write_text(
-                json.dumps(
-                    {
-                        **state,
-                        "val": last_val,
-                        "train_config": cfg.to_dict(),
-                        "data_dir": str(data.path),
-                        "world_size": ctx.world_size,
-                    },
-                    indent=2,
-                )
-                + "\n"
-            )
-
+        optimizer_state = distributed.named_optimizer_state(model, self.optimizer)
         if ctx.is_main:
-            save_model(_GatheredModel(model_cfg, weights), target, tokenizer_dir=data.path, extra=add_state)
+            trainer_state = {
+                "optimizer": optimizer_state,
+                "sampler_position": self.sampler.position,
+                "rng": rng_state(self.device),
+                "world_size": ctx.world_size,
+                **c.as_dict(),
+            }
+            summary = {
+                **c.as_dict(),
+                "val": self.last_val,
+                "train_config": self.cfg.to_dict(),
+                "data_dir": str(self.data.path),
+                "world_size": ctx.world_size,
+                "run": self.spec.kind,
+            }
+            gathered = _GatheredModel(model.config, weights)  # type: ignore[attr-defined]
+            save_checkpoint(target, gathered, self.spec.tokenizer_dir, trainer_state, summary)
             if not final:
-                _prune_checkpoints(run_dir, cfg.keep_checkpoints)
-        distributed.barrier(ctx)  # when checkpoint() returns, the directory exists for every rank
-        last_saved_step = step
+                prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        distributed.barrier(ctx)  # when this returns, the directory exists for every rank
+        self.last_saved_step = c.step
         return target
 
-    wrapped.train()
-    interrupt = _DeferredInterrupt()
-    interrupted_anywhere = False
-    try:
-        while stop_reason is None:
-            if interrupted_anywhere or (not ctx.distributed and interrupt.requested):
-                raise KeyboardInterrupt
-            t0 = time.perf_counter()
-            progress = budget.progress(step, tokens, flops, elapsed)
-            lr = lr_at(cfg, step, progress)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = 0.0
-            for micro_step in range(cfg.grad_accum):
-                x, y = sampler.next_batch(cfg.batch_size)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with distributed.sync_gradients(wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
-                    with autocast():
-                        logits = forward(x)
-                        loss = torch.nn.functional.cross_entropy(
-                            logits.float().view(-1, logits.size(-1)), y.reshape(-1)
-                        )
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            # one sync per step, for the log; distributed: mean over ranks, slowest rank's time, any Ctrl-C
-            train_loss, dt, interrupted_anywhere = distributed.step_stats(
-                ctx, loss_sum / cfg.grad_accum, time.perf_counter() - t0, interrupt.requested
-            )
-            if not math.isfinite(train_loss):
-                raise UserError(
-                    f"training diverged at step {step + 1} (loss {train_loss}); lower --lr "
-                    f"(now {cfg.lr}) or raise --warmup-steps; the last checkpoint is intact"
-                )
-            step += 1
-            tokens += tokens_per_step
-            flops += tokens_per_step * flops_per_token
-            elapsed += dt
-            result_losses.append(train_loss)
-            record = {
-                "step": step,
-                "loss": train_loss,
-                "lr": lr,
-                "grad_norm": distributed.grad_norm_value(grad_norm),
-                "tokens": tokens,
-                "flops": flops,
-                "elapsed": elapsed,
-                "tokens_per_second": tokens_per_step / dt,
-                "mfu": tokens_per_step * flops_per_token / dt / peak,
-                "epoch": sampler.epoch,
-                "progress": budget.progress(step, tokens, flops, elapsed),
-            }
-            stop_reason = budget.done(step, tokens, flops, elapsed)
-            if step % cfg.log_interval == 0 or stop_reason:
-                write_metrics(record)
-            reporter.step(record)
-            if step % cfg.eval_interval == 0 or stop_reason:
-                last_val = run_eval()
-                if last_val:
-                    write_metrics({"step": step, **last_val})
-                    reporter.eval({"step": step, **last_val})
-            if step % cfg.save_interval == 0 and not stop_reason:
-                checkpoint()
-    except KeyboardInterrupt:
-        stop_reason = "interrupted"
-        reporter.message(f"interrupted at step {step}; saving a checkpoint")
-    finally:
-        interrupt.restore()
-        if metrics_file is not None:
-            metrics_file.close()
 
-    final_dir = None
-    if stop_reason == "interrupted":
-        if step > last_saved_step and step > 0:
-            checkpoint()
-    else:
-        final_dir = checkpoint(final=True)
-    result = TrainResult(
-        run_dir=run_dir,
-        final_dir=final_dir,
-        step=step,
-        tokens=tokens,
-        flops=flops,
-        seconds=elapsed,
-        stop_reason=stop_reason,
-        train_loss=result_losses[-1] if result_losses else None,
-        val_loss=last_val.get("val_loss"),
-        val_bits_per_byte=last_val.get("val_bits_per_byte"),
-        losses=result_losses,
-    )
-    reporter.end(result)
-    return result
+def _freeze_untrainable(model: torch.nn.Module, objective: Objective) -> None:
+    """Parameters the objective does not train get requires_grad False: no gradient, not in the optimizer."""
+    any_trainable = False
+    for name, param in model.named_parameters():
+        keep = bool(objective.trainable(name, param))
+        param.requires_grad_(keep)
+        any_trainable |= keep
+    if not any_trainable:
+        raise UserError("the trainable-parameter selection leaves nothing to train; widen `trainable`")
+
+
+def _accumulate(sums: dict[str, torch.Tensor] | None, metrics: Metrics) -> dict[str, torch.Tensor]:
+    if sums is None:
+        return dict(metrics)
+    for name, value in metrics.items():
+        sums[name] = sums[name] + value
+    return sums
 
 
 def _keep_global_batch(cfg: TrainConfig, saved_world: int, world: int) -> tuple[TrainConfig, str | None]:
@@ -522,42 +641,3 @@ class _DeferredInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-
-
-def _latest_resumable(run_dir: Path) -> Path:
-    if not (run_dir / "train_config.json").is_file():
-        raise UserError(f"{run_dir}: nothing to resume (no train_config.json); start a run without --resume")
-    candidates = [
-        p for p in (latest_checkpoint(run_dir), run_dir / "final") if p is not None and (p / STATE_PT).is_file()
-    ]
-    if not candidates:
-        raise UserError(f"{run_dir}: run directory has no checkpoint to resume from; start it again without --resume")
-    return max(candidates, key=checkpoint_step)
-
-
-def _load_checkpoint(directory: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
-    """Load a checkpoint's full weights into the (unwrapped) model; return its trainer state."""
-    from slmkit.interop.checkpoint import from_hf_state_dict, load_state_file
-
-    weights = from_hf_state_dict(load_state_file(directory / WEIGHTS))
-    if model.config.tie_embeddings:
-        weights["lm_head.weight"] = weights["model.embed_tokens.weight".removeprefix("model.")]
-    try:
-        model.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise UserError(f"{directory}: checkpoint does not match this run's model ({exc})") from None
-    try:
-        return torch.load(directory / STATE_PT, map_location=device, weights_only=False)
-    except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"{directory / STATE_PT}: unreadable trainer state ({exc})") from None
-
-
-def _prune_checkpoints(run_dir: Path, keep: int) -> None:
-    root = run_dir / "checkpoints"
-    steps = sorted(
-        (int(p.name.split("-")[1]), p)
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith("step-") and p.name.split("-")[1].isdigit()
-    )
-    for _, path in steps[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)

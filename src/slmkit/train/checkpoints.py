@@ -1,0 +1,126 @@
+"""A run directory's bookkeeping: trainer state in checkpoints, which checkpoint to resume, pruning, metrics.
+
+A run is `RUN/checkpoints/step-N/` and `RUN/final/`, each a model directory plus `trainer_state.pt`
+(optimizer, sampler position, RNG states, counters) and `trainer_state.json` (the counters, readable),
+`RUN/metrics.jsonl`, and the run's config file (`train_config.json`, `distill_config.json`, ...) that
+`--resume` reads back. Training and distillation share every function here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slmkit.errors import UserError
+from slmkit.interop.checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint
+
+STATE_PT = "trainer_state.pt"
+STATE_JSON = "trainer_state.json"
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A new run never writes over an earlier one's checkpoints."""
+    if run_dir.exists() and (latest_checkpoint(run_dir) or (run_dir / "final" / WEIGHTS).exists()):
+        raise UserError(
+            f"{run_dir}: run directory already has checkpoints; pass --resume to continue it, or choose a new --out"
+        )
+
+
+def latest_resumable(run_dir: Path, config_file: str, kind: str) -> Path:
+    """The checkpoint a resumed run starts from: the later of the latest `step-N/` and `final/` that hold
+    trainer state (a run extended past its budget is past its old `final/`). `kind` ("training",
+    "distillation") names the run in the error."""
+    if not (run_dir / config_file).is_file():
+        raise UserError(
+            f"{run_dir}: nothing to resume (no {kind} checkpoint: {config_file} is missing); "
+            "start the run without --resume"
+        )
+    candidates = [
+        p for p in (latest_checkpoint(run_dir), run_dir / "final") if p is not None and (p / STATE_PT).is_file()
+    ]
+    if not candidates:
+        raise UserError(
+            f"{run_dir}: run directory has no {kind} checkpoint to resume from; start it again without --resume"
+        )
+    return max(candidates, key=checkpoint_step)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the `keep` latest `checkpoints/step-N/` directories."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return
+    steps = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name)))
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after `step` (a resumed run logs those steps again)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in kept))
+    os.replace(tmp, path)
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any] | torch.Tensor, device: torch.device) -> None:
+    if isinstance(state, torch.Tensor):  # distillation checkpoints from before the shared loop: CPU state only
+        state = {"torch": state}
+    # the checkpoint is loaded with map_location=device, which moves these to the GPU; RNG states are CPU bytes
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def load_checkpoint(directory: Path, model: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+    """Load a checkpoint's full weights into the (unwrapped) model; return its trainer state."""
+    from slmkit.interop.checkpoint import from_hf_state_dict, load_weights
+
+    config = model.config  # type: ignore[attr-defined]
+    weights = from_hf_state_dict(load_weights(directory), config)
+    if config.tie_embeddings:
+        weights["lm_head.weight"] = weights["embed_tokens.weight"]
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{directory}: checkpoint does not match this run's model ({exc})") from None
+    try:
+        return torch.load(directory / STATE_PT, map_location=device, weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise UserError(f"{directory / STATE_PT}: unreadable trainer state ({exc})") from None
+
+
+def save_checkpoint(
+    target: Path, model: Any, tokenizer_dir: Path, trainer_state: dict[str, Any], summary: dict[str, Any]
+) -> Path:
+    """Atomically write a model directory plus its trainer state (`.pt`, for resuming) and summary (`.json`)."""
+    from slmkit.interop.checkpoint import save_model
+
+    def add_state(tmp: Path) -> None:
+        torch.save(trainer_state, tmp / STATE_PT)
+        (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2) + "\n")
+
+    return save_model(model, target, tokenizer_dir=tokenizer_dir, extra=add_state)

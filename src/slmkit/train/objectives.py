@@ -1,0 +1,217 @@
+"""What a training run optimises: the `Objective` Protocol and its implementations.
+
+One loop (`slmkit.train.loop`) serves pre-training, distillation and fine-tuning; what differs between
+them is the objective it is given:
+
+- `LanguageModeling`: next-token cross-entropy, plus the model's auxiliary losses (see `AuxLosses`).
+- `Distillation`: KL to a frozen teacher's temperature-softened distribution mixed with cross-entropy.
+
+Both take a trainable-parameter selection (a predicate, or name patterns: `NamePatterns`): parameters
+it leaves out are frozen (requires_grad False, not in the optimizer) and still saved in checkpoints.
+
+Auxiliary losses: a module that contributes one (e.g. a mixture-of-experts router's load-balancing
+loss) has an attribute `aux_loss`, None at construction, that its forward sets to a scalar tensor.
+The objective finds those modules once (`attach`), clears them before each forward, adds
+`aux_loss_weight` x their sum to the loss, and logs the sum as `aux_loss` (and the plain cross-entropy
+as `lm_loss`). A model without such modules pays nothing per step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Protocol
+
+import torch
+
+from slmkit.errors import UserError
+from slmkit.train.losses import distill_terms, next_token_cross_entropy
+
+Forward = Callable[[torch.Tensor], torch.Tensor]  # token ids (B, T) -> logits (B, T, V)
+Metrics = Mapping[str, torch.Tensor]  # detached scalars, averaged over micro-steps and logged per step
+Trainable = Callable[[str, torch.nn.Parameter], bool]  # (name in model.named_parameters(), parameter)
+
+# returned when there is nothing to log: one shared object, no allocation per micro-step
+NO_METRICS: Metrics = MappingProxyType({})
+
+
+class Objective(Protocol):
+    """The loss a run minimises, and which parameters it may change."""
+
+    def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Whether the optimizer updates this parameter; the loop freezes the others."""
+        ...
+
+    def attach(self, model: torch.nn.Module, device: torch.device) -> None:
+        """Called once before training with the plain (unwrapped) model, already on `device`: check it
+        fits, move helpers (a teacher) to the device, find what the loss reads (aux-loss modules)."""
+        ...
+
+    def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """The mean loss of one micro-batch to backpropagate (a scalar), and named metrics to log.
+
+        `forward` is the model as the loop runs it (wrapped for DDP/FSDP, maybe compiled); the call
+        happens under the run's autocast. Metrics must not sync with the device: the loop reads them
+        together with the loss, once per step.
+        """
+        ...
+
+    def eval_metrics(self, val_loss: Callable[[torch.nn.Module], float]) -> dict[str, float]:
+        """Entries added to each evaluation record; `val_loss(module)` scores any module on the val split."""
+        ...
+
+
+class NamePatterns:
+    """A trainable-parameter selection by `fnmatch` patterns on names ("*norm*", "layers.1.*")."""
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        self.patterns = tuple(patterns)
+        if not self.patterns or not all(isinstance(p, str) and p for p in self.patterns):
+            raise UserError(f"trainable: expected a list of parameter-name patterns, got {list(self.patterns)!r}")
+
+    def __call__(self, name: str, param: torch.nn.Parameter) -> bool:
+        return any(fnmatch.fnmatchcase(name, p) for p in self.patterns)
+
+    def check(self, model: torch.nn.Module) -> None:
+        """Every pattern must select something: a typo would otherwise quietly freeze what it meant to train."""
+        names = [name for name, _ in model.named_parameters()]
+        for pattern in self.patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                raise UserError(
+                    f"trainable pattern {pattern!r} matches no parameter of the model "
+                    f"(names look like {names[0]!r} ... {names[-1]!r})"
+                )
+
+
+def selection(trainable: Trainable | Iterable[str] | None) -> Trainable:
+    """A predicate from what an objective is given: a predicate, name patterns, or None (train everything)."""
+    if trainable is None:
+        return _everything
+    if callable(trainable):
+        return trainable
+    return NamePatterns(trainable)
+
+
+def _everything(name: str, param: torch.nn.Parameter) -> bool:
+    return True
+
+
+def _check_selection(trainable: Trainable, model: torch.nn.Module) -> None:
+    if isinstance(trainable, NamePatterns):
+        trainable.check(model)
+
+
+class AuxLosses:
+    """The auxiliary losses a model reports through `aux_loss` attributes (see the module docstring)."""
+
+    def __init__(self, weight: float) -> None:
+        self.weight = weight
+        self.modules: list[torch.nn.Module] = []
+
+    def attach(self, model: torch.nn.Module) -> None:
+        self.modules = [m for m in model.modules() if hasattr(m, "aux_loss")]
+
+    def clear(self) -> None:
+        # a value left by an earlier forward (an evaluation, a module skipped this time) must not count twice
+        for module in self.modules:
+            module.aux_loss = None
+
+    def collect(self) -> torch.Tensor | None:
+        """The sum of the losses set during the last forward (None if none was set); clears them."""
+        total: torch.Tensor | None = None
+        for module in self.modules:
+            value = module.aux_loss
+            if value is not None:
+                total = value if total is None else total + value
+                module.aux_loss = None  # the graph it holds is freed with the step, not kept to the next one
+        return total
+
+    def add_to(self, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
+        """loss + weight x the aux losses of the last forward; their sum is logged as `aux_loss`."""
+        aux = self.collect()
+        if aux is None:  # no module set one this time: log 0 so every step has the same metrics
+            metrics["aux_loss"] = torch.zeros((), device=loss.device)
+            return loss, metrics
+        metrics["aux_loss"] = aux.detach().float()
+        return loss + self.weight * aux.float(), metrics
+
+
+class LanguageModeling:
+    """Next-token cross-entropy, plus `aux_loss_weight` x the model's auxiliary losses if it reports any."""
+
+    def __init__(self, trainable: Trainable | Iterable[str] | None = None, aux_loss_weight: float = 0.01) -> None:
+        self._trainable = selection(trainable)
+        self.aux = AuxLosses(aux_loss_weight)
+
+    def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
+        return self._trainable(name, param)
+
+    def attach(self, model: torch.nn.Module, device: torch.device) -> None:
+        _check_selection(self._trainable, model)
+        self.aux.attach(model)
+
+    def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        if not self.aux.modules:
+            return next_token_cross_entropy(forward(x), y), NO_METRICS
+        self.aux.clear()
+        loss = next_token_cross_entropy(forward(x), y)
+        return self.aux.add_to(loss, {"lm_loss": loss.detach()})
+
+    def eval_metrics(self, val_loss: Callable[[torch.nn.Module], float]) -> dict[str, float]:
+        return {}
+
+
+class Distillation:
+    """alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy (see `distill_terms`).
+
+    The teacher is frozen and in eval mode; it runs under no_grad before the student on the same batch.
+    Its validation loss does not change during a run, so it is computed at the first evaluation only.
+    """
+
+    def __init__(
+        self,
+        teacher: torch.nn.Module,
+        temperature: float,
+        alpha: float,
+        trainable: Trainable | Iterable[str] | None = None,
+        aux_loss_weight: float = 0.01,
+    ) -> None:
+        self.check_options(temperature, alpha)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+        self._trainable = selection(trainable)
+        self.aux = AuxLosses(aux_loss_weight)
+        self._teacher_val_loss: float | None = None
+
+    @staticmethod
+    def check_options(temperature: float, alpha: float) -> None:
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise UserError(f"--temperature must be a positive number, got {temperature}")
+        if not (0 <= alpha <= 1):
+            raise UserError(f"--alpha (weight of the distillation term) must be in [0, 1], got {alpha}")
+
+    def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
+        return self._trainable(name, param)
+
+    def attach(self, model: torch.nn.Module, device: torch.device) -> None:
+        _check_selection(self._trainable, model)
+        self.teacher.to(device)
+        # the student's aux losses count; the teacher's (it is not trained) do not
+        self.aux.attach(model)
+
+    def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        with torch.no_grad():
+            teacher_logits = self.teacher(x)
+        if not self.aux.modules:
+            return distill_terms(forward(x), teacher_logits, y, self.temperature, self.alpha)
+        self.aux.clear()
+        return self.aux.add_to(*distill_terms(forward(x), teacher_logits, y, self.temperature, self.alpha))
+
+    def eval_metrics(self, val_loss: Callable[[torch.nn.Module], float]) -> dict[str, float]:
+        if self._teacher_val_loss is None:
+            self._teacher_val_loss = val_loss(self.teacher)
+        return {"teacher_val_loss": self._teacher_val_loss}
