@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from slmkit import defaults
 from slmkit.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported on first use, so `import slmkit` stays fast
@@ -48,17 +49,17 @@ def load(path: str | Path | LoadedModel, device: str = "cpu", dtype: torch.dtype
 def generate(
     model: str | Path | LoadedModel,
     prompt: str | Sequence[str],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+    temperature: float = defaults.TEMPERATURE,
+    top_k: int | None = defaults.TOP_K,
+    top_p: float | None = defaults.TOP_P,
     seed: int | None = None,
     stop: list[str] | None = None,
     *,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
+    min_p: float | None = defaults.MIN_P,
+    repetition_penalty: float = defaults.REPETITION_PENALTY,
+    frequency_penalty: float = defaults.FREQUENCY_PENALTY,
+    presence_penalty: float = defaults.PRESENCE_PENALTY,
     json_schema: str | dict | None = None,
     regex: str | None = None,
     grammar: str | None = None,
@@ -67,7 +68,8 @@ def generate(
     speculate_k: int | None = None,
     truncate: bool = False,
 ) -> str | list[str]:
-    """The continuation of `prompt` (greedy by default); a list of prompts gives a list, generated as a batch.
+    """The continuation of `prompt` (greedy by default, as `slm generate`: `slmkit.defaults`); a list of prompts
+    gives a list, generated as a batch.
 
     json_schema / regex / grammar (EBNF) constrain the output (at most one); draft (a smaller model with the
     same tokenizer) or lookup=True turn on lossless speculative decoding. For log-probabilities, streaming

@@ -7,6 +7,7 @@ import json
 import pydantic
 import pytest
 
+from slmkit import defaults
 from slmkit.errors import UserError
 from slmkit.infer.batcher import TokenLogprob
 from slmkit.infer.sampling import SamplingParams
@@ -78,7 +79,7 @@ def test_openai_defaults(tokenizer):
     completion = CompletionRequest.model_validate({"model": "m", "prompt": "Hi"})
     [request] = openai.generation_requests(
         completion, openai.completion_prompts(completion), tokenizer, context=64, max_batch=4,
-        default_max_tokens=openai.COMPLETION_MAX_TOKENS,
+        default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS,
     )  # fmt: skip
     assert request.max_new_tokens == 16
     [request] = openai.generation_requests(completion, ["Hi"], tokenizer, context=prompt_len + 3, max_batch=4,

@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from slmkit import defaults
 from slmkit.errors import UserError
 from slmkit.infer.batcher import GenerationRequest
 from slmkit.infer.engine import Engine
@@ -211,7 +212,7 @@ def create_app(
         compiled = await constraint_of(req)
         requests = openai.generation_requests(
             req, prompts, engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
-            default_max_tokens=openai.COMPLETION_MAX_TOKENS, constraint=compiled, top_logprobs=req.logprobs,
+            default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled, top_logprobs=req.logprobs,
         )  # fmt: skip
         jobs, events, cancelled = submit(requests, req.stream)
         reply = Reply.new("completion", name, pieces if req.logprobs is not None else None)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from slmkit import defaults
 from slmkit.errors import UserError
 from slmkit.infer.batcher import GenerationRequest, TokenLogprob
 from slmkit.infer.sampling import SamplingParams
@@ -31,7 +32,6 @@ DEFAULT_CHAT_TEMPLATE = (
 RETRY_AFTER_SECONDS = 1
 MAX_N = 16
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions; chat defaults to the rest of the context
 SSE_DONE = "data: [DONE]\n\n"
 
 
@@ -124,15 +124,16 @@ def generation_error(exc: Exception) -> ApiError:
 
 # ---- requests ---------------------------------------------------------------------------------------------
 class OpenAIRequest(BaseModel):
-    """The fields completions and chat share. Types are strict (``"max_tokens": "5"`` is a 400, as at OpenAI)."""
+    """The fields completions and chat share, with OpenAI's defaults (`slmkit.defaults`). Types are strict
+    (``"max_tokens": "5"`` is a 400, as at OpenAI)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0, le=2)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    temperature: float = Field(default=defaults.OPENAI_TEMPERATURE, ge=0, le=2)
+    top_p: float = Field(default=defaults.OPENAI_TOP_P, gt=0, le=1)
+    frequency_penalty: float = Field(default=defaults.FREQUENCY_PENALTY, ge=-2, le=2)
+    presence_penalty: float = Field(default=defaults.PRESENCE_PENALTY, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.Generator.manual_seed takes
     stop: str | list[str] | None = None
     stream: bool = False
