@@ -9,41 +9,14 @@ print(slmkit.evaluate(lm, ["data/val.txt"]).bits_per_byte)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from slmkit import defaults
 from slmkit.errors import UserError
+from slmkit.loading import LoadedModel, load
 
-if TYPE_CHECKING:  # torch is imported on first use, so `import slmkit` stays fast
-    import torch
-
-
-@dataclass
-class LoadedModel:
-    model: torch.nn.Module
-    tokenizer: Any  # tokenizers.Tokenizer
-    directory: Path
-
-    @property
-    def config(self):
-        return self.model.config
-
-
-def load(path: str | Path | LoadedModel, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
-    """A model dir or run dir (latest checkpoint) with its tokenizer, ready for inference."""
-    if isinstance(path, LoadedModel):
-        return path
-    from slmkit.data.tokenizer import load_tokenizer
-    from slmkit.interop.checkpoint import load_model, resolve_model_dir
-
-    directory = resolve_model_dir(path)
-    if not (directory / "tokenizer.json").is_file():
-        raise UserError(f"{directory}: no tokenizer.json in the model directory; copy the tokenizer there")
-    tokenizer = load_tokenizer(directory / "tokenizer.json")
-    model = load_model(directory, device=device, dtype=dtype)
-    return LoadedModel(model=model, tokenizer=tokenizer, directory=directory)
+__all__ = ["LoadedModel", "load", "generate", "evaluate", "prepare", "train", "compress", "distill"]
 
 
 def generate(
@@ -127,48 +100,9 @@ def evaluate(
     batch_size: int = 8,
 ):
     """Loss, perplexity and bits per byte on a data dir's split or on text files (one document each)."""
-    import numpy as np
+    from slmkit.eval.perplexity import evaluate_text
 
-    from slmkit.data.tokenizer import eot_token_id, file_sha256
-    from slmkit.eval.perplexity import score, token_nats
-
-    lm = load(model)
-    seq_len = seq_len or lm.config.max_seq_len
-    if seq_len < 1 or seq_len > lm.config.max_seq_len:
-        raise UserError(f"--seq-len must be in [1, {lm.config.max_seq_len}] (the model's context), got {seq_len}")
-    paths = [Path(p) for p in ([data] if isinstance(data, (str, Path)) else data)]
-    if not paths:
-        raise UserError("nothing to evaluate on: give a data dir or text files with --data")
-    if len(paths) == 1 and paths[0].is_dir() and (paths[0] / "meta.json").exists():
-        from slmkit.data.shards import load_data_dir
-
-        data_dir = load_data_dir(paths[0])
-        if split not in ("train", "val"):
-            raise UserError(f"--split must be train or val, got {split!r}")
-        model_tok = lm.directory / "tokenizer.json"
-        if file_sha256(model_tok) != data_dir.meta.get("tokenizer_sha256"):
-            raise UserError(
-                f"{paths[0]} was tokenized with a different tokenizer than {lm.directory}; "
-                "evaluate on text files instead, or prepare the data with --tokenizer "
-                f"{model_tok}"
-            )
-        tokens = data_dir.train if split == "train" else data_dir.val
-        n_bytes = data_dir.meta["splits"][split]["bytes"]
-    else:
-        from slmkit.data.sources import iter_documents
-
-        eot = eot_token_id(lm.tokenizer)
-        ids: list[int] = [eot]
-        n_bytes = 0
-        for text in iter_documents([str(p) for p in paths]):
-            ids.extend(lm.tokenizer.encode(text).ids)
-            ids.append(eot)
-            n_bytes += len(text.encode("utf-8"))
-        tokens = np.asarray(ids, dtype=np.int64)
-    if len(tokens) < 2:
-        raise UserError("evaluation text is too short: need at least two tokens")
-    nats, count = token_nats(lm.model, tokens, seq_len, batch_size)
-    return score(nats, count, n_bytes)
+    return evaluate_text(load(model), data, split=split, seq_len=seq_len, batch_size=batch_size)
 
 
 def prepare(*args: Any, **kwargs: Any) -> dict:

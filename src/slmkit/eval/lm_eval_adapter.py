@@ -38,7 +38,7 @@ class SlmkitLM(LM):
         super().__init__()
         import torch
 
-        from slmkit.api import load
+        from slmkit.loading import load
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
         if dtype not in torch_dtype:
