@@ -184,7 +184,9 @@ def test_the_server_serves_it(toy):
 
     model, tokenizer = toy
     with TestClient(create_app(Engine(model, tokenizer), model_name="toy", max_batch=2)) as client:
-        r = client.post("/v1/completions", json={"model": "toy", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0})
+        r = client.post(
+            "/v1/completions", json={"model": "toy", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
+        )
     assert r.status_code == 200, r.text
     expected = plain_greedy(model, tokenizer.encode(PROMPTS[0]).ids, 8)
     assert r.json()["choices"][0]["text"] == tokenizer.decode(expected)

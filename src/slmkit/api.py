@@ -10,33 +10,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from slmkit import defaults
 from slmkit.errors import UserError
+from slmkit.loading import LoadedModel, load
 
-if TYPE_CHECKING:  # torch is imported on first use, so `import slmkit` stays fast
-    pass
-
-
-from slmkit.infer.loading import LoadedModel, load  # noqa: E402  (re-exported: the API's own load)
-
-__all__ = ["LoadedModel", "load", "generate", "evaluate"]
+__all__ = ["LoadedModel", "load", "generate", "evaluate", "prepare", "train", "compress", "distill"]
 
 
 def generate(
     model: str | Path | LoadedModel,
     prompt: str | Sequence[str],
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+    temperature: float = defaults.TEMPERATURE,
+    top_k: int | None = defaults.TOP_K,
+    top_p: float | None = defaults.TOP_P,
     seed: int | None = None,
     stop: list[str] | None = None,
     *,
-    min_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    frequency_penalty: float = 0.0,
-    presence_penalty: float = 0.0,
+    min_p: float | None = defaults.MIN_P,
+    repetition_penalty: float = defaults.REPETITION_PENALTY,
+    frequency_penalty: float = defaults.FREQUENCY_PENALTY,
+    presence_penalty: float = defaults.PRESENCE_PENALTY,
     json_schema: str | dict | None = None,
     regex: str | None = None,
     grammar: str | None = None,
@@ -45,7 +41,8 @@ def generate(
     speculate_k: int | None = None,
     truncate: bool = False,
 ) -> str | list[str]:
-    """The continuation of `prompt` (greedy by default); a list of prompts gives a list, generated as a batch.
+    """The continuation of `prompt` (greedy by default, as `slm generate`: `slmkit.defaults`); a list of prompts
+    gives a list, generated as a batch.
 
     json_schema / regex / grammar (EBNF) constrain the output (at most one); draft (a smaller model with the
     same tokenizer) or lookup=True turn on lossless speculative decoding. For log-probabilities, streaming
@@ -103,48 +100,9 @@ def evaluate(
     batch_size: int = 8,
 ):
     """Loss, perplexity and bits per byte on a data dir's split or on text files (one document each)."""
-    import numpy as np
+    from slmkit.eval.perplexity import evaluate_text
 
-    from slmkit.data.tokenizer import eot_token_id, file_sha256
-    from slmkit.eval.perplexity import score, token_nats
-
-    lm = load(model)
-    seq_len = seq_len or lm.config.max_seq_len
-    if seq_len < 1 or seq_len > lm.config.max_seq_len:
-        raise UserError(f"--seq-len must be in [1, {lm.config.max_seq_len}] (the model's context), got {seq_len}")
-    paths = [Path(p) for p in ([data] if isinstance(data, (str, Path)) else data)]
-    if not paths:
-        raise UserError("nothing to evaluate on: give a data dir or text files with --data")
-    if len(paths) == 1 and paths[0].is_dir() and (paths[0] / "meta.json").exists():
-        from slmkit.data.shards import load_data_dir
-
-        data_dir = load_data_dir(paths[0])
-        if split not in ("train", "val"):
-            raise UserError(f"--split must be train or val, got {split!r}")
-        model_tok = lm.directory / "tokenizer.json"
-        if file_sha256(model_tok) != data_dir.meta.get("tokenizer_sha256"):
-            raise UserError(
-                f"{paths[0]} was tokenized with a different tokenizer than {lm.directory}; "
-                "evaluate on text files instead, or prepare the data with --tokenizer "
-                f"{model_tok}"
-            )
-        tokens = data_dir.train if split == "train" else data_dir.val
-        n_bytes = data_dir.meta["splits"][split]["bytes"]
-    else:
-        from slmkit.data.sources import iter_documents
-
-        eot = eot_token_id(lm.tokenizer)
-        ids: list[int] = [eot]
-        n_bytes = 0
-        for text in iter_documents([str(p) for p in paths]):
-            ids.extend(lm.tokenizer.encode(text).ids)
-            ids.append(eot)
-            n_bytes += len(text.encode("utf-8"))
-        tokens = np.asarray(ids, dtype=np.int64)
-    if len(tokens) < 2:
-        raise UserError("evaluation text is too short: need at least two tokens")
-    nats, count = token_nats(lm.model, tokens, seq_len, batch_size)
-    return score(nats, count, n_bytes)
+    return evaluate_text(load(model), data, split=split, seq_len=seq_len, batch_size=batch_size)
 
 
 def prepare(*args: Any, **kwargs: Any) -> dict:

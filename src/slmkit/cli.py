@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
+from slmkit import defaults
 from slmkit.errors import UserError
 
 app = typer.Typer(
@@ -182,14 +183,24 @@ def generate(
         Path | None,
         typer.Option(help="Many prompts, generated in batches: a .txt (one per line) or .jsonl ({'prompt': ...})."),
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 128,
-    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.8,
-    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1].")] = None,
-    min_p: Annotated[float | None, typer.Option(help="Drop tokens below min-p x p(most likely token).")] = None,
-    repetition_penalty: Annotated[float, typer.Option(help="> 1 discourages repeats of prompt/output tokens.")] = 1.0,
-    frequency_penalty: Annotated[float, typer.Option(help="Subtract this per earlier occurrence, in [-2, 2].")] = 0.0,
-    presence_penalty: Annotated[float, typer.Option(help="Subtract this once per seen token, in [-2, 2].")] = 0.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = defaults.MAX_NEW_TOKENS,
+    temperature: Annotated[
+        float, typer.Option(help="0 = greedy; e.g. 0.8 samples (with --seed to repeat a sample).")
+    ] = defaults.TEMPERATURE,
+    top_k: Annotated[int | None, typer.Option(help="Sample from the k most likely tokens.")] = defaults.TOP_K,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass in (0, 1].")] = defaults.TOP_P,
+    min_p: Annotated[
+        float | None, typer.Option(help="Drop tokens below min-p x p(most likely token).")
+    ] = defaults.MIN_P,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="> 1 discourages repeats of prompt/output tokens.")
+    ] = defaults.REPETITION_PENALTY,
+    frequency_penalty: Annotated[
+        float, typer.Option(help="Subtract this per earlier occurrence, in [-2, 2].")
+    ] = defaults.FREQUENCY_PENALTY,
+    presence_penalty: Annotated[
+        float, typer.Option(help="Subtract this once per seen token, in [-2, 2].")
+    ] = defaults.PRESENCE_PENALTY,
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     stop: Annotated[list[str], typer.Option(help="Stop at this string (repeatable).")] = [],  # noqa: B006
     draft: Annotated[

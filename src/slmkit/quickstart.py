@@ -36,12 +36,13 @@ def run_quickstart(
 ) -> dict[str, Any]:
     import numpy as np
 
-    from slmkit.api import evaluate, load
     from slmkit.data.prepare import prepare
     from slmkit.data.shards import load_data_dir
     from slmkit.data.tokenizer import load_tokenizer
+    from slmkit.eval.perplexity import evaluate_text
     from slmkit.infer.generate import generate
     from slmkit.infer.sampling import SamplingParams
+    from slmkit.loading import load
     from slmkit.train.config import TrainConfig
     from slmkit.train.loop import train
     from slmkit.ui import RichReporter
@@ -89,7 +90,8 @@ def run_quickstart(
     result = train(cfg, data_dir, run_dir, reporter=RichReporter(console))
 
     console.rule("[bold]3/4 evaluate on the val split")
-    score = evaluate(run_dir, data_dir, split="val", seq_len=seq_len, batch_size=16)
+    lm = load(run_dir)
+    score = evaluate_text(lm, data_dir, split="val", seq_len=seq_len, batch_size=16)
     tokenizer = load_tokenizer(data_dir / "tokenizer.json")
     eot = data.eot_token_id
     val_ids = np.asarray(data.val, dtype=np.int64)
@@ -107,7 +109,6 @@ def run_quickstart(
     console.print(f"the model {verdict} gzip -9 on held-out code")
 
     console.rule("[bold]4/4 samples (temperature 0.8, top-k 40)")
-    lm = load(run_dir)
     for i, prompt in enumerate(SAMPLE_PROMPTS):
         text = generate(
             lm.model,

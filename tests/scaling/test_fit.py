@@ -150,3 +150,19 @@ def test_largest_rung_is_the_biggest_model_of_the_top_compute_level():
         {"name": "bigger-low", "params": 1e6, "tokens": 5e3, "flops": 3e10, "val_loss": 4.0},
     ]
     assert largest_rung(rungs_from_records(records)) == 1
+
+
+def test_fit_warnings_name_a_parameter_on_its_bound(synthetic_fit):
+    import dataclasses
+
+    from slmkit.scaling.fit import PARAM_BOUNDS, default_flops_levels, frontier
+    from slmkit.scaling.report import fit_warnings
+
+    summary = {"frontier": frontier(synthetic_fit, default_flops_levels(synthetic_fit))}
+    assert not any("bound" in w for w in fit_warnings(synthetic_fit, summary))
+    theta = synthetic_fit.theta.copy()
+    theta[3] = PARAM_BOUNDS[3][0]  # alpha = 0: no size term
+    stuck = dataclasses.replace(synthetic_fit, theta=theta)
+    assert [w for w in fit_warnings(stuck, summary) if "bound" in w] == [
+        "alpha ended on its bound (0): the rungs do not pin it down"
+    ]

@@ -113,9 +113,9 @@ def measure_efficiency(
     import psutil
     import torch
 
-    from slmkit.api import LoadedModel, load
     from slmkit.errors import UserError
     from slmkit.infer.generate import GenerationStats, generate_ids
+    from slmkit.loading import LoadedModel, load
 
     if min(prompt_tokens, new_tokens, batch_size, repeats) < 1:
         raise UserError("efficiency: prompt tokens, new tokens, batch size and repeats must all be >= 1")

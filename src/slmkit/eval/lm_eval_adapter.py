@@ -21,7 +21,7 @@ from typing import Any
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from slmkit.eval.tasks import _prefix_id, loglikelihoods
+from slmkit.eval.tasks import loglikelihoods, prefix_token_id
 
 
 @register_model("slmkit")
@@ -38,7 +38,7 @@ class SlmkitLM(LM):
         super().__init__()
         import torch
 
-        from slmkit.api import load
+        from slmkit.loading import load
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
         if dtype not in torch_dtype:
@@ -52,7 +52,7 @@ class SlmkitLM(LM):
         self._device = device
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
         self.max_gen_toks = int(max_gen_toks)
-        self.prefix = _prefix_id(self.lm)
+        self.prefix = prefix_token_id(self.lm)
 
     # ---- helpers -------------------------------------------------------------------------------
     @property

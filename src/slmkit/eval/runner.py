@@ -15,6 +15,17 @@ log = logging.getLogger(__name__)
 REPORT_VERSION = 1
 
 
+def slmkit_version() -> str:
+    """The installed slmkit's version, read from its metadata: importing the `slmkit` package itself here would
+    tie eval to `slmkit.api`, which the package's lazy attributes load."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slmkit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def model_name(directory: Path) -> str:
     """A short readable name: `run/final` or `run/step-100` for run outputs, else the directory name."""
     directory = Path(directory)
@@ -94,9 +105,10 @@ def run_eval(
     # torch comes in only now: bad input above is reported without waiting for it to import
     import torch
 
-    from slmkit.api import evaluate, load
     from slmkit.eval.efficiency import device_name, measure_efficiency, measure_in_subprocess
+    from slmkit.eval.perplexity import evaluate_text
     from slmkit.eval.tasks import evaluate_task
+    from slmkit.loading import load
 
     loaded = [load(m, device=device) for m in models]
     names = [model_name(lm.directory) for lm in loaded]
@@ -108,7 +120,7 @@ def run_eval(
         if data:
             status(f"{name}: text")
             start = time.perf_counter()
-            score = evaluate(lm, list(data), split=split, seq_len=seq_len, batch_size=batch_size)
+            score = evaluate_text(lm, list(data), split=split, seq_len=seq_len, batch_size=batch_size)
             is_data_dir = len(data) == 1 and (Path(data[0]) / "meta.json").is_file()
             entry["text"] = {**score.to_dict(), "data": [str(d) for d in data], "split": split if is_data_dir else None}
             entry["text"]["seconds"] = time.perf_counter() - start
@@ -127,11 +139,9 @@ def run_eval(
                 entry["efficiency"] = measure_efficiency(lm, **opts)
         entry["quality"] = quality_of(entry)
         entries.append(entry)
-    import slmkit
-
     return {
         "report_version": REPORT_VERSION,
-        "slmkit_version": getattr(slmkit, "__version__", "unknown"),
+        "slmkit_version": slmkit_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"device": device, "device_name": device_name(device), "threads": torch.get_num_threads()},
         "settings": {

@@ -267,7 +267,8 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text).ids if text else []
 
 
-def _prefix_id(lm: Any) -> int:
+def prefix_token_id(lm: Any) -> int:
+    """The token every scored sequence starts with: end-of-text (training documents follow one), else BOS, else 0."""
     from slmkit.data.tokenizer import EOT_TOKEN
 
     token = lm.tokenizer.token_to_id(EOT_TOKEN)
@@ -279,7 +280,7 @@ def _prefix_id(lm: Any) -> int:
 
 def mc_requests(lm: Any, context: str, continuations: list[str]) -> list[tuple[list[int], list[int]]]:
     """Token ids for scoring: context (after a document-start token) and each continuation, encoded apart."""
-    ctx = [_prefix_id(lm), *_encode(lm.tokenizer, context)]
+    ctx = [prefix_token_id(lm), *_encode(lm.tokenizer, context)]
     return [(ctx, _encode(lm.tokenizer, c)) for c in continuations]
 
 
@@ -374,7 +375,7 @@ def _evaluate_generation(
             values[template.name] = []
         for i in indices:
             ex = task.examples[i]
-            ids = [_prefix_id(lm), *_encode(lm.tokenizer, render_gen(task, i, template, num_fewshot, seed))]
+            ids = [prefix_token_id(lm), *_encode(lm.tokenizer, render_gen(task, i, template, num_fewshot, seed))]
             new = min(max_new, window - 1)
             ids = ids[-(window - new) :]
             out: list[int] = []

@@ -210,7 +210,7 @@ class Engine:
         compile: bool | None = None,
     ) -> Engine:
         """Load a model dir (or run dir) and optionally a draft model; auto = CUDA + bf16 when available."""
-        from slmkit.infer.loading import load
+        from slmkit.loading import load
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -495,7 +495,7 @@ class Engine:
 def load_draft(target: Any, draft: Any, device: str | None = None, dtype: torch.dtype | None = None):
     """The draft model (a path or LoadedModel) for a loaded target; its tokenizer.json must be the target's."""
     from slmkit.data.tokenizer import file_sha256
-    from slmkit.infer.loading import load
+    from slmkit.loading import load
 
     if device is None:
         device = str(next(target.model.parameters()).device)

@@ -199,7 +199,8 @@ def _grid_values(grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: 
 # Exponents are kept in [0, 10]: a negative one (loss growing with N or D) is not a scaling law, and
 # tiny, badly undertrained ladders can otherwise fit one. e, a, b (logs of E, A, B) get wide bounds that
 # only keep exp() finite; a fit that ends on a bound is degenerate, and the summary says so.
-_BOUNDS = [(-20.0, 10.0), (-20.0, 80.0), (-20.0, 80.0), (0.0, 10.0), (0.0, 10.0)]
+# In the order of theta: log E, log A, log B, alpha, beta.
+PARAM_BOUNDS = [(-20.0, 10.0), (-20.0, 80.0), (-20.0, 80.0), (0.0, 10.0), (0.0, 10.0)]
 _GRID_POINTS = np.array(list(itertools.product(GRID["e"], GRID["a"], GRID["b"], GRID["alpha"], GRID["beta"])))
 
 
@@ -251,7 +252,7 @@ def fit_law(
                 args=(log_n, log_d, log_l, delta),
                 jac=True,
                 method="L-BFGS-B",
-                bounds=_BOUNDS,
+                bounds=PARAM_BOUNDS,
                 options={"maxiter": 20000, "maxfun": 40000, "ftol": 0.0, "gtol": 1e-12},
             )
             if np.all(np.isfinite(result.x)) and math.isfinite(result.fun) and result.fun < best_value:
@@ -392,7 +393,7 @@ def analyse(
 _LOG_N_BOUNDS = (math.log(1e2), math.log(1e13))
 
 
-def _search_bounds(fit: FitResult) -> tuple[float, float]:
+def search_bounds(fit: FitResult) -> tuple[float, float]:
     """log N range of optimisation: from a tenth of the smallest rung (the FLOPs-per-token model is not
     trusted further down) to 1e13."""
     return max(_LOG_N_BOUNDS[0], math.log(fit.rungs.params.min() / 10)), _LOG_N_BOUNDS[1]
@@ -408,7 +409,7 @@ def optimal_for_compute(fit: FitResult, flops: float, law: Law | None = None) ->
         n = math.exp(log_n)
         return float(law(n, flops / fit.flops_per_token(n)))
 
-    grid = np.linspace(*_search_bounds(fit), 400)
+    grid = np.linspace(*search_bounds(fit), 400)
     values = [loss_at(x) for x in grid]
     i = int(np.argmin(values))
     lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
@@ -465,7 +466,7 @@ def inference_aware(fit: FitResult, target_loss: float, inference_tokens: float)
         return per_token * tokens_for(log_n) + per_token / 3 * inference
 
     def solve(inference: float) -> dict[str, float]:
-        lo = max(log_n_min + 1e-9, _search_bounds(fit)[0])
+        lo = max(log_n_min + 1e-9, search_bounds(fit)[0])
         grid = np.linspace(lo + 1e-6, lo + 25, 500)
         values = [cost(x, inference) for x in grid]
         i = int(np.argmin(values))

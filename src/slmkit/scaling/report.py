@@ -58,10 +58,10 @@ def fit_ladder(
 
 def fit_warnings(fit: FitResult, summary: dict[str, Any]) -> list[str]:
     """Signs that the law is degenerate (a parameter on its bound, the frontier at the search edge)."""
-    from slmkit.scaling.fit import _BOUNDS, _search_bounds
+    from slmkit.scaling.fit import PARAM_BOUNDS, search_bounds
 
     out = []
-    for name, value, (low, high) in zip(PARAM_NAMES, fit.theta, _BOUNDS, strict=True):
+    for name, value, (low, high) in zip(PARAM_NAMES, fit.theta, PARAM_BOUNDS, strict=True):
         shown = "log " + name if name in ("E", "A", "B") else name
         if (low is not None and value <= low + 1e-6) or (high is not None and value >= high - 1e-6):
             out.append(f"{shown} ended on its bound ({value:.4g}): the rungs do not pin it down")
@@ -70,7 +70,7 @@ def fit_warnings(fit: FitResult, summary: dict[str, Any]) -> list[str]:
             "E is near 0: the rungs are far from converged, so the law describes early training and "
             "extrapolates poorly; train longer rungs (a larger budget) for a usable frontier"
         )
-    edge = math.exp(_search_bounds(fit)[0])
+    edge = math.exp(search_bounds(fit)[0])
     if any(row["params"] <= edge * 1.01 for row in summary["frontier"]):
         out.append(f"the frontier's N* sits at the search edge ({edge:,.0f}): smaller is always better on these rungs")
     return out

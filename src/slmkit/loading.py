@@ -1,4 +1,8 @@
-"""A model directory (or a run directory's latest checkpoint) loaded with its tokenizer, ready for inference."""
+"""A model directory (or a run's latest checkpoint) loaded with its tokenizer: what inference and evaluation take.
+
+It sits below infer/ and eval/ so they can load models without reaching up to `slmkit.api`, which re-exports
+`load` and `LoadedModel` as the public names.
+"""
 
 from __future__ import annotations
 
