@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from slmkit.compress.modules import LowRankLinear, linear_names
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
+from slmkit.compress.targets import linear_names
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
+from slmkit.models.quantized import LowRankLinear
 from slmkit_testing import seeded_logits as logits
 
 CALIB = dict(calib_samples=8, calib_seq_len=32)

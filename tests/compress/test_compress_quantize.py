@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from slmkit.compress.modules import Int4Linear, Int8Embedding, Int8Linear, pack_int4, unpack_int4
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_gptq, int4_rtn
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
+from slmkit.models.quantized import Int4Linear, Int8Embedding, Int8Linear, pack_int4, unpack_int4
 from slmkit_testing import rel_err
 from slmkit_testing import seeded_logits as logits
 
@@ -210,8 +210,8 @@ def test_linear_biases_survive_compression(make_model, data_dir, tmp_path, metho
     assert type(layer).__name__ != "Linear"
     assert layer.bias is not None and torch.equal(layer.bias.detach(), float_model.layers[1].self_attn.v_proj.bias)
     # the compressed forward adds the bias: it matches a float model holding the dequantized weights and biases
-    from slmkit.compress.modules import dense_state_dict
     from slmkit.models import build_model
+    from slmkit.models.quantized import dense_state_dict
 
     dense = build_model(model.config)
     dense.load_state_dict(dense_state_dict(model))

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from slmkit.compress.modules import Int4Embedding, Int4Linear, Int8Linear, unpack_int4
 from slmkit.compress.pipeline import CompressOptions
 from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_rtn
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
+from slmkit.models.quantized import Int4Embedding, Int4Linear, Int8Linear, unpack_int4
 from slmkit_testing import rel_err, run_slm
 from slmkit_testing import seeded_logits as logits
 

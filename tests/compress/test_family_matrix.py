@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from slmkit.compress.modules import Int4Linear, Int8Linear, linear_names
 from slmkit.compress.pipeline import CompressOptions, compress
 from slmkit.compress.quantize import fold_awq_scales
+from slmkit.compress.targets import linear_names
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
 from slmkit.interop.families import FAMILIES
+from slmkit.models.quantized import Int4Linear, Int8Linear
 from slmkit_testing import rel_err
 from slmkit_testing import seeded_logits as logits
 

@@ -12,8 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from slmkit.compress.modules import FORMAT_VERSION, linear_names
+from slmkit.compress.targets import linear_names
 from slmkit.errors import UserError
+from slmkit.models.quantized import FORMAT_VERSION
 
 
 def rank_for_energy(singular_values: torch.Tensor, energy: float) -> int:

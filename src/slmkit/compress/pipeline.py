@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from slmkit.compress.modules import INFO_KEY, SPEC_KEY
 from slmkit.errors import UserError
+from slmkit.models.quantized import INFO_KEY, SPEC_KEY
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _validate(method: str, source_config: Any, options: CompressOptions, data: A
 
 @torch.no_grad()
 def _val_score(model: torch.nn.Module, data: Any, seq_len: int, windows: int | None) -> dict[str, float]:
-    from slmkit.eval.perplexity import token_nats
+    from slmkit.train.validation import token_nats
 
     tokens = data.val
     if len(tokens) < 2:
@@ -134,7 +134,7 @@ def _val_score(model: torch.nn.Module, data: Any, seq_len: int, windows: int | N
 _PROBE = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[2]))
-import safetensors.torch, slmkit.models.transformer, slmkit.compress.modules  # imported before the baseline
+import safetensors.torch, slmkit.models.transformer, slmkit.models.quantized  # imported before the baseline
 from slmkit.interop.checkpoint import load_model
 from slmkit.infer.generate import generate_ids
 def status(key):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from slmkit.compress.calibration import run_until_block
-from slmkit.compress.modules import linear_names
+from slmkit.compress.targets import linear_names
 from slmkit.errors import UserError
 from slmkit.interop.families import check_family
 

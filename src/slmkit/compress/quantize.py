@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 from slmkit.compress.calibration import run_until_block
-from slmkit.compress.modules import FORMAT_VERSION, int4_dequant, linear_names, pack_int4
+from slmkit.compress.targets import linear_names
 from slmkit.errors import UserError
 from slmkit.interop.families import ScaleFold, family_spec
+from slmkit.models.quantized import FORMAT_VERSION, int4_dequant, pack_int4
 
 log = logging.getLogger(__name__)
 

@@ -258,7 +258,7 @@ def load_model(
     weights = directory / WEIGHTS if (directory / WEIGHTS).is_file() else directory / WEIGHTS_INDEX
     state = from_hf_state_dict(load_weights(directory), config)
     if config.extra.get("quantization_config") is not None:  # quantized / factored: layers stay packed
-        from slmkit.compress.modules import load_compressed
+        from slmkit.models.quantized import load_compressed
 
         model = load_compressed(directory, config, state, device, dtype)
         model.source_dir = directory  # type: ignore[attr-defined]

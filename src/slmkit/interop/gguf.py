@@ -131,7 +131,7 @@ def gguf_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict in fp32 on the CPU, compressed layers dequantized."""
-    from slmkit.compress.modules import dense_state_dict
+    from slmkit.models.quantized import dense_state_dict
 
     return {k: v.detach().float().cpu() for k, v in dense_state_dict(model).items()}
 
@@ -214,7 +214,7 @@ def exact_blocks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     (code, scale, offset, bits) per weight; bits is 8, 4, or -4 for int4 layers no block type holds exactly."""
     import torch
 
-    from slmkit.compress.modules import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, unpack_int4
+    from slmkit.models.quantized import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, unpack_int4
 
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():

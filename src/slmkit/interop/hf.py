@@ -35,7 +35,7 @@ _GENERIC_KEYS = {
     "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type", "_name_or_path",
     "pad_token_id", "pretraining_tp", "tie_word_embeddings", "bos_token_id", "eos_token_id",
 }  # fmt: skip
-_QUANTIZATION_KEY = "quantization_config"  # slmkit.compress.modules.SPEC_KEY (compress sits above interop)
+_QUANTIZATION_KEY = "quantization_config"  # slmkit.models.quantized.SPEC_KEY (compress sits above interop)
 
 
 # ---- config.json <-> ModelConfig ------------------------------------------------------------------

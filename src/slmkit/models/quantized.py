@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.errors import UserError
-from slmkit.interop.families import family_spec
 
 log = logging.getLogger(__name__)
 
@@ -331,12 +330,6 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---- the spec and the loader ---------------------------------------------------------------------
-def linear_names(config: Any) -> list[str]:
-    """Names of the linear layers inside the transformer blocks that methods compress (the family's spec
-    says which: GPT-2's ungated MLP has no gate_proj)."""
-    return family_spec(config.family).block_linears(config)
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
