@@ -177,19 +177,29 @@ def test_continuous_batcher_with_rows_joining_and_leaving_equals_the_plain_loop(
         assert seq.out == plain_greedy(model, req.prompt_ids, req.max_new_tokens)
 
 
-def test_the_server_serves_it(toy):
+@pytest.mark.parametrize("speculate", ["off", "lookup"])
+def test_the_server_serves_it(toy, speculate):
     from fastapi.testclient import TestClient
 
     from slmkit.serve.app import create_app
 
     model, tokenizer = toy
-    with TestClient(create_app(Engine(model, tokenizer), model_name="toy", max_batch=2)) as client:
-        r = client.post(
-            "/v1/completions", json={"model": "toy", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 0}
-        )
+    app = create_app(Engine(model, tokenizer), model_name="toy", max_batch=2, speculate=speculate, speculate_k=4)
+    body = {"model": "toy", "prompt": PROMPTS[3], "max_tokens": 24, "temperature": 0}
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.text
-    expected = plain_greedy(model, tokenizer.encode(PROMPTS[0]).ids, 8)
+    expected = plain_greedy(model, tokenizer.encode(PROMPTS[3]).ids, 24)
     assert r.json()["choices"][0]["text"] == tokenizer.decode(expected)
+
+
+def test_the_server_refuses_an_unknown_speculation(toy):
+    from slmkit.errors import UserError
+    from slmkit.serve.app import create_app
+
+    model, tokenizer = toy
+    with pytest.raises(UserError, match="lookup drafts or not at all"):
+        create_app(Engine(model, tokenizer), speculate="draft")
 
 
 def test_batcher_lookup_speculation_equals_the_plain_loop(toy):

@@ -670,6 +670,17 @@ def serve(
     drain_timeout: Annotated[
         float, typer.Option(help="On Ctrl-C/SIGTERM, seconds to let running requests finish.")
     ] = 30,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="Compile the decode step (CUDA graphs on a GPU, C++ kernels on a CPU). Default: on CUDA only.",
+        ),
+    ] = None,
+    speculate: Annotated[
+        str, typer.Option(help="off, or lookup: verify prompt-lookup drafts for every row in one pass.")
+    ] = "off",
+    speculate_k: Annotated[int, typer.Option(help="Drafted tokens per row and step at most (with --speculate).")] = 8,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
     batching."""
@@ -678,6 +689,7 @@ def serve(
     run_server(
         model, host=host, port=port, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
         request_timeout=request_timeout, prefill_chunk=prefill_chunk, drain_timeout=drain_timeout,
+        compile=compile, speculate=speculate, speculate_k=speculate_k,
     )  # fmt: skip
 
 

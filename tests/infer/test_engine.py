@@ -188,3 +188,19 @@ def test_streaming_does_not_leak_inference_mode(lm):
     engine = Engine(lm.model, lm.tokenizer)
     for _ in engine.stream("The", max_new_tokens=3):
         assert not torch.is_inference_mode_enabled()
+
+
+@pytest.mark.parametrize("speculate", ["off", "lookup"])
+def test_top_logprobs_match_a_direct_forward_pass(lm, speculate):
+    engine = Engine(lm.model, lm.tokenizer)
+    [out] = engine.generate(PROMPTS[0], max_new_tokens=12, top_logprobs=3, speculate=speculate)
+    ids = lm.tokenizer.encode(PROMPTS[0]).ids
+    with torch.no_grad():
+        logp = lm.model(torch.tensor([ids + out.token_ids]))[0].float().log_softmax(-1)
+    assert out.top_logprobs is not None and len(out.top_logprobs) == len(out.token_ids)
+    for j, top in enumerate(out.top_logprobs):
+        values, indices = logp[len(ids) - 1 + j].topk(3)
+        assert [t for t, _ in top] == indices.tolist()
+        assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
+    with pytest.raises(UserError, match="top logprobs"):
+        engine.generate(PROMPTS[0], max_new_tokens=2, top_logprobs=21)

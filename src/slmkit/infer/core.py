@@ -513,8 +513,13 @@ class DecodeCore:
             seq.length = base + 1 + n_accepted  # the pending token and the accepted drafts stay
             self.state.crop(seq.row, seq.length)
             raw = logits[seq.row].float().log_softmax(-1) if seq.request.logprobs else None
+            k = seq.request.top_logprobs
             for j, token in enumerate(new_tokens):
-                lp = TokenLogprob(token, float(raw[j, token]), []) if raw is not None else None
+                lp = None
+                if raw is not None:
+                    top = raw[j].topk(k) if k else None
+                    pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+                    lp = TokenLogprob(token, float(raw[j, token]), pairs)
                 outputs.append(self.emit(seq, token, lp))
                 if seq.finished:
                     break

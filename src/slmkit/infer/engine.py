@@ -33,6 +33,7 @@ import torch
 
 from slmkit.errors import UserError
 from slmkit.infer.core import (  # noqa: F401  (MIN_DRAFTED_TO_JUDGE: the engine's speculation rule, re-exported)
+    MAX_TOP_LOGPROBS,
     MIN_DRAFTED_TO_JUDGE,
     DecodeCore,
     GenerationRequest,
@@ -55,6 +56,7 @@ class Completion:
     finish_reason: str  # "stop" (EOS, a stop string, or a finished grammar) or "length"
     prompt_tokens: int
     logprobs: list[float] | None = None  # log p(token) under the model (raw logits, before sampling settings)
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # per token: the k most likely (token, log p)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -66,6 +68,8 @@ class Completion:
         }
         if self.logprobs is not None:
             d["logprobs"] = [round(x, 6) for x in self.logprobs]
+        if self.top_logprobs is not None:
+            d["top_logprobs"] = [[[t, round(lp, 6)] for t, lp in top] for top in self.top_logprobs]
         return d
 
 
@@ -242,6 +246,7 @@ class Engine:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         logprobs: bool = False,
+        top_logprobs: int = 0,
         truncate: bool = False,
         constraint: Any = None,
         speculate: SpeculateMode = "off",
@@ -263,6 +268,7 @@ class Engine:
             sampling=sampling,
             stop=stop,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
             truncate=truncate,
             constraint=constraint,
             speculate=speculate,
@@ -292,6 +298,7 @@ class Engine:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         logprobs: bool = False,
+        top_logprobs: int = 0,
         truncate: bool = False,
         constraint: Any = None,
         speculate: SpeculateMode = "off",
@@ -313,6 +320,9 @@ class Engine:
             raise UserError(f"speculate-k must be in [1, 32], got {speculate_k}")
         if not (0 <= min_acceptance <= 1):
             raise UserError(f"min acceptance must be in [0, 1], got {min_acceptance}")
+        if not (0 <= top_logprobs <= MAX_TOP_LOGPROBS):
+            raise UserError(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
+        logprobs = logprobs or top_logprobs > 0
         prompt_ids = [self._fit_prompt(p, max_new_tokens, truncate, i) for i, p in enumerate(prompt_ids)]
         compiled = None
         if constraint is not None:
@@ -327,7 +337,7 @@ class Engine:
             max_new_tokens,
             sampling,
             list(stop),
-            logprobs,
+            (logprobs, top_logprobs),
             compiled,
             speculate,
             speculate_k,
@@ -371,7 +381,7 @@ class Engine:
         max_new_tokens: int,
         sampling: SamplingParams,
         stop: list[str],
-        logprobs: bool,
+        logprob_options: tuple[bool, int],
         compiled: Any,
         speculate: SpeculateMode,
         speculate_k: int,
@@ -379,9 +389,10 @@ class Engine:
         stats: EngineStats,
     ) -> Iterator[Any]:
         stats.speculation = speculate
+        logprobs, top_logprobs = logprob_options
         requests = [
             GenerationRequest(
-                p, max_new_tokens, sampling, stop, constraint=compiled, logprobs=logprobs,
+                p, max_new_tokens, sampling, stop, constraint=compiled, logprobs=logprobs, top_logprobs=top_logprobs,
                 detokenize=stream or bool(stop),
             )
             for p in prompt_ids
@@ -431,6 +442,7 @@ class Engine:
             finish_reason=seq.finish_reason or "",
             prompt_tokens=len(seq.prompt),
             logprobs=[lp.logprob for lp in seq.logprobs] if logprobs else None,
+            top_logprobs=[lp.top for lp in seq.logprobs] if seq.request.top_logprobs else None,
         )
 
     @staticmethod

@@ -49,12 +49,17 @@ def create_app(
     request_timeout: float | None = None,
     prefill_chunk: int = 512,
     drain_timeout: float = 30,
+    compile: bool | None = None,
+    speculate: str = "off",
+    speculate_k: int = 8,
 ) -> FastAPI:
     """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
 
     max_batch: rows of the running batch (sequences decoded together); max_queue: sequences that may wait for a
     row (more get 503); request_timeout: seconds from arrival after which a request stops (see
-    `slmkit.serve.scheduler`); prefill_chunk: prompt tokens prefilled per step at most.
+    `slmkit.serve.scheduler`); prefill_chunk: prompt tokens prefilled per step at most; compile: compile the
+    decode step (None: on CUDA only); speculate: "lookup" verifies prompt-lookup drafts of up to speculate_k
+    tokens for every row in one pass (greedy output unchanged).
     """
     directory: Path | None = None
     if isinstance(engine_or_model_path, Engine):
@@ -71,7 +76,8 @@ def create_app(
     metrics = Metrics()
     scheduler = Scheduler(
         engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
-        request_timeout=request_timeout, metrics=metrics,
+        request_timeout=request_timeout, metrics=metrics, compile=compile, speculate=speculate,
+        speculate_k=speculate_k,
     )  # fmt: skip
     pieces = openai.TokenText(engine.tokenizer)
     created = int(time.time())
@@ -252,6 +258,9 @@ def serve(
     request_timeout: float | None = None,
     prefill_chunk: int = 512,
     drain_timeout: float = 30,
+    compile: bool | None = None,
+    speculate: str = "off",
+    speculate_k: int = 8,
 ) -> None:
     """Run the server until interrupted (`slm serve`). The first Ctrl-C / SIGTERM drains: new requests get 503,
     running ones finish (at most `drain_timeout` s); a second one exits at once."""
@@ -263,7 +272,8 @@ def serve(
         raise UserError(f"drain timeout must be >= 0 seconds, got {drain_timeout}")
     app = create_app(
         model, api_key=api_key, max_queue=max_queue, max_batch=max_batch, request_timeout=request_timeout,
-        prefill_chunk=prefill_chunk, drain_timeout=drain_timeout,
+        prefill_chunk=prefill_chunk, drain_timeout=drain_timeout, compile=compile, speculate=speculate,
+        speculate_k=speculate_k,
     )  # fmt: skip
     scheduler: Scheduler = app.state.scheduler
 

@@ -93,12 +93,19 @@ class Scheduler:
         prefill_chunk: int = 512,
         request_timeout: float | None = None,
         metrics: Any = None,
+        compile: bool | None = None,
+        speculate: str = "off",
+        speculate_k: int = 8,
     ) -> None:
         if max_queue < 1:
             raise UserError(f"max queue must be >= 1, got {max_queue}")
         if request_timeout is not None and not request_timeout > 0:
             raise UserError(f"request timeout must be > 0 seconds, got {request_timeout}")
-        self.batcher = ContinuousBatcher(model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk)
+        self.batcher = ContinuousBatcher(
+            model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, compile=compile,
+            speculate=speculate,  # type: ignore[arg-type]  (checked by the batcher)
+            speculate_k=speculate_k,
+        )  # fmt: skip
         self.max_queue = max_queue
         self.max_batch = max_batch
         self.request_timeout = request_timeout
