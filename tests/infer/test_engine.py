@@ -49,6 +49,20 @@ def test_compiled_decode_step_equals_eager_on_cpu(lm, caplog):
     again = EngineStats()
     engine.generate(PROMPTS[:2], max_new_tokens=10, stats=again)
     assert again.compile_seconds == 0 and "compiling" not in again.summary()
+    # batch 1 (a graph of its own) on sharp random weights: its one query must not see the slots past it, which
+    # an earlier, longer sequence left filled
+    from slmkit.models import build_model
+
+    sharp = build_model(lm.model.config)
+    sharp.init_weights(seed=0)
+    with torch.no_grad():
+        for p in sharp.parameters():
+            if p.dim() == 2:
+                p.mul_(3)
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS[:2]]
+    expected = [c.token_ids for c in Engine(sharp.eval(), None).generate_ids(prompts, max_new_tokens=40)]
+    one = Engine(sharp, None, compile=True)
+    assert [one.generate_ids([p], max_new_tokens=40)[0].token_ids for p in prompts] == expected
 
 
 def test_a_failed_compilation_falls_back_to_eager(lm, monkeypatch, caplog):

@@ -104,7 +104,7 @@ def causal_mask(ctx: Context, key_pos: torch.Tensor | None, n_keys: int, window:
         return ctx.masks[key]
     query = ctx.pos.unsqueeze(-1)  # (B or 1, T, 1)
     if key_pos is None:
-        if t == 1 and not ctx.per_row and window is None:
+        if t == 1 and not ctx.per_row and window is None and ctx.upto is not None:
             mask = None  # one query at the newest slot: every slot in [0, upto) is visible
         else:
             slots = torch.arange(n_keys, device=query.device)
