@@ -69,7 +69,7 @@ class ScriptedModel(torch.nn.Module):
 
         return ModelState([], batch_size, max_len or self.config.max_seq_len)  # it keeps nothing between calls
 
-    def forward(self, idx, *, state=None, pos=None, active=None, upto=None, last_only=False):
+    def forward(self, idx, *, state=None, pos=None, active=None, upto=None, last_only=False, logits_at=None):
         b, t = idx.shape
         pos = pos.expand(b, t) if pos.dim() == 2 else pos[None, :].expand(b, t)
         logits = torch.full((b, t, self.config.vocab_size), -10.0)
@@ -78,6 +78,8 @@ class ScriptedModel(torch.nn.Module):
                 k = int(pos[i, j]) + 1 - self.prompt_len
                 token = self.script[k] if 0 <= k < len(self.script) else self.config.eos_token_id
                 logits[i, j, token] = 10.0
+        if logits_at is not None:
+            return logits[torch.arange(b), logits_at].unsqueeze(1)
         return logits[:, -1:] if last_only else logits
 
 

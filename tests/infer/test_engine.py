@@ -218,3 +218,26 @@ def test_top_logprobs_match_a_direct_forward_pass(lm, speculate):
         assert [v for _, v in top] == pytest.approx(values.tolist(), abs=1e-4)
     with pytest.raises(UserError, match="top logprobs"):
         engine.generate(PROMPTS[0], max_new_tokens=2, top_logprobs=21)
+
+
+def test_sliding_window_batches_of_different_lengths_equal_each_alone(lm):
+    """A short window gets a ring state (window + slack slots); prompts of different lengths prefill together when
+    the ring's slack covers the difference and apart otherwise, and each decodes as it would alone."""
+    from slmkit.models import build_model
+    from slmkit.models.state import RingKVState
+
+    config = lm.model.config.replace(family="mistral", sliding_window=6)
+    model = build_model(config)
+    model.init_weights(seed=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3)
+    model.eval()
+    assert isinstance(model.new_state(1, config.max_seq_len).layer(0), RingKVState)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, config.vocab_size, (n,), generator=gen).tolist() for n in (50, 45, 5, 60)]
+    engine = Engine(model, None)
+    batched = [c.token_ids for c in engine.generate_ids(prompts, max_new_tokens=30)]
+    alone = [engine.generate_ids([p], max_new_tokens=30)[0].token_ids for p in prompts]
+    assert batched == alone

@@ -317,6 +317,7 @@ class DecodeCore:
         self._step: CompiledStep | None = None
         if compile:
             self._step = CompiledStep(StaticStep(model, self.state), self.device)
+        self._chosen: tuple[list[GenerationSequence], torch.Tensor] = ([], torch.empty(0))  # the latest choices
         # positions 0..max_len as a device tensor made once: each step's positions are views of it
         self._positions = torch.arange(max_len + 1, device=self.device)
 
@@ -343,6 +344,7 @@ class DecodeCore:
         if not self.free_rows:
             raise RuntimeError("no free row")
         seq.row = len(self.rows)
+        self._chosen = ([], self._chosen[1][:0])
         seq.prefilled = seq.length = 0
         seq.pending = None
         self.state.reset(seq.row, seq.row + 1)
@@ -370,44 +372,58 @@ class DecodeCore:
     # ---- forward passes --------------------------------------------------------------------------------------
     def prefill(self) -> Ready:
         """Feed prompt tokens, at most `prefill_chunk` in all (None: every prompt whole); sequences whose prompt
-        is then complete get logits to choose their first token from. Consecutive rows at the same stage of the
-        same prompt length prefill in one batched pass."""
+        is then complete get logits to choose their first token from. Consecutive rows at the same stage prefill in
+        one pass; shorter ones are padded at the end when the state can crop what they were fed past it."""
         ready: Ready = []
         budget = self.prefill_chunk
+        room = self.state.pad_room()
         pending = [s for s in self.rows if not s.finished and s.prefilled < len(s.prompt)]
         i = 0
         while i < len(pending) and (budget is None or budget > 0):
             seq = pending[i]
-            start, remaining = seq.prefilled, len(seq.prompt) - seq.prefilled
-            take = remaining if budget is None else min(remaining, budget)
-            group = [seq]
-            while (
-                i + len(group) < len(pending)
-                and pending[i + len(group)].row == seq.row + len(group)
-                and pending[i + len(group)].prefilled == start
-                and len(pending[i + len(group)].prompt) == len(seq.prompt)
-                and (budget is None or (len(group) + 1) * take <= budget)
-            ):
-                group.append(pending[i + len(group)])
+            start = seq.prefilled
+            group, takes = [seq], [_chunk(seq, budget)]
+            while i + len(group) < len(pending):
+                other = pending[i + len(group)]
+                width = max(*takes, _chunk(other, budget))
+                if (
+                    other.row != seq.row + len(group)
+                    or other.prefilled != start
+                    or width - min(*takes, _chunk(other, budget)) > room
+                    or (budget is not None and (len(group) + 1) * width > budget)
+                ):
+                    break
+                group.append(other)
+                takes.append(_chunk(other, budget))
             i += len(group)
-            tokens = torch.tensor([s.prompt[start : start + take] for s in group], device=self.device)  # (G, T)
+            width = max(takes)
+            feed = [s.prompt[start : start + take] + [0] * (width - take) for s, take in zip(group, takes, strict=True)]
+            tokens = torch.tensor(feed, device=self.device)  # (G, T)
+            padded = any(take != width for take in takes)
             begin = time.perf_counter()
-            with self.prefill_threads(len(group) * take):
+            with self.prefill_threads(len(group) * width):
                 logits = self.model(
                     tokens,
                     state=self.view(seq.row, seq.row + len(group)),
-                    pos=self._positions[start : start + take],
-                    upto=start + take,
-                    last_only=True,
+                    pos=self._positions[start : start + width],
+                    upto=start + width,
+                    last_only=not padded,
+                    logits_at=torch.tensor(takes, device=self.device) - 1 if padded else None,
                 )[:, -1]  # (G, V)
             self.stats.prefill_seconds += time.perf_counter() - begin
-            self.stats.prefill_tokens += len(group) * take
+            self.stats.prefill_tokens += sum(takes)
             if budget is not None:
-                budget -= len(group) * take
-            for s in group:
+                budget -= len(group) * width
+            done: list[int] = []
+            for j, (s, take) in enumerate(zip(group, takes, strict=True)):
                 s.prefilled = s.length = start + take
-            if start + take == len(seq.prompt):
-                ready.append((group, logits))
+                if take != width:
+                    self.state.crop(s.row, s.length)  # forget the padding
+                if s.prefilled == len(s.prompt):
+                    done.append(j)
+            if done:
+                index = torch.tensor(done, device=self.device) if len(done) < len(group) else None
+                ready.append(([group[j] for j in done], logits[index] if index is not None else logits))
         return ready
 
     def decode(self) -> Ready:
@@ -423,12 +439,13 @@ class DecodeCore:
             logits = self._eager_decode(len(decoding) == len(rows))
         self.stats.decode_forwards += 1
         self.stats.last_batch_size = len(decoding)
-        self._forget_placeholders(s for s in rows if s.pending is None)
+        if len(decoding) < len(rows):
+            self._forget_placeholders(s for s in rows if s.pending is None)
         for seq in decoding:
             seq.length += 1
             seq.pending = None
         if len(decoding) == len(rows):
-            return [(decoding, logits[: len(rows)])]
+            return [(decoding, logits if logits.shape[0] == len(rows) else logits[: len(rows)])]
         index = torch.tensor([s.row for s in decoding], device=self.device)
         return [(decoding, logits[index])]
 
@@ -440,17 +457,20 @@ class DecodeCore:
     def _eager_decode(self, all_active: bool) -> torch.Tensor:
         rows = self.rows
         n = len(rows)
-        # a row without a token (still prefilling) feeds a placeholder at its next position, marked inactive
-        tokens = torch.tensor([[s.pending if s.pending is not None else 0] for s in rows], device=self.device)
+        chosen_seqs, chosen = self._chosen
+        if all_active and len(chosen_seqs) == n and all(a is b for a, b in zip(chosen_seqs, rows, strict=True)):
+            tokens = chosen[:, None]  # the tokens just chosen, in row order: no host-to-device copy
+        else:  # a row without a token (still prefilling) feeds a placeholder at its next position, inactive
+            tokens = torch.tensor([[s.pending if s.pending is not None else 0] for s in rows], device=self.device)
         lengths = [s.length for s in rows]
-        same = all(x == lengths[0] for x in lengths)
-        if same:  # one position for every row: no per-row mask at all
-            pos = self._positions[lengths[0] : lengths[0] + 1]
+        longest = max(lengths)
+        if longest == min(lengths):  # one position for every row: no per-row mask at all
+            pos = self._positions[longest : longest + 1]
         else:
             pos = torch.tensor(lengths, device=self.device)[:, None]  # (n, 1)
         active = None if all_active else torch.tensor([s.pending is not None for s in rows], device=self.device)
         with self.step_threads:
-            return self.model(tokens, state=self.view(0, n), pos=pos, active=active, upto=max(lengths) + 1)[:, -1]
+            return self.model(tokens, state=self.view(0, n), pos=pos, active=active, upto=longest + 1)[:, -1]
 
     def _compiled_decode(self) -> torch.Tensor:
         """Every row of the state (idle ones feed a placeholder, inactive), so the compiled graph never changes."""
@@ -474,6 +494,7 @@ class DecodeCore:
         decode one token as in `decode`. Rejected positions are cropped from each row's state."""
         from slmkit.infer.speculative import verify
 
+        self._chosen = ([], self._chosen[1][:0])  # tokens come from verification here, not from `choose`
         rows = self.rows
         n = len(rows)
         width = 1 + max(len(d) for d, _ in drafts.values())
@@ -554,6 +575,7 @@ class DecodeCore:
                 if seq.grammar is not None:
                     seq.grammar.mask_(scores[i])
         tokens = self._sample(seqs, scores)
+        self._chosen = (seqs, tokens)
         want = [i for i, s in enumerate(seqs) if s.request.logprobs]
         logprobs: dict[int, TokenLogprob] = {}
         if want:
@@ -635,6 +657,12 @@ class DecodeCore:
             spent -= self.stats.prefill_seconds - prefill_before + self.stats.compile_seconds - compile_before
             self.stats.decode_seconds += spent
         return outputs
+
+
+def _chunk(seq: GenerationSequence, budget: int | None) -> int:
+    """Prompt tokens a sequence feeds in this prefill: the rest of its prompt, within the token budget."""
+    remaining = len(seq.prompt) - seq.prefilled
+    return remaining if budget is None else min(remaining, budget)
 
 
 def check_request(request: GenerationRequest, max_len: int) -> None:

@@ -79,6 +79,11 @@ class KVState(nn.Module):
     def crop(self, row: int, length: int) -> None:
         pass  # slots from `length` on are masked until rewritten
 
+    def pad_room(self) -> int:
+        """Positions a pass may feed a row past its real tokens and then `crop` (rows of different lengths in one
+        prefill): any, since slots past a query are masked until rewritten."""
+        return self.max_len
+
     def rows(self, start: int, stop: int) -> KVState:
         view = KVState.__new__(KVState)
         nn.Module.__init__(view)
@@ -145,6 +150,11 @@ class RingKVState(nn.Module):
         self.v[dst] = self.v[src]
         self.slot_pos[dst] = self.slot_pos[src]
 
+    def pad_room(self) -> int:
+        # positions written past a row's end overwrite the oldest slots; within the slack those are out of every
+        # later query's window
+        return self.slack
+
     def crop(self, row: int, length: int) -> None:
         # rejected positions must not be seen (nor seen twice once rewritten); the slack guarantees the positions
         # they overwrote were older than any later query's window
@@ -192,17 +202,18 @@ class ModelState(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(s if s is not None else nn.Identity() for s in layers)
         self._batch_size, self.max_len = batch_size, max_len
+        # plain references for the per-layer lookup of every forward pass (ModuleList indexing is slow)
+        self._by_layer: list[LayerState | None] = list(layers)  # type: ignore[arg-type]
 
     @property
     def batch_size(self) -> int:
         return self._batch_size
 
     def layer(self, i: int) -> LayerState | None:
-        state = self.layers[i]
-        return None if isinstance(state, nn.Identity) else state  # type: ignore[return-value]
+        return self._by_layer[i]
 
     def _each(self) -> list[LayerState]:
-        return [s for s in self.layers if not isinstance(s, nn.Identity)]  # type: ignore[misc]
+        return [s for s in self._by_layer if s is not None]
 
     def reset(self, start: int, stop: int) -> None:
         for s in self._each():
@@ -216,6 +227,11 @@ class ModelState(nn.Module):
         for s in self._each():
             s.crop(row, length)
 
+    def pad_room(self) -> int:
+        """Positions a pass may feed past a row's real tokens and then crop; 0 unless every layer's state says
+        more (a recurrent state absorbs whatever it is fed)."""
+        return min((getattr(s, "pad_room", lambda: 0)() for s in self._each()), default=self.max_len)
+
     def rows(self, start: int, stop: int) -> ModelState:
-        views = [s.rows(start, stop) if not isinstance(s, nn.Identity) else None for s in self.layers]
+        views = [s.rows(start, stop) if s is not None else None for s in self._by_layer]
         return ModelState(views, stop - start, self.max_len)  # type: ignore[arg-type]

@@ -50,11 +50,12 @@ class Block(nn.Module):
 
     @property
     def sequence_mixer(self) -> nn.Module:
-        return getattr(self, self.mixer_name)
+        return self._modules[self.mixer_name]  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor, ctx: Context | None, state: nn.Module | None) -> torch.Tensor:
-        x = x + self.sequence_mixer(self.input_layernorm(x), ctx, state)  # (B, T, C)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        modules = self._modules  # one dict for the four lookups (nn.Module attribute access is slow per step)
+        x = x + modules[self.mixer_name](modules["input_layernorm"](x), ctx, state)  # (B, T, C)
+        return x + modules["mlp"](modules["post_attention_layernorm"](x))
 
 
 class Transformer(nn.Module):
@@ -99,8 +100,9 @@ class Transformer(nn.Module):
         active: torch.Tensor | None = None,
         upto: int | None = None,
         last_only: bool = False,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for tokens idx (B, T); (B, 1, V) with last_only.
+        """Logits (B, T, V) for tokens idx (B, T); (B, 1, V) with last_only, or at each row's index logits_at (B,).
 
         state: from `new_state`; each layer reads and writes its own part (None: causal over idx alone).
         pos (T,) or (B, T): the tokens' positions (default 0..T-1), the same for every row or each row its own
@@ -131,7 +133,9 @@ class Transformer(nn.Module):
             ctx.cos, ctx.sin = ctx.cos.to(x.dtype), ctx.sin.to(x.dtype)  # type: ignore[union-attr]
         for i, layer in enumerate(self.layers):
             x = layer(x, ctx, state.layer(i) if state is not None else None)
-        if last_only:
+        if logits_at is not None:
+            x = x[torch.arange(b, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
+        elif last_only:
             x = x[:, -1:, :]
         return self.lm_head(self.norm(x))  # (B, T, V)
 
