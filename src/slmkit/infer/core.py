@@ -550,11 +550,6 @@ class DecodeCore:
         self.stats.last_batch_size = len(plain) + len(drafts)
         return outputs
 
-    def crop(self, seq: GenerationSequence, length: int) -> None:
-        """Take back a row's positions from `length` on (rejected speculative tokens)."""
-        self.state.crop(seq.row, length)
-        seq.length = min(seq.length, length)
-
     # ---- choosing and emitting ----------------------------------------------------------------------------------
     def choose(self, ready: Ready) -> list[StepOutput]:
         """Next token per ready sequence: penalties, grammar mask, then each sequence's own sampling."""
