@@ -217,3 +217,16 @@ def test_batcher_lookup_speculation_equals_the_plain_loop(toy):
     assert sum(s.drafted for s in seqs) > 0 and sum(s.accepted for s in seqs) < sum(s.drafted for s in seqs)
     for req, seq in zip(requests, seqs, strict=True):
         assert seq.out == plain_greedy(model, req.prompt_ids, req.max_new_tokens)
+
+
+def test_compiled_batcher_step_keeps_idle_rows_state(toy, caplog):
+    """The compiled step runs over every row; rows still prefilling (or idle) are fed an inactive placeholder,
+    which a recurrent state must not absorb."""
+    model, tokenizer = toy
+    batcher = ContinuousBatcher(model, tokenizer, max_batch=3, prefill_chunk=3, compile=True)
+    requests = [GenerationRequest(tokenizer.encode(p).ids, n) for p, n in zip(PROMPTS, [6, 9, 4, 8], strict=True)]
+    with caplog.at_level("WARNING"):
+        seqs = batcher.run(requests)
+    assert "decoding eagerly" not in caplog.text
+    for req, seq in zip(requests, seqs, strict=True):
+        assert seq.out == plain_greedy(model, req.prompt_ids, req.max_new_tokens)
