@@ -12,3 +12,13 @@ class UserError(Exception):
     """A problem the user caused and can fix; the message names the thing and the fix."""
 
     exit_code = 2
+
+
+class MissingDependency(UserError):
+    """An optional package a feature needs is not installed (or does not import); the message names the feature,
+    the package and the exact pip command that installs it (see :mod:`slmkit.optional`)."""
+
+    def __init__(self, message: str, *, module: str, install: str) -> None:
+        super().__init__(message)
+        self.module = module
+        self.install = install

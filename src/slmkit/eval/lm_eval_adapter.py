@@ -12,16 +12,28 @@ imported before lm-eval looks the name up. Two ways:
 
 Log-likelihoods use the same batched scorer as `slm eval --tasks` (:func:`slmkit.eval.tasks.loglikelihoods`);
 generation is greedy with the static-cache decoder of `slmkit.infer.generate`.
+
+lm-eval is optional (the ``lm-eval`` extra): without it, importing this module is a
+:class:`slmkit.errors.MissingDependency` naming the pip command (on the command line: one ``error:`` line, exit 2).
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-
+from slmkit.errors import MissingDependency, UserError
 from slmkit.eval.tasks import loglikelihoods, prefix_token_id
+from slmkit.optional import require
+
+try:
+    LM = require("lm_eval.api.model", "lm-eval").LM
+    register_model = require("lm_eval.api.registry", "lm-eval").register_model
+except MissingDependency as exc:
+    if __name__ == "__main__":  # the lm-eval command line: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    raise
 
 
 @register_model("slmkit")
@@ -42,8 +54,6 @@ class SlmkitLM(LM):
 
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, None: None}
         if dtype not in torch_dtype:
-            from slmkit.errors import UserError
-
             raise UserError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
         device = device or "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -130,11 +140,7 @@ class SlmkitLM(LM):
 
 def main() -> None:
     """The lm-eval command line with the `slmkit` model type registered."""
-    import sys
-
     from lm_eval.__main__ import cli_evaluate
-
-    from slmkit.errors import UserError
 
     try:
         cli_evaluate()

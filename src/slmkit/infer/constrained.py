@@ -6,7 +6,8 @@ xgrammar ``CompiledGrammar`` for a tokenizer (done once per request, cached per 
 advances on the chosen token. The end-of-text token is the grammar's stop token: once the output is
 complete only it is allowed, so a finished output always parses.
 
-xgrammar is imported only when a constraint is used (it takes seconds to import).
+xgrammar is imported only when a constraint is used (it takes seconds to import). It is optional (the
+``constrained`` extra): without it a constraint is a :class:`slmkit.errors.MissingDependency` naming the pip command.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import torch
 
 from slmkit.errors import UserError
+from slmkit.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +83,12 @@ def _control_tokens(key: tuple[int, int, int | None], info: Any, vocab_size: int
     return _CONTROL_TOKENS[key]
 
 
+def _xgrammar() -> Any:
+    return require("xgrammar", "constrained")
+
+
 def _compiler(tokenizer: Any, vocab_size: int, eos_token_id: int | None):
-    import xgrammar as xgr
+    xgr = _xgrammar()
 
     key = (id(tokenizer), vocab_size, eos_token_id)
     if key not in _COMPILERS:
@@ -133,8 +139,7 @@ class GrammarState:
     """One sequence's matcher: masks logits to allowed tokens and advances on each chosen token."""
 
     def __init__(self, compiled: CompiledConstraint, vocab_size: int) -> None:
-        import xgrammar as xgr
-
+        xgr = _xgrammar()
         self._xgr = xgr
         self.matcher = xgr.GrammarMatcher(compiled.grammar)
         self.banned = compiled.banned
@@ -168,13 +173,20 @@ def constraint_from_options(
     json_schema: str | None = None, regex: str | None = None, grammar: str | None = None
 ) -> Constraint | None:
     """The constraint named by CLI-style options: a JSON schema file, a regex, an EBNF grammar file (one at most)."""
-    from pathlib import Path
-
     given = [
         name for name, value in (("--json-schema", json_schema), ("--regex", regex), ("--grammar", grammar)) if value
     ]
     if len(given) > 1:
         raise UserError(f"give at most one of --json-schema, --regex and --grammar (got {', '.join(given)})")
+    constraint = _read_options(json_schema, regex, grammar)
+    if constraint is not None:
+        _xgrammar()  # a missing xgrammar ends the command here, before a model is loaded
+    return constraint
+
+
+def _read_options(json_schema: str | None, regex: str | None, grammar: str | None) -> Constraint | None:
+    from pathlib import Path
+
     if regex is not None:
         return Constraint.regex(regex)
     for value, kind in ((json_schema, "json_schema"), (grammar, "grammar")):
