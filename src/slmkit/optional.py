@@ -61,9 +61,9 @@ def require(module: str, extra: str) -> ModuleType:
         package = module.partition(".")[0]
         missing = getattr(exc, "name", None)
         if isinstance(exc, ModuleNotFoundError) and missing is not None and missing.partition(".")[0] == package:
-            reason = f"{package} is not installed"
+            reason = "which is not installed"
         else:  # installed, but it does not import (one of its own dependencies is missing, a broken binary)
-            reason = f"{package} is installed but does not import ({exc})"
+            reason = f"which is installed but does not import ({exc})"
         note = f" ({spec.note})" if spec.note else ""
-        message = f"{spec.feature} needs {package}: {reason}; install it with: {spec.install}{note}"
+        message = f"{spec.feature} needs {package}, {reason}: {spec.install}{note}"
         raise MissingDependency(message, module=package, install=spec.install) from exc
