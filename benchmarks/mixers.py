@@ -1,0 +1,307 @@
+"""Sequence mixers side by side: quality at equal training FLOPs, associative recall, and decode cost vs context.
+
+    python benchmarks/mixers.py --sections decode                        # ms/token and state bytes vs context
+    python benchmarks/mixers.py --sections recall                        # MQAR-style associative recall
+    python benchmarks/mixers.py --sections quality --flops 3e12          # val bits/byte at equal training FLOPs
+    python benchmarks/mixers.py --sections hf                            # training tokens/s vs transformers' Mamba2
+
+Every section compares the same list of presets (``--presets``; default: the `micro` transformer, Mamba-2,
+BASED, GLA and the Mamba-2/attention hybrid). FLOPs are `ModelConfig.flops_per_token`, which counts each
+layer's own mixer. Figures go to stdout as tables (plain text when stdout is not a terminal) and, with
+``--json``, as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import hardware  # noqa: E402
+from slmkit.config import preset  # noqa: E402
+from slmkit.models import build_model  # noqa: E402
+
+DEFAULT_PRESETS = ["micro", "micro-mamba2", "micro-based", "micro-gla", "micro-hybrid"]
+SEED_PAPERS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "seed-papers.jsonl"
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+
+
+def state_bytes(state: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for b in state.buffers())
+
+
+# ---------------------------------------------------------------- decode cost vs context
+@torch.inference_mode()
+def decode_section(presets: list[str], contexts: list[int], steps: int, vocab: int) -> list[dict]:
+    """Batch-1 greedy decode after a context of n tokens: ms per token and the inference state's bytes."""
+    results = []
+    for name in presets:
+        torch.manual_seed(0)
+        cfg = preset(name, vocab_size=vocab, max_seq_len=max(contexts) + steps + 8)
+        model = build_model(cfg).eval()
+        model.init_weights(seed=0)
+        for n in contexts:
+            state = model.new_state(1, n + steps + 1)
+            ids = torch.randint(0, vocab, (1, n))
+            for start in range(0, n, 512):  # prefill in chunks: the state, not a (n, n) score matrix
+                chunk = ids[:, start : start + 512]
+                pos = torch.arange(start, start + chunk.shape[1])
+                logits = model(chunk, state=state, pos=pos, last_only=True)
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            times = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                logits = model(token, state=state, pos=torch.tensor([n + i]), last_only=True)
+                token = logits[:, -1].argmax(-1, keepdim=True)
+                times.append(time.perf_counter() - t0)
+            times.sort()
+            results.append(
+                {
+                    "preset": name,
+                    "context": n,
+                    "ms_per_token": 1000 * times[len(times) // 2],
+                    "state_bytes": state_bytes(state),
+                    "params": sum(p.numel() for p in model.parameters()),
+                }
+            )
+            print(f"  {name} @ {n}: {results[-1]['ms_per_token']:.2f} ms/token", file=sys.stderr)
+    rows = [
+        [r["preset"], str(r["context"]), f"{r['ms_per_token']:.2f}", f"{r['state_bytes'] / 2**20:.2f}"]
+        for r in results
+    ]
+    table("decode (batch 1, median of steps)", ["preset", "context", "ms/token", "state MiB"], rows)
+    return results
+
+
+# ---------------------------------------------------------------- associative recall
+def mqar_batch(g: torch.Generator, batch: int, pairs: int, queries: int, n_keys: int, n_values: int):
+    """Multi-query associative recall: `pairs` key-value pairs, then `queries` keys seen before; the target after
+    each queried key is its value. Keys are tokens [0, n_keys), values [n_keys, n_keys + n_values)."""
+    keys = torch.stack([torch.randperm(n_keys, generator=g)[:pairs] for _ in range(batch)])
+    values = torch.randint(n_keys, n_keys + n_values, (batch, pairs), generator=g)
+    context = torch.stack((keys, values), dim=2).reshape(batch, 2 * pairs)
+    pick = torch.stack([torch.randperm(pairs, generator=g)[:queries] for _ in range(batch)])
+    q_keys, q_values = keys.gather(1, pick), values.gather(1, pick)
+    query = torch.stack((q_keys, q_values), dim=2).reshape(batch, 2 * queries)
+    x = torch.cat((context, query), dim=1)
+    y = torch.full_like(x, -100)
+    y[:, 2 * pairs : -1 : 2] = x[:, 2 * pairs + 1 :: 2]  # predict the value after each queried key
+    return x, y
+
+
+def recall_section(presets: list[str], steps: int, pairs: int, d_model: int) -> list[dict]:
+    import torch.nn.functional as F
+
+    n_keys, n_values = 64, 64
+    vocab = n_keys + n_values
+    results = []
+    for name in presets:
+        torch.manual_seed(0)
+        base = preset(name)
+        cfg = preset(
+            name,
+            vocab_size=vocab,
+            d_model=d_model,
+            n_layers=min(base.n_layers, 4),
+            n_heads=4,
+            n_kv_heads=2,
+            d_ff=2 * d_model,
+            max_seq_len=4 * pairs,
+            bos_token_id=None,
+            eos_token_id=None,
+            **({"layer_pattern": base.layer_pattern[:4]} if base.layer_pattern else {}),
+        )
+        model = build_model(cfg)
+        model.init_weights(seed=0)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        started = time.perf_counter()
+        for step in range(steps):
+            x, y = mqar_batch(g, 32, pairs, pairs // 2, n_keys, n_values)
+            lr = 3e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.inference_mode():
+            x, y = mqar_batch(torch.Generator().manual_seed(99), 256, pairs, pairs // 2, n_keys, n_values)
+            pred = model(x).argmax(-1)
+            mask = y != -100
+            accuracy = (pred[mask] == y[mask]).float().mean().item()
+            state = model.new_state(1, x.shape[1])
+        results.append(
+            {
+                "preset": name,
+                "accuracy": accuracy,
+                "state_bytes": state_bytes(state),
+                "seconds": time.perf_counter() - started,
+            }
+        )
+        print(f"  {name}: recall {accuracy:.3f}", file=sys.stderr)
+    rows = [[r["preset"], f"{r['accuracy']:.3f}", f"{r['state_bytes'] / 1024:.1f}", f"{r['seconds']:.0f}"] for r in results]
+    table(
+        f"associative recall ({pairs} pairs, {pairs // 2} queries, d_model {d_model}, {steps} steps)",
+        ["preset", "accuracy", "state KiB", "seconds"],
+        rows,
+    )
+    return results
+
+
+# ---------------------------------------------------------------- quality at equal FLOPs
+def quality_section(presets: list[str], corpora: list[str], flops: float, vocab: int, work: Path) -> list[dict]:
+    from slmkit.data.prepare import prepare
+    from slmkit.eval.perplexity import evaluate_text
+    from slmkit.loading import load
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.loop import train
+
+    results = []
+    for corpus in corpora:
+        data_dir = work / f"data-{abs(hash(corpus))}"
+        prepare([corpus], data_dir, vocab_size=vocab, val_fraction=0.05)
+        for name in presets:
+            cfg = TrainConfig(
+                preset=name,
+                seq_len=256,
+                batch_size=16,
+                lr=3e-3,
+                warmup_steps=30,
+                schedule="wsd",
+                decay_fraction=0.3,
+                max_flops=flops,
+                eval_interval=10**9,
+                save_interval=10**9,
+                seed=1337,
+            )
+            run_dir = work / f"run-{abs(hash(corpus))}-{name}"
+            started = time.perf_counter()
+            result = train(cfg, data_dir, run_dir)
+            seconds = time.perf_counter() - started
+            score = evaluate_text(load(run_dir), data_dir, split="val", seq_len=256, batch_size=16)
+            results.append(
+                {
+                    "corpus": corpus,
+                    "preset": name,
+                    "bits_per_byte": score.bits_per_byte,
+                    "tokens": result.tokens,
+                    "flops": result.flops,
+                    "seconds": seconds,
+                }
+            )
+            print(f"  {corpus} {name}: {score.bits_per_byte:.4f} bpb", file=sys.stderr)
+    rows = []
+    for r in results:
+        ref = next((q for q in results if q["corpus"] == r["corpus"] and q["preset"] == presets[0]), r)
+        rows.append(
+            [
+                Path(r["corpus"]).stem if "/" in r["corpus"] else r["corpus"],
+                r["preset"],
+                f"{r['bits_per_byte']:.4f}",
+                f"{r['bits_per_byte'] / ref['bits_per_byte']:.3f}",
+                f"{r['tokens'] / 1e6:.2f}",
+                f"{r['seconds']:.0f}",
+            ]
+        )
+    table(
+        f"quality at equal training FLOPs ({flops:.2g} each)",
+        ["corpus", "preset", "val bpb", f"vs {presets[0]}", "Mtokens", "seconds"],
+        rows,
+    )
+    return results
+
+
+# ---------------------------------------------------------------- training speed vs transformers' Mamba2
+def hf_section(name: str, batch: int, seq_len: int, steps: int, vocab: int) -> dict:
+    import torch.nn.functional as F
+
+    from slmkit.interop.hf import to_hf_model
+
+    cfg = preset(name, vocab_size=vocab, max_seq_len=seq_len)
+    ours = build_model(cfg)
+    ours.init_weights(seed=0)
+    theirs = to_hf_model(ours)
+    x = torch.randint(0, vocab, (batch, seq_len))
+
+    def rate(model, logits_of) -> float:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            loss = F.cross_entropy(logits_of(model).flatten(0, 1)[:-1], x.flatten()[1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()
+        best = 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            best = max(best, steps * x.numel() / (time.perf_counter() - t0))
+        return best
+
+    ours_rate = rate(ours, lambda m: m(x))
+    theirs_rate = rate(theirs, lambda m: m(input_ids=x).logits)
+    table(
+        f"training tokens/s, {name}, batch {batch} x {seq_len}",
+        ["model", "tokens/s", "ratio"],
+        [
+            ["slmkit", f"{ours_rate:,.0f}", f"{ours_rate / theirs_rate:.2f}x"],
+            [type(theirs).__name__, f"{theirs_rate:,.0f}", "1.00x"],
+        ],
+    )
+    return {"preset": name, "slmkit": ours_rate, "transformers": theirs_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["decode", "recall"], choices=["decode", "recall", "quality", "hf"])
+    parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
+    parser.add_argument("--contexts", nargs="+", type=int, default=[128, 1024, 4096, 16384])
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--recall-steps", type=int, default=600)
+    parser.add_argument("--recall-pairs", type=int, default=32)
+    parser.add_argument("--recall-width", type=int, default=64)
+    parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (quality)")
+    parser.add_argument("--corpora", nargs="+", default=["builtin:pystdlib", str(SEED_PAPERS)])
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--hf-preset", default="micro-mamba2")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", type=Path, default=None, help="also write every figure to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"# {hardware()}")
+    report: dict = {"hardware": hardware()}
+    if "decode" in args.sections:
+        report["decode"] = decode_section(args.presets, args.contexts, args.decode_steps, args.vocab_size)
+    if "recall" in args.sections:
+        report["recall"] = recall_section(args.presets, args.recall_steps, args.recall_pairs, args.recall_width)
+    if "quality" in args.sections:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["quality"] = quality_section(args.presets, args.corpora, args.flops, args.vocab_size, Path(tmp))
+    if "hf" in args.sections:
+        report["hf"] = hf_section(args.hf_preset, 8, 256, 4, args.vocab_size)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
