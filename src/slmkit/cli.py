@@ -657,7 +657,15 @@ def serve(
     model: Annotated[Path, typer.Argument(help="Model dir or run dir to serve.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    api_key: Annotated[str | None, typer.Option(help="Require 'Authorization: Bearer KEY' on /v1/ routes.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Require 'Authorization: Bearer KEY' on /v1/ routes. Else --api-key-file, else $SLM_API_KEY."
+        ),
+    ] = None,
+    api_key_file: Annotated[
+        Path | None, typer.Option(help="Read the API key from this file (its first line); keeps it off ps.")
+    ] = None,
     max_batch: Annotated[int, typer.Option(help="Sequences decoded together (rows of the KV cache).")] = 32,
     max_queue: Annotated[int, typer.Option(help="Sequences that may wait for a row; more get 503 + Retry-After.")] = 64,
     request_timeout: Annotated[
@@ -681,15 +689,33 @@ def serve(
         str, typer.Option(help="off, or lookup: verify prompt-lookup drafts for every row in one pass.")
     ] = "off",
     speculate_k: Annotated[int, typer.Option(help="Drafted tokens per row and step at most (with --speculate).")] = 8,
+    max_request_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
+    allowed_hosts: Annotated[
+        str | None,
+        typer.Option(
+            help="Host names (comma-separated, any port) the Host header may name; '*': any. Default: "
+            "localhost,127.0.0.1,[::1] when --host is a loopback address, else any."
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An origin (https://app.example) whose web pages may call the API; repeatable; '*': any. "
+            "Requests with another Origin header get 403."
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
     batching."""
+    from slmkit.serve.app import resolve_api_key
     from slmkit.serve.app import serve as run_server
 
+    hosts = None if allowed_hosts is None else [h.strip() for h in allowed_hosts.split(",") if h.strip()]
     run_server(
-        model, host=host, port=port, api_key=api_key, max_queue=max_queue, max_batch=max_batch,
-        request_timeout=request_timeout, prefill_chunk=prefill_chunk, drain_timeout=drain_timeout,
-        compile=compile, speculate=speculate, speculate_k=speculate_k,
+        model, host=host, port=port, api_key=resolve_api_key(api_key, api_key_file), max_queue=max_queue,
+        max_batch=max_batch, request_timeout=request_timeout, prefill_chunk=prefill_chunk,
+        drain_timeout=drain_timeout, compile=compile, speculate=speculate, speculate_k=speculate_k,
+        max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (),
     )  # fmt: skip
 
 

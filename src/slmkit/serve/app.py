@@ -11,10 +11,13 @@ bodies) are `slmkit.serve.openai`'s. Generation runs on the continuous-batching 
 from __future__ import annotations
 
 import asyncio
-import secrets
+import errno
+import ipaddress
+import os
+import socket
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +31,120 @@ from slmkit.errors import UserError
 from slmkit.infer.batcher import GenerationRequest
 from slmkit.infer.engine import Engine
 from slmkit.serve import openai
+from slmkit.serve.guards import LOOPBACK_HOSTS, Guards
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.openai import ApiError, ChatRequest, CompletionRequest, OpenAIRequest, Reply, StreamShaper
 from slmkit.serve.scheduler import Job, QueueFull, Result, Scheduler, ShuttingDown
 
-DISCONNECT_POLL_SECONDS = 0.5
+MAX_REQUEST_BYTES = 1 << 20
+API_KEY_ENV = "SLM_API_KEY"
 
 
 def error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _error(description: str, retry: bool = False) -> dict[str, Any]:
+    doc: dict[str, Any] = {"model": openai.ErrorBody, "description": description}
+    if retry:
+        doc["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    return doc
+
+
+_GUARDED = {
+    400: _error("Invalid request (a body that does not validate, or a Host header not allowed: invalid_host)"),
+    403: _error("An Origin header of an origin not allowed (origin_not_allowed)"),
+}
+_KEYED = {**_GUARDED, 401: _error("Missing or wrong API key (with --api-key)")}
+ERRORS_OF: dict[str, dict[int | str, dict[str, Any]]] = {
+    "health": {**_GUARDED, 503: _error("The server is shutting down")},
+    "metrics": _GUARDED,
+    "models": _KEYED,
+    "generate": {
+        200: {"content": {"application/json": {}, "text/event-stream": {}}, "description": "The answer (SSE: stream)"},
+        **_KEYED,
+        404: _error("No such model"),
+        413: _error("The request body is larger than --max-request-bytes"),
+        503: _error("The queue is full, the request waited too long, or the server is shutting down", retry=True),
+    },
+}
+
+
+def openapi_schema(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document without its 422s: validation errors are 400s here (documented per route)."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client goes away (call once the body has been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def resolve_api_key(
+    api_key: str | None, api_key_file: str | Path | None, environ: dict[str, str] | None = None
+) -> str | None:
+    """The server's API key: --api-key, else the first line of --api-key-file, else $SLM_API_KEY, else none.
+    UserError for a key file that is missing, unreadable or empty (a server meant to be keyed must not run open)."""
+    if api_key is not None:
+        if not api_key:
+            raise UserError("the API key is empty")
+        return api_key
+    if api_key_file is not None:
+        try:
+            text = Path(api_key_file).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(
+                f"cannot read the API key file {str(api_key_file)!r}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
+        key = text.strip().splitlines()[0].strip() if text.strip() else ""
+        if not key:
+            raise UserError(f"the API key file {str(api_key_file)!r} is empty")
+        return key
+    key = (os.environ if environ is None else environ).get(API_KEY_ENV, "")
+    return key or None
+
+
+def default_allowed_hosts(host: str) -> list[str] | None:
+    """The Host names a server bound to `host` accepts by default: the loopback names (any port) for a loopback
+    address, else any (None)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    return list(LOOPBACK_HOSTS) if loopback else None
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it); UserError with the reason when it cannot be."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"cannot listen on {host}:{port}: {host!r} is not an address of this machine ({exc})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = "the port is in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise UserError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def create_app(
@@ -52,6 +160,9 @@ def create_app(
     compile: bool | None = None,
     speculate: str = "off",
     speculate_k: int = 8,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    allowed_hosts: Iterable[str] | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
 
@@ -59,7 +170,9 @@ def create_app(
     row (more get 503); request_timeout: seconds from arrival after which a request stops (see
     `slmkit.serve.scheduler`); prefill_chunk: prompt tokens prefilled per step at most; compile: compile the
     decode step (None: on CUDA only); speculate: "lookup" verifies prompt-lookup drafts of up to speculate_k
-    tokens for every row in one pass (greedy output unchanged).
+    tokens for every row in one pass (greedy output unchanged). max_request_bytes: larger bodies get 413;
+    allowed_hosts: the hosts the Host header may name (None: any); cors_origins: the origins whose web pages may
+    call the API (requests with any other Origin get 403); see `slmkit.serve.guards`.
     """
     directory: Path | None = None
     if isinstance(engine_or_model_path, Engine):
@@ -71,6 +184,8 @@ def create_app(
         engine = Engine.load(directory)
     if max_queue < 1:
         raise UserError(f"max queue must be >= 1, got {max_queue}")
+    if max_request_bytes < 1:
+        raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
     name = model_name or (directory.name if directory is not None else "slmkit")
     template = openai.compile_chat_template(openai.load_chat_template(directory))
     metrics = Metrics()
@@ -83,6 +198,7 @@ def create_app(
     created = int(time.time())
 
     app = FastAPI(title="slmkit", version="1")
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.scheduler, app.state.metrics, app.state.engine = scheduler, metrics, engine
     app.state.model_name = name
 
@@ -100,26 +216,18 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(openai.http_error(exc.status_code, str(exc.detail)))
+        return error_response(openai.http_error(exc.status_code, str(exc.detail), exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error_response(openai.internal_error(exc))
 
-    @app.middleware("http")
-    async def _auth_and_count(request: Request, call_next: Any) -> Any:
-        path = request.url.path
-        if api_key is not None and path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.count_request(path, 401)
-                return error_response(openai.authentication_error())
-        response = await call_next(request)
-        if path.startswith("/v1/"):
-            metrics.count_request(path, response.status_code)
-        return response
+    app.add_middleware(
+        Guards, metrics=metrics, api_key=api_key, max_request_bytes=max_request_bytes, allowed_hosts=allowed_hosts,
+        cors_origins=cors_origins,
+    )  # fmt: skip
 
-    @app.get("/health")
+    @app.get("/health", responses=ERRORS_OF["health"])
     async def health() -> Any:
         body = {
             "status": "ok" if scheduler.accepting else "shutting_down",
@@ -129,11 +237,11 @@ def create_app(
         }
         return JSONResponse(body, status_code=200 if scheduler.accepting else 503)
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS_OF["metrics"])
     async def get_metrics() -> str:
         return metrics.render(scheduler)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS_OF["models"])
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "slmkit"}]}
 
@@ -168,22 +276,26 @@ def create_app(
         return jobs, events, cancelled
 
     async def collect(request: Request, jobs: list[Job], events: asyncio.Queue, cancelled: threading.Event):
-        """Every job's Result; a client that disconnects cancels them."""
+        """Every job's Result; a client that disconnects cancels them at once (the worker frees their rows at its
+        next step)."""
         results: list[Result | None] = [None] * len(jobs)
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             while any(r is None for r in results):
-                try:
-                    index, kind, value = await asyncio.wait_for(events.get(), DISCONNECT_POLL_SECONDS)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        raise openai.client_closed() from None
-                    continue
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    cancelled.set()
+                    raise openai.client_closed()
+                index, kind, value = getter.result()
                 if kind == "done":
                     results[index] = value
                 elif kind == "error":
                     raise openai.generation_error(value)
         finally:
             cancelled.set()  # a no-op for finished jobs; stops the others
+            watcher.cancel()
         return results
 
     async def stream_events(
@@ -211,14 +323,15 @@ def create_app(
     def streaming(shaper: StreamShaper, events: asyncio.Queue, cancelled: threading.Event) -> StreamingResponse:
         return StreamingResponse(stream_events(shaper, events, cancelled), media_type="text/event-stream")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=ERRORS_OF["generate"])
     async def completions(req: CompletionRequest, request: Request) -> Any:
         openai.check_model(req, name)
         prompts = openai.completion_prompts(req)
         compiled = await constraint_of(req)
-        requests = openai.generation_requests(
-            req, prompts, engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
-            default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled, top_logprobs=req.logprobs,
+        requests = await asyncio.to_thread(  # tokenizing a long prompt must not stall the other clients
+            openai.generation_requests, req, prompts, engine.tokenizer, context=engine.config.max_seq_len,
+            max_batch=max_batch, default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled,
+            top_logprobs=req.logprobs,
         )  # fmt: skip
         jobs, events, cancelled = submit(requests, req.stream)
         reply = Reply.new("completion", name, pieces if req.logprobs is not None else None)
@@ -227,16 +340,20 @@ def create_app(
         results = await collect(request, jobs, events, cancelled)
         return openai.completion_response(reply, results, req.n)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=ERRORS_OF["generate"])
     async def chat(req: ChatRequest, request: Request) -> Any:
         openai.check_model(req, name)
         top_logprobs = openai.chat_top_logprobs(req)
-        prompt = openai.chat_prompt(template, req.messages)
         compiled = await constraint_of(req)
-        requests = openai.generation_requests(
-            req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
-            default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs,
-        )  # fmt: skip
+
+        def prepare() -> list[GenerationRequest]:  # templating and tokenizing: off the event loop
+            prompt = openai.chat_prompt(template, req.messages)
+            return openai.generation_requests(
+                req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
+                default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs,
+            )  # fmt: skip
+
+        requests = await asyncio.to_thread(prepare)
         jobs, events, cancelled = submit(requests, req.stream)
         reply = Reply.new("chat", name, pieces if req.logprobs else None)
         if req.stream:
@@ -261,8 +378,13 @@ def serve(
     compile: bool | None = None,
     speculate: str = "off",
     speculate_k: int = 8,
+    max_request_bytes: int = MAX_REQUEST_BYTES,
+    allowed_hosts: Sequence[str] | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> None:
-    """Run the server until interrupted (`slm serve`). The first Ctrl-C / SIGTERM drains: new requests get 503,
+    """Run the server until interrupted (`slm serve`). allowed_hosts None: the loopback names when `host` is a
+    loopback address, else any (`default_allowed_hosts`). The address is bound before the model loads, so a bad
+    host or a busy port is a UserError at once. The first Ctrl-C / SIGTERM drains: new requests get 503,
     running ones finish (at most `drain_timeout` s); a second one exits at once."""
     import uvicorn
 
@@ -270,11 +392,20 @@ def serve(
         raise UserError(f"port must be in 1..65535, got {port}")
     if not drain_timeout >= 0:
         raise UserError(f"drain timeout must be >= 0 seconds, got {drain_timeout}")
-    app = create_app(
-        model, api_key=api_key, max_queue=max_queue, max_batch=max_batch, request_timeout=request_timeout,
-        prefill_chunk=prefill_chunk, drain_timeout=drain_timeout, compile=compile, speculate=speculate,
-        speculate_k=speculate_k,
-    )  # fmt: skip
+    if max_request_bytes < 1:
+        raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
+    sock = bind_socket(host, port)
+    try:
+        app = create_app(
+            model, api_key=api_key, max_queue=max_queue, max_batch=max_batch, request_timeout=request_timeout,
+            prefill_chunk=prefill_chunk, drain_timeout=drain_timeout, compile=compile, speculate=speculate,
+            speculate_k=speculate_k, max_request_bytes=max_request_bytes,
+            allowed_hosts=default_allowed_hosts(host) if allowed_hosts is None else allowed_hosts,
+            cors_origins=cors_origins,
+        )  # fmt: skip
+    except BaseException:
+        sock.close()
+        raise
     scheduler: Scheduler = app.state.scheduler
 
     class DrainingServer(uvicorn.Server):
@@ -286,4 +417,4 @@ def serve(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(drain_timeout) or None
     )
     print(f"serving model {app.state.model_name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
-    DrainingServer(config).run()
+    DrainingServer(config).run(sockets=[sock])

@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from slmkit import defaults
 from slmkit.errors import UserError
@@ -56,6 +56,19 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """The body of every error answer (OpenAI's)."""
+
+    error: ErrorDetail
+
+
 def _is_union_tag(part: Any) -> bool:
     """pydantic names the member of a union in an error's location ("prompt", "str"); that is no parameter."""
     return isinstance(part, str) and (part in {"str", "int", "float", "bool", "none"} or any(c in part for c in "[-("))
@@ -69,9 +82,12 @@ def validation_error(errors: Sequence[dict[str, Any]]) -> ApiError:
     return ApiError(400, message, param=".".join(loc) or None)
 
 
-def http_error(status: int, detail: str) -> ApiError:
-    """A routing error (unknown route, wrong method) in OpenAI's shape."""
-    return ApiError(status, detail, type="not_found_error" if status == 404 else "invalid_request_error")
+def http_error(status: int, detail: str, headers: dict[str, str] | None = None) -> ApiError:
+    """A routing error (unknown route, wrong method: its ``Allow`` header kept) or an oversized body, in OpenAI's
+    shape."""
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(status)
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    return ApiError(status, detail, type=kind, code=code, headers=headers)
 
 
 def internal_error(exc: Exception) -> ApiError:
@@ -123,33 +139,64 @@ def generation_error(exc: Exception) -> ApiError:
 
 
 # ---- requests ---------------------------------------------------------------------------------------------
+def unencodable(value: Any) -> bool:
+    """Whether a JSON value holds a string that is no Unicode text (a lone surrogate such as "\\ud800", which JSON
+    escapes can spell): no tokenizer or response can carry it."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(unencodable(k) or unencodable(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(unencodable(v) for v in value)
+    return False
+
+
+def _text(value: str) -> str:
+    if unencodable(value):
+        raise ValueError("the string is not valid Unicode (it holds a lone surrogate)")
+    return value
+
+
+def _json_text(value: dict[str, Any]) -> dict[str, Any]:
+    if unencodable(value):
+        raise ValueError("a string in it is not valid Unicode (it holds a lone surrogate)")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+
+
 class OpenAIRequest(BaseModel):
     """The fields completions and chat share, with OpenAI's defaults (`slmkit.defaults`). Types are strict
     (``"max_tokens": "5"`` is a 400, as at OpenAI)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    model: str
+    model: Text
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=defaults.OPENAI_TEMPERATURE, ge=0, le=2)
     top_p: float = Field(default=defaults.OPENAI_TOP_P, gt=0, le=1)
     frequency_penalty: float = Field(default=defaults.FREQUENCY_PENALTY, ge=-2, le=2)
     presence_penalty: float = Field(default=defaults.PRESENCE_PENALTY, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.Generator.manual_seed takes
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=MAX_N)
-    response_format: dict[str, Any] | None = None
+    response_format: Annotated[dict[str, Any], AfterValidator(_json_text)] | None = None
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API: top-k per token (0: the chosen only)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text
 
 
 class ChatRequest(OpenAIRequest):
@@ -256,6 +303,13 @@ def sampling_params(req: OpenAIRequest, choice: int) -> SamplingParams:
         raise ApiError(400, str(exc)) from None
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each prompt (one batch call for several: the tokenizer encodes them in parallel)."""
+    if len(prompts) == 1:
+        return [tokenizer.encode(prompts[0]).ids]
+    return [e.ids for e in tokenizer.encode_batch(list(prompts))]
+
+
 def generation_requests(
     req: OpenAIRequest,
     prompts: Sequence[str],
@@ -280,8 +334,7 @@ def generation_requests(
         )  # fmt: skip
     stop = stop_sequences(req)
     requests = []
-    for text in prompts:
-        ids = tokenizer.encode(text).ids
+    for ids in encode_prompts(tokenizer, prompts):
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
         room = context - len(ids)
