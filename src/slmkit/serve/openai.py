@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from slmkit import defaults
 from slmkit.errors import UserError
@@ -167,6 +167,20 @@ def _json_text(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
+INTEGER_FIELDS = ("max_tokens", "seed", "n", "logprobs", "top_logprobs")
+
+
+def integral_floats(data: Any) -> Any:
+    """JSON Schema's integers include 1.0: an integral float in an integer field is that int (a string, or 1.5,
+    stays an error)."""
+    if isinstance(data, dict):
+        for key in INTEGER_FIELDS:
+            value = data.get(key)
+            if isinstance(value, float) and value.is_integer():
+                data = {**data, key: int(value)}
+    return data
+
+
 Text = Annotated[str, AfterValidator(_text)]
 
 
@@ -186,6 +200,8 @@ class OpenAIRequest(BaseModel):
     stream: bool = False
     n: int = Field(default=1, ge=1, le=MAX_N)
     response_format: Annotated[dict[str, Any], AfterValidator(_json_text)] | None = None
+
+    _integral = model_validator(mode="before")(integral_floats)
 
 
 class CompletionRequest(OpenAIRequest):
