@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +109,34 @@ def load_checkpoint(directory: Path, model: torch.nn.Module, device: torch.devic
         model.load_state_dict(weights, strict=True)
     except RuntimeError as exc:
         raise UserError(f"{directory}: checkpoint does not match this run's model ({exc})") from None
+    return load_trainer_state(directory / STATE_PT, device)
+
+
+def load_trainer_state(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """A checkpoint's trainer state: tensors, numbers, strings and containers of them only.
+
+    It is read with `weights_only=True`, so a crafted run directory cannot run code when resumed: a pickle
+    that names any other object (a function to call, a class to build) is refused.
+    """
     try:
-        return torch.load(directory / STATE_PT, map_location=device, weights_only=False)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing what it cannot load
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"(GLOBAL|global) ([\w.]+)", str(exc))
+        what = f" ({found.group(2)})" if found else ""
+        raise UserError(
+            f"{path}: trainer state holds objects other than tensors and numbers{what}; refused, since loading "
+            "it could run code. Resume only runs you made, or start the run again without --resume"
+        ) from None
     except Exception as exc:  # a truncated or foreign file
-        raise UserError(f"{directory / STATE_PT}: unreadable trainer state ({exc})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{path}: unreadable trainer state ({first[:300]}); start the run again without --resume"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: trainer state is a {type(state).__name__}, expected a dict")
+    return state
 
 
 def save_checkpoint(
