@@ -105,11 +105,12 @@ def distill(
     resume: bool = False,
     budget_overrides: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
 ) -> DistillResult:
     """Distil `teacher` into `student` (model dir or preset) on `data_dir`, writing a run to `run_dir`.
 
     Under torchrun every rank calls this, as for `slmkit.train.loop.train`. `reporter` sees the run as
-    `train`'s does (default: logging).
+    `train`'s does (default: logging). `overwrite` replaces an earlier run in `run_dir`, as for `train`.
     """
     from slmkit.data.shards import load_data_dir
     from slmkit.train import distributed
@@ -128,7 +129,7 @@ def distill(
         temperature, alpha = saved["temperature"], saved["alpha"]
         cfg = TrainConfig.from_dict({**saved["train"], **(budget_overrides or {})}, source=str(run_dir / CONFIG_FILE))
     else:
-        refuse_existing_run(run_dir)
+        refuse_existing_run(run_dir, CONFIG_FILE, overwrite)
         cfg = cfg or TrainConfig()
     Distillation.check_options(temperature, alpha)
     if not cfg.has_budget:

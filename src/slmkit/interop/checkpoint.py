@@ -44,7 +44,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(final)
+    clean_stale_temporaries(final.parent, final.name)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
     try:
         use_umask(tmp, directory=True)

@@ -30,8 +30,8 @@ OVERWRITE_HINT = "pass --overwrite to replace it"
 
 # a temporary of one of our atomic writes, and the PID it carries where it carries one
 _OLD = re.compile(r"^\.(?P<name>.+)\.old-(?P<pid>\d+)$")
-_TMP_DIR = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<rand>[A-Za-z0-9_]+)$")
-_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[A-Za-z0-9_]+)\.tmp$")
+_TMP_DIR = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<rand>[A-Za-z0-9_-]+)$")
+_TMP_FILE = re.compile(r"^\.(?P<name>.+)\.(?P<rand>[A-Za-z0-9_-]+)\.tmp$")
 _PID_PREFIX = "p"  # temporaries name their writer's PID as .NAME.tmp-pPID-... so a live writer's are kept
 
 
@@ -84,14 +84,6 @@ def check_writable(directory: Path, option: str = "--out") -> None:
     os.rmdir(probe)
 
 
-def same_kind(path: Path, kind: Literal["dir", "file"], option: str = "--out") -> None:
-    """The file/directory part of :func:`check_output` alone, for callers that replace outputs of their own."""
-    if kind == "dir" and path.exists() and not path.is_dir():
-        raise UserError(f"{option} {path} is a file, not a directory; choose another {option}")
-    if kind == "file" and path.is_dir():
-        raise UserError(f"{option} {path} is a directory; give a file name like {path / 'model.gguf'}")
-
-
 # ---- temporaries left by killed writes --------------------------------------------------------------
 def temp_prefix(name: str) -> str:
     """The prefix of this process's temporaries for the output NAME (`.NAME.tmp-pPID-`)."""
@@ -116,31 +108,32 @@ def _temp_pid(rand: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def clean_stale_temporaries(final: str | Path) -> None:
-    """Before writing `final`: remove the temporaries of writes to it by processes no longer alive, and put a
-    lone `.NAME.old-PID` (a kill between the two renames of an atomic replace) back as NAME."""
-    final = Path(final)
-    parent, name = final.parent, final.name
-    if not parent.is_dir():
+def clean_stale_temporaries(directory: str | Path, name: str | None = None) -> None:
+    """Remove from `directory` the temporaries of writes to NAME (every name when None) by processes no
+    longer alive, and put a lone `.NAME.old-PID` (a kill between the two renames of an atomic replace) back
+    as NAME. A live process's temporaries are kept: it may be writing beside us."""
+    directory = Path(directory)
+    if not directory.is_dir():
         return
-    for entry in parent.iterdir():
-        if not entry.name.startswith(f".{name}."):
-            continue
+    for entry in directory.iterdir():
         match = _OLD.match(entry.name)
-        if match and match.group("name") == name:
+        if match and (name is None or match.group("name") == name):
             pid = int(match.group("pid"))
-            if pid_alive(pid) and pid != os.getpid():
+            if pid != os.getpid() and pid_alive(pid):
                 continue
+            final = directory / match.group("name")
             if not os.path.lexists(final):
                 os.replace(entry, final)  # the previous output, whole: the kill came before the new one went in
             else:
                 _remove(entry)
             continue
-        match = _TMP_DIR.match(entry.name) or _TMP_FILE.match(entry.name)
-        if match and match.group("name") == name:
+        # a scan of every name takes only directory temporaries (runs write nothing else): a stray user file
+        # named like `.a.b.tmp` is not ours to delete
+        match = _TMP_DIR.match(entry.name) or (_TMP_FILE.match(entry.name) if name is not None else None)
+        if match and (name is None or match.group("name") == name):
             pid = _temp_pid(match.group("rand"))
-            # a temporary without a PID (written before they carried one) is taken as stale
-            if pid is not None and pid_alive(pid):
+            # one without a PID (written before temporaries carried one) is taken as stale
+            if pid is not None and (pid == os.getpid() or pid_alive(pid)):
                 continue
             _remove(entry)
 

@@ -28,12 +28,45 @@ STATE_JSON = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def refuse_existing_run(run_dir: Path) -> None:
-    """A new run never writes over an earlier one's checkpoints."""
-    if run_dir.exists() and (latest_checkpoint(run_dir) or (run_dir / "final" / WEIGHTS).exists()):
+# what a run writes into its directory; `--overwrite` replaces these and leaves anything else there alone
+RUN_ENTRIES = ("checkpoints", "final", "metrics.jsonl", "metrics.tmp")
+
+
+def refuse_existing_run(run_dir: Path, config_file: str = "", overwrite: bool = False) -> None:
+    """Before a new run into `run_dir`: refuse to write over what is there (an earlier run's checkpoints, or
+    any other file) unless `overwrite`; with `overwrite`, remove the earlier run's files. A file given as
+    the run dir, one under a file and an unwritable place are refused either way."""
+    from slmkit.interop.outputs import OVERWRITE_HINT, check_output
+
+    clean_killed_writes(run_dir)
+    if not overwrite and run_dir.is_dir() and (latest_checkpoint(run_dir) or (run_dir / "final" / WEIGHTS).exists()):
         raise UserError(
-            f"{run_dir}: run directory already has checkpoints; pass --resume to continue it, or choose a new --out"
+            f"{run_dir}: run directory already has checkpoints; pass --resume to continue it, choose a new --out, "
+            f"or {OVERWRITE_HINT}"
         )
+    check_output(run_dir, "dir", overwrite=overwrite)
+    if overwrite and run_dir.is_dir() and _is_main_process():
+        for name in (*RUN_ENTRIES, *([config_file] if config_file else [])):
+            entry = run_dir / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif os.path.lexists(entry):
+                entry.unlink()
+
+
+def clean_killed_writes(run_dir: Path) -> None:
+    """Remove what writes killed mid-way left in a run dir (`.step-N.tmp-*`, `.final.tmp-*`) and put back a
+    `final/` or `step-N/` that a kill between the two renames of its replacement left as `.NAME.old-PID`."""
+    from slmkit.interop.outputs import clean_stale_temporaries
+
+    if _is_main_process() and run_dir.is_dir():
+        clean_stale_temporaries(run_dir)
+        clean_stale_temporaries(run_dir / "checkpoints")
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (every rank checks the run dir; one removes an overwritten run's files)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def latest_resumable(run_dir: Path, config_file: str, kind: str) -> Path:
@@ -45,6 +78,10 @@ def latest_resumable(run_dir: Path, config_file: str, kind: str) -> Path:
             f"{run_dir}: nothing to resume (no {kind} checkpoint: {config_file} is missing); "
             "start the run without --resume"
         )
+    from slmkit.interop.outputs import check_output
+
+    check_output(run_dir, "dir", overwrite=True)  # a resumed run writes there: it must be writable
+    clean_killed_writes(run_dir)
     candidates = [
         p for p in (latest_checkpoint(run_dir), run_dir / "final") if p is not None and (p / STATE_PT).is_file()
     ]

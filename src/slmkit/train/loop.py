@@ -185,8 +185,12 @@ def train(
     resume: bool = False,
     reporter: Reporter | None = None,
     budget_overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a model on a prepared data dir into run_dir with the language-modeling objective.
+
+    A new run refuses a run_dir that holds anything (an earlier run, other files) unless `overwrite`, which
+    replaces the earlier run's files (see `checkpoints.refuse_existing_run`).
 
     Under torchrun every rank calls this; `cfg.strategy` picks one process, DDP or FSDP (see
     `slmkit.train.distributed`), and only rank 0 reports, writes metrics and checkpoints.
@@ -201,7 +205,7 @@ def train(
         saved = json.loads((run_dir / TRAIN_CONFIG).read_text())
         cfg = TrainConfig.from_dict({**saved, **(budget_overrides or {})}, source=str(run_dir / TRAIN_CONFIG))
     else:
-        refuse_existing_run(run_dir)
+        refuse_existing_run(run_dir, TRAIN_CONFIG, overwrite)
     if not cfg.has_budget:
         raise UserError("no training budget: give --max-steps, --max-tokens, --max-minutes or --max-flops")
     distributed.resolve_strategy(cfg.strategy)  # refuse a strategy that does not fit the launch before any work
