@@ -138,3 +138,60 @@ def test_saved_weights_follow_the_umask(tiny_model_dir, tmp_path):
     for path in files:
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
     assert stat.S_IMODE((tmp_path / "one").stat().st_mode) == 0o755
+
+
+# ---- 4. resume on the run's own data only ---------------------------------------------------------------
+def test_resume_refuses_other_data(data_dir, corpus_file, tmp_path):
+    from slmkit.data.prepare import prepare
+
+    run = tmp_path / "run"
+    train(cfg(max_steps=2), data_dir, run)
+    tokenizer = (run / "final" / "tokenizer.json").read_bytes()
+    lines = corpus_file.read_text().splitlines()
+    half = tmp_path / "half.jsonl"
+    half.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    same_vocab = tmp_path / "same-vocab"  # the run's tokenizer, other text
+    prepare([str(half)], same_vocab, vocab_size=None, tokenizer=data_dir / "tokenizer.json", val_fraction=0.1)
+    other_tok = tmp_path / "other-tok"  # a tokenizer of the same size trained on other text
+    prepare([str(half)], other_tok, vocab_size=512, val_fraction=0.1)
+    with pytest.raises(UserError, match="trained on"):
+        train(TrainConfig(), same_vocab, run, resume=True, budget_overrides={"max_steps": 3})
+    proc = run_slm("train", "--data", other_tok, "--out", run, "--resume", "--max-steps", 3)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "not tokenized with" in proc.stderr
+    assert (run / "final" / "tokenizer.json").read_bytes() == tokenizer
+    assert json.loads((run / "final" / "trainer_state.json").read_text())["step"] == 2
+    more = train(TrainConfig(), data_dir, run, resume=True, budget_overrides={"max_steps": 3})
+    assert more.step == 3
+
+
+# ---- 3. train does not empty a directory of the user's ------------------------------------------------
+def test_train_refuses_a_non_run_directory_without_overwrite(data_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (run / "notes.md").write_text("mine")
+    with pytest.raises(UserError, match=r"pass --overwrite to replace it"):
+        train(cfg(max_steps=1), data_dir, run)
+    assert (run / "metrics.jsonl").read_text().startswith('{"step": 1')
+    proc = run_slm("train", "--data", data_dir, "--out", run, "--preset", "tiny", "--max-steps", 1)
+    assert proc.returncode == 2 and "pass --overwrite to replace it" in proc.stderr and "Traceback" not in proc.stderr
+    train(cfg(max_steps=1), data_dir, run, overwrite=True)
+    assert (run / "final" / "model.safetensors").is_file() and (run / "notes.md").read_text() == "mine"
+    with pytest.raises(UserError, match="pass --resume to continue it.*--overwrite"):
+        train(cfg(max_steps=1), data_dir, run)
+
+
+# ---- 5. a resumed run cleans up what a kill left --------------------------------------------------------
+def test_resume_cleans_killed_checkpoint_writes(data_dir, tmp_path):
+    run = tmp_path / "run"
+    train(cfg(max_steps=4, save_interval=2), data_dir, run)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # killed mid-write of step-4, and between the renames that replace final/
+    (run / "checkpoints" / f".step-4.tmp-p{dead.pid}-ab").mkdir()
+    (run / "checkpoints" / ".step-6.tmp-oldstyle").mkdir()
+    (run / "final").rename(run / f".final.old-{dead.pid}")
+    more = train(TrainConfig(), data_dir, run, resume=True, budget_overrides={"max_steps": 5})
+    assert more.step == 5  # resumed from the recovered final/ (step 4), not from step-2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert not any(p.name.startswith(".") for p in run.iterdir())

@@ -92,6 +92,41 @@ def latest_resumable(run_dir: Path, config_file: str, kind: str) -> Path:
     return max(candidates, key=checkpoint_step)
 
 
+def tokenized_with(tokenizer_json: Path, data: Any) -> bool:
+    """Whether the data dir `data` (a `load_data_dir` result) was tokenized with this tokenizer.json."""
+    from slmkit.data.tokenizer import file_sha256
+
+    return tokenizer_json.is_file() and file_sha256(tokenizer_json) == data.meta.get("tokenizer_sha256")
+
+
+def data_identity(data: Any) -> dict[str, Any]:
+    """What a run records of its training data, so that a resume on other data is refused."""
+    return {
+        "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
+        "train_tokens": int(len(data.train)),
+    }
+
+
+def check_resume_data(checkpoint: Path, data: Any, data_dir: str | Path) -> None:
+    """A resumed run continues on the data it started on: the tokenizer its checkpoints carry, and (for runs
+    that recorded it) the same train split. Other data of the same vocabulary would train on silently."""
+    if not tokenized_with(checkpoint / "tokenizer.json", data):
+        raise UserError(
+            f"{data_dir} was not tokenized with the tokenizer of the run being resumed ({checkpoint}); "
+            "resume with the run's own data dir, or start a new run (--out elsewhere)"
+        )
+    try:
+        recorded = json.loads((checkpoint / STATE_JSON).read_text()).get("data") or {}
+    except (OSError, ValueError, AttributeError):
+        recorded = {}
+    tokens = recorded.get("train_tokens")
+    if tokens is not None and tokens != len(data.train):
+        raise UserError(
+            f"{data_dir}: train split has {len(data.train):,} tokens, but the run being resumed ({checkpoint}) "
+            f"trained on {tokens:,}; resume with the run's own data dir, or start a new run (--out elsewhere)"
+        )
+
+
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the `keep` latest `checkpoints/step-N/` directories."""
     root = run_dir / "checkpoints"

@@ -32,6 +32,8 @@ from slmkit.train.budget import Budget
 from slmkit.train.checkpoints import (
     STATE_JSON,
     STATE_PT,
+    check_resume_data,
+    data_identity,
     latest_resumable,
     load_checkpoint,
     prune_checkpoints,
@@ -327,6 +329,7 @@ class _Session:
         _freeze_untrainable(model, self.objective)
         saved_state: dict[str, Any] | None = None
         if resume_from is not None:
+            check_resume_data(resume_from, self.data, self.data.path)
             # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
             saved_state = load_checkpoint(resume_from, model, device)
             self.cfg, note = _keep_global_batch(cfg, saved_state.get("world_size", 1), ctx.world_size)
@@ -561,6 +564,7 @@ class _Session:
                 "val": self.last_val,
                 "train_config": self.cfg.to_dict(),
                 "data_dir": str(self.data.path),
+                "data": data_identity(self.data),
                 "world_size": ctx.world_size,
                 "run": self.spec.kind,
             }
