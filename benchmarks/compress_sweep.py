@@ -140,7 +140,7 @@ def gguf_sweep(model_dir: Path, sweep_dir: Path, data_dir: Path, seq_len: int, w
     gguf_dir = sweep_dir / "gguf"
     gguf_dir.mkdir(exist_ok=True)
     for label, source, dtype in jobs:
-        path = export_gguf(source, gguf_dir / f"{label}-{dtype}.gguf", dtype)
+        path = export_gguf(source, gguf_dir / f"{label}-{dtype}.gguf", dtype, overwrite=True)
         model = load_model(model_dir)
         model.load_state_dict(gguf_state(path, model))
         row = {"source": label, "dtype": dtype, "file_mb": path.stat().st_size / 1e6, "perplexity": perplexity(model)}
@@ -174,7 +174,7 @@ def speed_sweep(preset_name: str, out: Path, vocab_size: int, tokenizer_dir: Pat
     }
     for name, (method, extra) in runs.items():
         if not (out / name).exists():
-            compress(source, method, out / name, options=CompressOptions(**extra), measure=False)
+            compress(source, method, out / name, options=CompressOptions(**extra), measure=False, overwrite=True)
     dirs = {"float32": source, **{name: out / name for name in runs}}
     models = {name: load_model(d) for name, d in dirs.items()}
     models["torch.ao dynamic int8"] = torch.ao.quantization.quantize_dynamic(
@@ -268,7 +268,9 @@ def main() -> None:
         method, extra = VARIANTS.get(name, (name, {}))
         options = CompressOptions(calib_samples=args.calib_samples, **SETTINGS.get(method, {}), **extra)
         target = args.out / name.replace(":", "_")
-        result = compress(args.model, method, target, data=args.data, options=options, eval_windows=args.eval_windows)
+        result = compress(
+            args.model, method, target, data=args.data, options=options, eval_windows=args.eval_windows, overwrite=True
+        )
         d = result.to_dict()
         d["method"] = name
         base = base or d["before"]

@@ -192,7 +192,7 @@ def quality_section(presets: list[str], corpora: list[str], flops: float, vocab:
             )
             run_dir = work / f"run-{abs(hash(corpus))}-{name}"
             started = time.perf_counter()
-            result = train(cfg, data_dir, run_dir)
+            result = train(cfg, data_dir, run_dir, overwrite=True)  # a re-run measures again
             seconds = time.perf_counter() - started
             score = evaluate_text(load(run_dir), data_dir, split="val", seq_len=256, batch_size=16)
             results.append(

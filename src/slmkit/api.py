@@ -107,20 +107,30 @@ def evaluate(
 
 def prepare(*args: Any, **kwargs: Any) -> dict:
     """Tokenize sources into a data dir (see `slmkit.data.prepare.prepare`)."""
-    from slmkit.data.prepare import prepare as _prepare
+    import inspect
 
+    from slmkit.data.prepare import prepare as _prepare
+    from slmkit.interop.outputs import check_output
+
+    try:
+        out = inspect.signature(_prepare).bind(*args, **kwargs).arguments["out"]
+    except TypeError as exc:
+        raise TypeError(f"prepare(): {exc}") from None
+    check_output(out, "dir", overwrite=True, option="out")  # a file, under a file, unwritable: before any work
     return _prepare(*args, **kwargs)
 
 
 def train(*args: Any, **kwargs: Any):
-    """Train within a budget (see `slmkit.train.loop.train`)."""
+    """Train within a budget (see `slmkit.train.loop.train`); `overwrite=True` replaces an earlier run in the
+    run dir, which is otherwise refused."""
     from slmkit.train.loop import train as _train
 
     return _train(*args, **kwargs)
 
 
 def compress(*args: Any, **kwargs: Any):
-    """Quantize, prune or factorize a model dir (see `slmkit.compress.pipeline.compress`)."""
+    """Quantize, prune or factorize a model dir (see `slmkit.compress.pipeline.compress`); an existing output
+    directory is replaced only with `overwrite=True`."""
     from slmkit.compress.pipeline import compress as _compress
 
     return _compress(*args, **kwargs)

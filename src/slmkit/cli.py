@@ -49,7 +49,9 @@ def data_prepare(
 ) -> None:
     """Tokenize SOURCES into DATA_DIR: tokenizer.json, train.bin, val.bin and meta.json."""
     from slmkit.data.prepare import prepare
+    from slmkit.interop.outputs import check_output
 
+    check_output(out, "dir", overwrite=True)  # a file, under a file, unwritable: refused before any work
     if vocab_size is None and tokenizer is None:
         vocab_size = 8192
     meta = prepare(
@@ -131,6 +133,9 @@ def train(
             "auto means ddp; alone it means single. --batch-size is per process."
         ),
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run (or other files) in --out instead of refusing.")
+    ] = False,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -167,7 +172,7 @@ def train(
         base = TrainConfig.from_yaml(config).to_dict() if config else {}
         model_overrides = {**base.get("model", {}), **_parse_sets(set_)}
         cfg = TrainConfig.from_dict({**base, **given, "model": model_overrides})
-        result = run_training(cfg, data, out, reporter=RichReporter())
+        result = run_training(cfg, data, out, reporter=RichReporter(), overwrite=overwrite)
     if result.stop_reason == "interrupted":
         _console(stderr=True).print(
             f"interrupted at step {result.step}; continue with: slm train --data {data} --out {out} --resume"
@@ -331,6 +336,10 @@ def eval_command(
     """
     from slmkit.eval.cli_support import run_eval_command
 
+    if report is not None:  # before the evaluation: minutes of work must not end in an unwritable path
+        from slmkit.interop.outputs import check_output
+
+        check_output(report, "dir", overwrite=True, option="--report")
     run_eval_command(
         models,
         data,
@@ -364,7 +373,10 @@ def card(
 ) -> None:
     """Write or update MODEL/README.md as a Hugging Face model card (config, training, evaluation, efficiency)."""
     from slmkit.eval.card import write_card
+    from slmkit.interop.checkpoint import resolve_model_dir
+    from slmkit.interop.outputs import check_output
 
+    check_output(resolve_model_dir(model) / "README.md", "file", overwrite=True, option="card")
     path = write_card(model, report, license)
     print(path)
 
@@ -405,6 +417,9 @@ def compress(
         bool, typer.Option("--measure/--no-measure", help="Measure peak memory and decode speed in a subprocess.")
     ] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace what is already at --out (never a file by a directory).")
+    ] = False,
 ) -> None:
     """Quantize, prune or factorize MODEL into OUT; prints before/after quality, size, memory and speed."""
     from slmkit.compress.pipeline import CompressOptions
@@ -423,7 +438,9 @@ def compress(
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
     )
-    result = run_compress(model, method, out, data=data, options=options, measure=measure, eval_windows=eval_windows)
+    result = run_compress(
+        model, method, out, data=data, options=options, measure=measure, eval_windows=eval_windows, overwrite=overwrite
+    )
     if as_json:
         print(json.dumps(result.to_dict()))
         return
@@ -474,6 +491,9 @@ def distill(
     seed: Annotated[int | None, typer.Option(help="Random seed (student init and data order).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run (or other files) in --out instead of refusing.")
+    ] = False,
 ) -> None:
     """Distil TEACHER into STUDENT on DATA (KL on temperature-softened logits, mixed with the LM loss)."""
     from slmkit.compress.distill import distill as run_distill
@@ -494,7 +514,18 @@ def distill(
     given = {k: v for k, v in options.items() if v is not None}
     budgets = {k: given[k] for k in ("max_steps", "max_tokens", "max_minutes") if k in given}
     cfg = None if resume else TrainConfig.from_dict(given)
-    result = run_distill(teacher, student, data, out, cfg, temperature, alpha, resume=resume, budget_overrides=budgets)
+    result = run_distill(
+        teacher,
+        student,
+        data,
+        out,
+        cfg,
+        temperature,
+        alpha,
+        resume=resume,
+        budget_overrides=budgets,
+        overwrite=overwrite,
+    )
     where = result.final_dir or result.run_dir
     line = f"stopped ({result.stop_reason}) at step {result.step}, {result.tokens:,} tokens, {result.seconds:.0f} s"
     if result.val_loss is not None and result.teacher_val_loss is not None:
@@ -522,11 +553,14 @@ def export_command(
     dtype: Annotated[
         str | None, typer.Option(help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace what is already at --out (never a file by a directory).")
+    ] = False,
 ) -> None:
     """Export MODEL for other runtimes: a Hugging Face directory or one GGUF file (llama.cpp, ollama)."""
     from slmkit.interop.hf import export_model
 
-    written = export_model(model, format, out, dtype)
+    written = export_model(model, format, out, dtype, overwrite=overwrite)
     size = (
         sum(p.stat().st_size for p in written.rglob("*") if p.is_file()) if written.is_dir() else written.stat().st_size
     )

@@ -75,12 +75,11 @@ def _teacher_and_student(
 ) -> tuple[Path, torch.nn.Module, torch.nn.Module]:
     """The teacher's model dir, the teacher (on the CPU; the loop moves it) and the student, checked to
     share the data's tokenizer and to fit the run's sequence length."""
-    from slmkit.data.tokenizer import file_sha256
     from slmkit.interop.checkpoint import load_model, resolve_model_dir
+    from slmkit.train.checkpoints import tokenized_with
 
     teacher_dir = resolve_model_dir(teacher)
-    teacher_tok = teacher_dir / "tokenizer.json"
-    if not teacher_tok.is_file() or file_sha256(teacher_tok) != data.meta.get("tokenizer_sha256"):
+    if not tokenized_with(teacher_dir / "tokenizer.json", data):
         raise UserError(f"{data_dir} was not tokenized with {teacher_dir}'s tokenizer; prepare it with --tokenizer")
     teacher_model = load_model(teacher_dir)
     model = _build_student(student, cfg, teacher_model.config.vocab_size, data.eot_token_id)
@@ -105,11 +104,12 @@ def distill(
     resume: bool = False,
     budget_overrides: dict[str, Any] | None = None,
     reporter: Reporter | None = None,
+    overwrite: bool = False,
 ) -> DistillResult:
     """Distil `teacher` into `student` (model dir or preset) on `data_dir`, writing a run to `run_dir`.
 
     Under torchrun every rank calls this, as for `slmkit.train.loop.train`. `reporter` sees the run as
-    `train`'s does (default: logging).
+    `train`'s does (default: logging). `overwrite` replaces an earlier run in `run_dir`, as for `train`.
     """
     from slmkit.data.shards import load_data_dir
     from slmkit.train import distributed
@@ -128,7 +128,7 @@ def distill(
         temperature, alpha = saved["temperature"], saved["alpha"]
         cfg = TrainConfig.from_dict({**saved["train"], **(budget_overrides or {})}, source=str(run_dir / CONFIG_FILE))
     else:
-        refuse_existing_run(run_dir)
+        refuse_existing_run(run_dir, CONFIG_FILE, overwrite)
         cfg = cfg or TrainConfig()
     Distillation.check_options(temperature, alpha)
     if not cfg.has_budget:

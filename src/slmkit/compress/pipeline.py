@@ -205,16 +205,19 @@ def compress(
     options: CompressOptions | None = None,
     measure: bool = True,
     eval_windows: int | None = None,
+    overwrite: bool = False,
 ) -> CompressResult:
     """Compress the model directory `model` with `method` into `out` (atomically) and measure both.
 
     `data` (a data dir from `slm data prepare`) supplies calibration windows (train split) and the
     before/after scores (val split; `eval_windows` evenly spaced windows, all when None). `measure`
-    also runs a fresh process per model to record peak memory and decode tokens/s.
+    also runs a fresh process per model to record peak memory and decode tokens/s. An existing `out`
+    directory is replaced only with `overwrite`; a file is never replaced by it.
     """
     from slmkit.compress.calibration import calibration_batches
     from slmkit.interop.checkpoint import atomic_directory, load_model, resolve_model_dir
     from slmkit.interop.hf import load_config
+    from slmkit.interop.outputs import check_output
 
     options = options or CompressOptions()
     source = resolve_model_dir(model)
@@ -223,6 +226,7 @@ def compress(
     out = Path(out)
     if out.resolve() == source.resolve():
         raise UserError(f"--out {out} is the input model; choose another directory")
+    check_output(out, "dir", overwrite)
     data_dir = None
     if data is not None:
         from slmkit.data.shards import load_data_dir

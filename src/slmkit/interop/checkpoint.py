@@ -25,6 +25,7 @@ import torch
 from slmkit.config import ModelConfig
 from slmkit.errors import UserError
 from slmkit.interop.hf import from_hf_state_dict, load_config, save_config, to_hf_state_dict
+from slmkit.interop.outputs import clean_stale_temporaries, temp_prefix, use_umask
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,13 @@ MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
 
-    On any exception the temporary directory is removed and `final` is untouched.
+    On any exception the temporary directory is removed and `final` is untouched. Temporaries of earlier
+    writes that were killed are cleaned up first (see `slmkit.interop.outputs.clean_stale_temporaries`).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    clean_stale_temporaries(final.parent, final.name)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
     try:
         use_umask(tmp, directory=True)
         yield tmp
@@ -50,22 +53,17 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)  # the previous directory goes back under its name
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def use_umask(path: Path, directory: bool = False) -> None:
-    """Give a temporary file or directory (created private, 0600/0700, by `tempfile`) the permissions a plain
-    open()/mkdir() would have, so what replaces the final path can be read by others as usual (a GGUF file
-    served by another user's llama.cpp or ollama, a model directory on a shared disk)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    path.chmod((0o777 if directory else 0o666) & ~mask)
 
 
 def _fsync_dir_files(directory: Path) -> None:
@@ -85,6 +83,7 @@ def write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_byt
     total = sum(sizes.values())
     if total <= max_shard_bytes:
         save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+        use_umask(directory / WEIGHTS)  # safetensors writes 0600; a model dir is read as any other file
         return
     shards: list[dict[str, torch.Tensor]] = [{}]
     used = 0
@@ -98,6 +97,7 @@ def write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_byt
     for i, shard in enumerate(shards, start=1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(directory / filename), metadata={"format": "pt"})
+        use_umask(directory / filename)
         weight_map.update(dict.fromkeys(shard, filename))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
@@ -227,6 +227,12 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
             raise TypeError("empty weight_map")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{index_path}: not a valid shard index ({exc})") from None
+    for name in weight_map.values():
+        if not isinstance(name, str) or not _plain_file_name(name):
+            raise UserError(
+                f"{index_path}: shard name {name!r} is not a file in {directory}; "
+                "an index may only name files beside it (no directories, '..' or absolute paths)"
+            )
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not (directory / f).is_file()]
     if missing:
@@ -241,6 +247,11 @@ def load_weights(directory: Path) -> dict[str, torch.Tensor]:
     if absent:
         raise UserError(f"{index_path}: tensors {absent[:4]} are listed but missing from their shards")
     return state
+
+
+def _plain_file_name(name: str) -> bool:
+    """A bare file name: no separator of any OS, not '.' or '..', no drive, nothing absolute."""
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0:")
 
 
 def load_model(

@@ -362,15 +362,18 @@ def context_length(config: ModelConfig) -> int:
     return min(config.max_seq_len, window) if window is not None else config.max_seq_len
 
 
-def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> Path:
-    """Write `out` (a .gguf file) for the model directory `model_path`; returns the path written."""
+def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", overwrite: bool = False) -> Path:
+    """Write `out` (a .gguf file) for the model directory `model_path`; returns the path written. An existing
+    `out` file is replaced only with `overwrite` (never a directory)."""
     if dtype not in GGUF_DTYPES:
         raise UserError(f"GGUF dtype {dtype!r} is not supported; choose one of: {', '.join(GGUF_DTYPES)}")
     import gguf
 
     from slmkit.interop.checkpoint import load_model, resolve_model_dir, use_umask
+    from slmkit.interop.outputs import check_output, clean_stale_temporaries, temp_prefix
 
     directory = resolve_model_dir(model_path)
+    out = check_output(out, "file", overwrite)
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise UserError(f"{directory}: no tokenizer.json; GGUF files carry the tokenizer, so copy it there")
@@ -385,11 +388,11 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16") -> 
             log.log(level, "GGUF %s: %s written as %s (%s)", dtype, name, kind, why)
     arch = family_spec(cfg.family).gguf.arch
 
-    out = Path(out)
-    if out.is_dir():
-        raise UserError(f"{out} is a directory; give a file name like {out / 'model.gguf'}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    clean_stale_temporaries(out.parent, out.name)
+    # .NAME.pPID-XXXX.tmp: the PID tells a later run whether the writer is still alive
+    prefix = temp_prefix(out.name).replace(".tmp-", ".", 1)
+    fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -144,23 +144,28 @@ def from_hf_state_dict(state: dict[str, torch.Tensor], config: ModelConfig | Non
 EXPORT_FORMATS = ("hf", "gguf")
 
 
-def export_model(model_path: str | Path, fmt: str, out: str | Path, dtype: str | None = None) -> Path:
-    """`slm export`: a Hugging Face directory (fp32) or a GGUF file of the model at `model_path`."""
+def export_model(
+    model_path: str | Path, fmt: str, out: str | Path, dtype: str | None = None, overwrite: bool = False
+) -> Path:
+    """`slm export`: a Hugging Face directory (fp32) or a GGUF file of the model at `model_path`.
+
+    An existing `out` (a non-empty directory, a GGUF file) is replaced only with `overwrite`; a file never
+    replaces a directory, nor the reverse."""
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"export format {fmt!r} is not supported; choose one of: {', '.join(EXPORT_FORMATS)}")
     if fmt == "gguf":
         from slmkit.interop.gguf import export_gguf
 
-        return export_gguf(model_path, out, dtype or "f16")
+        return export_gguf(model_path, out, dtype or "f16", overwrite=overwrite)
     if dtype not in (None, "f32"):
         raise UserError(f"--dtype {dtype} applies to GGUF; Hugging Face export writes float32 weights")
     from slmkit.interop.checkpoint import load_model, resolve_model_dir, save_model
+    from slmkit.interop.outputs import check_output
 
     directory = resolve_model_dir(model_path)
-    model = load_model(directory)
     out = Path(out)
     if out.resolve() == directory.resolve():
         raise UserError(f"--out {out} is the model directory itself; choose another directory")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
+    check_output(out, "dir", overwrite)
+    model = load_model(directory)
     return save_model(model, out, tokenizer_dir=directory)

@@ -432,7 +432,8 @@ def _train_rungs(data, out: Path, plan: dict[str, Any], rungs: list[RungPlan], s
                 step, tokens, flops, seconds = state["step"], state["tokens"], state["flops"], state["elapsed"]
             else:
                 resume = latest_checkpoint(run_dir) is not None
-                result = train(cfg, data.path, run_dir, resume=resume, reporter=reporter)
+                # a rung killed before its first checkpoint left only metrics and config: start it again
+                result = train(cfg, data.path, run_dir, resume=resume, reporter=reporter, overwrite=not resume)
                 if result.stop_reason == "interrupted":
                     interrupted = True
                     break

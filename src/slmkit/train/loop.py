@@ -32,6 +32,8 @@ from slmkit.train.budget import Budget
 from slmkit.train.checkpoints import (
     STATE_JSON,
     STATE_PT,
+    check_resume_data,
+    data_identity,
     latest_resumable,
     load_checkpoint,
     prune_checkpoints,
@@ -185,8 +187,12 @@ def train(
     resume: bool = False,
     reporter: Reporter | None = None,
     budget_overrides: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a model on a prepared data dir into run_dir with the language-modeling objective.
+
+    A new run refuses a run_dir that holds anything (an earlier run, other files) unless `overwrite`, which
+    replaces the earlier run's files (see `checkpoints.refuse_existing_run`).
 
     Under torchrun every rank calls this; `cfg.strategy` picks one process, DDP or FSDP (see
     `slmkit.train.distributed`), and only rank 0 reports, writes metrics and checkpoints.
@@ -201,7 +207,7 @@ def train(
         saved = json.loads((run_dir / TRAIN_CONFIG).read_text())
         cfg = TrainConfig.from_dict({**saved, **(budget_overrides or {})}, source=str(run_dir / TRAIN_CONFIG))
     else:
-        refuse_existing_run(run_dir)
+        refuse_existing_run(run_dir, TRAIN_CONFIG, overwrite)
     if not cfg.has_budget:
         raise UserError("no training budget: give --max-steps, --max-tokens, --max-minutes or --max-flops")
     distributed.resolve_strategy(cfg.strategy)  # refuse a strategy that does not fit the launch before any work
@@ -323,6 +329,7 @@ class _Session:
         _freeze_untrainable(model, self.objective)
         saved_state: dict[str, Any] | None = None
         if resume_from is not None:
+            check_resume_data(resume_from, self.data, self.data.path)
             # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
             saved_state = load_checkpoint(resume_from, model, device)
             self.cfg, note = _keep_global_batch(cfg, saved_state.get("world_size", 1), ctx.world_size)
@@ -557,6 +564,7 @@ class _Session:
                 "val": self.last_val,
                 "train_config": self.cfg.to_dict(),
                 "data_dir": str(self.data.path),
+                "data": data_identity(self.data),
                 "world_size": ctx.world_size,
                 "run": self.spec.kind,
             }
