@@ -733,10 +733,25 @@ def check_device(name: str) -> str:
     return name
 
 
+def _check_utf8(flag: str, text: str) -> None:
+    """Text from argv that was not UTF-8 arrives with surrogate escapes; it cannot be tokenized or printed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise UserError(
+            f"{flag} is not UTF-8 text (byte {raw[exc.start : exc.start + 1]!r} at offset {exc.start}); "
+            "give UTF-8 text, or put it in a UTF-8 file"
+        ) from None
+
+
 def check_option_values(values: dict[str, Any]) -> None:
     """UserError for a numeric option out of its range (see the tables above) or a --device this machine lacks."""
     for name, value in values.items():
         flag = "--" + name.replace("_", "-")
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                _check_utf8(flag, text)
         if name == "device" and isinstance(value, str):
             check_device(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
