@@ -47,6 +47,13 @@ def data_prepare(
     tokenizer: Annotated[Path | None, typer.Option(help="Use this tokenizer.json instead of training one.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of documents (by content hash) for validation.")] = 0.01,
     text_field: Annotated[str, typer.Option(help="Field of .jsonl records / column of .parquet files.")] = "text",
+    chunk_chars: Annotated[
+        int,
+        typer.Option(
+            help="Cut documents longer than this many characters into pieces (at blank lines or line breaks), "
+            "each its own document for the train/val split; 0 never cuts."
+        ),
+    ] = 16384,
 ) -> None:
     """Tokenize SOURCES into DATA_DIR: tokenizer.json, train.bin, val.bin and meta.json."""
     from slmkit.data.prepare import prepare
@@ -61,6 +68,7 @@ def data_prepare(
         val_fraction=val_fraction,
         text_field=text_field,
         progress=True,
+        chunk_chars=chunk_chars,
     )
     _print_data_summary(out, meta)
 
