@@ -593,6 +593,15 @@ def ladder(
     if result.interrupted:
         _console(stderr=True).print("interrupted; re-run the same command to resume the ladder")
         raise typer.Exit(130)
+    budget = result.budget
+    if budget.get("budget_seconds"):
+        replans = len(budget.get("replans", []))
+        _console().print(
+            f"spent {budget['spent_seconds'] / 60:.1f} of {budget['budget_seconds'] / 60:.1f} budget minutes "
+            f"(planned {budget['planned_seconds'] / 60:.1f}; {replans} re-plan(s), see {out / 'ladder.json'})"
+        )
+    elif budget.get("budget_flops"):
+        _console().print(f"spent {budget['spent_flops']:.3g} of {budget['budget_flops']:.3g} budget FLOPs")
     _console().print(f"{len(result.records)} rungs in {out / 'ladder.jsonl'}; fit them with: slm scaling fit {out}")
 
 
