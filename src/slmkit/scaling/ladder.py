@@ -368,7 +368,7 @@ def run_ladder(
     }
     plan_path = out / PLAN_FILE
     if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
+        plan = read_plan(plan_path)
         if plan.get("data_fingerprint") != fingerprint:
             raise UserError(
                 f"{out} holds a ladder trained on different data or a different tokenizer than {data_dir} "
@@ -388,6 +388,17 @@ def run_ladder(
         _write_plan(plan_path, plan)
     rungs = [RungPlan(**r) for r in plan["rungs"]]
     return _train_rungs(data, out, plan, rungs, settings, progress, clock)
+
+
+def read_plan(path: Path) -> dict[str, Any]:
+    """A ladder's ladder.json; UserError naming the file when it is corrupt."""
+    try:
+        plan = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON or not UTF-8
+        raise UserError(f"{path}: cannot read the ladder plan ({exc}); re-run `slm ladder` into a new --out") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("rungs"), list):
+        raise UserError(f"{path}: not a ladder plan (no list of rungs); re-run `slm ladder` into a new --out")
+    return plan
 
 
 def _write_plan(path: Path, plan: dict[str, Any]) -> None:
