@@ -63,3 +63,82 @@ def test_unsupported_hf_config_is_refused():
     # attention_bias is supported since the interop issue; yarn rope scaling is not
     with pytest.raises(UserError, match="rope scaling type 'yarn'"):
         config_from_hf({**d, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+# ---- wrongly typed values and absurd shapes (issue #15) ---------------------------------------------
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"d_model": "64"}, "d_model must be an integer, got '64'"),
+        ({"n_layers": True}, "n_layers must be an integer, got True"),
+        ({"rope_theta": float("nan")}, "rope_theta must be a finite number"),
+        ({"norm_eps": float("inf")}, "norm_eps must be a finite number"),
+        ({"tie_embeddings": 1}, "tie_embeddings must be true or false"),
+        ({"mixer": 3}, "mixer must be a string"),
+        ({"max_seq_len": 2**40}, r"max_seq_len=1,099,511,627,776 is beyond the limit of 1,048,576"),
+        ({"n_layers": 100_000}, "n_layers=100,000 is beyond the limit of 1,024"),
+        ({"vocab_size": 2**30}, "vocab_size=.* is beyond the limit"),
+        ({"d_model": 2**16, "d_ff": 2**17, "n_layers": 1024, "n_heads": 64, "n_kv_heads": 64}, "parameters is beyond"),
+    ],
+)
+def test_wrong_types_and_absurd_shapes_name_the_field(changes, message):
+    with pytest.raises(UserError, match=message):
+        ModelConfig(**{**PRESETS["tiny"], **changes})
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"seed": "abc"}, "seed must be an integer, got 'abc'"),
+        ({"warmup_steps": float("nan")}, "warmup_steps must be an integer, got nan"),
+        ({"max_steps": float("inf")}, "max_steps must be an integer, got inf"),
+        ({"batch_size": True}, "batch_size must be an integer, got True"),
+        ({"lr": "fast"}, "lr must be a finite number, got 'fast'"),
+        ({"max_minutes": float("inf")}, "max_minutes must be a finite number"),
+        ({"compile": "yes"}, "compile must be true or false"),
+        ({"device": "tpu"}, "device must be auto, cpu, cuda, cuda:N or mps"),
+        ({"model": ["n_layers", 2]}, "model must be a mapping"),
+        ({"model": {"n_layers": 5000}}, "n_layers=5,000 is beyond the limit of 1,024"),
+    ],
+)
+def test_train_config_wrong_types_name_the_field(changes, message):
+    from slmkit.train.config import TrainConfig
+
+    with pytest.raises(UserError, match=message):
+        TrainConfig(**changes)
+
+
+def test_yaml_config_values_are_checked_with_the_file_named(tmp_path):
+    from slmkit.train.config import TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text('max_steps: 10\nseed: "abc"\n')
+    with pytest.raises(UserError, match=rf"{path}: train config: seed must be an integer"):
+        TrainConfig.from_yaml(path)
+    path.write_text("max_steps: 10\nwarmup_steps: .nan\n")
+    with pytest.raises(UserError, match="warmup_steps must be an integer, got nan"):
+        TrainConfig.from_yaml(path)
+    path.write_text("max_flops: 1e18\n")  # YAML 1.1 reads 1e18 as a string; a float field takes it
+    assert TrainConfig.from_yaml(path).max_flops == 1e18
+
+
+def test_corrupt_saved_configs_name_their_file(tmp_path):
+    from slmkit.interop.hf import load_config, save_config
+    from slmkit.train.config import TrainConfig
+
+    saved = tmp_path / "train_config.json"
+    saved.write_bytes(b"\x00\x9f not json")
+    with pytest.raises(UserError, match=rf"{saved}: cannot read it as JSON"):
+        TrainConfig.load(saved)
+    saved.write_text('{"seq_len": "long"}')
+    with pytest.raises(UserError, match=rf"{saved}: train config: seq_len must be an integer"):
+        TrainConfig.load(saved)
+    config = tmp_path / "config.json"
+    save_config(preset("tiny"), config)
+    good = config.read_text()
+    config.write_text(good.replace('"rms_norm_eps": 1e-05', '"rms_norm_eps": [1]'))
+    with pytest.raises(UserError, match=rf"{config}: a value has the wrong type"):
+        load_config(config)
+    config.write_text(good.replace('"max_position_embeddings": 256', '"max_position_embeddings": 1099511627776'))
+    with pytest.raises(UserError, match=rf"{config}: model config: max_seq_len=.* beyond the limit"):
+        load_config(config)

@@ -6,6 +6,7 @@ Heavy imports (torch, transformers, tokenizers) happen inside commands so `slm -
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -46,6 +47,13 @@ def data_prepare(
     tokenizer: Annotated[Path | None, typer.Option(help="Use this tokenizer.json instead of training one.")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of documents (by content hash) for validation.")] = 0.01,
     text_field: Annotated[str, typer.Option(help="Field of .jsonl records / column of .parquet files.")] = "text",
+    chunk_chars: Annotated[
+        int,
+        typer.Option(
+            help="Cut documents longer than this many characters into pieces (at blank lines or line breaks), "
+            "each its own document for the train/val split; 0 never cuts."
+        ),
+    ] = 16384,
 ) -> None:
     """Tokenize SOURCES into DATA_DIR: tokenizer.json, train.bin, val.bin and meta.json."""
     from slmkit.data.prepare import prepare
@@ -62,6 +70,7 @@ def data_prepare(
         val_fraction=val_fraction,
         text_field=text_field,
         progress=True,
+        chunk_chars=chunk_chars,
     )
     _print_data_summary(out, meta)
 
@@ -618,6 +627,15 @@ def ladder(
     if result.interrupted:
         _console(stderr=True).print("interrupted; re-run the same command to resume the ladder")
         raise typer.Exit(130)
+    budget = result.budget
+    if budget.get("budget_seconds"):
+        replans = len(budget.get("replans", []))
+        _console().print(
+            f"spent {budget['spent_seconds'] / 60:.1f} of {budget['budget_seconds'] / 60:.1f} budget minutes "
+            f"(planned {budget['planned_seconds'] / 60:.1f}; {replans} re-plan(s), see {out / 'ladder.json'})"
+        )
+    elif budget.get("budget_flops"):
+        _console().print(f"spent {budget['spent_flops']:.3g} of {budget['budget_flops']:.3g} budget FLOPs")
     _console().print(f"{len(result.records)} rungs in {out / 'ladder.jsonl'}; fit them with: slm scaling fit {out}")
 
 
@@ -753,12 +771,137 @@ def serve(
     )  # fmt: skip
 
 
-def main() -> None:
+# ---- checks every command shares: numeric options, devices, one-line errors ---------------------------
+# Numeric options are >= 0 unless named here: these must be >= 1 (counts, lengths) ...
+_AT_LEAST_ONE = frozenset(
+    "seq_len batch_size grad_accum max_steps max_tokens eval_interval save_interval max_new_tokens speculate_k "
+    "suite_size limit threads levels min_steps val_windows calib_samples calib_seq_len eval_windows group_size "
+    "vocab_size max_batch max_queue prefill_chunk".split()
+)
+# ... these must be > 0 (rates, budgets, shares) ...
+_ABOVE_ZERO = frozenset(
+    "lr max_minutes max_flops budget_flops budget_minutes minutes level_ratio inference_tokens max_decode_ms "
+    "max_params ci top_p request_timeout target_loss repetition_penalty".split()
+)
+# ... and these may be negative.
+_SIGNED = frozenset({"frequency_penalty", "presence_penalty"})
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def check_device(name: str) -> str:
+    """`name` if it names a device this machine has (auto, cpu, cuda, cuda:N, mps); UserError otherwise."""
+    import re
+
+    if name in ("auto", "cpu"):
+        return name
+    if not re.fullmatch(r"cuda(:\d+)?|mps", name):
+        raise UserError(f"--device {name!r} is not a device slmkit can use; choose one of: {DEVICES}")
+    import torch
+
+    if name == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError("--device mps: no Apple GPU (MPS) is available here; use --device cpu or auto")
+        return name
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+    index = int(name.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...)")
+    return name
+
+
+def _check_utf8(flag: str, text: str) -> None:
+    """Text from argv that was not UTF-8 arrives with surrogate escapes; it cannot be tokenized or printed."""
     try:
-        app()
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise UserError(
+            f"{flag} is not UTF-8 text (byte {raw[exc.start : exc.start + 1]!r} at offset {exc.start}); "
+            "give UTF-8 text, or put it in a UTF-8 file"
+        ) from None
+
+
+def check_option_values(values: dict[str, Any]) -> None:
+    """UserError for a numeric option out of its range (see the tables above) or a --device this machine lacks."""
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                _check_utf8(flag, text)
+        if name == "device" and isinstance(value, str):
+            check_device(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value):
+            raise UserError(f"{flag} must be a finite number, got {value}")
+        if name in _SIGNED:
+            continue
+        if name in _AT_LEAST_ONE and value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value:g}")
+        if name in _ABOVE_ZERO and value <= 0:
+            raise UserError(f"{flag} must be > 0, got {value:g}")
+        if value < 0:
+            raise UserError(f"{flag} must be >= 0, got {value:g}")
+
+
+def _add_checks(command: Any) -> None:
+    """Run check_option_values on every command's options before the command itself."""
+    import functools
+
+    callback = getattr(command, "callback", None)
+    if callback is not None and not getattr(callback, "_options_checked", False):
+
+        @functools.wraps(callback)
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            check_option_values(kwargs)
+            return callback(*args, **kwargs)
+
+        checked._options_checked = True  # type: ignore[attr-defined]
+        command.callback = checked
+    for sub in getattr(command, "commands", {}).values():
+        _add_checks(sub)
+
+
+def _error_line(message: str) -> str:
+    return "error: " + " ".join(str(message).split())
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run `slm` with `argv` (default: sys.argv[1:]); the exit code. User errors print one `error:` line."""
+    from typer.exceptions import TyperException
+
+    command = typer.main.get_command(app)
+    _add_checks(command)
+    try:
+        code = command.main(args=argv, prog_name="slm", standalone_mode=False)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        print(_error_line(str(exc)), file=sys.stderr)
+        return exc.exit_code
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except TyperException as exc:  # click's usage errors: unknown option, missing argument, bad value
+        exit_code = getattr(exc, "exit_code", 2)
+        if type(exc).__name__ == "NoArgsIsHelpError" or sys.stderr.isatty():
+            from typer import rich_utils  # the help, or typer's box with the usage, for a person at a terminal
+
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show()  # type: ignore[attr-defined]
+            else:
+                rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
+            return exit_code
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        ctx = getattr(exc, "ctx", None)
+        if ctx is not None:
+            message += f" (see: {ctx.command_path} --help)"
+        print(_error_line(message), file=sys.stderr)
+        return exit_code
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    sys.exit(run())
 
 
 if __name__ == "__main__":

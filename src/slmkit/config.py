@@ -29,6 +29,64 @@ PositionScheme = Literal["rope", "learned"]
 RopeScalingType = Literal["linear", "dynamic", "llama3"]
 
 
+# Shapes beyond these are typos or corrupt files; refusing them beats trying to allocate terabytes.
+MAX_POSITIONS = 2**20  # max_seq_len (and sliding_window)
+MAX_LAYERS = 1024
+MAX_WIDTH = 2**17  # d_model, d_ff, head_dim
+MAX_HEADS = 4096
+MAX_VOCAB = 2**22
+MAX_PARAMS = 10**12
+_LIMITS = {
+    "max_seq_len": MAX_POSITIONS,
+    "sliding_window": MAX_POSITIONS,
+    "n_layers": MAX_LAYERS,
+    "d_model": MAX_WIDTH,
+    "d_ff": MAX_WIDTH,
+    "head_dim": MAX_WIDTH,
+    "n_heads": MAX_HEADS,
+    "n_kv_heads": MAX_HEADS,
+    "vocab_size": MAX_VOCAB,
+}
+
+
+def check_field_types(obj: Any, where: str) -> None:
+    """UserError naming the field when a dataclass field holds a value of the wrong type.
+
+    Checks the plain annotations (int, float, bool, str, dict, each optionally `| None`): ints are not bools,
+    floats are finite numbers (a string that reads as one, like YAML's `1e18`, is converted). Other annotations
+    (Literal choices, nested configs) are checked by the class itself.
+    """
+    for f in dataclasses.fields(obj):
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "")
+        base = kind.removesuffix("| None").strip()
+        value = getattr(obj, f.name)
+        if value is None:
+            if kind.endswith("| None") or base not in ("int", "float", "bool", "str"):
+                continue
+            raise UserError(f"{where}: {f.name} must be set (a {base}), got null")
+        if base == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"{where}: {f.name} must be an integer, got {value!r}")
+        elif base == "float":
+            if isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+                else:
+                    setattr(obj, f.name, value)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise UserError(f"{where}: {f.name} must be a finite number, got {value!r}")
+        elif base == "bool":
+            if not isinstance(value, bool):
+                raise UserError(f"{where}: {f.name} must be true or false, got {value!r}")
+        elif base == "str":
+            if not isinstance(value, str):
+                raise UserError(f"{where}: {f.name} must be a string, got {value!r}")
+        elif base.startswith("dict") and not isinstance(value, dict):
+            raise UserError(f"{where}: {f.name} must be a mapping, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Context extension of rotary embeddings, as transformers' `rope_parameters` describe it.
@@ -117,6 +175,11 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
+        check_field_types(self, "model config")
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, int) and value > limit:
+                raise UserError(f"model config: {name}={value:,} is beyond the limit of {limit:,}")
         positive = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len")
         for name in positive:
             value = getattr(self, name)
@@ -145,6 +208,11 @@ class ModelConfig:
             if value is not None and not (0 <= value < self.vocab_size):
                 raise UserError(f"model config: {name}={value} is outside the vocabulary (size {self.vocab_size})")
         self._check_switches()
+        if self.num_params() > MAX_PARAMS:
+            raise UserError(
+                f"model config: {self.num_params():,} parameters is beyond the limit of {MAX_PARAMS:,}; "
+                "check d_model, d_ff, n_layers and vocab_size"
+            )
 
     def _check_switches(self) -> None:
         choices = {

@@ -173,7 +173,7 @@ def test_tiny_corpus_moves_one_document_to_val(
 
 def test_single_document_too_small_for_val(tmp_path: Path) -> None:
     (tmp_path / "only.txt").write_text("just one document", encoding="utf-8")
-    with pytest.raises(UserError, match="too small for a validation split.*val_fraction=0"):
+    with pytest.raises(UserError, match="too small for a validation split.*--val-fraction 0.*--chunk-chars"):
         prepare([str(tmp_path / "only.txt")], tmp_path / "out", vocab_size=VOCAB)
     assert not (tmp_path / "out" / "meta.json").exists()
     meta = prepare([str(tmp_path / "only.txt")], tmp_path / "out", vocab_size=VOCAB, val_fraction=0.0)

@@ -15,7 +15,6 @@ checking that teacher, student and data share a tokenizer, and the run's config 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from slmkit.errors import UserError
-from slmkit.train.config import TrainConfig
+from slmkit.train.config import TrainConfig, read_json_object
 from slmkit.train.losses import distill_loss
 
 if TYPE_CHECKING:
@@ -122,7 +121,12 @@ def distill(
     original_student = str(student)
     if resume:
         resume_from = latest_resumable(run_dir, CONFIG_FILE, "distillation")
-        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+        saved = read_json_object(run_dir / CONFIG_FILE)
+        missing = sorted({"teacher", "student", "temperature", "alpha", "train"} - set(saved))
+        if missing or not isinstance(saved["train"], dict):
+            raise UserError(
+                f"{run_dir / CONFIG_FILE}: missing or malformed keys {missing or ['train']}; start a new run"
+            )
         # the student continues from the checkpoint; the config keeps naming the one the run started from
         teacher, student, original_student = saved["teacher"], str(resume_from), saved["student"]
         temperature, alpha = saved["temperature"], saved["alpha"]

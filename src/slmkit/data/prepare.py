@@ -3,6 +3,13 @@
 Two streaming passes over the corpus: one to train the tokenizer (skipped when one is given), one to
 tokenize. Memory holds one batch of documents and its token ids, never the corpus. Each document goes
 to the validation split by a hash of its content, so the split does not depend on the order of files.
+
+A document longer than ``chunk_chars`` characters (default 16,384, ~4k tokens) is first cut into pieces
+(see :func:`chunk_document`), and each piece is a document from then on: it gets its own split by the
+hash of its text and its own end-of-text token. So one large text file (`slm data prepare input.txt`)
+still gives a train and a validation split. The cut is deterministic (it depends only on the text and
+``chunk_chars``), and meta.json records ``chunk_chars`` and how many documents were cut
+(``chunked_documents``); the split counts count pieces.
 All files are written into a staging folder first; an existing data directory is replaced only once
 the new files are complete.
 """
@@ -36,6 +43,7 @@ from slmkit.data.sources import SourceStats, iter_documents, resolve_sources
 from slmkit.data.tokenizer import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
+    check_vocab_size,
     eot_token_id,
     file_sha256,
     load_tokenizer,
@@ -54,6 +62,7 @@ logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".prepare-staging"
 MAX_VAL_FRACTION = 0.5
+DEFAULT_CHUNK_CHARS = 16384
 _HASH_RANGE = 2**64
 _COPY_CHUNK_TOKENS = 1 << 24
 
@@ -66,6 +75,45 @@ def document_hash(data: bytes) -> int:
 def is_val_document(text: str, val_fraction: float) -> bool:
     """Whether ``text`` belongs to the validation split (by content, independent of corpus order)."""
     return document_hash(text.encode("utf-8")) / _HASH_RANGE < val_fraction
+
+
+def chunk_document(text: str, chunk_chars: int) -> Iterator[str]:
+    """``text`` cut into pieces of at most ``chunk_chars`` characters (0: never cut).
+
+    Each cut falls after the last blank line in the second half of the window, else after its last line
+    break, else after its last space, else at the window's end. Whitespace-only pieces are dropped.
+    """
+    if chunk_chars <= 0 or len(text) <= chunk_chars:
+        yield text
+        return
+    start = 0
+    while len(text) - start > chunk_chars:
+        window = text[start : start + chunk_chars]
+        cut = chunk_chars
+        for separator in ("\n\n", "\n", " "):
+            at = window.rfind(separator, chunk_chars // 2)
+            if at != -1:
+                cut = at + len(separator)
+                break
+        if window[:cut].strip():
+            yield window[:cut]
+        start += cut
+    if text[start:].strip():
+        yield text[start:]
+
+
+class _Chunker:
+    """The documents of a stream cut into pieces; counts the documents that were cut."""
+
+    def __init__(self, chunk_chars: int) -> None:
+        self.chunk_chars = chunk_chars
+        self.chunked_documents = 0
+
+    def __call__(self, documents: Iterable[str]) -> Iterator[str]:
+        for text in documents:
+            if 0 < self.chunk_chars < len(text):
+                self.chunked_documents += 1
+            yield from chunk_document(text, self.chunk_chars)
 
 
 @dataclass
@@ -155,7 +203,13 @@ def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _validate(vocab_size: int | None, tokenizer: str | Path | None, val_fraction: float, batch_documents: int) -> None:
+def _validate(
+    vocab_size: int | None, tokenizer: str | Path | None, val_fraction: float, batch_documents: int, chunk_chars: int
+) -> None:
+    if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 0:
+        raise UserError(f"chunk_chars (--chunk-chars) must be an integer >= 0 (0: never cut), got {chunk_chars!r}")
+    if vocab_size is not None:
+        check_vocab_size(vocab_size)
     if vocab_size is not None and tokenizer is not None:
         raise UserError(
             "both a vocab_size and a tokenizer were given; pass vocab_size (--vocab-size) to train a new "
@@ -206,6 +260,7 @@ def _tokenize(
     batch_documents: int,
     reporter: _Reporter,
     stats: SourceStats,
+    chunker: _Chunker,
 ) -> dict[Split, SplitCounts]:
     eot = eot_token_id(tokenizer)
     counts: dict[Split, SplitCounts] = {split: SplitCounts() for split in SPLITS}
@@ -214,7 +269,7 @@ def _tokenize(
     highest_val: _Located | None = None
     task = reporter.task("tokenizing")
     with ShardWriter(staging, dtype) as writer:
-        for batch in _batched(iter_documents(sources, text_field, stats), batch_documents):
+        for batch in _batched(chunker(iter_documents(sources, text_field, stats)), batch_documents):
             encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
             flat: dict[Split, list[int]] = {split: [] for split in SPLITS}
             batch_bytes = 0
@@ -242,9 +297,12 @@ def _tokenize(
 
     total = counts["train"].documents + counts["val"].documents
     if val_fraction > 0 and total == 1:
+        size = counts["train"].bytes + counts["val"].bytes
+        chunks = f"below {chunker.chunk_chars}" if chunker.chunk_chars else f"such as {DEFAULT_CHUNK_CHARS}"
         raise UserError(
-            "the corpus is too small for a validation split: it has only 1 document; "
-            "add documents (or split the text into several files) or pass val_fraction=0"
+            f"the corpus is too small for a validation split: it has only 1 document ({size:,} bytes); "
+            "pass --val-fraction 0 to skip validation (val_fraction=0 in prepare()), or a --chunk-chars "
+            f"{chunks} (chunk_chars in prepare()) to cut it into pieces, or add documents"
         )
     moves: list[tuple[Split, Split, _Located | None]] = []
     if val_fraction > 0 and counts["val"].documents == 0:
@@ -287,15 +345,17 @@ def prepare(
     text_field: str = "text",
     batch_documents: int = 256,
     progress: bool = False,
+    chunk_chars: int = DEFAULT_CHUNK_CHARS,
 ) -> dict[str, Any]:
     """Tokenize ``sources`` into a data directory ``out``; returns the meta.json contents.
 
     Trains a byte-level BPE tokenizer of ``vocab_size`` tokens, or reuses ``tokenizer`` (a
     tokenizer.json or a directory holding one; then pass ``vocab_size=None``). Every document ends with
     the end-of-text token. A document goes to the validation split when the hash of its text falls
-    below ``val_fraction`` (0 to 0.5), so the split is stable however the corpus is ordered.
+    below ``val_fraction`` (0 to 0.5), so the split is stable however the corpus is ordered. Documents longer
+    than ``chunk_chars`` characters are cut into pieces first, each a document (0: never cut).
     """
-    _validate(vocab_size, tokenizer, val_fraction, batch_documents)
+    _validate(vocab_size, tokenizer, val_fraction, batch_documents, chunk_chars)
     sources = [str(s) for s in ([sources] if isinstance(sources, str | os.PathLike) else sources)]
     resolve_sources(sources)  # bad paths fail here, before any tokenizer training
     out = Path(out).expanduser()
@@ -311,7 +371,7 @@ def prepare(
                 assert vocab_size is not None
                 logger.info("training a %d-token byte-level BPE tokenizer on %s", vocab_size, sources)
                 task = reporter.task("training tokenizer")
-                texts = reporter.track(iter_documents(sources, text_field, SourceStats()), task)
+                texts = reporter.track(_Chunker(chunk_chars)(iter_documents(sources, text_field, SourceStats())), task)
                 trained = train_tokenizer(texts, vocab_size)
                 reporter.finish(task)
                 save_tokenizer(trained, staging)
@@ -328,7 +388,10 @@ def prepare(
             tok.encode_special_tokens = True
             # The training pass already warned about skipped files.
             stats = SourceStats(log_skips=tokenizer is not None)
-            counts = _tokenize(sources, text_field, tok, staging, dtype, val_fraction, batch_documents, reporter, stats)
+            chunker = _Chunker(chunk_chars)
+            counts = _tokenize(
+                sources, text_field, tok, staging, dtype, val_fraction, batch_documents, reporter, stats, chunker
+            )
         meta: dict[str, Any] = {
             "format_version": FORMAT_VERSION,
             "sources": sources,
@@ -340,6 +403,8 @@ def prepare(
             "eot_token_id": eot,
             "tokenizer_sha256": file_sha256(staging / TOKENIZER_FILE),
             "val_fraction": val_fraction,
+            "chunk_chars": chunk_chars,
+            "chunked_documents": chunker.chunked_documents,
             "splits": {split: asdict(counts[split]) for split in SPLITS},
             "skipped_files": stats.skipped_files,
             "skipped": stats.skipped,

@@ -31,18 +31,32 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 MIN_VOCAB_SIZE = BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS) + 1
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on ``texts`` with ``EOT_TOKEN`` as special token id 0.
+# Real tokenizers have 32k-256k tokens; far beyond that the Rust trainer aborts the process (exit 134).
+MAX_VOCAB_SIZE = 2**20
 
-    The vocabulary can come out smaller than ``vocab_size`` when the corpus has too few distinct pairs
-    to merge; the tokenizer's ``get_vocab_size()`` is the truth.
-    """
+
+def check_vocab_size(vocab_size: int) -> None:
+    """UserError unless ``vocab_size`` is an integer from MIN_VOCAB_SIZE to MAX_VOCAB_SIZE."""
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_VOCAB_SIZE:
         raise UserError(
             f"vocab_size {vocab_size!r} is too small: a byte-level BPE tokenizer needs at least "
             f"{MIN_VOCAB_SIZE} ({BYTE_ALPHABET_SIZE} bytes + {len(SPECIAL_TOKENS)} special token + 1 merge); "
             f"pass vocab_size >= {MIN_VOCAB_SIZE}"
         )
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(
+            f"vocab_size {vocab_size:,} is too large: slmkit trains tokenizers of at most {MAX_VOCAB_SIZE:,} tokens "
+            "(--vocab-size; real ones use 32k-256k)"
+        )
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer on ``texts`` with ``EOT_TOKEN`` as special token id 0.
+
+    The vocabulary can come out smaller than ``vocab_size`` when the corpus has too few distinct pairs
+    to merge; the tokenizer's ``get_vocab_size()`` is the truth.
+    """
+    check_vocab_size(vocab_size)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())

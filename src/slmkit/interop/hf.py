@@ -105,10 +105,15 @@ def load_config(path: str | Path) -> ModelConfig:
     try:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid JSON ({exc})") from None
+        raise UserError(f"{path}: not valid JSON ({exc}); restore it or re-export the model") from None
     if not isinstance(d, dict):
         raise UserError(f"{path}: expected a JSON object")
-    return config_from_hf(d, source=str(path))
+    try:
+        return config_from_hf(d, source=str(path))
+    except UserError as exc:
+        raise UserError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    except (TypeError, ValueError, KeyError) as exc:  # a value of the wrong type where conversion needs a number
+        raise UserError(f"{path}: a value has the wrong type or is missing ({exc})") from None
 
 
 # ---- state dicts ----------------------------------------------------------------------------------

@@ -80,7 +80,16 @@ def load_rungs(path: str | Path) -> Rungs:
     """Rungs from a ladder dir or a ladder.jsonl; rejects missing or non-finite values and mixed data."""
     path = ladder_file(path)
     records = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+    raw = path.read_bytes()
+    try:
+        if b"\0" in raw:
+            raise UnicodeError("it holds NUL bytes")
+        text = raw.decode("utf-8")
+    except UnicodeError as exc:
+        raise UserError(
+            f"{path}: not a ladder.jsonl (binary or not UTF-8 text: {exc}); give the ladder dir or its ladder.jsonl"
+        ) from None
+    for line_no, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

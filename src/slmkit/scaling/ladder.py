@@ -12,6 +12,15 @@ evenly spaced windows of the data's val split, so rungs are comparable.
 Files: `ladder.json` (the plan; the data and tokenizer hashes) and `ladder.jsonl` (one line per finished
 rung). Running the same command again resumes: finished rungs are skipped, an unfinished one continues
 from its last checkpoint.
+
+A time budget (`--budget-minutes`) is planned from a throughput probe at the start, and a machine that gets
+busier later would make the ladder overrun it. So after each rung the ladder compares the wall-clock time
+its finished rungs took (training and evaluation) with what the plan predicted for them; once it runs more
+than 10% behind, it re-plans the rungs not yet started (see :func:`replan_remaining`): at the pace seen so
+far they must fit in the minutes left, so their token counts shrink by one common factor, a rung that
+would fall under `min_steps` is dropped, and if that is still too much the costliest rungs are dropped. The
+new plan is written to `ladder.json` (so a resume follows it), and its `budget` section records the budget,
+the time spent, the time planned for the finished rungs and every re-plan.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +46,7 @@ PLAN_FILE = "ladder.json"
 RESULTS_FILE = "ladder.jsonl"
 PLAN_VERSION = 1
 MIN_SPAN = 10.0  # largest / smallest non-embedding parameters
+REPLAN_BEHIND = 1.10  # re-plan a time budget once finished rungs took this much longer than planned
 
 
 @dataclass
@@ -219,6 +230,50 @@ def plan_rungs(
     return rungs
 
 
+def replan_remaining(
+    remaining: list[RungPlan],
+    seconds_left: float,
+    pace: float,
+    settings: LadderSettings,
+    fixed: frozenset[str] = frozenset(),
+) -> list[RungPlan]:
+    """The rungs not yet started, shrunk so that at `pace` (seconds taken / seconds planned so far) they fit
+    in `seconds_left`.
+
+    Every shrinkable rung's steps scale by one common factor; a rung left with fewer than `min_steps` steps
+    is dropped; if the floors still leave too much, the costliest shrinkable rungs are dropped. Rungs named
+    in `fixed` (already started in an earlier session: their checkpoints hold their length) keep theirs.
+    """
+
+    def cost(rungs: list[RungPlan]) -> float:
+        return pace * sum(r.predicted_seconds or 0.0 for r in rungs)
+
+    if cost(remaining) <= seconds_left:
+        return remaining
+    kept_fixed = [r for r in remaining if r.name in fixed]
+    room = max(seconds_left - cost(kept_fixed), 0.0)
+    shrinkable = [r for r in remaining if r.name not in fixed]
+    scale = room / max(cost(shrinkable), 1e-12)
+    shrunk: list[RungPlan] = []
+    for r in shrinkable:
+        steps = min(r.steps, int(r.steps * scale))
+        if steps < settings.min_steps:
+            continue
+        shrunk.append(
+            replace(
+                r,
+                steps=steps,
+                tokens=steps * settings.tokens_per_step,
+                warmup_steps=max(1, min(100, steps // 10)),
+                predicted_seconds=(r.predicted_seconds or 0.0) * steps / r.steps,
+            )
+        )
+    while shrunk and cost(shrunk) > room:
+        shrunk.remove(max(shrunk, key=lambda r: r.predicted_seconds or 0.0))
+    keep = {r.name: r for r in kept_fixed + shrunk}
+    return [keep[r.name] for r in remaining if r.name in keep]
+
+
 def choose_sizes(vocab_size: int, settings: LadderSettings, count: int = 5, **budget: Any) -> list[Shape]:
     """The largest window of `count` default sizes (a decade or more) whose ladder keeps every size in
     at least two compute levels; the smallest window when none does."""
@@ -274,6 +329,11 @@ class LadderResult:
     interrupted: bool
     plan: dict[str, Any]
 
+    @property
+    def budget(self) -> dict[str, Any]:
+        """Budget vs spent (and the re-plans of a time budget); also in ladder.json."""
+        return self.plan.get("budget", {})
+
 
 def run_ladder(
     data_dir: str | Path,
@@ -283,8 +343,12 @@ def run_ladder(
     sizes: list[Shape] | None = None,
     settings: LadderSettings | None = None,
     progress: bool = False,
+    clock: Callable[[], float] = time.monotonic,
 ) -> LadderResult:
-    """Plan (or reload) a ladder in `out` and train its unfinished rungs; see the module docstring."""
+    """Plan (or reload) a ladder in `out` and train its unfinished rungs; see the module docstring.
+
+    `clock` (seconds) times the rungs against a time budget.
+    """
     from slmkit.data.shards import load_data_dir
 
     settings = settings or LadderSettings()
@@ -304,7 +368,7 @@ def run_ladder(
     }
     plan_path = out / PLAN_FILE
     if plan_path.is_file():
-        plan = json.loads(plan_path.read_text())
+        plan = read_plan(plan_path)
         if plan.get("data_fingerprint") != fingerprint:
             raise UserError(
                 f"{out} holds a ladder trained on different data or a different tokenizer than {data_dir} "
@@ -321,11 +385,26 @@ def run_ladder(
             raise UserError(f"{out} exists and is not a ladder directory (no {PLAN_FILE}); choose a new --out")
         plan = _make_plan(data, fingerprint, request, sizes, settings, budget_flops, budget_minutes, progress)
         out.mkdir(parents=True, exist_ok=True)
-        tmp = plan_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan, indent=2) + "\n")
-        os.replace(tmp, plan_path)
+        _write_plan(plan_path, plan)
     rungs = [RungPlan(**r) for r in plan["rungs"]]
-    return _train_rungs(data, out, plan, rungs, settings, progress)
+    return _train_rungs(data, out, plan, rungs, settings, progress, clock)
+
+
+def read_plan(path: Path) -> dict[str, Any]:
+    """A ladder's ladder.json; UserError naming the file when it is corrupt."""
+    try:
+        plan = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON or not UTF-8
+        raise UserError(f"{path}: cannot read the ladder plan ({exc}); re-run `slm ladder` into a new --out") from None
+    if not isinstance(plan, dict) or not isinstance(plan.get("rungs"), list):
+        raise UserError(f"{path}: not a ladder plan (no list of rungs); re-run `slm ladder` into a new --out")
+    return plan
+
+
+def _write_plan(path: Path, plan: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def _describe_request(request: Any) -> str:
@@ -392,7 +471,75 @@ def _probe_sizes(sizes: list[Shape], vocab: int, settings: LadderSettings, progr
     return {s.name: measure_train_throughput(s, vocab, settings) for s in sizes}
 
 
-def _train_rungs(data, out: Path, plan: dict[str, Any], rungs: list[RungPlan], settings, progress) -> LadderResult:
+def _budget_summary(plan: dict[str, Any], rungs: list[RungPlan], done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Budget vs spent over the finished rungs (wall-clock seconds: training plus evaluation)."""
+    request = plan.get("request", {})
+    finished = [r for r in rungs if r.name in done]
+    summary = dict(plan.get("budget", {}))
+    summary["finished_rungs"] = len(finished)
+    summary["spent_flops"] = sum(done[r.name].get("flops", 0.0) for r in finished)
+    summary["spent_seconds"] = sum(done[r.name].get("wall_seconds", done[r.name].get("seconds", 0.0)) for r in finished)
+    if request.get("budget_minutes") is not None:
+        summary["budget_seconds"] = request["budget_minutes"] * 60
+        summary["planned_seconds"] = sum(r.predicted_seconds or 0.0 for r in finished)
+    if request.get("budget_flops") is not None:
+        summary["budget_flops"] = request["budget_flops"]
+    summary.setdefault("replans", [])
+    return summary
+
+
+def _maybe_replan(
+    plan: dict[str, Any], rungs: list[RungPlan], done: dict[str, dict[str, Any]], settings: LadderSettings, out: Path
+) -> list[RungPlan]:
+    """After a rung: the rungs to run from now on (see the module docstring); updates `plan["budget"]`."""
+    budget = plan["budget"] = _budget_summary(plan, rungs, done)
+    if "budget_seconds" not in budget or budget["planned_seconds"] <= 0:
+        return rungs
+    pace = budget["spent_seconds"] / budget["planned_seconds"]
+    if pace <= REPLAN_BEHIND:
+        return rungs
+    remaining = [r for r in rungs if r.name not in done]
+    started = frozenset(r.name for r in remaining if (out / "runs" / r.name).exists())
+    seconds_left = budget["budget_seconds"] - budget["spent_seconds"]
+    new = replan_remaining(remaining, seconds_left, pace, settings, fixed=started)
+    if new == remaining:
+        return rungs
+    kept = {r.name: r for r in new}
+    event = {
+        "after_rungs": budget["finished_rungs"],
+        "spent_seconds": budget["spent_seconds"],
+        "planned_seconds": budget["planned_seconds"],
+        "seconds_left": seconds_left,
+        "pace": pace,
+        "dropped": [r.name for r in remaining if r.name not in kept],
+        "shrunk": {r.name: [r.tokens, kept[r.name].tokens] for r in remaining if r.name in kept and kept[r.name] != r},
+    }
+    budget["replans"].append(event)
+    log.warning(
+        "ladder: %.0f s spent on rungs planned for %.0f s (%.2fx slower than the probe); re-planned the "
+        "rest to fit the %.0f s left: %d rung(s) dropped, %d shortened",
+        budget["spent_seconds"],
+        budget["planned_seconds"],
+        pace,
+        seconds_left,
+        len(event["dropped"]),
+        len(event["shrunk"]),
+    )
+    rungs = [r for r in rungs if r.name in done] + new
+    plan["rungs"] = [asdict(r) for r in rungs]
+    plan["total_flops"] = sum(r.flops for r in rungs)
+    return rungs
+
+
+def _train_rungs(
+    data,
+    out: Path,
+    plan: dict[str, Any],
+    rungs: list[RungPlan],
+    settings,
+    progress,
+    clock: Callable[[], float] = time.monotonic,
+) -> LadderResult:
     from slmkit.train.config import TrainConfig
     from slmkit.train.loop import train
 
@@ -402,9 +549,9 @@ def _train_rungs(data, out: Path, plan: dict[str, Any], rungs: list[RungPlan], s
     reporter = LadderReporter(rungs, set(done), enabled=progress)
     interrupted = False
     try:
-        for rung in rungs:
-            if rung.name in done:
-                continue
+        while queue := [r for r in rungs if r.name not in done]:
+            rung = queue[0]
+            started = clock()
             run_dir = out / "runs" / rung.name
             cfg = TrainConfig(
                 preset="tiny",
@@ -430,6 +577,7 @@ def _train_rungs(data, out: Path, plan: dict[str, Any], rungs: list[RungPlan], s
             if (final / WEIGHTS).is_file() and (final / "trainer_state.json").is_file():
                 state = json.loads((final / "trainer_state.json").read_text())
                 step, tokens, flops, seconds = state["step"], state["tokens"], state["flops"], state["elapsed"]
+                started -= seconds  # trained in an earlier session: its training time still counts
             else:
                 resume = latest_checkpoint(run_dir) is not None
                 # a rung killed before its first checkpoint left only metrics and config: start it again
@@ -464,15 +612,23 @@ def _train_rungs(data, out: Path, plan: dict[str, Any], rungs: list[RungPlan], s
                 "data_fingerprint": plan["data_fingerprint"],
                 "tokenizer_sha256": plan["tokenizer_sha256"],
                 "device": settings.device,
+                "wall_seconds": clock() - started,  # training and evaluation, as the time budget counts it
             }
             with results_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
             records.append(record)
+            done[rung.name] = record
             reporter.finish(rung, record)
+            replanned = _maybe_replan(plan, rungs, done, settings, out)
+            if replanned is not rungs:
+                rungs = replanned
+                reporter.set_rungs(rungs)
+            _write_plan(out / PLAN_FILE, plan)
     finally:
         reporter.close()
+    plan["budget"] = _budget_summary(plan, rungs, done)
     return LadderResult(out=out, records=records, interrupted=interrupted, plan=plan)
 
 
@@ -508,6 +664,13 @@ class LadderReporter:
         if self.progress is not None and self.current is not None:
             done = self.finished + fraction * self.current.flops
             self.progress.update(self.task, completed=done, status=status)
+
+    def set_rungs(self, rungs: list[RungPlan]) -> None:
+        """A re-planned ladder: the bar's total follows the new plan."""
+        self.rungs = rungs
+        self.total = self.finished + sum(r.flops for r in rungs[self.count_done :])
+        if self.progress is not None:
+            self.progress.update(self.task, total=self.total)
 
     def begin(self, rung: RungPlan) -> None:
         self.current = rung

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,7 +24,7 @@ import numpy as np
 from slmkit.config import PRESETS
 from slmkit.errors import UserError
 from slmkit.scaling.fit import FitResult, analyse, ladder_file, load_rungs
-from slmkit.scaling.ladder import PLAN_FILE, rung_lr
+from slmkit.scaling.ladder import PLAN_FILE, read_plan, rung_lr
 from slmkit.scaling.shapes import Shape, family, shape_overrides
 
 SIZE_TOLERANCE = 0.10
@@ -103,7 +102,7 @@ def _ladder_meta(path: str | Path) -> dict[str, Any]:
     plan_path = ladder_file(path).parent / PLAN_FILE
     if not plan_path.is_file():
         raise UserError(f"{plan_path}: missing; `slm plan` needs a ladder directory written by `slm ladder`")
-    return json.loads(plan_path.read_text())
+    return read_plan(plan_path)
 
 
 def training_rate(fit: FitResult) -> Any:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from slmkit.config import PRESETS, ModelConfig, preset
+from slmkit.config import PRESETS, ModelConfig, check_field_types, preset
 from slmkit.errors import UserError
 from slmkit.interop.families import check_family
 
@@ -57,6 +58,7 @@ class TrainConfig:
     aux_loss_weight: float = 0.01  # weight of the auxiliary losses a model reports (e.g. MoE load balancing)
 
     def __post_init__(self) -> None:
+        check_field_types(self, "train config")
         if self.preset not in PRESETS:
             raise UserError(f"unknown preset {self.preset!r}; choose one of: {', '.join(PRESETS)}")
         for name in (
@@ -106,6 +108,8 @@ class TrainConfig:
             )
         if not (isinstance(self.aux_loss_weight, int | float) and 0 <= self.aux_loss_weight < math.inf):
             raise UserError(f"train config: aux_loss_weight must be a number >= 0, got {self.aux_loss_weight!r}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise UserError(f"train config: device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"train config: threads must be >= 1, got {self.threads}")
         self.model_config(vocab_size=self.model.get("vocab_size", 8192))  # validate overrides early
@@ -139,6 +143,15 @@ class TrainConfig:
             return cls(**d)
         except TypeError as exc:
             raise UserError(f"{source}: {exc}") from None
+        except UserError as exc:
+            if source == "config" or str(exc).startswith(source):
+                raise
+            raise UserError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+        """The config a run saved (train_config.json), with `overrides`; UserError naming the file if corrupt."""
+        return cls.from_dict({**read_json_object(path), **(overrides or {})}, source=str(path))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -157,3 +170,19 @@ class TrainConfig:
         if "model" in data and not isinstance(data["model"], dict):
             raise UserError(f"{path}: `model` must be a mapping of ModelConfig fields")
         return cls.from_dict(data, source=str(path))
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """The JSON object in `path` (a run's saved config); UserError naming the file if missing or corrupt."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; the run directory is incomplete") from None
+    except (OSError, ValueError) as exc:  # ValueError covers JSON and UTF-8 decoding errors
+        raise UserError(
+            f"{path}: cannot read it as JSON ({exc}); restore it from a backup or start a new run"
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object of training options; restore it or start a new run")
+    return data

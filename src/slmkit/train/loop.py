@@ -204,8 +204,7 @@ def train(
     resume_from: Path | None = None
     if resume:
         resume_from = latest_resumable(run_dir, TRAIN_CONFIG, "training")
-        saved = json.loads((run_dir / TRAIN_CONFIG).read_text())
-        cfg = TrainConfig.from_dict({**saved, **(budget_overrides or {})}, source=str(run_dir / TRAIN_CONFIG))
+        cfg = TrainConfig.load(run_dir / TRAIN_CONFIG, budget_overrides)
     else:
         refuse_existing_run(run_dir, TRAIN_CONFIG, overwrite)
     if not cfg.has_budget:
