@@ -36,7 +36,9 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print(f"\n{title}")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for r in rows:
-        print("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))))
+        print(
+            "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        )
 
 
 def state_bytes(state: torch.nn.Module) -> int:
@@ -79,8 +81,7 @@ def decode_section(presets: list[str], contexts: list[int], steps: int, vocab: i
             )
             print(f"  {name} @ {n}: {results[-1]['ms_per_token']:.2f} ms/token", file=sys.stderr)
     rows = [
-        [r["preset"], str(r["context"]), f"{r['ms_per_token']:.2f}", f"{r['state_bytes'] / 2**20:.2f}"]
-        for r in results
+        [r["preset"], str(r["context"]), f"{r['ms_per_token']:.2f}", f"{r['state_bytes'] / 2**20:.2f}"] for r in results
     ]
     table("decode (batch 1, median of steps)", ["preset", "context", "ms/token", "state MiB"], rows)
     return results
@@ -155,7 +156,9 @@ def recall_section(presets: list[str], steps: int, pairs: int, d_model: int) -> 
             }
         )
         print(f"  {name}: recall {accuracy:.3f}", file=sys.stderr)
-    rows = [[r["preset"], f"{r['accuracy']:.3f}", f"{r['state_bytes'] / 1024:.1f}", f"{r['seconds']:.0f}"] for r in results]
+    rows = [
+        [r["preset"], f"{r['accuracy']:.3f}", f"{r['state_bytes'] / 1024:.1f}", f"{r['seconds']:.0f}"] for r in results
+    ]
     table(
         f"associative recall ({pairs} pairs, {pairs // 2} queries, d_model {d_model}, {steps} steps)",
         ["preset", "accuracy", "state KiB", "seconds"],
@@ -272,7 +275,9 @@ def hf_section(name: str, batch: int, seq_len: int, steps: int, vocab: int) -> d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["decode", "recall"], choices=["decode", "recall", "quality", "hf"])
+    parser.add_argument(
+        "--sections", nargs="+", default=["decode", "recall"], choices=["decode", "recall", "quality", "hf"]
+    )
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     parser.add_argument("--contexts", nargs="+", type=int, default=[128, 1024, 4096, 16384])
     parser.add_argument("--decode-steps", type=int, default=32)
