@@ -564,4 +564,4 @@ def test_response_format_json_schema(client, name):
 
 def test_slm_serve_bad_options(shaken_model_dir):
     r = run_slm("serve", shaken_model_dir, "--max-batch", "0")
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and "max batch" in r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "--max-batch must be >= 1" in r.stderr
