@@ -105,8 +105,9 @@ def evaluate(
     return evaluate_text(load(model), data, split=split, seq_len=seq_len, batch_size=batch_size)
 
 
-def prepare(*args: Any, **kwargs: Any) -> dict:
-    """Tokenize sources into a data dir (see `slmkit.data.prepare.prepare`)."""
+def prepare(*args: Any, overwrite: bool = False, **kwargs: Any) -> dict:
+    """Tokenize sources into a data dir (see `slmkit.data.prepare.prepare`); a non-empty `out` is refused
+    unless `overwrite=True`."""
     import inspect
 
     from slmkit.data.prepare import prepare as _prepare
@@ -116,7 +117,7 @@ def prepare(*args: Any, **kwargs: Any) -> dict:
         out = inspect.signature(_prepare).bind(*args, **kwargs).arguments["out"]
     except TypeError as exc:
         raise TypeError(f"prepare(): {exc}") from None
-    check_output(out, "dir", overwrite=True, option="out")  # a file, under a file, unwritable: before any work
+    check_output(out, "dir", overwrite=overwrite, option="out")  # existing, a file, unwritable: before any work
     return _prepare(*args, **kwargs)
 
 

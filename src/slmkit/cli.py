@@ -54,12 +54,15 @@ def data_prepare(
             "each its own document for the train/val split; 0 never cuts."
         ),
     ] = 16384,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace what is already in --out (an earlier data dir or other files).")
+    ] = False,
 ) -> None:
     """Tokenize SOURCES into DATA_DIR: tokenizer.json, train.bin, val.bin and meta.json."""
     from slmkit.data.prepare import prepare
     from slmkit.interop.outputs import check_output
 
-    check_output(out, "dir", overwrite=True)  # a file, under a file, unwritable: refused before any work
+    check_output(out, "dir", overwrite=overwrite)  # existing, a file, under a file, unwritable: before any work
     if vocab_size is None and tokenizer is None:
         vocab_size = 8192
     meta = prepare(

@@ -3,6 +3,7 @@ reverse), bad output paths are one `error:` line before any work, and killed wri
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -92,12 +93,29 @@ def test_prepare_train_card_and_report_paths(data_dir, tiny_model_dir, corpus_fi
         one_error(run_slm("eval", tiny_model_dir, "--data", data_dir, "--report", "/proc/r"), "cannot write into")
 
 
+def test_prepare_refuses_an_existing_data_dir_without_overwrite(corpus_file, tmp_path):
+    data = tmp_path / "data"
+    run = ("data", "prepare", corpus_file, "--out", data, "--vocab-size", 300, "--val-fraction", 0)
+    assert run_slm(*run).returncode == 0
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    (data / "mine.txt").write_text("mine")
+    one_error(run_slm(*run, "--vocab-size", 260), "already exists", "--overwrite")
+    assert (data / "mine.txt").read_text() == "mine"
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.name != "mine.txt"} == before
+    assert run_slm(*run, "--vocab-size", 260, "--overwrite").returncode == 0
+    assert json.loads((data / "meta.json").read_text())["vocab_size"] == 260
+
+
 def test_api_prepare_checks_out(corpus_file, tmp_path):
     import slmkit
 
     (tmp_path / "f").write_text("x")
     with pytest.raises(UserError, match="lies under"):
         slmkit.prepare([str(corpus_file)], tmp_path / "f" / "data", vocab_size=300)
+    slmkit.prepare([str(corpus_file)], tmp_path / "d", vocab_size=300, val_fraction=0)
+    with pytest.raises(UserError, match="already exists"):
+        slmkit.prepare([str(corpus_file)], tmp_path / "d", vocab_size=300, val_fraction=0)
+    slmkit.prepare([str(corpus_file)], tmp_path / "d", vocab_size=300, val_fraction=0, overwrite=True)
 
 
 # ---- killed writes --------------------------------------------------------------------------------------
