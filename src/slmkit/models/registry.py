@@ -42,9 +42,11 @@ def build_mlp(name: str, config: Any) -> nn.Module:
 
 def _register_builtins() -> None:
     from slmkit.models.attention import Attention
+    from slmkit.models.mamba2 import Mamba2Mixer
     from slmkit.models.mlp import MLP, PlainMLP
 
     register_mixer("attention", Attention)
+    register_mixer("mamba2", Mamba2Mixer)
     register_mlp("gated", MLP)
     register_mlp("plain", PlainMLP)
 
