@@ -255,7 +255,9 @@ class ModelConfig:
             inner = self.ssm_expand * self.d_model
             q = min(self.ssm_chunk_size, t)
             conv = 2 * (inner + 2 * self.ssm_n_groups * self.ssm_state_size) * self.ssm_conv_kernel
-            return conv + 2 * q * (self.ssm_n_groups * self.ssm_state_size + inner) + 2 * 2 * inner * self.ssm_state_size
+            return (
+                conv + 2 * q * (self.ssm_n_groups * self.ssm_state_size + inner) + 2 * 2 * inner * self.ssm_state_size
+            )
         raise UserError(f"model config: no FLOP count for mixer {kind!r}")
 
     def num_params(self, include_embeddings: bool = True) -> int:

@@ -577,7 +577,7 @@ def _mamba2_from_hf(state: StateDict) -> StateDict:
 def _read_slmkit(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
     import dataclasses
 
-    generic = {"vocab_size", "tie_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "family", "extra"}
+    generic = {"tie_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "family", "extra"}
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - generic
     out = {k: d[k] for k in fields if k in d}
     _require(out, ("d_model", "n_layers"), source)
