@@ -200,7 +200,8 @@ class ModelConfig:
             inner = self.ssm_expand * self.d_model
             if inner % self.ssm_head_dim:
                 raise UserError(
-                    f"model config: ssm_expand * d_model ({inner}) must be a multiple of ssm_head_dim ({self.ssm_head_dim})"
+                    f"model config: ssm_expand * d_model ({inner}) must be a multiple of ssm_head_dim "
+                    f"({self.ssm_head_dim})"
                 )
             if (inner // self.ssm_head_dim) % self.ssm_n_groups:
                 raise UserError(
