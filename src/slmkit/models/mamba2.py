@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmkit.errors import UserError
+from slmkit.models.state import ReplayState
 
-REWIND = 40  # tokens of the latest call kept for `crop`: a speculative round verifies at most k + 1 (33)
+REWIND = 40  # tokens a state can always take back: a speculative round verifies at most k + 1 (33)
 
 
 class GatedRMSNorm(nn.Module):
@@ -102,132 +102,17 @@ def ssd_scan(
     return y.to(dtype), state
 
 
-class Mamba2State(nn.Module):
-    """One layer's mamba2 state over `batch_size` rows (see the module docstring).
-
-    conv (B, Cc, K-1), ssm (B, H, P, N) float32, length (B,): the state after `length` tokens. To go back:
-    - prev_*: the state before the latest call (a verification pass is taken back from here);
-    - ck_*: a checkpoint at ck_length, and ring (B, 2 * REWIND, Cc + H): the raw conv inputs and time steps of
-      positions [ck_length, length), slot p % size, so a draft model's one-token calls can be taken back too.
-      Before a call would overwrite inputs the checkpoint still needs, the checkpoint moves forward to
-      REWIND tokens before the call's end (a replay of at most REWIND + 1 tokens, about every REWIND tokens).
-    A row can go back to any length >= min(prev_length, ck_length): at least REWIND tokens, or into its latest
-    call, unless that call was longer than the ring (a long prefill)."""
+class Mamba2State(ReplayState):
+    """conv (B, Cc, K-1) and ssm (B, H, P, N, float32) per row, rewindable (`ReplayState`)."""
 
     kind = "mamba2"
-    NAMES = ("conv", "ssm", "length", "prev_conv", "prev_ssm", "prev_length", "ck_conv", "ck_ssm", "ck_length", "ring")
 
     def __init__(self, mixer: Mamba2Mixer, batch_size: int, device, dtype) -> None:
-        super().__init__()
-        self.mixer = [mixer]  # not a submodule: the state holds no parameters
-        conv = (batch_size, mixer.conv_dim, mixer.conv_kernel - 1)
-        ssm = (batch_size, mixer.n_heads, mixer.head_dim, mixer.state_size)
-        for prefix in ("", "prev_", "ck_"):
-            self.register_buffer(prefix + "conv", torch.zeros(conv, device=device, dtype=dtype), persistent=False)
-            self.register_buffer(prefix + "ssm", torch.zeros(ssm, device=device), persistent=False)  # float32
-            self.register_buffer(
-                prefix + "length", torch.zeros(batch_size, dtype=torch.long, device=device), persistent=False
-            )
-        ring = (batch_size, 2 * REWIND, mixer.conv_dim + mixer.n_heads)
-        self.register_buffer("ring", torch.zeros(ring, device=device, dtype=dtype), persistent=False)
-
-    @property
-    def batch_size(self) -> int:
-        return self.ssm.shape[0]
-
-    @property
-    def ring_size(self) -> int:
-        return self.ring.shape[1]
-
-    def reset(self, start: int, stop: int) -> None:
-        for name in self.NAMES:
-            getattr(self, name)[start:stop] = 0
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.crop(src, length)
-        for name in self.NAMES:
-            getattr(self, name)[dst] = getattr(self, name)[src]
-
-    def pad_room(self) -> int:
-        return 0  # every token fed changes the state: padding cannot be taken back for free
-
-    def _inputs(self, row: int, start: int, stop: int) -> torch.Tensor:
-        """Raw inputs of positions [start, stop) of `row` from the ring, (1, stop - start, Cc + H)."""
-        slots = torch.arange(start, stop, device=self.ring.device) % self.ring_size
-        return self.ring[row, slots].unsqueeze(0)
-
-    def crop(self, row: int, length: int) -> None:
-        now = int(self.length[row])
-        if length >= now:
-            return
-        prev, ck = int(self.prev_length[row]), int(self.ck_length[row])
-        if prev <= length and now - prev <= self.ring_size:
-            conv, ssm, base = self.prev_conv, self.prev_ssm, prev  # inside the latest call: the shortest replay
-        elif ck <= length:
-            conv, ssm, base = self.ck_conv, self.ck_ssm, ck
-        else:
-            raise UserError(
-                f"a mamba2 state cannot go back from {now} to {length} tokens (it keeps the last {REWIND} at least)"
-            )
-        new_conv, new_ssm = self.mixer[0].replay(
-            conv[row : row + 1], ssm[row : row + 1], self._inputs(row, base, length)
-        )
-        self.conv[row], self.ssm[row], self.length[row] = new_conv[0], new_ssm[0], length
-        # the state before the latest call is unchanged; what was fed after `length` is forgotten
-        if prev > length:
-            self.prev_conv[row], self.prev_ssm[row], self.prev_length[row] = new_conv[0], new_ssm[0], length
-
-    def _advance_checkpoints(self, keep: torch.Tensor, t: int, start: torch.Tensor) -> None:
-        """Before a call of t tokens at positions start (B,): move each row's checkpoint so that the ring keeps
-        [ck_length, end) once the call is written (rows whose checkpoint would fall out of it)."""
-        end = start + t
-        need = keep & (end - self.ck_length > self.ring_size)
-        if t > REWIND or not bool(need.any()):
-            return  # a long call sets the checkpoint at its own start or end (`remember`)
-        for row in need.nonzero().flatten().tolist():
-            ck, target = int(self.ck_length[row]), int(end[row]) - REWIND  # target <= start: inputs are in the ring
-            conv, ssm = self.mixer[0].replay(
-                self.ck_conv[row : row + 1], self.ck_ssm[row : row + 1], self._inputs(row, ck, target)
-            )
-            self.ck_conv[row], self.ck_ssm[row], self.ck_length[row] = conv[0], ssm[0], target
-
-    def remember(self, ctx, conv: torch.Tensor, h: torch.Tensor, raw: torch.Tensor) -> None:
-        """After a call with raw inputs (B, T, Cc + H) that produced conv history `conv` and SSM state `h`: active
-        rows take them; the state before the call, the inputs and the checkpoint are kept for `crop`."""
-        bsz, t, _ = raw.shape
-        keep = ctx.active if ctx is not None and ctx.active is not None else None
-        if keep is None:
-            keep = torch.ones(bsz, dtype=torch.bool, device=raw.device)
-        pos = ctx.pos.expand(bsz, t) if ctx is not None else self.length[:, None] + torch.arange(t, device=raw.device)
-        start, end = pos[:, 0], pos[:, -1] + 1
-        self._advance_checkpoints(keep, t, start)
-        k3, k4 = keep[:, None, None], keep[:, None, None, None]
-        size = self.ring_size
-        # the ring: this call's inputs at their positions' slots (the last `size` of a longer call)
-        tail = min(t, size)
-        slots = (pos[:, t - tail :] % size)[:, :, None].expand(-1, -1, raw.shape[2])
-        old = self.ring.gather(1, slots)
-        self.ring.scatter_(1, slots, torch.where(k3, raw[:, t - tail :].to(self.ring.dtype), old))
-        # the state before this call
-        self.prev_conv.copy_(torch.where(k3, self.conv, self.prev_conv))
-        self.prev_ssm.copy_(torch.where(k4, self.ssm, self.prev_ssm))
-        self.prev_length.copy_(torch.where(keep, start, self.prev_length))
-        if t > REWIND:  # a long call: the checkpoint moves to its start (its inputs fit the ring) or its end
-            fits = t <= size
-            self.ck_conv.copy_(torch.where(k3, self.conv if fits else conv.to(self.conv.dtype), self.ck_conv))
-            self.ck_ssm.copy_(torch.where(k4, self.ssm if fits else h, self.ck_ssm))
-            self.ck_length.copy_(torch.where(keep, start if fits else end, self.ck_length))
-        self.conv.copy_(torch.where(k3, conv.to(self.conv.dtype), self.conv))
-        self.ssm.copy_(torch.where(k4, h, self.ssm))
-        self.length.copy_(torch.where(keep, end, self.length))
-
-    def rows(self, start: int, stop: int) -> Mamba2State:
-        view = Mamba2State.__new__(Mamba2State)
-        nn.Module.__init__(view)
-        view.mixer = self.mixer
-        for name in self.NAMES:
-            view.register_buffer(name, getattr(self, name)[start:stop], persistent=False)
-        return view
+        carry = {
+            "conv": ((mixer.conv_dim, mixer.conv_kernel - 1), dtype),
+            "ssm": ((mixer.n_heads, mixer.head_dim, mixer.state_size), torch.float32),
+        }
+        super().__init__(mixer, batch_size, carry, mixer.conv_dim + mixer.n_heads, REWIND, device, dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -305,17 +190,13 @@ class Mamba2Mixer(nn.Module):
         y = torch.einsum("bhpn,bhn->bhp", h, c)
         return y.to(x.dtype), h
 
-    def replay(self, conv: torch.Tensor, ssm: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The conv history and SSM state after feeding `inputs` (B, T, Cc + H: raw xBC and dt) to (conv, ssm)."""
-        if inputs.shape[1] == 0:
-            return conv.clone(), ssm.clone()
+    def replay(self, carry: dict[str, torch.Tensor], inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state after feeding `inputs` (B, T, Cc + H: raw xBC and dt) to `carry` (conv, ssm)."""
         xbc_raw, dt_raw = inputs.split([self.conv_dim, self.n_heads], dim=-1)
-        xbc, conv = self._conv(xbc_raw, conv)
+        xbc, conv = self._conv(xbc_raw, carry["conv"])
         x, b, c, dt = self._ssm_inputs(xbc, dt_raw)
-        h = ssm.float()
-        for i in range(x.shape[1]):
-            _, h = self._step(h, x[:, i], b[:, i], c[:, i], dt[:, i])
-        return conv, h
+        _, h = ssd_scan(x, dt, -torch.exp(self.A_log.float()), b, c, self.chunk_size, carry["ssm"])
+        return {"conv": conv, "ssm": h}
 
     # ---- forward ------------------------------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, ctx, state: Mamba2State | None) -> torch.Tensor:
@@ -331,6 +212,6 @@ class Mamba2Mixer(nn.Module):
             y, h = ssd_scan(x, dt, a, b, c, self.chunk_size, state.ssm if state is not None else None)
         y = y + x * self.D.to(x.dtype)[:, None]
         if state is not None:
-            state.remember(ctx, conv, h, torch.cat((xbc_raw, dt_raw), dim=-1))
+            state.remember(ctx, {"conv": conv, "ssm": h}, torch.cat((xbc_raw, dt_raw), dim=-1))
         y = self.norm(y.reshape(bsz, t, self.d_inner), z)
         return self.out_proj(y)
