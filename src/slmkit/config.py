@@ -121,6 +121,11 @@ class ModelConfig:
     ssm_n_groups: int = 1  # G, groups of heads sharing B and C [n_groups]
     ssm_conv_kernel: int = 4  # K, depthwise causal conv width [conv_kernel]
     ssm_chunk_size: int = 64  # Q, tokens per chunk of the parallel scan (speed only) [chunk_size]
+    # ---- linear-attention layers (slmkit.models.linear_attention: gla, based) ----
+    linear_feature_dim: int = 16  # based: q/k width per head before the 2nd-order Taylor map (1 + d + d^2 after)
+    linear_window: int = 64  # based: tokens its sliding-window softmax branch sees (self included)
+    linear_chunk_size: int = 32  # tokens per chunk of the parallel form (speed and memory only)
+    linear_gate_rank: int = 16  # gla: rank of the data-dependent decay gate (d_model -> rank -> d_model / 2)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -186,6 +191,7 @@ class ModelConfig:
                 )
             self.layer_pattern = tuple(pattern)
         self._check_ssm()
+        self._check_linear()
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
         if self.rope_scaling is not None and self.positions != "rope":
             raise UserError("model config: rope_scaling needs positions='rope'")
@@ -208,6 +214,23 @@ class ModelConfig:
                     f"model config: the {inner // self.ssm_head_dim} mamba2 heads must split into ssm_n_groups "
                     f"({self.ssm_n_groups}) equal groups"
                 )
+
+    def _check_linear(self) -> None:
+        for name in ("linear_feature_dim", "linear_window", "linear_chunk_size", "linear_gate_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        for kind in sorted(self.mixers & {"gla", "based"}):
+            if self.d_model % self.n_heads:
+                raise UserError(
+                    f"model config: {kind} layers split d_model ({self.d_model}) into n_heads ({self.n_heads}) "
+                    "value heads: make d_model a multiple of n_heads"
+                )
+        if "gla" in self.mixers and (self.d_model // 2) % self.n_heads:
+            raise UserError(
+                f"model config: gla layers split d_model / 2 ({self.d_model // 2}) into n_heads ({self.n_heads}) "
+                "key heads: make d_model a multiple of 2 * n_heads"
+            )
 
     @property
     def mixers(self) -> set[str]:
@@ -245,6 +268,14 @@ class ModelConfig:
             conv_dim = inner + 2 * self.ssm_n_groups * self.ssm_state_size
             mats = c * (inner + conv_dim + heads) + inner * c  # in_proj, out_proj
             return mats + conv_dim * (self.ssm_conv_kernel + 1) + 3 * heads + inner, mats  # conv, dt/A/D, norm
+        if kind == "gla":
+            key, rank = c // 2, self.linear_gate_rank
+            mats = c * key * 2 + c * c * 3 + c * rank + rank * key  # q, k; v, output gate, o; the low-rank decay
+            return mats + key + c // self.n_heads, mats  # decay bias, per-head output norm
+        if kind == "based":
+            attention, attention_mats = self._mixer_params("attention")  # the sliding-window branch
+            mats = 2 * c * self.n_heads * self.linear_feature_dim + 2 * c * c  # q, k features; v, o
+            return mats + attention, mats + attention_mats
         raise UserError(f"model config: no parameter count for mixer {kind!r}")
 
     def _mixer_flops(self, kind: str, t: int) -> float:
@@ -259,6 +290,20 @@ class ModelConfig:
             return (
                 conv + 2 * q * (self.ssm_n_groups * self.ssm_state_size + inner) + 2 * 2 * inner * self.ssm_state_size
             )
+        if kind in ("gla", "based"):
+            # the chunked form per token: within-chunk scores (Q x Dk) and weighting (Q x Dv), then the state
+            # update k^T v and read-out q S (Dk x Dv per head); none of it grows with the context
+            q, h = min(self.linear_chunk_size, t), self.n_heads
+            if kind == "gla":
+                keys, values = self.d_model // 2, self.d_model
+            else:
+                f = self.linear_feature_dim
+                keys, values = h * (1 + f + f * f), self.d_model + h  # Taylor features; values and the normaliser
+            linear = 2 * q * (keys + values) + 2 * 2 * keys * values / h
+            if kind == "gla":
+                return linear
+            window = 2 * 2 * min(t, self.linear_window) * h * self.dim_per_head  # softmax over the window
+            return linear + window
         raise UserError(f"model config: no FLOP count for mixer {kind!r}")
 
     def num_params(self, include_embeddings: bool = True) -> int:
@@ -282,7 +327,9 @@ class ModelConfig:
         Forward: 2 FLOPs per multiply-accumulate over every weight matrix (the lm_head included,
         the embedding lookup excluded), plus each mixer's own work: for attention the scores and weighted sum,
         2 * 2 * T * d_attn per layer per token with T the context (causal halves it on average, which we do not
-        credit, as in the PaLM appendix convention of 6N + 12 L d T); for mamba2 the chunked scan and the conv.
+        credit, as in the PaLM appendix convention of 6N + 12 L d T); for mamba2 the chunked scan and the conv;
+        for gla and based their chunked linear attention (bounded by the chunk, not the context), and for based's
+        sliding-window branch attention over min(T, linear_window) keys.
         """
         t = seq_len or self.max_seq_len
         kinds = [self.mixer_at(i) for i in range(self.n_layers)]
@@ -314,6 +361,17 @@ PRESETS.update(
         "small-mamba2": dict(PRESETS["small"], n_layers=14, mixer=_M, mlp="none", family="mamba2"),
         "micro-hybrid": dict(PRESETS["micro"], d_ff=256, layer_pattern=(_M, _M, _M, _A), family="slmkit"),
         "small-hybrid": dict(PRESETS["small"], d_ff=512, layer_pattern=(_M, _M, _M, _A) * 2, family="slmkit"),
+    }
+)
+# Linear attention in every layer, at the parameters of micro and small (d_ff trimmed for the wider mixers): gla
+# (gated linear attention, 4 C^2 per layer against GQA attention's 3 C^2) and based (Taylor linear attention plus
+# a 64-token sliding-window attention in each layer). Saved in slmkit's own format: transformers has no class.
+PRESETS.update(
+    {
+        "micro-gla": dict(PRESETS["micro"], d_ff=288, mixer="gla", family="slmkit"),
+        "small-gla": dict(PRESETS["small"], d_ff=608, mixer="gla", family="slmkit"),
+        "micro-based": dict(PRESETS["micro"], d_ff=224, mixer="based", family="slmkit"),
+        "small-based": dict(PRESETS["small"], d_ff=448, mixer="based", family="slmkit"),
     }
 )
 

@@ -138,10 +138,10 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = GatedRMSNorm(self.d_inner, config.norm_eps)
         self.out_proj = nn.Linear(self.d_inner, c, bias=False)
-        self.reset_ssm_parameters()
+        self.reset_mixer_parameters()
 
     @torch.no_grad()
-    def reset_ssm_parameters(self, generator: torch.Generator | None = None) -> None:
+    def reset_mixer_parameters(self, generator: torch.Generator | None = None) -> None:
         """Mamba's initialisation of the SSM scalars: A = 1..H, D = 1, dt log-uniform in [1e-3, 0.1] (dt_bias is
         its softplus inverse), and the conv as torch's default (uniform, bound 1/sqrt(K))."""
         bound = 1 / math.sqrt(self.conv_kernel)
