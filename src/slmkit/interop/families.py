@@ -155,7 +155,7 @@ def _in_layer(sub: str, mixer: str, mlp: str) -> bool:
     if sub.startswith("self_attn."):
         return mixer == "attention"
     if sub.startswith("mixer."):
-        return mixer != "attention"
+        return sub in MIXER_LINEARS.get(mixer, ())
     if sub.startswith("mlp."):
         return mlp != "none" and (mlp == "gated" or sub != "mlp.gate_proj")
     return True
@@ -599,7 +599,25 @@ def _same_names(state: StateDict, config: ModelConfig | None = None) -> StateDic
     return dict(state)
 
 
-_MAMBA2_LINEARS = ("mixer.in_proj", "mixer.out_proj")
+# the linear layers of each mixer other than attention, inside a block; a mixer not named here (a plugin) keeps
+# its layers in float when the model is compressed
+_WINDOW = ("mixer.window_attn.q_proj", "mixer.window_attn.k_proj", "mixer.window_attn.v_proj")
+MIXER_LINEARS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "mamba2": ("mixer.in_proj", "mixer.out_proj"),
+    "gla": ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gk_proj.0", "mixer.gk_proj.1", "mixer.g_proj",
+            "mixer.o_proj"),
+    "based": ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj", *_WINDOW, "mixer.window_attn.o_proj"),
+})  # fmt: skip
+_MAMBA2_LINEARS = MIXER_LINEARS["mamba2"]
+# AWQ folds of the mixers' layers: each reads the block's input norm; based's window branch is attention (v -> o
+# per kv group). Its linear branch's v -> o would be exact too, but gla has modules of the same names behind a
+# per-head RMSNorm, where it is not, and a fold applies wherever a block has its modules.
+_MIXER_FOLDS = (
+    ScaleFold("input_layernorm", ("mixer.in_proj",)),
+    ScaleFold("input_layernorm", ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gk_proj.0", "mixer.g_proj")),
+    ScaleFold("input_layernorm", ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", *_WINDOW)),
+    ScaleFold("mixer.window_attn.v_proj", ("mixer.window_attn.o_proj",), per_kv_group=True),
+)
 
 
 # ---- shared pieces of the specs -------------------------------------------------------------------
@@ -791,9 +809,9 @@ FAMILIES: dict[str, FamilySpec] = {
         weights_to_hf=_same_names,
         weights_from_hf=_same_names,
         gguf=None,
-        compressible=(*GATED_LINEARS, *_MAMBA2_LINEARS),
+        compressible=(*GATED_LINEARS, *dict.fromkeys(sub for subs in MIXER_LINEARS.values() for sub in subs)),
         # folds apply where a block has their modules; up -> down is left out (exact only for a gated MLP)
-        scale_folds=(*GATED_FOLDS[:3], ScaleFold("input_layernorm", ("mixer.in_proj",))),
+        scale_folds=(*GATED_FOLDS[:3], *_MIXER_FOLDS),
         mixers=None,
     ),
 }
