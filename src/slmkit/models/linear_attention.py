@@ -56,6 +56,12 @@ def chunked_linear_attention(
     bsz, h, t, dk = q.shape
     dv = v.shape[-1]
     dtype = q.dtype
+    if t == 1:  # one decoded token: the recurrence itself, a few small kernels
+        state = s0.float() if s0 is not None else q.new_zeros(bsz, h, dk, dv, dtype=torch.float32)
+        if g is not None:
+            state = torch.exp(g[:, :, 0].float()).unsqueeze(-1) * state
+        state = state + k[:, :, 0].float().unsqueeze(-1) * v[:, :, 0].float().unsqueeze(-2)  # k^T v
+        return (q.float() @ state).to(dtype), state  # (B, H, 1, Dk) @ (B, H, Dk, Dv)
     chunk = min(chunk, t)
     pad = (-t) % chunk
     q, k, v = q.float(), k.float(), v.float()
@@ -255,12 +261,12 @@ class BasedAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context | None, state: BasedState | None) -> torch.Tensor:
         b, t, c = x.shape  # (B, T, C)
-        q = self._features(self.q_proj(x))  # (B, H, T, Dk)
+        q = self._features(self.q_proj(x).float())  # (B, H, T, Dk), float32: so is o, divided below
         raw = torch.cat((self.k_proj(x), self.v_proj(x)), dim=-1)  # (B, T, width)
         k, v = self._kv(raw)
         o, s = chunked_linear_attention(q, k, v, None, self.chunk, state.linear.s if state is not None else None)
         if state is not None:
             state.linear.remember(ctx, {"s": s}, raw)
-        o = o[..., :-1] / o[..., -1:]  # phi(q) S / phi(q) z: the normaliser is >= 1/2 per token seen
+        o = (o[..., :-1] / o[..., -1:]).to(x.dtype)  # phi(q) S / phi(q) z: the normaliser is >= 1/2 per token seen
         linear = self.o_proj(o.transpose(1, 2).reshape(b, t, c))
         return linear + self.window_attn(x, ctx, state.window if state is not None else None)
