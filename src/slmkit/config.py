@@ -21,10 +21,10 @@ from typing import Any, Literal, get_args
 
 from slmkit.errors import UserError
 
-Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba2", "slmkit"]
 NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-MLPType = Literal["gated", "plain"]
+MLPType = Literal["gated", "plain", "none"]
 PositionScheme = Literal["rope", "learned"]
 RopeScalingType = Literal["linear", "dynamic", "llama3"]
 
@@ -172,6 +172,18 @@ class ModelConfig:
     # ---- per-layer parts (slmkit.models.registry names them; Hugging Face families use attention) ----
     mixer: str = "attention"  # the sequence mixer of every layer, unless layer_pattern says otherwise
     layer_pattern: tuple[str, ...] | None = None  # one mixer name per layer (hybrids: a config, not a class)
+    # ---- mamba2 layers (slmkit.models.mamba2; transformers' Mamba2Config names in brackets) ----
+    ssm_state_size: int = 64  # N, state channels per head [state_size]
+    ssm_expand: int = 2  # inner width = ssm_expand * d_model [expand]
+    ssm_head_dim: int = 32  # P, channels per head; heads = inner width / P [head_dim]
+    ssm_n_groups: int = 1  # G, groups of heads sharing B and C [n_groups]
+    ssm_conv_kernel: int = 4  # K, depthwise causal conv width [conv_kernel]
+    ssm_chunk_size: int = 64  # Q, tokens per chunk of the parallel scan (speed only) [chunk_size]
+    # ---- linear-attention layers (slmkit.models.linear_attention: gla, based) ----
+    linear_feature_dim: int = 16  # based: q/k width per head before the 2nd-order Taylor map (1 + d + d^2 after)
+    linear_window: int = 64  # based: tokens its sliding-window softmax branch sees (self included)
+    linear_chunk_size: int = 32  # tokens per chunk of the parallel form (speed and memory only)
+    linear_gate_rank: int = 16  # gla: rank of the data-dependent decay gate (d_model -> rank -> d_model / 2)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -246,9 +258,52 @@ class ModelConfig:
                     "give one per layer"
                 )
             self.layer_pattern = tuple(pattern)
+        self._check_ssm()
+        self._check_linear()
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
         if self.rope_scaling is not None and self.positions != "rope":
             raise UserError("model config: rope_scaling needs positions='rope'")
+
+    def _check_ssm(self) -> None:
+        names = ("ssm_state_size", "ssm_expand", "ssm_head_dim", "ssm_n_groups", "ssm_conv_kernel", "ssm_chunk_size")
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if "mamba2" in self.mixers:
+            inner = self.ssm_expand * self.d_model
+            if inner % self.ssm_head_dim:
+                raise UserError(
+                    f"model config: ssm_expand * d_model ({inner}) must be a multiple of ssm_head_dim "
+                    f"({self.ssm_head_dim})"
+                )
+            if (inner // self.ssm_head_dim) % self.ssm_n_groups:
+                raise UserError(
+                    f"model config: the {inner // self.ssm_head_dim} mamba2 heads must split into ssm_n_groups "
+                    f"({self.ssm_n_groups}) equal groups"
+                )
+
+    def _check_linear(self) -> None:
+        for name in ("linear_feature_dim", "linear_window", "linear_chunk_size", "linear_gate_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        for kind in sorted(self.mixers & {"gla", "based"}):
+            if self.d_model % self.n_heads:
+                raise UserError(
+                    f"model config: {kind} layers split d_model ({self.d_model}) into n_heads ({self.n_heads}) "
+                    "value heads: make d_model a multiple of n_heads"
+                )
+        if "gla" in self.mixers and (self.d_model // 2) % self.n_heads:
+            raise UserError(
+                f"model config: gla layers split d_model / 2 ({self.d_model // 2}) into n_heads ({self.n_heads}) "
+                "key heads: make d_model a multiple of 2 * n_heads"
+            )
+
+    @property
+    def mixers(self) -> set[str]:
+        """The mixers the layers use."""
+        return set(self.layer_pattern) if self.layer_pattern is not None else {self.mixer}
 
     def mixer_at(self, layer: int) -> str:
         """The mixer of layer `layer`."""
@@ -265,16 +320,69 @@ class ModelConfig:
     def _norm_params(self) -> int:
         return self.d_model * (2 if self.norm == "layernorm" else 1)
 
+    def _mlp_matmuls(self) -> int:
+        return {"gated": 3, "plain": 2, "none": 0}[self.mlp] * self.d_model * self.d_ff
+
+    def _mixer_params(self, kind: str) -> tuple[int, int]:
+        """(parameters, of which in weight matrices) of one layer's mixer of this kind."""
+        hd, c = self.dim_per_head, self.d_model
+        if kind == "attention":
+            mats = c * hd * (self.n_heads * 2 + self.n_kv_heads * 2)  # q, o, k, v
+            extra = hd * (self.n_heads + 2 * self.n_kv_heads) * self.qkv_bias + c * self.out_bias
+            return mats + extra + 2 * hd * self.qk_norm, mats
+        if kind == "mamba2":
+            inner = self.ssm_expand * c
+            heads = inner // self.ssm_head_dim
+            conv_dim = inner + 2 * self.ssm_n_groups * self.ssm_state_size
+            mats = c * (inner + conv_dim + heads) + inner * c  # in_proj, out_proj
+            return mats + conv_dim * (self.ssm_conv_kernel + 1) + 3 * heads + inner, mats  # conv, dt/A/D, norm
+        if kind == "gla":
+            key, rank = c // 2, self.linear_gate_rank
+            mats = c * key * 2 + c * c * 3 + c * rank + rank * key  # q, k; v, output gate, o; the low-rank decay
+            return mats + key + c // self.n_heads, mats  # decay bias, per-head output norm
+        if kind == "based":
+            attention, attention_mats = self._mixer_params("attention")  # the sliding-window branch
+            mats = 2 * c * self.n_heads * self.linear_feature_dim + 2 * c * c  # q, k features; v, o
+            return mats + attention, mats + attention_mats
+        raise UserError(f"model config: no parameter count for mixer {kind!r}")
+
+    def _mixer_flops(self, kind: str, t: int) -> float:
+        """Forward FLOPs per token of one layer's mixer beyond its weight matrices (context length t)."""
+        if kind == "attention":
+            return 2 * 2 * t * self.n_heads * self.dim_per_head  # scores and weighted sum
+        if kind == "mamba2":
+            # the chunked scan: within-chunk scores (Q x G x N) and weighting (Q x H x P), state update and read-out
+            inner = self.ssm_expand * self.d_model
+            q = min(self.ssm_chunk_size, t)
+            conv = 2 * (inner + 2 * self.ssm_n_groups * self.ssm_state_size) * self.ssm_conv_kernel
+            return (
+                conv + 2 * q * (self.ssm_n_groups * self.ssm_state_size + inner) + 2 * 2 * inner * self.ssm_state_size
+            )
+        if kind in ("gla", "based"):
+            # the chunked form per token: within-chunk scores (Q x Dk) and weighting (Q x Dv), then the state
+            # update k^T v and read-out q S (Dk x Dv per head); none of it grows with the context
+            q, h = min(self.linear_chunk_size, t), self.n_heads
+            if kind == "gla":
+                keys, values = self.d_model // 2, self.d_model
+            else:
+                f = self.linear_feature_dim
+                keys, values = h * (1 + f + f * f), self.d_model + h  # Taylor features; values and the normaliser
+            linear = 2 * q * (keys + values) + 2 * 2 * keys * values / h
+            if kind == "gla":
+                return linear
+            window = 2 * 2 * min(t, self.linear_window) * h * self.dim_per_head  # softmax over the window
+            return linear + window
+        raise UserError(f"model config: no FLOP count for mixer {kind!r}")
+
     def num_params(self, include_embeddings: bool = True) -> int:
         """Exact number of trainable parameters (tied embeddings counted once)."""
-        hd, c = self.dim_per_head, self.d_model
-        attn = c * hd * (self.n_heads * 2 + self.n_kv_heads * 2)  # q, o, k, v
-        attn += hd * (self.n_heads + 2 * self.n_kv_heads) * self.qkv_bias + c * self.out_bias
-        attn += 2 * hd * self.qk_norm
-        n_mats = 3 if self.mlp == "gated" else 2
-        mlp = n_mats * c * self.d_ff + ((n_mats - 1) * self.d_ff + c) * self.mlp_bias
-        norms = 2 * self._norm_params()
-        body = self.n_layers * (attn + mlp + norms) + self._norm_params()  # + final norm
+        c = self.d_model
+        mlp = self._mlp_matmuls() + ((1 if self.mlp == "gated" else 0) * self.d_ff + self.d_ff + c) * self.mlp_bias
+        norms = (2 if self.mlp != "none" else 1) * self._norm_params()
+        if self.mlp == "none":
+            mlp = 0
+        body = sum(self._mixer_params(self.mixer_at(i))[0] for i in range(self.n_layers))
+        body += self.n_layers * (mlp + norms) + self._norm_params()  # + final norm
         if not include_embeddings:
             return body
         embed = self.vocab_size * c + (self.max_seq_len * c if self.positions == "learned" else 0)
@@ -285,18 +393,18 @@ class ModelConfig:
         """Training FLOPs per token (forward + backward = 3x forward), counting matmuls only.
 
         Forward: 2 FLOPs per multiply-accumulate over every weight matrix (the lm_head included,
-        the embedding lookup excluded), plus attention scores and weighted sum: 2 * 2 * T * d_attn per
-        layer per token with T the context (causal halves it on average, which we do not credit, as
-        in the PaLM appendix convention of 6N + 12 L d T).
+        the embedding lookup excluded), plus each mixer's own work: for attention the scores and weighted sum,
+        2 * 2 * T * d_attn per layer per token with T the context (causal halves it on average, which we do not
+        credit, as in the PaLM appendix convention of 6N + 12 L d T); for mamba2 the chunked scan and the conv;
+        for gla and based their chunked linear attention (bounded by the chunk, not the context), and for based's
+        sliding-window branch attention over min(T, linear_window) keys.
         """
         t = seq_len or self.max_seq_len
-        hd, c = self.dim_per_head, self.d_model
-        matmul_params = (
-            c * hd * (self.n_heads * 2 + self.n_kv_heads * 2) + (3 if self.mlp == "gated" else 2) * c * self.d_ff
-        )
-        matmul_params = self.n_layers * matmul_params + self.vocab_size * c  # + lm_head
-        attention = 2 * 2 * self.n_layers * t * self.n_heads * hd
-        return 3 * (2 * matmul_params + attention)
+        kinds = [self.mixer_at(i) for i in range(self.n_layers)]
+        matmul_params = sum(self._mixer_params(k)[1] for k in kinds) + self.n_layers * self._mlp_matmuls()
+        matmul_params += self.vocab_size * self.d_model  # + lm_head
+        mixing = sum(self._mixer_flops(k, t) for k in kinds)
+        return 3 * (2 * matmul_params + mixing)
 
 
 # Presets span ~0.5M to ~125M parameters at an 8k vocabulary (124m at GPT-2's 50k vocabulary).
@@ -310,6 +418,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(d_model=640, n_layers=12, n_heads=10, n_kv_heads=5, d_ff=1728, max_seq_len=1024),
     "124m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, max_seq_len=1024, vocab_size=50304),
 }
+# Beyond attention, at about the parameters of micro and small. mamba2: the Mamba-2 recipe (no MLP, expand 2), so
+# about 1.5 mamba2 layers per transformer layer; hybrid: three mamba2 layers then one attention layer (Jamba's
+# interleaving), an MLP on every layer, d_ff trimmed to keep the size. Saved in slmkit's own format (family slmkit)
+# unless transformers has the class (family mamba2).
+_M, _A = "mamba2", "attention"
+PRESETS.update(
+    {
+        "micro-mamba2": dict(PRESETS["micro"], n_layers=6, mixer=_M, mlp="none", family="mamba2"),
+        "small-mamba2": dict(PRESETS["small"], n_layers=14, mixer=_M, mlp="none", family="mamba2"),
+        "micro-hybrid": dict(PRESETS["micro"], d_ff=256, layer_pattern=(_M, _M, _M, _A), family="slmkit"),
+        "small-hybrid": dict(PRESETS["small"], d_ff=512, layer_pattern=(_M, _M, _M, _A) * 2, family="slmkit"),
+    }
+)
+# Linear attention in every layer, at the parameters of micro and small (d_ff trimmed for the wider mixers): gla
+# (gated linear attention, 4 C^2 per layer against GQA attention's 3 C^2) and based (Taylor linear attention plus
+# a 64-token sliding-window attention in each layer). Saved in slmkit's own format: transformers has no class.
+PRESETS.update(
+    {
+        "micro-gla": dict(PRESETS["micro"], d_ff=288, mixer="gla", family="slmkit"),
+        "small-gla": dict(PRESETS["small"], d_ff=608, mixer="gla", family="slmkit"),
+        "micro-based": dict(PRESETS["micro"], d_ff=224, mixer="based", family="slmkit"),
+        "small-based": dict(PRESETS["small"], d_ff=448, mixer="based", family="slmkit"),
+    }
+)
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

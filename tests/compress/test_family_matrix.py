@@ -30,6 +30,12 @@ SWITCHES = {
         family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
         qkv_bias=True, out_bias=True, mlp_bias=True,
     ),
+    "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", ssm_head_dim=16, ssm_state_size=16),
+    # slmkit's own format: one layer of each mixer (gla's gate rank 32: int4 groups of 32 divide every width)
+    "slmkit": dict(
+        family="slmkit", n_layers=4, layer_pattern=("gla", "based", "mamba2", "attention"), linear_gate_rank=32,
+        linear_window=8, ssm_head_dim=16, ssm_state_size=16,
+    ),
 }  # fmt: skip
 CALIB = dict(calib_samples=8, calib_seq_len=32)
 # method -> (options, max relative logit error of the reloaded model; None for pruning, which changes the model)
@@ -41,8 +47,16 @@ METHODS = {
     "awq-int4": (CompressOptions(group_size=32, **CALIB), 0.45),
     "prune-structured": (CompressOptions(heads_keep=0.5, ffn_keep=0.5, **CALIB), None),
 }
+# gla normalises each head's output, so at these x5 weights its layers carry about twice attention's share of the
+# logits and of their rounding error (two gla layers measured: int8 0.046, int4 0.47; attention: 0.025, 0.27)
+ERROR_ALLOWANCE = {"slmkit": 1.25}
 # what a family cannot do, and why: GPT-2's config.json derives the head width from n_embd / n_head
-REFUSED = {("gpt2", "prune-structured"): r"prune-structured: family 'gpt2' cannot express head_dim=16"}
+REFUSED = {
+    ("gpt2", "prune-structured"): r"prune-structured: family 'gpt2' cannot express head_dim=16",
+    # structured pruning cuts attention heads and MLP channels only
+    ("mamba2", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers and no MLP",
+    ("slmkit", "prune-structured"): r"prune-structured cuts attention heads .* has based, gla, mamba2 layers;",
+}
 
 
 def test_every_family_has_switches_here():
@@ -98,7 +112,7 @@ def test_family_by_method(family, method, family_dirs, data_dir, tmp_path):
     kind = Int8Linear if method == "int8" else Int4Linear
     assert all(isinstance(compressed.get_submodule(n), kind) for n in linear_names(compressed.config))
     assert block_linears_left(compressed) == []  # the spec names every linear layer of the family's blocks
-    assert rel_err(got, reference) < max_error
+    assert rel_err(got, reference) < max_error * ERROR_ALLOWANCE.get(family, 1.0)
 
 
 def test_gpt2_structured_pruning_of_channels_and_layers(family_dirs, data_dir, tmp_path):
@@ -139,11 +153,17 @@ def test_awq_scale_folds_leave_every_family_exact(family, family_dirs):
     is gated) change no output: AWQ's scales only move rounding error around."""
     model = load_model(family_dirs[family])
     config = model.config
-    before, q_weight = logits(model), model.layers[0].self_attn.q_proj.weight.clone()
+    weights = {name: p.clone() for name, p in model.layers.named_parameters()}
+    before = logits(model)
     gen = torch.Generator().manual_seed(0)
+    folded = set()
     with torch.no_grad():
         for block in model.layers:
+            modules = dict(block.named_modules())
             for fold in FAMILIES[family].scale_folds:
+                if not set(fold.consumers) <= set(modules):
+                    continue  # a hybrid's block of another kind (as the quantizer skips it)
+                folded.add(fold)
                 width = block.get_submodule(fold.consumers[0]).in_features
                 s = torch.rand(width, generator=gen) + 0.5
                 if fold.per_kv_group:  # one scale per kv channel, repeated for the heads that read it
@@ -151,5 +171,11 @@ def test_awq_scale_folds_leave_every_family_exact(family, family_dirs):
                     s = s.view(groups, -1, hd)[:, :1, :].expand(groups, width // (groups * hd), hd).reshape(-1)
                 fold_awq_scales(block, fold, s, config)
     after = logits(model)
-    assert not torch.equal(model.layers[0].self_attn.q_proj.weight, q_weight)  # the weights did change
+    assert folded == set(FAMILIES[family].scale_folds)  # every fold was tried somewhere
+    changed = {name for name, p in model.layers.named_parameters() if not torch.equal(p, weights[name])}
+    for i, block in enumerate(model.layers):  # the weights did change: every consumer of a fold applied there
+        modules = dict(block.named_modules())
+        for fold in FAMILIES[family].scale_folds:
+            if set(fold.consumers) <= set(modules):
+                assert {f"{i}.{name}.weight" for name in fold.consumers} <= changed
     torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)

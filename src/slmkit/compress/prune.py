@@ -161,6 +161,13 @@ def prune_structured(
     from slmkit.models import build_model
 
     config = model.config
+    others = sorted(config.mixers - {"attention"})
+    lacks = ([f"{', '.join(others)} layers"] if others else []) + (["no MLP"] if config.mlp == "none" else [])
+    if lacks:  # heads and FFN channels are attention's and the MLP's: other mixers' widths are not cut here
+        raise UserError(
+            f"prune-structured cuts attention heads and MLP channels, and this model has {' and '.join(lacks)}; "
+            "use a quantization method or unstructured pruning (prune-magnitude, prune-wanda, prune-2:4)"
+        )
     if not batches:
         raise UserError("structured pruning ranks heads, channels and layers on calibration data: pass --data")
     if not (0 < heads_keep <= 1) or not (0 < ffn_keep <= 1):

@@ -270,6 +270,8 @@ def quantize_model(
             # rows and columns, or commute: up_proj's columns for its input, its rows for down_proj's)
             found = []
             for fold in family_spec(config.family).scale_folds:
+                if not all(f"layers.{i}.{name}" in groups_of for name in fold.consumers):
+                    continue  # a hybrid's block of another kind
                 st = stats[fold.consumers[0]]
                 g = groups_of[f"layers.{i}.{fold.consumers[0]}"]
                 tie = (config.n_kv_heads, config.dim_per_head) if fold.per_kv_group else None

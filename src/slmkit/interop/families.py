@@ -77,8 +77,8 @@ class FamilySpec:
     write_config: Callable[[FamilySpec, ModelConfig], dict[str, Any]]
     weights_to_hf: Callable[[StateDict, ModelConfig], StateDict]  # our float names -> transformers'
     weights_from_hf: Callable[[StateDict], StateDict]  # transformers' names -> ours
-    gguf: GGUFLayout
-    compressible: tuple[str, ...]  # linear layers inside a block that compression methods replace
+    gguf: GGUFLayout | None  # None: llama.cpp has no architecture for it (yet)
+    compressible: tuple[str, ...]  # linear layers inside a block that compression methods replace (if present)
     scale_folds: tuple[ScaleFold, ...]
     tie_default: bool = False  # tie_word_embeddings when config.json does not say
     weight_marker: str | None = None  # a substring only this family's weight names have (tells it from names)
@@ -87,7 +87,7 @@ class FamilySpec:
     refused_flags: tuple[str, ...] = ()  # boolean keys its transformers class ignores: true means another model
     window: WindowStyle = "none"  # how config.json states a sliding window
     fixed_keys: Mapping[str, Any] = field(default_factory=dict)  # constant keys written to config.json
-    mixers: tuple[str, ...] = ("attention",)  # the sequence mixers its layers can have (transformers' class)
+    mixers: tuple[str, ...] | None = ("attention",)  # the sequence mixers its layers can have; None: any
 
     def __post_init__(self) -> None:
         # frozen all the way down: a spec is shared by every model of its family
@@ -98,12 +98,12 @@ class FamilySpec:
     def problem(self, config: ModelConfig) -> tuple[str, str | None] | None:
         """(what is wrong, the usual fix when not said already) for the first switch this family cannot
         express, else None."""
-        layer_mixers = {config.mixer_at(i) for i in range(config.n_layers)}
-        if not layer_mixers <= set(self.mixers):
+        layer_mixers = config.mixers
+        if self.mixers is not None and not layer_mixers <= set(self.mixers):
             other = sorted(layer_mixers - set(self.mixers))
             return (
                 f"family {self.name!r} has only {' or '.join(self.mixers)} layers, not {', '.join(other)}",
-                "use attention in every layer (mixer, layer_pattern) for a Hugging Face family",
+                "set family: slmkit (slmkit's own format, any mixers) or use a family that has these layers",
             )
         for name, allowed in self.allowed.items():
             value = getattr(config, name)
@@ -140,8 +140,25 @@ class FamilySpec:
 
     # ---- compression -----------------------------------------------------------------------------
     def block_linears(self, config: ModelConfig) -> list[str]:
-        """Full names of the compressible linear layers of every block, in order."""
-        return [f"layers.{i}.{sub}" for i in range(config.n_layers) for sub in self.compressible]
+        """Full names of the compressible linear layers of every block, in order (each layer's own: a hybrid's
+        attention layers have q/k/v/o, its other layers their mixer's)."""
+        return [
+            f"layers.{i}.{sub}"
+            for i in range(config.n_layers)
+            for sub in self.compressible
+            if _in_layer(sub, config.mixer_at(i), config.mlp)
+        ]
+
+
+def _in_layer(sub: str, mixer: str, mlp: str) -> bool:
+    """Whether a block of this mixer and MLP kind has the module `sub`."""
+    if sub.startswith("self_attn."):
+        return mixer == "attention"
+    if sub.startswith("mixer."):
+        return sub in MIXER_LINEARS.get(mixer, ())
+    if sub.startswith("mlp."):
+        return mlp != "none" and (mlp == "gated" or sub != "mlp.gate_proj")
+    return True
 
 
 # ---- config.json readers and writers --------------------------------------------------------------
@@ -456,6 +473,153 @@ def _gpt2_from_hf(state: StateDict) -> StateDict:
     return out
 
 
+# ---- mamba2 (transformers' Mamba2ForCausalLM) -----------------------------------------------------
+_MAMBA2_KEYS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_dim", "state_size", "expand", "n_groups",
+    "conv_kernel", "chunk_size", "layer_norm_epsilon", "use_bias", "use_conv_bias", "hidden_act",
+    "residual_in_fp32", "time_step_rank", "time_step_min", "time_step_max", "time_step_floor", "time_step_limit",
+    "rescale_prenorm_residual", "max_position_embeddings", "rms_norm", "layer_types", "norm_before_gate",
+})  # fmt: skip
+
+
+def _read_mamba2(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    _require(d, ("vocab_size", "hidden_size", "num_hidden_layers"), source)
+    for key, wanted in (("use_bias", False), ("use_conv_bias", True), ("rms_norm", True), ("norm_before_gate", False)):
+        if key in d and bool(d[key]) != wanted:
+            raise UserError(f"{source}: mamba2 with {key}={d[key]!r} is not supported")
+    if d.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise UserError(f"{source}: mamba2 with hidden_act={d['hidden_act']!r} is not supported (silu only)")
+    limit = [_json_float(v) for v in d.get("time_step_limit") or (0.0, float("inf"))]
+    if limit[0] > 0 or limit[1] != float("inf"):
+        raise UserError(f"{source}: mamba2 with a time_step_limit ({limit}) is not supported")
+    c, expand, head_dim = d["hidden_size"], d.get("expand", 2), d.get("head_dim", 64)
+    if "num_heads" in d and d["num_heads"] * head_dim != expand * c:
+        raise UserError(
+            f"{source}: num_heads * head_dim ({d['num_heads']} * {head_dim}) must equal expand * hidden_size "
+            f"({expand} * {c})"
+        )
+    return dict(
+        vocab_size=d["vocab_size"],
+        d_model=c,
+        n_layers=d["num_hidden_layers"],
+        n_heads=1,  # attention fields: unused by mamba2 layers
+        n_kv_heads=1,
+        d_ff=c,
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        mixer="mamba2",
+        mlp="none",
+        ssm_state_size=d.get("state_size", 128),
+        ssm_expand=expand,
+        ssm_head_dim=head_dim,
+        ssm_n_groups=d.get("n_groups", 1),
+        ssm_conv_kernel=d.get("conv_kernel", 4),
+        ssm_chunk_size=d.get("chunk_size", 256),
+    )
+
+
+def _json_float(value: Any) -> float:
+    """A float from config.json, where transformers writes infinity as {"__float__": "Infinity"}."""
+    if isinstance(value, dict) and "__float__" in value:
+        value = value["__float__"]
+    return float(value)
+
+
+def _write_mamba2(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    inner = cfg.ssm_expand * cfg.d_model
+    return {
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_heads": inner // cfg.ssm_head_dim,
+        "head_dim": cfg.ssm_head_dim,
+        "state_size": cfg.ssm_state_size,
+        "expand": cfg.ssm_expand,
+        "n_groups": cfg.ssm_n_groups,
+        "conv_kernel": cfg.ssm_conv_kernel,
+        "chunk_size": cfg.ssm_chunk_size,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        **spec.fixed_keys,
+    }
+
+
+_MAMBA2_NAMES = {"embed_tokens.weight": "backbone.embeddings.weight", "norm.weight": "backbone.norm_f.weight"}
+
+
+def _mamba2_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    out: StateDict = {}
+    for name, tensor in state.items():
+        if name in _MAMBA2_NAMES:
+            out[_MAMBA2_NAMES[name]] = tensor
+        elif name.startswith("layers."):
+            out["backbone." + name.replace(".input_layernorm.", ".norm.")] = tensor
+        else:
+            out[name] = tensor  # lm_head
+    return out
+
+
+def _mamba2_from_hf(state: StateDict) -> StateDict:
+    back = {v: k for k, v in _MAMBA2_NAMES.items()}
+    out: StateDict = {}
+    for name, tensor in state.items():
+        if name in back:
+            out[back[name]] = tensor
+        elif name.startswith("backbone.layers."):
+            parts = name.removeprefix("backbone.").split(".")
+            if parts[2] == "norm":  # layers.i.norm.weight: the block's pre-norm
+                parts[2] = "input_layernorm"
+            out[".".join(parts)] = tensor
+        else:
+            out[name] = tensor
+    return out
+
+
+def _read_slmkit(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    import dataclasses
+
+    generic = {"tie_embeddings", "initializer_range", "bos_token_id", "eos_token_id", "family", "extra"}
+    fields = {f.name for f in dataclasses.fields(ModelConfig)} - generic
+    out = {k: d[k] for k in fields if k in d}
+    _require(out, ("d_model", "n_layers"), source)
+    if isinstance(out.get("layer_pattern"), list):
+        out["layer_pattern"] = tuple(out["layer_pattern"])
+    return out
+
+
+def _write_slmkit(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    import dataclasses
+
+    d = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("extra", "family", "vocab_size")}
+    for key in ("tie_embeddings", "initializer_range", "bos_token_id", "eos_token_id"):
+        d.pop(key)  # generic keys: written by slmkit.interop.hf under transformers' names
+    return d
+
+
+def _same_names(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    return dict(state)
+
+
+# the linear layers of each mixer other than attention, inside a block; a mixer not named here (a plugin) keeps
+# its layers in float when the model is compressed
+_WINDOW = ("mixer.window_attn.q_proj", "mixer.window_attn.k_proj", "mixer.window_attn.v_proj")
+MIXER_LINEARS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "mamba2": ("mixer.in_proj", "mixer.out_proj"),
+    "gla": ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gk_proj.0", "mixer.gk_proj.1", "mixer.g_proj",
+            "mixer.o_proj"),
+    "based": ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj", *_WINDOW, "mixer.window_attn.o_proj"),
+})  # fmt: skip
+_MAMBA2_LINEARS = MIXER_LINEARS["mamba2"]
+# AWQ folds of the mixers' layers: each reads the block's input norm; based's window branch is attention (v -> o
+# per kv group). Its linear branch's v -> o would be exact too, but gla has modules of the same names behind a
+# per-head RMSNorm, where it is not, and a fold applies wherever a block has its modules.
+_MIXER_FOLDS = (
+    ScaleFold("input_layernorm", ("mixer.in_proj",)),
+    ScaleFold("input_layernorm", ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gk_proj.0", "mixer.g_proj")),
+    ScaleFold("input_layernorm", ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", *_WINDOW)),
+    ScaleFold("mixer.window_attn.v_proj", ("mixer.window_attn.o_proj",), per_kv_group=True),
+)
+
+
 # ---- shared pieces of the specs -------------------------------------------------------------------
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 GATED_LINEARS = (*_QKV, "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -609,7 +773,50 @@ FAMILIES: dict[str, FamilySpec] = {
             "attn_pdrop": 0.0,
         },
     ),
+    "mamba2": FamilySpec(
+        name="mamba2",
+        architecture="Mamba2ForCausalLM",
+        allowed=dict(mlp=("none",), norm=("rmsnorm",), sliding_window=(None,), rope_scaling=(None,)),
+        shared={},
+        config_keys=_MAMBA2_KEYS,
+        read_config=_read_mamba2,
+        write_config=_write_mamba2,
+        weights_to_hf=_mamba2_to_hf,
+        weights_from_hf=_mamba2_from_hf,
+        gguf=None,
+        compressible=_MAMBA2_LINEARS,
+        scale_folds=(ScaleFold("input_layernorm", ("mixer.in_proj",)),),
+        weight_marker=".mixer.dt_bias",
+        fixed_keys={
+            "use_bias": False,
+            "use_conv_bias": True,
+            "hidden_act": "silu",
+            "residual_in_fp32": True,
+            "rescale_prenorm_residual": False,
+        },
+        mixers=("mamba2",),
+    ),
+    # slmkit's own format: every ModelConfig field under its own name, our weight names; any mixers (hybrids,
+    # linear attention). transformers has no class for it, so `slm export hf` refuses it.
+    "slmkit": FamilySpec(
+        name="slmkit",
+        architecture="SlmkitForCausalLM",
+        allowed={},
+        shared={},
+        config_keys=frozenset(f for f in ModelConfig.__dataclass_fields__ if f != "extra"),
+        read_config=_read_slmkit,
+        write_config=_write_slmkit,
+        weights_to_hf=_same_names,
+        weights_from_hf=_same_names,
+        gguf=None,
+        compressible=(*GATED_LINEARS, *dict.fromkeys(sub for subs in MIXER_LINEARS.values() for sub in subs)),
+        # folds apply where a block has their modules; up -> down is left out (exact only for a gated MLP)
+        scale_folds=(*GATED_FOLDS[:3], *_MIXER_FOLDS),
+        mixers=None,
+    ),
 }
+
+NATIVE_FAMILIES = ("slmkit",)  # saved in slmkit's own format: no transformers class loads them
 
 
 def family_spec(name: str) -> FamilySpec:

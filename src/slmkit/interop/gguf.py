@@ -330,6 +330,8 @@ def plan_tensors(
 def check_exportable(config: ModelConfig) -> None:
     """UserError naming anything llama.cpp's matching architecture would compute differently."""
     layout = family_spec(config.family).gguf
+    if layout is None:
+        raise UserError(f"GGUF export: {config.family} models have no llama.cpp architecture in slmkit yet")
     scaling = config.rope_scaling
     if scaling is not None and scaling.type == "dynamic":
         raise UserError("GGUF export: dynamic (NTK) rope scaling has no llama.cpp equivalent")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmkit.config import ModelConfig
 from slmkit.errors import UserError
-from slmkit.interop.families import FAMILIES, check_family, prefixed_from_hf, prefixed_to_hf
+from slmkit.interop.families import FAMILIES, NATIVE_FAMILIES, check_family, prefixed_from_hf, prefixed_to_hf
 
 if TYPE_CHECKING:
     import torch
@@ -168,9 +168,15 @@ def export_model(
     from slmkit.interop.outputs import check_output
 
     directory = resolve_model_dir(model_path)
+    model = load_model(directory)
+    family = model.config.family  # type: ignore[union-attr]
+    if family in NATIVE_FAMILIES:
+        raise UserError(
+            f"{directory}: a {family}-format model (mixers: {', '.join(sorted(model.config.mixers))}) has no "  # type: ignore[union-attr]
+            "transformers class; Hugging Face export covers the llama, mistral, qwen2, qwen3, gpt2 and mamba2 families"
+        )
     out = Path(out)
     if out.resolve() == directory.resolve():
         raise UserError(f"--out {out} is the model directory itself; choose another directory")
     check_output(out, "dir", overwrite)
-    model = load_model(directory)
     return save_model(model, out, tokenizer_dir=directory)

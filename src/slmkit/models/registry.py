@@ -1,4 +1,4 @@
-"""Which module each config value builds: mixers (sequence mixing: attention today) and MLPs.
+"""Which module each config value builds: mixers (sequence mixing: attention, mamba2, gla, based) and MLPs.
 
 A mixer is a module ``Mixer(config, layer_idx)`` with ``forward(x, ctx, state) -> y`` (x, y: (B, T, C); ctx: the
 pass's `slmkit.models.attention.Context`; state: its own `LayerState` or None when training) and
@@ -42,9 +42,14 @@ def build_mlp(name: str, config: Any) -> nn.Module:
 
 def _register_builtins() -> None:
     from slmkit.models.attention import Attention
+    from slmkit.models.linear_attention import BasedAttention, GatedLinearAttention
+    from slmkit.models.mamba2 import Mamba2Mixer
     from slmkit.models.mlp import MLP, PlainMLP
 
     register_mixer("attention", Attention)
+    register_mixer("mamba2", Mamba2Mixer)
+    register_mixer("gla", GatedLinearAttention)
+    register_mixer("based", BasedAttention)
     register_mlp("gated", MLP)
     register_mlp("plain", PlainMLP)
 

@@ -26,6 +26,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from slmkit.errors import UserError
+
 
 @runtime_checkable
 class LayerState(Protocol):
@@ -193,6 +195,147 @@ class RingKVState(nn.Module):
         self.k.transpose(1, 2)[rows, slots] = k.transpose(1, 2)
         self.v.transpose(1, 2)[rows, slots] = v.transpose(1, 2)
         self.slot_pos[rows, slots] = pos
+
+
+class ReplayState(nn.Module):
+    """A recurrent state (state-space, linear attention) that can take tokens back by recomputing forward.
+
+    `carry` names the tensors the recurrence passes on, each (B, *shape); the mixer's ``replay(carry, inputs)``
+    feeds raw per-token inputs (B, T, width) to a carry and returns the new one. Kept besides the carry:
+    - prev_*: the carry before the latest call (a verification pass is taken back from there);
+    - ck_*: a checkpoint at ck_length, and a ring (B, 2 * rewind, width) with the raw inputs of positions
+      [ck_length, length) at slot p % size, so that a draft model's one-token calls can be taken back too. Before a
+      call would overwrite inputs the checkpoint still needs, the checkpoint moves forward to `rewind` tokens
+      before the call's end (one replay of about `rewind` tokens every `rewind` tokens).
+    A row can go back to any length >= min(prev_length, ck_length): at least `rewind` tokens, or anywhere into
+    its latest call unless that call was longer than the ring (a long prefill). Memory: three carries and the
+    ring per row, whatever the context."""
+
+    def __init__(self, mixer: nn.Module, batch_size: int, carry: dict, width: int, rewind: int, device, dtype):
+        super().__init__()
+        self.mixer = [mixer]  # not a submodule: the state holds no parameters
+        self.carry_names = tuple(carry)
+        self.rewind = rewind
+        self.names: list[str] = ["ring"]
+        for prefix in ("", "prev_", "ck_"):
+            for name, (shape, kind) in carry.items():
+                buf = torch.zeros((batch_size, *shape), device=device, dtype=kind)
+                self.register_buffer(prefix + name, buf, persistent=False)
+                self.names.append(prefix + name)
+            length = torch.zeros(batch_size, dtype=torch.long, device=device)
+            self.register_buffer(prefix + "length", length, persistent=False)
+            self.names.append(prefix + "length")
+        ring = torch.zeros(batch_size, 2 * rewind, width, device=device, dtype=dtype)
+        self.register_buffer("ring", ring, persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.length.shape[0]
+
+    @property
+    def ring_size(self) -> int:
+        return self.ring.shape[1]
+
+    def carry(self, prefix: str = "", start: int = 0, stop: int | None = None) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, prefix + n)[start:stop] for n in self.carry_names}
+
+    def reset(self, start: int, stop: int) -> None:
+        for name in self.names:
+            getattr(self, name)[start:stop] = 0
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.crop(src, length)
+        for name in self.names:
+            getattr(self, name)[dst] = getattr(self, name)[src]
+
+    def pad_room(self) -> int:
+        return 0  # every token fed changes the state: padding cannot be taken back for free
+
+    def _inputs(self, row: int, start: int, stop: int) -> torch.Tensor:
+        """Raw inputs of positions [start, stop) of `row` from the ring, (1, stop - start, width)."""
+        slots = torch.arange(start, stop, device=self.ring.device) % self.ring_size
+        return self.ring[row, slots].unsqueeze(0)
+
+    def _replay(self, prefix: str, row: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+        carry = self.carry(prefix, row, row + 1)
+        if stop == start:
+            return {n: t.clone() for n, t in carry.items()}
+        return self.mixer[0].replay(carry, self._inputs(row, start, stop))
+
+    def _set(self, prefix: str, row: int, carry: dict[str, torch.Tensor], length: int) -> None:
+        for name, tensor in carry.items():
+            getattr(self, prefix + name)[row] = tensor[0]
+        getattr(self, prefix + "length")[row] = length
+
+    def crop(self, row: int, length: int) -> None:
+        now = int(self.length[row])
+        if length >= now:
+            return
+        prev, ck = int(self.prev_length[row]), int(self.ck_length[row])
+        if prev <= length and now - prev <= self.ring_size:
+            base, prefix = prev, "prev_"  # inside the latest call: the shortest replay
+        elif ck <= length:
+            base, prefix = ck, "ck_"
+        else:
+            raise UserError(
+                f"a recurrent state cannot go back from {now} to {length} tokens (it keeps the last {self.rewind} "
+                "at least)"
+            )
+        carry = self._replay(prefix, row, base, length)
+        self._set("", row, carry, length)
+        if prev > length:  # what was fed after `length` is forgotten
+            self._set("prev_", row, carry, length)
+
+    def _advance_checkpoints(self, keep: torch.Tensor, t: int, start: torch.Tensor) -> None:
+        """Before a short call (t <= rewind) at positions start (B,): move the checkpoints that would fall out of
+        the ring once the call is written to `rewind` tokens before the call's end (<= start: in the ring)."""
+        if t > self.rewind:
+            return  # a long call puts the checkpoint at its own start or end (`remember`)
+        end = start + t
+        need = keep & (end - self.ck_length > self.ring_size)
+        if not bool(need.any()):
+            return
+        for row in need.nonzero().flatten().tolist():
+            target = int(end[row]) - self.rewind
+            self._set("ck_", row, self._replay("ck_", row, int(self.ck_length[row]), target), target)
+
+    def remember(self, ctx, carry: dict[str, torch.Tensor], raw: torch.Tensor) -> None:
+        """After a call with raw inputs (B, T, width) that ended in `carry`: active rows take it; the carry before
+        the call, the inputs and the checkpoint are kept for `crop`. Inactive rows keep everything."""
+        bsz, t, _ = raw.shape
+        keep = ctx.active if ctx is not None and ctx.active is not None else None
+        if keep is None:
+            keep = torch.ones(bsz, dtype=torch.bool, device=raw.device)
+        pos = ctx.pos.expand(bsz, t) if ctx is not None else self.length[:, None] + torch.arange(t, device=raw.device)
+        start, end = pos[:, 0], pos[:, -1] + 1
+        self._advance_checkpoints(keep, t, start)
+        size = self.ring_size
+        tail = min(t, size)  # the ring takes this call's inputs (the last `size` of a longer call)
+        slots = (pos[:, t - tail :] % size)[:, :, None].expand(-1, -1, raw.shape[2])
+        old = self.ring.gather(1, slots)
+        self.ring.scatter_(1, slots, torch.where(keep[:, None, None], raw[:, t - tail :].to(self.ring.dtype), old))
+
+        def put(prefix: str, new: dict[str, torch.Tensor], length: torch.Tensor) -> None:
+            for name, tensor in new.items():
+                target = getattr(self, prefix + name)
+                mask = keep.view(-1, *([1] * (target.dim() - 1)))
+                target.copy_(torch.where(mask, tensor.to(target.dtype), target))
+            target = getattr(self, prefix + "length")
+            target.copy_(torch.where(keep, length, target))
+
+        before = self.carry()
+        put("prev_", before, start)
+        if t > self.rewind:  # a long call: the checkpoint goes to its start (inputs fit the ring) or its end
+            put("ck_", before if t <= size else carry, start if t <= size else end)
+        put("", carry, end)
+
+    def rows(self, start: int, stop: int) -> ReplayState:
+        view = self.__class__.__new__(self.__class__)
+        nn.Module.__init__(view)
+        view.mixer, view.carry_names, view.rewind, view.names = self.mixer, self.carry_names, self.rewind, self.names
+        for name in self.names:
+            view.register_buffer(name, getattr(self, name)[start:stop], persistent=False)
+        return view
 
 
 class ModelState(nn.Module):

@@ -36,7 +36,7 @@ def make_norm(config: ModelConfig, dim: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)) (unless the config's mlp is "none")."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -45,8 +45,9 @@ class Block(nn.Module):
         # Hugging Face's name for an attention mixer is self_attn; other mixers are `mixer` (as in their Mamba)
         self.mixer_name = "self_attn" if kind == "attention" else "mixer"
         self.add_module(self.mixer_name, build_mixer(kind, config, layer_idx))
-        self.post_attention_layernorm = make_norm(config, config.d_model)
-        self.mlp = build_mlp(config.mlp, config)
+        if config.mlp != "none":  # mlp "none": a mixer-only block (Mamba's)
+            self.post_attention_layernorm = make_norm(config, config.d_model)
+            self.mlp = build_mlp(config.mlp, config)
 
     @property
     def sequence_mixer(self) -> nn.Module:
@@ -55,6 +56,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ctx: Context | None, state: nn.Module | None) -> torch.Tensor:
         modules = self._modules  # one dict for the four lookups (nn.Module attribute access is slow per step)
         x = x + modules[self.mixer_name](modules["input_layernorm"](x), ctx, state)  # (B, T, C)
+        if "mlp" not in modules:
+            return x
         return x + modules["mlp"](modules["post_attention_layernorm"](x))
 
 
@@ -86,9 +89,12 @@ class Transformer(nn.Module):
             elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
-                s = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                residual = name.endswith(("o_proj.weight", "down_proj.weight", "mixer.out_proj.weight"))
                 with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=gen) * s)
+                    p.copy_(torch.randn(p.shape, generator=gen) * (residual_std if residual else std))
+        for module in self.modules():  # mixers whose scalars need their own start (mamba2's A, D, dt; gla's decays)
+            if hasattr(module, "reset_mixer_parameters"):
+                module.reset_mixer_parameters(gen)
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(
