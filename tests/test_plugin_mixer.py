@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from slmkit.config import ModelConfig
+from slmkit.config import PLUGIN_MIXER_COUNTS, ModelConfig
 from slmkit.infer.batcher import ContinuousBatcher, GenerationRequest
 from slmkit.infer.engine import Engine
 from slmkit.models import build_model
@@ -117,6 +117,7 @@ def toy(tiny_model_dir):
                 p.mul_(20)
     yield model.eval(), tokenizer
     MIXERS.pop("toy_recurrent")
+    PLUGIN_MIXER_COUNTS.pop("toy_recurrent")
 
 
 def plain_greedy(model: nn.Module, prompt: list[int], n: int) -> list[int]:
@@ -230,3 +231,15 @@ def test_compiled_batcher_step_keeps_idle_rows_state(toy, caplog):
     assert "decoding eagerly" not in caplog.text
     for req, seq in zip(requests, seqs, strict=True):
         assert seq.out == plain_greedy(model, req.prompt_ids, req.max_new_tokens)
+
+
+def test_a_plugin_mixer_is_counted(toy):
+    # no counts given at registration: measured from the module, so num_params matches the model exactly
+    model, _ = toy
+    assert model.config.num_params() == sum(p.numel() for p in model.parameters())
+    matrices = sum(p.numel() for p in model.layers[0].mixer.parameters() if p.ndim >= 2)
+    assert model.config._mixer_params("toy_recurrent") == (
+        sum(p.numel() for p in model.layers[0].mixer.parameters()),
+        matrices,
+    )
+    assert model.config.flops_per_token() > 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -139,6 +140,12 @@ class RopeScaling:
         return cls(**value)
 
 
+# Parameter and FLOP counts of mixers registered outside slmkit (filled by `slmkit.models.registry.register_mixer`):
+# name -> (config -> (parameters, of which in weight matrices), (config, context) -> FLOPs per token beyond them)
+BUILTIN_MIXER_KINDS = ("attention", "mamba2", "gla", "based")  # counted in ModelConfig._mixer_params
+PLUGIN_MIXER_COUNTS: dict[str, tuple[Callable[[Any], tuple[int, int]], Callable[[Any, int], float]]] = {}
+
+
 @dataclass
 class ModelConfig:
     """Shape of a decoder-only transformer; defaults are the Llama family (RMSNorm, RoPE, GQA, SwiGLU)."""
@@ -220,11 +227,13 @@ class ModelConfig:
             if value is not None and not (0 <= value < self.vocab_size):
                 raise UserError(f"model config: {name}={value} is outside the vocabulary (size {self.vocab_size})")
         self._check_switches()
-        if self.num_params() > MAX_PARAMS:
-            raise UserError(
-                f"model config: {self.num_params():,} parameters is beyond the limit of {MAX_PARAMS:,}; "
-                "check d_model, d_ff, n_layers and vocab_size"
-            )
+        if all(kind in BUILTIN_MIXER_KINDS or kind in PLUGIN_MIXER_COUNTS for kind in self.mixers):
+            # (a mixer not registered yet is named by the model builder, which knows the registry)
+            if self.num_params() > MAX_PARAMS:
+                raise UserError(
+                    f"model config: {self.num_params():,} parameters is beyond the limit of {MAX_PARAMS:,}; "
+                    "check d_model, d_ff, n_layers and vocab_size"
+                )
 
     def _check_switches(self) -> None:
         choices = {
@@ -344,6 +353,8 @@ class ModelConfig:
             attention, attention_mats = self._mixer_params("attention")  # the sliding-window branch
             mats = 2 * c * self.n_heads * self.linear_feature_dim + 2 * c * c  # q, k features; v, o
             return mats + attention, mats + attention_mats
+        if kind in PLUGIN_MIXER_COUNTS:
+            return PLUGIN_MIXER_COUNTS[kind][0](self)
         raise UserError(f"model config: no parameter count for mixer {kind!r}")
 
     def _mixer_flops(self, kind: str, t: int) -> float:
@@ -372,6 +383,8 @@ class ModelConfig:
                 return linear
             window = 2 * 2 * min(t, self.linear_window) * h * self.dim_per_head  # softmax over the window
             return linear + window
+        if kind in PLUGIN_MIXER_COUNTS:
+            return PLUGIN_MIXER_COUNTS[kind][1](self, t)
         raise UserError(f"model config: no FLOP count for mixer {kind!r}")
 
     def num_params(self, include_embeddings: bool = True) -> int:

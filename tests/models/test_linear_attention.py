@@ -293,9 +293,9 @@ def test_gla_decays_start_in_the_intended_range():
     "kind, changes, message",
     [
         ("gla", {"linear_chunk_size": 0}, "linear_chunk_size must be a positive integer"),
-        ("gla", {"linear_gate_rank": True}, "linear_gate_rank must be a positive integer"),
+        ("gla", {"linear_gate_rank": True}, "linear_gate_rank must be an integer, got True"),
         ("based", {"linear_window": -1}, "linear_window must be a positive integer"),
-        ("based", {"linear_feature_dim": 2.5}, "linear_feature_dim must be a positive integer"),
+        ("based", {"linear_feature_dim": 2.5}, "linear_feature_dim must be an integer, got 2.5"),
         ("gla", {"d_model": 24, "n_heads": 8, "n_kv_heads": 8, "head_dim": 4}, r"gla layers split d_model / 2 \(12\)"),
         ("based", {"d_model": 30, "n_heads": 4, "n_kv_heads": 4, "head_dim": 8}, "based layers split d_model"),
     ],

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from slmkit.errors import UserError
@@ -20,8 +21,32 @@ MIXERS: dict[str, Callable[[Any, int], nn.Module]] = {}
 MLPS: dict[str, Callable[[Any], nn.Module]] = {}
 
 
-def register_mixer(name: str, factory: Callable[[Any, int], nn.Module]) -> None:
+def register_mixer(
+    name: str,
+    factory: Callable[[Any, int], nn.Module],
+    params: Callable[[Any], tuple[int, int]] | None = None,
+    flops: Callable[[Any, int], float] | None = None,
+) -> None:
+    """Make ``factory`` the mixer called ``name`` in configs.
+
+    ``params(config)`` gives one layer's (parameters, of which in weight matrices) and ``flops(config, context)``
+    its forward FLOPs per token beyond those matrices, for `ModelConfig.num_params` and `flops_per_token`.
+    Built-in mixers are counted in `slmkit.config`; for others, omitted ``params`` are measured by building the
+    mixer on the meta device (no memory), and omitted ``flops`` count its weight matrices only.
+    """
+    from slmkit.config import BUILTIN_MIXER_KINDS, PLUGIN_MIXER_COUNTS
+
     MIXERS[name] = factory
+    if name in BUILTIN_MIXER_KINDS:
+        return
+
+    def measured(config: Any) -> tuple[int, int]:
+        with torch.device("meta"):
+            module = factory(config, 0)
+        sizes = [(p.numel(), p.ndim >= 2) for p in module.parameters()]
+        return sum(n for n, _ in sizes), sum(n for n, matrix in sizes if matrix)
+
+    PLUGIN_MIXER_COUNTS[name] = (params or measured, flops or (lambda config, context: 0.0))
 
 
 def register_mlp(name: str, factory: Callable[[Any], nn.Module]) -> None:
