@@ -233,13 +233,16 @@ def quality_section(presets: list[str], corpora: list[str], flops: float, vocab:
 # ---------------------------------------------------------------- training speed vs transformers' Mamba2
 def hf_section(name: str, batch: int, seq_len: int, steps: int, vocab: int) -> dict:
     import torch.nn.functional as F
+    import transformers
 
-    from slmkit.interop.hf import to_hf_model
+    from slmkit.interop.checkpoint import save_model
 
     cfg = preset(name, vocab_size=vocab, max_seq_len=seq_len)
     ours = build_model(cfg)
     ours.init_weights(seed=0)
-    theirs = to_hf_model(ours)
+    with tempfile.TemporaryDirectory() as tmp:  # the same weights through the family spec's export
+        save_model(ours, Path(tmp) / "m")
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(Path(tmp) / "m")
     x = torch.randint(0, vocab, (batch, seq_len))
 
     def rate(model, logits_of) -> float:
