@@ -48,8 +48,10 @@ METHODS = {
     "prune-structured": (CompressOptions(heads_keep=0.5, ffn_keep=0.5, **CALIB), None),
 }
 # gla normalises each head's output, so at these x5 weights its layers carry about twice attention's share of the
-# logits and of their rounding error (two gla layers measured: int8 0.046, int4 0.47; attention: 0.025, 0.27)
-ERROR_ALLOWANCE = {"slmkit": 1.25}
+# logits and of their rounding error (two gla layers measured: int8 0.046, int4 0.47; attention: 0.025, 0.27).
+# The slmkit row stacks four such layers: int4 errors measured 0.44-0.55 with the shared corpus's tokenizer and
+# 0.57-0.77 with the synthetic fallback corpus (tests/conftest.py); logits of a shifted vocabulary give 1.41.
+ERROR_ALLOWANCE = {("slmkit", "int8"): 1.25, ("slmkit", "int4"): 1.9}
 # what a family cannot do, and why: GPT-2's config.json derives the head width from n_embd / n_head
 REFUSED = {
     ("gpt2", "prune-structured"): r"prune-structured: family 'gpt2' cannot express head_dim=16",
@@ -112,7 +114,8 @@ def test_family_by_method(family, method, family_dirs, data_dir, tmp_path):
     kind = Int8Linear if method == "int8" else Int4Linear
     assert all(isinstance(compressed.get_submodule(n), kind) for n in linear_names(compressed.config))
     assert block_linears_left(compressed) == []  # the spec names every linear layer of the family's blocks
-    assert rel_err(got, reference) < max_error * ERROR_ALLOWANCE.get(family, 1.0)
+    bits = "int8" if method == "int8" else "int4"
+    assert rel_err(got, reference) < max_error * ERROR_ALLOWANCE.get((family, bits), 1.0)
 
 
 def test_gpt2_structured_pruning_of_channels_and_layers(family_dirs, data_dir, tmp_path):
