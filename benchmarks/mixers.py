@@ -178,7 +178,8 @@ def quality_section(presets: list[str], corpora: list[str], flops: float, vocab:
     results = []
     for corpus in corpora:
         data_dir = work / f"data-{abs(hash(corpus))}"
-        prepare([corpus], data_dir, vocab_size=vocab, val_fraction=0.05)
+        source, _, field = corpus.partition("#")  # PATH#FIELD: the .jsonl field holding the text
+        prepare([source], data_dir, vocab_size=vocab, val_fraction=0.05, text_field=field or "text")
         for name in presets:
             cfg = TrainConfig(
                 preset=name,
@@ -214,7 +215,7 @@ def quality_section(presets: list[str], corpora: list[str], flops: float, vocab:
         ref = next((q for q in results if q["corpus"] == r["corpus"] and q["preset"] == presets[0]), r)
         rows.append(
             [
-                Path(r["corpus"]).stem if "/" in r["corpus"] else r["corpus"],
+                Path(r["corpus"].partition("#")[0]).stem if "/" in r["corpus"] else r["corpus"],
                 r["preset"],
                 f"{r['bits_per_byte']:.4f}",
                 f"{r['bits_per_byte'] / ref['bits_per_byte']:.3f}",
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument("--recall-pairs", type=int, default=32)
     parser.add_argument("--recall-width", type=int, default=64)
     parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (quality)")
-    parser.add_argument("--corpora", nargs="+", default=["builtin:pystdlib", str(SEED_PAPERS)])
+    parser.add_argument("--corpora", nargs="+", default=["builtin:pystdlib", f"{SEED_PAPERS}#abstract"])
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--hf-preset", default="micro-mamba2")
     parser.add_argument("--threads", type=int, default=None)
