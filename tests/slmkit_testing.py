@@ -25,6 +25,53 @@ def run_slm(*args: object, timeout: float = 300, input: str | None = None) -> su
     )
 
 
+# prompts for decode-equality tests: short, one token, plain text, and a repetition that lookup speculation matches
+PROMPTS = ["The cat sat on the mat", "A", "language models compress text", "one two three one two three one two"]
+
+
+def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """The reference decoder: full forward passes without any state, argmax, n times."""
+    import torch
+
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
+    return tokens[len(prompt) :]
+
+
+def run_batcher(batcher, requests: list, join_after: int, steps: int) -> list:
+    """Submit requests[:join_after] to a ContinuousBatcher, step it `steps` times, submit the rest (rows joining
+    while others decode), run to the end; the sequences, in request order."""
+    seqs = [batcher.submit(r) for r in requests[:join_after]]
+    for _ in range(steps):
+        batcher.step()
+    seqs += [batcher.submit(r) for r in requests[join_after:]]
+    while batcher.has_work:
+        batcher.step()
+    return seqs
+
+
+def tiny_train_config(**changes):
+    """A TrainConfig for the `tiny` preset that trains in a few seconds on CPU (eval and saves only at the end)."""
+    from slmkit.train.config import TrainConfig
+
+    base = dict(
+        preset="tiny",
+        model={"max_seq_len": 64},
+        seq_len=32,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        eval_interval=1000,
+        eval_batches=1,
+        save_interval=1000,
+        device="cpu",
+        seed=7,
+    )
+    return TrainConfig(**{**base, **changes})
+
+
 def seeded_logits(model, seed: int = 0):
     """The model's logits on a fixed random batch (2 x 24 tokens): for comparing a model with its variants."""
     import torch

@@ -18,23 +18,7 @@ from slmkit.errors import UserError
 from slmkit.train.config import TrainConfig
 from slmkit.train.loop import train
 from slmkit_testing import run_slm
-
-
-def cfg(**changes) -> TrainConfig:
-    base = dict(
-        preset="tiny",
-        model={"max_seq_len": 64},
-        seq_len=32,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=2,
-        eval_interval=1000,
-        eval_batches=1,
-        save_interval=1000,
-        device="cpu",
-        seed=7,
-    )
-    return TrainConfig(**{**base, **changes})
+from slmkit_testing import tiny_train_config as cfg
 
 
 class _RunsCode:

@@ -19,6 +19,7 @@ from slmkit.infer.batcher import ContinuousBatcher, GenerationRequest
 from slmkit.infer.engine import Engine
 from slmkit.models import build_model
 from slmkit.models.registry import MIXERS, register_mixer
+from slmkit_testing import PROMPTS, plain_greedy, run_batcher
 
 SNAPSHOTS = 16  # positions a toy state can rewind: enough for a speculative round (k + 1 tokens)
 
@@ -120,18 +121,6 @@ def toy(tiny_model_dir):
     PLUGIN_MIXER_COUNTS.pop("toy_recurrent")
 
 
-def plain_greedy(model: nn.Module, prompt: list[int], n: int) -> list[int]:
-    """The reference: full forward passes without any state, argmax, n times."""
-    tokens = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
-    return tokens[len(prompt) :]
-
-
-PROMPTS = ["The cat sat on the mat", "A", "language models compress text", "one two three one two three one two"]
-
-
 def test_the_toy_mixer_is_wired_in(toy):
     model, _ = toy
     state = model.new_state(2, 16)
@@ -168,12 +157,7 @@ def test_continuous_batcher_with_rows_joining_and_leaving_equals_the_plain_loop(
     batcher = ContinuousBatcher(model, tokenizer, max_batch=2, prefill_chunk=3)
     lengths = [5, 9, 3, 7]
     requests = [GenerationRequest(tokenizer.encode(p).ids, n) for p, n in zip(PROMPTS, lengths, strict=True)]
-    seqs = [batcher.submit(requests[0])]
-    batcher.step()
-    batcher.step()
-    seqs += [batcher.submit(r) for r in requests[1:]]
-    while batcher.has_work:
-        batcher.step()
+    seqs = run_batcher(batcher, requests, join_after=1, steps=2)
     for req, seq in zip(requests, seqs, strict=True):
         assert seq.out == plain_greedy(model, req.prompt_ids, req.max_new_tokens)
 

@@ -17,23 +17,7 @@ from slmkit.train.config import TrainConfig
 from slmkit.train.loop import RunSpec, run, train
 from slmkit.train.losses import next_token_cross_entropy
 from slmkit.train.objectives import LanguageModeling, NamePatterns
-
-
-def cfg(**changes) -> TrainConfig:
-    base = dict(
-        preset="tiny",
-        model={"max_seq_len": 64},
-        seq_len=32,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=2,
-        eval_interval=1000,
-        eval_batches=1,
-        save_interval=1000,
-        device="cpu",
-        seed=7,
-    )
-    return TrainConfig(**{**base, **changes})
+from slmkit_testing import tiny_train_config as cfg
 
 
 class ToyRouter(torch.nn.Module):

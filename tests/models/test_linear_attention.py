@@ -29,6 +29,7 @@ from slmkit.models.linear_attention import (
     taylor_features,
 )
 from slmkit.models.state import RingKVState
+from slmkit_testing import PROMPTS, plain_greedy, run_batcher
 
 MIXERS = {"gla": GatedLinearAttention, "based": BasedAttention}
 
@@ -306,15 +307,6 @@ def test_config_refuses_bad_linear_attention_values(kind, changes, message):
 
 
 # ---- through the decode core ----------------------------------------------------------------------------
-def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
-    tokens = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            tokens.append(int(model(torch.tensor([tokens]))[0, -1].argmax()))
-    return tokens[len(prompt) :]
-
-
-PROMPTS = ["The cat sat on the mat", "A", "language models compress text", "one two three one two three one two"]
 
 
 @pytest.fixture(scope="module", params=["micro-gla", "micro-based", "mixed"])
@@ -360,12 +352,7 @@ def test_continuous_batcher_with_speculation_and_rows_joining_equals_the_plain_l
     model, tokenizer = model_and_tokenizer
     batcher = ContinuousBatcher(model, tokenizer, max_batch=3, prefill_chunk=4, speculate="lookup", speculate_k=4)
     requests = [GenerationRequest(tokenizer.encode(p).ids, n) for p, n in zip(PROMPTS, [20, 9, 25, 14], strict=True)]
-    seqs = [batcher.submit(r) for r in requests[:2]]
-    for _ in range(5):
-        batcher.step()
-    seqs += [batcher.submit(r) for r in requests[2:]]
-    while batcher.has_work:
-        batcher.step()
+    seqs = run_batcher(batcher, requests, join_after=2, steps=5)
     for req, seq in zip(requests, seqs, strict=True):
         assert seq.out == plain_greedy(model, req.prompt_ids, req.max_new_tokens)
 
