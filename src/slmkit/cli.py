@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -880,6 +881,14 @@ def run(argv: list[str] | None = None) -> int:
         code = command.main(args=argv, prog_name="slm", standalone_mode=False)
     except UserError as exc:
         print(_error_line(str(exc)), file=sys.stderr)
+        from slmkit.train.distributed import RankFailure
+
+        if isinstance(exc, RankFailure):
+            # a peer died mid-collective: the backend's threads may still wait on it, and interpreter teardown
+            # then aborts the process (SIGABRT seen under load) instead of exiting with the error's code
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except typer.Abort:
         print("aborted", file=sys.stderr)
