@@ -25,7 +25,7 @@ from slmkit.errors import UserError
 Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba2", "slmkit"]
 NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-MLPType = Literal["gated", "plain", "none"]
+MLPType = Literal["gated", "plain", "moe", "none"]
 PositionScheme = Literal["rope", "learned"]
 RopeScalingType = Literal["linear", "dynamic", "llama3"]
 
@@ -191,6 +191,13 @@ class ModelConfig:
     linear_window: int = 64  # based: tokens its sliding-window softmax branch sees (self included)
     linear_chunk_size: int = 32  # tokens per chunk of the parallel form (speed and memory only)
     linear_gate_rank: int = 16  # gla: rank of the data-dependent decay gate (d_model -> rank -> d_model / 2)
+    # ---- mixture-of-experts MLPs (mlp: moe; slmkit.models.moe): every expert a gated MLP of width d_ff ----
+    moe_experts: int = 8  # E, experts per layer [num_local_experts / num_experts]
+    moe_top_k: int = 2  # k, experts each token uses [num_experts_per_tok]
+    moe_shared_d_ff: int = 0  # width of a shared expert every token also uses (0: none) [Qwen2-MoE]
+    moe_shared_gate: bool = False  # a sigmoid gate scales the shared expert per token [Qwen2-MoE]
+    moe_norm_topk: bool = True  # renormalise the k chosen probabilities to sum to 1 [norm_topk_prob]
+    moe_z_loss_weight: float = 0.1  # router z-loss weight relative to the balance loss (x aux_loss_weight)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -269,6 +276,7 @@ class ModelConfig:
             self.layer_pattern = tuple(pattern)
         self._check_ssm()
         self._check_linear()
+        self._check_moe()
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
         if self.rope_scaling is not None and self.positions != "rope":
             raise UserError("model config: rope_scaling needs positions='rope'")
@@ -309,6 +317,24 @@ class ModelConfig:
                 "key heads: make d_model a multiple of 2 * n_heads"
             )
 
+    def _check_moe(self) -> None:
+        for name in ("moe_experts", "moe_top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.moe_top_k > self.moe_experts:
+            raise UserError(
+                f"model config: moe_top_k ({self.moe_top_k}) cannot exceed moe_experts ({self.moe_experts})"
+            )
+        if self.moe_shared_d_ff < 0 or self.moe_shared_d_ff > MAX_WIDTH:
+            raise UserError(f"model config: moe_shared_d_ff must be 0 (none) or a width, got {self.moe_shared_d_ff}")
+        if self.moe_shared_gate and not self.moe_shared_d_ff:
+            raise UserError("model config: moe_shared_gate needs a shared expert (moe_shared_d_ff > 0)")
+        if self.moe_z_loss_weight < 0:
+            raise UserError(f"model config: moe_z_loss_weight must be >= 0, got {self.moe_z_loss_weight}")
+        if self.mlp == "moe" and self.moe_experts > 4096:
+            raise UserError(f"model config: moe_experts={self.moe_experts:,} is beyond the limit of 4,096")
+
     @property
     def mixers(self) -> set[str]:
         """The mixers the layers use."""
@@ -329,8 +355,28 @@ class ModelConfig:
     def _norm_params(self) -> int:
         return self.d_model * (2 if self.norm == "layernorm" else 1)
 
-    def _mlp_matmuls(self) -> int:
-        return {"gated": 3, "plain": 2, "none": 0}[self.mlp] * self.d_model * self.d_ff
+    def _dense_mlp_params(self, gated: bool, d_ff: int) -> int:
+        return (3 if gated else 2) * self.d_model * d_ff + ((2 if gated else 1) * d_ff + self.d_model) * self.mlp_bias
+
+    def _mlp_params(self) -> tuple[int, int, int]:
+        """(parameters, of which a token uses, of which in the weight matrices it uses) of one layer's MLP.
+
+        They differ for a mixture of experts: a token passes through the router, its k experts and the shared
+        expert, and the other E - k experts are parameters it never touches."""
+        c = self.d_model
+        if self.mlp == "none":
+            return 0, 0, 0
+        if self.mlp in ("gated", "plain"):
+            n = self._dense_mlp_params(self.mlp == "gated", self.d_ff)
+            return n, n, (3 if self.mlp == "gated" else 2) * c * self.d_ff
+        if self.mlp == "moe":
+            expert = self._dense_mlp_params(True, self.d_ff)
+            shared = self._dense_mlp_params(True, self.moe_shared_d_ff) if self.moe_shared_d_ff else 0
+            router = c * (self.moe_experts + self.moe_shared_gate)  # the router, and the shared expert's gate
+            k = self.moe_top_k
+            mats = k * 3 * c * self.d_ff + 3 * c * self.moe_shared_d_ff + router
+            return self.moe_experts * expert + shared + router, k * expert + shared + router, mats
+        raise UserError(f"model config: no parameter count for mlp {self.mlp!r}")
 
     def _mixer_params(self, kind: str) -> tuple[int, int]:
         """(parameters, of which in weight matrices) of one layer's mixer of this kind."""
@@ -387,13 +433,15 @@ class ModelConfig:
             return PLUGIN_MIXER_COUNTS[kind][1](self, t)
         raise UserError(f"model config: no FLOP count for mixer {kind!r}")
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        """Exact number of trainable parameters (tied embeddings counted once)."""
+    def num_params(self, include_embeddings: bool = True, active: bool = False) -> int:
+        """Exact number of trainable parameters (tied embeddings counted once).
+
+        active: only those one token uses (a mixture of experts' k chosen experts, not all E; the same as the
+        total for dense models)."""
         c = self.d_model
-        mlp = self._mlp_matmuls() + ((1 if self.mlp == "gated" else 0) * self.d_ff + self.d_ff + c) * self.mlp_bias
+        total, used, _ = self._mlp_params()
+        mlp = used if active else total
         norms = (2 if self.mlp != "none" else 1) * self._norm_params()
-        if self.mlp == "none":
-            mlp = 0
         body = sum(self._mixer_params(self.mixer_at(i))[0] for i in range(self.n_layers))
         body += self.n_layers * (mlp + norms) + self._norm_params()  # + final norm
         if not include_embeddings:
@@ -410,11 +458,12 @@ class ModelConfig:
         2 * 2 * T * d_attn per layer per token with T the context (causal halves it on average, which we do not
         credit, as in the PaLM appendix convention of 6N + 12 L d T); for mamba2 the chunked scan and the conv;
         for gla and based their chunked linear attention (bounded by the chunk, not the context), and for based's
-        sliding-window branch attention over min(T, linear_window) keys.
+        sliding-window branch attention over min(T, linear_window) keys. A mixture of experts counts the weights
+        a token passes through: the router, its k experts and the shared expert (the active FLOPs).
         """
         t = seq_len or self.max_seq_len
         kinds = [self.mixer_at(i) for i in range(self.n_layers)]
-        matmul_params = sum(self._mixer_params(k)[1] for k in kinds) + self.n_layers * self._mlp_matmuls()
+        matmul_params = sum(self._mixer_params(k)[1] for k in kinds) + self.n_layers * self._mlp_params()[2]
         matmul_params += self.vocab_size * self.d_model  # + lm_head
         mixing = sum(self._mixer_flops(k, t) for k in kinds)
         return 3 * (2 * matmul_params + mixing)
@@ -453,6 +502,15 @@ PRESETS.update(
         "small-gla": dict(PRESETS["small"], d_ff=608, mixer="gla", family="slmkit"),
         "micro-based": dict(PRESETS["micro"], d_ff=224, mixer="based", family="slmkit"),
         "small-based": dict(PRESETS["small"], d_ff=448, mixer="based", family="slmkit"),
+    }
+)
+
+# Mixture of experts at the active size of micro and small: 8 experts of half the dense width, 2 per token, so a
+# token costs what it costs in the dense preset (the router aside) while the MLPs hold 4x the parameters.
+PRESETS.update(
+    {
+        "micro-moe": dict(PRESETS["micro"], d_ff=176, mlp="moe", moe_experts=8, moe_top_k=2, family="slmkit"),
+        "small-moe": dict(PRESETS["small"], d_ff=352, mlp="moe", moe_experts=8, moe_top_k=2, family="slmkit"),
     }
 )
 

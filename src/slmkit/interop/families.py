@@ -141,13 +141,24 @@ class FamilySpec:
     # ---- compression -----------------------------------------------------------------------------
     def block_linears(self, config: ModelConfig) -> list[str]:
         """Full names of the compressible linear layers of every block, in order (each layer's own: a hybrid's
-        attention layers have q/k/v/o, its other layers their mixer's)."""
+        attention layers have q/k/v/o, its other layers their mixer's; a mixture of experts has each expert's MLP
+        layers, and its router stays in float)."""
         return [
-            f"layers.{i}.{sub}"
+            f"layers.{i}.{name}"
             for i in range(config.n_layers)
             for sub in self.compressible
             if _in_layer(sub, config.mixer_at(i), config.mlp)
+            for name in _mlp_copies(sub, config)
         ]
+
+
+def _mlp_copies(sub: str, config: ModelConfig) -> list[str]:
+    """`sub` inside a block, once per MLP that has it: a mixture of experts' `mlp.up_proj` is every expert's."""
+    if config.mlp != "moe" or not sub.startswith("mlp."):
+        return [sub]
+    leaf = sub.removeprefix("mlp.")
+    shared = [f"mlp.shared_expert.{leaf}"] if config.moe_shared_d_ff else []
+    return [f"mlp.experts.{e}.{leaf}" for e in range(config.moe_experts)] + shared
 
 
 def _in_layer(sub: str, mixer: str, mlp: str) -> bool:
@@ -157,7 +168,7 @@ def _in_layer(sub: str, mixer: str, mlp: str) -> bool:
     if sub.startswith("mixer."):
         return sub in MIXER_LINEARS.get(mixer, ())
     if sub.startswith("mlp."):
-        return mlp != "none" and (mlp == "gated" or sub != "mlp.gate_proj")
+        return mlp != "none" and (mlp in ("gated", "moe") or sub != "mlp.gate_proj")
     return True
 
 

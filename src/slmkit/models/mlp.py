@@ -1,4 +1,6 @@
-"""Dense MLPs: gated (SwiGLU with silu, Llama) and plain (GPT-2). An MLP keeps no inference state."""
+"""Dense MLPs: gated (SwiGLU with silu, Llama) and plain (GPT-2). An MLP keeps no inference state.
+
+Sparse ones live beside them: `slmkit.models.moe` (mixture of experts)."""
 
 from __future__ import annotations
 
@@ -19,14 +21,15 @@ ACTIVATIONS = {
 
 
 class MLP(nn.Module):
-    """Gated: down(act(gate(x)) * up(x))."""
+    """Gated: down(act(gate(x)) * up(x)); width `d_ff` unless given (a MoE's shared expert has its own)."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
+        d_ff = d_ff or config.d_ff
         self.act = ACTIVATIONS[config.activation]
-        self.gate_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.d_model, config.d_ff, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
+        self.gate_proj = nn.Linear(config.d_model, d_ff, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.d_model, d_ff, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -70,6 +70,7 @@ def _register_builtins() -> None:
     from slmkit.models.linear_attention import BasedAttention, GatedLinearAttention
     from slmkit.models.mamba2 import Mamba2Mixer
     from slmkit.models.mlp import MLP, PlainMLP
+    from slmkit.models.moe import MoE
 
     register_mixer("attention", Attention)
     register_mixer("mamba2", Mamba2Mixer)
@@ -77,6 +78,7 @@ def _register_builtins() -> None:
     register_mixer("based", BasedAttention)
     register_mlp("gated", MLP)
     register_mlp("plain", PlainMLP)
+    register_mlp("moe", MoE)
 
 
 _register_builtins()

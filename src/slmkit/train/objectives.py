@@ -13,7 +13,8 @@ Auxiliary losses: a module that contributes one (e.g. a mixture-of-experts route
 loss) has an attribute `aux_loss`, None at construction, that its forward sets to a scalar tensor.
 The objective finds those modules once (`attach`), clears them before each forward, adds
 `aux_loss_weight` x their sum to the loss, and logs the sum as `aux_loss` (and the plain cross-entropy
-as `lm_loss`). A model without such modules pays nothing per step.
+as `lm_loss`). A model without such modules pays nothing per step. Such a module may also set `aux_metrics`,
+a dict of detached scalars (routing statistics), logged per layer as `{name}/L{layer}`.
 """
 
 from __future__ import annotations
@@ -109,14 +110,19 @@ class AuxLosses:
     def __init__(self, weight: float) -> None:
         self.weight = weight
         self.modules: list[torch.nn.Module] = []
+        self.tags: list[str] = []  # per module: how its metrics are named ("L3" for a module inside layers.3)
 
     def attach(self, model: torch.nn.Module) -> None:
-        self.modules = [m for m in model.modules() if hasattr(m, "aux_loss")]
+        named = [(name, m) for name, m in model.named_modules() if hasattr(m, "aux_loss")]
+        self.modules = [m for _, m in named]
+        self.tags = [_layer_tag(name) for name, _ in named]
 
     def clear(self) -> None:
         # a value left by an earlier forward (an evaluation, a module skipped this time) must not count twice
         for module in self.modules:
             module.aux_loss = None
+            if hasattr(module, "aux_metrics"):
+                module.aux_metrics = None
 
     def collect(self) -> torch.Tensor | None:
         """The sum of the losses set during the last forward (None if none was set); clears them."""
@@ -135,7 +141,20 @@ class AuxLosses:
             metrics["aux_loss"] = torch.zeros((), device=loss.device)
             return loss, metrics
         metrics["aux_loss"] = aux.detach().float()
+        for module, tag in zip(self.modules, self.tags, strict=True):
+            for name, value in (getattr(module, "aux_metrics", None) or {}).items():
+                metrics[f"{name}/{tag}"] = value
+            if hasattr(module, "aux_metrics"):
+                module.aux_metrics = None
         return loss + self.weight * aux.float(), metrics
+
+
+def _layer_tag(module_name: str) -> str:
+    """ "L3" for a module inside `layers.3` (the layer a metric belongs to); the module's own name otherwise."""
+    parts = module_name.split(".")
+    if len(parts) >= 2 and parts[0] == "layers" and parts[1].isdigit():
+        return f"L{parts[1]}"
+    return module_name or "model"
 
 
 class LanguageModeling:
