@@ -450,6 +450,22 @@ class ModelConfig:
         head = 0 if self.tie_embeddings else self.vocab_size * c
         return body + embed + head
 
+    def param_counts(self) -> dict[str, int]:
+        """The counts reports print: all parameters, without embeddings, and those one token uses (MoE: k of the
+        E experts; equal to all for dense models)."""
+        return {
+            "params": self.num_params(),
+            "non_embedding_params": self.num_params(include_embeddings=False),
+            "active_params": self.num_params(active=True),
+        }
+
+    @staticmethod
+    def describe_counts(counts: dict[str, int]) -> str:
+        """'N parameters (M non-embedding)', plus ', A per token' where a token uses fewer (MoE)."""
+        text = f"{counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding"
+        active = counts.get("active_params", counts["params"])
+        return text + (f", {active:,} per token)" if active != counts["params"] else ")")
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), counting matmuls only.
 

@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from slmkit.config import ModelConfig
+
 
 def _si(x: float) -> str:
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -37,7 +39,7 @@ class RichReporter:
     def start(self, info: dict[str, Any]) -> None:
         budget = ", ".join(f"{k}={v}" for k, v in info["budget"].items())
         self.console.print(
-            f"model: {info['params']:,} parameters ({info['non_embedding_params']:,} non-embedding); "
+            f"model: {ModelConfig.describe_counts(info)}; "
             f"{info['device']} {info['dtype']}; {info['tokens_per_step']:,} tokens/step; budget: {budget}"
         )
         self.progress.start()

@@ -189,3 +189,22 @@ def test_card_errors(report, tmp_path, tiny_model_dir):
         write_card(model, tmp_path / "bad.json")
     with pytest.raises(UserError, match="no report.json"):
         write_card(model, tmp_path / "empty-dir-that-does-not-exist")
+
+
+def test_card_of_a_mixture_of_experts_counts_what_a_token_uses(tmp_path, tiny_model_dir):
+    from slmkit.config import preset
+    from slmkit.eval.card import write_card
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.loading import load
+    from slmkit.models import build_model
+
+    vocab = load(tiny_model_dir).model.config.vocab_size
+    config = preset("micro-moe", vocab_size=vocab, d_model=32, n_heads=2, n_kv_heads=1, d_ff=32, n_layers=2)
+    directory = save_model(build_model(config), tmp_path / "moe", tokenizer_dir=tiny_model_dir)
+    text = write_card(directory).read_text()
+    counts = config.param_counts()
+    assert counts["active_params"] < counts["params"]
+    assert f"{counts['params']:,} parameters" in text and f"{counts['active_params']:,} per token" in text
+    assert "MoE MLPs (top-2 of 8 experts)" in text and "slmkit.load" in text
+    meta = _front_matter(text)
+    assert meta["library_name"] == "slmkit" and "mixture-of-experts" in meta["tags"]

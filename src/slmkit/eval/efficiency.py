@@ -151,8 +151,7 @@ def measure_efficiency(
     param_device = next(lm.model.parameters()).device
     return {
         "model": str(lm.directory),
-        "params": config.num_params(),
-        "non_embedding_params": config.num_params(include_embeddings=False),
+        **config.param_counts(),
         "train_flops_per_token": config.flops_per_token(),
         "forward_flops_per_token": config.flops_per_token() / 3,
         "flops_seq_len": config.max_seq_len,

@@ -126,6 +126,7 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 _EFFICIENCY_ROWS = [
     ("params", "parameters", 0),
     ("non_embedding_params", "non-embedding parameters", 0),
+    ("active_params", "parameters a token uses (MoE: k experts)", 0),
     ("forward_flops_per_token", "forward FLOPs/token", 0),
     ("weights_bytes", "weights on disk (bytes)", 0),
     ("peak_rss_bytes", "peak RSS while generating (bytes)", 0),

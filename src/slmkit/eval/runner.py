@@ -41,8 +41,7 @@ def static_costs(lm: Any) -> dict[str, Any]:
 
     config = lm.config
     return {
-        "params": config.num_params(),
-        "non_embedding_params": config.num_params(include_embeddings=False),
+        **config.param_counts(),
         "train_flops_per_token": config.flops_per_token(),
         "forward_flops_per_token": config.flops_per_token() / 3,
         "flops_seq_len": config.max_seq_len,

@@ -408,8 +408,7 @@ class _Session:
     def _start_info(self) -> dict[str, Any]:
         model_cfg, c = self.model.config, self.counters  # type: ignore[attr-defined]
         return {
-            "params": model_cfg.num_params(),
-            "non_embedding_params": model_cfg.num_params(False),
+            **model_cfg.param_counts(),
             "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
             "device": str(self.device),
             "dtype": str(self.amp_dtype or torch.float32).removeprefix("torch."),
