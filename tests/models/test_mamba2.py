@@ -73,9 +73,10 @@ def test_chunked_scan_equals_the_recurrence_written_out(chunk, groups):
         assert torch.allclose(mx(x, None, None), naive_mixer(mx, x), atol=1e-5, rtol=1e-5)
 
 
-def test_prefill_then_one_token_steps_equal_the_parallel_forward():
+@pytest.mark.parametrize("groups", [1, 2])
+def test_prefill_then_one_token_steps_equal_the_parallel_forward(groups):
     torch.manual_seed(0)
-    mx = perturbed(Mamba2Mixer(tiny_config(), 0))
+    mx = perturbed(Mamba2Mixer(tiny_config(ssm_n_groups=groups), 0))
     x = torch.randn(2, 30, 32)
     with torch.no_grad():
         full = mx(x, None, None)

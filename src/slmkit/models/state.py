@@ -304,6 +304,7 @@ class ReplayState(nn.Module):
         the call, the inputs and the checkpoint are kept for `crop`. Inactive rows keep everything."""
         bsz, t, _ = raw.shape
         keep = ctx.active if ctx is not None and ctx.active is not None else None
+        every = keep is None  # every row takes the call: plain copies, no masking (the batch-1 decode path)
         if keep is None:
             keep = torch.ones(bsz, dtype=torch.bool, device=raw.device)
         pos = ctx.pos.expand(bsz, t) if ctx is not None else self.length[:, None] + torch.arange(t, device=raw.device)
@@ -312,16 +313,21 @@ class ReplayState(nn.Module):
         size = self.ring_size
         tail = min(t, size)  # the ring takes this call's inputs (the last `size` of a longer call)
         slots = (pos[:, t - tail :] % size)[:, :, None].expand(-1, -1, raw.shape[2])
-        old = self.ring.gather(1, slots)
-        self.ring.scatter_(1, slots, torch.where(keep[:, None, None], raw[:, t - tail :].to(self.ring.dtype), old))
+        new_inputs = raw[:, t - tail :].to(self.ring.dtype)
+        if not every:
+            new_inputs = torch.where(keep[:, None, None], new_inputs, self.ring.gather(1, slots))
+        self.ring.scatter_(1, slots, new_inputs)
 
         def put(prefix: str, new: dict[str, torch.Tensor], length: torch.Tensor) -> None:
             for name, tensor in new.items():
                 target = getattr(self, prefix + name)
-                mask = keep.view(-1, *([1] * (target.dim() - 1)))
-                target.copy_(torch.where(mask, tensor.to(target.dtype), target))
+                if every:
+                    target.copy_(tensor)
+                else:
+                    mask = keep.view(-1, *([1] * (target.dim() - 1)))
+                    target.copy_(torch.where(mask, tensor.to(target.dtype), target))
             target = getattr(self, prefix + "length")
-            target.copy_(torch.where(keep, length, target))
+            target.copy_(length if every else torch.where(keep, length, target))
 
         before = self.carry()
         put("prev_", before, start)
