@@ -103,7 +103,11 @@ def mqar_batch(g: torch.Generator, batch: int, pairs: int, queries: int, n_keys:
     return x, y
 
 
-def recall_section(presets: list[str], steps: int, pairs: int, d_model: int) -> list[dict]:
+def recall_section(presets: list[str], steps: int, pairs: int, d_model: int, batch: int) -> list[dict]:
+    """Train each mixer on MQAR from scratch and score held-out sequences. Every pair is queried, and the batch is
+    large: with 4 queries of 8 pairs at batch 32 (128 labels a step) even attention stayed at 0.15 after 5,000
+    steps; at 8 queries and batch 128 (2 layers) it jumps from chance to 1.0 near step 1,100 (the induction-head
+    transition); at 16 pairs it was still at 0.23 after 2,400 steps, beyond a CPU benchmark's budget."""
     import torch.nn.functional as F
 
     n_keys, n_values = 64, 64
@@ -116,14 +120,14 @@ def recall_section(presets: list[str], steps: int, pairs: int, d_model: int) -> 
             name,
             vocab_size=vocab,
             d_model=d_model,
-            n_layers=min(base.n_layers, 4),
+            n_layers=2,  # the fewest that can form an induction head (attention learns recall fastest)
             n_heads=4,
             n_kv_heads=2,
             d_ff=2 * d_model,
             max_seq_len=4 * pairs,
             bos_token_id=None,
             eos_token_id=None,
-            **({"layer_pattern": base.layer_pattern[:4]} if base.layer_pattern else {}),
+            **({"layer_pattern": base.layer_pattern[-2:]} if base.layer_pattern else {}),  # hybrid: M, A
         )
         model = build_model(cfg)
         model.init_weights(seed=0)
@@ -131,18 +135,17 @@ def recall_section(presets: list[str], steps: int, pairs: int, d_model: int) -> 
         g = torch.Generator().manual_seed(1)
         started = time.perf_counter()
         for step in range(steps):
-            x, y = mqar_batch(g, 32, pairs, pairs // 2, n_keys, n_values)
-            lr = 3e-3 * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
+            x, y = mqar_batch(g, batch, pairs, pairs, n_keys, n_values)
+            lr = 3e-3 * min(1.0, (step + 1) / 50)  # constant after warm-up: a decay can stall it before the jump
             for group in opt.param_groups:
                 group["lr"] = lr
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
         model.eval()
         with torch.inference_mode():
-            x, y = mqar_batch(torch.Generator().manual_seed(99), 256, pairs, pairs // 2, n_keys, n_values)
+            x, y = mqar_batch(torch.Generator().manual_seed(99), 256, pairs, pairs, n_keys, n_values)
             pred = model(x).argmax(-1)
             mask = y != -100
             accuracy = (pred[mask] == y[mask]).float().mean().item()
@@ -160,7 +163,7 @@ def recall_section(presets: list[str], steps: int, pairs: int, d_model: int) -> 
         [r["preset"], f"{r['accuracy']:.3f}", f"{r['state_bytes'] / 1024:.1f}", f"{r['seconds']:.0f}"] for r in results
     ]
     table(
-        f"associative recall ({pairs} pairs, {pairs // 2} queries, d_model {d_model}, {steps} steps)",
+        f"associative recall ({pairs} pairs, all queried, d_model {d_model}, batch {batch}, {steps} steps)",
         ["preset", "accuracy", "state KiB", "seconds"],
         rows,
     )
@@ -285,8 +288,9 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS)
     parser.add_argument("--contexts", nargs="+", type=int, default=[128, 1024, 4096, 16384])
     parser.add_argument("--decode-steps", type=int, default=32)
-    parser.add_argument("--recall-steps", type=int, default=600)
-    parser.add_argument("--recall-pairs", type=int, default=32)
+    parser.add_argument("--recall-steps", type=int, default=2000)
+    parser.add_argument("--recall-pairs", type=int, default=8)
+    parser.add_argument("--recall-batch", type=int, default=128)
     parser.add_argument("--recall-width", type=int, default=64)
     parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (quality)")
     parser.add_argument("--corpora", nargs="+", default=["builtin:pystdlib", f"{SEED_PAPERS}#abstract"])
@@ -302,7 +306,9 @@ def main() -> None:
     if "decode" in args.sections:
         report["decode"] = decode_section(args.presets, args.contexts, args.decode_steps, args.vocab_size)
     if "recall" in args.sections:
-        report["recall"] = recall_section(args.presets, args.recall_steps, args.recall_pairs, args.recall_width)
+        report["recall"] = recall_section(
+            args.presets, args.recall_steps, args.recall_pairs, args.recall_width, args.recall_batch
+        )
     if "quality" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
             report["quality"] = quality_section(args.presets, args.corpora, args.flops, args.vocab_size, Path(tmp))

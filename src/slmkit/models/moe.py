@@ -104,11 +104,10 @@ class MoE(nn.Module):
         order = torch.argsort(assignment, stable=True)
         counts = torch.bincount(assignment, minlength=self.n_experts).tolist()  # one sync for the whole layer
         tokens = order // self.top_k
-        scale = weights.reshape(-1)[order].unsqueeze(-1)
-        start = 0
-        for e, count in enumerate(counts):
-            if count:
-                rows = tokens[start : start + count]
-                out.index_add_(0, rows, self.experts[e](flat[rows]) * scale[start : start + count])
-                start += count
+        # one gather of every (token, choice) in expert order, contiguous slices per expert, one scatter-add back:
+        # per-expert gathers would each cost a full-size zero gradient in the backward pass
+        grouped = flat[tokens].split(counts)
+        outs = [self.experts[e](rows) for e, rows in enumerate(grouped) if rows.shape[0]]
+        weighted = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)
+        out.index_add_(0, tokens, weighted)
         return out
