@@ -57,6 +57,12 @@ ROWS: dict[str, list[list[str]]] = {
         ["compress", "{model}", "--method", "prune-magnitude", "--sparsity", "-0.5", "--out", "{tmp}/c3"],
         ["compress", "{huge_context_model}", "--method", "int8", "--out", "{tmp}/c4"],
     ],
+    "upcycle": [
+        ["upcycle", "{missing}", "--out", "{tmp}/u1"],
+        ["upcycle", "{corrupt_model}", "--out", "{tmp}/u2"],
+        ["upcycle", "{model}", "--out", "{tmp}/u3", "--experts", "2", "--top-k", "3"],
+        ["upcycle", "{model}", "--out", "{tmp}/u4", "--noise", "-1"],
+    ],
     "distill": [
         ["distill", "--teacher", "{missing}", "--student", "tiny", "--data", "{data}", "--out", "{tmp}/d1"],
         [

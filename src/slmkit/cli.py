@@ -149,6 +149,13 @@ def train(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier run (or other files) in --out instead of refusing.")
     ] = False,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start from this model directory's config and weights (continued training; an upcycled model) "
+            "instead of a fresh --preset."
+        ),
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -173,10 +180,13 @@ def train(
         "dtype": dtype,
         "preset": preset,
         "strategy": strategy,
+        "init": str(init) if init is not None else None,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:
         given["compile"] = True
+    if init is not None and (preset is not None or set_):
+        raise UserError("--init gives the model: drop --preset and --set")
     if resume:
         keys = ("max_steps", "max_tokens", "max_minutes", "max_flops", "strategy")
         budgets = {k: given[k] for k in keys if k in given}
@@ -483,6 +493,29 @@ def compress(
     if b.perplexity and a.perplexity:
         notes.append(f"perplexity {100 * (a.perplexity / b.perplexity - 1):+.2f}%")
     _console().print("; ".join(notes))
+
+
+@app.command()
+def upcycle(
+    model: Annotated[Path, typer.Argument(help="A dense model dir (or run dir) with gated MLPs.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the mixture-of-experts model.")],
+    experts: Annotated[int, typer.Option(help="Experts per layer, each a copy of the layer's MLP.")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Experts each token uses.")] = 2,
+    noise: Annotated[
+        float, typer.Option(help="Relative noise on the expert copies (0: the output equals the dense model's).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the router (and noise).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
+) -> None:
+    """Sparse upcycling: copy each layer's MLP into experts and add a router; then `slm train --init OUT`."""
+    from slmkit.compress.moe import upcycle as run_upcycle
+
+    result = run_upcycle(model, out, experts, top_k, noise=noise, seed=seed, overwrite=overwrite)
+    print(
+        f"wrote {result.out}: {result.experts} experts, top-{result.top_k}; {result.params_before:,} -> "
+        f"{result.params_after:,} parameters ({result.active_params:,} per token). "
+        f"Train it with: slm train --init {result.out} --data DATA --out RUN --max-steps N"
+    )
 
 
 @app.command()

@@ -459,13 +459,6 @@ class ModelConfig:
             "active_params": self.num_params(active=True),
         }
 
-    @staticmethod
-    def describe_counts(counts: dict[str, int]) -> str:
-        """'N parameters (M non-embedding)', plus ', A per token' where a token uses fewer (MoE)."""
-        text = f"{counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding"
-        active = counts.get("active_params", counts["params"])
-        return text + (f", {active:,} per token)" if active != counts["params"] else ")")
-
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), counting matmuls only.
 

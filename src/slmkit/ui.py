@@ -7,7 +7,13 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from slmkit.config import ModelConfig
+
+def describe_counts(counts: dict[str, int]) -> str:
+    """'N parameters (M non-embedding)', plus ', A per token' where a token uses fewer (MoE); from
+    `ModelConfig.param_counts()`."""
+    text = f"{counts['params']:,} parameters ({counts['non_embedding_params']:,} non-embedding"
+    active = counts.get("active_params", counts["params"])
+    return text + (f", {active:,} per token)" if active != counts["params"] else ")")
 
 
 def _si(x: float) -> str:
@@ -39,7 +45,7 @@ class RichReporter:
     def start(self, info: dict[str, Any]) -> None:
         budget = ", ".join(f"{k}={v}" for k, v in info["budget"].items())
         self.console.print(
-            f"model: {ModelConfig.describe_counts(info)}; "
+            f"model: {describe_counts(info)}; "
             f"{info['device']} {info['dtype']}; {info['tokens_per_step']:,} tokens/step; budget: {budget}"
         )
         self.progress.start()

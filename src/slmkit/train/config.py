@@ -21,6 +21,9 @@ class TrainConfig:
 
     preset: str = "micro"
     model: dict[str, Any] = field(default_factory=dict)  # ModelConfig overrides on top of the preset
+    # a model directory whose config and weights start the run instead of a fresh preset (continued pre-training;
+    # an upcycled or carved mixture of experts); its tokenizer must be the data's
+    init: str | None = None
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1
@@ -112,6 +115,13 @@ class TrainConfig:
             raise UserError(f"train config: device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"train config: threads must be >= 1, got {self.threads}")
+        if self.init is not None:
+            if self.model:
+                raise UserError(
+                    f"train config: init ({self.init}) gives the model; model overrides {sorted(self.model)} "
+                    "cannot change it (use a preset instead)"
+                )
+            return
         self.model_config(vocab_size=self.model.get("vocab_size", 8192))  # validate overrides early
 
     @property

@@ -213,11 +213,14 @@ def train(
 
     data = load_data_dir(data_dir)
     check_enough_data(data, data_dir, cfg.seq_len)
-    model_cfg = cfg.model_config(vocab_size=data.vocab_size)
-    model_cfg = model_cfg.replace(bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id)
-    torch.manual_seed(cfg.seed)
-    model = build_model(model_cfg)
-    model.init_weights(seed=cfg.seed)
+    if cfg.init is not None:
+        model = initial_model(cfg.init, data, data_dir, cfg.seq_len)
+    else:
+        model_cfg = cfg.model_config(vocab_size=data.vocab_size)
+        model_cfg = model_cfg.replace(bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id)
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_cfg)
+        model.init_weights(seed=cfg.seed)
     spec = RunSpec(
         kind="training",
         model=model,
@@ -227,6 +230,23 @@ def train(
         config_record=TrainConfig.to_dict,
     )
     return run(cfg, data, run_dir, spec, resume_from, reporter)
+
+
+def initial_model(init: str | Path, data: Any, data_dir: str | Path, seq_len: int) -> torch.nn.Module:
+    """The float model in directory `init` (a run dir means its final model), checked to share the data's
+    tokenizer and to fit the sequence length: the start of a run that continues training it."""
+    from slmkit.interop.checkpoint import load_model, resolve_model_dir
+    from slmkit.train.checkpoints import tokenized_with
+
+    directory = resolve_model_dir(init)
+    if not tokenized_with(directory / "tokenizer.json", data):
+        raise UserError(f"{data_dir} was not tokenized with {directory}'s tokenizer; prepare it with --tokenizer")
+    model = load_model(directory)
+    if getattr(model, "compression", None) is not None:
+        raise UserError(f"{directory}: the model is quantized or factored; continue training a float model")
+    if seq_len > model.config.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} exceeds {directory}'s context ({model.config.max_seq_len})")
+    return model
 
 
 def check_enough_data(data: Any, data_dir: str | Path, seq_len: int) -> None:
