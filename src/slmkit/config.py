@@ -22,7 +22,7 @@ from typing import Any, Literal, get_args
 
 from slmkit.errors import UserError
 
-Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba2", "slmkit"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba2", "mixtral", "slmkit"]
 NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 MLPType = Literal["gated", "plain", "moe", "none"]
@@ -515,11 +515,12 @@ PRESETS.update(
 )
 
 # Mixture of experts at the active size of micro and small: 8 experts of half the dense width, 2 per token, so a
-# token costs what it costs in the dense preset (the router aside) while the MLPs hold 4x the parameters.
+# token costs what it costs in the dense preset (the router aside) while the MLPs hold 4x the parameters. Saved as
+# Mixtral (transformers' MixtralForCausalLM loads them).
 PRESETS.update(
     {
-        "micro-moe": dict(PRESETS["micro"], d_ff=176, mlp="moe", moe_experts=8, moe_top_k=2, family="slmkit"),
-        "small-moe": dict(PRESETS["small"], d_ff=352, mlp="moe", moe_experts=8, moe_top_k=2, family="slmkit"),
+        "micro-moe": dict(PRESETS["micro"], d_ff=176, mlp="moe", moe_experts=8, moe_top_k=2, family="mixtral"),
+        "small-moe": dict(PRESETS["small"], d_ff=352, mlp="moe", moe_experts=8, moe_top_k=2, family="mixtral"),
     }
 )
 

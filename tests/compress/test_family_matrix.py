@@ -31,6 +31,7 @@ SWITCHES = {
         qkv_bias=True, out_bias=True, mlp_bias=True,
     ),
     "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", ssm_head_dim=16, ssm_state_size=16),
+    "mixtral": dict(family="mixtral", mlp="moe", moe_experts=4, moe_top_k=2),
     # slmkit's own format: one layer of each mixer (gla's gate rank 32: int4 groups of 32 divide every width)
     "slmkit": dict(
         family="slmkit", n_layers=4, layer_pattern=("gla", "based", "mamba2", "attention"), linear_gate_rank=32,
@@ -51,13 +52,22 @@ METHODS = {
 # logits and of their rounding error (two gla layers measured: int8 0.046, int4 0.47; attention: 0.025, 0.27).
 # The slmkit row stacks four such layers: int4 errors measured 0.44-0.55 with the shared corpus's tokenizer and
 # 0.57-0.77 with the synthetic fallback corpus (tests/conftest.py); logits of a shifted vocabulary give 1.41.
-ERROR_ALLOWANCE = {("slmkit", "int8"): 1.25, ("slmkit", "int4"): 1.9}
+# A mixture of experts adds routing flips to the rounding: with the router in float, int8 changed 4 of 128
+# (token, layer) top-2 choices here, and those tokens carry most of the error (int8 0.165 against llama's 0.010;
+# int4 0.38-0.44 against 0.10).
+ERROR_ALLOWANCE = {
+    ("slmkit", "int8"): 1.25,
+    ("slmkit", "int4"): 1.9,
+    ("mixtral", "int8"): 4.0,
+    ("mixtral", "int4"): 1.25,
+}
 # what a family cannot do, and why: GPT-2's config.json derives the head width from n_embd / n_head
 REFUSED = {
     ("gpt2", "prune-structured"): r"prune-structured: family 'gpt2' cannot express head_dim=16",
     # structured pruning cuts attention heads and MLP channels only
     ("mamba2", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers and no MLP",
     ("slmkit", "prune-structured"): r"prune-structured cuts attention heads .* has based, gla, mamba2 layers;",
+    ("mixtral", "prune-structured"): r"prune-structured cuts attention heads .* has mixture-of-experts MLPs;",
 }
 
 
@@ -78,7 +88,8 @@ def family_dirs(tmp_path_factory, data_dir, make_model):
 
 
 def block_linears_left(model: nn.Module) -> list[str]:
-    return [name for name, m in model.layers.named_modules() if type(m) is nn.Linear]
+    """Float linear layers left in the blocks, but for routers (kept in float on purpose: slmkit.models.moe)."""
+    return [n for n, m in model.layers.named_modules() if type(m) is nn.Linear and not n.endswith(".mlp.gate")]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

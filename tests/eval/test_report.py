@@ -205,6 +205,9 @@ def test_card_of_a_mixture_of_experts_counts_what_a_token_uses(tmp_path, tiny_mo
     counts = config.param_counts()
     assert counts["active_params"] < counts["params"]
     assert f"{counts['params']:,} parameters" in text and f"{counts['active_params']:,} per token" in text
-    assert "MoE MLPs (top-2 of 8 experts)" in text and "slmkit.load" in text
+    assert "MoE MLPs (top-2 of 8 experts)" in text and "AutoModelForCausalLM" in text
     meta = _front_matter(text)
-    assert meta["library_name"] == "slmkit" and "mixture-of-experts" in meta["tags"]
+    assert meta["library_name"] == "transformers" and {"mixtral", "mixture-of-experts"} <= set(meta["tags"])
+    native = save_model(build_model(config.replace(family="slmkit")), tmp_path / "native", tokenizer_dir=tiny_model_dir)
+    text = write_card(native).read_text()
+    assert "slmkit.load" in text and _front_matter(text)["library_name"] == "slmkit"

@@ -162,7 +162,8 @@ def prune_structured(
 
     config = model.config
     others = sorted(config.mixers - {"attention"})
-    lacks = ([f"{', '.join(others)} layers"] if others else []) + (["no MLP"] if config.mlp == "none" else [])
+    lacks = [f"{', '.join(others)} layers"] if others else []
+    lacks += {"none": ["no MLP"], "moe": ["mixture-of-experts MLPs"]}.get(config.mlp, [])
     if lacks:  # heads and FFN channels are attention's and the MLP's: other mixers' widths are not cut here
         raise UserError(
             f"prune-structured cuts attention heads and MLP channels, and this model has {' and '.join(lacks)}; "

@@ -585,6 +585,62 @@ def _mamba2_from_hf(state: StateDict) -> StateDict:
     return out
 
 
+# ---- mixtures of experts: Llama's layout with the MLP replaced by a router and experts --------------------
+_MIXTRAL_KEYS = _LLAMA_LIKE_KEYS | {
+    "num_local_experts", "num_experts_per_tok", "router_jitter_noise", "output_router_logits"
+}  # fmt: skip
+# our expert projections -> Mixtral's (w1 gate, w3 up, w2 down), inside `block_sparse_moe` (transformers' files)
+_MIXTRAL_PROJ = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def _read_mixtral(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    _require(d, ("num_local_experts", "num_experts_per_tok"), source)
+    fields = _read_llama_like(spec, d, source)
+    return fields | dict(moe_experts=d["num_local_experts"], moe_top_k=d["num_experts_per_tok"], moe_norm_topk=True)
+
+
+def _write_mixtral(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    d = _write_llama_like(spec, cfg)
+    return d | {"num_local_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k}
+
+
+def _mixtral_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    out: StateDict = {}
+    for name, tensor in prefixed_to_hf(state).items():
+        parts = name.split(".")  # model.layers.{i}.mlp.(gate.weight | experts.{e}.{proj}.weight)
+        if len(parts) > 4 and parts[3] == "mlp":
+            parts[3] = "block_sparse_moe"
+            if parts[4] == "experts":
+                parts[6] = _MIXTRAL_PROJ[parts[6]]
+        out[".".join(parts)] = tensor
+    return out
+
+
+def _mixtral_from_hf(state: StateDict) -> StateDict:
+    """Mixtral's files (block_sparse_moe.experts.{e}.w1/w2/w3), or transformers' fused in-memory layout
+    (mlp.experts.gate_up_proj (E, 2F, C) with the gate half first, mlp.experts.down_proj (E, C, F))."""
+    back = {v: k for k, v in _MIXTRAL_PROJ.items()}
+    out: StateDict = {}
+    for name, tensor in prefixed_from_hf(state).items():
+        parts = name.split(".")
+        if len(parts) > 3 and parts[2] in ("block_sparse_moe", "mlp"):
+            parts[2] = "mlp"
+            if parts[3:] == ["experts", "gate_up_proj"]:
+                gate, up = tensor.chunk(2, dim=1)
+                for e in range(tensor.shape[0]):
+                    out[f"{parts[0]}.{parts[1]}.mlp.experts.{e}.gate_proj.weight"] = gate[e]
+                    out[f"{parts[0]}.{parts[1]}.mlp.experts.{e}.up_proj.weight"] = up[e]
+                continue
+            if parts[3:] == ["experts", "down_proj"]:
+                for e in range(tensor.shape[0]):
+                    out[f"{parts[0]}.{parts[1]}.mlp.experts.{e}.down_proj.weight"] = tensor[e]
+                continue
+            if parts[3] == "experts":
+                parts[5] = back.get(parts[5], parts[5])
+        out[".".join(parts)] = tensor
+    return out
+
+
 def _read_slmkit(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
     import dataclasses
 
@@ -806,6 +862,35 @@ FAMILIES: dict[str, FamilySpec] = {
             "rescale_prenorm_residual": False,
         },
         mixers=("mamba2",),
+    ),
+    # Mixtral: Mistral's attention (a sliding window in every layer, or none), every MLP a mixture of experts whose
+    # k router probabilities are renormalised; no shared expert. llama.cpp runs it as `llama` with expert tensors,
+    # which slmkit does not write yet (gguf None).
+    "mixtral": FamilySpec(
+        name="mixtral",
+        architecture="MixtralForCausalLM",
+        allowed=dict(
+            norm=("rmsnorm",),
+            mlp=("moe",),
+            positions=("rope",),
+            qk_norm=(False,),
+            **_NO_BIAS,
+            moe_shared_d_ff=(0,),
+            moe_shared_gate=(False,),
+            moe_norm_topk=(True,),
+        ),  # fmt: skip
+        shared={},
+        config_keys=_MIXTRAL_KEYS,
+        read_config=_read_mixtral,
+        write_config=_write_mixtral,
+        weights_to_hf=_mixtral_to_hf,
+        weights_from_hf=_mixtral_from_hf,
+        gguf=None,
+        compressible=GATED_LINEARS,  # each expert's (slmkit.interop.families._mlp_copies); the router stays float
+        scale_folds=(GATED_FOLDS[0], _V_TO_O),  # the MLP folds would have to scale every expert and the router
+        weight_marker=".block_sparse_moe.",
+        window="every_layer",
+        fixed_keys={"router_jitter_noise": 0.0, "output_router_logits": False},
     ),
     # slmkit's own format: every ModelConfig field under its own name, our weight names; any mixers (hybrids,
     # linear attention). transformers has no class for it, so `slm export hf` refuses it.
