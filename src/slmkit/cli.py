@@ -433,11 +433,6 @@ def compress(
     ffn_keep: Annotated[float, typer.Option(help="prune-structured: share of FFN channels kept.")] = 1.0,
     drop_layers: Annotated[int, typer.Option(help="prune-structured: number of whole layers removed.")] = 0,
     energy: Annotated[float, typer.Option(help="lowrank: share of squared singular values kept per layer.")] = 0.9,
-    experts: Annotated[int, typer.Option(help="moe-carve: routed experts carved from each FFN.")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", help="moe-carve: experts each token uses.")] = 2,
-    shared: Annotated[
-        int | None, typer.Option(help="moe-carve: FFN neurons in the always-on shared expert (default: the rest).")
-    ] = None,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows from the train split.")] = 128,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     eval_windows: Annotated[int | None, typer.Option(help="Val windows scored before/after (default: all).")] = None,
@@ -463,9 +458,6 @@ def compress(
         ffn_keep=ffn_keep,
         drop_layers=drop_layers,
         energy=energy,
-        experts=experts,
-        top_k=top_k,
-        shared=shared,
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
     )

@@ -198,9 +198,6 @@ class ModelConfig:
     moe_shared_gate: bool = False  # a sigmoid gate scales the shared expert per token [Qwen2-MoE]
     moe_norm_topk: bool = True  # renormalise the k chosen probabilities to sum to 1 [norm_topk_prob]
     moe_z_loss_weight: float = 0.1  # router z-loss weight relative to the balance loss (x aux_loss_weight)
-    # how a chosen expert's output is weighted: softmax (its router probability, Mixtral) or unit (1 in the forward
-    # pass, the probability's gradient in the backward: carved experts, whose sum is the dense MLP)
-    moe_weighting: str = "softmax"
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -333,8 +330,6 @@ class ModelConfig:
             raise UserError(f"model config: moe_shared_d_ff must be 0 (none) or a width, got {self.moe_shared_d_ff}")
         if self.moe_shared_gate and not self.moe_shared_d_ff:
             raise UserError("model config: moe_shared_gate needs a shared expert (moe_shared_d_ff > 0)")
-        if self.moe_weighting not in ("softmax", "unit"):
-            raise UserError(f"model config: moe_weighting must be softmax or unit, got {self.moe_weighting!r}")
         if self.moe_z_loss_weight < 0:
             raise UserError(f"model config: moe_z_loss_weight must be >= 0, got {self.moe_z_loss_weight}")
         if self.mlp == "moe" and self.moe_experts > 4096:

@@ -34,10 +34,9 @@ METHODS = (
     "prune-2:4",
     "prune-structured",
     "lowrank",
-    "moe-carve",
 )
 _BEFORE: dict[tuple, Measurement] = {}
-NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured", "moe-carve"}
+NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured"}
 
 
 @dataclass
@@ -51,9 +50,6 @@ class CompressOptions:
     ffn_keep: float = 1.0
     drop_layers: int = 0
     energy: float = 0.9  # lowrank
-    experts: int = 8  # moe-carve: routed experts per layer
-    top_k: int = 2  # moe-carve: experts per token
-    shared: int | None = None  # moe-carve: FFN neurons in the shared expert (None: what equal experts leave)
     calib_samples: int = 128
     calib_seq_len: int = 256
     seed: int = 0
@@ -272,11 +268,6 @@ def compress(
         state, spec = factorize_model(float_model, options.energy)
         new_config = config.replace(extra={**config.extra, SPEC_KEY: spec})
         record = spec
-    elif method == "moe-carve":
-        from slmkit.compress.moe import carved_model
-
-        out_model, record, _ = carved_model(float_model, batches, options.experts, options.top_k, options.shared)
-        new_config = out_model.config
     elif method == "prune-structured":
         from slmkit.compress.prune import prune_structured
 

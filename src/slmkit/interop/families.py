@@ -878,7 +878,6 @@ FAMILIES: dict[str, FamilySpec] = {
             moe_shared_d_ff=(0,),
             moe_shared_gate=(False,),
             moe_norm_topk=(True,),
-            moe_weighting=("softmax",),
         ),  # fmt: skip
         shared={},
         config_keys=_MIXTRAL_KEYS,

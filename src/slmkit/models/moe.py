@@ -63,7 +63,6 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = config.moe_experts, config.moe_top_k
         self.normalize = config.moe_norm_topk
-        self.unit = config.moe_weighting == "unit"
         self.z_loss_weight = config.moe_z_loss_weight
         self.gate = nn.Linear(config.d_model, self.n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(self.n_experts))
@@ -79,8 +78,6 @@ class MoE(nn.Module):
         flat = x.reshape(-1, shape[-1])  # (N, C)
         logits = self.gate(flat).float()  # (N, E): routing in fp32 whatever the model's dtype
         probs, weights, experts = route(logits, self.top_k, self.normalize)
-        if self.unit:  # each chosen expert counts once; the router still learns through the straight-through term
-            weights = weights - weights.detach() + 1.0
         out = self._experts(flat, weights.to(flat.dtype), experts)
         modules = self._modules
         if "shared_expert" in modules:
