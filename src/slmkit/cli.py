@@ -448,7 +448,8 @@ def compress(
         bool, typer.Option("--overwrite", help="Replace what is already at --out (never a file by a directory).")
     ] = False,
 ) -> None:
-    """Quantize, prune, factorize or carve into experts MODEL into OUT; prints before/after quality, size, memory and speed."""
+    """Quantize, prune, factorize or carve into experts MODEL into OUT; prints before/after quality, size, memory,
+    speed."""
     from slmkit.compress.pipeline import CompressOptions
     from slmkit.compress.pipeline import compress as run_compress
 

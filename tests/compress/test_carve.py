@@ -45,25 +45,38 @@ def test_carved_experts_partition_the_neurons(data_dir, tmp_path, make_model):
         for group, piece in zip(groups, pieces, strict=True):
             assert torch.equal(piece.up_proj.weight, source_mlp.up_proj.weight[group])
             assert torch.equal(piece.down_proj.weight, source_mlp.down_proj.weight[:, group])
-        # the router row of each expert is one of its own neurons' gate rows (unit norm)
+        # the router row of each expert: the direction of its own neurons' mean (unit-norm) gate row
         for e, group in enumerate(record.experts[i]):
-            rows = source_mlp.gate_proj.weight[group]
-            cos = (rows / rows.norm(dim=1, keepdim=True)) @ carved.gate.weight[e]
-            assert float(cos.max()) == pytest.approx(1.0, abs=1e-5)
+            rows = source_mlp.gate_proj.weight[group].detach()
+            mean = (rows / rows.norm(dim=1, keepdim=True)).mean(0)
+            assert torch.allclose(carved.gate.weight[e].detach(), mean / mean.norm(), atol=1e-6)
         # the shared expert holds the neurons active most often
         assert record.active_rate[i] > 0
 
 
-def test_clustered_carve_beats_a_random_partition_on_held_out_data(data_dir, tiny_model_dir):
-    """top_k < E on the trained tiny model: the activation-clustered carve loses less than random groups of the
-    same sizes (same shared expert, same router rule), scored on the val split."""
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, data_dir):
+    """A tiny model trained long enough that its MLPs matter (a random or barely trained one has no co-activation
+    structure to find)."""
+    from slmkit.train.loop import train
+    from slmkit_testing import tiny_train_config
+
+    run = tmp_path_factory.mktemp("carve") / "run"
+    config = tiny_train_config(max_steps=200, batch_size=8, seq_len=64, model={"max_seq_len": 64})
+    return train(config, data_dir, run).final_dir
+
+
+def test_clustered_carve_beats_a_random_partition_on_held_out_data(data_dir, trained_dir):
+    """top_k < E: the activation-clustered carve loses less than random groups of the same sizes (same shared
+    expert, same router rule), scored on the val split (calibration is the train split)."""
     from slmkit.data.shards import load_data_dir
     from slmkit.train.validation import token_nats
 
+    source = trained_dir
     val = load_data_dir(data_dir).val
     scores = {}
     for partition in ("activation", "random"):
-        dense, moe, _ = carve(tiny_model_dir, data_dir, experts=8, top_k=2, shared=16, partition=partition, samples=32)
+        dense, moe, _ = carve(source, data_dir, experts=8, top_k=2, shared=16, partition=partition, samples=32)
         nats, count = token_nats(moe, val, 64, 8, None)
         scores[partition] = nats / count
     nats, count = token_nats(dense, val, 64, 8, None)
