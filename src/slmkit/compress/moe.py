@@ -1,4 +1,5 @@
-"""Mixtures of experts made from a dense model: upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling").
+"""Mixtures of experts made from a dense model: upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling") and
+carving (Pei et al. 2025, CMoE; `carve_model`, notes above it).
 
 `upcycle` copies each layer's gated MLP into E experts and adds a router; everything else is copied. With
 identical experts the output equals the dense model's whatever the router says (the k renormalised weights sum
