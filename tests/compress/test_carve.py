@@ -106,18 +106,30 @@ def test_bad_carve_inputs(data_dir, tmp_path, make_model):
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
     base = ["compress", "--method", "moe-carve", "--no-measure", "--calib-samples", "4", "--calib-seq-len", "32"]
-    cases = [
+    cases = [  # through the command: one error line, exit 2
         ([source, "--out", tmp_path / "a", "--experts", "4"], "needs calibration data"),  # no --data
         ([source, "--out", tmp_path / "b", "--data", data_dir, "--experts", "5"], "must divide"),
-        ([source, "--out", tmp_path / "c", "--data", data_dir, "--experts", "4", "--shared", "30"], "must divide"),
-        ([source, "--out", tmp_path / "d", "--data", data_dir, "--experts", "2", "--top-k", "3"], "top-k"),
-        ([moe, "--out", tmp_path / "e", "--data", data_dir], "already a mixture of experts"),
         ([source, "--out", tmp_path / "taken", "--data", data_dir, "--experts", "4"], "--overwrite"),
     ]
     for args, message in cases:
         r = run_slm(*base, *args)
         assert r.returncode == 2 and r.stderr.count("error:") == 1 and message in r.stderr, (args, r.stderr)
+    from slmkit.compress.pipeline import CompressOptions, compress
+
+    api_cases = [  # the same checks behind the Python API
+        (source, "c", CompressOptions(experts=4, shared=30), "must divide"),
+        (source, "d", CompressOptions(experts=2, top_k=3), "top-k"),
+        (moe, "e", CompressOptions(), "already a mixture of experts"),
+    ]
+    for model, out, options, message in api_cases:
+        options.calib_samples, options.calib_seq_len = 4, 32
+        with pytest.raises(UserError, match=message):
+            compress(model, "moe-carve", tmp_path / out, data=data_dir, options=options, measure=False)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     assert not any((tmp_path / name).exists() for name in "abcde")
     with pytest.raises(UserError, match="must divide"):
         carve(source, data_dir, experts=3, top_k=1, shared=0)
+    gpt2 = dict(mlp="plain", activation="gelu_tanh", norm="layernorm", positions="learned", n_kv_heads=4)
+    plain = make_model(tmp_path / "gpt2", data_dir, family="gpt2", qkv_bias=True, out_bias=True, mlp_bias=True, **gpt2)
+    with pytest.raises(UserError, match="gated MLP"):
+        carve(plain, data_dir, experts=4, top_k=1, shared=0)
