@@ -130,8 +130,8 @@ def train(*args: Any, **kwargs: Any):
 
 
 def compress(*args: Any, **kwargs: Any):
-    """Quantize, prune or factorize a model dir (see `slmkit.compress.pipeline.compress`); an existing output
-    directory is replaced only with `overwrite=True`."""
+    """Quantize, prune, factorize or carve into experts a model dir (see `slmkit.compress.pipeline.compress`); an
+    existing output directory is replaced only with `overwrite=True`."""
     from slmkit.compress.pipeline import compress as _compress
 
     return _compress(*args, **kwargs)

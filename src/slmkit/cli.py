@@ -410,7 +410,8 @@ def compress(
     method: Annotated[
         str,
         typer.Option(
-            help="int8, int4, gptq-int4, awq-int4, prune-magnitude, prune-wanda, prune-2:4, prune-structured, lowrank."
+            help="int8, int4, gptq-int4, awq-int4, prune-magnitude, prune-wanda, prune-2:4, prune-structured, lowrank, "
+            "moe-carve."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (written atomically).")],
@@ -433,6 +434,9 @@ def compress(
     ffn_keep: Annotated[float, typer.Option(help="prune-structured: share of FFN channels kept.")] = 1.0,
     drop_layers: Annotated[int, typer.Option(help="prune-structured: number of whole layers removed.")] = 0,
     energy: Annotated[float, typer.Option(help="lowrank: share of squared singular values kept per layer.")] = 0.9,
+    experts: Annotated[int, typer.Option(help="moe-carve: routed experts per layer (must divide d_ff - shared).")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", help="moe-carve: routed experts each token uses.")] = 2,
+    shared: Annotated[int, typer.Option(help="moe-carve: neurons in the always-on shared expert (0: none).")] = 0,
     calib_samples: Annotated[int, typer.Option(help="Calibration windows from the train split.")] = 128,
     calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 256,
     eval_windows: Annotated[int | None, typer.Option(help="Val windows scored before/after (default: all).")] = None,
@@ -444,7 +448,8 @@ def compress(
         bool, typer.Option("--overwrite", help="Replace what is already at --out (never a file by a directory).")
     ] = False,
 ) -> None:
-    """Quantize, prune or factorize MODEL into OUT; prints before/after quality, size, memory and speed."""
+    """Quantize, prune, factorize or carve into experts MODEL into OUT; prints before/after quality, size, memory,
+    speed."""
     from slmkit.compress.pipeline import CompressOptions
     from slmkit.compress.pipeline import compress as run_compress
 
@@ -458,6 +463,9 @@ def compress(
         ffn_keep=ffn_keep,
         drop_layers=drop_layers,
         energy=energy,
+        experts=experts,
+        top_k=top_k,
+        shared=shared,
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
     )

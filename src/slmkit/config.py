@@ -26,6 +26,7 @@ Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba2", "mixtra
 NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 MLPType = Literal["gated", "plain", "moe", "none"]
+MoEWeighting = Literal["softmax", "unit"]
 PositionScheme = Literal["rope", "learned"]
 RopeScalingType = Literal["linear", "dynamic", "llama3"]
 
@@ -197,6 +198,10 @@ class ModelConfig:
     moe_shared_d_ff: int = 0  # width of a shared expert every token also uses (0: none) [Qwen2-MoE]
     moe_shared_gate: bool = False  # a sigmoid gate scales the shared expert per token [Qwen2-MoE]
     moe_norm_topk: bool = True  # renormalise the k chosen probabilities to sum to 1 [norm_topk_prob]
+    # how a chosen expert's output is weighted: "softmax" by its router probability (as moe_norm_topk says);
+    # "unit" by exactly 1, the router only choosing (a carved model: the experts are pieces of one MLP that sum
+    # back to it); the router still learns, through the softmax weight's gradient (a straight-through 1)
+    moe_weighting: MoEWeighting = "softmax"
     moe_z_loss_weight: float = 0.1  # router z-loss weight relative to the balance loss (x aux_loss_weight)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
@@ -330,6 +335,8 @@ class ModelConfig:
             raise UserError(f"model config: moe_shared_d_ff must be 0 (none) or a width, got {self.moe_shared_d_ff}")
         if self.moe_shared_gate and not self.moe_shared_d_ff:
             raise UserError("model config: moe_shared_gate needs a shared expert (moe_shared_d_ff > 0)")
+        if self.moe_weighting not in get_args(MoEWeighting):
+            raise UserError(f"model config: moe_weighting must be softmax or unit, got {self.moe_weighting!r}")
         if self.moe_z_loss_weight < 0:
             raise UserError(f"model config: moe_z_loss_weight must be >= 0, got {self.moe_z_loss_weight}")
         if self.mlp == "moe" and self.moe_experts > 4096:

@@ -42,6 +42,8 @@ def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(moe.gate(token).float(), -1)
         order = sorted(range(len(probs)), key=lambda e: -float(probs[e]))[: moe.top_k]
         weights = probs[order] / (probs[order].sum() if moe.normalize else 1)
+        if moe.unit:
+            weights = torch.ones_like(weights)
         y = sum(w * moe.experts[e](token) for w, e in zip(weights, order, strict=True))
         if hasattr(moe, "shared_expert"):
             gate = torch.sigmoid(moe.shared_expert_gate(token)) if hasattr(moe, "shared_expert_gate") else 1
@@ -53,7 +55,7 @@ def per_token_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "overrides",
     [{}, {"moe_top_k": 1}, {"moe_norm_topk": False}, {"moe_shared_d_ff": 16, "moe_shared_gate": True},
-     {"moe_top_k": 6}],
+     {"moe_top_k": 6}, {"moe_weighting": "unit", "moe_shared_d_ff": 8}],
 )  # fmt: skip
 def test_dropless_dispatch_equals_the_per_token_reference(overrides):
     moe = random_moe(**overrides).eval()
@@ -151,6 +153,7 @@ def test_counts_match_the_built_model_and_active_is_the_dense_size(name):
         ({"moe_experts": 0}, "moe_experts must be a positive integer"),
         ({"moe_shared_gate": True}, "needs a shared expert"),
         ({"moe_z_loss_weight": -1.0}, "moe_z_loss_weight"),
+        ({"moe_weighting": "ones"}, "moe_weighting must be softmax or unit"),
     ],
 )
 def test_config_refuses_bad_moe_values(changes, message):
@@ -163,6 +166,21 @@ def test_hugging_face_families_refuse_an_moe_mlp_until_they_have_one():
 
     with pytest.raises(UserError, match="mlp"):
         check_family(moe_config(family="llama"))
+    with pytest.raises(UserError, match="moe_weighting"):  # Mixtral always weights by the router
+        check_family(moe_config(family="mixtral", moe_weighting="unit"))
+
+
+def test_unit_weighting_adds_the_chosen_experts_and_still_trains_the_router():
+    """moe_weighting: unit (carved models): every chosen expert counts once, whatever the router probabilities,
+    and the router's gradient is the softmax weights' (straight through), so fine-tuning can still move it."""
+    unit = random_moe(moe_weighting="unit")
+    x = torch.randn(2, 5, 32)
+    _, _, chosen = route(unit.gate(x.reshape(-1, 32)).float(), 2, True)
+    tokens = x.reshape(-1, 32)
+    reference = torch.stack([sum(unit.experts[e](t) for e in c.tolist()) for t, c in zip(tokens, chosen, strict=True)])
+    assert torch.allclose(unit(x).reshape(-1, 32), reference, atol=1e-5)
+    unit(x).square().sum().backward()
+    assert unit.gate.weight.grad.abs().sum() > 0
 
 
 # ---- the model: decoding, batching, speculation, training, the model directory, compression -------------

@@ -34,9 +34,10 @@ METHODS = (
     "prune-2:4",
     "prune-structured",
     "lowrank",
+    "moe-carve",
 )
 _BEFORE: dict[tuple, Measurement] = {}
-NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured"}
+NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured", "moe-carve"}
 
 
 @dataclass
@@ -50,6 +51,9 @@ class CompressOptions:
     ffn_keep: float = 1.0
     drop_layers: int = 0
     energy: float = 0.9  # lowrank
+    experts: int = 8  # moe-carve: routed experts per layer
+    top_k: int = 2  # moe-carve: routed experts per token
+    shared: int = 0  # moe-carve: neurons of the shared expert (0: none)
     calib_samples: int = 128
     calib_seq_len: int = 256
     seed: int = 0
@@ -268,6 +272,21 @@ def compress(
         state, spec = factorize_model(float_model, options.energy)
         new_config = config.replace(extra={**config.extra, SPEC_KEY: spec})
         record = spec
+    elif method == "moe-carve":
+        from slmkit.compress.moe import carve_model
+
+        out_model, carved = carve_model(
+            float_model, batches, options.experts, options.top_k, options.shared, seed=options.seed
+        )
+        record = {
+            "method": method,
+            "experts": options.experts,
+            "top_k": options.top_k,
+            "shared": options.shared,
+            "calibration": {"samples": options.calib_samples, "seq_len": seq_len},
+            "shared_active_rate": carved.active_rate,
+        }
+        new_config = out_model.config
     elif method == "prune-structured":
         from slmkit.compress.prune import prune_structured
 

@@ -878,6 +878,7 @@ FAMILIES: dict[str, FamilySpec] = {
             moe_shared_d_ff=(0,),
             moe_shared_gate=(False,),
             moe_norm_topk=(True,),
+            moe_weighting=("softmax",),
         ),  # fmt: skip
         shared={},
         config_keys=_MIXTRAL_KEYS,

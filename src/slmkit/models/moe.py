@@ -27,14 +27,20 @@ from slmkit.config import ModelConfig
 from slmkit.models.mlp import MLP
 
 
-def route(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(
+    logits: torch.Tensor, top_k: int, normalize: bool, unit: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(router probabilities (N, E), top-k weights (N, k), top-k expert indices (N, k)) from logits (N, E).
 
-    Ties between equal probabilities go to the lower expert index (torch.topk's order), as in transformers."""
+    Ties between equal probabilities go to the lower expert index (torch.topk's order), as in transformers.
+    `unit` (moe_weighting: unit): every weight is exactly 1 (w - w.detach() is exactly 0), while the gradient
+    is the (normalised) softmax weight's, so the router still learns in training."""
     probs = torch.softmax(logits, dim=-1)
     weights, experts = probs.topk(top_k, dim=-1)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if unit:
+        weights = weights - weights.detach() + 1.0
     return probs, weights, experts
 
 
@@ -63,6 +69,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k = config.moe_experts, config.moe_top_k
         self.normalize = config.moe_norm_topk
+        self.unit = config.moe_weighting == "unit"
         self.z_loss_weight = config.moe_z_loss_weight
         self.gate = nn.Linear(config.d_model, self.n_experts, bias=False)
         self.experts = nn.ModuleList(MLP(config) for _ in range(self.n_experts))
@@ -77,7 +84,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, C)
         logits = self.gate(flat).float()  # (N, E): routing in fp32 whatever the model's dtype
-        probs, weights, experts = route(logits, self.top_k, self.normalize)
+        probs, weights, experts = route(logits, self.top_k, self.normalize, self.unit)
         out = self._experts(flat, weights.to(flat.dtype), experts)
         modules = self._modules
         if "shared_expert" in modules:
