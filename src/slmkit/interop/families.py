@@ -186,7 +186,7 @@ _ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", 
 # what each boolean key means wherever a llama-like config.json has it
 _FLAG_SWITCHES = {"attention_bias": ("qkv_bias", "out_bias"), "mlp_bias": ("mlp_bias",)}
 # switches a llama-like family may pin to one value in `allowed`; the reader sets them from there
-_PINNABLE = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "norm", "mlp", "positions")
+_PINNABLE = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "qk_norm_over", "norm", "mlp", "positions")
 
 
 def _require(d: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
@@ -641,6 +641,71 @@ def _mixtral_from_hf(state: StateDict) -> StateDict:
     return out
 
 
+# ---- Qwen2-MoE and OLMoE: routers and per-expert MLPs under `mlp.` as slmkit names them -------------------
+_QWEN2_MOE_KEYS = _LLAMA_LIKE_KEYS | {
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "qkv_bias", "output_router_logits",
+}  # fmt: skip
+_OLMOE_KEYS = _LLAMA_LIKE_KEYS | {"num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv",
+                                  "output_router_logits"}  # fmt: skip
+
+
+def _read_experts(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    """The router fields every family of this section shares (num_experts, num_experts_per_tok, norm_topk_prob)."""
+    _require(d, ("num_experts", "num_experts_per_tok"), source)
+    fields = _read_llama_like(spec, d, source)
+    return fields | dict(
+        moe_experts=d["num_experts"], moe_top_k=d["num_experts_per_tok"], moe_norm_topk=bool(d.get("norm_topk_prob"))
+    )
+
+
+def _read_qwen2_moe(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    # a dense MLP in some layers (every decoder_sparse_step-th layer sparse, or mlp_only_layers) is another model
+    if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
+        raise UserError(
+            f"{source}: qwen2_moe with dense MLP layers (decoder_sparse_step != 1 or mlp_only_layers) is not "
+            "supported; slmkit reads Qwen2-MoE models whose every layer is a mixture of experts"
+        )
+    if d.get("qkv_bias", True) is not True:
+        raise UserError(f"{source}: qwen2_moe with qkv_bias=false is not supported")
+    _require(d, ("moe_intermediate_size", "shared_expert_intermediate_size"), source)
+    fields = _read_experts(spec, d, source)
+    return fields | dict(
+        d_ff=d["moe_intermediate_size"], moe_shared_d_ff=d["shared_expert_intermediate_size"], moe_shared_gate=True
+    )
+
+
+def _write_qwen2_moe(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    d = _write_llama_like(spec, cfg)
+    return d | {
+        "intermediate_size": cfg.moe_shared_d_ff,  # the dense MLP's width: no layer has one (decoder_sparse_step 1)
+        "moe_intermediate_size": cfg.d_ff,
+        "shared_expert_intermediate_size": cfg.moe_shared_d_ff,
+        "num_experts": cfg.moe_experts,
+        "num_experts_per_tok": cfg.moe_top_k,
+        "norm_topk_prob": cfg.moe_norm_topk,
+    }
+
+
+def _read_olmoe(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    if d.get("clip_qkv") is not None:
+        raise UserError(f"{source}: olmoe with clip_qkv={d['clip_qkv']!r} is not supported (only null)")
+    return _read_experts(spec, d, source)
+
+
+def _write_olmoe(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    d = _write_llama_like(spec, cfg)
+    del d["head_dim"]  # OlmoeConfig has none: its q/k norms are hidden_size // num_attention_heads per head wide
+    experts = {"num_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k}
+    return d | experts | {"norm_topk_prob": cfg.moe_norm_topk}
+
+
+def _experts_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    """Qwen2-MoE's and OLMoE's files: our names under `model.` (mlp.gate, mlp.experts.{e}.{gate,up,down}_proj,
+    mlp.shared_expert, mlp.shared_expert_gate); transformers fuses the experts itself when it loads them."""
+    return prefixed_to_hf(state)
+
+
 def _read_slmkit(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
     import dataclasses
 
@@ -757,6 +822,58 @@ def _llama_like(
 _NO_BIAS = dict(qkv_bias=(False,), out_bias=(False,), mlp_bias=(False,))
 _ONE_ATTENTION_BIAS = {"attention_bias": ("qkv_bias", "out_bias")}
 
+# Qwen2-MoE: Qwen2's attention (q/k/v biases) and every MLP a mixture of experts plus a shared expert behind a
+# sigmoid gate. OLMoE: no biases, q and k each RMS-normalised over the whole projection (not per head); no shared
+# expert. Both renormalise the k router probabilities only when norm_topk_prob says so.
+_MOE_ATTENTION = dict(norm=("rmsnorm",), mlp=("moe",), positions=("rope",), sliding_window=(None,), mlp_bias=(False,))
+_QWEN2_MOE_SPEC = FamilySpec(
+    name="qwen2_moe",
+    architecture="Qwen2MoeForCausalLM",
+    allowed=dict(
+        **_MOE_ATTENTION,
+        qk_norm=(False,),
+        qkv_bias=(True,),
+        out_bias=(False,),
+        moe_shared_gate=(True,),
+    ),  # fmt: skip
+    shared={},
+    config_keys=_QWEN2_MOE_KEYS,
+    read_config=_read_qwen2_moe,
+    write_config=_write_qwen2_moe,
+    weights_to_hf=_experts_to_hf,
+    weights_from_hf=lambda state: _mixtral_from_hf(state),  # the same per-expert or fused names, no w1/w2/w3
+    gguf=None,
+    compressible=GATED_LINEARS,
+    scale_folds=(GATED_FOLDS[0], _V_TO_O),
+    weight_marker=".shared_expert_gate.",
+    window="layer_types",
+    fixed_keys={"decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True, "output_router_logits": False},
+)
+_OLMOE_SPEC = FamilySpec(
+    name="olmoe",
+    architecture="OlmoeForCausalLM",
+    allowed=dict(
+        **_MOE_ATTENTION,
+        qk_norm=(True,),
+        qk_norm_over=("projection",),
+        qkv_bias=(False,),
+        out_bias=(False,),
+        moe_shared_d_ff=(0,),
+        moe_shared_gate=(False,),
+        head_dim=(None,),
+    ),  # fmt: skip
+    shared={},
+    config_keys=_OLMOE_KEYS,
+    read_config=_read_olmoe,
+    write_config=_write_olmoe,
+    weights_to_hf=_experts_to_hf,
+    weights_from_hf=lambda state: _mixtral_from_hf(state),
+    gguf=None,
+    compressible=GATED_LINEARS,
+    scale_folds=(GATED_FOLDS[0], _V_TO_O),  # the MLP folds would have to scale every expert and the router
+    fixed_keys={"attention_bias": False, "clip_qkv": None, "output_router_logits": False},
+)
+
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _llama_like(
         "llama",
@@ -789,7 +906,7 @@ FAMILIES: dict[str, FamilySpec] = {
         "qwen3",
         "Qwen3ForCausalLM",
         _gguf_llama_like("qwen3", rope_pairs=False, rope_scaling=()),
-        allowed=dict(qk_norm=(True,), mlp_bias=(False,)),
+        allowed=dict(qk_norm=(True,), qk_norm_over=("head",), mlp_bias=(False,)),
         shared=_ONE_ATTENTION_BIAS,
         flag_keys=("attention_bias",),
         refused_flags=("mlp_bias",),
@@ -892,6 +1009,8 @@ FAMILIES: dict[str, FamilySpec] = {
         window="every_layer",
         fixed_keys={"router_jitter_noise": 0.0, "output_router_logits": False},
     ),
+    "qwen2_moe": _QWEN2_MOE_SPEC,
+    "olmoe": _OLMOE_SPEC,
     # slmkit's own format: every ModelConfig field under its own name, our weight names; any mixers (hybrids,
     # linear attention). transformers has no class for it, so `slm export hf` refuses it.
     "slmkit": FamilySpec(
