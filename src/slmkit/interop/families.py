@@ -62,6 +62,8 @@ class GGUFLayout:
     activation: str  # the MLP activation llama.cpp's architecture computes
     mlp_bias: bool  # whether that architecture reads MLP biases
     rope_scaling: tuple[str, ...]  # rope scaling types it reproduces
+    # mixtures of experts: whether llama.cpp's architecture renormalises the k router weights (None: no experts)
+    expert_weights_norm: bool | None = None
 
 
 @dataclass(frozen=True, eq=False)  # one instance per family: compared and hashed by identity
@@ -798,6 +800,36 @@ def _gguf_llama_like(arch: str, rope_pairs: bool, rope_scaling: tuple[str, ...])
     )
 
 
+_GGUF_MOE = {
+    **_GGUF_GATED,
+    "mlp.gate": "FFN_GATE_INP",  # the router
+    # slmkit.interop.gguf stacks each layer's experts into one (E, out, in) tensor per projection
+    "mlp.experts.gate_proj": "FFN_GATE_EXP",
+    "mlp.experts.up_proj": "FFN_UP_EXP",
+    "mlp.experts.down_proj": "FFN_DOWN_EXP",
+    "mlp.shared_expert.gate_proj": "FFN_GATE_SHEXP",
+    "mlp.shared_expert.up_proj": "FFN_UP_SHEXP",
+    "mlp.shared_expert.down_proj": "FFN_DOWN_SHEXP",
+    "mlp.shared_expert_gate": "FFN_GATE_INP_SHEXP",
+}
+
+
+def _gguf_moe(arch: str, rope_pairs: bool, expert_weights_norm: bool) -> GGUFLayout:
+    """llama.cpp's layout of a mixture of experts: Mixtral runs as `llama` (interleaved rope pairs, k weights
+    renormalised), Qwen2-MoE as `qwen2moe` and OLMoE as `olmoe` (NeoX rope; their graphs do not renormalise)."""
+    return GGUFLayout(
+        arch=arch,
+        tensors=MappingProxyType(_GGUF_MOE),
+        fused=MappingProxyType({}),
+        rope_pairs=rope_pairs,
+        explicit_output=False,
+        activation="silu",
+        mlp_bias=False,
+        rope_scaling=("linear", "llama3") if arch == "llama" else (),
+        expert_weights_norm=expert_weights_norm,
+    )
+
+
 def _llama_like(
     name: str, architecture: str, gguf: GGUFLayout, allowed: dict[str, tuple[Any, ...]], **keys: Any
 ) -> FamilySpec:
@@ -842,7 +874,7 @@ _QWEN2_MOE_SPEC = FamilySpec(
     write_config=_write_qwen2_moe,
     weights_to_hf=_experts_to_hf,
     weights_from_hf=lambda state: _mixtral_from_hf(state),  # the same per-expert or fused names, no w1/w2/w3
-    gguf=None,
+    gguf=_gguf_moe("qwen2moe", rope_pairs=False, expert_weights_norm=False),
     compressible=GATED_LINEARS,
     scale_folds=(GATED_FOLDS[0], _V_TO_O),
     weight_marker=".shared_expert_gate.",
@@ -868,7 +900,7 @@ _OLMOE_SPEC = FamilySpec(
     write_config=_write_olmoe,
     weights_to_hf=_experts_to_hf,
     weights_from_hf=lambda state: _mixtral_from_hf(state),
-    gguf=None,
+    gguf=_gguf_moe("olmoe", rope_pairs=False, expert_weights_norm=False),
     compressible=GATED_LINEARS,
     scale_folds=(GATED_FOLDS[0], _V_TO_O),  # the MLP folds would have to scale every expert and the router
     fixed_keys={"attention_bias": False, "clip_qkv": None, "output_router_logits": False},
@@ -981,8 +1013,7 @@ FAMILIES: dict[str, FamilySpec] = {
         mixers=("mamba2",),
     ),
     # Mixtral: Mistral's attention (a sliding window in every layer, or none), every MLP a mixture of experts whose
-    # k router probabilities are renormalised; no shared expert. llama.cpp runs it as `llama` with expert tensors,
-    # which slmkit does not write yet (gguf None).
+    # k router probabilities are renormalised; no shared expert. llama.cpp runs it as `llama` with expert tensors.
     "mixtral": FamilySpec(
         name="mixtral",
         architecture="MixtralForCausalLM",
@@ -1002,7 +1033,7 @@ FAMILIES: dict[str, FamilySpec] = {
         write_config=_write_mixtral,
         weights_to_hf=_mixtral_to_hf,
         weights_from_hf=_mixtral_from_hf,
-        gguf=None,
+        gguf=_gguf_moe("llama", rope_pairs=True, expert_weights_norm=True),
         compressible=GATED_LINEARS,  # each expert's (slmkit.interop.families._mlp_copies); the router stays float
         scale_folds=(GATED_FOLDS[0], _V_TO_O),  # the MLP folds would have to scale every expert and the router
         weight_marker=".block_sparse_moe.",
