@@ -41,6 +41,7 @@ def assert_same_model(ours, theirs, vocab: int) -> None:
 )
 def test_export_loads_in_transformers_with_equal_logits(tmp_path, family, overrides):
     ours = random_moe(family, **overrides)
+    assert ours.config.num_params() == sum(p.numel() for p in ours.parameters())  # OLMoE's wider q/k norms too
     save_model(ours, tmp_path / "m")
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["model_type"] == family and config["architectures"] == [CLASSES[family]]
