@@ -22,12 +22,13 @@ from typing import Any, Literal, get_args
 
 from slmkit.errors import UserError
 
-Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba2", "mixtral", "slmkit"]
+Family = Literal["llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba2", "mixtral", "qwen2_moe", "olmoe", "slmkit"]
 NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 MLPType = Literal["gated", "plain", "moe", "none"]
 MoEWeighting = Literal["softmax", "unit"]
 PositionScheme = Literal["rope", "learned"]
+QKNormScope = Literal["head", "projection"]
 RopeScalingType = Literal["linear", "dynamic", "llama3"]
 
 
@@ -175,6 +176,8 @@ class ModelConfig:
     mlp: MLPType = "gated"  # gated: down(act(gate(x)) * up(x)); plain: down(act(up(x)))
     positions: PositionScheme = "rope"  # learned: an absolute position embedding table (GPT-2)
     qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
+    # what that RMSNorm spans: each head (Qwen3), or all heads' q (and k) together, one weight per channel (OLMoE)
+    qk_norm_over: QKNormScope = "head"
     sliding_window: int | None = None  # attend to at most this many latest tokens (self included)
     rope_scaling: RopeScaling | None = None
     # ---- per-layer parts (slmkit.models.registry names them; Hugging Face families use attention) ----
@@ -254,6 +257,7 @@ class ModelConfig:
             "activation": Activation,
             "mlp": MLPType,
             "positions": PositionScheme,
+            "qk_norm_over": QKNormScope,
         }
         for name, kind in choices.items():
             if getattr(self, name) not in get_args(kind):
@@ -391,7 +395,8 @@ class ModelConfig:
         if kind == "attention":
             mats = c * hd * (self.n_heads * 2 + self.n_kv_heads * 2)  # q, o, k, v
             extra = hd * (self.n_heads + 2 * self.n_kv_heads) * self.qkv_bias + c * self.out_bias
-            return mats + extra + 2 * hd * self.qk_norm, mats
+            norm = 2 * hd if self.qk_norm_over == "head" else hd * (self.n_heads + self.n_kv_heads)
+            return mats + extra + norm * self.qk_norm, mats
         if kind == "mamba2":
             inner = self.ssm_expand * c
             heads = inner // self.ssm_head_dim

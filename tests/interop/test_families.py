@@ -29,6 +29,9 @@ CONFIGS = {
     # config.json states only the mamba2 fields: the attention ones are what its reader sets
     "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", n_heads=1, n_kv_heads=1, d_ff=64, ssm_head_dim=16),
     "mixtral": dict(family="mixtral", mlp="moe", moe_experts=3, moe_top_k=2),
+    "qwen2_moe": dict(family="qwen2_moe", mlp="moe", moe_experts=3, qkv_bias=True, moe_shared_d_ff=32,
+                      moe_shared_gate=True, moe_norm_topk=False),
+    "olmoe": dict(family="olmoe", mlp="moe", moe_experts=3, qk_norm=True, qk_norm_over="projection"),
     # slmkit's own format holds any mixers: one layer of each
     "slmkit": dict(family="slmkit", n_layers=4, layer_pattern=("attention", "mamba2", "gla", "based")),
 }  # fmt: skip
@@ -82,7 +85,11 @@ def test_gguf_names_exist_in_the_gguf_package_and_cover_the_blocks(family):
     import gguf
 
     layout = FAMILIES[family].gguf
-    block = {name.rpartition(".")[0] for name in make(family).layers[0].state_dict()}
+    # a mixture of experts' experts are stacked into one tensor per projection (mlp.experts.{proj})
+    block = {
+        re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.", n.rpartition(".")[0])
+        for n in make(family).layers[0].state_dict()
+    }
     fused_parts = {part for parts in layout.fused.values() for part in parts}
     written = (block - fused_parts) | set(layout.fused)
     assert written <= set(layout.tensors)  # every tensor of a block gets a llama.cpp name
@@ -96,10 +103,11 @@ def test_compressible_linears_are_every_linear_of_a_block(family):
     model = make(family)
     spec = FAMILIES[family]
     linears = sorted(f"layers.{name}" for name, m in model.layers.named_modules() if isinstance(m, nn.Linear))
-    linears = [n for n in linears if not n.endswith(".mlp.gate")]  # a router stays in float
+    # a router and the shared expert's one-output gate stay in float
+    linears = [n for n in linears if not n.endswith((".mlp.gate", ".mlp.shared_expert_gate"))]
     assert sorted(spec.block_linears(model.config)) == linears  # each layer's own (a hybrid's differ)
     # one name per module kind in a block (a mixture of experts: mlp.experts.{e}.up_proj is mlp.up_proj)
-    kinds = {re.sub(r"mlp\.experts\.\d+\.", "mlp.", name.split(".", 2)[2]) for name in linears}
+    kinds = {re.sub(r"mlp\.(experts\.\d+|shared_expert)\.", "mlp.", name.split(".", 2)[2]) for name in linears}
     assert set(spec.compressible) == kinds
     assert any(n.endswith("mlp.gate_proj") for n in kinds) == (family not in ("gpt2", "mamba2"))
     applied = set()

@@ -62,6 +62,8 @@ class GGUFLayout:
     activation: str  # the MLP activation llama.cpp's architecture computes
     mlp_bias: bool  # whether that architecture reads MLP biases
     rope_scaling: tuple[str, ...]  # rope scaling types it reproduces
+    # mixtures of experts: whether llama.cpp's architecture renormalises the k router weights (None: no experts)
+    expert_weights_norm: bool | None = None
 
 
 @dataclass(frozen=True, eq=False)  # one instance per family: compared and hashed by identity
@@ -186,7 +188,7 @@ _ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", 
 # what each boolean key means wherever a llama-like config.json has it
 _FLAG_SWITCHES = {"attention_bias": ("qkv_bias", "out_bias"), "mlp_bias": ("mlp_bias",)}
 # switches a llama-like family may pin to one value in `allowed`; the reader sets them from there
-_PINNABLE = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "norm", "mlp", "positions")
+_PINNABLE = ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "qk_norm_over", "norm", "mlp", "positions")
 
 
 def _require(d: dict[str, Any], keys: tuple[str, ...], source: str) -> None:
@@ -641,6 +643,71 @@ def _mixtral_from_hf(state: StateDict) -> StateDict:
     return out
 
 
+# ---- Qwen2-MoE and OLMoE: routers and per-expert MLPs under `mlp.` as slmkit names them -------------------
+_QWEN2_MOE_KEYS = _LLAMA_LIKE_KEYS | {
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size",
+    "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers", "qkv_bias", "output_router_logits",
+}  # fmt: skip
+_OLMOE_KEYS = _LLAMA_LIKE_KEYS | {"num_experts", "num_experts_per_tok", "norm_topk_prob", "clip_qkv",
+                                  "output_router_logits"}  # fmt: skip
+
+
+def _read_experts(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    """The router fields every family of this section shares (num_experts, num_experts_per_tok, norm_topk_prob)."""
+    _require(d, ("num_experts", "num_experts_per_tok"), source)
+    fields = _read_llama_like(spec, d, source)
+    return fields | dict(
+        moe_experts=d["num_experts"], moe_top_k=d["num_experts_per_tok"], moe_norm_topk=bool(d.get("norm_topk_prob"))
+    )
+
+
+def _read_qwen2_moe(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    # a dense MLP in some layers (every decoder_sparse_step-th layer sparse, or mlp_only_layers) is another model
+    if d.get("decoder_sparse_step", 1) != 1 or d.get("mlp_only_layers"):
+        raise UserError(
+            f"{source}: qwen2_moe with dense MLP layers (decoder_sparse_step != 1 or mlp_only_layers) is not "
+            "supported; slmkit reads Qwen2-MoE models whose every layer is a mixture of experts"
+        )
+    if d.get("qkv_bias", True) is not True:
+        raise UserError(f"{source}: qwen2_moe with qkv_bias=false is not supported")
+    _require(d, ("moe_intermediate_size", "shared_expert_intermediate_size"), source)
+    fields = _read_experts(spec, d, source)
+    return fields | dict(
+        d_ff=d["moe_intermediate_size"], moe_shared_d_ff=d["shared_expert_intermediate_size"], moe_shared_gate=True
+    )
+
+
+def _write_qwen2_moe(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    d = _write_llama_like(spec, cfg)
+    return d | {
+        "intermediate_size": cfg.moe_shared_d_ff,  # the dense MLP's width: no layer has one (decoder_sparse_step 1)
+        "moe_intermediate_size": cfg.d_ff,
+        "shared_expert_intermediate_size": cfg.moe_shared_d_ff,
+        "num_experts": cfg.moe_experts,
+        "num_experts_per_tok": cfg.moe_top_k,
+        "norm_topk_prob": cfg.moe_norm_topk,
+    }
+
+
+def _read_olmoe(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    if d.get("clip_qkv") is not None:
+        raise UserError(f"{source}: olmoe with clip_qkv={d['clip_qkv']!r} is not supported (only null)")
+    return _read_experts(spec, d, source)
+
+
+def _write_olmoe(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    d = _write_llama_like(spec, cfg)
+    del d["head_dim"]  # OlmoeConfig has none: its q/k norms are hidden_size // num_attention_heads per head wide
+    experts = {"num_experts": cfg.moe_experts, "num_experts_per_tok": cfg.moe_top_k}
+    return d | experts | {"norm_topk_prob": cfg.moe_norm_topk}
+
+
+def _experts_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    """Qwen2-MoE's and OLMoE's files: our names under `model.` (mlp.gate, mlp.experts.{e}.{gate,up,down}_proj,
+    mlp.shared_expert, mlp.shared_expert_gate); transformers fuses the experts itself when it loads them."""
+    return prefixed_to_hf(state)
+
+
 def _read_slmkit(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
     import dataclasses
 
@@ -733,6 +800,36 @@ def _gguf_llama_like(arch: str, rope_pairs: bool, rope_scaling: tuple[str, ...])
     )
 
 
+_GGUF_MOE = {
+    **_GGUF_GATED,
+    "mlp.gate": "FFN_GATE_INP",  # the router
+    # slmkit.interop.gguf stacks each layer's experts into one (E, out, in) tensor per projection
+    "mlp.experts.gate_proj": "FFN_GATE_EXP",
+    "mlp.experts.up_proj": "FFN_UP_EXP",
+    "mlp.experts.down_proj": "FFN_DOWN_EXP",
+    "mlp.shared_expert.gate_proj": "FFN_GATE_SHEXP",
+    "mlp.shared_expert.up_proj": "FFN_UP_SHEXP",
+    "mlp.shared_expert.down_proj": "FFN_DOWN_SHEXP",
+    "mlp.shared_expert_gate": "FFN_GATE_INP_SHEXP",
+}
+
+
+def _gguf_moe(arch: str, rope_pairs: bool, expert_weights_norm: bool) -> GGUFLayout:
+    """llama.cpp's layout of a mixture of experts: Mixtral runs as `llama` (interleaved rope pairs, k weights
+    renormalised), Qwen2-MoE as `qwen2moe` and OLMoE as `olmoe` (NeoX rope; their graphs do not renormalise)."""
+    return GGUFLayout(
+        arch=arch,
+        tensors=MappingProxyType(_GGUF_MOE),
+        fused=MappingProxyType({}),
+        rope_pairs=rope_pairs,
+        explicit_output=False,
+        activation="silu",
+        mlp_bias=False,
+        rope_scaling=("linear", "llama3") if arch == "llama" else (),
+        expert_weights_norm=expert_weights_norm,
+    )
+
+
 def _llama_like(
     name: str, architecture: str, gguf: GGUFLayout, allowed: dict[str, tuple[Any, ...]], **keys: Any
 ) -> FamilySpec:
@@ -756,6 +853,58 @@ def _llama_like(
 
 _NO_BIAS = dict(qkv_bias=(False,), out_bias=(False,), mlp_bias=(False,))
 _ONE_ATTENTION_BIAS = {"attention_bias": ("qkv_bias", "out_bias")}
+
+# Qwen2-MoE: Qwen2's attention (q/k/v biases) and every MLP a mixture of experts plus a shared expert behind a
+# sigmoid gate. OLMoE: no biases, q and k each RMS-normalised over the whole projection (not per head); no shared
+# expert. Both renormalise the k router probabilities only when norm_topk_prob says so.
+_MOE_ATTENTION = dict(norm=("rmsnorm",), mlp=("moe",), positions=("rope",), sliding_window=(None,), mlp_bias=(False,))
+_QWEN2_MOE_SPEC = FamilySpec(
+    name="qwen2_moe",
+    architecture="Qwen2MoeForCausalLM",
+    allowed=dict(
+        **_MOE_ATTENTION,
+        qk_norm=(False,),
+        qkv_bias=(True,),
+        out_bias=(False,),
+        moe_shared_gate=(True,),
+    ),  # fmt: skip
+    shared={},
+    config_keys=_QWEN2_MOE_KEYS,
+    read_config=_read_qwen2_moe,
+    write_config=_write_qwen2_moe,
+    weights_to_hf=_experts_to_hf,
+    weights_from_hf=lambda state: _mixtral_from_hf(state),  # the same per-expert or fused names, no w1/w2/w3
+    gguf=_gguf_moe("qwen2moe", rope_pairs=False, expert_weights_norm=False),
+    compressible=GATED_LINEARS,
+    scale_folds=(GATED_FOLDS[0], _V_TO_O),
+    weight_marker=".shared_expert_gate.",
+    window="layer_types",
+    fixed_keys={"decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True, "output_router_logits": False},
+)
+_OLMOE_SPEC = FamilySpec(
+    name="olmoe",
+    architecture="OlmoeForCausalLM",
+    allowed=dict(
+        **_MOE_ATTENTION,
+        qk_norm=(True,),
+        qk_norm_over=("projection",),
+        qkv_bias=(False,),
+        out_bias=(False,),
+        moe_shared_d_ff=(0,),
+        moe_shared_gate=(False,),
+        head_dim=(None,),
+    ),  # fmt: skip
+    shared={},
+    config_keys=_OLMOE_KEYS,
+    read_config=_read_olmoe,
+    write_config=_write_olmoe,
+    weights_to_hf=_experts_to_hf,
+    weights_from_hf=lambda state: _mixtral_from_hf(state),
+    gguf=_gguf_moe("olmoe", rope_pairs=False, expert_weights_norm=False),
+    compressible=GATED_LINEARS,
+    scale_folds=(GATED_FOLDS[0], _V_TO_O),  # the MLP folds would have to scale every expert and the router
+    fixed_keys={"attention_bias": False, "clip_qkv": None, "output_router_logits": False},
+)
 
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _llama_like(
@@ -789,7 +938,7 @@ FAMILIES: dict[str, FamilySpec] = {
         "qwen3",
         "Qwen3ForCausalLM",
         _gguf_llama_like("qwen3", rope_pairs=False, rope_scaling=()),
-        allowed=dict(qk_norm=(True,), mlp_bias=(False,)),
+        allowed=dict(qk_norm=(True,), qk_norm_over=("head",), mlp_bias=(False,)),
         shared=_ONE_ATTENTION_BIAS,
         flag_keys=("attention_bias",),
         refused_flags=("mlp_bias",),
@@ -864,8 +1013,7 @@ FAMILIES: dict[str, FamilySpec] = {
         mixers=("mamba2",),
     ),
     # Mixtral: Mistral's attention (a sliding window in every layer, or none), every MLP a mixture of experts whose
-    # k router probabilities are renormalised; no shared expert. llama.cpp runs it as `llama` with expert tensors,
-    # which slmkit does not write yet (gguf None).
+    # k router probabilities are renormalised; no shared expert. llama.cpp runs it as `llama` with expert tensors.
     "mixtral": FamilySpec(
         name="mixtral",
         architecture="MixtralForCausalLM",
@@ -886,13 +1034,15 @@ FAMILIES: dict[str, FamilySpec] = {
         write_config=_write_mixtral,
         weights_to_hf=_mixtral_to_hf,
         weights_from_hf=_mixtral_from_hf,
-        gguf=None,
+        gguf=_gguf_moe("llama", rope_pairs=True, expert_weights_norm=True),
         compressible=GATED_LINEARS,  # each expert's (slmkit.interop.families._mlp_copies); the router stays float
         scale_folds=(GATED_FOLDS[0], _V_TO_O),  # the MLP folds would have to scale every expert and the router
         weight_marker=".block_sparse_moe.",
         window="every_layer",
         fixed_keys={"router_jitter_noise": 0.0, "output_router_logits": False},
     ),
+    "qwen2_moe": _QWEN2_MOE_SPEC,
+    "olmoe": _OLMOE_SPEC,
     # slmkit's own format: every ModelConfig field under its own name, our weight names; any mixers (hybrids,
     # linear attention). transformers has no class for it, so `slm export hf` refuses it.
     "slmkit": FamilySpec(

@@ -10,6 +10,10 @@ Layout differences we handle (learned from llama.cpp's `convert_hf_to_gguf.py`):
   llama.cpp's NeoX rope (halves), so they are written as they are.
 - llama3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors.
 - GPT-2 keeps a fused q/k/v matrix (`attn_qkv`) and an explicit `output` copy of the embedding.
+- A mixture of experts stores each layer's experts stacked, one (n_expert, out, in) tensor per projection
+  (`ffn_{gate,up,down}_exps`), beside the router (`ffn_gate_inp`) and Qwen2-MoE's shared expert
+  (`ffn_*_shexp`, its gate `ffn_gate_inp_shexp`); routers stay f32 in quantized files, as llama.cpp's
+  quantize tool keeps them.
 Which of these applies to a family, and its llama.cpp architecture, is its spec's `gguf` layout
 (`slmkit.interop.families`).
 
@@ -162,12 +166,41 @@ def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
             for suffix in ("weight", "bias"):
                 if f"{parts[0]}.{suffix}" in layer:
                     layer[f"{fused}.{suffix}"] = torch.cat([layer.pop(f"{part}.{suffix}") for part in parts])
+        _stack_experts(layer, cfg)
         for name, tensor in layer.items():
             module, _, suffix = name.rpartition(".")
             if module in permuted:
                 tensor = permute_for_llama_cpp(tensor, permuted[module])
             out[names[t[layout.tensors[module]]].format(bid=i) + f".{suffix}"] = tensor
     return out
+
+
+def _stack_experts(layer: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
+    """In place: a mixture of experts' `mlp.experts.{e}.{proj}.weight` -> one `mlp.experts.{proj}.weight` of
+    shape (E, out, in) per projection, expert e at index e (llama.cpp's `ffn_*_exps`)."""
+    import torch
+
+    if cfg.mlp != "moe":
+        return
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        experts = [layer.pop(f"mlp.experts.{e}.{proj}.weight") for e in range(cfg.moe_experts)]
+        layer[f"mlp.experts.{proj}.weight"] = torch.stack(experts)
+
+
+def _is_router(name: str) -> bool:
+    """A router's weight (ffn_gate_inp, Qwen2-MoE's ffn_gate_inp_shexp): kept f32, where routing is decided."""
+    return ".ffn_gate_inp" in name
+
+
+def _add_expert_metadata(writer: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's expert keys: count, used count, and the routed and shared experts' widths."""
+    if cfg.mlp != "moe":
+        return
+    writer.add_expert_count(cfg.moe_experts)
+    writer.add_expert_used_count(cfg.moe_top_k)
+    writer.add_expert_feed_forward_length(cfg.d_ff)
+    if cfg.moe_shared_d_ff:
+        writer.add_expert_shared_feed_forward_length(cfg.moe_shared_d_ff)
 
 
 # ---- tensor types ---------------------------------------------------------------------------------
@@ -195,6 +228,9 @@ def tensor_types(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, tupl
     for name, tensor in tensors.items():
         if tensor.dim() < 2 or name.endswith("_norm.weight") or name in ("position_embd.weight", "rope_freqs.weight"):
             types[name] = ("f32", None)
+            continue
+        if _is_router(name):
+            types[name] = ("f32", None if dtype == "f32" else "a router stays f32, as llama.cpp's quantize keeps it")
             continue
         kind, why = dtype, None
         if name == head and dtype in _LOW_BIT:
@@ -341,6 +377,12 @@ def check_exportable(config: ModelConfig) -> None:
         needs = f"a {layout.activation} MLP" + ("" if layout.mlp_bias else " without biases")
         has = config.activation + (" with biases" if config.mlp_bias else "")
         raise UserError(f"GGUF export: llama.cpp's {layout.arch} architecture needs {needs}, not {has}")
+    if config.mlp == "moe" and config.moe_norm_topk != layout.expert_weights_norm:
+        does = "renormalises" if layout.expert_weights_norm else "does not renormalise"
+        raise UserError(
+            f"GGUF export: llama.cpp's {layout.arch} architecture {does} the top-k router weights; this model has "
+            f"moe_norm_topk={config.moe_norm_topk}, so llama.cpp would route its tokens with other weights"
+        )
 
 
 def _file_type(dtype: str) -> int:
@@ -410,6 +452,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", ove
         writer.add_block_count(cfg.n_layers)
         writer.add_head_count(cfg.n_heads)
         writer.add_head_count_kv(cfg.n_kv_heads)
+        _add_expert_metadata(writer, cfg)
         if cfg.norm == "rmsnorm":
             writer.add_layer_norm_rms_eps(cfg.norm_eps)
         else:

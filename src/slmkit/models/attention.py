@@ -133,7 +133,11 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(c, self.n_kv_heads * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, c, bias=config.out_bias)
-        if config.qk_norm:  # per-head RMSNorm of q and k (Qwen3)
+        self.qk_norm_heads = config.qk_norm and config.qk_norm_over == "projection"
+        if self.qk_norm_heads:  # one RMSNorm over all heads' q, one over k (OLMoE)
+            self.q_norm = RMSNorm(self.n_heads * hd, config.norm_eps)
+            self.k_norm = RMSNorm(self.n_kv_heads * hd, config.norm_eps)
+        elif config.qk_norm:  # per-head RMSNorm of q and k (Qwen3)
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
 
@@ -144,10 +148,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context | None, state: KVState | RingKVState | None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H D), (B, T, K D)
+        if self.qk_norm_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        if hasattr(self, "q_norm"):
+        if hasattr(self, "q_norm") and not self.qk_norm_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)
         if ctx is not None and ctx.cos is not None and ctx.sin is not None:  # rotary; learned positions are added
