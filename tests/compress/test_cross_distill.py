@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -111,3 +112,14 @@ def test_bad_student_configs(teacher, float_model_dir, data_dir, tmp_path):
         distill(float_model_dir, "tiny", data_dir, tmp_path / "r", CFG, student_config=tmp_path / "d.json")
     with pytest.raises(UserError, match="layer count"):
         distill(float_model_dir, None, data_dir, tmp_path / "r", CFG, student_config=tmp_path / "d.json")
+
+
+def test_resumed_run_continues_the_stage(float_model_dir, data_dir, tmp_path):
+    config = write(tmp_path / "h.json", {"layer_pattern": ["gla", "attention"]})
+    run = tmp_path / "run"
+    first = dataclasses.replace(CFG, max_steps=2, save_interval=2)
+    distill(float_model_dir, None, data_dir, run, first, student_config=config, align_steps=3)
+    distill(float_model_dir, None, data_dir, run, resume=True, budget_overrides={"max_steps": 4})
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    stages = {m["step"]: "align_mse" in m for m in records if "loss" in m}
+    assert stages == {1: True, 2: True, 3: True, 4: False}
