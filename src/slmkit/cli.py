@@ -529,9 +529,21 @@ def upcycle(
 @app.command()
 def distill(
     teacher: Annotated[Path, typer.Option(help="Teacher model dir (or run dir).")],
-    student: Annotated[str, typer.Option(help="Student model dir (e.g. a pruned model) or a preset name.")],
     data: Annotated[Path, typer.Option("--data", help="Data dir tokenized with the teacher's tokenizer.")],
     out: Annotated[Path, typer.Option("--out", help="Run dir: checkpoints/, metrics.jsonl, final/.")],
+    student: Annotated[
+        str | None, typer.Option(help="Student model dir (e.g. a pruned model) or a preset name.")
+    ] = None,
+    student_config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Student model config (YAML/JSON: optional `preset` + ModelConfig fields, e.g. a hybrid); "
+            "the teacher's embeddings, norms, MLPs and same-kind mixers are copied in first."
+        ),
+    ] = None,
+    align_steps: Annotated[
+        int, typer.Option(help="Steps of per-layer hidden-state alignment to the teacher before logit distillation.")
+    ] = 0,
     temperature: Annotated[float, typer.Option(help="Softmax temperature of the KL term.")] = 2.0,
     alpha: Annotated[float, typer.Option(help="Weight of the KL term; 1 - alpha goes to the LM loss.")] = 0.5,
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
@@ -579,7 +591,11 @@ def distill(
         resume=resume,
         budget_overrides=budgets,
         overwrite=overwrite,
+        student_config=student_config,
+        align_steps=align_steps,
     )
+    if result.transfer is not None:
+        _console().print(f"transfer: {result.transfer.summary()} (listed in {out}/distill_config.json)")
     where = result.final_dir or result.run_dir
     line = f"stopped ({result.stop_reason}) at step {result.step}, {result.tokens:,} tokens, {result.seconds:.0f} s"
     if result.val_loss is not None and result.teacher_val_loss is not None:

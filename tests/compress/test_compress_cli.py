@@ -7,6 +7,7 @@ import json
 import pytest
 
 from slmkit.cli import main
+from slmkit.interop.checkpoint import load_model
 
 
 @pytest.fixture
@@ -85,3 +86,22 @@ def test_memory_and_speed_probe(float_model_dir, tmp_path):
     m = probe(float_model_dir, new_tokens=8)
     assert m["peak_memory_mb"] > m["model_memory_mb"] > 0
     assert m["decode_tokens_per_second"] > 0
+
+
+def test_distill_cli_student_config(float_model_dir, data_dir, tmp_path, cli):
+    config = tmp_path / "hybrid.yaml"
+    config.write_text("layer_pattern: [mamba2, attention]\n")
+    args = ("distill", "--teacher", float_model_dir, "--student-config", config, "--data", data_dir)
+    code, out, err = cli(*args, "--out", tmp_path / "d", "--align-steps", "2", "--max-steps", "3", "--seq-len", "32")
+    assert code == 0, err
+    assert "transfer: copied" in out and "saved to" in out
+    metrics = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in metrics if "align_mse" in m or "distill_kl" in m]
+    assert [("align_mse" in m) for m in steps] == [True, True, False]
+    saved = json.loads((tmp_path / "d" / "distill_config.json").read_text())
+    assert saved["align_steps"] == 2 and "embed_tokens.weight" in saved["transfer"]["copied"]
+    student = load_model(tmp_path / "d" / "final")
+    assert student.config.layer_pattern == ("mamba2", "attention")
+    config.write_text("vocab_size: 7\n")
+    code, _out, err = cli(*args, "--out", tmp_path / "e", "--max-steps", "1")
+    assert code == 2 and err.count("error:") == 1 and "vocab_size 7 differs" in err

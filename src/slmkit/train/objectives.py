@@ -4,7 +4,8 @@ One loop (`slmkit.train.loop`) serves pre-training, distillation and fine-tuning
 them is the objective it is given:
 
 - `LanguageModeling`: next-token cross-entropy, plus the model's auxiliary losses (see `AuxLosses`).
-- `Distillation`: KL to a frozen teacher's temperature-softened distribution mixed with cross-entropy.
+- `Distillation`: KL to a frozen teacher's temperature-softened distribution mixed with cross-entropy,
+  optionally after `align_steps` steps of per-layer hidden-state alignment (see `Distillation`).
 
 Both take a trainable-parameter selection (a predicate, or name patterns: `NamePatterns`): parameters
 it leaves out are frozen (requires_grad False, not in the optimizer) and still saved in checkpoints.
@@ -187,6 +188,14 @@ class Distillation:
 
     The teacher is frozen and in eval mode; it runs under no_grad before the student on the same batch.
     Its validation loss does not change during a run, so it is computed at the first evaluation only.
+
+    With `align_steps` > 0 the first that many optimizer steps are a stage of hidden-state alignment
+    (MOHAWK's second stage, Bick et al. 2024): every student layer is fed the teacher's input to the same
+    layer (frozen, detached) and its output is pulled to the teacher layer's output by mean squared error,
+    averaged over layers and logged as `align_mse`. Each layer learns on its own, so a new mixer (mamba2, gla)
+    learns to stand in for the attention it replaces without waiting for the layers below it to settle; the
+    logit distillation above follows. Student and teacher need the same number of layers and width
+    (`slmkit.compress.distill.check_transferable`). A layer copied from the teacher scores exactly zero.
     """
 
     def __init__(
@@ -196,8 +205,15 @@ class Distillation:
         alpha: float,
         trainable: Trainable | Iterable[str] | None = None,
         aux_loss_weight: float = 0.01,
+        align_steps: int = 0,
+        grad_accum: int = 1,
+        start_step: int = 0,
     ) -> None:
         self.check_options(temperature, alpha)
+        if align_steps < 0:
+            raise UserError(f"--align-steps must be >= 0, got {align_steps}")
+        self.align_steps, self.grad_accum = align_steps, max(1, grad_accum)
+        self._micro_steps = start_step * self.grad_accum  # training micro-batches seen (a resumed run counts on)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -221,8 +237,80 @@ class Distillation:
         self.teacher.to(device)
         # the student's aux losses count; the teacher's (it is not trained) do not
         self.aux.attach(model)
+        if self.align_steps:
+            self.attach_layers(model)
+
+    def alignment_loss(self, forward: Forward, x: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        """Mean over layers of MSE(student layer(teacher's input), teacher layer's output) for one micro-batch.
+
+        One teacher pass records each layer's input and output (forward hooks); one student pass through
+        `forward` (so DDP still sees every gradient) has each layer's input swapped for the teacher's by a
+        pre-hook, so no gradient crosses layers. The student's logits of that pass are not used.
+        """
+        teacher_layers = list(self.teacher.layers)  # type: ignore[attr-defined]
+        inputs: list[torch.Tensor | None] = [None] * len(teacher_layers)
+        targets: list[torch.Tensor | None] = [None] * len(teacher_layers)
+        outputs: list[torch.Tensor | None] = [None] * len(teacher_layers)
+
+        def record_teacher(i: int) -> Callable[..., None]:
+            def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+                inputs[i], targets[i] = args[0].detach(), out.detach()
+
+            return hook
+
+        def feed_student(i: int) -> Callable[..., tuple]:
+            def hook(module: torch.nn.Module, args: tuple) -> tuple:
+                return (inputs[i], *args[1:])
+
+            return hook
+
+        def record_student(i: int) -> Callable[..., None]:
+            def hook(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+                outputs[i] = out
+
+            return hook
+
+        handles = [layer.register_forward_hook(record_teacher(i)) for i, layer in enumerate(teacher_layers)]
+        try:
+            with torch.no_grad():
+                self.teacher(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        handles = [layer.register_forward_pre_hook(feed_student(i)) for i, layer in enumerate(self._student_layers)]
+        handles += [layer.register_forward_hook(record_student(i)) for i, layer in enumerate(self._student_layers)]
+        try:
+            self.aux.clear()
+            forward(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        per_layer = [
+            torch.nn.functional.mse_loss(out.float(), target.float())  # type: ignore[union-attr]
+            for out, target in zip(outputs, targets, strict=True)
+        ]
+        loss = torch.stack(per_layer).mean()
+        metrics = {"align_mse": loss.detach()}
+        self.aux.collect()  # a student MoE's balancing loss is not part of this stage; drop what it set
+        return loss, metrics
+
+    def attach_layers(self, model: torch.nn.Module) -> None:
+        """Check that the student's layers line up with the teacher's, as alignment needs."""
+        layers = getattr(model, "layers", None)
+        teacher_layers = getattr(self.teacher, "layers", None)
+        if layers is None or teacher_layers is None or len(layers) != len(teacher_layers):
+            raise UserError("--align-steps needs a student with as many layers as the teacher")
+        self._student_layers = list(layers)
+
+    def aligning(self) -> bool:
+        """Whether the current optimizer step is in the alignment stage."""
+        return self._micro_steps // self.grad_accum < self.align_steps
 
     def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        aligning = self.aligning()
+        self._micro_steps += 1
+        if aligning:
+            return self.alignment_loss(forward, x)
         with torch.no_grad():
             teacher_logits = self.teacher(x)
         if not self.aux.modules:
