@@ -153,7 +153,7 @@ class MambaMixer(nn.Module):
     def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dt (B, T, I, float32, softplus'd), B and C (B, T, N) from the conv output x (B, T, I)."""
         rank, b, c = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = F.softplus(F.linear(rank, self.dt_proj.weight).float() + self.dt_proj.bias.float())
+        dt = F.softplus(self.dt_proj(rank).float())  # the module, not its weight: compression may replace it
         return dt, b, c
 
     def _step(self, h: torch.Tensor, x, dt, b, c) -> tuple[torch.Tensor, torch.Tensor]:
