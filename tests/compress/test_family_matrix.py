@@ -30,6 +30,8 @@ SWITCHES = {
         family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
         qkv_bias=True, out_bias=True, mlp_bias=True,
     ),
+    # mamba: dt rank 32, so that int4 groups of 32 divide dt_proj's input width
+    "mamba": dict(family="mamba", mixer="mamba", mlp="none", ssm_state_size=16, ssm_dt_rank=32),
     "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", ssm_head_dim=16, ssm_state_size=16),
     "mixtral": dict(family="mixtral", mlp="moe", moe_experts=4, moe_top_k=2),
     "qwen2_moe": dict(family="qwen2_moe", mlp="moe", moe_experts=4, qkv_bias=True, moe_shared_d_ff=64,
@@ -72,6 +74,7 @@ ERROR_ALLOWANCE = {
 REFUSED = {
     ("gpt2", "prune-structured"): r"prune-structured: family 'gpt2' cannot express head_dim=16",
     # structured pruning cuts attention heads and MLP channels only
+    ("mamba", "prune-structured"): r"prune-structured cuts attention heads .* has mamba layers and no MLP",
     ("mamba2", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers and no MLP",
     ("slmkit", "prune-structured"): r"prune-structured cuts attention heads .* has based, gla, mamba2 layers;",
     ("mixtral", "prune-structured"): r"prune-structured cuts attention heads .* has mixture-of-experts MLPs;",

@@ -27,13 +27,14 @@ CONFIGS = {
         qkv_bias=True, out_bias=True, mlp_bias=True,
     ),
     # config.json states only the mamba2 fields: the attention ones are what its reader sets
+    "mamba": dict(family="mamba", mixer="mamba", mlp="none", n_heads=1, n_kv_heads=1, d_ff=64, ssm_state_size=8),
     "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", n_heads=1, n_kv_heads=1, d_ff=64, ssm_head_dim=16),
     "mixtral": dict(family="mixtral", mlp="moe", moe_experts=3, moe_top_k=2),
     "qwen2_moe": dict(family="qwen2_moe", mlp="moe", moe_experts=3, qkv_bias=True, moe_shared_d_ff=32,
                       moe_shared_gate=True, moe_norm_topk=False),
     "olmoe": dict(family="olmoe", mlp="moe", moe_experts=3, qk_norm=True, qk_norm_over="projection"),
     # slmkit's own format holds any mixers: one layer of each
-    "slmkit": dict(family="slmkit", n_layers=4, layer_pattern=("attention", "mamba2", "gla", "based")),
+    "slmkit": dict(family="slmkit", n_layers=5, layer_pattern=("attention", "mamba2", "gla", "based", "mamba")),
 }  # fmt: skip
 
 
@@ -85,17 +86,19 @@ def test_gguf_names_exist_in_the_gguf_package_and_cover_the_blocks(family):
     import gguf
 
     layout = FAMILIES[family].gguf
+    names = set(make(family).layers[0].state_dict())
+    bare = names & set(layout.parameters)  # an SSM's A and D: named without a suffix
     # a mixture of experts' experts are stacked into one tensor per projection (mlp.experts.{proj})
-    block = {
-        re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.", n.rpartition(".")[0])
-        for n in make(family).layers[0].state_dict()
-    }
+    block = {re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.", name.rpartition(".")[0]) for name in names - bare}
     fused_parts = {part for parts in layout.fused.values() for part in parts}
     written = (block - fused_parts) | set(layout.fused)
     assert written <= set(layout.tensors)  # every tensor of a block gets a llama.cpp name
+    assert set(layout.convert) <= names and bare == set(layout.parameters)
     # ... that llama.cpp's architecture for the family loads
     known = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH[layout.arch.upper()]])
-    assert {gguf.MODEL_TENSOR[layout.tensors[module]] for module in written} <= known
+    members = [layout.tensors[module] for module in written] + [layout.parameters[name] for name in bare]
+    assert {gguf.MODEL_TENSOR[m] for m in members} <= known
+    assert {gguf.MODEL_TENSOR[m] for m in layout.keep_f32} <= known
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
@@ -109,7 +112,7 @@ def test_compressible_linears_are_every_linear_of_a_block(family):
     # one name per module kind in a block (a mixture of experts: mlp.experts.{e}.up_proj is mlp.up_proj)
     kinds = {re.sub(r"mlp\.(experts\.\d+|shared_expert)\.", "mlp.", name.split(".", 2)[2]) for name in linears}
     assert set(spec.compressible) == kinds
-    assert any(n.endswith("mlp.gate_proj") for n in kinds) == (family not in ("gpt2", "mamba2"))
+    assert any(n.endswith("mlp.gate_proj") for n in kinds) == (family not in ("gpt2", "mamba", "mamba2"))
     applied = set()
     for block in model.layers:
         modules = dict(block.named_modules())

@@ -34,3 +34,26 @@ def test_llama_cpp_matches_slmkit(tiny_model_dir, tmp_path, dtype, tolerance):
             if len(continuation) == 12:
                 break
         assert continuation == list(generate_ids(lm.model, prompt, 12))
+
+
+def test_llama_cpp_runs_a_mamba_export_with_our_logits(tiny_model_dir, tmp_path):
+    """llama.cpp's `mamba` architecture on our GGUF (tests/interop/test_mamba_hf.py checks the file itself)."""
+    import json
+    import shutil
+
+    from slmkit.config import preset
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.interop.gguf import export_gguf
+    from slmkit.models import build_model
+
+    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
+    model = build_model(preset("micro-mamba", vocab_size=vocab, d_model=64, n_layers=2)).eval()
+    model.init_weights(seed=0)
+    save_model(model, tmp_path / "m")
+    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    path = export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    prompt = list(range(1, 20))
+    _, theirs = llama_cpp_eval(path, prompt)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-3

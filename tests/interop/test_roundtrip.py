@@ -108,6 +108,6 @@ def test_cli_export(tiny_model_dir, tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "x").exists()
 
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "mamba", "vocab_size": 10}))
-    with pytest.raises(UserError, match="model_type 'mamba' is not supported"):
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "falcon", "vocab_size": 10}))
+    with pytest.raises(UserError, match="model_type 'falcon' is not supported"):
         export_model(tmp_path / "bad", "hf", tmp_path / "y")

@@ -149,7 +149,7 @@ def test_config_refuses_heads_that_do_not_divide():
 # ---- through the decode core ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["micro-mamba2", "micro-hybrid"])
+@pytest.fixture(scope="module", params=["micro-mamba2", "micro-mamba", "micro-hybrid"])
 def model_and_tokenizer(request, tiny_model_dir):
     from slmkit.data.tokenizer import load_tokenizer
 

@@ -21,6 +21,7 @@ runs), reading and writing config.json, and compression.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -64,6 +65,12 @@ class GGUFLayout:
     rope_scaling: tuple[str, ...]  # rope scaling types it reproduces
     # mixtures of experts: whether llama.cpp's architecture renormalises the k router weights (None: no experts)
     expert_weights_norm: bool | None = None
+    # state-space (and other non-attention) architectures: tensors llama.cpp names without a .weight/.bias suffix,
+    # per-tensor conversions, tensors kept in f32 at any file type, and the architecture's own hyperparameters
+    parameters: Mapping[str, str] = field(default_factory=dict)  # block parameter ("mixer.A_log") -> member
+    convert: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)  # block tensor -> f
+    keep_f32: tuple[str, ...] = ()  # members of gguf.MODEL_TENSOR written in f32 whatever the file's type
+    hparams: Callable[[Any, ModelConfig], None] | None = None  # (GGUFWriter, config): None: attention's keys
 
 
 @dataclass(frozen=True, eq=False)  # one instance per family: compared and hashed by identity
@@ -587,6 +594,66 @@ def _mamba2_from_hf(state: StateDict) -> StateDict:
     return out
 
 
+# ---- mamba (transformers' MambaForCausalLM, Mamba-1): the same backbone names as mamba2 ---------------------
+_MAMBA_KEYS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "state_size", "expand", "conv_kernel", "intermediate_size",
+    "layer_norm_epsilon", "use_bias", "use_conv_bias", "hidden_act", "residual_in_fp32", "time_step_rank",
+    "time_step_scale", "time_step_min", "time_step_max", "time_step_init_scheme", "time_step_floor",
+    "rescale_prenorm_residual", "use_mambapy", "use_associative_scan", "max_position_embeddings", "chunk_size",
+    "layer_types",
+})  # fmt: skip
+
+
+def _read_mamba(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    _require(d, ("vocab_size", "hidden_size", "num_hidden_layers"), source)
+    for key, wanted in (("use_bias", False), ("use_conv_bias", True)):
+        if key in d and bool(d[key]) != wanted:
+            raise UserError(f"{source}: mamba with {key}={d[key]!r} is not supported")
+    if d.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise UserError(f"{source}: mamba with hidden_act={d['hidden_act']!r} is not supported (silu only)")
+    c, expand = d["hidden_size"], d.get("expand", 2)
+    if d.get("intermediate_size") is not None and d["intermediate_size"] != expand * c:
+        raise UserError(
+            f"{source}: intermediate_size ({d['intermediate_size']}) must equal expand * hidden_size ({expand} * {c})"
+        )
+    rank = d.get("time_step_rank", "auto")
+    if rank == "auto" or rank == math.ceil(c / 16):
+        rank = None  # the default; keep configs comparable
+    return dict(
+        vocab_size=d["vocab_size"],
+        d_model=c,
+        n_layers=d["num_hidden_layers"],
+        n_heads=1,  # attention fields: unused by mamba layers
+        n_kv_heads=1,
+        d_ff=c,
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+        mixer="mamba",
+        mlp="none",
+        ssm_state_size=d.get("state_size", 16),
+        ssm_expand=expand,
+        ssm_conv_kernel=d.get("conv_kernel", 4),
+        ssm_chunk_size=d.get("chunk_size", 64),
+        ssm_dt_rank=rank,
+    )
+
+
+def _write_mamba(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    return {
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "state_size": cfg.ssm_state_size,
+        "expand": cfg.ssm_expand,
+        "intermediate_size": cfg.ssm_expand * cfg.d_model,
+        "conv_kernel": cfg.ssm_conv_kernel,
+        "time_step_rank": cfg.mamba_dt_rank,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "chunk_size": cfg.ssm_chunk_size,  # slmkit's scan chunk (speed only); transformers keeps it as an extra key
+        **spec.fixed_keys,
+    }
+
+
 # ---- mixtures of experts: Llama's layout with the MLP replaced by a router and experts --------------------
 _MIXTRAL_KEYS = _LLAMA_LIKE_KEYS | {
     "num_local_experts", "num_experts_per_tok", "router_jitter_noise", "output_router_logits"
@@ -737,12 +804,14 @@ def _same_names(state: StateDict, config: ModelConfig | None = None) -> StateDic
 # its layers in float when the model is compressed
 _WINDOW = ("mixer.window_attn.q_proj", "mixer.window_attn.k_proj", "mixer.window_attn.v_proj")
 MIXER_LINEARS: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "mamba": ("mixer.in_proj", "mixer.x_proj", "mixer.dt_proj", "mixer.out_proj"),
     "mamba2": ("mixer.in_proj", "mixer.out_proj"),
     "gla": ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.gk_proj.0", "mixer.gk_proj.1", "mixer.g_proj",
             "mixer.o_proj"),
     "based": ("mixer.q_proj", "mixer.k_proj", "mixer.v_proj", "mixer.o_proj", *_WINDOW, "mixer.window_attn.o_proj"),
 })  # fmt: skip
 _MAMBA2_LINEARS = MIXER_LINEARS["mamba2"]
+_MAMBA_LINEARS = MIXER_LINEARS["mamba"]
 # AWQ folds of the mixers' layers: each reads the block's input norm; based's window branch is attention (v -> o
 # per kv group). Its linear branch's v -> o would be exact too, but gla has modules of the same names behind a
 # per-head RMSNorm, where it is not, and a fold applies wherever a block has its modules.
@@ -785,6 +854,56 @@ _GGUF_GATED = {
     "self_attn.k_norm": "ATTN_K_NORM",
     "mlp.gate_proj": "FFN_GATE",
 }
+
+
+def _mamba_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's `mamba` hyperparameters (as its convert_hf_to_gguf.py writes them: no attention, no MLP)."""
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(0)
+    writer.add_head_count(0)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_ssm_conv_kernel(cfg.ssm_conv_kernel)
+    writer.add_ssm_inner_size(cfg.ssm_expand * cfg.d_model)
+    writer.add_ssm_state_size(cfg.ssm_state_size)
+    writer.add_ssm_time_step_rank(cfg.mamba_dt_rank)
+    writer.add_ssm_dt_b_c_rms(False)  # FalconMamba's extra norms: not in this model
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+
+
+def _negative_exp(t: torch.Tensor) -> torch.Tensor:
+    return -t.exp()
+
+
+def _squeeze_conv(t: torch.Tensor) -> torch.Tensor:
+    return t.squeeze(1)  # depthwise (I, 1, K) -> (I, K)
+
+
+# llama.cpp's `mamba`: A stored as -exp(A_log) (I, N), D as (I,), both without a suffix; the conv as (I, K); the
+# small SSM tensors stay f32 at every file type (as llama.cpp's converter keeps them)
+MAMBA_GGUF = GGUFLayout(
+    arch="mamba",
+    tensors=MappingProxyType(
+        {
+            "input_layernorm": "ATTN_NORM",
+            "mixer.in_proj": "SSM_IN",
+            "mixer.conv1d": "SSM_CONV1D",
+            "mixer.x_proj": "SSM_X",
+            "mixer.dt_proj": "SSM_DT",
+            "mixer.out_proj": "SSM_OUT",
+        }
+    ),  # fmt: skip
+    fused=MappingProxyType({}),
+    rope_pairs=False,
+    explicit_output=False,
+    activation="silu",
+    mlp_bias=False,
+    rope_scaling=(),
+    parameters=MappingProxyType({"mixer.A_log": "SSM_A", "mixer.D": "SSM_D"}),
+    convert=MappingProxyType({"mixer.A_log": _negative_exp, "mixer.conv1d.weight": _squeeze_conv}),
+    keep_f32=("SSM_CONV1D", "SSM_X", "SSM_DT", "SSM_A", "SSM_D"),
+    hparams=_mamba_hparams,
+)
 
 
 def _gguf_llama_like(arch: str, rope_pairs: bool, rope_scaling: tuple[str, ...]) -> GGUFLayout:
@@ -988,6 +1107,30 @@ FAMILIES: dict[str, FamilySpec] = {
             "embd_pdrop": 0.0,
             "attn_pdrop": 0.0,
         },
+    ),
+    "mamba": FamilySpec(
+        name="mamba",
+        architecture="MambaForCausalLM",
+        allowed=dict(mlp=("none",), norm=("rmsnorm",), sliding_window=(None,), rope_scaling=(None,)),
+        shared={},
+        config_keys=_MAMBA_KEYS,
+        read_config=_read_mamba,
+        write_config=_write_mamba,
+        weights_to_hf=_mamba2_to_hf,  # backbone.embeddings, backbone.layers.{i}.norm / .mixer.*, backbone.norm_f
+        weights_from_hf=_mamba2_from_hf,
+        gguf=MAMBA_GGUF,
+        compressible=_MAMBA_LINEARS,
+        scale_folds=(ScaleFold("input_layernorm", ("mixer.in_proj",)),),
+        tie_default=True,  # MambaConfig's default
+        weight_marker=".mixer.dt_proj.",
+        fixed_keys={
+            "use_bias": False,
+            "use_conv_bias": True,
+            "hidden_act": "silu",
+            "residual_in_fp32": True,
+            "rescale_prenorm_residual": False,
+        },
+        mixers=("mamba",),
     ),
     "mamba2": FamilySpec(
         name="mamba2",

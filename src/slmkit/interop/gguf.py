@@ -168,6 +168,11 @@ def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
                     layer[f"{fused}.{suffix}"] = torch.cat([layer.pop(f"{part}.{suffix}") for part in parts])
         _stack_experts(layer, cfg)
         for name, tensor in layer.items():
+            if name in layout.convert:
+                tensor = layout.convert[name](tensor)
+            if name in layout.parameters:  # a bare parameter (an SSM's A and D): llama.cpp's name has no suffix
+                out[names[t[layout.parameters[name]]].format(bid=i)] = tensor
+                continue
             module, _, suffix = name.rpartition(".")
             if module in permuted:
                 tensor = permute_for_llama_cpp(tensor, permuted[module])
@@ -203,6 +208,17 @@ def _add_expert_metadata(writer: Any, cfg: ModelConfig) -> None:
         writer.add_expert_shared_feed_forward_length(cfg.moe_shared_d_ff)
 
 
+def _f32_names(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> set[str]:
+    """The tensors the family's layout keeps in f32 at every file type (`GGUFLayout.keep_f32`)."""
+    import gguf
+
+    layout = family_spec(cfg.family).gguf
+    stems = {
+        gguf.TENSOR_NAMES[gguf.MODEL_TENSOR[m]].format(bid=i) for m in layout.keep_f32 for i in range(cfg.n_layers)
+    }
+    return {n for n in tensors if n in stems or n.rpartition(".")[0] in stems}
+
+
 # ---- tensor types ---------------------------------------------------------------------------------
 BLOCK_DTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the `gguf` package can quantize itself
 _LOW_BIT = ("q4_0", "q4_1", "q5_0", "q5_1")
@@ -214,19 +230,27 @@ def _qtype(dtype: str) -> Any:
     return getattr(gguf.GGMLQuantizationType, dtype.upper())
 
 
-def tensor_types(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple[str, str | None]]:
+def tensor_types(
+    tensors: dict[str, torch.Tensor], dtype: str, keep_f32: set[str] | frozenset[str] = frozenset()
+) -> dict[str, tuple[str, str | None]]:
     """name -> (GGUF type, why it differs from `dtype` or None), following llama.cpp's quantize tool:
     1-D tensors (norms, biases, rope divisors), `*_norm.weight` and the learned position embedding stay f32;
     the output matrix (the token embedding where the head is tied to it) is kept at 8 bits in 4/5-bit files
     (llama.cpp's tool uses q6_k, or q8_0 where the row length is not a multiple of 256; the `gguf` package
     cannot write k-quants, so q8_0 here); the token embedding of an untied model takes the file's type;
-    a matrix whose row length is not a multiple of the block size is written f16."""
+    a matrix whose row length is not a multiple of the block size is written f16; `keep_f32` names tensors the
+    family's layout keeps in f32 (an SSM's conv, A, D and time-step projections)."""
     import gguf
 
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     types: dict[str, tuple[str, str | None]] = {}
     for name, tensor in tensors.items():
-        if tensor.dim() < 2 or name.endswith("_norm.weight") or name in ("position_embd.weight", "rope_freqs.weight"):
+        if (
+            tensor.dim() < 2
+            or name.endswith("_norm.weight")
+            or name in ("position_embd.weight", "rope_freqs.weight")
+            or name in keep_f32
+        ):
             types[name] = ("f32", None)
             continue
         if _is_router(name):
@@ -327,7 +351,7 @@ def plan_tensors(
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     state = _float_state(model)
     tensors = _layout(cfg, state)
-    types = tensor_types(tensors, dtype)
+    types = tensor_types(tensors, dtype, _f32_names(cfg, tensors))
     # codes only matter for block types (kept as they are, or refused); float files need none of this
     blocks = exact_blocks(model) if dtype in BLOCK_DTYPES else {}
     if not blocks:
@@ -446,25 +470,11 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", ove
         writer.add_file_type(_file_type(dtype))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_vocab_size(cfg.vocab_size)
-        writer.add_context_length(context_length(cfg))
-        writer.add_embedding_length(cfg.d_model)
-        writer.add_feed_forward_length(cfg.d_ff)
-        writer.add_block_count(cfg.n_layers)
-        writer.add_head_count(cfg.n_heads)
-        writer.add_head_count_kv(cfg.n_kv_heads)
-        _add_expert_metadata(writer, cfg)
-        if cfg.norm == "rmsnorm":
-            writer.add_layer_norm_rms_eps(cfg.norm_eps)
+        layout = family_spec(cfg.family).gguf
+        if layout.hparams is not None:  # the architecture's own (a state-space model's widths)
+            layout.hparams(writer, cfg)
         else:
-            writer.add_layer_norm_eps(cfg.norm_eps)
-        if cfg.positions == "rope":
-            writer.add_rope_freq_base(cfg.rope_theta)
-            writer.add_rope_dimension_count(cfg.dim_per_head)
-            writer.add_key_length(cfg.dim_per_head)
-            writer.add_value_length(cfg.dim_per_head)
-            if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
-                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-                writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+            _attention_hparams(writer, cfg)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_list(vocab["tokens"])
@@ -487,6 +497,31 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", ove
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _attention_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """Hyperparameters of the attention architectures (llama, qwen2, qwen3, gpt2)."""
+    import gguf
+
+    writer.add_context_length(context_length(cfg))
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    _add_expert_metadata(writer, cfg)
+    if cfg.norm == "rmsnorm":
+        writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    else:
+        writer.add_layer_norm_eps(cfg.norm_eps)
+    if cfg.positions == "rope":
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.dim_per_head)
+        writer.add_key_length(cfg.dim_per_head)
+        writer.add_value_length(cfg.dim_per_head)
+        if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
 
 
 def _adds_bos(directory: Path) -> bool:

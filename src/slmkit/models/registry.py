@@ -1,4 +1,4 @@
-"""Which module each config value builds: mixers (sequence mixing: attention, mamba2, gla, based) and MLPs.
+"""Which module each config value builds: mixers (sequence mixing: attention, mamba, mamba2, gla, based) and MLPs.
 
 A mixer is a module ``Mixer(config, layer_idx)`` with ``forward(x, ctx, state) -> y`` (x, y: (B, T, C); ctx: the
 pass's `slmkit.models.attention.Context`; state: its own `LayerState` or None when training) and
@@ -68,11 +68,13 @@ def build_mlp(name: str, config: Any) -> nn.Module:
 def _register_builtins() -> None:
     from slmkit.models.attention import Attention
     from slmkit.models.linear_attention import BasedAttention, GatedLinearAttention
+    from slmkit.models.mamba import MambaMixer
     from slmkit.models.mamba2 import Mamba2Mixer
     from slmkit.models.mlp import MLP, PlainMLP
     from slmkit.models.moe import MoE
 
     register_mixer("attention", Attention)
+    register_mixer("mamba", MambaMixer)
     register_mixer("mamba2", Mamba2Mixer)
     register_mixer("gla", GatedLinearAttention)
     register_mixer("based", BasedAttention)

@@ -92,7 +92,7 @@ class Transformer(nn.Module):
                 residual = name.endswith(("o_proj.weight", "down_proj.weight", "mixer.out_proj.weight"))
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * (residual_std if residual else std))
-        for module in self.modules():  # mixers whose scalars need their own start (mamba2's A, D, dt; gla's decays)
+        for module in self.modules():  # mixers whose scalars need their own start (mamba's A, D, dt; gla's decays)
             if hasattr(module, "reset_mixer_parameters"):
                 module.reset_mixer_parameters(gen)
 
