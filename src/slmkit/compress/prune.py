@@ -163,6 +163,7 @@ def prune_structured(
     config = model.config
     others = sorted(config.mixers - {"attention"})
     lacks = ([f"{', '.join(others)} layers"] if others else []) + (["no MLP"] if config.mlp == "none" else [])
+    lacks += ["product-key memory layers"] if "memory" in config.mlps else []
     if lacks:  # heads and FFN channels are attention's and the MLP's: other mixers' widths are not cut here
         raise UserError(
             f"prune-structured cuts attention heads and MLP channels, and this model has {' and '.join(lacks)}; "
