@@ -270,3 +270,12 @@ def test_upcycling_and_structured_pruning_refuse_memory_layers_and_the_card_name
     with pytest.raises(UserError, match="product-key memory layers"):
         prune_structured(model, None, ffn_keep=0.5)
     assert "product-key memory (144 values, top-5) in layer(s) [1]" in _architecture(model.config)
+
+
+def test_value_table_is_not_weight_decayed():
+    from slmkit.train.optim import param_groups
+
+    model = build_model(memory_config())
+    decay, no_decay = param_groups(model, 0.1)
+    values = model.layers[1].mlp.values.weight
+    assert any(p is values for p in no_decay["params"]) and not any(p is values for p in decay["params"])
