@@ -27,7 +27,7 @@ Family = Literal[
 ]
 NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-MLPType = Literal["gated", "plain", "moe", "none"]
+MLPType = Literal["gated", "plain", "moe", "memory", "none"]
 MoEWeighting = Literal["softmax", "unit"]
 PositionScheme = Literal["rope", "learned"]
 QKNormScope = Literal["head", "projection"]
@@ -211,6 +211,15 @@ class ModelConfig:
     # back to it); the router still learns, through the softmax weight's gradient (a straight-through 1)
     moe_weighting: MoEWeighting = "softmax"
     moe_z_loss_weight: float = 0.1  # router z-loss weight relative to the balance loss (x aux_loss_weight)
+    # ---- per-layer MLP kinds and product-key memory layers (slmkit.models.memory) ----
+    mlp_pattern: tuple[str, ...] | None = None  # one MLP kind per layer (e.g. memory in one layer); None: `mlp`
+    memory_keys: int = 128  # n: sub-keys per half; the memory holds N = n^2 value rows
+    memory_heads: int = 4  # H: query heads, each with its own sub-keys, all reading one shared value table
+    memory_topk: int = 16  # k: value rows each head reads per token (exact top-k of its N scores)
+    memory_key_dim: int = 64  # query/key width per head (split into two halves of memory_key_dim / 2)
+    memory_value_dim: int = 0  # width of a value row (0: d_model)
+    memory_gated: bool = True  # Memory+ output: down(silu(gate(x)) * memory(x)); false: memory(x) (Lample et al.)
+    memory_query_batchnorm: bool = False  # BatchNorm1d on the queries (Lample et al.; running stats at inference)
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -291,6 +300,7 @@ class ModelConfig:
         self._check_ssm()
         self._check_linear()
         self._check_moe()
+        self._check_mlp_pattern()
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
         if self.rope_scaling is not None and self.positions != "rope":
             raise UserError("model config: rope_scaling needs positions='rope'")
@@ -356,6 +366,82 @@ class ModelConfig:
         if self.mlp == "moe" and self.moe_experts > 4096:
             raise UserError(f"model config: moe_experts={self.moe_experts:,} is beyond the limit of 4,096")
 
+    # ---- per-layer MLP kinds and memory layers ----
+    def _check_mlp_pattern(self) -> None:
+        pattern = self.mlp_pattern
+        if pattern is not None:
+            kinds = get_args(MLPType)
+            if isinstance(pattern, str) or not all(isinstance(m, str) for m in pattern):
+                raise UserError(f"model config: mlp_pattern must be a list of MLP kinds, got {pattern!r}")
+            if len(pattern) != self.n_layers:
+                raise UserError(
+                    f"model config: mlp_pattern names {len(pattern)} MLPs for {self.n_layers} layers; "
+                    "give one per layer"
+                )
+            bad = sorted(set(pattern) - set(kinds))
+            if bad:
+                raise UserError(f"model config: mlp_pattern has {bad} (choose from: {', '.join(kinds)})")
+            self.mlp_pattern = tuple(pattern)
+        names = ("memory_keys", "memory_heads", "memory_topk", "memory_key_dim")
+        for name in names:
+            value = getattr(self, name)
+            if value <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.memory_value_dim < 0 or self.memory_value_dim > MAX_WIDTH:
+            raise UserError(
+                f"model config: memory_value_dim must be 0 (d_model) or a width, got {self.memory_value_dim}"
+            )
+        if self.memory_keys > 2**16:
+            raise UserError(f"model config: memory_keys={self.memory_keys:,} is beyond the limit of 65,536 (N = n^2)")
+        if self.memory_key_dim % 2:
+            raise UserError(
+                f"model config: memory_key_dim ({self.memory_key_dim}) must be even: it splits into two sub-key halves"
+            )
+        if self.memory_topk > self.memory_keys:
+            raise UserError(
+                f"model config: memory_topk ({self.memory_topk}) cannot exceed memory_keys ({self.memory_keys}): "
+                "each half picks its top k of n sub-keys"
+            )
+        if "memory" in self.mlps and not self.memory_gated and self.memory_width != self.d_model:
+            raise UserError(
+                f"model config: an ungated memory adds its values to the residual, so memory_value_dim "
+                f"({self.memory_value_dim}) must be 0 or d_model ({self.d_model}); or set memory_gated: true"
+            )
+
+    @property
+    def memory_width(self) -> int:
+        """Width of a memory value row (memory_value_dim, or d_model when 0)."""
+        return self.memory_value_dim or self.d_model
+
+    @property
+    def mlps(self) -> set[str]:
+        """The MLP kinds the layers use."""
+        return set(self.mlp_pattern) if self.mlp_pattern is not None else {self.mlp}
+
+    def mlp_at(self, layer: int) -> str:
+        """The MLP kind of layer `layer`."""
+        return self.mlp_pattern[layer] if self.mlp_pattern is not None else self.mlp
+
+    def _memory_params(self) -> tuple[int, int, int, float]:
+        """(parameters, of which a token uses, of which in the weight matrices it uses, FLOPs per token beyond
+        them) of one product-key memory layer (slmkit.models.memory).
+
+        Every token uses the query projection, all 2 H n sub-keys (scored by a matmul), the gate and down
+        projections, and only H k of the N value rows; beyond the matrices it combines k x k candidate sums per
+        head and sums H k weighted value rows."""
+        c, h, n, k, dk, dv = (
+            self.d_model,
+            self.memory_heads,
+            self.memory_keys,
+            self.memory_topk,
+            self.memory_key_dim,
+            self.memory_width,
+        )
+        mats = c * h * dk + h * n * dk + (2 * c * dv if self.memory_gated else 0)  # query, sub-keys, gate + down
+        norm = 2 * h * dk if self.memory_query_batchnorm else 0
+        values = n * n * dv
+        return mats + norm + values, mats + norm + h * k * dv, mats, float(h * k * k + 2 * h * k * dv)
+
     @property
     def mixers(self) -> set[str]:
         """The mixers the layers use."""
@@ -384,25 +470,29 @@ class ModelConfig:
     def _dense_mlp_params(self, gated: bool, d_ff: int) -> int:
         return (3 if gated else 2) * self.d_model * d_ff + ((2 if gated else 1) * d_ff + self.d_model) * self.mlp_bias
 
-    def _mlp_params(self) -> tuple[int, int, int]:
-        """(parameters, of which a token uses, of which in the weight matrices it uses) of one layer's MLP.
+    def _mlp_params(self, kind: str | None = None) -> tuple[int, int, int]:
+        """(parameters, of which a token uses, of which in the weight matrices it uses) of one layer's MLP of this
+        kind (default: `mlp`).
 
         They differ for a mixture of experts: a token passes through the router, its k experts and the shared
-        expert, and the other E - k experts are parameters it never touches."""
+        expert, and the other E - k experts are parameters it never touches (a memory layer: H k of N values)."""
         c = self.d_model
-        if self.mlp == "none":
+        kind = kind or self.mlp
+        if kind == "memory":
+            return self._memory_params()[:3]
+        if kind == "none":
             return 0, 0, 0
-        if self.mlp in ("gated", "plain"):
-            n = self._dense_mlp_params(self.mlp == "gated", self.d_ff)
-            return n, n, (3 if self.mlp == "gated" else 2) * c * self.d_ff
-        if self.mlp == "moe":
+        if kind in ("gated", "plain"):
+            n = self._dense_mlp_params(kind == "gated", self.d_ff)
+            return n, n, (3 if kind == "gated" else 2) * c * self.d_ff
+        if kind == "moe":
             expert = self._dense_mlp_params(True, self.d_ff)
             shared = self._dense_mlp_params(True, self.moe_shared_d_ff) if self.moe_shared_d_ff else 0
             router = c * (self.moe_experts + self.moe_shared_gate)  # the router, and the shared expert's gate
             k = self.moe_top_k
             mats = k * 3 * c * self.d_ff + 3 * c * self.moe_shared_d_ff + router
             return self.moe_experts * expert + shared + router, k * expert + shared + router, mats
-        raise UserError(f"model config: no parameter count for mlp {self.mlp!r}")
+        raise UserError(f"model config: no parameter count for mlp {kind!r}")
 
     def _mixer_params(self, kind: str) -> tuple[int, int]:
         """(parameters, of which in weight matrices) of one layer's mixer of this kind."""
@@ -476,11 +566,12 @@ class ModelConfig:
         active: only those one token uses (a mixture of experts' k chosen experts, not all E; the same as the
         total for dense models)."""
         c = self.d_model
-        total, used, _ = self._mlp_params()
-        mlp = used if active else total
-        norms = (2 if self.mlp != "none" else 1) * self._norm_params()
         body = sum(self._mixer_params(self.mixer_at(i))[0] for i in range(self.n_layers))
-        body += self.n_layers * (mlp + norms) + self._norm_params()  # + final norm
+        for i in range(self.n_layers):  # each layer's MLP (per-layer kinds: mlp_pattern) and its norms
+            kind = self.mlp_at(i)
+            total, used, _ = self._mlp_params(kind)
+            body += (used if active else total) + (2 if kind != "none" else 1) * self._norm_params()
+        body += self._norm_params()  # + final norm
         if not include_embeddings:
             return body
         embed = self.vocab_size * c + (self.max_seq_len * c if self.positions == "learned" else 0)
@@ -505,13 +596,16 @@ class ModelConfig:
         credit, as in the PaLM appendix convention of 6N + 12 L d T); for mamba2 the chunked scan and the conv;
         for gla and based their chunked linear attention (bounded by the chunk, not the context), and for based's
         sliding-window branch attention over min(T, linear_window) keys. A mixture of experts counts the weights
-        a token passes through: the router, its k experts and the shared expert (the active FLOPs).
+        a token passes through: the router, its k experts and the shared expert (the active FLOPs); a product-key
+        memory its query, sub-key scores, gate and down projections and the H k value rows it reads.
         """
         t = seq_len or self.max_seq_len
         kinds = [self.mixer_at(i) for i in range(self.n_layers)]
-        matmul_params = sum(self._mixer_params(k)[1] for k in kinds) + self.n_layers * self._mlp_params()[2]
+        mlps = [self.mlp_at(i) for i in range(self.n_layers)]
+        matmul_params = sum(self._mixer_params(k)[1] for k in kinds) + sum(self._mlp_params(m)[2] for m in mlps)
         matmul_params += self.vocab_size * self.d_model  # + lm_head
         mixing = sum(self._mixer_flops(k, t) for k in kinds)
+        mixing += mlps.count("memory") * self._memory_params()[3]  # memory layers: candidates and value sums
         return 3 * (2 * matmul_params + mixing)
 
 
@@ -569,6 +663,23 @@ PRESETS.update(
     {
         "micro-moe": dict(PRESETS["micro"], d_ff=176, mlp="moe", moe_experts=8, moe_top_k=2, family="mixtral"),
         "small-moe": dict(PRESETS["small"], d_ff=352, mlp="moe", moe_experts=8, moe_top_k=2, family="mixtral"),
+    }
+)
+
+# Product-key memory (Lample et al. 2019; Berges et al. 2024, Memory+): the middle layer's MLP replaced by a memory
+# of n^2 value rows of width d_model, 4 heads reading the top 16 each; a token's FLOPs stay below the dense preset's
+# while the parameters grow by the value table (micro: 128^2 rows, 2.1M; small: 256^2 rows, 16.8M).
+_G = "gated"
+PRESETS.update(
+    {
+        "micro-memory": dict(PRESETS["micro"], mlp_pattern=(_G, _G, "memory", _G), memory_keys=128, family="slmkit"),
+        "small-memory": dict(
+            PRESETS["small"],
+            mlp_pattern=(_G,) * 4 + ("memory",) + (_G,) * 3,
+            memory_keys=256,
+            memory_key_dim=128,
+            family="slmkit",
+        ),
     }
 )
 

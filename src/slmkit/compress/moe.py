@@ -33,10 +33,11 @@ def upcycled_model(dense: torch.nn.Module, experts: int, top_k: int, noise: floa
     from slmkit.models import build_model
 
     config = dense.config
-    if config.mlp != "gated":
+    if config.mlps != {"gated"}:  # mlp_pattern: a memory layer has no MLP to copy
         raise UserError(
-            f"upcycling copies a gated MLP into experts; this model's mlp is {config.mlp!r}"
-            + (" (it is already a mixture of experts)" if config.mlp == "moe" else "")
+            f"upcycling copies a gated MLP into experts; this model's mlp is "
+            f"{config.mlp if config.mlp_pattern is None else config.mlp_pattern!r}"
+            + (" (it is already a mixture of experts)" if "moe" in config.mlps else "")
         )
     if not (isinstance(experts, int) and experts >= 1 and isinstance(top_k, int) and 1 <= top_k <= experts):
         raise UserError(f"--experts must be >= 1 and --top-k between 1 and --experts, got {experts} and {top_k}")

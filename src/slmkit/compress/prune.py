@@ -163,7 +163,8 @@ def prune_structured(
     config = model.config
     others = sorted(config.mixers - {"attention"})
     lacks = [f"{', '.join(others)} layers"] if others else []
-    lacks += {"none": ["no MLP"], "moe": ["mixture-of-experts MLPs"]}.get(config.mlp, [])
+    kinds = {"none": "no MLP", "moe": "mixture-of-experts MLPs", "memory": "product-key memory layers"}
+    lacks += [what for kind, what in kinds.items() if kind in config.mlps]
     if lacks:  # heads and FFN channels are attention's and the MLP's: other mixers' widths are not cut here
         raise UserError(
             f"prune-structured cuts attention heads and MLP channels, and this model has {' and '.join(lacks)}; "

@@ -87,6 +87,10 @@ def _architecture(config: Any) -> str:
     text = " + ".join(f"{n} {kind}" for kind, n in counts.items()) + " layers"
     if config.mlp == "moe":
         text += f", MoE MLPs (top-{config.moe_top_k} of {config.moe_experts} experts)"
+    memory = [i for i in range(config.n_layers) if config.mlp_at(i) == "memory"]
+    if memory:  # product-key memory layers (slmkit.models.memory)
+        n = config.memory_keys
+        text += f", product-key memory ({n * n:,} values, top-{config.memory_topk}) in layer(s) {memory}"
     return text
 
 
@@ -113,7 +117,8 @@ def render_card(directory: Path, entry: dict[str, Any] | None, license: str | No
         "pipeline_tag": "text-generation",
         "license": license or "other",
         "tags": ["slmkit", config.family, "small-language-model"]
-        + (["mixture-of-experts"] if config.mlp == "moe" else []),
+        + (["mixture-of-experts"] if config.mlp == "moe" else [])
+        + (["memory-layers"] if "memory" in config.mlps else []),
     }
     index = _model_index(name, entry)
     if index:

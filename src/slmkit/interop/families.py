@@ -114,6 +114,12 @@ class FamilySpec:
                 f"family {self.name!r} has only {' or '.join(self.mixers)} layers, not {', '.join(other)}",
                 "set family: slmkit (slmkit's own format, any mixers) or use a family that has these layers",
             )
+        if self.mixers is not None and (config.mlp_pattern is not None or "memory" in config.mlps):
+            return (  # per-layer MLP kinds and memory layers: slmkit's own format only
+                f"family {self.name!r} cannot express "
+                + ("mlp_pattern (per-layer MLP kinds)" if config.mlp_pattern is not None else "memory MLPs"),
+                "set family: slmkit (slmkit's own format, any layers)",
+            )
         for name, allowed in self.allowed.items():
             value = getattr(config, name)
             if value not in allowed:
@@ -156,22 +162,24 @@ class FamilySpec:
             f"layers.{i}.{name}"
             for i in range(config.n_layers)
             for sub in self.compressible
-            if _in_layer(sub, config.mixer_at(i), config.mlp)
-            for name in _mlp_copies(sub, config)
+            if _in_layer(sub, config.mixer_at(i), config.mlp_at(i), config)
+            for name in _mlp_copies(sub, config, config.mlp_at(i))
         ]
 
 
-def _mlp_copies(sub: str, config: ModelConfig) -> list[str]:
+def _mlp_copies(sub: str, config: ModelConfig, mlp: str) -> list[str]:
     """`sub` inside a block, once per MLP that has it: a mixture of experts' `mlp.up_proj` is every expert's."""
-    if config.mlp != "moe" or not sub.startswith("mlp."):
+    if mlp != "moe" or not sub.startswith("mlp."):
         return [sub]
     leaf = sub.removeprefix("mlp.")
     shared = [f"mlp.shared_expert.{leaf}"] if config.moe_shared_d_ff else []
     return [f"mlp.experts.{e}.{leaf}" for e in range(config.moe_experts)] + shared
 
 
-def _in_layer(sub: str, mixer: str, mlp: str) -> bool:
+def _in_layer(sub: str, mixer: str, mlp: str, config: ModelConfig) -> bool:
     """Whether a block of this mixer and MLP kind has the module `sub`."""
+    if mlp == "memory":  # a product-key memory: its gate and down projections (Memory+); query and tables stay float
+        return sub in ("mlp.gate_proj", "mlp.down_proj") if config.memory_gated else not sub.startswith("mlp.")
     if sub.startswith("self_attn."):
         return mixer == "attention"
     if sub.startswith("mixer."):
@@ -782,8 +790,9 @@ def _read_slmkit(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, 
     fields = {f.name for f in dataclasses.fields(ModelConfig)} - generic
     out = {k: d[k] for k in fields if k in d}
     _require(out, ("d_model", "n_layers"), source)
-    if isinstance(out.get("layer_pattern"), list):
-        out["layer_pattern"] = tuple(out["layer_pattern"])
+    for key in ("layer_pattern", "mlp_pattern"):
+        if isinstance(out.get(key), list):
+            out[key] = tuple(out[key])
     return out
 
 

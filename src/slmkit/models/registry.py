@@ -70,6 +70,7 @@ def _register_builtins() -> None:
     from slmkit.models.linear_attention import BasedAttention, GatedLinearAttention
     from slmkit.models.mamba import MambaMixer
     from slmkit.models.mamba2 import Mamba2Mixer
+    from slmkit.models.memory import ProductKeyMemory
     from slmkit.models.mlp import MLP, PlainMLP
     from slmkit.models.moe import MoE
 
@@ -81,6 +82,7 @@ def _register_builtins() -> None:
     register_mlp("gated", MLP)
     register_mlp("plain", PlainMLP)
     register_mlp("moe", MoE)
+    register_mlp("memory", ProductKeyMemory)
 
 
 _register_builtins()

@@ -45,9 +45,10 @@ class Block(nn.Module):
         # Hugging Face's name for an attention mixer is self_attn; other mixers are `mixer` (as in their Mamba)
         self.mixer_name = "self_attn" if kind == "attention" else "mixer"
         self.add_module(self.mixer_name, build_mixer(kind, config, layer_idx))
-        if config.mlp != "none":  # mlp "none": a mixer-only block (Mamba's)
+        mlp = config.mlp_at(layer_idx)  # per layer: mlp_pattern (e.g. a memory layer among dense ones)
+        if mlp != "none":  # mlp "none": a mixer-only block (Mamba's)
             self.post_attention_layernorm = make_norm(config, config.d_model)
-            self.mlp = build_mlp(config.mlp, config)
+            self.mlp = build_mlp(mlp, config)
 
     @property
     def sequence_mixer(self) -> nn.Module:
