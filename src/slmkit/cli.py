@@ -660,11 +660,16 @@ def ladder(
     val_windows: Annotated[int, typer.Option(help="Val windows every rung is evaluated on.")] = 128,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for training.")] = None,
+    mixer: Annotated[
+        str,
+        typer.Option(help="Mixer family of every rung: attention, mamba2, gla, based, hybrid, or a pattern a,b,..."),
+    ] = "attention",
 ) -> None:
     """Train a ladder of small models within a budget (re-run the same command to resume)."""
     from slmkit.scaling.ladder import LadderSettings, run_ladder
-    from slmkit.scaling.shapes import parse_sizes
+    from slmkit.scaling.shapes import parse_mixer, parse_sizes
 
+    mixer = parse_mixer(mixer)
     settings = LadderSettings(
         seq_len=seq_len,
         batch_size=batch_size,
@@ -684,6 +689,7 @@ def ladder(
         sizes=parse_sizes(sizes) if sizes else None,
         settings=settings,
         progress=True,
+        mixer=mixer,
     )
     if result.interrupted:
         _console(stderr=True).print("interrupted; re-run the same command to resume the ladder")
@@ -734,7 +740,12 @@ def scaling_fit(
 
 @app.command()
 def plan(
-    ladder: Annotated[Path, typer.Option("--ladder", help="Ladder dir written by `slm ladder`.")],
+    ladder: Annotated[
+        list[Path],
+        typer.Option(
+            "--ladder", help="Ladder dir written by `slm ladder`; repeat it (one per --mixer family) to choose."
+        ),
+    ],
     budget_flops: Annotated[float | None, typer.Option(help="Training FLOPs of the planned run.")] = None,
     budget_minutes: Annotated[float | None, typer.Option(help="Training minutes on this machine.")] = None,
     max_decode_ms: Annotated[float | None, typer.Option(help="Most milliseconds per decoded token here.")] = None,

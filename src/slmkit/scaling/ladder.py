@@ -38,7 +38,7 @@ from typing import Any
 
 from slmkit.errors import UserError
 from slmkit.scaling.fit import N_PARAMS
-from slmkit.scaling.shapes import DEFAULT_SIZES, Shape, shape_overrides
+from slmkit.scaling.shapes import DEFAULT_MIXER, DEFAULT_SIZES, Shape, parse_mixer, shape_overrides, with_mixer
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class RungPlan:
     lr: float
     warmup_steps: int
     predicted_seconds: float | None = None
+    mixer: str = DEFAULT_MIXER  # mixer family (shapes.parse_mixer); plans from before families are attention
 
     @property
     def flops(self) -> float:
@@ -191,6 +192,7 @@ def plan_rungs(
                         lr=rung_lr(settings.lr, s.width),
                         warmup_steps=max(1, min(100, steps // 10)),
                         predicted_seconds=seconds,
+                        mixer=s.mixer,
                     )
                 )
         return rungs
@@ -274,10 +276,13 @@ def replan_remaining(
     return [keep[r.name] for r in remaining if r.name in keep]
 
 
-def choose_sizes(vocab_size: int, settings: LadderSettings, count: int = 5, **budget: Any) -> list[Shape]:
+def choose_sizes(
+    vocab_size: int, settings: LadderSettings, count: int = 5, mixer: str = DEFAULT_MIXER, **budget: Any
+) -> list[Shape]:
     """The largest window of `count` default sizes (a decade or more) whose ladder keeps every size in
     at least two compute levels; the smallest window when none does."""
-    windows = [DEFAULT_SIZES[i : i + count] for i in range(len(DEFAULT_SIZES) - count + 1)]
+    sizes = with_mixer(DEFAULT_SIZES, mixer)
+    windows = [sizes[i : i + count] for i in range(len(sizes) - count + 1)]
     for window in reversed(windows):
         try:
             rungs = plan_rungs(window, vocab_size, settings, **budget)
@@ -344,11 +349,16 @@ def run_ladder(
     settings: LadderSettings | None = None,
     progress: bool = False,
     clock: Callable[[], float] = time.monotonic,
+    mixer: str | None = None,
 ) -> LadderResult:
     """Plan (or reload) a ladder in `out` and train its unfinished rungs; see the module docstring.
 
-    `clock` (seconds) times the rungs against a time budget.
+    `clock` (seconds) times the rungs against a time budget. `mixer` is the mixer family of every rung
+    (shapes.parse_mixer; default attention); the plan and every rung record name it.
     """
+    mixer = parse_mixer(mixer)
+    if sizes is not None:
+        sizes = with_mixer(sizes, mixer)
     from slmkit.data.shards import load_data_dir
 
     settings = settings or LadderSettings()
@@ -366,6 +376,8 @@ def run_ladder(
         "sizes": [s.name for s in sizes] if sizes else None,
         "settings": asdict(settings),
     }
+    if mixer != DEFAULT_MIXER:  # absent for attention, so ladders planned before families still resume
+        request["mixer"] = mixer
     plan_path = out / PLAN_FILE
     if plan_path.is_file():
         plan = read_plan(plan_path)
@@ -383,7 +395,7 @@ def run_ladder(
     else:
         if out.exists() and any(out.iterdir()):
             raise UserError(f"{out} exists and is not a ladder directory (no {PLAN_FILE}); choose a new --out")
-        plan = _make_plan(data, fingerprint, request, sizes, settings, budget_flops, budget_minutes, progress)
+        plan = _make_plan(data, fingerprint, request, sizes, settings, budget_flops, budget_minutes, progress, mixer)
         out.mkdir(parents=True, exist_ok=True)
         _write_plan(plan_path, plan)
     rungs = [RungPlan(**r) for r in plan["rungs"]]
@@ -417,10 +429,14 @@ def _describe_request(request: Any) -> str:
         parts.append(f"--budget-minutes {request['budget_minutes']:g}")
     if request.get("sizes"):
         parts.append(f"--sizes {','.join(request['sizes'])}")
+    if request.get("mixer"):
+        parts.append(f"--mixer {request['mixer']}")
     return " ".join(parts) or "default options"
 
 
-def _make_plan(data, fingerprint, request, sizes, settings, budget_flops, budget_minutes, progress) -> dict[str, Any]:
+def _make_plan(
+    data, fingerprint, request, sizes, settings, budget_flops, budget_minutes, progress, mixer=DEFAULT_MIXER
+) -> dict[str, Any]:
     vocab = data.vocab_size
     if sizes is not None:
         spans = [s.config(vocab, settings.seq_len).num_params(False) for s in sizes]
@@ -434,7 +450,7 @@ def _make_plan(data, fingerprint, request, sizes, settings, budget_flops, budget
     if budget_minutes is not None:
         if not (budget_minutes > 0 and math.isfinite(budget_minutes)):
             raise UserError(f"--budget-minutes must be a positive number, got {budget_minutes}")
-        throughput = _probe_sizes(sizes or DEFAULT_SIZES, vocab, settings, progress)
+        throughput = _probe_sizes(sizes or with_mixer(DEFAULT_SIZES, mixer), vocab, settings, progress)
         budget = {
             "budget_seconds": budget_minutes * 60,
             "tokens_per_second": throughput,
@@ -442,7 +458,7 @@ def _make_plan(data, fingerprint, request, sizes, settings, budget_flops, budget
         }
     elif budget_flops is None:
         raise UserError("give a ladder budget: --budget-flops or --budget-minutes")
-    chosen = sizes or choose_sizes(vocab, settings, **budget)
+    chosen = sizes or choose_sizes(vocab, settings, mixer=mixer, **budget)
     rungs = plan_rungs(chosen, vocab, settings, **budget)
     return {
         "version": PLAN_VERSION,
@@ -451,6 +467,7 @@ def _make_plan(data, fingerprint, request, sizes, settings, budget_flops, budget
         "data_fingerprint": fingerprint,
         "tokenizer_sha256": data.meta.get("tokenizer_sha256"),
         "vocab_size": vocab,
+        "mixer": mixer,
         "sizes": [s.name for s in chosen],
         "tokens_per_second": throughput,
         "rungs": [asdict(r) for r in rungs],
@@ -555,7 +572,7 @@ def _train_rungs(
             run_dir = out / "runs" / rung.name
             cfg = TrainConfig(
                 preset="tiny",
-                model=shape_overrides(rung.width, rung.depth, settings.seq_len),
+                model=shape_overrides(rung.width, rung.depth, settings.seq_len, rung.mixer),
                 batch_size=settings.batch_size,
                 seq_len=settings.seq_len,
                 lr=rung.lr,
@@ -591,6 +608,7 @@ def _train_rungs(
                 "name": rung.name,
                 "width": rung.width,
                 "depth": rung.depth,
+                "mixer": rung.mixer,
                 "level": rung.level,
                 "params": rung.params,
                 "params_definition": "non-embedding",

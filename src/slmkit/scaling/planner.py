@@ -9,6 +9,11 @@
 4. Pick the member of the ladder's shape family (width, depth, heads, KV groups, the ladder's context)
    whose non-embedding parameters are within 10% of N* and whose predicted loss, with its exact FLOPs
    per token, is lowest; train it on D = budget / flops_per_token tokens.
+
+Several ladders (``--ladder`` repeated), one per mixer family (``slm ladder --mixer``), are planned one by
+one in their own families, each on its own law, caps and timings, and the plan with the lowest predicted
+loss wins; the plan lists every family's predicted loss so the choice can be checked. One ladder plans as
+before. A ladder planned before families existed is an attention ladder.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from slmkit.config import PRESETS
 from slmkit.errors import UserError
 from slmkit.scaling.fit import FitResult, analyse, ladder_file, load_rungs
 from slmkit.scaling.ladder import PLAN_FILE, read_plan, rung_lr
-from slmkit.scaling.shapes import Shape, family, shape_overrides
+from slmkit.scaling.shapes import DEFAULT_MIXER, Shape, family, parse_mixer, shape_overrides
 
 SIZE_TOLERANCE = 0.10
 SMALLEST_PRESET = "tiny"
@@ -64,6 +69,11 @@ class Plan:
     decode_measurements: list[dict[str, float]] = field(default_factory=list)
     binding: list[str] = field(default_factory=list)  # which caps moved the optimum
     train_options: dict[str, Any] = field(default_factory=dict)
+    mixer: str = DEFAULT_MIXER  # the mixer family of the chosen plan (shapes.parse_mixer)
+    ladder: str = ""
+    # with several ladders: one entry per family planned (mixer, ladder, predicted_loss, loss_interval,
+    # params, tokens, width, depth), lowest predicted loss first; the first is this plan
+    families: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,15 +82,15 @@ class Plan:
         """A `slm train --config` YAML mapping: top-level options, `preset`, and `model:` overrides."""
         return {
             "preset": SMALLEST_PRESET,
-            "model": shape_overrides(self.width, self.depth, self.context),
+            "model": shape_overrides(self.width, self.depth, self.context, self.mixer),
             **self.train_options,
             "max_tokens": self.tokens,
         }
 
 
-def candidates(vocab_size: int, context: int, min_params: int = 0) -> list[Candidate]:
+def candidates(vocab_size: int, context: int, min_params: int = 0, mixer: str = DEFAULT_MIXER) -> list[Candidate]:
     out = []
-    for shape in family(vocab_size, context):
+    for shape in family(vocab_size, context, mixer=mixer):
         cfg = shape.config(vocab_size, context)
         n = cfg.num_params(False)
         if n >= min_params:
@@ -154,7 +164,70 @@ def _decode_model(points: list[dict[str, float]]) -> Any:
     return lambda n: float(max(a, 0.0) + b * n)
 
 
+def ladder_mixer(meta: dict[str, Any]) -> str:
+    """The mixer family of a ladder plan (attention for plans written before families existed)."""
+    return parse_mixer(meta.get("mixer") or (meta.get("request") or {}).get("mixer"))
+
+
 def plan(
+    ladder: str | Path | list[str | Path],
+    budget_flops: float | None = None,
+    budget_minutes: float | None = None,
+    max_decode_ms: float | None = None,
+    max_params: float | None = None,
+    bootstrap: int = 100,
+    ci_level: float = 0.95,
+    measure_decode: bool = True,
+    seed: int = 0,
+) -> Plan:
+    """Recommend a config and token count for a budget; with several ladders (one per mixer family), the
+    family whose plan has the lowest predicted loss. See the module docstring."""
+    ladders = [ladder] if isinstance(ladder, str | Path) else list(ladder)
+    if not ladders:
+        raise UserError("give at least one --ladder")
+    options = dict(
+        budget_flops=budget_flops,
+        budget_minutes=budget_minutes,
+        max_decode_ms=max_decode_ms,
+        max_params=max_params,
+        bootstrap=bootstrap,
+        ci_level=ci_level,
+        measure_decode=measure_decode,
+        seed=seed,
+    )
+    if len(ladders) == 1:
+        return _plan_family(ladders[0], **options)
+    metas = [_ladder_meta(p) for p in ladders]
+    if len({m.get("data_fingerprint") for m in metas}) > 1 or len({m.get("tokenizer_sha256") for m in metas}) > 1:
+        raise UserError(
+            "--ladder: the ladders were trained on different data or tokenizers; their losses don't compare"
+        )
+    seen: dict[str, str] = {}
+    for path, meta in zip(ladders, metas, strict=True):
+        mixer = ladder_mixer(meta)
+        if mixer in seen:
+            raise UserError(f"--ladder: {seen[mixer]} and {path} are both {mixer!r} ladders; give one per mixer family")
+        seen[mixer] = str(path)
+    plans = sorted((_plan_family(p, **options) for p in ladders), key=lambda p: p.predicted_loss)
+    best = plans[0]
+    best.families = [
+        {
+            "mixer": p.mixer,
+            "ladder": p.ladder,
+            "predicted_loss": p.predicted_loss,
+            "loss_interval": p.loss_interval,
+            "params": p.params,
+            "total_params": p.total_params,
+            "tokens": p.tokens,
+            "width": p.width,
+            "depth": p.depth,
+        }
+        for p in plans
+    ]
+    return best
+
+
+def _plan_family(
     ladder: str | Path,
     budget_flops: float | None = None,
     budget_minutes: float | None = None,
@@ -165,7 +238,7 @@ def plan(
     measure_decode: bool = True,
     seed: int = 0,
 ) -> Plan:
-    """Recommend a config and token count for a budget; see the module docstring."""
+    """The plan of one ladder, in its own mixer family."""
     if (budget_flops is None) == (budget_minutes is None):
         raise UserError("give exactly one budget: --budget-flops or --budget-minutes")
     for name, value in (
@@ -180,12 +253,13 @@ def plan(
     rungs = load_rungs(ladder)
     vocab = int(meta["vocab_size"])
     context = int(meta["request"]["settings"]["seq_len"])
+    mixer = ladder_mixer(meta)
     fit = analyse(rungs, bootstrap=bootstrap, ci_level=ci_level, holdout=False, seed=seed)
     law = fit.law
 
-    smallest = Shape(PRESETS[SMALLEST_PRESET]["d_model"], PRESETS[SMALLEST_PRESET]["n_layers"])
+    smallest = Shape(PRESETS[SMALLEST_PRESET]["d_model"], PRESETS[SMALLEST_PRESET]["n_layers"], mixer)
     smallest_cfg = smallest.config(vocab, context)
-    pool = candidates(vocab, context, min_params=smallest_cfg.num_params(False))
+    pool = candidates(vocab, context, min_params=smallest_cfg.num_params(False), mixer=mixer)
     if max_params is not None:
         pool = [c for c in pool if c.total_params <= max_params]
         if not pool:
@@ -279,7 +353,7 @@ def plan(
     bpb_ratio = [r["bits_per_byte"] / r["val_loss"] for r in rungs.records if r.get("bits_per_byte")]
     settings = meta["request"]["settings"]
     steps = max(1, tokens // (settings["seq_len"] * settings["batch_size"]))
-    overrides = shape_overrides(chosen.shape.width, chosen.shape.depth, context)
+    overrides = shape_overrides(chosen.shape.width, chosen.shape.depth, context, mixer)
     measured = None
     if measure_decode and chosen.total_params <= MAX_MEASURED_PARAMS:
         measured = measure_decode_ms(chosen.shape, vocab, context)
@@ -314,6 +388,8 @@ def plan(
             "schedule": "cosine",
             "seed": settings["seed"],
         },
+        mixer=mixer,
+        ladder=str(ladder),
     )
 
 
@@ -337,8 +413,18 @@ def write_config(result: Plan, path: str | Path) -> Path:
 
 def print_plan(result: Plan, console: Any) -> None:
     low, high = result.loss_interval
+    if result.families:
+        console.print("predicted val loss per mixer family (each at its own best shape for the budget):")
+        for f in result.families:
+            f_low, f_high = f["loss_interval"]
+            console.print(
+                f"  {f['mixer']:>24}  {f['predicted_loss']:.4f} ({f_low:.4f}-{f_high:.4f})  "
+                f"{f['width']}x{f['depth']}, {f['params']:,} params, {f['tokens']:,} tokens"
+            )
+        console.print(f"chosen: {result.mixer} (lowest predicted loss)")
+    family_note = "" if result.mixer == DEFAULT_MIXER else f"{result.mixer} mixers, "
     console.print(
-        f"recommended: width {result.width}, depth {result.depth}, {result.n_heads} heads, "
+        f"recommended: {family_note}width {result.width}, depth {result.depth}, {result.n_heads} heads, "
         f"{result.n_kv_heads} KV heads ({result.n_heads // result.n_kv_heads} per group), d_ff {result.d_ff}, "
         f"context {result.context}"
     )
