@@ -83,7 +83,9 @@ def test_unsupported_mamba2_options_are_refused_by_name(tmp_path):
 def test_hybrids_use_slmkit_format_and_export_refuses_cleanly(tmp_path):
     from slmkit.interop.hf import export_model
 
-    cfg = preset("micro-hybrid", vocab_size=97, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, ssm_head_dim=16)
+    cfg = preset(
+        "micro-hybrid", vocab_size=97, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, ssm_head_dim=16, family="slmkit"
+    )
     model = build_model(cfg).eval()
     model.init_weights(seed=0)
     save_model(model, tmp_path / "hybrid")

@@ -416,7 +416,7 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", ove
             writer.add_layer_norm_eps(cfg.norm_eps)
         if cfg.positions == "rope":
             writer.add_rope_freq_base(cfg.rope_theta)
-            writer.add_rope_dimension_count(cfg.dim_per_head)
+            writer.add_rope_dimension_count(cfg.rope_dim)
             writer.add_key_length(cfg.dim_per_head)
             writer.add_value_length(cfg.dim_per_head)
             if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
