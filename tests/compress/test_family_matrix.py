@@ -32,6 +32,10 @@ SWITCHES = {
     ),
     "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", ssm_head_dim=16, ssm_state_size=16),
     "mixtral": dict(family="mixtral", mlp="moe", moe_experts=4, moe_top_k=2),
+    "bamba": dict(
+        family="bamba", n_layers=4, layer_pattern=("mamba2", "attention", "mamba2", "attention"), rope_fraction=0.5,
+        qkv_bias=True, out_bias=True, mlp_bias=True, ssm_head_dim=16, ssm_state_size=16,
+    ),
     # slmkit's own format: one layer of each mixer (gla's gate rank 32: int4 groups of 32 divide every width)
     "slmkit": dict(
         family="slmkit", n_layers=4, layer_pattern=("gla", "based", "mamba2", "attention"), linear_gate_rank=32,
@@ -67,6 +71,7 @@ REFUSED = {
     # structured pruning cuts attention heads and MLP channels only
     ("mamba2", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers and no MLP",
     ("slmkit", "prune-structured"): r"prune-structured cuts attention heads .* has based, gla, mamba2 layers;",
+    ("bamba", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers;",
     ("mixtral", "prune-structured"): r"prune-structured cuts attention heads .* has mixture-of-experts MLPs;",
 }
 
