@@ -87,13 +87,15 @@ def test_gguf_names_exist_in_the_gguf_package_and_cover_the_blocks(family):
     import gguf
 
     layout = FAMILIES[family].gguf
-    block = {name.rpartition(".")[0] for name in make(family).layers[0].state_dict()}
+    params = set(make(family).layers[0].state_dict())
+    block = {name.rpartition(".")[0] for name in params - set(layout.params)}  # bare parameters are named apart
     fused_parts = {part for parts in layout.fused.values() for part in parts}
     written = (block - fused_parts) | set(layout.fused)
     assert written <= set(layout.tensors)  # every tensor of a block gets a llama.cpp name
     # ... that llama.cpp's architecture for the family loads
     known = set(gguf.MODEL_TENSORS[gguf.MODEL_ARCH[layout.arch.upper()]])
-    assert {gguf.MODEL_TENSOR[layout.tensors[module]] for module in written} <= known
+    kinds = [layout.tensors[module] for module in written] + [kind for kind, _ in layout.params.values()]
+    assert {gguf.MODEL_TENSOR[kind] for kind in kinds} <= known
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))

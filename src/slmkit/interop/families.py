@@ -62,6 +62,15 @@ class GGUFLayout:
     activation: str  # the MLP activation llama.cpp's architecture computes
     mlp_bias: bool  # whether that architecture reads MLP biases
     rope_scaling: tuple[str, ...]  # rope scaling types it reproduces
+    # state-space layers (llama.cpp's mamba2): bare parameters of a block -> (gguf.MODEL_TENSOR member, name suffix)
+    params: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    # our parameter name in a block -> its value in llama.cpp's layout (A = -exp(A_log), squeezed conv, ...); each
+    # keeps extra trailing dimensions (slmkit.interop.gguf carries quantization codes through it)
+    reshape: Callable[[str, torch.Tensor, ModelConfig], torch.Tensor] | None = None
+    keep_f32: tuple[str, ...] = ()  # GGUF tensor names (the part after `blk.N.`) written f32 in every file type
+    # writes the architecture's own metadata in place of the attention keys (heads, rope); None: attention's
+    metadata: Callable[[Any, ModelConfig], None] | None = None
+    refuse: Callable[[ModelConfig], str | None] | None = None  # what llama.cpp would compute differently, if any
 
 
 @dataclass(frozen=True, eq=False)  # one instance per family: compared and hashed by identity
@@ -848,6 +857,59 @@ _GGUF_GATED = {
 }
 
 
+# llama.cpp's mamba2 (convert_hf_to_gguf.py's Mamba2Model): dt_bias is ssm_dt's bias, A is stored as -exp(A_log)
+# and A, D as (H, 1) columns, the depthwise conv as (channels, K), and the gated norm's weight per group (G, inner/G)
+# because llama.cpp normalises each group of channels on its own.
+def _mamba2_gguf_reshape(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    if name == "mixer.A_log":
+        return -tensor.exp().unsqueeze(1)
+    if name == "mixer.D":
+        return tensor.unsqueeze(1)
+    if name == "mixer.conv1d.weight":
+        return tensor.squeeze(1)
+    if name == "mixer.norm.weight":
+        return tensor.reshape(cfg.ssm_n_groups, -1, *tensor.shape[1:])
+    return tensor
+
+
+def _mamba2_gguf_metadata(writer: Any, cfg: ModelConfig) -> None:
+    inner = cfg.ssm_expand * cfg.d_model
+    writer.add_feed_forward_length(0)  # llama.cpp reads both keys for every architecture; mamba2 uses neither
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(cfg.ssm_conv_kernel)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(cfg.ssm_state_size)
+    writer.add_ssm_time_step_rank(inner // cfg.ssm_head_dim)  # the number of heads
+    writer.add_ssm_group_count(cfg.ssm_n_groups)
+
+
+def _mamba2_gguf_refuse(cfg: ModelConfig) -> str | None:
+    if cfg.ssm_n_groups != 1:  # llama.cpp's gated norm is per group; ours (transformers') spans all channels
+        return f"llama.cpp's mamba2 normalises each of the {cfg.ssm_n_groups} groups apart (ssm_n_groups 1 only)"
+    return None
+
+
+_GGUF_MAMBA2 = GGUFLayout(
+    arch="mamba2",
+    tensors=MappingProxyType({
+        "input_layernorm": "ATTN_NORM", "mixer.in_proj": "SSM_IN", "mixer.conv1d": "SSM_CONV1D",
+        "mixer.norm": "SSM_NORM", "mixer.out_proj": "SSM_OUT",
+    }),
+    fused=MappingProxyType({}),
+    rope_pairs=False,
+    explicit_output=False,
+    activation="silu",
+    mlp_bias=False,
+    rope_scaling=(),
+    params=MappingProxyType({"mixer.dt_bias": ("SSM_DT", ".bias"), "mixer.A_log": ("SSM_A", ""),
+                             "mixer.D": ("SSM_D", "")}),
+    reshape=_mamba2_gguf_reshape,
+    keep_f32=("ssm_conv1d.weight", "ssm_a", "ssm_d"),
+    metadata=_mamba2_gguf_metadata,
+    refuse=_mamba2_gguf_refuse,
+)  # fmt: skip
+
+
 def _gguf_llama_like(arch: str, rope_pairs: bool, rope_scaling: tuple[str, ...]) -> GGUFLayout:
     return GGUFLayout(
         arch=arch,
@@ -979,7 +1041,7 @@ FAMILIES: dict[str, FamilySpec] = {
         write_config=_write_mamba2,
         weights_to_hf=_mamba2_to_hf,
         weights_from_hf=_mamba2_from_hf,
-        gguf=None,
+        gguf=_GGUF_MAMBA2,
         compressible=_MAMBA2_LINEARS,
         scale_folds=(ScaleFold("input_layernorm", ("mixer.in_proj",)),),
         weight_marker=".mixer.dt_bias",

@@ -163,6 +163,12 @@ def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
                 if f"{parts[0]}.{suffix}" in layer:
                     layer[f"{fused}.{suffix}"] = torch.cat([layer.pop(f"{part}.{suffix}") for part in parts])
         for name, tensor in layer.items():
+            if layout.reshape is not None:
+                tensor = layout.reshape(name, tensor, cfg)
+            if name in layout.params:  # a bare parameter (an SSM's A, D, dt bias): its own name and suffix
+                kind, suffix = layout.params[name]
+                out[names[t[kind]].format(bid=i) + suffix] = tensor
+                continue
             module, _, suffix = name.rpartition(".")
             if module in permuted:
                 tensor = permute_for_llama_cpp(tensor, permuted[module])
@@ -181,19 +187,23 @@ def _qtype(dtype: str) -> Any:
     return getattr(gguf.GGMLQuantizationType, dtype.upper())
 
 
-def tensor_types(tensors: dict[str, torch.Tensor], dtype: str) -> dict[str, tuple[str, str | None]]:
+def tensor_types(
+    tensors: dict[str, torch.Tensor], dtype: str, keep_f32: tuple[str, ...] = ()
+) -> dict[str, tuple[str, str | None]]:
     """name -> (GGUF type, why it differs from `dtype` or None), following llama.cpp's quantize tool:
     1-D tensors (norms, biases, rope divisors), `*_norm.weight` and the learned position embedding stay f32;
     the output matrix (the token embedding where the head is tied to it) is kept at 8 bits in 4/5-bit files
     (llama.cpp's tool uses q6_k, or q8_0 where the row length is not a multiple of 256; the `gguf` package
     cannot write k-quants, so q8_0 here); the token embedding of an untied model takes the file's type;
-    a matrix whose row length is not a multiple of the block size is written f16."""
+    a matrix whose row length is not a multiple of the block size is written f16; names ending in one of
+    `keep_f32` (a layout's small SSM tensors, which llama.cpp reads as f32) stay f32."""
     import gguf
 
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
     types: dict[str, tuple[str, str | None]] = {}
     for name, tensor in tensors.items():
-        if tensor.dim() < 2 or name.endswith("_norm.weight") or name in ("position_embd.weight", "rope_freqs.weight"):
+        small = name.endswith("_norm.weight") or name in ("position_embd.weight", "rope_freqs.weight")
+        if tensor.dim() < 2 or small or name.endswith(keep_f32):
             types[name] = ("f32", None)
             continue
         kind, why = dtype, None
@@ -291,7 +301,7 @@ def plan_tensors(
     cfg: ModelConfig = model.config  # type: ignore[assignment]
     state = _float_state(model)
     tensors = _layout(cfg, state)
-    types = tensor_types(tensors, dtype)
+    types = tensor_types(tensors, dtype, family_spec(cfg.family).gguf.keep_f32)
     # codes only matter for block types (kept as they are, or refused); float files need none of this
     blocks = exact_blocks(model) if dtype in BLOCK_DTYPES else {}
     if not blocks:
@@ -341,6 +351,9 @@ def check_exportable(config: ModelConfig) -> None:
         needs = f"a {layout.activation} MLP" + ("" if layout.mlp_bias else " without biases")
         has = config.activation + (" with biases" if config.mlp_bias else "")
         raise UserError(f"GGUF export: llama.cpp's {layout.arch} architecture needs {needs}, not {has}")
+    problem = layout.refuse(config) if layout.refuse is not None else None
+    if problem is not None:
+        raise UserError(f"GGUF export: {problem}")
 
 
 def _file_type(dtype: str) -> int:
@@ -406,22 +419,16 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", ove
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_context_length(context_length(cfg))
         writer.add_embedding_length(cfg.d_model)
-        writer.add_feed_forward_length(cfg.d_ff)
         writer.add_block_count(cfg.n_layers)
-        writer.add_head_count(cfg.n_heads)
-        writer.add_head_count_kv(cfg.n_kv_heads)
         if cfg.norm == "rmsnorm":
             writer.add_layer_norm_rms_eps(cfg.norm_eps)
         else:
             writer.add_layer_norm_eps(cfg.norm_eps)
-        if cfg.positions == "rope":
-            writer.add_rope_freq_base(cfg.rope_theta)
-            writer.add_rope_dimension_count(cfg.rope_dim)
-            writer.add_key_length(cfg.dim_per_head)
-            writer.add_value_length(cfg.dim_per_head)
-            if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
-                writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-                writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+        layout = family_spec(cfg.family).gguf
+        if layout.metadata is not None:
+            layout.metadata(writer, cfg)
+        else:
+            _attention_metadata(writer, cfg)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(vocab["pre"])
         writer.add_token_list(vocab["tokens"])
@@ -444,6 +451,23 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", ove
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def _attention_metadata(writer: Any, cfg: ModelConfig) -> None:
+    """MLP width, heads and rope: the keys of llama.cpp's attention architectures."""
+    import gguf
+
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    if cfg.positions == "rope":
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.rope_dim)
+        writer.add_key_length(cfg.dim_per_head)
+        writer.add_value_length(cfg.dim_per_head)
+        if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
 
 
 def _adds_bos(directory: Path) -> bool:
