@@ -10,6 +10,8 @@ Layout differences we handle (learned from llama.cpp's `convert_hf_to_gguf.py`):
   llama.cpp's NeoX rope (halves), so they are written as they are.
 - llama3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors.
 - GPT-2 keeps a fused q/k/v matrix (`attn_qkv`) and an explicit `output` copy of the embedding.
+- Mamba-2 stores A as -exp(A_log), its conv squeezed and its norm per group, and `ssm` metadata in place of the
+  attention keys: the layout's `params`, `reshape`, `keep_f32` and `metadata` say so.
 Which of these applies to a family, and its llama.cpp architecture, is its spec's `gguf` layout
 (`slmkit.interop.families`).
 
