@@ -23,7 +23,18 @@ from typing import Any, Literal, get_args
 from slmkit.errors import UserError
 
 Family = Literal[
-    "llama", "mistral", "qwen2", "qwen3", "gpt2", "mamba", "mamba2", "mixtral", "qwen2_moe", "olmoe", "slmkit"
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gpt2",
+    "mamba",
+    "mamba2",
+    "bamba",
+    "mixtral",
+    "qwen2_moe",
+    "olmoe",
+    "slmkit",
 ]
 NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
@@ -183,6 +194,9 @@ class ModelConfig:
     qk_norm_over: QKNormScope = "head"
     sliding_window: int | None = None  # attend to at most this many latest tokens (self included)
     rope_scaling: RopeScaling | None = None
+    # share of each head's channels that rotary embeddings turn (the first ones; the rest pass through unchanged):
+    # Bamba rotates half [partial_rotary_factor]
+    rope_fraction: float = 1.0
     # ---- per-layer parts (slmkit.models.registry names them; Hugging Face families use attention) ----
     mixer: str = "attention"  # the sequence mixer of every layer, unless layer_pattern says otherwise
     layer_pattern: tuple[str, ...] | None = None  # one mixer name per layer (hybrids: a config, not a class)
@@ -247,6 +261,11 @@ class ModelConfig:
             raise UserError(f"model config: head_dim must be positive, got {self.head_dim}")
         if self.positions == "rope" and self.dim_per_head % 2 != 0:
             raise UserError(f"model config: head dimension must be even for rotary embeddings, got {self.dim_per_head}")
+        if not (0 < self.rope_fraction <= 1) or self.rope_dim % 2 != 0 or self.rope_dim == 0:
+            raise UserError(
+                f"model config: rope_fraction={self.rope_fraction} must be in (0, 1] and turn an even, nonzero number "
+                f"of the {self.dim_per_head} channels per head"
+            )
         if not (self.rope_theta > 0 and math.isfinite(self.rope_theta)):
             raise UserError(f"model config: rope_theta must be a positive number, got {self.rope_theta}")
         if not (0 < self.norm_eps < 1):
@@ -460,6 +479,11 @@ class ModelConfig:
     def dim_per_head(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
+    @property
+    def rope_dim(self) -> int:
+        """Channels per head that rotary embeddings turn (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.dim_per_head * self.rope_fraction)
+
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
@@ -622,15 +646,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # Beyond attention, at about the parameters of micro and small. mamba2: the Mamba-2 recipe (no MLP, expand 2), so
 # about 1.5 mamba2 layers per transformer layer; hybrid: three mamba2 layers then one attention layer (Jamba's
-# interleaving), an MLP on every layer, d_ff trimmed to keep the size. Saved in slmkit's own format (family slmkit)
-# unless transformers has the class (family mamba2).
+# interleaving), an MLP on every layer, d_ff trimmed to keep the size, rotary on half of each head's channels:
+# Bamba's recipe, so transformers' BambaForCausalLM loads them (family bamba; mamba2 without MLPs: Mamba2ForCausalLM).
 _M, _A = "mamba2", "attention"
+_BAMBA: dict[str, Any] = dict(rope_fraction=0.5, family="bamba")
 PRESETS.update(
     {
         "micro-mamba2": dict(PRESETS["micro"], n_layers=6, mixer=_M, mlp="none", family="mamba2"),
         "small-mamba2": dict(PRESETS["small"], n_layers=14, mixer=_M, mlp="none", family="mamba2"),
-        "micro-hybrid": dict(PRESETS["micro"], d_ff=256, layer_pattern=(_M, _M, _M, _A), family="slmkit"),
-        "small-hybrid": dict(PRESETS["small"], d_ff=512, layer_pattern=(_M, _M, _M, _A) * 2, family="slmkit"),
+        "micro-hybrid": dict(PRESETS["micro"], d_ff=256, layer_pattern=(_M, _M, _M, _A), **_BAMBA),
+        "small-hybrid": dict(PRESETS["small"], d_ff=512, layer_pattern=(_M, _M, _M, _A) * 2, **_BAMBA),
     }
 )
 # Mamba-1 (transformers' MambaForCausalLM): no MLP, expand 2, N = 16 state entries per channel as in the Mamba

@@ -37,6 +37,10 @@ SWITCHES = {
     "qwen2_moe": dict(family="qwen2_moe", mlp="moe", moe_experts=4, qkv_bias=True, moe_shared_d_ff=64,
                       moe_shared_gate=True, moe_norm_topk=False),
     "olmoe": dict(family="olmoe", mlp="moe", moe_experts=4, qk_norm=True, qk_norm_over="projection"),
+    "bamba": dict(
+        family="bamba", n_layers=4, layer_pattern=("mamba2", "attention", "mamba2", "attention"), rope_fraction=0.5,
+        qkv_bias=True, out_bias=True, mlp_bias=True, ssm_head_dim=16, ssm_state_size=16,
+    ),
     # slmkit's own format: one layer of each mixer (gla's gate rank 32: int4 groups of 32 divide every width)
     "slmkit": dict(
         family="slmkit", n_layers=4, layer_pattern=("gla", "based", "mamba2", "attention"), linear_gate_rank=32,
@@ -77,6 +81,7 @@ REFUSED = {
     ("mamba", "prune-structured"): r"prune-structured cuts attention heads .* has mamba layers and no MLP",
     ("mamba2", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers and no MLP",
     ("slmkit", "prune-structured"): r"prune-structured cuts attention heads .* has based, gla, mamba2 layers;",
+    ("bamba", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers;",
     ("mixtral", "prune-structured"): r"prune-structured cuts attention heads .* has mixture-of-experts MLPs;",
     ("qwen2_moe", "prune-structured"): r"prune-structured cuts attention heads .* has mixture-of-experts MLPs;",
     ("olmoe", "prune-structured"): r"prune-structured cuts attention heads .* has mixture-of-experts MLPs;",

@@ -29,6 +29,11 @@ CONFIGS = {
     # config.json states only the mamba2 fields: the attention ones are what its reader sets
     "mamba": dict(family="mamba", mixer="mamba", mlp="none", n_heads=1, n_kv_heads=1, d_ff=64, ssm_state_size=8),
     "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", n_heads=1, n_kv_heads=1, d_ff=64, ssm_head_dim=16),
+    # Mamba-2 and attention layers, a gated MLP in each, rotary on half of each head
+    "bamba": dict(
+        family="bamba", n_layers=3, layer_pattern=("mamba2", "attention", "mamba2"), rope_fraction=0.5,
+        qkv_bias=True, out_bias=True, ssm_head_dim=16,
+    ),
     "mixtral": dict(family="mixtral", mlp="moe", moe_experts=3, moe_top_k=2),
     "qwen2_moe": dict(family="qwen2_moe", mlp="moe", moe_experts=3, qkv_bias=True, moe_shared_d_ff=32,
                       moe_shared_gate=True, moe_norm_topk=False),

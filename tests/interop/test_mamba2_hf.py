@@ -17,10 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 
 def random_model(**overrides):
-    cfg = preset(
-        "micro-mamba2", vocab_size=97, d_model=32, n_layers=2, ssm_head_dim=16, ssm_state_size=8, ssm_chunk_size=8,
-        **overrides,
-    )  # fmt: skip
+    fields = dict(vocab_size=97, d_model=32, n_layers=2, ssm_head_dim=16, ssm_state_size=8, ssm_chunk_size=8)
+    cfg = preset("micro-mamba2", **(fields | overrides))
     model = build_model(cfg).eval()
     model.init_weights(seed=1)
     g = torch.Generator().manual_seed(2)
@@ -83,7 +81,9 @@ def test_unsupported_mamba2_options_are_refused_by_name(tmp_path):
 def test_hybrids_use_slmkit_format_and_export_refuses_cleanly(tmp_path):
     from slmkit.interop.hf import export_model
 
-    cfg = preset("micro-hybrid", vocab_size=97, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, ssm_head_dim=16)
+    cfg = preset(
+        "micro-hybrid", vocab_size=97, d_model=32, n_heads=2, n_kv_heads=1, d_ff=64, ssm_head_dim=16, family="slmkit"
+    )
     model = build_model(cfg).eval()
     model.init_weights(seed=0)
     save_model(model, tmp_path / "hybrid")
@@ -98,15 +98,86 @@ def test_hybrids_use_slmkit_format_and_export_refuses_cleanly(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_export_of_mamba2_is_refused_cleanly(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("dtype", ["f32", "q8_0"])
+def test_gguf_export_writes_llama_cpp_mamba2_names_metadata_and_values(tmp_path, tiny_model_dir, dtype):
+    """Through `slm export --format gguf`: llama.cpp's mamba2 architecture, its ssm keys, and every tensor in
+    convert_hf_to_gguf.py's layout (A = -exp(A_log) and D as (H, 1), conv (C, K), dt_bias as ssm_dt.bias)."""
+    import shutil
+
+    import numpy as np
+    from typer.testing import CliRunner
+
+    gguf = pytest.importorskip("gguf")
+    from slmkit.cli import app
+
+    model = random_model(tie_embeddings=False, vocab_size=384)  # the tokenizer's 325 tokens and padding
+    cfg = model.config
+    save_model(model, tmp_path / "m")
+    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
+    out = tmp_path / "m.gguf"
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "m"), "--format", "gguf", "--out", str(out),
+                                      "--dtype", dtype])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    reader = gguf.GGUFReader(out)
+
+    def field(key):
+        f = reader.fields[key]
+        return f.contents()
+
+    assert field("general.architecture") == "mamba2"
+    inner, heads = 2 * cfg.d_model, 2 * cfg.d_model // cfg.ssm_head_dim
+    expected_keys = {
+        "mamba2.embedding_length": cfg.d_model, "mamba2.block_count": cfg.n_layers,
+        "mamba2.ssm.conv_kernel": cfg.ssm_conv_kernel, "mamba2.ssm.inner_size": inner,
+        "mamba2.ssm.state_size": cfg.ssm_state_size, "mamba2.ssm.time_step_rank": heads,
+        "mamba2.ssm.group_count": 1, "mamba2.feed_forward_length": 0, "mamba2.attention.head_count": 0,
+        "mamba2.context_length": cfg.max_seq_len,
+    }  # fmt: skip
+    assert {k: field(k) for k in expected_keys} == expected_keys
+    assert field("mamba2.attention.layer_norm_rms_epsilon") == pytest.approx(cfg.norm_eps)
+    assert not any("rope" in k for k in reader.fields)
+
+    sd = {k: v.detach().float() for k, v in model.state_dict().items()}
+    expected = {"token_embd.weight": sd["embed_tokens.weight"], "output_norm.weight": sd["norm.weight"],
+                "output.weight": sd["lm_head.weight"]}  # fmt: skip
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        expected |= {
+            f"blk.{i}.attn_norm.weight": sd[p + "input_layernorm.weight"],
+            f"blk.{i}.ssm_in.weight": sd[p + "mixer.in_proj.weight"],
+            f"blk.{i}.ssm_conv1d.weight": sd[p + "mixer.conv1d.weight"][:, 0, :],
+            f"blk.{i}.ssm_conv1d.bias": sd[p + "mixer.conv1d.bias"],
+            f"blk.{i}.ssm_dt.bias": sd[p + "mixer.dt_bias"],
+            f"blk.{i}.ssm_a": -torch.exp(sd[p + "mixer.A_log"])[:, None],
+            f"blk.{i}.ssm_d": sd[p + "mixer.D"][:, None],
+            f"blk.{i}.ssm_norm.weight": sd[p + "mixer.norm.weight"][None, :],
+            f"blk.{i}.ssm_out.weight": sd[p + "mixer.out_proj.weight"],
+        }
+    read = {t.name: t for t in reader.tensors}
+    assert set(read) == set(expected)
+    quantized = {"token_embd.weight", "output.weight"} | {
+        n for n in expected if n.endswith(("ssm_in.weight", "ssm_out.weight"))
+    }
+    for name, want in expected.items():
+        t = read[name]
+        assert tuple(int(d) for d in reversed(t.shape)) == tuple(want.shape), name  # ggml lists dims inner first
+        if dtype == "q8_0" and name in quantized:
+            assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+            np.testing.assert_allclose(got, want.numpy(), atol=want.abs().max().item() / 100, err_msg=name)
+        else:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, name
+            np.testing.assert_array_equal(np.asarray(t.data).reshape(want.shape), want.numpy(), err_msg=name)
+
+
+def test_gguf_export_refuses_grouped_mamba2_norms_cleanly(tmp_path, tiny_model_dir):
     import shutil
 
     from slmkit.interop.gguf import export_gguf
 
-    model = random_model()
-    save_model(model, tmp_path / "m")
+    save_model(random_model(ssm_n_groups=2, vocab_size=384), tmp_path / "m")
     shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
-    with pytest.raises(UserError, match="no llama.cpp architecture"):
+    with pytest.raises(UserError, match="ssm_n_groups 1 only"):
         export_gguf(tmp_path / "m", tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
 

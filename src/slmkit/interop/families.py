@@ -71,6 +71,7 @@ class GGUFLayout:
     convert: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = field(default_factory=dict)  # block tensor -> f
     keep_f32: tuple[str, ...] = ()  # members of gguf.MODEL_TENSOR written in f32 whatever the file's type
     hparams: Callable[[Any, ModelConfig], None] | None = None  # (GGUFWriter, config): None: attention's keys
+    refuse: Callable[[ModelConfig], str | None] | None = None  # what llama.cpp would compute otherwise, if any
 
 
 @dataclass(frozen=True, eq=False)  # one instance per family: compared and hashed by identity
@@ -662,6 +663,134 @@ def _write_mamba(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
+# ---- bamba (transformers' BambaForCausalLM): Mamba-2 layers and attention layers, a gated MLP in each -------
+_BAMBA_KEYS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "hidden_act", "rms_norm_eps", "max_position_embeddings", "attn_layer_indices",
+    "layer_types", "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_state", "mamba_d_conv",
+    "mamba_expand", "mamba_chunk_size", "mamba_conv_bias", "mamba_proj_bias", "time_step_limit",
+    "z_loss_coefficient", "num_logits_to_keep", "rope_theta", "rope_parameters", "rope_scaling",
+    "partial_rotary_factor", "attention_bias", "mlp_bias", "head_dim",
+})  # fmt: skip
+_BAMBA_ROPE_FRACTION = 0.5  # BambaConfig sets partial_rotary_factor to 0.5 whatever config.json says
+
+
+def _read_bamba(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    _require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), source)
+    for key, wanted in (("mamba_proj_bias", False), ("mamba_conv_bias", True)):
+        if key in d and bool(d[key]) != wanted:
+            raise UserError(f"{source}: bamba with {key}={d[key]!r} is not supported")
+    limit = [_json_float(v) for v in d.get("time_step_limit") or (0.0, float("inf"))]
+    if limit[0] > 0 or limit[1] != float("inf"):
+        raise UserError(f"{source}: bamba with a time_step_limit ({limit}) is not supported")
+    if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+        raise UserError(f"{source}: bamba with head_dim={d['head_dim']!r} is not supported (hidden / heads only)")
+    n_layers = d["num_hidden_layers"]
+    attn = d.get("attn_layer_indices") or []
+    if any(not isinstance(i, int) or not 0 <= i < n_layers for i in attn):
+        raise UserError(f"{source}: attn_layer_indices {attn!r} must be layer numbers below {n_layers}")
+    pattern = tuple("attention" if i in attn else "mamba2" for i in range(n_layers))
+    c, expand = d["hidden_size"], d.get("mamba_expand", 2)
+    n_heads_ssm = d.get("mamba_n_heads", 128)
+    head_dim = d.get("mamba_d_head", "auto")
+    head_dim = expand * c // n_heads_ssm if head_dim in (None, "auto") else head_dim
+    if n_heads_ssm * head_dim != expand * c:
+        raise UserError(
+            f"{source}: mamba_n_heads * mamba_d_head ({n_heads_ssm} * {head_dim}) must equal mamba_expand * "
+            f"hidden_size ({expand} * {c})"
+        )
+    # rope without partial_rotary_factor, which the shared reader refuses and Bamba fixes (read above)
+    rope = {k: v for k, v in d.items() if k != "partial_rotary_factor"}
+    if isinstance(rope.get("rope_parameters"), dict):
+        rope["rope_parameters"] = {k: v for k, v in rope["rope_parameters"].items() if k != "partial_rotary_factor"}
+    theta, scaling = _rope(rope, source)
+    bias = bool(d.get("attention_bias", False))
+    kinds = set(pattern)
+    return dict(
+        vocab_size=d["vocab_size"],
+        d_model=c,
+        n_layers=n_layers,
+        n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        d_ff=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 2048),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rope_fraction=_BAMBA_ROPE_FRACTION,
+        norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        activation=_activation(d.get("hidden_act", "silu"), "hidden_act", source),
+        qkv_bias=bias,
+        out_bias=bias,
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        mixer=pattern[0] if len(kinds) == 1 else "attention",
+        layer_pattern=pattern if len(kinds) > 1 else None,
+        ssm_state_size=d.get("mamba_d_state", 256),
+        ssm_expand=expand,
+        ssm_head_dim=head_dim,
+        ssm_n_groups=d.get("mamba_n_groups", 1),
+        ssm_conv_kernel=d.get("mamba_d_conv", 4),
+        ssm_chunk_size=d.get("mamba_chunk_size", 256),
+    )
+
+
+def _write_bamba(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    inner = cfg.ssm_expand * cfg.d_model
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.rope_fraction}
+    return {
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": _ACT_TO_HF[cfg.activation],
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "attn_layer_indices": [i for i in range(cfg.n_layers) if cfg.mixer_at(i) == "attention"],
+        "mamba_n_heads": inner // cfg.ssm_head_dim,
+        "mamba_d_head": cfg.ssm_head_dim,
+        "mamba_n_groups": cfg.ssm_n_groups,
+        "mamba_d_state": cfg.ssm_state_size,
+        "mamba_d_conv": cfg.ssm_conv_kernel,
+        "mamba_expand": cfg.ssm_expand,
+        "mamba_chunk_size": cfg.ssm_chunk_size,
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": rope,
+        "partial_rotary_factor": cfg.rope_fraction,
+        "attention_bias": cfg.qkv_bias,
+        "mlp_bias": cfg.mlp_bias,
+        **spec.fixed_keys,
+    }
+
+
+# our block modules -> Bamba's (inside model.layers.{i}); the rest (input_layernorm, self_attn) keep their names
+_BAMBA_BLOCK = {"mixer": "mamba", "mlp": "feed_forward", "post_attention_layernorm": "pre_ff_layernorm"}
+_BAMBA_TOP = {"norm.weight": "final_layernorm.weight"}
+
+
+def _bamba_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    out: StateDict = {}
+    for name, tensor in state.items():
+        parts = name.split(".")
+        if parts[0] == "layers" and len(parts) > 2:
+            parts[2] = _BAMBA_BLOCK.get(parts[2], parts[2])
+        name = _BAMBA_TOP.get(".".join(parts), ".".join(parts))
+        out[name if name == "lm_head.weight" else "model." + name] = tensor
+    return out
+
+
+def _bamba_from_hf(state: StateDict) -> StateDict:
+    block = {v: k for k, v in _BAMBA_BLOCK.items()}
+    top = {v: k for k, v in _BAMBA_TOP.items()}
+    out: StateDict = {}
+    for name, tensor in state.items():
+        parts = name.removeprefix("model.").split(".")
+        if parts[0] == "layers" and len(parts) > 2:
+            parts[2] = block.get(parts[2], parts[2])
+        joined = ".".join(parts)
+        out[top.get(joined, joined)] = tensor
+    return out
+
+
 # ---- mixtures of experts: Llama's layout with the MLP replaced by a router and experts --------------------
 _MIXTRAL_KEYS = _LLAMA_LIKE_KEYS | {
     "num_local_experts", "num_experts_per_tok", "router_jitter_noise", "output_router_logits"
@@ -915,6 +1044,65 @@ MAMBA_GGUF = GGUFLayout(
 )
 
 
+def _mamba2_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's `mamba2` hyperparameters (as its convert_hf_to_gguf.py writes them)."""
+    inner = cfg.ssm_expand * cfg.d_model
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_feed_forward_length(0)  # llama.cpp reads both keys for every architecture; mamba2 uses neither
+    writer.add_head_count(0)
+    writer.add_ssm_conv_kernel(cfg.ssm_conv_kernel)
+    writer.add_ssm_inner_size(inner)
+    writer.add_ssm_state_size(cfg.ssm_state_size)
+    writer.add_ssm_time_step_rank(inner // cfg.ssm_head_dim)  # the number of heads
+    writer.add_ssm_group_count(cfg.ssm_n_groups)
+
+
+def _mamba2_gguf_refuse(cfg: ModelConfig) -> str | None:
+    if cfg.ssm_n_groups != 1:  # llama.cpp's gated norm is per group; ours (transformers') spans all channels
+        return f"llama.cpp's mamba2 normalises each of the {cfg.ssm_n_groups} groups apart (ssm_n_groups 1 only)"
+    return None
+
+
+def _column(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(1)  # (H,) -> (H, 1)
+
+
+def _negative_exp_column(t: torch.Tensor) -> torch.Tensor:
+    return -t.exp().unsqueeze(1)
+
+
+def _one_group(t: torch.Tensor) -> torch.Tensor:
+    return t.unsqueeze(0)  # the gated norm's weight as (G = 1, inner): llama.cpp normalises per group
+
+
+# llama.cpp's mamba2 (convert_hf_to_gguf.py's Mamba2Model): dt_bias is ssm_dt's bias, A is stored as -exp(A_log)
+# and A, D as (H, 1) columns, the depthwise conv as (channels, K), and the gated norm's weight per group
+_GGUF_MAMBA2 = GGUFLayout(
+    arch="mamba2",
+    tensors=MappingProxyType({
+        "input_layernorm": "ATTN_NORM", "mixer.in_proj": "SSM_IN", "mixer.conv1d": "SSM_CONV1D",
+        "mixer.norm": "SSM_NORM", "mixer.out_proj": "SSM_OUT",
+    }),
+    fused=MappingProxyType({}),
+    rope_pairs=False,
+    explicit_output=False,
+    activation="silu",
+    mlp_bias=False,
+    rope_scaling=(),
+    parameters=MappingProxyType({"mixer.dt_bias": "SSM_DT.bias", "mixer.A_log": "SSM_A", "mixer.D": "SSM_D"}),
+    convert=MappingProxyType({
+        "mixer.A_log": _negative_exp_column, "mixer.D": _column, "mixer.conv1d.weight": _squeeze_conv,
+        "mixer.norm.weight": _one_group,
+    }),
+    keep_f32=("SSM_CONV1D", "SSM_A", "SSM_D"),
+    hparams=_mamba2_gguf_hparams,
+    refuse=_mamba2_gguf_refuse,
+)  # fmt: skip
+
+
 def _gguf_llama_like(arch: str, rope_pairs: bool, rope_scaling: tuple[str, ...]) -> GGUFLayout:
     return GGUFLayout(
         arch=arch,
@@ -966,7 +1154,7 @@ def _llama_like(
     return FamilySpec(
         name=name,
         architecture=architecture,
-        allowed=dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",)) | allowed,
+        allowed=dict(norm=("rmsnorm",), mlp=("gated",), positions=("rope",), rope_fraction=(1.0,)) | allowed,
         config_keys=_LLAMA_LIKE_KEYS,
         read_config=_read_llama_like,
         write_config=_write_llama_like,
@@ -1087,6 +1275,7 @@ FAMILIES: dict[str, FamilySpec] = {
             tie_embeddings=(True,),
             rope_scaling=(None,),
             head_dim=(None,),  # config.json has no head_dim: it is n_embd / n_head
+            rope_fraction=(1.0,),
         ),  # fmt: skip
         shared={"n_head": ("n_heads", "n_kv_heads")},
         config_keys=_GPT2_KEYS,
@@ -1151,7 +1340,7 @@ FAMILIES: dict[str, FamilySpec] = {
         write_config=_write_mamba2,
         weights_to_hf=_mamba2_to_hf,
         weights_from_hf=_mamba2_from_hf,
-        gguf=None,
+        gguf=_GGUF_MAMBA2,
         compressible=_MAMBA2_LINEARS,
         scale_folds=(ScaleFold("input_layernorm", ("mixer.in_proj",)),),
         weight_marker=".mixer.dt_bias",
@@ -1163,6 +1352,40 @@ FAMILIES: dict[str, FamilySpec] = {
             "rescale_prenorm_residual": False,
         },
         mixers=("mamba2",),
+    ),
+    # Bamba (IBM): Mamba-2 layers with attention layers at attn_layer_indices, a gated MLP after every mixer; its
+    # attention turns half of each head's channels (rope_fraction 0.5). llama.cpp's bamba arch is not written yet.
+    "bamba": FamilySpec(
+        name="bamba",
+        architecture="BambaForCausalLM",
+        allowed=dict(
+            norm=("rmsnorm",),
+            mlp=("gated",),
+            activation=("silu",),  # its mixers' conv uses hidden_act too, and ours SiLU
+            positions=("rope",),
+            qk_norm=(False,),
+            sliding_window=(None,),
+            rope_scaling=(None,),
+            head_dim=(None,),  # BambaAttention's head_dim is hidden_size / num_attention_heads
+            rope_fraction=(_BAMBA_ROPE_FRACTION,),
+        ),  # fmt: skip
+        shared={"attention_bias": ("qkv_bias", "out_bias")},
+        config_keys=_BAMBA_KEYS,
+        read_config=_read_bamba,
+        write_config=_write_bamba,
+        weights_to_hf=_bamba_to_hf,
+        weights_from_hf=_bamba_from_hf,
+        gguf=None,
+        compressible=(*GATED_LINEARS, *_MAMBA2_LINEARS),
+        scale_folds=(*GATED_FOLDS, ScaleFold("input_layernorm", ("mixer.in_proj",))),
+        weight_marker=".pre_ff_layernorm.",
+        fixed_keys={
+            "mamba_conv_bias": True,
+            "mamba_proj_bias": False,
+            "z_loss_coefficient": 0.0,
+            "attention_dropout": 0.0,
+        },
+        mixers=("mamba2", "attention"),
     ),
     # Mixtral: Mistral's attention (a sliding window in every layer, or none), every MLP a mixture of experts whose
     # k router probabilities are renormalised; no shared expert. llama.cpp runs it as `llama` with expert tensors.
@@ -1179,6 +1402,7 @@ FAMILIES: dict[str, FamilySpec] = {
             moe_shared_gate=(False,),
             moe_norm_topk=(True,),
             moe_weighting=("softmax",),
+            rope_fraction=(1.0,),
         ),  # fmt: skip
         shared={},
         config_keys=_MIXTRAL_KEYS,

@@ -14,6 +14,8 @@ Layout differences we handle (learned from llama.cpp's `convert_hf_to_gguf.py`):
   (`ffn_{gate,up,down}_exps`), beside the router (`ffn_gate_inp`) and Qwen2-MoE's shared expert
   (`ffn_*_shexp`, its gate `ffn_gate_inp_shexp`); routers stay f32 in quantized files, as llama.cpp's
   quantize tool keeps them.
+- Mamba-1 and Mamba-2 store A as -exp(A_log) and the conv squeezed (Mamba-2 also its norm per group), and
+  `ssm` metadata in place of the attention keys: the layout's `parameters`, `convert`, `keep_f32`, `hparams`.
 Which of these applies to a family, and its llama.cpp architecture, is its spec's `gguf` layout
 (`slmkit.interop.families`).
 
@@ -170,8 +172,9 @@ def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
         for name, tensor in layer.items():
             if name in layout.convert:
                 tensor = layout.convert[name](tensor)
-            if name in layout.parameters:  # a bare parameter (an SSM's A and D): llama.cpp's name has no suffix
-                out[names[t[layout.parameters[name]]].format(bid=i)] = tensor
+            if name in layout.parameters:  # a bare parameter (an SSM's A, D, dt bias): llama.cpp's own name
+                member, _, suffix = layout.parameters[name].partition(".")
+                out[names[t[member]].format(bid=i) + (f".{suffix}" if suffix else "")] = tensor
                 continue
             module, _, suffix = name.rpartition(".")
             if module in permuted:
@@ -407,6 +410,9 @@ def check_exportable(config: ModelConfig) -> None:
             f"GGUF export: llama.cpp's {layout.arch} architecture {does} the top-k router weights; this model has "
             f"moe_norm_topk={config.moe_norm_topk}, so llama.cpp would route its tokens with other weights"
         )
+    problem = layout.refuse(config) if layout.refuse is not None else None
+    if problem is not None:
+        raise UserError(f"GGUF export: {problem}")
 
 
 def _file_type(dtype: str) -> int:
@@ -516,7 +522,7 @@ def _attention_hparams(writer: Any, cfg: ModelConfig) -> None:
         writer.add_layer_norm_eps(cfg.norm_eps)
     if cfg.positions == "rope":
         writer.add_rope_freq_base(cfg.rope_theta)
-        writer.add_rope_dimension_count(cfg.dim_per_head)
+        writer.add_rope_dimension_count(cfg.rope_dim)
         writer.add_key_length(cfg.dim_per_head)
         writer.add_value_length(cfg.dim_per_head)
         if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":

@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
     """Inverse frequencies (D/2,) with the config's rope scaling; seq_len matters for `dynamic` only."""
-    d, theta, scaling = config.dim_per_head, config.rope_theta, config.rope_scaling
+    d, theta, scaling = config.rope_dim, config.rope_theta, config.rope_scaling
     if scaling is not None and scaling.type == "dynamic" and seq_len > config.max_seq_len:
         # NTK-aware: grow the base with the sequence past the trained context (as transformers does)
         theta = theta * ((scaling.factor * seq_len / config.max_seq_len) - (scaling.factor - 1)) ** (d / (d - 2))
@@ -73,7 +73,11 @@ def rope_cos_sin(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); cos, sin: (B, 1, T, D) or (1, 1, T, D)."""
+    """x: (B, H, T, D); cos, sin: (B, 1, T, R) or (1, 1, T, R), R <= D: the first R channels turn (partial rotary),
+    the rest pass through."""
+    if cos.shape[-1] < x.shape[-1]:
+        r = cos.shape[-1]
+        return torch.cat((apply_rope(x[..., :r], cos, sin), x[..., r:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return (x * cos + rotated * sin).to(x.dtype)
