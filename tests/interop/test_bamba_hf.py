@@ -134,3 +134,23 @@ def test_hybrid_presets_are_saved_as_bamba(name):
 
     cfg = check_family(preset(name))
     assert cfg.family == "bamba" and cfg.rope_dim == cfg.dim_per_head // 2
+
+
+def test_rope_fraction_is_checked_and_other_families_refuse_partial_rotary():
+    from slmkit.interop.families import check_family
+
+    with pytest.raises(UserError, match="rope_fraction=0.3"):
+        preset("micro", vocab_size=97, rope_fraction=0.3)  # 32 * 0.3 -> 9 channels: odd
+    with pytest.raises(UserError, match="family 'llama' cannot express rope_fraction=0.5"):
+        check_family(preset("micro", vocab_size=97, rope_fraction=0.5))
+
+
+def test_partial_rotary_leaves_the_other_channels_unturned():
+    from slmkit.models.attention import apply_rope, rope_cos_sin
+
+    x = torch.randn(1, 2, 5, 8)
+    cos, sin = rope_cos_sin(torch.arange(5), 4, 10000.0)
+    out = apply_rope(x, cos[None, None], sin[None, None])
+    assert torch.equal(out[..., 4:], x[..., 4:])
+    assert torch.allclose(out[..., :4], apply_rope(x[..., :4], cos[None, None], sin[None, None]))
+    assert not torch.allclose(out[:, :, 1:, :4], x[:, :, 1:, :4])
