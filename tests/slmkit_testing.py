@@ -40,6 +40,17 @@ def plain_greedy(model, prompt: list[int], n: int) -> list[int]:
     return tokens[len(prompt) :]
 
 
+def greedy_logits(step, prompt, n: int) -> list[int]:
+    """Greedy tokens from any logits function (tokens (1, T) -> logits (1, T, V): ours, or a transformers model's
+    `lambda t: m(input_ids=t).logits`), full passes without a cache: the reference in parity tests."""
+    import torch
+
+    tokens = prompt.clone()
+    for _ in range(n):
+        tokens = torch.cat((tokens, step(tokens)[:, -1:].argmax(-1)), dim=1)
+    return tokens[0, prompt.shape[1] :].tolist()
+
+
 def run_batcher(batcher, requests: list, join_after: int, steps: int) -> list:
     """Submit requests[:join_after] to a ContinuousBatcher, step it `steps` times, submit the rest (rows joining
     while others decode), run to the end; the sequences, in request order."""

@@ -13,6 +13,7 @@ from slmkit.config import preset
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model, save_model
 from slmkit.models import build_model
+from slmkit_testing import greedy_logits as greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,13 +32,6 @@ def random_model(**overrides):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return model
-
-
-def greedy(step, prompt: torch.Tensor, n: int) -> list[int]:
-    tokens = prompt.clone()
-    for _ in range(n):
-        tokens = torch.cat((tokens, step(tokens)[:, -1:].argmax(-1)), dim=1)
-    return tokens[0, prompt.shape[1] :].tolist()
 
 
 def decode_with_state(model, prompt: torch.Tensor, n: int) -> list[int]:

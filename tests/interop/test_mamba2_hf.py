@@ -12,6 +12,7 @@ from slmkit.config import preset
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model, save_model
 from slmkit.models import build_model
+from slmkit_testing import greedy_logits as greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,13 +27,6 @@ def random_model(**overrides):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.2)
     return model
-
-
-def greedy(step, prompt: torch.Tensor, n: int) -> list[int]:
-    tokens = prompt.clone()
-    for _ in range(n):
-        tokens = torch.cat((tokens, step(tokens)[:, -1:].argmax(-1)), dim=1)
-    return tokens[0, prompt.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("groups", [1, 2])
@@ -109,8 +103,10 @@ def test_gguf_export_writes_llama_cpp_mamba2_names_metadata_and_values(tmp_path,
 
     gguf = pytest.importorskip("gguf")
     from slmkit.cli import app
+    from slmkit.data.tokenizer import load_tokenizer
 
-    model = random_model(tie_embeddings=False, vocab_size=384)  # the tokenizer's 325 tokens and padding
+    tokens = load_tokenizer(tiny_model_dir / "tokenizer.json").get_vocab_size()  # 325 or 512, by the test corpus
+    model = random_model(tie_embeddings=False, vocab_size=-(-tokens // 128) * 128)  # the tokens and padding
     cfg = model.config
     save_model(model, tmp_path / "m")
     shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")

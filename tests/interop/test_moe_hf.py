@@ -12,6 +12,7 @@ from slmkit.config import ModelConfig
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model, save_model
 from slmkit.models import build_model
+from slmkit_testing import greedy_logits as greedy
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,13 +56,6 @@ def random_moe(family: str = "mixtral", **overrides):
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=g) * (1.0 if name.endswith("mlp.gate.weight") else 0.2))
     return model
-
-
-def greedy(step, prompt: torch.Tensor, n: int) -> list[int]:
-    tokens = prompt.clone()
-    for _ in range(n):
-        tokens = torch.cat((tokens, step(tokens)[:, -1:].argmax(-1)), dim=1)
-    return tokens[0, prompt.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("overrides", [{}, {"moe_top_k": 1, "moe_experts": 3}, {"sliding_window": 8}])
