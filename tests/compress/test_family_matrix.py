@@ -69,9 +69,11 @@ ERROR_ALLOWANCE = {
     ("slmkit", "int4"): 1.9,
     ("mixtral", "int8"): 4.0,
     ("mixtral", "int4"): 1.25,
-    # Qwen2-MoE and OLMoE route too (measured here, flips not counted: int8 0.077 and 0.066; OLMoE gptq-int4 0.451)
-    ("qwen2_moe", "int8"): 2.0,
-    ("olmoe", "int8"): 2.0,
+    # Qwen2-MoE and OLMoE route too: int8 0.077 and 0.066 with the fallback corpus's tokenizer, OLMoE 0.135 with the
+    # shared corpus's (which tokens flip moves with the data); OLMoE gptq-int4 0.451
+    ("qwen2_moe", "int8"): 4.0,
+    ("qwen2_moe", "int4"): 1.25,
+    ("olmoe", "int8"): 4.0,
     ("olmoe", "int4"): 1.25,
 }
 # what a family cannot do, and why: GPT-2's config.json derives the head width from n_embd / n_head
