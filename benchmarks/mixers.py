@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import hardware  # noqa: E402
+from _common import hardware, training_rate  # noqa: E402
 from slmkit.config import preset  # noqa: E402
 from slmkit.models import build_model  # noqa: E402
 
@@ -250,22 +250,9 @@ def hf_section(name: str, batch: int, seq_len: int, steps: int, vocab: int) -> d
     x = torch.randint(0, vocab, (batch, seq_len))
 
     def rate(model, logits_of) -> float:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            loss = F.cross_entropy(logits_of(model).flatten(0, 1)[:-1], x.flatten()[1:])
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
-        best = 0.0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            best = max(best, steps * x.numel() / (time.perf_counter() - t0))
-        return best
+        return training_rate(
+            model, lambda: F.cross_entropy(logits_of(model).flatten(0, 1)[:-1], x.flatten()[1:]), x.numel(), steps
+        )
 
     ours_rate = rate(ours, lambda m: m(x))
     theirs_rate = rate(theirs, lambda m: m(input_ids=x).logits)

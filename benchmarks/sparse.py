@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import hardware  # noqa: E402
+from _common import hardware, training_rate  # noqa: E402
 from mixers import quality_section, table  # noqa: E402
 from slmkit.config import PRESETS, preset  # noqa: E402
 from slmkit.models import build_model  # noqa: E402
@@ -106,21 +106,7 @@ def train_section(name: str, batch: int, seq_len: int, steps: int, vocab: int) -
 
     def rate(model, loss_of) -> float:
         model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def step():
-            loss_of(model).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        step()
-        best = 0.0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                step()
-            best = max(best, steps * x.numel() / (time.perf_counter() - t0))
-        return best
+        return training_rate(model, lambda: loss_of(model), x.numel(), steps)
 
     def our_loss(model):  # cross-entropy plus the balance and z losses, as the training loop adds them
         loss = F.cross_entropy(model(x).flatten(0, 1)[:-1], x.flatten()[1:])
