@@ -129,6 +129,14 @@ def train(*args: Any, **kwargs: Any):
     return _train(*args, **kwargs)
 
 
+def finetune(*args: Any, **kwargs: Any):
+    """Fine-tune a model dir on chat or prompt/completion JSONL, fully or with adapters (see
+    `slmkit.train.finetune.finetune`); an earlier run in the run dir is replaced only with `overwrite=True`."""
+    from slmkit.train.finetune import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
+
+
 def compress(*args: Any, **kwargs: Any):
     """Quantize, prune, factorize or carve into experts a model dir (see `slmkit.compress.pipeline.compress`); an
     existing output directory is replaced only with `overwrite=True`."""

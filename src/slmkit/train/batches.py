@@ -8,6 +8,8 @@ global order: disjoint slices whose union is what one process would see.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -65,3 +67,48 @@ def eval_windows(tokens: np.ndarray, seq_len: int, count: int | None = None) -> 
         picks = np.linspace(0, len(full) - 1, count).round().astype(int)
         windows = [full[i] for i in sorted(set(picks.tolist()))]
     return windows
+
+
+class RowSampler:
+    """Deterministic, resumable batches of prepared rows (packed fine-tuning samples, `slmkit.data.chat`).
+
+    Like `WindowSampler`: each epoch visits the rows in a permutation drawn from (seed, epoch), the position is
+    the number of rows consumed, and rank r of W takes rows r, r + W, ... of the global order. A batch is
+    (x, y, extra): extra holds the rows' segments and positions when they hold packed samples (so the model
+    keeps the samples apart), and is empty for one sample per row (plain causal attention, its fast path).
+    """
+
+    def __init__(self, rows: Any, seed: int, rank: int = 0, world_size: int = 1, packed: bool = True) -> None:
+        self.rows = rows
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.packed = packed
+        self.n_rows = len(rows)
+        if self.n_rows < 1:
+            raise ValueError("no rows")
+        self.position = 0
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _row(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.n_rows)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._epoch = epoch
+        assert self._perm is not None
+        return int(self._perm[offset])
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        picks = [self._row(self.position + i * self.world_size + self.rank) for i in range(batch_size)]
+        self.position += batch_size * self.world_size
+        rows = self.rows
+        x, y = torch.from_numpy(rows.inputs[picks]), torch.from_numpy(rows.targets[picks])
+        if not self.packed:
+            return x, y, {}
+        extra = {"segments": torch.from_numpy(rows.segments[picks]), "pos": torch.from_numpy(rows.positions[picks])}
+        return x, y, extra
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.n_rows
