@@ -111,6 +111,33 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _context_of(model: Path, at_most: int) -> int:
+    """The context length of a model dir (from its config.json), capped at `at_most`: a default --seq-len."""
+    from slmkit.interop.checkpoint import resolve_model_dir
+    from slmkit.train.config import read_json_object
+
+    config = read_json_object(resolve_model_dir(model) / "config.json")
+    context = config.get("max_position_embeddings", config.get("n_positions"))
+    return (
+        min(context, at_most) if isinstance(context, int) and not isinstance(context, bool) and context > 0 else at_most
+    )
+
+
+def _parse_replay(value: str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    directory, sep, fraction = value.rpartition(":")
+    try:
+        share = float(fraction)
+    except ValueError:
+        share = -1.0
+    if not sep or not directory or not 0 < share < 1:
+        raise UserError(
+            f"--replay expects DATA_DIR:FRACTION with a fraction in (0, 1), e.g. data/old:0.1; got {value!r}"
+        )
+    return {"replay": directory, "replay_fraction": share}
+
+
 @app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="Data dir written by `slm data prepare`.")],
@@ -156,6 +183,13 @@ def train(
             "instead of a fresh --preset."
         ),
     ] = None,
+    replay: Annotated[
+        str | None,
+        typer.Option(
+            help="DATA_DIR:FRACTION: draw this share of every batch from an older data dir (same tokenizer) while "
+            "continuing training with --init, e.g. --replay data/old:0.1; its val loss is logged as replay_val_loss."
+        ),
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -181,12 +215,15 @@ def train(
         "preset": preset,
         "strategy": strategy,
         "init": str(init) if init is not None else None,
+        **_parse_replay(replay),
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:
         given["compile"] = True
     if init is not None and (preset is not None or set_):
         raise UserError("--init gives the model: drop --preset and --set")
+    if init is not None and seq_len is None and not resume:  # at most the model's context
+        given["seq_len"] = _context_of(init, TrainConfig.seq_len)
     if resume:
         keys = ("max_steps", "max_tokens", "max_minutes", "max_flops", "strategy")
         budgets = {k: given[k] for k in keys if k in given}
@@ -579,7 +616,6 @@ def finetune(
 ) -> None:
     """Fine-tune MODEL on chat or prompt/completion samples (loss on the answers), fully or with LoRA/NOLA adapters."""
     from slmkit.api import finetune as run_finetune
-    from slmkit.train.config import read_json_object
     from slmkit.train.finetune import FinetuneConfig
     from slmkit.ui import RichReporter
 
@@ -628,10 +664,7 @@ def finetune(
         elif rank is not None or alpha is not None or rslora or target_modules or lora_dropout is not None:
             raise UserError("--rank, --alpha, --rslora, --target-modules and --lora-dropout need --lora or --nola")
         if seq_len is None:  # the model's context, up to 1024 tokens
-            from slmkit.interop.checkpoint import resolve_model_dir
-
-            context = read_json_object(resolve_model_dir(model) / "config.json").get("max_position_embeddings")
-            given["seq_len"] = min(context, 1024) if isinstance(context, int) and context > 0 else 256
+            given["seq_len"] = _context_of(model, 1024)
         cfg = FinetuneConfig.from_dict(
             {**given, "init": str(model), "data": str(data), "loss_on_prompt": loss_on_prompt, "lora": adapter}
         )

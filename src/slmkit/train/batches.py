@@ -112,3 +112,36 @@ class RowSampler:
     @property
     def epoch(self) -> float:
         return self.position / self.n_rows
+
+
+class ReplaySampler:
+    """Batches mixing new data with a share of replayed old data (continued pre-training without forgetting).
+
+    Of every batch, the rows that keep the replayed share at `fraction` of all rows so far come from `replay`,
+    the rest from `main` (each a `WindowSampler` with its own order and rank split), so the mix is exact over
+    any run and the same on every rank. The position is the pair of the two samplers' positions.
+    """
+
+    def __init__(self, main: WindowSampler, replay: WindowSampler, fraction: float) -> None:
+        if not 0 < fraction < 1:
+            raise ValueError("fraction must be in (0, 1)")
+        self.main, self.replay, self.fraction = main, replay, fraction
+
+    @property
+    def position(self) -> list[int]:
+        return [self.main.position, self.replay.position]
+
+    @position.setter
+    def position(self, value: list[int]) -> None:
+        self.main.position, self.replay.position = int(value[0]), int(value[1])
+
+    @property
+    def epoch(self) -> float:
+        return self.main.epoch
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        world = self.main.world_size
+        rows = (self.main.position + self.replay.position) // world  # rows each process took so far
+        replayed = int((rows + batch_size) * self.fraction) - int(rows * self.fraction)
+        parts = [s.next_batch(n) for s, n in ((self.main, batch_size - replayed), (self.replay, replayed)) if n]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -143,6 +143,8 @@ class RunSpec:
     sampler: Callable[[TrainConfig, int, int], Any] | None = None  # (config, rank, world size) -> sampler
     # the validation loss as (nats, predicted tokens) of a module (default: windows of the data dir's val split)
     val_nats: Callable[[torch.nn.Module, TrainConfig, Any], tuple[float, int]] | None = None
+    # more validation entries (name -> value) of a module, e.g. the loss on replayed data
+    more_val: Callable[[torch.nn.Module, TrainConfig, Any], dict[str, float]] | None = None
     # how checkpoints hold the model (default: a full model directory); see `CheckpointFormat`
     checkpoint_format: CheckpointFormat | None = None
     # adds files to each checkpoint being written (e.g. the chat template into tokenizer_config.json)
@@ -253,7 +255,36 @@ def train(
         config_file=TRAIN_CONFIG,
         config_record=TrainConfig.to_dict,
     )
+    if cfg.replay is not None:
+        _add_replay(spec, cfg.replay, data, data_dir, cfg.seq_len)
     return run(cfg, data, run_dir, spec, resume_from, reporter)
+
+
+def _add_replay(spec: RunSpec, replay_dir: str, data: Any, data_dir: str | Path, seq_len: int) -> None:
+    """Draw `replay_fraction` of every batch from the data dir `replay_dir` and log its validation loss."""
+    from slmkit.data.shards import load_data_dir
+    from slmkit.train.batches import ReplaySampler
+
+    replay = load_data_dir(replay_dir)
+    if replay.meta.get("tokenizer_sha256") != data.meta.get("tokenizer_sha256"):
+        raise UserError(
+            f"replay data {replay_dir} was not tokenized with {data_dir}'s tokenizer; prepare it with --tokenizer"
+        )
+    check_enough_data(replay, replay_dir, seq_len)
+
+    def sampler(cfg: TrainConfig, rank: int, world: int) -> ReplaySampler:
+        main = WindowSampler(data.train, cfg.seq_len, cfg.seed, rank=rank, world_size=world)
+        old = WindowSampler(replay.train, cfg.seq_len, cfg.seed + 1, rank=rank, world_size=world)
+        return ReplaySampler(main, old, cfg.replay_fraction)
+
+    def replay_val(model: torch.nn.Module, cfg: TrainConfig, autocast: Any) -> dict[str, float]:
+        if len(replay.val) < 2:
+            return {}
+        windows = cfg.eval_batches * cfg.batch_size
+        nats, count = token_nats(model, replay.val, cfg.seq_len, cfg.batch_size, windows, autocast=autocast)
+        return {"replay_val_loss": nats / count}
+
+    spec.sampler, spec.more_val = sampler, replay_val
 
 
 def initial_model(init: str | Path, data: Any, data_dir: str | Path, seq_len: int) -> torch.nn.Module:
@@ -598,10 +629,16 @@ class _Session:
         if self.bytes_per_token is None:
             return {}
         val_loss = self._val_loss(self.model)
+        more = (
+            self.spec.more_val(self.model, self.cfg, self.autocast if self.amp_dtype else None)
+            if (self.spec.more_val)
+            else {}
+        )
         return {
             "val_loss": val_loss,
             "val_bits_per_byte": val_loss / math.log(2) / self.bytes_per_token,
             **self.objective.eval_metrics(self._val_loss),
+            **more,
         }
 
     def _checkpoint(self, final: bool = False) -> Path:
