@@ -258,9 +258,7 @@ def adapter_spec(model: nn.Module, name: str = DEFAULT_ADAPTER) -> LoRASpec:
 
 def adapted_modules(model: nn.Module, name: str | None = None) -> list[str]:
     """Names of the layers carrying adapter `name` (any adapter when None), in module order."""
-    return [
-        n for n, m in model.named_modules() if hasattr(m, "lora_A") and (name is None or name in m.lora_A)
-    ]
+    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and (name is None or name in m.lora_A)]
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -300,9 +298,7 @@ def match_targets(model: nn.Module, targets: tuple[str, ...] | str) -> list[str]
     return [n for n in linears if n in chosen]
 
 
-def add_adapters(
-    model: nn.Module, spec: LoRASpec, name: str = DEFAULT_ADAPTER, freeze_base: bool = True
-) -> list[str]:
+def add_adapters(model: nn.Module, spec: LoRASpec, name: str = DEFAULT_ADAPTER, freeze_base: bool = True) -> list[str]:
     """Put adapter `name` on the layers `spec.target_modules` names; returns their names.
 
     The base's modules and state-dict keys stay as they are. freeze_base: every parameter but the adapters'
@@ -418,7 +414,8 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None) -> list[str
         adapter_spec(model, name)
     layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "lora_A") and any(a in m.lora_A for a in names)]
     head = getattr(model, "lm_head", None)
-    tied = head is not None and head.weight is getattr(getattr(model, "embed_tokens", None), "weight", None)
+    embedding = getattr(model, "embed_tokens", None)
+    tied = isinstance(head, nn.Linear) and head.weight is getattr(embedding, "weight", None)
     for full, module in layers:
         if not isinstance(module, nn.Linear):
             raise UserError(
