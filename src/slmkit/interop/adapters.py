@@ -56,17 +56,18 @@ def _rename(names: list[str], convert: Any, what: str) -> dict[str, str]:
     peft LoRA under our factors, and is refused."""
     probes = {f"{n}.weight": torch.empty(0) for n in names}
     owner = {id(t): k.removesuffix(".weight") for k, t in probes.items()}
+    why = "transformers fuses or transposes it (as GPT-2's q/k/v in one Conv1D), so no PEFT LoRA holds its factors"
     try:
         converted = convert(probes)
-    except (KeyError, IndexError, RuntimeError, ValueError) as exc:
-        raise UserError(f"{what}: these layers have no one-to-one transformers names ({exc!r})") from None
+    except (KeyError, IndexError, RuntimeError, ValueError):
+        raise UserError(f"{what}: layer {names[0]} has no one-to-one transformers name: {why}") from None
     out: dict[str, str] = {}
     for key, tensor in converted.items():
         if id(tensor) in owner and key.endswith(".weight"):
             out[owner[id(tensor)]] = key.removesuffix(".weight")
     missing = [n for n in names if n not in out]
     if missing:
-        raise UserError(f"{what}: layer {missing[0]} has no one-to-one transformers name (it is fused or transposed)")
+        raise UserError(f"{what}: layer {missing[0]} has no one-to-one transformers name: {why}")
     return out
 
 
@@ -97,6 +98,13 @@ def save_adapter(
     base = Path(base_model_dir) if base_model_dir is not None else getattr(model, "source_dir", None)
     directory = check_output(directory, "dir", overwrite)
     layers = adapted_modules(model, name)
+    moe = [n for n in layers if ".experts." in n or n.endswith("mlp.gate")]
+    if moe and config.family != "slmkit":
+        raise UserError(
+            f"adapter {name!r} is on mixture-of-experts layer {moe[0]}: transformers holds a layer's experts fused in "
+            "one tensor (and the router as its own module), which PEFT LoRA factors per expert do not map onto; "
+            "target the attention layers, or merge the adapter (slm merge-adapter)"
+        )
     theirs = hf_module_names(config, layers)
     tensors: dict[str, torch.Tensor] = {}
     coefficients: dict[str, torch.Tensor] = {}
