@@ -172,7 +172,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, overwr
     A compressed base (QLoRA: int8/int4 from `slm compress`) is dequantized first, so the output is a float model
     whose logits are those of the compressed base with the adapter; `slm compress` it again to shrink it. An
     existing `out` is replaced only with `overwrite`."""
-    from slmkit.interop.adapters import dequantize_model, load_adapter
+    from slmkit.interop.adapters import check_adapter_dir, dequantize_model, load_adapter
     from slmkit.interop.checkpoint import load_model, resolve_model_dir, save_model
     from slmkit.interop.outputs import check_output
     from slmkit.models.lora import merge_adapters
@@ -182,6 +182,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, overwr
     if out.resolve() in (directory.resolve(), Path(adapter).resolve()):
         raise UserError(f"--out {out} is an input directory; choose another directory")
     check_output(out, "dir", overwrite)
+    check_adapter_dir(adapter)  # before the base is loaded
     model = load_model(directory)
     load_adapter(model, adapter)
     compressed = model.config.extra.get("quantization_config") is not None

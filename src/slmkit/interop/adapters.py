@@ -194,6 +194,16 @@ _REFUSED_OPTIONS = {
 }
 
 
+def check_adapter_dir(directory: str | Path) -> dict[str, Any]:
+    """The adapter_config.json of an adapter directory; UserError for a missing path, a file, or a bad config."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise UserError(f"{directory}: no such adapter directory")
+    if not directory.is_dir():
+        raise UserError(f"{directory} is a file; give an adapter directory (adapter_config.json + {ADAPTER_WEIGHTS})")
+    return read_adapter_config(directory)
+
+
 def read_adapter_config(directory: Path) -> dict[str, Any]:
     path = directory / ADAPTER_CONFIG
     if not path.is_file():
@@ -228,9 +238,7 @@ def load_adapter(
     a NOLA adapter continues from its coefficients). UserError for missing or corrupt files, a non-LoRA adapter,
     and an adapter for another base (layers this model lacks, or of other shapes)."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"{directory}: no such adapter directory")
-    d = read_adapter_config(directory)
+    d = check_adapter_dir(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise UserError(f"{directory}: adapter_model.bin (pickle) is not read; re-save it as safetensors")
