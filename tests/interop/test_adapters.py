@@ -139,6 +139,15 @@ def test_round_trip_and_nola_continues_from_its_coefficients(base_dir, tmp_path)
         assert trainable == set(loaded)
 
 
+def test_save_copies_the_base_tokenizer(base_dir, tmp_path):
+    with_tokenizer = tmp_path / "base"
+    shutil.copytree(base_dir, with_tokenizer)
+    (with_tokenizer / "tokenizer.json").write_text('{"model": "stand-in"}')
+    out = save_adapter(adapted(with_tokenizer, SPECS["lora-qv"]), tmp_path / "adapter")  # base: the source dir
+    assert (out / "tokenizer.json").read_text() == '{"model": "stand-in"}'
+    assert json.loads((out / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(with_tokenizer)
+
+
 def test_save_refuses_an_existing_directory_unless_told(base_dir, tmp_path):
     model = adapted(base_dir, SPECS["lora-qv"])
     out = tmp_path / "adapter"

@@ -364,7 +364,8 @@ def set_active_adapters(model: nn.Module, rows: torch.Tensor | None) -> None:
             f"per-row adapters cannot reach mixture-of-experts expert layers ({experts[0]}): they see tokens "
             "regrouped by expert; target the attention layers, or serve one adapter merged"
         )
-    context.rows = rows.long()
+    device = next((p.device for k, p in model.named_parameters() if is_adapter_param(k)), rows.device)
+    context.rows = rows.to(device=device, dtype=torch.long)
 
 
 def is_adapter_param(name: str) -> bool:
