@@ -107,6 +107,7 @@ class AdapterContext:
 
     specs: dict[str, LoRASpec] = field(default_factory=dict)
     rows: torch.Tensor | None = None  # (B,) adapter index per batch row, -1 = none; None: every adapter, every row
+    expert_layer: str | None = None  # an adapted MoE expert layer, if any (per-row selection cannot reach it)
 
 
 # ---- the factors ----------------------------------------------------------------------------------
@@ -180,10 +181,11 @@ def _lora_hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -
     if context.rows is None:
         for name, lora_a in factors_a.items():
             spec = context.specs[name]
-            h = x.to(lora_a.weight.dtype)
+            a = lora_a.weight  # (r, in); a NOLA factor builds it from its coefficients
+            h = x.to(a.dtype)
             if spec.dropout and module.training:
                 h = F.dropout(h, spec.dropout, training=True)
-            update = F.linear(F.linear(h, lora_a.weight), factors_b[name].weight) * spec.scale
+            update = F.linear(F.linear(h, a), factors_b[name].weight) * spec.scale
             output = output + update.to(output.dtype)
         return output
     return output + _per_row_update(module, x, context).to(output.dtype)
@@ -341,11 +343,20 @@ def attach(model: nn.Module, modules: list[str], spec: LoRASpec, name: str = DEF
             module.register_forward_hook(_lora_hook)
         dtype, device = _factor_dtype(module)
         module.lora_A[name], module.lora_B[name] = _make_factors(module, full, spec, dtype, device)
+    _note_expert_layers(model, context)
+
+
+def _note_expert_layers(model: nn.Module, context: AdapterContext) -> None:
+    experts = (m for m in adapted_modules(model) if ".experts." in f".{m}.")
+    context.expert_layer = next(experts, None)
 
 
 def set_active_adapters(model: nn.Module, rows: torch.Tensor | None) -> None:
     """Choose an adapter per batch row for the following forwards: rows (B,) holds indices into
-    `adapter_names(model)`, -1 for the base alone; None goes back to every adapter on every row."""
+    `adapter_names(model)`, -1 for the base alone; None goes back to every adapter on every row.
+
+    Every forward until the next call must have B rows (a new batch composition needs a new call). The indices are
+    range-checked here (pass them on the CPU to avoid a device sync) and moved to the adapters' device."""
     context = context_of(model)
     if rows is None:
         if context is not None:
@@ -358,11 +369,10 @@ def set_active_adapters(model: nn.Module, rows: torch.Tensor | None) -> None:
     n = len(context.specs)
     if rows.numel() and (int(rows.min()) < -1 or int(rows.max()) >= n):
         raise UserError(f"rows: adapter indices must be in -1..{n - 1} (the model has {n} adapter(s))")
-    experts = [m for m in adapted_modules(model) if ".experts." in f".{m}."]
-    if experts:
+    if context.expert_layer is not None:
         raise UserError(
-            f"per-row adapters cannot reach mixture-of-experts expert layers ({experts[0]}): they see tokens "
-            "regrouped by expert; target the attention layers, or serve one adapter merged"
+            f"per-row adapters cannot reach mixture-of-experts expert layers ({context.expert_layer}): they see "
+            "tokens regrouped by expert; target the attention layers, or serve one adapter merged"
         )
     device = next((p.device for k, p in model.named_parameters() if is_adapter_param(k)), rows.device)
     context.rows = rows.to(device=device, dtype=torch.long)
@@ -465,6 +475,7 @@ def remove_adapters(model: nn.Module, names: list[str] | None = None) -> None:
     for name in names:
         del context.specs[name]
     context.rows = None
+    _note_expert_layers(model, context)
     if not context.specs:
         object.__delattr__(model, _CONTEXT)
 
