@@ -117,6 +117,7 @@ def test_we_load_what_peft_saves(base_dir, tmp_path):
     idx = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model(idx), hf_logits(wrapped, idx), rtol=0, atol=1e-5)
+        assert not torch.allclose(model(idx), load_model(base_dir)(idx), atol=1e-3)  # peft's random B: a real update
     assert not any(p.requires_grad for k, p in model.named_parameters() if is_adapter_param(k))  # serving default
 
 
