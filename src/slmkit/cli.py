@@ -563,6 +563,21 @@ def upcycle(
     )
 
 
+@app.command("merge-adapter")
+def merge_adapter(
+    base: Annotated[Path, typer.Argument(help="The base model dir (or run dir) the adapter was trained on.")],
+    adapter: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter dir (slmkit's or peft's save_pretrained).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
+) -> None:
+    """Fold a LoRA adapter into its base: a plain model dir (W + scale * B @ A) that transformers loads."""
+    from slmkit.api import merge_adapter as run_merge
+
+    result = run_merge(base, adapter, out, overwrite=overwrite)
+    note = " (the compressed base dequantized to float)" if result.dequantized else ""
+    print(f"wrote {result.out}: adapter merged into {result.layers} layers{note}")
+
+
 @app.command()
 def finetune(
     model: Annotated[Path, typer.Argument(help="Model dir (or run dir) to start from; a quantized one with --lora.")],
