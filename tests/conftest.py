@@ -70,3 +70,17 @@ def tiny_model_dir(tmp_path_factory, data_dir) -> Path:
     result = train(cfg, data_dir, run)
     assert result.final_dir is not None
     return result.final_dir
+
+
+@pytest.fixture(scope="session")
+def chat_file(tmp_path_factory):
+    """Arithmetic chats and prompt/completion pairs: a task the tiny base model has never seen."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("sft") / "chat.jsonl"
+    with path.open("w") as f:
+        for _ in range(60):
+            a = rng.randint(0, 20)
+            chat = [{"role": "user", "content": f"double {a}"}, {"role": "assistant", "content": f"{2 * a}"}]
+            f.write(json.dumps({"messages": chat}) + "\n")
+            f.write(json.dumps({"prompt": f"half of {2 * a} is", "completion": f" {a}"}) + "\n")
+    return path

@@ -114,3 +114,24 @@ def llama_cpp_eval(path, prompt: list[int]):
     )
     llm.eval(prompt)
     return llm, np.array(llm.scores[: len(prompt)])
+
+
+def finetune_config(base, data, **changes):
+    """A FinetuneConfig of a few fast steps on CPU (eval and saves only at the end unless changed)."""
+    from slmkit.train.finetune import FinetuneConfig
+
+    options = dict(
+        init=str(base),
+        data=str(data),
+        seq_len=48,
+        batch_size=4,
+        lr=3e-3,
+        warmup_steps=2,
+        max_steps=6,
+        eval_interval=1000,
+        eval_batches=2,
+        save_interval=1000,
+        device="cpu",
+        seed=3,
+    )
+    return FinetuneConfig(**{**options, **changes})

@@ -4,7 +4,6 @@ tests/models/test_lora.py and tests/test_finetune_lora.py)."""
 from __future__ import annotations
 
 import json
-import random
 import shutil
 
 import pytest
@@ -14,40 +13,9 @@ from safetensors.torch import load_file
 from slmkit.data.chat import IGNORE, SFTData
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
-from slmkit.train.finetune import FinetuneConfig, finetune, masked_nats
+from slmkit.train.finetune import finetune, masked_nats
+from slmkit_testing import finetune_config as config
 from slmkit_testing import run_slm
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory):
-    """Arithmetic chats and prompt/completion pairs: a task the tiny base model has never seen."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("sft") / "chat.jsonl"
-    with path.open("w") as f:
-        for _ in range(60):
-            a = rng.randint(0, 20)
-            chat = [{"role": "user", "content": f"double {a}"}, {"role": "assistant", "content": f"{2 * a}"}]
-            f.write(json.dumps({"messages": chat}) + "\n")
-            f.write(json.dumps({"prompt": f"half of {2 * a} is", "completion": f" {a}"}) + "\n")
-    return path
-
-
-def config(base, data, **changes) -> FinetuneConfig:
-    options = dict(
-        init=str(base),
-        data=str(data),
-        seq_len=48,
-        batch_size=4,
-        lr=3e-3,
-        warmup_steps=2,
-        max_steps=6,
-        eval_interval=1000,
-        eval_batches=2,
-        save_interval=1000,
-        device="cpu",
-        seed=3,
-    )
-    return FinetuneConfig(**{**options, **changes})
 
 
 def test_finetuning_lowers_the_loss_on_held_out_answers(tiny_model_dir, chat_file, tmp_path):

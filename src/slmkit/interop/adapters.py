@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from slmkit.errors import UserError
-from slmkit.interop.checkpoint import atomic_directory, copy_tokenizer, load_state_file
+from slmkit.interop.checkpoint import ADAPTER_WEIGHTS, atomic_directory, copy_tokenizer, load_state_file
 from slmkit.interop.families import FAMILIES
 from slmkit.interop.outputs import check_output, use_umask
 from slmkit.models.lora import (
@@ -43,7 +44,6 @@ from slmkit.models.lora import (
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NOLA_CONFIG = "nola_config.json"
 NOLA_WEIGHTS = "nola_coefficients.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM wraps the transformers model under these names
@@ -89,10 +89,12 @@ def save_adapter(
     base_model_dir: str | Path | None = None,
     name: str = DEFAULT_ADAPTER,
     overwrite: bool = False,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write adapter `name` of `model` as a PEFT LoRA adapter directory (atomically; an existing non-empty
     directory is replaced only with `overwrite`). base_model_dir: recorded as base_model_name_or_path, and its
-    tokenizer files are copied (default: the directory the model was loaded from)."""
+    tokenizer files are copied (default: the directory the model was loaded from). extra(tmp_dir) may add files
+    (a training run's trainer state)."""
     spec = adapter_spec(model, name)
     config = model.config  # type: ignore[attr-defined]
     base = Path(base_model_dir) if base_model_dir is not None else getattr(model, "source_dir", None)
@@ -129,6 +131,8 @@ def save_adapter(
             use_umask(tmp / NOLA_WEIGHTS)
         if base is not None:
             copy_tokenizer(base, tmp)
+        if extra is not None:
+            extra(tmp)
     return directory
 
 

@@ -163,6 +163,13 @@ def save_model(
 
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# a checkpoint of an adapter run (`slm finetune --lora`) holds a PEFT adapter instead of a model
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def holds_weights(directory: Path) -> bool:
+    """Whether a checkpoint directory holds a model's or an adapter's weights."""
+    return (directory / WEIGHTS).is_file() or (directory / ADAPTER_WEIGHTS).is_file()
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -172,7 +179,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     steps = [
         (int(m.group(1)), p)
         for p in ckpt_root.iterdir()
-        if p.is_dir() and (m := _STEP_DIR.match(p.name)) and (p / WEIGHTS).is_file()
+        if p.is_dir() and (m := _STEP_DIR.match(p.name)) and holds_weights(p)
     ]
     return max(steps)[1] if steps else None
 
@@ -192,11 +199,11 @@ def resolve_model_dir(path: str | Path) -> Path:
         raise UserError(f"{path}: no such model or run directory")
     if not path.is_dir():
         raise UserError(f"{path}: expected a model directory (with config.json and {WEIGHTS}) or a run dir")
-    if (path / "config.json").is_file():
+    if (path / "config.json").is_file() or (path / "adapter_config.json").is_file():
         return path
     if (path / "checkpoints").is_dir() or (path / "final").is_dir():
         # the later of final/ and the latest step checkpoint: a resumed run may be past its old final/
-        candidates = [p for p in (path / "final", latest_checkpoint(path)) if p is not None and (p / WEIGHTS).is_file()]
+        candidates = [p for p in (path / "final", latest_checkpoint(path)) if p is not None and holds_weights(p)]
         if not candidates:
             raise UserError(f"{path}: run directory has no checkpoint yet (train it, or give a model dir)")
         return max(candidates, key=checkpoint_step)
@@ -254,6 +261,20 @@ def _plain_file_name(name: str) -> bool:
     return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0:")
 
 
+def _load_adapted(directory: Path, device: str | torch.device, dtype: torch.dtype | None) -> torch.nn.Module:
+    from slmkit.interop.adapters import check_adapter_dir, load_adapter
+
+    base = check_adapter_dir(directory).get("base_model_name_or_path")
+    if not isinstance(base, str) or not base or not Path(base).is_dir():
+        raise UserError(
+            f"{directory}: an adapter whose base model ({base!r} in adapter_config.json) is not a directory here; "
+            "load the base and attach the adapter (slm merge-adapter BASE ADAPTER, or slm serve BASE --lora)"
+        )
+    model = load_model(base, device, dtype)
+    load_adapter(model, directory)
+    return model
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> torch.nn.Module:
@@ -265,6 +286,8 @@ def load_model(
     from slmkit.models import build_model
 
     directory = resolve_model_dir(path)
+    if not (directory / "config.json").is_file():  # an adapter directory: its base with the adapter attached
+        return _load_adapted(directory, device, dtype)
     config = load_config(directory / "config.json")
     weights = directory / WEIGHTS if (directory / WEIGHTS).is_file() else directory / WEIGHTS_INDEX
     state = from_hf_state_dict(load_weights(directory), config)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from slmkit.errors import UserError
-from slmkit.interop.checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint
+from slmkit.interop.checkpoint import checkpoint_step, holds_weights, latest_checkpoint
 
 STATE_PT = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
@@ -39,7 +39,7 @@ def refuse_existing_run(run_dir: Path, config_file: str = "", overwrite: bool = 
     from slmkit.interop.outputs import OVERWRITE_HINT, check_output
 
     clean_killed_writes(run_dir)
-    if not overwrite and run_dir.is_dir() and (latest_checkpoint(run_dir) or (run_dir / "final" / WEIGHTS).exists()):
+    if not overwrite and run_dir.is_dir() and (latest_checkpoint(run_dir) or holds_weights(run_dir / "final")):
         raise UserError(
             f"{run_dir}: run directory already has checkpoints; pass --resume to continue it, choose a new --out, "
             f"or {OVERWRITE_HINT}"

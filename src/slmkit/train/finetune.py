@@ -210,17 +210,20 @@ def write_chat_template(directory: Path, template: str) -> None:
 
 
 class AdapterCheckpoints:
-    """Checkpoints of an adapter run: PEFT adapter directories (`slmkit.interop.adapters`) plus trainer state."""
+    """Checkpoints of an adapter run: PEFT adapter directories (`slmkit.interop.adapters`) plus trainer state;
+    `slm generate/eval/serve` load such a directory as its base with the adapter attached."""
 
     def __init__(self, base_dir: Path) -> None:
-        self.base_dir = base_dir
+        self.base_dir = base_dir.resolve()  # recorded in adapter_config.json: absolute, so it loads from anywhere
 
     def save(self, model: torch.nn.Module, target: Path, tokenizer_dir: Path, extra: Callable[[Path], None]) -> Path:
         from slmkit.interop.adapters import save_adapter
 
-        return save_adapter(model, target, self.base_dir, extra=extra, overwrite=True)
+        return save_adapter(model, target, self.base_dir, overwrite=True, extra=extra)
 
     def load(self, directory: Path, model: torch.nn.Module) -> None:
-        from slmkit.interop.adapters import load_adapter_weights
+        from slmkit.interop.adapters import load_adapter
+        from slmkit.models.lora import remove_adapters
 
-        load_adapter_weights(model, directory)
+        remove_adapters(model)  # the fresh adapter gives way to the saved one (same layers, same names)
+        load_adapter(model, directory, trainable=True)
