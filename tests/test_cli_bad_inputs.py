@@ -63,6 +63,14 @@ ROWS: dict[str, list[list[str]]] = {
         ["upcycle", "{model}", "--out", "{tmp}/u3", "--experts", "2", "--top-k", "3"],
         ["upcycle", "{model}", "--out", "{tmp}/u4", "--noise", "-1"],
     ],
+    "finetune": [
+        ["finetune", "{missing}", "--data", "{binary}", "--out", "{tmp}/f1", "--max-steps", "1"],
+        ["finetune", "{model}", "--data", "{binary}", "--out", "{tmp}/f2", "--max-steps", "1"],
+        ["finetune", "{model}", "--data", "{missing}", "--out", "{tmp}/f3", "--max-steps", "1"],
+        ["finetune", "{model}", "--data", "{binary}", "--out", "{tmp}/f4", "--lora", "--rank", "0"],
+        ["finetune", "{model}", "--out", "{tmp}/f5", "--resume"],
+        ["finetune", "{corrupt_model}", "--data", "{binary}", "--out", "{tmp}/f6", "--max-steps", "1"],
+    ],
     "merge-adapter": [
         ["merge-adapter", "{missing}", "{missing}", "--out", "{tmp}/m1"],
         ["merge-adapter", "{corrupt_model}", "{model}", "--out", "{tmp}/m2"],
