@@ -16,7 +16,7 @@ from slmkit import defaults
 from slmkit.errors import UserError
 from slmkit.loading import LoadedModel, load
 
-__all__ = ["LoadedModel", "load", "generate", "evaluate", "prepare", "train", "compress", "distill"]
+__all__ = ["LoadedModel", "load", "generate", "evaluate", "prepare", "train", "compress", "distill", "merge"]
 
 
 def generate(
@@ -142,3 +142,12 @@ def distill(*args: Any, **kwargs: Any):
     from slmkit.compress.distill import distill as _distill
 
     return _distill(*args, **kwargs)
+
+
+def merge(config_path: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False):
+    """Merge the model dirs a mergekit-shaped YAML config names (linear, task_arithmetic, ties, dare_linear,
+    dare_ties, model_stock, slerp) into the model dir `out` (see `slmkit.merge.run.merge`); `seed` fixes DARE's
+    draws. An existing non-empty `out` is replaced only with `overwrite=True`."""
+    from slmkit.merge.run import merge as _merge
+
+    return _merge(config_path, out, seed=seed, overwrite=overwrite)
