@@ -206,6 +206,66 @@ def test_each_method_equals_mergekit(case, models, tmp_path):
     assert any(not torch.equal(merged[k], base[k]) for k in base)  # a merge that copied the base would pass nothing
 
 
+# the merge reads the saved files, so it is the same for every family; mergekit plans these from its own
+# architecture definitions (mamba2: inferred from the names), a tied head included
+FAMILIES = {
+    "llama-tied": dict(tie_embeddings=True),
+    "qwen2": dict(family="qwen2", qkv_bias=True),
+    "gpt2": dict(
+        family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
+        qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True,
+    ),
+    "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", n_heads=1, n_kv_heads=1, ssm_head_dim=16),
+}  # fmt: skip
+
+
+def family_dirs(root: Path, changes: dict) -> list[Path]:
+    """A base and two perturbed copies of one family's tiny model (no tokenizer: not needed to merge)."""
+    from slmkit.config import ModelConfig
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.models import build_model
+
+    config = ModelConfig(**{**TINY, "vocab_size": 96, **changes})
+    dirs = []
+    for i in range(3):
+        model = build_model(config)
+        model.init_weights(seed=0)
+        gen = torch.Generator().manual_seed(i)  # one stream: tensors of one shape get different noise (no ties)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01 * min(i, 1))
+        dirs.append(save_model(model, root / f"m{i}"))
+    return dirs
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_other_families_equal_mergekit(family, tmp_path):
+    base, ft1, ft2 = family_dirs(tmp_path, FAMILIES[family])
+    text = f"""
+merge_method: ties
+base_model: {base}
+models:
+  - {{model: {ft1}, parameters: {{weight: 0.7, density: 0.5}}}}
+  - {{model: {ft2}, parameters: {{weight: 0.3, density: [0.2, 0.9]}}}}
+"""
+    merged = ours(text, tmp_path)
+    assert_same(merged, mergekit(text, tmp_path))
+    if family == "llama-tied":
+        assert "lm_head.weight" not in merged
+
+
+def test_slmkit_native_family_merges(tmp_path):
+    """mergekit cannot read slmkit's own format (no transformers class): the linear merge against the average."""
+    from slmkit.interop.checkpoint import load_model
+
+    dirs = family_dirs(tmp_path, dict(family="slmkit", layer_pattern=("attention", "gla", "based")))
+    models = "".join(f"  - {{model: {d}, parameters: {{weight: {w}}}}}\n" for d, w in zip(dirs, (1, 2, 1), strict=True))
+    merged = ours(f"merge_method: linear\nmodels:\n{models}", tmp_path)
+    states = [weights(d) for d in dirs]
+    assert_same(merged, {k: (states[0][k] + 2 * states[1][k] + states[2][k]) / 4 for k in states[0]}, atol=1e-6)
+    assert load_model(tmp_path / "ours").config.layer_pattern == ("attention", "gla", "based")
+
+
 def test_merged_model_loads_in_transformers_and_slmkit(models, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -49,7 +49,8 @@ def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     k = max(1, int(density * delta.numel()))
     flat = delta.reshape(-1)
     keep = torch.zeros_like(flat, dtype=torch.bool)
-    keep[flat.abs().topk(k).indices] = True
+    # argsort as mergekit ranks them, so that equal magnitudes at the cut are broken the same way
+    keep[torch.argsort(flat.abs().float(), descending=True)[:k]] = True
     return torch.where(keep, flat, torch.zeros_like(flat)).reshape(delta.shape)
 
 
