@@ -63,6 +63,12 @@ ROWS: dict[str, list[list[str]]] = {
         ["upcycle", "{model}", "--out", "{tmp}/u3", "--experts", "2", "--top-k", "3"],
         ["upcycle", "{model}", "--out", "{tmp}/u4", "--noise", "-1"],
     ],
+    "merge": [
+        ["merge", "{missing}", "--out", "{tmp}/mg1"],
+        ["merge", "{binary}", "--out", "{tmp}/mg2"],
+        ["merge", "{seed_abc_yaml}", "--out", "{tmp}/mg3"],  # a YAML file, not a merge config
+        ["merge", "{seed_abc_yaml}", "--out", "{tmp}/mg4", "--seed", "-1"],
+    ],
     "distill": [
         ["distill", "--teacher", "{missing}", "--student", "tiny", "--data", "{data}", "--out", "{tmp}/d1"],
         [
