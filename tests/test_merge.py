@@ -100,8 +100,9 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: fl
 CASES = {
     "linear": """
 merge_method: linear
+dtype: torch.float32
 models:
-  - {model: ft1, parameters: {weight: 0.2}}
+  - {model: ft1, parameters: {weight: 2e-1}}  # YAML 1.1 reads 2e-1 as text: a number all the same
   - {model: ft2, parameters: {weight: 0.5}}
   - {model: ft3, parameters: {weight: [0.1, 0.9]}}
 """,
@@ -467,6 +468,11 @@ BAD = {
     "family": (
         "merge_method: slerp\nbase_model: base\nmodels: [{model: FAMILY}]\nparameters: {t: 0.5}\n",
         "is llama, ",
+    ),
+    "text weight": ("merge_method: linear\nmodels: [{model: ft1, parameters: {weight: heavy}}]\n", "must be a number"),
+    "text normalize": (
+        "merge_method: linear\nmodels: [{model: ft1, parameters: {weight: 1}}]\nparameters: {normalize: 1}\n",
+        "true or false",
     ),
     "dtype": ("merge_method: linear\nmodels: [{model: ft1, parameters: {weight: 1}}]\ndtype: int8\n", "float32"),
     "slices": ("merge_method: linear\nslices: []\n", "not supported"),

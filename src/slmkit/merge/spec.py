@@ -189,33 +189,40 @@ def evaluate(setting: Any, tensor: str, position: float) -> Any:
 
 
 # ---- reading and checking the YAML ------------------------------------------------------------------------
-def _check_leaf(value: Any, param: Param, where: str) -> None:
+def _check_leaf(value: Any, param: Param, where: str) -> Any:
+    """The value, checked; a number written as text (`1e-3`, which YAML 1.1 reads as a string) as a float."""
     if param.kind == "bool":
         if not isinstance(value, bool):
             raise UserError(f"{where}: `{param.name}` must be true or false, got {value!r}")
-        return
+        return value
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise UserError(f"{where}: `{param.name}` must be a number, got {value!r}")
     if param.range is not None:
         low, high = param.range
         if not low < value <= high:
             raise UserError(f"{where}: `{param.name}` must be in ({low:g}, {high:g}], got {value!r}")
+    return value
 
 
-def _check_setting(setting: Any, param: Param, where: str) -> None:
-    """A scalar, a list of scalars (gradient), {filter, value} or a list of those; every value in range."""
+def _check_setting(setting: Any, param: Param, where: str) -> Any:
+    """A scalar, a list of scalars (gradient), {filter, value} or a list of those, every value checked and in
+    range; returned with numbers written as text converted."""
     entries = [setting] if isinstance(setting, dict) else setting if isinstance(setting, list) else None
     if entries is None:
-        _check_leaf(setting, param, where)
-        return
+        return _check_leaf(setting, param, where)
     if not entries:
         raise UserError(f"{where}: `{param.name}` is an empty list; give a value or a list of values")
     if all(not isinstance(e, dict) for e in entries):
         for e in entries:
             if isinstance(e, list):
                 raise UserError(f"{where}: `{param.name}` has a nested list; a gradient is a flat list of values")
-            _check_leaf(e, param, where)
-        return
+        return [_check_leaf(e, param, where) for e in entries]
+    checked = []
     for e in entries:
         if not isinstance(e, dict):
             raise UserError(f"{where}: `{param.name}` mixes plain values and {{filter, value}} entries")
@@ -228,7 +235,8 @@ def _check_setting(setting: Any, param: Param, where: str) -> None:
             raise UserError(f"{where}: `{param.name}` filter must be text (part of a tensor name), got {e['filter']!r}")
         if isinstance(e["value"], dict):
             raise UserError(f"{where}: `{param.name}`: a filter's value is a number or a list of numbers")
-        _check_setting(e["value"], param, where)
+        checked.append({**e, "value": _check_setting(e["value"], param, where)})
+    return checked
 
 
 def _check_parameters(raw: Any, method: Method, where: str, per_model: bool) -> dict[str, Any]:
@@ -237,6 +245,7 @@ def _check_parameters(raw: Any, method: Method, where: str, per_model: bool) -> 
     if not isinstance(raw, dict):
         raise UserError(f"{where}: `parameters` must be a mapping of name: value, got {raw!r}")
     allowed = [p.name for p in method.params if not per_model or p.scope != "shared"]
+    checked: dict[str, Any] = {}
     for name, setting in raw.items():
         if name not in allowed:
             shared = not per_model or name not in (p.name for p in method.params)
@@ -246,8 +255,8 @@ def _check_parameters(raw: Any, method: Method, where: str, per_model: bool) -> 
                 else f"`{name}` applies to the whole merge: put it under the top-level `parameters:`"
             )
             raise UserError(f"{where}: unknown parameter `{name}` for {method.name} ({hint})")
-        _check_setting(setting, method.param(name), where)
-    return dict(raw)
+        checked[name] = _check_setting(setting, method.param(name), where)
+    return checked
 
 
 def _model_dir(value: Any, where: str) -> Path:
@@ -269,6 +278,8 @@ def _dtype(raw: dict, key: str, source: str) -> str | None:
     value = raw.get(key)
     if value is None:
         return None
+    if isinstance(value, str) and value.startswith("torch."):  # mergekit accepts torch.bfloat16 too
+        value = value[len("torch.") :]
     if value not in DTYPES:
         raise UserError(f"{source}: `{key}: {value}` is not supported; choose one of: {', '.join(DTYPES)}")
     return value
