@@ -536,3 +536,23 @@ def test_cli_prints_one_summary_line(models, tmp_path):
     assert "with ties" in line and str(tmp_path / "merged") in line and "3 model(s)" in line, line
     bad = run_slm("merge", config, "--out", tmp_path / "merged")  # now non-empty
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_sharded_and_corrupt_inputs(models, tmp_path, capsys):
+    from slmkit.interop.checkpoint import load_model, save_model
+
+    sharded = save_model(load_model(models["ft1"]), tmp_path / "sharded", models["ft1"], max_shard_bytes=20_000)
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    pair = "merge_method: linear\nparameters: {{weight: 1}}\nmodels: [{{model: {}}}, {{model: {}}}]\n"
+    assert_same(
+        ours(pair.format(sharded, models["ft2"]), tmp_path, "a"),
+        ours(pair.format(models["ft1"], models["ft2"]), tmp_path, "b"),
+        atol=0,
+    )
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(models["ft2"], corrupt)
+    data = (corrupt / "model.safetensors").read_bytes()
+    (corrupt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    config = tmp_path / "merge.yaml"
+    config.write_text(pair.format(models["ft1"], corrupt))
+    assert "not a readable safetensors file" in cli_error(["merge", str(config), "--out", str(tmp_path / "c")], capsys)

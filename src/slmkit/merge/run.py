@@ -4,7 +4,8 @@ The merge works on the saved state dicts under their Hugging Face names (the nam
 entries such as `self_attn` match the same tensors), which makes it family-agnostic: any slmkit family the models
 share merges the same way. The output is a normal model directory with the config of the base model (or of the
 first model when there is no base), the tokenizer files of `tokenizer_source` (default the same model), and the
-config as `mergekit_config.yml` (the name mergekit gives it), written atomically.
+config as `mergekit_config.yml` (the name mergekit gives it), written atomically. Inputs are read a tensor at a
+time (memory-mapped safetensors), so N models merge in about the memory of the one merged model.
 """
 
 from __future__ import annotations
@@ -46,8 +47,60 @@ def layer_position(name: str, n_layers: int) -> float:
     return 0.0
 
 
-def _load(model: Input) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    from slmkit.interop.checkpoint import load_weights
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+class Weights:
+    """The tensors of a model dir (`model.safetensors`, or the shards its index lists), read one at a time from the
+    memory-mapped files: a merge of N models holds the inputs of one tensor at a time, not N whole models."""
+
+    def __init__(self, model: Input) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        from slmkit.interop.checkpoint import WEIGHTS, WEIGHTS_INDEX
+
+        directory = model.directory
+        single, index = directory / WEIGHTS, directory / WEIGHTS_INDEX
+        if single.is_file() or not index.is_file():
+            files: dict[str, Path] | None = None
+            paths = [single]
+        else:
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = {name: directory / str(file) for name, file in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise UserError(f"{model.name}: {index} is not a valid shard index ({exc})") from None
+            outside = [f for f in files.values() if f.parent != directory or f.name in ("", ".", "..")]
+            if outside:
+                raise UserError(f"{model.name}: {index} names {outside[0]}, which is not a file beside it")
+            paths = sorted(set(files.values()))
+        self._handles = {}
+        for path in paths:
+            if not path.is_file():
+                raise UserError(f"{model.name}: weights file {path} not found")
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError, ValueError) as exc:
+                raise UserError(f"{model.name}: {path} is not a readable safetensors file ({exc})") from None
+        self._where = {}
+        for path, handle in self._handles.items():
+            for name in handle.keys():
+                if files is None or files.get(name) == path:
+                    self._where[name] = path
+        if files is not None and set(files) - set(self._where):
+            raise UserError(f"{model.name}: tensors {sorted(set(files) - set(self._where))[:4]} missing from shards")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name, path in self._where.items():
+            piece = self._handles[path].get_slice(name)
+            if piece.get_dtype() not in _FLOAT_DTYPES:
+                raise UserError(f"{model.name}: tensor {name} has dtype {piece.get_dtype()}; merge float models only")
+            self.shapes[name] = tuple(piece.get_shape())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+
+def _load(model: Input) -> tuple[ModelConfig, Weights]:
     from slmkit.interop.hf import load_config
 
     config = load_config(model.directory / "config.json")
@@ -55,11 +108,7 @@ def _load(model: Input) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
         raise UserError(
             f"{model.name}: the model is compressed (quantized or factored); merge the float models it came from"
         )
-    state = load_weights(model.directory)
-    for tensor_name, tensor in state.items():
-        if not tensor.is_floating_point():
-            raise UserError(f"{model.name}: tensor {tensor_name} has dtype {tensor.dtype}; merge float models only")
-    return config, state
+    return config, Weights(model)
 
 
 def _vocabulary(directory: Path) -> dict | None:
@@ -78,7 +127,7 @@ def _vocabulary(directory: Path) -> dict | None:
 
 
 def check_compatible(
-    reference: Input, ref_config: ModelConfig, ref_state: dict, other: Input, config: ModelConfig, state: dict
+    reference: Input, ref_config: ModelConfig, ref_shapes: dict, other: Input, config: ModelConfig, shapes: dict
 ) -> None:
     """UserError unless `other` has the same architecture, vocabulary and tensors (names and shapes) as `reference`."""
     if config.family != ref_config.family:
@@ -97,17 +146,17 @@ def check_compatible(
             f"the models have different vocabularies: the tokenizers of {reference.name} and {other.name} map "
             "tokens to different ids; merge models that share a tokenizer"
         )
-    missing = sorted(set(ref_state) - set(state))
-    extra = sorted(set(state) - set(ref_state))
+    missing = sorted(set(ref_shapes) - set(shapes))
+    extra = sorted(set(shapes) - set(ref_shapes))
     if missing or extra:
         what = f"{other.name} lacks {missing[0]}" if missing else f"{other.name} has {extra[0]}, which"
         rest = "" if missing else f" {reference.name} lacks"
         raise UserError(f"the models have different architectures: {what}{rest}")
-    for name, tensor in ref_state.items():
-        if state[name].shape != tensor.shape:
+    for name, shape in ref_shapes.items():
+        if shapes[name] != shape:
             raise UserError(
-                f"the models have different shapes: tensor {name} is {tuple(tensor.shape)} in {reference.name} "
-                f"but {tuple(state[name].shape)} in {other.name}"
+                f"the models have different shapes: tensor {name} is {shape} in {reference.name} "
+                f"but {shapes[name]} in {other.name}"
             )
 
 
@@ -167,14 +216,20 @@ def merge_tensor(
 
 
 def merge_states(
-    spec: MergeSpec, states: list[dict[str, torch.Tensor]], n_layers: int, seed: int = 0
+    spec: MergeSpec,
+    states: list[Weights] | list[dict[str, torch.Tensor]],
+    names: list[str],
+    n_layers: int,
+    out_dtype: torch.dtype,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The merged state dict (float32) of `states` (one per spec.inputs, Hugging Face names, checked compatible)."""
+    """The merged state dict of `states` (one per spec.inputs, Hugging Face names, checked compatible), tensor by
+    tensor, each stored as `out_dtype` before the next is read."""
     compute = _TORCH_DTYPES[spec.dtype] if spec.dtype else None
     merged = {}
-    for name in states[0]:
+    for name in names:
         tensors = {i: s[name] if compute is None else s[name].to(compute) for i, s in enumerate(states)}
-        merged[name] = merge_tensor(spec, name, layer_position(name, n_layers), tensors, seed)
+        merged[name] = merge_tensor(spec, name, layer_position(name, n_layers), tensors, seed).to(out_dtype)
     return merged
 
 
@@ -192,22 +247,22 @@ def merge(config_path: str | Path, out: str | Path, seed: int = 0, overwrite: bo
     check_output(out, "dir", overwrite)
 
     reference = spec.base or spec.inputs[0]
-    ref_config, ref_state = _load(reference)
-    states: list[dict[str, torch.Tensor]] = []
+    ref_config, ref_weights = _load(reference)
+    states: list[Weights] = []
     for model in spec.inputs:
         if model is reference:
-            states.append(ref_state)
+            states.append(ref_weights)
             continue
-        config, state = _load(model)
-        check_compatible(reference, ref_config, ref_state, model, config, state)
-        states.append(state)
+        config, weights = _load(model)
+        check_compatible(reference, ref_config, ref_weights.shapes, model, config, weights.shapes)
+        states.append(weights)
 
-    stored = next(iter(ref_state.values())).dtype
+    names = list(ref_weights.shapes)
+    stored = ref_weights[names[0]].dtype
     dtype_name = spec.out_dtype or spec.dtype or {v: k for k, v in _TORCH_DTYPES.items()}.get(stored, "float32")
     log.info("merging %d models with %s", len(spec.inputs), spec.method.name)
-    merged = merge_states(spec, states, ref_config.n_layers, seed)
-    merged = {k: v.to(_TORCH_DTYPES[dtype_name]) for k, v in merged.items()}
-    del states, ref_state
+    merged = merge_states(spec, states, names, ref_config.n_layers, _TORCH_DTYPES[dtype_name], seed)
+    del states
 
     ours = from_hf_state_dict(merged, ref_config)
     with atomic_directory(out) as tmp:
