@@ -63,6 +63,12 @@ ROWS: dict[str, list[list[str]]] = {
         ["upcycle", "{model}", "--out", "{tmp}/u3", "--experts", "2", "--top-k", "3"],
         ["upcycle", "{model}", "--out", "{tmp}/u4", "--noise", "-1"],
     ],
+    "merge-adapter": [
+        ["merge-adapter", "{missing}", "{missing}", "--out", "{tmp}/m1"],
+        ["merge-adapter", "{corrupt_model}", "{model}", "--out", "{tmp}/m2"],
+        ["merge-adapter", "{model}", "{model}", "--out", "{tmp}/m3"],  # a model dir is not an adapter dir
+        ["merge-adapter", "{model}", "{binary}", "--out", "{tmp}/m4"],
+    ],
     "merge": [
         ["merge", "{missing}", "--out", "{tmp}/mg1"],
         ["merge", "{binary}", "--out", "{tmp}/mg2"],

@@ -49,6 +49,9 @@ def test_dependencies_are_ranges_that_admit_the_makefile_pins():
     [xgrammar] = [Requirement(s) for s in metadata()["optional-dependencies"]["constrained"]]
     assert xgrammar.name == "xgrammar" and xgrammar.specifier.contains(pins["XGRAMMAR"])
     assert not any(s.operator == "==" for s in xgrammar.specifier)
+    # peft: the adapter parity tests' peer, a range in the dev extra and pinned by the Makefile
+    peft = requirements(metadata()["optional-dependencies"]["dev"])["peft"]
+    assert "PEFT" in pins and peft.specifier.contains(pins["PEFT"]), (peft, pins)
 
 
 def test_extras_match_the_install_hints():
@@ -77,6 +80,7 @@ def test_makefile_installs_the_pins_torch_first(tmp_path):
     package_at = [i for i, line in enumerate(installs) if "-e" in line.split()]
     assert torch_at and package_at and torch_at[0] < package_at[0], installs  # the CPU build before anything pulls one
     assert f"transformers=={pins['TRANSFORMERS']}" in installs[package_at[0]].split(), installs
+    assert f"peft=={pins['PEFT']}" in installs[package_at[0]].split(), installs
     [xgrammar] = [line for line in installs if f"xgrammar=={pins['XGRAMMAR']}" in line.split()]
     assert "--no-deps" in xgrammar.split()  # triton serves GPUs only
 

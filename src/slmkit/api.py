@@ -9,6 +9,7 @@ print(slmkit.evaluate(lm, ["data/val.txt"]).bits_per_byte)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,19 @@ from slmkit import defaults
 from slmkit.errors import UserError
 from slmkit.loading import LoadedModel, load
 
-__all__ = ["LoadedModel", "load", "generate", "evaluate", "prepare", "train", "compress", "distill", "merge"]
+__all__ = [
+    "LoadedModel",
+    "load",
+    "generate",
+    "evaluate",
+    "prepare",
+    "train",
+    "compress",
+    "distill",
+    "merge_adapter",
+    "MergedAdapter",
+    "merge",
+]
 
 
 def generate(
@@ -129,6 +142,14 @@ def train(*args: Any, **kwargs: Any):
     return _train(*args, **kwargs)
 
 
+def finetune(*args: Any, **kwargs: Any):
+    """Fine-tune a model dir on chat or prompt/completion JSONL, fully or with adapters (see
+    `slmkit.train.finetune.finetune`); an earlier run in the run dir is replaced only with `overwrite=True`."""
+    from slmkit.train.finetune import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
+
+
 def compress(*args: Any, **kwargs: Any):
     """Quantize, prune, factorize or carve into experts a model dir (see `slmkit.compress.pipeline.compress`); an
     existing output directory is replaced only with `overwrite=True`."""
@@ -142,6 +163,43 @@ def distill(*args: Any, **kwargs: Any):
     from slmkit.compress.distill import distill as _distill
 
     return _distill(*args, **kwargs)
+
+
+@dataclass(frozen=True)
+class MergedAdapter:
+    """What `merge_adapter` wrote."""
+
+    out: Path
+    layers: int  # layers whose weights took the update
+    dequantized: bool  # the base was slmkit-compressed: the output is its float (dequantized) form plus the update
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> MergedAdapter:
+    """`slm merge-adapter`: fold the PEFT LoRA adapter in `adapter` into the model `base` (a model dir or run dir)
+    and write a plain model directory to `out` (W + scale * B @ A in every adapted layer; transformers loads it).
+
+    A compressed base (QLoRA: int8/int4 from `slm compress`) is dequantized first, so the output is a float model
+    whose logits are those of the compressed base with the adapter; `slm compress` it again to shrink it. An
+    existing `out` is replaced only with `overwrite`."""
+    from slmkit.interop.adapters import check_adapter_dir, dequantize_model, load_adapter
+    from slmkit.interop.checkpoint import load_model, resolve_model_dir, save_model
+    from slmkit.interop.outputs import check_output
+    from slmkit.models.lora import merge_adapters
+
+    directory = resolve_model_dir(base)
+    out = Path(out)
+    if out.resolve() in (directory.resolve(), Path(adapter).resolve()):
+        raise UserError(f"--out {out} is an input directory; choose another directory")
+    check_output(out, "dir", overwrite)
+    check_adapter_dir(adapter)  # before the base is loaded
+    model = load_model(directory)
+    load_adapter(model, adapter)
+    compressed = model.config.extra.get("quantization_config") is not None
+    if compressed:
+        model = dequantize_model(model)
+    layers = merge_adapters(model)
+    save_model(model, out, tokenizer_dir=directory)
+    return MergedAdapter(out, len(layers), compressed)
 
 
 def merge(config_path: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False):

@@ -111,6 +111,33 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _context_of(model: Path, at_most: int) -> int:
+    """The context length of a model dir (from its config.json), capped at `at_most`: a default --seq-len."""
+    from slmkit.interop.checkpoint import resolve_model_dir
+    from slmkit.train.config import read_json_object
+
+    config = read_json_object(resolve_model_dir(model) / "config.json")
+    context = config.get("max_position_embeddings", config.get("n_positions"))
+    return (
+        min(context, at_most) if isinstance(context, int) and not isinstance(context, bool) and context > 0 else at_most
+    )
+
+
+def _parse_replay(value: str | None) -> dict[str, Any]:
+    if value is None:
+        return {}
+    directory, sep, fraction = value.rpartition(":")
+    try:
+        share = float(fraction)
+    except ValueError:
+        share = -1.0
+    if not sep or not directory or not 0 < share < 1:
+        raise UserError(
+            f"--replay expects DATA_DIR:FRACTION with a fraction in (0, 1), e.g. data/old:0.1; got {value!r}"
+        )
+    return {"replay": directory, "replay_fraction": share}
+
+
 @app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="Data dir written by `slm data prepare`.")],
@@ -156,6 +183,13 @@ def train(
             "instead of a fresh --preset."
         ),
     ] = None,
+    replay: Annotated[
+        str | None,
+        typer.Option(
+            help="DATA_DIR:FRACTION: draw this share of every batch from an older data dir (same tokenizer) while "
+            "continuing training with --init, e.g. --replay data/old:0.1; its val loss is logged as replay_val_loss."
+        ),
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -181,12 +215,15 @@ def train(
         "preset": preset,
         "strategy": strategy,
         "init": str(init) if init is not None else None,
+        **_parse_replay(replay),
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:
         given["compile"] = True
     if init is not None and (preset is not None or set_):
         raise UserError("--init gives the model: drop --preset and --set")
+    if init is not None and seq_len is None and not resume:  # at most the model's context
+        given["seq_len"] = _context_of(init, TrainConfig.seq_len)
     if resume:
         keys = ("max_steps", "max_tokens", "max_minutes", "max_flops", "strategy")
         budgets = {k: given[k] for k in keys if k in given}
@@ -524,6 +561,134 @@ def upcycle(
         f"{result.params_after:,} parameters ({result.active_params:,} per token). "
         f"Train it with: slm train --init {result.out} --data DATA --out RUN --max-steps N"
     )
+
+
+@app.command("merge-adapter")
+def merge_adapter(
+    base: Annotated[Path, typer.Argument(help="The base model dir (or run dir) the adapter was trained on.")],
+    adapter: Annotated[Path, typer.Argument(help="A PEFT LoRA adapter dir (slmkit's or peft's save_pretrained).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model.")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
+) -> None:
+    """Fold a LoRA adapter into its base: a plain model dir (W + scale * B @ A) that transformers loads."""
+    from slmkit.api import merge_adapter as run_merge
+
+    result = run_merge(base, adapter, out, overwrite=overwrite)
+    note = " (the compressed base dequantized to float)" if result.dequantized else ""
+    print(f"wrote {result.out}: adapter merged into {result.layers} layers{note}")
+
+
+@app.command()
+def finetune(
+    model: Annotated[Path, typer.Argument(help="Model dir (or run dir) to start from; a quantized one with --lora.")],
+    data: Annotated[
+        Path | None, typer.Option("--data", help="JSONL: {messages: [...]} or {prompt, completion} per line.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run dir: checkpoints/, metrics.jsonl, final/.")] = None,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="Train LoRA adapters only (PEFT files); QLoRA on a quantized model.")
+    ] = False,
+    nola: Annotated[
+        bool, typer.Option("--nola", help="NOLA adapters: LoRA factors as mixtures of seeded random bases.")
+    ] = False,
+    rank: Annotated[int | None, typer.Option("--rank", "-r", help="Adapter rank.")] = None,
+    alpha: Annotated[float | None, typer.Option("--alpha", help="Adapter scale numerator (alpha / r).")] = None,
+    rslora: Annotated[bool, typer.Option("--rslora", help="rsLoRA: scale by alpha / sqrt(r).")] = False,
+    target_modules: Annotated[
+        str | None, typer.Option("--target-modules", help="Comma-separated module names (q_proj,v_proj) or all-linear.")
+    ] = None,
+    lora_dropout: Annotated[float | None, typer.Option(help="Dropout on the adapter's input.")] = None,
+    loss_on_prompt: Annotated[
+        bool, typer.Option("--loss-on-prompt", help="Train on every token, not only the assistant's.")
+    ] = False,
+    pack: Annotated[
+        bool | None, typer.Option("--pack/--no-pack", help="Pack samples into rows (default: when the model can).")
+    ] = None,
+    val_data: Annotated[
+        Path | None, typer.Option(help="Validation JSONL (default: a held-out share of --data).")
+    ] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Share of samples held out for validation.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-4; 1e-3 with adapters).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per micro-batch.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per row (longer samples are cut).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per optimizer step.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine, wsd or constant.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Budget: optimizer steps.")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Budget: training tokens (rows x seq-len).")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Budget: wall-clock minutes.")] = None,
+    eval_interval: Annotated[int | None, typer.Option(help="Evaluate on validation every N steps.")] = None,
+    save_interval: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (split, order, adapter init).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto, float32, bfloat16.")] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier run (or other files) in --out instead of refusing.")
+    ] = False,
+) -> None:
+    """Fine-tune MODEL on chat or prompt/completion samples (loss on the answers), fully or with LoRA/NOLA adapters."""
+    from slmkit.api import finetune as run_finetune
+    from slmkit.train.finetune import FinetuneConfig
+    from slmkit.ui import RichReporter
+
+    if out is None:
+        raise UserError("give --out DIR (the run dir)")
+    options = {
+        "lr": lr,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "grad_accum": grad_accum,
+        "warmup_steps": warmup_steps,
+        "schedule": schedule,
+        "max_steps": max_steps,
+        "max_tokens": max_tokens,
+        "max_minutes": max_minutes,
+        "eval_interval": eval_interval,
+        "save_interval": save_interval,
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "val_fraction": val_fraction,
+        "val_data": str(val_data) if val_data is not None else None,
+        "pack": pack,
+    }
+    given = {k: v for k, v in options.items() if v is not None}
+    if resume:
+        budgets = {k: given[k] for k in ("max_steps", "max_tokens", "max_minutes") if k in given}
+        result = run_finetune(None, out, resume=True, reporter=RichReporter(), budget_overrides=budgets)
+    else:
+        if data is None:
+            raise UserError("give --data FILE.jsonl (the fine-tuning samples)")
+        adapter: dict[str, Any] | None = None
+        if lora or nola:
+            adapter = {"kind": "nola" if nola else "lora", "use_rslora": rslora}
+            if rank is not None:
+                adapter["r"] = rank
+            if alpha is not None:
+                adapter["alpha"] = alpha
+            if lora_dropout is not None:
+                adapter["dropout"] = lora_dropout
+            if target_modules is not None:
+                names = [t.strip() for t in target_modules.split(",") if t.strip()]
+                adapter["target_modules"] = names[0] if names == ["all-linear"] else names
+            given.setdefault("lr", 1e-3)
+            given.setdefault("weight_decay", 0.0)
+        elif rank is not None or alpha is not None or rslora or target_modules or lora_dropout is not None:
+            raise UserError("--rank, --alpha, --rslora, --target-modules and --lora-dropout need --lora or --nola")
+        if seq_len is None:  # the model's context, up to 1024 tokens
+            given["seq_len"] = _context_of(model, 1024)
+        cfg = FinetuneConfig.from_dict(
+            {**given, "init": str(model), "data": str(data), "loss_on_prompt": loss_on_prompt, "lora": adapter}
+        )
+        result = run_finetune(cfg, out, reporter=RichReporter(), overwrite=overwrite)
+    if result.stop_reason == "interrupted":
+        _console(stderr=True).print(
+            f"interrupted at step {result.step}; continue with: slm finetune {model} --out {out} --resume"
+        )
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -92,6 +92,8 @@ class Context:
     sin: torch.Tensor | None = None
     upto: int | None = None  # with a state: attend to its slots [0, upto) only (an optimisation)
     active: torch.Tensor | None = None  # (B,) rows whose state may change (None: all); KV states ignore it
+    # (B, T) without a state: each token attends only to earlier tokens of its own segment (packed documents)
+    segments: torch.Tensor | None = None
     masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
 
     @property
@@ -126,7 +128,26 @@ def causal_mask(ctx: Context, key_pos: torch.Tensor | None, n_keys: int, window:
     return mask
 
 
+def segment_mask(ctx: Context, window: int | None) -> torch.Tensor:
+    """Boolean mask (B, 1, T, T) of a stateless forward over packed documents: causal, within one segment."""
+    key = ("segments", window)
+    mask = ctx.masks.get(key)
+    if mask is None:
+        assert ctx.segments is not None
+        seg = ctx.segments
+        t = seg.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+        if window is not None:
+            causal = causal & ~torch.ones_like(causal).tril(-window)
+        mask = ((seg.unsqueeze(2) == seg.unsqueeze(1)) & causal).unsqueeze(1)
+        ctx.masks[key] = mask
+    return mask
+
+
 class Attention(nn.Module):
+    # a stateless forward can keep packed documents apart (Context.segments); see Transformer.forward
+    packs_documents = True
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -165,7 +186,9 @@ class Attention(nn.Module):
             q, k = apply_rope(q, ctx.cos, ctx.sin), apply_rope(k, ctx.cos, ctx.sin)
         gqa = self.n_kv_heads != self.n_heads
         if state is None:  # training / scoring: causal over the sequence
-            if self.window is None:
+            if ctx is not None and ctx.segments is not None:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=segment_mask(ctx, self.window), enable_gqa=gqa)
+            elif self.window is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:
                 causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()

@@ -131,10 +131,11 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.packed is not None and x2.device.type == "cpu" and x2.dtype == torch.float32:
+        needs_grad = x2.requires_grad and torch.is_grad_enabled()  # the int8 kernels have no backward (QLoRA)
+        if self.packed is not None and x2.device.type == "cpu" and x2.dtype == torch.float32 and not needs_grad:
             # reduce_range: 7-bit activations, so that the x86 int8 dot products cannot saturate int16
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
-        elif self.use_kernel and x2.device.type == "cpu":
+        elif self.use_kernel and x2.device.type == "cpu" and not needs_grad:
             y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
         else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
@@ -236,6 +237,8 @@ class Int4Linear(nn.Module):
             self.outlier_value = state[prefix + "outlier_value"].float()
         for key in state:
             rest = key[len(prefix) :]
+            if rest.split(".", 1)[0] in self._modules:  # a child's (an adapter's factors): loaded by the child
+                continue
             if key.startswith(prefix) and rest not in (*names, "outlier_index", "outlier_value", "bias"):
                 unexpected.append(key)
             elif rest == "bias" and key.startswith(prefix) and self.bias is None:
@@ -271,7 +274,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and x2.device.type == "cpu":
+        # the CPU kernel has no backward: a forward that must pass gradients to x (QLoRA adapters below this layer)
+        # takes the dequantized path
+        if self.use_kernel and x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros.to(x2.dtype)
             )

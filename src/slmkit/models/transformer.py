@@ -108,6 +108,7 @@ class Transformer(nn.Module):
         upto: int | None = None,
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens idx (B, T); (B, 1, V) with last_only, or at each row's index logits_at (B,).
 
@@ -116,13 +117,17 @@ class Transformer(nn.Module):
         (rows at different lengths, as in continuous batching). With a state, a row's tokens must continue it.
         active (B,): rows whose state may change (None: all); a row fed a placeholder passes False.
         upto: attend to state slots [0, upto) only (an optimisation; must cover every position fed so far).
+        segments (B, T), without a state: documents packed into one row; a token sees only earlier tokens with
+        its segment id (pass each document's own positions as pos). Every mixer must support it (`packs_documents`).
         """
         b, t = idx.shape
         if pos is None:
             pos = torch.arange(t, device=idx.device)
         positions = pos if pos.dim() == 2 else pos.unsqueeze(0)  # (B or 1, T)
         cfg = self.config
-        ctx = Context(positions, upto=upto, active=active)
+        ctx = Context(positions, upto=upto, active=active, segments=segments)
+        if segments is not None and (state is not None or not self.packs_documents):
+            raise ValueError("segments: a stateless forward of a model whose mixers all keep documents apart")
         if cfg.positions == "rope":
             if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic":
                 seq_len = int(positions.max()) + 1  # a device sync, so only here
@@ -145,6 +150,11 @@ class Transformer(nn.Module):
         elif last_only:
             x = x[:, -1:, :]
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    @property
+    def packs_documents(self) -> bool:
+        """Whether `forward(..., segments=...)` keeps packed documents apart (every mixer supports it)."""
+        return all(getattr(block.sequence_mixer, "packs_documents", False) for block in self.layers)
 
     def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (L, D) for positions 0..L-1 (L >= length), computed once per device (not for dynamic scaling)."""

@@ -14,21 +14,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from slmkit import defaults
+from slmkit.data.chat import DEFAULT_CHAT_TEMPLATE as DEFAULT_CHAT_TEMPLATE  # the server's, and fine-tuning's
+from slmkit.data.chat import compile_chat_template as compile_chat_template
+from slmkit.data.chat import load_chat_template as load_chat_template
+from slmkit.data.tokenizer import EOT_TOKEN
 from slmkit.errors import UserError
 from slmkit.infer.batcher import GenerationRequest, TokenLogprob
 from slmkit.infer.sampling import SamplingParams
 from slmkit.serve.scheduler import Delta, QueueFull, RequestTimeout, Result, ShuttingDown
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
-)
 RETRY_AFTER_SECONDS = 1
 MAX_N = 16
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -243,32 +242,14 @@ def chat_top_logprobs(req: ChatRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def load_chat_template(directory: Path | None) -> str:
-    """The ``chat_template`` of the model dir's tokenizer_config.json, else `DEFAULT_CHAT_TEMPLATE`."""
-    if directory is not None:
-        path = Path(directory) / "tokenizer_config.json"
-        if path.is_file():
-            try:
-                template = json.loads(path.read_text()).get("chat_template")
-            except (OSError, ValueError, AttributeError):
-                template = None
-            if isinstance(template, str) and template:
-                return template
-    return DEFAULT_CHAT_TEMPLATE
-
-
-def compile_chat_template(source: str) -> Any:
-    """A Jinja template in a sandbox: a model dir's template is data from elsewhere and must not reach Python."""
-    import jinja2.sandbox
-
-    return jinja2.sandbox.ImmutableSandboxedEnvironment().from_string(source)
-
-
 def chat_prompt(template: Any, messages: Sequence[ChatMessage]) -> str:
     """The prompt text of a conversation, ending where the assistant's answer starts."""
     try:
         return template.render(
-            messages=[m.model_dump() for m in messages], add_generation_prompt=True, bos_token="", eos_token=""
+            messages=[m.model_dump() for m in messages],
+            add_generation_prompt=True,
+            bos_token="",
+            eos_token=EOT_TOKEN,  # earlier assistant turns end as the model was fine-tuned (slmkit.data.chat)
         )
     except Exception as exc:  # a broken template in the model dir
         raise ApiError(400, f"cannot apply the chat template: {exc}", param="messages") from None

@@ -8,6 +8,8 @@ global order: disjoint slices whose union is what one process would see.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -65,3 +67,81 @@ def eval_windows(tokens: np.ndarray, seq_len: int, count: int | None = None) -> 
         picks = np.linspace(0, len(full) - 1, count).round().astype(int)
         windows = [full[i] for i in sorted(set(picks.tolist()))]
     return windows
+
+
+class RowSampler:
+    """Deterministic, resumable batches of prepared rows (packed fine-tuning samples, `slmkit.data.chat`).
+
+    Like `WindowSampler`: each epoch visits the rows in a permutation drawn from (seed, epoch), the position is
+    the number of rows consumed, and rank r of W takes rows r, r + W, ... of the global order. A batch is
+    (x, y, extra): extra holds the rows' segments and positions when they hold packed samples (so the model
+    keeps the samples apart), and is empty for one sample per row (plain causal attention, its fast path).
+    """
+
+    def __init__(self, rows: Any, seed: int, rank: int = 0, world_size: int = 1, packed: bool = True) -> None:
+        self.rows = rows
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.packed = packed
+        self.n_rows = len(rows)
+        if self.n_rows < 1:
+            raise ValueError("no rows")
+        self.position = 0
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _row(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.n_rows)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._epoch = epoch
+        assert self._perm is not None
+        return int(self._perm[offset])
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        picks = [self._row(self.position + i * self.world_size + self.rank) for i in range(batch_size)]
+        self.position += batch_size * self.world_size
+        rows = self.rows
+        x, y = torch.from_numpy(rows.inputs[picks]), torch.from_numpy(rows.targets[picks])
+        if not self.packed:
+            return x, y, {}
+        extra = {"segments": torch.from_numpy(rows.segments[picks]), "pos": torch.from_numpy(rows.positions[picks])}
+        return x, y, extra
+
+    @property
+    def epoch(self) -> float:
+        return self.position / self.n_rows
+
+
+class ReplaySampler:
+    """Batches mixing new data with a share of replayed old data (continued pre-training without forgetting).
+
+    Of every batch, the rows that keep the replayed share at `fraction` of all rows so far come from `replay`,
+    the rest from `main` (each a `WindowSampler` with its own order and rank split), so the mix is exact over
+    any run and the same on every rank. The position is the pair of the two samplers' positions.
+    """
+
+    def __init__(self, main: WindowSampler, replay: WindowSampler, fraction: float) -> None:
+        if not 0 < fraction < 1:
+            raise ValueError("fraction must be in (0, 1)")
+        self.main, self.replay, self.fraction = main, replay, fraction
+
+    @property
+    def position(self) -> list[int]:
+        return [self.main.position, self.replay.position]
+
+    @position.setter
+    def position(self, value: list[int]) -> None:
+        self.main.position, self.replay.position = int(value[0]), int(value[1])
+
+    @property
+    def epoch(self) -> float:
+        return self.main.epoch
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        world = self.main.world_size
+        rows = (self.main.position + self.replay.position) // world  # rows each process took so far
+        replayed = int((rows + batch_size) * self.fraction) - int(rows * self.fraction)
+        parts = [s.next_batch(n) for s, n in ((self.main, batch_size - replayed), (self.replay, replayed)) if n]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -211,14 +211,11 @@ def load_trainer_state(path: Path, device: torch.device | str = "cpu") -> dict[s
     return state
 
 
-def save_checkpoint(
-    target: Path, model: Any, tokenizer_dir: Path, trainer_state: dict[str, Any], summary: dict[str, Any]
-) -> Path:
-    """Atomically write a model directory plus its trainer state (`.pt`, for resuming) and summary (`.json`)."""
-    from slmkit.interop.checkpoint import save_model
+def trainer_state_writer(trainer_state: dict[str, Any], summary: dict[str, Any]) -> Any:
+    """A function that adds the trainer state (`.pt`) and summary (`.json`) to a checkpoint being written."""
 
     def add_state(tmp: Path) -> None:
         torch.save(trainer_state, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps(summary, indent=2) + "\n")
 
-    return save_model(model, target, tokenizer_dir=tokenizer_dir, extra=add_state)
+    return add_state

@@ -24,6 +24,10 @@ class TrainConfig:
     # a model directory whose config and weights start the run instead of a fresh preset (continued pre-training;
     # an upcycled or carved mixture of experts); its tokenizer must be the data's
     init: str | None = None
+    # continued pre-training: a data dir (same tokenizer) of which `replay_fraction` of every batch is drawn, so the
+    # model keeps what it knew (validation on its val split is logged as replay_val_loss)
+    replay: str | None = None
+    replay_fraction: float = 0.1
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1
@@ -115,6 +119,8 @@ class TrainConfig:
             raise UserError(f"train config: device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"train config: threads must be >= 1, got {self.threads}")
+        if not (0 < self.replay_fraction < 1):
+            raise UserError(f"train config: replay_fraction must be in (0, 1), got {self.replay_fraction}")
         if self.init is not None:
             if self.model:
                 raise UserError(

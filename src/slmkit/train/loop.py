@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -25,7 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from slmkit.errors import UserError
-from slmkit.interop.checkpoint import latest_checkpoint
+from slmkit.interop.checkpoint import latest_checkpoint, save_model
 from slmkit.train import distributed
 from slmkit.train.batches import WindowSampler
 from slmkit.train.budget import Budget
@@ -36,11 +37,12 @@ from slmkit.train.checkpoints import (
     data_identity,
     latest_resumable,
     load_checkpoint,
+    load_trainer_state,
     prune_checkpoints,
     refuse_existing_run,
     rng_state,
-    save_checkpoint,
     set_rng_state,
+    trainer_state_writer,
     truncate_metrics,
 )
 from slmkit.train.config import TrainConfig
@@ -52,6 +54,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "STATE_JSON",
+    "CheckpointFormat",
     "STATE_PT",
     "LogReporter",
     "Reporter",
@@ -135,6 +138,29 @@ class RunSpec:
     tokenizer_dir: Path  # copied into every checkpoint
     config_file: str  # in the run dir, written at each start; what `--resume` reads back
     config_record: Callable[[TrainConfig], dict[str, Any]]  # what config_file holds (given the final config)
+    # the training batches (default: shuffled token windows of the data dir's train split); a sampler's
+    # next_batch(n) returns (x, y) or (x, y, extra forward arguments, e.g. segments and positions of packed samples)
+    sampler: Callable[[TrainConfig, int, int], Any] | None = None  # (config, rank, world size) -> sampler
+    # the validation loss as (nats, predicted tokens) of a module (default: windows of the data dir's val split)
+    val_nats: Callable[[torch.nn.Module, TrainConfig, Any], tuple[float, int]] | None = None
+    # more validation entries (name -> value) of a module, e.g. the loss on replayed data
+    more_val: Callable[[torch.nn.Module, TrainConfig, Any], dict[str, float]] | None = None
+    # how checkpoints hold the model (default: a full model directory); see `CheckpointFormat`
+    checkpoint_format: CheckpointFormat | None = None
+    # adds files to each checkpoint being written (e.g. the chat template into tokenizer_config.json)
+    add_files: Callable[[Path], None] | None = None
+
+
+class CheckpointFormat(Protocol):
+    """What a checkpoint of a run holds of its model when that is not the whole model (an adapter)."""
+
+    def save(self, model: torch.nn.Module, target: Path, tokenizer_dir: Path, extra: Callable[[Path], None]) -> Path:
+        """Write the model's part atomically into `target`; `extra(tmp_dir)` adds the trainer state."""
+        ...
+
+    def load(self, directory: Path, model: torch.nn.Module) -> None:
+        """Load what `save` wrote into the (unwrapped) model of a resumed run."""
+        ...
 
 
 def resolve_device(name: str) -> torch.device:
@@ -229,7 +255,36 @@ def train(
         config_file=TRAIN_CONFIG,
         config_record=TrainConfig.to_dict,
     )
+    if cfg.replay is not None:
+        _add_replay(spec, cfg.replay, data, data_dir, cfg.seq_len)
     return run(cfg, data, run_dir, spec, resume_from, reporter)
+
+
+def _add_replay(spec: RunSpec, replay_dir: str, data: Any, data_dir: str | Path, seq_len: int) -> None:
+    """Draw `replay_fraction` of every batch from the data dir `replay_dir` and log its validation loss."""
+    from slmkit.data.shards import load_data_dir
+    from slmkit.train.batches import ReplaySampler
+
+    replay = load_data_dir(replay_dir)
+    if replay.meta.get("tokenizer_sha256") != data.meta.get("tokenizer_sha256"):
+        raise UserError(
+            f"replay data {replay_dir} was not tokenized with {data_dir}'s tokenizer; prepare it with --tokenizer"
+        )
+    check_enough_data(replay, replay_dir, seq_len)
+
+    def sampler(cfg: TrainConfig, rank: int, world: int) -> ReplaySampler:
+        main = WindowSampler(data.train, cfg.seq_len, cfg.seed, rank=rank, world_size=world)
+        old = WindowSampler(replay.train, cfg.seq_len, cfg.seed + 1, rank=rank, world_size=world)
+        return ReplaySampler(main, old, cfg.replay_fraction)
+
+    def replay_val(model: torch.nn.Module, cfg: TrainConfig, autocast: Any) -> dict[str, float]:
+        if len(replay.val) < 2:
+            return {}
+        windows = cfg.eval_batches * cfg.batch_size
+        nats, count = token_nats(model, replay.val, cfg.seq_len, cfg.batch_size, windows, autocast=autocast)
+        return {"replay_val_loss": nats / count}
+
+    spec.sampler, spec.more_val = sampler, replay_val
 
 
 def initial_model(init: str | Path, data: Any, data_dir: str | Path, seq_len: int) -> torch.nn.Module:
@@ -329,7 +384,9 @@ class _Session:
         self.last_saved_step = -1
         self.losses: list[float] = []
         self.metrics_file: Any = None  # open while the loop runs, on rank 0
-        self.bytes_per_token = data.bytes_per_token("val") if len(data.val) > 1 else None
+        has_val = spec.val_nats is not None or len(data.val) > 1
+        bytes_per_token = data.bytes_per_token("val") if has_val else None
+        self.bytes_per_token = bytes_per_token if bytes_per_token and math.isfinite(bytes_per_token) else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
@@ -350,7 +407,11 @@ class _Session:
         if resume_from is not None:
             check_resume_data(resume_from, self.data, self.data.path)
             # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
-            saved_state = load_checkpoint(resume_from, model, device)
+            if self.spec.checkpoint_format is not None:
+                self.spec.checkpoint_format.load(resume_from, model)
+                saved_state = load_trainer_state(resume_from / STATE_PT, device)
+            else:
+                saved_state = load_checkpoint(resume_from, model, device)
             self.cfg, note = _keep_global_batch(cfg, saved_state.get("world_size", 1), ctx.world_size)
             cfg = self.cfg
             if note:
@@ -360,7 +421,12 @@ class _Session:
         # after wrapping: fsdp swaps in sharded parameters; frozen ones have no gradient to clip
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(model, cfg, device)
-        self.sampler = WindowSampler(self.data.train, cfg.seq_len, cfg.seed, rank=ctx.rank, world_size=ctx.world_size)
+        if self.spec.sampler is not None:
+            self.sampler = self.spec.sampler(cfg, ctx.rank, ctx.world_size)
+        else:
+            self.sampler = WindowSampler(
+                self.data.train, cfg.seq_len, cfg.seed, rank=ctx.rank, world_size=ctx.world_size
+            )
         # before the RNG is seeded or restored: the probe draws random matrices
         self.peak = measure_peak_flops(device, self.amp_dtype or torch.float32) * ctx.world_size
         if saved_state is not None:
@@ -455,11 +521,14 @@ class _Session:
         loss_sum: torch.Tensor | float = 0.0
         metric_sums: dict[str, torch.Tensor] | None = None  # only objectives that report metrics pay for them
         for micro_step in range(cfg.grad_accum):
-            x, y = self.sampler.next_batch(cfg.batch_size)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            batch = self.sampler.next_batch(cfg.batch_size)
+            x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            forward = self.forward
+            if len(batch) > 2 and batch[2]:  # packed samples: their segments and positions
+                forward = functools.partial(forward, **{k: v.to(self.device) for k, v in batch[2].items()})
             with distributed.sync_gradients(self.wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
                 with self.autocast():
-                    loss, metrics = self.objective.loss(self.forward, x, y)
+                    loss, metrics = self.objective.loss(forward, x, y)
                 (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach()
             if metrics:
@@ -549,6 +618,9 @@ class _Session:
         cfg = self.cfg
         windows = cfg.eval_batches * cfg.batch_size
         autocast = self.autocast if self.amp_dtype else None
+        if self.spec.val_nats is not None:
+            nats, count = self.spec.val_nats(model, cfg, autocast)
+            return nats / count
         nats, count = token_nats(model, self.data.val, cfg.seq_len, cfg.batch_size, windows, autocast=autocast)
         return nats / count
 
@@ -557,10 +629,16 @@ class _Session:
         if self.bytes_per_token is None:
             return {}
         val_loss = self._val_loss(self.model)
+        more = (
+            self.spec.more_val(self.model, self.cfg, self.autocast if self.amp_dtype else None)
+            if (self.spec.more_val)
+            else {}
+        )
         return {
             "val_loss": val_loss,
             "val_bits_per_byte": val_loss / math.log(2) / self.bytes_per_token,
             **self.objective.eval_metrics(self._val_loss),
+            **more,
         }
 
     def _checkpoint(self, final: bool = False) -> Path:
@@ -586,8 +664,19 @@ class _Session:
                 "world_size": ctx.world_size,
                 "run": self.spec.kind,
             }
-            gathered = _GatheredModel(model.config, weights)  # type: ignore[attr-defined]
-            save_checkpoint(target, gathered, self.spec.tokenizer_dir, trainer_state, summary)
+            write_state = trainer_state_writer(trainer_state, summary)
+            add_files = self.spec.add_files
+
+            def extra(tmp: Path) -> None:
+                if add_files is not None:
+                    add_files(tmp)
+                write_state(tmp)
+
+            if self.spec.checkpoint_format is not None:
+                self.spec.checkpoint_format.save(model, target, self.spec.tokenizer_dir, extra)
+            else:
+                gathered = _GatheredModel(model.config, weights)  # type: ignore[attr-defined]
+                save_model(gathered, target, tokenizer_dir=self.spec.tokenizer_dir, extra=extra)
             if not final:
                 prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         distributed.barrier(ctx)  # when this returns, the directory exists for every rank
