@@ -514,9 +514,9 @@ def test_existing_output_and_compressed_inputs_are_refused(models, tmp_path, cap
     (out / "keep.txt").write_text("mine")
     assert "already exists" in cli_error(["merge", str(config), "--out", str(out)], capsys)
     assert (out / "keep.txt").read_text() == "mine"
-    assert "one of the merged models" in cli_error(
-        ["merge", str(config), "--out", str(models["ft1"]), "--overwrite"], capsys
-    )
+    for inside in (models["ft1"], models["ft1"].parent):
+        err = cli_error(["merge", str(config), "--out", str(inside), "--overwrite"], capsys)
+        assert "is or holds a merged model" in err, err
 
     compress(models["ft1"], "int8", tmp_path / "int8", measure=False)
     config.write_text(f"merge_method: linear\nmodels: [{{model: {tmp_path / 'int8'}, parameters: {{weight: 1}}}}]\n")

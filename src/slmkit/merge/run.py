@@ -241,9 +241,9 @@ def merge(config_path: str | Path, out: str | Path, seed: int = 0, overwrite: bo
 
     spec = read(config_path)
     out = Path(out)
-    for model in spec.inputs:
-        if out.exists() and out.resolve() == model.directory:
-            raise UserError(f"--out {out} is one of the merged models ({model.name}); choose another directory")
+    for model in spec.inputs:  # replacing it (--overwrite) would delete an input: refused even then
+        if model.directory.is_relative_to(out.expanduser().resolve()):
+            raise UserError(f"--out {out} is or holds a merged model ({model.name}); choose another directory")
     check_output(out, "dir", overwrite)
 
     reference = spec.base or spec.inputs[0]
