@@ -77,6 +77,12 @@ ROWS: dict[str, list[list[str]]] = {
         ["merge-adapter", "{model}", "{model}", "--out", "{tmp}/m3"],  # a model dir is not an adapter dir
         ["merge-adapter", "{model}", "{binary}", "--out", "{tmp}/m4"],
     ],
+    "merge": [
+        ["merge", "{missing}", "--out", "{tmp}/mg1"],
+        ["merge", "{binary}", "--out", "{tmp}/mg2"],
+        ["merge", "{seed_abc_yaml}", "--out", "{tmp}/mg3"],  # a YAML file, not a merge config
+        ["merge", "{seed_abc_yaml}", "--out", "{tmp}/mg4", "--seed", "-1"],
+    ],
     "distill": [
         ["distill", "--teacher", "{missing}", "--student", "tiny", "--data", "{data}", "--out", "{tmp}/d1"],
         [

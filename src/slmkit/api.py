@@ -28,6 +28,7 @@ __all__ = [
     "distill",
     "merge_adapter",
     "MergedAdapter",
+    "merge",
 ]
 
 
@@ -199,3 +200,12 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, overwr
     layers = merge_adapters(model)
     save_model(model, out, tokenizer_dir=directory)
     return MergedAdapter(out, len(layers), compressed)
+
+
+def merge(config_path: str | Path, out: str | Path, seed: int = 0, overwrite: bool = False):
+    """Merge the model dirs a mergekit-shaped YAML config names (linear, task_arithmetic, ties, dare_linear,
+    dare_ties, model_stock, slerp) into the model dir `out` (see `slmkit.merge.run.merge`); `seed` fixes DARE's
+    draws. An existing non-empty `out` is replaced only with `overwrite=True`."""
+    from slmkit.merge.run import merge as _merge
+
+    return _merge(config_path, out, seed=seed, overwrite=overwrite)

@@ -692,6 +692,24 @@ def finetune(
 
 
 @app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="A merge config in mergekit's YAML shape (see docs/finetuning.md).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the merged model.")],
+    seed: Annotated[int, typer.Option(help="Seed of DARE's random drops (dare_linear, dare_ties).")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
+) -> None:
+    """Merge models: linear, task_arithmetic, ties, dare_linear, dare_ties, model_stock or slerp."""
+    from slmkit.api import merge as run_merge
+
+    result = run_merge(config, out, seed=seed, overwrite=overwrite)
+    base = f" onto base {result.base}" if result.base else ""
+    print(
+        f"merged {len(result.models)} model(s) ({', '.join(result.models)}){base} with {result.method} "
+        f"into {result.out} ({result.tensors} tensors, {result.dtype})"
+    )
+
+
+@app.command()
 def distill(
     teacher: Annotated[Path, typer.Option(help="Teacher model dir (or run dir).")],
     data: Annotated[Path, typer.Option("--data", help="Data dir tokenized with the teacher's tokenizer.")],
