@@ -199,13 +199,25 @@ _REFUSED_OPTIONS = {
 
 
 def check_adapter_dir(directory: str | Path) -> dict[str, Any]:
-    """The adapter_config.json of an adapter directory; UserError for a missing path, a file, or a bad config."""
+    """The adapter_config.json of an adapter directory (or of an adapter run's latest one); UserError for a missing
+    path, a file, or a bad config."""
+    return read_adapter_config(resolve_adapter_dir(directory))
+
+
+def resolve_adapter_dir(directory: str | Path) -> Path:
+    """An adapter directory as given, or for the run dir of `slm finetune --lora` its `final/` or latest checkpoint."""
+    from slmkit.interop.checkpoint import resolve_model_dir
+
     directory = Path(directory)
     if not directory.exists():
         raise UserError(f"{directory}: no such adapter directory")
     if not directory.is_dir():
         raise UserError(f"{directory} is a file; give an adapter directory (adapter_config.json + {ADAPTER_WEIGHTS})")
-    return read_adapter_config(directory)
+    if not (directory / ADAPTER_CONFIG).is_file() and (
+        (directory / "final").is_dir() or (directory / "checkpoints").is_dir()
+    ):
+        return resolve_model_dir(directory)
+    return directory
 
 
 def read_adapter_config(directory: Path) -> dict[str, Any]:
@@ -241,8 +253,8 @@ def load_adapter(
     `name`; returns the adapted layers. trainable: the adapter's tensors require gradients (to continue training;
     a NOLA adapter continues from its coefficients). UserError for missing or corrupt files, a non-LoRA adapter,
     and an adapter for another base (layers this model lacks, or of other shapes)."""
-    directory = Path(directory)
-    d = check_adapter_dir(directory)
+    directory = resolve_adapter_dir(directory)
+    d = read_adapter_config(directory)
     weights = directory / ADAPTER_WEIGHTS
     if not weights.is_file() and (directory / "adapter_model.bin").is_file():
         raise UserError(f"{directory}: adapter_model.bin (pickle) is not read; re-save it as safetensors")
