@@ -95,6 +95,20 @@ def _print_data_summary(out: Path, meta: dict[str, Any]) -> None:
             f"{s['bytes'] / max(s['tokens'], 1):.2f}",
         )
     _console().print(table)
+    if len(meta.get("domains", ())) > 1:
+        domains = Table(title="domains (train --mix NAME=SHARE,...)")
+        for col in ("domain", "source", "train tokens", "val tokens", "share"):
+            domains.add_column(col, justify="left" if col in ("domain", "source") else "right")
+        total = max(sum(d["tokens"] for d in meta["domains"]), 1)
+        for d in meta["domains"]:
+            domains.add_row(
+                d["name"],
+                d["source"],
+                f"{d['splits']['train']['tokens']:,}",
+                f"{d['splits']['val']['tokens']:,}",
+                f"{d['tokens'] / total:.1%}",
+            )
+        _console().print(domains)
     if meta.get("skipped_files"):
         _console(stderr=True).print(f"[yellow]skipped {meta['skipped_files']} unreadable or non-UTF-8 file(s)[/]")
 
