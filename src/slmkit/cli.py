@@ -152,6 +152,27 @@ def _parse_replay(value: str | None) -> dict[str, Any]:
     return {"replay": directory, "replay_fraction": share}
 
 
+def parse_mix(value: str | None) -> dict[str, Any]:
+    """`--mix code=0.7,papers=0.3` as the `mix` training option (shares checked by TrainConfig)."""
+    if value is None:
+        return {}
+    mix: dict[str, float] = {}
+    for item in value.split(","):
+        name, sep, share = item.partition("=")
+        name = name.strip()
+        try:
+            number = float(share)
+        except ValueError:
+            number = math.nan
+        if not sep or not name or not math.isfinite(number) or name in mix:
+            raise UserError(
+                f"--mix expects DOMAIN=SHARE,... with each domain once and numeric shares, e.g. code=0.7,papers=0.3; "
+                f"got {value!r}"
+            )
+        mix[name] = number
+    return {"mix": mix}
+
+
 @app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="Data dir written by `slm data prepare`.")],
@@ -204,6 +225,14 @@ def train(
             "continuing training with --init, e.g. --replay data/old:0.1; its val loss is logged as replay_val_loss."
         ),
     ] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            help="DOMAIN=SHARE,...: draw batches from DATA's domains (its sources) at these shares, e.g. "
+            "--mix code=0.7,papers=0.3 (normalised to sum to 1; unnamed domains unused); realised shares are logged "
+            "as share/DOMAIN, each domain's val loss as val_loss/DOMAIN."
+        ),
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -230,6 +259,7 @@ def train(
         "strategy": strategy,
         "init": str(init) if init is not None else None,
         **_parse_replay(replay),
+        **parse_mix(mix),
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:
