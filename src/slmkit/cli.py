@@ -113,6 +113,91 @@ def _print_data_summary(out: Path, meta: dict[str, Any]) -> None:
         _console(stderr=True).print(f"[yellow]skipped {meta['skipped_files']} unreadable or non-UTF-8 file(s)[/]")
 
 
+@data_app.command("mix-search")
+def data_mix_search(
+    data: Annotated[Path, typer.Argument(help="Data dir with domains (one source each), from `slm data prepare`.")],
+    target: Annotated[str, typer.Option(help="The domain whose val loss the mixture should minimise.")],
+    proxies: Annotated[int, typer.Option(help="Proxy runs, each on a random (Dirichlet) mixture.")] = 32,
+    budget_minutes: Annotated[
+        float | None, typer.Option(help="Wall-clock minutes of proxy training, all proxies together.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps of each proxy (instead of a budget).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Search dir (plan, proxies, result.json, plot); default runs/mix-search-TARGET.")
+    ] = None,
+    write_config: Annotated[
+        Path | None, typer.Option(help="Write the chosen mixture as a training config (YAML, for --config).")
+    ] = None,
+    domains: Annotated[
+        str | None,
+        typer.Option(help="Domains to mix, comma separated (default all; leave --target out to hold it out)."),
+    ] = None,
+    law: Annotated[str, typer.Option(help="Mixing law: auto (lower leave-one-out error), exp or quadratic.")] = "auto",
+    size: Annotated[str, typer.Option(help="Proxy model shape WIDTHxDEPTH.")] = "64x2",
+    seq_len: Annotated[int, typer.Option(help="Tokens per proxy training sequence.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per proxy step.")] = 16,
+    val_windows: Annotated[int, typer.Option(help="Val windows per domain every proxy is evaluated on.")] = 64,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap refits for the uncertainty of the choice.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the mixtures and the proxies.")] = 1337,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for training.")] = None,
+) -> None:
+    """RegMix: train tiny proxies on random mixtures of DATA's domains, fit a mixing law to the target's val loss,
+    and report the best mixture (re-run the same command to resume)."""
+    from slmkit.scaling.mixsearch import MixSearchSettings, run_mix_search
+    from slmkit.scaling.mixsearch import write_config as write_mix_config
+
+    settings = MixSearchSettings(
+        size=size,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        val_windows=val_windows,
+        seed=seed,
+        device=device,
+        threads=threads,
+    )
+    err = _console(stderr=True)
+
+    def progress(done: int, total: int, record: dict[str, Any]) -> None:
+        shares = ", ".join(f"{k}={v:.2f}" for k, v in record["realised"].items() if v)
+        err.print(f"proxy {done}/{total}: {target} val loss {record['val_loss'][target]:.4f} ({shares})")
+
+    names = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+    result = run_mix_search(
+        data,
+        out or Path("runs") / f"mix-search-{target}",
+        target,
+        proxies=proxies,
+        budget_minutes=budget_minutes,
+        steps=steps,
+        domains=names,
+        law=law,
+        bootstrap=bootstrap,
+        settings=settings,
+        progress=progress,
+    )
+    if result.interrupted or result.result is None:
+        err.print("interrupted; re-run the same command to resume the search")
+        raise typer.Exit(130)
+    summary = result.result
+    best = summary["best"]
+    mix_text = ",".join(f"{k}={v:g}" for k, v in best["mix"].items())
+    lo, hi = best["predicted_val_loss_90"]
+    interval = f", 90% bootstrap {lo:.4f}..{hi:.4f}" if lo is not None else ""
+    print(
+        f"best mixture for {target}: --mix {mix_text}  (predicted val loss {best['predicted_val_loss']:.4f}"
+        f"{interval}; {summary['fit']['law']} law, LOO RMSE {summary['fit']['loo_rmse']:.4f})"
+    )
+    for name in ("natural", "uniform"):
+        print(f"  {name}: predicted val loss {summary[name]['predicted_val_loss']:.4f}")
+    if best["bootstrap_refits"]:
+        spread = ", ".join(f"{k} ±{v:.3f}" for k, v in best["share_std"].items())
+        print(f"  share spread over {best['bootstrap_refits']} bootstrap refits: {spread}")
+    print(f"wrote {result.out / 'result.json'} and {result.out / 'mixsearch.png'}")
+    if write_config is not None:
+        print(f"wrote {write_mix_config(summary, write_config)} (slm train --config it)")
+
+
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
     import yaml
 

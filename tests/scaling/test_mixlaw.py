@@ -68,7 +68,9 @@ def test_the_search_beats_uniform_and_natural_on_a_known_best_mixture():
 
 def test_too_few_proxies_and_unknown_law():
     r = proxies(3, 3)
-    with pytest.raises(UserError, match="at least 5 proxies"):
+    with pytest.raises(UserError, match="at least 4 points"):
         fit_exp(r, np.ones(3))
+    with pytest.raises(UserError, match="at least 5 proxies"):
+        fit_law(r, np.ones(3), "exp")
     with pytest.raises(UserError, match="unknown mixing law"):
         fit_law(r, np.ones(3), "cubic")

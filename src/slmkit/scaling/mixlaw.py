@@ -67,8 +67,8 @@ def fit_exp(mixtures: np.ndarray, losses: np.ndarray) -> MixingLaw:
 
     r, y = _check(mixtures, losses)
     n, k = r.shape
-    if n < k + 2:
-        raise UserError(f"mixing law 'exp' needs at least {k + 2} proxies for {k} domains, got {n}")
+    if n < min_proxies("exp", k) - 1:
+        raise UserError(f"mixing law 'exp' needs at least {k + 1} points for {k} domains, got {n}")
     spread = float(y.max() - y.min()) or 1.0
 
     def u_for(c: float) -> np.ndarray:
@@ -76,10 +76,12 @@ def fit_exp(mixtures: np.ndarray, losses: np.ndarray) -> MixingLaw:
         return u
 
     def residual(theta: np.ndarray) -> np.ndarray:
-        return theta[0] + np.exp(r @ theta[1:]) - y
+        with np.errstate(over="ignore", invalid="ignore"):  # a wild trial step; the optimiser backs off
+            return theta[0] + np.exp(r @ theta[1:]) - y
 
     def profile(c: float) -> float:
-        return float(np.sum((c + np.exp(r @ u_for(c)) - y) ** 2))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return float(np.sum((c + np.exp(r @ u_for(c)) - y) ** 2))
 
     # profile c below the smallest loss (log(L - c) is linear in r for fixed c: cheap), then refine everything
     # from the best few starting points
@@ -116,11 +118,8 @@ def fit_quadratic(mixtures: np.ndarray, losses: np.ndarray) -> MixingLaw:
     r, y = _check(mixtures, losses)
     n, k = r.shape
     x = _quadratic_features(r)
-    if n < x.shape[1] + 1:
-        raise UserError(
-            f"mixing law 'quadratic' needs at least {x.shape[1] + 1} proxies for {k} domains, got {n}; "
-            "use more --proxies or --law exp"
-        )
+    if n < x.shape[1]:
+        raise UserError(f"mixing law 'quadratic' needs at least {x.shape[1]} points for {k} domains, got {n}")
     scale = float(np.mean(x**2))
     b = np.linalg.solve(x.T @ x + _RIDGE * scale * n * np.eye(x.shape[1]), x.T @ y)
 
@@ -133,6 +132,25 @@ def fit_quadratic(mixtures: np.ndarray, losses: np.ndarray) -> MixingLaw:
 
 
 _FITTERS = {"exp": fit_exp, "quadratic": fit_quadratic}
+
+
+def min_proxies(kind: str, k: int) -> int:
+    """Fewest proxies law `kind` needs over `k` domains: one per parameter, plus one for the leave-one-out error
+    (`auto`: the fewest any law needs)."""
+    if kind == "auto":
+        return min(min_proxies(name, k) for name in _FITTERS)
+    parameters = k + 1 if kind == "exp" else k + k * (k - 1) // 2
+    return parameters + 1
+
+
+def check_proxies(kind: str, k: int, n: int) -> None:
+    """UserError unless `n` proxies are enough for law `kind` over `k` domains."""
+    need = min_proxies(kind, k)
+    if n < need:
+        raise UserError(
+            f"the {kind} mixing law over {k} domains needs at least {need} proxies, got {n}; raise --proxies"
+            + (" or use --law exp" if kind == "quadratic" else "")
+        )
 
 
 def loo_rmse(kind: str, mixtures: np.ndarray, losses: np.ndarray) -> float:
@@ -150,10 +168,13 @@ def fit_law(mixtures: np.ndarray, losses: np.ndarray, kind: str = "auto") -> Mix
     """Fit law `kind`; `auto` fits every law that has enough proxies and keeps the smallest leave-one-out error."""
     if kind not in LAWS:
         raise UserError(f"unknown mixing law {kind!r}; choose one of {', '.join(LAWS)}")
+    check_proxies(kind, np.shape(mixtures)[1], len(losses))
     kinds = list(_FITTERS) if kind == "auto" else [kind]
     fitted: list[MixingLaw] = []
     problems = []
     for name in kinds:
+        if len(losses) < min_proxies(name, np.shape(mixtures)[1]):
+            continue  # auto: too few proxies for this law
         try:
             law = _FITTERS[name](mixtures, losses)
             law.loo_rmse = loo_rmse(name, mixtures, losses)
