@@ -97,13 +97,19 @@ def train_on(data_dir: Path, out: Path, mix: dict[str, float], args: argparse.Na
         threads=args.threads,
         mix=mix,
     )
-    result = train(cfg, data_dir, out, reporter=LogReporter(every=10**9), overwrite=True)
+    state_file = out / "final" / "trainer_state.json"
+    saved = json.loads(state_file.read_text()) if state_file.is_file() else None
+    if saved is not None and saved["train_config"] == cfg.to_dict():  # an earlier invocation ran it: reuse it
+        val, seconds, tokens, flops = saved["val"], saved["elapsed"], saved["tokens"], saved["flops"]
+    else:
+        result = train(cfg, data_dir, out, reporter=LogReporter(every=10**9), overwrite=True)
+        val, seconds, tokens, flops = result.val, result.seconds, result.tokens, result.flops
     return {
-        "val_bits_per_byte": result.val[f"val_bits_per_byte/{TARGET}"],
-        "val_loss": result.val[f"val_loss/{TARGET}"],
-        "seconds": result.seconds,
-        "tokens": result.tokens,
-        "flops": result.flops,
+        "val_bits_per_byte": val[f"val_bits_per_byte/{TARGET}"],
+        "val_loss": val[f"val_loss/{TARGET}"],
+        "seconds": seconds,
+        "tokens": tokens,
+        "flops": flops,
     }
 
 
@@ -164,16 +170,20 @@ def main() -> None:
             print(f"  {name:10s} seed {seed}: {TARGET} val bpb {record['val_bits_per_byte']:.4f}")
 
     print(f"\n{TARGET} val bits/byte after {args.steps} steps of {args.size} (same tokens and FLOPs each):")
-    print("| mixture | shares (code/papers/readmes) | val bpb (mean of seeds) | spread (max-min) |")
-    print("|---|---|---|---|")
+    print("| mixture | shares (code/papers/readmes) | val bpb, mean of seeds | per seed | mix-search minus this |")
+    print("|---|---|---|---|---|")
     summary = {}
+    chosen_values = [r["val_bits_per_byte"] for r in runs["mix-search"]]
     for name, mix in mixtures.items():
         total = sum(mix.values())
         shares = "/".join(f"{mix.get(d, 0) / total:.2f}" for d in TRAIN_DOMAINS)
         values = [r["val_bits_per_byte"] for r in runs[name]]
         mean = statistics.fmean(values)
-        summary[name] = {"mix": mix, "val_bits_per_byte": values, "mean": mean}
-        print(f"| {name} | {shares} | {mean:.4f} | {max(values) - min(values):.4f} |")
+        paired = [c - v for c, v in zip(chosen_values, values, strict=True)]  # same seed: same init and data order
+        summary[name] = {"mix": mix, "val_bits_per_byte": values, "mean": mean, "mix_search_minus": paired}
+        per_seed = ", ".join(f"{v:.4f}" for v in values)
+        diffs = ", ".join(f"{d:+.4f}" for d in paired) if name != "mix-search" else "-"
+        print(f"| {name} | {shares} | {mean:.4f} | {per_seed} | {diffs} |")
     report = {
         "hardware": hardware(),
         "args": {k: str(v) for k, v in vars(args).items()},
