@@ -190,6 +190,17 @@ def train(
             "continuing training with --init, e.g. --replay data/old:0.1; its val loss is logged as replay_val_loss."
         ),
     ] = None,
+    curriculum: Annotated[
+        str | None,
+        typer.Option(
+            help="decomposition: batches of single-document chunks of one power-of-two length each, constant "
+            "tokens per step (Dataset Decomposition); none (default): random windows."
+        ),
+    ] = None,
+    reweight: Annotated[
+        str | None, typer.Option(help="loss: weight each sequence by softmax(its loss / temperature); none (default).")
+    ] = None,
+    reweight_temperature: Annotated[float | None, typer.Option(help="Temperature of --reweight loss.")] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -216,6 +227,9 @@ def train(
         "strategy": strategy,
         "init": str(init) if init is not None else None,
         **_parse_replay(replay),
+        "curriculum": curriculum,
+        "reweight": reweight,
+        "reweight_temperature": reweight_temperature,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:

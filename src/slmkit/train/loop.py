@@ -250,13 +250,21 @@ def train(
     spec = RunSpec(
         kind="training",
         model=model,
-        objective=LanguageModeling(cfg.trainable, cfg.aux_loss_weight),
+        objective=LanguageModeling(
+            cfg.trainable, cfg.aux_loss_weight, cfg.reweight_temperature if cfg.reweight == "loss" else None
+        ),
         tokenizer_dir=Path(data.path),
         config_file=TRAIN_CONFIG,
         config_record=TrainConfig.to_dict,
     )
     if cfg.replay is not None:
         _add_replay(spec, cfg.replay, data, data_dir, cfg.seq_len)
+    if cfg.curriculum == "decomposition":
+        from slmkit.train.curriculum import DecompositionSampler
+
+        spec.sampler = lambda c, rank, world: DecompositionSampler(
+            data.train, data.eot_token_id, c.seq_len, c.batch_size, c.seed, rank, world
+        )
     return run(cfg, data, run_dir, spec, resume_from, reporter)
 
 
