@@ -302,3 +302,42 @@ def test_slm_serve_bad_lora(shaken_model_dir, foreign_adapter, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
         assert "serving model" not in r.stdout
+
+
+def test_slm_serve_lora_live(shaken_model_dir, adapters, merged, tokenizer):
+    """`slm serve BASE --lora ...` in its own process, driven by the official openai client."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    from slmkit_testing import SRC
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lora = [f"--lora={name}={directory}" for name, directory in adapters.items()]
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "slmkit", "serve", str(shaken_model_dir), "--port", str(port), *lora]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=60)
+        models = client.models.list().data
+        assert [m.id for m in models] == [shaken_model_dir.name, "sql", "chat.v1"]
+        answer = client.completions.create(model="sql", prompt="The cat sat", max_tokens=NEW_TOKENS, temperature=0)
+        [alone] = Engine(merged["sql"], tokenizer).generate("The cat sat", max_new_tokens=NEW_TOKENS)
+        assert answer.model == "sql" and answer.choices[0].text == alone.text
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert "with adapters 'sql', 'chat.v1'" in out
