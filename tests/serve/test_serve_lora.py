@@ -147,6 +147,8 @@ def test_no_adapters_selected_without_the_flag(shaken_model_dir, adapters, token
     plain = ContinuousBatcher(model, tokenizer, max_batch=2)
     with pytest.raises(UserError, match="selects no adapter per request"):
         plain.submit(GenerationRequest([1, 2], 2, adapter=indices["sql"]))
+    with pytest.raises(UserError, match="selects no adapter per request"):  # -1 would claim the base alone
+        plain.submit(GenerationRequest([1, 2], 2, adapter=-1))
     per_row = ContinuousBatcher(model, tokenizer, max_batch=2, per_row_adapters=True)
     with pytest.raises(UserError, match="carries 2 adapter"):
         per_row.submit(GenerationRequest([1, 2], 2, adapter=2))
@@ -155,6 +157,7 @@ def test_no_adapters_selected_without_the_flag(shaken_model_dir, adapters, token
     base = load_base(shaken_model_dir).model
     with pytest.raises(UserError, match="carries no adapter"):
         ContinuousBatcher(base, tokenizer, max_batch=2, per_row_adapters=True)
+    ContinuousBatcher(base, tokenizer, max_batch=2).submit(GenerationRequest([1, 2], 2, adapter=-1))  # the base
 
 
 def test_engine_refuses_an_adapter_index(shaken_model_dir, adapters, tokenizer):
@@ -341,3 +344,16 @@ def test_slm_serve_lora_live(shaken_model_dir, adapters, merged, tokenizer):
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
     assert "with adapters 'sql', 'chat.v1'" in out
+
+
+def test_adapters_on_moe_experts_refused_up_front():
+    """Per-row selection cannot reach expert layers: the batcher refuses at construction, not at the first step."""
+    from slmkit.config import ModelConfig
+    from slmkit.models import build_model
+    from slmkit.models.lora import LoRASpec, add_adapters
+
+    fields = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
+    moe = build_model(ModelConfig(**fields, mlp="moe", moe_experts=4, moe_top_k=2)).eval()
+    add_adapters(moe, LoRASpec(target_modules=("gate_proj",)))
+    with pytest.raises(UserError, match="experts"):
+        ContinuousBatcher(moe, None, max_batch=2, per_row_adapters=True)

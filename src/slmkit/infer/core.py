@@ -371,8 +371,8 @@ class DecodeCore:
     def check_adapter(self, request: GenerationRequest) -> None:
         """UserError unless the request's adapter is one this core selects (any request without one is fine)."""
         index = request.adapter
-        if index is None or index == -1:
-            return
+        if index is None or (index == -1 and (self.adapters or not adapter_names(self.model))):
+            return  # no choice, or the base where the base is what runs
         if not self.adapters:
             raise UserError(
                 "this generator runs the model as it is and selects no adapter per request; serve the adapters "
