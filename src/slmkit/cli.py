@@ -1025,9 +1025,17 @@ def serve(
             "Requests with another Origin header get 403."
         ),
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="NAME=DIR: also serve the PEFT LoRA adapter in DIR as model NAME (a request's 'model' picks it; "
+            "requests for different adapters share one batch); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
-    batching."""
+    batching; with --lora, LoRA adapters per request beside the base."""
     from slmkit.serve.app import resolve_api_key
     from slmkit.serve.app import serve as run_server
 
@@ -1036,7 +1044,7 @@ def serve(
         model, host=host, port=port, api_key=resolve_api_key(api_key, api_key_file), max_queue=max_queue,
         max_batch=max_batch, request_timeout=request_timeout, prefill_chunk=prefill_chunk,
         drain_timeout=drain_timeout, compile=compile, speculate=speculate, speculate_k=speculate_k,
-        max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (),
+        max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (), lora=lora or (),
     )  # fmt: skip
 
 
