@@ -87,6 +87,11 @@ SWITCHES = {
     ),
     "mamba2": dict(family="mamba2", mixer="mamba2", mlp="none", ssm_head_dim=16, ssm_state_size=16),
     "slmkit": dict(family="slmkit", layer_pattern=("gla", "attention"), linear_gate_rank=16),
+    "mamba": dict(family="mamba", mixer="mamba", mlp="none", ssm_state_size=16),
+    "mixtral": dict(family="mixtral", mlp="moe", moe_experts=4, moe_top_k=2),
+    "bamba": dict(
+        family="bamba", layer_pattern=("mamba2", "attention"), rope_fraction=0.5, ssm_head_dim=16, ssm_state_size=16
+    ),
 }
 
 
