@@ -6,7 +6,8 @@ broad corpus and the model is used on a narrow one.
 1. a byte-level BPE tokenizer of `--vocab` tokens trained on the whole corpus (`slm data prepare`, broad data dir);
 2. the narrow corpus: the first `--narrow-docs` documents, tokenized with that tokenizer (narrow data dir, 10% val);
 3. slmkit's `--preset` model (random init, or trained `--train-steps` steps on the broad data dir), trimmed to the
-   narrow corpus: parameters, file bytes, val bits per byte before/after (printed by the pipeline's measurement);
+   narrow corpus: parameters, file bytes, val bits per byte before/after (printed by the pipeline's measurement),
+   and the loss on in-corpus text (the narrow train split) before/after with the probability mass on dropped tokens;
 4. a Qwen2-shaped model made by transformers (tied embeddings, random init, `--hf-width` wide, `--hf-layers`
    layers, the tokenizer's vocabulary) trimmed the same way: the case where the vocabulary dominates the size;
    transformers loads the result and its logits over the kept tokens are compared with the original's.
@@ -55,6 +56,37 @@ def report(name: str, result) -> None:
     redone = r.get("val_tokens_reencoded")
     print(f"val documents re-encoded (tokens unused by train): {r['val_documents_reencoded']}"
           + (f", {redone['before']} -> {redone['after']} tokens" if redone else ""))  # fmt: skip
+
+
+@torch.no_grad()
+def in_corpus(source: Path, trimmed_dir: Path, data_dir: Path, windows: int = 16, seq_len: int = 256) -> None:
+    """Loss on in-corpus text (windows of the narrow train split, which the kept set was counted on) before and
+    after, and the probability mass the original puts on the dropped tokens there: the trimmed model's softmax
+    is the original's renormalised over the kept tokens, so its loss is lower by -log(kept mass) per token."""
+    import numpy as np
+
+    from slmkit.data.shards import load_data_dir
+    from slmkit.interop.checkpoint import load_model
+
+    original, trimmed = load_model(source), load_model(trimmed_dir)
+    old = json.loads((source / "tokenizer.json").read_text())["model"]["vocab"]
+    new = json.loads((trimmed_dir / "tokenizer.json").read_text())["model"]["vocab"]
+    kept = torch.tensor([old[t] for t, _ in sorted(new.items(), key=lambda x: x[1])])
+    table = torch.full((original.config.vocab_size,), -1)
+    table[kept] = torch.arange(len(kept))
+    train = torch.from_numpy(np.asarray(load_data_dir(data_dir).train[: windows * seq_len + 1], dtype=np.int64))
+    n = (len(train) - 1) // seq_len
+    x, y = train[: n * seq_len].view(n, seq_len), train[1 : n * seq_len + 1].view(n, seq_len)
+    a = original(x).log_softmax(-1)
+    b = trimmed(table[x]).log_softmax(-1)
+    before = -a.gather(-1, y[..., None]).mean()
+    after = -b.gather(-1, table[y][..., None]).mean()
+    dropped = 1 - a[..., kept].exp().sum(-1)
+    same = bool((a[..., kept].argmax(-1) == b.argmax(-1)).all())
+    argmax_kept = float(torch.isin(a.argmax(-1), kept).float().mean())
+    print(f"in-corpus text ({n * seq_len} train tokens): loss {before:.5f} -> {after:.5f}; mass on dropped tokens "
+          f"mean {dropped.mean():.2e}, max {dropped.max():.2e}; argmax over kept equal: {same}; original argmax "
+          f"is a kept token at {100 * argmax_kept:.2f}% of positions")  # fmt: skip
 
 
 def main() -> None:
@@ -110,6 +142,7 @@ def main() -> None:
     result = compress(model_dir, "vocab-trim", work / "trimmed", data=narrow_dir, measure=False, overwrite=True)
     how = f"trained {args.train_steps} steps" if args.train_steps else "random init"
     report(f"slmkit `{args.preset}` ({how})", result)
+    in_corpus(model_dir, work / "trimmed", narrow_dir)
 
     # a model made by transformers, Qwen2-shaped, tied
     import transformers
