@@ -312,3 +312,52 @@ def test_cli(narrow_data, tmp_path, make_model, capsys, monkeypatch):
     assert "vocabulary 2,048 -> " in " ".join(text.split()) and "parameters " in text
     code, text, err = run("--out", tmp_path / "none", "--no-measure")
     assert code == 2 and "pass --data" in err and "Traceback" not in err and not (tmp_path / "none").exists()
+
+
+def test_llama3_style_tokenizer_file(broad_tokenizer, narrow_data):
+    """A tokenizer.json as Llama 3's is written: merges as "a b" strings, ignore_merges, and a TemplateProcessing
+    post-processor that adds a begin-of-text token by id. The trimmed file keeps that form, renumbers the
+    template's id, and encodes in-corpus text (with the added token) into the same strings."""
+    from tokenizers import Tokenizer
+
+    from slmkit.compress.vocab import plan_tokenizer
+    from slmkit.data.shards import load_data_dir
+
+    spec = json.loads((broad_tokenizer / "tokenizer.json").read_text())
+    spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+    spec["model"]["ignore_merges"] = True
+    bos = "<|begin_of_text|>"
+    bos_id = len(spec["model"]["vocab"])
+    spec["added_tokens"].append(
+        dict(id=bos_id, content=bos, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    )
+    spec["post_processor"] = {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
+    used = set(np.unique(np.asarray(load_data_dir(narrow_data).train)).tolist())
+    kept, new, _ = plan_tokenizer(spec, used, broad_tokenizer / "tokenizer.json")
+    assert isinstance(new["model"]["merges"][0], str) and new["model"]["ignore_merges"] is True
+    assert new["post_processor"]["special_tokens"][bos]["ids"] == [len(kept) - 1]  # the last kept id
+    old_tok, new_tok = Tokenizer.from_str(json.dumps(spec)), Tokenizer.from_str(json.dumps(new))
+    text = in_corpus_text(narrow_data)
+    before, after = old_tok.encode(text), new_tok.encode(text)
+    assert before.tokens[0] == bos and after.tokens == before.tokens
+    assert after.ids[0] == len(kept) - 1 and [kept[i] for i in after.ids] == before.ids
+
+
+def test_tokenizers_that_are_not_byte_level_bpe_are_refused(broad_tokenizer):
+    from slmkit.compress.vocab import plan_tokenizer
+
+    spec = json.loads((broad_tokenizer / "tokenizer.json").read_text())
+    path = broad_tokenizer / "tokenizer.json"
+    metaspace = {**spec, "decoder": {"type": "Metaspace"}}
+    with pytest.raises(UserError, match="byte-level BPE"):
+        plan_tokenizer(metaspace, {0}, path)
+    fallback = {**spec, "model": {**spec["model"], "byte_fallback": True}}
+    with pytest.raises(UserError, match="byte_fallback"):
+        plan_tokenizer(fallback, {0}, path)
+    with pytest.raises(UserError, match="another tokenizer"):
+        plan_tokenizer(spec, {0, 10**6}, path)
