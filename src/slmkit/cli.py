@@ -462,7 +462,7 @@ def compress(
         str,
         typer.Option(
             help="int8, int4, gptq-int4, awq-int4, prune-magnitude, prune-wanda, prune-2:4, prune-structured, lowrank, "
-            "moe-carve."
+            "moe-carve, vocab-trim."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (written atomically).")],
@@ -551,6 +551,12 @@ def compress(
     notes = [f"size {b.size_bytes / max(a.size_bytes, 1):.2f}x smaller"]
     if b.perplexity and a.perplexity:
         notes.append(f"perplexity {100 * (a.perplexity / b.perplexity - 1):+.2f}%")
+    if "vocab_after" in result.record:
+        r = result.record
+        notes.append(
+            f"vocabulary {r['vocab_before']:,} -> {r['vocab_after']:,} tokens, parameters {r['parameters_before']:,} "
+            f"-> {r['parameters_after']:,}"
+        )
     _console().print("; ".join(notes))
 
 
