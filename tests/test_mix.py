@@ -123,6 +123,10 @@ def test_mix_errors(mixed, corpus_file, tmp_path):
     for bad in ({"code": 0}, {"code": -1}, {"code": float("nan")}, {}):
         with pytest.raises(UserError, match="mix"):
             tiny_train_config(max_steps=1, mix=bad)
+    with pytest.raises(UserError, match="replay and mix cannot be combined"):
+        tiny_train_config(max_steps=1, mix={"code": 1}, replay=str(mixed))
+    with pytest.raises(UserError, match="curriculum and mix cannot be combined"):
+        tiny_train_config(max_steps=1, mix={"code": 1}, curriculum="decomposition")
     old = tmp_path / "old"
     shutil.copytree(mixed, old)
     meta = json.loads((old / "meta.json").read_text())

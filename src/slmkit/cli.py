@@ -310,6 +310,17 @@ def train(
             "continuing training with --init, e.g. --replay data/old:0.1; its val loss is logged as replay_val_loss."
         ),
     ] = None,
+    curriculum: Annotated[
+        str | None,
+        typer.Option(
+            help="decomposition: batches of single-document chunks of one power-of-two length each, constant "
+            "tokens per step (Dataset Decomposition); none (default): random windows."
+        ),
+    ] = None,
+    reweight: Annotated[
+        str | None, typer.Option(help="loss: weight each sequence by softmax(its loss / temperature); none (default).")
+    ] = None,
+    reweight_temperature: Annotated[float | None, typer.Option(help="Temperature of --reweight loss.")] = None,
     mix: Annotated[
         str | None,
         typer.Option(
@@ -344,6 +355,9 @@ def train(
         "strategy": strategy,
         "init": str(init) if init is not None else None,
         **_parse_replay(replay),
+        "curriculum": curriculum,
+        "reweight": reweight,
+        "reweight_temperature": reweight_temperature,
         **parse_mix(mix),
     }
     given = {k: v for k, v in options.items() if v is not None}
@@ -577,7 +591,7 @@ def compress(
         str,
         typer.Option(
             help="int8, int4, gptq-int4, awq-int4, prune-magnitude, prune-wanda, prune-2:4, prune-structured, lowrank, "
-            "moe-carve."
+            "moe-carve, vocab-trim."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Output model directory (written atomically).")],
@@ -666,6 +680,12 @@ def compress(
     notes = [f"size {b.size_bytes / max(a.size_bytes, 1):.2f}x smaller"]
     if b.perplexity and a.perplexity:
         notes.append(f"perplexity {100 * (a.perplexity / b.perplexity - 1):+.2f}%")
+    if "vocab_after" in result.record:
+        r = result.record
+        notes.append(
+            f"vocabulary {r['vocab_before']:,} -> {r['vocab_after']:,} tokens, parameters {r['parameters_before']:,} "
+            f"-> {r['parameters_after']:,}"
+        )
     _console().print("; ".join(notes))
 
 
@@ -1140,9 +1160,17 @@ def serve(
             "Requests with another Origin header get 403."
         ),
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            help="NAME=DIR: also serve the PEFT LoRA adapter in DIR as model NAME (a request's 'model' picks it; "
+            "requests for different adapters share one batch); repeatable.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
-    batching."""
+    batching; with --lora, LoRA adapters per request beside the base."""
     from slmkit.serve.app import resolve_api_key
     from slmkit.serve.app import serve as run_server
 
@@ -1151,7 +1179,7 @@ def serve(
         model, host=host, port=port, api_key=resolve_api_key(api_key, api_key_file), max_queue=max_queue,
         max_batch=max_batch, request_timeout=request_timeout, prefill_chunk=prefill_chunk,
         drain_timeout=drain_timeout, compile=compile, speculate=speculate, speculate_k=speculate_k,
-        max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (),
+        max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (), lora=lora or (),
     )  # fmt: skip
 
 

@@ -35,9 +35,10 @@ METHODS = (
     "prune-structured",
     "lowrank",
     "moe-carve",
+    "vocab-trim",
 )
 _BEFORE: dict[tuple, Measurement] = {}
-NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured", "moe-carve"}
+NEEDS_DATA = {"gptq-int4", "awq-int4", "prune-wanda", "prune-structured", "moe-carve", "vocab-trim"}
 
 
 @dataclass
@@ -104,6 +105,11 @@ def _write_dir(tmp: Path, source: Path, config: Any, state: dict[str, torch.Tens
 def _validate(method: str, source_config: Any, options: CompressOptions, data: Any) -> None:
     if method not in METHODS:
         raise UserError(f"unknown compression method {method!r}; choose one of: {', '.join(METHODS)}")
+    if SPEC_KEY in source_config.extra and method == "vocab-trim":
+        raise UserError(
+            "the model is quantized or factored; trim the vocabulary of the float model first, then quantize the "
+            "trimmed model"
+        )
     if SPEC_KEY in source_config.extra:
         done = source_config.extra[SPEC_KEY].get("method") if isinstance(source_config.extra[SPEC_KEY], dict) else "?"
         raise UserError(
@@ -115,6 +121,11 @@ def _validate(method: str, source_config: Any, options: CompressOptions, data: A
         raise UserError(f"--activations {options.activations} applies to --method int8 only")
     if options.embeddings != "int8" and not quantizing:
         raise UserError(f"--embeddings {options.embeddings} applies to the quantization methods only")
+    if method == "vocab-trim" and data is None:
+        raise UserError(
+            "vocab-trim keeps the tokens a corpus uses: pass --data DATA_DIR (from `slm data prepare` "
+            "with this model's tokenizer)"
+        )
     if method in NEEDS_DATA and data is None:
         raise UserError(f"{method} needs calibration data: pass --data DATA_DIR (from `slm data prepare`)")
 
@@ -239,13 +250,14 @@ def compress(
     float_model = load_model(source)
     seq_len = min(options.calib_seq_len, config.max_seq_len)
     batches = None
-    if data is not None and method not in ("int8", "int4", "lowrank", "prune-magnitude"):
+    if data is not None and method not in ("int8", "int4", "lowrank", "prune-magnitude", "vocab-trim"):
         batches = calibration_batches(data, source, options.calib_samples, seq_len, seed=options.seed)
     elif data is not None and method == "int4" and options.outliers > 0:
         batches = calibration_batches(data, source, options.calib_samples, seq_len, seed=options.seed)
 
     start = time.perf_counter()
     state, out_model, new_config = None, None, config
+    trim, after_data = None, data_dir
     record: dict[str, Any] = {"method": method}
     if method in ("int8", "int4", "gptq-int4", "awq-int4"):
         from slmkit.compress.quantize import QuantOptions, quantize_model
@@ -287,6 +299,15 @@ def compress(
             "shared_active_rate": carved.active_rate,
         }
         new_config = out_model.config
+    elif method == "vocab-trim":
+        from slmkit.compress.vocab import trim_vocabulary
+        from slmkit.data.tokenizer import load_tokenizer
+
+        trim = trim_vocabulary(float_model, source, data_dir)
+        # the val split in the trimmed ids, for the "after" scores (documents with dropped tokens re-encoded)
+        after_data = trim.remap_val(data_dir, load_tokenizer(source))
+        out_model, record = trim.model, trim.record
+        new_config = out_model.config
     elif method == "prune-structured":
         from slmkit.compress.prune import prune_structured
 
@@ -306,6 +327,8 @@ def compress(
 
     with atomic_directory(out) as tmp:
         _write_dir(tmp, source, new_config, state, out_model)
+        if trim is not None:
+            trim.write_files(tmp)
     log.info("wrote %s (%s) in %.1f s", out, method, seconds)
 
     compressed = load_model(out)
@@ -315,5 +338,5 @@ def compress(
     if key not in _BEFORE:
         _BEFORE[key] = _measure(source, float_model, data_dir, seq_len, eval_windows, measure)
     before = _BEFORE[key]
-    after = _measure(out, compressed, data_dir, seq_len, eval_windows, measure)
+    after = _measure(out, compressed, after_data, seq_len, eval_windows, measure)
     return CompressResult(method=method, out=out, seconds=seconds, before=before, after=after, record=record)

@@ -29,6 +29,12 @@ Each :meth:`ContinuousBatcher.step`:
 
 Greedy output equals `Engine.generate` of the prompt alone (tests/serve/test_batcher.py checks it with requests joining
 at different steps).
+
+With ``per_row_adapters=True`` the model carries LoRA adapters and each request picks one by index
+(``GenerationRequest.adapter``, -1 or None: the base): requests for different adapters share the running batch, the
+core selecting each row's adapter before every prefill and decode forward (see `slmkit.infer.core`); a request's
+greedy output equals that of the model with only its adapter merged (tests/serve/test_serve_lora.py). The step then
+runs eagerly (the compiled step selects no adapters); lookup speculation works as without adapters.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ class ContinuousBatcher:
         speculate: Literal["off", "lookup"] = "off",
         speculate_k: int = 8,
         min_acceptance: float = 0.3,
+        per_row_adapters: bool = False,
     ) -> None:
         if max_batch < 1:
             raise UserError(f"max batch must be >= 1, got {max_batch}")
@@ -113,10 +120,10 @@ class ContinuousBatcher:
         self.prefill_chunk = prefill_chunk
         self.device = next(model.parameters()).device
         if compile is None:  # CUDA graphs pay at once; a CPU compilation costs 15-40 s first (opt in)
-            compile = self.device.type == "cuda"
+            compile = self.device.type == "cuda" and not per_row_adapters  # adapters per row: eager (see above)
         self.core = DecodeCore(
             model, tokenizer, max_batch=max_batch, max_len=self.max_seq_len, compile=compile,
-            prefill_chunk=prefill_chunk,
+            prefill_chunk=prefill_chunk, per_row_adapters=per_row_adapters,
         )  # fmt: skip
         self.waiting: deque[GenerationSequence] = deque()
         self.stats = BatcherStats()
@@ -143,8 +150,10 @@ class ContinuousBatcher:
         return seq
 
     def check(self, request: GenerationRequest) -> None:
-        """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within the state."""
+        """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within the state, an
+        adapter index the batcher selects (if any)."""
         check_request(request, self.max_seq_len)
+        self.core.check_adapter(request)
 
     def cancel(self, seq: GenerationSequence) -> None:
         """Stop a sequence (waiting or running); its row is freed at once."""

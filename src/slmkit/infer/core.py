@@ -20,6 +20,13 @@ state keeps what it had.
 With ``compile=True`` the decode step runs through ``torch.compile`` over the whole state (fixed shapes): CUDA
 graphs on CUDA, inductor's C++ kernels with its C++ wrapper on a CPU. A compilation that fails is logged and
 the step runs eagerly.
+
+Adapters per request (``per_row_adapters=True``, what `slm serve --lora` builds): the model carries several LoRA
+adapters (`slmkit.models.lora`) and each request names one by its index (``GenerationRequest.adapter``, None or -1:
+the base alone). Before every forward the core selects, row by row, the adapter of the sequence in that row
+(`set_active_adapters`), for exactly the rows that forward runs over: a prefill group, the running rows of a decode
+or verification step. So requests for different adapters share one batch, and each row's output equals the model
+with only its adapter merged. Without the flag nothing is selected (and nothing is spent on it).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch
 
 from slmkit.errors import UserError
 from slmkit.infer.sampling import SamplingParams, apply_penalties, penalty_state, sample
+from slmkit.models.lora import adapter_names, context_of, set_active_adapters
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +158,9 @@ class GenerationRequest:
     tag: Any = None  # the caller's, untouched (the server keeps its job here)
     detokenize: bool = True  # text deltas per token (off: only token ids, as a batch without stop strings needs)
     ignore_eos: bool = False  # EOS is a token like any other (timing probes: every row runs max_new_tokens)
+    # index into adapter_names(model) of the adapter this request runs with; None or -1: the base alone. Only a core
+    # built with per_row_adapters takes one (see the module docstring)
+    adapter: int | None = None
 
 
 @dataclass
@@ -300,6 +311,7 @@ class DecodeCore:
         compile: bool = False,
         prefill_chunk: int | None = None,
         dtype: torch.dtype | None = None,
+        per_row_adapters: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -314,6 +326,10 @@ class DecodeCore:
         self._views: dict[tuple[int, int], Any] = {}
         self._single_thread = single_threaded(model)
         self.step_threads = Threads(1 if self._single_thread else None)
+        self.adapters = adapter_names(model) if per_row_adapters else []  # what request.adapter indexes
+        self._selected: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # the latest selection, its tensor
+        if per_row_adapters:
+            check_adapter_rows(model, compile)
         self._step: CompiledStep | None = None
         if compile:
             self._step = CompiledStep(StaticStep(model, self.state), self.device)
@@ -341,6 +357,7 @@ class DecodeCore:
         """Put a sequence into the next free row (its prompt is fed by the next `prefill`)."""
         if isinstance(seq, GenerationRequest):
             seq = self.new_sequence(seq)
+        self.check_adapter(seq.request)
         if not self.free_rows:
             raise RuntimeError("no free row")
         seq.row = len(self.rows)
@@ -350,6 +367,31 @@ class DecodeCore:
         self.state.reset(seq.row, seq.row + 1)
         self.rows.append(seq)
         return seq
+
+    def check_adapter(self, request: GenerationRequest) -> None:
+        """UserError unless the request's adapter is one this core selects (any request without one is fine)."""
+        index = request.adapter
+        if index is None or (index == -1 and (self.adapters or not adapter_names(self.model))):
+            return  # no choice, or the base where the base is what runs
+        if not self.adapters:
+            raise UserError(
+                "this generator runs the model as it is and selects no adapter per request; serve the adapters "
+                "(slm serve BASE --lora NAME=DIR) or merge the adapter into the model (slm merge-adapter)"
+            )
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self.adapters):
+            raise UserError(f"adapter index {index!r}: the model carries {len(self.adapters)} adapter(s); -1: the base")
+
+    def select_adapters(self, seqs: Sequence[GenerationSequence]) -> None:
+        """Row i of the next forwards runs with seqs[i]'s adapter. A no-op without per-row adapters, and when the
+        selection is the one already set (a decode step over the same rows as the last one)."""
+        if not self.adapters:
+            return
+        key = tuple(-1 if s.request.adapter is None else s.request.adapter for s in seqs)
+        context = context_of(self.model)
+        if key == self._selected[0] and context is not None and context.rows is self._selected[1]:
+            return
+        set_active_adapters(self.model, torch.tensor(key, dtype=torch.long))  # on the CPU: checked without a sync
+        self._selected = (key, context.rows if context is not None else None)
 
     def view(self, start: int, stop: int) -> Any:
         """State rows [start, stop) as a state of their own (views, so writes land in the whole state)."""
@@ -401,6 +443,7 @@ class DecodeCore:
             tokens = torch.tensor(feed, device=self.device)  # (G, T)
             padded = any(take != width for take in takes)
             begin = time.perf_counter()
+            self.select_adapters(group)
             with self.prefill_threads(len(group) * width):
                 logits = self.model(
                     tokens,
@@ -469,6 +512,7 @@ class DecodeCore:
         else:
             pos = torch.tensor(lengths, device=self.device)[:, None]  # (n, 1)
         active = None if all_active else torch.tensor([s.pending is not None for s in rows], device=self.device)
+        self.select_adapters(rows)
         with self.step_threads:
             return self.model(tokens, state=self.view(0, n), pos=pos, active=active, upto=longest + 1)[:, -1]
 
@@ -506,6 +550,7 @@ class DecodeCore:
         lengths = torch.tensor([s.length for s in rows])
         pos = (lengths[:, None] + torch.arange(width)).to(self.device)  # (n, width): each row's own positions
         active = torch.tensor([s.pending is not None and not s.finished for s in rows], device=self.device)
+        self.select_adapters(rows)
         with self.step_threads:  # a few tokens per row: still a decode-sized step
             logits = self.model(
                 tokens.to(self.device), state=self.view(0, n), pos=pos, active=active, upto=int(lengths.max()) + width
@@ -652,6 +697,20 @@ class DecodeCore:
             spent -= self.stats.prefill_seconds - prefill_before + self.stats.compile_seconds - compile_before
             self.stats.decode_seconds += spent
         return outputs
+
+
+def check_adapter_rows(model: torch.nn.Module, compile: bool) -> None:
+    """UserError unless the model's adapters can be selected per row by an eager core: it carries some, none sits
+    where per-row selection cannot reach (mixture-of-experts experts), and the step is not compiled."""
+    if not adapter_names(model):
+        raise UserError("adapters per request: the model carries no adapter (load some with load_adapter first)")
+    if compile:
+        raise UserError(
+            "adapters per request run eagerly: the compiled decode step does not select adapters per row; "
+            "drop --compile, or merge one adapter into the model (slm merge-adapter) and compile that"
+        )
+    set_active_adapters(model, torch.tensor([-1]))  # the checks of a real selection (e.g. MoE experts), up front
+    set_active_adapters(model, None)
 
 
 def _chunk(seq: GenerationSequence, budget: int | None) -> int:

@@ -6,6 +6,12 @@
 The routes are thin: OpenAI's request and response shapes (validation, response objects, stream chunks, error
 bodies) are `slmkit.serve.openai`'s. Generation runs on the continuous-batching scheduler
 (`slmkit.serve.scheduler`); each of a request's ``n`` choices is a sequence of its own.
+
+Adapters per request (``adapters={"sql": "adapters/sql", ...}``, `slm serve BASE --lora sql=adapters/sql`): every
+PEFT LoRA adapter is loaded onto the one base model and served as a model of its own name; a request's ``model``
+picks the adapter (or the base, under its usual name), and requests for different adapters share the running batch
+(`slmkit.infer.batcher`, ``per_row_adapters``). /v1/models lists the base and each adapter, an adapter with the
+base as its ``parent`` (as vLLM lists LoRA modules).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +153,61 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def parse_lora(values: Sequence[str]) -> dict[str, Path]:
+    """`--lora NAME=DIR` values -> {NAME: DIR}, in order; UserError for a value not of that shape, or a name given
+    twice. The directories are checked by `check_served_adapters`."""
+    adapters: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        name, directory = name.strip(), directory.strip()
+        if not sep or not name or not directory:
+            raise UserError(f"--lora {value!r}: give NAME=DIR (the model name requests use = the adapter directory)")
+        if name in adapters:
+            raise UserError(f"--lora: the name {name!r} is given twice; each adapter needs a name of its own")
+        adapters[name] = Path(directory)
+    return adapters
+
+
+def check_served_adapters(adapters: Mapping[str, str | Path], base_name: str) -> dict[str, Path]:
+    """The adapters to serve, checked before the base loads: names that are not empty, contain no whitespace and
+    differ from the base's served name; directories that hold a LoRA adapter (`check_adapter_dir`). UserError
+    naming the adapter otherwise. Whether an adapter fits the base (its layers and shapes) shows when it loads."""
+    from slmkit.interop.adapters import check_adapter_dir
+
+    checked: dict[str, Path] = {}
+    for name, directory in adapters.items():
+        if not isinstance(name, str) or not name or name != name.strip() or any(c.isspace() for c in name):
+            raise UserError(f"adapter name {name!r}: give a non-empty name without spaces")
+        if name == base_name:
+            raise UserError(
+                f"adapter name {name!r} is the base model's served name; give the adapter another name (requests "
+                "for the base use that one)"
+            )
+        try:
+            check_adapter_dir(directory)
+        except UserError as exc:
+            raise UserError(f"adapter {name!r}: {exc}") from None
+        checked[name] = Path(directory)
+    return checked
+
+
+def load_served_adapters(model: Any, adapters: Mapping[str, Path]) -> dict[str, int]:
+    """Load each adapter onto the model; {served name: adapter index} (what `GenerationRequest.adapter` takes).
+    Loaded under names of their own ("served-0", ...), so a served name may hold dots or slashes."""
+    from slmkit.interop.adapters import load_adapter
+    from slmkit.models.lora import adapter_names
+
+    indices: dict[str, int] = {}
+    for i, (name, directory) in enumerate(adapters.items()):
+        internal = f"served-{i}"
+        try:
+            load_adapter(model, directory, name=internal)
+        except UserError as exc:
+            raise UserError(f"adapter {name!r}: {exc}") from None
+        indices[name] = adapter_names(model).index(internal)
+    return indices
+
+
 def create_app(
     engine_or_model_path: Engine | str | Path,
     *,
@@ -163,6 +224,7 @@ def create_app(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     allowed_hosts: Iterable[str] | None = None,
     cors_origins: Sequence[str] = (),
+    adapters: Mapping[str, str | Path] | None = None,
 ) -> FastAPI:
     """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
 
@@ -172,27 +234,33 @@ def create_app(
     decode step (None: on CUDA only); speculate: "lookup" verifies prompt-lookup drafts of up to speculate_k
     tokens for every row in one pass (greedy output unchanged). max_request_bytes: larger bodies get 413;
     allowed_hosts: the hosts the Host header may name (None: any); cors_origins: the origins whose web pages may
-    call the API (requests with any other Origin get 403); see `slmkit.serve.guards`.
+    call the API (requests with any other Origin get 403); see `slmkit.serve.guards`. adapters: {served name:
+    PEFT LoRA adapter dir} served per request beside the base (see the module docstring); UserError, before the
+    server starts, for a bad name or directory and an adapter for another base.
     """
     directory: Path | None = None
-    if isinstance(engine_or_model_path, Engine):
-        engine = engine_or_model_path
-    else:
+    if not isinstance(engine_or_model_path, Engine):
         from slmkit.interop.checkpoint import resolve_model_dir
 
         directory = resolve_model_dir(engine_or_model_path)
-        engine = Engine.load(directory)
     if max_queue < 1:
         raise UserError(f"max queue must be >= 1, got {max_queue}")
     if max_request_bytes < 1:
         raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
     name = model_name or (directory.name if directory is not None else "slmkit")
+    lora = check_served_adapters(adapters or {}, name)  # before the base loads
+    if isinstance(engine_or_model_path, Engine):
+        engine = engine_or_model_path
+    else:
+        assert directory is not None
+        engine = Engine.load(directory)
+    served = {name: -1, **load_served_adapters(engine.model, lora)}  # model name -> adapter index (-1: the base)
     template = openai.compile_chat_template(openai.load_chat_template(directory))
     metrics = Metrics()
     scheduler = Scheduler(
         engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
         request_timeout=request_timeout, metrics=metrics, compile=compile, speculate=speculate,
-        speculate_k=speculate_k,
+        speculate_k=speculate_k, per_row_adapters=bool(lora),
     )  # fmt: skip
     pieces = openai.TokenText(engine.tokenizer)
     created = int(time.time())
@@ -201,6 +269,7 @@ def create_app(
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     app.state.scheduler, app.state.metrics, app.state.engine = scheduler, metrics, engine
     app.state.model_name = name
+    app.state.served_models = list(served)  # the base's name, then each adapter's
 
     @app.on_event("shutdown")
     def _shutdown() -> None:
@@ -243,7 +312,27 @@ def create_app(
 
     @app.get("/v1/models", responses=ERRORS_OF["models"])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "slmkit"}]}
+        # as vLLM: `root` the base model, `parent` None for it and the base's name for each adapter
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "slmkit",
+                    "root": name,
+                    "parent": None if model == name else name,
+                }
+                for model in served
+            ],
+        }
+
+    def adapter_of(req: OpenAIRequest) -> int | None:
+        """The adapter the request's model picks (None for the base when no adapters are served); 404 for a model
+        this server does not serve."""
+        openai.check_model(req, list(served))
+        return served[req.model] if lora else None
 
     async def constraint_of(req: OpenAIRequest) -> Any:
         constraint = openai.response_format_constraint(req.response_format)
@@ -325,16 +414,16 @@ def create_app(
 
     @app.post("/v1/completions", responses=ERRORS_OF["generate"])
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        openai.check_model(req, name)
+        adapter = adapter_of(req)
         prompts = openai.completion_prompts(req)
         compiled = await constraint_of(req)
         requests = await asyncio.to_thread(  # tokenizing a long prompt must not stall the other clients
             openai.generation_requests, req, prompts, engine.tokenizer, context=engine.config.max_seq_len,
             max_batch=max_batch, default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled,
-            top_logprobs=req.logprobs,
+            top_logprobs=req.logprobs, adapter=adapter,
         )  # fmt: skip
         jobs, events, cancelled = submit(requests, req.stream)
-        reply = Reply.new("completion", name, pieces if req.logprobs is not None else None)
+        reply = Reply.new("completion", req.model, pieces if req.logprobs is not None else None)
         if req.stream:
             return streaming(openai.completion_stream(reply, [j.index for j in jobs], req.n), events, cancelled)
         results = await collect(request, jobs, events, cancelled)
@@ -342,7 +431,7 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=ERRORS_OF["generate"])
     async def chat(req: ChatRequest, request: Request) -> Any:
-        openai.check_model(req, name)
+        adapter = adapter_of(req)
         top_logprobs = openai.chat_top_logprobs(req)
         compiled = await constraint_of(req)
 
@@ -350,12 +439,12 @@ def create_app(
             prompt = openai.chat_prompt(template, req.messages)
             return openai.generation_requests(
                 req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
-                default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs,
+                default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs, adapter=adapter,
             )  # fmt: skip
 
         requests = await asyncio.to_thread(prepare)
         jobs, events, cancelled = submit(requests, req.stream)
-        reply = Reply.new("chat", name, pieces if req.logprobs else None)
+        reply = Reply.new("chat", req.model, pieces if req.logprobs else None)
         if req.stream:
             return streaming(openai.chat_stream(reply, [j.index for j in jobs], req.n), events, cancelled)
         results = await collect(request, jobs, events, cancelled)
@@ -381,11 +470,14 @@ def serve(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] = (),
+    lora: Sequence[str] = (),
 ) -> None:
     """Run the server until interrupted (`slm serve`). allowed_hosts None: the loopback names when `host` is a
     loopback address, else any (`default_allowed_hosts`). The address is bound before the model loads, so a bad
     host or a busy port is a UserError at once. The first Ctrl-C / SIGTERM drains: new requests get 503,
-    running ones finish (at most `drain_timeout` s); a second one exits at once."""
+    running ones finish (at most `drain_timeout` s); a second one exits at once. lora: `NAME=DIR` values (--lora),
+    adapters served per request (`create_app`'s adapters): malformed values fail before the address is bound, the
+    adapters are checked and loaded before the server starts."""
     import uvicorn
 
     if not (0 < port < 65536):
@@ -394,6 +486,7 @@ def serve(
         raise UserError(f"drain timeout must be >= 0 seconds, got {drain_timeout}")
     if max_request_bytes < 1:
         raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
+    adapters = parse_lora(lora)
     sock = bind_socket(host, port)
     try:
         app = create_app(
@@ -401,7 +494,7 @@ def serve(
             prefill_chunk=prefill_chunk, drain_timeout=drain_timeout, compile=compile, speculate=speculate,
             speculate_k=speculate_k, max_request_bytes=max_request_bytes,
             allowed_hosts=default_allowed_hosts(host) if allowed_hosts is None else allowed_hosts,
-            cors_origins=cors_origins,
+            cors_origins=cors_origins, adapters=adapters,
         )  # fmt: skip
     except BaseException:
         sock.close()
@@ -416,5 +509,9 @@ def serve(
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(drain_timeout) or None
     )
-    print(f"serving model {app.state.model_name!r} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
+    extra = app.state.served_models[1:]
+    with_adapters = f" with adapters {', '.join(map(repr, extra))}" if extra else ""
+    print(
+        f"serving model {app.state.model_name!r}{with_adapters} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True
+    )
     DrainingServer(config).run(sockets=[sock])

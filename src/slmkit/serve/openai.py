@@ -107,10 +107,11 @@ def client_closed() -> ApiError:
     return ApiError(499, "the client closed the request")
 
 
-def model_not_found(requested: str, served: str) -> ApiError:
+def model_not_found(requested: str, served: str | Sequence[str]) -> ApiError:
+    names = [served] if isinstance(served, str) else list(served)
     return ApiError(
         404,
-        f"the model {requested!r} does not exist; this server serves {served!r}",
+        f"the model {requested!r} does not exist; this server serves {', '.join(map(repr, names))}",
         type="not_found_error",
         param="model",
         code="model_not_found",
@@ -220,8 +221,9 @@ class ChatRequest(OpenAIRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
 
-def check_model(req: OpenAIRequest, served: str) -> None:
-    if req.model != served:
+def check_model(req: OpenAIRequest, served: str | Sequence[str]) -> None:
+    """404 (model_not_found) unless the request names the served model (or one of the served names)."""
+    if req.model not in ([served] if isinstance(served, str) else served):
         raise model_not_found(req.model, served)
 
 
@@ -317,11 +319,13 @@ def generation_requests(
     default_max_tokens: int | None,
     constraint: Any = None,
     top_logprobs: int | None = None,
+    adapter: int | None = None,
 ) -> list[GenerationRequest]:
     """One request per (prompt, choice), prompt-major: the list index is the choice's ``index`` in the answer.
 
     context: the model's context in tokens; default_max_tokens: max_tokens when the request has none (None: the
-    rest of the context); top_logprobs: None for no logprobs. ApiError (400) for what cannot run.
+    rest of the context); top_logprobs: None for no logprobs; adapter: the adapter index the request's `model`
+    picked (`GenerationRequest.adapter`). ApiError (400) for what cannot run.
     """
     if len(prompts) * req.n > max_batch:
         what = "prompts x n" if req.n > 1 else "prompts"
@@ -361,6 +365,7 @@ def generation_requests(
                     constraint,
                     logprobs=top_logprobs is not None,
                     top_logprobs=top_logprobs or 0,
+                    adapter=adapter,
                 )  # fmt: skip
             )
     return requests

@@ -66,6 +66,10 @@ class TrainConfig:
     # objectives (see slmkit.train.objectives)
     trainable: list[str] | None = None  # fnmatch patterns on parameter names; None trains every parameter
     aux_loss_weight: float = 0.01  # weight of the auxiliary losses a model reports (e.g. MoE load balancing)
+    # data order and weighting (slmkit.train.curriculum, LanguageModeling's reweighting)
+    curriculum: Literal["none", "decomposition"] = "none"
+    reweight: Literal["none", "loss"] = "none"
+    reweight_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         check_field_types(self, "train config")
@@ -122,10 +126,22 @@ class TrainConfig:
             raise UserError(f"train config: device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"train config: threads must be >= 1, got {self.threads}")
+        if self.curriculum not in ("none", "decomposition"):
+            raise UserError(f"train config: curriculum must be none or decomposition, got {self.curriculum!r}")
+        if self.reweight not in ("none", "loss"):
+            raise UserError(f"train config: reweight must be none or loss, got {self.reweight!r}")
+        if not self.reweight_temperature > 0:
+            raise UserError(f"train config: reweight_temperature must be > 0, got {self.reweight_temperature}")
+        if self.curriculum != "none" and self.replay is not None:
+            raise UserError("train config: a curriculum and replay cannot be combined yet; use one of them")
         if not (0 < self.replay_fraction < 1):
             raise UserError(f"train config: replay_fraction must be in (0, 1), got {self.replay_fraction}")
         if self.mix is not None:
             self.mix = check_mix(self.mix)
+            if self.replay is not None:
+                raise UserError("train config: replay and mix cannot be combined; give the old data as a domain of mix")
+            if self.curriculum != "none":
+                raise UserError("train config: a curriculum and mix cannot be combined yet (each chooses the batches)")
         if self.init is not None:
             if self.model:
                 raise UserError(

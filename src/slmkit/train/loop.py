@@ -250,15 +250,21 @@ def train(
     spec = RunSpec(
         kind="training",
         model=model,
-        objective=LanguageModeling(cfg.trainable, cfg.aux_loss_weight),
+        objective=LanguageModeling(
+            cfg.trainable, cfg.aux_loss_weight, cfg.reweight_temperature if cfg.reweight == "loss" else None
+        ),
         tokenizer_dir=Path(data.path),
         config_file=TRAIN_CONFIG,
         config_record=TrainConfig.to_dict,
     )
-    if cfg.replay is not None and cfg.mix is not None:
-        raise UserError("--replay and --mix cannot be combined; give the old data as a domain of --mix instead")
     if cfg.replay is not None:
         _add_replay(spec, cfg.replay, data, data_dir, cfg.seq_len)
+    if cfg.curriculum == "decomposition":
+        from slmkit.train.curriculum import DecompositionSampler
+
+        spec.sampler = lambda c, rank, world: DecompositionSampler(
+            data.train, data.eot_token_id, c.seq_len, c.batch_size, c.seed, rank, world
+        )
     if cfg.mix is not None:
         _add_mix(spec, cfg.mix, data, data_dir, cfg.seq_len)
     return run(cfg, data, run_dir, spec, resume_from, reporter)

@@ -159,11 +159,25 @@ def _layer_tag(module_name: str) -> str:
 
 
 class LanguageModeling:
-    """Next-token cross-entropy, plus `aux_loss_weight` x the model's auxiliary losses if it reports any."""
+    """Next-token cross-entropy, plus `aux_loss_weight` x the model's auxiliary losses if it reports any.
 
-    def __init__(self, trainable: Trainable | Iterable[str] | None = None, aux_loss_weight: float = 0.01) -> None:
+    With `reweight_temperature` (Dynamic Loss-Based Sample Reweighting, Sow et al. 2025) each sequence's mean loss
+    is weighted by batch_size x softmax(detached sequence losses / temperature): weights average 1, harder
+    sequences weigh more at low temperatures, and a large temperature is the plain mean. The largest weight of
+    the step is logged as `reweight_max`, the plain cross-entropy as `lm_loss`.
+    """
+
+    def __init__(
+        self,
+        trainable: Trainable | Iterable[str] | None = None,
+        aux_loss_weight: float = 0.01,
+        reweight_temperature: float | None = None,
+    ) -> None:
         self._trainable = selection(trainable)
         self.aux = AuxLosses(aux_loss_weight)
+        if reweight_temperature is not None and not reweight_temperature > 0:
+            raise UserError(f"reweight temperature must be > 0, got {reweight_temperature}")
+        self.reweight_temperature = reweight_temperature
 
     def trainable(self, name: str, param: torch.nn.Parameter) -> bool:
         return self._trainable(name, param)
@@ -173,11 +187,32 @@ class LanguageModeling:
         self.aux.attach(model)
 
     def loss(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        if self.reweight_temperature is not None:
+            return self._reweighted(forward, x, y)
         if not self.aux.modules:
             return next_token_cross_entropy(forward(x), y), NO_METRICS
         self.aux.clear()
         loss = next_token_cross_entropy(forward(x), y)
         return self.aux.add_to(loss, {"lm_loss": loss.detach()})
+
+    def _reweighted(self, forward: Forward, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
+        assert self.reweight_temperature is not None
+        self.aux.clear()
+        logits = forward(x)
+        per_token = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
+        ).view_as(y)
+        counted = (y != -100).float()  # padding targets (fine-tuning, curricula) carry no loss
+        per_row = (per_token * counted).sum(1) / counted.sum(1).clamp(min=1)  # (B,)
+        live = counted.sum(1) > 0
+        scores = (per_row.detach() / self.reweight_temperature).masked_fill(~live, -math.inf)
+        weights = torch.softmax(scores, dim=0) * live.sum()  # mean 1 over the rows that carry loss
+        loss = (weights * per_row).sum() / live.sum().clamp(min=1)
+        plain = (per_token * counted).sum() / counted.sum().clamp(min=1)
+        metrics = {"lm_loss": plain.detach(), "reweight_max": weights.max().detach()}
+        if not self.aux.modules:
+            return loss, metrics
+        return self.aux.add_to(loss, metrics)
 
     def eval_metrics(self, val_loss: Callable[[torch.nn.Module], float]) -> dict[str, float]:
         return {}
