@@ -497,7 +497,7 @@ def data_clean(
         quality=quality,
         thresholds=thresholds,
         text_field=text_field,
-        on_status=None if as_json else (lambda msg: err.print(f"[dim]{msg}[/]")),
+        on_status=(lambda msg: err.print(f"[dim]{msg}[/]")) if err.is_terminal and not as_json else None,
     )
     if as_json:
         print(json.dumps(report.to_dict(), ensure_ascii=False))

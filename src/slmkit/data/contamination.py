@@ -185,7 +185,7 @@ def contamination(
             matcher.scan(text)
         batch.clear()
 
-    for document in iter_token_documents(tokens, directory.eot_token_id):
+    for document in iter_token_documents(tokens, directory.eot_token_id, CHUNK_TOKENS, WINDOW_TOKENS, OVERLAP_TOKENS):
         batch.append(document.tolist())
         read += len(document)
         if len(batch) >= _DECODE_BATCH:
