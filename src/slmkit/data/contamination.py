@@ -64,9 +64,9 @@ def item_text(example: dict[str, Any]) -> str:
     raise UserError(f"not a task item: expected context/choices/answer or prompt/target, got {sorted(example)}")
 
 
-def check_n(n: int) -> None:
+def check_n(n: int, option: str = "--n") -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"--n must be a whole number of words >= 1 (13 is the usual choice), got {n!r}")
+        raise UserError(f"{option} must be a whole number of words >= 1 (13 is the usual choice), got {n!r}")
 
 
 class NgramMatcher:

@@ -74,8 +74,9 @@ def _contamination(
         return None
     if not task_list:
         raise UserError("--contamination-data needs tasks to check: give --tasks or --suite builtin")
-    from slmkit.data.contamination import contamination
+    from slmkit.data.contamination import check_n, contamination
 
+    check_n(n, "--contamination-n")
     status(f"contamination: {n}-gram overlap of the task items with {data}")
     scored = [(task.name, task.examples[:limit] if limit else task.examples) for task in task_list]
     results = contamination(data, scored, n=n)
