@@ -54,7 +54,7 @@ SHINGLE_WORDS = 5
 # LSH weights of (false positives, false negatives) when datasketch picks bands and rows: a false positive costs only
 # a signature comparison (every candidate is checked), a false negative keeps a duplicate, so recall comes first.
 # With equal weights it picks 9 bands of 13 rows at 0.8, whose S-curve rises only at ~0.85 (measured recall 0.44 on
-# planted pairs of Jaccard 0.80-0.85, 0.79 with these weights).
+# planted pairs of Jaccard 0.80-0.85 as LSH candidates, 0.79 with these weights).
 LSH_WEIGHTS = (0.2, 0.8)
 EXAMPLES_PER_REASON = 3
 _EXAMPLE_CHARS = 160
