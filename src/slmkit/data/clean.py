@@ -343,6 +343,7 @@ class CleanReport:
     quality: bool
     thresholds: dict[str, float]
     outputs: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # unreadable or not UTF-8 (the first 10)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -353,10 +354,10 @@ def _snippet(text: str) -> str:
     return flat if len(flat) <= _EXAMPLE_CHARS else flat[: _EXAMPLE_CHARS - 3] + "..."
 
 
-def _read(sources: list[str], text_field: str) -> Iterator[tuple[int, str]]:
+def _read(sources: list[str], text_field: str, stats: SourceStats) -> Iterator[tuple[int, str]]:
     """(source index, text) of every document, source by source, in reading order."""
     for index, source in enumerate(sources):
-        for text in iter_documents([source], text_field, SourceStats(log_skips=False)):
+        for text in iter_documents([source], text_field, stats):
             yield index, text
 
 
@@ -388,7 +389,8 @@ def clean(
     verdicts: list[tuple[str, str] | None] = []
     signatures: list[np.ndarray | None] = []
     per_source = [0] * len(sources)
-    for source, text in _read(sources, text_field):
+    stats = SourceStats()  # the first read warns of unreadable and non-UTF-8 files, the second is quiet
+    for source, text in _read(sources, text_field, stats):
         per_source[source] += 1
         docs.append(_Doc(source, content_hash(text), raw_hash(text)))
         verdict = quality_verdict(quality_signals(text), thresholds) if quality else None
@@ -439,7 +441,7 @@ def clean(
     with _replacing(out) as tmp:
         handles = {}
         try:
-            for number, (source, text) in enumerate(_read(sources, text_field)):
+            for number, (source, text) in enumerate(_read(sources, text_field, SourceStats(log_skips=False))):
                 if number >= len(docs) or docs[number].raw != raw_hash(text):
                     raise UserError(f"{sources[source]} changed while it was being cleaned; run the command again")
                 if number in wanted or number in wanted_partners:
@@ -476,6 +478,7 @@ def clean(
             quality=quality,
             thresholds=asdict(thresholds),
             outputs=[f"{names[s]}.jsonl" for s in sorted(handles)],
+            skipped_files=list(stats.skipped),
         )
         if report.kept == 0:
             raise UserError(
