@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from slmkit.cli import run
 from slmkit.data import contamination as contamination_module
 from slmkit.data.contamination import NgramMatcher, contamination, item_text, iter_token_documents
 from slmkit.data.prepare import is_val_document, prepare
@@ -120,7 +121,7 @@ def test_item_text_and_matcher_normalise():
     assert matcher.found == {0}
 
 
-def test_cli_json_shape_and_bad_input(tmp_path, corpus):
+def test_cli_json_shape_and_bad_input(tmp_path, corpus, capsys):
     data, texts = corpus
     train, _ = train_and_val(texts)
     rng = random.Random(2)
@@ -138,10 +139,11 @@ def test_cli_json_shape_and_bad_input(tmp_path, corpus):
     r = run_slm("data", "contamination", data, "--tasks", mc)
     assert r.returncode == 0 and "arc_easy" in r.stdout and "50.0%" in r.stdout
 
-    def refused(*args, fragment):
-        result = run_slm("data", "contamination", *args)
-        assert result.returncode == 2, result.stdout + result.stderr
-        [line] = result.stderr.strip().splitlines()
+    def refused(*args, fragment):  # in this process (a fresh one per case costs seconds): the same `run`
+        code = run(["data", "contamination", *map(str, args)])
+        result = capsys.readouterr()
+        assert code == 2, result.out + result.err
+        [line] = result.err.strip().splitlines()
         assert line.startswith("error: ") and fragment in line, line
 
     refused(tmp_path / "nowhere", "--tasks", mc, fragment="does not exist")
