@@ -481,8 +481,11 @@ def data_clean(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
 ) -> None:
-    """Drop low-quality documents, exact duplicates and near duplicates of SOURCES; write the rest to --out with a
-    report of what was dropped and why (`slm data prepare OUT` reads the result)."""
+    """Drop low-quality documents, exact and near duplicates of SOURCES; write the rest and a report to --out.
+
+    The report (report.json, or --json) counts what was dropped per reason, with examples; `slm data prepare OUT`
+    reads the kept documents. See docs/data.md for the rules and their default thresholds.
+    """
     from slmkit.data.clean import QualityThresholds, check_threshold, clean
     from slmkit.interop.outputs import check_output
 
