@@ -168,6 +168,17 @@ ROWS: dict[str, list[list[str]]] = {
         ["data", "mix-search", "{data}", "--target", "papers", "--steps", "2", "--out", "{tmp}/x3"],  # one domain
         ["data", "mix-search", "{data}", "--target", "papers", "--steps", "2", "--bootstrap", "-1"],
     ],
+    "data clean": [
+        ["data", "clean", "{missing}", "--out", "{tmp}/dc1"],
+        ["data", "clean", "{small_text}", "--out", "{tmp}/dc2", "--near-dup-threshold", "1.5"],
+        ["data", "clean", "{small_text}", "--out", "{tmp}/dc3", "--threshold", "nope=1"],
+    ],
+    "data contamination": [
+        ["data", "contamination", "{missing}", "--tasks", "{binary}"],
+        ["data", "contamination", "{data}"],
+        ["data", "contamination", "{data}", "--tasks", "{binary}"],
+        ["data", "contamination", "{data}", "--tasks", "{missing}", "--n", "0"],
+    ],
     "scaling fit": [
         ["scaling", "fit", "{missing}"],
         ["scaling", "fit", "{binary}"],

@@ -531,6 +531,11 @@ def eval_command(
     ] = False,
     report: Annotated[Path | None, typer.Option(help="Write report.json and report.html into this directory.")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")] = None,
+    contamination_data: Annotated[
+        Path | None,
+        typer.Option(help="A data dir (what the model trained on): report each task's n-gram overlap with it."),
+    ] = None,
+    contamination_n: Annotated[int, typer.Option(help="Words per n-gram of --contamination-data.")] = 13,
 ) -> None:
     """Perplexity and bits/byte on text, task accuracy with 95% CIs, and measured efficiency of MODELS.
 
@@ -563,6 +568,8 @@ def eval_command(
         threads,
         console=_console(),
         err_console=_console(stderr=True),
+        contamination_data=contamination_data,
+        contamination_n=contamination_n,
     )
 
 
@@ -582,6 +589,92 @@ def card(
     check_output(resolve_model_dir(model) / "README.md", "file", overwrite=True, option="card")
     path = write_card(model, report, license)
     print(path)
+
+
+@data_app.command("clean")
+def data_clean(
+    sources: Annotated[
+        list[str], typer.Argument(help="Files (.txt .md .jsonl .parquet .py), directories, or builtin:pystdlib.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output directory: NAME.jsonl per source and report.json.")],
+    near_dup_threshold: Annotated[
+        float, typer.Option(help="Drop a document whose MinHash Jaccard with a kept one is at least this, in (0, 1).")
+    ] = 0.8,
+    quality: Annotated[
+        bool, typer.Option("--quality/--no-quality", help="Apply the heuristic quality rules (off for code).")
+    ] = True,
+    threshold: Annotated[
+        list[str], typer.Option("--threshold", help="Change one quality threshold, NAME=VALUE (repeatable).")
+    ] = [],  # noqa: B006
+    text_field: Annotated[str, typer.Option(help="Field of .jsonl records / column of .parquet files.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
+) -> None:
+    """Drop low-quality documents, exact and near duplicates of SOURCES; write the rest and a report to --out.
+
+    The report (report.json, or --json) counts what was dropped per reason, with examples; `slm data prepare OUT`
+    reads the kept documents. See docs/data.md for the rules and their default thresholds.
+    """
+    from slmkit.data.clean import QualityThresholds, check_threshold, clean
+    from slmkit.interop.outputs import check_output
+
+    check_threshold(near_dup_threshold)
+    thresholds = QualityThresholds.parse(threshold)
+    check_output(out, "dir", overwrite=overwrite)
+    err = _console(stderr=True)
+    report = clean(
+        sources,
+        out,
+        near_dup_threshold=near_dup_threshold,
+        quality=quality,
+        thresholds=thresholds,
+        text_field=text_field,
+        on_status=(lambda msg: err.print(f"[dim]{msg}[/]")) if err.is_terminal and not as_json else None,
+    )
+    if as_json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{out}: kept {report.kept:,} of {report.documents:,} documents")
+    for col in ("dropped because", "documents", "example"):
+        table.add_column(col, justify="right" if col == "documents" else "left")
+    for reason, count in report.dropped.items():
+        example = report.examples.get(reason, [{}])[0]
+        table.add_row(reason, f"{count:,}", f"{example.get('detail', '')}: {example.get('text', '')[:60]}")
+    _console().print(table)
+    _console().print(f"report: {out / 'report.json'}")
+
+
+@data_app.command("contamination")
+def data_contamination(
+    data: Annotated[Path, typer.Argument(help="A data dir from `slm data prepare` (its train split is read).")],
+    tasks: Annotated[
+        list[str], typer.Option("--tasks", help="Task file (.jsonl) or built-in task name (repeatable).")
+    ] = [],  # noqa: B006
+    n: Annotated[int, typer.Option("--n", help="Words per n-gram (13 as GPT-3; smaller for short items).")] = 13,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Share of each task's items that share an n-gram of normalised words with the training data."""
+    from slmkit.data.contamination import check_n, contamination
+    from slmkit.eval.builtin import resolve_tasks
+
+    check_n(n)
+    if not tasks:
+        raise UserError("no tasks given; pass one or more task files with --tasks")
+    task_list = resolve_tasks(tasks)
+    results = contamination(data, [(t.name, t.examples) for t in task_list], n=n)
+    if as_json:
+        print(json.dumps({"data": str(data), "n": n, "tasks": [r.to_dict() for r in results]}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{n}-gram overlap with {data} (train split)")
+    for col in ("task", "items", "contaminated", "rate"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for r in results:
+        table.add_row(r.task, f"{r.items:,}", f"{r.contaminated:,}", f"{r.rate:.1%}")
+    _console().print(table)
 
 
 @app.command()
