@@ -23,12 +23,13 @@ read back). "theirs" is a plain loop doing the same per step around the transfor
 How it is timed and measured. Every configuration runs in its own fresh Python process (this script with
 `--worker`), so one configuration's allocations cannot hide another's peak. tokens/s: `--warmup` steps, then
 `--steps` timed steps; the rate is their tokens (batch x seq, padding included, the same on both sides) over their
-summed step times. Peak memory: `resource.getrusage(RUSAGE_SELF).ru_maxrss`, the process's peak resident set,
-read right after the last timed step (before slmkit's final checkpoint is written); it includes the interpreter,
-torch, the libraries each side imports, the data and the model, so `rss_before` (the resident set after loading,
-before the first step, from /proc/self/statm) is printed too, and `train_peak` = peak - rss_before is the part
-training adds (activations, gradients, optimizer state). tracemalloc would miss torch's allocations, which are
-not made through Python's allocator.
+summed step times. Peak memory: VmHWM of /proc/self/status, the peak resident set of the worker's address space,
+read right after the last timed step (before slmkit's final checkpoint is written). getrusage's ru_maxrss is not
+used: Linux carries a parent's peak into the child over fork and exec, so every worker would report at least the
+driver's size; tracemalloc would miss torch's allocations, which do not go through Python's allocator. The peak
+includes the interpreter, torch, the libraries each side imports, the data and the model, so the resident set
+after loading, before the first step (VmRSS) is printed too, and "training adds" = peak - that is the part the
+steps add (activations, gradients, optimizer state).
 
 Ratios are printed as ours / theirs: tokens/s above 1 and memory below 1 favour slmkit. The issue's goal is
 >= 1.3x their tokens/s and <= their memory. Nothing here is asserted.
@@ -39,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -51,15 +51,25 @@ SEED = 1337
 LR = 1e-4
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def rss_now() -> int:
-    """Resident set of this process now, bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """Resident set of this process now, bytes (VmRSS)."""
+    return _status_kib("VmRSS") * 1024
 
 
 def peak_rss() -> int:
-    """Peak resident set of this process so far, bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set of this process's address space since it started, bytes (VmHWM).
+
+    Not getrusage's ru_maxrss: Linux carries the parent's peak over fork and exec into it, so every worker would
+    report at least the driver's size."""
+    return _status_kib("VmHWM") * 1024
 
 
 def lora_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,7 +203,6 @@ def make_base(work: Path, preset: str, env: dict[str, str]) -> Path:
     """A randomly initialised `preset` model with a tokenizer prepared from the paper abstracts (speed does not
     depend on the weights)."""
     from finetune_task import CORPORA
-
     from slmkit.config import PRESETS, ModelConfig
     from slmkit.data.tokenizer import load_tokenizer
     from slmkit.interop.checkpoint import save_model
