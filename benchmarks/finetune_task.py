@@ -1,7 +1,7 @@
 """Fine-tuning gain on a task the base model fails: write a function's docstring from its signature line.
 
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/finetune_task.py [--base MODEL_DIR] [--work DIR]
-        [--pretrain-minutes 3] [--epochs 12] [--rank 16] [--test-fraction 0.15] [--threads 1]
+        [--pretrain-steps 300] [--epochs 16] [--rank 16] [--test-fraction 0.15] [--threads 1]
 
 The task is built at run time from the Python standard library (no download): every public function and method
 with a docstring in a fixed list of modules (`MODULES`, walked in sorted order), as a pair
@@ -15,7 +15,7 @@ sentence is dropped, so the test measures writing a docstring for an unseen func
 split depends on the Python version's standard library (recorded in the output).
 
 Without `--base`, the base model is trained with slmkit first, as a user would (`slm data prepare` on the paper
-abstracts of ../shared/corpus/seed-papers.jsonl, then `slm train --preset micro` for `--pretrain-minutes`): it has
+abstracts of ../shared/corpus/seed-papers.jsonl, then `slm train --preset micro` for `--pretrain-steps`): it has
 never seen code. It is then fine-tuned twice with `slm finetune` (full, and `--lora` over all linear layers) for
 the same number of epochs, and the three models are scored on the held-out functions:
 
@@ -312,13 +312,13 @@ def slm(*args: object, env: dict[str, str]) -> None:
     subprocess.run(command, check=True, env=env, stdout=sys.stderr)
 
 
-def pretrain(work: Path, corpus: Path, minutes: float, preset: str, env: dict[str, str]) -> Path:
+def pretrain(work: Path, corpus: Path, steps: int, preset: str, env: dict[str, str]) -> Path:
     data, run = work / "abstracts", work / "base"
     if not (data / "meta.json").is_file():
         slm("data", "prepare", corpus, "--out", data, "--text-field", "abstract", "--vocab-size", 4096, env=env)
     if not (run / "final").is_dir():
         slm(
-            "train", "--preset", preset, "--data", data, "--out", run, "--max-minutes", minutes,
+            "train", "--preset", preset, "--data", data, "--out", run, "--max-steps", steps,
             "--seq-len", 256, "--batch-size", 16, "--lr", 3e-3, "--warmup-steps", 30, "--schedule", "wsd",
             "--eval-interval", 100, "--overwrite", env=env,
         )  # fmt: skip
@@ -407,8 +407,8 @@ def main() -> None:
     default_corpus = next((p for p in CORPORA if p.is_file()), CORPORA[0])
     parser.add_argument("--corpus", type=Path, default=default_corpus, help="JSONL of papers (`abstract` field).")
     parser.add_argument("--preset", default="micro", help="Preset of the pretrained base (without --base).")
-    parser.add_argument("--pretrain-minutes", type=float, default=3.0)
-    parser.add_argument("--epochs", type=float, default=12.0, help="Passes over the train rows, each fine-tuning.")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="Optimizer steps of 16 x 256 tokens.")
+    parser.add_argument("--epochs", type=float, default=16.0, help="Passes over the train rows, each fine-tuning.")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--full-lr", type=float, default=1e-3)
@@ -440,7 +440,7 @@ def main() -> None:
     print(f"# {hardware()}")
     print(f"# Python {platform.python_version()} stdlib: {len(train)} train / {len(test)} held-out functions")
 
-    base = args.base if args.base is not None else pretrain(work, args.corpus, args.pretrain_minutes, args.preset, env)
+    base = args.base if args.base is not None else pretrain(work, args.corpus, args.pretrain_steps, args.preset, env)
     steps, rows = steps_for(base, train_file, args.epochs, args.batch_size, args.seq_len)
     common = [
         "--data", train_file, "--max-steps", steps, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
