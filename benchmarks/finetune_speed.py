@@ -25,13 +25,16 @@ How it is timed and measured. Every configuration runs in its own fresh Python p
 `--worker`), so one configuration's allocations cannot hide another's peak. tokens/s: `--warmup` steps, then
 `--steps` timed steps; the rate is their tokens (batch x seq, padding included, the same on both sides) over their
 summed step times. The four rows run in turn `--repeats` times and each keeps its fastest run (with that run's
-memory), so a change of load on a shared machine does not fall on one side only. Peak memory: VmHWM of
-/proc/self/status, the peak resident set of the worker's address space, read right after the last timed step (before
-slmkit's final checkpoint is written). getrusage's ru_maxrss is not used: Linux carries a parent's peak into the
-child over fork and exec, so every worker would report at least the driver's size; tracemalloc would miss torch's
-allocations, which do not go through Python's allocator. The peak includes the interpreter, torch, the libraries
-each side imports, the data and the model, so the resident set after loading, before the first step (VmRSS) is
-printed too, and "training adds" = peak - that is the part the steps add (activations, gradients, optimizer state).
+memory), so a change of load on a shared machine does not fall on one side only. tokens per CPU-second (the
+process's CPU time over the same steps, `time.process_time`; for "ours" taken at the loop's reporter calls, so it
+also counts the loop's per-step metrics line) is printed too: with one thread it barely moves with the load. Peak
+memory: VmHWM of /proc/self/status, the peak resident set of the worker's address space, read right after the last
+timed step (before slmkit's final checkpoint is written). getrusage's ru_maxrss is not used: Linux carries a
+parent's peak into the child over fork and exec, so every worker would report at least the driver's size;
+tracemalloc would miss torch's allocations, which do not go through Python's allocator. The peak includes the
+interpreter, torch, the libraries each side imports, the data and the model, so the resident set after loading,
+before the first step (VmRSS) is printed too, and "training adds" = peak - that is the part the steps add
+(activations, gradients, optimizer state).
 
 Ratios are printed as ours / theirs: tokens/s above 1 and memory below 1 favour slmkit. The issue's goal is
 >= 1.3x their tokens/s and <= their memory. Nothing here is asserted.
@@ -90,14 +93,17 @@ def ours(args: argparse.Namespace, lora: bool) -> dict[str, Any]:
 
         def __init__(self) -> None:
             self.records: list[dict[str, Any]] = []
+            self.cpu: list[float] = []  # process CPU seconds at the start and after each step
             self.rss_before = 0
             self.peak = 0
 
         def start(self, info: dict[str, Any]) -> None:
             self.rss_before = rss_now()
             self.trainable = info["trainable_params"]
+            self.cpu.append(time.process_time())
 
         def step(self, m: dict[str, Any]) -> None:
+            self.cpu.append(time.process_time())
             self.records.append(m)
             if len(self.records) == args.warmup + args.steps:
                 self.peak = peak_rss()
@@ -137,8 +143,10 @@ def ours(args: argparse.Namespace, lora: bool) -> dict[str, Any]:
     timed = recorder.records[args.warmup :]
     step_seconds = [args.batch * args.seq / r["tokens_per_second"] for r in timed]
     seconds = sum(step_seconds)
+    cpu = recorder.cpu[args.warmup + args.steps] - recorder.cpu[args.warmup]
     return {
         "tokens_per_second": len(timed) * args.batch * args.seq / seconds,
+        "tokens_per_cpu_second": len(timed) * args.batch * args.seq / cpu,
         "peak_rss": recorder.peak,
         "rss_before": recorder.rss_before,
         "first_loss": recorder.records[0]["loss"],
@@ -173,9 +181,9 @@ def theirs(args: argparse.Namespace, lora: bool) -> dict[str, Any]:
     sampler = RowSampler(data.train_rows, SEED, packed=True)
     causal = torch.ones(args.seq, args.seq, dtype=torch.bool).tril()
     rss_before = rss_now()
-    times, losses = [], []
+    times, cpu, losses = [], [], []
     for _ in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         x, y, extra = sampler.next_batch(args.batch)
         seg = extra["segments"]
         mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T): causal within a sample
@@ -187,10 +195,12 @@ def theirs(args: argparse.Namespace, lora: bool) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     peak = peak_rss()
     timed = times[args.warmup :]
     return {
         "tokens_per_second": len(timed) * args.batch * args.seq / sum(timed),
+        "tokens_per_cpu_second": len(timed) * args.batch * args.seq / sum(cpu[args.warmup :]),
         "peak_rss": peak,
         "rss_before": rss_before,
         "first_loss": losses[0],
@@ -285,20 +295,28 @@ def main() -> None:
                 results[worker] = result
 
     mib = 2**20
-    print("| run | trainable | first loss | tokens/s | peak RSS MiB | before training MiB | training adds MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| run | trainable | first loss | tokens/s | tokens/CPU-s | peak RSS MiB | before training MiB "
+        "| training adds MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for worker, r in results.items():
         print(
             f"| {worker} | {r['trainable']:,} | {r['first_loss']:.4f} | {r['tokens_per_second']:,.0f} | "
+            f"{r['tokens_per_cpu_second']:,.0f} | "
             f"{r['peak_rss'] / mib:,.0f} | {r['rss_before'] / mib:,.0f} | "
             f"{(r['peak_rss'] - r['rss_before']) / mib:,.0f} |"
         )
-    print("| kind | tokens/s ours/theirs | peak RSS ours/theirs | training adds ours/theirs |\n|---|---|---|---|")
+    print(
+        "| kind | tokens/s ours/theirs | tokens/CPU-s ours/theirs | peak RSS ours/theirs | training adds ours/theirs |"
+        "\n|---|---|---|---|---|"
+    )
     for kind in ("full", "lora"):
         a, b = results[f"ours-{kind}"], results[f"theirs-{kind}"]
         adds = (a["peak_rss"] - a["rss_before"]) / max(b["peak_rss"] - b["rss_before"], 1)
         print(
             f"| {kind} | {a['tokens_per_second'] / b['tokens_per_second']:.2f} | "
+            f"{a['tokens_per_cpu_second'] / b['tokens_per_cpu_second']:.2f} | "
             f"{a['peak_rss'] / b['peak_rss']:.2f} | {adds:.2f} |"
         )
     (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
