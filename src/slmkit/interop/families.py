@@ -219,6 +219,15 @@ def _activation(name: Any, key: str, source: str) -> str:
     return _ACT_FROM_HF[name]
 
 
+# rope_parameters keys of yarn and longrope beyond factor and original_max_position_embeddings (the same names in
+# RopeScaling); each is written only when set, so a config.json round trip keeps what it had
+_ROPE_OPTIONAL = {
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "longrope": ("attention_factor",),
+}
+ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn", "longrope")
+
+
 def _rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from the legacy `rope_scaling` + `rope_theta` or transformers 5's `rope_parameters`."""
     params = dict(d.get("rope_parameters") or {})
@@ -232,21 +241,58 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
         raise UserError(f"{source}: partial_rotary_factor != 1 is not supported")
     if kind == "default":
         return float(theta), None
-    if kind not in ("linear", "dynamic", "llama3"):
-        raise UserError(f"{source}: rope scaling type {kind!r} is not supported (supported: linear, dynamic, llama3)")
+    if kind not in ROPE_TYPES:
+        raise UserError(f"{source}: rope scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind in ("linear", "dynamic"):
+        return float(theta), RopeScaling(type=kind, factor=_rope_number(params, "factor", source))
+    # as transformers: a top-level original_max_position_embeddings (Phi-3's) wins over the one in the rope
+    # parameters, and without either the model's own context is the original one
+    original = d.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    original = original or d.get("max_position_embeddings", 8192 if kind == "llama3" else 2048)
+    if params.get("factor") is None and kind in ("yarn", "longrope"):
+        params["factor"] = d.get("max_position_embeddings", original) / original  # transformers' implicit factor
+    common = dict(type=kind, factor=_rope_number(params, "factor", source), original_max_seq_len=int(original))
     if kind == "llama3":
         scaling = RopeScaling(
-            type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_seq_len=int(
-                params.get("original_max_position_embeddings") or d.get("max_position_embeddings", 8192)
-            ),
+            **common,
+            low_freq_factor=_rope_number(params, "low_freq_factor", source),
+            high_freq_factor=_rope_number(params, "high_freq_factor", source),
         )
     else:
-        scaling = RopeScaling(type=kind, factor=float(params["factor"]))
+        extra = {k: params[k] for k in _ROPE_OPTIONAL[kind] if params.get(k) is not None}
+        if kind == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if not isinstance(params.get(name), list):
+                    raise UserError(f"{source}: longrope rope parameters need {name}, a list of numbers")
+                extra[name] = tuple(params[name])
+        scaling = RopeScaling(**common, **extra)
     return float(theta), scaling
+
+
+def _rope_number(params: dict[str, Any], key: str, source: str) -> float:
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{source}: rope parameters need {key}, a number, got {value!r}")
+    return float(value)
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` for `cfg` (rope_theta included)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    s = cfg.rope_scaling
+    if s is None:
+        return rope
+    rope.update({"rope_type": s.type, "factor": s.factor})
+    if s.type in ("llama3", "yarn", "longrope"):
+        rope["original_max_position_embeddings"] = s.original_max_seq_len
+    if s.type == "llama3":
+        rope.update({"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor})
+    for key in _ROPE_OPTIONAL.get(s.type, ()):
+        if getattr(s, key) is not None:
+            rope[key] = getattr(s, key)
+    if s.type == "longrope":
+        rope.update({"short_factor": list(s.short_factor or ()), "long_factor": list(s.long_factor or ())})
+    return rope
 
 
 def _read_window(style: WindowStyle, d: dict[str, Any], n_layers: int, source: str) -> int | None:
@@ -290,7 +336,7 @@ _LLAMA_LIKE_KEYS = frozenset({
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "head_dim", "hidden_act",
     "attention_bias", "mlp_bias", "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window",
-    "max_window_layers", "layer_types",
+    "max_window_layers", "layer_types", "original_max_position_embeddings",
 })  # fmt: skip
 
 
@@ -329,18 +375,7 @@ def _read_llama_like(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[s
 
 
 def _write_llama_like(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        rope.update({"rope_type": s.type, "factor": s.factor})
-        if s.type == "llama3":
-            rope.update(
-                {
-                    "low_freq_factor": s.low_freq_factor,
-                    "high_freq_factor": s.high_freq_factor,
-                    "original_max_position_embeddings": s.original_max_seq_len,
-                }
-            )
+    rope = _rope_to_hf(cfg)
     d: dict[str, Any] = {
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
