@@ -832,3 +832,47 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if bad:
         raise UserError(f"unknown model config field(s) {bad}; valid fields: {sorted(fields - {'extra'})}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---- context extension ---------------------------------------------------------------------------------------------
+EXTENSION_ROPE = ("linear", "dynamic", "yarn")  # what `--rope` may name when a model's context is extended
+
+
+def extend_context(config: ModelConfig, context: int, rope: str = "yarn") -> ModelConfig:
+    """`config` with max_seq_len `context` and rope scaling that stretches its trained window to it
+    (factor = context / trained context): the start of a fine-tuning run at the longer length
+    (`slm finetune --context N --rope yarn`, `slm train --init DIR --context N`).
+
+    linear: positions divided by the factor everywhere; yarn: the low frequencies interpolated, the high ones kept,
+    with original_max_seq_len the trained context; dynamic: transformers' dynamic NTK reads max_position_embeddings
+    as the point its base starts growing, so inside the new window rotation is unchanged (positions past the
+    trained length are new to the model until fine-tuning teaches them) and the base grows only past it.
+    A model that already has linear or yarn scaling extends it again (its original window stays the reference);
+    other scalings are refused."""
+    if rope not in EXTENSION_ROPE:
+        raise UserError(f"--rope {rope!r} is not a context extension (choose one of: {', '.join(EXTENSION_ROPE)})")
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise UserError(f"--context must be a positive integer, got {context!r}")
+    if config.positions != "rope":
+        raise UserError("--context: the model has learned position embeddings, not rotary ones; it cannot be stretched")
+    old = config.max_seq_len
+    if context <= old:
+        raise UserError(f"--context {context} does not extend the model's context ({old}); give a longer one")
+    current = config.rope_scaling
+    if current is not None and current.type != rope:
+        raise UserError(
+            f"--rope {rope}: the model already has {current.type} rope scaling; extend it with --rope {current.type}"
+        )
+    if current is not None and current.type not in ("linear", "yarn"):
+        raise UserError(f"--context: extending a model that already has {current.type} rope scaling is not supported")
+    if rope == "yarn":
+        original = current.original_max_seq_len if current is not None else old
+        assert original is not None
+        base = {} if current is None else {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+        base.update(type="yarn", factor=context / original, original_max_seq_len=original)
+        scaling = RopeScaling(**base)
+    elif rope == "linear":
+        scaling = RopeScaling(type="linear", factor=(current.factor if current else 1.0) * context / old)
+    else:
+        scaling = RopeScaling(type="dynamic", factor=context / old)
+    return config.replace(max_seq_len=context, rope_scaling=scaling)
