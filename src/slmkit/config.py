@@ -27,6 +27,7 @@ Family = Literal[
     "mistral",
     "qwen2",
     "qwen3",
+    "phi3",
     "gpt2",
     "mamba",
     "mamba2",
