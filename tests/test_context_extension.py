@@ -104,6 +104,11 @@ def test_extend_context_errors(context, rope, message):
         return
     with pytest.raises(UserError, match=message):
         extend_context(config, context, rope)
+    llama3 = config.replace(
+        rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_seq_len=16)
+    )
+    with pytest.raises(UserError, match="already has llama3 rope scaling is not supported"):
+        extend_context(llama3, 256, "yarn")
     with pytest.raises(UserError, match="learned position embeddings"):
         extend_context(preset("tiny", positions="learned", family="slmkit"), 1024, "yarn")
 

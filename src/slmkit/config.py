@@ -860,12 +860,12 @@ def extend_context(config: ModelConfig, context: int, rope: str = "yarn") -> Mod
     if context <= old:
         raise UserError(f"--context {context} does not extend the model's context ({old}); give a longer one")
     current = config.rope_scaling
+    if current is not None and current.type not in ("linear", "yarn"):
+        raise UserError(f"--context: extending a model that already has {current.type} rope scaling is not supported")
     if current is not None and current.type != rope:
         raise UserError(
             f"--rope {rope}: the model already has {current.type} rope scaling; extend it with --rope {current.type}"
         )
-    if current is not None and current.type not in ("linear", "yarn"):
-        raise UserError(f"--context: extending a model that already has {current.type} rope scaling is not supported")
     if rope == "yarn":
         original = current.original_max_seq_len if current is not None else old
         assert original is not None
