@@ -1,8 +1,8 @@
 """Context extension of a small model: validation loss at 1x, 2x and 4x its trained length with each RoPE scaling,
 without training and after a short fine-tune at 4x (`slm train --init DIR --context N --rope ...`).
 
-A preset is trained at `--train-len` tokens (its max_seq_len too). It is then scored (nats per predicted token,
-non-overlapping windows of the val split, each window seen without earlier context) at every length with:
+A preset is trained at `--train-len` tokens (its max_seq_len too). It is then scored (nats per predicted token over
+the same first val tokens at every length, cut into non-overlapping windows seen without earlier context) with:
 none (plain rotary, positions past the trained length extrapolated), linear (positions divided by length / trained
 length), dynamic (transformers' dynamic NTK: the base grows past the trained length), yarn (`extend_context`: factor
 = length / trained length, original window = the trained length). Then three copies are fine-tuned for
@@ -27,10 +27,12 @@ from _common import hardware
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "seed-papers.jsonl"
 
 
-def val_loss(model, tokens, length: int, windows: int) -> float:
+def val_loss(model, tokens, length: int, tokens_scored: int) -> float:
+    """Mean nats per predicted token over the first `tokens_scored` val tokens cut into windows of `length`: the
+    same text at every length, so the columns compare."""
     from slmkit.train.validation import token_nats
 
-    nats, count = token_nats(model, tokens, length, batch_size=4, max_windows=windows)
+    nats, count = token_nats(model, tokens[:tokens_scored], length, batch_size=4, max_windows=tokens_scored // length)
     return nats / count
 
 
@@ -47,7 +49,7 @@ def main() -> None:
     parser.add_argument("--train-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ft-steps", type=int, default=60)
-    parser.add_argument("--windows", type=int, default=16, help="val windows scored per length")
+    parser.add_argument("--windows", type=int, default=16, help="val windows of the longest length scored")
     args = parser.parse_args()
 
     import torch
@@ -76,21 +78,22 @@ def main() -> None:
         )  # fmt: skip
         base = train(base_cfg, data, Path(tmp) / "base").final_dir
         assert base is not None
-        print(f"{args.preset} trained {args.steps} steps of {args.batch_size} x {short} tokens; val split "
-              f"{len(val):,} tokens, up to {args.windows} windows per length")  # fmt: skip
+        scored = args.windows * lengths[-1]
+        print(f"{args.preset} trained {args.steps} steps of {args.batch_size} x {short} tokens; the first {scored:,} "
+              f"tokens of the val split ({len(val):,}) scored at every length")  # fmt: skip
 
         rows: dict[str, list[float]] = {}
         with torch.no_grad():
             model = load_model(base)
             config = model.config
-            rows["none"] = [val_loss(scaled(model, config), val, n, args.windows) for n in lengths]
+            rows["none"] = [val_loss(scaled(model, config), val, n, scored) for n in lengths]
             for rope in ("linear", "yarn"):
                 stretched = [extend_context(config, n, rope) if n > short else config for n in lengths]
                 pairs = zip(stretched, lengths, strict=True)
-                rows[rope] = [val_loss(scaled(model, c), val, n, args.windows) for c, n in pairs]
+                rows[rope] = [val_loss(scaled(model, c), val, n, scored) for c, n in pairs]
             rows["dynamic"] = [
                 val_loss(scaled(model, config.replace(rope_scaling=RopeScaling("dynamic", n / short))), val, n,
-                         args.windows)
+                         scored)
                 for n in lengths
             ]  # fmt: skip
 
@@ -111,7 +114,7 @@ def main() -> None:
             assert tuned is not None
             with torch.no_grad():
                 model = load_model(tuned)
-                rows[f"{name} + ft"] = [val_loss(model, val, n, args.windows) for n in lengths]
+                rows[f"{name} + ft"] = [val_loss(model, val, n, scored) for n in lengths]
 
         print(f"fine-tuning: {args.ft_steps} steps of {ft_batch} x {long} tokens at 4x the trained length")
         print(f"{'scaling':<14}" + "".join(f"{f'{n} ({n // short}x)':>14}" for n in lengths))
