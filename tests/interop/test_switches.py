@@ -23,6 +23,7 @@ FAMILIES = {
     ),
     "llama3-rope": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_seq_len": 16}),
+    "yarn-rope": dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 8}),
 }  # fmt: skip
 
 
