@@ -64,9 +64,9 @@ def test_unsupported_hf_config_is_refused():
     d = config_to_hf(preset("tiny"))
     with pytest.raises(UserError, match="model_type 'gpt_neox' is not supported"):
         config_from_hf({**d, "model_type": "gpt_neox"})
-    # attention_bias is supported since the interop issue; yarn rope scaling is not
-    with pytest.raises(UserError, match="rope scaling type 'yarn'"):
-        config_from_hf({**d, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+    # attention_bias is supported since the interop issue, yarn and longrope since issue #20; proportional is not
+    with pytest.raises(UserError, match="rope scaling type 'proportional'"):
+        config_from_hf({**d, "rope_parameters": {"rope_type": "proportional", "factor": 4.0}})
 
 
 # ---- wrongly typed values and absurd shapes (issue #15) ---------------------------------------------

@@ -329,6 +329,13 @@ def train(
             "as share/DOMAIN, each domain's val loss as val_loss/DOMAIN."
         ),
     ] = None,
+    context: Annotated[
+        int | None,
+        typer.Option(help="With --init: extend the model's context to N positions first (default --seq-len N)."),
+    ] = None,
+    rope: Annotated[
+        str | None, typer.Option(help="How --context stretches rotary positions: yarn (default), linear or dynamic.")
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -359,14 +366,16 @@ def train(
         "reweight": reweight,
         "reweight_temperature": reweight_temperature,
         **parse_mix(mix),
+        "context": context,
+        "rope": rope,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:
         given["compile"] = True
     if init is not None and (preset is not None or set_):
         raise UserError("--init gives the model: drop --preset and --set")
-    if init is not None and seq_len is None and not resume:  # at most the model's context
-        given["seq_len"] = _context_of(init, TrainConfig.seq_len)
+    if init is not None and seq_len is None and not resume:  # at most the model's context (the new one: --context)
+        given["seq_len"] = context if context is not None else _context_of(init, TrainConfig.seq_len)
     if resume:
         keys = ("max_steps", "max_tokens", "max_minutes", "max_flops", "strategy")
         budgets = {k: given[k] for k in keys if k in given}
@@ -870,6 +879,13 @@ def finetune(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier run (or other files) in --out instead of refusing.")
     ] = False,
+    context: Annotated[
+        int | None,
+        typer.Option(help="Extend the model's context to N positions before training (default --seq-len N)."),
+    ] = None,
+    rope: Annotated[
+        str | None, typer.Option(help="How --context stretches rotary positions: yarn (default), linear or dynamic.")
+    ] = None,
 ) -> None:
     """Fine-tune MODEL on chat or prompt/completion samples (loss on the answers), fully or with LoRA/NOLA adapters."""
     from slmkit.api import finetune as run_finetune
@@ -896,6 +912,8 @@ def finetune(
         "val_fraction": val_fraction,
         "val_data": str(val_data) if val_data is not None else None,
         "pack": pack,
+        "context": context,
+        "rope": rope,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if resume:
@@ -920,8 +938,8 @@ def finetune(
             given.setdefault("weight_decay", 0.0)
         elif rank is not None or alpha is not None or rslora or target_modules or lora_dropout is not None:
             raise UserError("--rank, --alpha, --rslora, --target-modules and --lora-dropout need --lora or --nola")
-        if seq_len is None:  # the model's context, up to 1024 tokens
-            given["seq_len"] = _context_of(model, 1024)
+        if seq_len is None:  # the model's context, up to 1024 tokens (the new context with --context)
+            given["seq_len"] = context if context is not None else _context_of(model, 1024)
         cfg = FinetuneConfig.from_dict(
             {**given, "init": str(model), "data": str(data), "loss_on_prompt": loss_on_prompt, "lora": adapter}
         )

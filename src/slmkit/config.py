@@ -27,6 +27,7 @@ Family = Literal[
     "mistral",
     "qwen2",
     "qwen3",
+    "phi3",
     "gpt2",
     "mamba",
     "mamba2",
@@ -42,7 +43,7 @@ MLPType = Literal["gated", "plain", "moe", "memory", "none"]
 MoEWeighting = Literal["softmax", "unit"]
 PositionScheme = Literal["rope", "learned"]
 QKNormScope = Literal["head", "projection"]
-RopeScalingType = Literal["linear", "dynamic", "llama3"]
+RopeScalingType = Literal["linear", "dynamic", "llama3", "yarn", "longrope"]
 
 
 # Shapes beyond these are typos or corrupt files; refusing them beats trying to allocate terabytes.
@@ -111,13 +112,28 @@ class RopeScaling:
     linear: positions divided by `factor`; dynamic: NTK base growth beyond `max_seq_len`;
     llama3: per-frequency scaling between `low_freq_factor` and `high_freq_factor` wavelengths of
     `original_max_seq_len`.
+    yarn (YaRN): frequencies that turn fewer than `beta_slow` times over `original_max_seq_len` are slowed by
+    `factor`, those that turn more than `beta_fast` times are kept, a linear ramp between; cos/sin are multiplied
+    by an attention factor (`attention_factor`, or derived from `factor`, `mscale`, `mscale_all_dim`).
+    longrope (LongRoPE, Phi-3): one divisor per frequency, `short_factor` while a forward's positions stay within
+    `original_max_seq_len` and `long_factor` once any passes it (transformers decides per forward call, and so does
+    slmkit); cos/sin are multiplied by `attention_factor`, by default sqrt(1 + ln(factor) / ln(original)).
+    `original_max_seq_len` is transformers' `original_max_position_embeddings`.
     """
 
     type: RopeScalingType
     factor: float
     low_freq_factor: float | None = None  # llama3 only
     high_freq_factor: float | None = None  # llama3 only
-    original_max_seq_len: int | None = None  # llama3 only
+    original_max_seq_len: int | None = None  # llama3, yarn, longrope
+    attention_factor: float | None = None  # yarn, longrope: multiplies cos/sin (None: derived from factor)
+    beta_fast: float | None = None  # yarn: None is transformers' default, 32
+    beta_slow: float | None = None  # yarn: None is 1
+    mscale: float | None = None  # yarn (DeepSeek style): with mscale_all_dim, shapes the derived attention factor
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None  # yarn: round the ramp's ends to whole dimensions (None: true, as transformers)
+    short_factor: tuple[float, ...] | None = None  # longrope: one divisor per rotated frequency (rope_dim / 2)
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.type not in get_args(RopeScalingType):
@@ -125,19 +141,94 @@ class RopeScaling:
                 f"model config: rope_scaling type {self.type!r} is not supported "
                 f"(supported: {', '.join(get_args(RopeScalingType))})"
             )
-        if not (isinstance(self.factor, (int, float)) and self.factor >= 1.0 and math.isfinite(self.factor)):
+        if not _is_number(self.factor) or not (self.factor >= 1.0 and math.isfinite(self.factor)):
             raise UserError(f"model config: rope_scaling factor must be a number >= 1, got {self.factor!r}")
-        llama3 = (self.low_freq_factor, self.high_freq_factor, self.original_max_seq_len)
+        allowed = _ROPE_KEYS[self.type]
+        given = [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in ("type", "factor") and getattr(self, f.name) is not None
+        ]
+        extra = [name for name in given if name not in allowed]
+        if extra:
+            raise UserError(
+                f"model config: {self.type} rope_scaling does not take {', '.join(extra)} "
+                f"(it takes factor{''.join(', ' + k for k in allowed)})"
+            )
+        original = self.original_max_seq_len
+        if self.type in ("llama3", "yarn", "longrope") and (
+            not isinstance(original, int) or isinstance(original, bool) or original <= 0
+        ):
+            raise UserError(
+                f"model config: {self.type} rope_scaling needs original_max_seq_len "
+                f"(original_max_position_embeddings), a positive integer: the context the model was trained at; "
+                f"got {original!r}"
+            )
         if self.type == "llama3":
-            if any(v is None for v in llama3):
+            if self.low_freq_factor is None or self.high_freq_factor is None:
                 raise UserError(
                     "model config: llama3 rope_scaling needs low_freq_factor, high_freq_factor and "
                     "original_max_seq_len (original_max_position_embeddings)"
                 )
-            if not (0 < self.low_freq_factor < self.high_freq_factor):  # type: ignore[operator]
+            if not (0 < self.low_freq_factor < self.high_freq_factor):
                 raise UserError("model config: llama3 rope_scaling needs 0 < low_freq_factor < high_freq_factor")
-        elif any(v is not None for v in llama3):
-            raise UserError(f"model config: {self.type} rope_scaling takes only a factor")
+        for name in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
+            value = getattr(self, name)
+            if value is not None and (not _is_number(value) or not math.isfinite(value) or value <= 0):
+                raise UserError(f"model config: rope_scaling {name} must be a positive number, got {value!r}")
+        if self.type == "yarn" and (self.beta_fast or 32) < (self.beta_slow or 1):
+            raise UserError(
+                f"model config: yarn rope_scaling needs beta_fast >= beta_slow, got {self.beta_fast} < {self.beta_slow}"
+            )
+        if self.truncate is not None and not isinstance(self.truncate, bool):
+            raise UserError(f"model config: rope_scaling truncate must be true or false, got {self.truncate!r}")
+        if self.type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                value = getattr(self, name)
+                if isinstance(value, list):
+                    value = tuple(value)
+                    object.__setattr__(self, name, value)
+                if (
+                    not isinstance(value, tuple)
+                    or not value
+                    or not all(_is_number(v) and math.isfinite(v) and v > 0 for v in value)
+                ):
+                    raise UserError(
+                        f"model config: longrope rope_scaling needs {name}, a list of positive numbers "
+                        f"(one per rotated frequency, rope_dim / 2), got {value!r}"
+                    )
+                object.__setattr__(self, name, tuple(float(v) for v in value))
+
+    def attention_scale(self) -> float:
+        """What cos/sin are multiplied by (transformers' `attention_scaling`): 1 except for yarn and longrope."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.type == "yarn":
+
+            def yarn_mscale(scale: float, m: float = 1.0) -> float:
+                return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+            if self.mscale and self.mscale_all_dim:
+                return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+            return yarn_mscale(self.factor)
+        if self.type == "longrope":
+            assert self.original_max_seq_len is not None
+            if self.factor <= 1.0:
+                return 1.0
+            return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_seq_len))
+        return 1.0
+
+    def check_rope_dim(self, rope_dim: int) -> None:
+        """longrope's per-frequency lists must have one entry per rotated frequency."""
+        if self.type != "longrope":
+            return
+        for name in ("short_factor", "long_factor"):
+            got = len(getattr(self, name))
+            if got != rope_dim // 2:
+                raise UserError(
+                    f"model config: longrope rope_scaling {name} has {got} entries; it needs one per rotated "
+                    f"frequency, rope_dim / 2 = {rope_dim // 2}"
+                )
 
     @classmethod
     def coerce(cls, value: Any) -> RopeScaling | None:
@@ -154,6 +245,28 @@ class RopeScaling:
                 f"model config: rope_scaling needs keys type and factor (optional: {sorted(names)}), got {value!r}"
             )
         return cls(**value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# the keys each rope scaling type takes besides type and factor
+_ROPE_KEYS: dict[str, tuple[str, ...]] = {
+    "linear": (),
+    "dynamic": (),
+    "llama3": ("low_freq_factor", "high_freq_factor", "original_max_seq_len"),
+    "yarn": (
+        "original_max_seq_len",
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "truncate",
+    ),
+    "longrope": ("original_max_seq_len", "attention_factor", "short_factor", "long_factor"),
+}
 
 
 # Parameter and FLOP counts of mixers registered outside slmkit (filled by `slmkit.models.registry.register_mixer`):
@@ -323,6 +436,8 @@ class ModelConfig:
         self.rope_scaling = RopeScaling.coerce(self.rope_scaling)
         if self.rope_scaling is not None and self.positions != "rope":
             raise UserError("model config: rope_scaling needs positions='rope'")
+        if self.rope_scaling is not None:
+            self.rope_scaling.check_rope_dim(self.rope_dim)
 
     def _check_ssm(self) -> None:
         names = ("ssm_state_size", "ssm_expand", "ssm_head_dim", "ssm_n_groups", "ssm_conv_kernel", "ssm_chunk_size")
@@ -718,3 +833,47 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if bad:
         raise UserError(f"unknown model config field(s) {bad}; valid fields: {sorted(fields - {'extra'})}")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+# ---- context extension ---------------------------------------------------------------------------------------------
+EXTENSION_ROPE = ("linear", "dynamic", "yarn")  # what `--rope` may name when a model's context is extended
+
+
+def extend_context(config: ModelConfig, context: int, rope: str = "yarn") -> ModelConfig:
+    """`config` with max_seq_len `context` and rope scaling that stretches its trained window to it
+    (factor = context / trained context): the start of a fine-tuning run at the longer length
+    (`slm finetune --context N --rope yarn`, `slm train --init DIR --context N`).
+
+    linear: positions divided by the factor everywhere; yarn: the low frequencies interpolated, the high ones kept,
+    with original_max_seq_len the trained context; dynamic: transformers' dynamic NTK reads max_position_embeddings
+    as the point its base starts growing, so inside the new window rotation is unchanged (positions past the
+    trained length are new to the model until fine-tuning teaches them) and the base grows only past it.
+    A model that already has linear or yarn scaling extends it again (its original window stays the reference);
+    other scalings are refused."""
+    if rope not in EXTENSION_ROPE:
+        raise UserError(f"--rope {rope!r} is not a context extension (choose one of: {', '.join(EXTENSION_ROPE)})")
+    if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
+        raise UserError(f"--context must be a positive integer, got {context!r}")
+    if config.positions != "rope":
+        raise UserError("--context: the model has learned position embeddings, not rotary ones; it cannot be stretched")
+    old = config.max_seq_len
+    if context <= old:
+        raise UserError(f"--context {context} does not extend the model's context ({old}); give a longer one")
+    current = config.rope_scaling
+    if current is not None and current.type not in ("linear", "yarn"):
+        raise UserError(f"--context: extending a model that already has {current.type} rope scaling is not supported")
+    if current is not None and current.type != rope:
+        raise UserError(
+            f"--rope {rope}: the model already has {current.type} rope scaling; extend it with --rope {current.type}"
+        )
+    if rope == "yarn":
+        original = current.original_max_seq_len if current is not None else old
+        assert original is not None
+        base = {} if current is None else {f.name: getattr(current, f.name) for f in dataclasses.fields(current)}
+        base.update(type="yarn", factor=context / original, original_max_seq_len=original)
+        scaling = RopeScaling(**base)
+    elif rope == "linear":
+        scaling = RopeScaling(type="linear", factor=(current.factor if current else 1.0) * context / old)
+    else:
+        scaling = RopeScaling(type="dynamic", factor=context / old)
+    return config.replace(max_seq_len=context, rope_scaling=scaling)

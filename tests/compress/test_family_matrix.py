@@ -26,6 +26,7 @@ SWITCHES = {
     "mistral": dict(family="mistral", sliding_window=16),
     "qwen2": dict(family="qwen2", qkv_bias=True),
     "qwen3": dict(family="qwen3", qk_norm=True, head_dim=32),  # head_dim * n_heads != d_model, as in Qwen3
+    "phi3": dict(family="phi3", sliding_window=16),  # fused qkv_proj / gate_up_proj in transformers' files
     "gpt2": dict(
         family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
         qkv_bias=True, out_bias=True, mlp_bias=True,
@@ -79,6 +80,7 @@ ERROR_ALLOWANCE = {
 # what a family cannot do, and why: GPT-2's config.json derives the head width from n_embd / n_head
 REFUSED = {
     ("gpt2", "prune-structured"): r"prune-structured: family 'gpt2' cannot express head_dim=16",
+    ("phi3", "prune-structured"): r"prune-structured: family 'phi3' cannot express head_dim=16",  # as GPT-2
     # structured pruning cuts attention heads and MLP channels only
     ("mamba", "prune-structured"): r"prune-structured cuts attention heads .* has mamba layers and no MLP",
     ("mamba2", "prune-structured"): r"prune-structured cuts attention heads .* has mamba2 layers and no MLP",

@@ -22,6 +22,10 @@ CONFIGS = {
     "mistral": dict(family="mistral", sliding_window=8),
     "qwen2": dict(family="qwen2", qkv_bias=True),
     "qwen3": dict(family="qwen3", qk_norm=True, head_dim=24),
+    # fused qkv_proj and gate_up_proj, partial rotary, a sliding window, longrope
+    "phi3": dict(family="phi3", rope_fraction=0.5, sliding_window=8, rope_scaling=dict(
+        type="longrope", factor=4.0, original_max_seq_len=16, short_factor=[1.0] * 4, long_factor=[1.0, 2.0, 3.0, 4.0],
+    )),
     "gpt2": dict(
         family="gpt2", n_kv_heads=4, norm="layernorm", mlp="plain", positions="learned", activation="gelu_tanh",
         qkv_bias=True, out_bias=True, mlp_bias=True,

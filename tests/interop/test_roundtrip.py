@@ -77,7 +77,7 @@ def test_bad_checkpoints_are_named(tmp_path):
     for change, message in (
         ({"model_type": "falcon"}, "model_type 'falcon' is not supported"),
         ({"hidden_act": "gelu_fast"}, "hidden_act='gelu_fast' is not supported"),
-        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope scaling type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "proportional", "factor": 2.0}}, "rope scaling type 'proportional'"),
         ({"quantization_config": {"quant_method": "awq"}}, "quantized checkpoints \\(awq\\)"),
     ):
         (directory / "config.json").write_text(json.dumps({**config, **change}))

@@ -23,6 +23,7 @@ FAMILIES = {
     ),
     "llama3-rope": dict(rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                       "high_freq_factor": 4.0, "original_max_seq_len": 16}),
+    "yarn-rope": dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_seq_len": 8}),
 }  # fmt: skip
 
 
@@ -77,7 +78,7 @@ def test_sliding_window_limits_attention_and_rows_of_different_lengths_are_exact
         (dict(activation="swiglu"), "activation='swiglu' is not supported"),
         (dict(family="falcon"), "family='falcon' is not supported"),
         (dict(sliding_window=0, family="mistral"), "sliding_window must be a positive integer"),
-        (dict(rope_scaling={"type": "yarn", "factor": 2}), "rope_scaling type 'yarn' is not supported"),
+        (dict(rope_scaling={"type": "ntk", "factor": 2}), "rope_scaling type .ntk. is not supported"),
         (dict(rope_scaling={"type": "linear", "factor": 0.5}), "factor must be a number >= 1"),
         (dict(rope_scaling={"type": "llama3", "factor": 8}), "llama3 rope_scaling needs"),
     ],

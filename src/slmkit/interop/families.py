@@ -219,6 +219,15 @@ def _activation(name: Any, key: str, source: str) -> str:
     return _ACT_FROM_HF[name]
 
 
+# rope_parameters keys of yarn and longrope beyond factor and original_max_position_embeddings (the same names in
+# RopeScaling); each is written only when set, so a config.json round trip keeps what it had
+_ROPE_OPTIONAL = {
+    "yarn": ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+    "longrope": ("attention_factor",),
+}
+ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn", "longrope")
+
+
 def _rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
     """(rope_theta, scaling) from the legacy `rope_scaling` + `rope_theta` or transformers 5's `rope_parameters`."""
     params = dict(d.get("rope_parameters") or {})
@@ -232,21 +241,58 @@ def _rope(d: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
         raise UserError(f"{source}: partial_rotary_factor != 1 is not supported")
     if kind == "default":
         return float(theta), None
-    if kind not in ("linear", "dynamic", "llama3"):
-        raise UserError(f"{source}: rope scaling type {kind!r} is not supported (supported: linear, dynamic, llama3)")
+    if kind not in ROPE_TYPES:
+        raise UserError(f"{source}: rope scaling type {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    if kind in ("linear", "dynamic"):
+        return float(theta), RopeScaling(type=kind, factor=_rope_number(params, "factor", source))
+    # as transformers: a top-level original_max_position_embeddings (Phi-3's) wins over the one in the rope
+    # parameters, and without either the model's own context is the original one
+    original = d.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+    original = original or d.get("max_position_embeddings", 8192 if kind == "llama3" else 2048)
+    if params.get("factor") is None and kind in ("yarn", "longrope"):
+        params["factor"] = d.get("max_position_embeddings", original) / original  # transformers' implicit factor
+    common = dict(type=kind, factor=_rope_number(params, "factor", source), original_max_seq_len=int(original))
     if kind == "llama3":
         scaling = RopeScaling(
-            type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_max_seq_len=int(
-                params.get("original_max_position_embeddings") or d.get("max_position_embeddings", 8192)
-            ),
+            **common,
+            low_freq_factor=_rope_number(params, "low_freq_factor", source),
+            high_freq_factor=_rope_number(params, "high_freq_factor", source),
         )
     else:
-        scaling = RopeScaling(type=kind, factor=float(params["factor"]))
+        extra = {k: params[k] for k in _ROPE_OPTIONAL[kind] if params.get(k) is not None}
+        if kind == "longrope":
+            for name in ("short_factor", "long_factor"):
+                if not isinstance(params.get(name), list):
+                    raise UserError(f"{source}: longrope rope parameters need {name}, a list of numbers")
+                extra[name] = tuple(params[name])
+        scaling = RopeScaling(**common, **extra)
     return float(theta), scaling
+
+
+def _rope_number(params: dict[str, Any], key: str, source: str) -> float:
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise UserError(f"{source}: rope parameters need {key}, a number, got {value!r}")
+    return float(value)
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` for `cfg` (rope_theta included)."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    s = cfg.rope_scaling
+    if s is None:
+        return rope
+    rope.update({"rope_type": s.type, "factor": s.factor})
+    if s.type in ("llama3", "yarn", "longrope"):
+        rope["original_max_position_embeddings"] = s.original_max_seq_len
+    if s.type == "llama3":
+        rope.update({"low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor})
+    for key in _ROPE_OPTIONAL.get(s.type, ()):
+        if getattr(s, key) is not None:
+            rope[key] = getattr(s, key)
+    if s.type == "longrope":
+        rope.update({"short_factor": list(s.short_factor or ()), "long_factor": list(s.long_factor or ())})
+    return rope
 
 
 def _read_window(style: WindowStyle, d: dict[str, Any], n_layers: int, source: str) -> int | None:
@@ -290,7 +336,7 @@ _LLAMA_LIKE_KEYS = frozenset({
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
     "intermediate_size", "max_position_embeddings", "rope_theta", "rms_norm_eps", "head_dim", "hidden_act",
     "attention_bias", "mlp_bias", "rope_scaling", "rope_parameters", "sliding_window", "use_sliding_window",
-    "max_window_layers", "layer_types",
+    "max_window_layers", "layer_types", "original_max_position_embeddings",
 })  # fmt: skip
 
 
@@ -329,18 +375,7 @@ def _read_llama_like(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[s
 
 
 def _write_llama_like(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        rope.update({"rope_type": s.type, "factor": s.factor})
-        if s.type == "llama3":
-            rope.update(
-                {
-                    "low_freq_factor": s.low_freq_factor,
-                    "high_freq_factor": s.high_freq_factor,
-                    "original_max_position_embeddings": s.original_max_seq_len,
-                }
-            )
+    rope = _rope_to_hf(cfg)
     d: dict[str, Any] = {
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
@@ -1222,6 +1257,91 @@ _OLMOE_SPEC = FamilySpec(
     fixed_keys={"attention_bias": False, "clip_qkv": None, "output_router_logits": False},
 )
 
+# ---- Phi-3 ----------------------------------------------------------------------------------------
+# Llama's recipe with q/k/v fused into one qkv_proj and gate/up into one gate_up_proj, an optional partial rotary
+# factor, a sliding window stated as `sliding_window` (null: none), and rope scaling only as longrope: Phi3Config
+# renames yarn to longrope and refuses other types, and its top-level original_max_position_embeddings (default
+# 4096) overrides the one in rope_parameters, so it is written there too.
+_PHI3_KEYS = _LLAMA_LIKE_KEYS | {"partial_rotary_factor", "resid_pdrop", "embd_pdrop", "attention_dropout"}
+
+
+class _RopeTypes(tuple):
+    """An `allowed` entry for rope_scaling: None, or a RopeScaling of one of the type names it holds."""
+
+    def __contains__(self, value: object) -> bool:
+        return value is None or (isinstance(value, RopeScaling) and value.type in tuple(self)[1:])
+
+
+def _read_phi3(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    fraction = float(rope.pop("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)))
+    if rope.get("rope_type", rope.get("type")) in ("su", "yarn"):  # Phi3Config's own renaming
+        rope["rope_type"] = "longrope"
+    plain = {k: v for k, v in d.items() if k not in ("partial_rotary_factor", "rope_scaling", "sliding_window")}
+    if not rope.get("original_max_position_embeddings") and "original_max_position_embeddings" not in d:
+        plain["original_max_position_embeddings"] = 4096  # Phi3Config's default, which transformers applies
+    fields = _read_llama_like(spec, {**plain, "rope_parameters": rope}, source)
+    return fields | dict(rope_fraction=fraction, sliding_window=d.get("sliding_window"))
+
+
+def _write_phi3(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    d = _write_llama_like(spec, cfg)
+    d["rope_parameters"]["partial_rotary_factor"] = cfg.rope_fraction
+    scaling = cfg.rope_scaling
+    original = scaling.original_max_seq_len if scaling is not None else cfg.max_seq_len
+    pad = cfg.extra.get("pad_token_id")  # Phi3Config's default (32000) is outside a smaller vocabulary
+    if not (isinstance(pad, int) and 0 <= pad < cfg.vocab_size):
+        pad = None
+    return d | {
+        "pad_token_id": pad,
+        "partial_rotary_factor": cfg.rope_fraction,
+        "original_max_position_embeddings": original,
+        "sliding_window": cfg.sliding_window,
+        "rope_scaling": None,
+    }
+
+
+def _phi3_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    """Our names -> Phi-3's: q/k/v rows stacked into qkv_proj, gate and up rows into gate_up_proj."""
+    import torch
+
+    fused = {
+        ".self_attn.q_proj.": (".self_attn.qkv_proj.", (".self_attn.k_proj.", ".self_attn.v_proj.")),
+        ".mlp.gate_proj.": (".mlp.gate_up_proj.", (".mlp.up_proj.",)),
+    }
+    out: StateDict = {}
+    for key, tensor in state.items():
+        head = next((h for h in fused if h in key), None)
+        if head is not None:
+            target, rest = fused[head]
+            parts = [tensor] + [state[key.replace(head, other)] for other in rest]
+            out[LLAMA_PREFIX + key.replace(head, target)] = torch.cat(parts, dim=0)
+        elif not any(other in key for _, rest in fused.values() for other in rest):
+            out[LLAMA_PREFIX + key if not key.startswith("lm_head.") else key] = tensor
+    return out
+
+
+def _phi3_from_hf(state: StateDict) -> StateDict:
+    """Phi-3's names -> ours: qkv_proj split at the query width (o_proj's input width) and two equal k/v parts,
+    gate_up_proj split in halves."""
+    out: StateDict = {}
+    for key, tensor in prefixed_from_hf(state).items():
+        if ".self_attn.qkv_proj." in key:
+            o_proj = state[LLAMA_PREFIX + key.split(".self_attn.")[0] + ".self_attn.o_proj.weight"]
+            q_rows = o_proj.shape[1]
+            kv_rows = (tensor.shape[0] - q_rows) // 2
+            q, k, v = tensor.split([q_rows, kv_rows, kv_rows], dim=0)
+            for name, part in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                out[key.replace("qkv_proj", name)] = part
+        elif ".mlp.gate_up_proj." in key:
+            gate, up = tensor.chunk(2, dim=0)
+            out[key.replace("gate_up_proj", "gate_proj")] = gate
+            out[key.replace("gate_up_proj", "up_proj")] = up
+        else:
+            out[key] = tensor
+    return out
+
+
 FAMILIES: dict[str, FamilySpec] = {
     "llama": _llama_like(
         "llama",
@@ -1259,6 +1379,31 @@ FAMILIES: dict[str, FamilySpec] = {
         flag_keys=("attention_bias",),
         refused_flags=("mlp_bias",),
         window="layer_types",
+    ),
+    # Phi-3 (microsoft/Phi-3-*, Phi-4-mini): Llama's layers with fused qkv_proj and gate_up_proj weights
+    "phi3": FamilySpec(
+        name="phi3",
+        architecture="Phi3ForCausalLM",
+        allowed=dict(
+            norm=("rmsnorm",),
+            mlp=("gated",),
+            positions=("rope",),
+            qk_norm=(False,),
+            **_NO_BIAS,
+            head_dim=(None,),  # Phi3Config sizes the rope factors from hidden_size / num_attention_heads
+            rope_scaling=_RopeTypes((None, "longrope")),
+        ),  # fmt: skip
+        shared={},
+        config_keys=_PHI3_KEYS,
+        read_config=_read_phi3,
+        write_config=_write_phi3,
+        weights_to_hf=_phi3_to_hf,
+        weights_from_hf=_phi3_from_hf,
+        gguf=None,  # llama.cpp's phi3 architecture is not written yet
+        compressible=GATED_LINEARS,
+        scale_folds=GATED_FOLDS,
+        weight_marker=".self_attn.qkv_proj.",
+        fixed_keys={"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0},
     ),
     "gpt2": FamilySpec(
         name="gpt2",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmkit.config import ModelConfig
+from slmkit.config import ModelConfig, RopeScaling
 from slmkit.models.state import KVState, RingKVState
 
 # Extra ring slots beyond the window: a call of up to RING_SLACK + 1 tokens (a decode step, a speculative
@@ -38,17 +38,27 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | None = None) -> torch.Tensor:
-    """Inverse frequencies (D/2,) with the config's rope scaling; seq_len matters for `dynamic` only."""
+    """Inverse frequencies (D/2,) with the config's rope scaling; seq_len matters for `dynamic` (the NTK base grows
+    past max_seq_len) and `longrope` (long factors once seq_len passes the original context) only."""
     d, theta, scaling = config.rope_dim, config.rope_theta, config.rope_scaling
     if scaling is not None and scaling.type == "dynamic" and seq_len > config.max_seq_len:
         # NTK-aware: grow the base with the sequence past the trained context (as transformers does)
         theta = theta * ((scaling.factor * seq_len / config.max_seq_len) - (scaling.factor - 1)) ** (d / (d - 2))
-    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=device).float() / d))
+    exponents = torch.arange(0, d, 2, device=device).float() / d
+    if scaling is not None and scaling.type == "longrope":
+        assert scaling.original_max_seq_len is not None
+        factors = scaling.long_factor if seq_len > scaling.original_max_seq_len else scaling.short_factor
+        return 1.0 / (torch.tensor(factors, dtype=torch.float32, device=device) * theta**exponents)
+    inv_freq = 1.0 / (theta**exponents)
     if scaling is None or scaling.type == "dynamic":
         return inv_freq
     if scaling.type == "linear":
         return inv_freq / scaling.factor
+    if scaling.type == "yarn":
+        return _yarn_inv_freq(inv_freq, d, theta, scaling)
     # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp in between
+    assert scaling.original_max_seq_len is not None
+    assert scaling.low_freq_factor is not None and scaling.high_freq_factor is not None
     low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
     high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -61,14 +71,44 @@ def rope_inv_freq(config: ModelConfig, seq_len: int, device: torch.device | None
     return torch.where(medium, smoothed, scaled)
 
 
+def _yarn_inv_freq(inv_freq: torch.Tensor, d: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """YaRN ("NTK-by-parts"): a frequency that turns more than beta_fast times over the original context keeps its
+    value (it never saw positions it cannot tell apart), one that turns fewer than beta_slow times is interpolated
+    (divided by factor), and the dimensions between move linearly from one to the other."""
+    original = scaling.original_max_seq_len
+    assert original is not None
+    beta_fast, beta_slow = scaling.beta_fast or 32, scaling.beta_slow or 1
+
+    def dim_at(rotations: float) -> float:
+        # the dimension whose frequency turns `rotations` times over `original` positions
+        return d * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_at(beta_fast), dim_at(beta_slow)
+    if scaling.truncate is not False:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    ramp = ((torch.arange(d // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(inv_freq.device)
+    keep = 1 - ramp  # 1: extrapolate (the base frequency), 0: interpolate (divided by factor)
+    return (inv_freq / scaling.factor) * (1 - keep) + inv_freq * keep
+
+
 def rope_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, inv_freq: torch.Tensor | None = None
+    positions: torch.Tensor,
+    head_dim: int,
+    theta: float,
+    inv_freq: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for integer positions (..., T) -> (..., T, D), in the "rotate half" layout."""
+    """cos/sin tables for integer positions (..., T) -> (..., T, D), in the "rotate half" layout; `scale` multiplies
+    both (yarn's and longrope's attention factor: it scales q.k by scale^2, as transformers does)."""
     if inv_freq is None:
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     freqs = positions.float().unsqueeze(-1) * inv_freq.to(positions.device)  # (..., T, D/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., T, D)
+    if scale != 1.0:
+        return emb.cos() * scale, emb.sin() * scale
     return emb.cos(), emb.sin()
 
 

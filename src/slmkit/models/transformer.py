@@ -134,8 +134,22 @@ class Transformer(nn.Module):
                 inv_freq = rope_inv_freq(cfg, seq_len, idx.device)
                 cos, sin = rope_cos_sin(positions, cfg.dim_per_head, cfg.rope_theta, inv_freq)
             else:  # a lookup in a table of every position (fewer kernels per decode step)
-                cos_table, sin_table = self.rope_table(max(t, state.max_len if state is not None else 0), idx.device)
+                length = max(t, state.max_len if state is not None else 0)
+                cos_table, sin_table = self.rope_table(length, idx.device)
                 cos, sin = cos_table[positions], sin_table[positions]
+                if cfg.rope_scaling is not None and cfg.rope_scaling.type == "longrope":
+                    # as transformers: every position of a forward takes the long factors once its last position
+                    # passes the original context (compared on the device: no sync per decode step)
+                    original = cfg.rope_scaling.original_max_seq_len
+                    assert original is not None
+                    long_cos, long_sin = self.rope_table(length, idx.device, long=True)
+                    if pos is None:  # positions 0..t-1: known here
+                        if t > original:
+                            cos, sin = long_cos[positions], long_sin[positions]
+                    else:
+                        past = positions.max() >= original
+                        cos = torch.where(past, long_cos[positions], cos)
+                        sin = torch.where(past, long_sin[positions], sin)
             ctx.cos, ctx.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B or 1, 1, T, D)
 
         x = self.embed_tokens(idx)  # (B, T, C)
@@ -156,14 +170,25 @@ class Transformer(nn.Module):
         """Whether `forward(..., segments=...)` keeps packed documents apart (every mixer supports it)."""
         return all(getattr(block.sequence_mixer, "packs_documents", False) for block in self.layers)
 
-    def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin (L, D) for positions 0..L-1 (L >= length), computed once per device (not for dynamic scaling)."""
-        cached = self.__dict__.get("_rope_tables", {}).get(str(device))
+    def rope_table(self, length: int, device: torch.device, long: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (L, D) for positions 0..L-1 (L >= length), computed once per device (not for dynamic scaling);
+        long: longrope's table of long factors (the default table has its short ones)."""
+        key = f"{device}:long" if long else str(device)
+        cfg = self.config
+        # tables follow the config: a model whose context is extended in place (slm finetune --context) rebuilds them
+        source = (cfg.rope_scaling, cfg.rope_theta, cfg.rope_dim, cfg.max_seq_len)
+        tables = self.__dict__.get("_rope_tables")
+        if tables is None or tables["source"] != source:
+            tables = self.__dict__["_rope_tables"] = {"source": source}
+        cached = tables.get(key)
         if cached is None or cached[0].shape[0] < length:
-            size = max(length, self.config.max_seq_len)
-            inv_freq = rope_inv_freq(self.config, 0, device)
-            cached = rope_cos_sin(torch.arange(size, device=device), self.config.dim_per_head, 0.0, inv_freq)
-            self.__dict__.setdefault("_rope_tables", {})[str(device)] = cached
+            size = max(length, cfg.max_seq_len)
+            scaling = cfg.rope_scaling
+            selector = scaling.original_max_seq_len + 1 if long and scaling and scaling.original_max_seq_len else 0
+            inv_freq = rope_inv_freq(cfg, selector, device)
+            scale = scaling.attention_scale() if scaling is not None else 1.0
+            cached = rope_cos_sin(torch.arange(size, device=device), cfg.dim_per_head, 0.0, inv_freq, scale)
+            tables[key] = cached
         return cached
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,10 @@ class TrainConfig:
     curriculum: Literal["none", "decomposition"] = "none"
     reweight: Literal["none", "loss"] = "none"
     reweight_temperature: float = 1.0
+    # context extension of the `init` model before training (slmkit.config.extend_context): its max_seq_len becomes
+    # `context` and its rope is stretched by `rope` (linear, dynamic or yarn; None: yarn), saved with the result
+    context: int | None = None
+    rope: str | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, "train config")
@@ -142,6 +146,8 @@ class TrainConfig:
                 raise UserError("train config: replay and mix cannot be combined; give the old data as a domain of mix")
             if self.curriculum != "none":
                 raise UserError("train config: a curriculum and mix cannot be combined yet (each chooses the batches)")
+        if self.context is not None or self.rope is not None:
+            self._check_extension()
         if self.init is not None:
             if self.model:
                 raise UserError(
@@ -150,6 +156,21 @@ class TrainConfig:
                 )
             return
         self.model_config(vocab_size=self.model.get("vocab_size", 8192))  # validate overrides early
+
+    def _check_extension(self) -> None:
+        from slmkit.config import EXTENSION_ROPE
+
+        if self.context is None:
+            raise UserError("train config: rope (--rope) stretches a model to a new context; give context (--context)")
+        if self.init is None:
+            raise UserError(
+                "train config: context (--context) extends a model that training starts from (init, --init DIR); "
+                "a fresh model takes its context from --seq-len or the preset"
+            )
+        if self.rope is not None and self.rope not in EXTENSION_ROPE:
+            raise UserError(f"train config: rope must be one of {', '.join(EXTENSION_ROPE)}, got {self.rope!r}")
+        if self.context <= 0:
+            raise UserError(f"train config: context must be a positive integer, got {self.context}")
 
     @property
     def has_budget(self) -> bool:

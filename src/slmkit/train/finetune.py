@@ -1,10 +1,12 @@
 """Supervised fine-tuning: a model directory plus chat or prompt/completion JSONL, through the one training loop.
 
 `finetune(cfg, data, run_dir)` loads `cfg.init` (any slmkit model dir; a quantized one only with adapters:
-QLoRA), packs the samples (`slmkit.data.chat`), and runs `slmkit.train.loop.run` with the language-modeling
-objective over the trained tokens only. Full fine-tuning trains every parameter (or `trainable` patterns);
-with `cfg.lora` the model gets LoRA/NOLA adapters (`slmkit.models.lora`) and only they train, and each
-checkpoint (and `final/`) is a PEFT adapter directory instead of a model directory.
+QLoRA), with `cfg.context` extends its window first (`slmkit.config.extend_context`: max_seq_len and rope
+scaling, saved with the fine-tuned model), packs the samples (`slmkit.data.chat`), and runs
+`slmkit.train.loop.run` with the language-modeling objective over the trained tokens only. Full fine-tuning
+trains every parameter (or `trainable` patterns); with `cfg.lora` the model gets LoRA/NOLA adapters
+(`slmkit.models.lora`) and only they train, and each checkpoint (and `final/`) is a PEFT adapter directory instead
+of a model directory.
 
 Budgets, evaluation on a held-out share of the samples, metrics, progress and `--resume` are the loop's.
 """
@@ -21,7 +23,7 @@ import torch
 
 from slmkit.errors import UserError
 from slmkit.train.config import TrainConfig
-from slmkit.train.loop import Reporter, RunSpec, TrainResult, run
+from slmkit.train.loop import Reporter, RunSpec, TrainResult, extend_model_context, run
 
 FINETUNE_CONFIG = "finetune_config.json"
 
@@ -95,6 +97,13 @@ def finetune(
             f"{base_dir}: the model is quantized or factored; fine-tune it with adapters (--lora: QLoRA), or "
             "fully fine-tune its float original"
         )
+    if cfg.context is not None:
+        if cfg.lora is not None:
+            raise UserError(
+                "--context with adapters: an adapter run saves only the adapters and the base keeps its context; "
+                "extend the context with full fine-tuning"
+            )
+        extend_model_context(model, cfg.context, cfg.rope, base_dir)
     if cfg.seq_len > model.config.max_seq_len:
         raise UserError(f"--seq-len {cfg.seq_len} exceeds {base_dir}'s context ({model.config.max_seq_len})")
     packs = bool(model.packs_documents)

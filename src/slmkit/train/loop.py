@@ -240,7 +240,7 @@ def train(
     data = load_data_dir(data_dir)
     check_enough_data(data, data_dir, cfg.seq_len)
     if cfg.init is not None:
-        model = initial_model(cfg.init, data, data_dir, cfg.seq_len)
+        model = initial_model(cfg.init, data, data_dir, cfg.seq_len, cfg.context, cfg.rope)
     else:
         model_cfg = cfg.model_config(vocab_size=data.vocab_size)
         model_cfg = model_cfg.replace(bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id)
@@ -349,9 +349,12 @@ def _add_replay(spec: RunSpec, replay_dir: str, data: Any, data_dir: str | Path,
     spec.sampler, spec.more_val = sampler, replay_val
 
 
-def initial_model(init: str | Path, data: Any, data_dir: str | Path, seq_len: int) -> torch.nn.Module:
+def initial_model(
+    init: str | Path, data: Any, data_dir: str | Path, seq_len: int, context: int | None = None, rope: str | None = None
+) -> torch.nn.Module:
     """The float model in directory `init` (a run dir means its final model), checked to share the data's
-    tokenizer and to fit the sequence length: the start of a run that continues training it."""
+    tokenizer and to fit the sequence length: the start of a run that continues training it. With `context` its
+    window is first extended to that many positions by `rope` scaling (`extend_model_context`)."""
     from slmkit.interop.checkpoint import load_model, resolve_model_dir
     from slmkit.train.checkpoints import tokenized_with
 
@@ -361,9 +364,26 @@ def initial_model(init: str | Path, data: Any, data_dir: str | Path, seq_len: in
     model = load_model(directory)
     if getattr(model, "compression", None) is not None:
         raise UserError(f"{directory}: the model is quantized or factored; continue training a float model")
+    if context is not None:
+        extend_model_context(model, context, rope, directory)
     if seq_len > model.config.max_seq_len:
         raise UserError(f"--seq-len {seq_len} exceeds {directory}'s context ({model.config.max_seq_len})")
     return model
+
+
+def extend_model_context(model: torch.nn.Module, context: int, rope: str | None, source: Path) -> None:
+    """Give the loaded `model` a `context`-position window with `rope` scaling (None: yarn) in place; saving it
+    writes the new max_position_embeddings and rope parameters (see slmkit.config.extend_context)."""
+    from slmkit.config import extend_context
+    from slmkit.interop.families import check_family
+
+    before = model.config.max_seq_len  # type: ignore[attr-defined]
+    try:
+        config = extend_context(model.config, context, rope or "yarn")  # type: ignore[attr-defined]
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    model.config = check_family(config, str(source))  # type: ignore[attr-defined]
+    log.info("context extended from %d to %d positions with %s rope scaling", before, context, rope or "yarn")
 
 
 def check_enough_data(data: Any, data_dir: str | Path, seq_len: int) -> None:
