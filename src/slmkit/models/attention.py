@@ -8,6 +8,7 @@ scoring run causal attention over the sequence; with a state, the keys are the s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
-from slmkit.models.state import KVState, RingKVState
+from slmkit.models.state import CompactKVState, KVCacheSpec, KVState, RingKVState, SinkKVState
 
 # Extra ring slots beyond the window: a call of up to RING_SLACK + 1 tokens (a decode step, a speculative
 # verification) writes before it attends without overwriting a key one of its own queries still needs.
@@ -95,6 +96,14 @@ class Context:
     # (B, T) without a state: each token attends only to earlier tokens of its own segment (packed documents)
     segments: torch.Tensor | None = None
     masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    # positions (B, S) -> cos, sin (B, S, D): rotary tables for a state that rotates keys itself (`SinkKVState`)
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, H, S, D) rotated at positions (B, S) (through `rotary`)."""
+        assert self.rotary is not None
+        cos, sin = self.rotary(positions)
+        return apply_rope(x, cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))
 
     @property
     def per_row(self) -> bool:
@@ -147,6 +156,8 @@ def segment_mask(ctx: Context, window: int | None) -> torch.Tensor:
 class Attention(nn.Module):
     # a stateless forward can keep packed documents apart (Context.segments); see Transformer.forward
     packs_documents = True
+    # new_state takes a KVCacheSpec (bounded, quantized, pruned caches); Transformer.new_state passes it to such mixers
+    accepts_kv_cache = True
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -166,12 +177,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
 
-    def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def new_state(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache: KVCacheSpec | None = None,
+    ) -> nn.Module:
+        kv = (batch_size, self.n_kv_heads)
+        if cache is not None and cache.window is not None:  # the model's own window bounds the cache's
+            window = cache.window if self.window is None else min(cache.window, self.window)
+            return SinkKVState(*kv, cache.sinks, window, RING_SLACK, self.head_dim, device, dtype, cache.bits)
+        if cache is not None and not cache.is_default:
+            return CompactKVState(*kv, max_len, self.head_dim, device, dtype, cache.bits, cache.prune_keys)
         if self.window is not None and self.window + RING_SLACK < max_len:
             return RingKVState(batch_size, self.n_kv_heads, self.window, RING_SLACK, self.head_dim, device, dtype)
         return KVState(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
 
-    def forward(self, x: torch.Tensor, ctx: Context | None, state: KVState | RingKVState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context | None, state: nn.Module | None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H D), (B, T, K D)
         if self.qk_norm_heads:
@@ -194,6 +218,9 @@ class Attention(nn.Module):
                 causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
                 mask = causal & ~torch.ones_like(causal).tril(-self.window)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif hasattr(state, "attend_inputs"):  # a compressed or sink cache prepares what to attend over
+            q, k, v, mask, scale = state.attend_inputs(q, k, v, ctx, self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
         else:
             assert ctx is not None
             k, v, key_pos = state.update(ctx.pos, k.to(state.k.dtype), v.to(state.v.dtype), ctx.upto)
