@@ -92,6 +92,7 @@ class ContinuousBatcher:
         speculate: Literal["off", "lookup"] = "off",
         speculate_k: int = 8,
         min_acceptance: float = 0.3,
+        kv_cache: Any = None,
     ) -> None:
         if max_batch < 1:
             raise UserError(f"max batch must be >= 1, got {max_batch}")
@@ -116,7 +117,7 @@ class ContinuousBatcher:
             compile = self.device.type == "cuda"
         self.core = DecodeCore(
             model, tokenizer, max_batch=max_batch, max_len=self.max_seq_len, compile=compile,
-            prefill_chunk=prefill_chunk,
+            prefill_chunk=prefill_chunk, kv_cache=kv_cache,
         )  # fmt: skip
         self.waiting: deque[GenerationSequence] = deque()
         self.stats = BatcherStats()
@@ -144,7 +145,7 @@ class ContinuousBatcher:
 
     def check(self, request: GenerationRequest) -> None:
         """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within the state."""
-        check_request(request, self.max_seq_len)
+        check_request(request, None if self.core.unbounded else self.max_seq_len)  # a bounded cache: any length
 
     def cancel(self, seq: GenerationSequence) -> None:
         """Stop a sequence (waiting or running); its row is freed at once."""
@@ -192,7 +193,8 @@ class ContinuousBatcher:
             request = seq.request
             if seq.pending is None or seq.finished or request.constraint is not None or request.top_logprobs:
                 continue
-            room = min(request.max_new_tokens - len(seq.out) - 1, self.max_seq_len - 1 - seq.length, self.speculate_k)
+            left = self.speculate_k if self.core.unbounded else self.max_seq_len - 1 - seq.length
+            room = min(request.max_new_tokens - len(seq.out) - 1, left, self.speculate_k)
             if room < 1 or not seq.speculation_pays(self.min_acceptance):
                 continue
             draft = lookup_draft(seq.prompt + seq.out, room)

@@ -163,6 +163,7 @@ def create_app(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     allowed_hosts: Iterable[str] | None = None,
     cors_origins: Sequence[str] = (),
+    kv_cache: Any = None,
 ) -> FastAPI:
     """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
 
@@ -172,7 +173,8 @@ def create_app(
     decode step (None: on CUDA only); speculate: "lookup" verifies prompt-lookup drafts of up to speculate_k
     tokens for every row in one pass (greedy output unchanged). max_request_bytes: larger bodies get 413;
     allowed_hosts: the hosts the Host header may name (None: any); cors_origins: the origins whose web pages may
-    call the API (requests with any other Origin get 403); see `slmkit.serve.guards`.
+    call the API (requests with any other Origin get 403); see `slmkit.serve.guards`. kv_cache: a
+    `slmkit.models.state.KVCacheSpec` for every request (None: the engine's).
     """
     directory: Path | None = None
     if isinstance(engine_or_model_path, Engine):
@@ -181,7 +183,9 @@ def create_app(
         from slmkit.interop.checkpoint import resolve_model_dir
 
         directory = resolve_model_dir(engine_or_model_path)
-        engine = Engine.load(directory)
+        engine = Engine.load(directory, kv_cache=kv_cache)
+    kv_cache = kv_cache if kv_cache is not None else engine.kv_cache
+    bounded = bool(kv_cache is not None and kv_cache.bounded)
     if max_queue < 1:
         raise UserError(f"max queue must be >= 1, got {max_queue}")
     if max_request_bytes < 1:
@@ -192,7 +196,7 @@ def create_app(
     scheduler = Scheduler(
         engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
         request_timeout=request_timeout, metrics=metrics, compile=compile, speculate=speculate,
-        speculate_k=speculate_k,
+        speculate_k=speculate_k, kv_cache=kv_cache,
     )  # fmt: skip
     pieces = openai.TokenText(engine.tokenizer)
     created = int(time.time())
@@ -331,7 +335,7 @@ def create_app(
         requests = await asyncio.to_thread(  # tokenizing a long prompt must not stall the other clients
             openai.generation_requests, req, prompts, engine.tokenizer, context=engine.config.max_seq_len,
             max_batch=max_batch, default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled,
-            top_logprobs=req.logprobs,
+            top_logprobs=req.logprobs, bounded=bounded,
         )  # fmt: skip
         jobs, events, cancelled = submit(requests, req.stream)
         reply = Reply.new("completion", name, pieces if req.logprobs is not None else None)
@@ -350,7 +354,7 @@ def create_app(
             prompt = openai.chat_prompt(template, req.messages)
             return openai.generation_requests(
                 req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
-                default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs,
+                default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs, bounded=bounded,
             )  # fmt: skip
 
         requests = await asyncio.to_thread(prepare)
@@ -381,6 +385,7 @@ def serve(
     max_request_bytes: int = MAX_REQUEST_BYTES,
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] = (),
+    kv_cache: Any = None,
 ) -> None:
     """Run the server until interrupted (`slm serve`). allowed_hosts None: the loopback names when `host` is a
     loopback address, else any (`default_allowed_hosts`). The address is bound before the model loads, so a bad
@@ -401,7 +406,7 @@ def serve(
             prefill_chunk=prefill_chunk, drain_timeout=drain_timeout, compile=compile, speculate=speculate,
             speculate_k=speculate_k, max_request_bytes=max_request_bytes,
             allowed_hosts=default_allowed_hosts(host) if allowed_hosts is None else allowed_hosts,
-            cors_origins=cors_origins,
+            cors_origins=cors_origins, kv_cache=kv_cache,
         )  # fmt: skip
     except BaseException:
         sock.close()

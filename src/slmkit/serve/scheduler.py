@@ -96,6 +96,7 @@ class Scheduler:
         compile: bool | None = None,
         speculate: str = "off",
         speculate_k: int = 8,
+        kv_cache: Any = None,
     ) -> None:
         if max_queue < 1:
             raise UserError(f"max queue must be >= 1, got {max_queue}")
@@ -104,7 +105,7 @@ class Scheduler:
         self.batcher = ContinuousBatcher(
             model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, compile=compile,
             speculate=speculate,  # type: ignore[arg-type]  (checked by the batcher)
-            speculate_k=speculate_k,
+            speculate_k=speculate_k, kv_cache=kv_cache,
         )  # fmt: skip
         self.max_queue = max_queue
         self.max_batch = max_batch
