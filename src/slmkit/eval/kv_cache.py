@@ -15,20 +15,25 @@ import torch.nn.functional as F
 
 
 @torch.inference_mode()
-def cached_nll(model: Any, ids: torch.Tensor, cache: Any = None, chunk: int = 32) -> float:
-    """Mean next-token negative log-likelihood (nats) of ids (B, L) fed through a state with `cache` (a
-    `KVCacheSpec`, None: every position kept) in calls of `chunk` tokens."""
+def cached_token_nll(model: Any, ids: torch.Tensor, cache: Any = None, chunk: int = 32) -> torch.Tensor:
+    """Negative log-likelihood (nats, (B, L - 1)) of each next token of ids (B, L) fed through a state with `cache`
+    (a `KVCacheSpec`, None: every position kept) in calls of `chunk` tokens."""
     b, length = ids.shape
     state = model.new_state(b, length, **({"cache": cache} if cache is not None else {}))
     device = next(model.parameters()).device
     ids = ids.to(device)
-    total = 0.0
+    losses = []
     for start in range(0, length - 1, chunk):
         stop = min(start + chunk, length - 1)
         logits = model(ids[:, start:stop], state=state, pos=torch.arange(start, stop, device=device))
         targets = ids[:, start + 1 : stop + 1]
-        total += float(F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum"))
-    return total / (b * (length - 1))
+        losses.append(F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none"))
+    return torch.cat(losses, dim=1).cpu()
+
+
+def cached_nll(model: Any, ids: torch.Tensor, cache: Any = None, chunk: int = 32) -> float:
+    """Mean of `cached_token_nll` over every predicted token."""
+    return float(cached_token_nll(model, ids, cache, chunk).double().mean())
 
 
 def perplexity(nll: float) -> float:

@@ -658,6 +658,8 @@ class CompactKVState(nn.Module):
         keys, values = self.keys.read(q.dtype, ctx.upto), self.values.read(q.dtype, ctx.upto)
         n = keys.shape[2]
         key = ("compact", n, window)
+        if t == 1 and not ctx.per_row and window is None and ctx.upto is not None:
+            ctx.masks[key] = None  # one query at the newest slot: every slot in [0, upto) is visible
         if key not in ctx.masks:
             query = ctx.pos.unsqueeze(-1)  # (B or 1, T, 1)
             slots = torch.arange(n, device=q.device)
