@@ -89,6 +89,8 @@ def test_cli_generate_windowed_past_context_and_bad_values(tiny_model_dir):
         (["--kv-prune-keys", "1.5"], "--kv-prune-keys must be a fraction"),
     ]:
         assert_user_error(run_slm("generate", tiny_model_dir, "--prompt", "x", *args), message)
+    # the server checks its flags before it binds or loads anything
+    assert_user_error(run_slm("serve", tiny_model_dir, "--kv-dtype", "int3"), "--kv-dtype must be auto, int8 or int4")
 
 
 def test_server_with_window_accepts_requests_past_the_context(tiny_model_dir):
