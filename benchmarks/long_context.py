@@ -7,6 +7,7 @@ an inference state, as generation feeds tokens (calls of 32 tokens: `slmkit.eval
 - perplexity at 1x, 4x, 8x the trained length: the full cache (vanilla, rotary positions past the training) against
   a window of train-len - sinks positions + `--sinks` sinks (StreamingLLM); printed for every token and for the
   last train-len tokens of each sequence (where the length hurts);
+- decode tokens/s streaming 8x the trained length, full cache vs window + sinks, and the state's bytes;
 - at 1x: KV bytes per token (measured from the state's storage), decode tokens/s (batch 4, the decode core) and the
   perplexity change of int8 / int4 KV and of pruning 25% / 50% of key channels.
 
@@ -37,11 +38,11 @@ def windows(tokens: np.ndarray, length: int, count: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(tokens[: n * length], dtype=np.int64)).view(n, length)
 
 
-def decode_rate(model, prompt: list[int], spec, new_tokens: int = 64, batch: int = 4) -> float:
+def decode_rate(model, prompt: list[int], spec, new_tokens: int = 64, batch: int = 4, repeats: int = 3) -> float:
     from slmkit.infer.core import decode_greedy
 
     best = 0.0
-    for _ in range(3):
+    for _ in range(repeats):
         _, stats = decode_greedy(model, [prompt] * batch, new_tokens, kv_cache=spec)
         best = max(best, batch * (new_tokens - 1) / stats.decode_seconds)
     return best
@@ -98,6 +99,12 @@ def main() -> None:
                 every, tail = math.exp(float(nll.mean())), math.exp(float(nll[:, -length:].mean()))
                 base = base or every
                 print(f"{factor * length:>8} {ids.shape[0]:>5} {name:<28} {every:>10.2f} {tail:>13.2f}")
+        print(f"\nstreaming {8 * length} new tokens after a {length // 4}-token prompt (batch 1, best of 2)")
+        prompt = windows(val, length // 4, 1)[0].tolist()
+        for name, spec in (("full (vanilla)", None), ("window + sinks", window)):
+            rate = decode_rate(model, prompt, spec, new_tokens=8 * length, batch=1, repeats=2)
+            state = model.new_state(1, len(prompt) + 8 * length, **({"cache": spec} if spec else {}))
+            print(f"  {name:<16} {rate:>8.0f} tokens/s, KV state {state.storage_bytes() / 1e3:.0f} kB")
         print(f"\nat {length} tokens: KV bytes, decode tokens/s (batch 4, 64 new tokens, best of 3), perplexity")
         ids = windows(val, length, args.sequences)
         prompt = ids[0, : length // 2].tolist()

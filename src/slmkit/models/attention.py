@@ -1,5 +1,7 @@
 """The attention mixer: grouped-query attention with rotary (or no) positions, q/k norm, a sliding window, and
-its inference state (`KVState`, or a `RingKVState` that bounds a sliding window's memory).
+its inference state (`KVState`, or a `RingKVState` that bounds a sliding window's memory; with a `KVCacheSpec`, a
+`CompactKVState` (quantized and/or key-pruned) or a `SinkKVState` (sinks + window, keys rotated inside the cache),
+which prepare the queries, keys, values and mask attention runs on: `attend_inputs`).
 
 Masks: a query at position q sees key positions in (q - window, q] (window = infinity without one). Training and
 scoring run causal attention over the sequence; with a state, the keys are the state's slots and their positions.
