@@ -324,7 +324,7 @@ class DecodeCore:
         self._chosen: tuple[list[GenerationSequence], torch.Tensor] = ([], torch.empty(0))  # the latest choices
         # positions 0..max_len as a device tensor made once: each step's positions are views of it (grown when a
         # bounded cache lets a row run further)
-        self._positions = torch.arange(max_len + 1, device=self.device)
+        self._positions = torch.arange((min(max_len, 4096) if self.unbounded else max_len) + 1, device=self.device)
 
     @property
     def unbounded(self) -> bool:

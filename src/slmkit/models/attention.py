@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +101,19 @@ class Context:
     masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
     # positions (B, S) -> cos, sin (B, S, D): rotary tables for a state that rotates keys itself (`SinkKVState`)
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # what a state computes once per pass and every layer's state reuses (a sink cache's mask and rotations)
+    shared: dict[tuple, Any] = field(default_factory=dict)
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (B, H, S, D) rotated at positions (B, S) (through `rotary`)."""
+    def rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, S, D) for positions (B, S) (through `rotary`), for `rotate`."""
         assert self.rotary is not None
         cos, sin = self.rotary(positions)
-        return apply_rope(x, cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype))
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B, H, S, D) rotated by a `rotation`."""
+        return apply_rope(x, *rotation)
 
     @property
     def per_row(self) -> bool:

@@ -753,6 +753,28 @@ class SinkKVState(nn.Module):
             self.values.write(rows, slots, v[:, :, i : i + ring])
             self.slot_pos[rows, slots] = p
 
+    def _geometry(self, ctx, pos: torch.Tensor, key_pos: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """The mask (B, 1, T, S) and the rotations of keys, window queries, sink queries (and the sink keys as
+        (B, 1, S, 1) floats), computed once per pass: every layer's cache holds the same positions in the same slots."""
+        key = ("sinks", self.sinks, self.window, self.slack, pos.shape[1], key_pos.shape[1], dtype)
+        if key in ctx.shared:
+            return ctx.shared[key]
+        sinks = self.sinks
+        query = pos.unsqueeze(-1)  # (B, T, 1)
+        kp = key_pos.unsqueeze(1)  # (B, 1, S)
+        is_sink = key_pos < sinks  # (B, S), also true for empty slots (-1): masked
+        mask = (kp >= 0) & (kp <= query) & (is_sink.unsqueeze(1) | (kp > query - self.window))
+        geometry: tuple = (mask.unsqueeze(1),)
+        if ctx.rotary is not None:
+            offset = (pos[:, :1] - sinks - self.ring).clamp_min(0)  # (B, 1): keeps every angle below S + T
+            key_at = torch.where(is_sink, key_pos, key_pos - offset).clamp_min(0)
+            geometry += (ctx.rotation(key_at, dtype), ctx.rotation(pos - offset, dtype))
+            if sinks:
+                sink_query = ctx.rotation(pos.clamp_max(sinks + self.window - 1), dtype)
+                geometry += (sink_query, is_sink[:, None, :, None].to(dtype))
+        ctx.shared[key] = geometry
+        return geometry
+
     def attend_inputs(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, window: int | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
@@ -769,22 +791,16 @@ class SinkKVState(nn.Module):
             values = torch.cat((self.values.read(q.dtype), self.values.roundtrip(v).to(q.dtype)), dim=2)
             key_pos = torch.cat((self.slot_pos, pos), dim=1)  # (B, S + T)
             self._write(rows, pos, k, v)
-        sinks = self.sinks
-        query = pos.unsqueeze(-1)  # (B, T, 1)
-        kp = key_pos.unsqueeze(1)  # (B, 1, S)
-        is_sink = key_pos < sinks  # (B, S), also true for empty slots (-1): masked below
-        mask = (kp >= 0) & (kp <= query) & (is_sink.unsqueeze(1) | (kp > query - self.window))
-        if ctx.rotary is not None:
-            offset = (pos[:, :1] - sinks - self.ring).clamp_min(0)  # (B, 1): keeps every angle below S + T
-            key_at = torch.where(is_sink, key_pos, key_pos - offset).clamp_min(0)
-            keys = ctx.rotate(keys, key_at)
-            q_window = ctx.rotate(q, pos - offset)
-            if sinks:
-                q_sink = ctx.rotate(q, pos.clamp_max(sinks + self.window - 1))
-                zeros = torch.zeros_like(keys)
-                sink = is_sink[:, None, :, None]
-                keys = torch.cat((torch.where(sink, zeros, keys), torch.where(sink, keys, zeros)), dim=-1)
+        geometry = self._geometry(ctx, pos, key_pos, q.dtype)
+        mask, rotations = geometry[0], geometry[1:]
+        if rotations:
+            keys = ctx.rotate(keys, rotations[0])
+            q_window = ctx.rotate(q, rotations[1])
+            if self.sinks:
+                q_sink = ctx.rotate(q, rotations[2])
+                sink = rotations[3]  # (B, 1, S, 1): 1.0 at sink keys
+                keys = torch.cat((keys * (1 - sink), keys * sink), dim=-1)
                 q = torch.cat((q_window, q_sink), dim=-1)
             else:
                 q = q_window
-        return q, keys, values, mask.unsqueeze(1), 1.0 / math.sqrt(d)
+        return q, keys, values, mask, 1.0 / math.sqrt(d)
