@@ -680,8 +680,9 @@ class SinkKVState(nn.Module):
     offset (distances within the window are exact), the sinks at their own position against a query rotated at
     ``min(q, sinks + window - 1)``: a sink is as far from the query as if it came right before the window, the
     distances the model saw in training. While the sequence fits the cache this is exactly full attention.
-    The two rotations of the query go through one attention call: queries [q_window, q_sink] over keys
-    [k, 0] (window) or [0, k] (sinks), twice the head dim, same scale."""
+    A decode step (one query per row) rotates the sink keys at ``i + max(0, q - (sinks + window - 1))`` instead;
+    a call of several queries sends the two rotations of each query through one attention call: queries
+    [q_window, q_sink] over keys [k, 0] (window) or [0, k] (sinks), twice the head dim, same scale."""
 
     kind = "sinks"
     rotates_keys = True
@@ -767,7 +768,12 @@ class SinkKVState(nn.Module):
         geometry: tuple = (mask.unsqueeze(1),)
         if ctx.rotary is not None:
             offset = (pos[:, :1] - sinks - self.ring).clamp_min(0)  # (B, 1): keeps every angle below S + T
-            key_at = torch.where(is_sink, key_pos, key_pos - offset).clamp_min(0)
+            if pos.shape[1] == 1:  # one query per row: the sinks move up to sit right before the window instead
+                shift = (pos - (sinks + self.window - 1)).clamp_min(0)  # (B, 1)
+                key_at = torch.where(is_sink, key_pos + shift - offset, key_pos - offset).clamp_min(0)
+                sinks = 0  # no second query rotation
+            else:
+                key_at = torch.where(is_sink, key_pos, key_pos - offset).clamp_min(0)
             geometry += (ctx.rotation(key_at, dtype), ctx.rotation(pos - offset, dtype))
             if sinks:
                 sink_query = ctx.rotation(pos.clamp_max(sinks + self.window - 1), dtype)
@@ -796,7 +802,7 @@ class SinkKVState(nn.Module):
         if rotations:
             keys = ctx.rotate(keys, rotations[0])
             q_window = ctx.rotate(q, rotations[1])
-            if self.sinks:
+            if len(rotations) > 2:
                 q_sink = ctx.rotate(q, rotations[2])
                 sink = rotations[3]  # (B, 1, S, 1): 1.0 at sink keys
                 keys = torch.cat((keys * (1 - sink), keys * sink), dim=-1)
