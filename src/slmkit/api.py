@@ -53,6 +53,10 @@ def generate(
     lookup: bool = False,
     speculate_k: int | None = None,
     truncate: bool = False,
+    kv_window: int | None = None,
+    kv_sinks: int = 0,
+    kv_dtype: str = "auto",
+    kv_prune_keys: float = 0.0,
 ) -> str | list[str]:
     """The continuation of `prompt` (greedy by default, as `slm generate`: `slmkit.defaults`); a list of prompts
     gives a list, generated as a batch.
@@ -60,10 +64,15 @@ def generate(
     json_schema / regex / grammar (EBNF) constrain the output (at most one); draft (a smaller model with the
     same tokenizer) or lookup=True turn on lossless speculative decoding. For log-probabilities, streaming
     and statistics use :class:`slmkit.infer.engine.Engine`.
+
+    kv_window (+ kv_sinks): a KV cache of the first kv_sinks and last kv_window positions, so generation may run
+    past the context at constant memory; kv_dtype int8/int4: quantized keys and values; kv_prune_keys: the
+    fraction of key channels pruned per head (see docs/long-context.md).
     """
     from slmkit.infer.constrained import Constraint
     from slmkit.infer.engine import Engine, load_draft
     from slmkit.infer.sampling import SamplingParams
+    from slmkit.models.state import KVCacheSpec
 
     sampling = SamplingParams(
         temperature=temperature,
@@ -88,9 +97,10 @@ def generate(
         raise UserError("give at most one of json_schema, regex and grammar")
     if draft is not None and lookup:
         raise UserError("choose one kind of speculation: a draft model or lookup, not both")
+    kv_cache = KVCacheSpec(window=kv_window, sinks=kv_sinks, dtype=kv_dtype, prune_keys=kv_prune_keys)  # type: ignore[arg-type]
     lm = load(model)
     draft_model = load_draft(lm, draft) if draft is not None else None
-    engine = Engine(lm.model, lm.tokenizer, draft=draft_model)
+    engine = Engine(lm.model, lm.tokenizer, draft=draft_model, kv_cache=kv_cache)
     completions = engine.generate(
         prompt,
         max_new_tokens=max_new_tokens,

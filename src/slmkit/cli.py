@@ -451,6 +451,19 @@ def generate(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Print timing, acceptance rate and speedup after the text.")
     ] = False,
+    kv_window: Annotated[
+        int | None,
+        typer.Option(help="Keep the last N positions in the KV cache (+ --kv-sinks): constant memory, any length."),
+    ] = None,
+    kv_sinks: Annotated[
+        int, typer.Option(help="With --kv-window: also keep the first S positions (attention sinks, StreamingLLM).")
+    ] = 0,
+    kv_dtype: Annotated[
+        str, typer.Option(help="auto (the model's dtype), int8 or int4: quantized keys and values.")
+    ] = "auto",
+    kv_prune_keys: Annotated[
+        float, typer.Option(help="Prune this fraction of each head's key channels (ThinK), chosen at prefill.")
+    ] = 0.0,
 ) -> None:
     """Continue PROMPT with MODEL, streaming text to the terminal (or JSON lines for --prompts-file / --json)."""
     from slmkit.infer.constrained import constraint_from_options
@@ -479,7 +492,8 @@ def generate(
     prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
     if compile is None and prompts_file is None:
         compile = False  # one prompt: compilation (seconds) would cost more than it saves
-    engine = Engine.load(model, draft=draft, device=device, dtype=dtype, compile=compile)
+    kv_cache = kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys)
+    engine = Engine.load(model, draft=draft, device=device, dtype=dtype, compile=compile, kv_cache=kv_cache)
     options = dict(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
@@ -545,6 +559,14 @@ def eval_command(
         typer.Option(help="A data dir (what the model trained on): report each task's n-gram overlap with it."),
     ] = None,
     contamination_n: Annotated[int, typer.Option(help="Words per n-gram of --contamination-data.")] = 13,
+    kv_window: Annotated[
+        int | None, typer.Option(help="With --efficiency: a KV cache of the last N positions (+ --kv-sinks).")
+    ] = None,
+    kv_sinks: Annotated[int, typer.Option(help="With --efficiency and --kv-window: keep the first S too.")] = 0,
+    kv_dtype: Annotated[str, typer.Option(help="With --efficiency: KV cache dtype: auto, int8 or int4.")] = "auto",
+    kv_prune_keys: Annotated[
+        float, typer.Option(help="With --efficiency: fraction of key channels pruned per head (ThinK).")
+    ] = 0.0,
 ) -> None:
     """Perplexity and bits/byte on text, task accuracy with 95% CIs, and measured efficiency of MODELS.
 
@@ -579,6 +601,7 @@ def eval_command(
         err_console=_console(stderr=True),
         contamination_data=contamination_data,
         contamination_n=contamination_n,
+        kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
     )
 
 
@@ -1279,6 +1302,19 @@ def serve(
             "requests for different adapters share one batch); repeatable.",
         ),
     ] = None,
+    kv_window: Annotated[
+        int | None,
+        typer.Option(help="Keep the last N positions in the KV cache (+ --kv-sinks): constant memory, any length."),
+    ] = None,
+    kv_sinks: Annotated[
+        int, typer.Option(help="With --kv-window: also keep the first S positions (attention sinks, StreamingLLM).")
+    ] = 0,
+    kv_dtype: Annotated[
+        str, typer.Option(help="auto (the model's dtype), int8 or int4: quantized keys and values.")
+    ] = "auto",
+    kv_prune_keys: Annotated[
+        float, typer.Option(help="Prune this fraction of each head's key channels (ThinK), chosen at prefill.")
+    ] = 0.0,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
     batching; with --lora, LoRA adapters per request beside the base."""
@@ -1291,7 +1327,16 @@ def serve(
         max_batch=max_batch, request_timeout=request_timeout, prefill_chunk=prefill_chunk,
         drain_timeout=drain_timeout, compile=compile, speculate=speculate, speculate_k=speculate_k,
         max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (), lora=lora or (),
+        kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
     )  # fmt: skip
+
+
+def kv_cache_spec(window: int | None, sinks: int, dtype: str, prune_keys: float) -> Any:
+    """The KVCacheSpec of the --kv-* options (None when they are all at their defaults); UserError for bad values."""
+    from slmkit.models.state import KVCacheSpec
+
+    spec = KVCacheSpec(window=window, sinks=sinks, dtype=dtype, prune_keys=prune_keys)  # type: ignore[arg-type]
+    return None if spec.is_default else spec
 
 
 # ---- checks every command shares: numeric options, devices, one-line errors ---------------------------
@@ -1299,7 +1344,7 @@ def serve(
 _AT_LEAST_ONE = frozenset(
     "seq_len batch_size grad_accum max_steps max_tokens eval_interval save_interval max_new_tokens speculate_k "
     "suite_size limit threads levels min_steps val_windows calib_samples calib_seq_len eval_windows group_size "
-    "vocab_size max_batch max_queue prefill_chunk".split()
+    "vocab_size max_batch max_queue prefill_chunk kv_window".split()
 )
 # ... these must be > 0 (rates, budgets, shares) ...
 _ABOVE_ZERO = frozenset(

@@ -70,6 +70,12 @@ def test_measure_efficiency(tiny_model_dir):
     assert e["threads"] == torch.get_num_threads() and e["device"] == "cpu" and e["device_name"]
     with pytest.raises(UserError, match=">= 1"):
         measure_efficiency(tiny_model_dir, repeats=0)
+    # KV bytes per token of the chosen cache, measured from the state (fields as a dict, as the CLI passes them)
+    d = config.dim_per_head
+    assert e["kv_bytes_per_token"] == config.n_layers * config.n_kv_heads * 2 * d * 4 and e["kv_cache"]
+    int8 = measure_efficiency(tiny_model_dir, **SMALL, kv_cache={"dtype": "int8"})
+    assert int8["kv_bytes_per_token"] == config.n_layers * config.n_kv_heads * 2 * (d + 4)
+    assert "int8" in int8["kv_cache"] and int8["decode_tokens_per_second"] > 0
 
 
 def test_peak_rss_sees_an_allocation():

@@ -74,6 +74,7 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
             "prefill tok/s",
             "decode tok/s",
             "batch tok/s",
+            "KV B/token",
         ):
             table.add_column(col, justify="left" if col == "model" else "right")
         for m in report["models"]:
@@ -89,10 +90,14 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
                 f"{e['prefill_tokens_per_second']:.0f}",
                 f"{e['decode_tokens_per_second']:.1f}",
                 f"{e['batch_decode_tokens_per_second']:.1f} (N={e['batch_size']})",
+                f"{e['kv_bytes_per_token']:.0f}" if e.get("kv_bytes_per_token") is not None else "n/a",
             )
         console.print(table)
         first = next(m["efficiency"] for m in report["models"] if "efficiency" in m)
-        console.print(f"[dim]measured on {first['device_name']}, {first['threads']} threads, {first['dtype']}[/]")
+        console.print(
+            f"[dim]measured on {first['device_name']}, {first['threads']} threads, {first['dtype']}; "
+            f"KV cache: {first.get('kv_cache', 'full')}[/]"
+        )
 
 
 def run_eval_command(
@@ -117,6 +122,7 @@ def run_eval_command(
     err_console: Any,
     contamination_data: Path | None = None,
     contamination_n: int = 13,
+    kv_cache: Any = None,
 ) -> None:
     from slmkit.eval.runner import run_eval
 
@@ -128,7 +134,11 @@ def run_eval_command(
         torch.set_num_threads(threads)
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    options = {"threads": threads} if threads else {}
+    options: dict[str, Any] = {"threads": threads} if threads else {}
+    if kv_cache is not None:  # a KVCacheSpec: its fields travel to the measuring process as JSON
+        import dataclasses
+
+        options["kv_cache"] = dataclasses.asdict(kv_cache)
     report = run_eval(
         models,
         data=data or None,

@@ -79,12 +79,12 @@ def _prompt_ids(tokenizer: Any, length: int) -> list[int]:
     return (ids * (length // len(ids) + 1))[:length]
 
 
-def _time_batch_decode(model: Any, prompt: list[int], batch_size: int, new_tokens: int) -> float:
+def _time_batch_decode(model: Any, prompt: list[int], batch_size: int, new_tokens: int, kv_cache: Any = None) -> float:
     """Decode tokens/s for `batch_size` greedy sequences decoded together by the decode core (what the engine and
     the server run), prefill excluded."""
     from slmkit.infer.core import decode_greedy
 
-    _, stats = decode_greedy(model, [list(prompt)] * batch_size, new_tokens)
+    _, stats = decode_greedy(model, [list(prompt)] * batch_size, new_tokens, kv_cache=kv_cache)
     steps = new_tokens - 1  # the first token of each row comes from prefill
     return batch_size * steps / stats.decode_seconds if stats.decode_seconds > 0 else 0.0
 
@@ -104,12 +104,19 @@ def measure_efficiency(
     repeats: int = 3,
     device: str = "cpu",
     threads: int | None = None,
+    kv_cache: Any = None,
 ) -> dict[str, Any]:
     """Counts, disk size and measured speed/memory of generating with `model` (path or LoadedModel).
 
     Timings are the median of `repeats` runs after one warm-up. Peak RSS covers loading and
-    generating; `rss_before_load_bytes` is the process before the model was loaded.
+    generating; `rss_before_load_bytes` is the process before the model was loaded. kv_cache: a `KVCacheSpec` (or
+    its fields as a dict) every generation uses; `kv_bytes_per_token` is what one cached position takes in it
+    (measured from the state's storage), `kv_state_bytes` the whole state of one sequence of the measured length.
     """
+    from slmkit.models.state import KVCacheSpec
+
+    if isinstance(kv_cache, dict):
+        kv_cache = KVCacheSpec(**kv_cache)
     import psutil
     import torch
 
@@ -123,7 +130,7 @@ def measure_efficiency(
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return measure_efficiency(model, prompt_tokens, new_tokens, batch_size, repeats, device)
+            return measure_efficiency(model, prompt_tokens, new_tokens, batch_size, repeats, device, kv_cache=kv_cache)
         finally:
             torch.set_num_threads(previous)
     rss_before = psutil.Process().memory_info().rss
@@ -139,7 +146,8 @@ def measure_efficiency(
             stats = GenerationStats()
             start = time.perf_counter()
             first = None
-            for _ in generate_ids(lm.model, prompt, new, stats=stats):  # no stop id: always `new` tokens
+            # no stop id: always `new` tokens
+            for _ in generate_ids(lm.model, prompt, new, stats=stats, kv_cache=kv_cache):
                 if first is None:
                     first = time.perf_counter() - start
             if run == 0:
@@ -147,7 +155,8 @@ def measure_efficiency(
             ttft.append(first or 0.0)
             prefill.append(prompt_len / stats.prefill_seconds if stats.prefill_seconds > 0 else 0.0)
             decode.append(stats.decode_tokens_per_second)
-        batched = [_time_batch_decode(lm.model, prompt, batch_size, new) for _ in range(repeats + 1)][1:]
+        batched = [_time_batch_decode(lm.model, prompt, batch_size, new, kv_cache) for _ in range(repeats + 1)][1:]
+        state = lm.model.new_state(1, prompt_len + new, **({"cache": kv_cache} if kv_cache is not None else {}))
     param_device = next(lm.model.parameters()).device
     return {
         "model": str(lm.directory),
@@ -167,6 +176,9 @@ def measure_efficiency(
         "decode_ms_per_token": 1e3 / statistics.median(decode) if statistics.median(decode) > 0 else None,
         "batch_size": batch_size,
         "batch_decode_tokens_per_second": statistics.median(batched),
+        "kv_cache": kv_cache.describe() if kv_cache is not None else KVCacheSpec().describe(),
+        "kv_bytes_per_token": state.bytes_per_token(),
+        "kv_state_bytes": state.storage_bytes(),
         "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
         "device": str(param_device),
         "device_name": device_name(param_device),

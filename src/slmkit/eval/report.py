@@ -136,6 +136,8 @@ _EFFICIENCY_ROWS = [
     ("decode_tokens_per_second", "decode tokens/s, batch 1", 1),
     ("batch_decode_tokens_per_second", "decode tokens/s, batch N", 1),
     ("batch_size", "N (batch size)", 0),
+    ("kv_cache", "KV cache", 0),
+    ("kv_bytes_per_token", "KV cache bytes per token", 0),
     ("device_name", "device", 0),
     ("threads", "threads", 0),
 ]

@@ -99,6 +99,7 @@ class ContinuousBatcher:
         speculate_k: int = 8,
         min_acceptance: float = 0.3,
         per_row_adapters: bool = False,
+        kv_cache: Any = None,
     ) -> None:
         if max_batch < 1:
             raise UserError(f"max batch must be >= 1, got {max_batch}")
@@ -123,7 +124,7 @@ class ContinuousBatcher:
             compile = self.device.type == "cuda" and not per_row_adapters  # adapters per row: eager (see above)
         self.core = DecodeCore(
             model, tokenizer, max_batch=max_batch, max_len=self.max_seq_len, compile=compile,
-            prefill_chunk=prefill_chunk, per_row_adapters=per_row_adapters,
+            prefill_chunk=prefill_chunk, per_row_adapters=per_row_adapters, kv_cache=kv_cache,
         )  # fmt: skip
         self.waiting: deque[GenerationSequence] = deque()
         self.stats = BatcherStats()
@@ -151,8 +152,8 @@ class ContinuousBatcher:
 
     def check(self, request: GenerationRequest) -> None:
         """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within the state, an
-        adapter index the batcher selects (if any)."""
-        check_request(request, self.max_seq_len)
+        adapter index the batcher selects (if any). A bounded cache (--kv-window) takes any length."""
+        check_request(request, None if self.core.unbounded else self.max_seq_len)
         self.core.check_adapter(request)
 
     def cancel(self, seq: GenerationSequence) -> None:
@@ -201,7 +202,8 @@ class ContinuousBatcher:
             request = seq.request
             if seq.pending is None or seq.finished or request.constraint is not None or request.top_logprobs:
                 continue
-            room = min(request.max_new_tokens - len(seq.out) - 1, self.max_seq_len - 1 - seq.length, self.speculate_k)
+            left = self.speculate_k if self.core.unbounded else self.max_seq_len - 1 - seq.length
+            room = min(request.max_new_tokens - len(seq.out) - 1, left, self.speculate_k)
             if room < 1 or not seq.speculation_pays(self.min_acceptance):
                 continue
             draft = lookup_draft(seq.prompt + seq.out, room)

@@ -312,6 +312,7 @@ class DecodeCore:
         prefill_chunk: int | None = None,
         dtype: torch.dtype | None = None,
         per_row_adapters: bool = False,
+        kv_cache: Any = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -320,7 +321,10 @@ class DecodeCore:
         self.prefill_chunk = prefill_chunk
         param = next(model.parameters())
         self.device = param.device
-        self.state = model.new_state(max_batch, max_len, dtype=dtype)
+        # kv_cache (a `slmkit.models.state.KVCacheSpec`): how attention layers keep keys and values; a bounded one
+        # holds a fixed number of positions, so rows may run past max_len (and the model's context)
+        self.kv_cache = kv_cache
+        self.state = model.new_state(max_batch, max_len, dtype=dtype, **({"cache": kv_cache} if kv_cache else {}))
         self.rows: list[GenerationSequence] = []  # running sequences; rows[i] lives in state row i
         self.stats = CoreStats()
         self._views: dict[tuple[int, int], Any] = {}
@@ -334,8 +338,20 @@ class DecodeCore:
         if compile:
             self._step = CompiledStep(StaticStep(model, self.state), self.device)
         self._chosen: tuple[list[GenerationSequence], torch.Tensor] = ([], torch.empty(0))  # the latest choices
-        # positions 0..max_len as a device tensor made once: each step's positions are views of it
-        self._positions = torch.arange(max_len + 1, device=self.device)
+        # positions 0..max_len as a device tensor made once: each step's positions are views of it (grown when a
+        # bounded cache lets a row run further)
+        self._positions = torch.arange((min(max_len, 4096) if self.unbounded else max_len) + 1, device=self.device)
+
+    @property
+    def unbounded(self) -> bool:
+        """Whether rows may run past max_len (a bounded cache keeps only its window)."""
+        return bool(self.kv_cache is not None and self.kv_cache.bounded)
+
+    def positions(self, start: int, stop: int) -> torch.Tensor:
+        """Positions [start, stop) as a view of one device tensor."""
+        if stop > self._positions.shape[0]:
+            self._positions = torch.arange(max(stop, 2 * self._positions.shape[0]), device=self.device)
+        return self._positions[start:stop]
 
     @property
     def compiled(self) -> bool:
@@ -448,7 +464,7 @@ class DecodeCore:
                 logits = self.model(
                     tokens,
                     state=self.view(seq.row, seq.row + len(group)),
-                    pos=self._positions[start : start + width],
+                    pos=self.positions(start, start + width),
                     upto=start + width,
                     last_only=not padded,
                     logits_at=torch.tensor(takes, device=self.device) - 1 if padded else None,
@@ -508,7 +524,7 @@ class DecodeCore:
         lengths = [s.length for s in rows]
         longest = max(lengths)
         if longest == min(lengths):  # one position for every row: no per-row mask at all
-            pos = self._positions[longest : longest + 1]
+            pos = self.positions(longest, longest + 1)
         else:
             pos = torch.tensor(lengths, device=self.device)[:, None]  # (n, 1)
         active = None if all_active else torch.tensor([s.pending is not None for s in rows], device=self.device)
@@ -719,14 +735,15 @@ def _chunk(seq: GenerationSequence, budget: int | None) -> int:
     return remaining if budget is None else min(remaining, budget)
 
 
-def check_request(request: GenerationRequest, max_len: int) -> None:
-    """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within `max_len`."""
+def check_request(request: GenerationRequest, max_len: int | None) -> None:
+    """UserError unless the request fits: a non-empty prompt, prompt + max new tokens within `max_len` (None: any
+    length, as with a bounded cache)."""
     n = len(request.prompt_ids)
     if n == 0:
         raise UserError("the prompt is empty: give at least one token")
     if request.max_new_tokens < 1:
         raise UserError(f"max new tokens must be >= 1, got {request.max_new_tokens}")
-    if n + request.max_new_tokens > max_len:
+    if max_len is not None and n + request.max_new_tokens > max_len:
         raise UserError(
             f"prompt ({n} tokens) + max new tokens ({request.max_new_tokens}) exceeds the context of {max_len} tokens"
         )
@@ -741,13 +758,15 @@ def decode_greedy(
     *,
     compile: bool = False,
     ignore_eos: bool = True,
+    kv_cache: Any = None,
 ) -> tuple[list[list[int]], CoreStats]:
     """Greedy continuations of `prompts` as one batch through the core (the efficiency probes time this: by
     default EOS does not end a row, so every row runs `max_new_tokens` steps)."""
     requests = [GenerationRequest(p, max_new_tokens, detokenize=False, ignore_eos=ignore_eos) for p in prompts]
     core = DecodeCore(
-        model, None, max_batch=len(prompts), max_len=max(len(p) for p in prompts) + max_new_tokens, compile=compile
-    )
+        model, None, max_batch=len(prompts), max_len=max(len(p) for p in prompts) + max_new_tokens, compile=compile,
+        kv_cache=kv_cache,
+    )  # fmt: skip
     seqs = [core.admit(r) for r in requests]
     with torch.inference_mode():
         while core.rows:

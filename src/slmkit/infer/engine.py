@@ -186,8 +186,11 @@ class Engine:
         draft: torch.nn.Module | None = None,
         compile: bool | None = None,
         static_cache: bool | None = None,
+        kv_cache: Any = None,
     ) -> None:
         self.model = model.eval()
+        # how attention layers keep keys and values (`slmkit.models.state.KVCacheSpec`; None: every position)
+        self.kv_cache = kv_cache if kv_cache is not None and not kv_cache.is_default else None
         self.tokenizer = tokenizer
         self.draft = draft.eval() if draft is not None else None
         self.config = model.config
@@ -212,8 +215,10 @@ class Engine:
         device: str = "auto",
         dtype: str | torch.dtype | None = "auto",
         compile: bool | None = None,
+        kv_cache: Any = None,
     ) -> Engine:
-        """Load a model dir (or run dir) and optionally a draft model; auto = CUDA + bf16 when available."""
+        """Load a model dir (or run dir) and optionally a draft model; auto = CUDA + bf16 when available.
+        kv_cache: a `slmkit.models.state.KVCacheSpec` (bounded, quantized or pruned keys and values)."""
         from slmkit.loading import load
 
         if device == "auto":
@@ -227,7 +232,7 @@ class Engine:
             dtype = names[dtype]
         lm = load(path, device=device, dtype=dtype)
         draft_model = load_draft(lm, draft, device=device, dtype=dtype) if draft is not None else None
-        return cls(lm.model, lm.tokenizer, draft=draft_model, compile=compile)
+        return cls(lm.model, lm.tokenizer, draft=draft_model, compile=compile, kv_cache=kv_cache)
 
     def _check_draft(self, draft: torch.nn.Module) -> None:
         if draft.config.vocab_size != self.config.vocab_size or draft.config.eos_token_id != self.config.eos_token_id:
@@ -314,6 +319,8 @@ class Engine:
             raise UserError(f"speculate must be off, draft or lookup, got {speculate!r}")
         if speculate == "draft" and self.draft is None:
             raise UserError("speculate='draft' needs a draft model (--draft MODEL)")
+        if speculate == "draft" and self.bounded:
+            raise UserError("a draft model keeps a full cache of its own context: use --lookup with --kv-window")
         if speculate_k is None:
             speculate_k = 8 if speculate == "lookup" else 4
         if speculate != "off" and not (1 <= speculate_k <= 32):
@@ -352,7 +359,7 @@ class Engine:
             raise UserError(f"max new tokens must be >= 1, got {max_new_tokens}")
         context = self.config.max_seq_len
         total = len(ids) + max_new_tokens
-        if total <= context:
+        if total <= context or self.bounded:  # a bounded cache streams past the context at constant memory
             return ids
         if truncate and max_new_tokens < context:
             return ids[-(context - max_new_tokens) :]  # keep the end of the prompt, which the output continues
@@ -362,16 +369,21 @@ class Engine:
             "start of the prompt"
         )
 
+    @property
+    def bounded(self) -> bool:
+        """Whether the KV cache holds a fixed window (generation may then run past the model's context)."""
+        return self.kv_cache is not None and self.kv_cache.bounded
+
     def _core(self, batch_size: int, max_len: int, speculating: bool) -> DecodeCore:
         """A core of `batch_size` rows: the engine's static one (compiled steps) when it fits, else a fresh one."""
-        if self.static_cache and not speculating and max_len <= self.config.max_seq_len:
+        if self.static_cache and not speculating and (max_len <= self.config.max_seq_len or self.bounded):
             if batch_size not in self._static:
                 self._static[batch_size] = DecodeCore(
                     self.model, self.tokenizer, max_batch=batch_size, max_len=self.config.max_seq_len,
-                    compile=self.compile, dtype=self.dtype,
+                    compile=self.compile, dtype=self.dtype, kv_cache=self.kv_cache,
                 )  # fmt: skip
             return self._static[batch_size]
-        return DecodeCore(self.model, self.tokenizer, max_batch=batch_size, max_len=max_len)
+        return DecodeCore(self.model, self.tokenizer, max_batch=batch_size, max_len=max_len, kv_cache=self.kv_cache)
 
     @torch.inference_mode()  # as a decorator it covers each step of the generator only, not the caller's code
     def _iterate(

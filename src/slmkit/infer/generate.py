@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,8 +42,10 @@ def generate_ids(
     sampling: SamplingParams | None = None,
     stop_ids: set[int] | None = None,
     stats: GenerationStats | None = None,
+    kv_cache: Any = None,
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (batch 1). Stops at a stop id (not yielded) or the limit."""
+    """Yield new token ids one at a time (batch 1). Stops at a stop id (not yielded) or the limit. kv_cache: a
+    `KVCacheSpec` (a bounded one lets prompt + new tokens exceed the context)."""
     sampling = sampling or SamplingParams()
     stats = stats if stats is not None else GenerationStats()
     config = model.config
@@ -51,7 +54,7 @@ def generate_ids(
     if max_new_tokens < 0:
         raise UserError(f"max new tokens must be >= 0, got {max_new_tokens}")
     total = len(prompt_ids) + max_new_tokens
-    if total > config.max_seq_len:
+    if total > config.max_seq_len and not (kv_cache is not None and kv_cache.bounded):
         raise UserError(
             f"prompt ({len(prompt_ids)} tokens) + max new tokens ({max_new_tokens}) = {total} "
             f"exceeds the model's context of {config.max_seq_len} tokens; shorten the prompt or "
@@ -61,7 +64,7 @@ def generate_ids(
     if max_new_tokens == 0:
         stats.stop_reason = "length"
         return
-    yield from _decode(model, prompt_ids, max_new_tokens, sampling, stop_ids or set(), stats)
+    yield from _decode(model, prompt_ids, max_new_tokens, sampling, stop_ids or set(), stats, kv_cache)
 
 
 def _decode(
@@ -71,8 +74,9 @@ def _decode(
     sampling: SamplingParams,
     stop_ids: set[int],
     stats: GenerationStats,
+    kv_cache: Any = None,
 ) -> Iterator[int]:
-    core = DecodeCore(model, None, max_batch=1, max_len=len(prompt_ids) + max_new_tokens)
+    core = DecodeCore(model, None, max_batch=1, max_len=len(prompt_ids) + max_new_tokens, kv_cache=kv_cache)
     # the caller's stop ids decide the end, so EOS is an ordinary token to the core
     seq = core.admit(GenerationRequest(list(prompt_ids), max_new_tokens, sampling, detokenize=False, ignore_eos=True))
     while not seq.finished:

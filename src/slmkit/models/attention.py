@@ -1,5 +1,7 @@
 """The attention mixer: grouped-query attention with rotary (or no) positions, q/k norm, a sliding window, and
-its inference state (`KVState`, or a `RingKVState` that bounds a sliding window's memory).
+its inference state (`KVState`, or a `RingKVState` that bounds a sliding window's memory; with a `KVCacheSpec`, a
+`CompactKVState` (quantized and/or key-pruned) or a `SinkKVState` (sinks + window, keys rotated inside the cache),
+which prepare the queries, keys, values and mask attention runs on: `attend_inputs`).
 
 Masks: a query at position q sees key positions in (q - window, q] (window = infinity without one). Training and
 scoring run causal attention over the sequence; with a state, the keys are the state's slots and their positions.
@@ -8,14 +10,16 @@ scoring run causal attention over the sequence; with a state, the keys are the s
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig, RopeScaling
-from slmkit.models.state import KVState, RingKVState
+from slmkit.models.state import CompactKVState, KVCacheSpec, KVState, RingKVState, SinkKVState
 
 # Extra ring slots beyond the window: a call of up to RING_SLACK + 1 tokens (a decode step, a speculative
 # verification) writes before it attends without overwriting a key one of its own queries still needs.
@@ -135,6 +139,21 @@ class Context:
     # (B, T) without a state: each token attends only to earlier tokens of its own segment (packed documents)
     segments: torch.Tensor | None = None
     masks: dict[tuple, torch.Tensor | None] = field(default_factory=dict)
+    # positions (B, S) -> cos, sin (B, S, D): rotary tables for a state that rotates keys itself (`SinkKVState`)
+    rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # what a state computes once per pass and every layer's state reuses (a sink cache's mask and rotations)
+    shared: dict[tuple, Any] = field(default_factory=dict)
+
+    def rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (B, 1, S, D) for positions (B, S) (through `rotary`), for `rotate`."""
+        assert self.rotary is not None
+        cos, sin = self.rotary(positions)
+        return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+
+    @staticmethod
+    def rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x (B, H, S, D) rotated by a `rotation`."""
+        return apply_rope(x, *rotation)
 
     @property
     def per_row(self) -> bool:
@@ -187,6 +206,8 @@ def segment_mask(ctx: Context, window: int | None) -> torch.Tensor:
 class Attention(nn.Module):
     # a stateless forward can keep packed documents apart (Context.segments); see Transformer.forward
     packs_documents = True
+    # new_state takes a KVCacheSpec (bounded, quantized, pruned caches); Transformer.new_state passes it to such mixers
+    accepts_kv_cache = True
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -206,12 +227,25 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
 
-    def new_state(self, batch_size: int, max_len: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    def new_state(
+        self,
+        batch_size: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache: KVCacheSpec | None = None,
+    ) -> nn.Module:
+        kv = (batch_size, self.n_kv_heads)
+        if cache is not None and cache.window is not None:  # the model's own window bounds the cache's
+            window = cache.window if self.window is None else min(cache.window, self.window)
+            return SinkKVState(*kv, cache.sinks, window, RING_SLACK, self.head_dim, device, dtype, cache.bits)
+        if cache is not None and not cache.is_default:
+            return CompactKVState(*kv, max_len, self.head_dim, device, dtype, cache.bits, cache.prune_keys)
         if self.window is not None and self.window + RING_SLACK < max_len:
             return RingKVState(batch_size, self.n_kv_heads, self.window, RING_SLACK, self.head_dim, device, dtype)
         return KVState(batch_size, self.n_kv_heads, max_len, self.head_dim, device, dtype)
 
-    def forward(self, x: torch.Tensor, ctx: Context | None, state: KVState | RingKVState | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: Context | None, state: nn.Module | None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
         q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H D), (B, T, K D)
         if self.qk_norm_heads:
@@ -234,6 +268,9 @@ class Attention(nn.Module):
                 causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
                 mask = causal & ~torch.ones_like(causal).tril(-self.window)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif hasattr(state, "attend_inputs"):  # a compressed or sink cache prepares what to attend over
+            q, k, v, mask, scale = state.attend_inputs(q, k, v, ctx, self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)
         else:
             assert ctx is not None
             k, v, key_pos = state.update(ctx.pos, k.to(state.k.dtype), v.to(state.v.dtype), ctx.upto)

@@ -11,6 +11,10 @@ Kinds:
 - `RingKVState`: a sliding-window cache that really bounds memory: ``window + slack`` slots reused modulo,
   each slot tagged with the position it holds (-1 when empty). The slack keeps the keys that earlier queries of
   one multi-token call (a verification pass, a prefill chunk) still need while later tokens are written.
+- `CompactKVState`: slot = position with keys and values quantized (int8/int4, per token and head) and/or key
+  channels pruned (ThinK); `SinkKVState`: attention sinks + a window in a fixed number of slots, keys stored before
+  rotation and rotated by their place in the cache (StreamingLLM), so a stream may run past the model's context.
+  Both are chosen by a `KVCacheSpec` passed to ``model.new_state``.
 - recurrent states (state-space, linear attention) implement the same Protocol: `crop` restores the state after
   ``length`` tokens, so such a mixer keeps its state after each of its latest few positions (a speculative round
   rewinds at most k + 1 of them); `reset` zeroes a row; rows marked inactive in a pass must keep their state.
@@ -21,7 +25,9 @@ addresses (CUDA graphs) and ``.to(device)`` moves them.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -69,6 +75,10 @@ class KVState(nn.Module):
 
     @property
     def max_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def slots(self) -> int:
         return self.k.shape[2]
 
     def reset(self, start: int, stop: int) -> None:
@@ -142,6 +152,10 @@ class RingKVState(nn.Module):
 
     @property
     def size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def slots(self) -> int:
         return self.k.shape[2]
 
     def reset(self, start: int, stop: int) -> None:
@@ -353,6 +367,10 @@ class ModelState(nn.Module):
         self._batch_size, self.max_len = batch_size, max_len
         # plain references for the per-layer lookup of every forward pass (ModuleList indexing is slow)
         self._by_layer: list[LayerState | None] = list(layers)  # type: ignore[arg-type]
+        # with a cache that rotates keys itself (`SinkKVState`): the most positions it rotates at (its slots); rotary
+        # angles then stay below slots + call length whatever the sequence length. None: absolute positions.
+        sizes = [s.slots for s in self._by_layer if getattr(s, "rotates_keys", False)]
+        self.rotary_slots: int | None = max(sizes) if sizes else None
 
     @property
     def batch_size(self) -> int:
@@ -381,6 +399,414 @@ class ModelState(nn.Module):
         more (a recurrent state absorbs whatever it is fed)."""
         return min((getattr(s, "pad_room", lambda: 0)() for s in self._each()), default=self.max_len)
 
+    def storage_bytes(self) -> int:
+        """Bytes the state's tensors really hold (measured from their storage, not computed from shapes)."""
+        return storage_bytes(self)
+
+    def bytes_per_token(self) -> float | None:
+        """Bytes one cached position takes over every layer that caches positions (keys, values, scales, tags);
+        None when no layer does (recurrent states only)."""
+        per = [storage_bytes(s) / (s.batch_size * s.slots) for s in self._each() if hasattr(s, "slots")]
+        return sum(per) if per else None
+
     def rows(self, start: int, stop: int) -> ModelState:
         views = [s.rows(start, stop) if s is not None else None for s in self._by_layer]
         return ModelState(views, stop - start, self.max_len)  # type: ignore[arg-type]
+
+
+# ---- bounded and compressed KV caches (`KVCacheSpec`: --kv-window/--kv-sinks, --kv-dtype, --kv-prune-keys) ----
+KVDtype = Literal["auto", "int8", "int4"]
+_BITS: dict[str, int | None] = {"auto": None, "int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """How attention layers keep their keys and values at inference (the default: every position, model dtype).
+
+    window: keep the last `window` positions (plus `sinks` first ones): a cache of sinks + window slots whatever the
+        sequence length (`SinkKVState`); generation may then run past the model's context.
+    dtype: int8 / int4: keys and values quantized per token and kv head (asymmetric: a scale and a zero point in
+        float16 per token and head), dequantized when attended over.
+    prune_keys: drop this fraction of each kv head's key channels, chosen by query-driven importance on a row's
+        first prefill pass (ThinK); values keep every channel.
+    Only attention layers read it; recurrent layers' states are bounded already."""
+
+    window: int | None = None
+    sinks: int = 0
+    dtype: KVDtype = "auto"
+    prune_keys: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.window is not None and (isinstance(self.window, bool) or self.window < 1):
+            raise UserError(f"--kv-window must be >= 1 position, got {self.window}")
+        if self.sinks < 0:
+            raise UserError(f"--kv-sinks must be >= 0, got {self.sinks}")
+        if self.sinks and self.window is None:
+            raise UserError("--kv-sinks needs --kv-window: sink tokens are kept besides a window of recent ones")
+        if self.dtype not in _BITS:
+            raise UserError(f"--kv-dtype must be auto, int8 or int4, got {self.dtype!r}")
+        if not (0.0 <= self.prune_keys < 1.0):
+            raise UserError(f"--kv-prune-keys must be a fraction in [0, 1), got {self.prune_keys:g}")
+        if self.prune_keys and self.window is not None:
+            raise UserError(
+                "--kv-prune-keys cannot be combined with --kv-window: the windowed cache keeps keys before their "
+                "rotation (positions are re-assigned inside it), and rotation mixes the channels pruning would drop"
+            )
+
+    @property
+    def is_default(self) -> bool:
+        return self.window is None and self.dtype == "auto" and not self.prune_keys
+
+    @property
+    def bounded(self) -> bool:
+        """Whether the cache holds a fixed number of positions (generation may run past the model's context)."""
+        return self.window is not None
+
+    @property
+    def bits(self) -> int | None:
+        return _BITS[self.dtype]
+
+    def describe(self) -> str:
+        parts = [f"window {self.window} + {self.sinks} sinks"] if self.window is not None else ["full"]
+        parts.append(self.dtype if self.dtype != "auto" else "model dtype")
+        if self.prune_keys:
+            parts.append(f"{self.prune_keys:.0%} of key channels pruned")
+        return ", ".join(parts)
+
+
+def storage_bytes(module: nn.Module) -> int:
+    """Bytes of the storage behind a module's buffers (each storage once): what a state really holds."""
+    seen: dict[int, int] = {}
+    for buf in module.buffers():
+        storage = buf.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., D) -> codes (..., D) uint8 (int4: two per byte, (..., D/2)), scale and zero (..., 1) in float16.
+    Asymmetric per vector: min..max maps onto 0..2^bits-1; codes are computed against the float16-rounded scale and
+    zero, so storing those adds no error of its own."""
+    levels = (1 << bits) - 1
+    xf = x.float()
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    scale = ((hi - lo) / levels).clamp_min(1e-4).half()
+    zero = lo.half()
+    codes = ((xf - zero.float()) / scale.float()).round_().clamp_(0, levels).to(torch.uint8)
+    if bits == 4:
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, scale, zero
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype
+) -> torch.Tensor:
+    if bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).flatten(-2)
+    return (codes.float() * scale.float() + zero.float()).to(dtype)
+
+
+class SlotStore(nn.Module):
+    """Vectors (B, K, S, D) at slots, as they are (bits None) or quantized (8 or 4 bits, `quantize`)."""
+
+    def __init__(self, shape: tuple[int, int, int, int], bits: int | None, device, dtype: torch.dtype) -> None:
+        super().__init__()
+        b, h, s, d = shape
+        self.bits, self.dtype = bits, dtype
+        if bits is None:
+            self.names: tuple[str, ...] = ("data",)
+            self.register_buffer("data", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+            return
+        if bits == 4 and d % 2:
+            raise UserError(f"--kv-dtype int4 packs two channels per byte: needs an even head dim, got {d}")
+        self.names = ("data", "scale", "zero")
+        width = d if bits == 8 else d // 2
+        self.register_buffer("data", torch.zeros((b, h, s, width), device=device, dtype=torch.uint8), persistent=False)
+        self.register_buffer("scale", torch.zeros((b, h, s, 1), device=device, dtype=torch.float16), persistent=False)
+        self.register_buffer("zero", torch.zeros((b, h, s, 1), device=device, dtype=torch.float16), persistent=False)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (x.to(self.dtype),) if self.bits is None else quantize(x, self.bits)
+
+    def decode(self, parts: tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor:
+        return parts[0].to(dtype) if self.bits is None else dequantize(*parts, self.bits, dtype)
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        """What x reads back as once stored."""
+        return x if self.bits is None else self.decode(self.encode(x), x.dtype)
+
+    def write(self, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """x (B, K, T, D) into slots (B, T) of rows (B, 1); slots distinct within a row."""
+        for name, part in zip(self.names, self.encode(x), strict=True):
+            getattr(self, name).transpose(1, 2)[rows, slots] = part.transpose(1, 2)
+
+    def read(self, dtype: torch.dtype, stop: int | None = None) -> torch.Tensor:
+        return self.decode(tuple(getattr(self, n)[:, :, :stop] for n in self.names), dtype)
+
+    def move(self, src: int, dst: int, length: int | None = None) -> None:
+        for name in self.names:
+            buf = getattr(self, name)
+            buf[dst, :, :length] = buf[src, :, :length]
+
+    def view(self, start: int, stop: int) -> SlotStore:
+        view = SlotStore.__new__(SlotStore)
+        nn.Module.__init__(view)
+        view.bits, view.dtype, view.names = self.bits, self.dtype, self.names
+        for name in self.names:
+            view.register_buffer(name, getattr(self, name)[start:stop], persistent=False)
+        return view
+
+
+def _row_slots(pos: torch.Tensor, b: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (B, 1) and positions (B, T) of a call's positions (T,), (1, T) or (B, T)."""
+    pos = pos.expand(b, t) if pos.dim() == 2 else pos.unsqueeze(0).expand(b, t)
+    return torch.arange(b, device=pos.device).unsqueeze(1), pos
+
+
+class CompactKVState(nn.Module):
+    """Slot = position as in `KVState`, with keys and values quantized (`SlotStore`) and/or key channels pruned.
+
+    Pruning (ThinK): on a row's first pass (a prefill at position 0) each kv head keeps the key channels with the
+    largest |q|·|k| (norms over that pass's tokens, the query norms summed over the head's query group); stored keys
+    have only those channels, and queries are cut to them before the dot product (the softmax scale stays
+    1/sqrt(head dim)). A prompt prefilled in chunks chooses from its first chunk."""
+
+    kind = "compact"
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device=None,
+        dtype=torch.float32,
+        bits: int | None = None,
+        prune_keys: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.key_dim = head_dim - int(round(prune_keys * head_dim))
+        if self.key_dim < 1:
+            raise UserError(f"--kv-prune-keys {prune_keys:g} would prune every key channel of a {head_dim}-dim head")
+        self.keys = SlotStore((batch_size, n_kv_heads, max_len, self.key_dim), bits, device, dtype)
+        self.values = SlotStore((batch_size, n_kv_heads, max_len, head_dim), bits, device, dtype)
+        self.pruned = self.key_dim < head_dim
+        if self.pruned:  # the kept key channels of each row and kv head, ascending
+            channels = torch.arange(self.key_dim, device=device).expand(batch_size, n_kv_heads, -1).clone()
+            self.register_buffer("channels", channels, persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.values.data.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.values.data.shape[2]
+
+    @property
+    def slots(self) -> int:
+        return self.max_len
+
+    def reset(self, start: int, stop: int) -> None:
+        pass  # as KVState; pruned channels are chosen again at the row's first pass
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.keys.move(src, dst, length)
+        self.values.move(src, dst, length)
+        if self.pruned:
+            self.channels[dst] = self.channels[src]
+
+    def crop(self, row: int, length: int) -> None:
+        pass
+
+    def pad_room(self) -> int:
+        return self.max_len
+
+    def rows(self, start: int, stop: int) -> CompactKVState:
+        view = CompactKVState.__new__(CompactKVState)
+        nn.Module.__init__(view)
+        view.head_dim, view.key_dim, view.pruned = self.head_dim, self.key_dim, self.pruned
+        view.keys, view.values = self.keys.view(start, stop), self.values.view(start, stop)
+        if self.pruned:
+            view.register_buffer("channels", self.channels[start:stop], persistent=False)
+        return view
+
+    def _choose_channels(self, pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> None:
+        b, n_kv, _, d = k.shape
+        q_norm = q.float().square().sum(2).view(b, n_kv, -1, d).sum(2).sqrt()  # (B, K, D)
+        importance = q_norm * k.float().square().sum(2).sqrt()  # (B, K, D)
+        chosen = importance.topk(self.key_dim, dim=-1).indices.sort(dim=-1).values
+        first = (pos[:, 0] == 0)[:, None, None]  # rows starting here choose; the others keep theirs
+        self.channels.copy_(torch.where(first, chosen, self.channels))
+
+    def attend_inputs(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, window: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
+        """Store k, v (B, K, T, D) (rotated) at the call's positions; the queries, keys and values to attend with,
+        the mask (B or 1, 1, T, S) and the softmax scale."""
+        b, n_kv, t, d = k.shape
+        rows, pos = _row_slots(ctx.pos, b, t)
+        if self.pruned:
+            self._choose_channels(pos, q, k)
+            k = k.gather(-1, self.channels.unsqueeze(2).expand(b, n_kv, t, self.key_dim))
+            group = q.shape[1] // n_kv
+            index = self.channels[:, :, None, None, :].expand(b, n_kv, group, t, self.key_dim)
+            q = q.view(b, n_kv, group, t, d).gather(-1, index).reshape(b, n_kv * group, t, self.key_dim)
+        self.keys.write(rows, pos, k)
+        self.values.write(rows, pos, v)
+        keys, values = self.keys.read(q.dtype, ctx.upto), self.values.read(q.dtype, ctx.upto)
+        n = keys.shape[2]
+        key = ("compact", n, window)
+        if t == 1 and not ctx.per_row and window is None and ctx.upto is not None:
+            ctx.masks[key] = None  # one query at the newest slot: every slot in [0, upto) is visible
+        if key not in ctx.masks:
+            query = ctx.pos.unsqueeze(-1)  # (B or 1, T, 1)
+            slots = torch.arange(n, device=q.device)
+            mask = slots <= query
+            if window is not None:
+                mask = mask & (slots > query - window)
+            ctx.masks[key] = mask.unsqueeze(1)
+        return q, keys, values, ctx.masks[key], 1.0 / math.sqrt(d)
+
+
+class SinkKVState(nn.Module):
+    """Attention sinks + a sliding window (StreamingLLM): the first `sinks` positions and the last `window` ones,
+    in ``sinks + window + slack`` slots whatever the sequence length (slot p for p < sinks, else
+    ``sinks + (p - sinks) % (window + slack)``; the slack as in `RingKVState`).
+
+    Positions are re-assigned inside the cache, so rotary angles stay bounded however long the stream runs: keys
+    are stored before rotation and rotated when attended over, the window's at their position minus a per-call
+    offset (distances within the window are exact), the sinks at their own position against a query rotated at
+    ``min(q, sinks + window - 1)``: a sink is as far from the query as if it came right before the window, the
+    distances the model saw in training. While the sequence fits the cache this is exactly full attention.
+    A decode step (one query per row) rotates the sink keys at ``i + max(0, q - (sinks + window - 1))`` instead;
+    a call of several queries sends the two rotations of each query through one attention call: queries
+    [q_window, q_sink] over keys [k, 0] (window) or [0, k] (sinks), twice the head dim, same scale."""
+
+    kind = "sinks"
+    rotates_keys = True
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        sinks: int,
+        window: int,
+        slack: int,
+        head_dim: int,
+        device=None,
+        dtype=torch.float32,
+        bits: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sinks, self.window, self.slack = sinks, window, slack
+        size = sinks + window + slack
+        self.keys = SlotStore((batch_size, n_kv_heads, size, head_dim), bits, device, dtype)
+        self.values = SlotStore((batch_size, n_kv_heads, size, head_dim), bits, device, dtype)
+        self.register_buffer("slot_pos", torch.full((batch_size, size), -1, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.slot_pos.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.slot_pos.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.size
+
+    @property
+    def ring(self) -> int:
+        return self.window + self.slack
+
+    def reset(self, start: int, stop: int) -> None:
+        self.slot_pos[start:stop] = -1
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.keys.move(src, dst)
+        self.values.move(src, dst)
+        self.slot_pos[dst] = self.slot_pos[src]
+
+    def pad_room(self) -> int:
+        return self.slack  # as RingKVState
+
+    def crop(self, row: int, length: int) -> None:
+        self.slot_pos[row].masked_fill_(self.slot_pos[row] >= length, -1)
+
+    def rows(self, start: int, stop: int) -> SinkKVState:
+        view = SinkKVState.__new__(SinkKVState)
+        nn.Module.__init__(view)
+        view.sinks, view.window, view.slack = self.sinks, self.window, self.slack
+        view.keys, view.values = self.keys.view(start, stop), self.values.view(start, stop)
+        view.register_buffer("slot_pos", self.slot_pos[start:stop], persistent=False)
+        return view
+
+    def _write(self, rows: torch.Tensor, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Positions (B, T) in order; more than the ring holds are written a ring at a time (the last stay)."""
+        ring = self.ring
+        for i in range(0, pos.shape[1], ring):
+            p = pos[:, i : i + ring]
+            slots = torch.where(p < self.sinks, p, self.sinks + (p - self.sinks) % ring)
+            self.keys.write(rows, slots, k[:, :, i : i + ring])
+            self.values.write(rows, slots, v[:, :, i : i + ring])
+            self.slot_pos[rows, slots] = p
+
+    def _geometry(self, ctx, pos: torch.Tensor, key_pos: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """The mask (B, 1, T, S) and the rotations of keys, window queries, sink queries (and the sink keys as
+        (B, 1, S, 1) floats), computed once per pass: every layer's cache holds the same positions in the same slots."""
+        key = ("sinks", self.sinks, self.window, self.slack, pos.shape[1], key_pos.shape[1], dtype)
+        if key in ctx.shared:
+            return ctx.shared[key]
+        sinks = self.sinks
+        query = pos.unsqueeze(-1)  # (B, T, 1)
+        kp = key_pos.unsqueeze(1)  # (B, 1, S)
+        is_sink = key_pos < sinks  # (B, S), also true for empty slots (-1): masked
+        mask = (kp >= 0) & (kp <= query) & (is_sink.unsqueeze(1) | (kp > query - self.window))
+        geometry: tuple = (mask.unsqueeze(1),)
+        if ctx.rotary is not None:
+            offset = (pos[:, :1] - sinks - self.ring).clamp_min(0)  # (B, 1): keeps every angle below S + T
+            if pos.shape[1] == 1:  # one query per row: the sinks move up to sit right before the window instead
+                shift = (pos - (sinks + self.window - 1)).clamp_min(0)  # (B, 1)
+                key_at = torch.where(is_sink, key_pos + shift - offset, key_pos - offset).clamp_min(0)
+                sinks = 0  # no second query rotation
+            else:
+                key_at = torch.where(is_sink, key_pos, key_pos - offset).clamp_min(0)
+            geometry += (ctx.rotation(key_at, dtype), ctx.rotation(pos - offset, dtype))
+            if sinks:
+                sink_query = ctx.rotation(pos.clamp_max(sinks + self.window - 1), dtype)
+                geometry += (sink_query, is_sink[:, None, :, None].to(dtype))
+        ctx.shared[key] = geometry
+        return geometry
+
+    def attend_inputs(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx, window: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Store k, v (B, K, T, D) (not rotated); the queries, keys, values, mask and scale to attend with. A call
+        of up to slack + 1 tokens writes first and attends over the cache; a longer one (a prefill) attends over the
+        cache followed by its own tokens (as stored: quantized and back), then writes them."""
+        b, _, t, d = k.shape
+        rows, pos = _row_slots(ctx.pos, b, t)
+        if t <= self.slack + 1:
+            self._write(rows, pos, k, v)
+            keys, values, key_pos = self.keys.read(q.dtype), self.values.read(q.dtype), self.slot_pos
+        else:
+            keys = torch.cat((self.keys.read(q.dtype), self.keys.roundtrip(k).to(q.dtype)), dim=2)  # (B, K, S+T, D)
+            values = torch.cat((self.values.read(q.dtype), self.values.roundtrip(v).to(q.dtype)), dim=2)
+            key_pos = torch.cat((self.slot_pos, pos), dim=1)  # (B, S + T)
+            self._write(rows, pos, k, v)
+        geometry = self._geometry(ctx, pos, key_pos, q.dtype)
+        mask, rotations = geometry[0], geometry[1:]
+        if rotations:
+            keys = ctx.rotate(keys, rotations[0])
+            q_window = ctx.rotate(q, rotations[1])
+            if len(rotations) > 2:
+                q_sink = ctx.rotate(q, rotations[2])
+                sink = rotations[3]  # (B, 1, S, 1): 1.0 at sink keys
+                keys = torch.cat((keys * (1 - sink), keys * sink), dim=-1)
+                q = torch.cat((q_window, q_sink), dim=-1)
+            else:
+                q = q_window
+        return q, keys, values, mask, 1.0 / math.sqrt(d)

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
+from slmkit.errors import UserError
 from slmkit.models.attention import Context, RMSNorm, rope_cos_sin, rope_inv_freq
 from slmkit.models.registry import build_mixer, build_mlp
-from slmkit.models.state import ModelState
+from slmkit.models.state import KVCacheSpec, ModelState
 
 
 def make_norm(config: ModelConfig, dim: int) -> nn.Module:
@@ -128,7 +129,9 @@ class Transformer(nn.Module):
         ctx = Context(positions, upto=upto, active=active, segments=segments)
         if segments is not None and (state is not None or not self.packs_documents):
             raise ValueError("segments: a stateless forward of a model whose mixers all keep documents apart")
-        if cfg.positions == "rope":
+        if cfg.positions == "rope" and state is not None and state.rotary_slots is not None:
+            ctx.rotary = self._rotary_lookup(state.rotary_slots + t, idx.device)  # the state rotates q and k itself
+        elif cfg.positions == "rope":
             if cfg.rope_scaling is not None and cfg.rope_scaling.type == "dynamic":
                 seq_len = int(positions.max()) + 1  # a device sync, so only here
                 inv_freq = rope_inv_freq(cfg, seq_len, idx.device)
@@ -191,18 +194,43 @@ class Transformer(nn.Module):
             tables[key] = cached
         return cached
 
+    def _rotary_lookup(self, length: int, device: torch.device):
+        """positions (B, S) -> cos, sin (B, S, D) for positions below `length` (a cache's own, bounded positions)."""
+        if self.config.rope_scaling is not None and self.config.rope_scaling.type == "dynamic":
+            inv_freq = rope_inv_freq(self.config, length, device)
+            positions = torch.arange(length, device=device)
+            cos_table, sin_table = rope_cos_sin(positions, self.config.dim_per_head, 0.0, inv_freq)
+        else:
+            cos_table, sin_table = self.rope_table(length, device)
+        return lambda positions: (cos_table[positions], sin_table[positions])
+
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats) of targets (B, T) given idx (B, T)."""
         logits = self(idx)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def new_state(self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> ModelState:
+    def new_state(
+        self,
+        batch_size: int,
+        max_len: int | None = None,
+        dtype: torch.dtype | None = None,
+        cache: KVCacheSpec | None = None,
+    ) -> ModelState:
         """Inference state for `batch_size` rows of up to `max_len` positions (default: the context), on the
-        model's device, in its dtype unless `dtype` is given."""
+        model's device, in its dtype unless `dtype` is given. `cache` chooses how attention layers keep keys and
+        values (bounded, quantized, pruned: `KVCacheSpec`); other mixers keep their own state."""
         param = next(self.parameters())
         max_len = max_len or self.config.max_seq_len
-        layers = [
-            block.sequence_mixer.new_state(batch_size, max_len, param.device, dtype or param.dtype)
-            for block in self.layers
-        ]
+        if cache is not None and cache.is_default:
+            cache = None
+        if cache is not None and cache.bounded and self.config.positions == "learned":
+            raise UserError(
+                "--kv-window needs rotary or no position embeddings: this model has a learned table of "
+                f"{self.config.max_seq_len} absolute positions, and a stream past them has none"
+            )
+        layers = []
+        for block in self.layers:
+            mixer = block.sequence_mixer
+            extra = {"cache": cache} if cache is not None and getattr(mixer, "accepts_kv_cache", False) else {}
+            layers.append(mixer.new_state(batch_size, max_len, param.device, dtype or param.dtype, **extra))
         return ModelState(layers, batch_size, max_len)

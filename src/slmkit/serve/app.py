@@ -225,6 +225,7 @@ def create_app(
     allowed_hosts: Iterable[str] | None = None,
     cors_origins: Sequence[str] = (),
     adapters: Mapping[str, str | Path] | None = None,
+    kv_cache: Any = None,
 ) -> FastAPI:
     """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
 
@@ -236,7 +237,8 @@ def create_app(
     allowed_hosts: the hosts the Host header may name (None: any); cors_origins: the origins whose web pages may
     call the API (requests with any other Origin get 403); see `slmkit.serve.guards`. adapters: {served name:
     PEFT LoRA adapter dir} served per request beside the base (see the module docstring); UserError, before the
-    server starts, for a bad name or directory and an adapter for another base.
+    server starts, for a bad name or directory and an adapter for another base. kv_cache: a
+    `slmkit.models.state.KVCacheSpec` for every request (None: the engine's).
     """
     directory: Path | None = None
     if not isinstance(engine_or_model_path, Engine):
@@ -253,7 +255,9 @@ def create_app(
         engine = engine_or_model_path
     else:
         assert directory is not None
-        engine = Engine.load(directory)
+        engine = Engine.load(directory, kv_cache=kv_cache)
+    kv_cache = kv_cache if kv_cache is not None else engine.kv_cache
+    bounded = bool(kv_cache is not None and kv_cache.bounded)
     served = {name: -1, **load_served_adapters(engine.model, lora)}  # model name -> adapter index (-1: the base)
     template = openai.compile_chat_template(openai.load_chat_template(directory))
     eos_token = openai.eos_text(directory)  # what ends earlier assistant turns in a conversation
@@ -261,7 +265,7 @@ def create_app(
     scheduler = Scheduler(
         engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
         request_timeout=request_timeout, metrics=metrics, compile=compile, speculate=speculate,
-        speculate_k=speculate_k, per_row_adapters=bool(lora),
+        speculate_k=speculate_k, per_row_adapters=bool(lora), kv_cache=kv_cache,
     )  # fmt: skip
     pieces = openai.TokenText(engine.tokenizer)
     created = int(time.time())
@@ -421,7 +425,7 @@ def create_app(
         requests = await asyncio.to_thread(  # tokenizing a long prompt must not stall the other clients
             openai.generation_requests, req, prompts, engine.tokenizer, context=engine.config.max_seq_len,
             max_batch=max_batch, default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled,
-            top_logprobs=req.logprobs, adapter=adapter,
+            top_logprobs=req.logprobs, adapter=adapter, bounded=bounded,
         )  # fmt: skip
         jobs, events, cancelled = submit(requests, req.stream)
         reply = Reply.new("completion", req.model, pieces if req.logprobs is not None else None)
@@ -441,6 +445,7 @@ def create_app(
             return openai.generation_requests(
                 req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
                 default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs, adapter=adapter,
+                bounded=bounded,
             )  # fmt: skip
 
         requests = await asyncio.to_thread(prepare)
@@ -472,6 +477,7 @@ def serve(
     allowed_hosts: Sequence[str] | None = None,
     cors_origins: Sequence[str] = (),
     lora: Sequence[str] = (),
+    kv_cache: Any = None,
 ) -> None:
     """Run the server until interrupted (`slm serve`). allowed_hosts None: the loopback names when `host` is a
     loopback address, else any (`default_allowed_hosts`). The address is bound before the model loads, so a bad
@@ -495,7 +501,7 @@ def serve(
             prefill_chunk=prefill_chunk, drain_timeout=drain_timeout, compile=compile, speculate=speculate,
             speculate_k=speculate_k, max_request_bytes=max_request_bytes,
             allowed_hosts=default_allowed_hosts(host) if allowed_hosts is None else allowed_hosts,
-            cors_origins=cors_origins, adapters=adapters,
+            cors_origins=cors_origins, adapters=adapters, kv_cache=kv_cache,
         )  # fmt: skip
     except BaseException:
         sock.close()

@@ -321,12 +321,14 @@ def generation_requests(
     constraint: Any = None,
     top_logprobs: int | None = None,
     adapter: int | None = None,
+    bounded: bool = False,
 ) -> list[GenerationRequest]:
     """One request per (prompt, choice), prompt-major: the list index is the choice's ``index`` in the answer.
 
     context: the model's context in tokens; default_max_tokens: max_tokens when the request has none (None: the
     rest of the context); top_logprobs: None for no logprobs; adapter: the adapter index the request's `model`
-    picked (`GenerationRequest.adapter`). ApiError (400) for what cannot run.
+    picked (`GenerationRequest.adapter`). bounded: the server's KV cache keeps a window (--kv-window), so prompt +
+    max_tokens may exceed the context (max_tokens defaults to the context then). ApiError (400) for what cannot run.
     """
     if len(prompts) * req.n > max_batch:
         what = "prompts x n" if req.n > 1 else "prompts"
@@ -339,7 +341,7 @@ def generation_requests(
     for ids in encode_prompts(tokenizer, prompts):
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        room = context - len(ids)
+        room = context if bounded else context - len(ids)
         if room < 1:
             raise ApiError(
                 400,
@@ -348,7 +350,7 @@ def generation_requests(
                 code="context_length_exceeded",
             )
         max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max_tokens or room, room)
-        if len(ids) + max_tokens > context:
+        if len(ids) + max_tokens > context and not bounded:
             raise ApiError(
                 400,
                 f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds this model's context of {context} "

@@ -97,6 +97,7 @@ class Scheduler:
         speculate: str = "off",
         speculate_k: int = 8,
         per_row_adapters: bool = False,
+        kv_cache: Any = None,
     ) -> None:
         if max_queue < 1:
             raise UserError(f"max queue must be >= 1, got {max_queue}")
@@ -105,7 +106,7 @@ class Scheduler:
         self.batcher = ContinuousBatcher(
             model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, compile=compile,
             speculate=speculate,  # type: ignore[arg-type]  (checked by the batcher)
-            speculate_k=speculate_k, per_row_adapters=per_row_adapters,
+            speculate_k=speculate_k, per_row_adapters=per_row_adapters, kv_cache=kv_cache,
         )  # fmt: skip
         self.max_queue = max_queue
         self.max_batch = max_batch
