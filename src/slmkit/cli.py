@@ -402,14 +402,29 @@ def eval_command(
     ] = False,
     report: Annotated[Path | None, typer.Option(help="Write report.json and report.html into this directory.")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")] = None,
+    lm_eval_tasks: Annotated[
+        list[str],
+        typer.Option("--lm-eval", help="lm-eval task or group name(s) to run through slmkit's adapter (repeatable)."),
+    ] = [],  # noqa: B006
+    lm_eval_include: Annotated[
+        list[Path], typer.Option("--lm-eval-include", help="A directory of local lm-eval task YAMLs (repeatable).")
+    ] = [],  # noqa: B006
 ) -> None:
     """Perplexity and bits/byte on text, task accuracy with 95% CIs, and measured efficiency of MODELS.
 
     With one model and only --data, prints what it always has (a table, or --json: loss, perplexity,
-    bits_per_byte, tokens, bytes).
+    bits_per_byte, tokens, bytes). With --lm-eval, runs lm-eval's own tasks instead (needs the lm-eval extra).
     """
-    from slmkit.eval.cli_support import run_eval_command
+    from slmkit.eval.cli_support import run_eval_command, run_lm_eval_command
 
+    if lm_eval_tasks or lm_eval_include:
+        others = {"--data": data, "--tasks": tasks, "--suite": suite, "--template": template,
+                  "--efficiency": efficiency, "--report": report}  # fmt: skip
+        run_lm_eval_command(
+            models, lm_eval_tasks, lm_eval_include, [k for k, v in others.items() if v], num_fewshot, limit,
+            batch_size, threads, as_json, console=_console(),
+        )  # fmt: skip
+        return
     if report is not None:  # before the evaluation: minutes of work must not end in an unwritable path
         from slmkit.interop.outputs import check_output
 

@@ -147,6 +147,56 @@ def run_eval_command(
             console.print(f"wrote {paths[0]} and {paths[1]}")
 
 
+def run_lm_eval_command(
+    models: list[Path],
+    tasks: list[str],
+    include: list[Path],
+    conflicting: list[str],
+    num_fewshot: int,
+    limit: int | None,
+    batch_size: int,
+    threads: int | None,
+    as_json: bool,
+    console: Any,
+) -> None:
+    """`slm eval MODEL --lm-eval TASK [--lm-eval-include DIR]`: lm-eval's tasks through slmkit's registered adapter
+    (no import by hand), printing lm-eval's own table (or --json: {model: lm-eval's "results"})."""
+    if conflicting:
+        raise UserError(
+            f"--lm-eval runs lm-eval's tasks on their own; {', '.join(conflicting)} belong to slmkit's evaluation: "
+            "run `slm eval` twice"
+        )
+    if not tasks:
+        raise UserError("--lm-eval-include needs --lm-eval TASK (the tasks to run)")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    from slmkit.interop.checkpoint import resolve_model_dir
+
+    directories = [resolve_model_dir(m) for m in models]  # every path checked before minutes of evaluation
+    from slmkit.eval.lm_eval_adapter import evaluate_lm_eval_tasks
+
+    everything = {}
+    for directory in directories:
+        out = evaluate_lm_eval_tasks(
+            str(directory), tasks, [str(d) for d in include], num_fewshot=num_fewshot or None, limit=limit,
+            batch_size=batch_size,
+        )  # fmt: skip
+        everything[str(directory)] = out["results"]
+        if not as_json:
+            from lm_eval.utils import make_table
+
+            console.print(f"[bold]{directory}[/]")
+            print(make_table(out))
+    if as_json:
+        print(json.dumps(everything, default=str))
+
+
 def json_view(report: dict[str, Any]) -> dict[str, Any]:
     """One model: its text scores at the top level (the keys `slm eval --json` always printed) plus
     `tasks` / `efficiency` when asked for. Several models: the whole report."""

@@ -278,10 +278,22 @@ def prefix_token_id(lm: Any) -> int:
     return int(bos) if bos is not None else 0
 
 
+def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """The one rule for a context that ends in whitespace (lm-eval's, so `slm eval --tasks`, slmkit's lm-eval
+    adapter and lm-eval's own backends score the same tokens): the whitespace moves to the start of the
+    continuation before either is tokenised. Byte-level BPE tokenisers attach a space to the word after it
+    (" Paris" is one token, "Paris" after a lone " " is two), so scoring "the " + "Paris" would score a token
+    sequence the model rarely saw in training."""
+    kept = context.rstrip()
+    return kept, context[len(kept) :] + continuation
+
+
 def mc_requests(lm: Any, context: str, continuations: list[str]) -> list[tuple[list[int], list[int]]]:
-    """Token ids for scoring: context (after a document-start token) and each continuation, encoded apart."""
-    ctx = [prefix_token_id(lm), *_encode(lm.tokenizer, context)]
-    return [(ctx, _encode(lm.tokenizer, c)) for c in continuations]
+    """Token ids for scoring: context (after a document-start token) and each continuation, encoded apart, with
+    the context's trailing whitespace moved into every continuation (`move_trailing_whitespace`)."""
+    kept, _ = move_trailing_whitespace(context, "")
+    ctx = [prefix_token_id(lm), *_encode(lm.tokenizer, kept)]
+    return [(ctx, _encode(lm.tokenizer, move_trailing_whitespace(context, c)[1])) for c in continuations]
 
 
 def _resolve_templates(kind: TaskKind, names: Sequence[str] | None) -> list[Template]:
