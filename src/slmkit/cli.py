@@ -409,6 +409,10 @@ def eval_command(
     lm_eval_include: Annotated[
         list[Path], typer.Option("--lm-eval-include", help="A directory of local lm-eval task YAMLs (repeatable).")
     ] = [],  # noqa: B006
+    compare: Annotated[
+        Path | None,
+        typer.Option(help="Base model: report each model's task delta and answer flips (MUSCLE) against it."),
+    ] = None,
 ) -> None:
     """Perplexity and bits/byte on text, task accuracy with 95% CIs, and measured efficiency of MODELS.
 
@@ -419,7 +423,7 @@ def eval_command(
 
     if lm_eval_tasks or lm_eval_include:
         others = {"--data": data, "--tasks": tasks, "--suite": suite, "--template": template,
-                  "--efficiency": efficiency, "--report": report}  # fmt: skip
+                  "--efficiency": efficiency, "--report": report, "--compare": compare}  # fmt: skip
         run_lm_eval_command(
             models, lm_eval_tasks, lm_eval_include, [k for k, v in others.items() if v], num_fewshot, limit,
             batch_size, threads, as_json, console=_console(),
@@ -449,6 +453,7 @@ def eval_command(
         threads,
         console=_console(),
         err_console=_console(stderr=True),
+        compare=compare,
     )
 
 

@@ -52,6 +52,22 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
                         str(t["examples"]),
                     )
         console.print(table)
+    if any(m.get("compare") for m in report["models"]):
+        base = next(m["compare"]["base"] for m in report["models"] if m.get("compare"))
+        table = Table(
+            title=f"against {base}: primary metric, its delta, and answer flips as shares of items "
+            "(lost: right before, wrong now; gained: the reverse)"
+        )
+        for col in ("model", "task", "metric", "base", "value", "delta", "flips", "lost", "gained"):
+            table.add_column(col, justify="left" if col in ("model", "task", "metric") else "right")
+        for m in report["models"]:
+            c = m.get("compare")
+            for t in c["tasks"] if c else []:
+                table.add_row(
+                    m["name"], t["task"], t["metric"], f"{t['base']:.3f}", f"{t['value']:.3f}", f"{t['delta']:+.3f}",
+                    f"{t['flips']:.3f}", f"{t['negative_flips']:.3f}", f"{t['positive_flips']:.3f}",
+                )  # fmt: skip
+        console.print(table)
     if any("efficiency" in m for m in report["models"]):
         table = Table(title="efficiency")
         for col in (
@@ -104,6 +120,7 @@ def run_eval_command(
     threads: int | None,
     console: Any,
     err_console: Any,
+    compare: Path | None = None,
 ) -> None:
     from slmkit.eval.runner import run_eval
 
@@ -133,6 +150,7 @@ def run_eval_command(
         efficiency=efficiency,
         efficiency_options=options,
         on_status=None if as_json else (lambda msg: err_console.print(f"[dim]{msg}[/]")),
+        compare=compare,
     )
     paths = None
     if report_dir is not None:
@@ -206,7 +224,7 @@ def json_view(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "text" in m:
         out.update({k: m["text"][k] for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes")})
-    for key in ("tasks", "efficiency", "quality"):
+    for key in ("tasks", "efficiency", "quality", "compare"):
         if key in m:
             out[key] = m[key]
     out["model"] = m["path"]

@@ -114,6 +114,7 @@ def measure_efficiency(
     import torch
 
     from slmkit.errors import UserError
+    from slmkit.eval.energy import EnergyMeter
     from slmkit.infer.generate import GenerationStats, generate_ids
     from slmkit.loading import LoadedModel, load
 
@@ -135,7 +136,10 @@ def measure_efficiency(
         new = max(2, min(new_tokens, window - prompt_len))
         prompt = _prompt_ids(lm.tokenizer, prompt_len)
         ttft, prefill, decode = [], [], []
+        meter = EnergyMeter(str(next(lm.model.parameters()).device))
         for run in range(repeats + 1):
+            if run == 1:
+                meter.start()  # after the warm-up: the batch-1 runs whose speed is reported
             stats = GenerationStats()
             start = time.perf_counter()
             first = None
@@ -147,6 +151,7 @@ def measure_efficiency(
             ttft.append(first or 0.0)
             prefill.append(prompt_len / stats.prefill_seconds if stats.prefill_seconds > 0 else 0.0)
             decode.append(stats.decode_tokens_per_second)
+        energy = meter.stop()
         batched = [_time_batch_decode(lm.model, prompt, batch_size, new) for _ in range(repeats + 1)][1:]
     param_device = next(lm.model.parameters()).device
     return {
@@ -173,6 +178,9 @@ def measure_efficiency(
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "repeats": repeats,
+        # joules per generated token over the batch-1 runs (prefill included), or None with the reason
+        "energy_joules_per_token": energy.joules / (repeats * new) if energy.joules is not None else None,
+        "energy_source": energy.source,
     }
 
 

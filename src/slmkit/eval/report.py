@@ -136,6 +136,7 @@ _EFFICIENCY_ROWS = [
     ("decode_tokens_per_second", "decode tokens/s, batch 1", 1),
     ("batch_decode_tokens_per_second", "decode tokens/s, batch N", 1),
     ("batch_size", "N (batch size)", 0),
+    ("energy_joules_per_token", "energy per generated token (J, batch 1)", 4),
     ("device_name", "device", 0),
     ("threads", "threads", 0),
 ]

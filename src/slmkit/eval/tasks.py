@@ -344,6 +344,7 @@ def evaluate_task(
     if task.kind == "multiple_choice":
         acc: dict[str, list[float]] = {}
         acc_norm: dict[str, list[float]] = {}
+        answers: dict[str, list[Any]] = {}
         for template in chosen:
             requests, owners = [], []
             for i in indices:
@@ -352,7 +353,7 @@ def evaluate_task(
                 owners.append((i, continuations))
             scores = loglikelihoods(lm.model, requests, batch_size, on_progress)
             pos = 0
-            acc[template.name], acc_norm[template.name] = [], []
+            acc[template.name], acc_norm[template.name], answers[template.name] = [], [], []
             for i, continuations in owners:
                 logprobs = [s for s, _ in scores[pos : pos + len(continuations)]]
                 pos += len(continuations)
@@ -360,11 +361,16 @@ def evaluate_task(
                 answer = task.examples[i]["answer"]
                 acc[template.name].append(float(int(np.argmax(logprobs)) == answer))
                 acc_norm[template.name].append(float(int(np.argmax(per_byte)) == answer))
+                answers[template.name].append(int(np.argmax(per_byte)))  # the primary metric's pick
         result["metrics"] = {"acc": summarize(acc, seed), "acc_norm": summarize(acc_norm, seed)}
+        # per item, for `slm eval --compare` (answer flips): the choice picked, and whether it was right
+        result["items"] = {"answers": answers, "correct": acc_norm}
         result["chance"] = float(np.mean([1 / len(task.examples[i]["choices"]) for i in indices]))
         result["primary_metric"] = "acc_norm"
     else:
-        result["metrics"] = _evaluate_generation(lm, task, chosen, indices, num_fewshot, seed, max_new_tokens)
+        items: dict[str, dict[str, list[Any]]] = {"answers": {}, "correct": {}}
+        result["metrics"] = _evaluate_generation(lm, task, chosen, indices, num_fewshot, seed, max_new_tokens, items)
+        result["items"] = items
         result["primary_metric"] = "exact_match"
         if on_progress is not None:
             on_progress(len(indices) * len(chosen))
@@ -372,7 +378,14 @@ def evaluate_task(
 
 
 def _evaluate_generation(
-    lm: Any, task: Task, templates: list[Template], indices: list[int], num_fewshot: int, seed: int, max_new: int
+    lm: Any,
+    task: Task,
+    templates: list[Template],
+    indices: list[int],
+    num_fewshot: int,
+    seed: int,
+    max_new: int,
+    items: dict[str, dict[str, list[Any]]] | None = None,
 ) -> dict[str, Any]:
     from slmkit.infer.generate import generate_ids
 
@@ -385,6 +398,8 @@ def _evaluate_generation(
     for template in templates:
         for values in metrics.values():
             values[template.name] = []
+        if items is not None:
+            items["answers"][template.name], items["correct"][template.name] = [], []
         for i in indices:
             ex = task.examples[i]
             ids = [prefix_token_id(lm), *_encode(lm.tokenizer, render_gen(task, i, template, num_fewshot, seed))]
@@ -401,6 +416,9 @@ def _evaluate_generation(
                 text = text.split(s)[0] if s in text else text
             target = ex["target"].strip()
             metrics["exact_match"][template.name].append(float(text.strip() == target))
+            if items is not None:
+                items["answers"][template.name].append(text.strip())
+                items["correct"][template.name].append(float(text.strip() == target))
             metrics["contains"][template.name].append(float(target in text))
             if has_regex:
                 hit = "regex" in ex and re.search(ex["regex"], text) is not None
