@@ -392,7 +392,10 @@ def eval_command(
     corpus: Annotated[list[str], typer.Option(help="Text source for the corpus-* built-in tasks (repeatable).")] = [],  # noqa: B006
     suite_size: Annotated[int, typer.Option(help="Examples per built-in task.")] = 100,
     template: Annotated[
-        list[str], typer.Option("--template", help="Prompt template(s): plain, instruct, qa (default: all).")
+        list[str],
+        typer.Option(
+            "--template", help="Prompt template(s): plain, instruct, qa, letters (lettered choices); default: first 3."
+        ),
     ] = [],  # noqa: B006
     num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per prompt (drawn with --seed).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for few-shot draws, built-in tasks and bootstrap.")] = 0,

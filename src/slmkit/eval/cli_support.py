@@ -52,6 +52,14 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
                         str(t["examples"]),
                     )
         console.print(table)
+        for m in report["models"]:
+            for t in m.get("tasks", []):
+                f = t.get("formulations")
+                if f:
+                    console.print(
+                        f"{m['name']} {t['task']}: cloze acc_norm {f['cloze']['value']:.3f}, lettered (MCF) acc "
+                        f"{f['mcf']['value']:.3f}; better: {f['best']}"
+                    )
     if any(m.get("compare") for m in report["models"]):
         base = next(m["compare"]["base"] for m in report["models"] if m.get("compare"))
         table = Table(

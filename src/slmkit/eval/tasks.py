@@ -41,6 +41,9 @@ class Template:
     prompt: str  # uses {context} (multiple choice) or {prompt} (generation)
     answer: str  # uses {choice} (multiple choice) or {target} (generation)
     separator: str = "\n\n"  # between few-shot examples
+    # multiple choice only: the choices are listed in the prompt under letters and the continuations are the
+    # letters (OLMES's "MCF" formulation), instead of the choice texts themselves ("cloze")
+    lettered: bool = False
 
 
 # Three formats that differ the way real prompt formats differ (framing words, separators, spacing).
@@ -48,7 +51,10 @@ MC_TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", "{context}", "{choice}"),
     "instruct": Template("instruct", "Continue the text.\n\n{context}", "{choice}", separator="\n\n###\n\n"),
     "qa": Template("qa", "Question: {context}\nAnswer:", " {choice}"),
+    # opt-in (`--template letters`): not in the default set, whose numbers it would change
+    "letters": Template("letters", "Question: {context}\n{lettered}\nAnswer:", " {choice}", lettered=True),
 }
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GEN_TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", "{prompt}", "{target}"),
     "instruct": Template("instruct", "Continue the text.\n\n{prompt}", "{target}", separator="\n\n###\n\n"),
@@ -153,15 +159,27 @@ def _shots(n: int, index: int, k: int, seed: int) -> list[int]:
     return rng.sample(pool, k)
 
 
+def _mc_prompt(template: Template, ex: dict[str, Any]) -> tuple[str, list[str]]:
+    """One example's prompt and its continuations under `template` (cloze: the choice texts; lettered: the
+    choices listed as " A. text" lines in the prompt, the letters as continuations)."""
+    if not template.lettered:
+        return template.prompt.format(context=ex["context"]), [template.answer.format(choice=c) for c in ex["choices"]]
+    if len(ex["choices"]) > len(LETTERS):
+        raise UserError(f"the letters template takes at most {len(LETTERS)} choices, got {len(ex['choices'])}")
+    listed = "\n".join(f" {LETTERS[k]}. {c.strip()}" for k, c in enumerate(ex["choices"]))
+    prompt = template.prompt.format(context=ex["context"].rstrip(), lettered=listed)
+    return prompt, [template.answer.format(choice=LETTERS[k]) for k in range(len(ex["choices"]))]
+
+
 def render_mc(task: Task, index: int, template: Template, num_fewshot: int, seed: int) -> tuple[str, list[str]]:
     """(context text, continuation texts) of one multiple-choice example."""
     ex = task.examples[index]
-    shots = [
-        template.prompt.format(context=s["context"]) + template.answer.format(choice=s["choices"][s["answer"]])
-        for s in (task.examples[j] for j in _shots(len(task.examples), index, num_fewshot, seed))
-    ]
-    context = "".join(s + template.separator for s in shots) + template.prompt.format(context=ex["context"])
-    return context, [template.answer.format(choice=c) for c in ex["choices"]]
+    shots = []
+    for s in (task.examples[j] for j in _shots(len(task.examples), index, num_fewshot, seed)):
+        prompt, continuations = _mc_prompt(template, s)
+        shots.append(prompt + continuations[s["answer"]])
+    prompt, continuations = _mc_prompt(template, ex)
+    return "".join(s + template.separator for s in shots) + prompt, continuations
 
 
 def render_gen(task: Task, index: int, template: Template, num_fewshot: int, seed: int) -> str:
@@ -298,7 +316,11 @@ def mc_requests(lm: Any, context: str, continuations: list[str]) -> list[tuple[l
 
 def _resolve_templates(kind: TaskKind, names: Sequence[str] | None) -> list[Template]:
     table = MC_TEMPLATES if kind == "multiple_choice" else GEN_TEMPLATES
-    names = list(names) if names else list(table)
+    names = list(names) if names else [n for n, t in table.items() if not t.lettered]
+    if kind == "generation":
+        names = [n for n in names if n != "letters"]  # a multiple-choice formulation: generation tasks skip it
+        if not names:
+            names = list(GEN_TEMPLATES)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise UserError(f"unknown template(s) {unknown}; choose from: {', '.join(table)}")
@@ -363,6 +385,9 @@ def evaluate_task(
                 acc_norm[template.name].append(float(int(np.argmax(per_byte)) == answer))
                 answers[template.name].append(int(np.argmax(per_byte)))  # the primary metric's pick
         result["metrics"] = {"acc": summarize(acc, seed), "acc_norm": summarize(acc_norm, seed)}
+        formulations = _formulations(chosen, acc, acc_norm)
+        if formulations:
+            result["formulations"] = formulations
         # per item, for `slm eval --compare` (answer flips): the choice picked, and whether it was right
         result["items"] = {"answers": answers, "correct": acc_norm}
         result["chance"] = float(np.mean([1 / len(task.examples[i]["choices"]) for i in indices]))
@@ -375,6 +400,26 @@ def evaluate_task(
         if on_progress is not None:
             on_progress(len(indices) * len(chosen))
     return result
+
+
+def _formulations(
+    templates: list[Template], acc: dict[str, list[float]], acc_norm: dict[str, list[float]]
+) -> dict[str, Any] | None:
+    """OLMES-style (Gu et al., 2024): when a task was scored both as cloze (choice texts, normalised per byte:
+    `acc_norm`) and as lettered choices (MCF, the letter's log-prob: `acc`, no normalisation, every letter being
+    one token), both accuracies and the better one. Small models usually do better as cloze; models that learned
+    the lettered format do better there, and reporting only one formulation hides which."""
+    cloze = [t.name for t in templates if not t.lettered]
+    lettered = [t.name for t in templates if t.lettered]
+    if not cloze or not lettered:
+        return None
+    values = {
+        "cloze": {"metric": "acc_norm", "normalization": "per UTF-8 byte of the choice", "templates": cloze,
+                  "value": float(np.mean([np.mean(acc_norm[n]) for n in cloze]))},
+        "mcf": {"metric": "acc", "normalization": "none (one letter token per choice)", "templates": lettered,
+                "value": float(np.mean([np.mean(acc[n]) for n in lettered]))},
+    }  # fmt: skip
+    return {**values, "best": max(values, key=lambda k: values[k]["value"])}
 
 
 def _evaluate_generation(
