@@ -24,7 +24,10 @@ GGML_DEFAULT_N_THREADS = 4
 
 
 def available() -> bool:
-    return importlib.util.find_spec("xllamacpp") is not None
+    try:
+        return importlib.util.find_spec("xllamacpp") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as absent
+        return False
 
 
 class LlamaModelParams(ctypes.Structure):
