@@ -1,10 +1,12 @@
-"""The same model in slmkit and in llama.cpp (through llama-cpp-python and our GGUF export).
+"""The same model in slmkit and in llama.cpp (the prebuilt xllamacpp wheel, on our GGUF export).
 
     python benchmarks/llamacpp_compare.py --model runs/quickstart --text data/val.txt [--dtypes f32 q8_0]
 
-For each GGUF dtype: batch-1 greedy decode tokens/s (llama.cpp vs slmkit fp32) and the perplexity of
-each on the same token windows of --text. Printed ratios: ours / theirs. Needs `llama_cpp`
-(`pip install llama-cpp-python`, which builds llama.cpp from source); exits with a message otherwise.
+For each GGUF dtype: batch-1 greedy decode tokens/s (llama.cpp's in-process llama-server, its own
+`predicted_per_second` timing, vs slmkit fp32) and the perplexity of each on the same token windows of --text
+(llama.cpp's logits through libllama's C API, f32 KV cache; tests/llamacpp_peer.py). Printed ratios: ours /
+theirs. Needs xllamacpp (`make install` pins it; `pip install xllamacpp`, a prebuilt wheel, no build); exits
+with a message otherwise.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # llamacpp_peer: the same peer the tests use
 
 
 def main() -> None:
@@ -31,12 +34,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    try:
-        import llama_cpp
-    except ImportError:
+    from llamacpp_peer import LlamaCppLogits, available, llama_server_greedy
+
+    if not available():
         print(
-            "llama_cpp is not installed: this benchmark compares against llama.cpp through llama-cpp-python.\n"
-            "Install it with `pip install llama-cpp-python` (builds llama.cpp from source), then run again.",
+            "xllamacpp is not installed: this benchmark compares against llama.cpp through its prebuilt wheel.\n"
+            "Install it with `pip install xllamacpp` (the Makefile pins the version the tests use), then run again.",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -84,25 +87,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in args.dtypes:
             path = export_gguf(lm.directory, Path(tmp) / f"model-{dtype}.gguf", dtype)
-            llm = llama_cpp.Llama(
-                str(path), n_ctx=lm.config.max_seq_len, logits_all=True, verbose=False, n_threads=args.threads
-            )
-            total = 0.0
-            for w in windows:
-                llm.reset()
-                llm.eval(w)
-                total += nll(np.array(llm.scores[: len(w)]), w)
+            llm = LlamaCppLogits(path, n_ctx=lm.config.max_seq_len, threads=args.threads)
+            total = sum(nll(llm.logits(w), w) for w in windows)
             theirs_perplexity = math.exp(total / sum(len(w) - 1 for w in windows))
-            rates, theirs_tokens = [], []
-            for _ in range(2):
-                llm.reset()
-                start, theirs_tokens = time.perf_counter(), []
-                for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-                    theirs_tokens.append(token)
-                    if len(theirs_tokens) == n_new:
-                        break
-                rates.append(n_new / (time.perf_counter() - start))
-            theirs_tps = max(rates)
+            llm.close()
+            runs = [llama_server_greedy(path, prompt, n_new, lm.config.max_seq_len, args.threads) for _ in range(2)]
+            theirs_tokens, theirs_tps = max(runs, key=lambda r: r[1])
             same = theirs_tokens == ours_tokens
             print(
                 f"llama.cpp {dtype:<6}     decode {theirs_tps:8.1f} tokens/s   perplexity {theirs_perplexity:.4f}   "
@@ -112,7 +102,6 @@ def main() -> None:
                 f"  ratio slmkit / llama.cpp {dtype}: decode {ours_tps / theirs_tps:.2f}x, "
                 f"perplexity {ours_perplexity / theirs_perplexity:.4f}x"
             )
-            del llm
 
 
 if __name__ == "__main__":

@@ -98,22 +98,12 @@ def rel_err(a, b) -> float:
 
 
 def llama_cpp_eval(path, prompt: list[int]):
-    """A llama.cpp model (llama-cpp-python) of the GGUF file at path, and its logits (T, V) for prompt. The KV
-    cache is f32: llama.cpp's default f16 cache alone moves logits by ~3e-3."""
-    import llama_cpp
-    import numpy as np
+    """llama.cpp (libllama from the xllamacpp wheel, tests/llamacpp_peer.py) on the GGUF file at path: the model
+    and its logits (T, V) for prompt, with an f32 KV cache."""
+    from llamacpp_peer import LlamaCppLogits
 
-    llm = llama_cpp.Llama(
-        str(path),
-        n_ctx=128,
-        logits_all=True,
-        verbose=False,
-        n_threads=2,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-    )
-    llm.eval(prompt)
-    return llm, np.array(llm.scores[: len(prompt)])
+    llm = LlamaCppLogits(path)
+    return llm, llm.logits(prompt)
 
 
 def finetune_config(base, data, **changes):

@@ -544,7 +544,10 @@ def eval_command(
     corpus: Annotated[list[str], typer.Option(help="Text source for the corpus-* built-in tasks (repeatable).")] = [],  # noqa: B006
     suite_size: Annotated[int, typer.Option(help="Examples per built-in task.")] = 100,
     template: Annotated[
-        list[str], typer.Option("--template", help="Prompt template(s): plain, instruct, qa (default: all).")
+        list[str],
+        typer.Option(
+            "--template", help="Prompt template(s): plain, instruct, qa, letters (lettered choices); default: first 3."
+        ),
     ] = [],  # noqa: B006
     num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per prompt (drawn with --seed).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for few-shot draws, built-in tasks and bootstrap.")] = 0,
@@ -567,14 +570,33 @@ def eval_command(
     kv_prune_keys: Annotated[
         float, typer.Option(help="With --efficiency: fraction of key channels pruned per head (ThinK).")
     ] = 0.0,
+    lm_eval_tasks: Annotated[
+        list[str],
+        typer.Option("--lm-eval", help="lm-eval task or group name(s) to run through slmkit's adapter (repeatable)."),
+    ] = [],  # noqa: B006
+    lm_eval_include: Annotated[
+        list[Path], typer.Option("--lm-eval-include", help="A directory of local lm-eval task YAMLs (repeatable).")
+    ] = [],  # noqa: B006
+    compare: Annotated[
+        Path | None,
+        typer.Option(help="Base model: report each model's task delta and answer flips (MUSCLE) against it."),
+    ] = None,
 ) -> None:
     """Perplexity and bits/byte on text, task accuracy with 95% CIs, and measured efficiency of MODELS.
 
     With one model and only --data, prints what it always has (a table, or --json: loss, perplexity,
-    bits_per_byte, tokens, bytes).
+    bits_per_byte, tokens, bytes). With --lm-eval, runs lm-eval's own tasks instead (needs the lm-eval extra).
     """
-    from slmkit.eval.cli_support import run_eval_command
+    from slmkit.eval.cli_support import run_eval_command, run_lm_eval_command
 
+    if lm_eval_tasks or lm_eval_include:
+        others = {"--data": data, "--tasks": tasks, "--suite": suite, "--template": template,
+                  "--efficiency": efficiency, "--report": report, "--compare": compare}  # fmt: skip
+        run_lm_eval_command(
+            models, lm_eval_tasks, lm_eval_include, [k for k, v in others.items() if v], num_fewshot, limit,
+            batch_size, threads, as_json, console=_console(),
+        )  # fmt: skip
+        return
     if report is not None:  # before the evaluation: minutes of work must not end in an unwritable path
         from slmkit.interop.outputs import check_output
 
@@ -602,6 +624,7 @@ def eval_command(
         contamination_data=contamination_data,
         contamination_n=contamination_n,
         kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
+        compare=compare,
     )
 
 

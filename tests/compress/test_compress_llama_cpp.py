@@ -1,7 +1,8 @@
-"""Quantized GGUF files in llama.cpp (through llama-cpp-python): logits close to slmkit's own model.
+"""Quantized GGUF files in llama.cpp (libllama from the prebuilt xllamacpp wheel): logits close to slmkit's own model.
 
-Skipped where `llama_cpp` is not installed (CI does not build it). llama.cpp's q8_0 / q4_1 matmuls also
-round the activations to 8 bits, so the tolerance is loose; a wrong layout would be off by whole units."""
+Skipped where xllamacpp is not installed (`make install` installs the pinned version). llama.cpp's q8_0 / q4_1
+matmuls also round the activations to 8 bits, so the tolerance is loose; a wrong layout would be off by whole
+units."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from llamacpp_peer import available
 from slmkit_testing import llama_cpp_eval
 
-pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.skipif(not available(), reason="xllamacpp (llama.cpp wheel) is not installed")
 
 
 @pytest.mark.parametrize(

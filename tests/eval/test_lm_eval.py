@@ -127,3 +127,85 @@ def test_bad_model_dir(tmp_path):
 
     with pytest.raises(UserError, match="no such model"):
         SlmkitLM(pretrained=str(tmp_path / "missing"))
+
+
+def test_slm_eval_lm_eval_runs_tasks_through_the_adapter(task_dir, tiny_model_dir):
+    """`slm eval MODEL --lm-eval TASKS --lm-eval-include DIR`: no import by hand; the scores are the adapter's."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import slmkit.eval.lm_eval_adapter  # noqa: F401  (registers "slmkit")
+    from slmkit_testing import run_slm
+
+    proc = run_slm("eval", tiny_model_dir, "--lm-eval", "slm_mc,slm_gen", "--lm-eval-include", task_dir, "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)[str(tiny_model_dir)]
+    direct = lm_eval.simple_evaluate(
+        model="slmkit", model_args=f"pretrained={tiny_model_dir}", tasks=["slm_mc", "slm_gen"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )["results"]  # fmt: skip
+    assert results["slm_mc"]["acc,none"] == direct["slm_mc"]["acc,none"]
+    assert results["slm_gen"]["exact_match,none"] == direct["slm_gen"]["exact_match,none"]
+
+    table = run_slm("eval", tiny_model_dir, "--lm-eval", "slm_mc", "--lm-eval-include", task_dir)
+    assert table.returncode == 0 and "slm_mc" in table.stdout and "acc" in table.stdout
+
+
+def test_slm_eval_lm_eval_bad_input(task_dir, tiny_model_dir, monkeypatch):
+    import lm_eval.tasks
+
+    from slmkit.errors import UserError
+    from slmkit.eval.lm_eval_adapter import evaluate_lm_eval_tasks
+    from slmkit_testing import run_slm
+
+    proc = run_slm("eval", tiny_model_dir, "--lm-eval", "slm_mc", "--tasks", "x.jsonl")
+    assert proc.returncode == 2 and proc.stderr.count("error:") == 1 and "--tasks" in proc.stderr
+    proc = run_slm("eval", tiny_model_dir, "--lm-eval-include", task_dir)
+    assert proc.returncode == 2 and "needs --lm-eval" in proc.stderr
+    proc = run_slm("eval", tiny_model_dir, "--lm-eval", "slm_mc", "--lm-eval-include", task_dir / "nope")
+    assert proc.returncode == 2 and "not a directory" in proc.stderr
+    # an unknown name is looked for in lm-eval's own tasks too (skipped here: indexing them takes a minute)
+    quick = functools.partial(lm_eval.tasks.TaskManager, include_defaults=False)
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", quick)
+    with pytest.raises(UserError, match="no task named slm_nope"):
+        evaluate_lm_eval_tasks(str(tiny_model_dir), ["slm_mc,slm_nope"], [str(task_dir)])
+
+
+def test_slm_eval_tasks_and_lm_eval_score_the_same_tokens(task_dir, tiny_model_dir, tmp_path):
+    """One rule for a context's trailing whitespace (it moves into the continuation before tokenising): `slm eval
+    --tasks FILE` and lm-eval (through slmkit's adapter) on the same JSONL give the same log-likelihood for every
+    choice of every item, and so the same acc and acc_norm."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import slmkit.eval.lm_eval_adapter  # noqa: F401  (registers "slmkit")
+    from slmkit.api import load
+    from slmkit.eval.tasks import MC_TEMPLATES, evaluate_task, load_task, loglikelihoods, mc_requests, render_mc
+
+    rows = MC + [
+        {"context": "Small models run on a ", "choices": ["laptop", "cloud", "river"], "answer": 0},
+        {"context": "The loss falls as the model grows\n", "choices": ["larger", "We", "The"], "answer": 1},
+        {"context": "A  ", "choices": ["cat", "dog"], "answer": 0},
+    ]
+    (task_dir / "mc.yaml").write_text(
+        (task_dir / "mc.yaml").read_text().replace(str(task_dir.parent / "mc.jsonl"), str(tmp_path / "ws.jsonl"))
+        + "  - metric: acc_norm\n"
+    )
+    write_jsonl(tmp_path / "ws.jsonl", rows)
+    out = lm_eval.simple_evaluate(
+        model="slmkit", model_args=f"pretrained={tiny_model_dir}", tasks=["slm_mc"], log_samples=True,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), bootstrap_iters=0,
+    )  # fmt: skip
+    lm = load(tiny_model_dir)
+    task = load_task(tmp_path / "ws.jsonl")
+    plain = MC_TEMPLATES["plain"]
+    samples = sorted(out["samples"]["slm_mc"], key=lambda s: s["doc_id"])
+    assert len(samples) == len(rows)
+    for i, sample in enumerate(samples):
+        context, continuations = render_mc(task, i, plain, 0, 0)
+        ours = [score for score, _ in loglikelihoods(lm.model, mc_requests(lm, context, continuations))]
+        theirs = [r[0] for r in sample["filtered_resps"]]
+        assert ours == pytest.approx(theirs, abs=1e-5), (i, context)
+    result = evaluate_task(lm, task, templates=["plain"])
+    assert result["metrics"]["acc"]["mean"] == pytest.approx(out["results"]["slm_mc"]["acc,none"])
+    assert result["metrics"]["acc_norm"]["mean"] == pytest.approx(out["results"]["slm_mc"]["acc_norm,none"])

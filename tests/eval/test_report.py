@@ -146,6 +146,68 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert "Uncaught" not in proc.stderr and "CONSOLE(" not in proc.stderr
 
 
+def _find_image(screen, image) -> tuple[int, int] | None:
+    """(row, column) where image (H, W, 3 uint8) appears in screen at 1:1, or None. A distinctive row of the image
+    is searched for with bytes.find in each screen row, then the whole block is compared (mean |diff| < 2: no
+    resampling, only PNG decode/encode of the same sRGB pixels)."""
+    import numpy as np
+
+    rows = [r for r in range(image.shape[0]) if len(np.unique(image[r].reshape(-1, 3), axis=0)) > 8]
+    probe = rows[len(rows) // 2]
+    needle = image[probe].tobytes()
+    for y in range(probe, screen.shape[0] - image.shape[0] + probe + 1):
+        at = screen[y].tobytes().find(needle)
+        while at >= 0 and at % 3:
+            at = screen[y].tobytes().find(needle, at + 1)
+        if at < 0:
+            continue
+        top, left = y - probe, at // 3
+        block = screen[top : top + image.shape[0], left : left + image.shape[1]].astype(int)
+        if block.shape == image.shape and np.abs(block - image).mean() < 2:
+            return top, left
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Chromium is not installed")
+def test_report_screenshot_shows_every_plot(report, tmp_path):
+    """The page as a browser paints it: every plot embedded in report.html is on the screenshot, pixel for pixel,
+    and the plots contain the Pareto front's red points."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    _, html_path = write_report(report, tmp_path / "out")
+    shot = tmp_path / "shot.png"
+    proc = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--force-device-scale-factor=1", "--force-color-profile=srgb", "--window-size=1200,5000",
+         "--virtual-time-budget=3000", f"--screenshot={shot}", html_path.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and shot.is_file(), proc.stderr[-2000:]
+    screen = np.asarray(Image.open(shot).convert("RGB"))
+    page = html_path.read_text()
+    plots = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(plots) == 3
+    for encoded in plots:
+        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(encoded))).convert("RGB"))
+        assert _find_image(screen, image) is not None, "a plot is missing from the rendered page"
+        red = (np.abs(image.astype(int) - [0xD6, 0x27, 0x28]).sum(-1) < 30).sum()
+        assert red > 50  # the front's points and step line are drawn
+    # and the check can fail: a page whose plots do not decode does not show them
+    broken = tmp_path / "broken.html"
+    broken.write_text(page.replace("data:image/png;base64,", "data:image/png;base64,AAAA"))
+    proc = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--force-device-scale-factor=1", "--force-color-profile=srgb", "--window-size=1200,5000",
+         "--virtual-time-budget=3000", f"--screenshot={shot}", broken.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    screen = np.asarray(Image.open(shot).convert("RGB"))
+    assert _find_image(screen, image) is None
+
+
 # ---- model cards --------------------------------------------------------------------------------
 
 

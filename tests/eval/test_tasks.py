@@ -218,3 +218,28 @@ def test_summarize_spread():
     assert out["by_template"]["c"]["value"] == 0.75
     assert out["ci95"][0] <= 0.5 <= out["ci95"][1]
     json.dumps(out)  # plain JSON types
+
+
+def test_lettered_formulation_and_olmes_summary(lm, mc_task_file):
+    """`letters` lists the choices under letters and scores the letters (OLMES's MCF); with a cloze template too,
+    the result names both accuracies and the better one. It is not in the default templates."""
+    task = load_task(mc_task_file)
+    template = MC_TEMPLATES["letters"]
+    context, continuations = render_mc(task, 2, template, 0, 0)
+    ex = MC_EXAMPLES[2]
+    assert continuations == [" A", " B", " C", " D"][: len(ex["choices"])]
+    assert context == "Question: The transformer uses\n A. attention\n B. glue\n C. paint\n D. x\nAnswer:"
+    shot_context, _ = render_mc(task, 0, template, 1, 0)
+    assert shot_context.count("Answer:") == 2 and "\nAnswer: " in shot_context  # the shot ends in its letter
+
+    result = evaluate_task(lm, task, templates=["plain", "letters"])
+    f = result["formulations"]
+    assert f["cloze"]["value"] == pytest.approx(result["metrics"]["acc_norm"]["by_template"]["plain"]["value"])
+    assert f["mcf"]["value"] == pytest.approx(result["metrics"]["acc"]["by_template"]["letters"]["value"])
+    assert f["best"] == max(("cloze", "mcf"), key=lambda k: f[k]["value"])
+    assert "formulations" not in evaluate_task(lm, task, templates=["plain"])
+    assert evaluate_task(lm, task)["templates"] == ["plain", "instruct", "qa"]
+
+    many = Task("m", "multiple_choice", [{"context": "x", "choices": [f" {i}" for i in range(30)], "answer": 0}] * 2)
+    with pytest.raises(UserError, match="at most 26 choices"):
+        evaluate_task(lm, many, templates=["letters"])

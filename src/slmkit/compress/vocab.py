@@ -92,7 +92,8 @@ class VocabTrim:
         if generation_path.is_file():  # the source's keys (a list of eos ids, sampling defaults) survive, renumbered
             source_generation = json.loads(generation_path.read_text())
             _remap_token_ids(source_generation, table)
-            written = {**written, **source_generation, "max_length": written.get("max_length")}
+            written = {**written, **source_generation}
+            written.pop("max_length", None)  # as checkpoint.write_state_files: transformers warns on every generate
         (directory / "generation_config.json").write_text(json.dumps(written, indent=2) + "\n")
 
     def remap_val(self, data: Any, tokenizer: Any) -> TrimmedVal:

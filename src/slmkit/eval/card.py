@@ -234,6 +234,13 @@ def render_card(directory: Path, entry: dict[str, Any] | None, license: str | No
             f"{costs['batch_decode_tokens_per_second']:.1f} tokens/s (batch {costs['batch_size']}), "
             f"peak RSS {costs['peak_rss_bytes'] / 1e6:.0f} MB"
         )
+        if "energy_source" in costs:
+            joules = costs.get("energy_joules_per_token")
+            lines.append(
+                f"- energy: {joules:.4g} J per generated token (batch 1; {costs['energy_source']})"
+                if joules is not None
+                else f"- energy: {costs['energy_source']}"
+            )
     lines += [
         "",
         "## Intended use and limitations",

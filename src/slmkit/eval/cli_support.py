@@ -63,6 +63,30 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
                         *([contamination_cell(t)] if contaminated else []),
                     )
         console.print(table)
+        for m in report["models"]:
+            for t in m.get("tasks", []):
+                f = t.get("formulations")
+                if f:
+                    console.print(
+                        f"{m['name']} {t['task']}: cloze acc_norm {f['cloze']['value']:.3f}, lettered (MCF) acc "
+                        f"{f['mcf']['value']:.3f}; better: {f['best']}"
+                    )
+    if any(m.get("compare") for m in report["models"]):
+        base = next(m["compare"]["base"] for m in report["models"] if m.get("compare"))
+        table = Table(
+            title=f"against {base}: primary metric, its delta, and answer flips as shares of items "
+            "(lost: right before, wrong now; gained: the reverse)"
+        )
+        for col in ("model", "task", "metric", "base", "value", "delta", "flips", "lost", "gained"):
+            table.add_column(col, justify="left" if col in ("model", "task", "metric") else "right")
+        for m in report["models"]:
+            c = m.get("compare")
+            for t in c["tasks"] if c else []:
+                table.add_row(
+                    m["name"], t["task"], t["metric"], f"{t['base']:.3f}", f"{t['value']:.3f}", f"{t['delta']:+.3f}",
+                    f"{t['flips']:.3f}", f"{t['negative_flips']:.3f}", f"{t['positive_flips']:.3f}",
+                )  # fmt: skip
+        console.print(table)
     if any("efficiency" in m for m in report["models"]):
         table = Table(title="efficiency")
         for col in (
@@ -123,6 +147,7 @@ def run_eval_command(
     contamination_data: Path | None = None,
     contamination_n: int = 13,
     kv_cache: Any = None,
+    compare: Path | None = None,
 ) -> None:
     from slmkit.eval.runner import run_eval
 
@@ -158,6 +183,7 @@ def run_eval_command(
         on_status=None if as_json else (lambda msg: err_console.print(f"[dim]{msg}[/]")),
         contamination_data=contamination_data,
         contamination_n=contamination_n,
+        compare=compare,
     )
     paths = None
     if report_dir is not None:
@@ -172,6 +198,56 @@ def run_eval_command(
             console.print(f"wrote {paths[0]} and {paths[1]}")
 
 
+def run_lm_eval_command(
+    models: list[Path],
+    tasks: list[str],
+    include: list[Path],
+    conflicting: list[str],
+    num_fewshot: int,
+    limit: int | None,
+    batch_size: int,
+    threads: int | None,
+    as_json: bool,
+    console: Any,
+) -> None:
+    """`slm eval MODEL --lm-eval TASK [--lm-eval-include DIR]`: lm-eval's tasks through slmkit's registered adapter
+    (no import by hand), printing lm-eval's own table (or --json: {model: lm-eval's "results"})."""
+    if conflicting:
+        raise UserError(
+            f"--lm-eval runs lm-eval's tasks on their own; {', '.join(conflicting)} belong to slmkit's evaluation: "
+            "run `slm eval` twice"
+        )
+    if not tasks:
+        raise UserError("--lm-eval-include needs --lm-eval TASK (the tasks to run)")
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    from slmkit.interop.checkpoint import resolve_model_dir
+
+    directories = [resolve_model_dir(m) for m in models]  # every path checked before minutes of evaluation
+    from slmkit.eval.lm_eval_adapter import evaluate_lm_eval_tasks
+
+    everything = {}
+    for directory in directories:
+        out = evaluate_lm_eval_tasks(
+            str(directory), tasks, [str(d) for d in include], num_fewshot=num_fewshot or None, limit=limit,
+            batch_size=batch_size,
+        )  # fmt: skip
+        everything[str(directory)] = out["results"]
+        if not as_json:
+            from lm_eval.utils import make_table
+
+            console.print(f"[bold]{directory}[/]")
+            print(make_table(out))
+    if as_json:
+        print(json.dumps(everything, default=str))
+
+
 def json_view(report: dict[str, Any]) -> dict[str, Any]:
     """One model: its text scores at the top level (the keys `slm eval --json` always printed) plus
     `tasks` / `efficiency` when asked for. Several models: the whole report."""
@@ -181,7 +257,7 @@ def json_view(report: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "text" in m:
         out.update({k: m["text"][k] for k in ("loss", "perplexity", "bits_per_byte", "tokens", "bytes")})
-    for key in ("tasks", "efficiency", "quality"):
+    for key in ("tasks", "efficiency", "quality", "compare"):
         if key in m:
             out[key] = m[key]
     out["model"] = m["path"]

@@ -121,6 +121,7 @@ def measure_efficiency(
     import torch
 
     from slmkit.errors import UserError
+    from slmkit.eval.energy import EnergyMeter
     from slmkit.infer.generate import GenerationStats, generate_ids
     from slmkit.loading import LoadedModel, load
 
@@ -142,7 +143,10 @@ def measure_efficiency(
         new = max(2, min(new_tokens, window - prompt_len))
         prompt = _prompt_ids(lm.tokenizer, prompt_len)
         ttft, prefill, decode = [], [], []
+        meter = EnergyMeter(str(next(lm.model.parameters()).device))
         for run in range(repeats + 1):
+            if run == 1:
+                meter.start()  # after the warm-up: the batch-1 runs whose speed is reported
             stats = GenerationStats()
             start = time.perf_counter()
             first = None
@@ -155,6 +159,7 @@ def measure_efficiency(
             ttft.append(first or 0.0)
             prefill.append(prompt_len / stats.prefill_seconds if stats.prefill_seconds > 0 else 0.0)
             decode.append(stats.decode_tokens_per_second)
+        energy = meter.stop()
         batched = [_time_batch_decode(lm.model, prompt, batch_size, new, kv_cache) for _ in range(repeats + 1)][1:]
         state = lm.model.new_state(1, prompt_len + new, **({"cache": kv_cache} if kv_cache is not None else {}))
     param_device = next(lm.model.parameters()).device
@@ -185,6 +190,9 @@ def measure_efficiency(
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "repeats": repeats,
+        # joules per generated token over the batch-1 runs (prefill included), or None with the reason
+        "energy_joules_per_token": energy.joules / (repeats * new) if energy.joules is not None else None,
+        "energy_source": energy.source,
     }
 
 

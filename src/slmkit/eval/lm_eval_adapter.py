@@ -1,7 +1,9 @@
 """slmkit models as an lm-evaluation-harness model type, ``slmkit``.
 
 lm-eval finds model types in its own registry; it has no plugin discovery, so this module must be
-imported before lm-eval looks the name up. Two ways:
+imported before lm-eval looks the name up. Three ways:
+
+    slm eval runs/x/final --lm-eval hellaswag [--lm-eval-include DIR]    (`evaluate_lm_eval_tasks`)
 
     python -m slmkit.eval.lm_eval_adapter --model slmkit --model_args pretrained=runs/x/final --tasks ...
 
@@ -20,10 +22,11 @@ lm-eval is optional (the ``lm-eval`` extra): without it, importing this module i
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 from slmkit.errors import MissingDependency, UserError
-from slmkit.eval.tasks import loglikelihoods, prefix_token_id
+from slmkit.eval.tasks import loglikelihoods, move_trailing_whitespace, prefix_token_id
 from slmkit.optional import require
 
 try:
@@ -80,10 +83,9 @@ class SlmkitLM(LM):
         return self.lm.tokenizer.decode(ids)
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        # as lm-eval's own models do: a trailing space of the context belongs to the continuation
-        spaces = len(context) - len(context.rstrip())
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        # the rule `slm eval --tasks` follows too (as lm-eval's own models do): trailing whitespace of the context
+        # belongs to the continuation
+        context, continuation = move_trailing_whitespace(context, continuation)
         return [self.prefix, *self.tok_encode(context)], self.tok_encode(continuation)
 
     # ---- the three request types -------------------------------------------------------------
@@ -136,6 +138,52 @@ class SlmkitLM(LM):
             results.append(text)
             self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
         return results
+
+
+def evaluate_lm_eval_tasks(
+    model: str,
+    tasks: list[str],
+    include: list[str] | None = None,
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """lm-eval's `simple_evaluate` of `tasks` (lm-eval task or group names; "a,b" splits) on one slmkit model
+    through this adapter: what `slm eval MODEL --lm-eval TASK` runs. `include`: directories of local task YAMLs.
+
+    lm-eval indexes its thousands of built-in task YAMLs (most of a minute on a busy machine) only when a task is
+    not found in `include`. A task neither knows is a UserError naming it. Returns lm-eval's results dict
+    (``results``, ``versions``, ``n-shot``, ``config``, ...).
+    """
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    names = [n.strip() for t in tasks for n in t.split(",") if n.strip()]
+    if not names:
+        raise UserError("--lm-eval: give at least one task name")
+    for directory in include or []:
+        if not Path(directory).is_dir():
+            raise UserError(f"--lm-eval-include: {directory} is not a directory")
+    paths = [str(Path(d).resolve()) for d in include or []]
+    manager = None
+    if paths:
+        manager = TaskManager(include_path=paths, include_defaults=False)
+        if not all(n in manager.all_tasks for n in names):
+            manager = None
+    if manager is None:
+        manager = TaskManager(include_path=paths or None)
+    missing = [n for n in names if n not in manager.all_tasks]
+    if missing:
+        where = f" (looked in lm-eval's own tasks and {', '.join(paths)})" if paths else " (lm-eval's own tasks)"
+        raise UserError(f"lm-eval has no task named {', '.join(missing)}{where}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    args = f"pretrained={model},batch_size={batch_size}" + (f",device={device}" if device else "")
+    return lm_eval.simple_evaluate(
+        model="slmkit", model_args=args, tasks=names, num_fewshot=num_fewshot, limit=limit, task_manager=manager
+    )
 
 
 def main() -> None:

@@ -138,6 +138,7 @@ _EFFICIENCY_ROWS = [
     ("batch_size", "N (batch size)", 0),
     ("kv_cache", "KV cache", 0),
     ("kv_bytes_per_token", "KV cache bytes per token", 0),
+    ("energy_joules_per_token", "energy per generated token (J, batch 1)", 4),
     ("device_name", "device", 0),
     ("threads", "threads", 0),
 ]

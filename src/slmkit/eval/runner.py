@@ -104,12 +104,15 @@ def run_eval(
     on_status: Callable[[str], None] | None = None,
     contamination_data: str | Path | None = None,
     contamination_n: int = 13,
+    compare: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every model on the same text, tasks and efficiency probes; return the report dict.
 
     With `contamination_data` (a prepared data dir), each task result also carries ``contamination``: how many
     of its scored items share a `contamination_n`-gram with that data's train split
-    (:func:`slmkit.data.contamination.contamination`)."""
+    (:func:`slmkit.data.contamination.contamination`). compare: a base model, evaluated first alongside the others
+    (unless it is one of them); each other model's entry gains `compare` (`slmkit.eval.compare.compare_tasks`:
+    accuracy delta and answer flips per task)."""
     from slmkit.eval.builtin import builtin_suite, resolve_tasks
 
     status = on_status or (lambda _msg: None)
@@ -124,6 +127,8 @@ def run_eval(
     task_list = resolve_tasks([str(t) for t in tasks or []], suite_size, seed, corpus_list)
     if suite == "builtin":
         task_list += builtin_suite(suite_size, seed, corpus_list)
+    if compare is not None and not task_list:
+        raise UserError("--compare counts answer flips on tasks: give --tasks or --suite builtin too")
     overlap = _contamination(task_list, contamination_data, contamination_n, limit, status)
     # torch comes in only now: bad input above is reported without waiting for it to import
     import torch
@@ -134,6 +139,15 @@ def run_eval(
     from slmkit.loading import load
 
     loaded = [load(m, device=device) for m in models]
+    base_index = None
+    if compare is not None:
+        base = load(compare, device=device)
+        same = [i for i, lm in enumerate(loaded) if Path(lm.directory).resolve() == Path(base.directory).resolve()]
+        if same:
+            base_index = same[0]
+        else:
+            loaded.insert(0, base)
+            base_index = 0
     names = [model_name(lm.directory) for lm in loaded]
     if len(set(names)) < len(names):
         names = [str(lm.directory) for lm in loaded]
@@ -165,6 +179,13 @@ def run_eval(
                 entry["efficiency"] = measure_efficiency(lm, **opts)
         entry["quality"] = quality_of(entry)
         entries.append(entry)
+    if base_index is not None:
+        from slmkit.eval.compare import compare_tasks
+
+        for i, entry in enumerate(entries):
+            if i != base_index:
+                base_entry = entries[base_index]
+                entry["compare"] = {"base": base_entry["name"], "tasks": compare_tasks(base_entry, entry)}
     return {
         "report_version": REPORT_VERSION,
         "slmkit_version": slmkit_version(),
@@ -179,6 +200,7 @@ def run_eval(
             "suite_size": suite_size,
             "corpus": corpus_list,
             "contamination_data": str(contamination_data) if contamination_data is not None else None,
+            "compare": entries[base_index]["name"] if base_index is not None else None,
         },
         "models": entries,
     }

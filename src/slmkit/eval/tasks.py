@@ -41,6 +41,9 @@ class Template:
     prompt: str  # uses {context} (multiple choice) or {prompt} (generation)
     answer: str  # uses {choice} (multiple choice) or {target} (generation)
     separator: str = "\n\n"  # between few-shot examples
+    # multiple choice only: the choices are listed in the prompt under letters and the continuations are the
+    # letters (OLMES's "MCF" formulation), instead of the choice texts themselves ("cloze")
+    lettered: bool = False
 
 
 # Three formats that differ the way real prompt formats differ (framing words, separators, spacing).
@@ -48,7 +51,10 @@ MC_TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", "{context}", "{choice}"),
     "instruct": Template("instruct", "Continue the text.\n\n{context}", "{choice}", separator="\n\n###\n\n"),
     "qa": Template("qa", "Question: {context}\nAnswer:", " {choice}"),
+    # opt-in (`--template letters`): not in the default set, whose numbers it would change
+    "letters": Template("letters", "Question: {context}\n{lettered}\nAnswer:", " {choice}", lettered=True),
 }
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 GEN_TEMPLATES: dict[str, Template] = {
     "plain": Template("plain", "{prompt}", "{target}"),
     "instruct": Template("instruct", "Continue the text.\n\n{prompt}", "{target}", separator="\n\n###\n\n"),
@@ -153,15 +159,27 @@ def _shots(n: int, index: int, k: int, seed: int) -> list[int]:
     return rng.sample(pool, k)
 
 
+def _mc_prompt(template: Template, ex: dict[str, Any]) -> tuple[str, list[str]]:
+    """One example's prompt and its continuations under `template` (cloze: the choice texts; lettered: the
+    choices listed as " A. text" lines in the prompt, the letters as continuations)."""
+    if not template.lettered:
+        return template.prompt.format(context=ex["context"]), [template.answer.format(choice=c) for c in ex["choices"]]
+    if len(ex["choices"]) > len(LETTERS):
+        raise UserError(f"the letters template takes at most {len(LETTERS)} choices, got {len(ex['choices'])}")
+    listed = "\n".join(f" {LETTERS[k]}. {c.strip()}" for k, c in enumerate(ex["choices"]))
+    prompt = template.prompt.format(context=ex["context"].rstrip(), lettered=listed)
+    return prompt, [template.answer.format(choice=LETTERS[k]) for k in range(len(ex["choices"]))]
+
+
 def render_mc(task: Task, index: int, template: Template, num_fewshot: int, seed: int) -> tuple[str, list[str]]:
     """(context text, continuation texts) of one multiple-choice example."""
     ex = task.examples[index]
-    shots = [
-        template.prompt.format(context=s["context"]) + template.answer.format(choice=s["choices"][s["answer"]])
-        for s in (task.examples[j] for j in _shots(len(task.examples), index, num_fewshot, seed))
-    ]
-    context = "".join(s + template.separator for s in shots) + template.prompt.format(context=ex["context"])
-    return context, [template.answer.format(choice=c) for c in ex["choices"]]
+    shots = []
+    for s in (task.examples[j] for j in _shots(len(task.examples), index, num_fewshot, seed)):
+        prompt, continuations = _mc_prompt(template, s)
+        shots.append(prompt + continuations[s["answer"]])
+    prompt, continuations = _mc_prompt(template, ex)
+    return "".join(s + template.separator for s in shots) + prompt, continuations
 
 
 def render_gen(task: Task, index: int, template: Template, num_fewshot: int, seed: int) -> str:
@@ -278,15 +296,31 @@ def prefix_token_id(lm: Any) -> int:
     return int(bos) if bos is not None else 0
 
 
+def move_trailing_whitespace(context: str, continuation: str) -> tuple[str, str]:
+    """The one rule for a context that ends in whitespace (lm-eval's, so `slm eval --tasks`, slmkit's lm-eval
+    adapter and lm-eval's own backends score the same tokens): the whitespace moves to the start of the
+    continuation before either is tokenised. Byte-level BPE tokenisers attach a space to the word after it
+    (" Paris" is one token, "Paris" after a lone " " is two), so scoring "the " + "Paris" would score a token
+    sequence the model rarely saw in training."""
+    kept = context.rstrip()
+    return kept, context[len(kept) :] + continuation
+
+
 def mc_requests(lm: Any, context: str, continuations: list[str]) -> list[tuple[list[int], list[int]]]:
-    """Token ids for scoring: context (after a document-start token) and each continuation, encoded apart."""
-    ctx = [prefix_token_id(lm), *_encode(lm.tokenizer, context)]
-    return [(ctx, _encode(lm.tokenizer, c)) for c in continuations]
+    """Token ids for scoring: context (after a document-start token) and each continuation, encoded apart, with
+    the context's trailing whitespace moved into every continuation (`move_trailing_whitespace`)."""
+    kept, _ = move_trailing_whitespace(context, "")
+    ctx = [prefix_token_id(lm), *_encode(lm.tokenizer, kept)]
+    return [(ctx, _encode(lm.tokenizer, move_trailing_whitespace(context, c)[1])) for c in continuations]
 
 
 def _resolve_templates(kind: TaskKind, names: Sequence[str] | None) -> list[Template]:
     table = MC_TEMPLATES if kind == "multiple_choice" else GEN_TEMPLATES
-    names = list(names) if names else list(table)
+    names = list(names) if names else [n for n, t in table.items() if not t.lettered]
+    if kind == "generation":
+        names = [n for n in names if n != "letters"]  # a multiple-choice formulation: generation tasks skip it
+        if not names:
+            names = list(GEN_TEMPLATES)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise UserError(f"unknown template(s) {unknown}; choose from: {', '.join(table)}")
@@ -332,6 +366,7 @@ def evaluate_task(
     if task.kind == "multiple_choice":
         acc: dict[str, list[float]] = {}
         acc_norm: dict[str, list[float]] = {}
+        answers: dict[str, list[Any]] = {}
         for template in chosen:
             requests, owners = [], []
             for i in indices:
@@ -340,7 +375,7 @@ def evaluate_task(
                 owners.append((i, continuations))
             scores = loglikelihoods(lm.model, requests, batch_size, on_progress)
             pos = 0
-            acc[template.name], acc_norm[template.name] = [], []
+            acc[template.name], acc_norm[template.name], answers[template.name] = [], [], []
             for i, continuations in owners:
                 logprobs = [s for s, _ in scores[pos : pos + len(continuations)]]
                 pos += len(continuations)
@@ -348,19 +383,54 @@ def evaluate_task(
                 answer = task.examples[i]["answer"]
                 acc[template.name].append(float(int(np.argmax(logprobs)) == answer))
                 acc_norm[template.name].append(float(int(np.argmax(per_byte)) == answer))
+                answers[template.name].append(int(np.argmax(per_byte)))  # the primary metric's pick
         result["metrics"] = {"acc": summarize(acc, seed), "acc_norm": summarize(acc_norm, seed)}
+        formulations = _formulations(chosen, acc, acc_norm)
+        if formulations:
+            result["formulations"] = formulations
+        # per item, for `slm eval --compare` (answer flips): the choice picked, and whether it was right
+        result["items"] = {"answers": answers, "correct": acc_norm}
         result["chance"] = float(np.mean([1 / len(task.examples[i]["choices"]) for i in indices]))
         result["primary_metric"] = "acc_norm"
     else:
-        result["metrics"] = _evaluate_generation(lm, task, chosen, indices, num_fewshot, seed, max_new_tokens)
+        items: dict[str, dict[str, list[Any]]] = {"answers": {}, "correct": {}}
+        result["metrics"] = _evaluate_generation(lm, task, chosen, indices, num_fewshot, seed, max_new_tokens, items)
+        result["items"] = items
         result["primary_metric"] = "exact_match"
         if on_progress is not None:
             on_progress(len(indices) * len(chosen))
     return result
 
 
+def _formulations(
+    templates: list[Template], acc: dict[str, list[float]], acc_norm: dict[str, list[float]]
+) -> dict[str, Any] | None:
+    """OLMES-style (Gu et al., 2024): when a task was scored both as cloze (choice texts, normalised per byte:
+    `acc_norm`) and as lettered choices (MCF, the letter's log-prob: `acc`, no normalisation, every letter being
+    one token), both accuracies and the better one. Small models usually do better as cloze; models that learned
+    the lettered format do better there, and reporting only one formulation hides which."""
+    cloze = [t.name for t in templates if not t.lettered]
+    lettered = [t.name for t in templates if t.lettered]
+    if not cloze or not lettered:
+        return None
+    values = {
+        "cloze": {"metric": "acc_norm", "normalization": "per UTF-8 byte of the choice", "templates": cloze,
+                  "value": float(np.mean([np.mean(acc_norm[n]) for n in cloze]))},
+        "mcf": {"metric": "acc", "normalization": "none (one letter token per choice)", "templates": lettered,
+                "value": float(np.mean([np.mean(acc[n]) for n in lettered]))},
+    }  # fmt: skip
+    return {**values, "best": max(values, key=lambda k: values[k]["value"])}
+
+
 def _evaluate_generation(
-    lm: Any, task: Task, templates: list[Template], indices: list[int], num_fewshot: int, seed: int, max_new: int
+    lm: Any,
+    task: Task,
+    templates: list[Template],
+    indices: list[int],
+    num_fewshot: int,
+    seed: int,
+    max_new: int,
+    items: dict[str, dict[str, list[Any]]] | None = None,
 ) -> dict[str, Any]:
     from slmkit.infer.generate import generate_ids
 
@@ -373,6 +443,8 @@ def _evaluate_generation(
     for template in templates:
         for values in metrics.values():
             values[template.name] = []
+        if items is not None:
+            items["answers"][template.name], items["correct"][template.name] = [], []
         for i in indices:
             ex = task.examples[i]
             ids = [prefix_token_id(lm), *_encode(lm.tokenizer, render_gen(task, i, template, num_fewshot, seed))]
@@ -389,6 +461,9 @@ def _evaluate_generation(
                 text = text.split(s)[0] if s in text else text
             target = ex["target"].strip()
             metrics["exact_match"][template.name].append(float(text.strip() == target))
+            if items is not None:
+                items["answers"][template.name].append(text.strip())
+                items["correct"][template.name].append(float(text.strip() == target))
             metrics["contains"][template.name].append(float(target in text))
             if has_regex:
                 hit = "regex" in ex and re.search(ex["regex"], text) is not None

@@ -125,11 +125,15 @@ def write_state_files(
     save_config(config, directory / "config.json")  # first: a config its family cannot hold fails before any I/O
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     write_weights(to_hf_state_dict(state, config), directory, max_shard_bytes)
+    # Greedy by default, and quiet in transformers: no `max_length` (every `generate(max_new_tokens=...)` would
+    # warn that both are set; the context length is config.json's max_position_embeddings), and the neutral
+    # temperature 1.0 written out, because transformers' text-generation pipeline fills an unset temperature with
+    # its own 0.7, which it then flags as invalid next to do_sample false.
     generation = {
         "bos_token_id": config.bos_token_id,
         "eos_token_id": config.eos_token_id,
-        "max_length": config.max_seq_len,
         "do_sample": False,
+        "temperature": 1.0,
     }
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_dir is not None:

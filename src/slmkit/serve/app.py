@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from slmkit import defaults
 from slmkit.errors import UserError
-from slmkit.infer.batcher import GenerationRequest
+from slmkit.infer.batcher import GenerationRequest, TokenLogprob
 from slmkit.infer.engine import Engine
 from slmkit.serve import openai
 from slmkit.serve.guards import LOOPBACK_HOSTS, Guards
@@ -206,6 +207,24 @@ def load_served_adapters(model: Any, adapters: Mapping[str, Path]) -> dict[str, 
             raise UserError(f"adapter {name!r}: {exc}") from None
         indices[name] = adapter_names(model).index(internal)
     return indices
+
+
+def score_prompt(model: Any, ids: list[int], top: int) -> list[TokenLogprob]:
+    """log p(token | the tokens before it) for every prompt token after the first, with the `top` most likely
+    alternatives at each position: what ``echo`` reports for a prompt. Raw logits (no temperature), one full
+    forward without a cache; the model's forward keeps no state, so it may run beside the scheduler's worker."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=device))[0, :-1].float()  # (T-1, V)
+        logprobs = torch.log_softmax(logits, dim=-1)
+        chosen = logprobs.gather(1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
+        if top:
+            values, indices = logprobs.topk(top, dim=-1)
+            pairs = zip(indices.tolist(), values.tolist(), strict=True)
+            alternatives = [list(zip(i, v, strict=True)) for i, v in pairs]
+        else:
+            alternatives = [[] for _ in chosen]
+    return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(ids[1:], chosen, alternatives, strict=True)]
 
 
 def create_app(
@@ -421,14 +440,29 @@ def create_app(
     async def completions(req: CompletionRequest, request: Request) -> Any:
         adapter = adapter_of(req)
         prompts = openai.completion_prompts(req)
+        if req.echo and adapter not in (None, -1):
+            raise ApiError(400, "echo scores prompts with the base model only", param="echo")
         compiled = await constraint_of(req)
         requests = await asyncio.to_thread(  # tokenizing a long prompt must not stall the other clients
             openai.generation_requests, req, prompts, engine.tokenizer, context=engine.config.max_seq_len,
             max_batch=max_batch, default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled,
-            top_logprobs=req.logprobs, adapter=adapter, bounded=bounded,
+            top_logprobs=req.logprobs, adapter=adapter, bounded=bounded, vocab_size=engine.config.vocab_size,
         )  # fmt: skip
-        jobs, events, cancelled = submit(requests, req.stream)
         reply = Reply.new("completion", req.model, pieces if req.logprobs is not None else None)
+        if req.echo:
+            scored: list[list[TokenLogprob]] = []
+            if req.logprobs is not None:
+                for r in requests[:: req.n]:  # the n choices of a prompt share its scores
+                    prompt_scores = await asyncio.to_thread(score_prompt, engine.model, r.prompt_ids, req.logprobs)
+                    scored += [prompt_scores] * req.n
+            else:
+                scored = [[] for _ in requests]
+            results = None
+            if req.max_tokens != 0:
+                jobs, events, cancelled = submit(requests, False)
+                results = await collect(request, jobs, events, cancelled)
+            return openai.echo_response(reply, requests, scored, results, req.n, engine.tokenizer)
+        jobs, events, cancelled = submit(requests, req.stream)
         if req.stream:
             return streaming(openai.completion_stream(reply, [j.index for j in jobs], req.n), events, cancelled)
         results = await collect(request, jobs, events, cancelled)

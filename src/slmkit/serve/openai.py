@@ -206,8 +206,13 @@ class OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(OpenAIRequest):
-    prompt: Text | list[Text]
+    # text, texts, token ids or lists of token ids (as lm-eval's local-completions sends them)
+    prompt: Text | list[Text] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=5)  # the legacy API: top-k per token (0: the chosen only)
+    # the legacy API's scoring mode: the answer starts with the prompt, and `logprobs` covers the prompt's tokens
+    # (the first one null: nothing precedes it); with max_tokens 0 nothing is generated
+    echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0)
 
 
 class ChatMessage(BaseModel):
@@ -228,13 +233,24 @@ def check_model(req: OpenAIRequest, served: str | Sequence[str]) -> None:
         raise model_not_found(req.model, served)
 
 
-def completion_prompts(req: CompletionRequest) -> list[str]:
-    """The request's prompts (one or a list); streaming takes one."""
-    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+def completion_prompts(req: CompletionRequest) -> list[str | list[int]]:
+    """The request's prompts: texts, or token id lists (a flat list of ints is one prompt); streaming takes one.
+    Also refuses what echo cannot do: max_tokens 0 without echo, echo while streaming."""
+    prompt = req.prompt
+    if isinstance(prompt, str):
+        prompts: list[str | list[int]] = [prompt]
+    elif prompt and all(isinstance(x, int) for x in prompt):
+        prompts = [list(prompt)]  # type: ignore[arg-type]
+    else:
+        prompts = list(prompt)  # type: ignore[arg-type]
     if not prompts:
         raise ApiError(400, "prompt: give at least one prompt", param="prompt")
     if req.stream and len(prompts) != 1:
         raise ApiError(400, "streaming takes a single prompt", param="prompt")
+    if req.max_tokens == 0 and not req.echo:
+        raise ApiError(400, "max_tokens 0 only scores the prompt: it needs echo: true", param="max_tokens")
+    if req.echo and req.stream:
+        raise ApiError(400, "echo is not supported with stream: true", param="echo")
     return prompts
 
 
@@ -303,16 +319,23 @@ def sampling_params(req: OpenAIRequest, choice: int) -> SamplingParams:
         raise ApiError(400, str(exc)) from None
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """The token ids of each prompt (one batch call for several: the tokenizer encodes them in parallel)."""
-    if len(prompts) == 1:
-        return [tokenizer.encode(prompts[0]).ids]
-    return [e.ids for e in tokenizer.encode_batch(list(prompts))]
+def encode_prompts(tokenizer: Any, prompts: Sequence[str | list[int]]) -> list[list[int]]:
+    """The token ids of each prompt (texts in one batch call: the tokenizer encodes them in parallel). Prompts
+    given as token ids are taken as they are (`generation_requests` checks them against the vocabulary)."""
+    texts = [p for p in prompts if isinstance(p, str)]
+    if len(texts) == 1:
+        encoded = iter([tokenizer.encode(texts[0]).ids])
+    else:
+        encoded = iter([e.ids for e in tokenizer.encode_batch(texts)] if texts else [])
+    out = []
+    for p in prompts:
+        out.append(next(encoded) if isinstance(p, str) else list(p))
+    return out
 
 
 def generation_requests(
     req: OpenAIRequest,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[int]],
     tokenizer: Any,
     *,
     context: int,
@@ -322,13 +345,16 @@ def generation_requests(
     top_logprobs: int | None = None,
     adapter: int | None = None,
     bounded: bool = False,
+    vocab_size: int | None = None,
 ) -> list[GenerationRequest]:
     """One request per (prompt, choice), prompt-major: the list index is the choice's ``index`` in the answer.
 
     context: the model's context in tokens; default_max_tokens: max_tokens when the request has none (None: the
     rest of the context); top_logprobs: None for no logprobs; adapter: the adapter index the request's `model`
     picked (`GenerationRequest.adapter`). bounded: the server's KV cache keeps a window (--kv-window), so prompt +
-    max_tokens may exceed the context (max_tokens defaults to the context then). ApiError (400) for what cannot run.
+    max_tokens may exceed the context (max_tokens defaults to the context then). vocab_size: the bound of prompts
+    given as token ids. A request with max_tokens 0 (echo only) is returned with max_new_tokens 0 and is not for the
+    scheduler. ApiError (400) for what cannot run.
     """
     if len(prompts) * req.n > max_batch:
         what = "prompts x n" if req.n > 1 else "prompts"
@@ -341,8 +367,11 @@ def generation_requests(
     for ids in encode_prompts(tokenizer, prompts):
         if not ids:
             raise ApiError(400, "the prompt is empty", param="prompt")
+        bad = [t for t in ids if not 0 <= t < (vocab_size if vocab_size is not None else 2**31)]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (size {vocab_size})", param="prompt")
         room = context if bounded else context - len(ids)
-        if room < 1:
+        if room < (0 if req.max_tokens == 0 else 1):
             raise ApiError(
                 400,
                 f"the prompt has {len(ids)} tokens; this model's context is {context} tokens",
@@ -420,6 +449,53 @@ def completion_logprobs(entries: Sequence[TokenLogprob], pieces: TokenText, prio
         token_logprobs.append(e.logprob)
         top.append({pieces.piece(t)[0]: lp for t, lp in e.top})
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def echo_logprobs(
+    prompt: Sequence[int], scored: Sequence[TokenLogprob], generated: Sequence[TokenLogprob], pieces: TokenText
+) -> dict[str, Any]:
+    """The legacy ``logprobs`` object of an ``echo`` answer: every prompt token, then the generated ones. The
+    first prompt token has nothing before it, so its logprob and alternatives are null (as at OpenAI); `scored`
+    are the others' (`slmkit.serve.app.score_prompt`)."""
+    rest = completion_logprobs([*scored, *generated], pieces, prompt[:1])
+    return {
+        "tokens": [pieces.piece(prompt[0])[0], *rest["tokens"]],
+        "token_logprobs": [None, *rest["token_logprobs"]],
+        "top_logprobs": [None, *rest["top_logprobs"]],
+        "text_offset": [0, *rest["text_offset"]],
+    }
+
+
+def echo_response(
+    reply: Reply,
+    requests: Sequence[GenerationRequest],
+    scored: Sequence[Sequence[TokenLogprob]],
+    results: Sequence[Result] | None,
+    n: int,
+    tokenizer: Any,
+) -> dict[str, Any]:
+    """The ``text_completion`` object of an ``echo`` request: each choice's text is its prompt (decoded) and then
+    what was generated (nothing when max_tokens is 0, results None); `scored`: each request's prompt logprobs."""
+    choices = []
+    for i, request in enumerate(requests):
+        result = results[i] if results is not None else None
+        generated = list(result.logprobs) if result is not None else []
+        choices.append(
+            {
+                "index": i,
+                "text": tokenizer.decode(request.prompt_ids) + (result.text if result is not None else ""),
+                "logprobs": echo_logprobs(request.prompt_ids, scored[i], generated, reply.pieces)
+                if reply.pieces is not None
+                else None,
+                "finish_reason": result.finish_reason if result is not None else "length",
+            }
+        )
+    if results is not None:
+        counts = usage(results, n)
+    else:
+        prompt_tokens = sum(len(r.prompt_ids) for r in requests[::n])
+        counts = {"prompt_tokens": prompt_tokens, "completion_tokens": 0, "total_tokens": prompt_tokens}
+    return {**reply.header("text_completion"), "choices": choices, "usage": counts}
 
 
 def chat_logprobs(entries: Sequence[TokenLogprob], pieces: TokenText) -> dict[str, Any]:
