@@ -28,6 +28,20 @@ data_app = typer.Typer(help="Prepare corpora: train a tokenizer and write token 
 app.add_typer(data_app, name="data")
 
 
+# the KV-cache options `slm generate` and `slm serve` share (see docs/long-context.md)
+KVWindow = Annotated[
+    int | None,
+    typer.Option(help="Keep the last N positions in the KV cache (+ --kv-sinks): constant memory, any length."),
+]
+KVSinks = Annotated[
+    int, typer.Option(help="With --kv-window: also keep the first S positions (attention sinks, StreamingLLM).")
+]
+KVDtype = Annotated[str, typer.Option(help="auto (the model's dtype), int8 or int4: quantized keys and values.")]
+KVPruneKeys = Annotated[
+    float, typer.Option(help="Prune this fraction of each head's key channels (ThinK), chosen at prefill.")
+]
+
+
 def _console(stderr: bool = False):
     from rich.console import Console
 
@@ -451,19 +465,10 @@ def generate(
     verbose: Annotated[
         bool, typer.Option("--verbose", help="Print timing, acceptance rate and speedup after the text.")
     ] = False,
-    kv_window: Annotated[
-        int | None,
-        typer.Option(help="Keep the last N positions in the KV cache (+ --kv-sinks): constant memory, any length."),
-    ] = None,
-    kv_sinks: Annotated[
-        int, typer.Option(help="With --kv-window: also keep the first S positions (attention sinks, StreamingLLM).")
-    ] = 0,
-    kv_dtype: Annotated[
-        str, typer.Option(help="auto (the model's dtype), int8 or int4: quantized keys and values.")
-    ] = "auto",
-    kv_prune_keys: Annotated[
-        float, typer.Option(help="Prune this fraction of each head's key channels (ThinK), chosen at prefill.")
-    ] = 0.0,
+    kv_window: KVWindow = None,
+    kv_sinks: KVSinks = 0,
+    kv_dtype: KVDtype = "auto",
+    kv_prune_keys: KVPruneKeys = 0.0,
 ) -> None:
     """Continue PROMPT with MODEL, streaming text to the terminal (or JSON lines for --prompts-file / --json)."""
     from slmkit.infer.constrained import constraint_from_options
@@ -1325,19 +1330,10 @@ def serve(
             "requests for different adapters share one batch); repeatable.",
         ),
     ] = None,
-    kv_window: Annotated[
-        int | None,
-        typer.Option(help="Keep the last N positions in the KV cache (+ --kv-sinks): constant memory, any length."),
-    ] = None,
-    kv_sinks: Annotated[
-        int, typer.Option(help="With --kv-window: also keep the first S positions (attention sinks, StreamingLLM).")
-    ] = 0,
-    kv_dtype: Annotated[
-        str, typer.Option(help="auto (the model's dtype), int8 or int4: quantized keys and values.")
-    ] = "auto",
-    kv_prune_keys: Annotated[
-        float, typer.Option(help="Prune this fraction of each head's key channels (ThinK), chosen at prefill.")
-    ] = 0.0,
+    kv_window: KVWindow = None,
+    kv_sinks: KVSinks = 0,
+    kv_dtype: KVDtype = "auto",
+    kv_prune_keys: KVPruneKeys = 0.0,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
     batching; with --lora, LoRA adapters per request beside the base."""

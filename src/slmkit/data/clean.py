@@ -24,14 +24,10 @@ per line, NAME the source's file or folder stem) and ``report.json``; `slm data 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -43,7 +39,7 @@ import numpy as np
 
 from slmkit.data.sources import BUILTIN_PREFIX, SourceStats, iter_documents, resolve_sources
 from slmkit.errors import UserError
-from slmkit.interop.outputs import clean_stale_temporaries, files_per_umask, temp_prefix, use_umask
+from slmkit.interop.outputs import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -439,7 +435,7 @@ def clean(
     texts: dict[int, str] = {}
     kept_per_source = [0] * len(sources)
     out = Path(out).expanduser()
-    with _replacing(out) as tmp:
+    with atomic_directory(out) as tmp:
         handles = {}
         try:
             for number, (source, text) in enumerate(_read(sources, text_field, SourceStats(log_skips=False))):
@@ -490,29 +486,6 @@ def clean(
         (tmp / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
     logger.info("cleaned %d documents into %s: %d kept", len(docs), out, report.kept)
     return report
-
-
-@contextlib.contextmanager
-def _replacing(final: Path) -> Iterator[Path]:
-    """A temporary directory beside `final` that replaces it on success (a killed run leaves `final` as it was).
-    Like slmkit.interop.checkpoint.atomic_directory, without the torch that module imports."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(final.parent, final.name)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
-    try:
-        use_umask(tmp, directory=True)
-        yield tmp
-        files_per_umask(tmp)
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _reason_order() -> list[str]:

@@ -10,14 +10,11 @@ a half-written directory under the final name, and the previous one stays loadab
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +22,8 @@ import torch
 from slmkit.config import ModelConfig
 from slmkit.errors import UserError
 from slmkit.interop.hf import from_hf_state_dict, load_config, save_config, to_hf_state_dict
-from slmkit.interop.outputs import clean_stale_temporaries, temp_prefix, use_umask
+from slmkit.interop.outputs import atomic_directory as atomic_directory  # where model dirs have always found it
+from slmkit.interop.outputs import use_umask
 
 log = logging.getLogger(__name__)
 
@@ -33,44 +31,6 @@ WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default shard size
-
-
-@contextlib.contextmanager
-def atomic_directory(final: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success it replaces `final` in one rename.
-
-    On any exception the temporary directory is removed and `final` is untouched. Temporaries of earlier
-    writes that were killed are cleaned up first (see `slmkit.interop.outputs.clean_stale_temporaries`).
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(final.parent, final.name)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final.name), dir=final.parent))
-    try:
-        use_umask(tmp, directory=True)
-        yield tmp
-        _fsync_dir_files(tmp)
-        if final.exists():
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            try:
-                os.replace(tmp, final)
-            except BaseException:
-                os.replace(old, final)  # the previous directory goes back under its name
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def write_weights(state: dict[str, torch.Tensor], directory: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
