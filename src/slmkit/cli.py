@@ -201,6 +201,9 @@ def train(
         str | None, typer.Option(help="loss: weight each sequence by softmax(its loss / temperature); none (default).")
     ] = None,
     reweight_temperature: Annotated[float | None, typer.Option(help="Temperature of --reweight loss.")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest).")
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -230,6 +233,7 @@ def train(
         "curriculum": curriculum,
         "reweight": reweight,
         "reweight_temperature": reweight_temperature,
+        "optimizer": optimizer,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:

@@ -47,7 +47,7 @@ from slmkit.train.checkpoints import (
 )
 from slmkit.train.config import TrainConfig
 from slmkit.train.objectives import LanguageModeling, Metrics, Objective
-from slmkit.train.optim import lr_at, make_optimizer
+from slmkit.train.optim import lr_at, make_optimizer, seq_len_at
 from slmkit.train.validation import token_nats
 
 log = logging.getLogger(__name__)
@@ -525,15 +525,20 @@ class _Session:
         t0 = time.perf_counter()
         lr = lr_at(cfg, c.step, self.budget.progress(c.step, c.tokens, c.flops, c.elapsed))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group may keep its own ratio to the schedule
+        length = seq_len_at(cfg, c.step)  # sequence-length warm-up: the windows' first `length` tokens
+        tokens_this_step = self.tokens_per_step * length // cfg.seq_len
         loss_sum: torch.Tensor | float = 0.0
         metric_sums: dict[str, torch.Tensor] | None = None  # only objectives that report metrics pay for them
         for micro_step in range(cfg.grad_accum):
             batch = self.sampler.next_batch(cfg.batch_size)
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            if length < x.shape[1]:
+                x, y = x[:, :length], y[:, :length]
             forward = self.forward
             if len(batch) > 2 and batch[2]:  # packed samples: their segments and positions
-                forward = functools.partial(forward, **{k: v.to(self.device) for k, v in batch[2].items()})
+                extra = {k: v.to(self.device)[:, :length] for k, v in batch[2].items()}
+                forward = functools.partial(forward, **extra)
             with distributed.sync_gradients(self.wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
                 with self.autocast():
                     loss, metrics = self.objective.loss(forward, x, y)
@@ -556,8 +561,8 @@ class _Session:
                 f"(now {cfg.lr}) or raise --warmup-steps; the last checkpoint is intact"
             )
         c.step += 1
-        c.tokens += self.tokens_per_step
-        c.flops += self.tokens_per_step * self.flops_per_token
+        c.tokens += tokens_this_step
+        c.flops += tokens_this_step * self.flops_per_token
         c.elapsed += dt
         self.losses.append(train_loss)
         record = {
@@ -568,8 +573,8 @@ class _Session:
             "tokens": c.tokens,
             "flops": c.flops,
             "elapsed": c.elapsed,
-            "tokens_per_second": self.tokens_per_step / dt,
-            "mfu": self.tokens_per_step * self.flops_per_token / dt / self.peak,
+            "tokens_per_second": tokens_this_step / dt,
+            "mfu": tokens_this_step * self.flops_per_token / dt / self.peak,
             "epoch": self.sampler.epoch,
             "progress": self.budget.progress(c.step, c.tokens, c.flops, c.elapsed),
         }

@@ -1,0 +1,107 @@
+"""Optimizers and recipe switches: Muon's parameter groups, its training and exact resume; each switch's effect."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from slmkit.config import preset
+from slmkit.errors import UserError
+from slmkit.models import build_model
+from slmkit.train.config import TrainConfig
+from slmkit.train.loop import train
+from slmkit.train.optim import MuonWithAdamW, make_optimizer, muon_param_names, seq_len_at
+from slmkit_testing import tiny_train_config as cfg
+
+
+def test_muon_takes_hidden_matrices_only():
+    model = build_model(preset("tiny", tie_embeddings=False, qkv_bias=True))
+    names = muon_param_names(model)
+    expected = [
+        f"layers.{i}.{part}"
+        for i in range(2)
+        for part in (
+            "self_attn.q_proj.weight",
+            "self_attn.k_proj.weight",
+            "self_attn.v_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_proj.weight",
+            "mlp.up_proj.weight",
+            "mlp.down_proj.weight",
+        )
+    ]
+    assert sorted(names) == sorted(expected)
+    opt = make_optimizer(model, cfg(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(opt, MuonWithAdamW)
+    muon, adamw = opt.optimizers
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(by_id[id(p)] for g in muon.param_groups for p in g["params"]) == sorted(expected)
+    rest = {by_id[id(p)] for g in adamw.param_groups for p in g["params"]}
+    assert {"embed_tokens.weight", "lm_head.weight", "norm.weight", "layers.0.self_attn.q_proj.bias"} <= rest
+    assert not rest & set(expected)
+    assert len(rest) + len(expected) == len(list(model.parameters()))
+
+
+def test_muon_groups_of_other_layers():
+    # experts' projections are linear layers (Muon); a mamba layer's A_log and conv stay with AdamW; tied head too
+    moe = muon_param_names(build_model(preset("micro-moe", n_layers=1)))
+    assert "layers.0.mlp.experts.3.down_proj.weight" in moe and "layers.0.mlp.gate.weight" in moe
+    mamba = muon_param_names(build_model(preset("micro-mamba", n_layers=1)))
+    assert "layers.0.mixer.in_proj.weight" in mamba
+    assert not {"layers.0.mixer.A_log", "layers.0.mixer.conv1d.weight", "embed_tokens.weight"} & set(mamba)
+
+
+def test_muon_lowers_the_loss(data_dir, tmp_path):
+    result = train(cfg(max_steps=30, lr=5e-3, optimizer="muon"), data_dir, tmp_path / "run")
+    first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
+    assert last < first - 0.5
+
+
+def test_muon_resume_equals_uninterrupted(data_dir, tmp_path):
+    full = train(cfg(max_steps=8, optimizer="muon"), data_dir, tmp_path / "full")
+    part = train(cfg(max_steps=8, optimizer="muon", save_interval=4), data_dir, tmp_path / "part")
+    assert part.losses == full.losses
+    shutil.rmtree(tmp_path / "part" / "final")
+    resumed = train(TrainConfig(), data_dir, tmp_path / "part", resume=True)
+    assert resumed.losses == full.losses[4:]  # bitwise: momentum buffers and Adam moments restored by name
+    a = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=False)["optimizer"]
+    b = torch.load(tmp_path / "part" / "final" / "trainer_state.pt", weights_only=False)["optimizer"]
+    name = "layers.0.self_attn.q_proj.weight"
+    assert "momentum_buffer" in a["state"][name]
+    assert torch.equal(a["state"][name]["momentum_buffer"], b["state"][name]["momentum_buffer"])
+
+
+def test_muon_lr_scale_follows_the_schedule(data_dir, tmp_path):
+    # the loop sets every group's lr from the schedule each step; Muon's keeps its ratio
+    c = cfg(max_steps=3, optimizer="muon", muon_lr_scale=0.5, warmup_steps=0, min_lr_ratio=0.5)
+    train(c, data_dir, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "final" / "trainer_state.pt", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x][-1]
+    assert last["lr"] < c.lr  # the schedule moved
+    assert [g["lr"] for g in groups] == [0.5 * last["lr"], last["lr"]]
+
+
+def test_bad_recipe_values():
+    with pytest.raises(UserError, match="optimizer must be adamw or muon"):
+        cfg(optimizer="sgd")
+    with pytest.raises(UserError, match="muon does not work under strategy fsdp"):
+        cfg(optimizer="muon", strategy="fsdp")
+    with pytest.raises(UserError, match="muon_momentum"):
+        cfg(muon_momentum=1.0)
+    with pytest.raises(UserError, match="seq_len_warmup_start"):
+        cfg(seq_len_warmup_steps=10, seq_len_warmup_start=64)  # seq_len is 32
+
+
+def test_seq_len_warmup(data_dir, tmp_path):
+    c = cfg(seq_len=64, model={"max_seq_len": 64}, seq_len_warmup_steps=4, seq_len_warmup_start=16)
+    assert [seq_len_at(c, s) for s in range(6)] == [16, 16, 32, 48, 64, 64]
+    result = train(dataclass_replace(c, max_steps=6), data_dir, tmp_path / "run")
+    assert result.tokens == 4 * (16 + 16 + 32 + 48 + 64 + 64)  # batch 4: the tokens actually trained on
+
+
+def dataclass_replace(c, **changes):
+    import dataclasses
+
+    return dataclasses.replace(c, **changes)
