@@ -173,7 +173,8 @@ def export_model(
     if family in NATIVE_FAMILIES:
         raise UserError(
             f"{directory}: a {family}-format model (mixers: {', '.join(sorted(model.config.mixers))}; or slmkit-only "  # type: ignore[union-attr]
-            "switches such as logit_softcap) has no transformers class; Hugging Face export covers the llama, mistral, qwen2, qwen3, gpt2, mamba, mamba2 and "
+            "switches such as logit_softcap) has no transformers class; Hugging Face export covers the llama, "
+            "mistral, qwen2, qwen3, gpt2, mamba, mamba2 and "
             "mixtral families"
         )
     out = Path(out)

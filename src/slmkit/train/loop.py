@@ -237,7 +237,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         name = torch.cuda.get_device_name(device)
         for pattern, label, flops in GPU_PEAK_FLOPS:
             if re.search(pattern, name):
-                return flops, f"{label} {str(dtype).removeprefix('torch.')} peak {flops / 1e12:.0f} TFLOP/s (data sheet)"
+                kind = str(dtype).removeprefix("torch.")
+                return flops, f"{label} {kind} peak {flops / 1e12:.0f} TFLOP/s (data sheet)"
     measured = measure_peak_flops(device, dtype)
     return measured, f"measured matmul peak {measured / 1e12:.3g} TFLOP/s"
 
