@@ -1,0 +1,214 @@
+"""The training recipe, one switch at a time: time to reach the val bits per byte today's recipe reaches.
+
+Every arm trains the same preset on the same prepared data (`builtin:pystdlib` unless --data is given) for the
+same wall-clock budget (--minutes, the loop's own step time: evaluations are not counted), from the same seed
+and data order, and is scored every --eval-interval steps on the same validation windows. The baseline is
+today's recipe (AdamW, SwiGLU, scaled random init, tied head); its final val bpb is the target. Each other arm
+changes one thing (Muon; ReLU^2; zero-initialised output projections; logit soft-capping; an untied head; q/k
+norm; sequence-length warm-up) or all of them together ("combined"). Printed per arm: final val bpb, optimizer
+steps, and the seconds to first reach the target, with the speed-up over the baseline.
+
+The peer arm is transformers' LlamaForCausalLM (the baseline's architecture, loaded from its saved config) with
+AdamW at the best of a small learning-rate sweep (--hf-lrs), the same batches, schedule, wall time and scoring.
+
+    PYTHONPATH=src OMP_NUM_THREADS=2 python benchmarks/train_recipe.py --minutes 5 --threads 2
+    PYTHONPATH=src python benchmarks/train_recipe.py --minutes 1 --arms adamw,muon --hf-lrs 3e-3  # a quick check
+
+Wall-clock arms are only comparable on an otherwise idle machine: the load averages are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from _common import hardware
+
+# each arm: (TrainConfig changes, ModelConfig changes) on top of the baseline; family slmkit where a switch has no
+# Hugging Face family (it changes nothing in the forward pass)
+ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "adamw (today)": ({}, {}),
+    "muon": ({"optimizer": "muon"}, {}),
+    "relu2": ({}, {"activation": "relu2"}),
+    "zero_init_proj": ({}, {"zero_init_proj": True}),
+    "logit_softcap 30": ({}, {"logit_softcap": 30.0, "family": "slmkit"}),
+    "untied head": ({}, {"tie_embeddings": False}),
+    "qk_norm": ({}, {"qk_norm": True, "family": "slmkit"}),
+    "seq_len warm-up": ({"seq_len_warmup_steps": 100, "seq_len_warmup_start": 64}, {}),
+}
+ARMS["combined"] = (
+    {k: v for changes, _ in ARMS.values() for k, v in changes.items()},
+    {k: v for _, changes in ARMS.values() for k, v in changes.items()},
+)
+SHORT = {"adamw": "adamw (today)", "softcap": "logit_softcap 30", "untied": "untied head", "warmup": "seq_len warm-up"}
+
+
+def val_curve(run_dir: Path) -> list[tuple[float, float]]:
+    """(elapsed training seconds, val bpb) at every evaluation of a run."""
+    elapsed, curve = 0.0, []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "elapsed" in record:
+            elapsed = record["elapsed"]
+        if "val_bits_per_byte" in record:
+            curve.append((elapsed, record["val_bits_per_byte"]))
+    return curve
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    return next((t for t, bpb in curve if bpb <= target), None)
+
+
+class _Logits(torch.nn.Module):
+    """transformers' model as slmkit's scorer calls it: logits of input ids."""
+
+    def __init__(self, hf: torch.nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=x).logits
+
+
+def hf_run(base: Any, data: Any, model_dir: Path, lr: float) -> tuple[list[tuple[float, float]], int]:
+    """LlamaForCausalLM from `model_dir` (the baseline's initial weights) trained with AdamW at `lr` by a plain
+    loop with the baseline's batches, schedule, clipping and wall-clock budget; its val bpb curve and steps."""
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.train.batches import WindowSampler
+    from slmkit.train.optim import lr_at, param_groups
+    from slmkit.train.validation import token_nats
+
+    cfg = dataclasses.replace(base, lr=lr)
+    torch.manual_seed(cfg.seed)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").train()
+    model = _Logits(hf)
+    groups = param_groups(hf, cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    sampler = WindowSampler(data.train, cfg.seq_len, cfg.seed)
+    budget = cfg.max_minutes * 60
+    bytes_per_token = data.bytes_per_token("val")
+    elapsed, step, curve = 0.0, 0, []
+    while elapsed < budget:
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg, step, elapsed / budget)
+        x, y = sampler.next_batch(cfg.batch_size)[:2]
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed += time.perf_counter() - t0
+        step += 1
+        if step % cfg.eval_interval == 0 or elapsed >= budget:
+            windows = cfg.eval_batches * cfg.batch_size
+            nats, count = token_nats(model, data.val, cfg.seq_len, cfg.batch_size, windows)
+            curve.append((elapsed, nats / count / math.log(2) / bytes_per_token))
+    return curve, step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=5.0, help="training wall time of every arm")
+    parser.add_argument("--preset", default="micro")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak lr of every slmkit arm (AdamW and Muon alike)")
+    parser.add_argument("--eval-interval", type=int, default=20)
+    parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--arms", default="all", help="comma-separated arm names (adamw, muon, relu2, ...) or all")
+    parser.add_argument("--hf-lrs", default="1e-3,3e-3,1e-2", help="AdamW lrs of the LlamaForCausalLM sweep; '' skips")
+    parser.add_argument("--data", type=Path, default=None, help="a prepared data dir (default: builtin:pystdlib)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from slmkit.data.prepare import prepare
+    from slmkit.data.shards import load_data_dir
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.models import build_model
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.loop import train
+
+    names = list(ARMS) if args.arms == "all" else [SHORT.get(a.strip(), a.strip()) for a in args.arms.split(",")]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown:
+        raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if "adamw (today)" not in names:
+        names.insert(0, "adamw (today)")  # the target comes from it
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = args.data
+        if data_dir is None:
+            data_dir = Path(tmp) / "data"
+            t0 = time.perf_counter()
+            prepare(["builtin:pystdlib"], data_dir, vocab_size=4096, val_fraction=0.02)
+            print(f"prepared builtin:pystdlib in {time.perf_counter() - t0:.0f} s")
+        data = load_data_dir(data_dir)
+        base = TrainConfig(
+            preset=args.preset,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            warmup_steps=20,
+            max_minutes=args.minutes,
+            eval_interval=args.eval_interval,
+            eval_batches=args.eval_batches,
+            save_interval=10**9,
+            keep_checkpoints=1,
+            device="cpu",
+            threads=args.threads,
+        )
+        results: dict[str, tuple[list[tuple[float, float]], int]] = {}
+        for name in names:
+            train_changes, model_changes = ARMS[name]
+            cfg = dataclasses.replace(base, **train_changes, model=dict(model_changes))
+            run = Path(tmp) / f"run{len(results)}"
+            result = train(cfg, data_dir, run)
+            results[name] = (val_curve(run), result.step)
+            print(f"  {name}: {result.step} steps, val bpb {results[name][0][-1][1]:.4f}", flush=True)
+        hf_lrs = [float(x) for x in args.hf_lrs.split(",") if x.strip()]
+        if hf_lrs:
+            model_cfg = base.model_config(data.vocab_size).replace(
+                bos_token_id=data.eot_token_id, eos_token_id=data.eot_token_id
+            )
+            torch.manual_seed(base.seed)
+            model = build_model(model_cfg)
+            model.init_weights(seed=base.seed)
+            save_model(model, Path(tmp) / "init", tokenizer_dir=data_dir)
+            sweep = {}
+            for lr in hf_lrs:
+                sweep[lr] = hf_run(base, data, Path(tmp) / "init", lr)
+                print(f"  LlamaForCausalLM lr {lr:g}: {sweep[lr][1]} steps, val bpb {sweep[lr][0][-1][1]:.4f}")
+            best = min(sweep, key=lambda lr: sweep[lr][0][-1][1])
+            results[f"HF Llama AdamW lr {best:g}"] = sweep[best]
+
+    target = results["adamw (today)"][0][-1][1]
+    base_time = time_to(results["adamw (today)"][0], target)
+    load = os.getloadavg()
+    print(f"hardware: {hardware()}")
+    print(f"load averages (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"{args.preset}, batch {args.batch_size} x {args.seq_len}, lr {args.lr:g}, {args.minutes:g} min per arm, "
+        f"target: today's final val bpb {target:.4f}"
+    )
+    print(f"| {'arm':<28} | {'val bpb':>8} | {'steps':>6} | {'s to target':>11} | {'speed-up':>8} |")
+    print(f"|{'-' * 30}|{'-' * 10}:|{'-' * 7}:|{'-' * 12}:|{'-' * 9}:|")
+    for name, (curve, steps) in results.items():
+        reach = time_to(curve, target)
+        shown = f"{reach:.1f}" if reach is not None else "not reached"
+        speedup = f"{base_time / reach:.2f}x" if reach and base_time else "-"
+        print(f"| {name:<28} | {curve[-1][1]:>8.4f} | {steps:>6} | {shown:>11} | {speedup:>8} |")
+
+
+if __name__ == "__main__":
+    main()
