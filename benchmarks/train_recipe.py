@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from _common import hardware
 
 # each arm: (TrainConfig changes, ModelConfig changes) on top of the baseline; family slmkit where a switch has no
@@ -202,7 +203,7 @@ def main() -> None:
         f"target: today's final val bpb {target:.4f}"
     )
     print(f"| {'arm':<28} | {'val bpb':>8} | {'steps':>6} | {'s to target':>11} | {'speed-up':>8} |")
-    print(f"|{'-' * 30}|{'-' * 10}:|{'-' * 7}:|{'-' * 12}:|{'-' * 9}:|")
+    print(f"|{'-' * 30}|{'-' * 9}:|{'-' * 7}:|{'-' * 12}:|{'-' * 9}:|")
     for name, (curve, steps) in results.items():
         reach = time_to(curve, target)
         shown = f"{reach:.1f}" if reach is not None else "not reached"
