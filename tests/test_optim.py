@@ -137,6 +137,14 @@ def test_relu2_is_squared_relu_and_loads_in_transformers(tmp_path):
         torch.testing.assert_close(theirs(idx).logits, model(idx), atol=1e-4, rtol=1e-4)
 
 
+def test_relu2_is_refused_by_gguf_export():
+    pytest.importorskip("gguf")
+    from slmkit.interop.gguf import check_exportable
+
+    with pytest.raises(UserError, match="llama architecture needs a silu MLP without biases, not relu2"):
+        check_exportable(preset("tiny", activation="relu2"))
+
+
 def test_zero_init_proj_starts_projections_at_zero():
     plain, zeroed = tiny(), tiny(zero_init_proj=True)
     for name, p in zeroed.named_parameters():
