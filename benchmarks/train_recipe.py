@@ -6,13 +6,15 @@ and data order, and is scored every --eval-interval steps on the same validation
 today's recipe (AdamW, SwiGLU, scaled random init, tied head); its final val bpb is the target. Each other arm
 changes one thing (Muon; ReLU^2; zero-initialised output projections; logit soft-capping; an untied head; q/k
 norm; sequence-length warm-up) or all of them together ("combined"). Printed per arm: final val bpb, optimizer
-steps, and the seconds to first reach the target, with the speed-up over the baseline.
+steps, the seconds and steps to first reach the target, and the speed-up in seconds over the baseline. With
+--steps every arm trains the same number of steps instead: steps to the target then do not depend on the load.
 
 The peer arm is transformers' LlamaForCausalLM (the baseline's architecture, loaded from its saved config) with
 AdamW at the best of a small learning-rate sweep (--hf-lrs), the same batches, schedule, wall time and scoring.
 
     PYTHONPATH=src OMP_NUM_THREADS=2 python benchmarks/train_recipe.py --minutes 5 --threads 2
     PYTHONPATH=src python benchmarks/train_recipe.py --minutes 1 --arms adamw,muon --hf-lrs 3e-3  # a quick check
+    PYTHONPATH=src python benchmarks/train_recipe.py --steps 200 --preset tiny  # equal steps: quality, not speed
 
 Wall-clock arms are only comparable on an otherwise idle machine: the load averages are printed with the table.
 """
@@ -52,20 +54,23 @@ ARMS["combined"] = (
 SHORT = {"adamw": "adamw (today)", "softcap": "logit_softcap 30", "untied": "untied head", "warmup": "seq_len warm-up"}
 
 
-def val_curve(run_dir: Path) -> list[tuple[float, float]]:
-    """(elapsed training seconds, val bpb) at every evaluation of a run."""
+Curve = list[tuple[float, int, float]]  # (elapsed training seconds, step, val bpb) at every evaluation
+
+
+def val_curve(run_dir: Path) -> Curve:
     elapsed, curve = 0.0, []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "elapsed" in record:
             elapsed = record["elapsed"]
         if "val_bits_per_byte" in record:
-            curve.append((elapsed, record["val_bits_per_byte"]))
+            curve.append((elapsed, record["step"], record["val_bits_per_byte"]))
     return curve
 
 
-def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
-    return next((t for t, bpb in curve if bpb <= target), None)
+def reach(curve: Curve, target: float) -> tuple[float, int] | None:
+    """(seconds, steps) when the curve first reaches `target` bpb, if it does."""
+    return next(((t, step) for t, step, bpb in curve if bpb <= target), None)
 
 
 class _Logits(torch.nn.Module):
@@ -79,7 +84,7 @@ class _Logits(torch.nn.Module):
         return self.hf(input_ids=x).logits
 
 
-def hf_run(base: Any, data: Any, model_dir: Path, lr: float) -> tuple[list[tuple[float, float]], int]:
+def hf_run(base: Any, data: Any, model_dir: Path, lr: float) -> tuple[Curve, int]:
     """LlamaForCausalLM from `model_dir` (the baseline's initial weights) trained with AdamW at `lr` by a plain
     loop with the baseline's batches, schedule, clipping and wall-clock budget; its val bpb curve and steps."""
     from transformers import AutoModelForCausalLM
@@ -95,13 +100,18 @@ def hf_run(base: Any, data: Any, model_dir: Path, lr: float) -> tuple[list[tuple
     groups = param_groups(hf, cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
     sampler = WindowSampler(data.train, cfg.seq_len, cfg.seed)
-    budget = cfg.max_minutes * 60
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     bytes_per_token = data.bytes_per_token("val")
     elapsed, step, curve = 0.0, 0, []
-    while elapsed < budget:
+    steps = cfg.max_steps or math.inf
+
+    def done() -> bool:
+        return elapsed >= budget or step >= steps
+
+    while not done():
         t0 = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(cfg, step, elapsed / budget)
+            group["lr"] = lr_at(cfg, step, step / steps if cfg.max_steps else elapsed / budget)
         x, y = sampler.next_batch(cfg.batch_size)[:2]
         logits = model(x)
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
@@ -111,16 +121,18 @@ def hf_run(base: Any, data: Any, model_dir: Path, lr: float) -> tuple[list[tuple
         opt.zero_grad(set_to_none=True)
         elapsed += time.perf_counter() - t0
         step += 1
-        if step % cfg.eval_interval == 0 or elapsed >= budget:
+        if step % cfg.eval_interval == 0 or done():
             windows = cfg.eval_batches * cfg.batch_size
             nats, count = token_nats(model, data.val, cfg.seq_len, cfg.batch_size, windows)
-            curve.append((elapsed, nats / count / math.log(2) / bytes_per_token))
+            curve.append((elapsed, step, nats / count / math.log(2) / bytes_per_token))
     return curve, step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="training wall time of every arm")
+    parser.add_argument("--steps", type=int, default=None, help="a step budget instead of --minutes (load-proof)")
+    parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--preset", default="micro")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -160,8 +172,9 @@ def main() -> None:
             seq_len=args.seq_len,
             batch_size=args.batch_size,
             lr=args.lr,
-            warmup_steps=20,
-            max_minutes=args.minutes,
+            warmup_steps=args.warmup_steps,
+            max_minutes=None if args.steps else args.minutes,
+            max_steps=args.steps,
             eval_interval=args.eval_interval,
             eval_batches=args.eval_batches,
             save_interval=10**9,
@@ -169,14 +182,14 @@ def main() -> None:
             device="cpu",
             threads=args.threads,
         )
-        results: dict[str, tuple[list[tuple[float, float]], int]] = {}
+        results: dict[str, tuple[Curve, int]] = {}
         for name in names:
             train_changes, model_changes = ARMS[name]
             cfg = dataclasses.replace(base, **train_changes, model=dict(model_changes))
             run = Path(tmp) / f"run{len(results)}"
             result = train(cfg, data_dir, run)
             results[name] = (val_curve(run), result.step)
-            print(f"  {name}: {result.step} steps, val bpb {results[name][0][-1][1]:.4f}", flush=True)
+            print(f"  {name}: {result.step} steps, val bpb {results[name][0][-1][2]:.4f}", flush=True)
         hf_lrs = [float(x) for x in args.hf_lrs.split(",") if x.strip()]
         if hf_lrs:
             model_cfg = base.model_config(data.vocab_size).replace(
@@ -189,26 +202,29 @@ def main() -> None:
             sweep = {}
             for lr in hf_lrs:
                 sweep[lr] = hf_run(base, data, Path(tmp) / "init", lr)
-                print(f"  LlamaForCausalLM lr {lr:g}: {sweep[lr][1]} steps, val bpb {sweep[lr][0][-1][1]:.4f}")
-            best = min(sweep, key=lambda lr: sweep[lr][0][-1][1])
+                print(f"  LlamaForCausalLM lr {lr:g}: {sweep[lr][1]} steps, val bpb {sweep[lr][0][-1][2]:.4f}")
+            best = min(sweep, key=lambda lr: sweep[lr][0][-1][2])
             results[f"HF Llama AdamW lr {best:g}"] = sweep[best]
 
-    target = results["adamw (today)"][0][-1][1]
-    base_time = time_to(results["adamw (today)"][0], target)
+    target = results["adamw (today)"][0][-1][2]
+    base_reach = reach(results["adamw (today)"][0], target)
     load = os.getloadavg()
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
     print(f"hardware: {hardware()}")
     print(f"load averages (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(
-        f"{args.preset}, batch {args.batch_size} x {args.seq_len}, lr {args.lr:g}, {args.minutes:g} min per arm, "
+        f"{args.preset}, batch {args.batch_size} x {args.seq_len}, lr {args.lr:g}, {budget} per arm, "
         f"target: today's final val bpb {target:.4f}"
     )
-    print(f"| {'arm':<28} | {'val bpb':>8} | {'steps':>6} | {'s to target':>11} | {'speed-up':>8} |")
-    print(f"|{'-' * 30}|{'-' * 9}:|{'-' * 7}:|{'-' * 12}:|{'-' * 9}:|")
+    header = ("arm", "val bpb", "steps", "s to target", "steps to it", "speed-up")
+    print("| {:<28} | {:>8} | {:>6} | {:>11} | {:>11} | {:>8} |".format(*header))
+    print(f"|{'-' * 30}|{'-' * 9}:|{'-' * 7}:|{'-' * 12}:|{'-' * 12}:|{'-' * 9}:|")
     for name, (curve, steps) in results.items():
-        reach = time_to(curve, target)
-        shown = f"{reach:.1f}" if reach is not None else "not reached"
-        speedup = f"{base_time / reach:.2f}x" if reach and base_time else "-"
-        print(f"| {name:<28} | {curve[-1][1]:>8.4f} | {steps:>6} | {shown:>11} | {speedup:>8} |")
+        got = reach(curve, target)
+        seconds = f"{got[0]:.1f}" if got else "not reached"
+        to_step = f"{got[1]}" if got else "-"
+        speedup = f"{base_reach[0] / got[0]:.2f}x" if got and base_reach else "-"
+        print(f"| {name:<28} | {curve[-1][2]:>8.4f} | {steps:>6} | {seconds:>11} | {to_step:>11} | {speedup:>8} |")
 
 
 if __name__ == "__main__":
