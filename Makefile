@@ -12,6 +12,8 @@ PEFT_VERSION := 0.21.2
 XGRAMMAR_VERSION := 0.2.8
 # the merge parity tests (tests/test_merge.py) compare `slm merge` with mergekit's results; it pulls no torch
 MERGEKIT_VERSION := 0.1.5
+# `slm data clean`'s near-dup removal (the `clean` extra) and its tests; pulls no torch
+DATASKETCH_VERSION := 2.0.0
 
 .PHONY: run test install lint bench clean
 
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: the CPU build on this machine's disk, not a multi-GB CUDA download
 	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install --quiet -e '.[dev]' torch==$(TORCH_VERSION) transformers==$(TRANSFORMERS_VERSION) peft==$(PEFT_VERSION) mergekit==$(MERGEKIT_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[dev]' torch==$(TORCH_VERSION) transformers==$(TRANSFORMERS_VERSION) peft==$(PEFT_VERSION) mergekit==$(MERGEKIT_VERSION) datasketch==$(DATASKETCH_VERSION)
 	# xgrammar (the `constrained` extra) without its GPU-only triton requirement: of its other needs slmkit's
 	# dependencies hold all but apache-tvm-ffi
 	$(BIN)/python -m pip install --quiet 'apache-tvm-ffi>=0.1.11'

@@ -135,3 +135,24 @@ def finetune_config(base, data, **changes):
         seed=3,
     )
     return FinetuneConfig(**{**options, **changes})
+
+
+def mixed_data_dir(root, corpus_file, vocab_size: int = 512):
+    """A data dir of three domains: papers (the shared corpus), code (slmkit's own data modules) and numbers."""
+    import json
+    from pathlib import Path
+
+    from slmkit.data.prepare import prepare
+
+    root = Path(root)
+    code = root / "code"
+    code.mkdir(parents=True)
+    for path in sorted((SRC / "slmkit" / "data").glob("*.py")):
+        (code / path.name).write_text(path.read_text())
+    numbers = root / "numbers.jsonl"
+    with numbers.open("w") as fh:
+        for i in range(300):
+            fh.write(json.dumps({"text": " ".join(str(i * k % 97) for k in range(1, 40))}) + "\n")
+    out = root / "data"
+    prepare([str(code), str(corpus_file), str(numbers)], out, vocab_size=vocab_size, val_fraction=0.1, chunk_chars=2000)
+    return out

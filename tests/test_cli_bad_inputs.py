@@ -163,6 +163,23 @@ ROWS: dict[str, list[list[str]]] = {
         ["data", "prepare", "{small_text}", "--out", "{tmp}/p4", "--val-fraction", "-0.1"],
         ["data", "prepare", "{small_text}", "--out", "{tmp}/p5", "--chunk-chars", "-1"],
     ],
+    "data mix-search": [
+        ["data", "mix-search", "{missing}", "--target", "papers", "--steps", "2", "--out", "{tmp}/x1"],
+        ["data", "mix-search", "{data}", "--target", "poetry", "--steps", "2", "--out", "{tmp}/x2"],
+        ["data", "mix-search", "{data}", "--target", "papers", "--steps", "2", "--out", "{tmp}/x3"],  # one domain
+        ["data", "mix-search", "{data}", "--target", "papers", "--steps", "2", "--bootstrap", "-1"],
+    ],
+    "data clean": [
+        ["data", "clean", "{missing}", "--out", "{tmp}/dc1"],
+        ["data", "clean", "{small_text}", "--out", "{tmp}/dc2", "--near-dup-threshold", "1.5"],
+        ["data", "clean", "{small_text}", "--out", "{tmp}/dc3", "--threshold", "nope=1"],
+    ],
+    "data contamination": [
+        ["data", "contamination", "{missing}", "--tasks", "{binary}"],
+        ["data", "contamination", "{data}"],
+        ["data", "contamination", "{data}", "--tasks", "{binary}"],
+        ["data", "contamination", "{data}", "--tasks", "{missing}", "--n", "0"],
+    ],
     "scaling fit": [
         ["scaling", "fit", "{missing}"],
         ["scaling", "fit", "{binary}"],

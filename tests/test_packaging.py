@@ -63,6 +63,18 @@ def test_extras_match_the_install_hints():
         assert extra.install == f"pip install '{extra.requirement}'"
 
 
+def test_datasketch_extra_admits_the_makefile_pin():
+    """`slm data clean`'s near dedup: a range in the `clean` and `dev` extras, the exact version in the Makefile."""
+    pins = makefile_pins()
+    extras = metadata()["optional-dependencies"]
+    for name in ("clean", "dev"):
+        requirement = requirements(extras[name])["datasketch"]
+        assert requirement.specifier.contains(pins["DATASKETCH"]), (name, requirement, pins)
+        assert not any(s.operator == "==" for s in requirement.specifier)
+    install = next(line for line in (ROOT / "Makefile").read_text().splitlines() if "-e '.[dev]'" in line)
+    assert "datasketch==$(DATASKETCH_VERSION)" in install.split()
+
+
 @pytest.mark.skipif(MAKE is None, reason="make is not installed")
 def test_makefile_installs_the_pins_torch_first(tmp_path):
     pins = makefile_pins()

@@ -95,8 +95,107 @@ def _print_data_summary(out: Path, meta: dict[str, Any]) -> None:
             f"{s['bytes'] / max(s['tokens'], 1):.2f}",
         )
     _console().print(table)
+    if len(meta.get("domains", ())) > 1:
+        domains = Table(title="domains (train --mix NAME=SHARE,...)")
+        for col in ("domain", "source", "train tokens", "val tokens", "share"):
+            domains.add_column(col, justify="left" if col in ("domain", "source") else "right")
+        total = max(sum(d["tokens"] for d in meta["domains"]), 1)
+        for d in meta["domains"]:
+            domains.add_row(
+                d["name"],
+                d["source"],
+                f"{d['splits']['train']['tokens']:,}",
+                f"{d['splits']['val']['tokens']:,}",
+                f"{d['tokens'] / total:.1%}",
+            )
+        _console().print(domains)
     if meta.get("skipped_files"):
         _console(stderr=True).print(f"[yellow]skipped {meta['skipped_files']} unreadable or non-UTF-8 file(s)[/]")
+
+
+@data_app.command("mix-search")
+def data_mix_search(
+    data: Annotated[Path, typer.Argument(help="Data dir with domains (one source each), from `slm data prepare`.")],
+    target: Annotated[str, typer.Option(help="The domain whose val loss the mixture should minimise.")],
+    proxies: Annotated[int, typer.Option(help="Proxy runs, each on a random (Dirichlet) mixture.")] = 32,
+    budget_minutes: Annotated[
+        float | None, typer.Option(help="Wall-clock minutes of proxy training, all proxies together.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps of each proxy (instead of a budget).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Search dir (plan, proxies, result.json, plot); default runs/mix-search-TARGET.")
+    ] = None,
+    write_config: Annotated[
+        Path | None, typer.Option(help="Write the chosen mixture as a training config (YAML, for --config).")
+    ] = None,
+    domains: Annotated[
+        str | None,
+        typer.Option(help="Domains to mix, comma separated (default all; leave --target out to hold it out)."),
+    ] = None,
+    law: Annotated[str, typer.Option(help="Mixing law: auto (lower leave-one-out error), exp or quadratic.")] = "auto",
+    size: Annotated[str, typer.Option(help="Proxy model shape WIDTHxDEPTH.")] = "64x2",
+    seq_len: Annotated[int, typer.Option(help="Tokens per proxy training sequence.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per proxy step.")] = 16,
+    val_windows: Annotated[int, typer.Option(help="Val windows per domain every proxy is evaluated on.")] = 64,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap refits for the uncertainty of the choice.")] = 100,
+    seed: Annotated[int, typer.Option(help="Seed of the mixtures and the proxies.")] = 1337,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for training.")] = None,
+) -> None:
+    """RegMix: train tiny proxies on random mixtures of DATA's domains, fit a mixing law to the target's val loss,
+    and report the best mixture (re-run the same command to resume)."""
+    from slmkit.scaling.mixsearch import MixSearchSettings, run_mix_search
+    from slmkit.scaling.mixsearch import write_config as write_mix_config
+
+    settings = MixSearchSettings(
+        size=size,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        val_windows=val_windows,
+        seed=seed,
+        device=device,
+        threads=threads,
+    )
+    err = _console(stderr=True)
+
+    def progress(done: int, total: int, record: dict[str, Any]) -> None:
+        shares = ", ".join(f"{k}={v:.2f}" for k, v in record["realised"].items() if v)
+        err.print(f"proxy {done}/{total}: {target} val loss {record['val_loss'][target]:.4f} ({shares})")
+
+    names = [d.strip() for d in domains.split(",") if d.strip()] if domains else None
+    result = run_mix_search(
+        data,
+        out or Path("runs") / f"mix-search-{target}",
+        target,
+        proxies=proxies,
+        budget_minutes=budget_minutes,
+        steps=steps,
+        domains=names,
+        law=law,
+        bootstrap=bootstrap,
+        settings=settings,
+        progress=progress,
+    )
+    if result.interrupted or result.result is None:
+        err.print("interrupted; re-run the same command to resume the search")
+        raise typer.Exit(130)
+    summary = result.result
+    best = summary["best"]
+    mix_text = ",".join(f"{k}={v:g}" for k, v in best["mix"].items())
+    lo, hi = best["predicted_val_loss_90"]
+    interval = f", 90% bootstrap {lo:.4f}..{hi:.4f}" if lo is not None else ""
+    print(
+        f"best mixture for {target}: --mix {mix_text}  (predicted val loss {best['predicted_val_loss']:.4f}"
+        f"{interval}; {summary['fit']['law']} law, LOO RMSE {summary['fit']['loo_rmse']:.4f})"
+    )
+    for name in ("natural", "uniform"):
+        print(f"  {name}: predicted val loss {summary[name]['predicted_val_loss']:.4f}")
+    if best["bootstrap_refits"]:
+        spread = ", ".join(f"{k} ±{v:.3f}" for k, v in best["share_std"].items())
+        print(f"  share spread over {best['bootstrap_refits']} bootstrap refits: {spread}")
+    print(f"wrote {result.out / 'result.json'} and {result.out / 'mixsearch.png'}")
+    if write_config is not None:
+        print(f"wrote {write_mix_config(summary, write_config)} (slm train --config it)")
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -136,6 +235,27 @@ def _parse_replay(value: str | None) -> dict[str, Any]:
             f"--replay expects DATA_DIR:FRACTION with a fraction in (0, 1), e.g. data/old:0.1; got {value!r}"
         )
     return {"replay": directory, "replay_fraction": share}
+
+
+def parse_mix(value: str | None) -> dict[str, Any]:
+    """`--mix code=0.7,papers=0.3` as the `mix` training option (shares checked by TrainConfig)."""
+    if value is None:
+        return {}
+    mix: dict[str, float] = {}
+    for item in value.split(","):
+        name, sep, share = item.partition("=")
+        name = name.strip()
+        try:
+            number = float(share)
+        except ValueError:
+            number = math.nan
+        if not sep or not name or not math.isfinite(number) or name in mix:
+            raise UserError(
+                f"--mix expects DOMAIN=SHARE,... with each domain once and numeric shares, e.g. code=0.7,papers=0.3; "
+                f"got {value!r}"
+            )
+        mix[name] = number
+    return {"mix": mix}
 
 
 @app.command()
@@ -201,6 +321,14 @@ def train(
         str | None, typer.Option(help="loss: weight each sequence by softmax(its loss / temperature); none (default).")
     ] = None,
     reweight_temperature: Annotated[float | None, typer.Option(help="Temperature of --reweight loss.")] = None,
+    mix: Annotated[
+        str | None,
+        typer.Option(
+            help="DOMAIN=SHARE,...: draw batches from DATA's domains (its sources) at these shares, e.g. "
+            "--mix code=0.7,papers=0.3 (normalised to sum to 1; unnamed domains unused); realised shares are logged "
+            "as share/DOMAIN, each domain's val loss as val_loss/DOMAIN."
+        ),
+    ] = None,
     optimizer: Annotated[
         str | None, typer.Option(help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest).")
     ] = None,
@@ -233,6 +361,7 @@ def train(
         "curriculum": curriculum,
         "reweight": reweight,
         "reweight_temperature": reweight_temperature,
+        **parse_mix(mix),
         "optimizer": optimizer,
     }
     given = {k: v for k, v in options.items() if v is not None}
@@ -406,6 +535,11 @@ def eval_command(
     ] = False,
     report: Annotated[Path | None, typer.Option(help="Write report.json and report.html into this directory.")] = None,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: torch's choice).")] = None,
+    contamination_data: Annotated[
+        Path | None,
+        typer.Option(help="A data dir (what the model trained on): report each task's n-gram overlap with it."),
+    ] = None,
+    contamination_n: Annotated[int, typer.Option(help="Words per n-gram of --contamination-data.")] = 13,
 ) -> None:
     """Perplexity and bits/byte on text, task accuracy with 95% CIs, and measured efficiency of MODELS.
 
@@ -438,6 +572,8 @@ def eval_command(
         threads,
         console=_console(),
         err_console=_console(stderr=True),
+        contamination_data=contamination_data,
+        contamination_n=contamination_n,
     )
 
 
@@ -457,6 +593,92 @@ def card(
     check_output(resolve_model_dir(model) / "README.md", "file", overwrite=True, option="card")
     path = write_card(model, report, license)
     print(path)
+
+
+@data_app.command("clean")
+def data_clean(
+    sources: Annotated[
+        list[str], typer.Argument(help="Files (.txt .md .jsonl .parquet .py), directories, or builtin:pystdlib.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Output directory: NAME.jsonl per source and report.json.")],
+    near_dup_threshold: Annotated[
+        float, typer.Option(help="Drop a document whose MinHash Jaccard with a kept one is at least this, in (0, 1).")
+    ] = 0.8,
+    quality: Annotated[
+        bool, typer.Option("--quality/--no-quality", help="Apply the heuristic quality rules (off for code).")
+    ] = True,
+    threshold: Annotated[
+        list[str], typer.Option("--threshold", help="Change one quality threshold, NAME=VALUE (repeatable).")
+    ] = [],  # noqa: B006
+    text_field: Annotated[str, typer.Option(help="Field of .jsonl records / column of .parquet files.")] = "text",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
+) -> None:
+    """Drop low-quality documents, exact and near duplicates of SOURCES; write the rest and a report to --out.
+
+    The report (report.json, or --json) counts what was dropped per reason, with examples; `slm data prepare OUT`
+    reads the kept documents. See docs/data.md for the rules and their default thresholds.
+    """
+    from slmkit.data.clean import QualityThresholds, check_threshold, clean
+    from slmkit.interop.outputs import check_output
+
+    check_threshold(near_dup_threshold)
+    thresholds = QualityThresholds.parse(threshold)
+    check_output(out, "dir", overwrite=overwrite)
+    err = _console(stderr=True)
+    report = clean(
+        sources,
+        out,
+        near_dup_threshold=near_dup_threshold,
+        quality=quality,
+        thresholds=thresholds,
+        text_field=text_field,
+        on_status=(lambda msg: err.print(f"[dim]{msg}[/]")) if err.is_terminal and not as_json else None,
+    )
+    if as_json:
+        print(json.dumps(report.to_dict(), ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{out}: kept {report.kept:,} of {report.documents:,} documents")
+    for col in ("dropped because", "documents", "example"):
+        table.add_column(col, justify="right" if col == "documents" else "left")
+    for reason, count in report.dropped.items():
+        example = report.examples.get(reason, [{}])[0]
+        table.add_row(reason, f"{count:,}", f"{example.get('detail', '')}: {example.get('text', '')[:60]}")
+    _console().print(table)
+    _console().print(f"report: {out / 'report.json'}")
+
+
+@data_app.command("contamination")
+def data_contamination(
+    data: Annotated[Path, typer.Argument(help="A data dir from `slm data prepare` (its train split is read).")],
+    tasks: Annotated[
+        list[str], typer.Option("--tasks", help="Task file (.jsonl) or built-in task name (repeatable).")
+    ] = [],  # noqa: B006
+    n: Annotated[int, typer.Option("--n", help="Words per n-gram (13 as GPT-3; smaller for short items).")] = 13,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Share of each task's items that share an n-gram of normalised words with the training data."""
+    from slmkit.data.contamination import check_n, contamination
+    from slmkit.eval.builtin import resolve_tasks
+
+    check_n(n)
+    if not tasks:
+        raise UserError("no tasks given; pass one or more task files with --tasks")
+    task_list = resolve_tasks(tasks)
+    results = contamination(data, [(t.name, t.examples) for t in task_list], n=n)
+    if as_json:
+        print(json.dumps({"data": str(data), "n": n, "tasks": [r.to_dict() for r in results]}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{n}-gram overlap with {data} (train split)")
+    for col in ("task", "items", "contaminated", "rate"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for r in results:
+        table.add_row(r.task, f"{r.items:,}", f"{r.contaminated:,}", f"{r.rate:.1%}")
+    _console().print(table)
 
 
 @app.command()

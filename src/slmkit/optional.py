@@ -44,6 +44,7 @@ EXTRAS: dict[str, Extra] = {
             "skips its GPU-only triton",
         ),
         Extra("lm-eval", "the lm-evaluation-harness adapter (slmkit.eval.lm_eval_adapter)", "lm-eval>=0.4.13,<0.5"),
+        Extra("clean", "near-duplicate removal in `slm data clean` (MinHash LSH)", "datasketch>=1.6"),
     )
 }
 

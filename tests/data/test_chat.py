@@ -161,3 +161,30 @@ def test_sft_data_holds_out_validation_samples(tmp_path, tiny_model_dir):
         for x in lines
     )
     assert 1 < data.bytes_per_token("val") < 8
+
+
+def test_the_models_own_end_token_closes_answers(tmp_path, tokenizer):
+    """A Hugging Face model's eos (tokenizer_config.json) ends each answer, and rows are padded with it."""
+    from slmkit.data.chat import eos_text
+
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}}))
+    assert eos_text(tmp_path) == "</s>"
+    assert eos_text(tmp_path / "absent") == EOT_TOKEN
+    hf = Tokenizer.from_str(tokenizer.to_str())
+    hf.add_special_tokens(["</s>"])
+    encoded = SampleEncoder(hf, DEFAULT_CHAT_TEMPLATE, eos_token="</s>").encode(CONVERSATION)
+    assert trained_text(hf, encoded) == ["Blue.</s>", "Green, of course.</s>"]
+    encoded = SampleEncoder(hf, DEFAULT_CHAT_TEMPLATE, eos_token="</s>").encode({"prompt": "a", "completion": " b"})
+    assert encoded.ids[-1] == hf.token_to_id("</s>")
+
+
+def test_a_model_whose_eos_is_not_in_its_tokenizer_is_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|im_end|>"}))
+    path = write_lines(tmp_path / "set.jsonl", [{"prompt": "a", "completion": "b"}])
+    with pytest.raises(UserError, match="<\\|im_end\\|>"):
+        SFTData(path, model, seq_len=16)

@@ -70,6 +70,22 @@ def load_chat_template(model_dir: Path | None) -> str:
     return DEFAULT_CHAT_TEMPLATE
 
 
+def eos_text(model_dir: Path | None) -> str:
+    """The text of the model's end-of-sequence token: tokenizer_config.json's `eos_token` (a Hugging Face model's
+    own, e.g. `</s>` or `<|im_end|>`), else slmkit's end-of-text token."""
+    if model_dir is not None:
+        path = Path(model_dir) / "tokenizer_config.json"
+        try:
+            eos = json.loads(path.read_text()).get("eos_token") if path.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            eos = None
+        if isinstance(eos, dict):  # the AddedToken form
+            eos = eos.get("content")
+        if isinstance(eos, str) and eos:
+            return eos
+    return EOT_TOKEN
+
+
 def compile_chat_template(source: str) -> Any:
     """A Jinja template in a sandbox: a model dir's template is data from elsewhere and must not reach Python."""
     import jinja2.sandbox
@@ -135,12 +151,14 @@ def check_sample(sample: Any, where: str) -> dict[str, Any]:
 class SampleEncoder:
     """Renders and tokenizes samples with one tokenizer and chat template, marking the tokens that train."""
 
-    def __init__(self, tokenizer: Tokenizer, template: str, loss_on_prompt: bool = False) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, template: str, loss_on_prompt: bool = False, eos_token: str = EOT_TOKEN
+    ) -> None:
         self.tokenizer = tokenizer
         self.template_source = template
         self.template = compile_chat_template(template)
         self.loss_on_prompt = loss_on_prompt
-        self.eos = EOT_TOKEN
+        self.eos = eos_token
 
     def render(self, messages: Sequence[dict[str, str]], generation_prompt: bool) -> str:
         try:
@@ -281,7 +299,7 @@ class SFTData:
     ) -> None:
         from tokenizers import Tokenizer
 
-        from slmkit.data.tokenizer import eot_token_id, file_sha256
+        from slmkit.data.tokenizer import file_sha256
 
         self.path = Path(path)
         model_dir = Path(model_dir)
@@ -290,7 +308,14 @@ class SFTData:
             raise UserError(f"{model_dir}: no tokenizer.json; fine-tuning needs the model's own tokenizer")
         tokenizer = Tokenizer.from_file(str(tokenizer_json))
         self.template = template if template is not None else load_chat_template(model_dir)
-        encoder = SampleEncoder(tokenizer, self.template, loss_on_prompt)
+        eos = eos_text(model_dir)
+        eos_id = tokenizer.token_to_id(eos)
+        if eos_id is None:
+            raise UserError(
+                f"{model_dir}: its end-of-sequence token {eos!r} (tokenizer_config.json) is not in tokenizer.json; "
+                "fine-tuning ends every answer with it"
+            )
+        encoder = SampleEncoder(tokenizer, self.template, loss_on_prompt, eos)
         samples = read_samples(self.path)
         encoded = [encoder.encode(s, f"{self.path}:sample {i + 1}") for i, s in enumerate(samples)]
         if val_path is not None:
@@ -304,7 +329,7 @@ class SFTData:
             n_val = math.floor(len(encoded) * val_fraction) if len(encoded) > 1 else 0
             val_encoded = [encoded[i] for i in sorted(order[:n_val])]
             train_encoded = [encoded[i] for i in sorted(order[n_val:])]
-        pad_id = eot_token_id(tokenizer)
+        pad_id = int(eos_id)
         # the train order is shuffled before packing, so neighbours in a row are unrelated samples
         shuffled = [train_encoded[i] for i in np.random.default_rng([seed, 1]).permutation(len(train_encoded))]
         self.train_rows = pack(shuffled, seq_len, pad_id, packed)

@@ -10,6 +10,13 @@ hash of its text and its own end-of-text token. So one large text file (`slm dat
 still gives a train and a validation split. The cut is deterministic (it depends only on the text and
 ``chunk_chars``), and meta.json records ``chunk_chars`` and how many documents were cut
 (``chunked_documents``); the split counts count pieces.
+
+Each source is a named **domain** (named after its file or folder stem, see
+:func:`slmkit.data.sources.domain_names`). Sources are tokenized one after the other, so a domain's
+documents form one contiguous range of tokens in each split file; meta.json's ``domains`` lists, per domain,
+its name, source, total tokens and per split the range (``offset``, ``tokens``) with its document and byte
+counts. ``train.bin``/``val.bin`` are what they were without domains, so every reader works unchanged, and
+``slm train --mix`` samples the ranges at chosen shares.
 All files are written into a staging folder first; an existing data directory is replaced only once
 the new files are complete.
 """
@@ -39,7 +46,7 @@ from slmkit.data.shards import (
     bin_path,
     dtype_for_vocab,
 )
-from slmkit.data.sources import SourceStats, iter_documents, resolve_sources
+from slmkit.data.sources import SourceStats, domain_names, iter_tagged_documents, resolve_sources
 from slmkit.data.tokenizer import (
     TOKENIZER_CONFIG_FILE,
     TOKENIZER_FILE,
@@ -103,17 +110,18 @@ def chunk_document(text: str, chunk_chars: int) -> Iterator[str]:
 
 
 class _Chunker:
-    """The documents of a stream cut into pieces; counts the documents that were cut."""
+    """The (domain, document) pairs of a stream, documents cut into pieces; counts the documents that were cut."""
 
     def __init__(self, chunk_chars: int) -> None:
         self.chunk_chars = chunk_chars
         self.chunked_documents = 0
 
-    def __call__(self, documents: Iterable[str]) -> Iterator[str]:
-        for text in documents:
+    def __call__(self, documents: Iterable[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+        for domain, text in documents:
             if 0 < self.chunk_chars < len(text):
                 self.chunked_documents += 1
-            yield from chunk_document(text, self.chunk_chars)
+            for piece in chunk_document(text, self.chunk_chars):
+                yield domain, piece
 
 
 @dataclass
@@ -131,6 +139,7 @@ class _Located:
     offset: int
     tokens: int
     bytes: int
+    domain: int = 0
 
 
 class _Reporter:
@@ -197,7 +206,7 @@ class _Reporter:
             yield text
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while batch := list(islice(iterator, size)):
         yield batch
@@ -261,34 +270,37 @@ def _tokenize(
     reporter: _Reporter,
     stats: SourceStats,
     chunker: _Chunker,
-) -> dict[Split, SplitCounts]:
+) -> tuple[dict[Split, SplitCounts], list[dict[Split, SplitCounts]]]:
+    """Token files of both splits in the staging folder; the counts per split and per domain (source)."""
     eot = eot_token_id(tokenizer)
     counts: dict[Split, SplitCounts] = {split: SplitCounts() for split in SPLITS}
+    per_domain = [{split: SplitCounts() for split in SPLITS} for _ in sources]
     # Kept in case a split ends up empty: the train document most like a val one, and vice versa.
     lowest_train: _Located | None = None
     highest_val: _Located | None = None
     task = reporter.task("tokenizing")
     with ShardWriter(staging, dtype) as writer:
-        for batch in _batched(chunker(iter_documents(sources, text_field, stats)), batch_documents):
-            encodings = tokenizer.encode_batch(batch, add_special_tokens=False)
+        for batch in _batched(chunker(iter_tagged_documents(sources, text_field, stats)), batch_documents):
+            encodings = tokenizer.encode_batch([text for _, text in batch], add_special_tokens=False)
             flat: dict[Split, list[int]] = {split: [] for split in SPLITS}
             batch_bytes = 0
-            for text, encoding in zip(batch, encodings, strict=True):
+            for (domain, text), encoding in zip(batch, encodings, strict=True):
                 data = text.encode("utf-8")
                 batch_bytes += len(data)
                 doc_hash = document_hash(data)
                 split: Split = "val" if doc_hash / _HASH_RANGE < val_fraction else "train"
                 ids = encoding.ids
-                located = _Located(doc_hash, counts[split].tokens, len(ids) + 1, len(data))
+                located = _Located(doc_hash, counts[split].tokens, len(ids) + 1, len(data), domain)
                 if split == "train" and (lowest_train is None or doc_hash < lowest_train.hash):
                     lowest_train = located
                 if split == "val" and (highest_val is None or doc_hash > highest_val.hash):
                     highest_val = located
                 flat[split].extend(ids)
                 flat[split].append(eot)
-                counts[split].documents += 1
-                counts[split].tokens += located.tokens
-                counts[split].bytes += located.bytes
+                for tally in (counts[split], per_domain[domain][split]):
+                    tally.documents += 1
+                    tally.tokens += located.tokens
+                    tally.bytes += located.bytes
             for split in SPLITS:
                 writer.append(split, np.array(flat[split], dtype=dtype))
             reporter.advance(task, len(batch), batch_bytes)
@@ -320,11 +332,30 @@ def _tokenize(
             target,
         )
         _move_document(staging, dtype, source, target, located)
+        # the target split was empty, so the document alone is its domain's range there; in the source split
+        # its domain's range just gets shorter
         for split, sign in ((source, -1), (target, 1)):
-            counts[split].documents += sign
-            counts[split].tokens += sign * located.tokens
-            counts[split].bytes += sign * located.bytes
-    return counts
+            for tally in (counts[split], per_domain[located.domain][split]):
+                tally.documents += sign
+                tally.tokens += sign * located.tokens
+                tally.bytes += sign * located.bytes
+    return counts, per_domain
+
+
+def domain_records(names: list[str], sources: list[str], per_domain: list[dict[Split, SplitCounts]]) -> list[dict]:
+    """meta.json's ``domains``: per source, in order, its token range in each split (offsets are the sums of
+    the earlier domains' tokens, as the sources were tokenized one after the other)."""
+    offsets = dict.fromkeys(SPLITS, 0)
+    records = []
+    for name, source, tallies in zip(names, sources, per_domain, strict=True):
+        splits = {}
+        for split in SPLITS:
+            splits[split] = {"offset": offsets[split], **asdict(tallies[split])}
+            offsets[split] += tallies[split].tokens
+        records.append(
+            {"name": name, "source": source, "tokens": sum(t.tokens for t in tallies.values()), "splits": splits}
+        )
+    return records
 
 
 def _commit(staging: Path, out: Path) -> None:
@@ -358,6 +389,7 @@ def prepare(
     _validate(vocab_size, tokenizer, val_fraction, batch_documents, chunk_chars)
     sources = [str(s) for s in ([sources] if isinstance(sources, str | os.PathLike) else sources)]
     resolve_sources(sources)  # bad paths fail here, before any tokenizer training
+    names = domain_names(sources)  # and two sources of one name
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; choose another --out")
@@ -371,7 +403,8 @@ def prepare(
                 assert vocab_size is not None
                 logger.info("training a %d-token byte-level BPE tokenizer on %s", vocab_size, sources)
                 task = reporter.task("training tokenizer")
-                texts = reporter.track(_Chunker(chunk_chars)(iter_documents(sources, text_field, SourceStats())), task)
+                pieces = _Chunker(chunk_chars)(iter_tagged_documents(sources, text_field, SourceStats()))
+                texts = reporter.track((text for _, text in pieces), task)
                 trained = train_tokenizer(texts, vocab_size)
                 reporter.finish(task)
                 save_tokenizer(trained, staging)
@@ -389,7 +422,7 @@ def prepare(
             # The training pass already warned about skipped files.
             stats = SourceStats(log_skips=tokenizer is not None)
             chunker = _Chunker(chunk_chars)
-            counts = _tokenize(
+            counts, per_domain = _tokenize(
                 sources, text_field, tok, staging, dtype, val_fraction, batch_documents, reporter, stats, chunker
             )
         meta: dict[str, Any] = {
@@ -406,6 +439,7 @@ def prepare(
             "chunk_chars": chunk_chars,
             "chunked_documents": chunker.chunked_documents,
             "splits": {split: asdict(counts[split]) for split in SPLITS},
+            "domains": domain_records(names, sources, per_domain),
             "skipped_files": stats.skipped_files,
             "skipped": stats.skipped,
         }

@@ -5,7 +5,10 @@ A data directory (written by :func:`slmkit.data.prepare.prepare`) holds::
     train.bin  val.bin          token ids, one flat little-endian uint16/uint32 array per split,
                                 every document followed by the end-of-text token
     tokenizer.json              the tokenizer that made them (+ tokenizer_config.json)
-    meta.json                   counts, dtype, vocabulary size, tokenizer hash, sources
+    meta.json                   counts, dtype, vocabulary size, tokenizer hash, sources, domains
+
+Each source is a domain: one contiguous range of tokens per split, listed in meta.json's ``domains``
+(see :class:`Domain`). A directory written before domains existed reads as one domain, ``all``.
 
 Readers memory-map the arrays, so a training loop can sample windows from a corpus larger than RAM.
 """
@@ -148,6 +151,26 @@ def open_tokens(path: str | Path, dtype: np.dtype | str, count: int) -> np.ndarr
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
+UNNAMED_DOMAIN = "all"
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One source of a data directory: its tokens are ``tokens[offset : offset + count]`` of each split."""
+
+    name: str
+    ranges: dict[str, tuple[int, int]]  # split -> (offset, tokens)
+    bytes: dict[str, int]  # split -> UTF-8 bytes of its documents
+
+    def tokens(self, data: DataDir, split: Split) -> np.ndarray:
+        offset, count = self.ranges[split]
+        return data.split(split)[offset : offset + count]
+
+    def bytes_per_token(self, split: Split) -> float | None:
+        count = self.ranges[split][1]
+        return self.bytes[split] / count if count else None
+
+
 @dataclass
 class DataDir:
     """A prepared data directory, its token arrays memory-mapped read-only.
@@ -180,6 +203,40 @@ class DataDir:
             )
         return counts["bytes"] / counts["tokens"]
 
+    @property
+    def has_domains(self) -> bool:
+        """Whether meta.json records the domains (directories prepared before domains existed do not)."""
+        return "domains" in self.meta
+
+    @property
+    def domains(self) -> list[Domain]:
+        """The domains in order; one domain named ``all`` holding everything when none are recorded."""
+        records = self.meta.get("domains")
+        if records is None:
+            splits = self.meta["splits"]
+            return [
+                Domain(
+                    UNNAMED_DOMAIN,
+                    {split: (0, splits[split]["tokens"]) for split in SPLITS},
+                    {split: splits[split]["bytes"] for split in SPLITS},
+                )
+            ]
+        return [
+            Domain(
+                r["name"],
+                {split: (r["splits"][split]["offset"], r["splits"][split]["tokens"]) for split in SPLITS},
+                {split: r["splits"][split]["bytes"] for split in SPLITS},
+            )
+            for r in records
+        ]
+
+    def domain(self, name: str) -> Domain:
+        for domain in self.domains:
+            if domain.name == name:
+                return domain
+        known = ", ".join(d.name for d in self.domains)
+        raise UserError(f"{self.path} has no domain {name!r}; its domains are: {known}")
+
 
 def _meta_error(path: Path, problem: str) -> UserError:
     return UserError(f"{path}: {problem}; {_RERUN}")
@@ -208,7 +265,36 @@ def _read_meta(meta_path: Path) -> dict[str, Any]:
             isinstance(counts.get(k), int) and counts[k] >= 0 for k in ("documents", "tokens", "bytes")
         ):
             raise _meta_error(meta_path, f"has no valid counts for the {split!r} split")
+    if "domains" in meta:
+        _check_domains(meta_path, meta)
     return meta
+
+
+def _check_domains(meta_path: Path, meta: dict[str, Any]) -> None:
+    """meta.json's domains tile each split: in order, every range starts where the one before ends."""
+    domains = meta["domains"]
+    if not isinstance(domains, list) or not domains:
+        raise _meta_error(meta_path, "has a 'domains' entry that is not a non-empty list")
+    names = set()
+    ends = dict.fromkeys(SPLITS, 0)
+    for record in domains:
+        name = record.get("name") if isinstance(record, dict) else None
+        if not isinstance(name, str) or not name or name in names:
+            raise _meta_error(meta_path, f"has a domain without a name or with a repeated name ({name!r})")
+        names.add(name)
+        splits = record.get("splits")
+        for split in SPLITS:
+            part = splits.get(split) if isinstance(splits, dict) else None
+            if not isinstance(part, dict) or not all(
+                isinstance(part.get(k), int) and part[k] >= 0 for k in ("offset", "tokens", "documents", "bytes")
+            ):
+                raise _meta_error(meta_path, f"has no valid {split!r} range for domain {name!r}")
+            if part["offset"] != ends[split]:
+                raise _meta_error(meta_path, f"has domain {name!r} starting at {part['offset']}, not {ends[split]}")
+            ends[split] += part["tokens"]
+    for split in SPLITS:
+        if ends[split] != meta["splits"][split]["tokens"]:
+            raise _meta_error(meta_path, f"has domains covering {ends[split]} {split} tokens, not all of them")
 
 
 def load_data_dir(path: str | Path) -> DataDir:

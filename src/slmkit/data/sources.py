@@ -232,15 +232,17 @@ def _read_file(source: SourceFile, text_field: str, stats: SourceStats) -> Itera
     return _read_parquet(source.path, text_field, stats)
 
 
-def _generate(sources: list[str], files: list[SourceFile], text_field: str, stats: SourceStats) -> Iterator[str]:
-    for source in files:
+def _generate(
+    sources: list[str], files: list[tuple[int, SourceFile]], text_field: str, stats: SourceStats
+) -> Iterator[tuple[int, str]]:
+    for index, source in files:
         stats.files += 1
         for text in _read_file(source, text_field, stats):
             if not text.strip():
                 continue
             stats.documents += 1
             stats.bytes += len(text.encode("utf-8"))
-            yield text
+            yield index, text
     if stats.documents == 0:
         detail = f"{stats.files} file(s) read"
         if stats.skipped_files:
@@ -262,6 +264,52 @@ def iter_documents(sources: list[str], text_field: str = "text", stats: SourceSt
     documents are dropped. Bad sources raise :class:`UserError` at once; an empty corpus raises it when
     the stream ends.
     """
+    return (text for _, text in iter_tagged_documents(sources, text_field, stats))
+
+
+def iter_tagged_documents(
+    sources: list[str], text_field: str = "text", stats: SourceStats | None = None
+) -> Iterator[tuple[int, str]]:
+    """:func:`iter_documents` with each document's source: (index of the source in ``sources``, text).
+
+    Sources are read one after the other, so the documents of one source form one run of the stream (what
+    keeps a domain's tokens contiguous). A source without documents is allowed when another one has some.
+    """
     sources = _as_list(sources)
-    files = resolve_sources(sources)
+    if not sources:
+        resolve_sources(sources)  # the error for no sources at all
+    files = [(index, file) for index, source in enumerate(sources) for file in resolve_sources([source])]
     return _generate(sources, files, text_field, stats if stats is not None else SourceStats())
+
+
+def domain_name(source: str) -> str:
+    """The domain a source's documents belong to: its file or folder stem (``code/`` -> code, ``papers.jsonl``
+    -> papers, ``builtin:pystdlib`` -> pystdlib)."""
+    source = os.fspath(source)
+    if source.startswith(BUILTIN_PREFIX):
+        return source[len(BUILTIN_PREFIX) :]
+    path = Path(source).expanduser()
+    if not path.name or path.name in (".", ".."):
+        path = path.resolve()
+    return path.stem if path.is_file() else path.name
+
+
+def domain_names(sources: list[str]) -> list[str]:
+    """The domain name of each source; two sources with the same stem are an error (their documents would
+    merge into one domain silently), as is a name that cannot be written in ``--mix NAME=SHARE,...``."""
+    names = [domain_name(s) for s in _as_list(sources)]
+    seen: dict[str, str] = {}
+    for source, name in zip(_as_list(sources), names, strict=True):
+        if not name or any(c in name for c in ",=:") or name != name.strip():
+            raise UserError(
+                f"source {source!r} gives the domain name {name!r}, which --mix cannot name (empty, or with "
+                "',', '=', ':' or outer spaces); rename the file or folder"
+            )
+        if name in seen:
+            raise UserError(
+                f"sources {seen[name]!r} and {source!r} both give the domain name {name!r} (a domain is named "
+                "after its source's file or folder stem); rename one of them, or put both in one folder to make "
+                "them one domain"
+            )
+        seen[name] = source
+    return names

@@ -192,18 +192,28 @@ def render_card(directory: Path, entry: dict[str, Any] | None, license: str | No
                 f"perplexity {text['perplexity']:.2f}"
             )
         if entry.get("tasks"):
+            overlap = [t["contamination"] for t in entry["tasks"] if t.get("contamination")]
+            extra = (" contaminated |", "---|") if overlap else ("", "")
             lines += [
                 "",
-                "| task | metric | mean [95% CI] | template min-max | chance | examples |",
-                "|---|---|---|---|---|---|",
+                "| task | metric | mean [95% CI] | template min-max | chance | examples |" + extra[0],
+                "|---|---|---|---|---|---|" + extra[1],
             ]
             for t in entry["tasks"]:
                 for metric, v in t["metrics"].items():
                     chance = f"{t['chance']:.3f}" if "chance" in t else ""
+                    c = t.get("contamination")
+                    cell = (f" {c['contaminated']}/{c['items']} ({c['rate']:.1%}) |" if c else " |") if overlap else ""
                     lines.append(
                         f"| {t['task']} | {metric} | {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] | "
-                        f"{v['min']:.3f}-{v['max']:.3f} | {chance} | {t['examples']} |"
+                        f"{v['min']:.3f}-{v['max']:.3f} | {chance} | {t['examples']} |{cell}"
                     )
+            if overlap:
+                lines += [
+                    "",
+                    f"contaminated: items sharing a {overlap[0]['n']}-gram of normalised words with the training "
+                    f"data `{overlap[0]['data']}` (`slm data contamination`); scores on such items may be inflated.",
+                ]
     else:
         lines.append(
             f"Not evaluated yet: run `slm eval {directory} --suite builtin --efficiency --report DIR`, "

@@ -26,6 +26,14 @@ def _print_text_table(console: Any, title: str, result: Any) -> None:
     console.print(table)
 
 
+def contamination_cell(task: dict[str, Any]) -> str:
+    """'3/50 (6.0%)' of a task result with a contamination entry, '' without one."""
+    c = task.get("contamination")
+    if not c:
+        return ""
+    return f"{c['contaminated']}/{c['items']} ({c['rate']:.1%})"
+
+
 def print_report(console: Any, report: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -36,7 +44,9 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
             _print_text_table(console, f"{m['name']} on {', '.join(t['data'])}{split}", t)
     if any(m.get("tasks") for m in report["models"]):
         table = Table(title="tasks (mean over templates, bootstrap 95% CI, template min-max)")
-        for col in ("model", "task", "metric", "mean", "95% CI", "min-max", "chance", "n"):
+        contaminated = any("contamination" in t for m in report["models"] for t in m.get("tasks", []))
+        columns = ("model", "task", "metric", "mean", "95% CI", "min-max", "chance", "n")
+        for col in columns + (("contaminated",) if contaminated else ()):
             table.add_column(col, justify="left" if col in ("model", "task", "metric") else "right")
         for m in report["models"]:
             for t in m.get("tasks", []):
@@ -50,6 +60,7 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
                         f"{v['min']:.3f}-{v['max']:.3f}",
                         f"{t['chance']:.3f}" if "chance" in t else "",
                         str(t["examples"]),
+                        *([contamination_cell(t)] if contaminated else []),
                     )
         console.print(table)
     if any("efficiency" in m for m in report["models"]):
@@ -104,6 +115,8 @@ def run_eval_command(
     threads: int | None,
     console: Any,
     err_console: Any,
+    contamination_data: Path | None = None,
+    contamination_n: int = 13,
 ) -> None:
     from slmkit.eval.runner import run_eval
 
@@ -133,6 +146,8 @@ def run_eval_command(
         efficiency=efficiency,
         efficiency_options=options,
         on_status=None if as_json else (lambda msg: err_console.print(f"[dim]{msg}[/]")),
+        contamination_data=contamination_data,
+        contamination_n=contamination_n,
     )
     paths = None
     if report_dir is not None:

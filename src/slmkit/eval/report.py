@@ -199,6 +199,7 @@ def render_html(report: dict[str, Any]) -> str:
                 task_names.append(t["task"])
     if task_names:
         parts.append("<h2>Tasks</h2>")
+        overlap = any("contamination" in t for m in models for t in m.get("tasks", []))
         rows = []
         for m in models:
             by_name = {t["task"]: t for t in m.get("tasks", [])}
@@ -209,10 +210,13 @@ def render_html(report: dict[str, Any]) -> str:
                 for metric, v in t["metrics"].items():
                     spread = f"{v['min']:.3f} / {v['max']:.3f}"
                     chance = _fmt(t.get("chance")) if "chance" in t else ""
-                    rows.append([e(m["name"]), e(name), e(metric), _ci(v), spread, chance, _fmt(t["examples"])])
-        parts.append(
-            _table(["model", "task", "metric", "mean [95% CI]", "template min / max", "chance", "examples"], rows)
-        )
+                    row = [e(m["name"]), e(name), e(metric), _ci(v), spread, chance, _fmt(t["examples"])]
+                    if overlap:
+                        c = t.get("contamination")
+                        row.append(f"{c['contaminated']}/{c['items']} ({c['rate']:.1%})" if c else "")
+                    rows.append(row)
+        headers = ["model", "task", "metric", "mean [95% CI]", "template min / max", "chance", "examples"]
+        parts.append(_table(headers + (["contaminated"] if overlap else []), rows))
         details = []
         for m in models:
             for t in m.get("tasks", []):

@@ -66,6 +66,23 @@ def quality_of(entry: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _contamination(
+    task_list: list[Any], data: str | Path | None, n: int, limit: int | None, status: Callable[[str], None]
+) -> dict[int, dict[str, Any]] | None:
+    """Per task (keyed by id()), the n-gram overlap of the items that will be scored with `data`'s train split."""
+    if data is None:
+        return None
+    if not task_list:
+        raise UserError("--contamination-data needs tasks to check: give --tasks or --suite builtin")
+    from slmkit.data.contamination import check_n, contamination
+
+    check_n(n, "--contamination-n")
+    status(f"contamination: {n}-gram overlap of the task items with {data}")
+    scored = [(task.name, task.examples[:limit] if limit else task.examples) for task in task_list]
+    results = contamination(data, scored, n=n)
+    return {id(task): {**r.to_dict(), "n": n, "data": str(data)} for task, r in zip(task_list, results, strict=True)}
+
+
 def run_eval(
     models: Sequence[str | Path],
     data: Sequence[str | Path] | None = None,
@@ -85,8 +102,14 @@ def run_eval(
     isolate_efficiency: bool = True,
     device: str = "cpu",
     on_status: Callable[[str], None] | None = None,
+    contamination_data: str | Path | None = None,
+    contamination_n: int = 13,
 ) -> dict[str, Any]:
-    """Evaluate every model on the same text, tasks and efficiency probes; return the report dict."""
+    """Evaluate every model on the same text, tasks and efficiency probes; return the report dict.
+
+    With `contamination_data` (a prepared data dir), each task result also carries ``contamination``: how many
+    of its scored items share a `contamination_n`-gram with that data's train split
+    (:func:`slmkit.data.contamination.contamination`)."""
     from slmkit.eval.builtin import builtin_suite, resolve_tasks
 
     status = on_status or (lambda _msg: None)
@@ -101,6 +124,7 @@ def run_eval(
     task_list = resolve_tasks([str(t) for t in tasks or []], suite_size, seed, corpus_list)
     if suite == "builtin":
         task_list += builtin_suite(suite_size, seed, corpus_list)
+    overlap = _contamination(task_list, contamination_data, contamination_n, limit, status)
     # torch comes in only now: bad input above is reported without waiting for it to import
     import torch
 
@@ -127,7 +151,10 @@ def run_eval(
             entry["tasks"] = []
             for task in task_list:
                 status(f"{name}: task {task.name} ({len(task.examples)} examples)")
-                entry["tasks"].append(evaluate_task(lm, task, templates, num_fewshot, seed, batch_size, limit=limit))
+                result = evaluate_task(lm, task, templates, num_fewshot, seed, batch_size, limit=limit)
+                if overlap is not None:
+                    result["contamination"] = overlap[id(task)]
+                entry["tasks"].append(result)
         if efficiency:
             opts = {"device": device, **(efficiency_options or {})}
             if isolate_efficiency:  # a fresh process: peak memory is this model's alone
@@ -151,6 +178,7 @@ def run_eval(
             "suite": suite,
             "suite_size": suite_size,
             "corpus": corpus_list,
+            "contamination_data": str(contamination_data) if contamination_data is not None else None,
         },
         "models": entries,
     }

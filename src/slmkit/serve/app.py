@@ -256,6 +256,7 @@ def create_app(
         engine = Engine.load(directory)
     served = {name: -1, **load_served_adapters(engine.model, lora)}  # model name -> adapter index (-1: the base)
     template = openai.compile_chat_template(openai.load_chat_template(directory))
+    eos_token = openai.eos_text(directory)  # what ends earlier assistant turns in a conversation
     metrics = Metrics()
     scheduler = Scheduler(
         engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
@@ -436,7 +437,7 @@ def create_app(
         compiled = await constraint_of(req)
 
         def prepare() -> list[GenerationRequest]:  # templating and tokenizing: off the event loop
-            prompt = openai.chat_prompt(template, req.messages)
+            prompt = openai.chat_prompt(template, req.messages, eos_token)
             return openai.generation_requests(
                 req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
                 default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs, adapter=adapter,

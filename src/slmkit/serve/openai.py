@@ -21,6 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from slmkit import defaults
 from slmkit.data.chat import DEFAULT_CHAT_TEMPLATE as DEFAULT_CHAT_TEMPLATE  # the server's, and fine-tuning's
 from slmkit.data.chat import compile_chat_template as compile_chat_template
+from slmkit.data.chat import eos_text as eos_text
 from slmkit.data.chat import load_chat_template as load_chat_template
 from slmkit.data.tokenizer import EOT_TOKEN
 from slmkit.errors import UserError
@@ -244,14 +245,14 @@ def chat_top_logprobs(req: ChatRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-def chat_prompt(template: Any, messages: Sequence[ChatMessage]) -> str:
+def chat_prompt(template: Any, messages: Sequence[ChatMessage], eos_token: str = EOT_TOKEN) -> str:
     """The prompt text of a conversation, ending where the assistant's answer starts."""
     try:
         return template.render(
             messages=[m.model_dump() for m in messages],
             add_generation_prompt=True,
             bos_token="",
-            eos_token=EOT_TOKEN,  # earlier assistant turns end as the model was fine-tuned (slmkit.data.chat)
+            eos_token=eos_token,  # earlier assistant turns end as the model was fine-tuned (slmkit.data.chat)
         )
     except Exception as exc:  # a broken template in the model dir
         raise ApiError(400, f"cannot apply the chat template: {exc}", param="messages") from None

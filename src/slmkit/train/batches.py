@@ -8,6 +8,7 @@ global order: disjoint slices whose union is what one process would see.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -144,4 +145,69 @@ class ReplaySampler:
         rows = (self.main.position + self.replay.position) // world  # rows each process took so far
         replayed = int((rows + batch_size) * self.fraction) - int(rows * self.fraction)
         parts = [s.next_batch(n) for s, n in ((self.main, batch_size - replayed), (self.replay, replayed)) if n]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+class MixtureSampler:
+    """Batches drawn from named domains at fixed shares (`slm train --mix code=0.7,papers=0.3`).
+
+    Each domain has its own `WindowSampler` (its own order and rank split). Rows are dealt one at a time to the
+    domain furthest below its share of the rows dealt so far (ties to the first domain), so after n rows every
+    domain has its share of n to within one row: the mix is exact over any run, the same on every rank, and a
+    function of the rows each domain gave so far. The position is the list of the domains' positions, which is
+    all a resume needs.
+    """
+
+    def __init__(self, samplers: dict[str, WindowSampler], shares: dict[str, float]) -> None:
+        if set(samplers) != set(shares) or not samplers:
+            raise ValueError("one share per domain sampler")
+        if not all(share > 0 and math.isfinite(share) for share in shares.values()):
+            raise ValueError("shares must be positive")
+        total = sum(shares.values())
+        self.names = list(samplers)
+        self.samplers = [samplers[n] for n in self.names]
+        self.shares = np.array([shares[n] / total for n in self.names])
+        self.world_size = self.samplers[0].world_size
+
+    @property
+    def position(self) -> list[int]:
+        return [s.position for s in self.samplers]
+
+    @position.setter
+    def position(self, value: list[int]) -> None:
+        if len(value) != len(self.samplers):
+            raise ValueError(f"a mixture of {len(self.samplers)} domains cannot resume from position {value}")
+        for sampler, position in zip(self.samplers, value, strict=True):
+            sampler.position = int(position)
+
+    def rows_taken(self) -> np.ndarray:
+        """Rows each domain gave to each process so far."""
+        return np.array([s.position // self.world_size for s in self.samplers], dtype=np.int64)
+
+    def allocate(self, batch_size: int) -> list[int]:
+        """Rows of the next batch from each domain (does not consume them)."""
+        taken = self.rows_taken()
+        dealt = int(taken.sum())
+        counts = np.zeros(len(self.samplers), dtype=np.int64)
+        for i in range(batch_size):
+            deficit = self.shares * (dealt + i + 1) - (taken + counts)
+            counts[int(np.argmax(deficit))] += 1
+        return counts.tolist()
+
+    @property
+    def epoch(self) -> float:
+        """Passes over the domain that has been repeated most."""
+        return max(s.epoch for s in self.samplers)
+
+    def realised_shares(self) -> dict[str, float]:
+        taken = self.rows_taken()
+        total = max(int(taken.sum()), 1)
+        return {name: int(n) / total for name, n in zip(self.names, taken, strict=True)}
+
+    def log_metrics(self) -> dict[str, float]:
+        """What the training loop adds to each step's record: the realised share of each domain so far."""
+        return {f"share/{name}": share for name, share in self.realised_shares().items()}
+
+    def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [s.next_batch(n) for s, n in zip(self.samplers, self.allocate(batch_size), strict=True) if n]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

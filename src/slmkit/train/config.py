@@ -28,6 +28,9 @@ class TrainConfig:
     # model keeps what it knew (validation on its val split is logged as replay_val_loss)
     replay: str | None = None
     replay_fraction: float = 0.1
+    # draw batches from the data dir's domains (its sources, see `slm data prepare`) at these shares, e.g.
+    # {"code": 0.7, "papers": 0.3}; shares are positive, normalised to sum to 1; domains not named are not used
+    mix: dict[str, float] | None = None
     # optimisation
     batch_size: int = 16  # sequences per micro-batch (per process)
     grad_accum: int = 1
@@ -140,6 +143,12 @@ class TrainConfig:
             raise UserError("train config: a curriculum and replay cannot be combined yet; use one of them")
         if not (0 < self.replay_fraction < 1):
             raise UserError(f"train config: replay_fraction must be in (0, 1), got {self.replay_fraction}")
+        if self.mix is not None:
+            self.mix = check_mix(self.mix)
+            if self.replay is not None:
+                raise UserError("train config: replay and mix cannot be combined; give the old data as a domain of mix")
+            if self.curriculum != "none":
+                raise UserError("train config: a curriculum and mix cannot be combined yet (each chooses the batches)")
         if self.init is not None:
             if self.model:
                 raise UserError(
@@ -225,6 +234,22 @@ class TrainConfig:
         if "model" in data and not isinstance(data["model"], dict):
             raise UserError(f"{path}: `model` must be a mapping of ModelConfig fields")
         return cls.from_dict(data, source=str(path))
+
+
+def check_mix(mix: Any) -> dict[str, float]:
+    """`mix` checked: {domain: share}, every share positive (the sampler normalises them, so 7 and 3 are 0.7 and 0.3;
+    kept as given, so a resumed run computes exactly the same shares)."""
+    if not isinstance(mix, dict) or not mix:
+        raise UserError(f"train config: mix must be a mapping of domain names to shares, got {mix!r}")
+    for name, share in mix.items():
+        if not isinstance(name, str) or not name:
+            raise UserError(f"train config: mix has a domain name that is not a string: {name!r}")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not (0 < share < math.inf):
+            raise UserError(
+                f"train config: mix share of {name!r} must be a positive number, got {share!r} (leave a domain out "
+                "of the mix instead of giving it 0)"
+            )
+    return {name: float(share) for name, share in mix.items()}
 
 
 def read_json_object(path: str | Path) -> dict[str, Any]:

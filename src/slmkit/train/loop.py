@@ -302,7 +302,61 @@ def train(
         spec.sampler = lambda c, rank, world: DecompositionSampler(
             data.train, data.eot_token_id, c.seq_len, c.batch_size, c.seed, rank, world
         )
+    if cfg.mix is not None:
+        _add_mix(spec, cfg.mix, data, data_dir, cfg.seq_len)
     return run(cfg, data, run_dir, spec, resume_from, reporter)
+
+
+def mixture_domains(data: Any, data_dir: str | Path, mix: dict[str, float], seq_len: int) -> list[Any]:
+    """The domains `mix` names, checked: the data dir records domains, each named one exists and holds a
+    training window."""
+    if not data.has_domains:
+        raise UserError(
+            f"{data_dir} records no domains (prepared before domains existed); re-run `slm data prepare` with one "
+            "source per domain to train with --mix"
+        )
+    known = {d.name: d for d in data.domains}
+    unknown = [name for name in mix if name not in known]
+    if unknown:
+        raise UserError(f"--mix names unknown domain(s) {', '.join(unknown)}; {data_dir} has: {', '.join(known)}")
+    domains = [known[name] for name in mix]
+    for domain in domains:
+        if domain.ranges["train"][1] < seq_len + 1:
+            raise UserError(
+                f"--mix: domain {domain.name!r} of {data_dir} has {domain.ranges['train'][1]} train tokens, fewer "
+                f"than one sequence of {seq_len + 1}; leave it out of --mix or use a smaller --seq-len"
+            )
+    return domains
+
+
+def _add_mix(spec: RunSpec, mix: dict[str, float], data: Any, data_dir: str | Path, seq_len: int) -> None:
+    """Draw batches from the data dir's domains at the shares `mix` gives; log each domain's val loss."""
+    from slmkit.train.batches import MixtureSampler
+
+    domains = mixture_domains(data, data_dir, mix, seq_len)
+
+    def sampler(cfg: TrainConfig, rank: int, world: int) -> MixtureSampler:
+        # each domain its own order: seeds seed, seed + 1, ... in the order of `mix`
+        samplers = {
+            d.name: WindowSampler(d.tokens(data, "train"), cfg.seq_len, cfg.seed + i, rank=rank, world_size=world)
+            for i, d in enumerate(domains)
+        }
+        return MixtureSampler(samplers, mix)
+
+    def domain_val(model: torch.nn.Module, cfg: TrainConfig, autocast: Any) -> dict[str, float]:
+        out: dict[str, float] = {}
+        windows = cfg.eval_batches * cfg.batch_size
+        for domain in data.domains:
+            tokens = domain.tokens(data, "val")
+            bytes_per_token = domain.bytes_per_token("val")
+            if len(tokens) < 2 or not bytes_per_token:
+                continue
+            nats, count = token_nats(model, tokens, cfg.seq_len, cfg.batch_size, windows, autocast=autocast)
+            out[f"val_loss/{domain.name}"] = nats / count
+            out[f"val_bits_per_byte/{domain.name}"] = nats / count / math.log(2) / bytes_per_token
+        return out
+
+    spec.sampler, spec.more_val = sampler, domain_val
 
 
 def _add_replay(spec: RunSpec, replay_dir: str, data: Any, data_dir: str | Path, seq_len: int) -> None:
@@ -578,7 +632,8 @@ class _Session:
                 x, y = x[:, :length], y[:, :length]
             forward = self.forward
             if len(batch) > 2 and batch[2]:  # packed samples: their segments and positions
-                extra = {k: v.to(self.device)[:, :length] for k, v in batch[2].items()}
+                extra = {k: v.to(self.device) for k, v in batch[2].items()}
+                extra = {k: v[:, :length] if v.dim() == 2 else v for k, v in extra.items()}  # (B, T) ones follow x
                 forward = functools.partial(forward, **extra)
             with distributed.sync_gradients(self.wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
                 with self.autocast():
@@ -621,6 +676,9 @@ class _Session:
         }
         if names:  # the objective's metrics (lm_loss, aux_loss, distill_kl, ...)
             record.update(zip(names, means[1:], strict=True))
+        sampler_metrics = getattr(self.sampler, "log_metrics", None)  # e.g. a mixture's realised domain shares
+        if sampler_metrics is not None:
+            record.update(sampler_metrics())
         return record, interrupted
 
     def _after_step(self, record: dict[str, Any], stop_reason: str | None) -> None:
