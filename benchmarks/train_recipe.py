@@ -128,6 +128,36 @@ def hf_run(base: Any, data: Any, model_dir: Path, lr: float) -> tuple[Curve, int
     return curve, step
 
 
+def step_costs(preset_name: str, vocab_size: int, batch_size: int, seq_len: int) -> dict[str, float]:
+    """Best of 8 interleaved timings (seconds) of one forward + backward and of each optimizer's step on the
+    same gradients: what Muon adds per step, measured apart from the arms so that load swings between arms do
+    not hide it."""
+    from slmkit.config import preset
+    from slmkit.models import build_model
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.optim import make_optimizer
+
+    model = build_model(preset(preset_name, vocab_size=vocab_size, max_seq_len=max(seq_len, 256)))
+    model.init_weights(0)
+    tokens = torch.randint(0, vocab_size, (batch_size, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    opts = {
+        kind: make_optimizer(model, TrainConfig(preset=preset_name, optimizer=kind, max_steps=1), torch.device("cpu"))
+        for kind in ("adamw", "muon")
+    }
+    best = dict.fromkeys(("forward+backward", *opts), math.inf)
+    for _ in range(8):
+        t0 = time.perf_counter()
+        logits = model(tokens[:, :-1])
+        torch.nn.functional.cross_entropy(logits.view(-1, vocab_size), tokens[:, 1:].reshape(-1)).backward()
+        best["forward+backward"] = min(best["forward+backward"], time.perf_counter() - t0)
+        for kind, opt in opts.items():
+            t0 = time.perf_counter()
+            opt.step()
+            best[kind] = min(best[kind], time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=5.0, help="training wall time of every arm")
@@ -167,6 +197,8 @@ def main() -> None:
             prepare(["builtin:pystdlib"], data_dir, vocab_size=4096, val_fraction=0.02)
             print(f"prepared builtin:pystdlib in {time.perf_counter() - t0:.0f} s")
         data = load_data_dir(data_dir)
+        costs = step_costs(args.preset, data.vocab_size, args.batch_size, args.seq_len)
+        print("step cost (best of 8): " + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in costs.items()), flush=True)
         base = TrainConfig(
             preset=args.preset,
             seq_len=args.seq_len,
