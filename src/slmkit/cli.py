@@ -350,6 +350,9 @@ def train(
     rope: Annotated[
         str | None, typer.Option(help="How --context stretches rotary positions: yarn (default), linear or dynamic.")
     ] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest).")
+    ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
     from slmkit.train.config import TrainConfig
@@ -382,6 +385,7 @@ def train(
         **parse_mix(mix),
         "context": context,
         "rope": rope,
+        "optimizer": optimizer,
     }
     given = {k: v for k, v in options.items() if v is not None}
     if compile:

@@ -38,7 +38,7 @@ Family = Literal[
     "slmkit",
 ]
 NormType = Literal["rmsnorm", "layernorm"]
-Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2"]  # relu2: relu(x)^2 (Primer)
 MLPType = Literal["gated", "plain", "moe", "memory", "none"]
 MoEWeighting = Literal["softmax", "unit"]
 PositionScheme = Literal["rope", "learned"]
@@ -347,6 +347,9 @@ class ModelConfig:
     memory_value_dim: int = 0  # width of a value row (0: d_model)
     memory_gated: bool = True  # Memory+ output: down(silu(gate(x)) * memory(x)); false: memory(x) (Lample et al.)
     memory_query_batchnorm: bool = False  # BatchNorm1d on the queries (Lample et al.; running stats at inference)
+    # ---- training-recipe switches (docs/training.md) ----
+    zero_init_proj: bool = False  # residual output projections (o_proj, down_proj, out_proj) start at zero
+    logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2); slmkit's own format only
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -411,7 +414,9 @@ class ModelConfig:
                     f"model config: {name}={getattr(self, name)!r} is not supported "
                     f"(choose one of: {', '.join(get_args(kind))})"
                 )
-        for name in ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
+        if self.logit_softcap is not None and not self.logit_softcap > 0:
+            raise UserError(f"model config: logit_softcap must be a positive number or null, got {self.logit_softcap}")
+        for name in ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "tie_embeddings", "zero_init_proj"):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
         window = self.sliding_window

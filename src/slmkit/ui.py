@@ -47,6 +47,7 @@ class RichReporter:
         self.console.print(
             f"model: {describe_counts(info)}; "
             f"{info['device']} {info['dtype']}; {info['tokens_per_step']:,} tokens/step; budget: {budget}"
+            + (f"; {info['optimizer']}, MFU vs {info['mfu_peak']}" if "mfu_peak" in info else "")
         )
         self.progress.start()
         self.task = self.progress.add_task("train", total=1000, status="starting")

@@ -121,6 +121,11 @@ class FamilySpec:
                 + ("mlp_pattern (per-layer MLP kinds)" if config.mlp_pattern is not None else "memory MLPs"),
                 "set family: slmkit (slmkit's own format, any layers)",
             )
+        if self.mixers is not None and config.logit_softcap is not None:
+            return (  # transformers' classes of these families compute plain logits
+                f"family {self.name!r} cannot express logit_softcap={config.logit_softcap} (slmkit-only switch)",
+                "set family: slmkit (slmkit's own format) or drop logit_softcap",
+            )
         for name, allowed in self.allowed.items():
             value = getattr(config, name)
             if value not in allowed:
@@ -199,8 +204,9 @@ _ACT_FROM_HF = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "relu": "relu",
+    "relu2": "relu2",
 }
-_ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu"}
+_ACT_TO_HF = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu", "relu2": "relu2"}
 # what each boolean key means wherever a llama-like config.json has it
 _FLAG_SWITCHES = {"attention_bias": ("qkv_bias", "out_bias"), "mlp_bias": ("mlp_bias",)}
 # switches a llama-like family may pin to one value in `allowed`; the reader sets them from there

@@ -172,8 +172,9 @@ def export_model(
     family = model.config.family  # type: ignore[union-attr]
     if family in NATIVE_FAMILIES:
         raise UserError(
-            f"{directory}: a {family}-format model (mixers: {', '.join(sorted(model.config.mixers))}) has no "  # type: ignore[union-attr]
-            "transformers class; Hugging Face export covers the llama, mistral, qwen2, qwen3, gpt2, mamba, mamba2 and "
+            f"{directory}: a {family}-format model (mixers: {', '.join(sorted(model.config.mixers))}; or slmkit-only "  # type: ignore[union-attr]
+            "switches such as logit_softcap) has no transformers class; Hugging Face export covers the llama, "
+            "mistral, qwen2, qwen3, gpt2, mamba, mamba2 and "
             "mixtral families"
         )
     out = Path(out)

@@ -78,7 +78,8 @@ class Transformer(nn.Module):
 
     # ---- initialisation --------------------------------------------------------------------------
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, initializer_range); residual output projections scaled by 1/sqrt(2 * n_layers).
+        """Normal(0, initializer_range); residual output projections scaled by 1/sqrt(2 * n_layers), or zero
+        (`zero_init_proj`: every block starts as the identity and the projections learn first).
 
         Norm weights start at one, biases at zero.
         """
@@ -94,6 +95,8 @@ class Transformer(nn.Module):
                 residual = name.endswith(("o_proj.weight", "down_proj.weight", "mixer.out_proj.weight"))
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=gen) * (residual_std if residual else std))
+                    if residual and self.config.zero_init_proj:
+                        p.zero_()  # after drawing, so the other weights match a run without the switch
         for module in self.modules():  # mixers whose scalars need their own start (mamba's A, D, dt; gla's decays)
             if hasattr(module, "reset_mixer_parameters"):
                 module.reset_mixer_parameters(gen)
@@ -166,7 +169,10 @@ class Transformer(nn.Module):
             x = x[torch.arange(b, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         elif last_only:
             x = x[:, -1:, :]
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if cfg.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
+            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        return logits
 
     @property
     def packs_documents(self) -> bool:

@@ -44,6 +44,12 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    # optimizer and training recipe (slmkit.train.optim; docs/training.md)
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
+    muon_momentum: float = 0.95
+    muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its shape-based scaling already matches AdamW's RMS)
+    seq_len_warmup_steps: int = 0  # ramp sequences from seq_len_warmup_start to seq_len over these steps (0: off)
+    seq_len_warmup_start: int = 64
     # budgets (stop at the first one reached); at least one is required
     max_steps: int | None = None
     max_tokens: int | None = None
@@ -130,6 +136,7 @@ class TrainConfig:
             raise UserError(f"train config: device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.threads is not None and self.threads < 1:
             raise UserError(f"train config: threads must be >= 1, got {self.threads}")
+        self._check_recipe()
         if self.curriculum not in ("none", "decomposition"):
             raise UserError(f"train config: curriculum must be none or decomposition, got {self.curriculum!r}")
         if self.reweight not in ("none", "loss"):
@@ -171,6 +178,26 @@ class TrainConfig:
             raise UserError(f"train config: rope must be one of {', '.join(EXTENSION_ROPE)}, got {self.rope!r}")
         if self.context <= 0:
             raise UserError(f"train config: context must be a positive integer, got {self.context}")
+
+    def _check_recipe(self) -> None:
+        if self.optimizer not in ("adamw", "muon"):
+            raise UserError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            raise UserError(
+                "train config: optimizer muon does not work under strategy fsdp (Muon needs whole matrices, fsdp "
+                "shards them); use strategy ddp or optimizer adamw"
+            )
+        if not 0 <= self.muon_momentum < 1:
+            raise UserError(f"train config: muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        if not self.muon_lr_scale > 0:
+            raise UserError(f"train config: muon_lr_scale must be > 0, got {self.muon_lr_scale}")
+        if self.seq_len_warmup_steps < 0:
+            raise UserError(f"train config: seq_len_warmup_steps must be >= 0, got {self.seq_len_warmup_steps}")
+        if self.seq_len_warmup_steps and not 1 <= self.seq_len_warmup_start <= self.seq_len:
+            raise UserError(
+                f"train config: seq_len_warmup_start must be in [1, seq_len={self.seq_len}], "
+                f"got {self.seq_len_warmup_start}"
+            )
 
     @property
     def has_budget(self) -> bool:

@@ -47,7 +47,7 @@ from slmkit.train.checkpoints import (
 )
 from slmkit.train.config import TrainConfig
 from slmkit.train.objectives import LanguageModeling, Metrics, Objective
-from slmkit.train.optim import lr_at, make_optimizer
+from slmkit.train.optim import lr_at, make_optimizer, seq_len_at
 from slmkit.train.validation import token_nats
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ __all__ = [
     "TrainResult",
     "autocast_dtype",
     "measure_peak_flops",
+    "peak_flops",
     "resolve_device",
     "run",
     "train",
@@ -86,7 +87,14 @@ class LogReporter:
         self.every = every
 
     def start(self, info: dict[str, Any]) -> None:
-        log.info("training %s parameters on %s (%s)", f"{info['params']:,}", info["device"], info["dtype"])
+        log.info(
+            "training %s parameters on %s (%s), %s; MFU against %s",
+            f"{info['params']:,}",
+            info["device"],
+            info["dtype"],
+            info.get("optimizer", "adamw"),
+            info.get("mfu_peak", "the measured peak"),
+        )
 
     def step(self, m: dict[str, Any]) -> None:
         if m["step"] % self.every == 0:
@@ -204,6 +212,35 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in FLOP/s from the vendors' data sheets, matched on torch's device
+# name in order (the SXM H100 reports itself as "H100 80GB HBM3"); other GPUs and other dtypes use the measured peak.
+GPU_PEAK_FLOPS: tuple[tuple[str, str, float], ...] = (
+    (r"H200", "H200 SXM", 989.4e12),
+    (r"H100.*(SXM|HBM3)", "H100 SXM", 989.4e12),
+    (r"H100 PCIe", "H100 PCIe", 756.5e12),
+    (r"A100", "A100", 312e12),
+    (r"L40S", "L40S", 362.05e12),
+    (r"\bL4\b", "L4", 121e12),
+    (r"RTX 4090", "RTX 4090", 165.2e12),
+)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(FLOP/s, what it is): the denominator of MFU. A GPU in `GPU_PEAK_FLOPS` training in bf16/fp16 uses its data
+    sheet's dense peak (what MFU figures in papers divide by); anything else (CPUs, other GPUs, fp32) the measured
+    dense matmul rate of `measure_peak_flops`, which is below the data sheet's, so MFU reads higher there."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        import re
+
+        name = torch.cuda.get_device_name(device)
+        for pattern, label, flops in GPU_PEAK_FLOPS:
+            if re.search(pattern, name):
+                kind = str(dtype).removeprefix("torch.")
+                return flops, f"{label} {kind} peak {flops / 1e12:.0f} TFLOP/s (data sheet)"
+    measured = measure_peak_flops(device, dtype)
+    return measured, f"measured matmul peak {measured / 1e12:.3g} TFLOP/s"
 
 
 def train(
@@ -510,7 +547,8 @@ class _Session:
                 self.data.train, cfg.seq_len, cfg.seed, rank=ctx.rank, world_size=ctx.world_size
             )
         # before the RNG is seeded or restored: the probe draws random matrices
-        self.peak = measure_peak_flops(device, self.amp_dtype or torch.float32) * ctx.world_size
+        self.peak, self.peak_source = peak_flops(device, self.amp_dtype or torch.float32)
+        self.peak *= ctx.world_size
         if saved_state is not None:
             assert resume_from is not None
             self._restore(resume_from, saved_state)
@@ -590,6 +628,9 @@ class _Session:
             "strategy": self.ctx.strategy,
             "world_size": self.ctx.world_size,
             "objective": self.spec.kind,
+            "optimizer": self.cfg.optimizer,
+            "peak_flops": self.peak,
+            "mfu_peak": self.peak_source,  # what MFU divides by (per device)
         }
 
     def _step(self, interrupt: _DeferredInterrupt) -> tuple[dict[str, Any], bool]:
@@ -599,15 +640,21 @@ class _Session:
         t0 = time.perf_counter()
         lr = lr_at(cfg, c.step, self.budget.progress(c.step, c.tokens, c.flops, c.elapsed))
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group may keep its own ratio to the schedule
+        length = seq_len_at(cfg, c.step)  # sequence-length warm-up: the windows' first `length` tokens
+        tokens_this_step = self.tokens_per_step * length // cfg.seq_len
         loss_sum: torch.Tensor | float = 0.0
         metric_sums: dict[str, torch.Tensor] | None = None  # only objectives that report metrics pay for them
         for micro_step in range(cfg.grad_accum):
             batch = self.sampler.next_batch(cfg.batch_size)
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
+            if length < x.shape[1]:
+                x, y = x[:, :length], y[:, :length]
             forward = self.forward
             if len(batch) > 2 and batch[2]:  # packed samples: their segments and positions
-                forward = functools.partial(forward, **{k: v.to(self.device) for k, v in batch[2].items()})
+                extra = {k: v.to(self.device) for k, v in batch[2].items()}
+                extra = {k: v[:, :length] if v.dim() == 2 else v for k, v in extra.items()}  # (B, T) ones follow x
+                forward = functools.partial(forward, **extra)
             with distributed.sync_gradients(self.wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
                 with self.autocast():
                     loss, metrics = self.objective.loss(forward, x, y)
@@ -630,8 +677,8 @@ class _Session:
                 f"(now {cfg.lr}) or raise --warmup-steps; the last checkpoint is intact"
             )
         c.step += 1
-        c.tokens += self.tokens_per_step
-        c.flops += self.tokens_per_step * self.flops_per_token
+        c.tokens += tokens_this_step
+        c.flops += tokens_this_step * self.flops_per_token
         c.elapsed += dt
         self.losses.append(train_loss)
         record = {
@@ -642,8 +689,8 @@ class _Session:
             "tokens": c.tokens,
             "flops": c.flops,
             "elapsed": c.elapsed,
-            "tokens_per_second": self.tokens_per_step / dt,
-            "mfu": self.tokens_per_step * self.flops_per_token / dt / self.peak,
+            "tokens_per_second": tokens_this_step / dt,
+            "mfu": tokens_this_step * self.flops_per_token / dt / self.peak,
             "epoch": self.sampler.epoch,
             "progress": self.budget.progress(c.step, c.tokens, c.flops, c.elapsed),
         }

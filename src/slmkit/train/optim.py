@@ -1,12 +1,25 @@
-"""Optimizer and learning-rate schedules."""
+"""Optimizers (AdamW; Muon for hidden matrices with AdamW for the rest) and learning-rate schedules."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
+from slmkit.errors import UserError
 from slmkit.train.config import TrainConfig
+
+
+def _head_and_tables(model: torch.nn.Module) -> set[int]:
+    """ids of embedding tables and the output head (tied or not): the parameters whose rows are looked up or
+    scored one token at a time, which orthogonalised updates do not suit and weight decay should not shrink."""
+    ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, torch.nn.Linear):
+        ids.add(id(head.weight))
+    return ids
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -20,11 +33,135 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def muon_param_names(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters Muon updates: the weight of every `nn.Linear` inside the blocks (attention and MLP
+    projections, experts, other mixers' projections, adapters), 2-D by construction. Not the embeddings, the
+    output head, norms, biases, convolutions, or other tensors that are not a linear map of the hidden state (an
+    SSM's A_log, a memory's sub-keys): those stay with AdamW."""
+    skip = _head_and_tables(model)
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return [
+        name
+        for name, p in model.named_parameters()
+        if p.requires_grad and p.dim() == 2 and id(p) in linear and id(p) not in skip
+    ]
+
+
+class _States(Mapping):
+    """Both optimizers' per-parameter states as one read-only mapping. (A ChainMap would not do: torch's states
+    are defaultdicts, so looking a parameter up in the wrong one would add an empty entry there.)"""
+
+    def __init__(self, states: tuple[Mapping, ...]) -> None:
+        self.states = states
+
+    def __getitem__(self, param: Any) -> Any:
+        for state in self.states:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator:
+        return (param for state in self.states for param in state)
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self.states)
+
+
+class MuonWithAdamW:
+    """Muon for the hidden matrices, AdamW for every other parameter, stepped together: the training loop sees
+    one optimizer (its `param_groups` are both optimizers' groups, Muon's first, so setting each group's lr from
+    the schedule reaches both; `state` is both states, so the state saved by parameter name covers both)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer) -> None:
+        self.optimizers = (muon, adamw)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    @property
+    def state(self) -> _States:
+        return _States(tuple(opt.state for opt in self.optimizers))
+
+    def step(self) -> None:
+        for opt in self.optimizers:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        """One positional state dict over both optimizers' groups in order (the layout torch's have)."""
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        index = 0
+        for opt in self.optimizers:
+            own = opt.state_dict()
+            for group in own["param_groups"]:
+                groups.append({**group, "params": [index + i for i in group["params"]]})
+            state.update({index + i: value for i, value in own["state"].items()})
+            index += sum(len(g["params"]) for g in opt.param_groups)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Load a `state_dict` layout (both optimizers' groups in order, parameters numbered across them)."""
+        groups = saved["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(groups)} parameter groups, this one {len(self.param_groups)}")
+        start = 0
+        for opt in self.optimizers:
+            own = groups[start : start + len(opt.param_groups)]
+            start += len(own)
+            indices = [i for g in own for i in g["params"]]
+            renumber = {i: n for n, i in enumerate(indices)}
+            opt.load_state_dict(
+                {
+                    "state": {renumber[i]: saved["state"][i] for i in indices if i in saved["state"]},
+                    "param_groups": [{**g, "params": [renumber[i] for i in g["params"]]} for g in own],
+                }
+            )
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Any:
+    """AdamW over every trainable parameter, or (optimizer: muon) Muon over `muon_param_names` and AdamW over the
+    rest. Muon scales its step by 0.2 sqrt(max(rows, cols)) (torch's "match_rms_adamw"), so its updates have the
+    RMS of AdamW's and the same `lr` and `weight_decay` serve both groups and every preset; `muon_lr_scale`
+    multiplies Muon's lr if a run wants it apart (the loop keeps the ratio through the schedule)."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
+        )
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        # Newton-Schulz needs each whole matrix; fsdp holds row shards (torch's Muon has no sharded path)
+        raise UserError("--optimizer muon does not work under --strategy fsdp (sharded matrices); use ddp or adamw")
+    names = set(muon_param_names(model))
+    named = dict(model.named_parameters())
+    matrices = [named[n] for n in named if n in names]
+    if not matrices:
+        raise UserError("--optimizer muon: the trainable parameters hold no hidden matrices; use --optimizer adamw")
+    rest = [p for n, p in named.items() if p.requires_grad and n not in names]
+    lr = cfg.lr * cfg.muon_lr_scale
+    muon = torch.optim.Muon(
+        [{"params": matrices, "lr_scale": cfg.muon_lr_scale}],
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.muon_momentum,
+        nesterov=True,
+        adjust_lr_fn="match_rms_adamw",
     )
+    # the rest as AdamW does it: no decay on embeddings, head, norms or biases (a non-linear 2-D tensor decays)
+    skip = _head_and_tables(model)
+    decay = [p for p in rest if p.dim() >= 2 and id(p) not in skip]
+    no_decay = [p for p in rest if not (p.dim() >= 2 and id(p) not in skip)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
+    )
+    return MuonWithAdamW(muon, adamw)
 
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
@@ -46,3 +183,15 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
             return cfg.lr
         return floor + (cfg.lr - floor) * (1.0 - (p - start) / cfg.decay_fraction)
     return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def seq_len_at(cfg: TrainConfig, step: int) -> int:
+    """Tokens per sequence at optimizer step `step` (0-based): with `seq_len_warmup_steps`, a linear ramp from
+    `seq_len_warmup_start` to `seq_len`, in multiples of the start length (few distinct shapes for compile);
+    the full `seq_len` otherwise and afterwards. Short early sequences give more optimizer steps per second while
+    the model learns what needs little context."""
+    if not cfg.seq_len_warmup_steps or step >= cfg.seq_len_warmup_steps:
+        return cfg.seq_len
+    start = cfg.seq_len_warmup_start
+    length = start + (cfg.seq_len - start) * step / cfg.seq_len_warmup_steps
+    return min(cfg.seq_len, max(start, int(length) // start * start))
