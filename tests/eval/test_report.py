@@ -98,6 +98,14 @@ def test_pareto_front():
     assert pareto_front([(1.0, 1.2), (2.0, 1.5), (3.0, 1.3)], higher_is_better=False) == [0]
 
 
+def test_pareto_front_treats_costs_within_the_noise_as_ties():
+    """A model 2 MB lighter by the noise of a peak-RSS reading, and worse, does not reach the memory front."""
+    points = [(100.0, 0.50), (98.0, 0.40), (60.0, 0.30)]
+    assert pareto_front(points) == [0, 1, 2]  # exact costs: the 2 MB counts
+    assert pareto_front(points, noise=(0.05, 8.0)) == [0, 2]  # within the noise: a tie, and quality decides
+    assert pareto_front([(100.0, 0.5), (98.0, 0.5)], noise=(0.05, 8.0)) == [0, 1]  # a full tie: both stay
+
+
 def test_report_files(report, tmp_path, second_model):
     assert [m["name"] for m in report["models"]] == ["tiny/final", "noisy"]
     for m in report["models"]:

@@ -18,23 +18,38 @@ from typing import Any
 
 from slmkit.errors import UserError
 
-# (key in the merged cost dict, axis label, scale to display units)
-COST_AXES: list[tuple[str, str, float]] = [
-    ("decode_ms_per_token", "decode latency, batch 1 (ms/token)", 1.0),
-    ("model_rss_bytes", "memory while generating (peak RSS - RSS before load, MB)", 1e-6),
-    ("weights_bytes", "size on disk (weights, MB)", 1e-6),
+# (key in the merged cost dict, axis label, scale to display units, noise: (relative, absolute in display units)).
+# Two costs closer than the noise are a tie: a model 2 MB lighter by the noise of a peak-RSS reading does not
+# reach the memory front on that alone (quality decides between ties). Sizes on disk are exact.
+COST_AXES: list[tuple[str, str, float, tuple[float, float]]] = [
+    ("decode_ms_per_token", "decode latency, batch 1 (ms/token)", 1.0, (0.05, 0.0)),
+    ("model_rss_bytes", "memory while generating (peak RSS - RSS before load, MB)", 1e-6, (0.05, 8.0)),
+    ("weights_bytes", "size on disk (weights, MB)", 1e-6, (0.0, 0.0)),
 ]
 
 
-def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[int]:
-    """Indices of the non-dominated (cost, quality) points; lower cost is better."""
+def pareto_front(
+    points: Sequence[tuple[float, float]], higher_is_better: bool = True, noise: tuple[float, float] = (0.0, 0.0)
+) -> list[int]:
+    """Indices of the non-dominated (cost, quality) points; lower cost is better.
+
+    noise (relative, absolute): costs whose difference is within max(relative x the larger, absolute) are equal,
+    so point j dominates i when it costs no more beyond the noise, is at least as good, and is strictly better in
+    one of the two (cheaper beyond the noise, or higher quality)."""
+    relative, absolute = noise
+
+    def tied(a: float, b: float) -> bool:
+        return abs(a - b) <= max(relative * max(abs(a), abs(b)), absolute)
+
     front = []
     for i, (cost_i, q_i) in enumerate(points):
         qi = q_i if higher_is_better else -q_i
         dominated = False
         for j, (cost_j, q_j) in enumerate(points):
             qj = q_j if higher_is_better else -q_j
-            if j != i and cost_j <= cost_i and qj >= qi and (cost_j < cost_i or qj > qi):
+            not_dearer = cost_j <= cost_i or tied(cost_i, cost_j)
+            cheaper = cost_j < cost_i and not tied(cost_i, cost_j)
+            if j != i and not_dearer and qj >= qi and (cheaper or qj > qi):
                 dominated = True
                 break
         if not dominated:
@@ -57,12 +72,12 @@ def cost_fronts(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if not models or any(m.get("quality") is None for m in models):
         return out
     higher = models[0]["quality"]["higher_is_better"]
-    for key, label, scale in COST_AXES:
+    for key, label, scale, noise in COST_AXES:
         values = [_costs(m).get(key) for m in models]
         if not all(_finite(v) for v in values):
             continue
         points = [(float(v) * scale, float(m["quality"]["value"])) for v, m in zip(values, models, strict=True)]
-        out[key] = {"label": label, "points": points, "front": pareto_front(points, higher)}
+        out[key] = {"label": label, "points": points, "front": pareto_front(points, higher, noise)}
     return out
 
 
@@ -71,6 +86,7 @@ def _plot_png(axis: dict[str, Any], names: list[str], quality_name: str, higher:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=110)
     try:
@@ -88,6 +104,9 @@ def _plot_png(axis: dict[str, Any], names: list[str], quality_name: str, higher:
         ax.step([xs[i] for i in front], [ys[i] for i in front], where="post", c="#d62728", alpha=0.6)
         for i, name in enumerate(names):
             ax.annotate(name, (xs[i], ys[i]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        # few, plain tick labels: long values (hundreds of MB with decimals, offsets) otherwise run into each other
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5))
+        ax.ticklabel_format(axis="both", style="plain", useOffset=False)
         ax.set_xlabel(axis["label"])
         ax.set_ylabel(quality_name + (" (higher is better)" if higher else " (lower is better)"))
         ax.grid(alpha=0.3)
