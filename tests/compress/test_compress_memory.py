@@ -8,7 +8,10 @@ import pytest
 import torch
 
 
-@pytest.mark.parametrize("method,err", [("int8", 0.05)])
+# measured on 4 x 24 seeded tokens: 0.038 (the fallback corpus's 325-token vocabulary) to 0.055-0.066 (the shared
+# corpus's 512, over 5 seeds): an int8 rounding that flips a memory row's top-k choice moves whole rows; a broken
+# quantizer is off by ~1
+@pytest.mark.parametrize("method,err", [("int8", 0.1)])
 def test_int8_quantizes_the_memory_projections_and_keeps_the_tables(method, err, data_dir, tmp_path, make_model):
     from slmkit.compress.pipeline import CompressOptions, compress
     from slmkit.interop.checkpoint import load_model
@@ -28,7 +31,8 @@ def test_int8_quantizes_the_memory_projections_and_keeps_the_tables(method, err,
     assert isinstance(memory.gate_proj, Int8Linear) and isinstance(memory.down_proj, Int8Linear)
     assert type(memory.query_proj) is torch.nn.Linear and memory.values.weight.dtype == torch.float32
     assert isinstance(model.layers[1].mlp.up_proj, Int8Linear)
-    idx = torch.randint(0, model.config.vocab_size, (1, 24))
+    # a fixed batch: the global RNG's state depends on which tests ran before
+    idx = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = model(idx), load_model(source)(idx)
     assert (a - b).norm() / b.norm() < err
