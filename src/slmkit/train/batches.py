@@ -15,6 +15,24 @@ import numpy as np
 import torch
 
 
+class EpochOrder:
+    """Item `global_index` of an endless stream that visits n items once per epoch, each epoch in the permutation
+    drawn from (seed, epoch); the current epoch's permutation is kept (indices arrive in order)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed = n, seed
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def __getitem__(self, global_index: int) -> int:
+        epoch, offset = divmod(global_index, self.n)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        assert self._perm is not None
+        return int(self._perm[offset])
+
+
 class WindowSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         self.tokens = tokens
@@ -26,23 +44,14 @@ class WindowSampler:
         if self.n_windows < 1:
             raise ValueError("too few tokens for one window")
         self.position = 0  # global windows consumed (all ranks together)
-        self._epoch = -1
-        self._perm: np.ndarray | None = None
-
-    def _window(self, global_index: int) -> int:
-        epoch, offset = divmod(global_index, self.n_windows)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._epoch = epoch
-        assert self._perm is not None
-        return int(self._perm[offset])
+        self._order = EpochOrder(self.n_windows, seed)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape (batch_size, seq_len); y is x shifted by one token."""
         rows = []
         for i in range(batch_size):
             global_index = self.position + i * self.world_size + self.rank
-            start = self._window(global_index) * self.seq_len
+            start = self._order[global_index] * self.seq_len
             rows.append(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
         self.position += batch_size * self.world_size
         block = torch.from_numpy(np.stack(rows))
@@ -89,19 +98,10 @@ class RowSampler:
         if self.n_rows < 1:
             raise ValueError("no rows")
         self.position = 0
-        self._epoch = -1
-        self._perm: np.ndarray | None = None
-
-    def _row(self, global_index: int) -> int:
-        epoch, offset = divmod(global_index, self.n_rows)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-            self._epoch = epoch
-        assert self._perm is not None
-        return int(self._perm[offset])
+        self._order = EpochOrder(self.n_rows, seed)
 
     def next_batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        picks = [self._row(self.position + i * self.world_size + self.rank) for i in range(batch_size)]
+        picks = [self._order[self.position + i * self.world_size + self.rank] for i in range(batch_size)]
         self.position += batch_size * self.world_size
         rows = self.rows
         x, y = torch.from_numpy(rows.inputs[picks]), torch.from_numpy(rows.targets[picks])

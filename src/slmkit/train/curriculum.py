@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE = -100
+from slmkit.data.chat import IGNORE  # a target that carries no loss (cross_entropy's ignore_index)
 
 
 def document_chunks(tokens: np.ndarray, eot_id: int, seq_len: int) -> dict[int, np.ndarray]:

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import torch
 
+from slmkit.data.chat import IGNORE
 from slmkit.errors import UserError
 from slmkit.train.losses import distill_terms, next_token_cross_entropy
 
@@ -202,7 +203,7 @@ class LanguageModeling:
         per_token = torch.nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none"
         ).view_as(y)
-        counted = (y != -100).float()  # padding targets (fine-tuning, curricula) carry no loss
+        counted = (y != IGNORE).float()  # padding targets (fine-tuning, curricula) carry no loss
         per_row = (per_token * counted).sum(1) / counted.sum(1).clamp(min=1)  # (B,)
         live = counted.sum(1) > 0
         scores = (per_row.detach() / self.reweight_temperature).masked_fill(~live, -math.inf)
