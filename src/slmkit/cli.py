@@ -1276,7 +1276,27 @@ def plan(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="Model dir or run dir to serve.")],
+    model: Annotated[
+        Path | None, typer.Argument(help="Model dir or run dir to serve (served under its directory's name).")
+    ] = None,
+    models: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="NAME=DIR: serve the model in DIR as NAME, instead of MODEL; repeatable (each model has its own "
+            "batcher). With two or more, the virtual model --router-name answers: a cascade, first model first.",
+        ),
+    ] = None,
+    router_name: Annotated[
+        str, typer.Option(help="The name of the virtual router model (listed with two or more --model).")
+    ] = "router",
+    cascade_threshold: Annotated[
+        float,
+        typer.Option(
+            help="The router's cascade: an answer whose mean token log-probability is below this goes to the next "
+            "--model (the last one is final)."
+        ),
+    ] = -1.0,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -1340,7 +1360,8 @@ def serve(
     kv_prune_keys: KVPruneKeys = 0.0,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
-    batching; with --lora, LoRA adapters per request beside the base."""
+    batching; with --lora, LoRA adapters per request beside the base; with several --model, several models and a
+    cascade router over them."""
     from slmkit.serve.app import resolve_api_key
     from slmkit.serve.app import serve as run_server
 
@@ -1351,6 +1372,7 @@ def serve(
         drain_timeout=drain_timeout, compile=compile, speculate=speculate, speculate_k=speculate_k,
         max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (), lora=lora or (),
         kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
+        models=models or (), router_name=router_name, cascade_threshold=cascade_threshold,
     )  # fmt: skip
 
 
@@ -1375,7 +1397,7 @@ _ABOVE_ZERO = frozenset(
     "max_params ci top_p request_timeout target_loss repetition_penalty".split()
 )
 # ... and these may be negative.
-_SIGNED = frozenset({"frequency_penalty", "presence_penalty"})
+_SIGNED = frozenset({"frequency_penalty", "presence_penalty", "cascade_threshold"})
 DEVICES = "auto, cpu, cuda, cuda:N or mps"
 
 

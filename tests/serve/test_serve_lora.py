@@ -244,7 +244,7 @@ def test_unknown_model_is_openai_404(client, shaken_model_dir):
     r = client.post("/v1/completions", json={"model": "nope", "prompt": "A", "max_tokens": 2})
     assert r.status_code == 404
     error = r.json()["error"]
-    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "not_found_error")
+    assert (error["code"], error["param"], error["type"]) == ("model_not_found", "model", "invalid_request_error")
     assert "'sql'" in error["message"] and repr(shaken_model_dir.name) in error["message"]
 
 

@@ -12,6 +12,12 @@ PEFT LoRA adapter is loaded onto the one base model and served as a model of its
 picks the adapter (or the base, under its usual name), and requests for different adapters share the running batch
 (`slmkit.infer.batcher`, ``per_row_adapters``). /v1/models lists the base and each adapter, an adapter with the
 base as its ``parent`` (as vLLM lists LoRA modules).
+
+Several models (``create_app({"small": "runs/small", "large": "runs/large"})``, `slm serve --model small=DIR --model
+large=DIR`): each model has its own scheduler (worker thread, queue and KV cache); a request's ``model`` picks one.
+With two or more, the virtual model ``router`` (`Router`) answers by a cascade (`slmkit.serve.cascade`: the first
+model answers, the next one when the answer's mean token log-probability is below the threshold), and the
+response's ``model`` names the model that answered, ``slmkit_route`` (and the ``slmkit-route`` header) the chain.
 """
 
 from __future__ import annotations
@@ -19,11 +25,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import json
+import math
 import os
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +47,14 @@ from slmkit.errors import UserError
 from slmkit.infer.batcher import GenerationRequest, TokenLogprob
 from slmkit.infer.engine import Engine
 from slmkit.serve import openai
+from slmkit.serve.cascade import DEFAULT_CASCADE_THRESHOLD, RouteStep, accepts, check_threshold, confidence
 from slmkit.serve.guards import LOOPBACK_HOSTS, Guards
 from slmkit.serve.metrics import Metrics
 from slmkit.serve.openai import ApiError, ChatRequest, CompletionRequest, OpenAIRequest, Reply, StreamShaper
-from slmkit.serve.scheduler import Job, QueueFull, Result, Scheduler, ShuttingDown
+from slmkit.serve.scheduler import Delta, Job, QueueFull, Result, Scheduler, ShuttingDown, close_all
 
 MAX_REQUEST_BYTES = 1 << 20
+DEFAULT_ROUTER_NAME = "router"
 API_KEY_ENV = "SLM_API_KEY"
 
 
@@ -227,8 +238,136 @@ def score_prompt(model: Any, ids: list[int], top: int) -> list[TokenLogprob]:
     return [TokenLogprob(t, lp, alt) for t, lp, alt in zip(ids[1:], chosen, alternatives, strict=True)]
 
 
+def parse_models(values: Sequence[str]) -> dict[str, Path]:
+    """`--model NAME=DIR` values -> {NAME: DIR}, in order; UserError for a value not of that shape, a name with
+    whitespace or a name given twice. The directories are checked by `check_served_models`."""
+    models: dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        name, directory = name.strip(), directory.strip()
+        if not sep or not name or not directory:
+            raise UserError(f"--model {value!r}: give NAME=DIR (the model name requests use = the model directory)")
+        if any(c.isspace() for c in name):
+            raise UserError(f"--model {value!r}: the name {name!r} has whitespace; give a name without spaces")
+        if name in models:
+            raise UserError(f"--model: the name {name!r} is given twice; each model needs a name of its own")
+        models[name] = Path(directory)
+    return models
+
+
+def check_served_models(models: Mapping[str, str | Path]) -> dict[str, Path]:
+    """Each model's directory resolved (a run dir to its latest checkpoint), before anything loads: UserError naming
+    the model for a missing or wrong directory."""
+    from slmkit.interop.checkpoint import resolve_model_dir
+
+    checked: dict[str, Path] = {}
+    for name, directory in models.items():
+        try:
+            checked[name] = resolve_model_dir(directory)
+        except UserError as exc:
+            raise UserError(f"model {name!r}: {exc}") from None
+    return checked
+
+
+def parameter_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters, each storage once (tied embeddings count once)."""
+    seen: dict[int, int] = {}
+    for p in model.parameters():
+        storage = p.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def json_number(value: float | None) -> float | str | None:
+    """A float for a JSON body: rounded, and -inf / inf as strings (JSON has no infinities)."""
+    if value is None:
+        return None
+    return round(value, 6) if math.isfinite(value) else str(value)
+
+
+@dataclass(eq=False)
+class ServedModel:
+    """One model of the server: its engine, its own scheduler (a worker thread, a queue and a KV cache of
+    max_batch rows) and what its routes need."""
+
+    name: str
+    engine: Engine
+    scheduler: Scheduler
+    directory: Path | None
+    template: Any  # the compiled chat template
+    eos_token: str  # what ends earlier assistant turns in a conversation
+    pieces: openai.TokenText
+    bounded: bool  # the KV cache keeps a window (prompt + max_tokens may pass the context)
+    parameter_bytes: int
+    kv_cache_bytes: int
+
+    def memory(self) -> dict[str, int]:
+        return {"parameter_bytes": self.parameter_bytes, "kv_cache_bytes": self.kv_cache_bytes}
+
+    def describe_memory(self) -> str:
+        return (
+            f"parameters {format_bytes(self.parameter_bytes)}, KV cache {format_bytes(self.kv_cache_bytes)} "
+            f"({self.scheduler.max_batch} rows)"
+        )
+
+
+@dataclass(eq=False)
+class Router:
+    """The virtual router model: a cascade over `models` (first model first) at `threshold`, or, with `learned`
+    (a router of `slmkit.route`), the weak model (models[0]) or the strong one (models[1]) chosen per prompt."""
+
+    name: str
+    models: list[ServedModel]
+    threshold: float
+    learned: Any = None
+
+    @property
+    def kind(self) -> str:
+        return "cascade" if self.learned is None else "learned"
+
+    def describe(self) -> dict[str, Any]:
+        threshold = self.threshold if self.learned is None else getattr(self.learned, "threshold", None)
+        return {"kind": self.kind, "models": [m.name for m in self.models], "threshold": json_number(threshold)}
+
+
+def load_served_model(
+    name: str,
+    source: Engine | Path,
+    *,
+    kv_cache: Any,
+    scheduling: Mapping[str, Any],
+    metrics: Metrics,
+    adapters: Mapping[str, Path],
+) -> tuple[ServedModel, dict[str, int]]:
+    """Load one model (unless an Engine is given) and its adapters (checked ones: `check_served_adapters`), then
+    start its scheduler; the model and {adapter's served name: adapter index}."""
+    directory = None if isinstance(source, Engine) else source
+    engine = source if isinstance(source, Engine) else Engine.load(source, kv_cache=kv_cache)
+    indices = load_served_adapters(engine.model, adapters)
+    kv = kv_cache if kv_cache is not None else engine.kv_cache
+    scheduler = Scheduler(
+        engine.model, engine.tokenizer, metrics=metrics, per_row_adapters=bool(adapters), kv_cache=kv, name=name,
+        **scheduling,
+    )  # fmt: skip
+    served = ServedModel(
+        name=name, engine=engine, scheduler=scheduler, directory=directory,
+        template=openai.compile_chat_template(openai.load_chat_template(directory)),
+        eos_token=openai.eos_text(directory), pieces=openai.TokenText(engine.tokenizer),
+        bounded=bool(kv is not None and kv.bounded), parameter_bytes=parameter_bytes(engine.model),
+        kv_cache_bytes=scheduler.batcher.core.state.storage_bytes(),
+    )  # fmt: skip
+    return served, indices
+
+
 def create_app(
-    engine_or_model_path: Engine | str | Path,
+    engine_or_model_path: Engine | str | Path | Mapping[str, Engine | str | Path],
     *,
     api_key: str | None = None,
     max_queue: int = 64,
@@ -245,8 +384,12 @@ def create_app(
     cors_origins: Sequence[str] = (),
     adapters: Mapping[str, str | Path] | None = None,
     kv_cache: Any = None,
+    router_name: str | None = DEFAULT_ROUTER_NAME,
+    cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+    router: Any = None,
 ) -> FastAPI:
-    """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
+    """The FastAPI app over one model, or over several: {served name: Engine or model dir}, in order (the first is
+    the router's first model). A path is loaded with `Engine.load` (UserError if it is not a model).
 
     max_batch: rows of the running batch (sequences decoded together); max_queue: sequences that may wait for a
     row (more get 503); request_timeout: seconds from arrival after which a request stops (see
@@ -255,49 +398,102 @@ def create_app(
     tokens for every row in one pass (greedy output unchanged). max_request_bytes: larger bodies get 413;
     allowed_hosts: the hosts the Host header may name (None: any); cors_origins: the origins whose web pages may
     call the API (requests with any other Origin get 403); see `slmkit.serve.guards`. adapters: {served name:
-    PEFT LoRA adapter dir} served per request beside the base (see the module docstring); UserError, before the
-    server starts, for a bad name or directory and an adapter for another base. kv_cache: a
-    `slmkit.models.state.KVCacheSpec` for every request (None: the engine's).
-    """
-    directory: Path | None = None
-    if not isinstance(engine_or_model_path, Engine):
-        from slmkit.interop.checkpoint import resolve_model_dir
+    PEFT LoRA adapter dir} served per request beside the base (one model only; see the module docstring);
+    UserError, before the server starts, for a bad name or directory and an adapter for another base. kv_cache: a
+    `slmkit.models.state.KVCacheSpec` for every request (None: the engine's). Each model gets its own scheduler
+    with these settings (its own queue of max_queue and KV cache of max_batch rows).
 
-        directory = resolve_model_dir(engine_or_model_path)
+    With two or more models, the virtual model `router_name` (None: none) answers through a cascade at
+    `cascade_threshold` (`slmkit.serve.cascade`), or with `router` (a learned router of `slmkit.route`, or its
+    directory; exactly two models: weak, strong) by the router's decision on the prompt.
+    """
     if max_queue < 1:
         raise UserError(f"max queue must be >= 1, got {max_queue}")
     if max_request_bytes < 1:
         raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
-    name = model_name or (directory.name if directory is not None else "slmkit")
-    lora = check_served_adapters(adapters or {}, name)  # before the base loads
-    if isinstance(engine_or_model_path, Engine):
-        engine = engine_or_model_path
+    sources: dict[str, Engine | Path] = {}
+    if isinstance(engine_or_model_path, Mapping):
+        if model_name is not None:
+            raise UserError("model_name names a single model; several models are named by their keys")
+        if not engine_or_model_path:
+            raise UserError("no models to serve")
+        paths = {k: v for k, v in engine_or_model_path.items() if not isinstance(v, Engine)}
+        for name in engine_or_model_path:
+            if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+                raise UserError(f"model name {name!r}: give a non-empty name without spaces")
+        checked = check_served_models(paths)  # type: ignore[arg-type]
+        sources = {k: v if isinstance(v, Engine) else checked[k] for k, v in engine_or_model_path.items()}
+    elif isinstance(engine_or_model_path, Engine):
+        sources = {model_name or "slmkit": engine_or_model_path}
     else:
-        assert directory is not None
-        engine = Engine.load(directory, kv_cache=kv_cache)
-    kv_cache = kv_cache if kv_cache is not None else engine.kv_cache
-    bounded = bool(kv_cache is not None and kv_cache.bounded)
-    served = {name: -1, **load_served_adapters(engine.model, lora)}  # model name -> adapter index (-1: the base)
-    template = openai.compile_chat_template(openai.load_chat_template(directory))
-    eos_token = openai.eos_text(directory)  # what ends earlier assistant turns in a conversation
+        from slmkit.interop.checkpoint import resolve_model_dir
+
+        directory = resolve_model_dir(engine_or_model_path)
+        sources = {model_name or directory.name: directory}
+    names = list(sources)
+    first = names[0]
+    if adapters and len(names) > 1:
+        raise UserError(
+            "LoRA adapters (--lora) are served on one model; with several models (--model) give no adapters"
+        )
+    threshold = check_threshold(cascade_threshold)
+    routed = len(names) > 1 and router_name is not None
+    if routed:
+        if not router_name or any(c.isspace() for c in router_name):
+            raise UserError(f"router name {router_name!r}: give a non-empty name without spaces")
+        if router_name in sources:
+            raise UserError(
+                f"the router's name {router_name!r} is also a model's; give the router another name (--router-name)"
+            )
+    if router is not None:
+        if not routed:
+            raise UserError("a learned router (--router) needs two models (--model weak=DIR --model strong=DIR)")
+        if len(names) != 2:
+            raise UserError(
+                f"a learned router chooses between two models (weak, strong); got {len(names)} models: give two "
+                "--model, the weak one first"
+            )
+        router = load_learned_router(router, sources[names[0]], sources[names[1]])
+    lora = check_served_adapters(adapters or {}, first)  # before the base loads
     metrics = Metrics()
-    scheduler = Scheduler(
-        engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
-        request_timeout=request_timeout, metrics=metrics, compile=compile, speculate=speculate,
-        speculate_k=speculate_k, per_row_adapters=bool(lora), kv_cache=kv_cache,
+    scheduling = dict(
+        max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk, request_timeout=request_timeout,
+        compile=compile, speculate=speculate, speculate_k=speculate_k,
     )  # fmt: skip
-    pieces = openai.TokenText(engine.tokenizer)
+    models: dict[str, ServedModel] = {}
+    try:
+        indices: dict[str, int] = {}
+        for name, source in sources.items():
+            models[name], loaded = load_served_model(
+                name, source, kv_cache=kv_cache, scheduling=scheduling, metrics=metrics,
+                adapters=lora if name == first else {},
+            )  # fmt: skip
+            indices.update(loaded)
+        base = models[first]
+        # served name -> (model, adapter index: -1 the base, None when the model serves no adapters)
+        served: dict[str, tuple[ServedModel, int | None]] = {n: (m, -1 if lora else None) for n, m in models.items()}
+        served.update({n: (base, i) for n, i in indices.items()})
+    except BaseException:
+        close_all([m.scheduler for m in models.values()], 0)
+        raise
+    virtual = Router(router_name, list(models.values()), threshold, router) if routed else None  # type: ignore[arg-type]
+    schedulers = [m.scheduler for m in models.values()]
     created = int(time.time())
 
     app = FastAPI(title="slmkit", version="1")
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
-    app.state.scheduler, app.state.metrics, app.state.engine = scheduler, metrics, engine
-    app.state.model_name = name
-    app.state.served_models = list(served)  # the base's name, then each adapter's
+    # the first model's scheduler and engine (what a one-model server has)
+    app.state.scheduler, app.state.metrics, app.state.engine = base.scheduler, metrics, base.engine
+    app.state.model_name = first
+    app.state.models = models  # every model: name -> ServedModel
+    app.state.schedulers = schedulers
+    app.state.router = virtual
+    app.state.adapters = [n for n, (_, i) in served.items() if i is not None and i >= 0]
+    app.state.served_models = list(served) + ([virtual.name] if virtual else [])  # what /v1/models lists
 
     @app.on_event("shutdown")
     def _shutdown() -> None:
-        scheduler.close(drain_timeout)
+        close_all(schedulers, drain_timeout)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -322,48 +518,62 @@ def create_app(
 
     @app.get("/health", responses=ERRORS_OF["health"])
     async def health() -> Any:
-        body = {
-            "status": "ok" if scheduler.accepting else "shutting_down",
-            "model": name,
-            "queue_depth": scheduler.queue_depth,
-            "running": scheduler.running,
+        accepting = all(s.accepting for s in schedulers)
+        body: dict[str, Any] = {
+            "status": "ok" if accepting else "shutting_down",
+            "model": first,
+            "queue_depth": sum(s.queue_depth for s in schedulers),
+            "running": sum(s.running for s in schedulers),
+            "models": {
+                n: {
+                    "status": "ok" if m.scheduler.accepting else "shutting_down",
+                    "queue_depth": m.scheduler.queue_depth,
+                    "running": m.scheduler.running,
+                    **m.memory(),
+                }
+                for n, m in models.items()
+            },
         }
-        return JSONResponse(body, status_code=200 if scheduler.accepting else 503)
+        if virtual is not None:
+            body["router"] = {"name": virtual.name, **virtual.describe()}
+        return JSONResponse(body, status_code=200 if accepting else 503)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS_OF["metrics"])
     async def get_metrics() -> str:
-        return metrics.render(scheduler)
+        return metrics.render(
+            {n: m.scheduler for n, m in models.items()}, models, [virtual.name] if virtual is not None else []
+        )
 
     @app.get("/v1/models", responses=ERRORS_OF["models"])
-    async def models() -> dict[str, Any]:
+    async def list_models() -> dict[str, Any]:
         # as vLLM: `root` the base model, `parent` None for it and the base's name for each adapter
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": model,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "slmkit",
-                    "root": name,
-                    "parent": None if model == name else name,
-                }
-                for model in served
-            ],
-        }
+        def entry(model_id: str, root: str, **extra: Any) -> dict[str, Any]:
+            return {
+                "id": model_id, "object": "model", "created": created, "owned_by": "slmkit", "root": root,
+                "parent": None if model_id == root else root, **extra,
+            }  # fmt: skip
 
-    def adapter_of(req: OpenAIRequest) -> int | None:
-        """The adapter the request's model picks (None for the base when no adapters are served); 404 for a model
-        this server does not serve."""
-        openai.check_model(req, list(served))
-        return served[req.model] if lora else None
+        data = [entry(n, m.name) for n, (m, _) in served.items()]
+        if virtual is not None:
+            data.append(entry(virtual.name, virtual.name, slmkit_router=virtual.describe()))
+        return {"object": "list", "data": data}
 
-    async def constraint_of(req: OpenAIRequest) -> Any:
+    def target_of(req: OpenAIRequest) -> tuple[ServedModel, int | None] | Router:
+        """The model (and adapter) the request's model names, or the router; 404 for a model this server does not
+        serve."""
+        if virtual is not None and req.model == virtual.name:
+            return virtual
+        if req.model not in served:
+            raise openai.model_not_found(req.model, app.state.served_models)
+        return served[req.model]
+
+    async def constraint_of(model: ServedModel, req: OpenAIRequest) -> Any:
         constraint = openai.response_format_constraint(req.response_format)
         if constraint is None:
             return None
         from slmkit.infer.constrained import compile_constraint
 
+        engine = model.engine
         try:  # compiling takes a while (and xgrammar's first import seconds): off the event loop
             return await asyncio.to_thread(
                 compile_constraint, constraint, engine.tokenizer, engine.config.vocab_size, engine.config.eos_token_id
@@ -371,8 +581,39 @@ def create_app(
         except UserError as exc:
             raise ApiError(400, str(exc), param="response_format") from None
 
-    def submit(requests: list[GenerationRequest], stream: bool) -> tuple[list[Job], asyncio.Queue, threading.Event]:
-        """Queue one job per request (a choice each), sharing one event queue and one cancel flag."""
+    async def requests_of(
+        model: ServedModel, req: OpenAIRequest, prompts: list[str | list[int]] | None, adapter: int | None,
+        top_logprobs: int | None,
+    ) -> list[GenerationRequest]:  # fmt: skip
+        """The batcher requests of a completion (its prompts) or chat request for one model: templating and
+        tokenizing off the event loop (a long prompt must not stall the other clients)."""
+        compiled = await constraint_of(model, req)
+        engine = model.engine
+
+        def prepare() -> list[GenerationRequest]:
+            if prompts is not None:
+                return openai.generation_requests(
+                    req, prompts, engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
+                    default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled,
+                    top_logprobs=top_logprobs, adapter=adapter, bounded=model.bounded,
+                    vocab_size=engine.config.vocab_size,
+                )  # fmt: skip
+            assert isinstance(req, ChatRequest)
+            prompt = openai.chat_prompt(model.template, req.messages, model.eos_token)
+            return openai.generation_requests(
+                req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
+                default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs, adapter=adapter,
+                bounded=model.bounded,
+            )  # fmt: skip
+
+        return await asyncio.to_thread(prepare)
+
+    def submit(
+        model: ServedModel, requests: list[GenerationRequest], stream: bool
+    ) -> tuple[list[Job], asyncio.Queue, threading.Event]:
+        """Queue one job per request (a choice each) on the model's scheduler, sharing one event queue and one
+        cancel flag."""
+        scheduler = model.scheduler
         for request in requests:
             try:
                 scheduler.check(request)
@@ -386,6 +627,7 @@ def create_app(
             scheduler.submit(jobs)
         except (QueueFull, ShuttingDown) as exc:
             raise openai.submit_error(exc) from None
+        metrics.model_request(model.name)
         return jobs, events, cancelled
 
     async def collect(request: Request, jobs: list[Job], events: asyncio.Queue, cancelled: threading.Event):
@@ -433,36 +675,113 @@ def create_app(
         finally:
             cancelled.set()  # a client that went away stops its generation
 
-    def streaming(shaper: StreamShaper, events: asyncio.Queue, cancelled: threading.Event) -> StreamingResponse:
-        return StreamingResponse(stream_events(shaper, events, cancelled), media_type="text/event-stream")
+    def streaming(
+        shaper: StreamShaper, events: asyncio.Queue, cancelled: threading.Event, headers: dict[str, str] | None = None
+    ) -> StreamingResponse:
+        return StreamingResponse(
+            stream_events(shaper, events, cancelled), media_type="text/event-stream", headers=headers
+        )
+
+    def shaper_of(req: OpenAIRequest, reply: Reply, indices: list[int]) -> StreamShaper:
+        if isinstance(req, ChatRequest):
+            return openai.chat_stream(reply, indices, req.n)
+        return openai.completion_stream(reply, indices, req.n)
+
+    def respond(req: OpenAIRequest, reply: Reply, results: list[Result]) -> dict[str, Any]:
+        if isinstance(req, ChatRequest):
+            return openai.chat_response(reply, results, req.n)
+        return openai.completion_response(reply, results, req.n)
+
+    async def route(req: OpenAIRequest, request: Request, router: Router) -> Any:
+        """A request to the router model: the cascade (or the learned router's choice) answers; the response's
+        `model` is the model that answered, `slmkit_route` (and the `slmkit-route` header) the chain."""
+        prompts: list[str | list[int]] | None = None
+        if isinstance(req, CompletionRequest):
+            prompts = openai.completion_prompts(req)
+            if req.echo:
+                raise ApiError(
+                    400, f"echo scores the prompt with one model: name a model, not the router {router.name!r}",
+                    param="echo",
+                )  # fmt: skip
+            wanted = req.logprobs
+        else:
+            assert isinstance(req, ChatRequest)
+            wanted = openai.chat_top_logprobs(req)
+        kind = "chat" if isinstance(req, ChatRequest) else "completion"
+        chain: list[RouteStep] = []
+        candidates = router.models
+        ready: dict[str, list[GenerationRequest]] = {}
+        strong_choice: bool | None = None
+        if router.learned is not None:  # the learned decision on the weak model's reading of the prompt
+            weak, strong = router.models
+            ready[weak.name] = await requests_of(weak, req, prompts, None, wanted if wanted is not None else 0)
+            strong_choice = await asyncio.to_thread(
+                decide_learned, router.learned, weak.engine, [r.prompt_ids for r in ready[weak.name][:: req.n]]
+            )
+            candidates = [strong if strong_choice else weak]
+        answered: ServedModel | None = None
+        results: list[Result] = []
+        for i, model in enumerate(candidates):
+            final = i == len(candidates) - 1
+            requests = ready.get(model.name) or await requests_of(
+                model, req, prompts, None, wanted if wanted is not None else 0
+            )
+            if final and req.stream:  # the last model streams as it generates
+                jobs, events, cancelled = submit(model, requests, True)
+                chain.append(RouteStep(model.name, None, True))
+                info = route_info(router, chain, strong_choice)
+                metrics.route(router.name, model.name, strong_choice if strong_choice is not None else len(chain) > 1)
+                reply = Reply.new(kind, model.name, model.pieces if wanted is not None else None)
+                shaper = shaper_of(req, reply, [j.index for j in jobs])
+                return streaming(shaper, events, cancelled, headers={ROUTE_HEADER: route_header(info)})
+            jobs, events, cancelled = submit(model, requests, False)
+            results = await collect(request, jobs, events, cancelled)
+            value = confidence(e.logprob for r in results for e in r.logprobs)
+            kept = final or accepts(value, router.threshold)
+            chain.append(RouteStep(model.name, value, kept, sum(r.completion_tokens for r in results)))
+            if kept:
+                answered = model
+                break
+        assert answered is not None
+        info = route_info(router, chain, strong_choice)
+        metrics.route(router.name, answered.name, strong_choice if strong_choice is not None else len(chain) > 1)
+        reply = Reply.new(kind, answered.name, answered.pieces if wanted is not None else None)
+        headers = {ROUTE_HEADER: route_header(info)}
+        if req.stream:  # a buffered answer, sent as a stream
+            events = asyncio.Queue()
+            for index, result in enumerate(results):
+                events.put_nowait((index, "delta", Delta(result.text, list(result.logprobs))))
+                events.put_nowait((index, "done", result))
+            return streaming(shaper_of(req, reply, list(range(len(results)))), events, threading.Event(), headers)
+        return JSONResponse({**respond(req, reply, results), "slmkit_route": info}, headers=headers)
 
     @app.post("/v1/completions", responses=ERRORS_OF["generate"])
     async def completions(req: CompletionRequest, request: Request) -> Any:
-        adapter = adapter_of(req)
+        target = target_of(req)
+        if isinstance(target, Router):
+            return await route(req, request, target)
+        model, adapter = target
         prompts = openai.completion_prompts(req)
         if req.echo and adapter not in (None, -1):
             raise ApiError(400, "echo scores prompts with the base model only", param="echo")
-        compiled = await constraint_of(req)
-        requests = await asyncio.to_thread(  # tokenizing a long prompt must not stall the other clients
-            openai.generation_requests, req, prompts, engine.tokenizer, context=engine.config.max_seq_len,
-            max_batch=max_batch, default_max_tokens=defaults.OPENAI_COMPLETION_MAX_TOKENS, constraint=compiled,
-            top_logprobs=req.logprobs, adapter=adapter, bounded=bounded, vocab_size=engine.config.vocab_size,
-        )  # fmt: skip
-        reply = Reply.new("completion", req.model, pieces if req.logprobs is not None else None)
+        requests = await requests_of(model, req, prompts, adapter, req.logprobs)
+        reply = Reply.new("completion", req.model, model.pieces if req.logprobs is not None else None)
         if req.echo:
             scored: list[list[TokenLogprob]] = []
             if req.logprobs is not None:
                 for r in requests[:: req.n]:  # the n choices of a prompt share its scores
-                    prompt_scores = await asyncio.to_thread(score_prompt, engine.model, r.prompt_ids, req.logprobs)
+                    prompt_scores = await asyncio.to_thread(
+                        score_prompt, model.engine.model, r.prompt_ids, req.logprobs
+                    )
                     scored += [prompt_scores] * req.n
             else:
                 scored = [[] for _ in requests]
             results = None
             if req.max_tokens != 0:
-                jobs, events, cancelled = submit(requests, False)
+                jobs, events, cancelled = submit(model, requests, False)
                 results = await collect(request, jobs, events, cancelled)
-            return openai.echo_response(reply, requests, scored, results, req.n, engine.tokenizer)
-        jobs, events, cancelled = submit(requests, req.stream)
+            return openai.echo_response(reply, requests, scored, results, req.n, model.engine.tokenizer)
+        jobs, events, cancelled = submit(model, requests, req.stream)
         if req.stream:
             return streaming(openai.completion_stream(reply, [j.index for j in jobs], req.n), events, cancelled)
         results = await collect(request, jobs, events, cancelled)
@@ -470,21 +789,14 @@ def create_app(
 
     @app.post("/v1/chat/completions", responses=ERRORS_OF["generate"])
     async def chat(req: ChatRequest, request: Request) -> Any:
-        adapter = adapter_of(req)
+        target = target_of(req)
+        if isinstance(target, Router):
+            return await route(req, request, target)
+        model, adapter = target
         top_logprobs = openai.chat_top_logprobs(req)
-        compiled = await constraint_of(req)
-
-        def prepare() -> list[GenerationRequest]:  # templating and tokenizing: off the event loop
-            prompt = openai.chat_prompt(template, req.messages, eos_token)
-            return openai.generation_requests(
-                req, [prompt], engine.tokenizer, context=engine.config.max_seq_len, max_batch=max_batch,
-                default_max_tokens=None, constraint=compiled, top_logprobs=top_logprobs, adapter=adapter,
-                bounded=bounded,
-            )  # fmt: skip
-
-        requests = await asyncio.to_thread(prepare)
-        jobs, events, cancelled = submit(requests, req.stream)
-        reply = Reply.new("chat", req.model, pieces if req.logprobs else None)
+        requests = await requests_of(model, req, None, adapter, top_logprobs)
+        jobs, events, cancelled = submit(model, requests, req.stream)
+        reply = Reply.new("chat", req.model, model.pieces if req.logprobs else None)
         if req.stream:
             return streaming(openai.chat_stream(reply, [j.index for j in jobs], req.n), events, cancelled)
         results = await collect(request, jobs, events, cancelled)
@@ -493,9 +805,44 @@ def create_app(
     return app
 
 
+ROUTE_HEADER = "slmkit-route"
+
+
+def route_info(router: Router, chain: Sequence[RouteStep], strong: bool | None = None) -> dict[str, Any]:
+    """What a routed response says of its route: the router, the models called in order with their confidences
+    (mean token log-probability; null for a streamed final answer and one without tokens), and the one that
+    answered; a learned router adds its decision."""
+    answered = next((s.model for s in chain if s.accepted), chain[-1].model)
+    info: dict[str, Any] = {
+        "router": router.name,
+        **router.describe(),
+        "answered_by": answered,
+        "chain": [{**s.to_dict(), "confidence": json_number(s.confidence)} for s in chain],
+    }
+    if strong is not None:
+        info["strong"] = strong
+    return info
+
+
+def route_header(info: dict[str, Any]) -> str:
+    """The route as a header value: compact JSON, ASCII (names outside ASCII are escaped)."""
+    return json.dumps(info, separators=(",", ":"), ensure_ascii=True)
+
+
+def load_learned_router(router: Any, weak: Engine | Path, strong: Engine | Path) -> Any:
+    """A learned router (`slmkit.route.load_router` for a directory), checked against the two served models."""
+    raise UserError("learned routers (--router) are not available in this version of slmkit")
+
+
+def decide_learned(router: Any, weak: Engine, prompts: Sequence[list[int]]) -> bool:
+    """Whether the learned router sends the request to the strong model: any of its prompts does."""
+    raise UserError("learned routers (--router) are not available in this version of slmkit")
+
+
 def serve(
-    model: str | Path,
+    model: str | Path | None = None,
     *,
+    models: Sequence[str] = (),
     host: str = "127.0.0.1",
     port: int = 8000,
     api_key: str | None = None,
@@ -512,13 +859,21 @@ def serve(
     cors_origins: Sequence[str] = (),
     lora: Sequence[str] = (),
     kv_cache: Any = None,
+    router_name: str = DEFAULT_ROUTER_NAME,
+    cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
+    router: str | Path | None = None,
 ) -> None:
     """Run the server until interrupted (`slm serve`). allowed_hosts None: the loopback names when `host` is a
     loopback address, else any (`default_allowed_hosts`). The address is bound before the model loads, so a bad
     host or a busy port is a UserError at once. The first Ctrl-C / SIGTERM drains: new requests get 503,
     running ones finish (at most `drain_timeout` s); a second one exits at once. lora: `NAME=DIR` values (--lora),
     adapters served per request (`create_app`'s adapters): malformed values fail before the address is bound, the
-    adapters are checked and loaded before the server starts."""
+    adapters are checked and loaded before the server starts.
+
+    models: `NAME=DIR` values (--model), instead of `model`: several models in one server, each with its own
+    scheduler; malformed values, names given twice and missing directories fail before the address is bound.
+    With two or more, the virtual model `router_name` answers by a cascade at `cascade_threshold`, or by the
+    learned `router` (a directory of `slmkit.route`)."""
     import uvicorn
 
     if not (0 < port < 65536):
@@ -527,32 +882,58 @@ def serve(
         raise UserError(f"drain timeout must be >= 0 seconds, got {drain_timeout}")
     if max_request_bytes < 1:
         raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
+    if model is not None and models:
+        raise UserError("give the model as MODEL or as --model NAME=DIR (repeatable), not both")
+    if model is None and not models:
+        raise UserError("give a model to serve: MODEL, or --model NAME=DIR (repeatable)")
     adapters = parse_lora(lora)
+    source: str | Path | dict[str, Path] = model if model is not None else check_served_models(parse_models(models))
+    if adapters and len(models) > 1:
+        raise UserError("--lora serves adapters on one model; with several --model give no --lora")
+    if router is not None and len(models) < 2:
+        raise UserError("--router (a learned router) needs two models: --model weak=DIR --model strong=DIR")
+    if len(models) > 1 and router_name in source:
+        raise UserError(f"--router-name {router_name!r} is also a model's name; give the router another name")
+    check_threshold(cascade_threshold)
     sock = bind_socket(host, port)
     try:
         app = create_app(
-            model, api_key=api_key, max_queue=max_queue, max_batch=max_batch, request_timeout=request_timeout,
+            source, api_key=api_key, max_queue=max_queue, max_batch=max_batch, request_timeout=request_timeout,
             prefill_chunk=prefill_chunk, drain_timeout=drain_timeout, compile=compile, speculate=speculate,
             speculate_k=speculate_k, max_request_bytes=max_request_bytes,
             allowed_hosts=default_allowed_hosts(host) if allowed_hosts is None else allowed_hosts,
-            cors_origins=cors_origins, adapters=adapters, kv_cache=kv_cache,
+            cors_origins=cors_origins, adapters=adapters, kv_cache=kv_cache, router_name=router_name,
+            cascade_threshold=cascade_threshold, router=router,
         )  # fmt: skip
     except BaseException:
         sock.close()
         raise
-    scheduler: Scheduler = app.state.scheduler
+    schedulers: list[Scheduler] = app.state.schedulers
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
-            scheduler.begin_shutdown()  # requests on open connections get 503 while the running ones finish
+            for scheduler in schedulers:  # requests on open connections get 503 while the running ones finish
+                scheduler.begin_shutdown()
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(drain_timeout) or None
     )
-    extra = app.state.served_models[1:]
+    served_models: dict[str, ServedModel] = app.state.models
+    for served_model in served_models.values():
+        print(f"model {served_model.name!r}: {served_model.describe_memory()}", flush=True)
+    virtual: Router | None = app.state.router
+    if virtual is not None:
+        what = (
+            f"cascade over {', '.join(repr(m.name) for m in virtual.models)} at mean token "
+            f"log-probability {virtual.threshold:g}"
+            if virtual.learned is None
+            else f"learned router: {virtual.models[0].name!r} or {virtual.models[1].name!r}"
+        )
+        print(f"router {virtual.name!r}: {what}", flush=True)
+    extra = app.state.adapters
     with_adapters = f" with adapters {', '.join(map(repr, extra))}" if extra else ""
-    print(
-        f"serving model {app.state.model_name!r}{with_adapters} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True
-    )
+    names = ", ".join(map(repr, served_models))
+    label = "model" if len(served_models) == 1 else "models"
+    print(f"serving {label} {names}{with_adapters} on http://{host}:{port}/v1 (Ctrl-C to stop)", flush=True)
     DrainingServer(config).run(sockets=[sock])

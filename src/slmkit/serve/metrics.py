@@ -1,16 +1,24 @@
 """The server's Prometheus metrics (text exposition format), kept in plain Python: counters, gauges and
-histograms with cumulative ``_bucket{le=...}``, ``_sum`` and ``_count`` series."""
+histograms with cumulative ``_bucket{le=...}``, ``_sum`` and ``_count`` series.
+
+Series without a ``model`` label cover the whole server (the gauges sum over every served model's scheduler);
+the ``slm_model_*`` series are per model, the ``slm_router_*`` ones per virtual router model."""
 
 from __future__ import annotations
 
 import math
 import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def _label(value: str) -> str:
+    """A label value as the exposition format quotes it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _number(value: float) -> str:
@@ -66,6 +74,22 @@ class Metrics:
         self.step_batch_size = Histogram(
             "slm_step_batch_size", "Sequences decoded together, per decode step.", BATCH_BUCKETS
         )
+        self.model_requests: Counter[str] = Counter()  # generation requests each model ran
+        self.routed: Counter[tuple[str, str]] = Counter()  # (router, the model that answered)
+        self.strong_calls: Counter[str] = Counter()  # router requests that called a model past the first
+        self.router_requests: Counter[str] = Counter()
+
+    def model_request(self, model: str) -> None:
+        """A generation request ran on `model` (a router's request counts once for every model it called)."""
+        with self._lock:
+            self.model_requests[model] += 1
+
+    def route(self, router: str, answered_by: str, strong: bool) -> None:
+        """A request to a router model was answered by `answered_by`; strong: a model past the first was called."""
+        with self._lock:
+            self.router_requests[router] += 1
+            self.routed[(router, answered_by)] += 1
+            self.strong_calls[router] += int(strong)
 
     def count_request(self, path: str, status: int) -> None:
         with self._lock:
@@ -86,7 +110,11 @@ class Metrics:
         with self._lock:
             self.step_batch_size.observe(batch_size)
 
-    def render(self, scheduler: Any) -> str:
+    def render(self, scheduler: Any, models: Mapping[str, Any] | None = None, routers: Sequence[str] = ()) -> str:
+        """The exposition text. scheduler: the one model's scheduler, or {model name: scheduler} of every served
+        model; models: {name: object with parameter_bytes and kv_cache_bytes} for the per-model memory gauges;
+        routers: the router models' names (their series show at 0 before the first request)."""
+        schedulers = dict(scheduler) if isinstance(scheduler, Mapping) else {"": scheduler}
         with self._lock:
             lines = ["# HELP slm_requests_total HTTP requests by path and status.", "# TYPE slm_requests_total counter"]
             for (path, status), count in sorted(self.requests.items()):
@@ -106,14 +134,69 @@ class Metrics:
                 f"slm_completion_tokens_total {self.completion_tokens}",
                 "# HELP slm_queue_depth Requests waiting for a row of the running batch.",
                 "# TYPE slm_queue_depth gauge",
-                f"slm_queue_depth {scheduler.queue_depth}",
+                f"slm_queue_depth {sum(s.queue_depth for s in schedulers.values())}",
                 "# HELP slm_running_requests Sequences in the running batch (each holds a KV cache row).",
                 "# TYPE slm_running_requests gauge",
-                f"slm_running_requests {scheduler.running}",
-                "# HELP slm_last_batch_size Sequences in the last decode step.",
+                f"slm_running_requests {sum(s.running for s in schedulers.values())}",
+                "# HELP slm_last_batch_size Sequences in the last decode step (the largest over the models).",
                 "# TYPE slm_last_batch_size gauge",
-                f"slm_last_batch_size {scheduler.last_batch_size}",
+                f"slm_last_batch_size {max(s.last_batch_size for s in schedulers.values())}",
             ]
             for histogram in (self.time_to_first_token, self.latency, self.step_batch_size):
                 lines += histogram.render()
+            named = {name: s for name, s in schedulers.items() if name}
+            if named:
+                lines += self._per_model(named, models or {})
+            if routers:
+                lines += self._routers(routers)
         return "\n".join(lines) + "\n"
+
+    def _per_model(self, schedulers: Mapping[str, Any], models: Mapping[str, Any]) -> list[str]:
+        def family(name: str, kind: str, help: str, values: Mapping[str, Any]) -> list[str]:
+            out = [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+            return out + [f'{name}{{model="{_label(model)}"}} {value}' for model, value in values.items()]
+
+        lines = family(
+            "slm_model_requests_total", "counter", "Generation requests each model ran (a router's count for every "
+            "model they called).", {m: self.model_requests[m] for m in schedulers},
+        )  # fmt: skip
+        lines += family(
+            "slm_model_queue_depth", "gauge", "Sequences waiting for a row, per model.",
+            {m: s.queue_depth for m, s in schedulers.items()},
+        )  # fmt: skip
+        lines += family(
+            "slm_model_running_requests", "gauge", "Sequences in the model's running batch.",
+            {m: s.running for m, s in schedulers.items()},
+        )  # fmt: skip
+        if models:
+            lines += family(
+                "slm_model_parameter_bytes", "gauge", "Bytes of the model's parameters.",
+                {m: models[m].parameter_bytes for m in schedulers if m in models},
+            )  # fmt: skip
+            lines += family(
+                "slm_model_kv_cache_bytes", "gauge", "Bytes of the model's inference state (KV cache, all rows).",
+                {m: models[m].kv_cache_bytes for m in schedulers if m in models},
+            )  # fmt: skip
+        return lines
+
+    def _routers(self, routers: Sequence[str]) -> list[str]:
+        lines = [
+            "# HELP slm_router_requests_total Requests to a router model, by the model that answered.",
+            "# TYPE slm_router_requests_total counter",
+        ]
+        for (router, model), count in sorted(self.routed.items()):
+            labels = f'router="{_label(router)}",answered_by="{_label(model)}"'
+            lines.append(f"slm_router_requests_total{{{labels}}} {count}")
+        lines += [
+            "# HELP slm_router_strong_calls_total Router requests that called a model past the first one.",
+            "# TYPE slm_router_strong_calls_total counter",
+        ]
+        lines += [f'slm_router_strong_calls_total{{router="{_label(r)}"}} {self.strong_calls[r]}' for r in routers]
+        lines += [
+            "# HELP slm_router_strong_share Share of a router's requests that called a model past the first one.",
+            "# TYPE slm_router_strong_share gauge",
+        ]
+        for r in routers:
+            share = self.strong_calls[r] / self.router_requests[r] if self.router_requests[r] else 0.0
+            lines.append(f'slm_router_strong_share{{router="{_label(r)}"}} {share!r}')
+        return lines

@@ -113,7 +113,7 @@ def model_not_found(requested: str, served: str | Sequence[str]) -> ApiError:
     return ApiError(
         404,
         f"the model {requested!r} does not exist; this server serves {', '.join(map(repr, names))}",
-        type="not_found_error",
+        type="invalid_request_error",  # what OpenAI's API answers for an unknown model
         param="model",
         code="model_not_found",
     )

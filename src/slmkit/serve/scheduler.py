@@ -9,7 +9,9 @@ also drops jobs whose client went away (their row is freed at once) and stops jo
   it off).
 
 Shutdown is graceful: `begin_shutdown` makes `submit` refuse new jobs (`ShuttingDown`, a 503), the worker drains
-the queued and running ones, then `close` returns; past its timeout the rest are cancelled.
+the queued and running ones, then `close` returns; past its timeout the rest are cancelled. A server of several
+models runs one scheduler per model (each its own worker thread, queue and KV cache); `close_all` drains them
+together within one timeout.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class Scheduler:
         speculate_k: int = 8,
         per_row_adapters: bool = False,
         kv_cache: Any = None,
+        name: str = "",
     ) -> None:
         if max_queue < 1:
             raise UserError(f"max queue must be >= 1, got {max_queue}")
@@ -120,7 +123,9 @@ class Scheduler:
         self._stopping = False
         self._abort = False
         self.last_batch_size = 0
-        self._thread = threading.Thread(target=self._work, name="slm-serve-worker", daemon=True)
+        self.name = name  # the served model's (the worker thread carries it)
+        thread_name = f"slm-serve-worker-{name}" if name else "slm-serve-worker"
+        self._thread = threading.Thread(target=self._work, name=thread_name, daemon=True)
         self._thread.start()
 
     # ---- from the event loop ----------------------------------------------------------------------------
@@ -168,6 +173,11 @@ class Scheduler:
             self._abort = True
             self._wake.set()
             self._thread.join(10)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread still runs."""
+        return self._thread.is_alive()
 
     # ---- the worker -------------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -272,3 +282,14 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.finish(time.monotonic() - job.submitted_at, reason, seq.prompt_tokens, len(seq.out))
         job.put("done", result)
+
+
+def close_all(schedulers: list[Scheduler], timeout: float | None = 30) -> None:
+    """Close every scheduler: all stop taking requests at once, then each drains within what is left of one shared
+    `timeout` (the others keep working meanwhile), so k models take `timeout` at most, not k times it."""
+    for scheduler in schedulers:
+        scheduler.begin_shutdown()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for scheduler in schedulers:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        scheduler.close(left)
