@@ -142,6 +142,7 @@ def test_cascade_extremes_reproduce_each_model_alone(engines, threshold, answers
                 c, {"model": "router", "prompt": prompt, "max_tokens": 8, "temperature": 0}
             )
             assert text == greedy(engines[answers], prompt) and streamed_route["answered_by"] == answers
+            assert streamed_route["chain"][-1]["completion_tokens"] == (None if answers == "large" else n_tokens)
             assert {ch["model"] for ch in chunks} == {answers} and chunks[-1]["usage"]["completion_tokens"] == n_tokens
         metrics = c.get("/metrics").text
         assert f'slm_router_strong_share{{router="router"}} {1.0 if answers == "large" else 0.0}' in metrics

@@ -728,7 +728,7 @@ def create_app(
             )
             if final and req.stream:  # the last model streams as it generates
                 jobs, events, cancelled = submit(model, requests, True)
-                chain.append(RouteStep(model.name, None, True))
+                chain.append(RouteStep(model.name, None, True, None))
                 info = route_info(router, chain, strong_choice)
                 metrics.route(router.name, model.name, strong_choice if strong_choice is not None else len(chain) > 1)
                 reply = Reply.new(kind, model.name, model.pieces if wanted is not None else None)
@@ -830,13 +830,24 @@ def route_header(info: dict[str, Any]) -> str:
 
 
 def load_learned_router(router: Any, weak: Engine | Path, strong: Engine | Path) -> Any:
-    """A learned router (`slmkit.route.load_router` for a directory), checked against the two served models."""
-    raise UserError("learned routers (--router) are not available in this version of slmkit")
+    """A learned router (`slmkit.route.load_router` for a directory; or one loaded already), checked against the
+    two served models' directories (UserError for a router trained for other models; models given as Engines have
+    no directory to check)."""
+    if isinstance(router, str | Path):
+        try:
+            from slmkit.route import load_router
+        except ImportError:
+            raise UserError("learned routers (--router) need slmkit.route, which this slmkit lacks") from None
+        router = load_router(router)
+    if isinstance(weak, Path) and isinstance(strong, Path):
+        router.check_models(weak, strong)
+    return router
 
 
 def decide_learned(router: Any, weak: Engine, prompts: Sequence[list[int]]) -> bool:
-    """Whether the learned router sends the request to the strong model: any of its prompts does."""
-    raise UserError("learned routers (--router) are not available in this version of slmkit")
+    """Whether the learned router sends the request to the strong model: when it does for any of its prompts
+    (token ids of the weak model's tokenizer)."""
+    return any(router.decide(weak.model, list(ids)) for ids in prompts)
 
 
 def serve(

@@ -55,7 +55,7 @@ class RouteStep:
     model: str
     confidence: float | None
     accepted: bool
-    completion_tokens: int = 0
+    completion_tokens: int | None = 0  # None: not known yet (a final answer being streamed)
 
     def to_dict(self) -> dict[str, Any]:
         value = None if self.confidence is None else round(self.confidence, 6)
