@@ -558,7 +558,18 @@ def eval_command(
             "--template", help="Prompt template(s): plain, instruct, qa, letters (lettered choices); default: first 3."
         ),
     ] = [],  # noqa: B006
-    num_fewshot: Annotated[int, typer.Option(help="Few-shot examples per prompt (drawn with --seed).")] = 0,
+    num_fewshot: Annotated[
+        int | None,
+        typer.Option(help="Few-shot examples per prompt (default 0; 5 curated with --olmes, else drawn with --seed)."),
+    ] = None,
+    olmes: Annotated[
+        bool,
+        typer.Option(
+            "--olmes",
+            help="OLMES-style: multiple choice scored as cloze and as lettered choices (the better reported, both "
+            "shown), with fixed curated few-shot examples.",
+        ),
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed for few-shot draws, built-in tasks and bootstrap.")] = 0,
     limit: Annotated[int | None, typer.Option(help="Score only the first N examples of each task.")] = None,
     efficiency: Annotated[
@@ -597,10 +608,12 @@ def eval_command(
     bits_per_byte, tokens, bytes). With --lm-eval, runs lm-eval's own tasks instead (needs the lm-eval extra).
     """
     from slmkit.eval.cli_support import run_eval_command, run_lm_eval_command
+    from slmkit.eval.tasks import OLMES_SHOTS
 
     if lm_eval_tasks or lm_eval_include:
         others = {"--data": data, "--tasks": tasks, "--suite": suite, "--template": template,
-                  "--efficiency": efficiency, "--report": report, "--compare": compare}  # fmt: skip
+                  "--efficiency": efficiency, "--report": report, "--compare": compare,
+                  "--olmes": olmes}  # fmt: skip
         run_lm_eval_command(
             models, lm_eval_tasks, lm_eval_include, [k for k, v in others.items() if v], num_fewshot, limit,
             batch_size, threads, as_json, console=_console(),
@@ -622,7 +635,7 @@ def eval_command(
         corpus,
         suite_size,
         template,
-        num_fewshot,
+        num_fewshot if num_fewshot is not None else (OLMES_SHOTS if olmes else 0),
         seed,
         limit,
         efficiency,
@@ -634,6 +647,7 @@ def eval_command(
         contamination_n=contamination_n,
         kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
         compare=compare,
+        olmes=olmes,
     )
 
 

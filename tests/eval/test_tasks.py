@@ -243,3 +243,85 @@ def test_lettered_formulation_and_olmes_summary(lm, mc_task_file):
     many = Task("m", "multiple_choice", [{"context": "x", "choices": [f" {i}" for i in range(30)], "answer": 0}] * 2)
     with pytest.raises(UserError, match="at most 26 choices"):
         evaluate_task(lm, many, templates=["letters"])
+
+
+# ---- OLMES-style evaluation: curated shots, both formulations -------------------------------------
+
+
+def test_curated_shots_rule_and_marks(tmp_path):
+    """Unmarked files: the shortest examples, answer positions cycling A, B, ...; marked files: the marks, in order.
+    Shots are never scored."""
+    from slmkit.eval.tasks import curated_shots, scored_indices
+
+    task = load_task(write_jsonl(tmp_path / "mc.jsonl", MC_EXAMPLES))
+    # answer 0 first (shortest with answer 0 is "Compute budgets limit" [4] vs "Scaling laws predict the" [1]:
+    # sizes 21+9+8=38 vs 24+5+7=36 -> index 1), then answer 1 (only index 3), then answer 2 (only index 2)
+    assert curated_shots(task, 3) == [1, 3, 2]
+    assert scored_indices(task, [1, 3, 2]) == [0, 4]
+    with pytest.raises(UserError, match="too few for 5 curated shots"):
+        curated_shots(task, 5)
+
+    marked = [dict(ex) for ex in MC_EXAMPLES]
+    marked[4]["fewshot"] = True
+    marked[0]["fewshot"] = True
+    task = load_task(write_jsonl(tmp_path / "marked.jsonl", marked))
+    assert curated_shots(task, 2) == [0, 4] and scored_indices(task, None) == [1, 2, 3]
+    with pytest.raises(UserError, match='marks 2 "fewshot" example'):
+        curated_shots(task, 3)
+    for bad, fragment in (({"fewshot": "yes"}, '"fewshot" must be true or false'),):
+        with pytest.raises(UserError, match=fragment):
+            load_task(write_jsonl(tmp_path / "bad.jsonl", [{**MC_EXAMPLES[0], **bad}]))
+    with pytest.raises(UserError, match="every example is marked"):
+        load_task(write_jsonl(tmp_path / "all.jsonl", [{**ex, "fewshot": True} for ex in MC_EXAMPLES]))
+
+
+def test_marked_shots_are_used_and_not_scored(lm, tmp_path):
+    """A file's curated shots precede every item (the same text each time) and drop out of the scored items,
+    with or without --olmes."""
+    marked = [dict(ex) for ex in MC_EXAMPLES]
+    marked[1]["fewshot"] = True
+    task = load_task(write_jsonl(tmp_path / "marked.jsonl", marked))
+    qa = MC_TEMPLATES["qa"]
+    first, _ = render_mc(task, 0, qa, 1, 0, [1])
+    other, _ = render_mc(task, 3, qa, 1, 0, [1])
+    shot = "Question: Scaling laws predict the\nAnswer:  loss\n\n"  # the qa template adds a space before " loss"
+    assert first.startswith(shot) and other.startswith(shot)
+    result = evaluate_task(lm, task, templates=["qa"], num_fewshot=1)
+    assert result["examples"] == 4 and result["shots"] == {"curated": True, "indices": [1]}
+    assert evaluate_task(lm, task, templates=["qa"])["examples"] == 4  # zero-shot: marked items still unscored
+
+
+def test_olmes_scores_both_formulations_and_reports_the_better(lm, mc_task_file):
+    task = load_task(mc_task_file)
+    result = evaluate_task(lm, task, num_fewshot=2, olmes=True)
+    assert result["templates"] == ["qa", "letters"] and result["primary_metric"] == "olmes"
+    assert result["examples"] == len(MC_EXAMPLES) - 2
+    olmes, f = result["metrics"]["olmes"], result["formulations"]
+    cloze = result["metrics"]["acc_norm"]["by_template"]["qa"]["value"]
+    mcf = result["metrics"]["acc"]["by_template"]["letters"]["value"]
+    assert olmes["by_template"]["cloze"]["value"] == pytest.approx(cloze)
+    assert olmes["by_template"]["mcf"]["value"] == pytest.approx(mcf)
+    assert olmes["mean"] == pytest.approx(max(cloze, mcf)) and olmes["formulation"] == f["best"]
+    assert olmes["min"] == pytest.approx(min(cloze, mcf))
+    # the same scores as scoring each formulation with those fixed shots by hand
+    shots = result["shots"]["indices"]
+    plain = evaluate_task(lm, task, templates=["qa", "letters"], num_fewshot=2)  # random shots per item
+    assert "olmes" not in plain["metrics"] and plain["examples"] == len(MC_EXAMPLES)
+    context, _ = render_mc(task, 0, MC_TEMPLATES["letters"], 2, 0, shots)
+    assert context.count("Answer:") == 3
+    with pytest.raises(UserError, match="both as cloze and as lettered"):
+        evaluate_task(lm, task, templates=["qa"], olmes=True)
+
+
+def test_olmes_cli(tiny_model_dir, mc_task_file, capsys):
+    """--olmes defaults to 5 curated shots (too many for a 5-example file: one error line, exit 2); with fewer,
+    the JSON carries the olmes primary metric."""
+    from slmkit.cli import run
+
+    args = ["eval", str(tiny_model_dir), "--tasks", str(mc_task_file), "--olmes", "--json"]
+    assert run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "too few for 5 curated shots" in err and len(err.strip().splitlines()) == 1
+    assert run([*args, "--num-fewshot", "2"]) == 0
+    task = json.loads(capsys.readouterr().out)["tasks"][0]
+    assert task["primary_metric"] == "olmes" and task["num_fewshot"] == 2 and task["examples"] == 3

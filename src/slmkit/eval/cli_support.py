@@ -148,6 +148,7 @@ def run_eval_command(
     contamination_n: int = 13,
     kv_cache: Any = None,
     compare: Path | None = None,
+    olmes: bool = False,
 ) -> None:
     from slmkit.eval.runner import run_eval
 
@@ -184,6 +185,7 @@ def run_eval_command(
         contamination_data=contamination_data,
         contamination_n=contamination_n,
         compare=compare,
+        olmes=olmes,
     )
     paths = None
     if report_dir is not None:

@@ -105,6 +105,7 @@ def run_eval(
     contamination_data: str | Path | None = None,
     contamination_n: int = 13,
     compare: str | Path | None = None,
+    olmes: bool = False,
 ) -> dict[str, Any]:
     """Evaluate every model on the same text, tasks and efficiency probes; return the report dict.
 
@@ -112,7 +113,7 @@ def run_eval(
     of its scored items share a `contamination_n`-gram with that data's train split
     (:func:`slmkit.data.contamination.contamination`). compare: a base model, evaluated first alongside the others
     (unless it is one of them); each other model's entry gains `compare` (`slmkit.eval.compare.compare_tasks`:
-    accuracy delta and answer flips per task)."""
+    accuracy delta and answer flips per task). olmes: OLMES-style task scoring (`evaluate_task`)."""
     from slmkit.eval.builtin import builtin_suite, resolve_tasks
 
     status = on_status or (lambda _msg: None)
@@ -165,7 +166,7 @@ def run_eval(
             entry["tasks"] = []
             for task in task_list:
                 status(f"{name}: task {task.name} ({len(task.examples)} examples)")
-                result = evaluate_task(lm, task, templates, num_fewshot, seed, batch_size, limit=limit)
+                result = evaluate_task(lm, task, templates, num_fewshot, seed, batch_size, limit=limit, olmes=olmes)
                 if overlap is not None:
                     result["contamination"] = overlap[id(task)]
                 entry["tasks"].append(result)
@@ -195,6 +196,7 @@ def run_eval(
             "num_fewshot": num_fewshot,
             "seed": seed,
             "templates": list(templates) if templates else "all",
+            "olmes": olmes,
             "limit": limit,
             "suite": suite,
             "suite_size": suite_size,

@@ -87,7 +87,16 @@ def _check_mc(record: dict, where: str) -> dict:
         raise UserError(
             f"{where}: answer index {answer} is out of range for {len(choices)} choices (valid: 0..{len(choices) - 1})"
         )
-    return {"context": context, "choices": list(choices), "answer": answer}
+    return {"context": context, "choices": list(choices), "answer": answer, **_fewshot_mark(record, where)}
+
+
+def _fewshot_mark(record: dict, where: str) -> dict:
+    """`"fewshot": true` marks a curated few-shot example: used as a shot, never scored."""
+    if "fewshot" not in record:
+        return {}
+    if not isinstance(record["fewshot"], bool):
+        raise UserError(f'{where}: "fewshot" must be true or false, got {record["fewshot"]!r}')
+    return {"fewshot": True} if record["fewshot"] else {}
 
 
 def _check_gen(record: dict, where: str) -> dict:
@@ -96,7 +105,7 @@ def _check_gen(record: dict, where: str) -> dict:
         raise UserError(f'{where}: "prompt" must be a non-empty string')
     if not isinstance(target, str) or not target.strip():
         raise UserError(f'{where}: "target" must be a non-empty string')
-    out = {"prompt": prompt, "target": target}
+    out = {"prompt": prompt, "target": target, **_fewshot_mark(record, where)}
     if "regex" in record:
         try:
             re.compile(record["regex"])
@@ -144,6 +153,8 @@ def load_task(path: str | Path, name: str | None = None) -> Task:
         examples.append(_check_mc(record, where) if kind == "multiple_choice" else _check_gen(record, where))
     if not examples or kind is None:
         raise UserError(f"{path}: empty task file (no examples); add one JSON object per line")
+    if all(ex.get("fewshot") for ex in examples):
+        raise UserError(f'{path}: every example is marked "fewshot": leave at least one to score')
     return Task(name=name or path.stem, kind=kind, examples=examples, source=str(path))
 
 
@@ -159,6 +170,60 @@ def _shots(n: int, index: int, k: int, seed: int) -> list[int]:
     return rng.sample(pool, k)
 
 
+def curated_shots(task: Task, k: int) -> list[int]:
+    """The fixed few-shot examples of `task` (OLMES: the same curated shots before every item, never scored).
+
+    A task file's examples marked `"fewshot": true` are its curation (the first k, in file order). Without
+    marks the shots are picked by a fixed rule: the shortest examples (fewest characters rendered), taken so
+    that the answer positions cycle A, B, C, ... (balanced labels: a model biased to one position gains
+    nothing from the shots), ties broken by file order."""
+    if k <= 0:
+        return []
+    marked = [i for i, ex in enumerate(task.examples) if ex.get("fewshot")]
+    if marked:
+        if len(marked) < k:
+            raise UserError(
+                f'task {task.name!r} marks {len(marked)} "fewshot" example(s), fewer than {k} shots; mark more '
+                "or lower --num-fewshot"
+            )
+        return marked[:k]
+    if len(task.examples) <= k:
+        raise UserError(
+            f"task {task.name!r} has {len(task.examples)} examples, too few for {k} curated shots (they are not "
+            "scored); lower --num-fewshot"
+        )
+
+    def size(i: int) -> int:
+        ex = task.examples[i]
+        if task.kind == "multiple_choice":
+            return len(ex["context"]) + sum(len(c) for c in ex["choices"])
+        return len(ex["prompt"]) + len(ex["target"])
+
+    pool = sorted(range(len(task.examples)), key=lambda i: (size(i), i))
+    widest = max(len(ex.get("choices", ())) for ex in task.examples)
+    chosen: list[int] = []
+    for slot in range(k):
+        pick = pool[0]
+        if task.kind == "multiple_choice":
+            wanted = [i for i in pool if task.examples[i]["answer"] == slot % widest]
+            pick = wanted[0] if wanted else pick
+        chosen.append(pick)
+        pool.remove(pick)
+    return chosen
+
+
+def scored_indices(task: Task, shots: Sequence[int] | None) -> list[int]:
+    """The examples scored: all but curated shots (fixed `shots`, or those the file marks)."""
+    excluded = set(shots or ()) | {i for i, ex in enumerate(task.examples) if ex.get("fewshot")}
+    return [i for i in range(len(task.examples)) if i not in excluded]
+
+
+def _shot_indices(task: Task, index: int, num_fewshot: int, seed: int, shots: Sequence[int] | None) -> list[int]:
+    if shots is not None:
+        return list(shots)
+    return _shots(len(task.examples), index, num_fewshot, seed)
+
+
 def _mc_prompt(template: Template, ex: dict[str, Any]) -> tuple[str, list[str]]:
     """One example's prompt and its continuations under `template` (cloze: the choice texts; lettered: the
     choices listed as " A. text" lines in the prompt, the letters as continuations)."""
@@ -171,24 +236,29 @@ def _mc_prompt(template: Template, ex: dict[str, Any]) -> tuple[str, list[str]]:
     return prompt, [template.answer.format(choice=LETTERS[k]) for k in range(len(ex["choices"]))]
 
 
-def render_mc(task: Task, index: int, template: Template, num_fewshot: int, seed: int) -> tuple[str, list[str]]:
-    """(context text, continuation texts) of one multiple-choice example."""
+def render_mc(
+    task: Task, index: int, template: Template, num_fewshot: int, seed: int, shots: Sequence[int] | None = None
+) -> tuple[str, list[str]]:
+    """(context text, continuation texts) of one multiple-choice example; `shots`: fixed shot indices (curated),
+    else `num_fewshot` drawn per example with `seed`."""
     ex = task.examples[index]
-    shots = []
-    for s in (task.examples[j] for j in _shots(len(task.examples), index, num_fewshot, seed)):
+    shot_texts = []
+    for s in (task.examples[j] for j in _shot_indices(task, index, num_fewshot, seed, shots)):
         prompt, continuations = _mc_prompt(template, s)
-        shots.append(prompt + continuations[s["answer"]])
+        shot_texts.append(prompt + continuations[s["answer"]])
     prompt, continuations = _mc_prompt(template, ex)
-    return "".join(s + template.separator for s in shots) + prompt, continuations
+    return "".join(s + template.separator for s in shot_texts) + prompt, continuations
 
 
-def render_gen(task: Task, index: int, template: Template, num_fewshot: int, seed: int) -> str:
+def render_gen(
+    task: Task, index: int, template: Template, num_fewshot: int, seed: int, shots: Sequence[int] | None = None
+) -> str:
     ex = task.examples[index]
-    shots = [
+    shot_texts = [
         template.prompt.format(prompt=s["prompt"]) + template.answer.format(target=s["target"])
-        for s in (task.examples[j] for j in _shots(len(task.examples), index, num_fewshot, seed))
+        for s in (task.examples[j] for j in _shot_indices(task, index, num_fewshot, seed, shots))
     ]
-    return "".join(s + template.separator for s in shots) + template.prompt.format(prompt=ex["prompt"])
+    return "".join(s + template.separator for s in shot_texts) + template.prompt.format(prompt=ex["prompt"])
 
 
 # ---- scoring ------------------------------------------------------------------------------------
@@ -314,8 +384,13 @@ def mc_requests(lm: Any, context: str, continuations: list[str]) -> list[tuple[l
     return [(ctx, _encode(lm.tokenizer, move_trailing_whitespace(context, c)[1])) for c in continuations]
 
 
-def _resolve_templates(kind: TaskKind, names: Sequence[str] | None) -> list[Template]:
+OLMES_SHOTS = 5  # OLMES's few-shot count: the same curated shots before every item
+
+
+def _resolve_templates(kind: TaskKind, names: Sequence[str] | None, olmes: bool = False) -> list[Template]:
     table = MC_TEMPLATES if kind == "multiple_choice" else GEN_TEMPLATES
+    if olmes and not names and kind == "multiple_choice":
+        names = ["qa", "letters"]  # OLMES's two formulations: cloze ("Question: ...\nAnswer: choice") and MCF
     names = list(names) if names else [n for n, t in table.items() if not t.lettered]
     if kind == "generation":
         names = [n for n in names if n != "letters"]  # a multiple-choice formulation: generation tasks skip it
@@ -324,7 +399,13 @@ def _resolve_templates(kind: TaskKind, names: Sequence[str] | None) -> list[Temp
     unknown = [n for n in names if n not in table]
     if unknown:
         raise UserError(f"unknown template(s) {unknown}; choose from: {', '.join(table)}")
-    return [table[n] for n in names]
+    chosen = [table[n] for n in names]
+    if olmes and kind == "multiple_choice" and len({t.lettered for t in chosen}) < 2:
+        raise UserError(
+            "--olmes scores every multiple-choice task both as cloze and as lettered choices: give at least one "
+            "cloze template (plain, instruct, qa) and 'letters', or no --template"
+        )
+    return chosen
 
 
 def evaluate_task(
@@ -337,17 +418,25 @@ def evaluate_task(
     limit: int | None = None,
     max_new_tokens: int = 32,
     on_progress: Callable[[int], None] | None = None,
+    olmes: bool = False,
 ) -> dict[str, Any]:
-    """Score `task` with every template; metrics with bootstrap CIs and the spread across templates."""
+    """Score `task` with every template; metrics with bootstrap CIs and the spread across templates.
+
+    Shots: curated (`curated_shots`: the same shots before every item, not scored) when `olmes` is set or the
+    task file marks `"fewshot"` examples, else drawn per item from the other examples with `seed`. olmes:
+    OLMES-style (Gu et al., 2024) — multiple-choice tasks are scored as cloze and as lettered choices (default
+    templates qa + letters) and the primary metric `olmes` is the better formulation's accuracy, both shown."""
     if num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
-    if num_fewshot >= len(task.examples):
+    marked = any(ex.get("fewshot") for ex in task.examples)
+    shots = curated_shots(task, num_fewshot) if (olmes or marked) and num_fewshot else None
+    if shots is None and num_fewshot >= len(task.examples):
         raise UserError(
             f"task {task.name!r} has {len(task.examples)} examples, too few for {num_fewshot}-shot "
             "(shots are drawn from the other examples); lower --num-fewshot"
         )
-    chosen = _resolve_templates(task.kind, templates)
-    indices = list(range(len(task.examples)))
+    chosen = _resolve_templates(task.kind, templates, olmes)
+    indices = scored_indices(task, shots)
     if limit is not None:
         if limit < 1:
             raise UserError(f"--limit must be >= 1, got {limit}")
@@ -361,6 +450,8 @@ def evaluate_task(
         "seed": seed,
         "templates": [t.name for t in chosen],
     }
+    if shots is not None:
+        result["shots"] = {"curated": True, "indices": shots}
     if task.description:
         result["description"] = task.description
     if task.kind == "multiple_choice":
@@ -370,7 +461,7 @@ def evaluate_task(
         for template in chosen:
             requests, owners = [], []
             for i in indices:
-                context, continuations = render_mc(task, i, template, num_fewshot, seed)
+                context, continuations = render_mc(task, i, template, num_fewshot, seed, shots)
                 requests.extend(mc_requests(lm, context, continuations))
                 owners.append((i, continuations))
             scores = loglikelihoods(lm.model, requests, batch_size, on_progress)
@@ -388,13 +479,17 @@ def evaluate_task(
         formulations = _formulations(chosen, acc, acc_norm)
         if formulations:
             result["formulations"] = formulations
+        if olmes:
+            result["metrics"]["olmes"] = _olmes_metric(chosen, acc, acc_norm, seed)
         # per item, for `slm eval --compare` (answer flips): the choice picked, and whether it was right
         result["items"] = {"answers": answers, "correct": acc_norm}
         result["chance"] = float(np.mean([1 / len(task.examples[i]["choices"]) for i in indices]))
-        result["primary_metric"] = "acc_norm"
+        result["primary_metric"] = "olmes" if olmes else "acc_norm"
     else:
         items: dict[str, dict[str, list[Any]]] = {"answers": {}, "correct": {}}
-        result["metrics"] = _evaluate_generation(lm, task, chosen, indices, num_fewshot, seed, max_new_tokens, items)
+        result["metrics"] = _evaluate_generation(
+            lm, task, chosen, indices, num_fewshot, seed, max_new_tokens, items, shots
+        )
         result["items"] = items
         result["primary_metric"] = "exact_match"
         if on_progress is not None:
@@ -422,6 +517,26 @@ def _formulations(
     return {**values, "best": max(values, key=lambda k: values[k]["value"])}
 
 
+def _olmes_metric(
+    templates: list[Template], acc: dict[str, list[float]], acc_norm: dict[str, list[float]], seed: int
+) -> dict[str, Any]:
+    """The OLMES score: per item, cloze correctness (acc_norm, averaged over the cloze templates) and lettered
+    correctness (acc over the lettered ones); the value is the better formulation's mean, its CI over items;
+    min-max spans the two formulations, `by_template` holds both."""
+    cloze = np.mean([acc_norm[t.name] for t in templates if not t.lettered], axis=0)
+    mcf = np.mean([acc[t.name] for t in templates if t.lettered], axis=0)
+    both = {"cloze": cloze, "mcf": mcf}
+    best = max(both, key=lambda k: float(both[k].mean()))
+    return {
+        "mean": float(both[best].mean()),
+        "ci95": list(bootstrap_ci(both[best], seed)),
+        "min": float(min(v.mean() for v in both.values())),
+        "max": float(max(v.mean() for v in both.values())),
+        "by_template": {k: {"value": float(v.mean()), "ci95": list(bootstrap_ci(v, seed))} for k, v in both.items()},
+        "formulation": best,
+    }
+
+
 def _evaluate_generation(
     lm: Any,
     task: Task,
@@ -431,6 +546,7 @@ def _evaluate_generation(
     seed: int,
     max_new: int,
     items: dict[str, dict[str, list[Any]]] | None = None,
+    shots: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     from slmkit.infer.generate import generate_ids
 
@@ -447,7 +563,7 @@ def _evaluate_generation(
             items["answers"][template.name], items["correct"][template.name] = [], []
         for i in indices:
             ex = task.examples[i]
-            ids = [prefix_token_id(lm), *_encode(lm.tokenizer, render_gen(task, i, template, num_fewshot, seed))]
+            ids = [prefix_token_id(lm), *_encode(lm.tokenizer, render_gen(task, i, template, num_fewshot, seed, shots))]
             new = min(max_new, window - 1)
             ids = ids[-(window - new) :]
             out: list[int] = []
