@@ -1311,6 +1311,13 @@ def serve(
             "--model (the last one is final)."
         ),
     ] = -1.0,
+    router: Annotated[
+        Path | None,
+        typer.Option(
+            help="A learned router dir (slm route train) for two --model, weak first: the router model then sends "
+            "each prompt to the model the router chooses instead of the cascade."
+        ),
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key: Annotated[
@@ -1386,7 +1393,7 @@ def serve(
         drain_timeout=drain_timeout, compile=compile, speculate=speculate, speculate_k=speculate_k,
         max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (), lora=lora or (),
         kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
-        models=models or (), router_name=router_name, cascade_threshold=cascade_threshold,
+        models=models or (), router_name=router_name, cascade_threshold=cascade_threshold, router=router,
     )  # fmt: skip
 
 

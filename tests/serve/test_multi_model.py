@@ -236,6 +236,85 @@ def test_cascade_function_needs_two_models(engines):
     assert DEFAULT_CASCADE_THRESHOLD == -1.0  # what docs/serve.md and `slm serve --help` say
 
 
+# ---- the learned router (slmkit.route) --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fitted_router(shaken_model_dir, large_model_dir):
+    """A logistic router on the small model's features of random prompts (labels: an arbitrary split), marked as
+    trained for (small, large)."""
+    import numpy as np
+
+    from slmkit.api import load
+    from slmkit.route.features import prompt_features
+    from slmkit.route.router import fit_router, model_fingerprint
+
+    small = load(shaken_model_dir)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, small.config.vocab_size, size=rng.integers(2, 20)).tolist() for _ in range(60)]
+    features = prompt_features(small, prompts)
+    router = fit_router(features, (features[:, -1] > np.median(features[:, -1])).astype(float), d_model=64)
+    router.models = {"weak": model_fingerprint(shaken_model_dir), "strong": model_fingerprint(large_model_dir)}
+    return router
+
+
+def saved_router(router, path, threshold: float, swap: bool = False):
+    import copy
+
+    router = copy.copy(router)
+    router.threshold = threshold
+    if swap:
+        router.models = {"weak": router.models["strong"], "strong": router.models["weak"]}
+    return router.save(path)
+
+
+def test_learned_router_sends_each_prompt_where_it_decides(fitted_router, engines, shaken_model_dir, large_model_dir):
+    dirs = {"small": shaken_model_dir, "large": large_model_dir}
+    ids = [engines["small"].tokenizer.encode(p).ids for p in PROMPTS]
+    probabilities = [fitted_router.strong_probability(engines["small"].model, i) for i in ids]
+    assert len(set(probabilities)) > 1
+    middle = sorted(probabilities)[len(PROMPTS) // 2]
+    root = large_model_dir.parent
+    for threshold, name in ((2.0, "never"), (-1.0, "always"), (middle, "middle")):
+        path = saved_router(fitted_router, root / f"router-{name}", threshold)
+        with TestClient(create_app(dirs, router=path, max_batch=2)) as c:
+            entry = c.get("/v1/models").json()["data"][-1]
+            assert entry["id"] == "router" and entry["slmkit_router"]["kind"] == "learned"
+            assert entry["slmkit_router"]["threshold"] == pytest.approx(threshold, abs=1e-6)
+            strong = []
+            for prompt, p in zip(PROMPTS, probabilities, strict=True):
+                expected = "large" if p >= threshold else "small"
+                r = complete(c, "router", prompt)
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["model"] == expected and body["choices"][0]["text"] == greedy(engines[expected], prompt)
+                assert body["slmkit_route"]["strong"] == (expected == "large")
+                assert [s["model"] for s in body["slmkit_route"]["chain"]] == [expected]
+                strong.append(expected == "large")
+            share = sum(strong) / len(strong)
+            assert share == {"never": 0.0, "always": 1.0}.get(name, share) and (name != "middle" or 0 < share < 1)
+            assert f'slm_router_strong_share{{router="router"}} {share!r}' in c.get("/metrics").text
+
+
+def test_router_trained_for_other_models_is_refused(
+    fitted_router, shaken_model_dir, large_model_dir, busy_port, capsys
+):
+    from slmkit.cli import run
+
+    path = saved_router(fitted_router, large_model_dir.parent / "router-swapped", 0.5, swap=True)
+    with pytest.raises(UserError, match="another weak model"):
+        create_app({"small": shaken_model_dir, "large": large_model_dir}, router=path)
+    small, large = f"small={shaken_model_dir}", f"large={large_model_dir}"
+    cases = {
+        "trained for another weak model": ["--model", small, "--model", large, "--router", str(path)],
+        "needs two models": ["--model", small, "--router", str(path)],
+        "no such router directory": ["--model", small, "--model", large, "--router", str(path.parent / "nope")],
+    }
+    for expected, args in cases.items():
+        code = run(["serve", *args, "--port", str(busy_port)])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], err
+
+
 # ---- the CLI ----------------------------------------------------------------------------------------------------
 @pytest.fixture
 def busy_port():

@@ -23,8 +23,10 @@ response's ``model`` names the model that answered, ``slmkit_route`` (and the ``
 from __future__ import annotations
 
 import asyncio
+import copy
 import errno
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -327,6 +329,7 @@ class Router:
     models: list[ServedModel]
     threshold: float
     learned: Any = None
+    reader: torch.nn.Module | None = None  # the weak model's weights for the learned router (`shared_weights_copy`)
 
     @property
     def kind(self) -> str:
@@ -477,6 +480,8 @@ def create_app(
         close_all([m.scheduler for m in models.values()], 0)
         raise
     virtual = Router(router_name, list(models.values()), threshold, router) if routed else None  # type: ignore[arg-type]
+    if virtual is not None and router is not None:
+        virtual.reader = shared_weights_copy(models[first].engine.model)
     schedulers = [m.scheduler for m in models.values()]
     created = int(time.time())
 
@@ -716,7 +721,7 @@ def create_app(
             weak, strong = router.models
             ready[weak.name] = await requests_of(weak, req, prompts, None, wanted if wanted is not None else 0)
             strong_choice = await asyncio.to_thread(
-                decide_learned, router.learned, weak.engine, [r.prompt_ids for r in ready[weak.name][:: req.n]]
+                decide_learned, router.learned, router.reader, [r.prompt_ids for r in ready[weak.name][:: req.n]]
             )
             candidates = [strong if strong_choice else weak]
         answered: ServedModel | None = None
@@ -834,20 +839,26 @@ def load_learned_router(router: Any, weak: Engine | Path, strong: Engine | Path)
     two served models' directories (UserError for a router trained for other models; models given as Engines have
     no directory to check)."""
     if isinstance(router, str | Path):
-        try:
-            from slmkit.route import load_router
-        except ImportError:
-            raise UserError("learned routers (--router) need slmkit.route, which this slmkit lacks") from None
+        from slmkit.route.router import load_router
+
         router = load_router(router)
     if isinstance(weak, Path) and isinstance(strong, Path):
         router.check_models(weak, strong)
     return router
 
 
-def decide_learned(router: Any, weak: Engine, prompts: Sequence[list[int]]) -> bool:
+def shared_weights_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """Other module objects over the same parameters and buffers (no weights copied). The learned router reads the
+    weak model's hidden states through a hook on its head while the weak model's worker runs forwards of its own:
+    on its own modules the hook sees only the router's passes."""
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, shared)
+
+
+def decide_learned(router: Any, weak_model: torch.nn.Module, prompts: Sequence[list[int]]) -> bool:
     """Whether the learned router sends the request to the strong model: when it does for any of its prompts
     (token ids of the weak model's tokenizer)."""
-    return any(router.decide(weak.model, list(ids)) for ids in prompts)
+    return any(router.decide(weak_model, list(ids)) for ids in prompts)
 
 
 def serve(
@@ -906,6 +917,12 @@ def serve(
     if len(models) > 1 and router_name in source:
         raise UserError(f"--router-name {router_name!r} is also a model's name; give the router another name")
     check_threshold(cascade_threshold)
+    if router is not None:  # a router trained for other models fails before the address is bound
+        assert isinstance(source, dict)
+        weak, strong = source.values() if len(source) == 2 else (None, None)
+        if weak is None or strong is None:
+            raise UserError(f"--router chooses between two models (weak, strong); got {len(source)} --model")
+        router = load_learned_router(router, weak, strong)
     sock = bind_socket(host, port)
     try:
         app = create_app(
