@@ -245,6 +245,8 @@ def create_app(
     cors_origins: Sequence[str] = (),
     adapters: Mapping[str, str | Path] | None = None,
     kv_cache: Any = None,
+    prefix_cache: bool = True,
+    prefix_cache_mb: float = 256,
 ) -> FastAPI:
     """The FastAPI app over one model; a path is loaded with `Engine.load` (UserError if it is not a model).
 
@@ -257,7 +259,9 @@ def create_app(
     call the API (requests with any other Origin get 403); see `slmkit.serve.guards`. adapters: {served name:
     PEFT LoRA adapter dir} served per request beside the base (see the module docstring); UserError, before the
     server starts, for a bad name or directory and an adapter for another base. kv_cache: a
-    `slmkit.models.state.KVCacheSpec` for every request (None: the engine's).
+    `slmkit.models.state.KVCacheSpec` for every request (None: the engine's). prefix_cache: prompts that start
+    like earlier ones reuse the keys and values of their cached blocks, at most prefix_cache_mb MiB of them (see
+    `slmkit.infer.prefix_cache`; off, with the reason logged, for models whose state cannot take them).
     """
     directory: Path | None = None
     if not isinstance(engine_or_model_path, Engine):
@@ -268,6 +272,8 @@ def create_app(
         raise UserError(f"max queue must be >= 1, got {max_queue}")
     if max_request_bytes < 1:
         raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
+    if prefix_cache and not prefix_cache_mb > 0:
+        raise UserError(f"--prefix-cache-mb must be > 0, got {prefix_cache_mb:g} (or turn it off: --no-prefix-cache)")
     name = model_name or (directory.name if directory is not None else "slmkit")
     lora = check_served_adapters(adapters or {}, name)  # before the base loads
     if isinstance(engine_or_model_path, Engine):
@@ -285,6 +291,7 @@ def create_app(
         engine.model, engine.tokenizer, max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk,
         request_timeout=request_timeout, metrics=metrics, compile=compile, speculate=speculate,
         speculate_k=speculate_k, per_row_adapters=bool(lora), kv_cache=kv_cache,
+        prefix_cache=prefix_cache, prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
     )  # fmt: skip
     pieces = openai.TokenText(engine.tokenizer)
     created = int(time.time())
@@ -512,6 +519,8 @@ def serve(
     cors_origins: Sequence[str] = (),
     lora: Sequence[str] = (),
     kv_cache: Any = None,
+    prefix_cache: bool = True,
+    prefix_cache_mb: float = 256,
 ) -> None:
     """Run the server until interrupted (`slm serve`). allowed_hosts None: the loopback names when `host` is a
     loopback address, else any (`default_allowed_hosts`). The address is bound before the model loads, so a bad
@@ -536,6 +545,7 @@ def serve(
             speculate_k=speculate_k, max_request_bytes=max_request_bytes,
             allowed_hosts=default_allowed_hosts(host) if allowed_hosts is None else allowed_hosts,
             cors_origins=cors_origins, adapters=adapters, kv_cache=kv_cache,
+            prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
         )  # fmt: skip
     except BaseException:
         sock.close()

@@ -116,4 +116,49 @@ class Metrics:
             ]
             for histogram in (self.time_to_first_token, self.latency, self.step_batch_size):
                 lines += histogram.render()
+        lines += batcher_lines(getattr(scheduler, "batcher", None))
         return "\n".join(lines) + "\n"
+
+
+def _series(name: str, kind: str, help: str, value: float) -> list[str]:
+    return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {_number(value)}"]
+
+
+def batcher_lines(batcher: Any) -> list[str]:
+    """The prefix cache's and speculation's series, read from the batcher (the worker's; plain counters, so a
+    read between its steps sees consistent enough numbers)."""
+    if batcher is None:
+        return []
+    lines: list[str] = []
+    cache = getattr(batcher, "prefix", None)
+    if cache is not None:
+        stats = cache.stats
+        lines += _series(
+            "slm_prefix_cache_prompt_tokens_total", "counter", "Prompt tokens of requests admitted with the cache on.",
+            stats.prompt_tokens,
+        )  # fmt: skip
+        lines += _series(
+            "slm_prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose keys and values came from the prefix "
+            "cache instead of a prefill.", stats.hit_tokens,
+        )  # fmt: skip
+        lines += _series(
+            "slm_prefix_cache_hit_rate", "gauge", "Prefix cache hit tokens / prompt tokens since the start.",
+            round(stats.hit_rate, 6),
+        )  # fmt: skip
+        lines += _series("slm_prefix_cache_bytes", "gauge", "Bytes of cached prefix blocks.", cache.cached_bytes)
+        lines += _series("slm_prefix_cache_blocks", "gauge", "Cached prefix blocks.", cache.cached_blocks)
+        lines += _series(
+            "slm_prefix_cache_evicted_blocks_total", "counter", "Prefix blocks evicted to stay under the size cap.",
+            stats.evicted_blocks,
+        )  # fmt: skip
+    if getattr(batcher, "speculate", "off") != "off":
+        stats = batcher.stats
+        lines += _series("slm_speculative_drafted_tokens_total", "counter", "Tokens drafted.", stats.drafted)
+        lines += _series(
+            "slm_speculative_accepted_tokens_total", "counter", "Drafted tokens kept by verification.", stats.accepted
+        )
+        lines += _series(
+            "slm_decode_tokens_per_forward", "gauge", "Tokens generated per decode or verification pass.",
+            round(stats.tokens_per_forward, 6),
+        )  # fmt: skip
+    return lines
