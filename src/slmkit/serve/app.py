@@ -536,6 +536,8 @@ def serve(
         raise UserError(f"drain timeout must be >= 0 seconds, got {drain_timeout}")
     if max_request_bytes < 1:
         raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
+    if prefix_cache and not prefix_cache_mb > 0:
+        raise UserError(f"--prefix-cache-mb must be > 0, got {prefix_cache_mb:g} (or turn it off: --no-prefix-cache)")
     adapters = parse_lora(lora)
     sock = bind_socket(host, port)
     try:
