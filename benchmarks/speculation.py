@@ -1,0 +1,168 @@
+"""Training-free speculation on code: plain greedy vs prompt lookup vs token recycling, side by side in one run.
+
+    PYTHONPATH=src python benchmarks/speculation.py                      # trains a micro model on stdlib code first
+    PYTHONPATH=src python benchmarks/speculation.py --model runs/code/final --count 8 --new-tokens 96
+
+Without --model it trains a `micro` model briefly (--steps, a few minutes on a CPU) on Python source files of this
+interpreter's standard library (real code, present on every machine: no download), holding out every tenth file
+for the prompts. Prompts are --count windows of --prompt-len tokens from the held-out files. Every mode generates
+the same greedy continuations (checked identical to plain greedy); per mode it prints new tokens/s (decode, the
+engine's figure), the ratio to plain, the acceptance rate (accepted / drafted tokens) and tokens per target forward
+pass. Modes run interleaved per prompt and repeat (--repeats), so load drifts hit each alike. Engine rows run one
+sequence at a time (how the engine speculates); the batcher rows run every prompt together in one continuous batch.
+The recycling matrix is learnt as the run goes (the engine keeps one per model): the first prompts draft from an
+emptier matrix than the last. The load average (uptime) is printed next to the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import hardware  # noqa: E402
+from slmkit.infer.batcher import ContinuousBatcher, GenerationRequest  # noqa: E402
+from slmkit.infer.engine import Engine, EngineStats  # noqa: E402
+
+MODES = ("off", "lookup", "recycle")
+
+
+def stdlib_code(limit_bytes: int) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): .py files of the standard library, every tenth held out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 2000)
+    train, held = [], []
+    total = 0
+    for i, path in enumerate(files):
+        text = path.read_text(errors="replace")
+        (held if i % 10 == 0 else train).append(text)
+        total += len(text)
+        if total > limit_bytes:
+            break
+    return train, held
+
+
+def train_model(work: Path, steps: int, texts: list[str]) -> Path:
+    import json
+
+    from slmkit.data.prepare import prepare
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.loop import train
+
+    corpus = work / "code.jsonl"
+    with corpus.open("w") as fh:
+        for text in texts:
+            fh.write(json.dumps({"text": text}) + "\n")
+    data = work / "data"
+    prepare([str(corpus)], data, vocab_size=4096, val_fraction=0.02)
+    cfg = TrainConfig(
+        preset="micro", seq_len=256, batch_size=16, max_steps=steps, lr=3e-3, warmup_steps=20,
+        eval_interval=10**9, save_interval=10**9, device="cpu",
+    )  # fmt: skip
+    start = time.perf_counter()
+    result = train(cfg, data, work / "run")
+    print(f"trained micro for {steps} steps on {len(texts)} stdlib files in {time.perf_counter() - start:.0f} s")
+    assert result.final_dir is not None
+    return result.final_dir
+
+
+def prompts_from(texts: list[str], tokenizer, count: int, length: int) -> list[list[int]]:
+    rng = random.Random(0)
+    prompts = []
+    for text in texts:
+        ids = tokenizer.encode(text).ids
+        if len(ids) > length + 64:
+            start = rng.randrange(0, len(ids) - length)
+            prompts.append(ids[start : start + length])
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def engine_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> None:
+    stats = {m: EngineStats() for m in MODES}
+    outputs: dict[str, list[list[int]]] = {m: [] for m in MODES}
+    for prompt in prompts:
+        for _ in range(args.repeats):
+            for mode in MODES:  # interleaved per prompt
+                [out] = engine.generate_ids(
+                    [prompt], max_new_tokens=args.new_tokens, speculate=mode, speculate_k=args.k, stats=stats[mode]
+                )
+                outputs[mode].append(out.token_ids)
+    identical = all(outputs[m] == outputs["off"] for m in MODES)
+    print(f"engine (one sequence at a time), {len(prompts)} prompts x {args.new_tokens} new tokens x {args.repeats}; "
+          f"identical greedy output: {identical}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    base = stats["off"].decode_tokens_per_second
+    for mode in MODES:
+        s = stats[mode]
+        rate = s.decode_tokens_per_second
+        spec = "" if mode == "off" else f"  acceptance {s.acceptance_rate:5.1%} ({s.accepted}/{s.drafted})"
+        print(
+            f"  {mode:<8} {rate:8.1f} decode tokens/s  {rate / base:5.2f}x plain  "
+            f"{s.tokens_per_forward:5.2f} tokens/forward{spec}"
+        )
+
+
+def batcher_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> None:
+    results = {}
+    outputs = {}
+    for mode in MODES:
+        batcher = ContinuousBatcher(
+            engine.model, engine.tokenizer, max_batch=len(prompts), speculate=mode, speculate_k=args.k or 8
+        )
+        requests = [GenerationRequest(p, args.new_tokens, detokenize=False) for p in prompts]
+        start = time.perf_counter()
+        seqs = batcher.run(requests)
+        wall = time.perf_counter() - start
+        outputs[mode] = [s.out for s in seqs]
+        results[mode] = (sum(len(s.out) for s in seqs) / wall, batcher.stats)
+    identical = all(outputs[m] == outputs["off"] for m in MODES)
+    print(f"batcher ({len(prompts)} rows in one continuous batch, prefill included); identical greedy output: "
+          f"{identical}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    base = results["off"][0]
+    for mode in MODES:
+        rate, s = results[mode]
+        spec = "" if mode == "off" else f"  acceptance {s.acceptance_rate:5.1%} ({s.accepted}/{s.drafted})"
+        print(
+            f"  {mode:<8} {rate:8.1f} new tokens/s  {rate / base:5.2f}x plain  "
+            f"{s.tokens_per_forward:5.2f} tokens/forward{spec}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", help="a model dir (default: train a micro model on stdlib code first)")
+    parser.add_argument("--steps", type=int, default=200, help="training steps of the micro model")
+    parser.add_argument("--count", type=int, default=6, help="prompts")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--k", type=int, default=None, help="tokens drafted per verification (default 8)")
+    parser.add_argument("--no-batcher", action="store_true")
+    parser.add_argument("--work", help="keep the trained model here (default: a temporary folder)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"hardware: {hardware()}; load average {os.getloadavg()[0]:.1f}")
+    train_texts, held = stdlib_code(limit_bytes=3_000_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.work) if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model = Path(args.model) if args.model else train_model(work, args.steps, train_texts)
+        engine = Engine.load(model, device="cpu", compile=False)
+        prompts = prompts_from(held, engine.tokenizer, args.count, args.prompt_len)
+        print(f"model {args.model or 'micro trained on stdlib code'}; {len(prompts)} held-out code prompts")
+        engine_rows(engine, prompts, args)
+        if not args.no_batcher:
+            batcher_rows(engine, prompts, args)
+
+
+if __name__ == "__main__":
+    main()
