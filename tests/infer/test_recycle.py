@@ -138,3 +138,15 @@ def test_cli_generate_bad_speculate(tiny_model_dir, args, message):
     r = run_slm("generate", tiny_model_dir, "--prompt", "x", *args)
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and message in r.stderr
+
+
+def test_verify_of_an_empty_draft_samples_one_token():
+    """Recycling sends rows with nothing to draft through verification (the matrix learns from it): sampled too."""
+    from slmkit.infer.sampling import SamplingParams
+    from slmkit.infer.speculative import verify
+
+    logits = torch.tensor([[0.0, 2.0, 1.0]])
+    g = torch.Generator().manual_seed(0)
+    tokens, accepted = verify(logits, [], None, SamplingParams(temperature=1.0), g)
+    assert accepted == 0 and len(tokens) == 1 and 0 <= tokens[0] < 3
+    assert verify(logits, [], None, SamplingParams(), None) == ([1], 0)

@@ -184,7 +184,7 @@ def verify(
                 return draft[:j] + [target[j]], j
         return draft + [target[m]], m
     probs = probabilities(scores, sampling)  # (m+1, V)
-    draft_t = torch.tensor(draft, device=logits.device)
+    draft_t = torch.tensor(draft, dtype=torch.long, device=logits.device)  # (an empty draft: still indices)
     p_draft = probs[torch.arange(m, device=logits.device), draft_t]  # (m,)
     q_draft = draft_probs[torch.arange(m, device=logits.device), draft_t] if draft_probs is not None else None
     uniforms = torch.rand(m, generator=generator, device=logits.device)
