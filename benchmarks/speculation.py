@@ -3,15 +3,16 @@
     PYTHONPATH=src python benchmarks/speculation.py                      # trains a micro model on stdlib code first
     PYTHONPATH=src python benchmarks/speculation.py --model runs/code/final --count 8 --new-tokens 96
 
-Without --model it trains a `micro` model briefly (--steps, a few minutes on a CPU) on Python source files of this
-interpreter's standard library (real code, present on every machine: no download), holding out every tenth file
-for the prompts. Prompts are --count windows of --prompt-len tokens from the held-out files. Every mode generates
-the same greedy continuations (checked identical to plain greedy); per mode it prints new tokens/s (decode, the
-engine's figure), the ratio to plain, the acceptance rate (accepted / drafted tokens) and tokens per target forward
-pass. Modes run interleaved per prompt and repeat (--repeats), so load drifts hit each alike. Engine rows run one
-sequence at a time (how the engine speculates); the batcher rows run every prompt together in one continuous batch.
-The recycling matrix is learnt as the run goes (the engine keeps one per model): the first prompts draft from an
-emptier matrix than the last. The load average (uptime) is printed next to the figures.
+Without --model it trains a `micro` model briefly (--minutes, default 6, one thread, batch 8 x 128 tokens) on
+Python source files of this interpreter's standard library (real code, present on every machine: no download),
+holding out every tenth file for the prompts. Prompts are --count windows of --prompt-len tokens from the
+held-out files. Every mode generates the same greedy continuations (checked identical to plain greedy); per mode
+it prints new tokens/s (decode, the engine's figure), the ratio to plain, the acceptance rate (accepted / drafted
+tokens) and tokens per target forward pass. Modes run interleaved per prompt and repeat (--repeats), so load
+drifts hit each alike. Engine rows run one sequence at a time (how the engine speculates); the batcher rows run
+every prompt together in one continuous batch. The recycling matrix is learnt as the run goes (the engine keeps
+one per model): the first prompts draft from an emptier matrix than the last. The load average (uptime) is
+printed next to the figures.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def stdlib_code(limit_bytes: int) -> tuple[list[str], list[str]]:
     return train, held
 
 
-def train_model(work: Path, steps: int, texts: list[str]) -> Path:
+def train_model(work: Path, minutes: float, texts: list[str]) -> Path:
     import json
 
     from slmkit.data.prepare import prepare
@@ -62,14 +63,17 @@ def train_model(work: Path, steps: int, texts: list[str]) -> Path:
         for text in texts:
             fh.write(json.dumps({"text": text}) + "\n")
     data = work / "data"
-    prepare([str(corpus)], data, vocab_size=4096, val_fraction=0.02)
+    if not (data / "meta.json").is_file():
+        prepare([str(corpus)], data, vocab_size=4096, val_fraction=0.02)
     cfg = TrainConfig(
-        preset="micro", seq_len=256, batch_size=16, max_steps=steps, lr=3e-3, warmup_steps=20,
-        eval_interval=10**9, save_interval=10**9, device="cpu",
+        preset="micro", seq_len=128, batch_size=8, max_minutes=minutes, lr=4e-3, warmup_steps=20,
+        eval_interval=10**9, save_interval=10**9, device="cpu", threads=1,
     )  # fmt: skip
-    start = time.perf_counter()
-    result = train(cfg, data, work / "run")
-    print(f"trained micro for {steps} steps on {len(texts)} stdlib files in {time.perf_counter() - start:.0f} s")
+    result = train(cfg, data, work / "run", overwrite=True)
+    print(
+        f"trained micro on {len(texts)} stdlib files: {result.step} steps, {result.tokens} tokens, "
+        f"{result.seconds:.0f} s, final train loss {result.train_loss}"
+    )
     assert result.final_dir is not None
     return result.final_dir
 
@@ -140,7 +144,7 @@ def batcher_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namesp
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", help="a model dir (default: train a micro model on stdlib code first)")
-    parser.add_argument("--steps", type=int, default=200, help="training steps of the micro model")
+    parser.add_argument("--minutes", type=float, default=6, help="training time of the micro model")
     parser.add_argument("--count", type=int, default=6, help="prompts")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -155,7 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        model = Path(args.model) if args.model else train_model(work, args.steps, train_texts)
+        model = Path(args.model) if args.model else train_model(work, args.minutes, train_texts)
         engine = Engine.load(model, device="cpu", compile=False)
         prompts = prompts_from(held, engine.tokenizer, args.count, args.prompt_len)
         print(f"model {args.model or 'micro trained on stdlib code'}; {len(prompts)} held-out code prompts")

@@ -82,10 +82,11 @@ def test_batcher_recycle_greedy_equals_plain_with_rows_joining(lm, shaken):
     from slmkit_testing import run_batcher
 
     prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS + ["The cat sat", "one two three one two three"]]
+    plain_batcher = ContinuousBatcher(shaken, lm.tokenizer, max_batch=3)
     plain = run_batcher(
-        ContinuousBatcher(shaken, lm.tokenizer, max_batch=3),
-        [GenerationRequest(p, 28, detokenize=False) for p in prompts], join_after=2, steps=4,
-    )  # fmt: skip
+        plain_batcher, [GenerationRequest(p, 28, detokenize=False) for p in prompts], join_after=2, steps=4
+    )
+    assert plain_batcher.stats.tokens_per_forward == 1.0
     batcher = ContinuousBatcher(shaken, lm.tokenizer, max_batch=3, speculate="recycle", speculate_k=5)
     spec = run_batcher(batcher, [GenerationRequest(p, 28, detokenize=False) for p in prompts], join_after=2, steps=4)
     assert [s.out for s in spec] == [s.out for s in plain]

@@ -483,9 +483,12 @@ class Engine:
             if self.recycler is None:
                 self.recycler = TokenRecycler(self.config.vocab_size)
             recycler = self.recycler
-            core.on_verify = lambda rows, tokens, logits, drafts: recycler.observe(
-                tokens, logits, [1 + len(drafts[s][0]) if s in drafts else 1 for s in rows]
-            )
+
+            def observe(rows: list, tokens: torch.Tensor, logits: torch.Tensor, drafts: dict) -> None:
+                with core.step_threads:  # decode-sized work: on the step's threads (see slmkit.infer.core)
+                    recycler.observe(tokens, logits, [1 + len(drafts[s][0]) if s in drafts else 1 for s in rows])
+
+            core.on_verify = observe
         calibration_steps = 3
         plain_steps = 0
         yield core.step()  # prefill and the first token

@@ -158,7 +158,8 @@ def batcher_lines(batcher: Any) -> list[str]:
             "slm_speculative_accepted_tokens_total", "counter", "Drafted tokens kept by verification.", stats.accepted
         )
         lines += _series(
-            "slm_decode_tokens_per_forward", "gauge", "Tokens generated per decode or verification pass.",
+            "slm_decode_tokens_per_forward", "gauge",
+            "Tokens a sequence gains per decode or verification pass (1: no speculation).",
             round(stats.tokens_per_forward, 6),
         )  # fmt: skip
     return lines
