@@ -92,26 +92,37 @@ def prompts_from(texts: list[str], tokenizer, count: int, length: int) -> list[l
 
 
 def engine_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> None:
-    stats = {m: EngineStats() for m in MODES}
+    totals = {m: {"tokens": 0, "seconds": 0.0, "forwards": 0, "drafted": 0, "accepted": 0} for m in MODES}
     outputs: dict[str, list[list[int]]] = {m: [] for m in MODES}
     for prompt in prompts:
         for _ in range(args.repeats):
-            for mode in MODES:  # interleaved per prompt
+            for mode in MODES:  # interleaved per prompt; fresh stats per call (a call's own speculation rule)
+                stats = EngineStats()
                 [out] = engine.generate_ids(
-                    [prompt], max_new_tokens=args.new_tokens, speculate=mode, speculate_k=args.k, stats=stats[mode]
-                )
+                    [prompt], max_new_tokens=args.new_tokens, speculate=mode, speculate_k=args.k,
+                    min_acceptance=args.min_acceptance, stats=stats,
+                )  # fmt: skip
                 outputs[mode].append(out.token_ids)
+                t = totals[mode]
+                t["tokens"] += max(stats.new_tokens - stats.sequences, 0)  # the first token comes from prefill
+                t["seconds"] += stats.decode_seconds
+                t["forwards"] += stats.decode_forwards
+                t["drafted"] += stats.drafted
+                t["accepted"] += stats.accepted
     identical = all(outputs[m] == outputs["off"] for m in MODES)
     print(f"engine (one sequence at a time), {len(prompts)} prompts x {args.new_tokens} new tokens x {args.repeats}; "
           f"identical greedy output: {identical}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    base = stats["off"].decode_tokens_per_second
+    base = totals["off"]["tokens"] / totals["off"]["seconds"]
     for mode in MODES:
-        s = stats[mode]
-        rate = s.decode_tokens_per_second
-        spec = "" if mode == "off" else f"  acceptance {s.acceptance_rate:5.1%} ({s.accepted}/{s.drafted})"
+        t = totals[mode]
+        rate = t["tokens"] / t["seconds"]
+        spec = ""
+        if mode != "off":
+            share = t["accepted"] / t["drafted"] if t["drafted"] else 0.0
+            spec = f"  acceptance {share:5.1%} ({t['accepted']}/{t['drafted']})"
         print(
             f"  {mode:<8} {rate:8.1f} decode tokens/s  {rate / base:5.2f}x plain  "
-            f"{s.tokens_per_forward:5.2f} tokens/forward{spec}"
+            f"{t['tokens'] / t['forwards']:5.2f} tokens/forward{spec}"
         )
 
 
@@ -120,7 +131,12 @@ def batcher_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namesp
     outputs = {}
     for mode in MODES:
         batcher = ContinuousBatcher(
-            engine.model, engine.tokenizer, max_batch=len(prompts), speculate=mode, speculate_k=args.k or 8
+            engine.model,
+            engine.tokenizer,
+            max_batch=len(prompts),
+            speculate=mode,
+            speculate_k=args.k or 8,
+            min_acceptance=args.min_acceptance,
         )
         requests = [GenerationRequest(p, args.new_tokens, detokenize=False) for p in prompts]
         start = time.perf_counter()
@@ -151,9 +167,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--k", type=int, default=None, help="tokens drafted per verification (default 8)")
     parser.add_argument("--no-batcher", action="store_true")
+    parser.add_argument(
+        "--min-acceptance", type=float, default=0.3, help="a sequence stops drafting below this (engine default 0.3)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1, as generate_throughput.py: on a loaded machine the verification's small "
+        "ops outside the core's one-thread step stall on a second thread)",
+    )  # fmt: skip
     parser.add_argument("--work", help="keep the trained model here (default: a temporary folder)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     print(f"hardware: {hardware()}; load average {os.getloadavg()[0]:.1f}")
     train_texts, held = stdlib_code(limit_bytes=3_000_000)
     with tempfile.TemporaryDirectory() as tmp:

@@ -235,7 +235,8 @@ class ContinuousBatcher:
         while self.waiting and core.free_rows:
             seq = core.admit(self.waiting.popleft())
             if self.prefix is not None:
-                self._restore(seq)
+                with core.step_threads:  # small copies: on the decode step's threads (see slmkit.infer.core)
+                    self._restore(seq)
         before = core.stats.decode_forwards
         prefill_tokens = core.stats.prefill_tokens
         drafts = self._drafts() if self.speculate != "off" else None
@@ -250,7 +251,8 @@ class ContinuousBatcher:
             self.stats.drafted += len(drafts[seq][0]) if drafts else 0
             self.stats.accepted += seq.accepted - before_accepted
         if self.prefix is not None:
-            self._store_running()
+            with core.step_threads:
+                self._store_running()
         self.stats.decode_forwards = core.stats.decode_forwards
         self.stats.prefill_tokens += core.stats.prefill_tokens - prefill_tokens
         self.stats.new_tokens = core.stats.new_tokens
@@ -323,7 +325,8 @@ class ContinuousBatcher:
 
     def _store_finished(self, seqs: list[GenerationSequence]) -> None:
         """Cache the blocks of finished sequences before their rows are reused."""
-        for seq in seqs:
-            if seq.row >= 0:
-                self._store(seq)
-            self._chains.pop(seq, None)
+        with self.core.step_threads:
+            for seq in seqs:
+                if seq.row >= 0:
+                    self._store(seq)
+                self._chains.pop(seq, None)
