@@ -131,7 +131,7 @@ class ContinuousBatcher:
         if prefill_chunk < 1:
             raise UserError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
         if speculate not in ("off", "lookup", "recycle"):
-            raise UserError(f"the batcher speculates with lookup or recycle drafts, or not at all (off): {speculate!r}")
+            raise UserError(f"the batcher speculates with recycle or lookup drafts or not at all (off): {speculate!r}")
         if prefix_cache and prefix_cache_bytes < 1:
             raise UserError(f"the prefix cache size must be > 0 bytes, got {prefix_cache_bytes}")
         if prefix_cache and prefix_block < 1:
