@@ -155,6 +155,7 @@ ROWS: dict[str, list[list[str]]] = {
         ["serve", "{missing}"],
         ["serve", "{model}", "--port", "-1"],
         ["serve", "{model}", "--max-batch", "0"],
+        ["serve", "{model}", "--prefix-cache-mb", "0"],
     ],
     "data prepare": [
         ["data", "prepare", "{missing}", "--out", "{tmp}/p1"],

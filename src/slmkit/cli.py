@@ -444,6 +444,13 @@ def generate(
     lookup: Annotated[
         bool, typer.Option("--lookup", help="Speculative decoding from n-gram matches in prompt and output.")
     ] = False,
+    speculate: Annotated[
+        str | None,
+        typer.Option(
+            help="Speculative decoding: lookup (as --lookup), recycle (drafts from the model's own past top-k next "
+            "tokens, token recycling), draft (needs --draft) or off."
+        ),
+    ] = None,
     speculate_k: Annotated[
         int | None, typer.Option(help="Tokens drafted per verification (default 4 with --draft, 8 with --lookup).")
     ] = None,
@@ -483,6 +490,15 @@ def generate(
         raise UserError("give exactly one of --prompt TEXT and --prompts-file FILE")
     if draft is not None and lookup:
         raise UserError("choose one kind of speculation: --draft MODEL or --lookup, not both")
+    chosen = "draft" if draft is not None else "lookup" if lookup else "off"
+    if speculate is not None:
+        if speculate not in ("off", "lookup", "recycle", "draft"):
+            raise UserError(f"--speculate must be off, lookup, recycle or draft, got {speculate!r}")
+        if speculate == "draft" and draft is None:
+            raise UserError("--speculate draft needs a draft model: --draft MODEL")
+        if chosen != "off" and speculate != chosen:
+            raise UserError(f"--speculate {speculate} conflicts with --{chosen}: choose one kind of speculation")
+        chosen = speculate
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     sampling = SamplingParams(
@@ -510,7 +526,7 @@ def generate(
         logprobs=logprobs,
         truncate=truncate,
         constraint=constraint,
-        speculate="draft" if draft is not None else "lookup" if lookup else "off",
+        speculate=chosen,
         speculate_k=speculate_k,
     )
     stats = EngineStats()
@@ -1349,7 +1365,11 @@ def serve(
         ),
     ] = None,
     speculate: Annotated[
-        str, typer.Option(help="off, or lookup: verify prompt-lookup drafts for every row in one pass.")
+        str,
+        typer.Option(
+            help="off, lookup (prompt-lookup drafts) or recycle (drafts from the model's past top-k next tokens): "
+            "every row's draft verified in one pass."
+        ),
     ] = "off",
     speculate_k: Annotated[int, typer.Option(help="Drafted tokens per row and step at most (with --speculate).")] = 8,
     max_request_bytes: Annotated[int, typer.Option(help="Larger request bodies get 413.")] = 1 << 20,
@@ -1379,6 +1399,16 @@ def serve(
     kv_sinks: KVSinks = 0,
     kv_dtype: KVDtype = "auto",
     kv_prune_keys: KVPruneKeys = 0.0,
+    prefix_cache: Annotated[
+        bool,
+        typer.Option(
+            "--prefix-cache/--no-prefix-cache",
+            help="Reuse the keys and values of prompt prefixes seen before (a shared system prompt, a chat's history).",
+        ),
+    ] = True,
+    prefix_cache_mb: Annotated[
+        float, typer.Option(help="Memory for cached prefix blocks, MiB (the least recently used go first).")
+    ] = 256,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
     batching; with --lora, LoRA adapters per request beside the base; with several --model, several models and a
@@ -1394,6 +1424,7 @@ def serve(
         max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (), lora=lora or (),
         kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
         models=models or (), router_name=router_name, cascade_threshold=cascade_threshold, router=router,
+        prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
     )  # fmt: skip
 
 

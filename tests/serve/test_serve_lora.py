@@ -121,7 +121,7 @@ def expected(merged, name, request):
     return plain_greedy(merged[name], request.prompt_ids, request.max_new_tokens)
 
 
-@pytest.mark.parametrize("speculate", ["off", "lookup"])
+@pytest.mark.parametrize("speculate", ["off", "lookup", "prefix-cache"])
 def test_mixed_batch_equals_each_merged_model_alone(shaken_model_dir, adapters, merged, tokenizer, speculate):
     model, indices = served_model(shaken_model_dir, adapters)
     jobs = interleaved(tokenizer, indices)
@@ -130,15 +130,21 @@ def test_mixed_batch_equals_each_merged_model_alone(shaken_model_dir, adapters, 
     for prompt_jobs in zip(*[iter(range(len(jobs)))] * 3, strict=True):
         assert len({tuple(references[k]) for k in prompt_jobs}) > 1
     # 4 rows for 24 requests: rows join, leave and move; 5-token prefill chunks spread prompts over steps
+    # prefix-cache: blocks of 2 tokens, so the repeated prompts hit; keys and values differ per adapter, so a hit
+    # under another adapter's blocks would change the output
+    cache = {"prefix_cache": True, "prefix_block": 2} if speculate == "prefix-cache" else {}
     batcher = ContinuousBatcher(
-        model, tokenizer, max_batch=4, prefill_chunk=5, per_row_adapters=True, speculate=speculate
-    )
+        model, tokenizer, max_batch=4, prefill_chunk=5, per_row_adapters=True,
+        speculate="off" if cache else speculate, **cache,
+    )  # fmt: skip
     seen = record_selections(batcher)
     seqs = run_batcher(batcher, [r for _, r in jobs], join_after=5, steps=3)
     for (name, request), seq, reference in zip(jobs, seqs, references, strict=True):
         assert seq.out == reference, (name, request.prompt_ids)
     mixed = [s for s in seen if len(set(s)) == 3]
     assert mixed, "no forward ran the base and both adapters together"
+    if cache:
+        assert batcher.prefix_stats.hit_tokens > 0
 
 
 def test_no_adapters_selected_without_the_flag(shaken_model_dir, adapters, tokenizer):

@@ -338,6 +338,11 @@ class DecodeCore:
         if compile:
             self._step = CompiledStep(StaticStep(model, self.state), self.device)
         self._chosen: tuple[list[GenerationSequence], torch.Tensor] = ([], torch.empty(0))  # the latest choices
+        # hooks (None: off): on_verify(rows, tokens (n, w) on the CPU, logits (n, w, V), drafts) sees every verification
+        # pass (token recycling learns from it); on_release(seqs) sees finished sequences while their rows still hold
+        # their state (the prefix cache keeps their blocks)
+        self.on_verify: Any = None
+        self.on_release: Any = None
         # positions 0..max_len as a device tensor made once: each step's positions are views of it (grown when a
         # bounded cache lets a row run further)
         self._positions = torch.arange((min(max_len, 4096) if self.unbounded else max_len) + 1, device=self.device)
@@ -419,6 +424,8 @@ class DecodeCore:
     def release(self) -> None:
         """Free the rows of finished sequences, moving the last rows into the holes (rows stay packed)."""
         done = sorted((s for s in self.rows if s.finished), key=lambda s: s.row, reverse=True)
+        if done and self.on_release is not None:
+            self.on_release(done)
         for seq in done:
             last = self.rows.pop()
             if last is not seq:
@@ -571,6 +578,8 @@ class DecodeCore:
             logits = self.model(
                 tokens.to(self.device), state=self.view(0, n), pos=pos, active=active, upto=int(lengths.max()) + width
             )  # (n, width, V)
+        if self.on_verify is not None:
+            self.on_verify(list(rows), tokens, logits, drafts)
         self.stats.decode_forwards += 1
         plain: list[GenerationSequence] = []
         outputs: list[StepOutput] = []

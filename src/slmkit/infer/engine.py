@@ -44,7 +44,7 @@ from slmkit.infer.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-SpeculateMode = Literal["off", "draft", "lookup"]
+SpeculateMode = Literal["off", "draft", "lookup", "recycle"]
 
 
 @dataclass
@@ -204,6 +204,7 @@ class Engine:
         self.static_cache = self.compile if static_cache is None else static_cache or self.compile
         # with a static state (compiled steps), one core per batch size lives as long as the engine
         self._static: dict[int, DecodeCore] = {}
+        self.recycler: Any = None  # speculate="recycle": the adjacency matrix, kept across calls (it learns)
 
     # ---- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -315,14 +316,14 @@ class Engine:
         stats = stats if stats is not None else EngineStats()
         if isinstance(stop, str):
             stop = [stop]
-        if speculate not in ("off", "draft", "lookup"):
-            raise UserError(f"speculate must be off, draft or lookup, got {speculate!r}")
+        if speculate not in ("off", "draft", "lookup", "recycle"):
+            raise UserError(f"speculate must be off, draft, lookup or recycle, got {speculate!r}")
         if speculate == "draft" and self.draft is None:
             raise UserError("speculate='draft' needs a draft model (--draft MODEL)")
         if speculate == "draft" and self.bounded:
             raise UserError("a draft model keeps a full cache of its own context: use --lookup with --kv-window")
         if speculate_k is None:
-            speculate_k = 8 if speculate == "lookup" else 4
+            speculate_k = 8 if speculate in ("lookup", "recycle") else 4
         if speculate != "off" and not (1 <= speculate_k <= 32):
             raise UserError(f"speculate-k must be in [1, 32], got {speculate_k}")
         if not (0 <= min_acceptance <= 1):
@@ -474,10 +475,20 @@ class Engine:
     ) -> Iterator[list[StepOutput]]:
         """Plain steps first (they time the baseline the speedup is measured against), then rounds of: draft up
         to k tokens, verify them in one pass over the row (`DecodeCore.step` with drafts)."""
-        from slmkit.infer.speculative import DraftModel, lookup_draft
+        from slmkit.infer.speculative import DraftModel, TokenRecycler, lookup_draft
 
         sampling = seq.request.sampling
         drafter = DraftModel(self.draft, core.max_len, sampling) if mode == "draft" else None
+        if mode == "recycle":  # every verification pass teaches the matrix, empty drafts' too
+            if self.recycler is None:
+                self.recycler = TokenRecycler(self.config.vocab_size)
+            recycler = self.recycler
+
+            def observe(rows: list, tokens: torch.Tensor, logits: torch.Tensor, drafts: dict) -> None:
+                with core.step_threads:  # decode-sized work: on the step's threads (see slmkit.infer.core)
+                    recycler.observe(tokens, logits, [1 + len(drafts[s][0]) if s in drafts else 1 for s in rows])
+
+            core.on_verify = observe
         calibration_steps = 3
         plain_steps = 0
         yield core.step()  # prefill and the first token
@@ -489,6 +500,11 @@ class Engine:
             if not stats.speculation_turned_off and plain_steps >= calibration_steps and budget > 0:
                 if mode == "lookup":
                     draft = lookup_draft(tokens, min(k, budget))
+                elif mode == "recycle":
+                    draft = self.recycler.draft(tokens[-1], min(k, budget))
+                    if not draft:  # a verification pass of the pending token alone: the matrix learns its successors
+                        yield core.step({seq: ([], None)})
+                        continue
                 else:
                     assert drafter is not None
                     with core.step_threads:

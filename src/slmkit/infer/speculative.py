@@ -1,10 +1,16 @@
 """Speculative decoding: cheap drafts, verified by the target model in one forward pass, losslessly.
 
-Two drafters:
+Three drafters:
 - :class:`DraftModel`: a smaller model with the same tokenizer proposes k tokens autoregressively.
 - :func:`lookup_draft` ("prompt lookup"): the tokens that followed the latest earlier occurrence of the
   context's last n-gram (n = 3, 2, 1), found in the prompt and the generated text. Free, and good on
   repetitive output such as code.
+- :class:`TokenRecycler` ("recycle", after Token Recycling, Luo et al. 2024): an adjacency matrix holds, for each
+  token, the target's top-k next tokens the last time its logits after that token were seen (every verification
+  pass writes the rows of the tokens it fed); a draft follows the most likely successor from the last token. Free,
+  training-free, and it learns across requests. The paper verifies a whole tree of candidates in one pass with a
+  tree attention mask; slmkit's states keep one slot per position and row, so two tree nodes at one depth would
+  share a slot: the draft here is the matrix's single most likely path (a linear draft), verified as any other.
 
 :func:`verify` decides how many drafted tokens to keep. Greedy: keep drafted tokens while they equal the
 target's argmax, then append the target's own choice, so the output equals plain greedy decoding token for
@@ -39,6 +45,47 @@ def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int =
         start = int(full[-1] if full.size else hits[0]) + n  # the latest match with a full continuation
         return arr[start : start + k].tolist()
     return []
+
+
+class TokenRecycler:
+    """The adjacency matrix of Token Recycling: row t holds the `top_k` tokens the target ranked highest after t
+    (most likely first; -1: never seen). Shared by every sequence it drafts for (the engine keeps one per model, the
+    batcher one for its rows), so what one request taught drafts for the next."""
+
+    def __init__(self, vocab_size: int, top_k: int = 8) -> None:
+        if not (1 <= top_k <= 64):
+            raise ValueError(f"top_k must be in [1, 64], got {top_k}")
+        self.vocab_size, self.top_k = vocab_size, top_k
+        self.successors = np.full((vocab_size, top_k), -1, dtype=np.int64)  # (V, k)
+
+    def observe(self, tokens: torch.Tensor, logits: torch.Tensor, widths: list[int] | None = None) -> None:
+        """Learn from one forward pass: tokens (n, w) fed, logits (n, w, V) after each; row i's first widths[i]
+        positions are real (None: all). Every fed token's row becomes the top-k of the logits after it."""
+        n, w = tokens.shape[:2]
+        top = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).indices.cpu().numpy()  # (n, w, k)
+        fed = tokens.cpu().numpy()
+        if widths is None:
+            rows, cols = fed.reshape(-1), top.reshape(n * w, -1)
+        else:
+            keep = np.arange(w)[None, :] < np.asarray(widths)[:, None]  # (n, w)
+            rows, cols = fed[keep], top[keep]
+        self.successors[rows, : cols.shape[1]] = cols  # a token fed twice: the later position's successors stay
+
+    def draft(self, last: int, k: int) -> list[int]:
+        """Up to k tokens: from `last`, the most likely successor of each token in turn (stops at an unseen one)."""
+        out: list[int] = []
+        token = last
+        for _ in range(k):
+            token = int(self.successors[token, 0])
+            if token < 0:
+                break
+            out.append(token)
+        return out
+
+    @property
+    def known(self) -> int:
+        """Tokens whose successors have been seen."""
+        return int((self.successors[:, 0] >= 0).sum())
 
 
 class DraftModel:
@@ -137,7 +184,7 @@ def verify(
                 return draft[:j] + [target[j]], j
         return draft + [target[m]], m
     probs = probabilities(scores, sampling)  # (m+1, V)
-    draft_t = torch.tensor(draft, device=logits.device)
+    draft_t = torch.tensor(draft, dtype=torch.long, device=logits.device)  # (an empty draft: still indices)
     p_draft = probs[torch.arange(m, device=logits.device), draft_t]  # (m,)
     q_draft = draft_probs[torch.arange(m, device=logits.device), draft_t] if draft_probs is not None else None
     uniforms = torch.rand(m, generator=generator, device=logits.device)

@@ -390,6 +390,8 @@ def create_app(
     router_name: str | None = DEFAULT_ROUTER_NAME,
     cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
     router: Any = None,
+    prefix_cache: bool = True,
+    prefix_cache_mb: float = 256,
 ) -> FastAPI:
     """The FastAPI app over one model, or over several: {served name: Engine or model dir}, in order (the first is
     the router's first model). A path is loaded with `Engine.load` (UserError if it is not a model).
@@ -404,7 +406,10 @@ def create_app(
     PEFT LoRA adapter dir} served per request beside the base (one model only; see the module docstring);
     UserError, before the server starts, for a bad name or directory and an adapter for another base. kv_cache: a
     `slmkit.models.state.KVCacheSpec` for every request (None: the engine's). Each model gets its own scheduler
-    with these settings (its own queue of max_queue and KV cache of max_batch rows).
+    with these settings (its own queue of max_queue and KV cache of max_batch rows). prefix_cache: prompts that
+    start like earlier ones reuse the keys and values of their cached blocks, at most prefix_cache_mb MiB of them
+    per model (see `slmkit.infer.prefix_cache`; off, with the reason logged, for models whose state cannot take
+    them).
 
     With two or more models, the virtual model `router_name` (None: none) answers through a cascade at
     `cascade_threshold` (`slmkit.serve.cascade`), or with `router` (a learned router of `slmkit.route`, or its
@@ -414,6 +419,8 @@ def create_app(
         raise UserError(f"max queue must be >= 1, got {max_queue}")
     if max_request_bytes < 1:
         raise UserError(f"max request bytes must be >= 1, got {max_request_bytes}")
+    if prefix_cache and not prefix_cache_mb > 0:
+        raise UserError(f"--prefix-cache-mb must be > 0, got {prefix_cache_mb:g} (or turn it off: --no-prefix-cache)")
     sources: dict[str, Engine | Path] = {}
     if isinstance(engine_or_model_path, Mapping):
         if model_name is not None:
@@ -461,7 +468,8 @@ def create_app(
     metrics = Metrics()
     scheduling = dict(
         max_queue=max_queue, max_batch=max_batch, prefill_chunk=prefill_chunk, request_timeout=request_timeout,
-        compile=compile, speculate=speculate, speculate_k=speculate_k,
+        compile=compile, speculate=speculate, speculate_k=speculate_k, prefix_cache=prefix_cache,
+        prefix_cache_bytes=int(prefix_cache_mb * (1 << 20)),
     )  # fmt: skip
     models: dict[str, ServedModel] = {}
     try:
@@ -884,6 +892,8 @@ def serve(
     router_name: str = DEFAULT_ROUTER_NAME,
     cascade_threshold: float = DEFAULT_CASCADE_THRESHOLD,
     router: str | Path | None = None,
+    prefix_cache: bool = True,
+    prefix_cache_mb: float = 256,
 ) -> None:
     """Run the server until interrupted (`slm serve`). allowed_hosts None: the loopback names when `host` is a
     loopback address, else any (`default_allowed_hosts`). The address is bound before the model loads, so a bad
@@ -908,6 +918,8 @@ def serve(
         raise UserError("give the model as MODEL or as --model NAME=DIR (repeatable), not both")
     if model is None and not models:
         raise UserError("give a model to serve: MODEL, or --model NAME=DIR (repeatable)")
+    if prefix_cache and not prefix_cache_mb > 0:
+        raise UserError(f"--prefix-cache-mb must be > 0, got {prefix_cache_mb:g} (or turn it off: --no-prefix-cache)")
     adapters = parse_lora(lora)
     source: str | Path | dict[str, Path] = model if model is not None else check_served_models(parse_models(models))
     if adapters and len(models) > 1:
@@ -932,6 +944,7 @@ def serve(
             allowed_hosts=default_allowed_hosts(host) if allowed_hosts is None else allowed_hosts,
             cors_origins=cors_origins, adapters=adapters, kv_cache=kv_cache, router_name=router_name,
             cascade_threshold=cascade_threshold, router=router,
+            prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
         )  # fmt: skip
     except BaseException:
         sock.close()

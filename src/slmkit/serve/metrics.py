@@ -144,6 +144,9 @@ class Metrics:
             ]
             for histogram in (self.time_to_first_token, self.latency, self.step_batch_size):
                 lines += histogram.render()
+            # unlabelled with one model, as the single-model series above; labelled by model with several
+            several = len(schedulers) > 1
+            lines += batcher_lines({n if several else "": getattr(s, "batcher", None) for n, s in schedulers.items()})
             named = {name: s for name, s in schedulers.items() if name}
             if named:
                 lines += self._per_model(named, models or {})
@@ -200,3 +203,59 @@ class Metrics:
             share = self.strong_calls[r] / self.router_requests[r] if self.router_requests[r] else 0.0
             lines.append(f'slm_router_strong_share{{router="{_label(r)}"}} {share!r}')
         return lines
+
+
+def _series(name: str, kind: str, help: str, values: Mapping[str, float]) -> list[str]:
+    """One family: {model name: value}; the name "" (a single served model) is written without a label."""
+    out = [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
+    for model, value in values.items():
+        labels = f'{{model="{_label(model)}"}}' if model else ""
+        out.append(f"{name}{labels} {_number(value)}")
+    return out
+
+
+def batcher_lines(batchers: Mapping[str, Any]) -> list[str]:
+    """The prefix cache's and speculation's series, read from each model's batcher (the worker's; plain counters,
+    so a read between its steps sees consistent enough numbers); labelled by model when several are served."""
+    caches = {m: b.prefix for m, b in batchers.items() if b is not None and getattr(b, "prefix", None) is not None}
+    lines: list[str] = []
+    if caches:
+        lines += _series(
+            "slm_prefix_cache_prompt_tokens_total", "counter", "Prompt tokens of requests admitted with the cache on.",
+            {m: c.stats.prompt_tokens for m, c in caches.items()},
+        )  # fmt: skip
+        lines += _series(
+            "slm_prefix_cache_hit_tokens_total", "counter", "Prompt tokens whose keys and values came from the prefix "
+            "cache instead of a prefill.", {m: c.stats.hit_tokens for m, c in caches.items()},
+        )  # fmt: skip
+        lines += _series(
+            "slm_prefix_cache_hit_rate", "gauge", "Prefix cache hit tokens / prompt tokens since the start.",
+            {m: round(c.stats.hit_rate, 6) for m, c in caches.items()},
+        )  # fmt: skip
+        lines += _series(
+            "slm_prefix_cache_bytes", "gauge", "Bytes of cached prefix blocks.",
+            {m: c.cached_bytes for m, c in caches.items()},
+        )  # fmt: skip
+        lines += _series(
+            "slm_prefix_cache_blocks", "gauge", "Cached prefix blocks.", {m: c.cached_blocks for m, c in caches.items()}
+        )
+        lines += _series(
+            "slm_prefix_cache_evicted_blocks_total", "counter", "Prefix blocks evicted to stay under the size cap.",
+            {m: c.stats.evicted_blocks for m, c in caches.items()},
+        )  # fmt: skip
+    speculating = {m: b.stats for m, b in batchers.items() if b is not None and getattr(b, "speculate", "off") != "off"}
+    if speculating:
+        lines += _series(
+            "slm_speculative_drafted_tokens_total", "counter", "Tokens drafted.",
+            {m: s.drafted for m, s in speculating.items()},
+        )  # fmt: skip
+        lines += _series(
+            "slm_speculative_accepted_tokens_total", "counter", "Drafted tokens kept by verification.",
+            {m: s.accepted for m, s in speculating.items()},
+        )  # fmt: skip
+        lines += _series(
+            "slm_decode_tokens_per_forward", "gauge",
+            "Tokens a sequence gains per decode or verification pass (1: no speculation).",
+            {m: round(s.tokens_per_forward, 6) for m, s in speculating.items()},
+        )  # fmt: skip
+    return lines

@@ -101,6 +101,8 @@ class Scheduler:
         per_row_adapters: bool = False,
         kv_cache: Any = None,
         name: str = "",
+        prefix_cache: bool = False,
+        prefix_cache_bytes: int = 256 << 20,
     ) -> None:
         if max_queue < 1:
             raise UserError(f"max queue must be >= 1, got {max_queue}")
@@ -110,6 +112,7 @@ class Scheduler:
             model, tokenizer, max_batch=max_batch, prefill_chunk=prefill_chunk, compile=compile,
             speculate=speculate,  # type: ignore[arg-type]  (checked by the batcher)
             speculate_k=speculate_k, per_row_adapters=per_row_adapters, kv_cache=kv_cache,
+            prefix_cache=prefix_cache, prefix_cache_bytes=prefix_cache_bytes,
         )  # fmt: skip
         self.max_queue = max_queue
         self.max_batch = max_batch
