@@ -91,3 +91,14 @@ def mc_task(tmp_path_factory, corpus_file, strong_dir) -> Path:
     picks = score_items(load(strong_dir), task_items([load_task(path)])).answers
     path.write_text("".join(json.dumps({**r, "answer": int(p)}) + "\n" for r, p in zip(records, picks, strict=True)))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when the machine is loaded."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
