@@ -53,7 +53,7 @@ def prepare_data(work: Path) -> Path:
     return data
 
 
-def train_model(work: Path, data: Path, name: str, spec: dict, minutes: float, seed: int) -> Path:
+def train_model(work: Path, data: Path, name: str, spec: dict, minutes: float, seed: int, threads: int) -> Path:
     from slmkit.train.config import TrainConfig
     from slmkit.train.loop import train
 
@@ -64,6 +64,7 @@ def train_model(work: Path, data: Path, name: str, spec: dict, minutes: float, s
     cfg = TrainConfig(
         preset=spec["preset"], model=model, seq_len=256, batch_size=8, lr=3e-3, warmup_steps=20,
         max_minutes=minutes, eval_interval=100_000, eval_batches=4, save_interval=100_000, device="cpu", seed=seed,
+        threads=threads,
     )  # fmt: skip
     result = train(cfg, data, run)
     assert result.final_dir is not None
@@ -88,7 +89,8 @@ def main() -> None:
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--prompts", type=int, default=6, help="prompts for the token-router speed comparison")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for evaluation (default: torch's)")
+    # one thread: on a shared, loaded 2-core machine two threads contend and run many times slower
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for training and evaluation")
     args = parser.parse_args()
 
     tmp = None
@@ -101,12 +103,11 @@ def main() -> None:
     started = time.perf_counter()
     print(f"hardware: {hardware()}; {load_average()}")
     data = prepare_data(work)
-    weak = train_model(work, data, "weak", WEAK, args.weak_minutes, seed=1)
-    strong = train_model(work, data, "strong", STRONG, args.strong_minutes, seed=2)
+    weak = train_model(work, data, "weak", WEAK, args.weak_minutes, seed=1, threads=args.threads)
+    strong = train_model(work, data, "strong", STRONG, args.strong_minutes, seed=2, threads=args.threads)
     print(f"trained: weak {weak} ({args.weak_minutes} min), strong {strong} ({args.strong_minutes} min)")
     print(load_average())
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     from slmkit.loading import load
     from slmkit.route.token import compare_with_large, routed_next_token_accuracy
