@@ -101,13 +101,13 @@ def main() -> None:
         work = args.work
         work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    torch.set_num_threads(args.threads)
     print(f"hardware: {hardware()}; {load_average()}")
     data = prepare_data(work)
     weak = train_model(work, data, "weak", WEAK, args.weak_minutes, seed=1, threads=args.threads)
     strong = train_model(work, data, "strong", STRONG, args.strong_minutes, seed=2, threads=args.threads)
     print(f"trained: weak {weak} ({args.weak_minutes} min), strong {strong} ({args.strong_minutes} min)")
     print(load_average())
-    torch.set_num_threads(args.threads)
 
     from slmkit.loading import load
     from slmkit.route.token import compare_with_large, routed_next_token_accuracy
