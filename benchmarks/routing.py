@@ -146,7 +146,7 @@ def main() -> None:
     print(f"  learned at its threshold: strong share {point['strong_share']:.3f}, quality {point['quality']:.3f}")
 
     small, large = load(weak), load(strong)
-    thresholds = [0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.01]
+    thresholds = [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.01]
     windows = val_windows(data, 48, 128, seed=0)
     accuracy = routed_next_token_accuracy(small.model, large.model, windows, thresholds)
     print(
