@@ -1304,6 +1304,157 @@ def plan(
         _console().print(f"wrote {written}; train it with: slm train --data DATA --out RUN --config {written}")
 
 
+route_app = typer.Typer(
+    help="Route between a small (weak) and a large (strong) model: learned routers, cascades, token-level routing.",
+    no_args_is_help=True,
+)
+app.add_typer(route_app, name="route")
+RouteTasks = Annotated[
+    list[str], typer.Option("--tasks", help="Task file (.jsonl) or built-in task name (repeatable).")
+]
+
+
+@route_app.command("train")
+def route_train(
+    weak: Annotated[Path, typer.Option(help="The weak (small, cheap) model dir or run dir.")],
+    strong: Annotated[Path, typer.Option(help="The strong (large) model dir or run dir.")],
+    tasks: RouteTasks,
+    out: Annotated[Path, typer.Option(help="Router directory to write (router.json + router.safetensors).")],
+    target_strong_share: Annotated[
+        float, typer.Option(help="Calibrate the threshold so this share of held-out prompts goes to the strong model.")
+    ] = 0.3,
+    classifier: Annotated[str, typer.Option(help="logreg (logistic regression) or mlp (one hidden layer).")] = "logreg",
+    template: Annotated[str, typer.Option(help="Prompt template: plain, instruct, qa (or letters).")] = "plain",
+    suite_size: Annotated[int, typer.Option(help="Examples per built-in task.")] = 100,
+    fit_fraction: Annotated[
+        float, typer.Option(help="Share of items (by a hash of each) the router is fitted on.")
+    ] = 0.6,
+    seed: Annotated[int, typer.Option(help="Seed for built-in tasks and the fit.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print router.json's contents as one JSON object.")] = False,
+) -> None:
+    """Fit a learned router from both models' per-item quality on TASKS (features: the weak model's hidden states)."""
+    from slmkit.route.train import train_router
+
+    err = _console(stderr=True)
+    meta = train_router(
+        weak, strong, tasks, out, target_strong_share, classifier, template, suite_size, seed, fit_fraction,
+        batch_size, overwrite=overwrite, on_status=lambda m: err.print(f"[dim]{m}[/]"),
+    )  # fmt: skip
+    if as_json:
+        print(json.dumps(meta))
+        return
+    held, trained = meta["held_out"], meta["trained"]
+    _console().print(
+        f"router written to {out}: {meta['classifier']}, threshold {meta['threshold']:.4f}; fitted on "
+        f"{trained['fit_items']} items, held out {trained['held_out_items']}: strong share "
+        f"{held['strong_share']:.1%} (target {meta['target_strong_share']:.1%}), quality {held['quality']:.3f} "
+        f"(weak {held['weak_quality']:.3f}, strong {held['strong_quality']:.3f}), ranking AUC {held['ranking_auc']:.3f}"
+    )
+
+
+@route_app.command("eval")
+def route_eval(
+    weak: Annotated[Path, typer.Option(help="The weak model dir or run dir.")],
+    strong: Annotated[Path, typer.Option(help="The strong model dir or run dir.")],
+    tasks: RouteTasks,
+    router: Annotated[
+        Path | None, typer.Option(help="A learned router (slm route train): evaluated on its held-out items.")
+    ] = None,
+    template: Annotated[str | None, typer.Option(help="Prompt template (default: the router's, else plain).")] = None,
+    suite_size: Annotated[int | None, typer.Option(help="Examples per built-in task (default: the router's).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for built-in tasks and the bootstrap.")] = 0,
+    resamples: Annotated[int, typer.Option(help="Bootstrap resamples over items.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 8,
+    report: Annotated[Path | None, typer.Option(help="Write routing.json and routing.html (plot) here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Quality vs share of strong calls for random, cascade, learned and oracle routers: APGR, CPT(50%/80%), AUC."""
+    from slmkit.route.train import evaluate_routing
+
+    if resamples < 1:
+        raise UserError(f"--resamples must be >= 1, got {resamples}")
+    if report is not None:
+        from slmkit.interop.outputs import check_output
+
+        check_output(report, "dir", overwrite=True, option="--report")
+    err = _console(stderr=True)
+    result = evaluate_routing(
+        weak, strong, tasks, router, template, suite_size, seed, batch_size, resamples=resamples,
+        on_status=lambda m: err.print(f"[dim]{m}[/]"),
+    )  # fmt: skip
+    if report is not None:
+        from slmkit.route.report import write_report
+
+        _, html_path = write_report(result, report)
+        err.print(f"wrote {html_path}")
+    if as_json:
+        print(json.dumps(result))
+        return
+    from rich.table import Table
+
+    def cell(entry: dict[str, Any]) -> str:
+        if entry["value"] is None:
+            return "n/a"
+        ci = entry["ci95"]
+        return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
+    table = Table(
+        title=f"{result['items']} items: weak {result['weak']:.3f}, strong {result['strong']:.3f} (95% bootstrap CIs)"
+    )
+    for col in ("router", "APGR", "CPT(50%)", "CPT(80%)", "AUC"):
+        table.add_column(col, justify="left" if col == "router" else "right")
+    for name, r in result["routers"].items():
+        table.add_row(name, cell(r["apgr"]), cell(r["cpt50"]), cell(r["cpt80"]), cell(r["auc"]))
+    _console().print(table)
+    for d in result["apgr_differences"]:
+        _console().print(f"APGR {d['router']} - {d['baseline']}: {cell(d)}")
+
+
+@route_app.command("generate")
+def route_generate(
+    small: Annotated[Path, typer.Option(help="The small model dir (drafts every token).")],
+    large: Annotated[Path, typer.Option(help="The large model dir (same tokenizer): picks the unsure tokens.")],
+    prompt: Annotated[list[str], typer.Option(help="Prompt text (repeatable).")],
+    threshold: Annotated[
+        float, typer.Option(help="Take a token from the large model when the small one's top probability is below.")
+    ] = 0.5,
+    max_new_tokens: Annotated[int, typer.Option(help="New tokens per prompt.")] = 64,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="Also run the large model alone: speed ratio and agreement.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Token-level routing (R2R-style): the small model generates greedily, unsure tokens come from the large one."""
+    from slmkit.loading import load
+    from slmkit.route.token import TokenRouteStats, check_same_tokenizer, compare_with_large, token_route_text
+
+    small_lm, large_lm = load(small), load(large)
+    check_same_tokenizer(small_lm, large_lm)
+    outputs, all_stats = [], []
+    for text in prompt:
+        stats = TokenRouteStats()
+        outputs.append(token_route_text(small_lm, large_lm, text, max_new_tokens, threshold, stats))
+        all_stats.append(stats.to_dict())
+    comparison = compare_with_large(small_lm, large_lm, prompt, max_new_tokens, threshold) if compare else None
+    if as_json:
+        print(json.dumps({"outputs": outputs, "stats": all_stats, "compare": comparison}))
+        return
+    console = _console()
+    for text, out, stats in zip(prompt, outputs, all_stats, strict=True):
+        console.print(text + out, markup=False, highlight=False)
+        console.print(
+            f"[dim]{stats['new_tokens']} tokens, {stats['tokens_from_large']} from the large model; forwards: small "
+            f"{stats['small_forwards']}, large {stats['large_forwards']}; {stats['tokens_per_second']:.1f} tokens/s[/]"
+        )
+    if comparison is not None:
+        console.print(
+            f"vs the large model alone: {comparison['speedup']:.2f}x tokens/s; routed text repeats "
+            f"{comparison['same_as_large_prefix_share']:.1%} of the large model's tokens before the first difference"
+        )
+
+
 @app.command()
 def serve(
     model: Annotated[

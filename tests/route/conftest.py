@@ -60,14 +60,45 @@ def other_tokenizer_model(tmp_path_factory, tiny_model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def mc_task(tmp_path_factory) -> Path:
-    """80 four-way multiple-choice items over short English-like contexts."""
+def mc_task(tmp_path_factory, corpus_file, strong_dir) -> Path:
+    """160 multiple-choice items over the corpus (a piece of a document; its true next words and those of three
+    other documents) whose answer is the strong model's own pick: the strong model is always right, the weak one
+    where it agrees, so routing has something to find whatever the corpus is."""
+    from slmkit.api import load
+    from slmkit.eval.tasks import load_task
+    from slmkit.route.items import score_items, task_items
+
     rng = random.Random(0)
-    words = "model data train token language small scaling loss compute budget attention layer".split()
+    texts = [json.loads(line)["text"] for line in corpus_file.read_text().splitlines()]
+
+    def piece(text: str) -> tuple[str, str]:
+        cut = rng.randrange(40, max(41, len(text) - 30))
+        cut = text.rfind(" ", 0, cut) if text.rfind(" ", 0, cut) > 20 else cut
+        return text[max(0, cut - 120) : cut], text[cut : cut + 24]
+
+    records = []
+    for k in range(160):
+        context, answer = piece(texts[k % len(texts)])
+        choices = [answer]
+        while len(choices) < 4:
+            other = piece(texts[rng.randrange(len(texts))])[1]
+            if other.strip() and other not in choices:
+                choices.append(other)
+        rng.shuffle(choices)
+        records.append({"context": context, "choices": choices, "answer": 0})
     path = tmp_path_factory.mktemp("tasks") / "mc.jsonl"
-    with path.open("w") as fh:
-        for _ in range(80):
-            context = " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-            choices = [" " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 3))) for _ in range(4)]
-            fh.write(json.dumps({"context": context, "choices": choices, "answer": rng.randrange(4)}) + "\n")
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    picks = score_items(load(strong_dir), task_items([load_task(path)])).answers
+    path.write_text("".join(json.dumps({**r, "answer": int(p)}) + "\n" for r, p in zip(records, picks, strict=True)))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models run fastest on one thread, and far faster than on two when the machine is loaded."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
