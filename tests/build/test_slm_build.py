@@ -68,6 +68,8 @@ def shipped(tmp_path_factory, data_dir, ladder, profile):
     return out, result
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_tiny_build_ships_every_artefact(shipped):
     out, result = shipped
     for name in ("model/model.safetensors", "hf/config.json", "model.gguf", "README.md", "build.json", "report.html"):
@@ -90,6 +92,8 @@ def test_tiny_build_ships_every_artefact(shipped):
     assert "Plan vs actual" in html and "Compression candidates" in html and "Budget per stage" in html
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_hf_dir_loads_in_transformers_with_the_shipped_logits(shipped):
     import torch
     from transformers import AutoModelForCausalLM
@@ -110,6 +114,8 @@ def _weights(directory: Path) -> bytes:
     return (directory / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_resume_after_a_stop_in_every_stage_equals_an_uninterrupted_build(tmp_path, data_dir, ladder, profile, shipped):
     from slmkit.build.options import BuildStopped
     from slmkit.build.pipeline import build
