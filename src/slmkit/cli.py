@@ -1169,19 +1169,24 @@ def build_command(
             profile = check_profile(json.loads(machine.read_text()).get("machine"), str(machine))
         except (OSError, ValueError, AttributeError):
             raise UserError(f"--machine {machine}: not a readable build.json") from None
+    from slmkit.build.options import BuildStopped
     from slmkit.build.pipeline import build, summary_lines
     from slmkit.ui import RichReporter
 
     console = _console()
-    result = build(
-        request,
-        out,
-        resume=resume,
-        overwrite=overwrite,
-        machine=profile,
-        console=console,
-        train_reporter=RichReporter(console),
-    )
+    try:
+        result = build(
+            request,
+            out,
+            resume=resume,
+            overwrite=overwrite,
+            machine=profile,
+            console=console,
+            train_reporter=RichReporter(console),
+        )
+    except (KeyboardInterrupt, BuildStopped) as exc:
+        print(f"{exc or 'interrupted'}; every finished step is kept: repeat the command with --resume", file=sys.stderr)
+        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 3) from None
     for line in summary_lines(result):
         console.print(line)
     console.print(f"shipped into {out}: model/, hf/, model.gguf, README.md, build.json, report.html")

@@ -221,3 +221,19 @@ def test_parsers():
     assert parse_duration("1.5h") == 5400 and parse_duration("2min") == 120
     assert parse_size("20MB") == 20_000_000 and parse_size("1MiB") == 2**20
     assert parse_latency("5ms") == 5 and parse_latency("800us") == pytest.approx(0.8)
+
+
+def test_cli_stop_hook_and_resume(tmp_path, data_dir, profile, monkeypatch):
+    """SLMKIT_BUILD_STOP_AFTER stops the CLI as a kill would (exit 3, finished steps kept); --resume goes on."""
+    out = tmp_path / "out"
+    args = ["build", "--data", data_dir, "--budget", "1m", "--out", out, "--machine", _machine_file(tmp_path, profile)]
+    monkeypatch.setenv("SLMKIT_BUILD_STOP_AFTER", "data")
+    result = run_slm(*args)
+    assert result.returncode == 3, result.stderr
+    assert "stopped after data" in result.stderr and "--resume" in result.stderr
+    monkeypatch.setenv("SLMKIT_BUILD_STOP_AFTER", "plan:feasibility")
+    result = run_slm(*args, "--resume")
+    assert result.returncode == 3, result.stderr
+    state = json.loads((out / "build.json").read_text())
+    assert state["stages"]["data"]["done"] and list(state["stages"]["plan"]["steps"]) == ["measure", "feasibility"]
+    assert state["machine"]["train"] == profile["train"]  # replayed, not measured
