@@ -237,3 +237,14 @@ def test_cli_stop_hook_and_resume(tmp_path, data_dir, profile, monkeypatch):
     state = json.loads((out / "build.json").read_text())
     assert state["stages"]["data"]["done"] and list(state["stages"]["plan"]["steps"]) == ["measure", "feasibility"]
     assert state["machine"]["train"] == profile["train"]  # replayed, not measured
+
+
+def test_too_small_a_budget_is_refused_before_the_ladder(tmp_path, data_dir, profile):
+    from slmkit.build.options import BuildRequest
+    from slmkit.build.pipeline import build
+    from slmkit.errors import UserError
+
+    request = BuildRequest(data=[str(data_dir)], budget_seconds=10, threads=1)  # no --fit: a ladder would run
+    with pytest.raises(UserError, match=r"--budget 10s is too small.*nearest feasible budget is --budget"):
+        build(request, tmp_path / "out", machine=profile)
+    assert not (tmp_path / "out").exists()

@@ -155,6 +155,23 @@ def _feasibility(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
             f"pick ({', '.join(sorted({s.name for s in smallest.values()}))}) decodes at {fastest:.2f} ms/token on "
             f"this machine; the nearest feasible target is --max-latency {nearest:g}ms"
         )
+    # the planner refuses a budget that cannot train its smallest model on one token per parameter: refuse it here,
+    # before the ladder, with the budget that would do
+    rate = machine_mod.flops_rate(profile)
+    worst = 0.0
+    for shape in smallest.values():
+        cfg = shape.config(vocab, settings.seq_len)
+        seconds = cfg.num_params() * cfg.flops_per_token(settings.seq_len) / rate(cfg.num_params(False))
+        worst = max(worst, seconds)
+    if request.fit:
+        pass  # a given ladder has its own context; the planner checks the budget against it
+    elif ctx.budget * TRAIN_SHARE < worst:
+        nearest = math.ceil(worst / TRAIN_SHARE * 1.1 / 60 * 10) / 10
+        raise UserError(
+            f"--budget {_duration(ctx.budget)} is too small here: the smallest model the planner may pick needs "
+            f"{worst:.0f} s of training at this machine's measured speed (one token per parameter) and the build "
+            f"trains for {TRAIN_SHARE:.0%} of the budget; the nearest feasible budget is --budget {nearest:g}m"
+        )
     sizes = compressed_bytes(next(iter(smallest.values())), vocab, settings.seq_len)
     result["smallest_bytes"] = sizes
     params = next(iter(smallest.values())).config(vocab, settings.seq_len).num_params()
@@ -173,6 +190,10 @@ def _feasibility(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
         result["bytes_per_param"] = sizes[fitting[0]] / params
         result["max_params"] = request.max_size_bytes / result["bytes_per_param"]
     return result
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds % 60 == 0 else f"{seconds:g}s"
 
 
 def _ladder_sizes(vocab: int, settings: Any, budget_flops: float, train_tokens: int, mixer: str) -> list[Any]:
