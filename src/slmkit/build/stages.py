@@ -20,6 +20,7 @@ TRAIN_SHARE = 0.65  # of the budget: the planned training run; the rest measures
 LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer steps (the rest: evals, saves, starts)
 TRAIN_TIME_CAP = 1.25  # training stops at this multiple of its planned minutes even if tokens remain
 COMPRESS_METHODS = ("int8", "int4", "gptq-int4")
+LOSS_TIE = 1e-4  # nats/token: candidates closer than this are equally good (the earlier, less aggressive, wins)
 EVAL_WINDOWS = 256  # held-out windows for candidates and the interval (evenly spaced over the val split)
 
 
@@ -489,7 +490,8 @@ def stage_compress(ctx: BuildContext) -> None:
         )
     meeting = [c for c in candidates if all(c["meets"].values())]
     if meeting:
-        chosen = min(meeting, key=lambda c: c["loss"])
+        # losses within LOSS_TIE nats are a tie, won by the earlier (less aggressive) candidate
+        chosen = min(meeting, key=lambda c: (round(c["loss"] / LOSS_TIE), candidates.index(c)))
         why = "least held-out loss among the candidates that meet the targets"
     else:
         chosen = min(candidates, key=lambda c: (sum(not v for v in c["meets"].values()), c["loss"]))
