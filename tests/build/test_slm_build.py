@@ -46,6 +46,19 @@ def ladder(tmp_path_factory, data_dir):
     return out
 
 
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory, corpus_file):
+    """Six multiple-choice items whose contexts are corpus text (so the contamination check has overlap to find)."""
+    texts = [json.loads(line)["text"] for line in Path(corpus_file).read_text().splitlines()[:6]]
+    path = tmp_path_factory.mktemp("tasks") / "corpus-words.jsonl"
+    with path.open("w") as fh:
+        for text in texts:
+            words = text.split()
+            record = {"context": " ".join(words[:30]), "choices": [" " + words[30], " zebra"], "answer": 0}
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
 def _request(data_dir, ladder, **changes):
     from slmkit.build.options import BuildRequest
 
@@ -60,11 +73,11 @@ def _request(data_dir, ladder, **changes):
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory, data_dir, ladder, profile):
+def shipped(tmp_path_factory, data_dir, ladder, profile, task_file):
     from slmkit.build.pipeline import build
 
     out = tmp_path_factory.mktemp("build") / "shipped"
-    result = build(_request(data_dir, ladder), out, machine=profile)
+    result = build(_request(data_dir, ladder, tasks=[str(task_file)]), out, machine=profile)
     return out, result
 
 
@@ -84,6 +97,9 @@ def test_tiny_build_ships_every_artefact(shipped):
     assert not state["candidates"][0]["meets"]["size"]
     assert state["result"]["method"] != "float" and state["result"]["meets"]["size"]
     assert state["result"]["size_bytes"] <= 300_000
+    (task,) = state["stages"]["verify"]["steps"]["evaluate"]["tasks"]  # scored, with its overlap with the train split
+    assert task["task"] == "corpus-words" and 0 <= task["metrics"]["acc"]["mean"] <= 1
+    assert task["contamination"]["items"] == 6 and task["contamination"]["contaminated"] >= 1
     low, high = state["result"]["bits_per_byte_interval"]
     assert low <= state["result"]["bits_per_byte"] <= high
     card = (out / "README.md").read_text()
@@ -116,12 +132,14 @@ def _weights(directory: Path) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_resume_after_a_stop_in_every_stage_equals_an_uninterrupted_build(tmp_path, data_dir, ladder, profile, shipped):
+def test_resume_after_a_stop_in_every_stage_equals_an_uninterrupted_build(
+    tmp_path, data_dir, ladder, profile, task_file, shipped
+):
     from slmkit.build.options import BuildStopped
     from slmkit.build.pipeline import build
 
     out = tmp_path / "resumed"
-    request = _request(data_dir, ladder)
+    request = _request(data_dir, ladder, tasks=[str(task_file)])
     stops = ["data", "plan:feasibility", "plan", "train:60", "train:train", "compress:int8", "verify:held-out"]
     stops.append("ship:hf")
     for i, stop in enumerate(stops):

@@ -109,7 +109,7 @@ def build_sections(data: dict[str, Any]) -> str:
     latency = f"{request['max_latency_ms']:g} ms/token" if request.get("max_latency_ms") else "none"
     parts.append(
         f"<h2>Compression candidates</h2><p>Latency target: {latency}. Loss on {e('evenly spaced val windows')}; "
-        "decode timed in a fresh process.</p>"
+        "decode timed at batch 1 in the build's process (the shipped model again in a fresh process below).</p>"
         + _table(["method", "loss", "bits/byte", "MB", "decode ms/token", "targets"], rows)
     )
     machine = data.get("machine", {})
