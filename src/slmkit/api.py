@@ -29,6 +29,7 @@ __all__ = [
     "merge_adapter",
     "MergedAdapter",
     "merge",
+    "build",
 ]
 
 
@@ -219,3 +220,33 @@ def merge(config_path: str | Path, out: str | Path, seed: int = 0, overwrite: bo
     from slmkit.merge.run import merge as _merge
 
     return _merge(config_path, out, seed=seed, overwrite=overwrite)
+
+
+def build(
+    data: str | Path | Sequence[str | Path],
+    budget: str | float,
+    out: str | Path,
+    max_latency: str | float | None = None,
+    max_size: str | int | None = None,
+    tasks: Sequence[str] = (),
+    resume: bool = False,
+    overwrite: bool = False,
+    **options: Any,
+) -> dict:
+    """`slm build`: plan, train, compress, verify and ship the best model for `budget` ("30m", or seconds) under
+    `max_latency` ("5ms", or ms per token) and `max_size` ("20MB", or bytes) into `out` (see
+    `slmkit.build.pipeline.build`; `options` are `BuildRequest` fields: device, mixer, seed, fit, threads, ...).
+    Returns build.json's contents."""
+    from slmkit.build.options import BuildRequest, parse_duration, parse_latency, parse_size
+    from slmkit.build.pipeline import build as _build
+
+    sources = [str(data)] if isinstance(data, str | Path) else [str(d) for d in data]
+    request = BuildRequest(
+        data=sources,
+        budget_seconds=parse_duration(budget) if isinstance(budget, str) else float(budget),
+        max_latency_ms=parse_latency(max_latency) if isinstance(max_latency, str) else max_latency,
+        max_size_bytes=parse_size(max_size) if isinstance(max_size, str) else max_size,
+        tasks=list(tasks),
+        **options,
+    )
+    return _build(request, out, resume=resume, overwrite=overwrite)

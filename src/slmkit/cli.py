@@ -1143,6 +1143,85 @@ def quickstart(
     run_quickstart(out, minutes=minutes, preset=preset, console=_console())
 
 
+@app.command("build")
+def build_command(
+    data: Annotated[
+        list[str],
+        typer.Option("--data", help="A data dir (`slm data prepare`) or sources to prepare (files, builtin:pystdlib)."),
+    ],
+    budget: Annotated[str, typer.Option(help="Wall-clock budget of the whole build: 90s, 30m, 1.5h, 1h30m.")],
+    out: Annotated[Path, typer.Option("--out", help="Where the shipped model, card, build.json and report go.")],
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    max_latency: Annotated[
+        str | None, typer.Option(help="Most decode time per token at batch 1 here, e.g. 5ms.")
+    ] = None,
+    max_size: Annotated[str | None, typer.Option(help="Most bytes of weights, e.g. 20MB.")] = None,
+    tasks: Annotated[
+        list[str], typer.Option("--tasks", help="Task files (.jsonl) or built-in tasks to evaluate (repeatable).")
+    ] = [],  # noqa: B006
+    mixer: Annotated[str, typer.Option(help="Mixer family: attention, hybrid, ..., or auto (plans several).")] = (
+        "attention"
+    ),
+    fit: Annotated[
+        list[Path], typer.Option("--fit", help="Plan on this ladder (`slm ladder`) instead of running one.")
+    ] = [],  # noqa: B006
+    machine: Annotated[
+        Path | None, typer.Option(help="Replay the machine measurements of an earlier build.json (same plan).")
+    ] = None,
+    vocab_size: Annotated[int, typer.Option(help="BPE vocabulary when --data are sources to prepare.")] = 4096,
+    seed: Annotated[int, typer.Option(help="Seed of the ladder, training and calibration.")] = 1337,
+    threads: Annotated[int | None, typer.Option(help="Torch CPU threads for every stage (default: torch's).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the build in --out from its last step.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace what is already in --out.")] = False,
+) -> None:
+    """Plan, train, compress, verify and ship the best model for a budget and targets (see docs/build.md)."""
+    from slmkit.build.options import BuildRequest, parse_duration, parse_latency, parse_size
+
+    request = BuildRequest(
+        data=[str(d) for d in data],
+        budget_seconds=parse_duration(budget),
+        device=device,
+        max_latency_ms=parse_latency(max_latency) if max_latency is not None else None,
+        max_size_bytes=parse_size(max_size) if max_size is not None else None,
+        tasks=list(tasks),
+        mixer=mixer,
+        seed=seed,
+        vocab_size=vocab_size,
+        fit=[str(f) for f in fit],
+        threads=threads,
+    )
+    request.mixers()  # a bad --mixer fails here
+    profile = None
+    if machine is not None:
+        from slmkit.build.machine import check_profile
+
+        try:
+            profile = check_profile(json.loads(machine.read_text()).get("machine"), str(machine))
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"--machine {machine}: not a readable build.json") from None
+    from slmkit.build.options import BuildStopped
+    from slmkit.build.pipeline import build, summary_lines
+    from slmkit.ui import RichReporter
+
+    console = _console()
+    try:
+        result = build(
+            request,
+            out,
+            resume=resume,
+            overwrite=overwrite,
+            machine=profile,
+            console=console,
+            train_reporter=RichReporter(console),
+        )
+    except (KeyboardInterrupt, BuildStopped) as exc:
+        print(f"{exc or 'interrupted'}; every finished step is kept: repeat the command with --resume", file=sys.stderr)
+        raise typer.Exit(130 if isinstance(exc, KeyboardInterrupt) else 3) from None
+    for line in summary_lines(result):
+        console.print(line)
+    console.print(f"shipped into {out}: model/, hf/, model.gguf, README.md, build.json, report.html")
+
+
 @app.command("export")
 def export_command(
     model: Annotated[Path, typer.Argument(help="Model dir, or run dir (its latest checkpoint).")],

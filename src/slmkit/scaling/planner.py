@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,26 @@ class Plan:
         }
 
 
-def candidates(vocab_size: int, context: int, min_params: int = 0, mixer: str = DEFAULT_MIXER) -> list[Candidate]:
+def candidates(
+    vocab_size: int,
+    context: int,
+    min_params: int = 0,
+    mixer: str = DEFAULT_MIXER,
+    max_params: float | None = None,
+) -> list[Candidate]:
+    """The shape family's members with at least `min_params` and (when given) at most `max_params` non-embedding
+    parameters. The family is listed width by width, depth rising, so a width stops at its first member over
+    `max_params` (counting every member of the whole family takes tens of seconds on a slow CPU)."""
     out = []
+    too_big_width = None
     for shape in family(vocab_size, context, mixer=mixer):
+        if shape.width == too_big_width:
+            continue
         cfg = shape.config(vocab_size, context)
         n = cfg.num_params(False)
+        if max_params is not None and n > max_params:
+            too_big_width = shape.width
+            continue
         if n >= min_params:
             out.append(Candidate(shape, n, cfg.num_params(), cfg.flops_per_token(context)))
     return out
@@ -179,9 +195,15 @@ def plan(
     ci_level: float = 0.95,
     measure_decode: bool = True,
     seed: int = 0,
+    flops_per_second: Callable[[float], float] | None = None,
+    decode_timer: Callable[[Shape, int, int], float] | None = None,
 ) -> Plan:
     """Recommend a config and token count for a budget; with several ladders (one per mixer family), the
-    family whose plan has the lowest predicted loss. See the module docstring."""
+    family whose plan has the lowest predicted loss. See the module docstring.
+
+    flops_per_second (training FLOP/s as a function of non-embedding parameters) replaces the rate fitted on the
+    ladder's rung timings; decode_timer(shape, vocab_size, context) -> ms/token replaces `measure_decode_ms`.
+    `slm build` passes both from its own measurements of this machine, so a build can replay them."""
     ladders = [ladder] if isinstance(ladder, str | Path) else list(ladder)
     if not ladders:
         raise UserError("give at least one --ladder")
@@ -194,6 +216,8 @@ def plan(
         ci_level=ci_level,
         measure_decode=measure_decode,
         seed=seed,
+        flops_per_second=flops_per_second,
+        decode_timer=decode_timer,
     )
     if len(ladders) == 1:
         return _plan_family(ladders[0], **options)
@@ -237,8 +261,11 @@ def _plan_family(
     ci_level: float = 0.95,
     measure_decode: bool = True,
     seed: int = 0,
+    flops_per_second: Callable[[float], float] | None = None,
+    decode_timer: Callable[[Shape, int, int], float] | None = None,
 ) -> Plan:
     """The plan of one ladder, in its own mixer family."""
+    time_decode = decode_timer or measure_decode_ms
     if (budget_flops is None) == (budget_minutes is None):
         raise UserError("give exactly one budget: --budget-flops or --budget-minutes")
     for name, value in (
@@ -259,7 +286,21 @@ def _plan_family(
 
     smallest = Shape(PRESETS[SMALLEST_PRESET]["d_model"], PRESETS[SMALLEST_PRESET]["n_layers"], mixer)
     smallest_cfg = smallest.config(vocab, context)
-    pool = candidates(vocab, context, min_params=smallest_cfg.num_params(False), mixer=mixer)
+    rate = (flops_per_second or training_rate(fit)) if budget_minutes is not None else None
+
+    def budget_for(n: float) -> float:
+        return budget_flops if rate is None else budget_minutes * 60 * rate(n)  # type: ignore[operator]
+
+    # a member is worth counting only if the budget trains it on 1/16 token per parameter or more: C >= 6 N^2 / 16
+    # at ~6N FLOPs per token, so N <= 4 sqrt(C / 6), C at its largest over the rate's range
+    most_flops = max(budget_for(n) for n in (1e3, 1e5, 1e7, 1e9, 1e11))
+    pool = candidates(
+        vocab,
+        context,
+        min_params=smallest_cfg.num_params(False),
+        mixer=mixer,
+        max_params=max(4 * math.sqrt(most_flops / 6), smallest_cfg.num_params(False)),
+    )
     if max_params is not None:
         pool = [c for c in pool if c.total_params <= max_params]
         if not pool:
@@ -267,11 +308,6 @@ def _plan_family(
                 f"--max-params {max_params:,.0f} is below the smallest preset {SMALLEST_PRESET!r} "
                 f"({smallest_cfg.num_params():,} parameters at this vocabulary); raise it"
             )
-
-    rate = training_rate(fit) if budget_minutes is not None else None
-
-    def budget_for(n: float) -> float:
-        return budget_flops if rate is None else budget_minutes * 60 * rate(n)  # type: ignore[operator]
 
     # the smallest preset trained on one token per parameter is the least worth recommending
     floor_cost = smallest_cfg.num_params() * smallest_cfg.flops_per_token(context)
@@ -305,7 +341,7 @@ def _plan_family(
             c = config_for_params(target, pool)
             if c.total_params > MAX_MEASURED_PARAMS or any(p["total_params"] == c.total_params for p in points):
                 continue
-            ms = measure_decode_ms(c.shape, vocab, context)
+            ms = time_decode(c.shape, vocab, context)
             points.append({"shape": c.shape.name, "total_params": c.total_params, "ms": ms})  # type: ignore[dict-item]
         decode = _decode_model(points)
 
@@ -356,8 +392,8 @@ def _plan_family(
     overrides = shape_overrides(chosen.shape.width, chosen.shape.depth, context, mixer)
     measured = None
     if measure_decode and chosen.total_params <= MAX_MEASURED_PARAMS:
-        measured = measure_decode_ms(chosen.shape, vocab, context)
-    rate_here = training_rate(fit) if any(r.get("seconds") for r in rungs.records) else None
+        measured = time_decode(chosen.shape, vocab, context)
+    rate_here = flops_per_second or (training_rate(fit) if any(r.get("seconds") for r in rungs.records) else None)
     return Plan(
         width=chosen.shape.width,
         depth=chosen.shape.depth,

@@ -1,0 +1,146 @@
+"""`slm build --budget M` against the quickstart recipe given the same M minutes, on `builtin:pystdlib`.
+
+Both arms use one prepared corpus (the quickstart's: 4096-token BPE, 5% val split). The build arm runs the whole
+`slmkit.build.pipeline.build` (measure, ladder, plan, train, compress when a target asks, verify, ship) within M
+minutes of wall time; the quickstart arm trains its `micro` preset for M minutes of training time (its recipe:
+AdamW, wsd schedule, lr 3e-3, batch 16 x 256), which is more training time than the build gets, since the build
+spends part of its budget on planning and checking. Then, in this one run, both models are scored the same way:
+
+- held-out bits per byte on the whole val split (`eval.perplexity.evaluate_text`, each model at its own context);
+- decode latency at batch 1 (`eval.efficiency.measure_in_subprocess`: a fresh process per model, same settings);
+- for the build: the planner's predicted val loss and interval against the loss measured after training.
+
+    PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 10 --threads 2   # the issue's benchmark
+    PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 2 --threads 1    # a short check
+
+Wall-clock figures are only comparable on an otherwise idle machine: load averages are printed with the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import hardware
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=10.0, help="budget of each arm")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for both arms")
+    parser.add_argument("--max-latency", default=None, help="the build's --max-latency (e.g. 5ms)")
+    parser.add_argument("--max-size", default=None, help="the build's --max-size (e.g. 2MB)")
+    parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temporary one)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from rich.console import Console
+
+    from slmkit.build.options import BuildRequest, parse_latency, parse_size
+    from slmkit.build.pipeline import build, summary_lines
+    from slmkit.eval.efficiency import measure_in_subprocess
+    from slmkit.eval.perplexity import evaluate_text
+    from slmkit.loading import load as load_model
+    from slmkit.quickstart import run_quickstart
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="build-vs-quickstart-"))
+    console = Console(stderr=True, highlight=False)
+    print(f"hardware: {hardware()}; work dir {work}")
+    print(f"load average at start: {load()}")
+
+    # quickstart first: it prepares the shared corpus into work/quickstart/data
+    start = time.perf_counter()
+    quick = run_quickstart(work / "quickstart", minutes=args.minutes, console=console)
+    quick_wall = time.perf_counter() - start
+    load_after_quick = load()
+    data_dir = Path(quick["data_dir"])
+
+    request = BuildRequest(
+        data=[str(data_dir)],
+        budget_seconds=args.minutes * 60,
+        max_latency_ms=parse_latency(args.max_latency) if args.max_latency else None,
+        max_size_bytes=parse_size(args.max_size) if args.max_size else None,
+        threads=args.threads,
+    )
+    start = time.perf_counter()
+    state = build(request, work / "build", overwrite=True, console=console)
+    build_wall = time.perf_counter() - start
+    load_after_build = load()
+    for line in summary_lines(state):
+        print(line)
+
+    rows = {}
+    efficiency = {"prompt_tokens": 32, "new_tokens": 64, "batch_size": 1, "repeats": 3}
+    if args.threads:
+        efficiency["threads"] = args.threads
+    for name, directory in (("slm build", work / "build" / "model"), ("quickstart", Path(quick["model_dir"]))):
+        lm = load_model(directory)
+        score = evaluate_text(lm, data_dir, split="val", batch_size=16)
+        eff = measure_in_subprocess(directory, **efficiency)
+        rows[name] = {
+            "bits_per_byte": score.bits_per_byte,
+            "decode_ms_per_token": eff["decode_ms_per_token"],
+            "params": eff["params"],
+            "weights_bytes": eff["weights_bytes"],
+            "context": lm.config.max_seq_len,
+        }
+    load_at_end = load()
+
+    plan = state["plan"]
+    trained = state["stages"]["train"]["steps"]
+    low, high = plan["loss_interval"]
+    actual = trained["evaluate"]["val_loss"]
+    print()
+    print(f"| arm ({args.minutes:g} min each) | val bits/byte | decode ms/token (batch 1) | parameters | weights MB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['bits_per_byte']:.4f} | {r['decode_ms_per_token']:.2f} | {r['params']:,} | "
+            f"{r['weights_bytes'] / 1e6:.2f} |"
+        )
+    b, q = rows["slm build"], rows["quickstart"]
+    print(
+        f"ratios build / quickstart: bits/byte {b['bits_per_byte'] / q['bits_per_byte']:.3f}, "
+        f"decode latency {b['decode_ms_per_token'] / q['decode_ms_per_token']:.2f}"
+    )
+    print(
+        f"planner: predicted val loss {plan['predicted_loss']:.4f} ({plan['ci_level']:.0%} interval {low:.4f}-"
+        f"{high:.4f}), measured {actual:.4f}: {'inside' if low <= actual <= high else 'OUTSIDE'} the interval"
+    )
+    print(
+        f"wall time: build {build_wall / 60:.2f} min for a {args.minutes:g} min budget "
+        f"({build_wall / (args.minutes * 60):.0%}); quickstart {quick_wall / 60:.2f} min "
+        f"(training {args.minutes:g} min + data + evaluation + samples)"
+    )
+    print(f"load averages: after quickstart {load_after_quick}; after build {load_after_build}; end {load_at_end}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "minutes": args.minutes,
+                    "threads": args.threads,
+                    "arms": rows,
+                    "plan": {"predicted_loss": plan["predicted_loss"], "interval": [low, high], "actual": actual},
+                    "build_wall_seconds": build_wall,
+                    "build_stage_seconds": {k: v["seconds"] for k, v in state["stages"].items()},
+                    "load": [load_after_quick, load_after_build, load_at_end],
+                },
+                indent=2,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""`slm build`: plan, train, compress, verify and ship a model within a budget and targets (see `pipeline`)."""

@@ -1,0 +1,124 @@
+"""This machine, measured once per build: training FLOP/s per model shape and decode milliseconds per token.
+
+The measurements reuse what the ladder and the planner already time (`ladder.measure_train_throughput`, a few
+optimizer steps of a random-init model; `planner.measure_decode_ms`, batch-1 decode through the generation core
+that `slm generate`, the engine and the efficiency probes share). They are stored in build.json, so a resumed
+build plans from the same numbers, and `--machine build.json` replays them in a new build (the same plan, hence
+the same model on CPU).
+
+A profile is a plain dict:
+``{"vocab_size", "context", "train": [{"shape", "params", "total_params", "tokens_per_second",
+"flops_per_second"}], "decode": [{"shape", "total_params", "ms"}]}``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from slmkit.errors import UserError
+from slmkit.scaling.shapes import Shape
+
+# shapes timed on this machine: the planner's smallest ("tiny", 64x2) and larger ones for the line through them
+MEASURED_SHAPES = ("64x2", "128x4", "256x6")
+LARGE_BUDGET_SHAPES = ("384x8",)  # timed too when the budget is an hour or more
+
+
+def shapes_to_measure(budget_seconds: float, mixer: str) -> list[Shape]:
+    from slmkit.scaling.shapes import parse_sizes, with_mixer
+
+    names = MEASURED_SHAPES[:2] if budget_seconds < 300 else MEASURED_SHAPES
+    names += LARGE_BUDGET_SHAPES if budget_seconds >= 3600 else ()
+    return with_mixer(parse_sizes(",".join(names)), mixer)
+
+
+def measure(
+    vocab_size: int,
+    context: int,
+    batch_size: int,
+    shapes: list[Shape],
+    device: str = "cpu",
+    on_status: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Time training steps and batch-1 decoding of each shape here; returns a profile (module docstring)."""
+    from slmkit.scaling.ladder import LadderSettings, measure_train_throughput
+    from slmkit.scaling.planner import measure_decode_ms
+
+    settings = LadderSettings(seq_len=context, batch_size=batch_size, device=device)
+    profile: dict[str, Any] = {"vocab_size": vocab_size, "context": context, "batch_size": batch_size}
+    profile["train"], profile["decode"] = [], []
+    for shape in shapes:
+        if on_status:
+            on_status(f"timing {shape.name}: training steps and batch-1 decoding")
+        cfg = shape.config(vocab_size, context)
+        tokens_per_second = measure_train_throughput(shape, vocab_size, settings)
+        profile["train"].append(
+            {
+                "shape": shape.name,
+                "params": cfg.num_params(False),
+                "total_params": cfg.num_params(),
+                "tokens_per_second": tokens_per_second,
+                "flops_per_second": tokens_per_second * cfg.flops_per_token(context),
+            }
+        )
+        ms = measure_decode_ms(shape, vocab_size, context)
+        profile["decode"].append({"shape": shape.name, "total_params": cfg.num_params(), "ms": ms})
+    return profile
+
+
+def check_profile(profile: Any, source: str) -> dict[str, Any]:
+    ok = (
+        isinstance(profile, dict)
+        and isinstance(profile.get("train"), list)
+        and isinstance(profile.get("decode"), list)
+        and profile["train"]
+        and profile["decode"]
+    )
+    if not ok:
+        raise UserError(f"{source}: no machine measurements (a build.json of `slm build` holds them under 'machine')")
+    return profile
+
+
+def flops_rate(profile: dict[str, Any]) -> Callable[[float], float]:
+    """Training FLOP/s as a function of non-embedding parameters: a log-log line through the timed shapes,
+    clamped to the measured range (as the planner treats a ladder's rung timings)."""
+    params = np.array([p["params"] for p in profile["train"]], dtype=float)
+    rates = np.array([p["flops_per_second"] for p in profile["train"]], dtype=float)
+    if len(np.unique(params)) < 2:
+        return lambda n: float(np.median(rates))
+    slope, intercept = np.polyfit(np.log(params), np.log(rates), 1)
+    low, high = rates.min(), rates.max()
+    return lambda n: float(np.clip(math.exp(intercept + slope * math.log(max(n, 1.0))), low, high))
+
+
+def decode_ms(profile: dict[str, Any]) -> Callable[[float], float]:
+    """Decode ms/token as a function of total parameters: a line through the timed shapes (decode is
+    bandwidth-bound at batch 1), never below the fastest timing's intercept."""
+    x = np.array([p["total_params"] for p in profile["decode"]], dtype=float)
+    y = np.array([p["ms"] for p in profile["decode"]], dtype=float)
+    if len(np.unique(x)) < 2:
+        return lambda n: float(y.mean() * n / x.mean())
+    b, a = np.polyfit(x, y, 1)
+    b = max(b, 1e-12)
+    return lambda n: float(max(a, 0.0) + b * n)
+
+
+def decode_timer(profile: dict[str, Any]) -> Callable[[Shape, int, int], float]:
+    """`planner.plan`'s decode_timer: the profile's line at the shape's total parameters (a timed shape reads
+    its own timing)."""
+    line = decode_ms(profile)
+    timed = {p["shape"]: p["ms"] for p in profile["decode"]}
+
+    def timer(shape: Shape, vocab_size: int, context: int) -> float:
+        if shape.name in timed and vocab_size == profile["vocab_size"]:
+            return float(timed[shape.name])
+        return line(shape.config(vocab_size, context).num_params())
+
+    return timer
+
+
+def train_seconds(profile: dict[str, Any], params: float, flops: float) -> float:
+    return flops / flops_rate(profile)(params)

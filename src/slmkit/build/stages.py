@@ -1,0 +1,768 @@
+"""The stages of `slm build` (see `slmkit.build.pipeline`); each function runs the steps of one stage."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slmkit.build import machine as machine_mod
+from slmkit.build.options import STOP_ENV, BuildRequest, BuildStopped
+from slmkit.errors import UserError
+
+WORK = "work"
+LADDER_SHARE = 0.15  # of the budget: the ladder's rungs (training, evaluation, checkpoints)
+TRAIN_SHARE = 0.65  # of the budget: the planned training run; the rest measures, compresses, verifies, ships
+LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer steps (the rest: evals, saves, starts)
+TRAIN_TIME_CAP = 1.25  # training stops at this multiple of its planned minutes even if tokens remain
+COMPRESS_METHODS = ("int8", "int4", "gptq-int4")
+LOSS_TIE = 1e-4  # nats/token: candidates closer than this are equally good (the earlier, less aggressive, wins)
+EVAL_WINDOWS = 256  # held-out windows for candidates and the interval (evenly spaced over the val split)
+
+
+@dataclass
+class BuildContext:
+    request: BuildRequest
+    out: Path
+    state: Any  # pipeline.BuildState
+    runner: Any  # pipeline._Stages
+    say: Any
+    console: Any = None
+    train_reporter: Any = None
+    _data: Any = field(default=None, repr=False)
+
+    @property
+    def work(self) -> Path:
+        return self.out / WORK
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.state.data["data_dir"])
+
+    def data(self) -> Any:
+        from slmkit.data.shards import load_data_dir
+
+        if self._data is None:
+            self._data = load_data_dir(self.data_dir)
+        return self._data
+
+    @property
+    def budget(self) -> float:
+        return self.request.budget_seconds
+
+    def fast(self) -> bool:
+        """A short build (under 5 minutes): shorter sequences and smaller ladder batches."""
+        return self.budget < 300
+
+
+# ---- 1. data --------------------------------------------------------------------------------------------
+def stage_data(ctx: BuildContext) -> None:
+    def run() -> dict[str, Any]:
+        sources = ctx.request.data
+        if len(sources) == 1 and (Path(sources[0]) / "meta.json").is_file():
+            directory = Path(sources[0]).resolve()
+            ctx.state.decide("data", f"used the prepared data dir {directory} as it is")
+        else:
+            from slmkit.data.prepare import prepare
+
+            directory = (ctx.work / "data").resolve()
+            ctx.say(f"preparing {', '.join(sources)} (BPE vocabulary {ctx.request.vocab_size})")
+            prepare(sources, directory, vocab_size=ctx.request.vocab_size, val_fraction=0.05, progress=False)
+            ctx.state.decide("data", f"prepared {', '.join(sources)} into {directory}")
+        ctx.state.data["data_dir"] = str(directory)
+        return {"data_dir": str(directory)}
+
+    result = ctx.runner.step("data", "prepare", run)
+    ctx.state.data["data_dir"] = result["data_dir"]
+    data = ctx.data()
+    splits = data.meta["splits"]
+    if splits["train"]["tokens"] < 1000 or splits["val"]["tokens"] < 64:
+        raise UserError(
+            f"{ctx.data_dir}: the corpus is too small to build a model ({splits['train']['tokens']} train and "
+            f"{splits['val']['tokens']} val tokens); give more text"
+        )
+    ctx.say(f"data: {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens in {ctx.data_dir}")
+
+
+# ---- 2. plan --------------------------------------------------------------------------------------------
+def _ladder_settings(ctx: BuildContext) -> Any:
+    from slmkit.scaling.ladder import LadderSettings
+
+    fast = ctx.fast()
+    return LadderSettings(
+        seq_len=64 if fast else 128,
+        batch_size=4 if fast else 16,
+        lr=3e-3,
+        levels=4,
+        min_steps=3 if fast else 10,
+        val_windows=32 if fast else 64,
+        seed=ctx.request.seed,
+        device=ctx.request.device,
+        threads=ctx.request.threads,
+    )
+
+
+def _smallest_shape(mixer: str) -> Any:
+    from slmkit.config import PRESETS
+    from slmkit.scaling.planner import SMALLEST_PRESET
+    from slmkit.scaling.shapes import Shape
+
+    preset = PRESETS[SMALLEST_PRESET]
+    return Shape(preset["d_model"], preset["n_layers"], mixer)
+
+
+def compressed_bytes(shape: Any, vocab: int, context: int) -> dict[str, int]:
+    """Bytes of the weights of a random-init model of `shape`, float and under each quantizer (what the
+    safetensors file of `slm compress` holds), counted from the packed state dicts."""
+    import torch
+
+    from slmkit.compress.quantize import QuantOptions, quantize_model
+    from slmkit.models import build_model
+
+    model = build_model(shape.config(vocab, context)).eval()
+    model.init_weights(seed=0)
+
+    def size(state: dict[str, torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
+
+    float_state = dict(model.state_dict())
+    if model.config.tie_embeddings:
+        float_state.pop("lm_head.weight", None)
+    out = {"float": size(float_state)}
+    for method, bits in (("int8", 8), ("int4", 4)):
+        state, _spec = quantize_model(model, QuantOptions(bits=bits), None)
+        out[method] = size(state)
+    return out
+
+
+def _feasibility(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) -> dict[str, Any]:
+    """The targets against the smallest model the planner may pick; refuses (UserError) before any training."""
+    request = ctx.request
+    settings = _ladder_settings(ctx)
+    vocab = ctx.data().vocab_size
+    timer = machine_mod.decode_timer(profile)
+    result: dict[str, Any] = {}
+    smallest = {m: _smallest_shape(m) for m in mixers}
+    fastest = min(timer(s, vocab, settings.seq_len) for s in smallest.values())
+    result["smallest_decode_ms"] = fastest
+    if request.max_latency_ms is not None and fastest > request.max_latency_ms:
+        nearest = math.ceil(fastest * 1.1 * 10) / 10
+        raise UserError(
+            f"--max-latency {request.max_latency_ms:g}ms cannot be met here: the smallest model the planner may "
+            f"pick ({', '.join(sorted({s.name for s in smallest.values()}))}) decodes at {fastest:.2f} ms/token on "
+            f"this machine; the nearest feasible target is --max-latency {nearest:g}ms"
+        )
+    # the planner refuses a budget that cannot train its smallest model on one token per parameter: refuse it here,
+    # before the ladder, with the budget that would do
+    rate = machine_mod.flops_rate(profile)
+    worst = 0.0
+    for shape in smallest.values():
+        cfg = shape.config(vocab, settings.seq_len)
+        seconds = cfg.num_params() * cfg.flops_per_token(settings.seq_len) / rate(cfg.num_params(False))
+        worst = max(worst, seconds)
+    if request.fit:
+        pass  # a given ladder has its own context; the planner checks the budget against it
+    elif ctx.budget * TRAIN_SHARE < worst:
+        nearest = math.ceil(worst / TRAIN_SHARE * 1.1 / 60 * 10) / 10
+        raise UserError(
+            f"--budget {_duration(ctx.budget)} is too small here: the smallest model the planner may pick needs "
+            f"{worst:.0f} s of training at this machine's measured speed (one token per parameter) and the build "
+            f"trains for {TRAIN_SHARE:.0%} of the budget; the nearest feasible budget is --budget {nearest:g}m"
+        )
+    sizes = compressed_bytes(next(iter(smallest.values())), vocab, settings.seq_len)
+    result["smallest_bytes"] = sizes
+    params = next(iter(smallest.values())).config(vocab, settings.seq_len).num_params()
+    result["size_method"] = "float"
+    if request.max_size_bytes is not None:
+        fitting = [m for m in ("float", "int8", "int4") if sizes[m] <= request.max_size_bytes]
+        if not fitting:
+            nearest_mb = math.ceil(sizes["int4"] / 1e6 * 1.05 * 100) / 100
+            raise UserError(
+                f"--max-size {request.max_size_bytes / 1e6:g}MB cannot be met: the smallest model the planner may "
+                f"pick ({params:,} parameters) takes {sizes['int4'] / 1e6:.2f} MB even as int4; the nearest "
+                f"feasible target is --max-size {nearest_mb:g}MB"
+            )
+        # plan for the least lossy format that fits the smallest model; larger models shrink the same way
+        result["size_method"] = fitting[0]
+        result["bytes_per_param"] = sizes[fitting[0]] / params
+        result["max_params"] = request.max_size_bytes / result["bytes_per_param"]
+    return result
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds % 60 == 0 else f"{seconds:g}s"
+
+
+def _ladder_sizes(vocab: int, settings: Any, budget_flops: float, train_tokens: int, mixer: str) -> list[Any]:
+    """The largest window of small shapes (a decade or more of parameters) whose ladder keeps every size in
+    two compute levels within the budget; the smallest window when none does."""
+    from slmkit.scaling.ladder import MIN_SPAN, plan_rungs
+    from slmkit.scaling.shapes import parse_sizes, with_mixer
+
+    pool = with_mixer(parse_sizes("32x1,32x2,64x2,64x4,96x4,128x4,128x8,192x6,256x6,256x8"), mixer)
+    windows = []
+    for start in range(len(pool)):
+        for end in range(start + 2, len(pool) + 1):
+            window = pool[start:end]
+            span = window[-1].config(vocab, settings.seq_len).num_params(False) / window[0].config(
+                vocab, settings.seq_len
+            ).num_params(False)
+            if span >= MIN_SPAN and len(window) <= 4:
+                windows.append(window)
+                break
+    for window in reversed(windows):
+        try:
+            rungs = plan_rungs(window, vocab, settings, budget_flops=budget_flops, train_tokens=train_tokens)
+        except UserError:
+            continue
+        if all(sum(r.width == s.width and r.depth == s.depth for r in rungs) >= 2 for s in window):
+            return window
+    return windows[0]
+
+
+def _run_ladders(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) -> list[str]:
+    from slmkit.scaling.ladder import run_ladder
+
+    settings = _ladder_settings(ctx)
+    data = ctx.data()
+    rate = machine_mod.flops_rate(profile)
+    seconds = ctx.budget * LADDER_SHARE / len(mixers)
+    paths = []
+    for mixer in mixers:
+        smallest = _smallest_shape(mixer).config(data.vocab_size, settings.seq_len).num_params(False)
+        flops = seconds * LADDER_EFFICIENCY * rate(smallest)
+        sizes = _ladder_sizes(data.vocab_size, settings, flops, len(data.train), mixer)
+        path = ctx.work / f"ladder-{mixer.replace(',', '-')}"
+        ctx.say(
+            f"ladder ({mixer}): {', '.join(s.name for s in sizes)}, {flops:.3g} FLOPs "
+            f"(~{seconds:.0f} s, {LADDER_SHARE:.0%} of the budget)"
+        )
+        try:
+            result = run_ladder(
+                ctx.data_dir, path, budget_flops=flops, sizes=sizes, settings=settings, mixer=mixer, progress=False
+            )
+        except UserError as exc:
+            raise UserError(
+                f"--budget {ctx.budget / 60:g} min is too small to fit a scaling law here ({exc}); raise --budget or "
+                "pass --fit LADDER"
+            ) from None
+        if result.interrupted:
+            raise KeyboardInterrupt
+        paths.append(str(path))
+    return paths
+
+
+def stage_plan(ctx: BuildContext) -> None:
+    from slmkit.scaling import planner
+
+    request = ctx.request
+    mixers = request.mixers()
+    settings = _ladder_settings(ctx)
+    data = ctx.data()
+
+    def measure() -> dict[str, Any]:
+        if "machine" in ctx.state.data:
+            return {"replayed": True}
+        shapes = [s for m in mixers for s in machine_mod.shapes_to_measure(ctx.budget, m)]
+        ctx.state.data["machine"] = machine_mod.measure(
+            data.vocab_size, settings.seq_len, settings.batch_size, shapes, request.device, on_status=ctx.say
+        )
+        return {"replayed": False}
+
+    ctx.runner.step("plan", "measure", measure)
+    profile = ctx.state.data["machine"]
+    for p in profile["train"]:
+        ctx.say(f"  {p['shape']}: {p['tokens_per_second']:,.0f} training tokens/s ({p['flops_per_second']:.3g} FLOP/s)")
+    for p in profile["decode"]:
+        ctx.say(f"  {p['shape']}: {p['ms']:.2f} ms per decoded token (batch 1)")
+
+    feasible = ctx.runner.step("plan", "feasibility", lambda: _feasibility(ctx, profile, mixers))
+    if request.fit:
+        ladders = ctx.runner.step("plan", "ladder", lambda: [str(Path(p).resolve()) for p in request.fit])
+        ctx.state.decide("plan", f"planned on the given fit ({', '.join(ladders)}); no ladder run")
+    else:
+        ladders = ctx.runner.step("plan", "ladder", lambda: _run_ladders(ctx, profile, mixers))
+    train_minutes = ctx.budget * TRAIN_SHARE / 60
+
+    def make_plan() -> dict[str, Any]:
+        result = planner.plan(
+            ladders,
+            budget_minutes=train_minutes,
+            max_decode_ms=request.max_latency_ms,
+            max_params=feasible.get("max_params"),
+            bootstrap=20 if ctx.fast() else 50,
+            seed=request.seed,
+            flops_per_second=machine_mod.flops_rate(profile),
+            decode_timer=machine_mod.decode_timer(profile),
+        )
+        if ctx.console is not None:
+            planner.print_plan(result, ctx.console)
+        return {**result.to_dict(), "train_config": result.train_config(), "train_minutes": train_minutes}
+
+    plan = ctx.runner.step("plan", "plan", make_plan)
+    ctx.state.data["plan"] = plan
+    if feasible.get("size_method", "float") != "float":
+        ctx.state.decide(
+            "plan",
+            f"--max-size: planned under {feasible['max_params']:,.0f} parameters, the most that fit as "
+            f"{feasible['size_method']} ({feasible['bytes_per_param']:.2f} bytes per parameter measured on the "
+            "smallest model)",
+        )
+
+
+# ---- 3. train -------------------------------------------------------------------------------------------
+class _PredictionReporter:
+    """Wraps the trainer's reporter: shows the plan's predicted loss next to each validation; the stop hook."""
+
+    def __init__(self, inner: Any, plan: dict[str, Any], stop_step: int | None) -> None:
+        self.inner = inner
+        self.plan = plan
+        self.stop_step = stop_step
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.inner.start(info)
+
+    def step(self, m: dict[str, Any]) -> None:
+        self.inner.step(m)
+        if self.stop_step is not None and m["step"] >= self.stop_step:
+            raise BuildStopped(f"stopped after train:{self.stop_step} ({STOP_ENV})")
+
+    def eval(self, m: dict[str, Any]) -> None:
+        self.inner.eval(m)
+        low, high = self.plan["loss_interval"]
+        if hasattr(self.inner, "val"):
+            self.inner.val += f" (planned end {self.plan['predicted_loss']:.3f} [{low:.3f}, {high:.3f}])"
+
+    def message(self, text: str) -> None:
+        self.inner.message(text)
+
+    def end(self, result: Any) -> None:
+        self.inner.end(result)
+
+
+def stage_train(ctx: BuildContext) -> None:
+    from slmkit.interop.checkpoint import WEIGHTS, latest_checkpoint
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.loop import LogReporter, train
+
+    plan = ctx.state.data["plan"]
+    run_dir = ctx.work / "run"
+    final = run_dir / "final"
+    low, high = plan["loss_interval"]
+    ctx.say(
+        f"training {plan['width']}x{plan['depth']} ({plan['total_params']:,} parameters) on {plan['tokens']:,} tokens; "
+        f"predicted val loss {plan['predicted_loss']:.4f} ({plan['ci_level']:.0%} interval {low:.4f}-{high:.4f})"
+    )
+    steps = max(1, plan["tokens"] // (plan["train_config"]["seq_len"] * plan["train_config"]["batch_size"]))
+    config = {
+        **plan["train_config"],
+        "seed": ctx.request.seed,
+        "device": ctx.request.device,
+        "threads": ctx.request.threads,
+        "max_minutes": plan["train_minutes"] * TRAIN_TIME_CAP,
+        "eval_interval": max(25, steps // 5),
+        "eval_batches": 4,
+        "save_interval": max(5, steps // 10),
+        "keep_checkpoints": 1,
+    }
+    stop = ctx.runner.stop_after or ""
+    stop_step = int(stop.split(":", 1)[1]) if stop.startswith("train:") and stop[6:].isdigit() else None
+
+    def run() -> dict[str, Any]:
+        if not ((final / WEIGHTS).is_file() and (final / "trainer_state.json").is_file()):
+            resume = latest_checkpoint(run_dir) is not None
+            if resume:
+                ctx.say(f"resuming training from {latest_checkpoint(run_dir)}")
+            inner = ctx.train_reporter or LogReporter()
+            reporter = _PredictionReporter(inner, plan, stop_step)
+            result = train(
+                TrainConfig.from_dict(config, source="build plan"),
+                ctx.data_dir,
+                run_dir,
+                resume=resume,
+                reporter=reporter,
+                overwrite=not resume,
+            )
+            if result.stop_reason == "interrupted":
+                raise KeyboardInterrupt
+        import json
+
+        trainer = json.loads((final / "trainer_state.json").read_text())
+        return {
+            "final_dir": str(final),
+            "steps": trainer["step"],
+            "tokens": trainer["tokens"],
+            "flops": trainer["flops"],
+            "train_seconds": trainer["elapsed"],
+            "stop_reason": trainer.get("stop_reason"),
+        }
+
+    result = ctx.runner.step("train", "train", run)
+    if result["tokens"] < plan["tokens"] * 0.99:
+        ctx.state.decide(
+            "train",
+            f"training stopped at its time cap ({TRAIN_TIME_CAP:g}x the planned {plan['train_minutes']:.1f} min) after "
+            f"{result['tokens']:,} of {plan['tokens']:,} planned tokens: this machine ran slower than measured",
+        )
+
+    def actual() -> dict[str, Any]:
+        from slmkit.scaling.ladder import evaluate_rung
+
+        loss, bpb, tokens = evaluate_rung(final, ctx.data(), _ladder_settings(ctx))
+        return {"val_loss": loss, "bits_per_byte": bpb, "val_tokens": tokens}
+
+    measured = ctx.runner.step("train", "evaluate", actual)
+    inside = low <= measured["val_loss"] <= high
+    ctx.say(
+        f"val loss {measured['val_loss']:.4f} (predicted {plan['predicted_loss']:.4f}, interval {low:.4f}-{high:.4f}: "
+        f"{'inside' if inside else 'OUTSIDE'})"
+    )
+
+
+# ---- 4. compress ----------------------------------------------------------------------------------------
+def _meets(request: BuildRequest, size_bytes: int, decode_ms: float | None) -> dict[str, bool]:
+    return {
+        "size": request.max_size_bytes is None or size_bytes <= request.max_size_bytes,
+        "latency": request.max_latency_ms is None or (decode_ms is not None and decode_ms <= request.max_latency_ms),
+    }
+
+
+def decode_ms_per_token(directory: Path) -> float | None:
+    """Batch-1 decode ms/token of a model dir in this process, through the generation core the efficiency
+    probes and `slm generate` use (`eval.efficiency.measure_efficiency`, short settings); the shipped model is
+    timed again in a fresh process in the verify stage."""
+    from slmkit.eval.efficiency import measure_efficiency
+
+    eff = measure_efficiency(directory, prompt_tokens=16, new_tokens=32, batch_size=1, repeats=3)
+    return eff["decode_ms_per_token"]
+
+
+def _float_measurement(ctx: BuildContext, final: Path) -> dict[str, Any]:
+    from slmkit.compress.pipeline import directory_size
+    from slmkit.interop.checkpoint import load_model
+
+    model = load_model(final)
+    loss = _val_loss(model, ctx.data(), model.config.max_seq_len)
+    decode = decode_ms_per_token(final)
+    size = directory_size(final)
+    return {
+        "method": "float",
+        "path": str(final),
+        "size_bytes": size,
+        "loss": loss,
+        "bits_per_byte": loss / math.log(2) / ctx.data().bytes_per_token("val"),
+        "decode_ms_per_token": decode,
+        "meets": _meets(ctx.request, size, decode),
+    }
+
+
+def _val_loss(model: Any, data: Any, seq_len: int) -> float:
+    from slmkit.train.validation import token_nats
+
+    nats, count = token_nats(model, data.val, seq_len, 8, EVAL_WINDOWS)
+    return nats / count
+
+
+def stage_compress(ctx: BuildContext) -> None:
+    request = ctx.request
+    final = Path(ctx.state.data["stages"]["train"]["steps"]["train"]["final_dir"])
+    base = ctx.runner.step("compress", "float", lambda: _float_measurement(ctx, final))
+    ctx.say(_describe(base))
+    candidates = [base]
+    asked = request.max_size_bytes is not None or request.max_latency_ms is not None
+    if not asked:
+        ctx.state.decide("compress", "no --max-size or --max-latency: the float model ships, nothing compressed")
+    elif all(base["meets"].values()):
+        ctx.state.decide("compress", "the float model already meets the targets: it ships uncompressed")
+    else:
+        for method in COMPRESS_METHODS:
+            record = ctx.runner.step("compress", method, lambda m=method: _candidate(ctx, final, m))
+            ctx.say(_describe(record))
+            candidates.append(record)
+        ctx.state.decide(
+            "compress",
+            "pruning not tried: unstructured sparsity does not shrink dense weights on disk, and structured pruning "
+            "needs distillation that the budget does not hold",
+        )
+    meeting = [c for c in candidates if all(c["meets"].values())]
+    if meeting:
+        # losses within LOSS_TIE nats are a tie, won by the earlier (less aggressive) candidate
+        chosen = min(meeting, key=lambda c: (round(c["loss"] / LOSS_TIE), candidates.index(c)))
+        why = "least held-out loss among the candidates that meet the targets"
+    else:
+        chosen = min(candidates, key=lambda c: (sum(not v for v in c["meets"].values()), c["loss"]))
+        why = "NO candidate meets every target; shipped the one missing fewest, then least loss"
+        ctx.say(f"warning: {why}")
+    ctx.state.data["candidates"] = candidates
+    ctx.state.decide("compress", f"shipped {chosen['method']}: {why}")
+
+    def select() -> dict[str, Any]:
+        target = ctx.out / "model"
+        if target.exists():
+            shutil.rmtree(target)
+        tmp = ctx.out / ".model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(chosen["path"], tmp, ignore=shutil.ignore_patterns("trainer_state.json", "optimizer*"))
+        tmp.rename(target)
+        return {"method": chosen["method"], "model_dir": str(target)}
+
+    ctx.runner.step("compress", "select", select)
+
+
+def _candidate(ctx: BuildContext, final: Path, method: str) -> dict[str, Any]:
+    from slmkit.compress.pipeline import CompressOptions, compress
+
+    out = ctx.work / "candidates" / method
+    options = CompressOptions(seed=ctx.request.seed, calib_samples=32, calib_seq_len=128)
+    result = compress(
+        final,
+        method,
+        out,
+        data=ctx.data_dir,
+        options=options,
+        measure=False,
+        eval_windows=EVAL_WINDOWS,
+        overwrite=True,
+    )
+    after = result.after
+    decode = decode_ms_per_token(out)
+    return {
+        "method": method,
+        "path": str(out),
+        "size_bytes": after.size_bytes,
+        "loss": after.loss,
+        "bits_per_byte": after.bits_per_byte,
+        "decode_ms_per_token": decode,
+        "compress_seconds": result.seconds,
+        "meets": _meets(ctx.request, after.size_bytes, decode),
+    }
+
+
+def _describe(c: dict[str, Any]) -> str:
+    marks = ", ".join(f"{k} {'ok' if v else 'MISSED'}" for k, v in c["meets"].items())
+    ms = f"{c['decode_ms_per_token']:.2f}" if c["decode_ms_per_token"] is not None else "?"
+    return (
+        f"  {c['method']:<10} loss {c['loss']:.4f} ({c['bits_per_byte']:.4f} bpb)  {c['size_bytes'] / 1e6:.3f} MB  "
+        f"{ms} ms/token  [{marks}]"
+    )
+
+
+# ---- 5. verify ------------------------------------------------------------------------------------------
+def bits_per_byte_interval(model: Any, data: Any, seq_len: int, seed: int, blocks: int = 20) -> dict[str, Any]:
+    """Held-out bits per byte over the val split's windows, with a 95% bootstrap interval over contiguous blocks
+    of windows (resampled with replacement; each block's nats and tokens summed, so the ratio is of totals)."""
+    from slmkit.train.batches import eval_windows
+    from slmkit.train.validation import token_nats
+
+    windows = eval_windows(data.val, seq_len, EVAL_WINDOWS)
+    groups = np.array_split(np.arange(len(windows)), min(blocks, len(windows)))
+    nats, counts = [], []
+    for group in groups:
+        sub = [windows[i] for i in group]
+        start, end = sub[0][0], sub[-1][0] + sub[-1][1] + 1
+        block_nats, block_count = token_nats(model, data.val[start:end], seq_len, 8)
+        nats.append(block_nats)
+        counts.append(block_count)
+    nats_a, counts_a = np.array(nats), np.array(counts)
+    per_byte = 1 / math.log(2) / data.bytes_per_token("val")
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(groups), size=(1000, len(groups)))
+    boot = nats_a[draws].sum(1) / counts_a[draws].sum(1) * per_byte
+    loss = float(nats_a.sum() / counts_a.sum())
+    return {
+        "loss": loss,
+        "bits_per_byte": loss * per_byte,
+        "bits_per_byte_interval": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+        "tokens": int(counts_a.sum()),
+        "blocks": len(groups),
+    }
+
+
+def stage_verify(ctx: BuildContext) -> None:
+    from slmkit.eval.report import write_report
+    from slmkit.eval.runner import run_eval
+
+    model_dir = ctx.out / "model"
+
+    def held_out() -> dict[str, Any]:
+        from slmkit.interop.checkpoint import load_model
+
+        model = load_model(model_dir)
+        return bits_per_byte_interval(model, ctx.data(), model.config.max_seq_len, ctx.request.seed)
+
+    score = ctx.runner.step("verify", "held-out", held_out)
+    low, high = score["bits_per_byte_interval"]
+    ctx.say(f"held-out: {score['bits_per_byte']:.4f} bits/byte (95% interval {low:.4f}-{high:.4f})")
+
+    def evaluate() -> dict[str, Any]:
+        report = run_eval(
+            [model_dir],
+            data=[ctx.data_dir],
+            tasks=ctx.request.tasks or None,
+            seed=ctx.request.seed,
+            efficiency=True,
+            efficiency_options={
+                "prompt_tokens": 32,
+                "new_tokens": 32,
+                "batch_size": 4,
+                "repeats": 2,
+                **({"threads": ctx.request.threads} if ctx.request.threads else {}),
+            },
+            device="cpu" if ctx.request.device == "auto" else ctx.request.device,
+            contamination_data=ctx.data_dir if ctx.request.tasks else None,
+            on_status=ctx.say,
+        )
+        write_report(report, ctx.work / "eval")
+        entry = report["models"][0]
+        return {
+            "report": str(ctx.work / "eval" / "report.json"),
+            "efficiency": entry.get("efficiency", {}),
+            "tasks": [
+                {"task": t["task"], "metrics": t["metrics"], "contamination": t.get("contamination")}
+                for t in entry.get("tasks", [])
+            ],
+        }
+
+    evaluated = ctx.runner.step("verify", "evaluate", evaluate)
+    eff = evaluated["efficiency"]
+    if eff:
+        ctx.say(
+            f"efficiency (fresh process): {eff.get('decode_ms_per_token') or math.nan:.2f} ms/token decode at batch 1, "
+            f"{eff.get('weights_bytes', 0) / 1e6:.2f} MB of weights"
+        )
+    for t in evaluated["tasks"]:
+        c = t.get("contamination")
+        share = f"; {c['contaminated']}/{c['items']} items overlap the training data" if c else ""
+        for metric, v in t["metrics"].items():
+            ctx.say(f"task {t['task']}: {metric} {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]{share}")
+
+
+# ---- 6. ship --------------------------------------------------------------------------------------------
+def stage_ship(ctx: BuildContext) -> None:
+    model_dir = ctx.out / "model"
+    method = ctx.state.data["stages"]["compress"]["steps"]["select"]["method"]
+
+    def hf() -> dict[str, Any]:
+        from slmkit.interop.adapters import dequantize_model
+        from slmkit.interop.checkpoint import load_model, save_model
+        from slmkit.interop.families import NATIVE_FAMILIES
+
+        target = ctx.out / "hf"
+        model = load_model(model_dir)
+        if model.config.family in NATIVE_FAMILIES:
+            return {"skipped": f"the {model.config.family} family has no transformers class"}
+        dense = dequantize_model(model)
+        if target.exists():
+            shutil.rmtree(target)
+        save_model(dense, target, tokenizer_dir=model_dir)
+        note = "" if method == "float" else f" (the {method} weights dequantized to float32)"
+        return {"path": str(target), "note": f"float32 weights{note}"}
+
+    def gguf() -> dict[str, Any]:
+        from slmkit.interop.gguf import export_gguf
+
+        dtype = {"int8": "q8_0", "int4": "q4_1", "gptq-int4": "q4_1"}.get(method, "f16")
+        target = ctx.out / "model.gguf"
+        try:
+            export_gguf(model_dir, target, dtype, overwrite=True)
+        except UserError as exc:
+            return {"skipped": str(exc)}
+        return {"path": str(target), "dtype": dtype, "bytes": target.stat().st_size}
+
+    for name, fn in (("hf", hf), ("gguf", gguf)):
+        result = ctx.runner.step("ship", name, fn)
+        if "skipped" in result:
+            ctx.state.decide("ship", f"{name} not written: {result['skipped']}")
+    ctx.state.data["result"] = _result(ctx)
+    ctx.runner.step("ship", "card", lambda: _card(ctx))
+
+
+def _result(ctx: BuildContext) -> dict[str, Any]:
+    steps = ctx.state.data["stages"]
+    method = steps["compress"]["steps"]["select"]["method"]
+    chosen = next(c for c in ctx.state.data["candidates"] if c["method"] == method)
+    held = steps["verify"]["steps"]["held-out"]
+    eff = steps["verify"]["steps"]["evaluate"]["efficiency"]
+    return {
+        "method": method,
+        "model_dir": str(ctx.out / "model"),
+        "bits_per_byte": held["bits_per_byte"],
+        "bits_per_byte_interval": held["bits_per_byte_interval"],
+        "loss": held["loss"],
+        "decode_ms_per_token": eff.get("decode_ms_per_token") or chosen["decode_ms_per_token"],
+        "size_bytes": chosen["size_bytes"],
+        "meets": chosen["meets"],
+    }
+
+
+def card_section(data: dict[str, Any]) -> str:
+    """The build's figures as Markdown, appended to the generated model card."""
+    plan, request = data["plan"], data["request"]
+    train = data["stages"]["train"]["steps"]
+    result = data["result"]
+    low, high = plan["loss_interval"]
+    blow, bhigh = result["bits_per_byte_interval"]
+    lines = [
+        "## How this model was built (`slm build`)",
+        "",
+        f"Budget {request['budget_seconds'] / 60:g} min on {request['device']}; targets: "
+        + (f"decode <= {request['max_latency_ms']:g} ms/token" if request["max_latency_ms"] else "no latency target")
+        + ", "
+        + (f"size <= {request['max_size_bytes'] / 1e6:g} MB" if request["max_size_bytes"] else "no size target")
+        + ".",
+        "",
+        "| figure | planned | measured |",
+        "|---|---:|---:|",
+        f"| val loss (nats/token, ladder windows) | {plan['predicted_loss']:.4f} [{low:.4f}, {high:.4f}] | "
+        f"{train['evaluate']['val_loss']:.4f} |",
+        f"| training tokens | {plan['tokens']:,} | {train['train']['tokens']:,} |",
+        f"| training minutes | {plan['train_minutes']:.2f} | {train['train']['train_seconds'] / 60:.2f} |",
+        f"| decode ms/token (batch 1) | {plan['predicted_decode_ms']:.2f} | {result['decode_ms_per_token']:.2f} |",
+        f"| held-out bits/byte [95% CI] | {plan['predicted_bits_per_byte'] or math.nan:.4f} | "
+        f"{result['bits_per_byte']:.4f} [{blow:.4f}, {bhigh:.4f}] |",
+        f"| weights (MB) | | {result['size_bytes'] / 1e6:.3f} |",
+        "",
+        f"Shipped: {result['method']}. Compression candidates (held-out loss, size, decode):",
+        "",
+        "| method | loss | bits/byte | MB | ms/token | meets targets |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for c in data.get("candidates", []):
+        ms = f"{c['decode_ms_per_token']:.2f}" if c["decode_ms_per_token"] is not None else "?"
+        lines.append(
+            f"| {c['method']} | {c['loss']:.4f} | {c['bits_per_byte']:.4f} | {c['size_bytes'] / 1e6:.3f} | {ms} | "
+            f"{'yes' if all(c['meets'].values()) else 'no'} |"
+        )
+    lines += ["", "Time per stage (seconds):", ""]
+    lines.append("| " + " | ".join(data["stages"]) + " |")
+    lines.append("|" + "---:|" * len(data["stages"]))
+    lines.append("| " + " | ".join(f"{s['seconds']:.1f}" for s in data["stages"].values()) + " |")
+    lines += ["", "Decisions:", ""] + [f"- {d['stage']}: {d['decision']}" for d in data["decisions"]]
+    return "\n".join(lines) + "\n"
+
+
+def _card(ctx: BuildContext) -> dict[str, Any]:
+    from slmkit.eval.card import write_card
+
+    model_dir = ctx.out / "model"
+    readme = model_dir / "README.md"
+    readme.unlink(missing_ok=True)
+    write_card(model_dir, ctx.work / "eval" / "report.json")
+    readme.write_text(readme.read_text() + "\n" + card_section(ctx.state.data))
+    shutil.copyfile(readme, ctx.out / "README.md")
+    if (ctx.out / "hf").is_dir():
+        shutil.copyfile(readme, ctx.out / "hf" / "README.md")
+    return {"path": str(ctx.out / "README.md")}
+
+
+def write_outputs(ctx: BuildContext) -> None:
+    """report.html (plan vs actual, spend, candidates, evaluation) from the final build.json."""
+    from slmkit.build.report import render_report
+    from slmkit.eval.report import load_report
+
+    evaluation = load_report(ctx.work / "eval" / "report.json")
+    (ctx.out / "report.html").write_text(render_report(ctx.state.data, evaluation))

@@ -1,0 +1,268 @@
+"""`slm build`: the artefacts of a tiny build (the HF dir's logits in transformers), resume after a stop in every
+stage equals an uninterrupted build, infeasible targets refused before training, bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slmkit_testing import run_slm
+
+# A replayed machine (what `--machine build.json` reads): fixed timings make the plan, and so the model, the
+# same in every build of these tests whatever the load on the test machine.
+PROFILE = {
+    "vocab_size": 0,  # set to the data's vocabulary below
+    "context": 32,
+    "batch_size": 16,
+    "train": [
+        {"shape": "64x2", "params": 86336, "total_params": 107136, "tokens_per_second": 4e3, "flops_per_second": 2.2e9},
+        {"shape": "128x4", "params": 7e5, "total_params": 7.4e5, "tokens_per_second": 8e2, "flops_per_second": 3e9},
+    ],
+    "decode": [
+        {"shape": "64x2", "total_params": 107136, "ms": 1.5},
+        {"shape": "128x4", "total_params": 7.4e5, "ms": 4.0},
+    ],
+}
+BUDGET = 60.0
+
+
+@pytest.fixture(scope="module")
+def profile(data_dir):
+    meta = json.loads((Path(data_dir) / "meta.json").read_text())
+    return {**PROFILE, "vocab_size": meta["vocab_size"]}
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory, data_dir):
+    """A tiny fit (seconds) at 16 x 32 tokens per step, so the planned run is a few hundred steps."""
+    from slmkit.scaling.ladder import LadderSettings, run_ladder
+    from slmkit.scaling.shapes import parse_sizes
+
+    out = tmp_path_factory.mktemp("build-ladder") / "ladder"
+    settings = LadderSettings(seq_len=32, batch_size=16, levels=4, min_steps=3, val_windows=16, threads=1, lr=1e-2)
+    run_ladder(data_dir, out, budget_flops=1e10, sizes=parse_sizes("32x1,32x2,64x4"), settings=settings)
+    return out
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory, corpus_file):
+    """Six multiple-choice items whose contexts are corpus text (so the contamination check has overlap to find)."""
+    texts = [json.loads(line)["text"] for line in Path(corpus_file).read_text().splitlines()[:6]]
+    path = tmp_path_factory.mktemp("tasks") / "corpus-words.jsonl"
+    with path.open("w") as fh:
+        for text in texts:
+            words = text.split()
+            record = {"context": " ".join(words[:30]), "choices": [" " + words[30], " zebra"], "answer": 0}
+            fh.write(json.dumps(record) + "\n")
+    return path
+
+
+def _request(data_dir, ladder, **changes):
+    from slmkit.build.options import BuildRequest
+
+    base = dict(
+        data=[str(data_dir)],
+        budget_seconds=BUDGET,
+        max_size_bytes=300_000,  # below the float model, above its int8 form: compression must run
+        fit=[str(ladder)],
+        threads=1,
+    )
+    return BuildRequest(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory, data_dir, ladder, profile, task_file):
+    from slmkit.build.pipeline import build
+
+    out = tmp_path_factory.mktemp("build") / "shipped"
+    result = build(_request(data_dir, ladder, tasks=[str(task_file)]), out, machine=profile)
+    return out, result
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_tiny_build_ships_every_artefact(shipped):
+    out, result = shipped
+    for name in ("model/model.safetensors", "hf/config.json", "model.gguf", "README.md", "build.json", "report.html"):
+        assert (out / name).is_file(), name
+    state = json.loads((out / "build.json").read_text())
+    assert all(stage["done"] and stage["seconds"] > 0 for stage in state["stages"].values())
+    plan = state["plan"]
+    assert plan["loss_interval"][0] <= plan["predicted_loss"] <= plan["loss_interval"][1]
+    # the float model misses --max-size, so candidates were measured and one that meets it shipped
+    methods = [c["method"] for c in state["candidates"]]
+    assert methods == ["float", "int8", "int4", "gptq-int4"]
+    assert not state["candidates"][0]["meets"]["size"]
+    assert state["result"]["method"] != "float" and state["result"]["meets"]["size"]
+    assert state["result"]["size_bytes"] <= 300_000
+    (task,) = state["stages"]["verify"]["steps"]["evaluate"]["tasks"]  # scored, with its overlap with the train split
+    assert task["task"] == "corpus-words" and 0 <= task["metrics"]["acc"]["mean"] <= 1
+    assert task["contamination"]["items"] == 6 and task["contamination"]["contaminated"] >= 1
+    low, high = state["result"]["bits_per_byte_interval"]
+    assert low <= state["result"]["bits_per_byte"] <= high
+    card = (out / "README.md").read_text()
+    assert "How this model was built" in card and f"{state['result']['bits_per_byte']:.4f}" in card
+    html = (out / "report.html").read_text()
+    assert "Plan vs actual" in html and "Compression candidates" in html and "Budget per stage" in html
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_hf_dir_loads_in_transformers_with_the_shipped_logits(shipped):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.interop.checkpoint import load_model
+
+    out, _ = shipped
+    ours = load_model(out / "model").eval()  # the compressed model slmkit ships
+    theirs = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(ids)
+        got = theirs(ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+
+def _weights(directory: Path) -> bytes:
+    return (directory / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_resume_after_a_stop_in_every_stage_equals_an_uninterrupted_build(
+    tmp_path, data_dir, ladder, profile, task_file, shipped
+):
+    from slmkit.build.options import BuildStopped
+    from slmkit.build.pipeline import build
+
+    out = tmp_path / "resumed"
+    request = _request(data_dir, ladder, tasks=[str(task_file)])
+    stops = ["data", "plan:feasibility", "plan", "train:60", "train:train", "compress:int8", "verify:held-out"]
+    stops.append("ship:hf")
+    for i, stop in enumerate(stops):
+        with pytest.raises(BuildStopped, match=stop):
+            build(request, out, resume=i > 0, machine=profile if i == 0 else None, stop_after=stop)
+    state = json.loads((out / "build.json").read_text())
+    assert state["stages"]["ship"]["steps"].keys() == {"hf"}  # stopped after the HF dir, before the GGUF file
+    result = build(request, out, resume=True, stop_after="")
+    assert result["stages"]["train"]["sessions"] == 3  # stopped at step 60 (a checkpoint at 50), then after training
+    expected, _ = shipped
+    assert _weights(out / "model") == _weights(expected / "model")
+    assert _weights(out / "hf") == _weights(expected / "hf")
+    assert (out / "model.gguf").read_bytes() == (expected / "model.gguf").read_bytes()
+
+
+# ---- refused before any training ----------------------------------------------------------------------
+def _machine_file(tmp_path, profile) -> Path:
+    path = tmp_path / "earlier" / "build.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"machine": profile}))
+    return path
+
+
+def test_infeasible_latency_exits_2_before_training(tmp_path, data_dir, profile):
+    out = tmp_path / "out"
+    args = ["build", "--data", data_dir, "--budget", "1m", "--out", out, "--machine", _machine_file(tmp_path, profile)]
+    result = run_slm(*args, "--max-latency", "0.2ms")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --max-latency 0.2ms cannot be met")
+    assert "nearest feasible target is --max-latency 1.7ms" in lines[0]  # 1.5 ms measured, +10%
+    assert not out.exists()  # refused before any work: nothing to --overwrite next time
+
+
+def test_infeasible_size_names_the_nearest_feasible_size(tmp_path, data_dir, ladder, profile):
+    from slmkit.build.pipeline import build
+    from slmkit.errors import UserError
+
+    with pytest.raises(UserError, match=r"--max-size 0.01MB cannot be met.*nearest feasible target is --max-size"):
+        build(_request(data_dir, ladder, max_size_bytes=10_000), tmp_path / "out", machine=profile)
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_out_is_refused_without_resume_or_overwrite(tmp_path, data_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    result = run_slm("build", "--data", data_dir, "--budget", "1m", "--out", out)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: --out") and "--resume" in result.stderr and "--overwrite" in result.stderr
+    assert (out / "mine.txt").read_text() == "keep me"
+    result = run_slm("build", "--data", data_dir, "--budget", "1m", "--out", out, "--resume")
+    assert result.returncode == 2 and "holds no build.json" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budget", "ten minutes"], "give a duration with a unit"),
+        (["--budget", "0m"], "more than zero"),
+        (["--budget", "5m", "--max-size", "20 parsecs"], "--max-size"),
+        (["--budget", "5m", "--max-latency", "-1ms"], "--max-latency"),
+    ],
+)
+def test_bad_options_exit_2(tmp_path, data_dir, args, message):
+    result = run_slm("build", "--data", data_dir, "--out", tmp_path / "out", *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error:") and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_data_and_empty_corpus_exit_2(tmp_path):
+    result = run_slm("build", "--data", tmp_path / "nowhere.txt", "--budget", "1m", "--out", tmp_path / "a")
+    assert result.returncode == 2 and result.stderr.startswith("error:") and "nowhere.txt" in result.stderr
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    result = run_slm("build", "--data", empty, "--budget", "1m", "--out", tmp_path / "b")
+    assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+
+
+def test_resume_with_other_options_is_refused(tmp_path, data_dir, ladder, profile):
+    from slmkit.build.options import BuildStopped
+    from slmkit.build.pipeline import build
+    from slmkit.errors import UserError
+
+    out = tmp_path / "out"
+    with pytest.raises(BuildStopped):
+        build(_request(data_dir, ladder), out, machine=profile, stop_after="data")
+    with pytest.raises(UserError, match="budget_seconds"):
+        build(_request(data_dir, ladder, budget_seconds=120), out, resume=True)
+
+
+def test_parsers():
+    from slmkit.build.options import parse_duration, parse_latency, parse_size
+
+    assert parse_duration("90s") == 90 and parse_duration("30m") == 1800 and parse_duration("1h30m") == 5400
+    assert parse_duration("1.5h") == 5400 and parse_duration("2min") == 120
+    assert parse_size("20MB") == 20_000_000 and parse_size("1MiB") == 2**20
+    assert parse_latency("5ms") == 5 and parse_latency("800us") == pytest.approx(0.8)
+
+
+def test_cli_stop_hook_and_resume(tmp_path, data_dir, profile, monkeypatch):
+    """SLMKIT_BUILD_STOP_AFTER stops the CLI as a kill would (exit 3, finished steps kept); --resume goes on."""
+    out = tmp_path / "out"
+    args = ["build", "--data", data_dir, "--budget", "1m", "--out", out, "--machine", _machine_file(tmp_path, profile)]
+    monkeypatch.setenv("SLMKIT_BUILD_STOP_AFTER", "data")
+    result = run_slm(*args)
+    assert result.returncode == 3, result.stderr
+    assert "stopped after data" in result.stderr and "--resume" in result.stderr
+    monkeypatch.setenv("SLMKIT_BUILD_STOP_AFTER", "plan:feasibility")
+    result = run_slm(*args, "--resume")
+    assert result.returncode == 3, result.stderr
+    state = json.loads((out / "build.json").read_text())
+    assert state["stages"]["data"]["done"] and list(state["stages"]["plan"]["steps"]) == ["measure", "feasibility"]
+    assert state["machine"]["train"] == profile["train"]  # replayed, not measured
+
+
+def test_too_small_a_budget_is_refused_before_the_ladder(tmp_path, data_dir, profile):
+    from slmkit.build.options import BuildRequest
+    from slmkit.build.pipeline import build
+    from slmkit.errors import UserError
+
+    request = BuildRequest(data=[str(data_dir)], budget_seconds=10, threads=1)  # no --fit: a ladder would run
+    with pytest.raises(UserError, match=r"--budget 10s is too small.*nearest feasible budget is --budget"):
+        build(request, tmp_path / "out", machine=profile)
+    assert not (tmp_path / "out").exists()
