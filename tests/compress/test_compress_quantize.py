@@ -225,7 +225,9 @@ def test_linear_biases_survive_compression(make_model, data_dir, tmp_path, metho
 
     dense = build_model(model.config)
     dense.load_state_dict(dense_state_dict(model))
-    assert rel_err(logits(model), logits(dense.eval())) < 1e-4
+    with dequantized_matmuls():  # exact; the CPU kernels round activations to bf16 (tests/compress/test_quant_kernels)
+        assert rel_err(logits(model), logits(dense.eval())) < 1e-4
+    assert rel_err(logits(model), logits(dense.eval())) < 1e-2
     if method == "int8":
         assert rel_err(logits(model), logits(float_model)) < 0.05
     assert torch.equal(gguf_tensors(model)["blk.1.attn_v.bias"], float_model.layers[1].self_attn.v_proj.bias.detach())
