@@ -2,6 +2,12 @@
 
     python benchmarks/quant_decode.py                                   # presets base (~60M) and 124m, 2 threads
     python benchmarks/quant_decode.py --presets base --threads 1,2 --ppl-minutes 0   # speed only
+    python benchmarks/quant_decode.py --presets "" --ppl-minutes 0 --shapes --threads 1   # per-matrix kernels
+
+Shapes (--shapes): milliseconds per matmul of each candidate for the block and head matrices of `base` and `124m`
+at 1 row (decode) and 16-512 rows (prefill); weights rotated through copies larger than the L3 cache, as a
+model's layers are; min and median of the calls in ~0.4 s. This is what the per-case choice in
+`slmkit.models.quantized` rests on.
 
 Speed: batch-1 greedy decode tokens/s (decode steps only, prefill excluded; best of --repeats runs, the variants
 interleaved so that load changes on a shared machine hit all alike) of a random-init model of each preset in
@@ -102,6 +108,81 @@ def section_speed(args: argparse.Namespace) -> None:
                 print(f"  {key:11s} {rate:8.1f} tokens/s  {rate / best['float32']:5.2f}x float32   (runs {runs})")
 
 
+def _shape_row(x: torch.Tensor, layers: list, timing, slow: bool) -> list[str]:
+    """One row count's timings: float32 | int8 widen, kernel fp32, kernel bf16, W8A8 | int4 fp32, bf16, unpack.
+    The kernels' fp32 versions (scalar loops, 25-120 ms a call at 16 rows) only where `slow`."""
+    import torch.nn.functional as F
+
+    int8s = [m for _, m, _, _ in layers]
+    int4s = [m for _, _, m, _ in layers]
+    out = [timing([lambda w=w: F.linear(x, w) for w, *_ in layers])]
+    with torch.no_grad():
+        with quantized.dequantized_matmuls():
+            out.append(timing([lambda m=m: m(x) for m in int8s]))
+        int8_mm = torch.ops.aten._weight_int8pack_mm
+        fp32 = [lambda m=m: int8_mm(x, m.qweight, m.scales) for m in int8s]
+        out.append(timing(fp32) if slow else "-")
+        out.append(timing([lambda m=m: m._kernel_matmul(x) for m in int8s]))
+        out.append(timing([lambda m=m: m(x) for *_, m in layers]))
+        int4_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        fp32 = [lambda m=m: int4_mm(x, m.qweight, m.group_size, m.scales_and_zeros) for m in int4s]
+        out.append(timing(fp32) if slow else "-")
+        out.append(timing([lambda m=m: m(x) for m in int4s]))
+        with quantized.dequantized_matmuls():
+            out.append(timing([lambda m=m: m(x) for m in int4s]) if x.shape[0] > 1 else "-")
+    return out
+
+
+def section_shapes(args: argparse.Namespace) -> None:
+    import statistics
+    import warnings
+
+    from slmkit.compress.quantize import int4_rtn, int8_quantize
+
+    def timing(calls: list) -> str:
+        for call in calls[:2]:
+            call()
+        times, i, end = [], 0, time.perf_counter() + 0.4
+        while time.perf_counter() < end or len(times) < 6:
+            start = time.perf_counter()
+            calls[i % len(calls)]()
+            times.append(time.perf_counter() - start)
+            i += 1
+        return f"{1e3 * min(times):.3f}/{1e3 * statistics.median(times):.3f}"
+
+    shapes = [(640, 640), (1728, 640), (640, 1728), (8192, 640), (768, 768), (2048, 768), (768, 2048), (50304, 768)]
+    rows_list = [int(r) for r in args.shape_rows.split(",")]
+    for n_threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(n_threads)
+        print(f"\n## per matrix, ms min/median, {n_threads} thread(s) ({load()})")
+        print("rows N x K: float32 | int8: widen, kernel fp32 in (old opt-in), kernel bf16 in (now), W8A8 dynamic | "
+              "int4: kernel fp32 in (before), kernel bf16 in (now), unpack+F.linear")  # fmt: skip
+        for n, k in shapes:
+            copies = max(1, math.ceil(80e6 / (n * k * 4)))
+            layers = []
+            for c in range(copies):
+                gen = torch.Generator().manual_seed(c)
+                w = torch.randn(n, k, generator=gen) * 0.02
+                l8 = quantized.Int8Linear(k, n)
+                codes, scales = int8_quantize(w)
+                l8.load_state_dict({"qweight": codes, "scales": scales}, assign=True)
+                group = 128 if k % 128 == 0 else 64
+                l4 = quantized.Int4Linear(k, n, group)
+                c4, s4, z4 = int4_rtn(w, group)
+                l4.load_state_dict({"qweight": quantized.pack_int4(c4), "scales": s4.half(), "zeros": z4.half()})
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    dyn = quantized.Int8Linear(k, n)
+                    dyn.load_state_dict({"qweight": codes, "scales": scales}, assign=True)
+                    dyn.prepack_dynamic()
+                layers.append((w, l8, l4, dyn))
+            for rows in rows_list:
+                if n > 10_000 and rows > 1:
+                    continue  # the head scores the last position only
+                out = _shape_row(torch.randn(rows, k), layers, timing, slow=rows == 1 and n < 10_000)
+                print(f"{rows:4d} {n:5d} x {k:4d}: {out[0]} | {', '.join(out[1:5])} | {', '.join(out[5:])}", flush=True)
+
+
 def section_quality(args: argparse.Namespace) -> None:
     from slmkit.compress.pipeline import CompressOptions, compress
     from slmkit.data.prepare import prepare
@@ -164,9 +245,13 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ppl-minutes", type=float, default=2.0, help="training budget of the micro model; 0: skip")
+    parser.add_argument("--shapes", action="store_true", help="per-matrix timings of every candidate kernel")
+    parser.add_argument("--shape-rows", default="1,16,64,256,512")
     parser.add_argument("--work", default=None, help="dir for the data, the trained model and its compressions")
     args = parser.parse_args()
     print(f"# quantized decode vs float ({hardware()}); {load()}")
+    if args.shapes:
+        section_shapes(args)
     if args.presets:
         section_speed(args)
     if args.ppl_minutes > 0:

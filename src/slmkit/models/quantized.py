@@ -127,6 +127,7 @@ def _int8_kernel_ok(k: int) -> bool:
 def _aligned(t: torch.Tensor) -> bool:
     # torch 2.13's int8 kernel makes aligned 16-byte loads of the weight rows for inputs of several rows (it
     # crashes otherwise); tensors read from safetensors by mmap sit at any offset, so the loader copies them
+    # (a fresh CPU allocation is 64-byte aligned)
     return t.data_ptr() % 64 == 0
 
 
@@ -179,6 +180,10 @@ class Int8Linear(nn.Module):
     def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
         # the kernel takes bf16 scales; unit scales inside and the fp32 row scales applied to its output keep
         # the scales exact (only the input and the output are rounded to bf16)
+        if not torch.compiler.is_compiling() and not _aligned(self.qweight):
+            # the loader aligns every int8 weight; this covers modules filled another way (a compiled step
+            # cannot read addresses, and relies on the loader)
+            self.qweight = self.qweight.clone()
         if self._unit_scales is None or self._unit_scales.device != x2.device:
             self._unit_scales = torch.ones(self.out_features, dtype=torch.bfloat16, device=x2.device)
         y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._unit_scales)
@@ -191,7 +196,7 @@ class Int8Linear(nn.Module):
         if self.packed is not None and fast and x2.dtype == torch.float32:
             # reduce_range: 7-bit activations, so that the x86 int8 dot products cannot saturate int16
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
-        elif self.use_kernel and fast and x2.shape[0] <= INT8_KERNEL_MAX_ROWS and _aligned(self.qweight):
+        elif self.use_kernel and fast and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
             y = self._kernel_matmul(x2)
         else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
