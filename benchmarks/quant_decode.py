@@ -205,7 +205,7 @@ def section_quality(args: argparse.Namespace) -> None:
             eval_interval=10_000, save_interval=100_000, device="cpu", threads=max(1, torch.get_num_threads()),
         )  # fmt: skip
         result = train(cfg, data_dir, run, overwrite=True)
-        print(f"\n(trained micro for {result.steps} steps)" if hasattr(result, "steps") else "")
+        print(f"\n(micro trained: {result.step} steps, {result.tokens:,} tokens, val loss {result.val_loss})")
     dirs = {"float32": run / "final"}
     for method in ("int8", "int4"):
         dirs[method] = work / method
