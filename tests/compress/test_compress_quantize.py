@@ -12,7 +12,14 @@ from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_gptq, int4_rtn
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
-from slmkit.models.quantized import Int4Linear, Int8Embedding, Int8Linear, pack_int4, unpack_int4
+from slmkit.models.quantized import (
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    dequantized_matmuls,
+    pack_int4,
+    unpack_int4,
+)
 from slmkit_testing import rel_err
 from slmkit_testing import seeded_logits as logits
 
@@ -72,7 +79,9 @@ def test_int4_kernel_layout_roundtrip(float_model_dir, data_dir, tmp_path):
     assert torch.equal(state["qweight"], saved["model.layers.1.mlp.down_proj.qweight"])
     x = torch.randn(5, layer.in_features)
     expected = x @ layer.dequantize().t()
-    assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+    with dequantized_matmuls():
+        assert torch.allclose(layer(x), expected, atol=1e-5, rtol=1e-5)
+    assert rel_err(layer(x), expected) < 6e-3  # the kernel rounds its input and output to bf16 (test_quant_kernels)
 
 
 def test_int4_fallback_matches_dequantized(data_dir, tmp_path, make_model):
@@ -185,11 +194,12 @@ def test_quantization_bad_input(float_model_dir, data_dir, tmp_path):
 def test_int8_kernel_path_matches_default(float_model_dir, tmp_path):
     compress(float_model_dir, "int8", tmp_path / "q8")
     layer = load_model(tmp_path / "q8").layers[0].mlp.up_proj
+    assert layer.use_kernel  # torch.ops.aten._weight_int8pack_mm for decode-sized inputs
     x = torch.randn(3, layer.in_features)
-    default = layer(x)
-    layer.use_kernel = True  # torch.ops.aten._weight_int8pack_mm
-    assert torch.allclose(layer(x), default, atol=1e-4, rtol=1e-4)
-    assert torch.allclose(default, x @ (layer.qweight.float() * layer.scales[:, None]).t(), atol=1e-5)
+    reference = x @ (layer.qweight.float() * layer.scales[:, None]).t()
+    with dequantized_matmuls():
+        assert torch.allclose(layer(x), reference, atol=1e-5)
+    assert rel_err(layer(x), reference) < 6e-3
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "lowrank"])
@@ -215,7 +225,9 @@ def test_linear_biases_survive_compression(make_model, data_dir, tmp_path, metho
 
     dense = build_model(model.config)
     dense.load_state_dict(dense_state_dict(model))
-    assert rel_err(logits(model), logits(dense.eval())) < 1e-4
+    with dequantized_matmuls():  # exact; the CPU kernels round activations to bf16 (tests/compress/test_quant_kernels)
+        assert rel_err(logits(model), logits(dense.eval())) < 1e-4
+    assert rel_err(logits(model), logits(dense.eval())) < 1e-2
     if method == "int8":
         assert rel_err(logits(model), logits(float_model)) < 0.05
     assert torch.equal(gguf_tensors(model)["blk.1.attn_v.bias"], float_model.layers[1].self_attn.v_proj.bias.detach())

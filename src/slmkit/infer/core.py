@@ -75,8 +75,10 @@ class Threads:
 
 def single_threaded(model: torch.nn.Module) -> bool:
     """Whether the model's decode-sized steps run on one intra-op thread (see SINGLE_THREAD_PARAMS)."""
+    from slmkit.models.quantized import weight_count  # quantized weights are buffers, not parameters
+
     device = next(model.parameters()).device
-    return device.type == "cpu" and sum(p.numel() for p in model.parameters()) < SINGLE_THREAD_PARAMS
+    return device.type == "cpu" and weight_count(model) < SINGLE_THREAD_PARAMS
 
 
 # ---- text ----------------------------------------------------------------------------------------------------

@@ -4,13 +4,18 @@ Phase 2 of the two-phase scheme (phase 1, in quantize.py / lowrank.py, turns a f
 packed tensors): build the model on the meta device, swap each compressed `nn.Linear` / `nn.Embedding`
 for the module below that matches the spec in `config.json`, then load the packed state dict into it.
 
-- `Int8Linear`: int8 weights (N, K) + one fp32 scale per output row; the forward widens one layer's weight
-  at a time for the matmul (`torch.ops.aten._weight_int8pack_mm` is available with `use_kernel`, but measured
-  slower on CPU).
+- `Int8Linear`: int8 weights (N, K) + one fp32 scale per output row; on CPU, inputs of up to
+  `INT8_KERNEL_MAX_ROWS` rows (decode) go through `torch.ops.aten._weight_int8pack_mm`, larger ones (prefill) widen
+  one layer's weight at a time for F.linear, the faster of the two at each size (docs/compression.md).
 - `Int4Linear`: two 4-bit codes per byte + an fp16 scale and zero per group of `group_size` inputs
   (w = (q - 8) * scale + zero); on CPU `_weight_int4pack_mm_for_cpu` runs on the packed weights; elsewhere
   (or for shapes that kernel refuses) the forward unpacks one layer at a time and calls F.linear.
   Optional outliers (SpQR-style) are a sparse fp16 correction added after the matmul.
+- Both CPU kernels are vectorized (AVX512/AVX2) for bfloat16 inputs only; their fp32 versions are scalar loops,
+  10-40x slower. So the kernel path rounds the layer's input to bf16 and gets a bf16 output back (accumulated in
+  fp32 inside the kernel), which it widens to the input's dtype: a relative error of about 2^-8 per output, far
+  below the 4- or 8-bit rounding of the weights (tests bound it; `dequantized_matmuls()` turns the kernels off,
+  for a reference or to measure what they buy).
 - `Int8Embedding`: int8 rows + per-row scale; a tied `lm_head` shares the same packed tensor.
 - `LowRankLinear`: W ~= U @ V with U (N, r), V (r, K): two thin matmuls.
 
@@ -21,6 +26,7 @@ and saving converts back (the permutation is read off the conversion op itself, 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -42,6 +48,23 @@ FORMAT_VERSION = 1
 # 2: int4 embeddings (a file slmkit versions before them could not load); files without them stay version 1
 READ_FORMAT_VERSIONS = (1, 2)
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# Rows (batch x tokens) up to which Int8Linear uses the int8 kernel: measured per shape on a 2-core EPYC (1 thread),
+# the kernel is 2-4x faster than fp32 at 1 row and level with widening at 16-64 rows, and slower beyond (it is a
+# matrix-vector kernel; widening hands large inputs to MKL's GEMM).
+INT8_KERNEL_MAX_ROWS = 32
+_kernels = {"enabled": True}
+
+
+@contextlib.contextmanager
+def dequantized_matmuls():
+    """Within the block, compressed layers skip the CPU kernels: each widens its weight to the input's dtype and
+    calls F.linear (the reference the kernels are tested against; also what they are measured against)."""
+    saved = _kernels["enabled"]
+    _kernels["enabled"] = False
+    try:
+        yield
+    finally:
+        _kernels["enabled"] = saved
 
 
 # ---- int4 packing --------------------------------------------------------------------------------
@@ -96,12 +119,36 @@ def _int4_kernel_ok(n: int, k: int, group_size: int, device: torch.device) -> bo
     )
 
 
+def _int8_kernel_ok(k: int) -> bool:
+    # torch 2.13's CPU kernel reads K in vectors of 16 without a tail: other widths give garbage or crash
+    return hasattr(torch.ops.aten, "_weight_int8pack_mm") and k % 16 == 0
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    # torch 2.13's int8 kernel makes aligned 16-byte loads of the weight rows for inputs of several rows (it
+    # crashes otherwise); tensors read from safetensors by mmap sit at any offset, so the loader copies them
+    # (a fresh CPU allocation is 64-byte aligned)
+    return t.data_ptr() % 64 == 0
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy in a fresh (64-byte aligned) allocation where t is not aligned."""
+    return t if _aligned(t) else t.clone()
+
+
+def _kernel_input(x: torch.Tensor) -> bool:
+    """Whether x may take a CPU kernel: on CPU, fp32 or bf16, and no gradient to pass back (QLoRA adapters below
+    the layer need one; the kernels have no backward)."""
+    return (
+        _kernels["enabled"]
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
 # ---- modules -------------------------------------------------------------------------------------
 class Int8Linear(nn.Module):
-    # torch 2.13's CPU `_weight_int8pack_mm` measured ~4x slower than widening the weight per call and ~8x
-    # slower than an fp32 matmul at batch 1 on our 2-core EPYC (docs/compression.md), so it is opt-in.
-    use_kernel = False
-
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -109,6 +156,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", torch.empty(out_features, dtype=torch.float32, device="meta"))
         self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
         self.packed: Any = None  # fbgemm/x86 packed weight for dynamic W8A8 (`prepack_dynamic`), or None
+        self.use_kernel = _int8_kernel_ok(in_features)  # `_weight_int8pack_mm` for decode-sized inputs on CPU
+        self._unit_scales: torch.Tensor | None = None
 
     def prepack_dynamic(self) -> bool:
         """Build the CPU engine's packed weight from qweight and scales so that forward quantizes activations
@@ -128,15 +177,27 @@ class Int8Linear(nn.Module):
             return False
         return True
 
+    def _kernel_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        # the kernel takes bf16 scales; unit scales inside and the fp32 row scales applied to its output keep
+        # the scales exact (only the input and the output are rounded to bf16)
+        if not torch.compiler.is_compiling() and not _aligned(self.qweight):
+            # the loader aligns every int8 weight; this covers modules filled another way (a compiled step
+            # cannot read addresses, and relies on the loader)
+            self.qweight = self.qweight.clone()
+        if self._unit_scales is None or self._unit_scales.device != x2.device:
+            self._unit_scales = torch.ones(self.out_features, dtype=torch.bfloat16, device=x2.device)
+        y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._unit_scales)
+        return y.to(x2.dtype) * self.scales.to(x2.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        needs_grad = x2.requires_grad and torch.is_grad_enabled()  # the int8 kernels have no backward (QLoRA)
-        if self.packed is not None and x2.device.type == "cpu" and x2.dtype == torch.float32 and not needs_grad:
+        fast = _kernel_input(x2)
+        if self.packed is not None and fast and x2.dtype == torch.float32:
             # reduce_range: 7-bit activations, so that the x86 int8 dot products cannot saturate int16
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
-        elif self.use_kernel and x2.device.type == "cpu" and not needs_grad:
-            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scales.to(x2.dtype))
+        elif self.use_kernel and fast and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
+            y = self._kernel_matmul(x2)
         else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
             y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
         if self.bias is not None:
@@ -199,6 +260,8 @@ class Int4Linear(nn.Module):
         self.register_buffer(
             "scales_and_zeros", torch.empty(in_features // group_size, out_features, 2, device="meta"), persistent=False
         )
+        # scales_and_zeros in bf16, the dtype of the kernel's vectorized version (set at load)
+        self.register_buffer("kernel_scales_and_zeros", None, persistent=False)
         self.register_buffer("outlier_index", None, persistent=False)  # flat n*K+k
         self.register_buffer("outlier_value", None, persistent=False)
         self.bias = nn.Parameter(torch.empty(out_features, device="meta")) if bias else None
@@ -225,6 +288,7 @@ class Int4Linear(nn.Module):
             return
         self.scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()  # (G, N, 2)
         self.use_kernel = _int4_kernel_ok(n, k, g, packed.device)
+        self.kernel_scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16) if self.use_kernel else None
         if self.use_kernel:
             codes = unpack_int4(packed).reshape(-1)
             order = _kernel_order(n, k)
@@ -274,12 +338,13 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        # the CPU kernel has no backward: a forward that must pass gradients to x (QLoRA adapters below this layer)
-        # takes the dequantized path
-        if self.use_kernel and x2.device.type == "cpu" and not (x2.requires_grad and torch.is_grad_enabled()):
+        if self.use_kernel and _kernel_input(x2):
+            sz = self.kernel_scales_and_zeros
+            if sz is None or sz.device != x2.device:
+                sz = self.kernel_scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), self.qweight, self.group_size, self.scales_and_zeros.to(x2.dtype)
-            )
+                x2.to(torch.bfloat16).contiguous(), self.qweight, self.group_size, sz
+            ).to(x2.dtype)
             if self.outlier_index is not None:
                 rows = self.outlier_index // self.in_features
                 cols = self.outlier_index % self.in_features
@@ -316,6 +381,19 @@ def dense_weight(module: nn.Module) -> torch.Tensor | None:
     if isinstance(module, LowRankLinear):
         return (module.weight_u @ module.weight_v).float()
     return None
+
+
+def weight_count(model: nn.Module) -> int:
+    """Weights the model's matrices stand for, compressed or not: its parameters plus in x out of each compressed
+    layer (whose packed tensors are buffers); a tied head is counted once, as `parameters()` counts it."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_embeddings", False))
+    count = sum(p.numel() for p in model.parameters())
+    for name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int4Linear)) and not (tied and name == "lm_head"):
+            count += module.in_features * module.out_features
+        elif isinstance(module, (Int8Embedding, Int4Embedding)):
+            count += module.num_embeddings * module.embedding_dim
+    return count
 
 
 def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -406,6 +484,9 @@ def load_compressed(
         if tensor.is_floating_point() and not key.endswith(("scales", "zeros", "outlier_value")):
             tensor = tensor.to(target_dtype)
         moved[key] = tensor
+    for key, tensor in moved.items():
+        if key.endswith(".qweight") and tensor.dtype == torch.int8:
+            moved[key] = aligned(tensor)  # for the CPU int8 kernel (see `_aligned`)
     tied = config.tie_embeddings
     if tied:
         for key in [k for k in moved if k.startswith("lm_head.")]:
