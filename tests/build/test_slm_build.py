@@ -29,6 +29,31 @@ BUDGET = 60.0
 
 
 @pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """This module's own corpus, the same whether or not ../shared is present: the plans these tests expect (a
+    model that fits the budget, whose float form misses --max-size and whose int8 form meets it) depend on the
+    vocabulary, which the session corpus changes with the shared folder."""
+    import random
+
+    rng = random.Random(0)
+    words = "model data train token language small scaling loss compute budget attention layer".split()
+    path = tmp_path_factory.mktemp("build-corpus") / "texts.jsonl"
+    with path.open("w") as fh:
+        for _ in range(200):
+            fh.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(120)) + "."}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, corpus_file):
+    from slmkit.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("build-data") / "texts"
+    prepare([str(corpus_file)], out, vocab_size=512, val_fraction=0.1)
+    return out
+
+
+@pytest.fixture(scope="module")
 def profile(data_dir):
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
     return {**PROFILE, "vocab_size": meta["vocab_size"]}

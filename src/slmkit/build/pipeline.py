@@ -222,6 +222,7 @@ def build(
             from slmkit.build.machine import check_profile
 
             state.data["machine"] = check_profile(machine, "--machine")
+            state.data["machine_replayed"] = True
             state.decide("plan", "machine measurements replayed from --machine (no timing here)")
         state.save()
 

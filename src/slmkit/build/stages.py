@@ -363,7 +363,8 @@ def stage_train(ctx: BuildContext) -> None:
         "seed": ctx.request.seed,
         "device": ctx.request.device,
         "threads": ctx.request.threads,
-        "max_minutes": plan["train_minutes"] * TRAIN_TIME_CAP,
+        # a replayed machine (--machine) promises the same model: the planned tokens, with no wall-clock cap
+        "max_minutes": None if ctx.state.data.get("machine_replayed") else plan["train_minutes"] * TRAIN_TIME_CAP,
         "eval_interval": max(25, steps // 5),
         "eval_batches": 4,
         "save_interval": max(5, steps // 10),
