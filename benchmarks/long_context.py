@@ -125,7 +125,9 @@ def train_passkey_model(args, data, tokenizer):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if (step + 1) % 50 == 0 or step + 1 == args.steps:
-            print(f"  step {step + 1}: loss {float(nll.detach().mean()):.3f} ({time.perf_counter() - begin:.0f} s)")
+            key_nll = float(sum(nll[r, -n:].detach().mean() for r, n in enumerate(answers)) / len(answers))
+            print(f"  step {step + 1}: loss {float(nll.detach().mean()):.3f}, on the keys {key_nll:.3f} "
+                  f"({time.perf_counter() - begin:.0f} s)")  # fmt: skip
     return model.eval(), time.perf_counter() - begin
 
 
