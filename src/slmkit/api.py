@@ -58,6 +58,8 @@ def generate(
     kv_sinks: int = 0,
     kv_dtype: str = "auto",
     kv_prune_keys: float = 0.0,
+    kv_memory: int | None = None,
+    kv_block: int | None = None,
 ) -> str | list[str]:
     """The continuation of `prompt` (greedy by default, as `slm generate`: `slmkit.defaults`); a list of prompts
     gives a list, generated as a batch.
@@ -68,7 +70,8 @@ def generate(
 
     kv_window (+ kv_sinks): a KV cache of the first kv_sinks and last kv_window positions, so generation may run
     past the context at constant memory; kv_dtype int8/int4: quantized keys and values; kv_prune_keys: the
-    fraction of key channels pruned per head (see docs/long-context.md).
+    fraction of key channels pruned per head; kv_memory (with kv_window): InfLLM-style block memory, each query
+    also attends the kv_memory best of the evicted blocks of kv_block positions (see docs/long-context.md).
     """
     from slmkit.infer.constrained import Constraint
     from slmkit.infer.engine import Engine, load_draft
@@ -98,7 +101,10 @@ def generate(
         raise UserError("give at most one of json_schema, regex and grammar")
     if draft is not None and lookup:
         raise UserError("choose one kind of speculation: a draft model or lookup, not both")
-    kv_cache = KVCacheSpec(window=kv_window, sinks=kv_sinks, dtype=kv_dtype, prune_keys=kv_prune_keys)  # type: ignore[arg-type]
+    kv_cache = KVCacheSpec(
+        window=kv_window, sinks=kv_sinks, dtype=kv_dtype, prune_keys=kv_prune_keys,  # type: ignore[arg-type]
+        topk=kv_memory, block_size=kv_block,
+    )  # fmt: skip
     lm = load(model)
     draft_model = load_draft(lm, draft) if draft is not None else None
     engine = Engine(lm.model, lm.tokenizer, draft=draft_model, kv_cache=kv_cache)

@@ -40,6 +40,14 @@ KVDtype = Annotated[str, typer.Option(help="auto (the model's dtype), int8 or in
 KVPruneKeys = Annotated[
     float, typer.Option(help="Prune this fraction of each head's key channels (ThinK), chosen at prefill.")
 ]
+KVMemory = Annotated[
+    int | None,
+    typer.Option(help="With --kv-window: keep evicted positions in blocks; each query attends its top K (InfLLM)."),
+]
+KVBlock = Annotated[int | None, typer.Option(help="With --kv-memory: positions per memory block (default 16).")]
+KVMemoryBlocks = Annotated[
+    int | None, typer.Option(help="With --kv-memory: keep at most M blocks, the oldest go first (default: all).")
+]
 
 
 def _console(stderr: bool = False):
@@ -480,6 +488,9 @@ def generate(
     kv_sinks: KVSinks = 0,
     kv_dtype: KVDtype = "auto",
     kv_prune_keys: KVPruneKeys = 0.0,
+    kv_memory: KVMemory = None,
+    kv_block: KVBlock = None,
+    kv_memory_blocks: KVMemoryBlocks = None,
 ) -> None:
     """Continue PROMPT with MODEL, streaming text to the terminal (or JSON lines for --prompts-file / --json)."""
     from slmkit.infer.constrained import constraint_from_options
@@ -517,7 +528,7 @@ def generate(
     prompts = read_prompts(prompts_file) if prompts_file is not None else [prompt or ""]
     if compile is None and prompts_file is None:
         compile = False  # one prompt: compilation (seconds) would cost more than it saves
-    kv_cache = kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys)
+    kv_cache = kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys, kv_memory, kv_block, kv_memory_blocks)
     engine = Engine.load(model, draft=draft, device=device, dtype=dtype, compile=compile, kv_cache=kv_cache)
     options = dict(
         max_new_tokens=max_new_tokens,
@@ -606,6 +617,11 @@ def eval_command(
     kv_prune_keys: Annotated[
         float, typer.Option(help="With --efficiency: fraction of key channels pruned per head (ThinK).")
     ] = 0.0,
+    kv_memory: Annotated[
+        int | None, typer.Option(help="With --efficiency and --kv-window: top-K block memory (InfLLM).")
+    ] = None,
+    kv_block: Annotated[int | None, typer.Option(help="With --kv-memory: positions per memory block.")] = None,
+    kv_memory_blocks: Annotated[int | None, typer.Option(help="With --kv-memory: blocks kept at most.")] = None,
     lm_eval_tasks: Annotated[
         list[str],
         typer.Option("--lm-eval", help="lm-eval task or group name(s) to run through slmkit's adapter (repeatable)."),
@@ -661,7 +677,7 @@ def eval_command(
         err_console=_console(stderr=True),
         contamination_data=contamination_data,
         contamination_n=contamination_n,
-        kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
+        kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys, kv_memory, kv_block, kv_memory_blocks),
         compare=compare,
         olmes=olmes,
     )
@@ -1639,6 +1655,9 @@ def serve(
     prefix_cache_mb: Annotated[
         float, typer.Option(help="Memory for cached prefix blocks, MiB (the least recently used go first).")
     ] = 256,
+    kv_memory: KVMemory = None,
+    kv_block: KVBlock = None,
+    kv_memory_blocks: KVMemoryBlocks = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), with continuous
     batching; with --lora, LoRA adapters per request beside the base; with several --model, several models and a
@@ -1652,17 +1671,28 @@ def serve(
         max_batch=max_batch, request_timeout=request_timeout, prefill_chunk=prefill_chunk,
         drain_timeout=drain_timeout, compile=compile, speculate=speculate, speculate_k=speculate_k,
         max_request_bytes=max_request_bytes, allowed_hosts=hosts, cors_origins=cors_origin or (), lora=lora or (),
-        kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys),
+        kv_cache=kv_cache_spec(kv_window, kv_sinks, kv_dtype, kv_prune_keys, kv_memory, kv_block, kv_memory_blocks),
         models=models or (), router_name=router_name, cascade_threshold=cascade_threshold, router=router,
         prefix_cache=prefix_cache, prefix_cache_mb=prefix_cache_mb,
     )  # fmt: skip
 
 
-def kv_cache_spec(window: int | None, sinks: int, dtype: str, prune_keys: float) -> Any:
+def kv_cache_spec(
+    window: int | None,
+    sinks: int,
+    dtype: str,
+    prune_keys: float,
+    memory: int | None = None,
+    block: int | None = None,
+    memory_blocks: int | None = None,
+) -> Any:
     """The KVCacheSpec of the --kv-* options (None when they are all at their defaults); UserError for bad values."""
     from slmkit.models.state import KVCacheSpec
 
-    spec = KVCacheSpec(window=window, sinks=sinks, dtype=dtype, prune_keys=prune_keys)  # type: ignore[arg-type]
+    spec = KVCacheSpec(
+        window=window, sinks=sinks, dtype=dtype, prune_keys=prune_keys,  # type: ignore[arg-type]
+        topk=memory, block_size=block, memory_blocks=memory_blocks,
+    )  # fmt: skip
     return None if spec.is_default else spec
 
 

@@ -1,7 +1,8 @@
 """The attention mixer: grouped-query attention with rotary (or no) positions, q/k norm, a sliding window, and
 its inference state (`KVState`, or a `RingKVState` that bounds a sliding window's memory; with a `KVCacheSpec`, a
 `CompactKVState` (quantized and/or key-pruned) or a `SinkKVState` (sinks + window, keys rotated inside the cache),
-which prepare the queries, keys, values and mask attention runs on: `attend_inputs`).
+which prepare the queries, keys, values and mask attention runs on: `attend_inputs`; or a `BlockMemoryKVState`
+(sinks + window + InfLLM block memory), which attends itself: `attend`).
 
 Masks: a query at position q sees key positions in (q - window, q] (window = infinity without one). Training and
 scoring run causal attention over the sequence; with a state, the keys are the state's slots and their positions.
@@ -19,7 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig, RopeScaling
-from slmkit.models.state import CompactKVState, KVCacheSpec, KVState, RingKVState, SinkKVState
+from slmkit.models.state import (
+    BlockMemoryKVState,
+    CompactKVState,
+    KVCacheSpec,
+    KVState,
+    RingKVState,
+    SinkKVState,
+)
 
 # Extra ring slots beyond the window: a call of up to RING_SLACK + 1 tokens (a decode step, a speculative
 # verification) writes before it attends without overwriting a key one of its own queries still needs.
@@ -238,6 +246,12 @@ class Attention(nn.Module):
         kv = (batch_size, self.n_kv_heads)
         if cache is not None and cache.window is not None:  # the model's own window bounds the cache's
             window = cache.window if self.window is None else min(cache.window, self.window)
+            if cache.topk is not None:  # InfLLM-style block memory besides the sinks and the window
+                blocks = cache.memory_blocks or max(1, -(-max_len // cache.block))
+                return BlockMemoryKVState(
+                    *kv, cache.sinks, window, RING_SLACK, self.head_dim, cache.block, cache.topk, blocks, cache.reps,
+                    cache.distance_cap or window, device, dtype, cache.bits,
+                )  # fmt: skip
             return SinkKVState(*kv, cache.sinks, window, RING_SLACK, self.head_dim, device, dtype, cache.bits)
         if cache is not None and not cache.is_default:
             return CompactKVState(*kv, max_len, self.head_dim, device, dtype, cache.bits, cache.prune_keys)
@@ -268,6 +282,8 @@ class Attention(nn.Module):
                 causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
                 mask = causal & ~torch.ones_like(causal).tril(-self.window)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif hasattr(state, "attend"):  # a block memory attends itself (each query its own retrieved blocks)
+            y = state.attend(q, k, v, ctx)
         elif hasattr(state, "attend_inputs"):  # a compressed or sink cache prepares what to attend over
             q, k, v, mask, scale = state.attend_inputs(q, k, v, ctx, self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa, scale=scale)

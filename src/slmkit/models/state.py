@@ -429,12 +429,23 @@ class KVCacheSpec:
         float16 per token and head), dequantized when attended over.
     prune_keys: drop this fraction of each kv head's key channels, chosen by query-driven importance on a row's
         first prefill pass (ThinK); values keep every channel.
+    topk: with a window: InfLLM-style block memory (`BlockMemoryKVState`): positions that leave the window are kept
+        in blocks of `block_size` (default 16), each with `reps` representative keys, and every query also attends
+        to the `topk` blocks whose representative keys score highest for it.
+    memory_blocks: keep at most this many blocks (the oldest go first); None: enough for the whole sequence.
+    distance_cap: with a memory, the rotary distance of every key farther than this from its query (memory, sinks)
+        is this (InfLLM: the window, the default); a larger cap keeps true distances up to it.
     Only attention layers read it; recurrent layers' states are bounded already."""
 
     window: int | None = None
     sinks: int = 0
     dtype: KVDtype = "auto"
     prune_keys: float = 0.0
+    topk: int | None = None
+    block_size: int | None = None
+    memory_blocks: int | None = None
+    reps: int = 4
+    distance_cap: int | None = None
 
     def __post_init__(self) -> None:
         if self.window is not None and (isinstance(self.window, bool) or self.window < 1):
@@ -452,6 +463,41 @@ class KVCacheSpec:
                 "--kv-prune-keys cannot be combined with --kv-window: the windowed cache keeps keys before their "
                 "rotation (positions are re-assigned inside it), and rotation mixes the channels pruning would drop"
             )
+        self._check_memory()
+
+    def _check_memory(self) -> None:
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.topk is not None and (not whole(self.topk) or self.topk < 1):
+            raise UserError(f"--kv-memory must be >= 1 block retrieved per query, got {self.topk}")
+        if self.block_size is not None and (not whole(self.block_size) or self.block_size < 1):
+            raise UserError(f"--kv-block must be >= 1 position, got {self.block_size}")
+        if self.memory_blocks is not None and (not whole(self.memory_blocks) or self.memory_blocks < 1):
+            raise UserError(f"--kv-memory-blocks must be >= 1, got {self.memory_blocks}")
+        if not whole(self.reps) or self.reps < 1:
+            raise UserError(f"reps (representative keys per block) must be >= 1, got {self.reps}")
+        if self.distance_cap is not None and (not whole(self.distance_cap) or self.distance_cap < 1):
+            raise UserError(f"distance_cap must be >= 1 position, got {self.distance_cap}")
+        if self.topk is None:
+            extra = [n for n, v in (("--kv-block", self.block_size), ("--kv-memory-blocks", self.memory_blocks)) if v]
+            if extra or self.distance_cap is not None:
+                raise UserError(f"{(extra or ['distance_cap'])[0]} needs --kv-memory TOPK (the block memory)")
+            return
+        if self.window is None:
+            raise UserError(
+                "--kv-memory needs --kv-window: the block memory holds the positions that leave the local window"
+            )
+        if self.memory_blocks is not None and self.memory_blocks < self.topk:
+            raise UserError(
+                f"--kv-memory-blocks {self.memory_blocks} is fewer than the {self.topk} blocks retrieved per query "
+                "(--kv-memory)"
+            )
+
+    @property
+    def block(self) -> int:
+        """Positions per memory block."""
+        return self.block_size or 16
 
     @property
     def is_default(self) -> bool:
@@ -468,6 +514,9 @@ class KVCacheSpec:
 
     def describe(self) -> str:
         parts = [f"window {self.window} + {self.sinks} sinks"] if self.window is not None else ["full"]
+        if self.topk is not None:
+            kept = f"{self.memory_blocks} blocks" if self.memory_blocks else "every block"
+            parts.append(f"memory: top {self.topk} of {kept} of {self.block}")
         parts.append(self.dtype if self.dtype != "auto" else "model dtype")
         if self.prune_keys:
             parts.append(f"{self.prune_keys:.0%} of key channels pruned")
@@ -810,3 +859,227 @@ class SinkKVState(nn.Module):
             else:
                 q = q_window
         return q, keys, values, mask, 1.0 / math.sqrt(d)
+
+
+class BlockMemoryKVState(nn.Module):
+    """InfLLM-style block memory: sinks and a local window as in `SinkKVState`, and the positions that leave the
+    window kept in blocks of `block` positions; each query also attends to the `topk` blocks whose representative
+    keys score highest for it (per kv head, the scores of its query group summed).
+
+    Position p >= sinks belongs to block ``(p - sinks) // block``. A block is closed (moved to the memory) once all
+    its positions are out of the window of the newest query of a call; until then its positions stay local. So a
+    query sees: the sinks, every position since the first open block (its window, and up to block - 1 + the call's
+    length older ones), and its top-k closed blocks. Calls longer than ``slack + 1`` tokens are attended in parts of
+    that size, each seeing the memory as the parts before it left it; a block closes between parts, not inside one.
+
+    Representative keys: `reps` per block, each the mean key of one of `reps` equal runs of the block (InfLLM picks
+    the keys that received the most attention instead; the means need no bookkeeping and do not depend on how a
+    prompt is split into calls). A block's score for a query is the largest of its representative keys' dot
+    products with the query.
+
+    Positions (keys stored before rotation): a key within `distance` of its query is at its true distance, a farther
+    one (memory, sinks, old local positions) at `distance`, InfLLM's cap when `distance` is the window. Memory: the
+    sinks, ``window + block + slack`` local slots and `memory_blocks` blocks (the oldest block's slots are reused once
+    they are full), whatever the sequence length. The read path scores every stored key and masks the blocks a query
+    did not retrieve (exact, not faster than full attention over what is stored)."""
+
+    kind = "memory"
+    rotates_keys = True
+
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        sinks: int,
+        window: int,
+        slack: int,
+        head_dim: int,
+        block: int,
+        topk: int,
+        memory_blocks: int,
+        reps: int,
+        distance: int,
+        device=None,
+        dtype=torch.float32,
+        bits: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.sinks, self.window, self.slack, self.block, self.topk = sinks, window, slack, block, topk
+        self.reps, self.distance = min(reps, block), distance
+        self.ring = window + block + slack
+        b, h = batch_size, n_kv_heads
+        local = sinks + self.ring
+        self.keys = SlotStore((b, h, local, head_dim), bits, device, dtype)
+        self.values = SlotStore((b, h, local, head_dim), bits, device, dtype)
+        self.register_buffer("slot_pos", torch.full((b, local), -1, device=device), persistent=False)
+        self.mem_keys = SlotStore((b, h, memory_blocks * block, head_dim), bits, device, dtype)
+        self.mem_values = SlotStore((b, h, memory_blocks * block, head_dim), bits, device, dtype)
+        rep_keys = torch.zeros((b, h, memory_blocks, self.reps, head_dim), device=device, dtype=dtype)
+        self.register_buffer("rep_keys", rep_keys, persistent=False)
+        # the block number each memory slot holds (-1: empty), and how many blocks each row has closed
+        self.register_buffer("block_id", torch.full((b, memory_blocks), -1, device=device), persistent=False)
+        self.register_buffer("closed", torch.zeros(b, dtype=torch.long, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.slot_pos.shape[0]
+
+    @property
+    def memory_blocks(self) -> int:
+        return self.block_id.shape[1]
+
+    @property
+    def slots(self) -> int:
+        return self.slot_pos.shape[1] + self.memory_blocks * self.block
+
+    def _buffers_of(self) -> list[tuple[nn.Module | None, str]]:
+        stores = [(s, n) for s in (self.keys, self.values, self.mem_keys, self.mem_values) for n in s.names]
+        return [*stores, *((None, n) for n in ("slot_pos", "rep_keys", "block_id", "closed"))]
+
+    def reset(self, start: int, stop: int) -> None:
+        self.slot_pos[start:stop] = -1
+        self.block_id[start:stop] = -1
+        self.closed[start:stop] = 0
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        for store, name in self._buffers_of():
+            buf = getattr(store if store is not None else self, name)
+            buf[dst] = buf[src]
+
+    def pad_room(self) -> int:
+        return self.slack  # as RingKVState
+
+    def _open_target(self, newest: torch.Tensor) -> torch.Tensor:
+        """Blocks closed once `newest` (B,) is the newest position: those wholly out of its window."""
+        return torch.div(newest + 1 - self.window - self.sinks, self.block, rounding_mode="floor").clamp_min(0)
+
+    def crop(self, row: int, length: int) -> None:
+        self.slot_pos[row].masked_fill_(self.slot_pos[row] >= length, -1)
+        # blocks closed by positions now taken back open again (their positions are still in the local slots)
+        target = self._open_target(torch.tensor([length - 1], device=self.closed.device))[0]
+        self.block_id[row].masked_fill_(self.block_id[row] >= target, -1)
+        self.closed[row] = torch.minimum(self.closed[row], target)
+
+    def rows(self, start: int, stop: int) -> BlockMemoryKVState:
+        view = BlockMemoryKVState.__new__(BlockMemoryKVState)
+        nn.Module.__init__(view)
+        view.sinks, view.window, view.slack, view.block, view.topk = (
+            self.sinks, self.window, self.slack, self.block, self.topk,
+        )  # fmt: skip
+        view.reps, view.distance, view.ring = self.reps, self.distance, self.ring
+        view.keys, view.values = self.keys.view(start, stop), self.values.view(start, stop)
+        view.mem_keys, view.mem_values = self.mem_keys.view(start, stop), self.mem_values.view(start, stop)
+        for name in ("slot_pos", "rep_keys", "block_id", "closed"):
+            view.register_buffer(name, getattr(self, name)[start:stop], persistent=False)
+        return view
+
+    def _local_slots(self, pos: torch.Tensor) -> torch.Tensor:
+        return torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.ring)
+
+    def _close(self, rows: torch.Tensor, newest: torch.Tensor, t: int) -> None:
+        """Move the blocks wholly out of the window of `newest` (B,) from the local slots to the memory."""
+        target = self._open_target(newest)
+        offsets = torch.arange(self.block, device=newest.device)
+        segment = offsets * self.reps // self.block  # the representative each position of a block feeds
+        average = torch.zeros(self.block, self.reps, device=newest.device)
+        average[offsets, segment] = 1.0
+        average /= average.sum(0, keepdim=True)
+        for i in range(-(-t // self.block) + 1):
+            j = self.closed + i  # (B,)
+            take = j < target  # (B,)
+            src = self._local_slots(self.sinks + j[:, None] * self.block + offsets)  # (B, block)
+            dst = (j % self.memory_blocks)[:, None] * self.block + offsets  # (B, block)
+            for store, memory in ((self.keys, self.mem_keys), (self.values, self.mem_values)):
+                for name in store.names:
+                    local, kept = getattr(store, name).transpose(1, 2), getattr(memory, name).transpose(1, 2)
+                    kept[rows, dst] = torch.where(take[:, None, None, None], local[rows, src], kept[rows, dst])
+            block_keys = self.keys.decode(
+                tuple(getattr(self.keys, n).transpose(1, 2)[rows, src].transpose(1, 2) for n in self.keys.names),
+                self.rep_keys.dtype,
+            )  # (B, K, block, D)
+            reps = torch.einsum("bksd,sr->bkrd", block_keys, average.to(block_keys.dtype))
+            slot = (j % self.memory_blocks)[:, None]  # (B, 1)
+            current = self.rep_keys.transpose(1, 2)[rows, slot]  # (B, 1, K, r, D)
+            new = torch.where(take[:, None, None, None, None], reps.unsqueeze(1), current)
+            self.rep_keys.transpose(1, 2)[rows, slot] = new
+            self.block_id[rows, slot] = torch.where(take[:, None], j[:, None], self.block_id[rows, slot])
+        self.closed.copy_(torch.maximum(self.closed, torch.minimum(target, self.closed + -(-t // self.block) + 1)))
+
+    def _geometry(self, ctx, pos: torch.Tensor, part: int, dtype: torch.dtype) -> tuple:
+        """What every layer shares for one part of a call: the local mask (B, 1, T, L), the memory slots' positions,
+        which pairs are near (B, 1, T, S), and the rotations (near keys, near queries, far queries, far keys)."""
+        key = ("memory", self.sinks, self.window, self.block, self.memory_blocks, part, pos.shape[1], dtype)
+        if key in ctx.shared:
+            return ctx.shared[key]
+        sinks, block = self.sinks, self.block
+        query = pos.unsqueeze(-1)  # (B, T, 1)
+        kp = self.slot_pos.unsqueeze(1)  # (B, 1, L)
+        first_open = (sinks + self.closed * block)[:, None, None]  # (B, 1, 1)
+        local = (kp >= 0) & (kp <= query) & ((kp < sinks) | (kp >= first_open))
+        offsets = torch.arange(block, device=pos.device)
+        mem_pos = sinks + self.block_id[:, :, None] * block + offsets  # (B, M, block)
+        mem_pos = torch.where(self.block_id[:, :, None] >= 0, mem_pos, -1).flatten(1)  # (B, M * block)
+        key_pos = torch.cat((self.slot_pos, mem_pos), dim=1)  # (B, S)
+        geometry: tuple = (local.unsqueeze(1),)
+        if ctx.rotary is not None:
+            cap = min(self.distance, self.slots)
+            near = (query - key_pos.unsqueeze(1)) < cap  # (B, T, S)
+            offset = (pos[:, :1] - cap).clamp_min(0)  # (B, 1): angles stay below cap + T
+            geometry += (
+                near.unsqueeze(1),
+                ctx.rotation((key_pos - offset).clamp_min(0), dtype),
+                ctx.rotation(pos - offset, dtype),
+                ctx.rotation(torch.full_like(pos, cap), dtype),
+                ctx.rotation(torch.zeros_like(pos[:, :1]), dtype),
+            )
+        ctx.shared[key] = geometry
+        return geometry
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx) -> torch.Tensor:
+        """Store k, v (B, K, T, D) (not rotated) and return the attention output (B, H, T, D) of queries q
+        (B, H, T, D) (not rotated); a call longer than slack + 1 tokens goes in parts of that size."""
+        b, _, t, _ = k.shape
+        rows, pos = _row_slots(ctx.pos, b, t)
+        step = self.slack + 1
+        parts = []
+        for part, i in enumerate(range(0, t, step)):
+            s = slice(i, i + step)
+            parts.append(self._attend_part(q[:, :, s], k[:, :, s], v[:, :, s], rows, pos[:, s], ctx, part))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _attend_part(self, q, k, v, rows, pos, ctx, part: int) -> torch.Tensor:
+        b, n_kv, t, d = k.shape
+        group = q.shape[1] // n_kv
+        ring_slots = self._local_slots(pos)
+        self.keys.write(rows, ring_slots, k)
+        self.values.write(rows, ring_slots, v)
+        self.slot_pos[rows, ring_slots] = pos
+        geometry = self._geometry(ctx, pos, part, q.dtype)
+        keys = torch.cat((self.keys.read(q.dtype), self.mem_keys.read(q.dtype)), dim=2)  # (B, K, S, D)
+        values = torch.cat((self.values.read(q.dtype), self.mem_values.read(q.dtype)), dim=2)
+        # retrieval: each query's (summed over its kv head's group) score of each block, the top-k kept
+        q_score = q if ctx.rotary is None else ctx.rotate(q, geometry[4])  # as a far key sees it
+        q_group = q_score.view(b, n_kv, group, t, d).sum(2)  # (B, K, T, D)
+        scores = torch.einsum("bktd,bkmrd->bktmr", q_group, self.rep_keys.to(q.dtype)).amax(-1)  # (B, K, T, M)
+        filled = (self.block_id >= 0)[:, None, None, :]  # (B, 1, 1, M)
+        scores = scores.masked_fill(~filled, float("-inf"))
+        top = scores.topk(min(self.topk, self.memory_blocks), dim=-1).indices
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & filled
+        self.last_retrieved = chosen  # (B, K, T, M): which memory slots each query attended (for tests)
+        memory = chosen.unsqueeze(-1).expand(-1, -1, -1, -1, self.block).flatten(3)  # (B, K, T, M * block)
+        mask = torch.cat((geometry[0].expand(b, n_kv, t, -1), memory), dim=-1)  # (B, K, T, S)
+        mask = mask.repeat_interleave(group, dim=1) if group > 1 else mask  # (B, H, T, S)
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+        scale = 1.0 / math.sqrt(d)
+        if ctx.rotary is None:
+            logits = q @ keys.transpose(-1, -2)
+        else:
+            near, key_near, query_near, query_far, key_far = geometry[1:]
+            logits_near = ctx.rotate(q, query_near) @ ctx.rotate(keys, key_near).transpose(-1, -2)
+            logits_far = ctx.rotate(q, query_far) @ ctx.rotate(keys, key_far).transpose(-1, -2)
+            logits = torch.where(near, logits_near, logits_far)
+        logits = (logits.float() * scale).masked_fill(~mask, float("-inf"))
+        y = torch.softmax(logits, dim=-1).to(values.dtype) @ values  # (B, H, T, D)
+        self._close(rows, pos[:, -1], t)
+        return y
