@@ -139,3 +139,19 @@ def test_really_compiled_step_equals_eager_with_stops_and_logprobs(lm):
     for got, ref in zip(compiled.generate(PROMPTS, **kwargs), want, strict=True):
         assert (got.text, got.token_ids, got.finish_reason) == (ref.text, ref.token_ids, ref.finish_reason)
         assert got.logprobs == pytest.approx(ref.logprobs, abs=1e-4)
+
+
+def test_cpu_engine_compiles_after_enough_tokens_with_the_same_output(lm, no_compiler, monkeypatch):
+    import slmkit.infer.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_TOKENS", 20)
+    engine = Engine(lm.model, lm.tokenizer)  # compile=None: left to choose
+    explicit_eager = Engine(lm.model, lm.tokenizer, compile=False)
+    first = engine.generate(PROMPTS, max_new_tokens=8)  # 24 tokens: the rule turns compilation on
+    assert not engine._static and engine.compile
+    second = engine.generate(PROMPTS, max_new_tokens=8)
+    assert engine._static  # this batch ran on the static (compiled) core
+    want = explicit_eager.generate(PROMPTS, max_new_tokens=8)
+    assert [c.token_ids for c in first] == [c.token_ids for c in second] == [c.token_ids for c in want]
+    explicit_eager.generate(PROMPTS, max_new_tokens=8)
+    assert not explicit_eager.compile  # compile=False stays eager
