@@ -12,6 +12,13 @@ Sections:
            continuation (a data dir's val split) and English (a .jsonl corpus); identical output checked.
 - json:    tokens/s with and without a JSON schema constraint (grammar mask cost per step).
 - gpu:     (CUDA only) decode tokens/s in bf16 with torch.compile(mode="reduce-overhead") on and off.
+- roofline: batch-1 greedy decode per preset (--presets, random weights, the preset's own vocabulary): slmkit
+           eager and compiled, transformers' `generate` (eager) and llama.cpp (xllamacpp's llama-server, f32 and
+           q8_0 GGUF exports of the same weights), as decode tokens/s and as a fraction of this machine's memory
+           bandwidth roofline: bandwidth (best of a few 256 MB reductions and copies) / bytes each token must read
+           (the weights, tied embeddings once, + the KV cache at the mean context length).
+
+    python benchmarks/generate_throughput.py --sections roofline --presets micro,medium,base,124m --threads 2
 """
 
 from __future__ import annotations
@@ -248,7 +255,144 @@ def section_gpu(args: argparse.Namespace) -> None:
         )
 
 
-SECTIONS = {"hf": section_hf, "batch": section_batch, "spec": section_spec, "json": section_json, "gpu": section_gpu}
+def memory_bandwidth(threads: int) -> float:
+    """Bytes/s this machine streams from memory: the best of a few reductions and copies of a 256 MB tensor (the
+    copy counts its reads and writes), with `threads` threads."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    a = torch.randn(64 * 1024 * 1024)
+    b = torch.empty_like(a)
+    best = 0.0
+    for _ in range(5):
+        best = max(best, a.numel() * 4 / timed(a.sum), 2 * a.numel() * 4 / timed(lambda: b.copy_(a)))
+    torch.set_num_threads(saved)
+    return best
+
+
+def kv_bytes_per_token(cfg, context: float, bytes_per_value: int = 4) -> float:
+    """Bytes of keys and values one decode step reads at `context` positions (attention layers only)."""
+    attention_layers = sum(cfg.mixer_at(i) == "attention" for i in range(cfg.n_layers))
+    return 2 * attention_layers * cfg.n_kv_heads * cfg.dim_per_head * bytes_per_value * context
+
+
+def _tiny_tokenizer_dir(root: Path) -> Path:
+    """A small byte-level BPE (the GGUF export carries the tokenizer; the model's vocabulary pads past it)."""
+    from slmkit.data.tokenizer import save_tokenizer, train_tokenizer
+
+    text = "small language models decode one token at a time, reading every weight once per token. " * 40
+    save_tokenizer(train_tokenizer([text], 300), root / "tok")
+    return root / "tok"
+
+
+def _decode_rate(engine: Engine, prompt: list[int], n: int, repeats: int) -> float:
+    """Best decode tokens/s (prefill excluded, as the engine times it) of `repeats` greedy runs."""
+    best = 0.0
+    for _ in range(repeats):
+        stats = EngineStats()
+        engine.generate_ids([prompt], max_new_tokens=n, stats=stats)
+        best = max(best, stats.decode_tokens_per_second)
+    return best
+
+
+def _hf_decode_rate(model: torch.nn.Module, prompt: list[int], n: int, repeats: int) -> tuple[float, list[int]]:
+    """transformers' greedy `generate` (eager): decode tokens/s as (n - 1) / (time of n tokens - time of 1 token,
+    i.e. prefill and the first token), best times of `repeats`; and its tokens."""
+    ids = torch.tensor([prompt])
+
+    def run(k: int) -> tuple[float, list[int]]:
+        with torch.no_grad():
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - start, out[0, len(prompt) :].tolist()
+
+    one = min(run(1)[0] for _ in range(repeats))
+    full, tokens = min(run(n) for _ in range(repeats))
+    return (n - 1) / max(full - one, 1e-9), tokens
+
+
+def section_roofline(args: argparse.Namespace) -> None:
+    import os
+
+    from slmkit.config import preset as make_preset
+    from slmkit.infer.core import single_threaded
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+    from llamacpp_peer import available, llama_server_greedy
+
+    threads = args.threads or 2
+    torch.set_num_threads(threads)
+    bandwidth = memory_bandwidth(threads)
+    load = os.getloadavg()
+    n, prompt_len = args.new_tokens, args.prompt_len
+    print(f"\n## batch-1 greedy decode vs the memory-bandwidth roofline ({threads} threads)")
+    print(f"memory bandwidth {bandwidth / 1e9:.2f} GB/s (best of 5 reductions/copies of 256 MB); prompt {prompt_len}, "
+          f"{n} new tokens; decode tokens/s (prefill excluded), best of {args.repeats}; load average at start "
+          f"{load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores")  # fmt: skip
+    print("roofline = bandwidth / (weight bytes + KV bytes at the mean context); fraction = tokens/s / roofline")
+    header = f"{'preset':<8} {'params':>8} {'path':<22} {'tokens/s':>9} {'roofline':>9} {'fraction':>8} {'vs HF':>7}"
+    print(header + f" {'vs llama.cpp f32':>16}")
+    for name in args.presets.split(","):
+        cfg = make_preset(name, eos_token_id=None)
+        model = random_model(name, cfg.vocab_size)
+        params = sum(p.numel() for p in model.parameters())  # tied embeddings count once
+        kv = kv_bytes_per_token(cfg, prompt_len + n / 2)
+        f32_bytes = params * 4 + kv
+        prompt = torch.randint(1, 300, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        rows: list[tuple[str, float, float, int]] = []  # path, tokens/s, bytes per token, threads
+
+        ours_threads = 1 if single_threaded(model) else threads
+        eager = Engine(model, tokenizer=None)
+        reference = eager.generate_ids([prompt], max_new_tokens=n)[0].token_ids
+        rows.append(("slmkit eager", _decode_rate(eager, prompt, n, args.repeats), f32_bytes, ours_threads))
+        compiled = Engine(model, tokenizer=None, compile=True)
+        start = time.perf_counter()
+        same = compiled.generate_ids([prompt], max_new_tokens=n)[0].token_ids == reference
+        first = time.perf_counter() - start
+        label = f"slmkit compiled{'' if same else ' (DIFFERS)'}"
+        rows.append((label, _decode_rate(compiled, prompt, n, args.repeats), f32_bytes, ours_threads))
+        del compiled
+        with tempfile.TemporaryDirectory() as tmp:
+            from transformers import AutoModelForCausalLM
+
+            from slmkit.interop.gguf import export_gguf
+
+            save_model(model, Path(tmp) / "m", tokenizer_dir=_tiny_tokenizer_dir(Path(tmp)))
+            theirs = AutoModelForCausalLM.from_pretrained(Path(tmp) / "m").eval()
+            hf_threads = ours_threads  # the thread count our core picks for this model (fair at small sizes)
+            torch.set_num_threads(hf_threads)
+            hf_rate, hf_tokens = _hf_decode_rate(theirs, prompt, n, args.repeats)
+            torch.set_num_threads(threads)
+            hf_note = "" if hf_tokens == reference else " (DIFFERS)"
+            rows.append((f"transformers eager{hf_note}", hf_rate, f32_bytes, hf_threads))
+            del theirs
+            if available():
+                for dtype in args.gguf:
+                    path = export_gguf(Path(tmp) / "m", Path(tmp) / f"m-{dtype}.gguf", dtype)
+                    runs = [llama_server_greedy(path, prompt, n, cfg.max_seq_len, threads) for _ in range(args.repeats)]
+                    tokens, rate = max(runs, key=lambda r: r[1])
+                    note = "" if dtype != "f32" or tokens == reference else " (DIFFERS)"
+                    weight_bytes = path.stat().st_size  # the file: every tensor once, in its stored type
+                    rows.append((f"llama.cpp {dtype}{note}", rate, weight_bytes + kv, threads))
+        by_path = {path.split(" (")[0]: rate for path, rate, _, _ in rows}
+        hf_rate, llama_rate = by_path.get("transformers eager"), by_path.get("llama.cpp f32")
+        for path, rate, nbytes, used in rows:
+            roof = bandwidth / nbytes
+            vs_hf = f"{rate / hf_rate:6.2f}x" if hf_rate else "    n/a"
+            vs_llama = f"{rate / llama_rate:15.2f}x" if llama_rate else "            n/a"
+            print(f"{name:<8} {params / 1e6:7.1f}M {path + f' [{used}t]':<22} {rate:9.1f} {roof:9.1f} "
+                  f"{rate / roof:8.2f} {vs_hf} {vs_llama}")  # fmt: skip
+        print(f"{name:<8} compiling the decode step took {first:.1f} s (first call); load average now "
+              f"{os.getloadavg()[0]:.1f}")  # fmt: skip
+
+
+SECTIONS = {
+    "hf": section_hf,
+    "batch": section_batch,
+    "spec": section_spec,
+    "json": section_json,
+    "gpu": section_gpu,
+    "roofline": section_roofline,
+}
 
 
 def main() -> None:
@@ -266,6 +410,8 @@ def main() -> None:
     parser.add_argument("--code-data", help="data dir whose val split gives code prompts (e.g. builtin:pystdlib)")
     parser.add_argument("--english", help=".jsonl corpus of English prompts (field abstract or text)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--presets", default="micro,medium,base,124m", help="roofline: presets to measure")
+    parser.add_argument("--gguf", nargs="+", default=["f32", "q8_0"], help="roofline: llama.cpp GGUF dtypes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -339,6 +339,15 @@ class DecodeCore:
         self._step: CompiledStep | None = None
         if compile:
             self._step = CompiledStep(StaticStep(model, self.state), self.device)
+        # the compiled step's inputs (tokens (B, 1), positions (B, 1), active rows (B,)), made once and updated in
+        # place; _fed: the rows the last step fed (every one active), at positions _fed_lengths
+        self._inputs = (
+            torch.zeros(max_batch, 1, dtype=torch.long, device=self.device),
+            torch.zeros(max_batch, 1, dtype=torch.long, device=self.device),
+            torch.zeros(max_batch, dtype=torch.bool, device=self.device),
+        )
+        self._fed: list[GenerationSequence] = []
+        self._fed_lengths: list[int] = []
         self._chosen: tuple[list[GenerationSequence], torch.Tensor] = ([], torch.empty(0))  # the latest choices
         # hooks (None: off): on_verify(rows, tokens (n, w) on the CPU, logits (n, w, V), drafts) sees every verification
         # pass (token recycling learns from it); on_release(seqs) sees finished sequences while their rows still hold
@@ -442,9 +451,11 @@ class DecodeCore:
         is then complete get logits to choose their first token from. Consecutive rows at the same stage prefill in
         one pass; shorter ones are padded at the end when the state can crop what they were fed past it."""
         ready: Ready = []
+        pending = [s for s in self.rows if not s.finished and s.prefilled < len(s.prompt)]
+        if not pending:  # every decode step asks: nothing else to do then
+            return ready
         budget = self.prefill_chunk
         room = self.state.pad_room()
-        pending = [s for s in self.rows if not s.finished and s.prefilled < len(s.prompt)]
         i = 0
         while i < len(pending) and (budget is None or budget > 0):
             seq = pending[i]
@@ -544,17 +555,33 @@ class DecodeCore:
     def _compiled_decode(self) -> torch.Tensor:
         """Every row of the state (idle ones feed a placeholder, inactive), so the compiled graph never changes."""
         assert self._step is not None
-        b = self.max_batch
-        tokens, pos, active = [0] * b, [0] * b, [False] * b
-        for seq in self.rows:
-            tokens[seq.row] = seq.pending if seq.pending is not None else 0
-            pos[seq.row] = seq.length
-            active[seq.row] = seq.pending is not None
-        t = torch.tensor(tokens, device=self.device)[:, None]
-        p = torch.tensor(pos, device=self.device)[:, None]
-        a = torch.tensor(active, device=self.device)
+        rows = self.rows
+        tokens, pos, active = self._inputs
+        chosen_seqs, chosen = self._chosen
+        fed, lengths, n = self._fed, self._fed_lengths, len(rows)
+        if (
+            len(fed) == n == len(chosen_seqs)
+            and all(a is b is c for a, b, c in zip(fed, rows, chosen_seqs, strict=True))
+            and all(s.pending is not None and s.length == k + 1 for s, k in zip(rows, lengths, strict=True))
+        ):
+            # the steady state (the same rows as the last step, each feeding the token just chosen for it at its
+            # next position): the inputs are updated in place, no tensor made, no host-to-device copy
+            tokens[:n, 0].copy_(chosen)
+            pos[:n].add_(1)
+        else:
+            b = self.max_batch
+            new_tokens, new_pos, new_active = [0] * b, [0] * b, [False] * b
+            for seq in rows:
+                new_tokens[seq.row] = seq.pending if seq.pending is not None else 0
+                new_pos[seq.row] = seq.length
+                new_active[seq.row] = seq.pending is not None
+            tokens.copy_(torch.tensor(new_tokens)[:, None])
+            pos.copy_(torch.tensor(new_pos)[:, None])
+            active.copy_(torch.tensor(new_active))
+            self._fed = list(rows) if all(new_active[:n]) else []
+        self._fed_lengths = [s.length for s in self._fed]
         with self.step_threads:
-            return self._step(t, p, a)
+            return self._step(tokens, pos, active)
 
     def verify(self, drafts: Drafts) -> list[StepOutput]:
         """One speculative step over every running row: rows in `drafts` feed their pending token and their draft

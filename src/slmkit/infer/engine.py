@@ -14,8 +14,9 @@ rejected positions from the row's state.
 
 On CUDA the decode step runs in bf16 and, with ``compile=True`` (the default there), through
 ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) over a state of fixed shape. On a CPU it runs eagerly
-unless ``compile=True`` asks for inductor's C++ kernels (a one-time compilation of 15-40 s; faster
-steps on small models, see docs/inference.md).
+unless ``compile=True`` asks for inductor's C++ kernels (a one-time compilation of 7-95 s; faster
+steps on small models, see docs/inference.md); left to choose (``compile=None``), an engine of a small model
+compiles once it has decoded AUTO_COMPILE_TOKENS tokens, where the compilation has paid for itself.
 """
 
 from __future__ import annotations
@@ -39,12 +40,18 @@ from slmkit.infer.core import (  # noqa: F401  (MIN_DRAFTED_TO_JUDGE: the engine
     GenerationRequest,
     GenerationSequence,
     StepOutput,
+    single_threaded,
 )
 from slmkit.infer.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 SpeculateMode = Literal["off", "draft", "lookup", "recycle"]
+# A CPU engine of a small model (`single_threaded`: the step is per-op overhead, which compiling removes) compiles
+# its decode step once it has made this many tokens. Measured on a loaded 2-core EPYC (docs/inference.md): the
+# compiled micro step saved about 1 ms a token (0.4-0.6 ms against 1.2-1.8 ms eager) and compiling cost 7-15 s
+# with inductor's on-disk cache warm, 80-95 s cold; so it pays after roughly 10^4 tokens warm, 10^5 cold.
+AUTO_COMPILE_TOKENS = 20_000
 
 
 @dataclass
@@ -202,6 +209,11 @@ class Engine:
         # inductor's on-disk cache holds the graph), which pays off for long runs and servers, not one-shot use
         self.compile = bool(self.device.type == "cuda" if compile is None else compile)
         self.static_cache = self.compile if static_cache is None else static_cache or self.compile
+        # compile=None on a CPU: eager at first, compiled once the engine has decoded AUTO_COMPILE_TOKENS tokens (a
+        # long-lived engine, such as a server's, where the compilation is paid back; see AUTO_COMPILE_TOKENS)
+        self._auto_compile = compile is None and self.device.type == "cpu" and single_threaded(self.model)
+        self._auto_compile = self._auto_compile and static_cache is None and self.kv_cache is None
+        self.decoded_tokens = 0  # new tokens this engine has made (what the CPU compile rule counts)
         # with a static state (compiled steps), one core per batch size lives as long as the engine
         self._static: dict[int, DecodeCore] = {}
         self.recycler: Any = None  # speculate="recycle": the adjacency matrix, kept across calls (it learns)
@@ -437,6 +449,7 @@ class Engine:
             stats.compile_seconds += compiling
             stats.decode_seconds += wall - prefill - compiling  # every step after prefill, choosing included
             stats.decode_forwards += core.stats.decode_forwards - before.decode_forwards
+            self._count_decoded(sum(len(s.out) for s in seqs))
             for seq in seqs:
                 stats.new_tokens += len(seq.out)
                 stats.finish_reasons.append(seq.finish_reason or "")
@@ -444,6 +457,15 @@ class Engine:
                     stats.mask_seconds += seq.grammar.mask_seconds
                 if not stream:
                     yield self._completion(seq, logprobs)
+
+    def _count_decoded(self, tokens: int) -> None:
+        """Count new tokens; past AUTO_COMPILE_TOKENS a CPU engine left to choose (compile=None) compiles from its
+        next batch on (greedy output is the same either way)."""
+        self.decoded_tokens += tokens
+        if self._auto_compile and self.decoded_tokens >= AUTO_COMPILE_TOKENS:
+            logger.info("%d tokens decoded: compiling the decode step from the next batch on", self.decoded_tokens)
+            self._auto_compile = False
+            self.compile = self.static_cache = True
 
     def _completion(self, seq: GenerationSequence, logprobs: bool) -> Completion:
         text = seq.text.emitted if seq.text is not None and seq.text.stopped else None
