@@ -141,6 +141,10 @@ def test_mixture_gives_attn_v_and_ffn_down_more_bits_on_llama_cpp_layers(dtype, 
     assert types["output.weight"] == "q6_k"
     assert types["token_embd.weight"] == base  # untied: the file's type, as llama.cpp
     assert types["output_norm.weight"] == "f32"
+    # GPT-2's fused attn_qkv counts as attn_v (llama.cpp's category_is_attn_v)
+    fused = {n.replace("attn_v.", "attn_qkv."): t for n, t in llama_like(8).items()}
+    types = kinds(tensor_types(fused, dtype))
+    assert [i for i in range(8) if types[f"blk.{i}.attn_qkv.weight"] == "q6_k"] == sorted(more)
     # 32 layers (a 7-8B llama): llama.cpp's Q4_K_M gives these 16 layers' attn_v and ffn_down Q6_K
     types = kinds(tensor_types(llama_like(32), dtype))
     more = {0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 28, 29, 30, 31}
@@ -260,3 +264,27 @@ def test_llama_cpp_runs_q4_k_m_with_the_logits_of_the_weights_we_wrote(model_dir
     print(f"max logit gap {gap_written:.4g} to the written weights, {gap_fp32:.4g} to fp32; ppl ratio {ppl_ratio:.5f}")
     assert gap_written < 0.05 and gap_written < 0.3 * gap_fp32, (gap_written, gap_fp32)
     assert abs(ppl_ratio - 1) < 0.02
+
+
+def test_compressed_models_keep_int8_codes_and_refuse_a_second_4_bit_rounding(model_dir, tmp_path):
+    """int8 layers that the mixture writes as q8_0 (here the last layer's ffn_down: q6_k, 352 wide, falls back to
+    q8_0) keep their codes; int4 layers are refused as q4_k (a second 4-bit rounding) and re-quantized as q5_k_m."""
+    from slmkit.compress.pipeline import compress
+    from slmkit.errors import UserError
+    from slmkit.interop.checkpoint import load_model
+    from slmkit.interop.gguf import gguf_tensors
+
+    int8 = compress(model_dir, "int8", tmp_path / "int8", measure=False)
+    reader = gguf.GGUFReader(export_gguf(tmp_path / "int8", tmp_path / "int8.gguf", "q4_k_m"))
+    tensor = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    assert tensor.tensor_type.name == "Q8_0"
+    want = gguf_tensors(load_model(tmp_path / "int8"))["blk.1.ffn_down.weight"].numpy()
+    values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    assert np.abs(values - want).max() <= 1e-3 * np.abs(want).max()  # the codes as they are (fp16 scales)
+    assert int8 is not None
+
+    compress(model_dir, "int4", tmp_path / "int4", measure=False)
+    with pytest.raises(UserError, match="as q4_k would round its weights a second time at 4 bits"):
+        export_gguf(tmp_path / "int4", tmp_path / "x.gguf", "q4_k_m")
+    assert not (tmp_path / "x.gguf").exists()
+    export_gguf(tmp_path / "int4", tmp_path / "ok.gguf", "q5_k_m")
