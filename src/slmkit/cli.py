@@ -1122,7 +1122,7 @@ def export_command(
         str | None,
         typer.Option(
             help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
-            "or K-quants q4_k, q5_k, q6_k, q4_k_m, q5_k_m (llama.cpp's mixtures)."
+            "K-quants q4_k, q5_k, q6_k, or llama.cpp's K-quant mixtures q4_k_m, q5_k_m."
         ),
     ] = None,
     overwrite: Annotated[
