@@ -1244,7 +1244,11 @@ def export_command(
     format: Annotated[str, typer.Option("--format", help="hf (a transformers directory) or gguf (llama.cpp).")],
     out: Annotated[Path, typer.Option("--out", help="Output directory (hf) or .gguf file (gguf).")],
     dtype: Annotated[
-        str | None, typer.Option(help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0 or q5_1.")
+        str | None,
+        typer.Option(
+            help="GGUF weights: f32, f16 (default), bf16, q8_0, q4_0, q4_1, q5_0, q5_1, "
+            "K-quants q4_k, q5_k, q6_k, or llama.cpp's K-quant mixtures q4_k_m, q5_k_m."
+        ),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace what is already at --out (never a file by a directory).")

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
 
 # pre-tokenizer regexes of tokenizer.json -> llama.cpp's name for that pre-tokenizer
 _LLAMA3_REGEX = (
@@ -225,6 +225,73 @@ def _f32_names(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> set[str]:
 # ---- tensor types ---------------------------------------------------------------------------------
 BLOCK_DTYPES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what the `gguf` package can quantize itself
 _LOW_BIT = ("q4_0", "q4_1", "q5_0", "q5_1")
+# K-quant file types (slmkit.interop.kquants packs the blocks): one type for every matrix, or llama.cpp's _M mixtures
+K_DTYPES = ("q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
+_K_BASE = {"q4_k": "q4_k", "q5_k": "q5_k", "q6_k": "q6_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+# llama.cpp's tensor_type_fallback for rows that are not a multiple of a 256-weight super-block
+_K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+_ATTN_V_LIKE = ("attn_qkv.weight", "attn_kv_b.weight", "attn_v.weight")  # llama.cpp's category_is_attn_v
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third one between."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _layer_of(name: str) -> int:
+    return int(name.split(".")[1]) if name.startswith("blk.") else -1
+
+
+class _KMixture:
+    """llama.cpp's llama_tensor_get_type for the K-quant file types (llama-quant.cpp, no imatrix, no overrides).
+
+    q4_k, q5_k, q6_k: every matrix in that type, the output head (the tied embedding) q6_k. q4_k_m / q5_k_m (default
+    q4_k / q5_k): the head q6_k; attn_v (GPT-2's fused attn_qkv) q6_k on the layers `_more_bits` picks, counted
+    over the attn_v tensors in llama.cpp's order; ffn_down (experts' and shared expert's too) q6_k on the layers it
+    picks; with 8 experts (Mixtral), attn_v and attn_k q8_0 and, in q4_k_m, attn_output q5_k."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], dtype: str):
+        self.dtype, self.base = dtype, _K_BASE[dtype]
+        self.mixture = dtype.endswith("_m")
+        self.n_layers = 1 + max((_layer_of(n) for n in tensors), default=-1)
+        # llama.cpp visits tensors by layer, then by name; its attn_v counter follows that order
+        attn_v = sorted((n for n in tensors if any(k in n for k in _ATTN_V_LIKE)), key=lambda n: (_layer_of(n), n))
+        self.attn_v_index = {n: i for i, n in enumerate(attn_v)}
+        experts = [t.shape[0] for n, t in tensors.items() if "_exps." in n and t.dim() == 3]
+        self.n_experts = experts[0] if experts else 0
+
+    def choose(self, name: str, tensor: torch.Tensor, head: str) -> tuple[str, str | None]:
+        if name == head:
+            if tensor.shape[-1] % 256:
+                return "q8_0", f"output head, rows of {tensor.shape[-1]} (not a multiple of 256): q8_0 as llama.cpp"
+            return "q6_k", None if self.base == "q6_k" else "output head at q6_k, as llama.cpp does"
+        if not self.mixture:
+            return self.base, None
+        rule = f"llama.cpp's {self.dtype.upper()} rule"
+        if name in self.attn_v_index:
+            if self.n_experts == 8:
+                return "q8_0", f"attn_v of an 8-expert model: q8_0 ({rule})"
+            i, n = self.attn_v_index[name], len(self.attn_v_index)
+            if _more_bits(i, n):
+                return "q6_k", f"attn_v {i} of {n}: more bits ({rule})"
+        elif "attn_k.weight" in name and self.n_experts == 8:
+            return "q8_0", f"attn_k of an 8-expert model: q8_0 ({rule})"
+        elif "ffn_down" in name and _more_bits(_layer_of(name), self.n_layers):
+            return "q6_k", f"ffn_down of layer {_layer_of(name)} of {self.n_layers}: more bits ({rule})"
+        elif "attn_output.weight" in name and self.n_experts == 8 and self.dtype == "q4_k_m":
+            return "q5_k", f"attn_output of an 8-expert model: q5_k ({rule})"
+        return self.base, None
+
+
+def _fit_rows(kind: str, why: str | None, width: int) -> tuple[str, str | None]:
+    """llama.cpp's fallbacks for rows that do not split into the type's blocks: a K-quant to its 32-block
+    neighbour (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0), a 32-block type to f16."""
+    if kind in _K_FALLBACK and width % 256:
+        kind, why = _K_FALLBACK[kind], f"row length {width} is not a multiple of the {kind} super-block (256)"
+    if kind in BLOCK_DTYPES and width % 32:
+        why = f"row length {width} is not a multiple of the {kind} block (32)"
+        kind = "f16"
+    return kind, why
 
 
 def _qtype(dtype: str) -> Any:
@@ -238,14 +305,15 @@ def tensor_types(
 ) -> dict[str, tuple[str, str | None]]:
     """name -> (GGUF type, why it differs from `dtype` or None), following llama.cpp's quantize tool:
     1-D tensors (norms, biases, rope divisors), `*_norm.weight` and the learned position embedding stay f32;
-    the output matrix (the token embedding where the head is tied to it) is kept at 8 bits in 4/5-bit files
-    (llama.cpp's tool uses q6_k, or q8_0 where the row length is not a multiple of 256; the `gguf` package
-    cannot write k-quants, so q8_0 here); the token embedding of an untied model takes the file's type;
-    a matrix whose row length is not a multiple of the block size is written f16; `keep_f32` names tensors the
-    family's layout keeps in f32 (an SSM's conv, A, D and time-step projections)."""
-    import gguf
-
+    the output matrix (the token embedding where the head is tied to it) is kept at 8 bits in q4_0/q4_1/q5_0/q5_1
+    files (llama.cpp's tool uses q6_k there, or q8_0 where the row length is not a multiple of 256; these files keep
+    their earlier q8_0 head) and at q6_k in K-quant files; K-quant files follow llama.cpp's tensor rules
+    (`_KMixture`); the token embedding of an untied model takes the file's type; a matrix whose row length is not
+    a multiple of the block size falls back as llama.cpp's does (q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, a
+    32-block type -> f16); `keep_f32` names tensors the family's layout keeps in f32 (an SSM's conv, A, D and
+    time-step projections)."""
     head = "output.weight" if "output.weight" in tensors else "token_embd.weight"
+    mixture = _KMixture(tensors, dtype) if dtype in K_DTYPES else None
     types: dict[str, tuple[str, str | None]] = {}
     for name, tensor in tensors.items():
         if (
@@ -260,13 +328,11 @@ def tensor_types(
             types[name] = ("f32", None if dtype == "f32" else "a router stays f32, as llama.cpp's quantize keeps it")
             continue
         kind, why = dtype, None
-        if name == head and dtype in _LOW_BIT:
+        if mixture is not None:
+            kind, why = mixture.choose(name, tensor, head)
+        elif name == head and dtype in _LOW_BIT:
             kind, why = "q8_0", "output head kept at 8 bits, as llama.cpp does"
-        if kind in BLOCK_DTYPES:
-            block = gguf.GGML_QUANT_SIZES[_qtype(kind)][0]
-            if tensor.shape[-1] % block:
-                kind, why = "f16", f"row length {tensor.shape[-1]} is not a multiple of the {kind} block ({block})"
-        types[name] = (kind, why)
+        types[name] = _fit_rows(kind, why, tensor.shape[-1])
     return types
 
 
@@ -331,11 +397,15 @@ def _encode(tensor: torch.Tensor, kind: str, exact: torch.Tensor | None = None) 
     import gguf
     import numpy as np
 
+    from slmkit.interop import kquants
+
     data = tensor.numpy().astype(np.float32)
     if kind == "f32":
         return data, None
     if kind == "f16":
         return data.astype(np.float16), None
+    if kind in kquants.K_TYPES:
+        return kquants.quantize(data, kind), _qtype(kind)
     if exact is not None:
         return _encode_exact(exact, kind), _qtype(kind)
     return gguf.quants.quantize(data, _qtype(kind)), _qtype(kind)
@@ -356,7 +426,7 @@ def plan_tensors(
     tensors = _layout(cfg, state)
     types = tensor_types(tensors, dtype, _f32_names(cfg, tensors))
     # codes only matter for block types (kept as they are, or refused); float files need none of this
-    blocks = exact_blocks(model) if dtype in BLOCK_DTYPES else {}
+    blocks = exact_blocks(model) if dtype in BLOCK_DTYPES or dtype in K_DTYPES else {}
     if not blocks:
         return tensors, types, {}
     aux = {k: blocks[k] if k in blocks else torch.full((*v.shape, 4), float("nan")) for k, v in state.items()}
@@ -369,16 +439,16 @@ def plan_tensors(
             types[name] = (dtype, None)  # already in the file's type: the output head too stays as it is
         if types[name][0] == kind:
             exact[name] = codes
-        elif abs(codes[0, 0, 3].item()) == 4 and types[name][0] in ("q4_0", "q4_1"):
-            why = "groups below 32 or outliers" if dtype == "q4_1" else "its own 4-bit grid"
+        elif abs(codes[0, 0, 3].item()) == 4 and types[name][0] in ("q4_0", "q4_1", "q4_k"):
+            why = "groups below 32 or outliers" if types[name][0] == "q4_1" else "its own 4-bit grid"
             raise UserError(
-                f"{name} is int4 with {why}; writing it as {dtype} would round its weights a second time at "
-                "4 bits. int4 maps exactly onto q4_1 only (groups that are multiples of 32, no --outliers); "
-                "export q4_1 where that holds, or q5_0, q5_1, q8_0, f16, or export the float model"
+                f"{name} is int4 with {why}; writing it as {types[name][0]} would round its weights a second time "
+                "at 4 bits. int4 maps exactly onto q4_1 only (groups that are multiples of 32, no --outliers); "
+                "export q4_1 where that holds, or q5_0, q5_1, q5_k, q5_k_m, q6_k, q8_0, f16, or export the float model"
             )
     spec = getattr(model, "compression", {}) or {}
     written = len(exact)
-    requantized = sum(1 for n, (k, _) in types.items() if n not in exact and k in BLOCK_DTYPES)
+    requantized = sum(1 for n, (k, _) in types.items() if n not in exact and k not in ("f32", "f16", "bf16"))
     log.info(
         "GGUF %s from an slmkit %s model: %d tensors keep their codes, %d re-quantized",
         dtype,
@@ -427,6 +497,12 @@ def _file_type(dtype: str) -> int:
         "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
         "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
         "q5_1": gguf.LlamaFileType.MOSTLY_Q5_1,
+        # llama.cpp has no file type for "every matrix Q4_K/Q5_K": the nearest, its _S mixtures, names them
+        "q4_k": gguf.LlamaFileType.MOSTLY_Q4_K_S,
+        "q5_k": gguf.LlamaFileType.MOSTLY_Q5_K_S,
+        "q6_k": gguf.LlamaFileType.MOSTLY_Q6_K,
+        "q4_k_m": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+        "q5_k_m": gguf.LlamaFileType.MOSTLY_Q5_K_M,
     }[dtype]
 
 
@@ -457,8 +533,8 @@ def export_gguf(model_path: str | Path, out: str | Path, dtype: str = "f16", ove
     vocab = read_bpe_vocab(tokenizer_path, cfg.vocab_size)
     tensors, types, exact = plan_tensors(model, dtype)
     for name, (kind, why) in types.items():
-        if why is not None:  # a fallback (odd row length) is worth a warning; llama.cpp's head rule is not
-            level = logging.WARNING if kind == "f16" else logging.INFO
+        if why is not None:  # a fallback (odd row length) is worth a warning; llama.cpp's type rules are not
+            level = logging.WARNING if why.startswith("row length") else logging.INFO
             log.log(level, "GGUF %s: %s written as %s (%s)", dtype, name, kind, why)
     arch = family_spec(cfg.family).gguf.arch
 
