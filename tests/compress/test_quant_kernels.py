@@ -134,16 +134,27 @@ def quantized_dirs(tmp_path_factory, data_dir, make_model):
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_greedy_output_same_as_dequantized_path(quantized_dirs, method):
-    """Whole model, decode core: the kernels' greedy continuation is the reference path's, and the last logits
-    are close (the kernels round activations to bf16; on this model no greedy choice is that close)."""
+    """Whole model, decode core: the kernels' greedy continuation is the reference path's up to a near-tie, and
+    the logits are close. The kernels round activations to bf16 (logits move by up to ~0.006 on a trained model),
+    so two continuations may part only where the reference's top two logits are within TIE of each other, the
+    kernels taking the reference's second choice; whether this tiny model has such a tie depends on the corpus it
+    was trained on (it has one with ../shared's, none with the synthetic fallback)."""
     from slmkit.infer.core import decode_greedy
 
+    tie = 0.02
     model = load_model(quantized_dirs[method])
     prompts = [[1, 5, 9, 2, 7, 3], [4, 4, 8]]
     fast, _ = decode_greedy(model, prompts, 24)
     with dequantized_matmuls():
         slow, _ = decode_greedy(model, prompts, 24)
-    assert fast == slow
+    for prompt, ours, reference in zip(prompts, fast, slow, strict=True):
+        if ours == reference:
+            continue
+        i = next(k for k, (a, b) in enumerate(zip(ours, reference, strict=True)) if a != b)
+        with torch.no_grad(), dequantized_matmuls():
+            top = model(torch.tensor([prompt + reference[:i]]))[0, -1].topk(2)
+        assert float(top.values[0] - top.values[1]) < tie, (i, top)
+        assert ours[i] == int(top.indices[1]) and reference[i] == int(top.indices[0])
     tokens = torch.tensor([prompts[0] + fast[0]])
     with torch.no_grad():
         fast_logits = model(tokens)

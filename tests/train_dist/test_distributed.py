@@ -103,11 +103,11 @@ def assert_close(a: list[float], b: list[float]) -> None:
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < TOL, (a, b)
 
 
-def assert_same_weights(dir_a: Path, dir_b: Path) -> None:
+def assert_same_weights(dir_a: Path, dir_b: Path, atol: float = TOL) -> None:
     a, b = load_model(dir_a).state_dict(), load_model(dir_b).state_dict()
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=TOL, rtol=0, msg=name)
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,9 @@ def test_ddp_distillation_matches_one_process(data_dir, tiny_model_dir, tmp_path
     assert "saved to" in outputs[0]
     assert json.loads((tmp_path / "ddp" / "final" / "trainer_state.json").read_text())["world_size"] == 2
     assert_close(losses(tmp_path / "ddp"), single.losses)
-    assert_same_weights(tmp_path / "ddp" / "final", tmp_path / "single" / "final")
+    # the teacher's soft targets add a softmax/KL per token whose sum the all-reduce orders differently: on an AMD
+    # EPYC (MKL) one weight of 0.09 moved by 1.01e-5 in 3 steps, the rest by < 1.3e-6 (an Intel Xeon stayed < 1e-5)
+    assert_same_weights(tmp_path / "ddp" / "final", tmp_path / "single" / "final", atol=3e-5)
 
 
 def test_muon_under_ddp_matches_one_process(data_dir, tmp_path):
