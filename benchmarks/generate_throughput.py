@@ -13,10 +13,14 @@ Sections:
 - json:    tokens/s with and without a JSON schema constraint (grammar mask cost per step).
 - gpu:     (CUDA only) decode tokens/s in bf16 with torch.compile(mode="reduce-overhead") on and off.
 - roofline: batch-1 greedy decode per preset (--presets, random weights, the preset's own vocabulary): slmkit
-           eager and compiled, transformers' `generate` (eager) and llama.cpp (xllamacpp's llama-server, f32 and
-           q8_0 GGUF exports of the same weights), as decode tokens/s and as a fraction of this machine's memory
-           bandwidth roofline: bandwidth (best of a few 256 MB reductions and copies) / bytes each token must read
-           (the weights, tied embeddings once, + the KV cache at the mean context length).
+           eager and compiled, slmkit int8 and int4 (the same weights through `slm compress`'s round-to-nearest
+           quantizer, default options, loaded as `load_model` loads them), transformers' `generate` (eager) and
+           llama.cpp (xllamacpp's llama-server, f32, q8_0 and q4_k_m GGUF exports of the same weights), as decode
+           tokens/s and as a fraction of this machine's memory-bandwidth roofline: bandwidth (best of a few 256 MB
+           reductions and copies) / bytes each token must read (the weights as stored: f32, the int8/int4 model's
+           own buffers, or the GGUF file; tied embeddings once; + the KV cache at the mean context length). K-quant
+           files need rows that are multiples of 256: on other widths tensors fall back as llama.cpp's do (q4_k ->
+           q5_0, q6_k -> q8_0); the tensor types each file holds are printed under the preset.
 
     python benchmarks/generate_throughput.py --sections roofline --presets micro,medium,base,124m --threads 2
 """
@@ -310,6 +314,31 @@ def _hf_decode_rate(model: torch.nn.Module, prompt: list[int], n: int, repeats: 
     return (n - 1) / max(full - one, 1e-9), tokens
 
 
+def _stored_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights a decode step reads as the model stores them (quantized codes, scales), shared tensors
+    once. An int4 layer keeps its scales and zeros twice, f32 and the bf16 copy its kernel reads: only the copy
+    in use counts."""
+    seen: dict[int, int] = {}
+    for module in model.modules():
+        skip = "scales_and_zeros" if getattr(module, "kernel_scales_and_zeros", None) is not None else None
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in tensors:
+            if t is not None and name != skip:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _gguf_types(path: Path) -> str:
+    """The tensor types a GGUF file holds, with counts (e.g. `Q4_K x10, Q5_0 x4, Q6_K x1`), matrices only."""
+    from collections import Counter
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    counts = Counter(t.tensor_type.name for t in reader.tensors if len(t.shape) > 1)
+    return ", ".join(f"{kind} x{count}" for kind, count in sorted(counts.items()))
+
+
 def section_roofline(args: argparse.Namespace) -> None:
     import os
 
@@ -318,6 +347,7 @@ def section_roofline(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
     from llamacpp_peer import available, llama_server_greedy
+    from quant_decode import quantize_in_memory
 
     threads = args.threads or 2
     torch.set_num_threads(threads)
@@ -351,6 +381,15 @@ def section_roofline(args: argparse.Namespace) -> None:
         label = f"slmkit compiled{'' if same else ' (DIFFERS)'}"
         rows.append((label, _decode_rate(compiled, prompt, n, args.repeats), f32_bytes, ours_threads))
         del compiled
+        for bits in (8, 4):  # quantized: greedy tokens may differ from f32 (their error), as llama.cpp's q8_0 may
+            qmodel = quantize_in_memory(model, bits)
+            q_threads = 1 if single_threaded(qmodel) else threads
+            q_engine = Engine(qmodel, tokenizer=None)
+            q_engine.generate_ids([prompt], max_new_tokens=4)  # warm-up (first-call allocations, prepacking)
+            q_rate = _decode_rate(q_engine, prompt, n, args.repeats)
+            rows.append((f"slmkit int{bits}", q_rate, _stored_bytes(qmodel) + kv, q_threads))
+            del qmodel, q_engine
+        gguf_types: list[str] = []
         with tempfile.TemporaryDirectory() as tmp:
             from transformers import AutoModelForCausalLM
 
@@ -373,6 +412,8 @@ def section_roofline(args: argparse.Namespace) -> None:
                     note = "" if dtype != "f32" or tokens == reference else " (DIFFERS)"
                     weight_bytes = path.stat().st_size  # the file: every tensor once, in its stored type
                     rows.append((f"llama.cpp {dtype}{note}", rate, weight_bytes + kv, threads))
+                    if dtype.startswith("q") and "_k" in dtype:  # K-quants: which tensors fell back, and to what
+                        gguf_types.append(f"{dtype}: {_gguf_types(path)}")
         by_path = {path.split(" (")[0]: rate for path, rate, _, _ in rows}
         hf_rate, llama_rate = by_path.get("transformers eager"), by_path.get("llama.cpp f32")
         for path, rate, nbytes, used in rows:
@@ -381,6 +422,8 @@ def section_roofline(args: argparse.Namespace) -> None:
             vs_llama = f"{rate / llama_rate:15.2f}x" if llama_rate else "            n/a"
             print(f"{name:<8} {params / 1e6:7.1f}M {path + f' [{used}t]':<22} {rate:9.1f} {roof:9.1f} "
                   f"{rate / roof:8.2f} {vs_hf} {vs_llama}")  # fmt: skip
+        for line in gguf_types:
+            print(f"{name:<8} llama.cpp {line}")
         print(f"{name:<8} compiling the decode step took {first:.1f} s (first call); load average now "
               f"{os.getloadavg()[0]:.1f}")  # fmt: skip
 
@@ -411,7 +454,7 @@ def main() -> None:
     parser.add_argument("--english", help=".jsonl corpus of English prompts (field abstract or text)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--presets", default="micro,medium,base,124m", help="roofline: presets to measure")
-    parser.add_argument("--gguf", nargs="+", default=["f32", "q8_0"], help="roofline: llama.cpp GGUF dtypes")
+    parser.add_argument("--gguf", nargs="+", default=["f32", "q8_0", "q4_k_m"], help="roofline: llama.cpp GGUF dtypes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

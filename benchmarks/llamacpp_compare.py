@@ -1,6 +1,6 @@
 """The same model in slmkit and in llama.cpp (the prebuilt xllamacpp wheel, on our GGUF export).
 
-    python benchmarks/llamacpp_compare.py --model runs/quickstart --text data/val.txt [--dtypes f32 q8_0]
+    python benchmarks/llamacpp_compare.py --model runs/quickstart --text data/val.txt [--dtypes f32 q8_0 q4_k_m]
 
 For each GGUF dtype: batch-1 greedy decode tokens/s (llama.cpp's in-process llama-server, its own
 `predicted_per_second` timing, vs slmkit fp32) and the perplexity of each on the same token windows of --text
@@ -26,7 +26,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="slmkit / Hugging Face model dir with tokenizer.json")
     parser.add_argument("--text", required=True, help="text file for perplexity")
-    parser.add_argument("--dtypes", nargs="+", default=["f32", "q8_0"])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["f32", "q8_0", "q4_k_m"],
+        help="GGUF dtypes to export and run (any of `slm export --dtype`: f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, "
+        "q5_1, q4_k, q5_k, q6_k, q4_k_m, q5_k_m; K-quants need rows that are multiples of 256 and fall back as "
+        "llama.cpp's do otherwise)",
+    )
     parser.add_argument("--prompt", default="The model")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--window", type=int, default=256, help="tokens per perplexity window")

@@ -537,6 +537,27 @@ def _olmes_metric(
     }
 
 
+def greedy_answer(lm: Any, ids: list[int], max_new: int, stop: Sequence[str]) -> tuple[str, list[int], list[int]]:
+    """A generation task's answer: greedy from `ids` (left-truncated so `max_new` new tokens fit the window) until
+    EOS or a stop string; (text cut before the first stop string, the generated ids, the prompt ids used)."""
+    from slmkit.infer.generate import generate_ids
+
+    eos = lm.config.eos_token_id
+    window = lm.config.max_seq_len
+    new = min(max_new, window - 1)
+    ids = ids[-(window - new) :]
+    out: list[int] = []
+    text = ""
+    for token in generate_ids(lm.model, ids, new, stop_ids={eos} if eos is not None else None):
+        out.append(token)
+        text = lm.tokenizer.decode(out)
+        if any(s in text for s in stop):
+            break
+    for s in stop:
+        text = text.split(s)[0]
+    return text, out, ids
+
+
 def _evaluate_generation(
     lm: Any,
     task: Task,
@@ -548,10 +569,6 @@ def _evaluate_generation(
     items: dict[str, dict[str, list[Any]]] | None = None,
     shots: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    from slmkit.infer.generate import generate_ids
-
-    eos = lm.config.eos_token_id
-    window = lm.config.max_seq_len
     has_regex = any("regex" in task.examples[i] for i in indices)
     metrics: dict[str, dict[str, list[float]]] = {"exact_match": {}, "contains": {}}
     if has_regex:
@@ -564,17 +581,7 @@ def _evaluate_generation(
         for i in indices:
             ex = task.examples[i]
             ids = [prefix_token_id(lm), *_encode(lm.tokenizer, render_gen(task, i, template, num_fewshot, seed, shots))]
-            new = min(max_new, window - 1)
-            ids = ids[-(window - new) :]
-            out: list[int] = []
-            text = ""
-            for token in generate_ids(lm.model, ids, new, stop_ids={eos} if eos is not None else None):
-                out.append(token)
-                text = lm.tokenizer.decode(out)
-                if any(s in text for s in task.stop):
-                    break
-            for s in task.stop:
-                text = text.split(s)[0] if s in text else text
+            text, _, _ = greedy_answer(lm, ids, max_new, task.stop)
             target = ex["target"].strip()
             metrics["exact_match"][template.name].append(float(text.strip() == target))
             if items is not None:

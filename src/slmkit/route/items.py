@@ -130,23 +130,10 @@ def score_items(
 
 def _generate(lm: Any, item: Item, max_new_tokens: int) -> tuple[str, float]:
     """Greedy answer (cut at the stop strings, stripped) and the mean log-probability of its tokens."""
-    from slmkit.eval.tasks import loglikelihoods
-    from slmkit.infer.generate import generate_ids
+    from slmkit.eval.tasks import greedy_answer, loglikelihoods
 
     eos = lm.config.eos_token_id
-    window = lm.config.max_seq_len
-    ids = prompt_ids(lm, item)
-    new = min(max_new_tokens, window - 1)
-    ids = ids[-(window - new) :]
-    out: list[int] = []
-    text = ""
-    for token in generate_ids(lm.model, ids, new, stop_ids={eos} if eos is not None else None):
-        out.append(token)
-        text = lm.tokenizer.decode(out)
-        if any(s in text for s in item.stop):
-            break
-    for s in item.stop:
-        text = text.split(s)[0]
+    text, out, ids = greedy_answer(lm, prompt_ids(lm, item), max_new_tokens, item.stop)
     scored = out or ([eos] if eos is not None else [])
     if not scored:
         return text.strip(), 0.0
