@@ -155,28 +155,24 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
     def _per_model(self, schedulers: Mapping[str, Any], models: Mapping[str, Any]) -> list[str]:
-        def family(name: str, kind: str, help: str, values: Mapping[str, Any]) -> list[str]:
-            out = [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
-            return out + [f'{name}{{model="{_label(model)}"}} {value}' for model, value in values.items()]
-
-        lines = family(
+        lines = _series(
             "slm_model_requests_total", "counter", "Generation requests each model ran (a router's count for every "
             "model they called).", {m: self.model_requests[m] for m in schedulers},
         )  # fmt: skip
-        lines += family(
+        lines += _series(
             "slm_model_queue_depth", "gauge", "Sequences waiting for a row, per model.",
             {m: s.queue_depth for m, s in schedulers.items()},
         )  # fmt: skip
-        lines += family(
+        lines += _series(
             "slm_model_running_requests", "gauge", "Sequences in the model's running batch.",
             {m: s.running for m, s in schedulers.items()},
         )  # fmt: skip
         if models:
-            lines += family(
+            lines += _series(
                 "slm_model_parameter_bytes", "gauge", "Bytes of the model's parameters.",
                 {m: models[m].parameter_bytes for m in schedulers if m in models},
             )  # fmt: skip
-            lines += family(
+            lines += _series(
                 "slm_model_kv_cache_bytes", "gauge", "Bytes of the model's inference state (KV cache, all rows).",
                 {m: models[m].kv_cache_bytes for m in schedulers if m in models},
             )  # fmt: skip
@@ -190,11 +186,10 @@ class Metrics:
         for (router, model), count in sorted(self.routed.items()):
             labels = f'router="{_label(router)}",answered_by="{_label(model)}"'
             lines.append(f"slm_router_requests_total{{{labels}}} {count}")
-        lines += [
-            "# HELP slm_router_strong_calls_total Router requests that called a model past the first one.",
-            "# TYPE slm_router_strong_calls_total counter",
-        ]
-        lines += [f'slm_router_strong_calls_total{{router="{_label(r)}"}} {self.strong_calls[r]}' for r in routers]
+        lines += _series(
+            "slm_router_strong_calls_total", "counter", "Router requests that called a model past the first one.",
+            {r: self.strong_calls[r] for r in routers}, label="router",
+        )  # fmt: skip
         lines += [
             "# HELP slm_router_strong_share Share of a router's requests that called a model past the first one.",
             "# TYPE slm_router_strong_share gauge",
@@ -205,11 +200,11 @@ class Metrics:
         return lines
 
 
-def _series(name: str, kind: str, help: str, values: Mapping[str, float]) -> list[str]:
-    """One family: {model name: value}; the name "" (a single served model) is written without a label."""
+def _series(name: str, kind: str, help: str, values: Mapping[str, float], label: str = "model") -> list[str]:
+    """One family: {label value: value}; the value "" (a single served model) is written without a label."""
     out = [f"# HELP {name} {help}", f"# TYPE {name} {kind}"]
-    for model, value in values.items():
-        labels = f'{{model="{_label(model)}"}}' if model else ""
+    for key, value in values.items():
+        labels = f'{{{label}="{_label(key)}"}}' if key else ""
         out.append(f"{name}{labels} {_number(value)}")
     return out
 
