@@ -12,7 +12,7 @@ import html
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,15 +81,31 @@ def cost_fronts(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _plot_png(axis: dict[str, Any], names: list[str], quality_name: str, higher: bool) -> str:
+def figure_png(draw: Callable[[Any], None], figsize: tuple[float, float]) -> str:
+    """A base64 PNG of one matplotlib axes (Agg, 110 dpi) that `draw(ax)` fills; a grid and a small legend added
+    after it, the figure closed whatever `draw` does."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=110)
+    fig, ax = plt.subplots(figsize=figsize, dpi=110)
     try:
+        draw(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _plot_png(axis: dict[str, Any], names: list[str], quality_name: str, higher: bool) -> str:
+    def draw(ax: Any) -> None:
+        from matplotlib.ticker import MaxNLocator
+
         xs = [p[0] for p in axis["points"]]
         ys = [p[1] for p in axis["points"]]
         on = set(axis["front"])
@@ -109,14 +125,8 @@ def _plot_png(axis: dict[str, Any], names: list[str], quality_name: str, higher:
         ax.ticklabel_format(axis="both", style="plain", useOffset=False)
         ax.set_xlabel(axis["label"])
         ax.set_ylabel(quality_name + (" (higher is better)" if higher else " (lower is better)"))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
-        plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    return figure_png(draw, (5.6, 3.8))
 
 
 def _fmt(x: Any, digits: int = 3) -> str:

@@ -3,9 +3,7 @@ share plot of every router with its bootstrap band, and the APGR / CPT / AUC tab
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -22,14 +20,10 @@ def _interval(entry: dict[str, Any]) -> str:
 
 def plot_png(result: dict[str, Any]) -> str:
     """The curves as a base64 PNG."""
-    import matplotlib
+    from slmkit.eval.report import figure_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    shares = result["shares"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-    try:
+    def draw(ax: Any) -> None:
+        shares = result["shares"]
         for name, entry in result["routers"].items():
             color = COLORS.get(name)
             apgr = entry["apgr"]["value"]
@@ -44,14 +38,8 @@ def plot_png(result: dict[str, Any]) -> str:
             ax.scatter([point["strong_share"]], [point["quality"]], color=COLORS["learned"], zorder=4, marker="x")
         ax.set_xlabel("share of calls to the strong model")
         ax.set_ylabel("quality (mean per-item score)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png")
-    finally:
-        plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    return figure_png(draw, (6.4, 4.2))
 
 
 def render_html(result: dict[str, Any]) -> str:
