@@ -124,6 +124,18 @@ def print_report(console: Any, report: dict[str, Any]) -> None:
         )
 
 
+def _set_threads_and_check_batch(threads: int | None, batch_size: int) -> None:
+    """--threads (torch's CPU threads, when given) and --batch-size, checked before any model loads."""
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be >= 1, got {threads}")
+        import torch
+
+        torch.set_num_threads(threads)
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+
+
 def run_eval_command(
     models: list[Path],
     data: list[Path],
@@ -152,14 +164,7 @@ def run_eval_command(
 ) -> None:
     from slmkit.eval.runner import run_eval
 
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    _set_threads_and_check_batch(threads, batch_size)
     options: dict[str, Any] = {"threads": threads} if threads else {}
     if kv_cache is not None:  # a KVCacheSpec: its fields travel to the measuring process as JSON
         import dataclasses
@@ -221,14 +226,7 @@ def run_lm_eval_command(
         )
     if not tasks:
         raise UserError("--lm-eval-include needs --lm-eval TASK (the tasks to run)")
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be >= 1, got {threads}")
-        import torch
-
-        torch.set_num_threads(threads)
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    _set_threads_and_check_batch(threads, batch_size)
     from slmkit.interop.checkpoint import resolve_model_dir
 
     directories = [resolve_model_dir(m) for m in models]  # every path checked before minutes of evaluation
