@@ -49,14 +49,10 @@ class PrefixCacheStats:
 
 
 def slot_buffers(layer: Any) -> list[torch.Tensor] | None:
-    """The tensors (B, H, S, X) of a layer state with slot = position, or None when its slots cannot be moved
-    between rows by position (see the module docstring)."""
-    kind = getattr(layer, "kind", None)
-    if kind == "kv":
-        return [layer.k, layer.v]
-    if kind == "compact" and not layer.pruned:
-        return [getattr(store, name) for store in (layer.keys, layer.values) for name in store.names]
-    return None
+    """The tensors (B, H, S, X) of a layer state with slot = position (its `position_buffers`), or None when its
+    slots cannot be moved between rows by position (see the module docstring)."""
+    method = getattr(layer, "position_buffers", None)
+    return method() if method is not None else None
 
 
 def _layers(state: Any) -> list[Any]:

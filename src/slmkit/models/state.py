@@ -55,6 +55,9 @@ class LayerState(Protocol):
     def rows(self, start: int, stop: int) -> LayerState:
         """Rows [start, stop) as a state of their own; writes land in this state (views)."""
 
+    # Optional: `position_buffers() -> list[Tensor] | None`, the tensors (B, H, S, X) whose slot s holds position s
+    # (None or absent: positions cannot be copied between rows), what the batcher's prefix cache copies.
+
 
 class KVState(nn.Module):
     """Keys and values (B, K, S, D), slot = position; queries see slots up to their own position."""
@@ -72,6 +75,9 @@ class KVState(nn.Module):
     @property
     def batch_size(self) -> int:
         return self.k.shape[0]
+
+    def position_buffers(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
 
     @property
     def max_len(self) -> int:
@@ -644,6 +650,12 @@ class CompactKVState(nn.Module):
         if self.pruned:  # the kept key channels of each row and kv head, ascending
             channels = torch.arange(self.key_dim, device=device).expand(batch_size, n_kv_heads, -1).clone()
             self.register_buffer("channels", channels, persistent=False)
+
+    def position_buffers(self) -> list[torch.Tensor] | None:
+        """Slot = position, unless keys are pruned (each row keeps its own channels)."""
+        if self.pruned:
+            return None
+        return [getattr(store, name) for store in (self.keys, self.values) for name in store.names]
 
     @property
     def batch_size(self) -> int:
