@@ -32,6 +32,7 @@ Family = Literal[
     "mamba",
     "mamba2",
     "bamba",
+    "jamba",
     "mixtral",
     "qwen2_moe",
     "olmoe",
@@ -41,7 +42,7 @@ NormType = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "relu2"]  # relu2: relu(x)^2 (Primer)
 MLPType = Literal["gated", "plain", "moe", "memory", "none"]
 MoEWeighting = Literal["softmax", "unit"]
-PositionScheme = Literal["rope", "learned"]
+PositionScheme = Literal["rope", "learned", "none"]
 QKNormScope = Literal["head", "projection"]
 RopeScalingType = Literal["linear", "dynamic", "llama3", "yarn", "longrope"]
 
@@ -301,7 +302,9 @@ class ModelConfig:
     norm: NormType = "rmsnorm"
     activation: Activation = "silu"
     mlp: MLPType = "gated"  # gated: down(act(gate(x)) * up(x)); plain: down(act(up(x)))
-    positions: PositionScheme = "rope"  # learned: an absolute position embedding table (GPT-2)
+    positions: PositionScheme = (
+        "rope"  # learned: an absolute position embedding table (GPT-2); none: no positions (Jamba)
+    )
     qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3)
     # what that RMSNorm spans: each head (Qwen3), or all heads' q (and k) together, one weight per channel (OLMoE)
     qk_norm_over: QKNormScope = "head"
@@ -322,6 +325,7 @@ class ModelConfig:
     ssm_chunk_size: int = 64  # Q, tokens per chunk of the parallel scan (speed only) [chunk_size]
     # mamba (Mamba-1) layers also read ssm_state_size (N per channel), ssm_expand, ssm_conv_kernel, ssm_chunk_size
     ssm_dt_rank: int | None = None  # mamba: time-step projection rank; None: ceil(d_model / 16) [time_step_rank]
+    ssm_dt_b_c_norm: bool = False  # mamba: RMSNorms over the time step, B and C inside the mixer (Jamba's)
     # ---- linear-attention layers (slmkit.models.linear_attention: gla, based) ----
     linear_feature_dim: int = 16  # based: q/k width per head before the 2nd-order Taylor map (1 + d + d^2 after)
     linear_window: int = 64  # based: tokens its sliding-window softmax branch sees (self included)
@@ -416,7 +420,15 @@ class ModelConfig:
                 )
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise UserError(f"model config: logit_softcap must be a positive number or null, got {self.logit_softcap}")
-        for name in ("qkv_bias", "out_bias", "mlp_bias", "qk_norm", "tie_embeddings", "zero_init_proj"):
+        for name in (
+            "qkv_bias",
+            "out_bias",
+            "mlp_bias",
+            "qk_norm",
+            "tie_embeddings",
+            "zero_init_proj",
+            "ssm_dt_b_c_norm",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
         window = self.sliding_window
@@ -655,7 +667,10 @@ class ModelConfig:
         if kind == "mamba":
             inner, n, rank = self.ssm_expand * c, self.ssm_state_size, self.mamba_dt_rank
             mats = c * 2 * inner + inner * (rank + 2 * n) + rank * inner + inner * c  # in, x, dt, out projections
-            return mats + inner * (self.ssm_conv_kernel + 1) + inner + inner * n + inner, mats  # conv, dt bias, A, D
+            norms = (rank + 2 * n) * self.ssm_dt_b_c_norm  # Jamba's dt, B and C norms
+            return mats + inner * (
+                self.ssm_conv_kernel + 1
+            ) + inner + inner * n + inner + norms, mats  # conv, dt bias, A, D
         if kind == "gla":
             key, rank = c // 2, self.linear_gate_rank
             mats = c * key * 2 + c * c * 3 + c * rank + rank * key  # q, k; v, output gate, o; the low-rank decay
@@ -789,6 +804,14 @@ PRESETS.update(
         "small-mamba": dict(PRESETS["small"], n_layers=14, **_MAMBA),
     }
 )
+# Jamba's recipe at micro size (transformers' JambaForCausalLM loads it): Mamba-1 layers (N = 16, with the dt/B/C
+# norms) and one attention layer in four without any position encoding; every other MLP a mixture of 4 experts of
+# width d_ff, 2 per token, weighted by their softmax probabilities unrenormalised. d_ff trimmed to about micro's size.
+PRESETS["micro-jamba"] = dict(
+    PRESETS["micro"], d_ff=128, layer_pattern=("mamba", "mamba", "mamba", "attention"),
+    mlp_pattern=("gated", "moe", "gated", "moe"), moe_experts=4, moe_top_k=2, moe_norm_topk=False, positions="none",
+    ssm_state_size=16, ssm_chunk_size=8, ssm_dt_b_c_norm=True, family="jamba",
+)  # fmt: skip
 # Linear attention in every layer, at the parameters of micro and small (d_ff trimmed for the wider mixers): gla
 # (gated linear attention, 4 C^2 per layer against GQA attention's 3 C^2) and based (Taylor linear attention plus
 # a 64-token sliding-window attention in each layer). Saved in slmkit's own format: transformers has no class.
@@ -860,7 +883,9 @@ def extend_context(config: ModelConfig, context: int, rope: str = "yarn") -> Mod
     if isinstance(context, bool) or not isinstance(context, int) or context <= 0:
         raise UserError(f"--context must be a positive integer, got {context!r}")
     if config.positions != "rope":
-        raise UserError("--context: the model has learned position embeddings, not rotary ones; it cannot be stretched")
+        raise UserError(
+            f"--context: the model has {config.positions} position embeddings, not rotary ones; it cannot be stretched"
+        )
     old = config.max_seq_len
     if context <= old:
         raise UserError(f"--context {context} does not extend the model's context ({old}); give a longer one")

@@ -98,6 +98,10 @@ class FamilySpec:
     window: WindowStyle = "none"  # how config.json states a sliding window
     fixed_keys: Mapping[str, Any] = field(default_factory=dict)  # constant keys written to config.json
     mixers: tuple[str, ...] | None = ("attention",)  # the sequence mixers its layers can have; None: any
+    # the MLP kinds its layers can mix per layer (mlp_pattern); None: one kind for every layer (as `allowed` says)
+    mlp_kinds: tuple[str, ...] | None = None
+    # where its layers of each kind may sit (Jamba's periodic patterns): what config.json cannot state, or None
+    layout: Callable[[ModelConfig], str | None] | None = None
 
     def __post_init__(self) -> None:
         # frozen all the way down: a spec is shared by every model of its family
@@ -115,7 +119,17 @@ class FamilySpec:
                 f"family {self.name!r} has only {' or '.join(self.mixers)} layers, not {', '.join(other)}",
                 "set family: slmkit (slmkit's own format, any mixers) or use a family that has these layers",
             )
-        if self.mixers is not None and (config.mlp_pattern is not None or "memory" in config.mlps):
+        if self.mlp_kinds is not None and not config.mlps <= set(self.mlp_kinds):
+            other = sorted(config.mlps - set(self.mlp_kinds))
+            return (
+                f"family {self.name!r} has only {' or '.join(self.mlp_kinds)} MLPs, not {', '.join(other)}",
+                "set family: slmkit (slmkit's own format, any layers)",
+            )
+        if (
+            self.mixers is not None
+            and self.mlp_kinds is None
+            and (config.mlp_pattern is not None or "memory" in config.mlps)
+        ):
             return (  # per-layer MLP kinds and memory layers: slmkit's own format only
                 f"family {self.name!r} cannot express "
                 + ("mlp_pattern (per-layer MLP kinds)" if config.mlp_pattern is not None else "memory MLPs"),
@@ -139,6 +153,10 @@ class FamilySpec:
             if len(values) > 1:
                 kind = "flag" if all(isinstance(v, bool) for v in values) else "key"
                 return f"family {self.name!r} has one {key} {kind}: set {' == '.join(switches)}", None
+        if self.layout is not None:
+            what = self.layout(config)
+            if what is not None:
+                return f"family {self.name!r} cannot express {what}", "set family: slmkit (slmkit's own format)"
         return None
 
     def check(self, config: ModelConfig, source: str = "model config", fix: str | None = None) -> ModelConfig:
@@ -832,6 +850,180 @@ def _bamba_from_hf(state: StateDict) -> StateDict:
     return out
 
 
+# ---- jamba (transformers' JambaForCausalLM): Mamba-1 and attention layers, dense and expert MLPs, by period ----
+# Jamba's attention has no position encoding at all (positions: none), its Mamba-1 mixers RMS-normalise the time
+# step, B and C (ssm_dt_b_c_norm), and its router weights the k chosen experts by their softmax probabilities
+# without renormalising them (moe_norm_topk: false). Which layers attend and which MLPs are mixtures of experts
+# is stated by a period and an offset each: layer i attends when i % attn_layer_period == attn_layer_offset.
+_JAMBA_KEYS = frozenset({
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "intermediate_size", "hidden_act", "rms_norm_eps", "max_position_embeddings", "attn_layer_period",
+    "attn_layer_offset", "expert_layer_period", "expert_layer_offset", "num_experts", "num_local_experts",
+    "num_experts_per_tok", "mamba_d_state", "mamba_d_conv", "mamba_expand", "mamba_dt_rank", "mamba_conv_bias",
+    "mamba_proj_bias", "use_mamba_kernels", "use_mambapy", "use_associative_scan", "attention_dropout",
+    "output_router_logits", "router_aux_loss_coef", "num_logits_to_keep", "head_dim", "chunk_size",
+})  # fmt: skip
+
+
+def _jamba_period(flags: list[bool]) -> tuple[int, int] | None:
+    """The smallest (period, offset), offset < period, with flags[i] == (i % period == offset) for every layer, or
+    None; no flag set: a period longer than the stack."""
+    n = len(flags)
+    if not any(flags):
+        return n + 1, n
+    offset = flags.index(True)
+    for period in range(offset + 1, n + 1):
+        if all(flag == (i % period == offset) for i, flag in enumerate(flags)):
+            return period, offset
+    return None
+
+
+def _jamba_layout(cfg: ModelConfig) -> str | None:
+    attention = [cfg.mixer_at(i) == "attention" for i in range(cfg.n_layers)]
+    experts = [cfg.mlp_at(i) == "moe" for i in range(cfg.n_layers)]
+    if _jamba_period(attention) is None:
+        return "layer_pattern " + repr(cfg.layer_pattern) + " (attention layers must recur with one period and offset)"
+    if _jamba_period(experts) is None:
+        return "mlp_pattern " + repr(cfg.mlp_pattern) + " (moe layers must recur with one period and offset)"
+    if any(experts) and cfg.moe_experts < 2:
+        return f"moe_experts={cfg.moe_experts} (a Jamba layer with one expert is a dense MLP: set mlp: gated)"
+    return None
+
+
+def _jamba_int(d: dict[str, Any], key: str, default: int, source: str) -> int:
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{source}: jamba {key} must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _read_jamba(spec: FamilySpec, d: dict[str, Any], source: str) -> dict[str, Any]:
+    _require(d, ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"), source)
+    for key, wanted in (("mamba_proj_bias", False), ("mamba_conv_bias", True)):
+        if key in d and bool(d[key]) != wanted:
+            raise UserError(f"{source}: jamba with {key}={d[key]!r} is not supported")
+    if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+        raise UserError(f"{source}: jamba with head_dim={d['head_dim']!r} is not supported (hidden / heads only)")
+    n_layers, c = d["num_hidden_layers"], d["hidden_size"]
+    periods = {}
+    for name, period, offset in (("attn", 8, 4), ("expert", 2, 1)):
+        p = _jamba_int(d, f"{name}_layer_period", period, source)
+        o = _jamba_int(d, f"{name}_layer_offset", offset, source)
+        if not o < p:
+            raise UserError(f"{source}: jamba {name}_layer_offset ({o}) must be below {name}_layer_period ({p})")
+        periods[name] = (p, o)
+    n_experts = _jamba_int(d, "num_experts", d.get("num_local_experts", 16), source)
+    (ap, ao), (ep, eo) = periods["attn"], periods["expert"]
+    mixers = tuple("attention" if i % ap == ao else "mamba" for i in range(n_layers))
+    mlps = tuple("moe" if n_experts > 1 and i % ep == eo else "gated" for i in range(n_layers))
+    rank = d.get("mamba_dt_rank", "auto")
+    if rank == "auto" or rank == math.ceil(c / 16):
+        rank = None  # the default; keep configs comparable
+    moe = (
+        dict(moe_experts=n_experts, moe_top_k=_jamba_int(d, "num_experts_per_tok", 2, source)) if n_experts > 1 else {}
+    )
+    return dict(
+        vocab_size=d["vocab_size"],
+        d_model=c,
+        n_layers=n_layers,
+        n_heads=d["num_attention_heads"],
+        n_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+        d_ff=d["intermediate_size"],
+        max_seq_len=d.get("max_position_embeddings", 262144),
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        activation=_activation(d.get("hidden_act", "silu"), "hidden_act", source),
+        positions="none",
+        mixer=mixers[0] if len(set(mixers)) == 1 else "attention",  # with a pattern the defaults, as the presets
+        layer_pattern=mixers if len(set(mixers)) > 1 else None,
+        mlp=mlps[0] if len(set(mlps)) == 1 else "gated",
+        mlp_pattern=mlps if len(set(mlps)) > 1 else None,
+        ssm_state_size=d.get("mamba_d_state", 16),
+        ssm_expand=d.get("mamba_expand", 2),
+        ssm_conv_kernel=d.get("mamba_d_conv", 4),
+        ssm_chunk_size=d.get("chunk_size", 64),
+        ssm_dt_rank=rank,
+        ssm_dt_b_c_norm=True,
+        moe_norm_topk=False,
+        **moe,
+    )
+
+
+def _write_jamba(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
+    attention = _jamba_period([cfg.mixer_at(i) == "attention" for i in range(cfg.n_layers)])
+    experts = _jamba_period([cfg.mlp_at(i) == "moe" for i in range(cfg.n_layers)])
+    assert attention is not None and experts is not None  # the rules (_jamba_layout) checked them
+    return {
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": _ACT_TO_HF[cfg.activation],
+        "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len,
+        "attn_layer_period": attention[0],
+        "attn_layer_offset": attention[1],
+        "expert_layer_period": experts[0],
+        "expert_layer_offset": experts[1],
+        "num_experts": cfg.moe_experts,  # without expert layers the period passes every layer by
+        "num_experts_per_tok": cfg.moe_top_k,
+        "mamba_d_state": cfg.ssm_state_size,
+        "mamba_d_conv": cfg.ssm_conv_kernel,
+        "mamba_expand": cfg.ssm_expand,
+        "mamba_dt_rank": cfg.mamba_dt_rank,
+        "chunk_size": cfg.ssm_chunk_size,  # slmkit's scan chunk (speed only); transformers keeps it as an extra key
+        **spec.fixed_keys,
+    }
+
+
+# our block modules -> Jamba's (inside model.layers.{i}); a mixture of experts' router is `feed_forward.router`
+_JAMBA_BLOCK = {"mixer": "mamba", "mlp": "feed_forward", "post_attention_layernorm": "pre_ff_layernorm"}
+_JAMBA_TOP = {"norm.weight": "final_layernorm.weight"}
+
+
+def _jamba_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
+    """Our names -> Jamba's files (each expert's own gate/up/down_proj: transformers fuses them when it loads)."""
+    out: StateDict = {}
+    for name, tensor in state.items():
+        parts = name.split(".")
+        if parts[0] == "layers" and len(parts) > 2:
+            if parts[2:4] == ["mlp", "gate"]:
+                parts[3] = "router"
+            parts[2] = _JAMBA_BLOCK.get(parts[2], parts[2])
+        joined = ".".join(parts)
+        joined = _JAMBA_TOP.get(joined, joined)
+        out[joined if joined == "lm_head.weight" else "model." + joined] = tensor
+    return out
+
+
+def _jamba_from_hf(state: StateDict) -> StateDict:
+    """Jamba's names -> ours, from its files (per-expert weights) or transformers' fused in-memory layout
+    (feed_forward.experts.gate_up_proj (E, 2F, C), gate half first; feed_forward.experts.down_proj (E, C, F))."""
+    block = {v: k for k, v in _JAMBA_BLOCK.items()}
+    top = {v: k for k, v in _JAMBA_TOP.items()}
+    out: StateDict = {}
+    for name, tensor in state.items():
+        parts = name.removeprefix("model.").split(".")
+        if parts[0] == "layers" and len(parts) > 2:
+            parts[2] = block.get(parts[2], parts[2])
+            if parts[2:4] == ["mlp", "router"]:
+                parts[3] = "gate"
+            ours = ".".join(parts[:3])
+            if parts[3:] == ["experts", "gate_up_proj"]:
+                gate, up = tensor.chunk(2, dim=1)
+                for e in range(tensor.shape[0]):
+                    out[f"{ours}.experts.{e}.gate_proj.weight"] = gate[e]
+                    out[f"{ours}.experts.{e}.up_proj.weight"] = up[e]
+                continue
+            if parts[3:] == ["experts", "down_proj"]:
+                for e in range(tensor.shape[0]):
+                    out[f"{ours}.experts.{e}.down_proj.weight"] = tensor[e]
+                continue
+        joined = ".".join(parts)
+        out[top.get(joined, joined)] = tensor
+    return out
+
+
 # ---- mixtures of experts: Llama's layout with the MLP replaced by a router and experts --------------------
 _MIXTRAL_KEYS = _LLAMA_LIKE_KEYS | {
     "num_local_experts", "num_experts_per_tok", "router_jitter_noise", "output_router_logits"
@@ -1503,6 +1695,47 @@ FAMILIES: dict[str, FamilySpec] = {
             "rescale_prenorm_residual": False,
         },
         mixers=("mamba2",),
+    ),
+    # Jamba (AI21): Mamba-1 layers (with dt/B/C norms) and attention layers without positions, dense and expert MLPs
+    # by period and offset (_jamba_layout); listed before bamba, whose weight marker its names also have
+    "jamba": FamilySpec(
+        name="jamba",
+        architecture="JambaForCausalLM",
+        allowed=dict(
+            norm=("rmsnorm",),
+            activation=("silu",),  # its mixers' conv uses hidden_act too, and ours SiLU
+            positions=("none",),
+            qk_norm=(False,),
+            sliding_window=(None,),
+            rope_scaling=(None,),
+            head_dim=(None,),
+            **_NO_BIAS,
+            ssm_dt_b_c_norm=(True,),
+            moe_shared_d_ff=(0,),
+            moe_shared_gate=(False,),
+            moe_norm_topk=(False,),
+            moe_weighting=("softmax",),
+        ),  # fmt: skip
+        shared={},
+        config_keys=_JAMBA_KEYS,
+        read_config=_read_jamba,
+        write_config=_write_jamba,
+        weights_to_hf=_jamba_to_hf,
+        weights_from_hf=_jamba_from_hf,
+        gguf=None,  # llama.cpp's jamba architecture is not written yet
+        compressible=(*GATED_LINEARS, *_MAMBA_LINEARS),  # each expert's MLP layers; the routers stay float
+        scale_folds=(GATED_FOLDS[0], _V_TO_O, ScaleFold("input_layernorm", ("mixer.in_proj",))),
+        weight_marker=".mamba.dt_layernorm.",
+        fixed_keys={
+            "use_mamba_kernels": False,  # transformers' PyTorch path: the fused kernels need CUDA and mamba-ssm
+            "mamba_conv_bias": True,
+            "mamba_proj_bias": False,
+            "attention_dropout": 0.0,
+            "output_router_logits": False,
+        },
+        mixers=("mamba", "attention"),
+        mlp_kinds=("gated", "moe"),
+        layout=_jamba_layout,
     ),
     # Bamba (IBM): Mamba-2 layers with attention layers at attn_layer_indices, a gated MLP after every mixer; its
     # attention turns half of each head's channels (rope_fraction 0.5). llama.cpp's bamba arch is not written yet.

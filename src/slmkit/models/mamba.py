@@ -8,7 +8,8 @@ SiLU run over x; ``x_proj`` reads the result and makes a low-rank time step (ran
 
 with dt = softplus(dt_proj(.)) per channel and A = -exp(A_log) of shape (I, N): unlike Mamba-2, the decay differs
 per channel and per state entry. The output is ``out_proj(y * silu(z))``. Parameter names and shapes are
-transformers' (`slmkit.interop.families`, family mamba).
+transformers' (`slmkit.interop.families`, family mamba). Jamba's mixers first RMS-normalise the low-rank time
+step, B and C (`ssm_dt_b_c_norm`; weights `dt_layernorm`, `b_layernorm`, `c_layernorm`, as transformers names them).
 
 Two ways to compute the same thing:
 - `selective_scan`: chunks of Q tokens; inside a chunk a doubling (Hillis-Steele) scan combines (decay, input)
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from slmkit.models.attention import RMSNorm
 from slmkit.models.state import ReplayState
 
 REWIND = 40  # tokens a state can always take back: a speculative round verifies at most k + 1 (33)
@@ -114,6 +116,10 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.d_inner, self.state_size))
         self.D = nn.Parameter(torch.ones(self.d_inner))
         self.out_proj = nn.Linear(self.d_inner, c, bias=False)
+        if config.ssm_dt_b_c_norm:  # Jamba's norms over the low-rank time step, B and C (before dt_proj)
+            self.dt_layernorm = RMSNorm(self.dt_rank, config.norm_eps)
+            self.b_layernorm = RMSNorm(self.state_size, config.norm_eps)
+            self.c_layernorm = RMSNorm(self.state_size, config.norm_eps)
         self.reset_mixer_parameters()
 
     @torch.no_grad()
@@ -153,6 +159,9 @@ class MambaMixer(nn.Module):
     def _ssm_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dt (B, T, I, float32, softplus'd), B and C (B, T, N) from the conv output x (B, T, I)."""
         rank, b, c = self.x_proj(x).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
+        modules = self._modules
+        if "dt_layernorm" in modules:
+            rank, b, c = modules["dt_layernorm"](rank), modules["b_layernorm"](b), modules["c_layernorm"](c)
         dt = F.softplus(self.dt_proj(rank).float())  # the module, not its weight: compression may replace it
         return dt, b, c
 
