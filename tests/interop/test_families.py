@@ -38,6 +38,11 @@ CONFIGS = {
         family="bamba", n_layers=3, layer_pattern=("mamba2", "attention", "mamba2"), rope_fraction=0.5,
         qkv_bias=True, out_bias=True, ssm_head_dim=16,
     ),
+    # Mamba-1 (dt/B/C norms) and attention without positions, dense and expert MLPs, each by period and offset
+    "jamba": dict(
+        family="jamba", n_layers=4, layer_pattern=("mamba", "attention") * 2, mlp_pattern=("gated", "moe") * 2,
+        moe_experts=3, moe_norm_topk=False, positions="none", ssm_dt_b_c_norm=True, ssm_state_size=8,
+    ),
     "mixtral": dict(family="mixtral", mlp="moe", moe_experts=3, moe_top_k=2),
     "qwen2_moe": dict(family="qwen2_moe", mlp="moe", moe_experts=3, qkv_bias=True, moe_shared_d_ff=32,
                       moe_shared_gate=True, moe_norm_topk=False),
