@@ -176,3 +176,22 @@ def test_positions_none_adds_nothing_to_attention():
     with torch.no_grad():
         a, b = model(idx)[0, -1], model(idx[:, [2, 0, 3, 1, 4]])[0, -1]
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_slm_export_to_hugging_face_loads_in_transformers_and_gguf_is_refused(tmp_path, data_dir):
+    from slmkit_testing import run_slm
+
+    model = random_model(ssm_chunk_size=5)
+    save_model(model, tmp_path / "m", tokenizer_dir=data_dir)  # GGUF files carry the tokenizer
+    result = run_slm("export", tmp_path / "m", "--format", "hf", "--out", tmp_path / "hf")
+    assert result.returncode == 0, result.stderr
+    theirs = transformers.JambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    again = load_model(tmp_path / "hf")
+    assert again.config == model.config and again.config.ssm_chunk_size == 5
+    idx = torch.randint(0, 97, (2, 17), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(again(idx), model(idx))
+        assert torch.allclose(theirs(input_ids=idx).logits, model(idx), atol=1e-4)
+    result = run_slm("export", tmp_path / "m", "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert result.returncode == 2 and not (tmp_path / "m.gguf").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("error: GGUF export: jamba")
