@@ -156,16 +156,13 @@ def test_configs_jamba_cannot_express_are_refused_by_name(change, named):
         check_family(preset("micro-jamba", vocab_size=97, **change))
 
 
-def test_preset_counts_its_parameters_and_is_refused_by_gguf_export():
+def test_preset_counts_its_parameters():
     from slmkit.interop.families import check_family
-    from slmkit.interop.gguf import check_exportable
 
     cfg = check_family(preset("micro-jamba", **SMALL))
     model = build_model(cfg)
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
     assert {"dt_layernorm", "b_layernorm", "c_layernorm"} <= set(dict(model.layers[0].mixer.named_children()))
-    with pytest.raises(UserError, match="GGUF export: jamba"):
-        check_exportable(cfg)
 
 
 def test_positions_none_adds_nothing_to_attention():
@@ -178,11 +175,11 @@ def test_positions_none_adds_nothing_to_attention():
     assert torch.allclose(a, b, atol=1e-5)
 
 
-def test_slm_export_to_hugging_face_loads_in_transformers_and_gguf_is_refused(tmp_path, data_dir):
+def test_slm_export_to_hugging_face_loads_in_transformers(tmp_path):
     from slmkit_testing import run_slm
 
     model = random_model(ssm_chunk_size=5)
-    save_model(model, tmp_path / "m", tokenizer_dir=data_dir)  # GGUF files carry the tokenizer
+    save_model(model, tmp_path / "m")
     result = run_slm("export", tmp_path / "m", "--format", "hf", "--out", tmp_path / "hf")
     assert result.returncode == 0, result.stderr
     theirs = transformers.JambaForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -192,6 +189,40 @@ def test_slm_export_to_hugging_face_loads_in_transformers_and_gguf_is_refused(tm
     with torch.no_grad():
         assert torch.equal(again(idx), model(idx))
         assert torch.allclose(theirs(input_ids=idx).logits, model(idx), atol=1e-4)
-    result = run_slm("export", tmp_path / "m", "--format", "gguf", "--out", tmp_path / "m.gguf")
-    assert result.returncode == 2 and not (tmp_path / "m.gguf").exists()
-    assert result.stderr.strip().splitlines()[-1].startswith("error: GGUF export: jamba")
+
+
+# ---- GGUF: llama.cpp's jamba architecture --------------------------------------------------------------------
+@pytest.mark.parametrize("tied", [True, False])
+def test_gguf_export_runs_in_llama_cpp_with_our_logits(tmp_path, data_dir, tied):
+    """The file's layout (read back with gguf.GGUFReader) and llama.cpp's own logits on it (xllamacpp's libllama)."""
+    import gguf
+    import numpy as np
+
+    from slmkit.data.shards import load_data_dir
+    from slmkit.interop.gguf import export_gguf
+
+    vocab = load_data_dir(data_dir).vocab_size
+    model = random_model(vocab_size=vocab, tie_embeddings=tied)
+    save_model(model, tmp_path / "m", tokenizer_dir=data_dir)
+    path = export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "jamba"
+    kv = reader.fields["jamba.attention.head_count_kv"]
+    assert [int(kv.parts[i][0]) for i in kv.data] == [0, 0, 0, 1]  # mamba x 3, then attention
+    tensors = {t.name: t for t in reader.tensors}
+    assert {"blk.0.ssm_dt_norm.weight", "blk.0.ssm_b_norm.weight", "blk.0.ssm_c_norm.weight"} <= set(tensors)
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_inp.weight" not in tensors  # dense
+    assert tuple(tensors["blk.1.ffn_gate_exps.weight"].shape) == (32, 48, 4)  # (in, out, E) as gguf lists it
+    assert ("output.weight" in tensors) == (not tied)
+    from llamacpp_peer import available
+
+    if not available():
+        pytest.skip("xllamacpp (llama.cpp wheel) is not installed")
+    from slmkit_testing import llama_cpp_eval
+
+    prompt = list(range(1, 20))
+    _, theirs = llama_cpp_eval(path, prompt)
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt]))[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-3

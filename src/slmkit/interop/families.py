@@ -1379,6 +1379,46 @@ def _gguf_moe(arch: str, rope_pairs: bool, expert_weights_norm: bool) -> GGUFLay
     )
 
 
+def _jamba_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's `jamba` hyperparameters (as its convert_hf_to_gguf.py writes them): a layer without kv heads is a
+    Mamba layer, the others attend (without positions); a layer with a router is a mixture of experts."""
+    writer.add_block_count(cfg.n_layers)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv([cfg.n_kv_heads if cfg.mixer_at(i) == "attention" else 0 for i in range(cfg.n_layers)])
+    writer.add_ssm_conv_kernel(cfg.ssm_conv_kernel)
+    writer.add_ssm_inner_size(cfg.ssm_expand * cfg.d_model)
+    writer.add_ssm_state_size(cfg.ssm_state_size)
+    writer.add_ssm_time_step_rank(cfg.mamba_dt_rank)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_expert_count(cfg.moe_experts)
+    writer.add_expert_used_count(cfg.moe_top_k)
+
+
+# llama.cpp's `jamba`: Mamba-1 tensors as its `mamba` (A as -exp(A_log), the conv as (I, K)) plus the dt/B/C norms,
+# attention without positions (q/k rows as they are), dense MLPs or experts stacked per projection with a router
+_JAMBA_GGUF = GGUFLayout(
+    arch="jamba",
+    tensors=MappingProxyType({
+        **{k: v for k, v in _GGUF_MOE.items() if "shared" not in k}, **MAMBA_GGUF.tensors,
+        "mixer.dt_layernorm": "SSM_DT_NORM", "mixer.b_layernorm": "SSM_B_NORM", "mixer.c_layernorm": "SSM_C_NORM",
+    }),
+    fused=MappingProxyType({}),
+    rope_pairs=False,
+    explicit_output=False,
+    activation="silu",
+    mlp_bias=False,
+    rope_scaling=(),
+    expert_weights_norm=False,  # softmax over all experts, the k chosen weighted as they are (norm_w false)
+    parameters=MAMBA_GGUF.parameters,
+    convert=MAMBA_GGUF.convert,
+    keep_f32=MAMBA_GGUF.keep_f32,
+    hparams=_jamba_gguf_hparams,
+)  # fmt: skip
+
+
 def _llama_like(
     name: str, architecture: str, gguf: GGUFLayout, allowed: dict[str, tuple[Any, ...]], **keys: Any
 ) -> FamilySpec:
@@ -1722,7 +1762,7 @@ FAMILIES: dict[str, FamilySpec] = {
         write_config=_write_jamba,
         weights_to_hf=_jamba_to_hf,
         weights_from_hf=_jamba_from_hf,
-        gguf=None,  # llama.cpp's jamba architecture is not written yet
+        gguf=_JAMBA_GGUF,
         compressible=(*GATED_LINEARS, *_MAMBA_LINEARS),  # each expert's MLP layers; the routers stay float
         scale_folds=(GATED_FOLDS[0], _V_TO_O, ScaleFold("input_layernorm", ("mixer.in_proj",))),
         weight_marker=".mamba.dt_layernorm.",

@@ -188,7 +188,7 @@ def _stack_experts(layer: dict[str, torch.Tensor], cfg: ModelConfig) -> None:
     shape (E, out, in) per projection, expert e at index e (llama.cpp's `ffn_*_exps`)."""
     import torch
 
-    if cfg.mlp != "moe":
+    if "mlp.experts.0.gate_proj.weight" not in layer:  # a dense layer (Jamba mixes both)
         return
     for proj in ("gate_proj", "up_proj", "down_proj"):
         experts = [layer.pop(f"mlp.experts.{e}.{proj}.weight") for e in range(cfg.moe_experts)]
@@ -474,7 +474,7 @@ def check_exportable(config: ModelConfig) -> None:
         needs = f"a {layout.activation} MLP" + ("" if layout.mlp_bias else " without biases")
         has = config.activation + (" with biases" if config.mlp_bias else "")
         raise UserError(f"GGUF export: llama.cpp's {layout.arch} architecture needs {needs}, not {has}")
-    if config.mlp == "moe" and config.moe_norm_topk != layout.expert_weights_norm:
+    if "moe" in config.mlps and config.moe_norm_topk != layout.expert_weights_norm:
         does = "renormalises" if layout.expert_weights_norm else "does not renormalise"
         raise UserError(
             f"GGUF export: llama.cpp's {layout.arch} architecture {does} the top-k router weights; this model has "
