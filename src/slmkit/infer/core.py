@@ -671,7 +671,8 @@ class DecodeCore:
         if self.on_verify is not None:
             self.on_verify([seq], feed, logits, {seq: (tokens[1:], None)})
         self.stats.decode_forwards += 1
-        target = logits[0].argmax(-1).tolist()
+        with self.step_threads:  # small ops: on the step's threads (see SINGLE_THREAD_PARAMS)
+            target = logits[0].argmax(-1).tolist()
         path, new_tokens = accept_tree(target, tokens, parents)
         depth = int(mask.sum(-1).max()) - 1  # the most a path could have accepted
         seq.drafted += depth
