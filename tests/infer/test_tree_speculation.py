@@ -236,3 +236,24 @@ def test_cli_generate_speculate_tree(lm, tiny_model_dir):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == plain.token_ids
     assert "speculation (tree): accepted" in r.stderr
+
+
+@pytest.mark.parametrize("case", ["sliding_window", "int8_cache"])
+def test_tree_falls_back_on_windows_and_compressed_caches(case):
+    from slmkit.config import preset
+    from slmkit.models import build_model
+    from slmkit.models.state import KVCacheSpec
+
+    window = 8 if case == "sliding_window" else None
+    model = build_model(preset("tiny", vocab_size=64, max_seq_len=96, sliding_window=window))
+    model.init_weights(6)
+    model.eval()
+    cache = KVCacheSpec(dtype="int8") if case == "int8_cache" else None
+    prompt = [[1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3]]
+    [plain] = Engine(model, None, kv_cache=cache).generate_ids(prompt, max_new_tokens=24)
+    stats = EngineStats()
+    [spec] = Engine(model, None, kv_cache=cache).generate_ids(
+        prompt, max_new_tokens=24, speculate="tree", min_acceptance=0.0, stats=stats
+    )
+    assert spec.token_ids == plain.token_ids
+    assert stats.tree_fallback is not None and "sliding-window" in stats.tree_fallback
