@@ -95,24 +95,32 @@ def test_tree_forward_refuses_recurrent_state():
         model(torch.tensor([[1, 2]]), state=state, pos=torch.arange(2), upto=2, tree=tree_mask([-1, 0]))
 
 
-def test_compacted_cache_equals_plain_decoding_cache():
-    """After a verification that accepts a path off the first branch, the row's keys and values (every layer)
-    equal those of feeding the same tokens plainly."""
+@pytest.mark.parametrize("case", ["second_branch", "full_first_branch", "chain", "rejected"])
+def test_compacted_cache_equals_plain_decoding_cache(case):
+    """After a verification pass (a path off the second branch; the first branch down to its leaf; a chain, fully
+    accepted, whose slots are already in place; nothing), the output is greedy's and the row's keys and values (every layer) equal those of feeding the same
+    tokens plainly."""
     model = tiny(seed=4)
     prompt = [1, 2, 3, 4, 5, 6]
     core = DecodeCore(model, None, max_batch=1, max_len=64)
     seq = core.admit(GenerationRequest(prompt, 20, detokenize=False, ignore_eos=True))
+    greedy = decode_greedy(model, [prompt], 8)[0][0]
     with torch.inference_mode():
         core.step()  # prefill and the first token
         first = seq.pending
-        target_path = decode_greedy(model, [prompt], 5)[0][0][1:]  # what greedy appends after `first`
-        # a tree whose second branch holds the greedy continuation, the first a wrong one
-        wrong = (target_path[0] + 1) % 64
-        tokens = [first, wrong, target_path[0], target_path[1], target_path[2]]
-        parents = [-1, 0, 0, 2, 3]
+        nxt = greedy[1:]  # what greedy appends after `first`
+        wrong = [(t + 1) % 64 for t in nxt]
+        if case == "second_branch":  # root -> wrong | root -> right -> right -> right
+            tokens, parents, accepted = [first, wrong[0], nxt[0], nxt[1], nxt[2]], [-1, 0, 0, 2, 3], 3
+        elif case == "full_first_branch":  # root -> right -> right -> right (a leaf) | root -> wrong
+            tokens, parents, accepted = [first, nxt[0], wrong[0], nxt[1], nxt[2]], [-1, 0, 0, 1, 3], 3
+        elif case == "chain":  # the whole tree accepted, no slot moves
+            tokens, parents, accepted = [first, nxt[0], nxt[1], nxt[2]], [-1, 0, 1, 2], 3
+        else:
+            tokens, parents, accepted = [first, wrong[0], (wrong[0] + 1) % 64, wrong[1]], [-1, 0, 0, 1], 0
         core.step(tree=(seq, tokens, parents))
-        assert seq.out[:5] == [first, *target_path[:4]] and seq.accepted == 3
-        kept = prompt + seq.out[:4]  # in the state: everything but the pending token
+        assert seq.out == greedy[: accepted + 2] and seq.accepted == accepted
+        kept = prompt + seq.out[:-1]  # in the state: everything but the pending token
         assert seq.length == len(kept)
         ref = model.new_state(1, 64)
         model(torch.tensor([kept]), state=ref, pos=torch.arange(len(kept)), upto=len(kept))
@@ -120,6 +128,9 @@ def test_compacted_cache_equals_plain_decoding_cache():
             got, want = core.state.layer(i), ref.layer(i)
             torch.testing.assert_close(got.k[0, :, : len(kept)], want.k[0, :, : len(kept)], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(got.v[0, :, : len(kept)], want.v[0, :, : len(kept)], atol=1e-5, rtol=1e-5)
+        while not seq.finished:  # decoding on from the compacted cache stays greedy
+            core.step()
+        assert seq.out == decode_greedy(model, [prompt], 20)[0][0]
 
 
 @pytest.fixture(scope="module")
