@@ -1633,7 +1633,8 @@ def serve(
         str,
         typer.Option(
             help="off, lookup (prompt-lookup drafts) or recycle (drafts from the model's past top-k next tokens): "
-            "every row's draft verified in one pass."
+            "every row's draft verified in one pass; tree: recycle, with a draft tree (4,2,1,1,1,1) verified in one "
+            "pass while one request runs alone (greedy, attention models)."
         ),
     ] = "off",
     speculate_k: Annotated[int, typer.Option(help="Drafted tokens per row and step at most (with --speculate).")] = 8,

@@ -268,3 +268,62 @@ def test_tree_falls_back_on_windows_and_compressed_caches(case):
     )
     assert spec.token_ids == plain.token_ids
     assert stats.tree_fallback is not None and "sliding-window" in stats.tree_fallback
+
+
+def test_batcher_tree_greedy_equals_plain(lm, shaken):
+    """One running row: tree passes; several (rows joining): linear recycle drafts. Output is plain greedy's."""
+    from slmkit.infer.batcher import ContinuousBatcher
+    from slmkit_testing import run_batcher
+
+    prompts = [lm.tokenizer.encode(p).ids for p in PROMPTS + ["The cat sat", "one two three one two three"]]
+    for model in (lm.model, shaken):
+        plain = ContinuousBatcher(model, lm.tokenizer, max_batch=3).run(
+            [GenerationRequest(p, 28, detokenize=False) for p in prompts]
+        )
+        single = ContinuousBatcher(model, lm.tokenizer, max_batch=1, speculate="tree", tree_widths="3,2,1,1")
+        assert single.tree_ok
+        out = single.run([GenerationRequest(p, 28, detokenize=False) for p in prompts])
+        assert [s.out for s in out] == [s.out for s in plain]
+        assert single.stats.drafted > 0 and 0 <= single.stats.accepted <= single.stats.drafted
+        joined = ContinuousBatcher(model, lm.tokenizer, max_batch=3, speculate="tree", speculate_k=5)
+        spec = run_batcher(
+            joined, [GenerationRequest(p, 28, detokenize=False) for p in prompts], join_after=2, steps=4
+        )
+        assert [s.out for s in spec] == [s.out for s in plain]
+        if model is lm.model:  # the trained model's drafts are often right
+            assert single.stats.tokens_per_forward > 1.0
+
+
+def test_batcher_tree_off_for_recurrent_models_and_bad_widths():
+    from slmkit.errors import UserError
+    from slmkit.infer.batcher import ContinuousBatcher
+
+    model = tiny("mamba2")
+    batcher = ContinuousBatcher(model, None, max_batch=1, speculate="tree")
+    assert not batcher.tree_ok
+    prompt = [1, 2, 3, 1, 2, 3, 1, 2]
+    [plain] = ContinuousBatcher(model, None, max_batch=1).run([GenerationRequest(prompt, 20, detokenize=False)])
+    [spec] = batcher.run([GenerationRequest(prompt, 20, detokenize=False)])
+    assert spec.out == plain.out
+    with pytest.raises(UserError, match="tree widths"):
+        ContinuousBatcher(tiny(), None, speculate="tree", tree_widths="0")
+    with pytest.raises(UserError, match="speculate='tree'"):
+        ContinuousBatcher(tiny(), None, speculate="recycle", tree_widths="2")
+
+
+def test_server_speculate_tree(lm):
+    """`slm serve --speculate tree`: a request alone runs tree passes; the completion is plain greedy's."""
+    from fastapi.testclient import TestClient
+
+    from slmkit.serve.app import create_app
+
+    engine = Engine(lm.model, lm.tokenizer)
+    [plain] = Engine(lm.model, lm.tokenizer).generate(PROMPTS[0], max_new_tokens=24)
+    with TestClient(create_app(engine, model_name="m", speculate="tree")) as client:
+        body = {"model": "m", "prompt": PROMPTS[0], "max_tokens": 24, "temperature": 0}
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        metrics = client.get("/metrics").text
+    assert r.json()["choices"][0]["text"] == plain.text
+    [drafted] = [line for line in metrics.splitlines() if line.startswith("slm_speculative_drafted_tokens_total")]
+    assert float(drafted.split()[-1]) > 0

@@ -48,7 +48,6 @@ from slmkit.infer.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 SpeculateMode = Literal["off", "draft", "lookup", "recycle", "tree"]
-DEFAULT_TREE_WIDTHS = (4, 2, 1, 1, 1, 1)  # speculate="tree": children per node at each depth (44 nodes)
 # A CPU engine of a small model (`single_threaded`: the step is per-op overhead, which compiling removes) compiles
 # its decode step once it has made this many tokens. Measured on a loaded 2-core EPYC (docs/inference.md): the
 # compiled micro step saved about 1 ms a token (0.4-0.6 ms against 1.2-1.8 ms eager) and compiling cost 7-15 s
@@ -344,7 +343,7 @@ class Engine:
         if tree_widths is not None and speculate != "tree":
             raise UserError("tree widths go with speculate='tree' (--speculate tree)")
         if speculate == "tree":
-            from slmkit.infer.speculative import parse_tree_widths
+            from slmkit.infer.speculative import DEFAULT_TREE_WIDTHS, parse_tree_widths
 
             try:
                 widths = parse_tree_widths(tree_widths if tree_widths is not None else DEFAULT_TREE_WIDTHS)
@@ -534,7 +533,7 @@ class Engine:
                 reason = "tree verification is greedy only; sampling runs linear recycle drafts"
             elif sampling.has_penalties:
                 reason = "tree verification takes no repetition/frequency/presence penalties"
-            elif not self.model.takes_tree(core.state):
+            elif not getattr(self.model, "takes_tree", lambda state: False)(core.state):
                 reason = (
                     "the model keeps recurrent state or a bounded, compressed or sliding-window cache, which a "
                     "tree's sibling nodes cannot share"

@@ -132,6 +132,7 @@ def parse_tree_widths(text: str | Sequence[int]) -> list[int]:
 
 
 MAX_TREE_NODES = 256
+DEFAULT_TREE_WIDTHS = (4, 2, 1, 1, 1, 1)  # speculate="tree": children per node at each depth (44 nodes, 6 deep)
 
 
 def tree_mask(parents: list[int], device: torch.device | None = None) -> torch.Tensor:
