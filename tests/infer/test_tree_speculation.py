@@ -98,8 +98,8 @@ def test_tree_forward_refuses_recurrent_state():
 @pytest.mark.parametrize("case", ["second_branch", "full_first_branch", "chain", "rejected"])
 def test_compacted_cache_equals_plain_decoding_cache(case):
     """After a verification pass (a path off the second branch; the first branch down to its leaf; a chain, fully
-    accepted, whose slots are already in place; nothing), the output is greedy's and the row's keys and values (every layer) equal those of feeding the same
-    tokens plainly."""
+    accepted, whose slots are already in place; nothing), the output is greedy's and the row's keys and values
+    (every layer) equal those of feeding the same tokens plainly."""
     model = tiny(seed=4)
     prompt = [1, 2, 3, 4, 5, 6]
     core = DecodeCore(model, None, max_batch=1, max_len=64)
@@ -286,9 +286,7 @@ def test_batcher_tree_greedy_equals_plain(lm, shaken):
         assert [s.out for s in out] == [s.out for s in plain]
         assert single.stats.drafted > 0 and 0 <= single.stats.accepted <= single.stats.drafted
         joined = ContinuousBatcher(model, lm.tokenizer, max_batch=3, speculate="tree", speculate_k=5)
-        spec = run_batcher(
-            joined, [GenerationRequest(p, 28, detokenize=False) for p in prompts], join_after=2, steps=4
-        )
+        spec = run_batcher(joined, [GenerationRequest(p, 28, detokenize=False) for p in prompts], join_after=2, steps=4)
         assert [s.out for s in spec] == [s.out for s in plain]
         if model is lm.model:  # the trained model's drafts are often right
             assert single.stats.tokens_per_forward > 1.0
