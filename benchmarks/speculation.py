@@ -11,7 +11,8 @@ held-out files. Every mode generates the same greedy continuations (checked iden
 it prints new tokens/s (decode, the engine's figure), the ratio to plain, the acceptance rate (accepted / drafted
 tokens; for a tree, drafted = the tree's depth, the most one pass can accept), accepted tokens per verification
 pass and tokens per target forward pass. `tree:W` rows run `--speculate tree` with the tree template W (children
-per node at each depth; --tree-widths, repeatable); the batcher has no tree mode (engine only). Modes run
+per node at each depth; --tree-widths, repeatable); the batcher rows leave trees out (the batcher runs a tree
+pass only while one request runs alone). Modes run
 interleaved per prompt and repeat (--repeats), so load drifts hit each alike. Engine rows run one sequence at a
 time (how the engine speculates); the batcher rows run every prompt together in one continuous batch. The
 recycling matrix is learnt as the run goes (each recycle / tree row keeps its own, so no row drafts from another

@@ -461,7 +461,11 @@ def generate(
         ),
     ] = None,
     speculate_k: Annotated[
-        int | None, typer.Option(help="Tokens drafted per verification (default 4 with --draft, 8 with --lookup).")
+        int | None,
+        typer.Option(
+            help="Tokens drafted per verification (default 4 with --draft, 8 with --lookup; with tree: the most "
+            "depths of the tree template, default all)."
+        ),
     ] = None,
     tree_widths: Annotated[
         str | None,
