@@ -325,3 +325,15 @@ def test_server_speculate_tree(lm):
     assert r.json()["choices"][0]["text"] == plain.text
     [drafted] = [line for line in metrics.splitlines() if line.startswith("slm_speculative_drafted_tokens_total")]
     assert float(drafted.split()[-1]) > 0
+
+
+def test_engine_tree_logprobs_equal_plain(lm):
+    engine = Engine(lm.model, lm.tokenizer)
+    [plain] = Engine(lm.model, lm.tokenizer).generate(PROMPTS[0], max_new_tokens=24, top_logprobs=2)
+    stats = EngineStats()
+    [spec] = engine.generate(
+        PROMPTS[0], max_new_tokens=24, top_logprobs=2, speculate="tree", min_acceptance=0.0, stats=stats
+    )
+    assert spec.token_ids == plain.token_ids and stats.accepted > 0
+    assert spec.logprobs == pytest.approx(plain.logprobs, abs=1e-4)
+    assert [[t for t, _ in top] for top in spec.top_logprobs] == [[t for t, _ in top] for top in plain.top_logprobs]
