@@ -1,4 +1,5 @@
-"""Training-free speculation on code: plain greedy vs prompt lookup vs token recycling, side by side in one run.
+"""Training-free speculation on code: plain greedy vs prompt lookup vs token recycling (linear drafts and draft
+trees), side by side in one run.
 
     PYTHONPATH=src python benchmarks/speculation.py                      # trains a micro model on stdlib code first
     PYTHONPATH=src python benchmarks/speculation.py --model runs/code/final --count 8 --new-tokens 96
@@ -8,11 +9,15 @@ Python source files of this interpreter's standard library (real code, present o
 holding out every tenth file for the prompts. Prompts are --count windows of --prompt-len tokens from the
 held-out files. Every mode generates the same greedy continuations (checked identical to plain greedy); per mode
 it prints new tokens/s (decode, the engine's figure), the ratio to plain, the acceptance rate (accepted / drafted
-tokens) and tokens per target forward pass. Modes run interleaved per prompt and repeat (--repeats), so load
-drifts hit each alike. Engine rows run one sequence at a time (how the engine speculates); the batcher rows run
-every prompt together in one continuous batch. The recycling matrix is learnt as the run goes (the engine keeps
-one per model): the first prompts draft from an emptier matrix than the last. The load average (uptime) is
-printed next to the figures.
+tokens; for a tree, drafted = the tree's depth, the most one pass can accept), accepted tokens per verification
+pass and tokens per target forward pass. `tree:W` rows run `--speculate tree` with the tree template W (children
+per node at each depth; --tree-widths, repeatable); the batcher rows leave trees out (the batcher runs a tree
+pass only while one request runs alone). Modes run
+interleaved per prompt and repeat (--repeats), so load drifts hit each alike. Engine rows run one sequence at a
+time (how the engine speculates); the batcher rows run every prompt together in one continuous batch. The
+recycling matrix is learnt as the run goes (each recycle / tree row keeps its own, so no row drafts from another
+row's passes over the same prompt): the first prompts draft from an emptier matrix than the last. The load
+average (uptime) is printed next to the figures.
 """
 
 from __future__ import annotations
@@ -33,7 +38,14 @@ from _common import hardware  # noqa: E402
 from slmkit.infer.batcher import ContinuousBatcher, GenerationRequest  # noqa: E402
 from slmkit.infer.engine import Engine, EngineStats  # noqa: E402
 
-MODES = ("off", "lookup", "recycle")
+BATCHER_MODES = ("off", "lookup", "recycle")
+DEFAULT_TREES = ("4,2,1,1,1,1", "2,2,1,1,1,1,1,1")
+
+
+def split_mode(mode: str) -> tuple[str, str | None]:
+    """Mode "tree:4,2,1" -> ("tree", "4,2,1"); other modes as they are."""
+    name, _, widths = mode.partition(":")
+    return name, widths or None
 
 
 def stdlib_code(limit_bytes: int) -> tuple[list[str], list[str]]:
@@ -92,36 +104,46 @@ def prompts_from(texts: list[str], tokenizer, count: int, length: int) -> list[l
 
 
 def engine_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> None:
-    totals = {m: {"tokens": 0, "seconds": 0.0, "forwards": 0, "drafted": 0, "accepted": 0} for m in MODES}
-    outputs: dict[str, list[list[int]]] = {m: [] for m in MODES}
+    modes = ["off", "lookup", "recycle", *(f"tree:{w}" for w in (args.tree_widths or DEFAULT_TREES))]
+    totals = {m: {"tokens": 0, "seconds": 0.0, "forwards": 0, "drafted": 0, "accepted": 0, "rounds": 0} for m in modes}
+    outputs: dict[str, list[list[int]]] = {m: [] for m in modes}
+    recyclers: dict[str, object] = {}  # one recycling matrix per mode: a later mode must not learn this prompt's
+    # continuation from an earlier mode's passes over it
     for prompt in prompts:
         for _ in range(args.repeats):
-            for mode in MODES:  # interleaved per prompt; fresh stats per call (a call's own speculation rule)
+            for mode in modes:  # interleaved per prompt; fresh stats per call (a call's own speculation rule)
                 stats = EngineStats()
+                engine.recycler = recyclers.get(mode)  # each mode learns only from its own passes
+                name, widths = split_mode(mode)
+                tree = {"tree_widths": widths} if widths else {}
                 [out] = engine.generate_ids(
-                    [prompt], max_new_tokens=args.new_tokens, speculate=mode, speculate_k=args.k,
-                    min_acceptance=args.min_acceptance, stats=stats,
+                    [prompt], max_new_tokens=args.new_tokens, speculate=name, speculate_k=args.k,
+                    min_acceptance=args.min_acceptance, stats=stats, **tree,
                 )  # fmt: skip
                 outputs[mode].append(out.token_ids)
+                if engine.recycler is not None:
+                    recyclers[mode] = engine.recycler
                 t = totals[mode]
                 t["tokens"] += max(stats.new_tokens - stats.sequences, 0)  # the first token comes from prefill
                 t["seconds"] += stats.decode_seconds
                 t["forwards"] += stats.decode_forwards
                 t["drafted"] += stats.drafted
                 t["accepted"] += stats.accepted
-    identical = all(outputs[m] == outputs["off"] for m in MODES)
+                t["rounds"] += stats.rounds
+    identical = all(outputs[m] == outputs["off"] for m in modes)
     print(f"engine (one sequence at a time), {len(prompts)} prompts x {args.new_tokens} new tokens x {args.repeats}; "
           f"identical greedy output: {identical}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     base = totals["off"]["tokens"] / totals["off"]["seconds"]
-    for mode in MODES:
+    for mode in modes:
         t = totals[mode]
         rate = t["tokens"] / t["seconds"]
         spec = ""
         if mode != "off":
             share = t["accepted"] / t["drafted"] if t["drafted"] else 0.0
-            spec = f"  acceptance {share:5.1%} ({t['accepted']}/{t['drafted']})"
+            per_pass = t["accepted"] / t["rounds"] if t["rounds"] else 0.0
+            spec = f"  acceptance {share:5.1%} ({t['accepted']}/{t['drafted']})  {per_pass:4.2f} accepted/pass"
         print(
-            f"  {mode:<8} {rate:8.1f} decode tokens/s  {rate / base:5.2f}x plain  "
+            f"  {mode:<22} {rate:8.1f} decode tokens/s  {rate / base:5.2f}x plain  "
             f"{t['tokens'] / t['forwards']:5.2f} tokens/forward{spec}"
         )
 
@@ -129,7 +151,7 @@ def engine_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namespa
 def batcher_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namespace) -> None:
     results = {}
     outputs = {}
-    for mode in MODES:
+    for mode in BATCHER_MODES:
         batcher = ContinuousBatcher(
             engine.model,
             engine.tokenizer,
@@ -144,11 +166,11 @@ def batcher_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namesp
         wall = time.perf_counter() - start
         outputs[mode] = [s.out for s in seqs]
         results[mode] = (sum(len(s.out) for s in seqs) / wall, batcher.stats)
-    identical = all(outputs[m] == outputs["off"] for m in MODES)
+    identical = all(outputs[m] == outputs["off"] for m in BATCHER_MODES)
     print(f"batcher ({len(prompts)} rows in one continuous batch, prefill included); identical greedy output: "
           f"{identical}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     base = results["off"][0]
-    for mode in MODES:
+    for mode in BATCHER_MODES:
         rate, s = results[mode]
         spec = "" if mode == "off" else f"  acceptance {s.acceptance_rate:5.1%} ({s.accepted}/{s.drafted})"
         print(
@@ -167,6 +189,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--k", type=int, default=None, help="tokens drafted per verification (default 8)")
     parser.add_argument("--no-batcher", action="store_true")
+    parser.add_argument(
+        "--tree-widths", action="append",
+        help=f"a tree template for a tree:W row (repeatable; default {' and '.join(DEFAULT_TREES)})",
+    )  # fmt: skip
     parser.add_argument(
         "--min-acceptance", type=float, default=0.3, help="a sequence stops drafting below this (engine default 0.3)"
     )

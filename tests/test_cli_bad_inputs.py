@@ -38,6 +38,8 @@ ROWS: dict[str, list[list[str]]] = {
         ["generate", "{model}", "--prompts-file", "{binary}"],
         ["generate", "{model}", "--prompt", "hi", "--max-new-tokens", "-1"],
         ["generate", "{model}", "--prompt", "hi", "--device", "tpu"],
+        ["generate", "{model}", "--prompt", "hi", "--speculate", "tree", "--tree-widths", "4,x"],
+        ["generate", "{model}", "--prompt", "hi", "--speculate", "recycle", "--tree-widths", "4,2"],
         ["generate"],
     ],
     "eval": [

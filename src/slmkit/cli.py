@@ -456,11 +456,20 @@ def generate(
         str | None,
         typer.Option(
             help="Speculative decoding: lookup (as --lookup), recycle (drafts from the model's own past top-k next "
-            "tokens, token recycling), draft (needs --draft) or off."
+            "tokens, token recycling), tree (recycle drafts as a tree verified in one pass; greedy, attention "
+            "models; others fall back to recycle), draft (needs --draft) or off."
         ),
     ] = None,
     speculate_k: Annotated[
-        int | None, typer.Option(help="Tokens drafted per verification (default 4 with --draft, 8 with --lookup).")
+        int | None,
+        typer.Option(
+            help="Tokens drafted per verification (default 4 with --draft, 8 with --lookup; with tree: the most "
+            "depths of the tree template, default all)."
+        ),
+    ] = None,
+    tree_widths: Annotated[
+        str | None,
+        typer.Option(help="With --speculate tree: children per node at each depth, e.g. 4,2,1,1,1,1 (the default)."),
     ] = None,
     json_schema: Annotated[Path | None, typer.Option(help="Constrain the output to this JSON schema file.")] = None,
     regex: Annotated[str | None, typer.Option(help="Constrain the output to this regular expression.")] = None,
@@ -503,13 +512,22 @@ def generate(
         raise UserError("choose one kind of speculation: --draft MODEL or --lookup, not both")
     chosen = "draft" if draft is not None else "lookup" if lookup else "off"
     if speculate is not None:
-        if speculate not in ("off", "lookup", "recycle", "draft"):
-            raise UserError(f"--speculate must be off, lookup, recycle or draft, got {speculate!r}")
+        if speculate not in ("off", "lookup", "recycle", "tree", "draft"):
+            raise UserError(f"--speculate must be off, lookup, recycle, tree or draft, got {speculate!r}")
         if speculate == "draft" and draft is None:
             raise UserError("--speculate draft needs a draft model: --draft MODEL")
         if chosen != "off" and speculate != chosen:
             raise UserError(f"--speculate {speculate} conflicts with --{chosen}: choose one kind of speculation")
         chosen = speculate
+    if tree_widths is not None:
+        from slmkit.infer.speculative import parse_tree_widths
+
+        if chosen != "tree":
+            raise UserError("--tree-widths goes with --speculate tree")
+        try:
+            parse_tree_widths(tree_widths)
+        except ValueError as exc:
+            raise UserError(f"--{exc}") from None
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     sampling = SamplingParams(
@@ -539,6 +557,7 @@ def generate(
         constraint=constraint,
         speculate=chosen,
         speculate_k=speculate_k,
+        **({"tree_widths": tree_widths} if tree_widths is not None else {}),
     )
     stats = EngineStats()
     if prompts_file is None and not (as_json or logprobs):
@@ -1618,7 +1637,8 @@ def serve(
         str,
         typer.Option(
             help="off, lookup (prompt-lookup drafts) or recycle (drafts from the model's past top-k next tokens): "
-            "every row's draft verified in one pass."
+            "every row's draft verified in one pass; tree: recycle, with a draft tree (4,2,1,1,1,1) verified in one "
+            "pass while one request runs alone (greedy, attention models)."
         ),
     ] = "off",
     speculate_k: Annotated[int, typer.Option(help="Drafted tokens per row and step at most (with --speculate).")] = 8,

@@ -131,7 +131,7 @@ def test_cli_generate_speculate_recycle(lm, tiny_model_dir):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--speculate", "tree"], "--speculate must be off, lookup, recycle or draft"),
+        (["--speculate", "bogus"], "--speculate must be off, lookup, recycle, tree or draft"),
         (["--speculate", "recycle", "--lookup"], "conflicts with --lookup"),
     ],
 )

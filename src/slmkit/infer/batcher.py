@@ -15,7 +15,10 @@ sequences at different lengths: a decode step feeds every row its own token at i
 GPU, the C++ wrapper on a CPU). With ``speculate="lookup"`` every step drafts from each row's own text (prompt
 lookup) and verifies every row's draft in one pass (`DecodeCore.verify`): greedy output is unchanged. With
 ``speculate="recycle"`` the drafts come from one adjacency matrix of each token's likely successors that every
-verification pass updates (`slmkit.infer.speculative.TokenRecycler`), shared by all rows and requests.
+verification pass updates (`slmkit.infer.speculative.TokenRecycler`), shared by all rows and requests. With
+``speculate="tree"`` a step with ONE running row (greedy, no penalties, an attention-only model with plain KV
+caches) drafts a tree from that matrix and verifies it in one pass (`DecodeCore.verify_tree`); any other step runs
+linear recycle drafts.
 
 With ``prefix_cache=True`` prompts that start like earlier sequences (a shared system prompt, a chat's history)
 take the keys and values of their cached blocks instead of prefilling them (`slmkit.infer.prefix_cache`); outputs
@@ -65,7 +68,7 @@ from slmkit.infer.core import (
     check_request,
 )
 from slmkit.infer.prefix_cache import DEFAULT_BLOCK, DEFAULT_MAX_BYTES, PrefixCache, unsupported
-from slmkit.infer.speculative import TokenRecycler, lookup_draft
+from slmkit.infer.speculative import DEFAULT_TREE_WIDTHS, TokenRecycler, lookup_draft, parse_tree_widths
 
 logger = logging.getLogger(__name__)
 
@@ -117,8 +120,9 @@ class ContinuousBatcher:
         max_seq_len: int | None = None,
         prefill_chunk: int = 512,
         compile: bool | None = None,
-        speculate: Literal["off", "lookup", "recycle"] = "off",
+        speculate: Literal["off", "lookup", "recycle", "tree"] = "off",
         speculate_k: int = 8,
+        tree_widths: str | Sequence[int] | None = None,
         min_acceptance: float = 0.3,
         per_row_adapters: bool = False,
         kv_cache: Any = None,
@@ -130,8 +134,16 @@ class ContinuousBatcher:
             raise UserError(f"max batch must be >= 1, got {max_batch}")
         if prefill_chunk < 1:
             raise UserError(f"prefill chunk must be >= 1 token, got {prefill_chunk}")
-        if speculate not in ("off", "lookup", "recycle"):
-            raise UserError(f"the batcher speculates with recycle or lookup drafts or not at all (off): {speculate!r}")
+        if speculate not in ("off", "lookup", "recycle", "tree"):
+            raise UserError(
+                f"the batcher speculates with recycle, tree or lookup drafts or not at all (off): {speculate!r}"
+            )
+        if tree_widths is not None and speculate != "tree":
+            raise UserError("tree widths go with speculate='tree'")
+        try:
+            self.tree_widths = parse_tree_widths(DEFAULT_TREE_WIDTHS if tree_widths is None else tree_widths)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
         if prefix_cache and prefix_cache_bytes < 1:
             raise UserError(f"the prefix cache size must be > 0 bytes, got {prefix_cache_bytes}")
         if prefix_cache and prefix_block < 1:
@@ -158,9 +170,14 @@ class ContinuousBatcher:
         self.waiting: deque[GenerationSequence] = deque()
         self.stats = BatcherStats()
         self.recycler: TokenRecycler | None = None
-        if speculate == "recycle":
+        if speculate in ("recycle", "tree"):
             self.recycler = TokenRecycler(self.config.vocab_size)
             self.core.on_verify = self._observe
+        # speculate="tree": whether the model's state takes a tree (else every step drafts linearly, logged once)
+        takes_tree = getattr(model, "takes_tree", None)
+        self.tree_ok = speculate == "tree" and takes_tree is not None and takes_tree(self.core.state)
+        if speculate == "tree" and not self.tree_ok:
+            logger.warning("speculate tree: this model's state takes no draft tree; linear recycle drafts instead")
         self.prefix: PrefixCache | None = None
         self.prefix_off_reason: str | None = None
         self._chains: dict[GenerationSequence, list[int]] = {}  # each running sequence's cached blocks, in order
@@ -239,11 +256,16 @@ class ContinuousBatcher:
                     self._restore(seq)
         before = core.stats.decode_forwards
         prefill_tokens = core.stats.prefill_tokens
-        drafts = self._drafts() if self.speculate != "off" else None
+        tree = self._tree() if self.tree_ok else None
+        drafts = self._drafts() if self.speculate != "off" and tree is None else None
         accepted = {seq: seq.accepted for seq in drafts} if drafts else {}
+        tree_before = (tree[0].drafted, tree[0].accepted) if tree is not None else (0, 0)
         new_before = core.stats.new_tokens
         prefilling = [s for s in core.rows if s.prefilled < len(s.prompt)]
-        outputs = core.step(drafts)
+        outputs = core.step(drafts, tree=tree)
+        if tree is not None:  # drafted: the tree's depth (the most one pass can accept)
+            self.stats.drafted += tree[0].drafted - tree_before[0]
+            self.stats.accepted += tree[0].accepted - tree_before[1]
         decoded = core.stats.decode_forwards > before
         first = sum(1 for s in prefilling if s.out)  # each prompt completed this step gave its first token
         self.stats.decode_tokens += core.stats.new_tokens - new_before - first
@@ -286,6 +308,27 @@ class ContinuousBatcher:
             if draft:
                 drafts[seq] = (draft, None)
         return drafts
+
+    def _tree(self) -> tuple[GenerationSequence, list[int], list[int]] | None:
+        """A draft tree for the one running row, when there is exactly one and it can take one (decoding, greedy,
+        no penalties, unconstrained, without top logprobs, room in the state and the budget, acceptance paying);
+        None: this step drafts linearly (`_drafts`)."""
+        rows = self.core.rows
+        if len(rows) != 1 or self.recycler is None:
+            return None
+        seq = rows[0]
+        request = seq.request
+        if seq.pending is None or seq.finished or request.constraint is not None or request.top_logprobs:
+            return None
+        if not request.sampling.greedy or request.sampling.has_penalties:
+            return None
+        depth = min(request.max_new_tokens - len(seq.out) - 1, self.speculate_k, len(self.tree_widths))
+        if depth < 1 or not seq.speculation_pays(self.min_acceptance):
+            return None
+        nodes, parents = self.recycler.draft_tree(seq.out[-1] if seq.out else seq.prompt[-1], self.tree_widths[:depth])
+        if len(nodes) == 1 or (not self.core.unbounded and seq.length + len(nodes) > self.max_seq_len):
+            return None  # nothing known after the last token, or no room: a linear (or empty) draft
+        return seq, nodes, parents
 
     def _observe(self, rows: list[GenerationSequence], tokens: torch.Tensor, logits: torch.Tensor, drafts) -> None:
         """Token recycling learns from a verification pass: the logits after every token a decoding row fed."""

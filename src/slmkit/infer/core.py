@@ -649,6 +649,55 @@ class DecodeCore:
         self.stats.last_batch_size = len(plain) + len(drafts)
         return outputs
 
+    def verify_tree(self, seq: GenerationSequence, tokens: list[int], parents: list[int]) -> list[StepOutput]:
+        """One greedy verification of a draft tree over one row (`slmkit.infer.speculative.draft_tree`: tokens[0]
+        is the row's pending token, the root; parents[0] = -1). Every node is fed in one forward with a tree
+        attention mask (`Transformer.forward(tree=...)`), node i at slot length + i; the longest path of the
+        target's own argmax choices is kept (`accept_tree`: the output equals plain greedy decoding), its nodes'
+        keys and values moved to consecutive slots, the rest cropped. Other rows do not step."""
+        from slmkit.infer.speculative import accept_tree, tree_mask
+
+        assert seq.pending is not None and tokens[0] == seq.pending and parents[0] == -1
+        self._chosen = ([], self._chosen[1][:0])
+        base, t = seq.length, len(tokens)
+        feed = torch.tensor([tokens])
+        mask = tree_mask(parents, self.device)
+        self.select_adapters([seq])
+        with self.step_threads:
+            logits = self.model(
+                feed.to(self.device), state=self.view(seq.row, seq.row + 1), pos=self.positions(base, base + t),
+                upto=base + t, tree=mask,
+            )  # fmt: skip  # (1, T, V)
+        if self.on_verify is not None:
+            self.on_verify([seq], feed, logits, {seq: (tokens[1:], None)})
+        self.stats.decode_forwards += 1
+        with self.step_threads:  # small ops: on the step's threads (see SINGLE_THREAD_PARAMS)
+            target = logits[0].argmax(-1).tolist()
+        path, new_tokens = accept_tree(target, tokens, parents)
+        depth = int(mask.sum(-1).max()) - 1  # the most a path could have accepted
+        seq.drafted += depth
+        seq.accepted += len(path)
+        seq.pending = None
+        if path != list(range(1, len(path) + 1)):  # accepted nodes not already in place: make them consecutive
+            src = torch.tensor(path, device=self.device) + base
+            self.state.keep_slots(seq.row, src, base + 1)
+        seq.length = base + 1 + len(path)
+        self.state.crop(seq.row, seq.length)
+        raw = logits[0].float().log_softmax(-1) if seq.request.logprobs else None
+        k = seq.request.top_logprobs
+        outputs: list[StepOutput] = []
+        for node, token in zip([0, *path], new_tokens, strict=True):
+            lp = None
+            if raw is not None:
+                top = raw[node].topk(k) if k else None
+                pairs = list(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else []
+                lp = TokenLogprob(token, float(raw[node, token]), pairs)
+            outputs.append(self.emit(seq, token, lp))
+            if seq.finished:
+                break
+        self.stats.last_batch_size = 1
+        return outputs
+
     # ---- choosing and emitting ----------------------------------------------------------------------------------
     def choose(self, ready: Ready) -> list[StepOutput]:
         """Next token per ready sequence: penalties, grammar mask, then each sequence's own sampling."""
@@ -732,16 +781,22 @@ class DecodeCore:
         return StepOutput(seq, token, text, logprob, seq.finished)
 
     def step(
-        self, drafts: dict[GenerationSequence, tuple[list[int], torch.Tensor | None]] | None = None
+        self,
+        drafts: dict[GenerationSequence, tuple[list[int], torch.Tensor | None]] | None = None,
+        tree: tuple[GenerationSequence, list[int], list[int]] | None = None,
     ) -> list[StepOutput]:
-        """Prefill (one chunk budget), one decode step (a verification pass when some rows have `drafts`), choose
-        and emit; finished rows are released."""
+        """Prefill (one chunk budget), one decode step (a verification pass when some rows have `drafts`, a tree
+        verification of one row with `tree` = (sequence, tokens, parents)), choose and emit; finished rows are
+        released."""
         begin = time.perf_counter()
         prefill_before, compile_before = self.stats.prefill_seconds, self.stats.compile_seconds
         ready = self.prefill()
-        if drafts:
-            outputs = self.choose(ready) + self.verify(drafts)
+        if tree is not None:
+            outputs = self.choose(ready) + self.verify_tree(*tree)
             decoded: Ready | bool = True
+        elif drafts:
+            outputs = self.choose(ready) + self.verify(drafts)
+            decoded = True
         else:
             decoded = self.decode()
             outputs = self.choose(ready + decoded)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -46,7 +47,7 @@ from slmkit.infer.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-SpeculateMode = Literal["off", "draft", "lookup", "recycle"]
+SpeculateMode = Literal["off", "draft", "lookup", "recycle", "tree"]
 # A CPU engine of a small model (`single_threaded`: the step is per-op overhead, which compiling removes) compiles
 # its decode step once it has made this many tokens. Measured on a loaded 2-core EPYC (docs/inference.md): the
 # compiled micro step saved about 1 ms a token (0.4-0.6 ms against 1.2-1.8 ms eager) and compiling cost 7-15 s
@@ -96,6 +97,9 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     speculation_turned_off: bool = False
+    # speculate="tree" on a model or setting a tree cannot run on (recurrent mixers, bounded or compressed caches,
+    # sliding windows, sampling, penalties): why it ran linear recycle drafts instead
+    tree_fallback: str | None = None
     plain_step_seconds: list[float] = field(default_factory=list)  # timed plain decode steps (speedup baseline)
     mask_seconds: float = 0.0  # grammar mask computation (constrained decoding overhead)
     compile_seconds: float = 0.0  # torch.compile of the decode step (its first call), kept out of decode_seconds
@@ -144,6 +148,8 @@ class EngineStats:
                 spec += f", speedup {speedup:.2f}x vs plain decode steps"
             if self.speculation_turned_off:
                 spec += "; turned off (low acceptance)"
+            if self.tree_fallback:
+                spec += f"; linear drafts, no tree: {self.tree_fallback}"
             parts.append(spec)
         if self.mask_seconds:
             share = self.mask_seconds / self.decode_seconds if self.decode_seconds else 0.0
@@ -271,6 +277,7 @@ class Engine:
         speculate_k: int | None = None,
         min_acceptance: float = 0.3,
         stats: EngineStats | None = None,
+        tree_widths: str | Sequence[int] | None = None,
     ) -> list[Completion]:
         """Completions of one or more prompts (a batch; speculation runs them one at a time)."""
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -293,6 +300,7 @@ class Engine:
             speculate_k=speculate_k,
             min_acceptance=min_acceptance,
             stats=stats,
+            tree_widths=tree_widths,
         )
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
@@ -323,19 +331,30 @@ class Engine:
         speculate_k: int | None = None,
         min_acceptance: float = 0.3,
         stats: EngineStats | None = None,
+        tree_widths: str | Sequence[int] | None = None,
     ) -> Iterator[Any]:
         sampling = sampling or SamplingParams()
         stats = stats if stats is not None else EngineStats()
         if isinstance(stop, str):
             stop = [stop]
-        if speculate not in ("off", "draft", "lookup", "recycle"):
-            raise UserError(f"speculate must be off, draft, lookup or recycle, got {speculate!r}")
+        if speculate not in ("off", "draft", "lookup", "recycle", "tree"):
+            raise UserError(f"speculate must be off, draft, lookup, recycle or tree, got {speculate!r}")
+        widths: list[int] = []
+        if tree_widths is not None and speculate != "tree":
+            raise UserError("tree widths go with speculate='tree' (--speculate tree)")
+        if speculate == "tree":
+            from slmkit.infer.speculative import DEFAULT_TREE_WIDTHS, parse_tree_widths
+
+            try:
+                widths = parse_tree_widths(tree_widths if tree_widths is not None else DEFAULT_TREE_WIDTHS)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
         if speculate == "draft" and self.draft is None:
             raise UserError("speculate='draft' needs a draft model (--draft MODEL)")
         if speculate == "draft" and self.bounded:
             raise UserError("a draft model keeps a full cache of its own context: use --lookup with --kv-window")
         if speculate_k is None:
-            speculate_k = 8 if speculate in ("lookup", "recycle") else 4
+            speculate_k = len(widths) if speculate == "tree" else 8 if speculate in ("lookup", "recycle") else 4
         if speculate != "off" and not (1 <= speculate_k <= 32):
             raise UserError(f"speculate-k must be in [1, 32], got {speculate_k}")
         if not (0 <= min_acceptance <= 1):
@@ -363,6 +382,7 @@ class Engine:
             speculate_k,
             min_acceptance,
             stats,
+            widths,
         )
 
     def _fit_prompt(self, ids: list[int], max_new_tokens: int, truncate: bool, index: int) -> list[int]:
@@ -412,6 +432,7 @@ class Engine:
         speculate_k: int,
         min_acceptance: float,
         stats: EngineStats,
+        widths: list[int],
     ) -> Iterator[Any]:
         stats.speculation = speculate
         logprobs, top_logprobs = logprob_options
@@ -424,11 +445,12 @@ class Engine:
         ]  # fmt: skip
         speculating = speculate != "off"
         groups = [[r] for r in requests] if speculating else [requests]  # speculation: one prompt at a time
+        room = speculate_k + 1 if speculating else 0  # slots a verification may feed past the output
+        if widths:  # a tree feeds its every node (each at its own slot)
+            room = max(room, 1 + sum(math.prod(widths[: d + 1]) for d in range(len(widths))))
         for group in groups:
             longest = max(len(r.prompt_ids) for r in group)
-            core = self._core(
-                len(group), longest + max_new_tokens + (speculate_k + 1 if speculating else 0), speculating
-            )
+            core = self._core(len(group), longest + max_new_tokens + room, speculating)
             before = dataclasses.replace(core.stats)
             seqs = [core.admit(r) for r in group]
             stats.batch_size = len(seqs)
@@ -436,7 +458,7 @@ class Engine:
             stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
             start = time.perf_counter()
             if speculating:
-                steps = self._speculative(core, seqs[0], speculate, speculate_k, min_acceptance, stats)
+                steps = self._speculative(core, seqs[0], speculate, speculate_k, min_acceptance, stats, widths)
             else:
                 steps = self._plain(core)
             for outputs in steps:
@@ -494,14 +516,33 @@ class Engine:
         k: int,
         min_acceptance: float,
         stats: EngineStats,
+        widths: list[int] | None = None,
     ) -> Iterator[list[StepOutput]]:
         """Plain steps first (they time the baseline the speedup is measured against), then rounds of: draft up
-        to k tokens, verify them in one pass over the row (`DecodeCore.step` with drafts)."""
+        to k tokens, verify them in one pass over the row (`DecodeCore.step` with drafts). mode="tree": a draft
+        tree of the template `widths` (at most k deep), verified in one pass with a tree mask (`DecodeCore.step`
+        with tree), or linear recycle drafts where a tree cannot run (`EngineStats.tree_fallback` says why)."""
         from slmkit.infer.speculative import DraftModel, TokenRecycler, lookup_draft
 
         sampling = seq.request.sampling
         drafter = DraftModel(self.draft, core.max_len, sampling) if mode == "draft" else None
-        if mode == "recycle":  # every verification pass teaches the matrix, empty drafts' too
+        use_tree = False
+        if mode == "tree":
+            reason = None
+            if not sampling.greedy:
+                reason = "tree verification is greedy only; sampling runs linear recycle drafts"
+            elif sampling.has_penalties:
+                reason = "tree verification takes no repetition/frequency/presence penalties"
+            elif not getattr(self.model, "takes_tree", lambda state: False)(core.state):
+                reason = (
+                    "the model keeps recurrent state or a bounded, compressed or sliding-window cache, which a "
+                    "tree's sibling nodes cannot share"
+                )
+            use_tree = reason is None
+            if reason is not None:
+                stats.tree_fallback = reason
+                logger.info("speculate tree: %s; running linear recycle drafts", reason)
+        if mode in ("recycle", "tree"):  # every verification pass teaches the matrix, empty drafts' too
             if self.recycler is None:
                 self.recycler = TokenRecycler(self.config.vocab_size)
             recycler = self.recycler
@@ -522,7 +563,24 @@ class Engine:
             if not stats.speculation_turned_off and plain_steps >= calibration_steps and budget > 0:
                 if mode == "lookup":
                     draft = lookup_draft(tokens, min(k, budget))
-                elif mode == "recycle":
+                elif use_tree:
+                    assert widths
+                    nodes, parents = self.recycler.draft_tree(tokens[-1], widths[: min(k, budget)])
+                    if len(nodes) == 1:  # nothing known after the last token: the pending token alone teaches it
+                        yield core.step({seq: ([], None)})
+                        continue
+                    accepted = seq.accepted
+                    drafted = seq.drafted
+                    outputs = core.step(tree=(seq, nodes, parents))
+                    stats.rounds += 1
+                    stats.drafted += seq.drafted - drafted  # the tree's depth: the most a pass can accept
+                    stats.accepted += seq.accepted - accepted
+                    yield outputs
+                    if not seq.speculation_pays(min_acceptance):
+                        stats.speculation_turned_off = True
+                        logger.info("speculation off: %d of %d drafted tokens accepted", seq.accepted, seq.drafted)
+                    continue
+                elif mode in ("recycle", "tree"):
                     draft = self.recycler.draft(tokens[-1], min(k, budget))
                     if not draft:  # a verification pass of the pending token alone: the matrix learns its successors
                         yield core.step({seq: ([], None)})

@@ -8,9 +8,11 @@ Three drafters:
 - :class:`TokenRecycler` ("recycle", after Token Recycling, Luo et al. 2024): an adjacency matrix holds, for each
   token, the target's top-k next tokens the last time its logits after that token were seen (every verification
   pass writes the rows of the tokens it fed); a draft follows the most likely successor from the last token. Free,
-  training-free, and it learns across requests. The paper verifies a whole tree of candidates in one pass with a
-  tree attention mask; slmkit's states keep one slot per position and row, so two tree nodes at one depth would
-  share a slot: the draft here is the matrix's single most likely path (a linear draft), verified as any other.
+  training-free, and it learns across requests. `draft` follows the matrix's single most likely path (a linear
+  draft, verified as any other; any model). `draft_tree` expands a static tree template from the matrix (as the
+  paper does): `widths[d]` children per node at depth d, verified in one forward with a tree attention mask
+  (`Transformer.forward(tree=...)`, attention-only models with plain KV caches; greedy only) by
+  :func:`accept_tree`, which keeps the longest root-to-leaf path of the target's own argmax choices.
 
 :func:`verify` decides how many drafted tokens to keep. Greedy: keep drafted tokens while they equal the
 target's argmax, then append the target's own choice, so the output equals plain greedy decoding token for
@@ -22,6 +24,8 @@ and the residual is p without d.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -82,10 +86,81 @@ class TokenRecycler:
             out.append(token)
         return out
 
+    def draft_tree(self, last: int, widths: Sequence[int]) -> tuple[list[int], list[int]]:
+        """A draft tree below `last` (the root, node 0): its nodes' tokens and parents (the root's: -1), breadth
+        first; a node at depth d gets the top widths[d] successors of its token as children (unseen ones skipped)."""
+        tokens, parents = [last], [-1]
+        level = [0]
+        for width in widths:
+            next_level: list[int] = []
+            for node in level:
+                for token in self.successors[tokens[node], :width].tolist():
+                    if token < 0:
+                        break
+                    tokens.append(int(token))
+                    parents.append(node)
+                    next_level.append(len(tokens) - 1)
+            if not next_level:
+                break
+            level = next_level
+        return tokens, parents
+
     @property
     def known(self) -> int:
         """Tokens whose successors have been seen."""
         return int((self.successors[:, 0] >= 0).sum())
+
+
+def parse_tree_widths(text: str | Sequence[int]) -> list[int]:
+    """Tree template widths from "4,2,1" (children per node at each depth); ValueError when malformed."""
+    if isinstance(text, str):
+        try:
+            widths = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise ValueError(f"tree widths must be comma-separated integers such as 4,2,2,1, got {text!r}") from None
+    else:
+        widths = [int(w) for w in text]
+    if not (1 <= len(widths) <= 16) or not all(1 <= w <= 8 for w in widths):
+        raise ValueError(f"tree widths: 1 to 16 depths of 1 to 8 children each, got {text!r}")
+    nodes, level = 0, 1
+    for w in widths:
+        level *= w
+        nodes += level
+    if nodes > MAX_TREE_NODES:
+        raise ValueError(f"tree widths {text!r} make {nodes} draft nodes; at most {MAX_TREE_NODES}")
+    return widths
+
+
+MAX_TREE_NODES = 256
+DEFAULT_TREE_WIDTHS = (4, 2, 1, 1, 1, 1)  # speculate="tree": children per node at each depth (44 nodes, 6 deep)
+
+
+def tree_mask(parents: list[int], device: torch.device | None = None) -> torch.Tensor:
+    """(T, T) bool: [i, j] True when node j is node i or one of its ancestors (parents: -1 for the root, a parent
+    before its children)."""
+    n = len(parents)
+    mask = torch.eye(n, dtype=torch.bool)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            mask[i] |= mask[parent]
+    return mask.to(device) if device is not None else mask
+
+
+def accept_tree(target: list[int], tokens: list[int], parents: list[int]) -> tuple[list[int], list[int]]:
+    """Greedy verification of a draft tree: target[i] is the model's argmax after node i (its ancestors and itself).
+    Walk from the root, each time to the child whose token is the target's choice. Returns the accepted nodes (the
+    path below the root) and the tokens to append: the accepted nodes' tokens, then the target's choice after the
+    last one, exactly what plain greedy decoding would append."""
+    children: dict[int, dict[int, int]] = {}
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            children.setdefault(parent, {}).setdefault(tokens[i], i)
+    path: list[int] = []
+    node = 0
+    while (child := children.get(node, {}).get(target[node])) is not None:
+        path.append(child)
+        node = child
+    return path, [tokens[i] for i in path] + [target[node]]
 
 
 class DraftModel:

@@ -151,6 +151,8 @@ class Context:
     rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     # what a state computes once per pass and every layer's state reuses (a sink cache's mask and rotations)
     shared: dict[tuple, Any] = field(default_factory=dict)
+    # (1, 1, T, S) a tree verification's mask over a plain KV cache (each node: the prefix and its ancestors)
+    tree_mask: torch.Tensor | None = None
 
     def rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, S, D) for positions (B, S) (through `rotary`), for `rotate`."""
@@ -291,7 +293,10 @@ class Attention(nn.Module):
             assert ctx is not None
             k, v, key_pos = state.update(ctx.pos, k.to(state.k.dtype), v.to(state.v.dtype), ctx.upto)
             k, v = k.to(q.dtype), v.to(q.dtype)  # (B, K, S, D)
-            mask = causal_mask(ctx, key_pos, k.shape[2], self.window)
+            if ctx.tree_mask is not None:
+                mask = ctx.tree_mask
+            else:
+                mask = causal_mask(ctx, key_pos, k.shape[2], self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)

@@ -127,6 +127,12 @@ class KVState(nn.Module):
             return self.k, self.v, None
         return self.k[:, :, :upto], self.v[:, :, :upto], None
 
+    def keep_slots(self, row: int, src: torch.Tensor, start: int) -> None:
+        """Move row's slots `src` (n,) to slots start..start+n-1 (a verified tree's accepted path, made contiguous)."""
+        n = src.shape[0]
+        self.k[row, :, start : start + n] = self.k[row, :, src]  # advanced indexing reads a copy first
+        self.v[row, :, start : start + n] = self.v[row, :, src]
+
 
 class RingKVState(nn.Module):
     """A sliding-window cache of ``window + slack`` slots; slot ``p % size`` holds position p."""
@@ -399,6 +405,11 @@ class ModelState(nn.Module):
     def crop(self, row: int, length: int) -> None:
         for s in self._each():
             s.crop(row, length)
+
+    def keep_slots(self, row: int, src: torch.Tensor, start: int) -> None:
+        """Move row's slots `src` to slots start.. in every layer (plain KV caches only: a verified tree's path)."""
+        for s in self._each():
+            s.keep_slots(row, src, start)
 
     def pad_room(self) -> int:
         """Positions a pass may feed past a row's real tokens and then crop; 0 unless every layer's state says

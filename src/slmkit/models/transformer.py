@@ -113,6 +113,7 @@ class Transformer(nn.Module):
         last_only: bool = False,
         logits_at: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        tree: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens idx (B, T); (B, 1, V) with last_only, or at each row's index logits_at (B,).
 
@@ -123,6 +124,10 @@ class Transformer(nn.Module):
         upto: attend to state slots [0, upto) only (an optimisation; must cover every position fed so far).
         segments (B, T), without a state: documents packed into one row; a token sees only earlier tokens with
         its segment id (pass each document's own positions as pos). Every mixer must support it (`packs_documents`).
+        tree (T, T) bool, with a state that `takes_tree` and one row: the tokens are the nodes of a draft tree (a
+        parent before its children), tree[i, j] True when node j is node i itself or one of its ancestors. Node i is
+        written at state slot pos[i] (pos: T consecutive slots, the first right after the prefix) but sits at
+        position pos[0] + depth(i) for rotary / learned embeddings, and sees the prefix and its ancestors only.
         """
         b, t = idx.shape
         if pos is None:
@@ -130,6 +135,15 @@ class Transformer(nn.Module):
         positions = pos if pos.dim() == 2 else pos.unsqueeze(0)  # (B or 1, T)
         cfg = self.config
         ctx = Context(positions, upto=upto, active=active, segments=segments)
+        if tree is not None:
+            if state is None or b != 1 or upto is None or not self.takes_tree(state):
+                raise ValueError("tree: one row, upto = the slot after the last node, a state that takes_tree")
+            start = positions[0, :1]  # (1,) the first node's slot: the prefix length (upto - T)
+            depth = tree.sum(-1) - 1  # (T,) ancestors of each node
+            positions = (start + depth).unsqueeze(0)  # (1, T) what rotary and learned positions see
+            mask = torch.ones(t, upto, dtype=torch.bool, device=idx.device)
+            mask[:, upto - t :] = tree  # the prefix, then the node's ancestors (itself included) among the nodes
+            ctx.tree_mask = mask[None, None]  # (1, 1, T, S)
         if segments is not None and (state is not None or not self.packs_documents):
             raise ValueError("segments: a stateless forward of a model whose mixers all keep documents apart")
         if cfg.positions == "rope" and state is not None and state.rotary_slots is not None:
@@ -173,6 +187,21 @@ class Transformer(nn.Module):
         if cfg.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
             logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         return logits
+
+    def takes_tree(self, state: ModelState) -> bool:
+        """Whether a forward may verify a draft tree (`tree=`) over `state`: every layer's state is a plain KV cache
+        (slot = position) of attention without a sliding window. Recurrent mixers (mamba, gla, ...) fold every fed
+        token into one state, so tree nodes at one depth cannot each keep their own; bounded or compressed caches
+        keep their own slot order."""
+        from slmkit.models.state import KVState
+
+        for i, block in enumerate(self.layers):
+            layer_state = state.layer(i)
+            if layer_state is None:
+                continue
+            if type(layer_state) is not KVState or getattr(block.sequence_mixer, "window", None) is not None:
+                return False
+        return True
 
     @property
     def packs_documents(self) -> bool:
