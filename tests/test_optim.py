@@ -84,7 +84,7 @@ def test_muon_lr_scale_follows_the_schedule(data_dir, tmp_path):
 
 
 def test_bad_recipe_values():
-    with pytest.raises(UserError, match="optimizer must be adamw or muon"):
+    with pytest.raises(UserError, match="optimizer must be auto, adamw or muon"):
         cfg(optimizer="sgd")
     with pytest.raises(UserError, match="muon does not work under strategy fsdp"):
         cfg(optimizer="muon", strategy="fsdp")

@@ -359,7 +359,10 @@ def train(
         str | None, typer.Option(help="How --context stretches rotary positions: yarn (default), linear or dynamic.")
     ] = None,
     optimizer: Annotated[
-        str | None, typer.Option(help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest).")
+        str | None,
+        typer.Option(
+            help="muon (default; Muon for hidden matrices, AdamW for the rest; adamw under --strategy fsdp) or adamw."
+        ),
     ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""

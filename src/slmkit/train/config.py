@@ -45,7 +45,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # optimizer and training recipe (slmkit.train.optim; docs/training.md)
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
+    # muon: Muon for hidden matrices, AdamW for the rest; auto: muon, except under fsdp (sharded matrices) adamw
+    optimizer: Literal["auto", "adamw", "muon"] = "auto"
     muon_momentum: float = 0.95
     muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its shape-based scaling already matches AdamW's RMS)
     seq_len_warmup_steps: int = 0  # ramp sequences from seq_len_warmup_start to seq_len over these steps (0: off)
@@ -184,8 +185,10 @@ class TrainConfig:
             raise UserError(f"train config: context must be a positive integer, got {self.context}")
 
     def _check_recipe(self) -> None:
-        if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer not in ("auto", "adamw", "muon"):
+            raise UserError(f"train config: optimizer must be auto, adamw or muon, got {self.optimizer!r}")
+        if self.optimizer == "auto":  # resolved here, so the saved config names the optimizer that ran
+            self.optimizer = "adamw" if self.strategy == "fsdp" else "muon"
         if self.optimizer == "muon" and self.strategy == "fsdp":
             raise UserError(
                 "train config: optimizer muon does not work under strategy fsdp (Muon needs whole matrices, fsdp "
