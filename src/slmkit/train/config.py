@@ -45,7 +45,8 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # optimizer and training recipe (slmkit.train.optim; docs/training.md)
-    # muon: Muon for hidden matrices, AdamW for the rest; auto: muon, except under fsdp (sharded matrices) adamw
+    # muon: Muon for hidden matrices, AdamW for the rest; auto (the default): muon, or adamw where Muon cannot run
+    # (fsdp's sharded matrices, or no hidden matrix among the trainable parameters); slmkit.train.optim
     optimizer: Literal["auto", "adamw", "muon"] = "auto"
     muon_momentum: float = 0.95
     muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its shape-based scaling already matches AdamW's RMS)
@@ -187,8 +188,6 @@ class TrainConfig:
     def _check_recipe(self) -> None:
         if self.optimizer not in ("auto", "adamw", "muon"):
             raise UserError(f"train config: optimizer must be auto, adamw or muon, got {self.optimizer!r}")
-        if self.optimizer == "auto":  # resolved here, so the saved config names the optimizer that ran
-            self.optimizer = "adamw" if self.strategy == "fsdp" else "muon"
         if self.optimizer == "muon" and self.strategy == "fsdp":
             raise UserError(
                 "train config: optimizer muon does not work under strategy fsdp (Muon needs whole matrices, fsdp "

@@ -47,7 +47,7 @@ from slmkit.train.checkpoints import (
 )
 from slmkit.train.config import TrainConfig
 from slmkit.train.objectives import LanguageModeling, Metrics, Objective
-from slmkit.train.optim import add_head_group, lr_at, make_optimizer, rows_at, seq_len_at
+from slmkit.train.optim import add_head_group, lr_at, make_optimizer, resolve_optimizer, rows_at, seq_len_at
 from slmkit.train.validation import token_nats
 
 log = logging.getLogger(__name__)
@@ -639,7 +639,7 @@ class _Session:
             "strategy": self.ctx.strategy,
             "world_size": self.ctx.world_size,
             "objective": self.spec.kind,
-            "optimizer": self.cfg.optimizer,
+            "optimizer": resolve_optimizer(self.model, self.cfg),
             "peak_flops": self.peak,
             "mfu_peak": self.peak_source,  # what MFU divides by (per device)
         }

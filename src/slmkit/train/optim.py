@@ -138,6 +138,17 @@ def add_head_group(optimizer: Any, head: torch.nn.Parameter) -> None:
     target.add_param_group({"params": [head], "weight_decay": 0.0})
 
 
+def resolve_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> str:
+    """The optimizer a run uses: `cfg.optimizer`, with `auto` as muon where Muon can run (whole matrices, at
+    least one hidden matrix trainable) and adamw elsewhere (fsdp, or only embeddings, norms or biases training)."""
+    if cfg.optimizer != "auto":
+        return cfg.optimizer
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return "muon" if not sharded and muon_param_names(model) else "adamw"
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Any:
     """AdamW over every trainable parameter, or (optimizer: muon) Muon over `muon_param_names` and AdamW over the
     rest. Muon scales its step by 0.2 sqrt(max(rows, cols)) (torch's "match_rms_adamw"), so its updates have the
@@ -145,7 +156,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     multiplies Muon's lr if a run wants it apart (the loop keeps the ratio through the schedule)."""
     fused = device.type == "cuda"
     head = late_head(model, cfg)
-    if cfg.optimizer == "adamw":
+    if resolve_optimizer(model, cfg) == "adamw":
         groups = param_groups(model, cfg.weight_decay)
         if head is not None:
             groups = [{**g, "params": [p for p in g["params"] if p is not head]} for g in groups]
