@@ -46,12 +46,25 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "untied head": ({}, {"tie_embeddings": False}),
     "qk_norm": ({}, {"qk_norm": True, "family": "slmkit"}),
     "seq_len warm-up": ({"seq_len_warmup_steps": 100, "seq_len_warmup_start": 64}, {}),
+    "value embeds 2": ({}, {"value_embeds": 2, "family": "slmkit"}),
+    "skip connections": ({}, {"skip_connections": True, "family": "slmkit"}),
+    "late untie 0.5": ({"untie_head_at": 0.5}, {}),
+    "batch warm-up": ({"batch_warmup_steps": 100, "batch_warmup_start": 4}, {}),
 }
 ARMS["combined"] = (
-    {k: v for changes, _ in ARMS.values() for k, v in changes.items()},
-    {k: v for _, changes in ARMS.values() for k, v in changes.items()},
+    {k: v for name, (changes, _) in ARMS.items() if name != "late untie 0.5" for k, v in changes.items()},
+    {k: v for _, changes in ARMS.values() for k, v in changes.items()},  # late untie: the untied head is in
 )
-SHORT = {"adamw": "adamw (today)", "softcap": "logit_softcap 30", "untied": "untied head", "warmup": "seq_len warm-up"}
+SHORT = {
+    "adamw": "adamw (today)",
+    "softcap": "logit_softcap 30",
+    "untied": "untied head",
+    "warmup": "seq_len warm-up",
+    "ve": "value embeds 2",
+    "skips": "skip connections",
+    "late-untie": "late untie 0.5",
+    "batch-warmup": "batch warm-up",
+}
 
 
 Curve = list[tuple[float, int, float]]  # (elapsed training seconds, step, val bpb) at every evaluation
@@ -171,6 +184,19 @@ def main() -> None:
     parser.add_argument("--eval-interval", type=int, default=20)
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--arms", default="all", help="comma-separated arm names (adamw, muon, relu2, ...) or all")
+    parser.add_argument(
+        "--stack",
+        default="",
+        help="arm names whose changes go on top of every arm but the baseline (e.g. muon: each arm is muon + X); "
+        "an arm of several names joined by + stacks them too (muon+untied+warmup)",
+    )
+    parser.add_argument(
+        "--arm-minutes",
+        type=float,
+        default=None,
+        help="wall time of every arm but the baseline (default --minutes): with half the baseline's, an arm whose "
+        "final val bpb reaches the target is 2x faster with its own, shorter schedule",
+    )
     parser.add_argument("--hf-lrs", default="1e-3,3e-3,1e-2", help="AdamW lrs of the LlamaForCausalLM sweep; '' skips")
     parser.add_argument("--data", type=Path, default=None, help="a prepared data dir (default: builtin:pystdlib)")
     args = parser.parse_args()
@@ -183,12 +209,26 @@ def main() -> None:
     from slmkit.train.config import TrainConfig
     from slmkit.train.loop import train
 
-    names = list(ARMS) if args.arms == "all" else [SHORT.get(a.strip(), a.strip()) for a in args.arms.split(",")]
-    unknown = [n for n in names if n not in ARMS]
-    if unknown:
-        raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    names = list(ARMS) if args.arms == "all" else [a.strip() for a in args.arms.split(",")]
+    stack = [SHORT.get(a.strip(), a.strip()) for a in args.stack.split(",") if a.strip()]
+    arms = {}
+    for name in names:
+        parts = [SHORT.get(part, part) for part in name.split("+")]
+        if name == "adamw" or parts == ["adamw (today)"]:
+            arms["adamw (today)"] = ARMS["adamw (today)"]
+            continue
+        unknown = [p for p in parts + stack if p not in ARMS]
+        if unknown:
+            raise SystemExit(f"unknown arm(s) {unknown}; choose from {list(ARMS)} (short: {list(SHORT)})")
+        label = " + ".join(dict.fromkeys(stack + parts))
+        arms[label] = (
+            {k: v for p in dict.fromkeys(stack + parts) for k, v in ARMS[p][0].items()},
+            {k: v for p in dict.fromkeys(stack + parts) for k, v in ARMS[p][1].items()},
+        )
+    names = list(arms)
     if "adamw (today)" not in names:
         names.insert(0, "adamw (today)")  # the target comes from it
+        arms["adamw (today)"] = ARMS["adamw (today)"]
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data
         if data_dir is None:
@@ -216,8 +256,10 @@ def main() -> None:
         )
         results: dict[str, tuple[Curve, int]] = {}
         for name in names:
-            train_changes, model_changes = ARMS[name]
+            train_changes, model_changes = arms[name]
             cfg = dataclasses.replace(base, **train_changes, model=dict(model_changes))
+            if args.arm_minutes and name != "adamw (today)" and not args.steps:
+                cfg = dataclasses.replace(cfg, max_minutes=args.arm_minutes)
             run = Path(tmp) / f"run{len(results)}"
             result = train(cfg, data_dir, run)
             results[name] = (val_curve(run), result.step)
@@ -233,7 +275,12 @@ def main() -> None:
             save_model(model, Path(tmp) / "init", tokenizer_dir=data_dir)
             sweep = {}
             for lr in hf_lrs:
-                sweep[lr] = hf_run(base, data, Path(tmp) / "init", lr)
+                peer = (
+                    base
+                    if not args.arm_minutes or args.steps
+                    else dataclasses.replace(base, max_minutes=args.arm_minutes)
+                )
+                sweep[lr] = hf_run(peer, data, Path(tmp) / "init", lr)  # the recipe arms' wall time
                 print(f"  LlamaForCausalLM lr {lr:g}: {sweep[lr][1]} steps, val bpb {sweep[lr][0][-1][2]:.4f}")
             best = min(sweep, key=lambda lr: sweep[lr][0][-1][2])
             results[f"HF Llama AdamW lr {best:g}"] = sweep[best]
@@ -242,6 +289,8 @@ def main() -> None:
     base_reach = reach(results["adamw (today)"][0], target)
     load = os.getloadavg()
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    if args.arm_minutes and not args.steps:
+        budget = f"baseline {args.minutes:g} min, other arms {args.arm_minutes:g} min"
     print(f"hardware: {hardware()}")
     print(f"load averages (1, 5, 15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print(

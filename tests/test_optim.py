@@ -84,7 +84,7 @@ def test_muon_lr_scale_follows_the_schedule(data_dir, tmp_path):
 
 
 def test_bad_recipe_values():
-    with pytest.raises(UserError, match="optimizer must be adamw or muon"):
+    with pytest.raises(UserError, match="optimizer must be auto, adamw or muon"):
         cfg(optimizer="sgd")
     with pytest.raises(UserError, match="muon does not work under strategy fsdp"):
         cfg(optimizer="muon", strategy="fsdp")
@@ -224,3 +224,20 @@ def test_cpu_peak_is_measured_and_named_in_the_start_line(data_dir, tmp_path, ca
     with caplog.at_level(logging.INFO, logger="slmkit"):
         train(cfg(max_steps=1, optimizer="muon"), data_dir, tmp_path / "run")
     assert any("muon; MFU against measured matmul peak" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_is_muon_where_muon_can_run():
+    from slmkit.train.optim import resolve_optimizer
+
+    model = build_model(preset("tiny", vocab_size=300))
+    assert TrainConfig(preset="tiny", max_steps=1).optimizer == "auto"  # the default
+    assert resolve_optimizer(model, TrainConfig(preset="tiny", max_steps=1)) == "muon"
+    assert isinstance(
+        make_optimizer(model, TrainConfig(preset="tiny", max_steps=1), torch.device("cpu")), MuonWithAdamW
+    )
+    assert resolve_optimizer(model, TrainConfig(preset="tiny", max_steps=1, optimizer="adamw")) == "adamw"
+    for name, p in model.named_parameters():  # only embeddings and norms train: no hidden matrix for Muon
+        p.requires_grad_(p.dim() == 1 or "embed" in name)
+    assert resolve_optimizer(model, TrainConfig(preset="tiny", max_steps=1)) == "adamw"
+    with pytest.raises(UserError, match="hold no hidden matrices"):
+        make_optimizer(model, TrainConfig(preset="tiny", max_steps=1, optimizer="muon"), torch.device("cpu"))

@@ -359,7 +359,10 @@ def train(
         str | None, typer.Option(help="How --context stretches rotary positions: yarn (default), linear or dynamic.")
     ] = None,
     optimizer: Annotated[
-        str | None, typer.Option(help="adamw (default) or muon (Muon for hidden matrices, AdamW for the rest).")
+        str | None,
+        typer.Option(
+            help="muon (default; Muon for hidden matrices, AdamW for the rest; adamw under --strategy fsdp) or adamw."
+        ),
     ] = None,
 ) -> None:
     """Train a model on DATA within a budget; checkpoints are resumable with --resume."""
@@ -1118,6 +1121,7 @@ def distill(
     max_minutes: Annotated[float | None, typer.Option(help="Budget: wall-clock minutes.")] = None,
     save_interval: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (student init and data order).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="muon (default; as slm train) or adamw.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its checkpoint.")] = False,
     overwrite: Annotated[
@@ -1138,6 +1142,7 @@ def distill(
         "max_minutes": max_minutes,
         "save_interval": save_interval,
         "seed": seed,
+        "optimizer": optimizer,
         "device": device,
     }
     given = {k: v for k, v in options.items() if v is not None}

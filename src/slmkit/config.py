@@ -354,6 +354,12 @@ class ModelConfig:
     # ---- training-recipe switches (docs/training.md) ----
     zero_init_proj: bool = False  # residual output projections (o_proj, down_proj, out_proj) start at zero
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2); slmkit's own format only
+    # N tables of value embeddings (modded-nanogpt): the first N and the last N attention layers add table i's row
+    # of each token to their values, v = a v + b ve (a, b learned, from 0.5); slmkit's own format only
+    value_embeds: int = 0
+    # U-net skips (modded-nanogpt): layer i of the first half's output is added, scaled by a learned weight (from
+    # 1), to the input of layer n_layers - 1 - i; slmkit's own format only
+    skip_connections: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF keys, kept for round trips
 
     def __post_init__(self) -> None:
@@ -428,6 +434,7 @@ class ModelConfig:
             "tie_embeddings",
             "zero_init_proj",
             "ssm_dt_b_c_norm",
+            "skip_connections",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise UserError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
@@ -446,6 +453,7 @@ class ModelConfig:
                     "give one per layer"
                 )
             self.layer_pattern = tuple(pattern)
+        self._check_value_embeds()
         self._check_ssm()
         self._check_linear()
         self._check_moe()
@@ -455,6 +463,27 @@ class ModelConfig:
             raise UserError("model config: rope_scaling needs positions='rope'")
         if self.rope_scaling is not None:
             self.rope_scaling.check_rope_dim(self.rope_dim)
+
+    def _check_value_embeds(self) -> None:
+        n = self.value_embeds
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= self.n_layers:
+            raise UserError(
+                f"model config: value_embeds must be an integer in [0, n_layers={self.n_layers}], got {n!r}"
+            )
+        others = sorted({self.mixer_at(i) for i in self.value_embed_layers()} - {"attention"})
+        if others:
+            raise UserError(
+                f"model config: value_embeds={n} feeds the first and last {n} layers' attention values, but some of "
+                f"them are {', '.join(others)} layers; lower value_embeds or use attention there"
+            )
+        if self.skip_connections and self.n_layers < 2:
+            raise UserError("model config: skip_connections needs at least 2 layers")
+
+    def value_embed_layers(self) -> dict[int, int]:
+        """{layer: value-embedding table} for `value_embeds` N: table i feeds layer i and layer n_layers - N + i
+        (the first N layers and the last N, as in modded-nanogpt; a layer in both takes the first)."""
+        n, last = self.value_embeds, self.n_layers - self.value_embeds
+        return {**{last + i: i for i in range(n)}, **{i: i for i in range(n)}}
 
     def _check_ssm(self) -> None:
         names = ("ssm_state_size", "ssm_expand", "ssm_head_dim", "ssm_n_groups", "ssm_conv_kernel", "ssm_chunk_size")
@@ -731,9 +760,11 @@ class ModelConfig:
             total, used, _ = self._mlp_params(kind)
             body += (used if active else total) + (2 if kind != "none" else 1) * self._norm_params()
         body += self._norm_params()  # + final norm
+        body += 2 * len(self.value_embed_layers()) + (self.n_layers // 2 if self.skip_connections else 0)
         if not include_embeddings:
             return body
         embed = self.vocab_size * c + (self.max_seq_len * c if self.positions == "learned" else 0)
+        embed += self.value_embeds * self.vocab_size * self.n_kv_heads * self.dim_per_head
         head = 0 if self.tie_embeddings else self.vocab_size * c
         return body + embed + head
 

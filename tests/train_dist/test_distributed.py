@@ -27,6 +27,7 @@ TOL = 1e-5
 
 # one process with batch 4 sees what 2 ranks with batch 2 see together
 SETTINGS = dict(
+    optimizer="adamw",  # these tests are about the strategies; Muon under ddp has its own test below
     preset="tiny",
     model={"max_seq_len": 64},
     seq_len=32,
@@ -46,6 +47,8 @@ def cli_args(data_dir: Path, out: Path, batch_size: int, *extra: str) -> list[st
     args = ["train", "--data", str(data_dir), "--out", str(out), "--batch-size", str(batch_size)]
     args += ["--preset", "tiny", "--set", "max_seq_len=64", "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "2"]
     args += ["--grad-accum", "2", "--eval-interval", "1000", "--save-interval", "3", "--device", "cpu", "--seed", "7"]
+    if "--optimizer" not in extra:
+        args += ["--optimizer", "adamw"]  # as SETTINGS
     return [*args, *extra]
 
 
@@ -267,11 +270,11 @@ def test_ddp_distillation_matches_one_process(data_dir, tiny_model_dir, tmp_path
     """`slm distill` runs on the trainer's loop, so under torchrun it is data-parallel like `slm train`."""
     from slmkit.compress.distill import distill
 
-    options = dict(seq_len=32, lr=3e-3, warmup_steps=2, max_steps=3, device="cpu", seed=7)
+    options = dict(seq_len=32, lr=3e-3, warmup_steps=2, max_steps=3, device="cpu", seed=7, optimizer="adamw")
     single = distill(tiny_model_dir, "tiny", data_dir, tmp_path / "single", TrainConfig(**options, batch_size=4))
     args = ["distill", "--teacher", str(tiny_model_dir), "--student", "tiny", "--data", str(data_dir)]
     args += ["--out", str(tmp_path / "ddp"), "--batch-size", "2", "--seq-len", "32", "--lr", "3e-3"]
-    args += ["--warmup-steps", "2", "--max-steps", "3", "--device", "cpu", "--seed", "7"]
+    args += ["--warmup-steps", "2", "--max-steps", "3", "--device", "cpu", "--seed", "7", "--optimizer", "adamw"]
     outputs = wait_all(launch(args, tmp_path / "logs"), tmp_path / "logs")
     assert "saved to" in outputs[0]
     assert json.loads((tmp_path / "ddp" / "final" / "trainer_state.json").read_text())["world_size"] == 2
@@ -284,7 +287,7 @@ def test_ddp_distillation_matches_one_process(data_dir, tiny_model_dir, tmp_path
 def test_muon_under_ddp_matches_one_process(data_dir, tmp_path):
     # Muon orthogonalises each whole matrix; under ddp every rank holds it and the all-reduced gradient
     single = tmp_path / "single"
-    train(TrainConfig(**SETTINGS, batch_size=4, optimizer="muon"), data_dir, single)
+    train(TrainConfig(**{**SETTINGS, "optimizer": "muon"}, batch_size=4), data_dir, single)
     args = cli_args(data_dir, tmp_path / "run", 2, "--max-steps", "6", "--strategy", "ddp", "--optimizer", "muon")
     wait_all(launch(args, tmp_path / "logs"), tmp_path / "logs")
     # Orthogonalisation lifts a matrix's small singular directions to unit size, rounding noise with them: the
@@ -295,4 +298,4 @@ def test_muon_under_ddp_matches_one_process(data_dir, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=2e-3, rtol=0, msg=name)
     with pytest.raises(UserError, match="muon does not work under strategy fsdp"):
-        TrainConfig(**SETTINGS, batch_size=2, optimizer="muon", strategy="fsdp")
+        TrainConfig(**{**SETTINGS, "optimizer": "muon"}, batch_size=2, strategy="fsdp")

@@ -165,6 +165,8 @@ def prune_structured(
     lacks = [f"{', '.join(others)} layers"] if others else []
     kinds = {"none": "no MLP", "moe": "mixture-of-experts MLPs", "memory": "product-key memory layers"}
     lacks += [what for kind, what in kinds.items() if kind in config.mlps]
+    if config.value_embeds or config.skip_connections:  # tables sized to the kv width, weights per layer pair
+        lacks.append("value embeddings or U-net skips")
     if lacks:  # heads and FFN channels are attention's and the MLP's: other mixers' widths are not cut here
         raise UserError(
             f"prune-structured cuts attention heads and MLP channels, and this model has {' and '.join(lacks)}; "

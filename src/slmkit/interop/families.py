@@ -135,11 +135,13 @@ class FamilySpec:
                 + ("mlp_pattern (per-layer MLP kinds)" if config.mlp_pattern is not None else "memory MLPs"),
                 "set family: slmkit (slmkit's own format, any layers)",
             )
-        if self.mixers is not None and config.logit_softcap is not None:
-            return (  # transformers' classes of these families compute plain logits
-                f"family {self.name!r} cannot express logit_softcap={config.logit_softcap} (slmkit-only switch)",
-                "set family: slmkit (slmkit's own format) or drop logit_softcap",
-            )
+        own = {"logit_softcap": None, "value_embeds": 0, "skip_connections": False}  # slmkit-only switches, off
+        for name, off in own.items():
+            if self.mixers is not None and getattr(config, name) != off:
+                return (  # transformers' classes of these families have no such weights or logits
+                    f"family {self.name!r} cannot express {name}={getattr(config, name)} (slmkit-only switch)",
+                    f"set family: slmkit (slmkit's own format) or drop {name}",
+                )
         for name, allowed in self.allowed.items():
             value = getattr(config, name)
             if value not in allowed:

@@ -153,6 +153,8 @@ class Context:
     shared: dict[tuple, Any] = field(default_factory=dict)
     # (1, 1, T, S) a tree verification's mask over a plain KV cache (each node: the prefix and its ancestors)
     tree_mask: torch.Tensor | None = None
+    # value embeddings (`value_embeds`): the current layer's table rows of the pass's tokens (B, T, K D), or None
+    value_embed: torch.Tensor | None = None
 
     def rotation(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (B, 1, S, D) for positions (B, S) (through `rotary`), for `rotate`."""
@@ -236,6 +238,8 @@ class Attention(nn.Module):
         elif config.qk_norm:  # per-head RMSNorm of q and k (Qwen3)
             self.q_norm = RMSNorm(hd, config.norm_eps)
             self.k_norm = RMSNorm(hd, config.norm_eps)
+        if layer_idx in config.value_embed_layers():  # weights of its values and of the value embedding
+            self.value_lambdas = nn.Parameter(torch.full((2,), 0.5))
 
     def new_state(
         self,
@@ -268,7 +272,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x)  # (B, T, K D)
+        if ctx is not None and ctx.value_embed is not None:  # modded-nanogpt's value embeddings
+            v = self.value_lambdas[0] * v + self.value_lambdas[1] * ctx.value_embed
+        v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if hasattr(self, "q_norm") and not self.qk_norm_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D), (B, K, T, D)

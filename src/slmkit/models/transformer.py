@@ -71,6 +71,13 @@ class Transformer(nn.Module):
         if config.positions == "learned":
             self.embed_positions = nn.Embedding(config.max_seq_len, config.d_model)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        if config.value_embeds:  # modded-nanogpt's value embeddings: token rows added to attention's values
+            kv_dim = config.n_kv_heads * config.dim_per_head
+            self.value_embeds = nn.ModuleList(
+                nn.Embedding(config.vocab_size, kv_dim) for _ in range(config.value_embeds)
+            )
+        if config.skip_connections:  # U-net: the first half's outputs feed the second half, mirrored
+            self.skip_weights = nn.Parameter(torch.ones(config.n_layers // 2))
         self.norm = make_norm(config, config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -89,6 +96,8 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(".bias"):
                 nn.init.zeros_(p)
+            elif name.endswith("value_lambdas"):
+                nn.init.constant_(p, 0.5)
             elif p.dim() == 1:
                 nn.init.ones_(p)
             else:
@@ -177,8 +186,11 @@ class Transformer(nn.Module):
             x = x + self.embed_positions(positions)  # (B or 1, T, C) broadcast
         if ctx.cos is not None:
             ctx.cos, ctx.sin = ctx.cos.to(x.dtype), ctx.sin.to(x.dtype)  # type: ignore[union-attr]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, ctx, state.layer(i) if state is not None else None)
+        if cfg.value_embeds or cfg.skip_connections:
+            x = self._layers_with_extras(x, idx, ctx, state)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, ctx, state.layer(i) if state is not None else None)
         if logits_at is not None:
             x = x[torch.arange(b, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         elif last_only:
@@ -202,6 +214,25 @@ class Transformer(nn.Module):
             if type(layer_state) is not KVState or getattr(block.sequence_mixer, "window", None) is not None:
                 return False
         return True
+
+    def _layers_with_extras(
+        self, x: torch.Tensor, idx: torch.Tensor, ctx: Context, state: ModelState | None
+    ) -> torch.Tensor:
+        """The layers with value embeddings and/or U-net skips (`value_embeds`, `skip_connections`)."""
+        cfg, n = self.config, self.config.n_layers
+        tables = [table(idx) for table in self.value_embeds] if cfg.value_embeds else []  # (B, T, K D) each
+        feeds = cfg.value_embed_layers()
+        skips: list[torch.Tensor] = []
+        half = n // 2 if cfg.skip_connections else 0
+        for i, layer in enumerate(self.layers):
+            if i >= n - half:  # the mirror of layer n - 1 - i of the first half
+                x = x + self.skip_weights[i - (n - half)] * skips.pop()
+            ctx.value_embed = tables[feeds[i]] if i in feeds else None
+            x = layer(x, ctx, state.layer(i) if state is not None else None)
+            if i < half:
+                skips.append(x)
+        ctx.value_embed = None
+        return x
 
     @property
     def packs_documents(self) -> bool:

@@ -83,6 +83,7 @@ class LadderSettings:
     seed: int = 1337
     device: str = "cpu"
     threads: int | None = None
+    optimizer: str = "muon"  # the rungs' (TrainConfig.optimizer); a plan's run uses the fit's optimizer
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "levels", "min_steps", "val_windows"):
@@ -586,6 +587,7 @@ def _train_rungs(
                 seed=settings.seed,
                 device=settings.device,
                 threads=settings.threads,
+                optimizer=settings.optimizer,  # type: ignore[arg-type]  # checked by TrainConfig
             )
             from slmkit.interop.checkpoint import WEIGHTS, latest_checkpoint
 

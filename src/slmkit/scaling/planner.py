@@ -423,6 +423,7 @@ def _plan_family(
             "warmup_steps": max(1, min(100, steps // 10)),
             "schedule": "cosine",
             "seed": settings["seed"],
+            "optimizer": settings.get("optimizer", "adamw"),  # ladders from before the key ran AdamW
         },
         mixer=mixer,
         ladder=str(ladder),

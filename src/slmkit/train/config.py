@@ -45,11 +45,17 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     # optimizer and training recipe (slmkit.train.optim; docs/training.md)
-    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: Muon for hidden matrices, AdamW for the rest
+    # muon: Muon for hidden matrices, AdamW for the rest; auto (the default): muon, or adamw where Muon cannot run
+    # (fsdp's sharded matrices, or no hidden matrix among the trainable parameters); slmkit.train.optim
+    optimizer: Literal["auto", "adamw", "muon"] = "auto"
     muon_momentum: float = 0.95
     muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its shape-based scaling already matches AdamW's RMS)
     seq_len_warmup_steps: int = 0  # ramp sequences from seq_len_warmup_start to seq_len over these steps (0: off)
     seq_len_warmup_start: int = 64
+    batch_warmup_steps: int = 0  # ramp rows per micro-batch from batch_warmup_start to batch_size (0: off)
+    batch_warmup_start: int = 4
+    # late untying (modded-nanogpt): a tied head becomes its own copy of the embedding once progress reaches this
+    untie_head_at: float | None = None
     # budgets (stop at the first one reached); at least one is required
     max_steps: int | None = None
     max_tokens: int | None = None
@@ -180,8 +186,8 @@ class TrainConfig:
             raise UserError(f"train config: context must be a positive integer, got {self.context}")
 
     def _check_recipe(self) -> None:
-        if self.optimizer not in ("adamw", "muon"):
-            raise UserError(f"train config: optimizer must be adamw or muon, got {self.optimizer!r}")
+        if self.optimizer not in ("auto", "adamw", "muon"):
+            raise UserError(f"train config: optimizer must be auto, adamw or muon, got {self.optimizer!r}")
         if self.optimizer == "muon" and self.strategy == "fsdp":
             raise UserError(
                 "train config: optimizer muon does not work under strategy fsdp (Muon needs whole matrices, fsdp "
@@ -193,6 +199,22 @@ class TrainConfig:
             raise UserError(f"train config: muon_lr_scale must be > 0, got {self.muon_lr_scale}")
         if self.seq_len_warmup_steps < 0:
             raise UserError(f"train config: seq_len_warmup_steps must be >= 0, got {self.seq_len_warmup_steps}")
+        if self.batch_warmup_steps < 0:
+            raise UserError(f"train config: batch_warmup_steps must be >= 0, got {self.batch_warmup_steps}")
+        if self.batch_warmup_steps and not 1 <= self.batch_warmup_start <= self.batch_size:
+            raise UserError(
+                f"train config: batch_warmup_start must be in [1, batch_size={self.batch_size}], "
+                f"got {self.batch_warmup_start}"
+            )
+        if self.untie_head_at is not None and not 0 < self.untie_head_at < 1:
+            raise UserError(
+                f"train config: untie_head_at must be in (0, 1) (a share of the run), got {self.untie_head_at}"
+            )
+        if self.untie_head_at is not None and self.strategy in ("ddp", "fsdp"):
+            raise UserError(
+                f"train config: untie_head_at needs one process (strategy {self.strategy} fixes the parameters when "
+                "it wraps the model); untie the head from the start (tie_embeddings: false) instead"
+            )
         if self.seq_len_warmup_steps and not 1 <= self.seq_len_warmup_start <= self.seq_len:
             raise UserError(
                 f"train config: seq_len_warmup_start must be in [1, seq_len={self.seq_len}], "

@@ -17,7 +17,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -33,6 +33,7 @@ class FinetuneConfig(TrainConfig):
     """A training config whose model is `init` (required), with the fine-tuning data and adapter options."""
 
     data: str = ""  # the JSONL file of samples
+    optimizer: Literal["auto", "adamw", "muon"] = "adamw"  # fine-tuning (adapters above all) keeps AdamW
     lr: float = 1e-4
     warmup_steps: int = 10
     eval_interval: int = 50

@@ -47,7 +47,7 @@ from slmkit.train.checkpoints import (
 )
 from slmkit.train.config import TrainConfig
 from slmkit.train.objectives import LanguageModeling, Metrics, Objective
-from slmkit.train.optim import lr_at, make_optimizer, seq_len_at
+from slmkit.train.optim import add_head_group, lr_at, make_optimizer, resolve_optimizer, rows_at, seq_len_at
 from slmkit.train.validation import token_nats
 
 log = logging.getLogger(__name__)
@@ -523,8 +523,19 @@ class _Session:
         self.objective.attach(model, device)
         _freeze_untrainable(model, self.objective)
         saved_state: dict[str, Any] | None = None
+        if cfg.untie_head_at is not None and (ctx.distributed or not model.config.tie_embeddings):  # type: ignore[attr-defined]
+            raise UserError(
+                "untie_head_at unties a tied head during a one-process run; "
+                + ("this run has several processes" if ctx.distributed else "this model's head is untied already")
+                + " (set tie_embeddings: false to train an untied head from the start)"
+            )
         if resume_from is not None:
             check_resume_data(resume_from, self.data, self.data.path)
+            if cfg.untie_head_at is not None and model.config.tie_embeddings:  # type: ignore[attr-defined]
+                from slmkit.interop.hf import load_config
+
+                if not load_config(resume_from / "config.json").tie_embeddings:  # saved after the untying: untie again
+                    self._untie_head()
             # full weights go into the plain model before it is wrapped (fsdp then shards what is loaded)
             if self.spec.checkpoint_format is not None:
                 self.spec.checkpoint_format.load(resume_from, model)
@@ -628,7 +639,7 @@ class _Session:
             "strategy": self.ctx.strategy,
             "world_size": self.ctx.world_size,
             "objective": self.spec.kind,
-            "optimizer": self.cfg.optimizer,
+            "optimizer": resolve_optimizer(self.model, self.cfg),
             "peak_flops": self.peak,
             "mfu_peak": self.peak_source,  # what MFU divides by (per device)
         }
@@ -638,22 +649,29 @@ class _Session:
         rank was interrupted (Ctrl-C)."""
         cfg, ctx, c = self.cfg, self.ctx, self.counters
         t0 = time.perf_counter()
-        lr = lr_at(cfg, c.step, self.budget.progress(c.step, c.tokens, c.flops, c.elapsed))
+        progress = self.budget.progress(c.step, c.tokens, c.flops, c.elapsed)
+        if cfg.untie_head_at is not None and progress >= cfg.untie_head_at and self.model.config.tie_embeddings:  # type: ignore[attr-defined]
+            self._untie_head()
+            add_head_group(self.optimizer, self.model.lm_head.weight)  # type: ignore[union-attr,arg-type]
+            self.params.append(self.model.lm_head.weight)  # type: ignore[union-attr,arg-type]
+            self.reporter.message(f"step {c.step}: the output head is untied from the embedding (untie_head_at)")
+        lr = lr_at(cfg, c.step, progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)  # Muon's group may keep its own ratio to the schedule
         length = seq_len_at(cfg, c.step)  # sequence-length warm-up: the windows' first `length` tokens
-        tokens_this_step = self.tokens_per_step * length // cfg.seq_len
+        rows = rows_at(cfg, c.step)  # batch-size warm-up: the batch's first `rows` windows
+        tokens_this_step = self.tokens_per_step * length * rows // (cfg.seq_len * cfg.batch_size)
         loss_sum: torch.Tensor | float = 0.0
         metric_sums: dict[str, torch.Tensor] | None = None  # only objectives that report metrics pay for them
         for micro_step in range(cfg.grad_accum):
             batch = self.sampler.next_batch(cfg.batch_size)
             x, y = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device, non_blocking=True)
-            if length < x.shape[1]:
-                x, y = x[:, :length], y[:, :length]
+            if length < x.shape[1] or rows < x.shape[0]:
+                x, y = x[:rows, :length], y[:rows, :length]
             forward = self.forward
             if len(batch) > 2 and batch[2]:  # packed samples: their segments and positions
                 extra = {k: v.to(self.device) for k, v in batch[2].items()}
-                extra = {k: v[:, :length] if v.dim() == 2 else v for k, v in extra.items()}  # (B, T) ones follow x
+                extra = {k: v[:rows, :length] if v.dim() == 2 else v for k, v in extra.items()}  # (B, T) follow x
                 forward = functools.partial(forward, **extra)
             with distributed.sync_gradients(self.wrapped, ctx, last_micro_step=micro_step == cfg.grad_accum - 1):
                 with self.autocast():
@@ -700,6 +718,13 @@ class _Session:
         if sampler_metrics is not None:
             record.update(sampler_metrics())
         return record, interrupted
+
+    def _untie_head(self) -> None:
+        """Late untying: the output head becomes its own copy of the embedding (from then on both train apart),
+        and the model's config says so, so checkpoints and the final model are saved untied."""
+        model = self.model
+        model.lm_head.weight = torch.nn.Parameter(model.embed_tokens.weight.detach().clone())  # type: ignore[union-attr]
+        model.config = model.config.replace(tie_embeddings=False)  # type: ignore[union-attr,operator]
 
     def _after_step(self, record: dict[str, Any], stop_reason: str | None) -> None:
         cfg, step = self.cfg, self.counters.step

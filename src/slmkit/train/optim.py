@@ -123,16 +123,47 @@ class MuonWithAdamW:
             )
 
 
+def late_head(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Parameter | None:
+    """The output head of a run that unties it late (`untie_head_at`), once it is untied, else None. It trains
+    in an AdamW group of its own appended last, as when the loop unties it mid-run (`add_head_group`), so a run
+    resumed after the untying has the uninterrupted run's parameter groups."""
+    if cfg.untie_head_at is None or model.config.tie_embeddings:  # type: ignore[attr-defined]
+        return None
+    return model.lm_head.weight  # type: ignore[return-value]
+
+
+def add_head_group(optimizer: Any, head: torch.nn.Parameter) -> None:
+    """Train `head` (a late-untied output head) with AdamW, no weight decay, in a group of its own."""
+    target = optimizer.optimizers[-1] if isinstance(optimizer, MuonWithAdamW) else optimizer
+    target.add_param_group({"params": [head], "weight_decay": 0.0})
+
+
+def resolve_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> str:
+    """The optimizer a run uses: `cfg.optimizer`, with `auto` as muon where Muon can run (whole matrices, at
+    least one hidden matrix trainable) and adamw elsewhere (fsdp, or only embeddings, norms or biases training)."""
+    if cfg.optimizer != "auto":
+        return cfg.optimizer
+    from torch.distributed.tensor import DTensor
+
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    return "muon" if not sharded and muon_param_names(model) else "adamw"
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> Any:
     """AdamW over every trainable parameter, or (optimizer: muon) Muon over `muon_param_names` and AdamW over the
     rest. Muon scales its step by 0.2 sqrt(max(rows, cols)) (torch's "match_rms_adamw"), so its updates have the
     RMS of AdamW's and the same `lr` and `weight_decay` serve both groups and every preset; `muon_lr_scale`
     multiplies Muon's lr if a run wants it apart (the loop keeps the ratio through the schedule)."""
     fused = device.type == "cuda"
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
-        )
+    head = late_head(model, cfg)
+    if resolve_optimizer(model, cfg) == "adamw":
+        groups = param_groups(model, cfg.weight_decay)
+        if head is not None:
+            groups = [{**g, "params": [p for p in g["params"] if p is not head]} for g in groups]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+        if head is not None:
+            add_head_group(opt, head)
+        return opt
     from torch.distributed.tensor import DTensor
 
     if any(isinstance(p, DTensor) for p in model.parameters()):
@@ -143,7 +174,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     matrices = [named[n] for n in named if n in names]
     if not matrices:
         raise UserError("--optimizer muon: the trainable parameters hold no hidden matrices; use --optimizer adamw")
-    rest = [p for n, p in named.items() if p.requires_grad and n not in names]
+    rest = [p for n, p in named.items() if p.requires_grad and n not in names and p is not head]
     lr = cfg.lr * cfg.muon_lr_scale
     muon = torch.optim.Muon(
         [{"params": matrices, "lr_scale": cfg.muon_lr_scale}],
@@ -161,6 +192,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     adamw = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
     )
+    if head is not None:
+        add_head_group(adamw, head)
     return MuonWithAdamW(muon, adamw)
 
 
@@ -190,8 +223,18 @@ def seq_len_at(cfg: TrainConfig, step: int) -> int:
     `seq_len_warmup_start` to `seq_len`, in multiples of the start length (few distinct shapes for compile);
     the full `seq_len` otherwise and afterwards. Short early sequences give more optimizer steps per second while
     the model learns what needs little context."""
-    if not cfg.seq_len_warmup_steps or step >= cfg.seq_len_warmup_steps:
-        return cfg.seq_len
-    start = cfg.seq_len_warmup_start
-    length = start + (cfg.seq_len - start) * step / cfg.seq_len_warmup_steps
-    return min(cfg.seq_len, max(start, int(length) // start * start))
+    return _ramp(cfg.seq_len, cfg.seq_len_warmup_start, cfg.seq_len_warmup_steps, step)
+
+
+def rows_at(cfg: TrainConfig, step: int) -> int:
+    """Rows per micro-batch at optimizer step `step` (0-based): with `batch_warmup_steps`, a linear ramp from
+    `batch_warmup_start` to `batch_size` in multiples of the start (batch-size warm-up: small, cheap, noisy steps
+    while the gradient is large and agrees across examples); `batch_size` otherwise and afterwards."""
+    return _ramp(cfg.batch_size, cfg.batch_warmup_start, cfg.batch_warmup_steps, step)
+
+
+def _ramp(full: int, start: int, steps: int, step: int) -> int:
+    if not steps or step >= steps:
+        return full
+    value = start + (full - start) * step / steps
+    return min(full, max(start, int(value) // start * start))
