@@ -73,6 +73,15 @@ def llama_cpp_logits(path, prompt):
     return theirs
 
 
+def greedy_agrees(path, model, prompt: list[int], n_new: int) -> bool:
+    """llama-server's greedy continuation (its own decode loop: KV cache or recurrent state) equals ours."""
+    from llamacpp_peer import llama_server_greedy
+    from slmkit.infer.generate import generate_ids
+
+    tokens, _ = llama_server_greedy(path, prompt, n_new)
+    return tokens == list(generate_ids(model, prompt, n_new))
+
+
 @pytest.mark.parametrize(
     "family, extra, attn_factor",
     [
@@ -105,6 +114,7 @@ def test_yarn_export_runs_in_llama_cpp_with_our_logits(tmp_path, tokenizer_json,
     assert np.abs(unscaled - ours)[ORIGINAL:].max() > 1.0  # yarn moves these logits: the check below can fail
     theirs = llama_cpp_logits(path, prompt)
     assert np.abs(theirs - ours).max() < 1e-3  # measured 2.7e-5 to 3.1e-4 (logits up to about 10.9)
+    assert greedy_agrees(path, model, prompt[:24], 24)  # decoding from 24 to 48, past the original window
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
@@ -169,3 +179,4 @@ def test_ssm_export_runs_in_llama_cpp_with_our_logits(tmp_path, tokenizer_json, 
         ours = model(torch.tensor([prompt]))[0].numpy()
     theirs = llama_cpp_logits(path, prompt)
     assert np.abs(theirs - ours).max() < 1e-3  # measured 2.0e-5 (mamba), 6.2e-6 (mamba2); logits up to about 7
+    assert greedy_agrees(path, model, prompt[:24], 24)  # llama.cpp's recurrent decode, one token at a time
