@@ -1,7 +1,8 @@
-"""GGUF exports that only llama.cpp itself proves: yarn rope scaling on llama/qwen2 (prompts longer than the original
-window), and the `mamba` / `mamba2` architectures. Each file is read back with gguf.GGUFReader (runs everywhere) and,
-where the xllamacpp wheel is installed (tests/llamacpp_peer.py), run in libllama with an f32 KV cache: logits of
-every prompt position against ours. Measured maxima are in docs/long-context.md and docs/architectures.md."""
+"""GGUF exports that only llama.cpp itself proves: yarn rope scaling on llama, qwen2, qwen3 and the expert architectures
+(prompts longer than the original window), and the `mamba` / `mamba2` architectures. Each file is read back with
+gguf.GGUFReader (runs everywhere) and, where the xllamacpp wheel is installed (tests/llamacpp_peer.py), run in libllama
+with an f32 KV cache (logits of every prompt position against ours) and in llama-server (greedy decoding against ours).
+Measured maxima are in docs/long-context.md, docs/interop.md and docs/architectures.md."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from slmkit.config import preset
+from slmkit.config import ModelConfig, preset
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import save_model
 from slmkit.interop.gguf import export_gguf
@@ -48,7 +49,7 @@ def saved(tmp_path, tokenizer_json, cfg, scale: float):
     return model
 
 
-def attention_config(family: str, rope_scaling) -> object:
+def attention_config(family: str, rope_scaling) -> ModelConfig:
     # head width 32 and theta 100 put yarn's ramp inside the rotated dimensions (dims 0 to 6 of 16 frequencies)
     extra = {"qwen2": {"qkv_bias": True}, "qwen3": {"qk_norm": True}}.get(family, {})
     return preset("tiny", family=family, vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=96,
