@@ -21,7 +21,8 @@ VOCAB = 300
 CASES = {
     "mixtral": ("llama", dict()),
     "qwen2_moe": ("qwen2moe", dict(qkv_bias=True, moe_shared_d_ff=64, moe_shared_gate=True, moe_norm_topk=False)),
-    "olmoe": ("olmoe", dict(qk_norm=True, qk_norm_over="projection", moe_norm_topk=False)),
+    # llama.cpp's olmoe loads its k norm as (d_model,): no grouped kv heads (refused, below)
+    "olmoe": ("olmoe", dict(n_kv_heads=4, qk_norm=True, qk_norm_over="projection", moe_norm_topk=False)),
 }
 
 
@@ -158,6 +159,7 @@ def test_a_reference_forward_from_the_file_matches_our_logits(family, tokenizer_
     [
         ("qwen2_moe", {"moe_norm_topk": True}, "qwen2moe architecture does not renormalise"),
         ("olmoe", {"moe_norm_topk": True}, "olmoe architecture does not renormalise"),
+        ("olmoe", {"n_kv_heads": 2}, "olmoe needs as many kv heads as heads"),
     ],
 )
 def test_routing_llama_cpp_would_compute_differently_is_refused(family, overrides, message, tokenizer_json, tmp_path):

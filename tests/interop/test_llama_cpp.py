@@ -60,24 +60,4 @@ def test_llama_cpp_matches_slmkit(tiny_model_dir, tmp_path, corpus_file, dtype, 
         assert rate > 0
 
 
-def test_llama_cpp_runs_a_mamba_export_with_our_logits(tiny_model_dir, tmp_path):
-    """llama.cpp's `mamba` architecture on our GGUF (tests/interop/test_mamba_hf.py checks the file itself)."""
-    import json
-    import shutil
-
-    from slmkit.config import preset
-    from slmkit.interop.checkpoint import save_model
-    from slmkit.interop.gguf import export_gguf
-    from slmkit.models import build_model
-
-    vocab = json.loads((tiny_model_dir / "config.json").read_text())["vocab_size"]
-    model = build_model(preset("micro-mamba", vocab_size=vocab, d_model=64, n_layers=2)).eval()
-    model.init_weights(seed=0)
-    save_model(model, tmp_path / "m")
-    shutil.copy(tiny_model_dir / "tokenizer.json", tmp_path / "m" / "tokenizer.json")
-    path = export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
-    prompt = list(range(1, 20))
-    _, theirs = llama_cpp_eval(path, prompt)
-    with torch.no_grad():
-        ours = model(torch.tensor([prompt]))[0].numpy()
-    assert np.abs(theirs - ours).max() < 1e-3
+# mamba, mamba2 and yarn exports in llama.cpp: tests/interop/test_gguf_llama_cpp_more.py

@@ -1365,6 +1365,12 @@ _GGUF_MOE = {
 }
 
 
+def _olmoe_gguf_refuse(cfg: ModelConfig) -> str | None:
+    if cfg.n_kv_heads != cfg.n_heads:  # its q/k norms are loaded as (n_embd,): a grouped k projection fails to load
+        return f"llama.cpp's olmoe needs as many kv heads as heads (its k norm spans d_model), not {cfg.n_kv_heads}"
+    return None
+
+
 def _gguf_moe(arch: str, rope_pairs: bool, expert_weights_norm: bool) -> GGUFLayout:
     """llama.cpp's layout of a mixture of experts: Mixtral runs as `llama` (interleaved rope pairs, k weights
     renormalised), Qwen2-MoE as `qwen2moe` and OLMoE as `olmoe` (NeoX rope; their graphs do not renormalise)."""
@@ -1376,8 +1382,9 @@ def _gguf_moe(arch: str, rope_pairs: bool, expert_weights_norm: bool) -> GGUFLay
         explicit_output=False,
         activation="silu",
         mlp_bias=False,
-        rope_scaling=("linear", "llama3") if arch == "llama" else (),
+        rope_scaling=("linear", "llama3", "yarn") if arch == "llama" else ("yarn",),
         expert_weights_norm=expert_weights_norm,
+        refuse=_olmoe_gguf_refuse if arch == "olmoe" else None,
     )
 
 
@@ -1586,7 +1593,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "llama": _llama_like(
         "llama",
         "LlamaForCausalLM",
-        _gguf_llama_like("llama", rope_pairs=True, rope_scaling=("linear", "llama3")),
+        _gguf_llama_like("llama", rope_pairs=True, rope_scaling=("linear", "llama3", "yarn")),
         allowed=dict(qk_norm=(False,), sliding_window=(None,)),
         shared=_ONE_ATTENTION_BIAS,
         flag_keys=("attention_bias", "mlp_bias"),
@@ -1595,7 +1602,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "mistral": _llama_like(
         "mistral",
         "MistralForCausalLM",
-        _gguf_llama_like("llama", rope_pairs=True, rope_scaling=("linear", "llama3")),
+        _gguf_llama_like("llama", rope_pairs=True, rope_scaling=("linear", "llama3", "yarn")),
         allowed=dict(qk_norm=(False,), **_NO_BIAS),
         shared={},
         refused_flags=("attention_bias", "mlp_bias"),
@@ -1604,7 +1611,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen2": _llama_like(
         "qwen2",
         "Qwen2ForCausalLM",
-        _gguf_llama_like("qwen2", rope_pairs=False, rope_scaling=()),
+        _gguf_llama_like("qwen2", rope_pairs=False, rope_scaling=("yarn",)),
         allowed=dict(qk_norm=(False,), qkv_bias=(True,), out_bias=(False,), mlp_bias=(False,)),
         shared={},
         refused_flags=("mlp_bias",),
@@ -1613,7 +1620,7 @@ FAMILIES: dict[str, FamilySpec] = {
     "qwen3": _llama_like(
         "qwen3",
         "Qwen3ForCausalLM",
-        _gguf_llama_like("qwen3", rope_pairs=False, rope_scaling=()),
+        _gguf_llama_like("qwen3", rope_pairs=False, rope_scaling=("yarn",)),
         allowed=dict(qk_norm=(True,), qk_norm_over=("head",), mlp_bias=(False,)),
         shared=_ONE_ATTENTION_BIAS,
         flag_keys=("attention_bias",),

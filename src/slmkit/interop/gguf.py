@@ -8,7 +8,8 @@ Layout differences we handle (learned from llama.cpp's `convert_hf_to_gguf.py`):
 - llama.cpp's `llama` architecture rotates interleaved pairs (x0, x1), (x2, x3) ... while Hugging Face
   rotates halves (x_i, x_{i + D/2}); so q and k rows (and biases) are permuted per head. Qwen2/Qwen3 use
   llama.cpp's NeoX rope (halves), so they are written as they are.
-- llama3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors.
+- llama3 rope scaling becomes a `rope_freqs` tensor of per-frequency divisors; yarn becomes llama.cpp's
+  `rope.scaling.*` keys (type, factor, original context, an attention factor when not the default).
 - GPT-2 keeps a fused q/k/v matrix (`attn_qkv`) and an explicit `output` copy of the embedding.
 - A mixture of experts stores each layer's experts stacked, one (n_expert, out, in) tensor per projection
   (`ffn_{gate,up,down}_exps`), beside the router (`ffn_gate_inp`) and Qwen2-MoE's shared expert
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from slmkit.config import ModelConfig
+    from slmkit.config import ModelConfig, RopeScaling
 
 log = logging.getLogger(__name__)
 
@@ -468,8 +469,15 @@ def check_exportable(config: ModelConfig) -> None:
     scaling = config.rope_scaling
     if scaling is not None and scaling.type == "dynamic":
         raise UserError("GGUF export: dynamic (NTK) rope scaling has no llama.cpp equivalent")
+    if scaling is not None and scaling.type == "longrope":
+        raise UserError(
+            "GGUF export: longrope rope scaling has no llama.cpp equivalent here (llama.cpp picks Phi-3's short or "
+            "long factors by context size, transformers and slmkit per forward call, and slmkit writes no phi3 GGUF)"
+        )
     if scaling is not None and scaling.type not in layout.rope_scaling:
         raise UserError(f"GGUF export: {scaling.type} rope scaling on a {config.family} model is not supported")
+    if scaling is not None and scaling.type == "yarn":
+        _check_yarn(scaling, layout.arch)
     if config.activation != layout.activation or (config.mlp_bias and not layout.mlp_bias):
         needs = f"a {layout.activation} MLP" + ("" if layout.mlp_bias else " without biases")
         has = config.activation + (" with biases" if config.mlp_bias else "")
@@ -483,6 +491,24 @@ def check_exportable(config: ModelConfig) -> None:
     problem = layout.refuse(config) if layout.refuse is not None else None
     if problem is not None:
         raise UserError(f"GGUF export: {problem}")
+
+
+def _check_yarn(scaling: RopeScaling, arch: str) -> None:
+    """UserError for the yarn options llama.cpp's attention architectures cannot reproduce: the ramp's ends unrounded
+    (ggml_rope_yarn_corr_dims always floors and ceils them) and betas other than 32 and 1 (its loaders for these
+    architectures do not read `rope.scaling.yarn_beta_fast/slow`: a file carrying them runs with 32 and 1)."""
+    if scaling.truncate is False:
+        raise UserError(
+            "GGUF export: yarn rope_scaling truncate: false has no llama.cpp equivalent (llama.cpp always rounds the "
+            "ramp's ends to whole dimensions, as truncate: true does)"
+        )
+    for name, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        value = getattr(scaling, name)
+        if value is not None and value != default:
+            raise UserError(
+                f"GGUF export: yarn rope_scaling {name} {value:g} has no llama.cpp equivalent (its {arch} "
+                "architecture always uses beta_fast 32 and beta_slow 1)"
+            )
 
 
 def _file_type(dtype: str) -> int:
@@ -604,6 +630,34 @@ def _attention_hparams(writer: Any, cfg: ModelConfig) -> None:
         if cfg.rope_scaling is not None and cfg.rope_scaling.type == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+        if cfg.rope_scaling is not None and cfg.rope_scaling.type == "yarn":
+            _yarn_hparams(writer, cfg.rope_scaling)
+
+
+def yarn_attn_factor(scaling: RopeScaling) -> float:
+    """`rope.scaling.attn_factor` for a yarn scaling: llama.cpp multiplies cos and sin by `0.1 ln f + 1` times this
+    key (llama_context's yarn_attn_factor, its cancel of the kernel's own `1 + 0.1 ln f`, then the kernel), so the
+    key is our attention scale over that default: 1 for transformers' default, else an explicit `attention_factor` or
+    the mscale/mscale_all_dim ratio divided by `0.1 ln f + 1`."""
+    import math
+
+    default = 0.1 * math.log(scaling.factor) + 1.0 if scaling.factor > 1 else 1.0
+    return scaling.attention_scale() / default
+
+
+def _yarn_hparams(writer: Any, scaling: RopeScaling) -> None:
+    """llama.cpp's yarn keys: type, factor (it stores 1 / factor as its freq_scale), the original window (its
+    n_ctx_orig_yarn, from which ggml_rope_yarn_corr_dims floors and ceils the ramp's ends as transformers'
+    `truncate: true` does) and, when not 1, the attention factor. beta_fast and beta_slow are llama.cpp's defaults
+    (32, 1): its llama/qwen2 loaders do not read the beta keys, so `check_exportable` refuses other values."""
+    import gguf
+
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(scaling.factor)
+    writer.add_rope_scaling_orig_ctx_len(scaling.original_max_seq_len)
+    factor = yarn_attn_factor(scaling)
+    if abs(factor - 1.0) > 1e-7:
+        writer.add_rope_scaling_attn_factors(factor)
 
 
 def _adds_bos(directory: Path) -> bool:
