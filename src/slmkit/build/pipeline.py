@@ -196,11 +196,14 @@ def build(
     console: Any = None,
     stop_after: str | None = None,
     train_reporter: Any = None,
+    startup_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Plan, train, compress, verify and ship a model within `request.budget_seconds`; see the module docstring.
 
     machine: a profile (`build.machine`) to plan from instead of measuring this machine (a replay). console: a
     rich Console for progress lines (logging when None). stop_after: the stop hook (default: $SLMKIT_BUILD_STOP_AFTER).
+    startup_seconds: wall time the caller spent before this call (the CLI: its process start-up, `process_age`),
+    added to the data stage's spend so that the budget counts the whole command.
     Returns build.json's contents."""
     from slmkit.build import stages
 
@@ -241,6 +244,7 @@ def build(
 
         torch.set_num_threads(request.threads)
     runner = _Stages(state, stop_after if stop_after is not None else os.environ.get(STOP_ENV), say)
+    state.stage("data")["seconds"] += max(startup_seconds, 0.0)
     context = stages.BuildContext(request=request, out=out, state=state, runner=runner, say=say, console=console)
     context.train_reporter = train_reporter
     try:
@@ -280,6 +284,18 @@ def _spend_line(data: dict[str, Any], name: str) -> str:
     budget = data["request"]["budget_seconds"]
     plan_text = f"planned {planned:.1f} s, " if planned is not None else ""
     return f"{name}: {plan_text}spent {spent:.1f} s; the build has spent {total:.1f} of its {budget:.0f} s budget"
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0 where unknown): the CLI's start-up, which the budget
+    of `slm build` counts."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def summary_lines(data: dict[str, Any]) -> list[str]:

@@ -315,28 +315,45 @@ def stage_plan(ctx: BuildContext) -> None:
             return parts, overhead, ctx.budget - before - sum(parts.values()) - overhead
 
         def run_planner(seconds: float) -> Any:
+            nearest = _nearest_budget(ctx.budget - seconds + feasible["smallest_train_seconds"], 0.0)
             if seconds <= 0:
                 raise UserError(
                     f"--budget {_duration(ctx.budget)} is too small here: the work before training took "
                     f"{before:.0f} s and the work after it is predicted to take {ctx.budget - before - seconds:.0f} "
                     f"s, leaving nothing to train; the nearest feasible budget is --budget "
-                    f"{_nearest_budget(ctx.budget - seconds + feasible['smallest_train_seconds'], 0.0):g}m"
+                    f"{nearest:g}m"
                 )
-            return planner.plan(
-                ladders,
-                budget_minutes=seconds / 60,
-                max_decode_ms=request.max_latency_ms,
-                max_params=feasible.get("max_params"),
-                bootstrap=20 if ctx.fast() else 50,
-                seed=request.seed,
-                flops_per_second=machine_mod.flops_rate(profile),
-                decode_timer=machine_mod.decode_timer(profile),
-            )
+            try:
+                return planner.plan(
+                    ladders,
+                    budget_minutes=seconds / 60,
+                    max_decode_ms=request.max_latency_ms,
+                    max_params=feasible.get("max_params"),
+                    bootstrap=20 if ctx.fast() else 50,
+                    seed=request.seed,
+                    flops_per_second=machine_mod.flops_rate(profile),
+                    decode_timer=machine_mod.decode_timer(profile),
+                )
+            except UserError as exc:
+                raise UserError(
+                    f"--budget {_duration(ctx.budget)} is too small here: after the work before training "
+                    f"({before:.0f} s) and the reserved work after it ({ctx.budget - before - seconds:.0f} s), "
+                    f"{seconds:.0f} s are left to train, and the planner refused them ({exc}); the nearest feasible "
+                    f"budget is --budget {nearest:g}m"
+                ) from None
 
         # reserve the post-training work of the smallest model, plan, then reserve for the planned shape and plan
         # again when that needs more (a larger model scores and saves more slowly)
+        import time
+
         parts, overhead, seconds = fit(_smallest_shape(mixers[0]), settings.seq_len, None)
+        started = time.perf_counter()
         result = run_planner(seconds)
+        if not ctx.replayed:
+            # planning itself takes seconds (the bootstrap of the fit): this call and the one that replans
+            before += 2 * (time.perf_counter() - started)
+            seconds = ctx.budget - before - sum(parts.values()) - overhead
+            result = run_planner(seconds)
         for _ in range(2):
             shape = Shape(result.width, result.depth, result.mixer)
             new_parts, new_overhead, new_seconds = fit(shape, result.context, result.train_config())
@@ -403,8 +420,10 @@ def _post_costs(
     before = ctx.budget - ctx.seconds_left()
     ladder_share = 0.0 if ctx.request.fit else LADDER_SHARE
     # with --fit the ladder's own context sets the smallest model's cost: the planner checks that one
-    training = 0.0 if ctx.request.fit else feasible["smallest_train_seconds"]
-    needed = before + after + training
+    training = 0.0 if ctx.request.fit else feasible["smallest_train_seconds"] * costs.MARGIN
+    eval_tokens = 4 * settings.batch_size * settings.seq_len
+    overhead = costs.train_overhead(profile, smallest, vocab, settings.seq_len, eval_tokens)
+    needed = before + after + training + overhead
     if needed > ctx.budget * (1 - ladder_share):
         raise UserError(
             f"--budget {_duration(ctx.budget)} is too small here: the smallest model the planner may pick needs "
@@ -545,7 +564,10 @@ def stage_train(ctx: BuildContext) -> None:
                     import json
 
                     done = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())["elapsed"]
+                # the run trains until the deadline: more tokens than planned when the machine is faster than it
+                # measured, fewer when slower (the schedule follows the time)
                 config["max_minutes"], left = costs.step_minutes(plan, ctx.budget - ctx.seconds_left(), done)
+                config["max_tokens"] = None
                 ctx.say(
                     f"training deadline: {left:.0f} s of optimizer steps from now (the build's clock reaches "
                     f"{plan['train_ends_by']:.0f} of {ctx.budget:.0f} s; the rest is reserved for the stages after it)"
@@ -575,12 +597,12 @@ def stage_train(ctx: BuildContext) -> None:
         }
 
     result = ctx.runner.step("train", "train", run)
-    if result["tokens"] < plan["tokens"] * 0.99:
+    if abs(result["tokens"] - plan["tokens"]) > plan["tokens"] * 0.01:
         ctx.state.decide(
             "train",
             f"training stopped at its deadline ({plan['train_ends_by']:.0f} s into the build, the budget less the time "
-            f"reserved for the stages after it) after {result['tokens']:,} of {plan['tokens']:,} planned tokens: this "
-            "machine ran slower than measured",
+            f"reserved for the stages after it) after {result['tokens']:,} tokens, {plan['tokens']:,} planned: this "
+            f"machine ran {'slower' if result['tokens'] < plan['tokens'] else 'faster'} than measured",
         )
 
     def actual() -> dict[str, Any]:
