@@ -22,7 +22,7 @@ PARTS = {
     "train": ("train_evaluate",),
     "compress": ("compress_float", "compress_candidates", "select"),
     "verify": ("held_out", "evaluate"),
-    "ship": ("hf", "gguf", "card"),
+    "ship": ("hf", "gguf", "card", "report"),
 }
 
 

@@ -269,7 +269,6 @@ def build(
     state.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     state.data["spent_seconds"] = state.spent_seconds()
     state.save()
-    stages.write_outputs(context)
     return state.data
 
 

@@ -442,6 +442,7 @@ def probe_post_costs(ctx: BuildContext, candidates: bool) -> dict[str, Any]:
     import time
 
     from slmkit.eval.card import write_card
+    from slmkit.eval.report import load_report, render_html
     from slmkit.interop.checkpoint import load_model, save_model
     from slmkit.models import build_model
     from slmkit.scaling.ladder import evaluate_rung
@@ -481,6 +482,7 @@ def probe_post_costs(ctx: BuildContext, candidates: bool) -> dict[str, Any]:
     timed("hf", lambda: _export_hf(model_dir, root / "hf", "float"))
     timed("gguf", lambda: _export_gguf(model_dir, root / "model.gguf", "float"))
     timed("card", lambda: write_card(model_dir, root / "eval" / "report.json"))
+    timed("report", lambda: render_html(load_report(root / "eval" / "report.json")))
     shutil.rmtree(root, ignore_errors=True)
     return {
         "shape": shape.name,
@@ -910,6 +912,14 @@ def stage_ship(ctx: BuildContext) -> None:
             ctx.state.decide("ship", f"{name} not written: {result['skipped']}")
     ctx.state.data["result"] = _result(ctx)
     ctx.runner.step("ship", "card", lambda: _card(ctx))
+
+    def report() -> dict[str, Any]:
+        # the last work of the build, inside its clock: the page shows the spend up to its own rendering
+        ctx.state.data["spent_seconds"] = ctx.budget - ctx.seconds_left()
+        write_outputs(ctx)
+        return {"path": str(ctx.out / "report.html")}
+
+    ctx.runner.step("ship", "report", report)
 
 
 def _export_hf(model_dir: Path, target: Path, method: str) -> dict[str, Any]:
