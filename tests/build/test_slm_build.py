@@ -323,7 +323,8 @@ def test_the_plan_reserves_what_the_post_training_stages_took(shipped):
     # probe timed the same functions on a smaller model minutes earlier; the reservation carries costs.MARGIN)
     after = ("compress", "verify", "ship")
     spent = sum(state["stages"][name]["seconds"] for name in after)
-    assert spent <= sum(planned[name] for name in after), (spent, {n: planned[n] for n in after})
+    report = {n: (planned[n], state["stages"][n]["seconds"]) for n in after}
+    assert spent <= sum(planned[name] for name in after), report  # at load ~3: 8.6 s reserved, 6.7 s spent
     # planned and spent side by side in the terminal summary, the card and the report
     from slmkit.build.pipeline import summary_lines
 

@@ -228,7 +228,8 @@ def build(
         if machine is not None:
             from slmkit.build.machine import check_profile
 
-            state.data["machine"] = check_profile(machine, "--machine")
+            # a copy: the build adds the post-training costs it times to its profile, not to the caller's
+            state.data["machine"] = json.loads(json.dumps(check_profile(machine, "--machine")))
             state.data["machine_replayed"] = True
             state.decide("plan", "machine measurements replayed from --machine (no timing here)")
         state.save()

@@ -471,7 +471,11 @@ def probe_post_costs(ctx: BuildContext, candidates: bool) -> dict[str, Any]:
     timed("train_evaluate", lambda: evaluate_rung(model_dir, data, settings), min(settings.val_windows * seq, val))
     timed("compress_float", lambda: _float_measurement(ctx, model_dir), windows)
     if candidates:
+        # int8 and int4 cost about the same; GPTQ int4 more (its calibration): one candidate is their mean
         timed("compress_candidates", lambda: _candidate(ctx, model_dir, "int8", root / "int8"), windows)
+        int8 = seconds["compress_candidates"]
+        timed("compress_candidates", lambda: _candidate(ctx, model_dir, "gptq-int4", root / "gptq"), windows)
+        seconds["compress_candidates"] = (2 * int8 + seconds["compress_candidates"]) / len(COMPRESS_METHODS)
     timed("select", lambda: shutil.copytree(model_dir, root / "selected"))
     timed(
         "held_out",
