@@ -377,7 +377,7 @@ def stage_plan(ctx: BuildContext) -> None:
             "before_train_seconds": before,
             "stage_seconds": {
                 "data": ctx.state.stage("data")["seconds"],
-                "plan": before - ctx.state.stage("data")["seconds"],
+                "plan": max(before - ctx.state.stage("data")["seconds"], 0.0),  # a replay counts only the ladder
                 "train": ctx.budget - after - before + stages["train"],
                 **{name: stages[name] for name in ("compress", "verify", "ship")},
             },
