@@ -1240,7 +1240,7 @@ def build_command(
         except (OSError, ValueError, AttributeError):
             raise UserError(f"--machine {machine}: not a readable build.json") from None
     from slmkit.build.options import BuildStopped
-    from slmkit.build.pipeline import build, summary_lines
+    from slmkit.build.pipeline import build, process_age, summary_lines
     from slmkit.ui import RichReporter
 
     console = _console()
@@ -1253,6 +1253,7 @@ def build_command(
             machine=profile,
             console=console,
             train_reporter=RichReporter(console),
+            startup_seconds=process_age(),  # the budget counts the command's start-up too
         )
     except (KeyboardInterrupt, BuildStopped) as exc:
         print(f"{exc or 'interrupted'}; every finished step is kept: repeat the command with --resume", file=sys.stderr)

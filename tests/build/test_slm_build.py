@@ -24,6 +24,17 @@ PROFILE = {
         {"shape": "64x2", "total_params": 107136, "ms": 1.5},
         {"shape": "128x4", "total_params": 7.4e5, "ms": 4.0},
     ],
+    # the post-training work timed on the smallest model (seconds of the order a probe takes here; replayed, so
+    # the plan does not depend on the load: the test below times it for real)
+    "post": {
+        "shape": "64x2",
+        "vocab_size": 0,
+        "context": 64,
+        "total_params": 107136,
+        "seconds": {"save": 0.01, "train_evaluate": 0.5, "compress_float": 0.3, "compress_candidates": 0.4}
+        | {"select": 0.01, "held_out": 0.1, "evaluate": 5.0, "hf": 0.05, "gguf": 0.1, "card": 0.01, "report": 0.3},
+        "tokens": {},
+    },
 }
 BUDGET = 60.0
 
@@ -56,7 +67,7 @@ def data_dir(tmp_path_factory, corpus_file):
 @pytest.fixture(scope="module")
 def profile(data_dir):
     meta = json.loads((Path(data_dir) / "meta.json").read_text())
-    return {**PROFILE, "vocab_size": meta["vocab_size"]}
+    return {**PROFILE, "vocab_size": meta["vocab_size"], "post": {**PROFILE["post"], "vocab_size": meta["vocab_size"]}}
 
 
 @pytest.fixture(scope="module")
@@ -290,4 +301,107 @@ def test_too_small_a_budget_is_refused_before_the_ladder(tmp_path, data_dir, pro
     request = BuildRequest(data=[str(data_dir)], budget_seconds=10, threads=1)  # no --fit: a ladder would run
     with pytest.raises(UserError, match=r"--budget 10s is too small.*nearest feasible budget is --budget"):
         build(request, tmp_path / "out", machine=profile)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the budget: post-training work reserved, training's deadline, planned vs spent -----------------------
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_the_plan_reserves_what_the_post_training_stages_took(tmp_path, shipped, data_dir, ladder, profile):
+    from slmkit.build import costs
+    from slmkit.build.options import BuildStopped
+    from slmkit.build.pipeline import build
+    from slmkit.scaling.shapes import Shape
+
+    out, state = shipped
+    parts = [p for names in costs.PARTS.values() for p in names]
+    plan, budget = state["plan"], state["request"]["budget_seconds"]
+    reserved = plan["reserved"]
+    assert set(reserved) == set(parts)
+    # training's deadline on the build's clock = budget - the reserved post-training work, and the planner trained
+    # for the time from the work before training to that deadline, less the run's validations and checkpoints
+    assert plan["train_ends_by"] == pytest.approx(budget - sum(reserved.values()))
+    assert plan["train_minutes"] * 60 == pytest.approx(
+        plan["train_ends_by"] - plan["before_train_seconds"] - plan["train_overhead_seconds"]
+    )
+    assert plan["before_train_seconds"] == 0  # a replay with --fit: nothing before training is counted
+    stages = costs.by_stage(reserved)
+    planned = plan["stage_seconds"]
+    for name in ("compress", "verify", "ship"):
+        assert planned[name] == pytest.approx(stages[name]) and planned[name] > 0
+    assert planned["train"] == pytest.approx(plan["train_ends_by"] - plan["before_train_seconds"] + stages["train"])
+    # the reservation holds the work it is made for: a build without timings of the post-training work times it
+    # here (the same functions on the smallest model), and what that predicts for the shipped build's shape is at
+    # least what its stages after training took (the reservation carries costs.MARGIN for the load changing)
+    untimed = {k: v for k, v in profile.items() if k != "post"}
+    with pytest.raises(BuildStopped):
+        build(_request(data_dir, ladder), tmp_path / "probe", machine=untimed, stop_after="plan:post-costs")
+    post = json.loads((tmp_path / "probe" / "build.json").read_text())["machine"]["post"]
+    assert set(parts) <= set(post["seconds"]) and all(post["seconds"][p] >= 0 for p in parts)
+    shape = Shape(plan["width"], plan["depth"], plan["mixer"])
+    timed = costs.by_stage(costs.reserve({**profile, "post": post}, shape, profile["vocab_size"], plan["context"], 3))
+    after = ("compress", "verify", "ship")
+    spent = sum(state["stages"][name]["seconds"] for name in after)
+    report = {n: (timed[n], state["stages"][n]["seconds"]) for n in after}
+    assert spent <= sum(timed[name] for name in after), report
+    # planned and spent side by side in the terminal summary, the card and the report
+    from slmkit.build.pipeline import summary_lines
+
+    lines = summary_lines(state)
+    assert "% of the budget)" in lines[0] and "planned" in lines[1] and "spent" in lines[1]
+    assert "| planned |" in (out / "README.md").read_text()
+    assert "planned seconds" in (out / "report.html").read_text()
+
+
+def test_reservation_scales_with_the_shape_and_candidates(profile):
+    from slmkit.build import costs
+    from slmkit.scaling.shapes import Shape
+
+    post = {
+        "shape": "64x2",
+        "vocab_size": profile["vocab_size"],
+        "context": 32,
+        "total_params": 107136,
+        "seconds": {p: 1.0 for names in costs.PARTS.values() for p in names} | {"save": 0.5},
+        "tokens": {p: 0 for names in costs.PARTS.values() for p in names} | {"held_out": 8192, "evaluate": 8192},
+    }
+    timed = {**profile, "post": post}
+    small = costs.reserve(timed, Shape(64, 2), profile["vocab_size"], 32, candidates=0)
+    # the probe's own shape: its seconds with the margin; no candidates reserved when the float model ships
+    assert small["evaluate"] == pytest.approx(1.0 * costs.MARGIN) and small["compress_candidates"] == 0
+    big = costs.reserve(timed, Shape(128, 4), profile["vocab_size"], 32, candidates=3)
+    assert big["compress_candidates"] == pytest.approx(3 * costs.MARGIN)  # no scored tokens: kept as timed
+    assert big["evaluate"] > small["evaluate"] and big["held_out"] > small["held_out"]  # forward work scales
+    assert big["hf"] == small["hf"]  # fixed work does not
+    assert costs.by_stage(big)["verify"] == pytest.approx(big["held_out"] + big["evaluate"])
+
+
+def test_training_deadline_is_the_budget_less_the_reserved_work():
+    from slmkit.build import costs
+
+    plan = {"train_ends_by": 100.0, "train_overhead_seconds": 5.0}
+    minutes, left = costs.step_minutes(plan, spent=30.0)
+    assert left == 65.0 and minutes == pytest.approx(65.0 / 60)
+    minutes, _ = costs.step_minutes(plan, spent=60.0, done=20.0)  # a resumed run: its earlier steps count
+    assert minutes == pytest.approx((20.0 + 35.0) / 60)
+    minutes, left = costs.step_minutes(plan, spent=120.0)  # past the deadline: one second of steps, then ship
+    assert left < 0 and minutes == pytest.approx(1 / 60)
+
+
+def test_a_budget_that_cannot_hold_the_post_training_work_is_refused(tmp_path, data_dir, ladder, profile):
+    from slmkit.build import costs
+    from slmkit.build.pipeline import build
+    from slmkit.errors import UserError
+
+    parts = [p for names in costs.PARTS.values() for p in names]
+    post = {
+        "shape": "64x2",
+        "vocab_size": profile["vocab_size"],
+        "context": 64,
+        "total_params": 107136,
+        "seconds": dict.fromkeys(parts, 10.0),  # 100+ s after training: more than the 60 s budget
+        "tokens": dict.fromkeys(parts, 0),
+    }
+    with pytest.raises(UserError, match=r"--budget 1m is too small.*predicted at \d+ s.*nearest feasible budget is"):
+        build(_request(data_dir, ladder), tmp_path / "out", machine={**profile, "post": post})
     assert not (tmp_path / "out").exists()

@@ -4,11 +4,13 @@ Stages (each a list of steps; a finished step is recorded in OUT/build.json befo
 
 1. data     use a prepared data dir as it is, or prepare the sources into OUT/work/data.
 2. plan     measure this machine (`build.machine`); refuse infeasible targets (the smallest model the planner
-            may pick is too slow or too big even compressed) before any training; run a small ladder within
+            may pick is too slow or too big even compressed) before any training; time the post-training work on
+            a tiny model (`build.costs`) and refuse a budget that cannot hold it; run a small ladder within
             LADDER_SHARE of the budget (or use `--fit` ladders); `scaling.planner.plan` picks shape and tokens
-            for TRAIN_SHARE of the budget under the targets.
-3. train    `train.loop.train` with the plan's config (the ladder's recipe, so the predicted loss applies); a
-            killed run resumes from its last checkpoint through the loop's own resume.
+            for what the budget leaves after the work so far and the reserved post-training work.
+3. train    `train.loop.train` with the plan's config (the ladder's recipe, so the predicted loss applies), stopped
+            by the deadline the reservation leaves (not in a `--machine` replay); a killed run resumes from its
+            last checkpoint through the loop's own resume.
 4. compress only when the float model misses a target: int8, int4 and GPTQ int4 through
             `compress.pipeline.compress`, each measured (held-out loss, decode latency, size); the candidate
             with the least loss among those meeting the targets is kept.
@@ -17,8 +19,10 @@ Stages (each a list of steps; a finished step is recorded in OUT/build.json befo
 6. ship     OUT/model (what slmkit loads), OUT/hf (transformers), OUT/model.gguf, the model card (README.md),
             OUT/build.json and OUT/report.html.
 
-Each stage's wall-clock spend is added to build.json as it goes. `SLMKIT_BUILD_STOP_AFTER=STAGE` (or
-`train:STEP`, or `STAGE:STEP`) stops a build after that point, as a kill would: tests use it to check resume.
+Each stage's wall-clock spend is added to build.json as it goes, next to its planned seconds (the plan's
+`stage_seconds`); compress and verify shrink their work when the budget left is short (not in a replay).
+`SLMKIT_BUILD_STOP_AFTER=STAGE` (or `train:STEP`, or `STAGE:STEP`) stops a build after that point, as a kill
+would: tests use it to check resume.
 """
 
 from __future__ import annotations
@@ -192,11 +196,14 @@ def build(
     console: Any = None,
     stop_after: str | None = None,
     train_reporter: Any = None,
+    startup_seconds: float = 0.0,
 ) -> dict[str, Any]:
     """Plan, train, compress, verify and ship a model within `request.budget_seconds`; see the module docstring.
 
     machine: a profile (`build.machine`) to plan from instead of measuring this machine (a replay). console: a
     rich Console for progress lines (logging when None). stop_after: the stop hook (default: $SLMKIT_BUILD_STOP_AFTER).
+    startup_seconds: wall time the caller spent before this call (the CLI: its process start-up, `process_age`),
+    added to the data stage's spend so that the budget counts the whole command.
     Returns build.json's contents."""
     from slmkit.build import stages
 
@@ -221,7 +228,8 @@ def build(
         if machine is not None:
             from slmkit.build.machine import check_profile
 
-            state.data["machine"] = check_profile(machine, "--machine")
+            # a copy: the build adds the post-training costs it times to its profile, not to the caller's
+            state.data["machine"] = json.loads(json.dumps(check_profile(machine, "--machine")))
             state.data["machine_replayed"] = True
             state.decide("plan", "machine measurements replayed from --machine (no timing here)")
         state.save()
@@ -237,6 +245,7 @@ def build(
 
         torch.set_num_threads(request.threads)
     runner = _Stages(state, stop_after if stop_after is not None else os.environ.get(STOP_ENV), say)
+    state.stage("data")["seconds"] += max(startup_seconds, 0.0)
     context = stages.BuildContext(request=request, out=out, state=state, runner=runner, say=say, console=console)
     context.train_reporter = train_reporter
     try:
@@ -251,6 +260,7 @@ def build(
             finally:
                 runner.tick()
             runner.end(name)
+            say(_spend_line(state.data, name))
     except UserError:
         # refused before anything worth keeping (no ladder, no training): leave no --out that a corrected command
         # would then have to --overwrite
@@ -260,17 +270,46 @@ def build(
     state.data["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     state.data["spent_seconds"] = state.spent_seconds()
     state.save()
-    stages.write_outputs(context)
     return state.data
 
 
-def summary_lines(data: dict[str, Any]) -> list[str]:
-    """Lines for the terminal at the end of a build: spend per stage against the budget, the result."""
+def _planned(data: dict[str, Any], name: str) -> float | None:
+    return (data.get("plan") or {}).get("stage_seconds", {}).get(name)
+
+
+def _spend_line(data: dict[str, Any], name: str) -> str:
+    spent = data["stages"][name]["seconds"]
+    planned = _planned(data, name)
+    total = sum(s["seconds"] for s in data["stages"].values())
     budget = data["request"]["budget_seconds"]
-    lines = [f"budget {budget / 60:.1f} min; spent {data.get('spent_seconds', 0) / 60:.1f} min"]
+    plan_text = f"planned {planned:.1f} s, " if planned is not None else ""
+    return f"{name}: {plan_text}spent {spent:.1f} s; the build has spent {total:.1f} of its {budget:.0f} s budget"
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0 where unknown): the CLI's start-up, which the budget
+    of `slm build` counts."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+def summary_lines(data: dict[str, Any]) -> list[str]:
+    """Lines for the terminal at the end of a build: planned and spent seconds per stage, total against the
+    budget, the result."""
+    budget = data["request"]["budget_seconds"]
+    spent = data.get("spent_seconds", 0)
+    lines = [f"budget {budget / 60:.1f} min; spent {spent / 60:.2f} min ({spent / budget:.0%} of the budget)"]
+    lines.append(f"  {'stage':<9} {'planned':>9} {'spent':>9}")
     for name in STAGES:
         s = data["stages"][name]["seconds"]
-        lines.append(f"  {name:<9} {s:7.1f} s  ({s / budget:5.1%} of the budget)")
+        planned = _planned(data, name)
+        text = f"{planned:7.1f} s" if planned is not None else f"{'-':>9}"
+        lines.append(f"  {name:<9} {text} {s:7.1f} s  ({s / budget:5.1%} of the budget)")
     result = data.get("result", {})
     if result:
         lines.append(

@@ -87,11 +87,25 @@ def build_sections(data: dict[str, Any]) -> str:
         ]
         parts.append(_table(["mixer family", "predicted loss", "shape", "tokens"], rows))
     rows = []
+    planned = plan.get("stage_seconds", {})
     for name, stage in data["stages"].items():
         rows.append(
-            [e(name), _fmt(stage["seconds"], 1), f"{stage['seconds'] / budget:.1%}", _bar(stage["seconds"], budget)]
+            [
+                e(name),
+                _fmt(planned.get(name), 1),
+                _fmt(stage["seconds"], 1),
+                f"{stage['seconds'] / budget:.1%}",
+                _bar(stage["seconds"], budget),
+            ]
         )
-    parts.append("<h2>Budget per stage</h2>" + _table(["stage", "seconds", "share of budget", ""], rows))
+    spent = data.get("spent_seconds", 0)
+    rows.append(["<b>total</b>", _fmt(budget, 1), _fmt(spent, 1), f"{spent / budget:.1%}", ""])
+    parts.append(
+        "<h2>Budget per stage</h2><p>Planned: data and plan as spent before planning, train the rest of the budget "
+        "after the reservation for the later stages, which the post-training work timed on a tiny model predicts "
+        "for the planned shape.</p>"
+        + _table(["stage", "planned seconds", "spent seconds", "share of budget", ""], rows)
+    )
     rows = []
     for c in data.get("candidates", []):
         meets = ", ".join(f"{k}: {'ok' if v else 'missed'}" for k, v in c["meets"].items())

@@ -10,18 +10,19 @@ from typing import Any
 
 import numpy as np
 
+from slmkit.build import costs
 from slmkit.build import machine as machine_mod
 from slmkit.build.options import STOP_ENV, BuildRequest, BuildStopped
 from slmkit.errors import UserError
 
 WORK = "work"
 LADDER_SHARE = 0.15  # of the budget: the ladder's rungs (training, evaluation, checkpoints)
-TRAIN_SHARE = 0.65  # of the budget: the planned training run; the rest measures, compresses, verifies, ships
 LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer steps (the rest: evals, saves, starts)
-TRAIN_TIME_CAP = 1.25  # training stops at this multiple of its planned minutes even if tokens remain
 COMPRESS_METHODS = ("int8", "int4", "gptq-int4")
 LOSS_TIE = 1e-4  # nats/token: candidates closer than this are equally good (the earlier, less aggressive, wins)
 EVAL_WINDOWS = 256  # held-out windows for candidates and the interval (evenly spaced over the val split)
+MIN_EVAL_WINDOWS = 40  # the fewest held-out windows verify shrinks to when the budget runs short
+TRAIN_EVALS, TRAIN_SAVES = 6, 12  # at most, in the planned run (eval_interval steps//5, save_interval steps//10)
 
 
 @dataclass
@@ -57,6 +58,20 @@ class BuildContext:
     def fast(self) -> bool:
         """A short build (under 5 minutes): shorter sequences and smaller ladder batches."""
         return self.budget < 300
+
+    @property
+    def replayed(self) -> bool:
+        """A `--machine` replay: no wall-clock limits anywhere (the planned work, however long, the same model)."""
+        return bool(self.state.data.get("machine_replayed"))
+
+    def seconds_left(self) -> float:
+        """The budget minus every stage's spend so far (the current stage's included)."""
+        self.runner.tick()
+        return self.budget - self.state.spent_seconds()
+
+    def reserved(self) -> dict[str, float]:
+        """The plan's reserved seconds per part of the post-training work (`costs.PARTS`)."""
+        return self.state.data["plan"]["reserved"]
 
 
 # ---- 1. data --------------------------------------------------------------------------------------------
@@ -164,15 +179,7 @@ def _feasibility(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
         cfg = shape.config(vocab, settings.seq_len)
         seconds = cfg.num_params() * cfg.flops_per_token(settings.seq_len) / rate(cfg.num_params(False))
         worst = max(worst, seconds)
-    if request.fit:
-        pass  # a given ladder has its own context; the planner checks the budget against it
-    elif ctx.budget * TRAIN_SHARE < worst:
-        nearest = math.ceil(worst / TRAIN_SHARE * 1.1 / 60 * 10) / 10
-        raise UserError(
-            f"--budget {_duration(ctx.budget)} is too small here: the smallest model the planner may pick needs "
-            f"{worst:.0f} s of training at this machine's measured speed (one token per parameter) and the build "
-            f"trains for {TRAIN_SHARE:.0%} of the budget; the nearest feasible budget is --budget {nearest:g}m"
-        )
+    result["smallest_train_seconds"] = worst  # checked against the budget once the post-training work is timed
     sizes = compressed_bytes(next(iter(smallest.values())), vocab, settings.seq_len)
     result["smallest_bytes"] = sizes
     params = next(iter(smallest.values())).config(vocab, settings.seq_len).num_params()
@@ -281,27 +288,100 @@ def stage_plan(ctx: BuildContext) -> None:
         ctx.say(f"  {p['shape']}: {p['ms']:.2f} ms per decoded token (batch 1)")
 
     feasible = ctx.runner.step("plan", "feasibility", lambda: _feasibility(ctx, profile, mixers))
+    candidates = len(COMPRESS_METHODS) if feasible.get("size_method", "float") != "float" else 0
+    ctx.runner.step("plan", "post-costs", lambda: _post_costs(ctx, profile, mixers, feasible, candidates))
     if request.fit:
         ladders = ctx.runner.step("plan", "ladder", lambda: [str(Path(p).resolve()) for p in request.fit])
         ctx.state.decide("plan", f"planned on the given fit ({', '.join(ladders)}); no ladder run")
     else:
         ladders = ctx.runner.step("plan", "ladder", lambda: _run_ladders(ctx, profile, mixers))
-    train_minutes = ctx.budget * TRAIN_SHARE / 60
 
     def make_plan() -> dict[str, Any]:
-        result = planner.plan(
-            ladders,
-            budget_minutes=train_minutes,
-            max_decode_ms=request.max_latency_ms,
-            max_params=feasible.get("max_params"),
-            bootstrap=20 if ctx.fast() else 50,
-            seed=request.seed,
-            flops_per_second=machine_mod.flops_rate(profile),
-            decode_timer=machine_mod.decode_timer(profile),
-        )
+        from slmkit.scaling.shapes import Shape
+
+        # what the build spent before training: measured here, or (a replay, whose plan must not depend on this
+        # machine's load) the ladder's share of the budget
+        if ctx.replayed:
+            before = 0.0 if request.fit else ctx.budget * LADDER_SHARE
+        else:
+            before = ctx.budget - ctx.seconds_left()
+
+        def fit(shape: Any, context: int, train_config: dict[str, Any] | None) -> tuple[dict[str, float], float, float]:
+            parts = costs.reserve(profile, shape, data.vocab_size, context, candidates)
+            tokens = (train_config or {}).get("batch_size", settings.batch_size) * context * 4  # eval_batches 4
+            overhead = costs.train_overhead(
+                profile, shape, data.vocab_size, context, tokens, evals=TRAIN_EVALS, saves=TRAIN_SAVES
+            )
+            return parts, overhead, ctx.budget - before - sum(parts.values()) - overhead
+
+        def run_planner(seconds: float) -> Any:
+            nearest = _nearest_budget(ctx.budget - seconds + feasible["smallest_train_seconds"], 0.0)
+            if seconds <= 0:
+                raise UserError(
+                    f"--budget {_duration(ctx.budget)} is too small here: the work before training took "
+                    f"{before:.0f} s and the work after it is predicted to take {ctx.budget - before - seconds:.0f} "
+                    f"s, leaving nothing to train; the nearest feasible budget is --budget "
+                    f"{nearest:g}m"
+                )
+            try:
+                return planner.plan(
+                    ladders,
+                    budget_minutes=seconds / 60,
+                    max_decode_ms=request.max_latency_ms,
+                    max_params=feasible.get("max_params"),
+                    bootstrap=20 if ctx.fast() else 50,
+                    seed=request.seed,
+                    flops_per_second=machine_mod.flops_rate(profile),
+                    decode_timer=machine_mod.decode_timer(profile),
+                )
+            except UserError as exc:
+                raise UserError(
+                    f"--budget {_duration(ctx.budget)} is too small here: after the work before training "
+                    f"({before:.0f} s) and the reserved work after it ({ctx.budget - before - seconds:.0f} s), "
+                    f"{seconds:.0f} s are left to train, and the planner refused them ({exc}); the nearest feasible "
+                    f"budget is --budget {nearest:g}m"
+                ) from None
+
+        # reserve the post-training work of the smallest model, plan, then reserve for the planned shape and plan
+        # again when that needs more (a larger model scores and saves more slowly)
+        import time
+
+        parts, overhead, seconds = fit(_smallest_shape(mixers[0]), settings.seq_len, None)
+        started = time.perf_counter()
+        result = run_planner(seconds)
+        if not ctx.replayed:
+            # planning itself takes seconds (the bootstrap of the fit): this call and the one that replans
+            before += 2 * (time.perf_counter() - started)
+            seconds = ctx.budget - before - sum(parts.values()) - overhead
+            result = run_planner(seconds)
+        for _ in range(2):
+            shape = Shape(result.width, result.depth, result.mixer)
+            new_parts, new_overhead, new_seconds = fit(shape, result.context, result.train_config())
+            if new_seconds >= seconds - 0.5:
+                parts, overhead = new_parts, new_overhead
+                break
+            parts, overhead, seconds = new_parts, new_overhead, new_seconds
+            result = run_planner(seconds)
         if ctx.console is not None:
             planner.print_plan(result, ctx.console)
-        return {**result.to_dict(), "train_config": result.train_config(), "train_minutes": train_minutes}
+        stages = costs.by_stage(parts)
+        after = sum(parts.values())
+        return {
+            **result.to_dict(),
+            "train_config": result.train_config(),
+            "train_minutes": seconds / 60,
+            "reserved": parts,
+            "train_overhead_seconds": overhead,
+            # the build's spend clock (seconds of every stage's spend summed): training ends by this
+            "train_ends_by": ctx.budget - after,
+            "before_train_seconds": before,
+            "stage_seconds": {
+                "data": ctx.state.stage("data")["seconds"],
+                "plan": max(before - ctx.state.stage("data")["seconds"], 0.0),  # a replay counts only the ladder
+                "train": ctx.budget - after - before + stages["train"],
+                **{name: stages[name] for name in ("compress", "verify", "ship")},
+            },
+        }
 
     plan = ctx.runner.step("plan", "plan", make_plan)
     ctx.state.data["plan"] = plan
@@ -312,6 +392,110 @@ def stage_plan(ctx: BuildContext) -> None:
             f"{feasible['size_method']} ({feasible['bytes_per_param']:.2f} bytes per parameter measured on the "
             "smallest model)",
         )
+
+
+def _nearest_budget(seconds: float, ladder_share: float) -> float:
+    """Minutes (rounded up to 0.1, with 10% to spare) of a budget that holds `seconds` besides the ladder."""
+    return math.ceil(seconds / (1 - ladder_share) * 1.1 / 60 * 10) / 10
+
+
+def _post_costs(
+    ctx: BuildContext, profile: dict[str, Any], mixers: list[str], feasible: dict[str, Any], candidates: int
+) -> dict[str, Any]:
+    """Times the post-training work on the smallest model (unless the profile holds it), then refuses a budget
+    that cannot hold the work before training, the smallest model's training and the work after it."""
+    if "post" in profile:
+        replayed = True
+    else:
+        replayed = False
+        ctx.say("timing the work after training (scoring, compression, evaluation process, exports) on a tiny model")
+        profile["post"] = probe_post_costs(ctx, candidates=candidates > 0)
+        if ctx.replayed:
+            ctx.state.decide("plan", "the replayed machine holds no post-training costs: they were timed here")
+        ctx.state.save()
+    settings = _ladder_settings(ctx)
+    vocab = ctx.data().vocab_size
+    smallest = _smallest_shape(mixers[0])
+    after = sum(costs.reserve(profile, smallest, vocab, settings.seq_len, candidates).values())
+    before = ctx.budget - ctx.seconds_left()
+    ladder_share = 0.0 if ctx.request.fit else LADDER_SHARE
+    # with --fit the ladder's own context sets the smallest model's cost: the planner checks that one
+    training = 0.0 if ctx.request.fit else feasible["smallest_train_seconds"] * costs.MARGIN
+    eval_tokens = 4 * settings.batch_size * settings.seq_len
+    overhead = costs.train_overhead(profile, smallest, vocab, settings.seq_len, eval_tokens)
+    needed = before + after + training + overhead
+    if needed > ctx.budget * (1 - ladder_share):
+        raise UserError(
+            f"--budget {_duration(ctx.budget)} is too small here: the smallest model the planner may pick needs "
+            f"{training:.0f} s of training at this machine's measured speed (one token per parameter), the work "
+            f"before training took {before:.0f} s and the work after it (scoring, compression, evaluation, exports) "
+            f"is predicted at {after:.0f} s"
+            + (f", and the ladder gets {LADDER_SHARE:.0%} of the budget" if ladder_share else "")
+            + f"; the nearest feasible budget is --budget {_nearest_budget(needed, ladder_share):g}m"
+        )
+    return {"replayed": replayed, "smallest_after_seconds": after}
+
+
+def probe_post_costs(ctx: BuildContext, candidates: bool) -> dict[str, Any]:
+    """Runs the post-training work of the build (the functions its stages call) on a random-init model of the
+    smallest shape, and returns each part's seconds and the forward tokens it scored (`costs`)."""
+    import time
+
+    from slmkit.eval.card import write_card
+    from slmkit.eval.report import load_report, render_html
+    from slmkit.interop.checkpoint import load_model, save_model
+    from slmkit.models import build_model
+    from slmkit.scaling.ladder import evaluate_rung
+
+    settings = _ladder_settings(ctx)
+    data = ctx.data()
+    seq = settings.seq_len
+    shape = _smallest_shape(ctx.request.mixers()[0])
+    root = ctx.work / "probe"
+    shutil.rmtree(root, ignore_errors=True)
+    model = build_model(shape.config(data.vocab_size, seq)).eval()
+    model.init_weights(seed=0)
+    seconds: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+    val = len(data.val)
+    windows = min(EVAL_WINDOWS * seq, val)
+
+    def timed(part: str, fn: Any, scored: int = 0) -> Any:
+        start = time.perf_counter()
+        out = fn()
+        seconds[part], tokens[part] = time.perf_counter() - start, scored
+        return out
+
+    model_dir = root / "model"
+    timed("save", lambda: save_model(model, model_dir, tokenizer_dir=ctx.data_dir))
+    timed("train_evaluate", lambda: evaluate_rung(model_dir, data, settings), min(settings.val_windows * seq, val))
+    timed("compress_float", lambda: _float_measurement(ctx, model_dir), windows)
+    if candidates:
+        # int8 and int4 cost about the same; GPTQ int4 more (its calibration): one candidate is their mean
+        timed("compress_candidates", lambda: _candidate(ctx, model_dir, "int8", root / "int8"), windows)
+        int8 = seconds["compress_candidates"]
+        timed("compress_candidates", lambda: _candidate(ctx, model_dir, "gptq-int4", root / "gptq"), windows)
+        seconds["compress_candidates"] = (2 * int8 + seconds["compress_candidates"]) / len(COMPRESS_METHODS)
+    timed("select", lambda: shutil.copytree(model_dir, root / "selected"))
+    timed(
+        "held_out",
+        lambda: bits_per_byte_interval(load_model(model_dir), data, seq, ctx.request.seed),
+        windows,
+    )
+    timed("evaluate", lambda: _evaluation(ctx, model_dir, root / "eval", repeats=2), val)
+    timed("hf", lambda: _export_hf(model_dir, root / "hf", "float"))
+    timed("gguf", lambda: _export_gguf(model_dir, root / "model.gguf", "float"))
+    timed("card", lambda: write_card(model_dir, root / "eval" / "report.json"))
+    timed("report", lambda: render_html(load_report(root / "eval" / "report.json")))
+    shutil.rmtree(root, ignore_errors=True)
+    return {
+        "shape": shape.name,
+        "vocab_size": data.vocab_size,
+        "context": seq,
+        "total_params": shape.config(data.vocab_size, seq).num_params(),
+        "seconds": seconds,
+        "tokens": tokens,
+    }
 
 
 # ---- 3. train -------------------------------------------------------------------------------------------
@@ -363,8 +547,7 @@ def stage_train(ctx: BuildContext) -> None:
         "seed": ctx.request.seed,
         "device": ctx.request.device,
         "threads": ctx.request.threads,
-        # a replayed machine (--machine) promises the same model: the planned tokens, with no wall-clock cap
-        "max_minutes": None if ctx.state.data.get("machine_replayed") else plan["train_minutes"] * TRAIN_TIME_CAP,
+        "max_minutes": None,
         "eval_interval": max(25, steps // 5),
         "eval_batches": 4,
         "save_interval": max(5, steps // 10),
@@ -378,6 +561,23 @@ def stage_train(ctx: BuildContext) -> None:
             resume = latest_checkpoint(run_dir) is not None
             if resume:
                 ctx.say(f"resuming training from {latest_checkpoint(run_dir)}")
+            # a replayed machine (--machine) promises the same model: the planned tokens, with no wall-clock limit;
+            # otherwise the run's optimizer steps stop by the deadline (the loop's max_minutes counts step time
+            # only: its validations and checkpoints are taken off)
+            if not ctx.replayed:
+                done = 0.0
+                if resume:
+                    import json
+
+                    done = json.loads((latest_checkpoint(run_dir) / "trainer_state.json").read_text())["elapsed"]
+                # the run trains until the deadline: more tokens than planned when the machine is faster than it
+                # measured, fewer when slower (the schedule follows the time)
+                config["max_minutes"], left = costs.step_minutes(plan, ctx.budget - ctx.seconds_left(), done)
+                config["max_tokens"] = None
+                ctx.say(
+                    f"training deadline: {left:.0f} s of optimizer steps from now (the build's clock reaches "
+                    f"{plan['train_ends_by']:.0f} of {ctx.budget:.0f} s; the rest is reserved for the stages after it)"
+                )
             inner = ctx.train_reporter or LogReporter()
             reporter = _PredictionReporter(inner, plan, stop_step)
             result = train(
@@ -403,11 +603,12 @@ def stage_train(ctx: BuildContext) -> None:
         }
 
     result = ctx.runner.step("train", "train", run)
-    if result["tokens"] < plan["tokens"] * 0.99:
+    if abs(result["tokens"] - plan["tokens"]) > plan["tokens"] * 0.01:
         ctx.state.decide(
             "train",
-            f"training stopped at its time cap ({TRAIN_TIME_CAP:g}x the planned {plan['train_minutes']:.1f} min) after "
-            f"{result['tokens']:,} of {plan['tokens']:,} planned tokens: this machine ran slower than measured",
+            f"training stopped at its deadline ({plan['train_ends_by']:.0f} s into the build, the budget less the time "
+            f"reserved for the stages after it) after {result['tokens']:,} tokens, {plan['tokens']:,} planned: this "
+            f"machine ran {'slower' if result['tokens'] < plan['tokens'] else 'faster'} than measured",
         )
 
     def actual() -> dict[str, Any]:
@@ -481,7 +682,16 @@ def stage_compress(ctx: BuildContext) -> None:
         ctx.state.decide("compress", "the float model already meets the targets: it ships uncompressed")
     else:
         for method in COMPRESS_METHODS:
+            if not ctx.state.step_done("compress", method):
+                skip = _skip_candidate(ctx, candidates)
+                if skip:
+                    ctx.runner.step("compress", method, lambda m=method, s=skip: {"method": m, "skipped": s})
+                    ctx.state.decide("compress", f"{method} not tried: {skip}")
+                    ctx.say(f"  {method:<10} not tried: {skip}")
+                    continue
             record = ctx.runner.step("compress", method, lambda m=method: _candidate(ctx, final, m))
+            if "skipped" in record:
+                continue
             ctx.say(_describe(record))
             candidates.append(record)
         ctx.state.decide(
@@ -514,10 +724,28 @@ def stage_compress(ctx: BuildContext) -> None:
     ctx.runner.step("compress", "select", select)
 
 
-def _candidate(ctx: BuildContext, final: Path, method: str) -> dict[str, Any]:
+def _skip_candidate(ctx: BuildContext, candidates: list[dict[str, Any]]) -> str | None:
+    """Why the next compression candidate is left out (the budget has no room for it and a candidate already
+    meets the targets), or None. A replay tries every candidate (the same model)."""
+    if ctx.replayed or not any(all(c["meets"].values()) for c in candidates):
+        return None
+    reserved = ctx.reserved()
+    per = reserved.get("compress_candidates", 0.0) / len(COMPRESS_METHODS)
+    later = sum(reserved.get(p, 0.0) for p in (*costs.PARTS["verify"], *costs.PARTS["ship"]))
+    left = ctx.seconds_left()
+    if left - later >= per:
+        return None
+    return (
+        f"{left:.0f} s of the budget are left, the stages after compress need {later:.0f} s and a candidate "
+        f"{per:.0f} s, and {', '.join(c['method'] for c in candidates if all(c['meets'].values()))} already meets "
+        "the targets"
+    )
+
+
+def _candidate(ctx: BuildContext, final: Path, method: str, out: Path | None = None) -> dict[str, Any]:
     from slmkit.compress.pipeline import CompressOptions, compress
 
-    out = ctx.work / "candidates" / method
+    out = out or ctx.work / "candidates" / method
     options = CompressOptions(seed=ctx.request.seed, calib_samples=32, calib_seq_len=128)
     result = compress(
         final,
@@ -553,13 +781,15 @@ def _describe(c: dict[str, Any]) -> str:
 
 
 # ---- 5. verify ------------------------------------------------------------------------------------------
-def bits_per_byte_interval(model: Any, data: Any, seq_len: int, seed: int, blocks: int = 20) -> dict[str, Any]:
+def bits_per_byte_interval(
+    model: Any, data: Any, seq_len: int, seed: int, blocks: int = 20, windows_max: int = EVAL_WINDOWS
+) -> dict[str, Any]:
     """Held-out bits per byte over the val split's windows, with a 95% bootstrap interval over contiguous blocks
     of windows (resampled with replacement; each block's nats and tokens summed, so the ratio is of totals)."""
     from slmkit.train.batches import eval_windows
     from slmkit.train.validation import token_nats
 
-    windows = eval_windows(data.val, seq_len, EVAL_WINDOWS)
+    windows = eval_windows(data.val, seq_len, windows_max)
     groups = np.array_split(np.arange(len(windows)), min(blocks, len(windows)))
     nats, counts = [], []
     for group in groups:
@@ -580,53 +810,80 @@ def bits_per_byte_interval(model: Any, data: Any, seq_len: int, seed: int, block
         "bits_per_byte_interval": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
         "tokens": int(counts_a.sum()),
         "blocks": len(groups),
+        "windows": len(windows),
     }
 
 
-def stage_verify(ctx: BuildContext) -> None:
+def _evaluation(ctx: BuildContext, model_dir: Path, report_dir: Path, repeats: int = 2) -> dict[str, Any]:
+    """`run_eval` on a model dir (val split, tasks with contamination, efficiency in a fresh process), written
+    to report_dir; returns what the build keeps of it."""
     from slmkit.eval.report import write_report
     from slmkit.eval.runner import run_eval
 
+    report = run_eval(
+        [model_dir],
+        data=[ctx.data_dir],
+        tasks=ctx.request.tasks or None,
+        seed=ctx.request.seed,
+        efficiency=True,
+        efficiency_options={
+            "prompt_tokens": 32,
+            "new_tokens": 32,
+            "batch_size": 4,
+            "repeats": repeats,
+            **({"threads": ctx.request.threads} if ctx.request.threads else {}),
+        },
+        device="cpu" if ctx.request.device == "auto" else ctx.request.device,
+        contamination_data=ctx.data_dir if ctx.request.tasks else None,
+        on_status=ctx.say,
+    )
+    write_report(report, report_dir)
+    entry = report["models"][0]
+    return {
+        "report": str(report_dir / "report.json"),
+        "efficiency": entry.get("efficiency", {}),
+        "tasks": [
+            {"task": t["task"], "metrics": t["metrics"], "contamination": t.get("contamination")}
+            for t in entry.get("tasks", [])
+        ],
+    }
+
+
+def _verify_scale(ctx: BuildContext) -> float:
+    """The share of verify's planned work that fits in what is left of the budget (1 for a replay)."""
+    if ctx.replayed:
+        return 1.0
+    reserved = ctx.reserved()
+    need = sum(reserved.get(p, 0.0) for p in costs.PARTS["verify"])
+    later = sum(reserved.get(p, 0.0) for p in costs.PARTS["ship"])
+    left = ctx.seconds_left() - later
+    return 1.0 if need <= 0 or left >= need else max(left, 0.0) / need
+
+
+def stage_verify(ctx: BuildContext) -> None:
     model_dir = ctx.out / "model"
+    scale = _verify_scale(ctx) if not ctx.state.step_done("verify", "held-out") else 1.0
+    windows = EVAL_WINDOWS if scale >= 1 else max(MIN_EVAL_WINDOWS, int(EVAL_WINDOWS * scale))
+    if windows < EVAL_WINDOWS:
+        ctx.state.decide(
+            "verify",
+            f"the budget left holds {scale:.0%} of verify's planned work: the held-out interval uses {windows} of "
+            f"{EVAL_WINDOWS} val windows and the efficiency probe one repeat",
+        )
 
     def held_out() -> dict[str, Any]:
         from slmkit.interop.checkpoint import load_model
 
         model = load_model(model_dir)
-        return bits_per_byte_interval(model, ctx.data(), model.config.max_seq_len, ctx.request.seed)
+        seq = model.config.max_seq_len
+        return bits_per_byte_interval(model, ctx.data(), seq, ctx.request.seed, windows_max=windows)
 
     score = ctx.runner.step("verify", "held-out", held_out)
     low, high = score["bits_per_byte_interval"]
     ctx.say(f"held-out: {score['bits_per_byte']:.4f} bits/byte (95% interval {low:.4f}-{high:.4f})")
 
     def evaluate() -> dict[str, Any]:
-        report = run_eval(
-            [model_dir],
-            data=[ctx.data_dir],
-            tasks=ctx.request.tasks or None,
-            seed=ctx.request.seed,
-            efficiency=True,
-            efficiency_options={
-                "prompt_tokens": 32,
-                "new_tokens": 32,
-                "batch_size": 4,
-                "repeats": 2,
-                **({"threads": ctx.request.threads} if ctx.request.threads else {}),
-            },
-            device="cpu" if ctx.request.device == "auto" else ctx.request.device,
-            contamination_data=ctx.data_dir if ctx.request.tasks else None,
-            on_status=ctx.say,
-        )
-        write_report(report, ctx.work / "eval")
-        entry = report["models"][0]
-        return {
-            "report": str(ctx.work / "eval" / "report.json"),
-            "efficiency": entry.get("efficiency", {}),
-            "tasks": [
-                {"task": t["task"], "metrics": t["metrics"], "contamination": t.get("contamination")}
-                for t in entry.get("tasks", [])
-            ],
-        }
+        return _evaluation(ctx, model_dir, ctx.work / "eval", repeats=2 if windows == EVAL_WINDOWS else 1)
 
     evaluated = ctx.runner.step("verify", "evaluate", evaluate)
     eff = evaluated["efficiency"]
@@ -648,31 +905,10 @@ def stage_ship(ctx: BuildContext) -> None:
     method = ctx.state.data["stages"]["compress"]["steps"]["select"]["method"]
 
     def hf() -> dict[str, Any]:
-        from slmkit.interop.adapters import dequantize_model
-        from slmkit.interop.checkpoint import load_model, save_model
-        from slmkit.interop.families import NATIVE_FAMILIES
-
-        target = ctx.out / "hf"
-        model = load_model(model_dir)
-        if model.config.family in NATIVE_FAMILIES:
-            return {"skipped": f"the {model.config.family} family has no transformers class"}
-        dense = dequantize_model(model)
-        if target.exists():
-            shutil.rmtree(target)
-        save_model(dense, target, tokenizer_dir=model_dir)
-        note = "" if method == "float" else f" (the {method} weights dequantized to float32)"
-        return {"path": str(target), "note": f"float32 weights{note}"}
+        return _export_hf(model_dir, ctx.out / "hf", method)
 
     def gguf() -> dict[str, Any]:
-        from slmkit.interop.gguf import export_gguf
-
-        dtype = {"int8": "q8_0", "int4": "q4_1", "gptq-int4": "q4_1"}.get(method, "f16")
-        target = ctx.out / "model.gguf"
-        try:
-            export_gguf(model_dir, target, dtype, overwrite=True)
-        except UserError as exc:
-            return {"skipped": str(exc)}
-        return {"path": str(target), "dtype": dtype, "bytes": target.stat().st_size}
+        return _export_gguf(model_dir, ctx.out / "model.gguf", method)
 
     for name, fn in (("hf", hf), ("gguf", gguf)):
         result = ctx.runner.step("ship", name, fn)
@@ -680,6 +916,43 @@ def stage_ship(ctx: BuildContext) -> None:
             ctx.state.decide("ship", f"{name} not written: {result['skipped']}")
     ctx.state.data["result"] = _result(ctx)
     ctx.runner.step("ship", "card", lambda: _card(ctx))
+
+    def report() -> dict[str, Any]:
+        # the last work of the build, inside its clock: the page shows the spend up to its own rendering
+        ctx.state.data["spent_seconds"] = ctx.budget - ctx.seconds_left()
+        write_outputs(ctx)
+        return {"path": str(ctx.out / "report.html")}
+
+    ctx.runner.step("ship", "report", report)
+
+
+def _export_hf(model_dir: Path, target: Path, method: str) -> dict[str, Any]:
+    """The shipped model as a transformers dir (a compressed model's weights dequantized to float32)."""
+    from slmkit.interop.adapters import dequantize_model
+    from slmkit.interop.checkpoint import load_model, save_model
+    from slmkit.interop.families import NATIVE_FAMILIES
+
+    model = load_model(model_dir)
+    if model.config.family in NATIVE_FAMILIES:
+        return {"skipped": f"the {model.config.family} family has no transformers class"}
+    dense = dequantize_model(model)
+    if target.exists():
+        shutil.rmtree(target)
+    save_model(dense, target, tokenizer_dir=model_dir)
+    note = "" if method == "float" else f" (the {method} weights dequantized to float32)"
+    return {"path": str(target), "note": f"float32 weights{note}"}
+
+
+def _export_gguf(model_dir: Path, target: Path, method: str) -> dict[str, Any]:
+    """The shipped model as GGUF: f16, or q8_0 / q4_1 keeping an int8 / int4 model's codes."""
+    from slmkit.interop.gguf import export_gguf
+
+    dtype = {"int8": "q8_0", "int4": "q4_1", "gptq-int4": "q4_1"}.get(method, "f16")
+    try:
+        export_gguf(model_dir, target, dtype, overwrite=True)
+    except UserError as exc:
+        return {"skipped": str(exc)}
+    return {"path": str(target), "dtype": dtype, "bytes": target.stat().st_size}
 
 
 def _result(ctx: BuildContext) -> dict[str, Any]:
@@ -738,10 +1011,13 @@ def card_section(data: dict[str, Any]) -> str:
             f"| {c['method']} | {c['loss']:.4f} | {c['bits_per_byte']:.4f} | {c['size_bytes'] / 1e6:.3f} | {ms} | "
             f"{'yes' if all(c['meets'].values()) else 'no'} |"
         )
-    lines += ["", "Time per stage (seconds):", ""]
-    lines.append("| " + " | ".join(data["stages"]) + " |")
-    lines.append("|" + "---:|" * len(data["stages"]))
-    lines.append("| " + " | ".join(f"{s['seconds']:.1f}" for s in data["stages"].values()) + " |")
+    planned = plan.get("stage_seconds", {})
+    spent = sum(s["seconds"] for s in data["stages"].values())
+    lines += ["", f"Time per stage (seconds; {spent:.1f} spent of the {request['budget_seconds']:g} s budget):", ""]
+    lines.append("| | " + " | ".join(data["stages"]) + " |")
+    lines.append("|---|" + "---:|" * len(data["stages"]))
+    lines.append("| planned | " + " | ".join(f"{planned.get(n, math.nan):.1f}" for n in data["stages"]) + " |")
+    lines.append("| spent | " + " | ".join(f"{s['seconds']:.1f}" for s in data["stages"].values()) + " |")
     lines += ["", "Decisions:", ""] + [f"- {d['stage']}: {d['decision']}" for d in data["decisions"]]
     return "\n".join(lines) + "\n"
 
