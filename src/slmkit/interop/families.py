@@ -978,36 +978,28 @@ def _write_jamba(spec: FamilySpec, cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-# our block modules -> Jamba's (inside model.layers.{i}); a mixture of experts' router is `feed_forward.router`
-_JAMBA_BLOCK = {"mixer": "mamba", "mlp": "feed_forward", "post_attention_layernorm": "pre_ff_layernorm"}
-_JAMBA_TOP = {"norm.weight": "final_layernorm.weight"}
+# Jamba names its block modules and final norm as Bamba does (mamba, feed_forward, pre_ff_layernorm,
+# final_layernorm); a mixture of experts' router is `feed_forward.router` (ours: mlp.gate)
 
 
 def _jamba_to_hf(state: StateDict, config: ModelConfig | None = None) -> StateDict:
     """Our names -> Jamba's files (each expert's own gate/up/down_proj: transformers fuses them when it loads)."""
-    out: StateDict = {}
+    renamed: StateDict = {}
     for name, tensor in state.items():
         parts = name.split(".")
-        if parts[0] == "layers" and len(parts) > 2:
-            if parts[2:4] == ["mlp", "gate"]:
-                parts[3] = "router"
-            parts[2] = _JAMBA_BLOCK.get(parts[2], parts[2])
-        joined = ".".join(parts)
-        joined = _JAMBA_TOP.get(joined, joined)
-        out[joined if joined == "lm_head.weight" else "model." + joined] = tensor
-    return out
+        if parts[0] == "layers" and parts[2:4] == ["mlp", "gate"]:
+            parts[3] = "router"
+        renamed[".".join(parts)] = tensor
+    return _bamba_to_hf(renamed, config)
 
 
 def _jamba_from_hf(state: StateDict) -> StateDict:
     """Jamba's names -> ours, from its files (per-expert weights) or transformers' fused in-memory layout
     (feed_forward.experts.gate_up_proj (E, 2F, C), gate half first; feed_forward.experts.down_proj (E, C, F))."""
-    block = {v: k for k, v in _JAMBA_BLOCK.items()}
-    top = {v: k for k, v in _JAMBA_TOP.items()}
     out: StateDict = {}
-    for name, tensor in state.items():
-        parts = name.removeprefix("model.").split(".")
-        if parts[0] == "layers" and len(parts) > 2:
-            parts[2] = block.get(parts[2], parts[2])
+    for name, tensor in _bamba_from_hf(state).items():
+        parts = name.split(".")
+        if parts[0] == "layers" and len(parts) > 3:
             if parts[2:4] == ["mlp", "router"]:
                 parts[3] = "gate"
             ours = ".".join(parts[:3])
@@ -1021,8 +1013,7 @@ def _jamba_from_hf(state: StateDict) -> StateDict:
                 for e in range(tensor.shape[0]):
                     out[f"{ours}.experts.{e}.down_proj.weight"] = tensor[e]
                 continue
-        joined = ".".join(parts)
-        out[top.get(joined, joined)] = tensor
+        out[".".join(parts)] = tensor
     return out
 
 
