@@ -852,6 +852,18 @@ def _bamba_from_hf(state: StateDict) -> StateDict:
     return out
 
 
+def _unfused_experts(prefix: str, tail: list[str], tensor: torch.Tensor) -> StateDict | None:
+    """transformers' fused in-memory expert weights (experts.gate_up_proj (E, 2F, C), gate half first;
+    experts.down_proj (E, C, F)) as our per-expert tensors under `prefix` (layers.{i}.mlp); None for other names."""
+    if tail == ["experts", "gate_up_proj"]:
+        gate, up = tensor.chunk(2, dim=1)
+        halves = (("gate_proj", gate), ("up_proj", up))
+        return {f"{prefix}.experts.{e}.{proj}.weight": half[e] for e in range(len(tensor)) for proj, half in halves}
+    if tail == ["experts", "down_proj"]:
+        return {f"{prefix}.experts.{e}.down_proj.weight": tensor[e] for e in range(len(tensor))}
+    return None
+
+
 # ---- jamba (transformers' JambaForCausalLM): Mamba-1 and attention layers, dense and expert MLPs, by period ----
 # Jamba's attention has no position encoding at all (positions: none), its Mamba-1 mixers RMS-normalise the time
 # step, B and C (ssm_dt_b_c_norm), and its router weights the k chosen experts by their softmax probabilities
@@ -1002,16 +1014,9 @@ def _jamba_from_hf(state: StateDict) -> StateDict:
         if parts[0] == "layers" and len(parts) > 3:
             if parts[2:4] == ["mlp", "router"]:
                 parts[3] = "gate"
-            ours = ".".join(parts[:3])
-            if parts[3:] == ["experts", "gate_up_proj"]:
-                gate, up = tensor.chunk(2, dim=1)
-                for e in range(tensor.shape[0]):
-                    out[f"{ours}.experts.{e}.gate_proj.weight"] = gate[e]
-                    out[f"{ours}.experts.{e}.up_proj.weight"] = up[e]
-                continue
-            if parts[3:] == ["experts", "down_proj"]:
-                for e in range(tensor.shape[0]):
-                    out[f"{ours}.experts.{e}.down_proj.weight"] = tensor[e]
+            experts = _unfused_experts(".".join(parts[:3]), parts[3:], tensor)
+            if experts is not None:
+                out.update(experts)
                 continue
         out[".".join(parts)] = tensor
     return out
@@ -1057,15 +1062,9 @@ def _mixtral_from_hf(state: StateDict) -> StateDict:
         parts = name.split(".")
         if len(parts) > 3 and parts[2] in ("block_sparse_moe", "mlp"):
             parts[2] = "mlp"
-            if parts[3:] == ["experts", "gate_up_proj"]:
-                gate, up = tensor.chunk(2, dim=1)
-                for e in range(tensor.shape[0]):
-                    out[f"{parts[0]}.{parts[1]}.mlp.experts.{e}.gate_proj.weight"] = gate[e]
-                    out[f"{parts[0]}.{parts[1]}.mlp.experts.{e}.up_proj.weight"] = up[e]
-                continue
-            if parts[3:] == ["experts", "down_proj"]:
-                for e in range(tensor.shape[0]):
-                    out[f"{parts[0]}.{parts[1]}.mlp.experts.{e}.down_proj.weight"] = tensor[e]
+            experts = _unfused_experts(".".join(parts[:3]), parts[3:], tensor)
+            if experts is not None:
+                out.update(experts)
                 continue
             if parts[3] == "experts":
                 parts[5] = back.get(parts[5], parts[5])
