@@ -50,9 +50,20 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "skip connections": ({}, {"skip_connections": True, "family": "slmkit"}),
     "late untie 0.5": ({"untie_head_at": 0.5}, {}),
     "batch warm-up": ({"batch_warmup_steps": 100, "batch_warmup_start": 4}, {}),
+    # not techniques but the recipe's knobs, for sweeps of the winning combination (--steps keeps them load-proof;
+    # for another batch size run again with --batch-size and the steps that give the same tokens); not in "all"
+    "lr 6e-3": ({"lr": 6e-3}, {}),
+    "lr 1e-2": ({"lr": 1e-2}, {}),
+    "wsd": ({"schedule": "wsd"}, {}),
 }
+KNOBS = ("lr 6e-3", "lr 1e-2", "wsd")
 ARMS["combined"] = (
-    {k: v for name, (changes, _) in ARMS.items() if name != "late untie 0.5" for k, v in changes.items()},
+    {
+        k: v
+        for name, (changes, _) in ARMS.items()
+        if name != "late untie 0.5" and name not in KNOBS
+        for k, v in changes.items()
+    },
     {k: v for _, changes in ARMS.values() for k, v in changes.items()},  # late untie: the untied head is in
 )
 SHORT = {
@@ -64,6 +75,8 @@ SHORT = {
     "skips": "skip connections",
     "late-untie": "late untie 0.5",
     "batch-warmup": "batch warm-up",
+    "lr6e-3": "lr 6e-3",
+    "lr1e-2": "lr 1e-2",
 }
 
 
@@ -218,7 +231,7 @@ def main() -> None:
     from slmkit.train.config import TrainConfig
     from slmkit.train.loop import train
 
-    names = list(ARMS) if args.arms == "all" else [a.strip() for a in args.arms.split(",")]
+    names = [n for n in ARMS if n not in KNOBS] if args.arms == "all" else [a.strip() for a in args.arms.split(",")]
     stack = [SHORT.get(a.strip(), a.strip()) for a in args.stack.split(",") if a.strip()]
     arms = {}
     for name in names:

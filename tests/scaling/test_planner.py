@@ -9,8 +9,11 @@ import pytest
 import yaml
 from scaling_helpers import run_slm, tiny_ladder_fixture  # noqa: F401
 
+from slmkit.config import PRESETS
 from slmkit.errors import UserError
+from slmkit.scaling.fit import Law, analyse, load_rungs
 from slmkit.scaling.planner import candidates, config_for_params, plan, write_config
+from slmkit.scaling.shapes import Shape
 from slmkit.train.config import TrainConfig
 
 
@@ -38,6 +41,51 @@ def test_plan_matches_the_optimum_and_spends_the_budget(flop_plan):
     low, high = p.loss_interval
     assert math.isfinite(low) and math.isfinite(high) and low < high
     assert p.n_heads % p.n_kv_heads == 0 and p.width % p.n_heads == 0
+
+
+KNOWN = Law(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
+
+
+@pytest.fixture(scope="module")
+def known_ladder(tiny_ladder, tmp_path_factory):
+    """The tiny ladder's metadata with rungs whose losses follow a known law exactly, each rung a member of the
+    shape family with its exact FLOPs (so the law's optimum lies inside the family, above the rungs)."""
+    meta = json.loads((tiny_ladder / "ladder.json").read_text())
+    vocab, context = int(meta["vocab_size"]), int(meta["request"]["settings"]["seq_len"])
+    out = tmp_path_factory.mktemp("known") / "ladder"
+    out.mkdir()
+    (out / "ladder.json").write_text(json.dumps(meta))
+    rows = []
+    for width, depth in ((32, 1), (32, 2), (64, 2), (64, 4), (96, 4)):
+        cfg = Shape(width, depth).config(vocab, context)
+        n = cfg.num_params(False)
+        for ratio in (2, 5, 10, 20):
+            d = n * ratio
+            rows.append(
+                {"name": f"{width}x{depth}-{ratio}", "params": n, "tokens": d,
+                 "flops": d * cfg.flops_per_token(context), "val_loss": float(KNOWN(n, d))}
+            )  # fmt: skip
+    (out / "ladder.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out, vocab, context
+
+
+@pytest.mark.parametrize("budget", [1e14, 1e15])
+def test_plan_is_the_member_with_the_lowest_predicted_loss_at_its_exact_flops(known_ladder, budget):
+    """Brute force over the shape family: each member trained on the budget at its own exact FLOPs per token
+    (ModelConfig's count), scored by the law; the plan is the argmin and trains exactly those tokens. The
+    planner once searched a grid with the ladder's fitted C/D = k N^gamma line instead, which under-counts the
+    FLOPs of members bigger than the rungs and so chose members the budget could not train."""
+    ladder, vocab, context = known_ladder
+    p = plan(ladder, budget_flops=budget, bootstrap=0, measure_decode=False)
+    law = analyse(load_rungs(ladder), bootstrap=0, holdout=False).law
+    smallest = Shape(PRESETS["tiny"]["d_model"], PRESETS["tiny"]["n_layers"]).config(vocab, context)
+    pool = candidates(vocab, context, min_params=smallest.num_params(False), max_params=4 * math.sqrt(budget / 6))
+    best = min(pool, key=lambda c: (float(law(c.params, budget / c.flops_per_token)), c.total_params))
+    assert best.params > 2 * max(load_rungs(ladder).params)  # an extrapolation, as a plan is
+    assert (p.width, p.depth) == (best.shape.width, best.shape.depth)
+    assert p.tokens == int(budget / best.shape.config(vocab, context).flops_per_token(context))
+    assert p.predicted_loss == pytest.approx(float(law(best.params, p.tokens)), rel=1e-9)
+    assert p.optimal_params == best.params == p.unconstrained_params and not p.binding
 
 
 def test_max_params_caps_the_recommendation(tiny_ladder, flop_plan):

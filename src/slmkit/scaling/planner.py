@@ -4,11 +4,10 @@
 2. Turn the budget into FLOPs per model size: a FLOP budget is used as is; a minute budget is multiplied
    by the training FLOP/s the ladder's own rungs achieved on this machine (a log-log fit over rung
    size, clamped to the measured range so nothing is extrapolated optimistically).
-3. Find the loss-optimal size N* for that budget under the caps (--max-params on total parameters,
-   --max-decode-ms on the decode latency predicted from timed decode steps of a few sizes here).
-4. Pick the member of the ladder's shape family (width, depth, heads, KV groups, the ladder's context)
-   whose non-embedding parameters are within 10% of N* and whose predicted loss, with its exact FLOPs
-   per token, is lowest; train it on D = budget / flops_per_token tokens.
+3. Score every member of the ladder's shape family (width, depth, heads, KV groups, the ladder's context)
+   by its predicted loss when trained on D = budget / its exact FLOPs per token, and take the lowest under
+   the caps (--max-params on total parameters, --max-decode-ms on the decode latency predicted from timed
+   decode steps of a few sizes here).
 
 Several ladders (``--ladder`` repeated), one per mixer family (``slm ladder --mixer``), are planned one by
 one in their own families, each on its own law, caps and timings, and the plan with the lowest predicted
@@ -63,8 +62,8 @@ class Plan:
     ci_level: float
     predicted_bits_per_byte: float | None
     predicted_minutes: float
-    optimal_params: float  # the continuous optimum N* under the caps
-    unconstrained_params: float
+    optimal_params: float  # N* under the caps: the chosen member's non-embedding parameters
+    unconstrained_params: float  # N* without --max-params and --max-decode-ms
     predicted_decode_ms: float
     measured_decode_ms: float | None
     decode_measurements: list[dict[str, float]] = field(default_factory=list)
@@ -301,6 +300,7 @@ def _plan_family(
         mixer=mixer,
         max_params=max(4 * math.sqrt(most_flops / 6), smallest_cfg.num_params(False)),
     )
+    uncapped = pool
     if max_params is not None:
         pool = [c for c in pool if c.total_params <= max_params]
         if not pool:
@@ -323,20 +323,26 @@ def _plan_family(
             "parameter); raise the budget"
         )
 
-    def loss_at(n: float) -> float:
-        return float(law(n, budget_for(n) / fit.flops_per_token(n)))
+    # every member is scored with its own exact FLOPs per token (ModelConfig's count, attention and head
+    # included), never the ladder's fitted C/D = k N^gamma: that line, fitted on rungs whose cost the head
+    # dominates, under-counts a larger member's FLOPs (1.6x at 4M parameters on a 90-second ladder) and so
+    # promised big members tokens they would not get
+    def predicted(c: Candidate) -> float:
+        return float(law(c.params, budget_for(c.params) / c.flops_per_token))
 
-    log_lo, log_hi = math.log(min(c.params for c in pool)), math.log(max(c.params for c in pool))
-    grid = np.linspace(log_lo, log_hi, 600)
-    losses = np.array([loss_at(math.exp(x)) for x in grid])
-    unconstrained = math.exp(grid[int(np.argmin(losses))])
+    def rank(members: list[Candidate]) -> list[Candidate]:
+        return sorted(members, key=lambda c: (predicted(c), c.total_params))
+
+    ranked = rank(pool)
+    unconstrained = float(rank(uncapped)[0].params) if max_params is not None else float(ranked[0].params)
 
     # decode latency: time a few sizes spanning the range of interest, fit a line, check the caps
     points: list[dict[str, float]] = []
     decode = None
     if measure_decode or max_decode_ms is not None:
         by_size = sorted(pool, key=lambda c: c.params)
-        probe_targets = sorted({by_size[0].params, unconstrained, math.sqrt(by_size[0].params * unconstrained)})
+        best = ranked[0].params
+        probe_targets = sorted({by_size[0].params, best, math.sqrt(by_size[0].params * best)})
         for target in probe_targets:
             c = config_for_params(target, pool)
             if c.total_params > MAX_MEASURED_PARAMS or any(p["total_params"] == c.total_params for p in points):
@@ -345,44 +351,24 @@ def _plan_family(
             points.append({"shape": c.shape.name, "total_params": c.total_params, "ms": ms})  # type: ignore[dict-item]
         decode = _decode_model(points)
 
-    allowed = np.ones_like(grid, dtype=bool)
     binding = []
-    if max_params is not None:
-        ok = np.array([math.exp(x) <= max(c.params for c in pool) for x in grid])
-        if not ok[int(np.argmin(losses))]:
-            binding.append("max_params")
-        allowed &= ok
+    if unconstrained != ranked[0].params:
+        binding.append("max_params")
+    allowed_pool = ranked
     if max_decode_ms is not None and decode is not None:
-        total_of = {c.params: c.total_params for c in pool}
-        keys = np.array(sorted(total_of))
-        ok = []
-        for x in grid:
-            n = math.exp(x)
-            nearest = keys[min(np.searchsorted(keys, n), len(keys) - 1)]
-            ok.append(decode(total_of[int(nearest)]) <= max_decode_ms)
-        ok = np.array(ok)
-        if not ok.any():
+        allowed_pool = [c for c in ranked if decode(c.total_params) <= max_decode_ms]
+        if not allowed_pool:
             fastest = decode(min(c.total_params for c in pool))
             raise UserError(
                 f"no model meets --max-decode-ms {max_decode_ms:g}: even the smallest preset-sized model is predicted "
                 f"to take {fastest:.2f} ms per token on this machine; relax the latency limit"
             )
-        if not ok[int(np.argmin(losses))]:
+        if allowed_pool[0] is not ranked[0]:
             binding.append("max_decode_ms")
-        allowed &= ok
-    masked = np.where(allowed, losses, np.inf)
-    optimum = math.exp(grid[int(np.argmin(masked))])
-    if int(np.argmin(masked)) == 0:
+    chosen = allowed_pool[0]
+    optimum = float(chosen.params)
+    if chosen.params == min(c.params for c in pool):
         binding.append(f"the smallest preset, {SMALLEST_PRESET!r}")
-
-    allowed_pool = pool
-    if max_decode_ms is not None and decode is not None:
-        allowed_pool = [c for c in pool if decode(c.total_params) <= max_decode_ms] or pool
-
-    def predicted(c: Candidate) -> float:
-        return float(law(c.params, budget_for(c.params) / c.flops_per_token))
-
-    chosen = config_for_params(optimum, allowed_pool, score=predicted)
     flops = budget_for(chosen.params)
     tokens = int(flops / chosen.flops_per_token)
     loss, low, high = fit.predict(chosen.params, tokens)
