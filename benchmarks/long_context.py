@@ -15,12 +15,18 @@ an inference state, as generation feeds tokens (calls of 32 tokens: `slmkit.eval
 
 `--suite methods` compares the ways past the trained length instead: vanilla (full cache), window + sinks, the
 InfLLM-style block memory and YaRN (factor 8, no training), by passkey retrieval (accuracy by length 1x-8x and depth)
-and by perplexity at 1x, 4x, 8x. It trains its own model at `--train-len` (default 256 there) on corpus text where
-every sequence hides a passkey line ("The pass key is 12345. Remember it.") at a random depth and ends with the
-question ("What is the pass key? The pass key is") and the key, the key's tokens weighted up in the loss so the small
-model learns to copy it in a few minutes:
+and by perplexity at 1x, 4x, 8x against the in-length perplexity of the same tokens (each long sequence cut into
+trained-length pieces, each scored from scratch: `slmkit.eval.kv_cache.piecewise_token_nll`), as a ratio with a
+bootstrap interval over sequences. It trains its own model at `--train-len` (default 256 there), or takes one
+trained by this suite (`--save DIR` then `--model DIR`), on corpus text where every sequence hides a passkey line
+("The pass key is 12345. Remember it.") at a random depth and ends with the question ("What is the pass key? The pass
+key is") and the key, the key's tokens weighted up in the loss. A 2-layer model learns to copy the key in about a
+thousand Muon steps at 64 tokens (`--short-steps`), then trains on at the full length:
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/long_context.py --suite methods [--steps 400]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/long_context.py --suite methods [--steps 3400] \
+        [--short-steps 3000 --short-len 64] --train-only --save /tmp/passkey-tiny --corpus PAPERS.jsonl
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/long_context.py --suite methods --model /tmp/passkey-tiny \
+        --trials 12 --sequences 16 --corpus PAPERS.jsonl
 
 The corpus is the shared papers file when present (../shared/corpus/seed-papers.jsonl), else the Python standard
 library (`builtin:pystdlib`). Timings are of this machine as it is (say so when it is shared).
@@ -288,7 +294,7 @@ def main() -> None:
     parser.add_argument("--suite", choices=("kv", "methods"), default="kv")
     parser.add_argument("--model", type=Path, default=None, help="a model dir (default: train one)")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="default: 400")
+    parser.add_argument("--steps", type=int, default=None, help="default: 400 (methods: 3400)")
     parser.add_argument("--train-len", type=int, default=None, help="default: 128 (kv), 256 (methods)")
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--sequences", type=int, default=None, help="val sequences per length (8; methods: 16)")
@@ -299,7 +305,7 @@ def main() -> None:
     parser.add_argument("--answer-weight", type=float, default=1.0, help="methods: extra loss weight on the keys")
     parser.add_argument("--optimizer", choices=("muon", "adamw"), default="muon", help="methods: training optimizer")
     parser.add_argument("--rows", type=int, default=16, help="methods: sequences per training step")
-    parser.add_argument("--short-steps", type=int, default=0, help="methods: first steps at --short-len tokens")
+    parser.add_argument("--short-steps", type=int, default=None, help="methods: first steps at --short-len (3000)")
     parser.add_argument("--short-len", type=int, default=64, help="methods: sequence length of the short steps")
     parser.add_argument("--width", type=int, default=None, help="methods: d_model instead of the preset's")
     parser.add_argument("--layers", type=int, default=None, help="methods: layers instead of the preset's")
@@ -313,9 +319,12 @@ def main() -> None:
             parser.error(f"--save {args.save} exists; choose a new directory")
         if args.model is not None and not (args.model / "config.json").is_file():
             parser.error(f"--model {args.model} is not a model directory (no config.json)")
-        args.steps = args.steps or 400
+        args.steps = args.steps or 3400
+        args.short_steps = 3000 if args.short_steps is None else args.short_steps
         args.train_len = args.train_len or 256
         args.sequences = args.sequences or 16
+        if args.short_steps and not 48 <= args.short_len <= args.train_len:
+            parser.error(f"--short-len must be 48..{args.train_len} (the passkey lines take about 40 tokens)")
         run_methods(args)
         return
     args.steps = args.steps or 400
