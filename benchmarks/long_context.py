@@ -15,12 +15,18 @@ an inference state, as generation feeds tokens (calls of 32 tokens: `slmkit.eval
 
 `--suite methods` compares the ways past the trained length instead: vanilla (full cache), window + sinks, the
 InfLLM-style block memory and YaRN (factor 8, no training), by passkey retrieval (accuracy by length 1x-8x and depth)
-and by perplexity at 1x, 4x, 8x. It trains its own model at `--train-len` (default 256 there) on corpus text where
-every sequence hides a passkey line ("The pass key is 12345. Remember it.") at a random depth and ends with the
-question ("What is the pass key? The pass key is") and the key, the key's tokens weighted up in the loss so the small
-model learns to copy it in a few minutes:
+and by perplexity at 1x, 4x, 8x against the in-length perplexity of the same tokens (each long sequence cut into
+trained-length pieces, each scored from scratch: `slmkit.eval.kv_cache.piecewise_token_nll`), as a ratio with a
+bootstrap interval over sequences. It trains its own model at `--train-len` (default 256 there), or takes one
+trained by this suite (`--save DIR` then `--model DIR`), on corpus text where every sequence hides a passkey line
+("The pass key is 12345. Remember it.") at a random depth and ends with the question ("What is the pass key? The pass
+key is") and the key, the key's tokens weighted up in the loss. A 2-layer model learns to copy the key in about a
+thousand Muon steps at 64 tokens (`--short-steps`), then trains on at the full length:
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/long_context.py --suite methods [--steps 400]
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/long_context.py --suite methods [--steps 3400] \
+        [--short-steps 3000 --short-len 64] --train-only --save /tmp/passkey-tiny --corpus PAPERS.jsonl
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/long_context.py --suite methods --model /tmp/passkey-tiny \
+        --trials 12 --sequences 16 --corpus PAPERS.jsonl
 
 The corpus is the shared papers file when present (../shared/corpus/seed-papers.jsonl), else the Python standard
 library (`builtin:pystdlib`). Timings are of this machine as it is (say so when it is shared).
@@ -96,38 +102,61 @@ class Passkeys:
 
 
 def train_passkey_model(args, data, tokenizer):
-    """A `--preset` model trained `--steps` steps of 16 x train-len tokens of passkey sequences (train split)."""
+    """A `--preset` model trained `--steps` steps of `--rows` x train-len tokens of passkey sequences (train split),
+    the first `--short-steps` of them at `--short-len` tokens (copying is learnt where steps are cheap), with
+    `--optimizer` (muon: Muon on the hidden matrices, AdamW on the rest, as the trainer's default). Prints the loss
+    on the key tokens (mean over each `--log-every` steps) and the share of training keys predicted whole."""
     import torch.nn.functional as F
 
     from slmkit.config import preset
     from slmkit.models import build_model
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.optim import make_optimizer
 
     length = args.train_len
-    model = build_model(preset(args.preset, vocab_size=data.vocab_size, max_seq_len=length))
+    overrides = {k: v for k, v in (("d_model", args.width), ("n_layers", args.layers)) if v is not None}
+    model = build_model(preset(args.preset, vocab_size=data.vocab_size, max_seq_len=length, **overrides))
     model.init_weights(0)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"  {args.preset} {overrides or ''}: d_model {model.config.d_model}, {model.config.n_layers} layers, "
+          f"{params / 1e6:.2f}M parameters, optimizer {args.optimizer}")  # fmt: skip
     sampler = Passkeys(tokenizer, np.asarray(data.train), seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    recipe = TrainConfig(preset=args.preset, lr=args.lr, max_steps=args.steps, optimizer=args.optimizer)
+    opt = make_optimizer(model, recipe, torch.device("cpu"))
     warmup = 20
     begin = time.perf_counter()
+    key_nll, key_hits, rows_seen = 0.0, 0, 0
     for step in range(args.steps):
         lr = args.lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * (1 + math.cos(math.pi * step / args.steps)) / 2)
         for group in opt.param_groups:
-            group["lr"] = lr
-        ids, answers = sampler.batch(16, length + 1, None)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        seq = args.short_len if step < args.short_steps else length
+        ids, answers = sampler.batch(args.rows, seq + 1, None)
         logits = model(ids[:, :-1])
         nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")  # (B, L)
         weight = torch.ones_like(nll)
         for row, n in enumerate(answers):
-            weight[row, -n:] += args.answer_weight * length / (2 * n)  # the key: a third of the row's loss
+            weight[row, -n:] += args.answer_weight * seq / (2 * n)  # weight 1: the key is a third of the row's loss
         loss = (nll * weight).sum() / weight.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % 50 == 0 or step + 1 == args.steps:
-            key_nll = float(sum(nll[r, -n:].detach().mean() for r, n in enumerate(answers)) / len(answers))
-            print(f"  step {step + 1}: loss {float(nll.detach().mean()):.3f}, on the keys {key_nll:.3f} "
-                  f"({time.perf_counter() - begin:.0f} s)")  # fmt: skip
+        with torch.no_grad():
+            guess = logits.argmax(-1)
+            for row, n in enumerate(answers):
+                key_nll += float(nll[row, -n:].mean())
+                key_hits += bool((guess[row, -n:] == ids[row, -n:]).all())
+            rows_seen += len(answers)
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            elapsed = time.perf_counter() - begin
+            print(f"  step {step + 1} (at {seq} tokens): loss {float(nll.detach().mean()):.3f}, on the keys "
+                  f"{key_nll / rows_seen:.3f} nats, keys whole {key_hits / rows_seen:.2f} ({elapsed:.0f} s)",
+                  flush=True)  # fmt: skip
+            key_nll, key_hits, rows_seen = 0.0, 0, 0
+        if args.max_minutes and time.perf_counter() - begin > 60 * args.max_minutes:
+            print(f"  stopped at step {step + 1}: --max-minutes {args.max_minutes} reached")
+            break
     return model.eval(), time.perf_counter() - begin
 
 
@@ -146,32 +175,61 @@ def answer_correct(model, ids: torch.Tensor, answers: list[int], spec, chunk: in
     return [bool((guess[r, length - 1 - n :] == ids[r, length - n :]).all()) for r, n in enumerate(answers)]
 
 
+def bootstrap_ratio(method: np.ndarray, reference: np.ndarray, draws: int = 2000) -> tuple[float, float]:
+    """95% interval of exp(mean method nll - mean reference nll) over sequences drawn with replacement (rows of
+    (sequences, tokens) nll arrays: the same tokens in both)."""
+    rng = np.random.default_rng(0)
+    gap = method.mean(axis=1) - reference.mean(axis=1)  # per sequence; every row has as many tokens
+    picks = rng.integers(0, len(gap), size=(draws, len(gap)))
+    low, high = np.percentile(np.exp(gap[picks].mean(axis=1)), [2.5, 97.5])
+    return float(low), float(high)
+
+
 def run_methods(args) -> None:
     from tokenizers import Tokenizer
 
     from slmkit.config import extend_context
     from slmkit.data.prepare import prepare
     from slmkit.data.shards import load_data_dir
-    from slmkit.eval.kv_cache import cached_token_nll
+    from slmkit.eval.kv_cache import cached_token_nll, piecewise_token_nll
     from slmkit.models import build_model
     from slmkit.models.state import KVCacheSpec
 
     print(f"hardware: {hardware()}; {load_average()}")
-    length = args.train_len
+    begin = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "data"
         corpus = args.corpus or SHARED
+        # a model given by --model keeps its own tokenizer; 0.2 of the documents held out (the val split must
+        # hold 16 sequences of 8 x 256 tokens), the same split as the run that trained it with --save
+        vocab = {"tokenizer": args.model, "vocab_size": None} if args.model else {"vocab_size": 2048}
         if corpus.is_file():
             print(f"corpus: {corpus} (abstracts)")
-            prepare([str(corpus)], data_dir, vocab_size=2048, text_field="abstract", val_fraction=0.1)
+            prepare([str(corpus)], data_dir, text_field="abstract", val_fraction=0.2, **vocab)
         else:
             print("corpus: builtin:pystdlib (no shared papers file)")
-            prepare(["builtin:pystdlib"], data_dir, vocab_size=2048, val_fraction=0.1)
+            prepare(["builtin:pystdlib"], data_dir, val_fraction=0.2, **vocab)
         data = load_data_dir(data_dir)
         tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
-        print(f"training {args.preset} at {length} tokens on passkey sequences ({load_average()})")
-        model, seconds = train_passkey_model(args, data, tokenizer)
-        print(f"trained {args.steps} steps of 16 x {length} tokens in {seconds:.0f} s ({load_average()})")
+        if args.model:
+            from slmkit.loading import load
+
+            model = load(args.model).model.float().eval()
+            length = model.config.max_seq_len
+            print(f"model: {args.model} (trained length {length}, d_model {model.config.d_model}, "
+                  f"{model.config.n_layers} layers)")  # fmt: skip
+        else:
+            length = args.train_len
+            print(f"training {args.preset} at {length} tokens on passkey sequences ({load_average()})")
+            model, seconds = train_passkey_model(args, data, tokenizer)
+            print(f"trained in {seconds:.0f} s ({load_average()})")
+            if args.save:
+                from slmkit.interop.checkpoint import save_model
+
+                save_model(model, args.save, tokenizer_dir=data.tokenizer_path)
+                print(f"saved {args.save}")
+        if args.train_only:
+            return
         yarn = build_model(extend_context(model.config, 8 * length, "yarn")).eval()
         yarn.load_state_dict(model.state_dict())
         half = length // 2
@@ -188,32 +246,47 @@ def run_methods(args) -> None:
         ]  # fmt: skip
         val = np.asarray(data.val)
         factors = (1, 2, 4, 8)
-        print(f"\npasskey accuracy ({args.trials} keys per cell, val-split filler; {load_average()})")
-        print(f"{'method':<58} {'depth':>6} " + " ".join(f"{f * length:>6}" for f in factors))
-        totals = {}
-        for name, net, spec in methods:
-            sampler = Passkeys(tokenizer, val, seed=1)  # the same sequences for every method
-            for depth in DEPTHS:
-                row = []
-                for factor in factors:
-                    ids, answers = sampler.batch(args.trials, factor * length, depth)
-                    hits = answer_correct(net, ids, answers, spec)
-                    row.append(sum(hits) / len(hits))
-                    totals.setdefault((name, factor), []).append(row[-1])
-                print(f"{name:<58} {depth:>6.1f} " + " ".join(f"{a:>6.2f}" for a in row))
-        print(f"{'mean over depths':<58} {'':>6}")
-        for name, _, _ in methods:
-            print(f"  {name:<56} {'':>6} " + " ".join(f"{np.mean(totals[name, f]):>6.2f}" for f in factors))
-        print(f"\nperplexity on the val split ({args.sequences} sequences per length, calls of 32 tokens; "
-              f"{load_average()})")  # fmt: skip
-        print(f"{'length':>7} {'method':<58} {'ppl (all)':>10} {'ppl (last L)':>13}")
-        for factor in (1, 4, 8):
-            ids = windows(val[len(val) // 2 :], factor * length, args.sequences)  # not the passkey filler
+        if args.trials:
+            print(f"\npasskey accuracy ({args.trials} keys per cell, val-split filler; {load_average()})")
+            print(f"{'method':<58} {'depth':>6} " + " ".join(f"{f * length:>6}" for f in factors))
+            totals = {}
             for name, net, spec in methods:
-                nll = cached_token_nll(net, ids, spec)
-                every, tail = math.exp(float(nll.mean())), math.exp(float(nll[:, -length:].mean()))
-                print(f"{factor * length:>7} {name:<58} {every:>10.2f} {tail:>13.2f}")
-        print(f"\ndone ({load_average()})")
+                sampler = Passkeys(tokenizer, val, seed=1)  # the same sequences for every method
+                for depth in DEPTHS:
+                    row = []
+                    for factor in factors:
+                        ids, answers = sampler.batch(args.trials, factor * length, depth)
+                        hits = answer_correct(net, ids, answers, spec)
+                        row.append(sum(hits) / len(hits))
+                        totals.setdefault((name, factor), []).append(row[-1])
+                    print(f"{name:<58} {depth:>6.1f} " + " ".join(f"{a:>6.2f}" for a in row), flush=True)
+            print(f"{'mean over depths':<58} {'':>6}")
+            for name, _, _ in methods:
+                print(f"  {name:<56} {'':>6} " + " ".join(f"{np.mean(totals[name, f]):>6.2f}" for f in factors))
+        print(f"\nperplexity on the val split ({args.sequences} sequences per length, calls of 32 tokens; "
+              f"{load_average()}). in-length: the same tokens, each predicted by the model from scratch on at most "
+              f"the {length} tokens before it (the sequence cut into {length}-token pieces); ratio: method / "
+              f"in-length with its bootstrap 95% interval over sequences and the per-sequence min..max; last L: "
+              f"the last {length} tokens (in-length: the last piece alone)")  # fmt: skip
+        header = f"{'length':>6} {'method':<58}"
+        for part in ("all", "last L"):
+            header += f" {'ppl ' + part:>11} {'in-length':>9} {'ratio':>6} {'95% CI':>13} {'seq min..max':>13}"
+        print(header)
+        for factor in (1, 4, 8):
+            ids = windows(val, factor * length, args.sequences)
+            reference = piecewise_token_nll(model, ids, length).double().numpy()
+            for name, net, spec in methods:
+                nll = cached_token_nll(net, ids, spec).double().numpy()
+                line = f"{factor * length:>6} {name:<58}"
+                for cut in (slice(None), slice(-length, None)):
+                    got, ref = nll[:, cut], reference[:, cut]
+                    low, high = bootstrap_ratio(got, ref)
+                    per_seq = np.exp(got.mean(axis=1) - ref.mean(axis=1))
+                    line += (f" {math.exp(got.mean()):>11.2f} {math.exp(ref.mean()):>9.2f} "
+                             f"{math.exp(got.mean() - ref.mean()):>6.3f} {f'{low:.3f}-{high:.3f}':>13} "
+                             f"{f'{per_seq.min():.2f}..{per_seq.max():.2f}':>13}")  # fmt: skip
+                print(line, flush=True)
+        print(f"\ndone in {time.perf_counter() - begin:.0f} s ({load_average()})")
 
 
 def main() -> None:
@@ -221,23 +294,42 @@ def main() -> None:
     parser.add_argument("--suite", choices=("kv", "methods"), default="kv")
     parser.add_argument("--model", type=Path, default=None, help="a model dir (default: train one)")
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--steps", type=int, default=None, help="default: 400")
+    parser.add_argument("--steps", type=int, default=None, help="default: 400 (methods: 3400)")
     parser.add_argument("--train-len", type=int, default=None, help="default: 128 (kv), 256 (methods)")
     parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--sequences", type=int, default=8, help="val sequences per length")
+    parser.add_argument("--sequences", type=int, default=None, help="val sequences per length (8; methods: 16)")
     parser.add_argument("--trials", type=int, default=8, help="methods: passkeys per length and depth")
     parser.add_argument("--block", type=int, default=16, help="methods: block memory's block size")
     parser.add_argument("--lr", type=float, default=3e-3, help="methods: peak learning rate")
     parser.add_argument("--corpus", type=Path, default=None, help="methods: a papers .jsonl (default: shared's)")
     parser.add_argument("--answer-weight", type=float, default=1.0, help="methods: extra loss weight on the keys")
+    parser.add_argument("--optimizer", choices=("muon", "adamw"), default="muon", help="methods: training optimizer")
+    parser.add_argument("--rows", type=int, default=16, help="methods: sequences per training step")
+    parser.add_argument("--short-steps", type=int, default=None, help="methods: first steps at --short-len (3000)")
+    parser.add_argument("--short-len", type=int, default=64, help="methods: sequence length of the short steps")
+    parser.add_argument("--width", type=int, default=None, help="methods: d_model instead of the preset's")
+    parser.add_argument("--layers", type=int, default=None, help="methods: layers instead of the preset's")
+    parser.add_argument("--log-every", type=int, default=50, help="methods: steps between training log lines")
+    parser.add_argument("--max-minutes", type=float, default=None, help="methods: stop training after this long")
+    parser.add_argument("--save", type=Path, default=None, help="methods: save the trained model here")
+    parser.add_argument("--train-only", action="store_true", help="methods: train (and --save), measure nothing")
     args = parser.parse_args()
     if args.suite == "methods":
-        args.steps = args.steps or 400
+        if args.save is not None and args.save.exists():
+            parser.error(f"--save {args.save} exists; choose a new directory")
+        if args.model is not None and not (args.model / "config.json").is_file():
+            parser.error(f"--model {args.model} is not a model directory (no config.json)")
+        args.steps = args.steps or 3400
+        args.short_steps = 3000 if args.short_steps is None else args.short_steps
         args.train_len = args.train_len or 256
+        args.sequences = args.sequences or 16
+        if args.short_steps and not 48 <= args.short_len <= args.train_len:
+            parser.error(f"--short-len must be 48..{args.train_len} (the passkey lines take about 40 tokens)")
         run_methods(args)
         return
     args.steps = args.steps or 400
     args.train_len = args.train_len or 128
+    args.sequences = args.sequences or 8
 
     from slmkit.api import load
     from slmkit.data.prepare import prepare

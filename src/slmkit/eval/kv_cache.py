@@ -31,6 +31,22 @@ def cached_token_nll(model: Any, ids: torch.Tensor, cache: Any = None, chunk: in
     return torch.cat(losses, dim=1).cpu()
 
 
+def piecewise_token_nll(model: Any, ids: torch.Tensor, piece: int, chunk: int = 32) -> torch.Tensor:
+    """Negative log-likelihood (nats, (B, L - 1), aligned as `cached_token_nll`'s) of each next token of ids (B, L)
+    predicted from at most the `piece` tokens before it: the predicted tokens are cut into runs of `piece` (the
+    first run `piece - 1`, as a `piece`-token sequence has), and each run is scored from scratch (a fresh state,
+    positions from 0) on the `piece` tokens before its end, so every token is scored by the model at (at most) its
+    trained length when `piece` is that length: the in-length reference on exactly the tokens of a long sequence."""
+    if piece < 2:
+        raise ValueError(f"piece must be at least 2 tokens, got {piece}")
+    length = ids.shape[1]
+    parts = []
+    for start in range(0, length, piece):  # run j predicts tokens j*piece .. (j+1)*piece - 1 (token 0: none)
+        stop = min(start + piece, length)
+        parts.append(cached_token_nll(model, ids[:, max(start - 1, 0) : stop], None, chunk))
+    return torch.cat(parts, dim=1)
+
+
 def cached_nll(model: Any, ids: torch.Tensor, cache: Any = None, chunk: int = 32) -> float:
     """Mean of `cached_token_nll` over every predicted token."""
     return float(cached_token_nll(model, ids, cache, chunk).double().mean())
