@@ -129,8 +129,9 @@ def test_bamba_gguf_keys_and_tensors_read_back(tmp_path, tokenizer_json):
     assert torch.equal(value("blk.0.ssm_in.weight"), state["layers.0.mixer.in_proj.weight"])
     assert "blk.0.attn_q.weight" not in tensors and "blk.1.ssm_in.weight" not in tensors
     # attention layer 1: q/k rows reordered over the 8 turned channels of each head, v and o as they are
-    assert torch.equal(value("blk.1.attn_q.weight"), permute_for_llama_cpp(state["layers.1.self_attn.q_proj.weight"], 4, 8))
-    assert torch.equal(value("blk.1.attn_k.bias"), permute_for_llama_cpp(state["layers.1.self_attn.k_proj.bias"], 2, 8))
+    q, k_bias = state["layers.1.self_attn.q_proj.weight"], state["layers.1.self_attn.k_proj.bias"]
+    assert torch.equal(value("blk.1.attn_q.weight"), permute_for_llama_cpp(q, 4, 8))
+    assert torch.equal(value("blk.1.attn_k.bias"), permute_for_llama_cpp(k_bias, 2, 8))
     assert torch.equal(value("blk.1.attn_v.weight"), state["layers.1.self_attn.v_proj.weight"])
     assert torch.equal(value("blk.1.attn_output.bias"), state["layers.1.self_attn.o_proj.bias"])
     # every layer: its norms and gated MLP (with biases here)
@@ -176,7 +177,12 @@ def test_bamba_gguf_runs_in_llama_cpp_with_our_logits(tmp_path, tokenizer_json, 
 
 @pytest.mark.parametrize(
     "change, named",
-    [(dict(ssm_n_groups=2), "ssm_n_groups"), (dict(ssm_expand=4, ssm_head_dim=32), "ssm_expand")],
+    [
+        (dict(ssm_n_groups=2), "ssm_n_groups"),
+        (dict(ssm_expand=4, ssm_head_dim=32), "ssm_expand"),
+        (dict(n_layers=2, layer_pattern=None, mixer="mamba2"), "only mamba2 layers"),
+        (dict(n_layers=2, layer_pattern=None, mixer="attention"), "only attention layers"),
+    ],
 )
 def test_what_granitehybrid_cannot_compute_is_refused_by_name(tmp_path, tokenizer_json, change, named):
     saved(tmp_path, tokenizer_json, bamba(**change), scale=0.0)

@@ -1364,6 +1364,11 @@ def _granitehybrid_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
 
 
 def _granitehybrid_gguf_refuse(cfg: ModelConfig) -> str | None:
+    if len(cfg.mixers) == 1:  # measured: its context aborts (GGML_ASSERT(buffer)) on the other kind's empty cache
+        return (
+            f"llama.cpp's granitehybrid needs both Mamba-2 and attention layers; this model has only {min(cfg.mixers)} "
+            "layers (layer_pattern)"
+        )
     if cfg.ssm_expand != 2:  # its loader asserts d_inner == 2 * n_embd
         return f"llama.cpp's granitehybrid needs ssm_expand 2 (Mamba-2 width twice d_model), not {cfg.ssm_expand}"
     return _mamba2_groups_refused(cfg, "granitehybrid")
