@@ -1269,15 +1269,9 @@ MAMBA_GGUF = GGUFLayout(
 )
 
 
-def _mamba2_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
-    """llama.cpp's `mamba2` hyperparameters (as its convert_hf_to_gguf.py writes them)."""
+def _mamba2_ssm_keys(writer: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's `ssm.*` keys of a Mamba-2 mixer (its mamba2 and granitehybrid architectures read the same)."""
     inner = cfg.ssm_expand * cfg.d_model
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_block_count(cfg.n_layers)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_feed_forward_length(0)  # llama.cpp reads both keys for every architecture; mamba2 uses neither
-    writer.add_head_count(0)
     writer.add_ssm_conv_kernel(cfg.ssm_conv_kernel)
     writer.add_ssm_inner_size(inner)
     writer.add_ssm_state_size(cfg.ssm_state_size)
@@ -1285,10 +1279,25 @@ def _mamba2_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
     writer.add_ssm_group_count(cfg.ssm_n_groups)
 
 
-def _mamba2_gguf_refuse(cfg: ModelConfig) -> str | None:
+def _mamba2_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's `mamba2` hyperparameters (as its convert_hf_to_gguf.py writes them)."""
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_feed_forward_length(0)  # llama.cpp reads both keys for every architecture; mamba2 uses neither
+    writer.add_head_count(0)
+    _mamba2_ssm_keys(writer, cfg)
+
+
+def _mamba2_groups_refused(cfg: ModelConfig, arch: str) -> str | None:
     if cfg.ssm_n_groups != 1:  # llama.cpp's gated norm is per group; ours (transformers') spans all channels
-        return f"llama.cpp's mamba2 normalises each of the {cfg.ssm_n_groups} groups apart (ssm_n_groups 1 only)"
+        return f"llama.cpp's {arch} normalises each of the {cfg.ssm_n_groups} groups apart (ssm_n_groups 1 only)"
     return None
+
+
+def _mamba2_gguf_refuse(cfg: ModelConfig) -> str | None:
+    return _mamba2_groups_refused(cfg, "mamba2")
 
 
 def _column(t: torch.Tensor) -> torch.Tensor:
@@ -1325,6 +1334,67 @@ _GGUF_MAMBA2 = GGUFLayout(
     keep_f32=("SSM_CONV1D", "SSM_A", "SSM_D"),
     hparams=_mamba2_gguf_hparams,
     refuse=_mamba2_gguf_refuse,
+)  # fmt: skip
+
+
+def _granitehybrid_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """llama.cpp's `granitehybrid` hyperparameters for Bamba: a layer without kv heads is a Mamba-2 layer, the others
+    attend; every layer has the gated MLP. Granite's multipliers are written as Bamba's math has them (llama.cpp skips
+    a scale whose key is absent or 0 and then uses 1 / sqrt(head width) for attention): embedding, residual and logit
+    scales 1, attention scale 1 / sqrt(head width). Its graph turns q and k only where `rope.scaling.finetuned` is true
+    (absent means true; IBM's Granite 4 hybrids set it false), over the `rope.dimension_count` leading channels of each
+    head, in interleaved pairs."""
+    writer.add_block_count(cfg.n_layers)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv([cfg.n_kv_heads if cfg.mixer_at(i) == "attention" else 0 for i in range(cfg.n_layers)])
+    writer.add_key_length(cfg.dim_per_head)
+    writer.add_value_length(cfg.dim_per_head)
+    writer.add_rope_dimension_count(cfg.rope_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_scaling_finetuned(True)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    _mamba2_ssm_keys(writer, cfg)
+    writer.add_embedding_scale(1.0)
+    writer.add_residual_scale(1.0)
+    writer.add_logit_scale(1.0)
+    writer.add_attention_scale(1.0 / math.sqrt(cfg.dim_per_head))
+
+
+def _granitehybrid_gguf_refuse(cfg: ModelConfig) -> str | None:
+    if len(cfg.mixers) == 1:  # measured: its context aborts (GGML_ASSERT(buffer)) on the other kind's empty cache
+        return (
+            f"llama.cpp's granitehybrid needs both Mamba-2 and attention layers; this model has only {min(cfg.mixers)} "
+            "layers (layer_pattern)"
+        )
+    if cfg.ssm_expand != 2:  # its loader asserts d_inner == 2 * n_embd
+        return f"llama.cpp's granitehybrid needs ssm_expand 2 (Mamba-2 width twice d_model), not {cfg.ssm_expand}"
+    return _mamba2_groups_refused(cfg, "granitehybrid")
+
+
+# llama.cpp's `granitehybrid` (convert_hf_to_gguf.py's GraniteHybridModel, which takes BambaForCausalLM): Mamba-2
+# layers as its `mamba2` writes them, attention layers with q/k rows in interleaved-pair order over the turned
+# channels (`undo_permute`), optional attention and MLP biases, and the gated MLP (or experts, not in Bamba) after
+# every mixer
+_GRANITEHYBRID_GGUF = GGUFLayout(
+    arch="granitehybrid",
+    tensors=MappingProxyType({
+        **{k: v for k, v in _GGUF_GATED.items() if k not in ("self_attn.q_norm", "self_attn.k_norm")},
+        **_GGUF_MAMBA2.tensors,
+    }),
+    fused=MappingProxyType({}),
+    rope_pairs=True,
+    explicit_output=False,
+    activation="silu",
+    mlp_bias=True,  # ffn_{gate,up,down}.bias: optional in its loader, added in its graph
+    rope_scaling=(),
+    parameters=_GGUF_MAMBA2.parameters,
+    convert=_GGUF_MAMBA2.convert,
+    keep_f32=_GGUF_MAMBA2.keep_f32,
+    hparams=_granitehybrid_gguf_hparams,
+    refuse=_granitehybrid_gguf_refuse,
 )  # fmt: skip
 
 
@@ -1777,7 +1847,7 @@ FAMILIES: dict[str, FamilySpec] = {
         layout=_jamba_layout,
     ),
     # Bamba (IBM): Mamba-2 layers with attention layers at attn_layer_indices, a gated MLP after every mixer; its
-    # attention turns half of each head's channels (rope_fraction 0.5). llama.cpp's bamba arch is not written yet.
+    # attention turns half of each head's channels (rope_fraction 0.5). llama.cpp runs it as `granitehybrid`.
     "bamba": FamilySpec(
         name="bamba",
         architecture="BambaForCausalLM",
@@ -1798,7 +1868,7 @@ FAMILIES: dict[str, FamilySpec] = {
         write_config=_write_bamba,
         weights_to_hf=_bamba_to_hf,
         weights_from_hf=_bamba_from_hf,
-        gguf=None,
+        gguf=_GRANITEHYBRID_GGUF,
         compressible=(*GATED_LINEARS, *_MAMBA2_LINEARS),
         scale_folds=(*GATED_FOLDS, ScaleFold("input_layernorm", ("mixer.in_proj",))),
         weight_marker=".pre_ff_layernorm.",

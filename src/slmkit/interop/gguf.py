@@ -17,6 +17,9 @@ Layout differences we handle (learned from llama.cpp's `convert_hf_to_gguf.py`):
   quantize tool keeps them.
 - Mamba-1 and Mamba-2 store A as -exp(A_log) and the conv squeezed (Mamba-2 also its norm per group), and
   `ssm` metadata in place of the attention keys: the layout's `parameters`, `convert`, `keep_f32`, `hparams`.
+- Bamba runs as llama.cpp's `granitehybrid`: Mamba-2 layers as above beside attention layers (a per-layer
+  `head_count_kv` of 0 marks a Mamba-2 layer) whose rotary turns only part of each head, so only those rows of q
+  and k are permuted.
 Which of these applies to a family, and its llama.cpp architecture, is its spec's `gguf` layout
 (`slmkit.interop.families`).
 
@@ -115,10 +118,17 @@ def read_bpe_vocab(path: Path, vocab_size: int) -> dict[str, Any]:
 
 
 # ---- tensors --------------------------------------------------------------------------------------
-def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q/k projection (or its bias), per head, from rotate-half to interleaved-pair order."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+def permute_for_llama_cpp(weight: torch.Tensor, n_heads: int, rope_dim: int | None = None) -> torch.Tensor:
+    """Rows of a q/k projection (or its bias), per head, from rotate-half to interleaved-pair order. With `rope_dim`
+    below the head width (partial rotary, as Bamba's), only each head's first `rope_dim` rows are turned, so only
+    those are reordered; the rest keep their place (llama.cpp's rope passes channels past n_rot through)."""
+    import torch
+
+    rest = weight.shape[1:]
+    heads = weight.reshape(n_heads, weight.shape[0] // n_heads, *rest)
+    turned = heads.shape[1] if rope_dim is None else rope_dim
+    pairs = heads[:, :turned].reshape(n_heads, 2, turned // 2, *rest).transpose(1, 2).reshape(n_heads, turned, *rest)
+    return torch.cat([pairs, heads[:, turned:]], dim=1).reshape(weight.shape)
 
 
 def llama3_rope_divisors(config: ModelConfig) -> torch.Tensor:
@@ -179,7 +189,7 @@ def _layout(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
                 continue
             module, _, suffix = name.rpartition(".")
             if module in permuted:
-                tensor = permute_for_llama_cpp(tensor, permuted[module])
+                tensor = permute_for_llama_cpp(tensor, permuted[module], cfg.rope_dim)
             out[names[t[layout.tensors[module]]].format(bid=i) + f".{suffix}"] = tensor
     return out
 
