@@ -8,6 +8,7 @@ alternating rounds so that load on the machine falls on each alike):
   layer's weight in turn (so weights come from memory, as in a step, not from cache), as stored by nn.Linear
   (`F.linear(x, W)`, W (out, in) row-major) and transposed (W's strides swapped: `x @ W.t().contiguous()`):
   milliseconds per step for all layers of that kind (each kind's best round) and GB/s.
+  Also q/k/v and gate/up each as one product over their fused transposed matrix (what `use_decode_layout` runs).
 - step: the model's decode step (one token after a 16-token prompt, `upto` the current length, as the eager
   core runs it), eager and, for --compiled presets, through torch.compile (inductor, cpp_wrapper, the whole
   static cache as the compiled core runs it), with the stored and the decode layout, at each thread count;
@@ -56,10 +57,21 @@ def section_linears(model: torch.nn.Module, threads: list[int], rounds: int) -> 
         if kind in weights and isinstance(module, torch.nn.Linear):
             weights[kind].append(module.weight.detach().contiguous())
     transposed = {k: [w.t().contiguous() for w in ws] for k, ws in weights.items()}
+    groups = {"qkv fused": ("q_proj", "k_proj", "v_proj"), "gate+up fused": ("gate_proj", "up_proj")}
+    fused = {
+        group: [torch.cat([transposed[k][i] for k in parts], dim=1) for i in range(len(weights[parts[0]]))]
+        for group, parts in groups.items()
+    }
 
     def one_round(layout: str) -> dict[str, float]:
-        spent = dict.fromkeys(KINDS, 0.0)
+        spent = dict.fromkeys((*KINDS, *groups), 0.0)
         for i in range(len(weights["q_proj"])):
+            if layout == "transposed":  # each group as one product over its fused (in, sum of outs) matrix
+                for group in groups:
+                    x = torch.randn(1, fused[group][i].shape[0])
+                    start = time.perf_counter()
+                    x @ fused[group][i]
+                    spent[group] += time.perf_counter() - start
             for kind in KINDS:
                 if i >= len(weights[kind]):
                     continue
@@ -80,7 +92,7 @@ def section_linears(model: torch.nn.Module, threads: list[int], rounds: int) -> 
             for layout in ("stored", "transposed"):
                 spent = one_round(layout)
                 mins = best.setdefault(layout, spent)
-                best[layout] = {kind: min(mins[kind], spent[kind]) for kind in KINDS}
+                best[layout] = {kind: min(mins[kind], spent[kind]) for kind in spent}
         print(f"  linears, {n} thread(s), each kind's best of {rounds} rounds ({load()}):")
         print(f"    {'kind':<10} {'shape (in->out)':>16} {'MB':>7} {'stored ms':>10} {'GB/s':>6} "
               f"{'transposed ms':>14} {'GB/s':>6} {'ratio':>6}")  # fmt: skip
@@ -92,7 +104,16 @@ def section_linears(model: torch.nn.Module, threads: list[int], rounds: int) -> 
             shape = f"{weights[kind][0].shape[1]}->{weights[kind][0].shape[0]}"
             print(f"    {kind:<10} {shape:>16} {nbytes / 1e6:7.1f} {a * 1e3:10.2f} {nbytes / a / 1e9:6.1f} "
                   f"{b * 1e3:14.2f} {nbytes / b / 1e9:6.1f} {a / b:5.2f}x")  # fmt: skip
-        a, b = sum(best["stored"].values()), sum(best["transposed"].values())
+        for group, parts in groups.items():
+            nbytes = sum(w.numel() * 4 for w in fused[group])
+            a = sum(best["stored"][k] for k in parts)
+            b = sum(best["transposed"][k] for k in parts)
+            c = best["transposed"][group]
+            print(f"    {group:<14} {nbytes / 1e6:7.1f} MB: one product {c * 1e3:.2f} ms ({nbytes / c / 1e9:.1f} "
+                  f"GB/s) vs its parts transposed {b * 1e3:.2f} ms ({b / c:.2f}x), stored {a * 1e3:.2f} ms "
+                  f"({a / c:.2f}x)")  # fmt: skip
+        a = sum(best["stored"][k] for k in KINDS)
+        b = sum(best["transposed"][k] for k in KINDS)
         print(f"    all linears: stored {a * 1e3:.2f} ms, transposed {b * 1e3:.2f} ms ({a / b:.2f}x)")
 
 

@@ -125,37 +125,39 @@ def main() -> None:
             core.DECODE_LAYOUT, core.SINGLE_THREAD_ROWS = saved
 
     load_before = os.getloadavg()
-    if args.before:
-        runs: dict[bool, list[tuple[float, list[int]]]] = {True: [], False: []}
-        for _ in range(args.repeats):  # alternating, so load on the machine falls on both alike
-            for before in (True, False):
-                runs[before].append(ours_engine(before))
-        before_tps, before_tokens = max(runs[True], key=lambda r: r[0])
-        ours_tps, ours_tokens = max(runs[False], key=lambda r: r[0])
-    else:
-        ours_tps, ours_tokens = max((ours_decode() for _ in range(args.repeats)), key=lambda r: r[0])
-    ours_perplexity = ours_ppl()
-    print(f"hardware: {hardware()} (shared machine: numbers are noisy); load average at start "
-          f"{' '.join(f'{x:.1f}' for x in load_before)}")  # fmt: skip
-    print(f"model: {args.model} ({lm.config.num_params():,} params, {lm.config.family}); text: {args.text}, "
-          f"{len(windows)} windows x {window} tokens; decode: prompt {len(prompt)}, {n_new} new, greedy, batch 1, "
-          f"{args.threads} threads")  # fmt: skip
-    if args.before:
-        print(f"slmkit fp32 before   decode {before_tps:8.1f} tokens/s   (stored layout, a one-row core on "
-              f"{args.threads} threads; same greedy tokens as now: {before_tokens == ours_tokens})")  # fmt: skip
-    print(f"slmkit fp32          decode {ours_tps:8.1f} tokens/s   perplexity {ours_perplexity:.4f}")
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in args.dtypes:
-            path = export_gguf(lm.directory, Path(tmp) / f"model-{dtype}.gguf", dtype)
+        paths = {dtype: export_gguf(lm.directory, Path(tmp) / f"model-{dtype}.gguf", dtype) for dtype in args.dtypes}
+        # decode runs alternate between every path (slmkit before and now, each llama.cpp dtype), so load on the
+        # machine falls on each alike; each path's best run counts
+        decode: dict[str, list[tuple[float, list[int]]]] = {}
+        for _ in range(args.repeats):
+            if args.before:
+                decode.setdefault("before", []).append(ours_engine(True))
+                decode.setdefault("now", []).append(ours_engine(False))
+            else:
+                decode.setdefault("now", []).append(ours_decode())
+            for dtype, path in paths.items():
+                tokens, tps = llama_server_greedy(path, prompt, n_new, lm.config.max_seq_len, args.threads)
+                decode.setdefault(dtype, []).append((tps, tokens))
+        best = {key: max(runs, key=lambda r: r[0]) for key, runs in decode.items()}
+        ours_tps, ours_tokens = best["now"]
+        ours_perplexity = ours_ppl()
+        print(f"hardware: {hardware()} (shared machine: numbers are noisy); load average at start "
+              f"{' '.join(f'{x:.1f}' for x in load_before)}")  # fmt: skip
+        print(f"model: {args.model} ({lm.config.num_params():,} params, {lm.config.family}); text: {args.text}, "
+              f"{len(windows)} windows x {window} tokens; decode: prompt {len(prompt)}, {n_new} new, greedy, "
+              f"batch 1, {args.threads} threads, best of {args.repeats} alternating runs")  # fmt: skip
+        if args.before:
+            before_tps, before_tokens = best["before"]
+            print(f"slmkit fp32 before   decode {before_tps:8.1f} tokens/s   (stored layout, a one-row core on "
+                  f"{args.threads} threads; same greedy tokens as now: {before_tokens == ours_tokens})")  # fmt: skip
+        print(f"slmkit fp32          decode {ours_tps:8.1f} tokens/s   perplexity {ours_perplexity:.4f}")
+        for dtype, path in paths.items():
             llm = LlamaCppLogits(path, n_ctx=lm.config.max_seq_len, threads=args.threads)
             total = sum(nll(llm.logits(w), w) for w in windows)
             theirs_perplexity = math.exp(total / sum(len(w) - 1 for w in windows))
             llm.close()
-            llama_runs = [
-                llama_server_greedy(path, prompt, n_new, lm.config.max_seq_len, args.threads)
-                for _ in range(args.repeats)
-            ]
-            theirs_tokens, theirs_tps = max(llama_runs, key=lambda r: r[1])
+            theirs_tps, theirs_tokens = best[dtype]
             same = theirs_tokens == ours_tokens
             print(
                 f"llama.cpp {dtype:<6}     decode {theirs_tps:8.1f} tokens/s   perplexity {theirs_perplexity:.4f}   "

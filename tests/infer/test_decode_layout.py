@@ -1,7 +1,7 @@
 """The CPU decode layout (`slmkit.models.decode_layout`, applied by every DecodeCore on a CPU): the weights it re-lays
-keep their values, shapes, Parameter objects and ties; greedy decoding through the core gives the tokens of the
-plain forward of an untouched model, with logits within 1e-5 at every step; saving, loading and training are
-unaffected, also when the layout was applied inside torch.inference_mode."""
+or fuses keep their values, shapes, Parameter objects and ties; hooked (LoRA) linears are not fused; greedy decoding
+through the core gives the tokens of the plain forward of an untouched model, with logits within 1e-5 at every step;
+saving, loading and training are unaffected, also when the layout was applied inside torch.inference_mode."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from slmkit.infer.core import decode_greedy
 from slmkit.infer.engine import Engine
 from slmkit.interop.checkpoint import load_model, save_model
 from slmkit.models import build_model
-from slmkit.models.decode_layout import is_transposed, prefers_transposed, use_decode_layout
+from slmkit.models.attention import QKV
+from slmkit.models.decode_layout import fused_weight, is_transposed, prefers_transposed, use_decode_layout
+from slmkit.models.mlp import GATE_UP
 
 
 def sharp_model(tie: bool = True, seed: int = 0) -> torch.nn.Module:
-    """Wide enough that q/o (64->64), gate/up (64->160) and the head (64->256) are re-laid and k/v (64->32) and
-    down (160->64) are not; weights sharp enough that greedy paths are not degenerate."""
+    """q/k/v (64->64, 32, 32) and gate/up (64->160 each) fused, o (64->64) and the head (64->256) re-laid, down
+    (160->64) as stored; weights sharp enough that greedy paths are not degenerate."""
     cfg = ModelConfig(
         vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=160, max_seq_len=128,
         tie_embeddings=tie, eos_token_id=None,
@@ -52,20 +54,52 @@ def test_relays_the_picked_weights_in_place():
     model = sharp_model()
     before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
     changed = use_decode_layout(model)
-    layer = model.layers[0]
-    for linear in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
-        assert prefers_transposed(linear) and is_transposed(linear.weight)
-    for linear in (layer.self_attn.k_proj, layer.self_attn.v_proj, layer.mlp.down_proj):
-        assert not prefers_transposed(linear) and linear.weight.is_contiguous()
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    with torch.no_grad():  # the fused products serve forwards without gradients only
+        qkv, gate_up = fused_weight(attn, QKV), fused_weight(mlp, GATE_UP)
+    assert qkv is not None and qkv.shape == (64, 64 + 32 + 32) and qkv.is_contiguous()
+    assert gate_up is not None and gate_up.shape == (64, 2 * 160)
+    for linear, column in ((attn.q_proj, 0), (attn.k_proj, 64), (attn.v_proj, 96)):  # views of the fused matrix
+        assert linear.weight.data_ptr() == qkv[:, column:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == gate_up[:, 160:].data_ptr()
+    assert prefers_transposed(attn.o_proj) and is_transposed(attn.o_proj.weight)
+    assert not prefers_transposed(mlp.down_proj) and mlp.down_proj.weight.is_contiguous()
     assert is_transposed(model.lm_head.weight)
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied: one Parameter
-    assert changed == 2 * 4 + 1  # q, o, gate, up per layer; the tied head once
+    assert changed == 2 * 3 + 1  # per layer: q/k/v fused, gate/up fused, o re-laid; the tied head once
     for name, p in model.named_parameters():
         param, value = before[name]
         assert p is param and p.shape == value.shape and torch.equal(p, value)
     assert use_decode_layout(model) == 0  # idempotent
-    assert use_decode_layout(model, False) == changed
+    with torch.no_grad():
+        assert fused_weight(attn, QKV) is qkv
+    assert fused_weight(attn, QKV) is None  # gradients on: the linears one by one (they are the parameters)
+    use_decode_layout(model, False)
     assert all(p.is_contiguous() for p in model.parameters())
+    with torch.no_grad():
+        assert fused_weight(attn, QKV) is None and fused_weight(mlp, GATE_UP) is None
+
+
+def test_hooked_linears_are_not_fused():
+    """A LoRA adapter adds its update through a forward hook on the linear: the fused product would skip it."""
+    model = sharp_model()
+    use_decode_layout(model)
+    attn = model.layers[0].self_attn
+    handle = attn.v_proj.register_forward_hook(lambda module, args, out: out + 1.0)
+    x = torch.randn(1, 3, 64)
+    with torch.no_grad():
+        assert fused_weight(attn, QKV) is None
+        hooked = attn(x, None, None)
+    handle.remove()
+    with torch.no_grad():
+        assert fused_weight(attn, QKV) is not None
+        assert not torch.allclose(hooked, attn(x, None, None))
+    fresh = sharp_model()
+    fresh.layers[0].mlp.up_proj.register_forward_hook(lambda module, args, out: out)
+    use_decode_layout(fresh)
+    with torch.no_grad():
+        assert fused_weight(fresh.layers[0].mlp, GATE_UP) is None
+        assert fused_weight(fresh.layers[1].mlp, GATE_UP) is not None
 
 
 def test_core_greedy_matches_the_plain_forward():
