@@ -204,6 +204,7 @@ def section_profile(model: torch.nn.Module, steps: int) -> None:
             for p in range(prompt + steps, prompt + 2 * steps):
                 fast(token, state=state, pos=torch.tensor([p]), upto=p + 1)
     groups = {"matrix products": 0.0, "attention": 0.0, "other operators": 0.0}
+    others: list[tuple[float, str, int]] = []
     for event in prof.key_averages():
         name = event.key
         self_us = event.self_cpu_time_total / steps
@@ -213,11 +214,14 @@ def section_profile(model: torch.nn.Module, steps: int) -> None:
             groups["attention"] += self_us
         else:
             groups["other operators"] += self_us
+            others.append((self_us, name, event.count // steps))
     ops = sum(groups.values())  # microseconds per step
     print(f"  profile, eager, decode layout, 1 thread, {steps} steps ({load()}): best step {wall * 1e3:.2f} ms "
           f"without the profiler; operators' self time per step under it:")  # fmt: skip
     for group, us in groups.items():
         print(f"    {group:<18} {us / 1e3:7.2f} ms  {us / 1e3 / (wall * 1e3):5.1%}")
+    top = ", ".join(f"{name.removeprefix('aten::')} {us:.0f} us x{n}" for us, name, n in sorted(others)[::-1][:8])
+    print(f"    other operators, largest: {top}")
     print(f"    {'python/dispatch':<18} {wall * 1e3 - ops / 1e3:7.2f} ms  {1 - ops / 1e3 / (wall * 1e3):5.1%} "
           "(best step minus operators' time; can be < 0 "
           "when the profiled steps ran slower)")  # fmt: skip

@@ -59,11 +59,12 @@ SINGLE_THREAD_PREFILL_TOKENS = 512  # and prefills of up to this many tokens (ba
 # A core of at most this many rows steps on one thread on a CPU whatever the model's size: a batch-1 step of a
 # larger model is matrix-vector products that a second thread did not speed up even on a quiet machine (MKL's
 # product streams at the same rate), while on a loaded one every parallel region waits for the borrowed core
-# (measured: the 124m step 2.3x slower on two threads than on one, load 5-7; docs/inference.md).
+# (measured: the 124m step 2.4x slower on two threads than on one, load 9.8; docs/inference.md, fifth round).
 SINGLE_THREAD_ROWS = 1
-# On a CPU, a core re-lays its model's fp32 linear weights for matrix-vector products when it is made
-# (`slmkit.models.decode_layout`: same values, shapes and parameters, other strides; measured 1.3x on the 124m
-# preset's step). A benchmark sets this False (and restores the layout) to measure the stored layout.
+# On a CPU, a core lays its model's fp32 linear weights out for matrix-vector products when it is made
+# (`slmkit.models.decode_layout`: same values, shapes and parameters, other strides, q/k/v and gate/up fused;
+# measured 1.42x on the 124m preset's eager step, one thread). A benchmark sets this False (and restores the
+# layout with `use_decode_layout(model, False)`) to measure the stored layout.
 DECODE_LAYOUT = True
 
 
