@@ -1,11 +1,16 @@
 """The same model in slmkit and in llama.cpp (the prebuilt xllamacpp wheel, on our GGUF export).
 
     python benchmarks/llamacpp_compare.py --model runs/quickstart --text data/val.txt [--dtypes f32 q8_0 q4_k_m]
+    python benchmarks/llamacpp_compare.py --preset 124m --text some.txt --dtypes f32 --before --threads 1
 
 For each GGUF dtype: batch-1 greedy decode tokens/s (llama.cpp's in-process llama-server, its own
 `predicted_per_second` timing, vs slmkit fp32) and the perplexity of each on the same token windows of --text
 (llama.cpp's logits through libllama's C API, f32 KV cache; tests/llamacpp_peer.py). Printed ratios: ours /
-theirs. Needs xllamacpp (`make install` pins it; `pip install xllamacpp`, a prebuilt wheel, no build); exits
+theirs. --preset NAME: a preset with random weights (as generate_throughput.py's roofline section makes them, with
+a small byte-level tokenizer) instead of --model. --before: slmkit's decode also as it ran before issue #24
+(weights as nn.Linear stores them, and a core of one row on --threads threads), alternating with the current path,
+each the best of --repeats runs; slmkit's decode tokens/s then exclude the prefill (the engine's own timing, as
+llama.cpp's does). Needs xllamacpp (`make install` pins it; `pip install xllamacpp`, a prebuilt wheel, no build); exits
 with a message otherwise.
 """
 
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import tempfile
 import time
@@ -24,7 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))  # llamacpp_peer
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="slmkit / Hugging Face model dir with tokenizer.json")
+    parser.add_argument("--model", help="slmkit / Hugging Face model dir with tokenizer.json")
+    parser.add_argument("--preset", help="instead of --model: this preset with random weights")
+    parser.add_argument("--before", action="store_true", help="also slmkit's decode as before issue #24")
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--text", required=True, help="text file for perplexity")
     parser.add_argument(
         "--dtypes",
@@ -60,6 +69,19 @@ def main() -> None:
     from slmkit.interop.gguf import export_gguf
 
     torch.set_num_threads(args.threads)
+    if (args.model is None) == (args.preset is None):
+        sys.exit("give one of --model and --preset")
+    keep = tempfile.TemporaryDirectory()
+    if args.preset:
+        from generate_throughput import _tiny_tokenizer_dir, random_model
+        from slmkit.config import preset as make_preset
+        from slmkit.interop.checkpoint import save_model
+
+        cfg = make_preset(args.preset, eos_token_id=None)
+        args.model = save_model(
+            random_model(args.preset, cfg.vocab_size), Path(keep.name) / args.preset,
+            tokenizer_dir=_tiny_tokenizer_dir(Path(keep.name)),
+        )  # fmt: skip
     lm = load(args.model)
     window = min(args.window, lm.config.max_seq_len)
     ids = lm.tokenizer.encode(Path(args.text).read_text()).ids
@@ -84,22 +106,58 @@ def main() -> None:
         out = list(generate_ids(lm.model, prompt, n_new))
         return n_new / (time.perf_counter() - start), out
 
-    ours_tps, ours_tokens = max((ours_decode() for _ in range(2)), key=lambda r: r[0])
-    ours_perplexity = ours_ppl()
-    print(f"hardware: {hardware()} (shared machine: numbers are noisy)")
-    print(f"model: {args.model} ({lm.config.num_params():,} params, {lm.config.family}); text: {args.text}, "
-          f"{len(windows)} windows x {window} tokens; decode: prompt {len(prompt)}, {n_new} new, greedy, batch 1, "
-          f"{args.threads} threads")  # fmt: skip
-    print(f"slmkit fp32          decode {ours_tps:8.1f} tokens/s   perplexity {ours_perplexity:.4f}")
+    def ours_engine(before: bool) -> tuple[float, list[int]]:
+        """Decode tokens/s (prefill excluded) through the engine, as now or as before issue #24."""
+        from slmkit.infer import core
+        from slmkit.infer.engine import Engine, EngineStats
+        from slmkit.models.decode_layout import use_decode_layout
+
+        saved = core.DECODE_LAYOUT, core.SINGLE_THREAD_ROWS
+        if before:
+            core.DECODE_LAYOUT, core.SINGLE_THREAD_ROWS = False, 0
+        use_decode_layout(lm.model, not before)
+        try:
+            stats = EngineStats()
+            engine = Engine(lm.model, tokenizer=None, compile=False)
+            out = engine.generate_ids([prompt], max_new_tokens=n_new, stats=stats)
+            return stats.decode_tokens_per_second, out[0].token_ids
+        finally:
+            core.DECODE_LAYOUT, core.SINGLE_THREAD_ROWS = saved
+
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for dtype in args.dtypes:
-            path = export_gguf(lm.directory, Path(tmp) / f"model-{dtype}.gguf", dtype)
+        paths = {dtype: export_gguf(lm.directory, Path(tmp) / f"model-{dtype}.gguf", dtype) for dtype in args.dtypes}
+        # decode runs alternate between every path (slmkit before and now, each llama.cpp dtype), so load on the
+        # machine falls on each alike; each path's best run counts
+        decode: dict[str, list[tuple[float, list[int]]]] = {}
+        for _ in range(args.repeats):
+            if args.before:
+                decode.setdefault("before", []).append(ours_engine(True))
+                decode.setdefault("now", []).append(ours_engine(False))
+            else:
+                decode.setdefault("now", []).append(ours_decode())
+            for dtype, path in paths.items():
+                tokens, tps = llama_server_greedy(path, prompt, n_new, lm.config.max_seq_len, args.threads)
+                decode.setdefault(dtype, []).append((tps, tokens))
+        best = {key: max(runs, key=lambda r: r[0]) for key, runs in decode.items()}
+        ours_tps, ours_tokens = best["now"]
+        ours_perplexity = ours_ppl()
+        print(f"hardware: {hardware()} (shared machine: numbers are noisy); load average at start "
+              f"{' '.join(f'{x:.1f}' for x in load_before)}")  # fmt: skip
+        print(f"model: {args.model} ({lm.config.num_params():,} params, {lm.config.family}); text: {args.text}, "
+              f"{len(windows)} windows x {window} tokens; decode: prompt {len(prompt)}, {n_new} new, greedy, "
+              f"batch 1, {args.threads} threads, best of {args.repeats} alternating runs")  # fmt: skip
+        if args.before:
+            before_tps, before_tokens = best["before"]
+            print(f"slmkit fp32 before   decode {before_tps:8.1f} tokens/s   (stored layout, a one-row core on "
+                  f"{args.threads} threads; same greedy tokens as now: {before_tokens == ours_tokens})")  # fmt: skip
+        print(f"slmkit fp32          decode {ours_tps:8.1f} tokens/s   perplexity {ours_perplexity:.4f}")
+        for dtype, path in paths.items():
             llm = LlamaCppLogits(path, n_ctx=lm.config.max_seq_len, threads=args.threads)
             total = sum(nll(llm.logits(w), w) for w in windows)
             theirs_perplexity = math.exp(total / sum(len(w) - 1 for w in windows))
             llm.close()
-            runs = [llama_server_greedy(path, prompt, n_new, lm.config.max_seq_len, args.threads) for _ in range(2)]
-            theirs_tokens, theirs_tps = max(runs, key=lambda r: r[1])
+            theirs_tps, theirs_tokens = best[dtype]
             same = theirs_tokens == ours_tokens
             print(
                 f"llama.cpp {dtype:<6}     decode {theirs_tps:8.1f} tokens/s   perplexity {theirs_perplexity:.4f}   "
@@ -109,6 +167,10 @@ def main() -> None:
                 f"  ratio slmkit / llama.cpp {dtype}: decode {ours_tps / theirs_tps:.2f}x, "
                 f"perplexity {ours_perplexity / theirs_perplexity:.4f}x"
             )
+            if args.before:
+                print(f"  ratio slmkit before / llama.cpp {dtype}: decode {before_tps / theirs_tps:.2f}x")
+    print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    keep.cleanup()
 
 
 if __name__ == "__main__":

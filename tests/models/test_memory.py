@@ -235,8 +235,10 @@ def test_model_directory_round_trips(model_and_tokenizer, tmp_path, batchnorm):
     again = load_model(tmp_path / "m")
     assert again.config == model.config
     idx = torch.randint(0, model.config.vocab_size, (2, 20))
-    with torch.no_grad():
-        assert torch.equal(again(idx), model(idx))
+    for name, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
+    with torch.no_grad():  # an engine above laid the model out for CPU decoding: other summation order
+        torch.testing.assert_close(again(idx), model(idx), rtol=0, atol=1e-5)
 
 
 def test_training_lowers_the_loss_and_updates_the_memory(data_dir, tmp_path):

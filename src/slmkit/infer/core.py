@@ -41,6 +41,7 @@ import torch
 
 from slmkit.errors import UserError
 from slmkit.infer.sampling import SamplingParams, apply_penalties, penalty_state, sample
+from slmkit.models.decode_layout import use_decode_layout
 from slmkit.models.lora import adapter_names, context_of, set_active_adapters
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,16 @@ MIN_DRAFTED_TO_JUDGE = 16
 # matrix-vector products, keep every thread.
 SINGLE_THREAD_PARAMS = 20_000_000
 SINGLE_THREAD_PREFILL_TOKENS = 512  # and prefills of up to this many tokens (batch x prompt) of such models
+# A core of at most this many rows steps on one thread on a CPU whatever the model's size: a batch-1 step of a
+# larger model is matrix-vector products that a second thread did not speed up even on a quiet machine (MKL's
+# product streams at the same rate), while on a loaded one every parallel region waits for the borrowed core
+# (measured: the 124m step 2.4x slower on two threads than on one, load 9.8; docs/inference.md, fifth round).
+SINGLE_THREAD_ROWS = 1
+# On a CPU, a core lays its model's fp32 linear weights out for matrix-vector products when it is made
+# (`slmkit.models.decode_layout`: same values, shapes and parameters, other strides, q/k/v and gate/up fused;
+# measured 1.42x on the 124m preset's eager step, one thread). A benchmark sets this False (and restores the
+# layout with `use_decode_layout(model, False)`) to measure the stored layout.
+DECODE_LAYOUT = True
 
 
 class Threads:
@@ -323,6 +334,8 @@ class DecodeCore:
         self.prefill_chunk = prefill_chunk
         param = next(model.parameters())
         self.device = param.device
+        if DECODE_LAYOUT and self.device.type == "cpu":
+            use_decode_layout(model)
         # kv_cache (a `slmkit.models.state.KVCacheSpec`): how attention layers keep keys and values; a bounded one
         # holds a fixed number of positions, so rows may run past max_len (and the model's context)
         self.kv_cache = kv_cache
@@ -331,7 +344,8 @@ class DecodeCore:
         self.stats = CoreStats()
         self._views: dict[tuple[int, int], Any] = {}
         self._single_thread = single_threaded(model)
-        self.step_threads = Threads(1 if self._single_thread else None)
+        one_row = self.device.type == "cpu" and max_batch <= SINGLE_THREAD_ROWS
+        self.step_threads = Threads(1 if self._single_thread or one_row else None)
         self.adapters = adapter_names(model) if per_row_adapters else []  # what request.adapter indexes
         self._selected: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # the latest selection, its tensor
         if per_row_adapters:

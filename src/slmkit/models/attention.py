@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig, RopeScaling
+from slmkit.models.decode_layout import fused_weight
 from slmkit.models.state import (
     BlockMemoryKVState,
     CompactKVState,
@@ -32,6 +33,7 @@ from slmkit.models.state import (
 # Extra ring slots beyond the window: a call of up to RING_SLACK + 1 tokens (a decode step, a speculative
 # verification) writes before it attends without overwriting a key one of its own queries still needs.
 RING_SLACK = 32
+QKV = ("q_proj", "k_proj", "v_proj")
 
 
 class RMSNorm(nn.Module):
@@ -267,12 +269,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context | None, state: nn.Module | None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
-        q, k = self.q_proj(x), self.k_proj(x)  # (B, T, H D), (B, T, K D)
+        fused = fused_weight(self, QKV)  # CPU decoding: q, k, v as one product (slmkit.models.decode_layout)
+        if fused is not None:
+            q, k, v = (x @ fused).split((self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2), -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H D), (B, T, K D), (B, T, K D)
         if self.qk_norm_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = k.view(b, t, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
-        v = self.v_proj(x)  # (B, T, K D)
         if ctx is not None and ctx.value_embed is not None:  # modded-nanogpt's value embeddings
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * ctx.value_embed
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)

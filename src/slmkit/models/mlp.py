@@ -11,6 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
+from slmkit.models.decode_layout import fused_weight
+
+GATE_UP = ("gate_proj", "up_proj")
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -33,6 +36,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_weight(self, GATE_UP)  # CPU decoding: gate and up as one product (slmkit.models.decode_layout)
+        if fused is not None:
+            gate, up = (x @ fused).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
