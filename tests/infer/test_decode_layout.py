@@ -6,6 +6,9 @@ saving, loading and training are unaffected, also when the layout was applied in
 from __future__ import annotations
 
 import copy
+import gc
+import io
+import weakref
 
 import pytest
 import torch
@@ -153,3 +156,30 @@ def test_save_load_and_training_after_the_layout(tmp_path):
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
     for (name, a), b in zip(plain.named_parameters(), model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_a_copy_carries_no_spare_fused_matrix_and_moved_weights_drop_it():
+    """The fused matrices are kept outside the modules: a saved (pickled) laid-out model is no bigger than an
+    untouched one (no second copy of q/k/v and gate/up), a deep copy computes what the original does; once a
+    fused group's weights move to new memory, the group falls back to its linears and its fused matrix is freed."""
+    model, fresh = sharp_model(), sharp_model()
+    use_decode_layout(model)
+    sizes = []
+    for m in (fresh, model):
+        buffer = io.BytesIO()
+        torch.save(m, buffer)
+        sizes.append(buffer.tell())
+    assert sizes[1] < sizes[0] * 1.05
+    attn = model.layers[0].self_attn
+    twin = copy.deepcopy(model)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        alive = weakref.ref(fused_weight(attn, QKV))
+        assert alive() is not None
+        assert fused_weight(twin.layers[0].self_attn, QKV) is None
+        torch.testing.assert_close(twin(ids), model(ids), rtol=0, atol=1e-5)
+        attn.k_proj.weight.data = attn.k_proj.weight.data.clone()  # new memory: the fused view is stale
+        assert fused_weight(attn, QKV) is None
+        gc.collect()
+        assert alive() is None  # freed, not kept beside the weights
+        torch.testing.assert_close(model(ids), twin(ids), rtol=0, atol=1e-5)

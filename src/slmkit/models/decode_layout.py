@@ -27,6 +27,8 @@ factor and GPU weights are left alone). `use_decode_layout(model, False)` restor
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -51,7 +53,9 @@ def is_transposed(weight: torch.Tensor) -> bool:
 
 # modules whose projections of one input are fused for decoding: (module attribute names of the linears)
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-FUSED = "_decode_fused"  # the module's __dict__ entry: (fused (in, sum of outs) matrix, its weights' data_ptrs)
+# module -> (fused (in, sum of outs) matrix, its weights' data_ptrs); weak and outside the module, so a deep copy
+# or a pickle of the model does not carry a spare copy of the fused matrix, and a dropped module frees it
+_FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, tuple[int, ...]]] = weakref.WeakKeyDictionary()
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -73,13 +77,16 @@ def fused_weight(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor | No
     """The (in, sum of outs) matrix whose column blocks are the weights of `module`'s linears `names`, when the
     decode layout fused them and they still are (the same plain linears over the same memory), in an eager
     forward without gradients; else None (the caller runs its linears one by one)."""
-    entry = module.__dict__.get(FUSED)
+    entry = _FUSED.get(module)
     if entry is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
     fused, pointers = entry
     for name, pointer in zip(names, pointers, strict=True):
         linear = module._modules[name]
-        if type(linear) is not nn.Linear or linear.weight.data_ptr() != pointer or _hooked(linear):
+        if type(linear) is not nn.Linear or linear.weight.data_ptr() != pointer:
+            _FUSED.pop(module, None)  # the weights moved (.to(), a new tensor): the fused matrix is stale, free it
+            return None
+        if _hooked(linear):
             return None
     return fused
 
@@ -100,7 +107,7 @@ def _fuse(module: nn.Module, names: tuple[str, ...]) -> bool | None:
         fused[:, column : column + out].copy_(m.weight.t())  # type: ignore[union-attr]
         m.weight.data = fused[:, column : column + out].t()  # type: ignore[union-attr]
         column += out
-    module.__dict__[FUSED] = (fused, tuple(m.weight.data_ptr() for m in linears))  # type: ignore[union-attr]
+    _FUSED[module] = (fused, tuple(m.weight.data_ptr() for m in linears))  # type: ignore[union-attr]
     return True
 
 
@@ -123,7 +130,7 @@ def use_decode_layout(model: nn.Module, enable: bool = True) -> int:
                     if fused is not None:
                         changed += fused
                         seen.update(id(module._modules[name].weight) for name in names)  # type: ignore[union-attr]
-            elif module.__dict__.pop(FUSED, None) is not None:
+            elif _FUSED.pop(module, None) is not None:
                 changed += 1
         for module in model.modules():
             if type(module) is not nn.Linear or id(module.weight) in seen:
