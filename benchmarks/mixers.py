@@ -103,71 +103,95 @@ def mqar_batch(g: torch.Generator, batch: int, pairs: int, queries: int, n_keys:
     return x, y
 
 
-def recall_section(presets: list[str], steps: int, pairs: int, d_model: int, batch: int) -> list[dict]:
+def recall_section(
+    presets: list[str], steps: int, pairs: int, d_model: int, batch: int, lrs: list[float] | None = None
+) -> list[dict]:
     """Train each mixer on MQAR from scratch and score held-out sequences. Every pair is queried, and the batch is
     large: with 4 queries of 8 pairs at batch 32 (128 labels a step) even attention stayed at 0.15 after 5,000
     steps; at 8 queries and batch 128 (2 layers) it jumps from chance to 1.0 near step 1,100 (the induction-head
-    transition); at 16 pairs it was still at 0.23 after 2,400 steps, beyond a CPU benchmark's budget."""
-    import torch.nn.functional as F
+    transition); at 16 pairs it was still at 0.23 after 2,400 steps, beyond a CPU benchmark's budget.
 
+    `lrs`: the same AdamW learning rates for every preset (default 3e-3 alone); each preset is trained once per rate
+    and its best accuracy is reported, so no mixer is judged at a rate that suits only another."""
     n_keys, n_values = 64, 64
-    vocab = n_keys + n_values
     results = []
     for name in presets:
-        torch.manual_seed(0)
-        base = preset(name)
-        cfg = preset(
-            name,
-            vocab_size=vocab,
-            d_model=d_model,
-            n_layers=2,  # the fewest that can form an induction head (attention learns recall fastest)
-            n_heads=4,
-            n_kv_heads=2,
-            d_ff=2 * d_model,
-            max_seq_len=4 * pairs,
-            bos_token_id=None,
-            eos_token_id=None,
-            **({"layer_pattern": base.layer_pattern[-2:]} if base.layer_pattern else {}),  # hybrid: M, A
-        )
-        model = build_model(cfg)
-        model.init_weights(seed=0)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-        g = torch.Generator().manual_seed(1)
-        started = time.perf_counter()
-        for step in range(steps):
-            x, y = mqar_batch(g, batch, pairs, pairs, n_keys, n_values)
-            lr = 3e-3 * min(1.0, (step + 1) / 50)  # constant after warm-up: a decay can stall it before the jump
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        model.eval()
-        with torch.inference_mode():
-            x, y = mqar_batch(torch.Generator().manual_seed(99), 256, pairs, pairs, n_keys, n_values)
-            pred = model(x).argmax(-1)
-            mask = y != -100
-            accuracy = (pred[mask] == y[mask]).float().mean().item()
-            state = model.new_state(1, x.shape[1])
-        results.append(
-            {
-                "preset": name,
-                "accuracy": accuracy,
-                "state_bytes": state_bytes(state),
-                "seconds": time.perf_counter() - started,
-            }
-        )
-        print(f"  {name}: recall {accuracy:.3f}", file=sys.stderr)
+        for lr in lrs or [3e-3]:
+            results.append(_recall_one(name, lr, steps, pairs, d_model, batch, n_keys, n_values))
+    best = {}
+    for r in results:
+        if r["preset"] not in best or r["accuracy"] > best[r["preset"]]["accuracy"]:
+            best[r["preset"]] = r
+    sweep = len(lrs or [3e-3]) > 1
     rows = [
-        [r["preset"], f"{r['accuracy']:.3f}", f"{r['state_bytes'] / 1024:.1f}", f"{r['seconds']:.0f}"] for r in results
+        [
+            r["preset"],
+            f"{r['lr']:g}",
+            f"{r['accuracy']:.3f}" + (" *" if sweep and best[r["preset"]] is r else ""),
+            f"{r['state_bytes'] / 1024:.1f}",
+            f"{r['seconds']:.0f}",
+        ]
+        for r in results
     ]
     table(
-        f"associative recall ({pairs} pairs, all queried, d_model {d_model}, batch {batch}, {steps} steps)",
-        ["preset", "accuracy", "state KiB", "seconds"],
+        f"associative recall ({pairs} pairs, all queried, d_model {d_model}, batch {batch}, {steps} steps"
+        + (", * the best rate of each preset)" if sweep else ")"),
+        ["preset", "lr", "accuracy", "state KiB", "seconds"],
         rows,
     )
     return results
+
+
+def _recall_one(
+    name: str, lr: float, steps: int, pairs: int, d_model: int, batch: int, n_keys: int, n_values: int
+) -> dict:
+    """One preset trained on MQAR at one learning rate (`recall_section`)."""
+    import torch.nn.functional as F
+
+    vocab = n_keys + n_values
+    torch.manual_seed(0)
+    base = preset(name)
+    cfg = preset(
+        name,
+        vocab_size=vocab,
+        d_model=d_model,
+        n_layers=2,  # the fewest that can form an induction head (attention learns recall fastest)
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=2 * d_model,
+        max_seq_len=4 * pairs,
+        bos_token_id=None,
+        eos_token_id=None,
+        **({"layer_pattern": base.layer_pattern[-2:]} if base.layer_pattern else {}),  # hybrid: M, A
+    )
+    model = build_model(cfg)
+    model.init_weights(seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    started = time.perf_counter()
+    for step in range(steps):
+        x, y = mqar_batch(g, batch, pairs, pairs, n_keys, n_values)
+        for group in opt.param_groups:  # constant after warm-up: a decay can stall it before the jump
+            group["lr"] = lr * min(1.0, (step + 1) / 50)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.inference_mode():
+        x, y = mqar_batch(torch.Generator().manual_seed(99), 256, pairs, pairs, n_keys, n_values)
+        pred = model(x).argmax(-1)
+        mask = y != -100
+        accuracy = (pred[mask] == y[mask]).float().mean().item()
+        state = model.new_state(1, x.shape[1])
+    print(f"  {name} @ lr {lr:g}: recall {accuracy:.3f}", file=sys.stderr)
+    return {
+        "preset": name,
+        "lr": lr,
+        "accuracy": accuracy,
+        "state_bytes": state_bytes(state),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # ---------------------------------------------------------------- quality at equal FLOPs
@@ -279,6 +303,9 @@ def main() -> None:
     parser.add_argument("--recall-pairs", type=int, default=8)
     parser.add_argument("--recall-batch", type=int, default=128)
     parser.add_argument("--recall-width", type=int, default=64)
+    parser.add_argument(
+        "--recall-lrs", nargs="+", type=float, default=[3e-3], help="AdamW rates tried for every preset (best kept)"
+    )
     parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (quality)")
     parser.add_argument("--corpora", nargs="+", default=["builtin:pystdlib", f"{SEED_PAPERS}#abstract"])
     parser.add_argument("--vocab-size", type=int, default=4096)
@@ -294,7 +321,7 @@ def main() -> None:
         report["decode"] = decode_section(args.presets, args.contexts, args.decode_steps, args.vocab_size)
     if "recall" in args.sections:
         report["recall"] = recall_section(
-            args.presets, args.recall_steps, args.recall_pairs, args.recall_width, args.recall_batch
+            args.presets, args.recall_steps, args.recall_pairs, args.recall_width, args.recall_batch, args.recall_lrs
         )
     if "quality" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:

@@ -143,7 +143,13 @@ class Mamba2Mixer(nn.Module):
     @torch.no_grad()
     def reset_mixer_parameters(self, generator: torch.Generator | None = None) -> None:
         """Mamba's initialisation of the SSM scalars: A = 1..H, D = 1, dt log-uniform in [1e-3, 0.1] (dt_bias is
-        its softplus inverse), and the conv as torch's default (uniform, bound 1/sqrt(K))."""
+        its softplus inverse), the conv as torch's default (uniform, bound 1/sqrt(K)), and in_proj as torch's
+        default too (uniform, bound 1/sqrt(d_model)), as the reference Mamba-2 leaves it, not the transformer's
+        Normal(0, 0.02) of `init_weights`: the gate z, B and C multiply each other, and at 0.02 (width 64) they start
+        so small that a mamba2 layer below an attention layer held MQAR recall at 0.294 after 2,000 steps; 0.794 at
+        this scale (docs/architectures.md, associative recall)."""
+        bound = 1 / math.sqrt(self.in_proj.in_features)
+        self.in_proj.weight.copy_(torch.rand(self.in_proj.weight.shape, generator=generator) * 2 * bound - bound)
         bound = 1 / math.sqrt(self.conv_kernel)
         self.conv1d.weight.copy_(torch.rand(self.conv1d.weight.shape, generator=generator) * 2 * bound - bound)
         self.A_log.copy_(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
