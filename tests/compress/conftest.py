@@ -25,10 +25,18 @@ def make_model_dir(directory: Path, data_dir: Path, seed: int = 0, vectors: floa
     # larger than init-scale weights so that blocks matter and rounding errors are visible in the logits
     import torch
 
+    from slmkit.models.mamba2 import Mamba2Mixer
+
+    # Mamba-2's in_proj starts at the reference scale (bound 1/sqrt(width): std 0.072 at width 64, 3.6x the 0.02
+    # of the other matrices); z, B and C multiply, so x5 on top of that swamps the logits with one layer. It is
+    # brought to the others' 5 x 0.02 instead.
+    ssm_inputs = {id(m.in_proj.weight) for m in model.modules() if isinstance(m, Mamba2Mixer)}
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
         for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
+            if id(p) in ssm_inputs:
+                p.mul_(5.0 * 0.02 / float(p.std()))
+            elif p.dim() == 2 and "embed" not in name:
                 p.mul_(5.0)
             elif p.dim() == 1 and vectors:
                 p.add_(torch.randn(p.shape, generator=gen) * vectors)
