@@ -146,3 +146,14 @@ def mixed_data_dir(root, corpus_file, vocab_size: int = 512):
     out = root / "data"
     prepare([str(code), str(corpus_file), str(numbers)], out, vocab_size=vocab_size, val_fraction=0.1, chunk_chars=2000)
     return out
+
+
+def word_tokenizer(directory: Path) -> Path:
+    """A 300-token BPE tokenizer.json trained on a dozen repeated words (the GGUF tests' vocabulary)."""
+    from slmkit.data.tokenizer import train_tokenizer
+
+    words = "model data train token language small scaling loss compute budget attention layer".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(50)) for i in range(40)]
+    path = Path(directory) / "tokenizer.json"
+    train_tokenizer(texts, 300).save(str(path))
+    return path

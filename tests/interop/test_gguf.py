@@ -16,19 +16,14 @@ from _interop_models import CASES, VOCAB, make_hf_model
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
 from slmkit.interop.gguf import export_gguf, gguf_tensors, tensor_types
+from slmkit_testing import word_tokenizer
 
 TOLERANCE = {"f32": 0.0, "f16": 1e-3, "bf16": 8e-3, "q8_0": 1e-2, "q4_0": 0.2}  # x max |w|
 
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-    from slmkit.data.tokenizer import train_tokenizer
-
-    words = "model data train token language small scaling loss compute budget attention layer".split()
-    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(50)) for i in range(40)]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(texts, 300).save(str(path))
-    return path
+    return word_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from slmkit.errors import UserError
 from slmkit.interop.checkpoint import save_model
 from slmkit.interop.gguf import export_gguf, permute_for_llama_cpp
 from slmkit.models import build_model
+from slmkit_testing import word_tokenizer
 
 VOCAB = 320
 PATTERN = ("mamba2", "attention", "mamba2", "attention")
@@ -25,13 +26,7 @@ PATTERN = ("mamba2", "attention", "mamba2", "attention")
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-    from slmkit.data.tokenizer import train_tokenizer
-
-    words = "model data train token language small scaling loss compute budget attention layer".split()
-    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(50)) for i in range(40)]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(texts, 300).save(str(path))
-    return path
+    return word_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def bamba(**overrides):

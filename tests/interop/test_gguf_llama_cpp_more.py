@@ -17,6 +17,7 @@ from slmkit.errors import UserError
 from slmkit.interop.checkpoint import save_model
 from slmkit.interop.gguf import export_gguf
 from slmkit.models import build_model
+from slmkit_testing import word_tokenizer
 
 VOCAB = 320
 ORIGINAL = 32  # yarn's original window; prompts run to 80
@@ -25,13 +26,7 @@ YARN = dict(type="yarn", factor=4.0, original_max_seq_len=ORIGINAL)
 
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
-    from slmkit.data.tokenizer import train_tokenizer
-
-    words = "model data train token language small scaling loss compute budget attention layer".split()
-    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(50)) for i in range(40)]
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    train_tokenizer(texts, 300).save(str(path))
-    return path
+    return word_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def saved(tmp_path, tokenizer_json, cfg, scale: float):

@@ -1337,6 +1337,17 @@ _GGUF_MAMBA2 = GGUFLayout(
 )  # fmt: skip
 
 
+def _hybrid_layer_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
+    """The sizes llama.cpp's hybrid architectures (jamba, granitehybrid) share: a per-layer kv head count in which
+    0 marks a recurrent layer and the others attend."""
+    writer.add_block_count(cfg.n_layers)
+    writer.add_context_length(cfg.max_seq_len)
+    writer.add_embedding_length(cfg.d_model)
+    writer.add_feed_forward_length(cfg.d_ff)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv([cfg.n_kv_heads if cfg.mixer_at(i) == "attention" else 0 for i in range(cfg.n_layers)])
+
+
 def _granitehybrid_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
     """llama.cpp's `granitehybrid` hyperparameters for Bamba: a layer without kv heads is a Mamba-2 layer, the others
     attend; every layer has the gated MLP. Granite's multipliers are written as Bamba's math has them (llama.cpp skips
@@ -1344,12 +1355,7 @@ def _granitehybrid_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
     scales 1, attention scale 1 / sqrt(head width). Its graph turns q and k only where `rope.scaling.finetuned` is true
     (absent means true; IBM's Granite 4 hybrids set it false), over the `rope.dimension_count` leading channels of each
     head, in interleaved pairs."""
-    writer.add_block_count(cfg.n_layers)
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_feed_forward_length(cfg.d_ff)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv([cfg.n_kv_heads if cfg.mixer_at(i) == "attention" else 0 for i in range(cfg.n_layers)])
+    _hybrid_layer_gguf_hparams(writer, cfg)
     writer.add_key_length(cfg.dim_per_head)
     writer.add_value_length(cfg.dim_per_head)
     writer.add_rope_dimension_count(cfg.rope_dim)
@@ -1451,12 +1457,7 @@ def _gguf_moe(arch: str, rope_pairs: bool, expert_weights_norm: bool) -> GGUFLay
 def _jamba_gguf_hparams(writer: Any, cfg: ModelConfig) -> None:
     """llama.cpp's `jamba` hyperparameters (as its convert_hf_to_gguf.py writes them): a layer without kv heads is a
     Mamba layer, the others attend (without positions); a layer with a router is a mixture of experts."""
-    writer.add_block_count(cfg.n_layers)
-    writer.add_context_length(cfg.max_seq_len)
-    writer.add_embedding_length(cfg.d_model)
-    writer.add_feed_forward_length(cfg.d_ff)
-    writer.add_head_count(cfg.n_heads)
-    writer.add_head_count_kv([cfg.n_kv_heads if cfg.mixer_at(i) == "attention" else 0 for i in range(cfg.n_layers)])
+    _hybrid_layer_gguf_hparams(writer, cfg)
     writer.add_ssm_conv_kernel(cfg.ssm_conv_kernel)
     writer.add_ssm_inner_size(cfg.ssm_expand * cfg.d_model)
     writer.add_ssm_state_size(cfg.ssm_state_size)
