@@ -157,3 +157,24 @@ def word_tokenizer(directory: Path) -> Path:
     path = Path(directory) / "tokenizer.json"
     train_tokenizer(texts, 300).save(str(path))
     return path
+
+
+def perturbed_saved(tmp_path: Path, tokenizer_json: Path, cfg, scale: float):
+    """A model of `cfg` (init seed 0, then every weight moved by `scale` x N(0, 1), seed 2, so attention is sharp and
+    rope matters; A_log, D, dt bias and norms move too) saved in tmp_path / "m" with `tokenizer_json`."""
+    import shutil
+
+    import torch
+
+    from slmkit.interop.checkpoint import save_model
+    from slmkit.models import build_model
+
+    model = build_model(cfg).eval()
+    model.init_weights(seed=0)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    save_model(model, tmp_path / "m")
+    shutil.copy(tokenizer_json, tmp_path / "m" / "tokenizer.json")
+    return model

@@ -7,7 +7,6 @@ docs/interop.md and docs/architectures.md."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import numpy as np
 import pytest
@@ -15,9 +14,8 @@ import torch
 
 from slmkit.config import preset
 from slmkit.errors import UserError
-from slmkit.interop.checkpoint import save_model
 from slmkit.interop.gguf import export_gguf, permute_for_llama_cpp
-from slmkit.models import build_model
+from slmkit_testing import perturbed_saved as saved
 from slmkit_testing import word_tokenizer
 
 VOCAB = 320
@@ -37,20 +35,6 @@ def bamba(**overrides):
         ssm_chunk_size=16, max_seq_len=128, rope_theta=100.0, layer_pattern=PATTERN,
     ) | overrides  # fmt: skip
     return preset("micro-hybrid", **fields)
-
-
-def saved(tmp_path, tokenizer_json, cfg, scale: float = 0.2):
-    """The model (every weight moved by `scale` from init, which leaves A_log, D, dt bias and the norms at constants),
-    saved as a Bamba directory with a tokenizer."""
-    model = build_model(cfg).eval()
-    model.init_weights(seed=0)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    save_model(model, tmp_path / "m")
-    shutil.copy(tokenizer_json, tmp_path / "m" / "tokenizer.json")
-    return model
 
 
 def fields(reader) -> dict:
@@ -89,7 +73,9 @@ def test_partial_permutation_makes_interleaved_rope_equal_rotate_half_rope():
 def test_bamba_gguf_keys_and_tensors_read_back(tmp_path, tokenizer_json):
     import gguf
 
-    model = saved(tmp_path, tokenizer_json, bamba(tie_embeddings=False, qkv_bias=True, out_bias=True, mlp_bias=True))
+    model = saved(
+        tmp_path, tokenizer_json, bamba(tie_embeddings=False, qkv_bias=True, out_bias=True, mlp_bias=True), scale=0.2
+    )
     cfg = model.config
     path = export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
     reader = gguf.GGUFReader(path)
@@ -152,7 +138,7 @@ def test_bamba_gguf_runs_in_llama_cpp_with_our_logits(tmp_path, tokenizer_json, 
     from llamacpp_peer import available
 
     cfg = bamba(**overrides)
-    model = saved(tmp_path, tokenizer_json, cfg)
+    model = saved(tmp_path, tokenizer_json, cfg, scale=0.2)
     path = export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32")
     if not available():
         pytest.skip("xllamacpp (llama.cpp wheel) is not installed")

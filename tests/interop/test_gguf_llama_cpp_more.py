@@ -17,6 +17,7 @@ from slmkit.errors import UserError
 from slmkit.interop.checkpoint import save_model
 from slmkit.interop.gguf import export_gguf
 from slmkit.models import build_model
+from slmkit_testing import perturbed_saved as saved
 from slmkit_testing import word_tokenizer
 
 VOCAB = 320
@@ -27,21 +28,6 @@ YARN = dict(type="yarn", factor=4.0, original_max_seq_len=ORIGINAL)
 @pytest.fixture(scope="module")
 def tokenizer_json(tmp_path_factory):
     return word_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-def saved(tmp_path, tokenizer_json, cfg, scale: float):
-    """A random model (every weight moved by `scale` so attention is sharp and rope matters) saved with a tokenizer."""
-    import shutil
-
-    model = build_model(cfg).eval()
-    model.init_weights(seed=0)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    save_model(model, tmp_path / "m")
-    shutil.copy(tokenizer_json, tmp_path / "m" / "tokenizer.json")
-    return model
 
 
 def attention_config(family: str, rope_scaling) -> ModelConfig:
