@@ -77,8 +77,10 @@ def fused_weight(module: nn.Module, names: tuple[str, ...]) -> torch.Tensor | No
     """The (in, sum of outs) matrix whose column blocks are the weights of `module`'s linears `names`, when the
     decode layout fused them and they still are (the same plain linears over the same memory), in an eager
     forward without gradients; else None (the caller runs its linears one by one)."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():  # training and compiled steps: no lookup at all
+        return None
     entry = _FUSED.get(module)
-    if entry is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if entry is None:
         return None
     fused, pointers = entry
     for name, pointer in zip(names, pointers, strict=True):
