@@ -104,7 +104,13 @@ def mqar_batch(g: torch.Generator, batch: int, pairs: int, queries: int, n_keys:
 
 
 def recall_section(
-    presets: list[str], steps: int, pairs: int, d_model: int, batch: int, lrs: list[float] | None = None
+    presets: list[str],
+    steps: int,
+    pairs: int,
+    d_model: int,
+    batch: int,
+    lrs: list[float] | None = None,
+    overrides: dict | None = None,
 ) -> list[dict]:
     """Train each mixer on MQAR from scratch and score held-out sequences. Every pair is queried, and the batch is
     large: with 4 queries of 8 pairs at batch 32 (128 labels a step) even attention stayed at 0.15 after 5,000
@@ -112,12 +118,13 @@ def recall_section(
     transition); at 16 pairs it was still at 0.23 after 2,400 steps, beyond a CPU benchmark's budget.
 
     `lrs`: the same AdamW learning rates for every preset (default 3e-3 alone); each preset is trained once per rate
-    and its best accuracy is reported, so no mixer is judged at a rate that suits only another."""
+    and its best accuracy is reported, so no mixer is judged at a rate that suits only another. `overrides`: config
+    fields set on every preset's recall model (e.g. rope_fraction=1.0), named in the table's title."""
     n_keys, n_values = 64, 64
     results = []
     for name in presets:
         for lr in lrs or [3e-3]:
-            results.append(_recall_one(name, lr, steps, pairs, d_model, batch, n_keys, n_values))
+            results.append(_recall_one(name, lr, steps, pairs, d_model, batch, n_keys, n_values, overrides or {}))
     best = {}
     for r in results:
         if r["preset"] not in best or r["accuracy"] > best[r["preset"]]["accuracy"]:
@@ -135,6 +142,7 @@ def recall_section(
     ]
     table(
         f"associative recall ({pairs} pairs, all queried, d_model {d_model}, batch {batch}, {steps} steps"
+        + "".join(f", {k}={v}" for k, v in (overrides or {}).items())
         + (", * the best rate of each preset)" if sweep else ")"),
         ["preset", "lr", "accuracy", "state KiB", "seconds"],
         rows,
@@ -143,7 +151,15 @@ def recall_section(
 
 
 def _recall_one(
-    name: str, lr: float, steps: int, pairs: int, d_model: int, batch: int, n_keys: int, n_values: int
+    name: str,
+    lr: float,
+    steps: int,
+    pairs: int,
+    d_model: int,
+    batch: int,
+    n_keys: int,
+    n_values: int,
+    overrides: dict,
 ) -> dict:
     """One preset trained on MQAR at one learning rate (`recall_section`)."""
     import torch.nn.functional as F
@@ -163,6 +179,7 @@ def _recall_one(
         bos_token_id=None,
         eos_token_id=None,
         **({"layer_pattern": base.layer_pattern[-2:]} if base.layer_pattern else {}),  # hybrid: M, A
+        **overrides,
     )
     model = build_model(cfg)
     model.init_weights(seed=0)
@@ -291,6 +308,20 @@ def hf_section(name: str, batch: int, seq_len: int, steps: int, vocab: int) -> d
     return {"preset": name, "slmkit": ours_rate, "transformers": theirs_rate}
 
 
+def _key_values(items: list[str]) -> dict:
+    """`KEY=VALUE` pairs from the command line; a value that is not JSON is kept as a string."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --recall-set expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -305,6 +336,13 @@ def main() -> None:
     parser.add_argument("--recall-width", type=int, default=64)
     parser.add_argument(
         "--recall-lrs", nargs="+", type=float, default=[3e-3], help="AdamW rates tried for every preset (best kept)"
+    )
+    parser.add_argument(
+        "--recall-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config fields for every recall model, e.g. rope_fraction=1.0 (values parsed as JSON)",
     )
     parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (quality)")
     parser.add_argument("--corpora", nargs="+", default=["builtin:pystdlib", f"{SEED_PAPERS}#abstract"])
@@ -321,7 +359,13 @@ def main() -> None:
         report["decode"] = decode_section(args.presets, args.contexts, args.decode_steps, args.vocab_size)
     if "recall" in args.sections:
         report["recall"] = recall_section(
-            args.presets, args.recall_steps, args.recall_pairs, args.recall_width, args.recall_batch, args.recall_lrs
+            args.presets,
+            args.recall_steps,
+            args.recall_pairs,
+            args.recall_width,
+            args.recall_batch,
+            args.recall_lrs,
+            _key_values(args.recall_set),
         )
     if "quality" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:

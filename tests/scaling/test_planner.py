@@ -155,3 +155,55 @@ def test_cli_plan_writes_a_config(tiny_ladder, tmp_path):
 def test_latency_cap_no_model_can_meet_is_a_user_error(tiny_ladder):
     with pytest.raises(UserError, match="no model meets --max-decode-ms"):
         plan(tiny_ladder, budget_flops=1e13, max_decode_ms=1e-6, bootstrap=0)
+
+
+def _per_layer_ms(total_params: float, depth: int) -> float:
+    """A machine where each layer costs more than a million parameters: small models decode at the speed of their
+    depth (as on a 2-core CPU, where 64x8 decodes 3.4x slower than 64x2)."""
+    return 0.1 + 0.2 * total_params / 1e6 + 0.25 * depth
+
+
+def test_decode_line_separates_depth_from_parameters():
+    from slmkit.scaling.planner import decode_line
+
+    def point(width: int, depth: int) -> dict:
+        total = Shape(width, depth).config(4096, 256).num_params()
+        return {"shape": f"{width}x{depth}", "total_params": total, "depth": depth, "ms": _per_layer_ms(total, depth)}
+
+    line = decode_line([point(64, 2), point(128, 4), point(256, 6), point(64, 8)])
+    for width, depth in ((80, 6), (256, 2), (384, 12)):
+        total = Shape(width, depth).config(4096, 256).num_params()
+        assert line(total, depth) == pytest.approx(_per_layer_ms(total, depth), rel=1e-6)
+    # without depths (profiles written before they were recorded), or with one depth only: by parameters alone
+    flat = [{k: v for k, v in point(w, d).items() if k != "depth"} for w, d in ((64, 2), (128, 4), (256, 6))]
+    by_params = decode_line(flat)
+    assert by_params(1e6, 2) == by_params(1e6, 12) > 0
+    same_depth = decode_line([point(64, 4), point(128, 4), point(256, 4)])
+    assert same_depth(1e6, 2) == same_depth(1e6, 12)
+
+
+def test_latency_cap_counts_depth(known_ladder):
+    """On a machine where depth costs time, the capped plan is the lowest-loss member whose true latency meets the
+    cap: the planner times probes (one of them deep and thin), fits a + b params + c depth, and filters by it. With
+    a line by parameters alone, deep members pass a cap they miss."""
+    ladder, vocab, context = known_ladder
+    budget = 1e15
+    timed = []
+
+    def timer(shape, vocab_size, ctx):
+        timed.append(shape)
+        return _per_layer_ms(shape.config(vocab_size, ctx).num_params(), shape.depth)
+
+    free = plan(ladder, budget_flops=budget, bootstrap=0, decode_timer=timer)
+    cap = 0.8 * _per_layer_ms(free.total_params, free.depth)
+    p = plan(ladder, budget_flops=budget, bootstrap=0, max_decode_ms=cap, decode_timer=timer)
+    assert any(s.depth >= 8 and s.width <= 64 for s in timed)  # the deep, thin probe
+    law = analyse(load_rungs(ladder), bootstrap=0, holdout=False).law
+    smallest = Shape(PRESETS["tiny"]["d_model"], PRESETS["tiny"]["n_layers"]).config(vocab, context)
+    pool = candidates(vocab, context, min_params=smallest.num_params(False), max_params=4 * math.sqrt(budget / 6))
+    meets = [c for c in pool if _per_layer_ms(c.total_params, c.shape.depth) <= cap]
+    best = min(meets, key=lambda c: (float(law(c.params, budget / c.flops_per_token)), c.total_params))
+    assert (p.width, p.depth) == (best.shape.width, best.shape.depth) != (free.width, free.depth)
+    assert p.predicted_decode_ms == pytest.approx(_per_layer_ms(p.total_params, p.depth), rel=1e-6)
+    assert p.predicted_decode_ms <= cap
+    assert "max_decode_ms" in p.binding

@@ -8,7 +8,8 @@ the same model on CPU).
 
 A profile is a plain dict:
 ``{"vocab_size", "context", "train": [{"shape", "params", "total_params", "tokens_per_second",
-"flops_per_second"}], "decode": [{"shape", "total_params", "ms"}]}``.
+"flops_per_second"}], "decode": [{"shape", "total_params", "depth", "ms"}]}`` (profiles written before the depth
+was recorded have none: their decode line is by parameters alone).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from slmkit.scaling.shapes import Shape
 # shapes timed on this machine: the planner's smallest ("tiny", 64x2) and larger ones for the line through them
 MEASURED_SHAPES = ("64x2", "128x4", "256x6")
 LARGE_BUDGET_SHAPES = ("384x8",)  # timed too when the budget is an hour or more
+# decode-only: a deep, thin shape, so the decode line separates the cost per layer from the cost per parameter
+DEPTH_PROBE = "64x8"
 
 
 def shapes_to_measure(budget_seconds: float, mixer: str) -> list[Shape]:
@@ -46,14 +49,25 @@ def measure(
     """Time training steps and batch-1 decoding of each shape here; returns a profile (module docstring)."""
     from slmkit.scaling.ladder import LadderSettings, measure_train_throughput
     from slmkit.scaling.planner import measure_decode_ms
+    from slmkit.scaling.shapes import parse_sizes, with_mixer
 
     settings = LadderSettings(seq_len=context, batch_size=batch_size, device=device)
     profile: dict[str, Any] = {"vocab_size": vocab_size, "context": context, "batch_size": batch_size}
     profile["train"], profile["decode"] = [], []
-    for shape in shapes:
+    mixers = sorted({s.mixer for s in shapes})
+    probes = [p for m in mixers for p in with_mixer(parse_sizes(DEPTH_PROBE), m) if p not in shapes]
+    for shape in shapes + probes:
+        cfg = shape.config(vocab_size, context)
+        if shape in probes:
+            if on_status:
+                on_status(f"timing {shape.name}: batch-1 decoding")
+            ms = measure_decode_ms(shape, vocab_size, context)
+            profile["decode"].append(
+                {"shape": shape.name, "total_params": cfg.num_params(), "depth": shape.depth, "ms": ms}
+            )
+            continue
         if on_status:
             on_status(f"timing {shape.name}: training steps and batch-1 decoding")
-        cfg = shape.config(vocab_size, context)
         tokens_per_second = measure_train_throughput(shape, vocab_size, settings)
         profile["train"].append(
             {
@@ -65,7 +79,9 @@ def measure(
             }
         )
         ms = measure_decode_ms(shape, vocab_size, context)
-        profile["decode"].append({"shape": shape.name, "total_params": cfg.num_params(), "ms": ms})
+        profile["decode"].append(
+            {"shape": shape.name, "total_params": cfg.num_params(), "depth": shape.depth, "ms": ms}
+        )
     return profile
 
 
@@ -94,28 +110,24 @@ def flops_rate(profile: dict[str, Any]) -> Callable[[float], float]:
     return lambda n: float(np.clip(math.exp(intercept + slope * math.log(max(n, 1.0))), low, high))
 
 
-def decode_ms(profile: dict[str, Any]) -> Callable[[float], float]:
-    """Decode ms/token as a function of total parameters: a line through the timed shapes (decode is
-    bandwidth-bound at batch 1), never below the fastest timing's intercept."""
-    x = np.array([p["total_params"] for p in profile["decode"]], dtype=float)
-    y = np.array([p["ms"] for p in profile["decode"]], dtype=float)
-    if len(np.unique(x)) < 2:
-        return lambda n: float(y.mean() * n / x.mean())
-    b, a = np.polyfit(x, y, 1)
-    b = max(b, 1e-12)
-    return lambda n: float(max(a, 0.0) + b * n)
+def decode_ms(profile: dict[str, Any]) -> Callable[[float, int | None], float]:
+    """Decode ms/token as a function of total parameters and depth: `planner.decode_line` through the timed
+    shapes (a line by parameters alone for profiles without depths)."""
+    from slmkit.scaling.planner import decode_line
+
+    return decode_line(profile["decode"])
 
 
 def decode_timer(profile: dict[str, Any]) -> Callable[[Shape, int, int], float]:
-    """`planner.plan`'s decode_timer: the profile's line at the shape's total parameters (a timed shape reads
-    its own timing)."""
+    """`planner.plan`'s decode_timer: the profile's fit at the shape's total parameters and depth (a timed shape
+    reads its own timing)."""
     line = decode_ms(profile)
     timed = {p["shape"]: p["ms"] for p in profile["decode"]}
 
     def timer(shape: Shape, vocab_size: int, context: int) -> float:
         if shape.name in timed and vocab_size == profile["vocab_size"]:
             return float(timed[shape.name])
-        return line(shape.config(vocab_size, context).num_params())
+        return line(shape.config(vocab_size, context).num_params(), shape.depth)
 
     return timer
 
