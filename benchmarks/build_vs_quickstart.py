@@ -49,6 +49,11 @@ def main() -> None:
         help="the build's --max-latency (e.g. 5ms), or 'quickstart': the quickstart model's decode latency here",
     )
     parser.add_argument("--max-size", default=None, help="the build's --max-size (e.g. 2MB)")
+    parser.add_argument(
+        "--reuse-quickstart",
+        action="store_true",
+        help="with --work: reuse the quickstart arm a stopped run of this benchmark finished there (its summary.json)",
+    )
     parser.add_argument("--work", type=Path, default=None, help="work dir (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
@@ -71,8 +76,14 @@ def main() -> None:
 
     # quickstart first: it prepares the shared corpus into work/quickstart/data
     start = time.perf_counter()
-    quick = run_quickstart(work / "quickstart", minutes=args.minutes, console=console)
-    quick_wall = time.perf_counter() - start
+    summary = work / "quickstart" / "summary.json"
+    if args.reuse_quickstart and summary.is_file():
+        quick = json.loads(summary.read_text())
+        quick_wall = quick["total_seconds"]
+        print(f"quickstart arm reused from {summary} (trained {quick['train_seconds'] / 60:.2f} min)")
+    else:
+        quick = run_quickstart(work / "quickstart", minutes=args.minutes, console=console)
+        quick_wall = time.perf_counter() - start
     load_after_quick = load()
     data_dir = Path(quick["data_dir"])
 

@@ -407,3 +407,21 @@ def test_a_budget_that_cannot_hold_the_post_training_work_is_refused(tmp_path, d
     with pytest.raises(UserError, match=r"--budget 1m is too small.*predicted at \d+ s.*nearest feasible budget is"):
         build(_request(data_dir, ladder), tmp_path / "out", machine={**profile, "post": post})
     assert not (tmp_path / "out").exists()
+
+
+def test_machine_profile_times_a_deep_thin_shape_for_the_decode_fit():
+    """A real (not replayed) measurement: every shape trains and decodes, the deep, thin probe decodes only, and
+    each decode timing records its depth, so the planner's decode line can separate layers from parameters."""
+    from slmkit.build import machine
+    from slmkit.scaling.shapes import Shape
+
+    shapes = [Shape(64, 2), Shape(96, 2)]
+    profile = machine.measure(97, 16, 2, shapes)
+    assert [p["shape"] for p in profile["train"]] == ["64x2", "96x2"]
+    decode = {p["shape"]: p for p in profile["decode"]}
+    assert set(decode) == {"64x2", "96x2", machine.DEPTH_PROBE}
+    assert decode[machine.DEPTH_PROBE]["depth"] == 8 and decode["96x2"]["depth"] == 2
+    assert all(p["ms"] > 0 for p in profile["decode"])
+    timer = machine.decode_timer(profile)
+    assert timer(Shape(64, 8), 97, 16) == decode["64x8"]["ms"]  # a timed shape reads its own timing
+    assert timer(Shape(80, 4), 97, 16) > 0

@@ -49,13 +49,13 @@ def measure(
     """Time training steps and batch-1 decoding of each shape here; returns a profile (module docstring)."""
     from slmkit.scaling.ladder import LadderSettings, measure_train_throughput
     from slmkit.scaling.planner import measure_decode_ms
-    from slmkit.scaling.shapes import parse_sizes, with_mixer
 
     settings = LadderSettings(seq_len=context, batch_size=batch_size, device=device)
     profile: dict[str, Any] = {"vocab_size": vocab_size, "context": context, "batch_size": batch_size}
     profile["train"], profile["decode"] = [], []
     mixers = sorted({s.mixer for s in shapes})
-    probes = [p for m in mixers for p in with_mixer(parse_sizes(DEPTH_PROBE), m) if p not in shapes]
+    width, depth = (int(x) for x in DEPTH_PROBE.split("x"))
+    probes = [p for p in (Shape(width, depth, m) for m in mixers) if p not in shapes]
     for shape in shapes + probes:
         cfg = shape.config(vocab_size, context)
         if shape in probes:
