@@ -167,8 +167,7 @@ def _recall_one(
     vocab = n_keys + n_values
     torch.manual_seed(0)
     base = preset(name)
-    cfg = preset(
-        name,
+    fields = dict(
         vocab_size=vocab,
         d_model=d_model,
         n_layers=2,  # the fewest that can form an induction head (attention learns recall fastest)
@@ -179,8 +178,8 @@ def _recall_one(
         bos_token_id=None,
         eos_token_id=None,
         **({"layer_pattern": base.layer_pattern[-2:]} if base.layer_pattern else {}),  # hybrid: M, A
-        **overrides,
     )
+    cfg = preset(name, **(fields | overrides))
     model = build_model(cfg)
     model.init_weights(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
