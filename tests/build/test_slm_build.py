@@ -419,8 +419,8 @@ def test_machine_profile_times_a_deep_thin_shape_for_the_decode_fit():
     profile = machine.measure(97, 16, 2, shapes)
     assert [p["shape"] for p in profile["train"]] == ["64x2", "96x2"]
     decode = {p["shape"]: p for p in profile["decode"]}
-    assert set(decode) == {"64x2", "96x2", machine.DEPTH_PROBE}
-    assert decode[machine.DEPTH_PROBE]["depth"] == 8 and decode["96x2"]["depth"] == 2
+    assert set(decode) == {"64x2", "96x2", machine.DEPTH_PROBE.name}
+    assert decode[machine.DEPTH_PROBE.name]["depth"] == 8 and decode["96x2"]["depth"] == 2
     assert all(p["ms"] > 0 for p in profile["decode"])
     timer = machine.decode_timer(profile)
     assert timer(Shape(64, 8), 97, 16) == decode["64x8"]["ms"]  # a timed shape reads its own timing

@@ -164,11 +164,11 @@ def _per_layer_ms(total_params: float, depth: int) -> float:
 
 
 def test_decode_line_separates_depth_from_parameters():
-    from slmkit.scaling.planner import decode_line
+    from slmkit.scaling.planner import decode_line, decode_point
 
     def point(width: int, depth: int) -> dict:
         total = Shape(width, depth).config(4096, 256).num_params()
-        return {"shape": f"{width}x{depth}", "total_params": total, "depth": depth, "ms": _per_layer_ms(total, depth)}
+        return decode_point(Shape(width, depth), 4096, 256, _per_layer_ms(total, depth))
 
     line = decode_line([point(64, 2), point(128, 4), point(256, 6), point(64, 8)])
     for width, depth in ((80, 6), (256, 2), (384, 12)):

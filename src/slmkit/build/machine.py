@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,9 @@ from slmkit.scaling.shapes import Shape
 # shapes timed on this machine: the planner's smallest ("tiny", 64x2) and larger ones for the line through them
 MEASURED_SHAPES = ("64x2", "128x4", "256x6")
 LARGE_BUDGET_SHAPES = ("384x8",)  # timed too when the budget is an hour or more
-# decode-only: a deep, thin shape, so the decode line separates the cost per layer from the cost per parameter
-DEPTH_PROBE = "64x8"
+# decode-only, in each measured mixer family: a deep, thin shape, so the decode fit separates the cost per layer
+# from the cost per parameter
+DEPTH_PROBE = Shape(64, 8)
 
 
 def shapes_to_measure(budget_seconds: float, mixer: str) -> list[Shape]:
@@ -48,26 +50,20 @@ def measure(
 ) -> dict[str, Any]:
     """Time training steps and batch-1 decoding of each shape here; returns a profile (module docstring)."""
     from slmkit.scaling.ladder import LadderSettings, measure_train_throughput
-    from slmkit.scaling.planner import measure_decode_ms
+    from slmkit.scaling.planner import decode_point, measure_decode_ms
 
     settings = LadderSettings(seq_len=context, batch_size=batch_size, device=device)
     profile: dict[str, Any] = {"vocab_size": vocab_size, "context": context, "batch_size": batch_size}
     profile["train"], profile["decode"] = [], []
-    mixers = sorted({s.mixer for s in shapes})
-    width, depth = (int(x) for x in DEPTH_PROBE.split("x"))
-    probes = [p for p in (Shape(width, depth, m) for m in mixers) if p not in shapes]
-    for shape in shapes + probes:
-        cfg = shape.config(vocab_size, context)
-        if shape in probes:
-            if on_status:
-                on_status(f"timing {shape.name}: batch-1 decoding")
-            ms = measure_decode_ms(shape, vocab_size, context)
-            profile["decode"].append(
-                {"shape": shape.name, "total_params": cfg.num_params(), "depth": shape.depth, "ms": ms}
-            )
-            continue
+
+    def time_decode(shape: Shape) -> None:
+        ms = measure_decode_ms(shape, vocab_size, context)
+        profile["decode"].append(decode_point(shape, vocab_size, context, ms))
+
+    for shape in shapes:
         if on_status:
             on_status(f"timing {shape.name}: training steps and batch-1 decoding")
+        cfg = shape.config(vocab_size, context)
         tokens_per_second = measure_train_throughput(shape, vocab_size, settings)
         profile["train"].append(
             {
@@ -78,10 +74,13 @@ def measure(
                 "flops_per_second": tokens_per_second * cfg.flops_per_token(context),
             }
         )
-        ms = measure_decode_ms(shape, vocab_size, context)
-        profile["decode"].append(
-            {"shape": shape.name, "total_params": cfg.num_params(), "depth": shape.depth, "ms": ms}
-        )
+        time_decode(shape)
+    for mixer in sorted({s.mixer for s in shapes}):
+        probe = replace(DEPTH_PROBE, mixer=mixer)
+        if probe not in shapes:
+            if on_status:
+                on_status(f"timing {probe.name}: batch-1 decoding")
+            time_decode(probe)
     return profile
 
 
@@ -110,18 +109,13 @@ def flops_rate(profile: dict[str, Any]) -> Callable[[float], float]:
     return lambda n: float(np.clip(math.exp(intercept + slope * math.log(max(n, 1.0))), low, high))
 
 
-def decode_ms(profile: dict[str, Any]) -> Callable[[float, int | None], float]:
-    """Decode ms/token as a function of total parameters and depth: `planner.decode_line` through the timed
-    shapes (a line by parameters alone for profiles without depths)."""
+def decode_timer(profile: dict[str, Any]) -> Callable[[Shape, int, int], float]:
+    """`planner.plan`'s decode_timer: `planner.decode_line` through the profile's timings, at the shape's total
+    parameters and depth (a line by parameters alone for profiles without depths; a timed shape reads its own
+    timing)."""
     from slmkit.scaling.planner import decode_line
 
-    return decode_line(profile["decode"])
-
-
-def decode_timer(profile: dict[str, Any]) -> Callable[[Shape, int, int], float]:
-    """`planner.plan`'s decode_timer: the profile's fit at the shape's total parameters and depth (a timed shape
-    reads its own timing)."""
-    line = decode_ms(profile)
+    line = decode_line(profile["decode"])
     timed = {p["shape"]: p["ms"] for p in profile["decode"]}
 
     def timer(shape: Shape, vocab_size: int, context: int) -> float:

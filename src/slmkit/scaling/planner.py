@@ -168,7 +168,13 @@ def measure_decode_ms(shape: Shape, vocab_size: int, context: int, new_tokens: i
     return best
 
 
-def decode_line(points: list[dict[str, Any]]) -> Callable[[float, int | None], float]:
+def decode_point(shape: Shape, vocab_size: int, context: int, ms: float) -> dict[str, Any]:
+    """One decode timing as `decode_line` reads it (and build.json's machine profile stores it)."""
+    total = shape.config(vocab_size, context).num_params()
+    return {"shape": shape.name, "total_params": total, "depth": shape.depth, "ms": ms}
+
+
+def decode_line(points: list[dict[str, Any]]) -> Callable[[float, int], float]:
     """Decode ms/token of a model from its total parameters and depth, fitted on timed shapes.
 
     At batch 1 a step streams every weight once (a cost per parameter) and runs each layer's kernels one after
@@ -185,12 +191,12 @@ def decode_line(points: list[dict[str, Any]]) -> Callable[[float, int | None], f
             from scipy.optimize import nnls
 
             (a, b, c), _ = nnls(design, y)
-            return lambda n, depth=None: float(a + b * n / 1e6 + c * (depth if depth is not None else 0))
+            return lambda n, depth: float(a + b * n / 1e6 + c * depth)
     if len(np.unique(x)) < 2:
-        return lambda n, depth=None: float(y.mean() * n / x.mean())
+        return lambda n, depth: float(y.mean() * n / x.mean())
     b, a = np.polyfit(x, y, 1)
     b = max(b, 1e-12)
-    return lambda n, depth=None: float(max(a, 0.0) + b * n)
+    return lambda n, depth: float(max(a, 0.0) + b * n)
 
 
 def ladder_mixer(meta: dict[str, Any]) -> str:
@@ -361,11 +367,11 @@ def _plan_family(
         probes = [config_for_params(target, pool).shape for target in probe_targets]
         probes.append(Shape(by_size[0].shape.width, 4 * by_size[0].shape.depth, mixer))
         for shape in probes:
-            total = shape.config(vocab, context).num_params()
-            if total > MAX_MEASURED_PARAMS or any(p["shape"] == shape.name for p in points):
+            if shape.config(vocab, context).num_params() > MAX_MEASURED_PARAMS or any(
+                p["shape"] == shape.name for p in points
+            ):
                 continue
-            ms = time_decode(shape, vocab, context)
-            points.append({"shape": shape.name, "total_params": total, "depth": shape.depth, "ms": ms})
+            points.append(decode_point(shape, vocab, context, time_decode(shape, vocab, context)))
         decode = decode_line(points)
 
     binding = []
