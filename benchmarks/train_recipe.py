@@ -55,8 +55,10 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "lr 6e-3": ({"lr": 6e-3}, {}),
     "lr 1e-2": ({"lr": 1e-2}, {}),
     "wsd": ({"schedule": "wsd"}, {}),
+    "bf16": ({"dtype": "bfloat16"}, {}),
+    "compile": ({"compile": True}, {}),
 }
-KNOBS = ("lr 6e-3", "lr 1e-2", "wsd")
+KNOBS = ("lr 6e-3", "lr 1e-2", "wsd", "bf16", "compile")
 ARMS["combined"] = (
     {
         k: v

@@ -241,3 +241,51 @@ def test_auto_is_muon_where_muon_can_run():
     assert resolve_optimizer(model, TrainConfig(preset="tiny", max_steps=1)) == "adamw"
     with pytest.raises(UserError, match="hold no hidden matrices"):
         make_optimizer(model, TrainConfig(preset="tiny", max_steps=1, optimizer="muon"), torch.device("cpu"))
+
+
+def test_bf16_flags_from_cpuinfo():
+    from slmkit.train.loop import has_bf16_flags
+
+    assert has_bf16_flags("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert has_bf16_flags("flags : fpu amx_bf16 amx_tile\n")
+    assert not has_bf16_flags("flags : fpu avx2 avx512f avx512bw avx512_vnni\n")  # bf16 only emulated there
+    assert not has_bf16_flags("Features\t: fp asimd bf16\n")  # no x86 flags line: not claimed
+
+
+def test_auto_dtype_is_bf16_on_native_bf16_cpus_for_wide_models(monkeypatch):
+    from slmkit.train import loop
+
+    cpu, auto = torch.device("cpu"), TrainConfig(preset="tiny", max_steps=1)
+    wide = loop.CPU_BF16_MIN_WIDTH
+    monkeypatch.setattr(loop, "cpu_native_bf16", lambda: True)
+    assert loop.autocast_dtype(auto, cpu, wide) is torch.bfloat16
+    assert loop.autocast_dtype(auto, cpu, wide - 1) is None  # too narrow to pay
+    assert loop.autocast_dtype(auto, cpu) is None  # width unknown
+    assert loop.autocast_dtype(dataclass_replace(auto, dtype="float32"), cpu, 4 * wide) is None  # asked for
+    monkeypatch.setattr(loop, "cpu_native_bf16", lambda: False)
+    assert loop.autocast_dtype(auto, cpu, 4 * wide) is None  # emulated bf16 is slower than fp32
+    assert loop.autocast_dtype(dataclass_replace(auto, dtype="bfloat16"), cpu, 32) is torch.bfloat16
+
+
+def test_auto_trains_wide_models_in_bf16_on_native_cpus(monkeypatch, data_dir, tmp_path):
+    """dtype auto on a CPU with native bf16 (patched in, so this runs anywhere): a model of the threshold's width
+    trains under bf16 autocast, says so in its start line, and learns as the fp32 run does."""
+    from slmkit.train import loop
+
+    class Starts(loop.LogReporter):
+        infos: list = []
+
+        def start(self, info):
+            self.infos.append(info)
+            super().start(info)
+
+    monkeypatch.setattr(loop, "cpu_native_bf16", lambda: True)
+    model = {"max_seq_len": 64, "d_model": loop.CPU_BF16_MIN_WIDTH, "n_heads": 4, "n_kv_heads": 2, "d_ff": 256}
+    runs = {}
+    for dtype in ("auto", "float32"):
+        runs[dtype] = train(cfg(max_steps=12, model=model, dtype=dtype), data_dir, tmp_path / dtype, reporter=Starts())
+    assert [i["dtype"] for i in Starts.infos] == ["bfloat16", "float32"]
+    bf16, fp32 = runs["auto"].losses, runs["float32"].losses
+    assert bf16 != fp32  # another dtype ran
+    assert bf16[-1] < bf16[0] - 0.3  # learns
+    assert max(abs(a - b) for a, b in zip(bf16, fp32, strict=True)) < 0.02  # as fp32 does, step by step

@@ -116,7 +116,9 @@ def measure_train_throughput(shape: Shape, vocab_size: int, settings: LadderSett
     import torch
 
     from slmkit.models import build_model
+    from slmkit.train.config import TrainConfig
     from slmkit.train.losses import next_token_cross_entropy
+    from slmkit.train.loop import autocast_dtype
 
     cfg = shape.config(vocab_size, settings.seq_len)
     model = build_model(cfg)
@@ -124,9 +126,13 @@ def measure_train_throughput(shape: Shape, vocab_size: int, settings: LadderSett
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randint(0, vocab_size, (settings.batch_size, settings.seq_len + 1))
 
+    # the dtype `slm train` picks for this shape here (bf16 autocast on CPUs with native bf16, wide enough models)
+    amp = autocast_dtype(TrainConfig(), torch.device("cpu"), cfg.d_model)
+
     def step() -> None:
-        logits = model(x[:, :-1])
-        loss = next_token_cross_entropy(logits, x[:, 1:])
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
+            logits = model(x[:, :-1])
+            loss = next_token_cross_entropy(logits, x[:, 1:])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
