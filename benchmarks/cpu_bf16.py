@@ -44,7 +44,7 @@ def gemm_rows(repeats: int) -> None:
         rates = {}
         for amp in (False, True, False, True):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                seconds = best_of(lambda: a @ b, repeats)
+                seconds = best_of(lambda a=a, b=b: a @ b, repeats)
             rates[amp] = max(rates.get(amp, 0.0), 2 * m * k * n / seconds / 1e9)
         print(f"| {m} x {k} x {n} | {rates[False]:.0f} | {rates[True]:.0f} | {rates[True] / rates[False]:.2f}x |")
 
@@ -68,7 +68,7 @@ def step_rows(widths: list[int], batch: int, seq: int, vocab: int, repeats: int)
         model.init_weights(seed=0)
         x = torch.randint(0, vocab, (batch, seq + 1))
 
-        def step(amp: bool) -> None:
+        def step(amp: bool, model=model, x=x) -> None:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 loss = next_token_cross_entropy(model(x[:, :-1]), x[:, 1:])
             loss.backward()

@@ -303,7 +303,13 @@ def train(
     save_interval: Annotated[int | None, typer.Option(help="Checkpoint every N steps.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (init and data order).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto (bf16 autocast on capable GPUs and, for models 128+ wide, on CPUs with native bf16), float32, bfloat16.")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            help="auto (bf16 autocast on capable GPUs and, for models 128+ wide, on CPUs with native bf16), float32, "
+            "bfloat16."
+        ),
+    ] = None,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")

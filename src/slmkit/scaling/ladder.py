@@ -117,8 +117,8 @@ def measure_train_throughput(shape: Shape, vocab_size: int, settings: LadderSett
 
     from slmkit.models import build_model
     from slmkit.train.config import TrainConfig
-    from slmkit.train.losses import next_token_cross_entropy
     from slmkit.train.loop import autocast_dtype
+    from slmkit.train.losses import next_token_cross_entropy
 
     cfg = shape.config(vocab_size, settings.seq_len)
     model = build_model(cfg)
