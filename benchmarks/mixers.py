@@ -211,7 +211,9 @@ def _recall_one(
 
 
 # ---------------------------------------------------------------- quality at equal FLOPs
-def quality_section(presets: list[str], corpora: list[str], flops: float, vocab: int, work: Path) -> list[dict]:
+def quality_section(
+    presets: list[str], corpora: list[str], flops: float, vocab: int, work: Path, dtype: str = "auto"
+) -> list[dict]:
     from slmkit.data.prepare import prepare
     from slmkit.eval.perplexity import evaluate_text
     from slmkit.loading import load
@@ -236,6 +238,7 @@ def quality_section(presets: list[str], corpora: list[str], flops: float, vocab:
                 eval_interval=10**9,
                 save_interval=10**9,
                 seed=1337,
+                dtype=dtype,
             )
             run_dir = work / f"run-{abs(hash(corpus))}-{name}"
             started = time.perf_counter()
@@ -344,6 +347,12 @@ def main() -> None:
         help="config fields for every recall model, e.g. rope_fraction=1.0 (values parsed as JSON)",
     )
     parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (quality)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="training dtype (quality); float32 compares with rows measured before bf16 became auto on CPUs",
+    )
     parser.add_argument("--corpora", nargs="+", default=["builtin:pystdlib", f"{SEED_PAPERS}#abstract"])
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--hf-preset", default="micro-mamba2")
@@ -368,7 +377,9 @@ def main() -> None:
         )
     if "quality" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
-            report["quality"] = quality_section(args.presets, args.corpora, args.flops, args.vocab_size, Path(tmp))
+            report["quality"] = quality_section(
+                args.presets, args.corpora, args.flops, args.vocab_size, Path(tmp), args.dtype
+            )
     if "hf" in args.sections:
         report["hf"] = hf_section(args.hf_preset, 8, 256, 4, args.vocab_size)
     if args.json:
