@@ -8,7 +8,8 @@ predicts runs whose loss was measured with the ladder's recipe (seq 128, batch 1
 
 - 96x4 on 6.53M tokens: 2.7295 (the `--max-latency quickstart` build of docs/build.md, 3188 steps);
 - 80x6 on 5.73M tokens: 2.8512 (the build without a target, 2796 steps);
-- extra points given with --truth NAME:WIDTHxDEPTH:TOKENS:LOSS.
+- extra points given with --truth NAME:WIDTHxDEPTH:TOKENS:LOSS, or trained here with --train WIDTHxDEPTH:TOKENS
+  (the same recipe, warmup 100 and a cosine schedule over the tokens, one thread; kept in --work/truth).
 
 Ladders are FLOP-budgeted, so their losses do not depend on the machine's load; each design's ladder is kept in
 --work and reused by a later call (finished rungs are skipped).
@@ -30,14 +31,13 @@ BUDGET_FLOPS = 2.45e12  # the 10-minute builds' ladders got 2.39e12 and 2.59e12
 
 # name -> (sizes, LadderSettings overrides)
 DESIGNS: dict[str, tuple[str, dict[str, Any]]] = {
-    "build": ("32x2,64x2,64x4,96x4", {}),  # what `slm build --budget 10m` runs today
+    "build": ("32x2,64x2,64x4,96x4", {}),  # what `slm build --budget 10m` ran before this harness
     "two-sizes": ("32x2,96x4", {}),
     "levels3-r4": ("32x2,64x2,64x4,96x4", {"levels": 3, "level_ratio": 4.0}),
     "min30": ("32x2,64x2,64x4,96x4", {"min_steps": 30}),
     "batch8": ("32x2,64x2,64x4,96x4", {"batch_size": 8}),
     "batch4": ("32x2,64x2,64x4,96x4", {"batch_size": 4}),
-    "small-sizes": ("32x1,32x2,96x4", {}),
-    "batch4-min30": ("32x2,64x2,64x4,96x4", {"batch_size": 4, "min_steps": 30}),
+    "batch4-min30": ("32x2,64x2,64x4,96x4", {"batch_size": 4, "min_steps": 30}),  # the build's ladder now
     "batch4-min50": ("32x2,64x2,64x4,96x4", {"batch_size": 4, "min_steps": 50}),
     "batch4-min30-seed2": ("32x2,64x2,64x4,96x4", {"batch_size": 4, "min_steps": 30, "seed": 2}),
     "batch4-min30-3sizes": ("32x2,64x2,96x4", {"batch_size": 4, "min_steps": 30}),
@@ -51,6 +51,43 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def train_truth(data: Path, work: Path, width: int, depth: int, tokens: int, threads: int) -> tuple[int, float]:
+    """A run with the build's recipe at batch 16 (what the ladder's law must predict); (tokens, val loss) on the
+    ladder's 64 val windows. Reused when already trained."""
+    from slmkit.data.shards import load_data_dir
+    from slmkit.scaling.ladder import LadderSettings, evaluate_rung, rung_lr
+    from slmkit.scaling.shapes import shape_overrides
+    from slmkit.train.config import TrainConfig
+    from slmkit.train.loop import train
+
+    out = work / "truth" / f"{width}x{depth}-{tokens}"
+    record = out / "truth.json"
+    if not record.is_file():
+        cfg = TrainConfig(
+            preset="tiny",
+            model=shape_overrides(width, depth, 128, "attention"),
+            batch_size=16,
+            seq_len=128,
+            lr=rung_lr(3e-3, width),
+            warmup_steps=100,
+            schedule="cosine",
+            max_tokens=tokens,
+            eval_interval=10**9,
+            eval_batches=1,
+            save_interval=10**9,
+            keep_checkpoints=1,
+            seed=1337,
+            device="cpu",
+            threads=threads,
+            optimizer="muon",
+        )
+        result = train(cfg, data, out, overwrite=True)
+        loss, _, _ = evaluate_rung(out / "final", load_data_dir(data), LadderSettings(val_windows=64))
+        record.write_text(json.dumps({"tokens": result.tokens, "val_loss": loss}))
+    saved = json.loads(record.read_text())
+    return int(saved["tokens"]), float(saved["val_loss"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the prepared builtin:pystdlib data dir")
@@ -60,6 +97,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--bootstrap", type=int, default=50)
     parser.add_argument("--truth", action="append", default=[], help="NAME:WIDTHxDEPTH:TOKENS:LOSS, another target")
+    parser.add_argument("--train", action="append", default=[], help="WIDTHxDEPTH:TOKENS, a target trained here")
     parser.add_argument("--ladder", action="append", default=[], help="also fit this existing ladder dir")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -77,6 +115,12 @@ def main() -> None:
         name, shape, tokens, loss = spec.split(":")
         width, depth = (int(x) for x in shape.split("x"))
         truths.append((name, width, depth, int(float(tokens)), float(loss)))
+    for spec in args.train:
+        shape, tokens = spec.split(":")
+        width, depth = (int(x) for x in shape.split("x"))
+        trained, loss = train_truth(args.data, args.work, width, depth, int(float(tokens)), args.threads)
+        print(f"# trained {shape} on {trained:,} tokens at batch 16: val loss {loss:.4f}, load {load()}", flush=True)
+        truths.append((f"{shape}@{trained / 1e6:.2f}M", width, depth, trained, loss))
     vocab = load_data_dir(args.data).vocab_size
     targets = []
     for name, width, depth, tokens, loss in truths:

@@ -291,7 +291,8 @@ def _run_ladders(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
         path = ctx.work / f"ladder-{mixer.replace(',', '-')}"
         ctx.say(
             f"ladder ({mixer}): {', '.join(s.name for s in sizes)}, {flops:.3g} FLOPs "
-            f"(~{seconds:.0f} s, {LADDER_SHARE:.0%} of the budget)"
+            f"(~{seconds:.0f} s, {LADDER_SHARE:.0%} of the budget), batch {settings.batch_size}, rungs of at least "
+            f"{settings.min_steps} steps"
         )
         try:
             result = run_ladder(
