@@ -289,6 +289,14 @@ def _run_ladders(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
             _ladder_settings(ctx), ctx.fast(), data.vocab_size, flops, len(data.train), mixer
         )
         path = ctx.work / f"ladder-{mixer.replace(',', '-')}"
+        run_batch = _ladder_settings(ctx).batch_size
+        note = (
+            f"ladder ({mixer}) rungs at batch {settings.batch_size} with at least {settings.min_steps} steps each "
+            f"(the run trains at batch {run_batch}): shorter rungs sit in the first steps' plateau and bias the law "
+            "(docs/build.md, the ladder's prediction)"
+        )
+        if settings.batch_size != run_batch and all(d["decision"] != note for d in ctx.state.data["decisions"]):
+            ctx.state.decide("plan", note)  # once, also when a stopped ladder is resumed
         ctx.say(
             f"ladder ({mixer}): {', '.join(s.name for s in sizes)}, {flops:.3g} FLOPs "
             f"(~{seconds:.0f} s, {LADDER_SHARE:.0%} of the budget), batch {settings.batch_size}, rungs of at least "
