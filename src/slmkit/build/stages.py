@@ -21,8 +21,8 @@ LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer step
 # The ladder's rungs train at a quarter of the run's batch and at least 30 steps (fewer when the budget cannot
 # hold 7 rungs so): the first ~30 steps of a run barely move the loss (8.30 -> 7.82 nats at 30 steps of the
 # 10-minute build's 80x6), and rungs of 14-30 steps there made the law extrapolate ~25% too pessimistically.
-# At batch 4 and >= 30 steps the same FLOPs gave predictions within 1-4% of two 10-minute runs trained at batch
-# 16 (benchmarks/ladder_predict.py, docs/build.md). Builds under 5 minutes keep their own (already small) batch.
+# At batch 4 and >= 30 steps the same FLOPs predicted two 10-minute runs trained at batch 16 within -3.0% to +3.5%
+# (two seeds; benchmarks/ladder_predict.py, docs/build.md). Builds under 5 minutes keep their own (already small) batch.
 LADDER_BATCH = 4
 LADDER_MIN_STEPS = (30, 20, 10)  # tried in turn until the budget holds a ladder
 COMPRESS_METHODS = ("int8", "int4", "gptq-int4")
