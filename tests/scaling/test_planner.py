@@ -207,3 +207,14 @@ def test_latency_cap_counts_depth(known_ladder):
     assert p.predicted_decode_ms == pytest.approx(_per_layer_ms(p.total_params, p.depth), rel=1e-6)
     assert p.predicted_decode_ms <= cap
     assert "max_decode_ms" in p.binding
+
+
+@pytest.mark.parametrize("batch", [None, 8])
+def test_the_plan_trains_at_the_run_batch_not_the_ladders(tiny_ladder, batch):
+    """`slm build` ladders at a quarter of its run's batch and plans the run at its own (planner batch_size)."""
+    p = plan(tiny_ladder, budget_flops=1e12, bootstrap=0, measure_decode=False, batch_size=batch)
+    options = p.train_config()
+    expected = batch or 4  # the tiny ladder's batch
+    assert options["batch_size"] == expected
+    steps = p.tokens // (options["seq_len"] * expected)
+    assert options["warmup_steps"] == max(1, min(100, steps // 10))

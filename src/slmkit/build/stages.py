@@ -18,6 +18,13 @@ from slmkit.errors import UserError
 WORK = "work"
 LADDER_SHARE = 0.15  # of the budget: the ladder's rungs (training, evaluation, checkpoints)
 LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer steps (the rest: evals, saves, starts)
+# The ladder's rungs train at a quarter of the run's batch and at least 30 steps (fewer when the budget cannot
+# hold 7 rungs so): the first ~30 steps of a run barely move the loss (8.30 -> 7.82 nats at 30 steps of the
+# 10-minute build's 80x6), and rungs of 14-30 steps there made the law extrapolate ~25% too pessimistically.
+# At batch 4 and >= 30 steps the same FLOPs predicted two 10-minute runs trained at batch 16 within -3.0% to +3.5%
+# (two seeds; benchmarks/ladder_predict.py, docs/build.md). Builds under 5 minutes keep their own (already small) batch.
+LADDER_BATCH = 4
+LADDER_MIN_STEPS = (30, 20, 10)  # tried in turn until the budget holds a ladder
 COMPRESS_METHODS = ("int8", "int4", "gptq-int4")
 LOSS_TIE = 1e-4  # nats/token: candidates closer than this are equally good (the earlier, less aggressive, wins)
 EVAL_WINDOWS = 256  # held-out windows for candidates and the interval (evenly spaced over the val split)
@@ -105,9 +112,14 @@ def stage_data(ctx: BuildContext) -> None:
 
 # ---- 2. plan --------------------------------------------------------------------------------------------
 def _ladder_settings(ctx: BuildContext) -> Any:
+    return run_settings(ctx.fast(), ctx.request.seed, ctx.request.device, ctx.request.threads)
+
+
+def run_settings(fast: bool, seed: int = 1337, device: str = "cpu", threads: int | None = None) -> Any:
+    """The planned run's recipe (context, batch, lr, val windows) as LadderSettings; the ladder's rungs train with
+    `ladder_rung_settings` of it. `fast`: a build under 5 minutes."""
     from slmkit.scaling.ladder import LadderSettings
 
-    fast = ctx.fast()
     return LadderSettings(
         seq_len=64 if fast else 128,
         batch_size=4 if fast else 16,
@@ -115,10 +127,20 @@ def _ladder_settings(ctx: BuildContext) -> Any:
         levels=4,
         min_steps=3 if fast else 10,
         val_windows=32 if fast else 64,
-        seed=ctx.request.seed,
-        device=ctx.request.device,
-        threads=ctx.request.threads,
+        seed=seed,
+        device=device,
+        threads=threads,
     )
+
+
+def ladder_rung_settings(settings: Any, fast: bool, min_steps: int = LADDER_MIN_STEPS[0]) -> Any:
+    """The ladder's rung settings from the run's (`_ladder_settings`): batch `LADDER_BATCH` and `min_steps` for a
+    build of 5 minutes or more; a shorter build's ladder trains at the run's own settings."""
+    from dataclasses import replace
+
+    if fast:
+        return settings
+    return replace(settings, batch_size=min(LADDER_BATCH, settings.batch_size), min_steps=min_steps)
 
 
 def _smallest_shape(mixer: str) -> Any:
@@ -231,22 +253,54 @@ def _ladder_sizes(vocab: int, settings: Any, budget_flops: float, train_tokens: 
     return windows[0]
 
 
+def ladder_design(
+    run_settings: Any, fast: bool, vocab: int, budget_flops: float, train_tokens: int, mixer: str
+) -> tuple[Any, list[Any]]:
+    """The ladder's rung settings and sizes for a budget: the first of `LADDER_MIN_STEPS` whose ladder has enough
+    rungs (and every size in two levels), the last one otherwise (`run_ladder` then says what is missing)."""
+    from slmkit.scaling.fit import N_PARAMS
+    from slmkit.scaling.ladder import plan_rungs
+
+    for min_steps in LADDER_MIN_STEPS:
+        settings = ladder_rung_settings(run_settings, fast, min_steps)
+        sizes = _ladder_sizes(vocab, settings, budget_flops, train_tokens, mixer)
+        try:
+            rungs = plan_rungs(sizes, vocab, settings, budget_flops=budget_flops, train_tokens=train_tokens)
+        except UserError:
+            continue
+        if len(rungs) >= N_PARAMS + 2 and all(
+            sum(r.width == s.width and r.depth == s.depth for r in rungs) >= 2 for s in sizes
+        ):
+            return settings, sizes
+    return settings, sizes
+
+
 def _run_ladders(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) -> list[str]:
     from slmkit.scaling.ladder import run_ladder
 
-    settings = _ladder_settings(ctx)
     data = ctx.data()
     rate = machine_mod.flops_rate(profile)
     seconds = ctx.budget * LADDER_SHARE / len(mixers)
     paths = []
     for mixer in mixers:
-        smallest = _smallest_shape(mixer).config(data.vocab_size, settings.seq_len).num_params(False)
+        smallest = _smallest_shape(mixer).config(data.vocab_size, _ladder_settings(ctx).seq_len).num_params(False)
         flops = seconds * LADDER_EFFICIENCY * rate(smallest)
-        sizes = _ladder_sizes(data.vocab_size, settings, flops, len(data.train), mixer)
+        settings, sizes = ladder_design(
+            _ladder_settings(ctx), ctx.fast(), data.vocab_size, flops, len(data.train), mixer
+        )
         path = ctx.work / f"ladder-{mixer.replace(',', '-')}"
+        run_batch = _ladder_settings(ctx).batch_size
+        note = (
+            f"ladder ({mixer}) rungs at batch {settings.batch_size} with at least {settings.min_steps} steps each "
+            f"(the run trains at batch {run_batch}): shorter rungs sit in the first steps' plateau and bias the law "
+            "(docs/build.md, the ladder's prediction)"
+        )
+        if settings.batch_size != run_batch and all(d["decision"] != note for d in ctx.state.data["decisions"]):
+            ctx.state.decide("plan", note)  # once, also when a stopped ladder is resumed
         ctx.say(
             f"ladder ({mixer}): {', '.join(s.name for s in sizes)}, {flops:.3g} FLOPs "
-            f"(~{seconds:.0f} s, {LADDER_SHARE:.0%} of the budget)"
+            f"(~{seconds:.0f} s, {LADDER_SHARE:.0%} of the budget), batch {settings.batch_size}, rungs of at least "
+            f"{settings.min_steps} steps"
         )
         try:
             result = run_ladder(
@@ -333,6 +387,8 @@ def stage_plan(ctx: BuildContext) -> None:
                     seed=request.seed,
                     flops_per_second=machine_mod.flops_rate(profile),
                     decode_timer=machine_mod.decode_timer(profile),
+                    # the run trains at its own batch (the build's ladder runs a smaller one); a --fit ladder's own
+                    batch_size=None if request.fit else settings.batch_size,
                 )
             except UserError as exc:
                 raise UserError(

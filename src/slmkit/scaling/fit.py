@@ -283,6 +283,7 @@ class FitResult:
     flops_model: tuple[float, float]  # C/D = k * N^gamma, fitted on the rungs
     holdout: dict[str, Any] | None
     starts: int
+    extrapolation: dict[str, Any] | None = None  # extrapolation_check(rungs), when analyse ran it
 
     def interval(self, values: np.ndarray) -> tuple[float, float]:
         tail = (1 - self.ci_level) / 2 * 100
@@ -297,6 +298,17 @@ class FitResult:
         samples = np.array([law(params, tokens) for law in self.bootstrap])
         low, high = self.interval(samples) if len(samples) else (math.nan, math.nan)
         return float(self.law(params, tokens)), low, high
+
+    def predict_far(self, params: float, tokens: float, flops: float) -> tuple[float, float, float]:
+        """Predicted loss at (N, D) and an interval that also covers extrapolation in compute: the bootstrap
+        interval, widened to loss * exp(+-w), w = the ladder's own error per log of compute beyond its rungs
+        (`extrapolation_check`) times log(flops / the top rung's flops). Without a check (too few rungs to hold
+        out a level) or inside the ladder's compute range it is the bootstrap interval."""
+        loss, low, high = self.predict(params, tokens)
+        w = extrapolation_width(self.extrapolation, float(self.rungs.flops.max()), flops)
+        if w > 0:
+            low, high = min(low, loss * math.exp(-w)), max(high, loss * math.exp(w))
+        return loss, low, high
 
     def flops_per_token(self, params: Any) -> Any:
         k, gamma = self.flops_model
@@ -316,6 +328,7 @@ class FitResult:
         out["flops_per_token_model"] = {"k": self.flops_model[0], "gamma": self.flops_model[1]}
         out["holdout"] = self.holdout
         out["holdout_relative_error"] = self.holdout["relative_error"] if self.holdout else None
+        out["extrapolation"] = self.extrapolation
         return out
 
 
@@ -324,6 +337,46 @@ def largest_rung(rungs: Rungs) -> int:
     run a ladder is meant to predict."""
     top = np.flatnonzero(rungs.flops >= 0.9 * rungs.flops.max())
     return int(top[np.lexsort((rungs.flops[top], rungs.params[top]))[-1]])
+
+
+def top_level(rungs: Rungs) -> np.ndarray:
+    """Indices of the rungs of the top compute level: the ladder's `level` field when every rung has one, else the
+    rungs within 10% of the largest compute."""
+    levels = [r.get("level") for r in rungs.records] if rungs.records else []
+    if levels and all(isinstance(v, int) for v in levels):
+        return np.flatnonzero(np.array(levels) == max(levels))
+    return np.flatnonzero(rungs.flops >= 0.9 * rungs.flops.max())
+
+
+def extrapolation_check(rungs: Rungs, starts: int | None = None) -> dict[str, Any] | None:
+    """How wrong the law gets when it extrapolates in compute, measured on the ladder itself: refit without the
+    top compute level and predict its rungs. `per_log_compute` = rms of log(predicted / measured) over those
+    rungs divided by log(their largest compute / the largest compute left in the fit); None when the rest cannot
+    be fitted (too few rungs, sizes or token counts)."""
+    held = top_level(rungs)
+    rest = rungs.subset([i for i in range(len(rungs)) if i not in set(held.tolist())])
+    if len(held) == 0 or len(rest) < N_PARAMS + 1 or len(np.unique(rest.params)) < 2 or len(np.unique(rest.tokens)) < 2:
+        return None
+    distance = math.log(float(rungs.flops[held].max()) / float(rest.flops.max()))
+    if distance <= 0:
+        return None
+    law, _, _ = fit_law(rest.params, rest.tokens, rest.loss, starts=starts)
+    errors = np.log(law(rungs.params[held], rungs.tokens[held]) / rungs.loss[held])
+    rms = float(np.sqrt(np.mean(errors**2)))
+    return {
+        "rungs": [rungs.names[i] for i in held],
+        "log_errors": [float(e) for e in errors],
+        "rms_log_error": rms,
+        "log_distance": distance,
+        "per_log_compute": rms / distance,
+    }
+
+
+def extrapolation_width(check: dict[str, Any] | None, top_flops: float, flops: float) -> float:
+    """Half-width, in log loss, of `FitResult.predict_far`'s widening at `flops` (0 inside the ladder's range)."""
+    if not check or not flops > top_flops:
+        return 0.0
+    return float(check["per_log_compute"]) * math.log(flops / top_flops)
 
 
 def fit_flops_model(rungs: Rungs) -> tuple[float, float]:
@@ -343,6 +396,7 @@ def analyse(
     bootstrap_starts: int = 2,
     holdout: bool = True,
     seed: int = 0,
+    extrapolation: bool = False,
 ) -> FitResult:
     """Fit the law, bootstrap it, and check it by predicting the largest-compute rung from the others.
 
@@ -392,6 +446,7 @@ def analyse(
         ci_level=ci_level,
         flops_model=fit_flops_model(rungs),
         holdout=held,
+        extrapolation=extrapolation_check(rungs, starts=starts) if extrapolation else None,
         starts=len(grid_starts(np.log(rungs.params), np.log(rungs.tokens), np.log(rungs.loss)))
         if starts is None
         else starts,

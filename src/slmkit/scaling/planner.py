@@ -28,7 +28,7 @@ import numpy as np
 
 from slmkit.config import PRESETS
 from slmkit.errors import UserError
-from slmkit.scaling.fit import FitResult, analyse, ladder_file, load_rungs
+from slmkit.scaling.fit import FitResult, analyse, extrapolation_width, ladder_file, load_rungs
 from slmkit.scaling.ladder import PLAN_FILE, read_plan, rung_lr
 from slmkit.scaling.shapes import DEFAULT_MIXER, Shape, family, parse_mixer, shape_overrides
 
@@ -74,6 +74,9 @@ class Plan:
     # with several ladders: one entry per family planned (mixer, ladder, predicted_loss, loss_interval,
     # params, tokens, width, depth), lowest predicted loss first; the first is this plan
     families: list[dict[str, Any]] = field(default_factory=list)
+    # how loss_interval was widened for extrapolation in compute (fit.extrapolation_check; None: not widened):
+    # per_log_compute, log_distance (of this plan beyond the ladder's top rung), width (log loss), bootstrap
+    extrapolation: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,13 +219,15 @@ def plan(
     seed: int = 0,
     flops_per_second: Callable[[float], float] | None = None,
     decode_timer: Callable[[Shape, int, int], float] | None = None,
+    batch_size: int | None = None,
 ) -> Plan:
     """Recommend a config and token count for a budget; with several ladders (one per mixer family), the
     family whose plan has the lowest predicted loss. See the module docstring.
 
     flops_per_second (training FLOP/s as a function of non-embedding parameters) replaces the rate fitted on the
     ladder's rung timings; decode_timer(shape, vocab_size, context) -> ms/token replaces `measure_decode_ms`.
-    `slm build` passes both from its own measurements of this machine, so a build can replay them."""
+    `slm build` passes both from its own measurements of this machine, so a build can replay them. batch_size is
+    the planned run's batch (default: the ladder's); `slm build` runs its ladder at a smaller batch than its run."""
     ladders = [ladder] if isinstance(ladder, str | Path) else list(ladder)
     if not ladders:
         raise UserError("give at least one --ladder")
@@ -237,6 +242,7 @@ def plan(
         seed=seed,
         flops_per_second=flops_per_second,
         decode_timer=decode_timer,
+        batch_size=batch_size,
     )
     if len(ladders) == 1:
         return _plan_family(ladders[0], **options)
@@ -282,6 +288,7 @@ def _plan_family(
     seed: int = 0,
     flops_per_second: Callable[[float], float] | None = None,
     decode_timer: Callable[[Shape, int, int], float] | None = None,
+    batch_size: int | None = None,
 ) -> Plan:
     """The plan of one ladder, in its own mixer family."""
     time_decode = decode_timer or measure_decode_ms
@@ -300,7 +307,7 @@ def _plan_family(
     vocab = int(meta["vocab_size"])
     context = int(meta["request"]["settings"]["seq_len"])
     mixer = ladder_mixer(meta)
-    fit = analyse(rungs, bootstrap=bootstrap, ci_level=ci_level, holdout=False, seed=seed)
+    fit = analyse(rungs, bootstrap=bootstrap, ci_level=ci_level, holdout=False, seed=seed, extrapolation=True)
     law = fit.law
 
     smallest = Shape(PRESETS[SMALLEST_PRESET]["d_model"], PRESETS[SMALLEST_PRESET]["n_layers"], mixer)
@@ -394,10 +401,21 @@ def _plan_family(
         binding.append(f"the smallest preset, {SMALLEST_PRESET!r}")
     flops = budget_for(chosen.params)
     tokens = int(flops / chosen.flops_per_token)
-    loss, low, high = fit.predict(chosen.params, tokens)
+    loss, low, high = fit.predict_far(chosen.params, tokens, tokens * chosen.flops_per_token)
+    extrapolation = None
+    width = extrapolation_width(fit.extrapolation, float(rungs.flops.max()), tokens * chosen.flops_per_token)
+    if fit.extrapolation and width > 0:
+        extrapolation = {
+            "per_log_compute": fit.extrapolation["per_log_compute"],
+            "log_distance": math.log(tokens * chosen.flops_per_token / float(rungs.flops.max())),
+            "width": width,
+            "bootstrap": list(fit.predict(chosen.params, tokens)[1:]),
+            "held_out": fit.extrapolation["rungs"],
+        }
     bpb_ratio = [r["bits_per_byte"] / r["val_loss"] for r in rungs.records if r.get("bits_per_byte")]
     settings = meta["request"]["settings"]
-    steps = max(1, tokens // (settings["seq_len"] * settings["batch_size"]))
+    batch = batch_size or settings["batch_size"]
+    steps = max(1, tokens // (settings["seq_len"] * batch))
     overrides = shape_overrides(chosen.shape.width, chosen.shape.depth, context, mixer)
     measured = None
     if measure_decode and chosen.total_params <= MAX_MEASURED_PARAMS:
@@ -427,7 +445,7 @@ def _plan_family(
         binding=binding,
         train_options={
             "seq_len": settings["seq_len"],
-            "batch_size": settings["batch_size"],
+            "batch_size": batch,
             "lr": rung_lr(settings["lr"], chosen.shape.width),
             "warmup_steps": max(1, min(100, steps // 10)),
             "schedule": "cosine",
@@ -436,6 +454,7 @@ def _plan_family(
         },
         mixer=mixer,
         ladder=str(ladder),
+        extrapolation=extrapolation,
     )
 
 
@@ -487,6 +506,14 @@ def print_plan(result: Plan, console: Any) -> None:
     console.print(
         f"  predicted val loss {result.predicted_loss:.4f}{bpb}, {result.ci_level:.0%} interval {low:.4f}-{high:.4f}"
     )
+    if result.extrapolation:
+        e = result.extrapolation
+        low, high = e["bootstrap"]
+        console.print(
+            f"  (bootstrap interval {low:.4f}-{high:.4f}, widened for {math.exp(e['log_distance']):.0f}x the ladder's "
+            f"top compute at {e['per_log_compute']:.3f} log-loss per log of compute: the ladder's own error when "
+            "predicting its top level from the rest)"
+        )
     if math.isfinite(result.predicted_decode_ms):
         measured = f", measured {result.measured_decode_ms:.2f} ms" if result.measured_decode_ms else ""
         probes = ", ".join(f"{p['shape']}: {p['ms']:.2f} ms" for p in result.decode_measurements)
