@@ -248,17 +248,22 @@ def _ladder_sizes(vocab: int, settings: Any, budget_flops: float, train_tokens: 
             rungs = plan_rungs(window, vocab, settings, budget_flops=budget_flops, train_tokens=train_tokens)
         except UserError:
             continue
-        if all(sum(r.width == s.width and r.depth == s.depth for r in rungs) >= 2 for s in window):
+        if _every_size_twice(rungs, window):
             return window
     return windows[0]
+
+
+def _every_size_twice(rungs: list[Any], sizes: list[Any]) -> bool:
+    """Whether every size has rungs at two compute levels or more."""
+    return all(sum(r.width == s.width and r.depth == s.depth for r in rungs) >= 2 for s in sizes)
 
 
 def ladder_design(
     run_settings: Any, fast: bool, vocab: int, budget_flops: float, train_tokens: int, mixer: str
 ) -> tuple[Any, list[Any]]:
     """The ladder's rung settings and sizes for a budget: the first of `LADDER_MIN_STEPS` whose ladder has enough
-    rungs (and every size in two levels), the last one otherwise (`run_ladder` then says what is missing)."""
-    from slmkit.scaling.fit import N_PARAMS
+    rungs (`plan_rungs` refuses fewer) and every size in two levels, the last one otherwise (`run_ladder` then says
+    what is missing)."""
     from slmkit.scaling.ladder import plan_rungs
 
     for min_steps in LADDER_MIN_STEPS:
@@ -268,9 +273,7 @@ def ladder_design(
             rungs = plan_rungs(sizes, vocab, settings, budget_flops=budget_flops, train_tokens=train_tokens)
         except UserError:
             continue
-        if len(rungs) >= N_PARAMS + 2 and all(
-            sum(r.width == s.width and r.depth == s.depth for r in rungs) >= 2 for s in sizes
-        ):
+        if _every_size_twice(rungs, sizes):
             return settings, sizes
     return settings, sizes
 
@@ -281,21 +284,19 @@ def _run_ladders(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
     data = ctx.data()
     rate = machine_mod.flops_rate(profile)
     seconds = ctx.budget * LADDER_SHARE / len(mixers)
+    run = _ladder_settings(ctx)
     paths = []
     for mixer in mixers:
-        smallest = _smallest_shape(mixer).config(data.vocab_size, _ladder_settings(ctx).seq_len).num_params(False)
+        smallest = _smallest_shape(mixer).config(data.vocab_size, run.seq_len).num_params(False)
         flops = seconds * LADDER_EFFICIENCY * rate(smallest)
-        settings, sizes = ladder_design(
-            _ladder_settings(ctx), ctx.fast(), data.vocab_size, flops, len(data.train), mixer
-        )
+        settings, sizes = ladder_design(run, ctx.fast(), data.vocab_size, flops, len(data.train), mixer)
         path = ctx.work / f"ladder-{mixer.replace(',', '-')}"
-        run_batch = _ladder_settings(ctx).batch_size
         note = (
             f"ladder ({mixer}) rungs at batch {settings.batch_size} with at least {settings.min_steps} steps each "
-            f"(the run trains at batch {run_batch}): shorter rungs sit in the first steps' plateau and bias the law "
-            "(docs/build.md, the ladder's prediction)"
+            f"(the run trains at batch {run.batch_size}): shorter rungs sit in the first steps' plateau and bias the "
+            "law (docs/build.md, the ladder's prediction)"
         )
-        if settings.batch_size != run_batch and all(d["decision"] != note for d in ctx.state.data["decisions"]):
+        if settings.batch_size != run.batch_size and all(d["decision"] != note for d in ctx.state.data["decisions"]):
             ctx.state.decide("plan", note)  # once, also when a stopped ladder is resumed
         ctx.say(
             f"ladder ({mixer}): {', '.join(s.name for s in sizes)}, {flops:.3g} FLOPs "

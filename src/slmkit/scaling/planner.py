@@ -401,13 +401,15 @@ def _plan_family(
         binding.append(f"the smallest preset, {SMALLEST_PRESET!r}")
     flops = budget_for(chosen.params)
     tokens = int(flops / chosen.flops_per_token)
-    loss, low, high = fit.predict_far(chosen.params, tokens, tokens * chosen.flops_per_token)
+    plan_flops = tokens * chosen.flops_per_token
+    loss, low, high = fit.predict_far(chosen.params, tokens, plan_flops)
     extrapolation = None
-    width = extrapolation_width(fit.extrapolation, float(rungs.flops.max()), tokens * chosen.flops_per_token)
-    if fit.extrapolation and width > 0:
+    width = extrapolation_width(fit.extrapolation, float(rungs.flops.max()), plan_flops)
+    if width > 0:  # only with a check (fit.extrapolation) and beyond the ladder's top compute
+        assert fit.extrapolation is not None
         extrapolation = {
             "per_log_compute": fit.extrapolation["per_log_compute"],
-            "log_distance": math.log(tokens * chosen.flops_per_token / float(rungs.flops.max())),
+            "log_distance": math.log(plan_flops / float(rungs.flops.max())),
             "width": width,
             "bootstrap": list(fit.predict(chosen.params, tokens)[1:]),
             "held_out": fit.extrapolation["rungs"],
