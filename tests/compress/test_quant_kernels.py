@@ -48,7 +48,7 @@ def int4_layer(n: int, k: int, group: int, bias: bool, gen: torch.Generator) -> 
 
 def dense(layer: torch.nn.Module) -> torch.Tensor:
     if isinstance(layer, Int8Linear):
-        return layer.qweight.float() * layer.scales[:, None]
+        return layer.codes().float() * layer.scales[:, None]
     return layer.dequantize()
 
 

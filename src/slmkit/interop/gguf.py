@@ -359,7 +359,7 @@ def exact_blocks(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if isinstance(module, (Int8Linear, Int8Embedding)):
-            codes = module.qweight.float().cpu()
+            codes = module.codes().float().cpu()
             scale = module.scales.float().cpu()[:, None].expand_as(codes)
             offset, bits = torch.zeros_like(codes), 8.0
         elif isinstance(module, Int4Linear):

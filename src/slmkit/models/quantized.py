@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.errors import UserError
+from slmkit.models import native
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ KERNEL_GROUP_SIZES = (32, 64, 128, 256)
 # the kernel is 2-4x faster than fp32 at 1 row and level with widening at 16-64 rows, and slower beyond (it is a
 # matrix-vector kernel; widening hands large inputs to MKL's GEMM).
 INT8_KERNEL_MAX_ROWS = 32
+# Rows up to which a tiled Int8Linear uses the native kernel (slmkit.models.native); above it the layer widens its
+# weight for MKL's GEMM
+NATIVE_INT8_MAX_ROWS = 32
 _kernels = {"enabled": True}
 
 
@@ -148,7 +152,42 @@ def _kernel_input(x: torch.Tensor) -> bool:
 
 
 # ---- modules -------------------------------------------------------------------------------------
-class Int8Linear(nn.Module):
+class _Int8Codes(nn.Module):
+    """int8 codes (N, K) in `qweight` with an fp32 scale per row in `scales`; the codes may lie in memory in the
+    native kernel's tiles (`tiled`, see slmkit.models.native) while the state dict keeps the row-major layout."""
+
+    tiled = False
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+    def _rows(self) -> int:
+        raise NotImplementedError
+
+    def codes(self, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+        """The (N, K) codes, row-major, as `dtype` (a new tensor where the module holds tiles or dtype is not int8)."""
+        if self.tiled:
+            return native.untile_int8(self.qweight, self._rows(), dtype)
+        return self.qweight.to(dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.tiled:
+            destination[prefix + "qweight"] = self.codes()
+
+    def _load_from_state_dict(self, state, prefix, local_metadata, strict, missing, unexpected, errors) -> None:
+        key = prefix + "qweight"
+        if self.tiled and key in state:
+            codes = state[key]
+            if codes.dim() != 2 or codes.shape[0] != self._rows() or codes.shape[1] % native.TILE_COLS:
+                errors.append(f"{key}: shape {tuple(codes.shape)} does not match the layer's {self._rows()} rows")
+                return
+            with torch.no_grad():  # in place, so that a tied head and embedding keep sharing the tiles
+                self.qweight.copy_(native.tile_int8(codes.to(self.qweight.device)))
+            state = {**state, key: self.qweight}
+        super()._load_from_state_dict(state, prefix, local_metadata, strict, missing, unexpected, errors)
+
+
+class Int8Linear(_Int8Codes):
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -158,6 +197,25 @@ class Int8Linear(nn.Module):
         self.packed: Any = None  # fbgemm/x86 packed weight for dynamic W8A8 (`prepack_dynamic`), or None
         self.use_kernel = _int8_kernel_ok(in_features)  # `_weight_int8pack_mm` for decode-sized inputs on CPU
         self._unit_scales: torch.Tensor | None = None
+
+    def _rows(self) -> int:
+        return self.out_features
+
+    def tile(self) -> bool:
+        """Lay the codes out in memory for the native int8 kernel (CPU, K a multiple of 32, the kernel built);
+        False where it does not apply. The state dict, `codes()` and every other path are unchanged."""
+        if self.tiled:
+            return True
+        if (
+            self.qweight.device.type != "cpu"
+            or self.in_features % native.TILE_COLS
+            or self.packed is not None
+            or not native.int8_available()
+        ):
+            return False
+        self.qweight = native.tile_int8(self.qweight)
+        self.tiled = True
+        return True
 
     def prepack_dynamic(self) -> bool:
         """Build the CPU engine's packed weight from qweight and scales so that forward quantizes activations
@@ -170,7 +228,7 @@ class Int8Linear(nn.Module):
             with warnings.catch_warnings():  # quantized tensors are deprecated in favour of torchao
                 warnings.simplefilter("ignore")
                 zero = torch.zeros(self.out_features, dtype=torch.int64)
-                weight = torch._make_per_channel_quantized_tensor(self.qweight, self.scales.double(), zero, 0)
+                weight = torch._make_per_channel_quantized_tensor(self.codes(), self.scales.double(), zero, 0)
                 self.packed = torch.ops.quantized.linear_prepack(weight, None)
         except (RuntimeError, AttributeError) as exc:
             log.info("dynamic int8 not available (%s); weight-only int8 kept", exc)
@@ -189,6 +247,14 @@ class Int8Linear(nn.Module):
         y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), self.qweight, self._unit_scales)
         return y.to(x2.dtype) * self.scales.to(x2.dtype)
 
+    def _native_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        xf = x2.to(torch.float32).contiguous()
+        if torch.compiler.is_compiling():
+            y = torch.ops.slmkit.int8_linear(xf, self.qweight, self.scales, self.out_features)
+        else:
+            y = native.int8_linear(xf, self.qweight, self.scales, None, self.out_features)
+        return y.to(x2.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
@@ -196,24 +262,35 @@ class Int8Linear(nn.Module):
         if self.packed is not None and fast and x2.dtype == torch.float32:
             # reduce_range: 7-bit activations, so that the x86 int8 dot products cannot saturate int16
             y = torch.ops.quantized.linear_dynamic(x2.contiguous(), self.packed, True)
-        elif self.use_kernel and fast and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
+        elif self.tiled and fast and x2.shape[0] <= NATIVE_INT8_MAX_ROWS and self.qweight.device.type == "cpu":
+            y = self._native_matmul(x2)
+        elif self.use_kernel and not self.tiled and fast and x2.shape[0] <= INT8_KERNEL_MAX_ROWS:
             y = self._kernel_matmul(x2)
         else:  # widen this one layer's int8 weight for the matmul; the model at rest stays int8
-            y = F.linear(x2, self.qweight.to(x2.dtype)) * self.scales.to(x2.dtype)
+            y = F.linear(x2, self.codes(x2.dtype)) * self.scales.to(x2.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*shape[:-1], self.out_features)
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(_Int8Codes):
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.register_buffer("qweight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device="meta"))
         self.register_buffer("scales", torch.empty(num_embeddings, dtype=torch.float32, device="meta"))
 
+    def _rows(self) -> int:
+        return self.num_embeddings
+
+    def share_tiles(self, tiles: torch.Tensor) -> None:
+        """Read rows from a tied head's tiles (the same codes, laid out for its kernel) instead of a copy."""
+        self.qweight = tiles
+        self.tiled = True
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return F.embedding(idx, self.qweight).float() * self.scales[idx].unsqueeze(-1)
+        rows = native.tiled_rows(self.qweight, idx) if self.tiled else F.embedding(idx, self.qweight)
+        return rows.float() * self.scales[idx].unsqueeze(-1)
 
 
 class Int4Embedding(nn.Module):
@@ -373,7 +450,7 @@ class LowRankLinear(nn.Module):
 def dense_weight(module: nn.Module) -> torch.Tensor | None:
     """The float weight a compressed layer stands for (None for any other module)."""
     if isinstance(module, (Int8Linear, Int8Embedding)):
-        return module.qweight.float() * module.scales.float()[:, None]
+        return module.codes().float() * module.scales.float()[:, None]
     if isinstance(module, Int4Linear):
         return module.dequantize(torch.float32)
     if isinstance(module, Int4Embedding):
@@ -502,6 +579,8 @@ def load_compressed(
         emb, head = model.embed_tokens, model.lm_head
         if isinstance(head, Int8Linear):
             head.qweight, head.scales = emb.qweight, emb.scales
+            if head.tile():  # one tiled copy of the codes serves both (the kernel's layout)
+                emb.share_tiles(head.qweight)
         elif isinstance(head, Int4Linear):
             # the CPU int4 kernel needs its own interleaved copy (0.5 byte per weight more in memory, same file);
             # without the kernel the head shares the embedding's packed rows
@@ -520,7 +599,11 @@ def load_compressed(
         if buf.device.type == "meta":
             raise UserError(f"{directory}: tensor {name} was not in the weights file")
     _kernel_order.cache_clear()
-    if spec.get("activations", "none") == "dynamic":
+    if spec.get("activations", "none") != "dynamic":
+        for module in model.modules():
+            if isinstance(module, Int8Linear):
+                module.tile()
+    else:
         layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
         done = sum(m.prepack_dynamic() for m in layers)
         if done < len(layers):

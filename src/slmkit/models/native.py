@@ -1,0 +1,172 @@
+"""slmkit's native CPU kernels: built on first use with the system C compiler, loaded with ctypes, optional.
+
+`native_kernels.c` (next to this file) holds an int8-weight matrix product for decode-sized inputs (issue #24):
+int8 weights in tiles of 4 rows x 32 columns read as one stream, activations quantized per row to int16, exact
+int32 dot products (AVX-512 VNNI, AVX-512 BW or AVX2; a portable C loop elsewhere, which is correct but slow and
+so not used by default). torch 2.13's `_weight_int8pack_mm` at one row runs at about a third of this machine's
+read bandwidth, which made int8 decode only ~1.35x float (docs/compression.md).
+
+The library is compiled once per source, compiler and CPU (`cc -O3 -march=native -shared -fPIC`) into
+`$SLMKIT_KERNEL_CACHE` (default `~/.cache/slmkit/kernels`, or a temporary directory when that is not writable);
+a compile takes well under a second. No compiler, a failed build or `SLMKIT_NATIVE_KERNELS=0` in the environment:
+`library()` is None, the reason is logged once, and the layers keep torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+CFLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+TILE_ROWS, TILE_COLS = 4, 32
+# the SIMD level the library was built with: 3 AVX-512 VNNI, 2 AVX-512 BW, 1 AVX2, 0 portable C
+MIN_LEVEL = 1
+ENV_SWITCH = "SLMKIT_NATIVE_KERNELS"
+ENV_CACHE = "SLMKIT_KERNEL_CACHE"
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU's model and flags (so a shared home directory on several machines
+    keeps one build per CPU)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+    return platform.machine() + "\n".join(keep)
+
+
+def _cache_dirs() -> list[Path]:
+    base = os.environ.get(ENV_CACHE) or os.path.join(os.path.expanduser("~"), ".cache", "slmkit", "kernels")
+    return [Path(base), Path(tempfile.gettempdir()) / f"slmkit-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"]
+
+
+def _compile(source: Path, target: Path, compiler: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: another process loading the same path never sees a partial file
+    fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *CFLAGS, "-o", partial, str(source), "-lm"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (reason logged) where it cannot be built or is switched off."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        log.info("native CPU kernels switched off (%s)", ENV_SWITCH)
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.info("native CPU kernels not built: no C compiler (cc/gcc/clang) on PATH; torch's kernels are used")
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(CFLAGS).encode() + compiler.encode() + _cpu_key().encode()).hexdigest()
+    name = f"slmkit_native_{key[:16]}.so"
+    errors = []
+    for directory in _cache_dirs():
+        target = directory / name
+        try:
+            if not target.exists():
+                _compile(SOURCE, target, compiler)
+            lib = ctypes.CDLL(str(target))
+        except (OSError, subprocess.SubprocessError) as exc:
+            detail = getattr(exc, "stderr", "") or str(exc)
+            errors.append(f"{directory}: {detail.strip().splitlines()[-1] if detail.strip() else exc}")
+            continue
+        lib.slm_simd_level.restype = ctypes.c_int
+        lib.slm_simd_level.argtypes = []
+        lib.slm_q8_linear.restype = ctypes.c_int
+        lib.slm_q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+        return lib
+    log.info("native CPU kernels not built (%s); torch's kernels are used", "; ".join(errors))
+    return None
+
+
+def simd_level() -> int:
+    """3 AVX-512 VNNI, 2 AVX-512 BW, 1 AVX2, 0 portable C; -1 where the library is not available."""
+    lib = library()
+    return -1 if lib is None else int(lib.slm_simd_level())
+
+
+def int8_available() -> bool:
+    """Whether Int8Linear should use the native int8 kernel on CPU (a vectorized build)."""
+    return simd_level() >= MIN_LEVEL
+
+
+# ---- the tiled int8 layout -----------------------------------------------------------------------
+def tile_int8(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 row-major codes -> the kernel's tiles, shape (ceil(N/4), K/32, 4, 32), padded with zero rows."""
+    n, k = codes.shape
+    if k % TILE_COLS:
+        raise ValueError(f"tile_int8: K={k} is not a multiple of {TILE_COLS}")
+    pad = (-n) % TILE_ROWS
+    if pad:
+        codes = torch.cat((codes, codes.new_zeros(pad, k)))
+    blocks = codes.reshape(-1, TILE_ROWS, k // TILE_COLS, TILE_COLS)
+    return blocks.transpose(1, 2).contiguous()
+
+
+def untile_int8(tiles: torch.Tensor, n: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """The kernel's tiles -> the (N, K) row-major codes they hold, as `dtype` (a new tensor, one pass)."""
+    blocks, chunks = tiles.shape[0], tiles.shape[1]
+    out = torch.empty(blocks * TILE_ROWS, chunks * TILE_COLS, dtype=dtype, device=tiles.device)
+    out.view(blocks, TILE_ROWS, chunks, TILE_COLS).copy_(tiles.transpose(1, 2))
+    return out[:n]
+
+
+def tiled_rows(tiles: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` (any shape of row numbers) of the tiled codes, shape (*idx.shape, K): an embedding lookup."""
+    chunks = tiles.shape[1]
+    flat = idx.reshape(-1)
+    rows = tiles[flat // TILE_ROWS, :, flat % TILE_ROWS, :]  # (len, K/32, 32)
+    return rows.reshape(*idx.shape, chunks * TILE_COLS)
+
+
+def int8_linear(
+    x2: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None, n: int
+) -> torch.Tensor:
+    """(M, K) fp32 contiguous CPU input -> (M, N) fp32: x2 @ (codes * scales[:, None]).T (+ bias)."""
+    lib = library()
+    assert lib is not None
+    m, k = x2.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    bias_ptr = 0 if bias is None else bias.data_ptr()
+    status = lib.slm_q8_linear(x2.data_ptr(), tiles.data_ptr(), scales.data_ptr(), bias_ptr, y.data_ptr(), m, n, k)
+    if status:
+        raise MemoryError("slm_q8_linear: could not allocate its scratch buffer")
+    return y
+
+
+@torch.library.custom_op("slmkit::int8_linear", mutates_args=())
+def int8_linear_op(x2: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    """`int8_linear` as a torch op (no bias), so that a compiled step calls the kernel instead of breaking."""
+    return int8_linear(x2, tiles, scales, None, n)
+
+
+@int8_linear_op.register_fake
+def _(x2: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    return x2.new_empty(x2.shape[0], n)
