@@ -196,7 +196,8 @@ def section_quality(args: argparse.Namespace) -> None:
     data_dir = work / "data"
     if not (data_dir / "meta.json").exists():
         source = str(CORPUS) if CORPUS.is_file() else "builtin:pystdlib"
-        prepare([source], data_dir, vocab_size=4096, val_fraction=0.1)
+        field = "abstract" if CORPUS.is_file() else "text"  # seed-papers.jsonl: title + abstract per line
+        prepare([source], data_dir, vocab_size=4096, val_fraction=0.1, text_field=field)
     data = load_data_dir(data_dir)
     run = work / "run"
     if not (run / "final").exists():
@@ -226,12 +227,13 @@ def section_quality(args: argparse.Namespace) -> None:
         model = load_model(dirs[method])
         with quantized.dequantized_matmuls():
             rows.append((f"{method} dequantized (reference)", ppl(model)))
-        saved = quantized.INT8_KERNEL_MAX_ROWS
-        quantized.INT8_KERNEL_MAX_ROWS = 1 << 30  # every matmul through the int8 kernel
+        saved = quantized.INT8_KERNEL_MAX_ROWS, quantized.NATIVE_INT8_MAX_ROWS
+        # every matmul through the int8 kernel (the native one where it is built, else torch's)
+        quantized.INT8_KERNEL_MAX_ROWS = quantized.NATIVE_INT8_MAX_ROWS = 1 << 30
         try:
             rows.append((f"{method} kernel", ppl(model)))
         finally:
-            quantized.INT8_KERNEL_MAX_ROWS = saved
+            quantized.INT8_KERNEL_MAX_ROWS, quantized.NATIVE_INT8_MAX_ROWS = saved
     for label, value in rows:
         change = "" if label == "float32" else f"  {100 * (value / base - 1):+.3f}% vs float32"
         print(f"  {label:28s} {value:9.4f}{change}")

@@ -1,7 +1,9 @@
 """The CPU decode layout (`slmkit.models.decode_layout`, applied by every DecodeCore on a CPU): the weights it re-lays
 or fuses keep their values, shapes, Parameter objects and ties; hooked (LoRA) linears are not fused; greedy decoding
 through the core gives the tokens of the plain forward of an untouched model, with logits within 1e-5 at every step;
-saving, loading and training are unaffected, also when the layout was applied inside torch.inference_mode."""
+saving, loading and training are unaffected, also when the layout was applied inside torch.inference_mode. Every
+test runs with both layouts: the native kernel's (fused groups as row blocks, routed linears row-major, products
+through slmkit.models.native) and MKL's (column blocks, wide weights transposed), the one used without a compiler."""
 
 from __future__ import annotations
 
@@ -18,10 +20,27 @@ from slmkit.infer import core as core_module
 from slmkit.infer.core import decode_greedy
 from slmkit.infer.engine import Engine
 from slmkit.interop.checkpoint import load_model, save_model
-from slmkit.models import build_model
+from slmkit.models import build_model, native
 from slmkit.models.attention import QKV
-from slmkit.models.decode_layout import fused_weight, is_transposed, prefers_transposed, use_decode_layout
+from slmkit.models.decode_layout import (
+    decode_product,
+    fused_weight,
+    is_transposed,
+    native_layout,
+    prefers_transposed,
+    use_decode_layout,
+)
 from slmkit.models.mlp import GATE_UP
+
+
+@pytest.fixture(autouse=True, params=["native", "mkl"])
+def layout(request, monkeypatch):
+    if request.param == "native" and not native.f32_available():
+        pytest.skip("native kernels not built (no C compiler?)")
+    if request.param == "mkl":
+        monkeypatch.setattr(native, "f32_available", lambda: False)
+    assert native_layout() == (request.param == "native")
+    return request.param
 
 
 def sharp_model(tie: bool = True, seed: int = 0) -> torch.nn.Module:
@@ -53,23 +72,30 @@ def plain_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> tuple[lis
     return out, logits
 
 
-def test_relays_the_picked_weights_in_place():
+def test_relays_the_picked_weights_in_place(layout):
     model = sharp_model()
     before = {name: (p, p.detach().clone()) for name, p in model.named_parameters()}
     changed = use_decode_layout(model)
     attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
     with torch.no_grad():  # the fused products serve forwards without gradients only
         qkv, gate_up = fused_weight(attn, QKV), fused_weight(mlp, GATE_UP)
-    assert qkv is not None and qkv.shape == (64, 64 + 32 + 32) and qkv.is_contiguous()
-    assert gate_up is not None and gate_up.shape == (64, 2 * 160)
-    for linear, column in ((attn.q_proj, 0), (attn.k_proj, 64), (attn.v_proj, 96)):  # views of the fused matrix
-        assert linear.weight.data_ptr() == qkv[:, column:].data_ptr()
-    assert mlp.up_proj.weight.data_ptr() == gate_up[:, 160:].data_ptr()
-    assert prefers_transposed(attn.o_proj) and is_transposed(attn.o_proj.weight)
-    assert not prefers_transposed(mlp.down_proj) and mlp.down_proj.weight.is_contiguous()
-    assert is_transposed(model.lm_head.weight)
+    assert qkv is not None and qkv.shape == (64 + 32 + 32, 64)
+    assert gate_up is not None and gate_up.shape == (2 * 160, 64)
+    # in memory one row-major matrix (native) or the transpose of one (MKL's longer rows)
+    assert qkv.is_contiguous() == gate_up.is_contiguous() == (layout == "native")
+    assert qkv.t().is_contiguous() == (layout == "mkl")
+    for linear, row in ((attn.q_proj, 0), (attn.k_proj, 64), (attn.v_proj, 96)):  # views of the fused matrix
+        assert linear.weight.data_ptr() == qkv[row:].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == gate_up[160:].data_ptr()
+    assert prefers_transposed(attn.o_proj) and not prefers_transposed(mlp.down_proj)
+    assert mlp.down_proj.weight.is_contiguous()
+    if layout == "native":  # o and the head run through decode_linear: row-major, as stored
+        assert attn.o_proj.weight.is_contiguous() and model.lm_head.weight.is_contiguous()
+        assert changed == 2 * 2  # per layer: q/k/v fused, gate/up fused
+    else:
+        assert is_transposed(attn.o_proj.weight) and is_transposed(model.lm_head.weight)
+        assert changed == 2 * 3 + 1  # per layer: q/k/v fused, gate/up fused, o re-laid; the tied head once
     assert model.lm_head.weight is model.embed_tokens.weight  # still tied: one Parameter
-    assert changed == 2 * 3 + 1  # per layer: q/k/v fused, gate/up fused, o re-laid; the tied head once
     for name, p in model.named_parameters():
         param, value = before[name]
         assert p is param and p.shape == value.shape and torch.equal(p, value)
@@ -111,7 +137,7 @@ def test_core_greedy_matches_the_plain_forward():
     prompt, n = [5, 17, 99, 3, 42], 24
     want_tokens, want_logits = plain_greedy(plain, prompt, n)
     (got,), _ = decode_greedy(model, [prompt], n)  # the core re-lays the model's weights
-    assert is_transposed(model.lm_head.weight)
+    assert is_transposed(model.lm_head.weight) == (not native_layout())
     assert got == want_tokens
     # logits of every step through the state, with the decode layout, against the plain forward's
     state = model.new_state(1, 64)
@@ -183,3 +209,20 @@ def test_a_copy_carries_no_spare_fused_matrix_and_moved_weights_drop_it():
         gc.collect()
         assert alive() is None  # freed, not kept beside the weights
         torch.testing.assert_close(model(ids), twin(ids), rtol=0, atol=1e-5)
+
+
+def test_native_products_match_torch(layout):
+    """decode_product: the native kernel for decode-sized fp32 inputs without gradients (within fp32 summation
+    order of F.linear), torch for anything else."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(96, 200, generator=gen), torch.randn(96, generator=gen)
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(1, rows, 200, generator=gen)
+        with torch.no_grad():
+            ours = decode_product(x, weight, bias)
+        reference = torch.nn.functional.linear(x.double(), weight.double(), bias.double())
+        assert ours.shape == (1, rows, 96)
+        assert (ours.double() - reference).abs().max() < 1e-4
+    x = torch.randn(2, 200, generator=gen, requires_grad=True)
+    decode_product(x, weight).sum().backward()  # with gradients: torch's F.linear, which passes them back
+    assert torch.allclose(x.grad, weight.sum(0).expand(2, -1), atol=1e-5)

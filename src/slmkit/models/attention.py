@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig, RopeScaling
-from slmkit.models.decode_layout import fused_weight
+from slmkit.models.decode_layout import decode_linear, decode_product, fused_weight
 from slmkit.models.state import (
     BlockMemoryKVState,
     CompactKVState,
@@ -222,6 +222,7 @@ class Attention(nn.Module):
     packs_documents = True
     # new_state takes a KVCacheSpec (bounded, quantized, pruned caches); Transformer.new_state passes it to such mixers
     accepts_kv_cache = True
+    DECODE_ROUTED = ("o_proj",)  # forward runs it through decode_linear (slmkit.models.decode_layout)
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -271,7 +272,8 @@ class Attention(nn.Module):
         b, t, _ = x.shape  # (B, T, C)
         fused = fused_weight(self, QKV)  # CPU decoding: q, k, v as one product (slmkit.models.decode_layout)
         if fused is not None:
-            q, k, v = (x @ fused).split((self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2), -1)
+            sizes = (self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2)
+            q, k, v = decode_product(x, fused).split(sizes, -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H D), (B, T, K D), (B, T, K D)
         if self.qk_norm_heads:
@@ -311,4 +313,4 @@ class Attention(nn.Module):
                 mask = causal_mask(ctx, key_pos, k.shape[2], self.window)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
-        return self.o_proj(y)
+        return decode_linear(self.o_proj, y)

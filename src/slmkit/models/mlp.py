@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
-from slmkit.models.decode_layout import fused_weight
+from slmkit.models.decode_layout import decode_linear, decode_product, fused_weight
 
 GATE_UP = ("gate_proj", "up_proj")
 
@@ -27,6 +27,8 @@ ACTIVATIONS = {
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)); width `d_ff` unless given (a MoE's shared expert has its own)."""
 
+    DECODE_ROUTED = ("down_proj",)  # forward runs it through decode_linear (slmkit.models.decode_layout)
+
     def __init__(self, config: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
         d_ff = d_ff or config.d_ff
@@ -38,9 +40,9 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_weight(self, GATE_UP)  # CPU decoding: gate and up as one product (slmkit.models.decode_layout)
         if fused is not None:
-            gate, up = (x @ fused).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = decode_product(x, fused).chunk(2, dim=-1)
+            return decode_linear(self.down_proj, self.act(gate) * up)
+        return decode_linear(self.down_proj, self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class PlainMLP(nn.Module):

@@ -101,6 +101,8 @@ def library() -> ctypes.CDLL | None:
         lib.slm_simd_level.argtypes = []
         lib.slm_q8_linear.restype = ctypes.c_int
         lib.slm_q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
+        lib.slm_f32_linear.restype = None
+        lib.slm_f32_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
         return lib
     log.info("native CPU kernels not built (%s); torch's kernels are used", "; ".join(errors))
     return None
@@ -115,6 +117,22 @@ def simd_level() -> int:
 def int8_available() -> bool:
     """Whether Int8Linear should use the native int8 kernel on CPU (a vectorized build)."""
     return simd_level() >= MIN_LEVEL
+
+
+def f32_available() -> bool:
+    """Whether fp32 decode products should use the native fp32 kernel on CPU (a vectorized build)."""
+    return simd_level() >= MIN_LEVEL
+
+
+def f32_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """(M, K) fp32 contiguous CPU input, (N, K) fp32 contiguous weight -> (M, N): F.linear(x2, weight, bias)."""
+    lib = library()
+    assert lib is not None
+    m, k = x2.shape
+    n = weight.shape[0]
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.slm_f32_linear(x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
+    return y
 
 
 # ---- the tiled int8 layout -----------------------------------------------------------------------

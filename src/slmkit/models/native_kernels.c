@@ -1,4 +1,4 @@
-/* slmkit's native CPU kernels (issue #24): int8-weight matrix products for decoding.
+/* slmkit's native CPU kernels (issue #24): int8- and fp32-weight matrix products for decoding.
  *
  * Built on first use by slmkit/models/native.py with the system C compiler (-O3 -march=native) and loaded with
  * ctypes; everything here is optional (without a compiler the layers use torch's kernels).
@@ -157,4 +157,46 @@ int slm_q8_linear(const float *x, const int8_t *tiles, const float *scale, const
     free(xq);
     free(xs);
     return 0;
+}
+
+/* ---- fp32 weights ---------------------------------------------------------------------------------------------
+ * y (M, N) = x (M, K) @ W^T (+ bias), W (N, K) row-major as nn.Linear stores it. One weight row at a time: the
+ * whole matrix is then read as one sequential stream (about 26 GB/s on one core of the AMD EPYC this was written
+ * on, where MKL's matrix-vector product streamed 14 GB/s over this layout and 21 GB/s over the transposed one);
+ * for several input rows the weight row is reused from L1. Sums in fp32, in another order than MKL's. */
+static float dot_f32(const float *a, const float *b, int64_t k) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if SLM_LEVEL >= 2
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (; i + 64 <= k; i += 64) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+        s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+        s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+    }
+    for (; i + 16 <= k; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif SLM_LEVEL == 1
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (; i + 32 <= k; i += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (int j = 0; j < 8; j++) s += lanes[j];
+#endif
+    for (; i < k; i++) s += a[i] * b[i];
+    return s;
+}
+
+void slm_f32_linear(const float *x, const float *w, const float *bias, float *y, int64_t m, int64_t n, int64_t k) {
+    for (int64_t row = 0; row < n; row++) {
+        const float *wr = w + row * k;
+        float b = bias ? bias[row] : 0.0f;
+        for (int64_t i = 0; i < m; i++) y[i * n + row] = dot_f32(wr, x + i * k, k) + b;
+    }
 }

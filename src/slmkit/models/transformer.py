@@ -28,6 +28,7 @@ from torch import nn
 from slmkit.config import ModelConfig
 from slmkit.errors import UserError
 from slmkit.models.attention import Context, RMSNorm, rope_cos_sin, rope_inv_freq
+from slmkit.models.decode_layout import decode_linear
 from slmkit.models.registry import build_mixer, build_mlp
 from slmkit.models.state import KVCacheSpec, ModelState
 
@@ -64,6 +65,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    DECODE_ROUTED = ("lm_head",)  # forward runs it through decode_linear (slmkit.models.decode_layout)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -195,7 +198,7 @@ class Transformer(nn.Module):
             x = x[torch.arange(b, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         elif last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        logits = decode_linear(self.lm_head, self.norm(x))  # (B, T, V); the native kernel when decoding on a CPU
         if cfg.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
             logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
         return logits
