@@ -12,6 +12,7 @@ from slmkit.compress.pipeline import compress as _compress
 from slmkit.compress.quantize import int4_dequant, int4_rtn
 from slmkit.errors import UserError
 from slmkit.interop.checkpoint import load_model
+from slmkit.models import native
 from slmkit.models.quantized import Int4Embedding, Int4Linear, Int8Linear, dequantized_matmuls, unpack_int4
 from slmkit_testing import rel_err, run_slm
 from slmkit_testing import seeded_logits as logits
@@ -102,8 +103,11 @@ def test_int4_embeddings(odd_vocab_dir, tmp_path, method):
     model = load_model(small)
     emb, head = model.embed_tokens, model.lm_head
     assert isinstance(emb, Int4Embedding) and isinstance(head, Int4Linear)
-    assert not head.use_kernel  # rows not a multiple of 16, so no CPU int4 kernel for the head
-    assert head.qweight.data_ptr() == emb.qweight.data_ptr()  # ... and the tied head shares the packed rows
+    assert not head.use_kernel  # rows not a multiple of 16, so not torch's CPU int4 kernel for the head
+    if head.tiled:  # the native kernel pads rows: the head holds its own tiled copy, the embedding its rows
+        assert native.int4_available() and head.qweight.data_ptr() != emb.qweight.data_ptr()
+    else:  # no kernel at all: the tied head shares the packed rows
+        assert head.qweight.data_ptr() == emb.qweight.data_ptr()
     assert torch.equal(unpack_int4(emb.qweight), int4_rtn(emb_weight, 64)[0].to(torch.uint8))
     expected = int4_dequant(*int4_rtn(emb_weight, 64), 64)
     ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
@@ -130,7 +134,8 @@ def test_int4_tied_head_with_the_kernel(float_model_dir, tmp_path):
     compress(src, "int4", tmp_path / "q", embeddings="int4")
     model = load_model(tmp_path / "q")
     emb, head = model.embed_tokens, model.lm_head
-    assert head.use_kernel and head.qweight.data_ptr() != emb.qweight.data_ptr()  # its own interleaved copy
+    assert head.use_kernel or head.tiled  # torch's int4 kernel, or the native one where it is built
+    assert head.qweight.data_ptr() != emb.qweight.data_ptr()  # either way its own copy in the kernel's layout
     x = torch.randn(3, emb.embedding_dim)
     with dequantized_matmuls():
         assert torch.allclose(head(x), x @ emb.dequantize().t(), atol=1e-4, rtol=1e-4)

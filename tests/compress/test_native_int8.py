@@ -210,3 +210,39 @@ def test_fallback_without_a_compiler(monkeypatch, tmp_path, caplog):
         assert native.library() is None
     finally:
         native.library.cache_clear()
+
+
+# ---- int4 --------------------------------------------------------------------------------------------------------
+needs_native_int4 = pytest.mark.skipif(not native.int4_available(), reason="native int4 kernel needs an AVX-512 build")
+
+
+@pytest.mark.parametrize("n,k,group", [(5, 64, 32), (48, 256, 128), (130, 512, 64)])
+def test_int4_tiles_round_trip(n, k, group):
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    scales, zeros = torch.rand(n, k // group), torch.randn(n, k // group)
+    tiles, sz = native.tile_int4(codes, scales, zeros, group)
+    assert tiles.shape == ((n + 3) // 4, k // 32, 4, 16) and sz.shape == ((n + 3) // 4, k // group, 2, 4)
+    assert torch.equal(native.untile_int4(tiles, n), codes)
+    # byte j of a tile row: column j in the low nibble, column j + 16 in the high one
+    assert int(tiles[0, 0, 1, 3]) == int(codes[1, 3]) | (int(codes[1, 19]) << 4)
+    assert sz[0, -1, 0, 2] == scales[2, -1] and sz[0, -1, 1, 2] == zeros[2, -1]
+    with pytest.raises(ValueError, match="multiples of 32"):
+        native.tile_int4(codes, scales, zeros, 16)
+
+
+@needs_native_int4
+@pytest.mark.parametrize("n,k,group,rows", [(64, 64, 32, 1), (50, 256, 128, 3), (96, 4096 + 128, 64, 2)])
+def test_int4_native_matches_float64_product(n, k, group, rows):
+    from slmkit.compress.quantize import int4_rtn
+    from slmkit.models.quantized import int4_dequant
+
+    gen = torch.Generator().manual_seed(n + k)
+    codes, scales, zeros = int4_rtn(torch.randn(n, k, generator=gen) * 0.05, group)
+    tiles, sz = native.tile_int4(codes, scales.float(), zeros.float(), group)
+    x = torch.randn(rows, k, generator=gen) * 2
+    y = native.int4_linear(x, tiles, sz, n, group)
+    dense = int4_dequant(codes.double(), scales.double(), zeros.double(), group)
+    reference = F.linear(x.double(), dense)
+    bound = x.double().abs().amax(-1, keepdim=True) * dense.abs().sum(1) * 2**-15 + 1e-5
+    assert ((y.double() - reference).abs() <= bound).all()
+    torch.library.opcheck(torch.ops.slmkit.int4_linear, (x, tiles, sz, n, group))

@@ -89,35 +89,44 @@ def _fusable(linears: list[nn.Module]) -> bool:
     )
 
 
-def _native_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _native_rows(x: torch.Tensor) -> bool:
+    """Whether an input may take the native fp32 kernel (the weight is checked by the callers)."""
     return (
-        x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and x.device.type == "cpu"
-        and weight.device.type == "cpu"
-        and weight.is_contiguous()
+        x.dtype is torch.float32
         and x.numel() <= NATIVE_F32_MAX_ROWS * x.shape[-1]
         and not torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
         and native.f32_available()
     )
+
+
+def _native_weight(weight: torch.Tensor) -> bool:
+    return weight.dtype is torch.float32 and weight.is_contiguous() and weight.device.type == "cpu"
+
+
+def _native_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    k = x.shape[-1]
+    x2 = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
+    y = native.f32_linear(x2, weight, None if bias is None else bias.detach().contiguous())
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def decode_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, weight, bias), through the native fp32 kernel where it applies (an eager forward without
     gradients, fp32 on a CPU, a row-major weight, at most NATIVE_F32_MAX_ROWS rows), else through torch."""
-    if _native_rows(x, weight) and (bias is None or bias.dtype == torch.float32):
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        y = native.f32_linear(x2, weight, None if bias is None else bias.detach().contiguous())
-        return y.view(*x.shape[:-1], weight.shape[0])
+    if _native_rows(x) and _native_weight(weight) and (bias is None or bias.dtype is torch.float32):
+        return _native_product(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def decode_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """linear(x); a plain nn.Linear without hooks takes `decode_product` (the native kernel for decode-sized fp32
     inputs on a CPU). For the linears a module lists in DECODE_ROUTED."""
-    if type(linear) is nn.Linear and not _hooked(linear) and _native_rows(x, linear.weight):
-        return decode_product(x, linear.weight, linear.bias)
+    if type(linear) is nn.Linear and _native_rows(x) and not _hooked(linear):
+        weight, bias = linear.weight, linear.bias
+        if _native_weight(weight) and (bias is None or bias.dtype is torch.float32):
+            return _native_product(x, weight, bias)
     return linear(x)
 
 
@@ -172,6 +181,53 @@ def _fuse(module: nn.Module, names: tuple[str, ...]) -> bool | None:
     return True
 
 
+# model -> the huge-page arenas its decode weights were moved into (`_place_in_huge_pages`)
+_ARENAS: weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]] = weakref.WeakKeyDictionary()
+ARENA_ALIGN = 16  # elements (64 bytes of fp32) between units
+
+
+def _in_arena(model: nn.Module, t: torch.Tensor) -> bool:
+    ptr = t.data_ptr()
+    return any(a.data_ptr() <= ptr < a.data_ptr() + a.numel() * a.element_size() for a in _ARENAS.get(model, ()))
+
+
+def _place_in_huge_pages(model: nn.Module, routed: set[int]) -> None:
+    """Move the native kernel's decode weights (the fused groups' matrices and the routed weights) into one new
+    allocation backed by huge pages (`native.huge_empty`), unit by unit, each weight a view of it as before (the
+    same Parameters, shapes, values and ties; the old memory is freed as each unit moves)."""
+    units: list[tuple[str, object, torch.Tensor]] = []
+    for module in model.modules():
+        entry = _FUSED.get(module)
+        if entry is not None and entry[0].is_contiguous() and not _in_arena(model, entry[0]):
+            units.append(("fused", module, entry[0]))
+    placed = set()
+    for module in model.modules():
+        if type(module) is nn.Linear and id(module.weight) in routed and id(module.weight) not in placed:
+            placed.add(id(module.weight))
+            if module.weight.is_contiguous() and not _in_arena(model, module.weight):
+                units.append(("weight", module.weight, module.weight))
+    if not units:
+        return
+    sizes = [-(-t.numel() // ARENA_ALIGN) * ARENA_ALIGN for _, _, t in units]
+    arena = native.huge_empty(sum(sizes), torch.float32)
+    _ARENAS.setdefault(model, []).append(arena)
+    offset = 0
+    for (kind, owner, tensor), size in zip(units, sizes, strict=True):
+        slot = arena[offset : offset + tensor.numel()].view(tensor.shape)
+        slot.copy_(tensor)
+        offset += size
+        if kind == "weight":
+            owner.data = slot  # type: ignore[attr-defined]
+            continue
+        names = next(group for group in FUSED_GROUPS if all(n in owner._modules for n in group))  # type: ignore[attr-defined]
+        start = 0
+        for name in names:
+            linear = owner._modules[name]  # type: ignore[attr-defined]
+            linear.weight.data = slot[start : start + linear.out_features]
+            start += linear.out_features
+        _FUSED[owner] = (slot, tuple(owner._modules[n].weight.data_ptr() for n in names))  # type: ignore[attr-defined,index]
+
+
 def use_decode_layout(model: nn.Module, enable: bool = True) -> int:
     """Lay out the model's fp32 linear weights on a CPU for decoding (enable), or back as nn.Linear stores them (not
     enable), in place; returns how many weights (or fused groups) changed. Attention's q/k/v and a gated MLP's
@@ -215,4 +271,6 @@ def use_decode_layout(model: nn.Module, enable: bool = True) -> int:
             elif not enable and not weight.is_contiguous():
                 weight.data = weight.data.contiguous()
                 changed += 1
+        if enable and native_layout():
+            _place_in_huge_pages(model, routed)
     return changed

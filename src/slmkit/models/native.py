@@ -103,6 +103,8 @@ def library() -> ctypes.CDLL | None:
         lib.slm_q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
         lib.slm_f32_linear.restype = None
         lib.slm_f32_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+        lib.slm_q4_linear.restype = ctypes.c_int
+        lib.slm_q4_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
         return lib
     log.info("native CPU kernels not built (%s); torch's kernels are used", "; ".join(errors))
     return None
@@ -119,6 +121,11 @@ def int8_available() -> bool:
     return simd_level() >= MIN_LEVEL
 
 
+def int4_available() -> bool:
+    """Whether Int4Linear should use the native int4 kernel on CPU (AVX-512 builds; its AVX2 path is scalar)."""
+    return simd_level() >= 2
+
+
 def f32_available() -> bool:
     """Whether fp32 decode products should use the native fp32 kernel on CPU (a vectorized build)."""
     return simd_level() >= MIN_LEVEL
@@ -130,9 +137,45 @@ def f32_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     assert lib is not None
     m, k = x2.shape
     n = weight.shape[0]
-    y = torch.empty(m, n, dtype=torch.float32)
-    lib.slm_f32_linear(x2.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k)
+    y = torch.empty(m, n)
+    lib.slm_f32_linear(
+        x2.data_ptr(), weight.data_ptr(), bias.data_ptr() if bias is not None else None, y.data_ptr(), m, n, k
+    )
     return y
+
+
+# ---- memory in huge pages -----------------------------------------------------------------------
+HUGE_PAGE = 1 << 21
+_MADV_HUGEPAGE = 14  # Linux
+
+
+@functools.lru_cache(maxsize=1)
+def _madvise():  # type: ignore[no-untyped-def]
+    if platform.system() != "Linux":
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def huge_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A new 1-D CPU tensor whose memory the kernel is asked to back with transparent huge pages (Linux
+    madvise(MADV_HUGEPAGE) before anything touches it; elsewhere, or where the kernel declines, plain pages).
+
+    Weights read once per token stream faster from 2 MB pages: on the AMD EPYC this was measured on (THP in madvise
+    mode, so nothing gets huge pages unasked), the native fp32 kernel over every 124m product read 27.8 GB/s from
+    huge pages against 13.7-22.2 GB/s from the same weights in 4 kB pages, the 154 MB head 29.9 vs 15-22 GB/s."""
+    t = torch.empty(numel, dtype=dtype)
+    advise = _madvise()
+    start = (t.data_ptr() + HUGE_PAGE - 1) & ~(HUGE_PAGE - 1)
+    end = (t.data_ptr() + t.numel() * t.element_size()) & ~(HUGE_PAGE - 1)
+    if advise is not None and end > start:
+        advise(start, end - start, _MADV_HUGEPAGE)  # best effort: an error leaves plain pages
+    return t
 
 
 # ---- the tiled int8 layout -----------------------------------------------------------------------
@@ -187,4 +230,63 @@ def int8_linear_op(x2: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, 
 
 @int8_linear_op.register_fake
 def _(x2: torch.Tensor, tiles: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+    return x2.new_empty(x2.shape[0], n)
+
+
+# ---- the tiled int4 layout -----------------------------------------------------------------------
+INT4_TILE_BYTES = TILE_COLS // 2
+
+
+def tile_int4(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) codes in [0, 15] and (N, K/g) fp32 scales and zeros (w = (q - 8) * scale + zero) -> the kernel's
+    tiles (ceil(N/4), K/32, 4, 16) uint8 (byte j: column j low, column j + 16 high) and its (ceil(N/4), K/g, 2, 4)
+    fp32 scales-then-zeros per block and group; padding rows are code 8 with scale and zero 0."""
+    n, k = codes.shape
+    if k % TILE_COLS or group_size % TILE_COLS or k % group_size:
+        raise ValueError(f"tile_int4: K={k} and group size {group_size} must be multiples of {TILE_COLS}")
+    pad = (-n) % TILE_ROWS
+    codes = codes.to(torch.uint8)
+    if pad:
+        codes = torch.cat((codes, codes.new_full((pad, k), 8)))
+        scales = torch.cat((scales, scales.new_zeros(pad, scales.shape[1])))
+        zeros = torch.cat((zeros, zeros.new_zeros(pad, zeros.shape[1])))
+    blocks = codes.reshape(-1, TILE_ROWS, k // TILE_COLS, TILE_COLS).transpose(1, 2)  # (B, C, 4, 32)
+    tiles = (blocks[..., :INT4_TILE_BYTES] | (blocks[..., INT4_TILE_BYTES:] << 4)).contiguous()
+    groups = k // group_size
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:
+        return t.float().reshape(-1, TILE_ROWS, groups).transpose(1, 2)  # (B, G, 4)
+
+    sz = torch.stack((per_block(scales), per_block(zeros)), dim=2).contiguous()  # (B, G, 2, 4)
+    return tiles, sz
+
+
+def untile_int4(tiles: torch.Tensor, n: int) -> torch.Tensor:
+    """The kernel's int4 tiles -> the (N, K) uint8 codes they hold."""
+    low, high = tiles & 0x0F, tiles >> 4
+    blocks = torch.cat((low, high), dim=-1)  # (B, C, 4, 32)
+    return blocks.transpose(1, 2).reshape(tiles.shape[0] * TILE_ROWS, -1)[:n].contiguous()
+
+
+def int4_linear(x2: torch.Tensor, tiles: torch.Tensor, sz: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
+    """(M, K) fp32 contiguous CPU input -> (M, N) fp32: x2 @ W.T for the int4 tiles and scales of `tile_int4`."""
+    lib = library()
+    assert lib is not None
+    m, k = x2.shape
+    y = torch.empty(m, n, dtype=torch.float32)
+    if lib.slm_q4_linear(x2.data_ptr(), tiles.data_ptr(), sz.data_ptr(), y.data_ptr(), m, n, k, group_size):
+        raise MemoryError("slm_q4_linear: could not allocate its scratch buffer")
+    return y
+
+
+@torch.library.custom_op("slmkit::int4_linear", mutates_args=())
+def int4_linear_op(x2: torch.Tensor, tiles: torch.Tensor, sz: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
+    """`int4_linear` as a torch op, for compiled steps."""
+    return int4_linear(x2, tiles, sz, n, group_size)
+
+
+@int4_linear_op.register_fake
+def _(x2: torch.Tensor, tiles: torch.Tensor, sz: torch.Tensor, n: int, group_size: int) -> torch.Tensor:
     return x2.new_empty(x2.shape[0], n)

@@ -200,3 +200,108 @@ void slm_f32_linear(const float *x, const float *w, const float *bias, float *y,
         for (int64_t i = 0; i < m; i++) y[i * n + row] = dot_f32(wr, x + i * k, k) + b;
     }
 }
+
+/* ---- int4 weights ---------------------------------------------------------------------------------------------
+ * Group-wise asymmetric int4 (w = (q - 8) * scale + zero per group of G columns, G a multiple of 32), in tiles of
+ * 4 rows x 32 columns of 64 bytes: row r of a tile at bytes 16r..16r+15, byte j holding column j in its low
+ * nibble and column j + 16 in its high nibble; tiles of a block of 4 rows in column order, blocks in row order
+ * (N padded to a multiple of 4 with zero rows). Scales and zeros as fp32 (ceil(N/4), K/G, 2, 4): for each block
+ * and group, the 4 rows' scales then their zeros.
+ * Per input row (quantized to int16 as above, scale s): y[n] = s * sum_g (scale[n,g] * sum_{k in g} (q - 8) xq_k
+ * + zero[n,g] * sum_{k in g} xq_k); the inner sums are exact in int32 (G * 8 * 32767 < 2^31 for G <= 4096). */
+static void q4_block(const uint8_t *block, const float *sz, const int16_t *xq, const float *xsum, int64_t k,
+                     int64_t group, float out[TILE_ROWS]) {
+    const int64_t groups = k / group;
+    const uint8_t *p = block;
+#if SLM_LEVEL >= 2
+    const __m512i eight = _mm512_set1_epi16(8);
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+    float zsum[TILE_ROWS] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int64_t g = 0; g < groups; g++, sz += 2 * TILE_ROWS) {
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = g * group; i < (g + 1) * group; i += TILE_COLS, p += 64) {
+            __m512i xv = _mm512_loadu_si512((const void *)(xq + i));
+            _mm_prefetch((const char *)(p + PREFETCH_BYTES), _MM_HINT_T0);
+#define SLM_Q4_ROW(acc, r)                                                                                       \
+    {                                                                                                             \
+        __m128i b = _mm_loadu_si128((const __m128i *)(p + 16 * (r)));                                             \
+        __m256i codes = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), low), _mm_and_si128(b, low));       \
+        __m512i w = _mm512_sub_epi16(_mm512_cvtepu8_epi16(codes), eight);                                        \
+        acc = SLM_DOT(acc, w, xv);                                                                                \
+    }
+#if SLM_LEVEL == 3
+#define SLM_DOT(acc, w, x) _mm512_dpwssd_epi32(acc, w, x)
+#else
+#define SLM_DOT(acc, w, x) _mm512_add_epi32(acc, _mm512_madd_epi16(w, x))
+#endif
+            SLM_Q4_ROW(a0, 0)
+            SLM_Q4_ROW(a1, 1)
+            SLM_Q4_ROW(a2, 2)
+            SLM_Q4_ROW(a3, 3)
+#undef SLM_Q4_ROW
+#undef SLM_DOT
+        }
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_set1_ps(sz[0]), f0);
+        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), _mm512_set1_ps(sz[1]), f1);
+        f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), _mm512_set1_ps(sz[2]), f2);
+        f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a3), _mm512_set1_ps(sz[3]), f3);
+        for (int r = 0; r < TILE_ROWS; r++) zsum[r] += sz[TILE_ROWS + r] * xsum[g];
+    }
+    out[0] = _mm512_reduce_add_ps(f0) + zsum[0];
+    out[1] = _mm512_reduce_add_ps(f1) + zsum[1];
+    out[2] = _mm512_reduce_add_ps(f2) + zsum[2];
+    out[3] = _mm512_reduce_add_ps(f3) + zsum[3];
+#else
+    for (int r = 0; r < TILE_ROWS; r++) out[r] = 0.0f;
+    for (int64_t g = 0; g < groups; g++, sz += 2 * TILE_ROWS) {
+        int32_t acc[TILE_ROWS] = {0, 0, 0, 0};
+        for (int64_t i = g * group; i < (g + 1) * group; i += TILE_COLS, p += 64)
+            for (int r = 0; r < TILE_ROWS; r++)
+                for (int j = 0; j < 16; j++) {
+                    uint8_t b = p[16 * r + j];
+                    acc[r] += ((int32_t)(b & 0x0F) - 8) * (int32_t)xq[i + j];
+                    acc[r] += ((int32_t)(b >> 4) - 8) * (int32_t)xq[i + j + 16];
+                }
+        for (int r = 0; r < TILE_ROWS; r++) out[r] += sz[r] * (float)acc[r] + sz[TILE_ROWS + r] * xsum[g];
+    }
+#endif
+}
+
+/* y (M, N) = x (M, K) @ W^T for the int4 tiles above; returns 0, or -1 if the scratch allocation failed. */
+int slm_q4_linear(const float *x, const uint8_t *tiles, const float *sz, float *y, int64_t m, int64_t n, int64_t k,
+                  int64_t group) {
+    int64_t groups = k / group;
+    int16_t *xq = (int16_t *)malloc((size_t)(m * k) * sizeof(int16_t));
+    float *xs = (float *)malloc((size_t)m * sizeof(float));
+    float *xsum = (float *)malloc((size_t)(m * groups) * sizeof(float));
+    if (!xq || !xs || !xsum) {
+        free(xq);
+        free(xs);
+        free(xsum);
+        return -1;
+    }
+    for (int64_t row = 0; row < m; row++) {
+        xs[row] = quantize_row(x + row * k, xq + row * k, k);
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t s = 0;
+            for (int64_t i = g * group; i < (g + 1) * group; i++) s += xq[row * k + i];
+            xsum[row * groups + g] = (float)s;
+        }
+    }
+    for (int64_t b = 0; b < n; b += TILE_ROWS) {
+        const uint8_t *block = tiles + (b / TILE_ROWS) * (TILE_ROWS * k / 2);
+        const float *bsz = sz + (b / TILE_ROWS) * groups * 2 * TILE_ROWS;
+        int64_t rows = n - b < TILE_ROWS ? n - b : TILE_ROWS;
+        for (int64_t row = 0; row < m; row++) {
+            float acc[TILE_ROWS];
+            q4_block(block, bsz, xq + row * k, xsum + row * groups, k, group, acc);
+            float *out = y + row * n + b;
+            for (int64_t r = 0; r < rows; r++) out[r] = acc[r] * xs[row];
+        }
+    }
+    free(xq);
+    free(xs);
+    free(xsum);
+    return 0;
+}

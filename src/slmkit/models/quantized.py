@@ -331,6 +331,8 @@ class Int4Linear(nn.Module):
             raise ValueError(f"in_features {in_features} must be divisible by group_size {group_size} and by 2")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.use_kernel = False
+        self.tiled = False  # qweight holds the native kernel's tiles (`tile`), with their scales in native_sz
+        self.native_sz: torch.Tensor | None = None
         # in-memory layout (the state dict is written by _save_to_state_dict in the plain layout)
         packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device="meta")
         self.register_buffer("qweight", packed, persistent=False)
@@ -364,6 +366,7 @@ class Int4Linear(nn.Module):
             errors.append(f"{prefix}: int4 tensors do not match a ({n}, {k}) layer with group size {g}")
             return
         self.scales_and_zeros = torch.stack((scales.t(), zeros.t()), dim=-1).contiguous()  # (G, N, 2)
+        was_tiled, self.tiled, self.native_sz = self.tiled, False, None
         self.use_kernel = _int4_kernel_ok(n, k, g, packed.device)
         self.kernel_scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16) if self.use_kernel else None
         if self.use_kernel:
@@ -373,6 +376,8 @@ class Int4Linear(nn.Module):
             self.qweight = (nibbles[..., 0] | (nibbles[..., 1] << 4)).contiguous()
         else:
             self.qweight = packed.contiguous()
+        if was_tiled:  # a state loaded into a model laid out for the native kernel is laid out the same way
+            self.tile()
         if prefix + "outlier_index" in state:
             self.outlier_index = state[prefix + "outlier_index"].to(torch.int64)
             self.outlier_value = state[prefix + "outlier_value"].float()
@@ -395,7 +400,33 @@ class Int4Linear(nn.Module):
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
+    def tile(self) -> bool:
+        """Lay the codes out in memory for the native int4 kernel (CPU, groups and K multiples of 32, an AVX-512
+        build); False where it does not apply. The state dict and every other path are unchanged; prefill-sized
+        inputs then widen the layer (torch's int4 kernel needs its own layout, and one copy is kept)."""
+        if self.tiled:
+            return True
+        if (
+            self.qweight.device.type != "cpu"
+            or self.group_size % native.TILE_COLS
+            or self.in_features % native.TILE_COLS
+            or not native.int4_available()
+        ):
+            return False
+        scales, zeros = self.scales_and_zeros[..., 0].t(), self.scales_and_zeros[..., 1].t()  # (N, G)
+        self.qweight, self.native_sz = native.tile_int4(self.codes(), scales, zeros, self.group_size)
+        self.tiled, self.use_kernel, self.kernel_scales_and_zeros = True, False, None
+        return True
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes in [0, 15], row-major."""
+        if self.tiled:
+            return native.untile_int4(self.qweight, self.out_features)
+        return unpack_int4(self.plain_packed())
+
     def plain_packed(self) -> torch.Tensor:
+        if self.tiled:
+            return pack_int4(self.codes())
         if not self.use_kernel:
             return self.qweight
         n, k = self.out_features, self.in_features
@@ -405,7 +436,7 @@ class Int4Linear(nn.Module):
         return pack_int4(codes.view(n, k))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        codes = unpack_int4(self.plain_packed()).to(dtype)  # (N, K)
+        codes = self.codes().to(dtype)  # (N, K)
         scales, zeros = self.scales_and_zeros[..., 0].t().to(dtype), self.scales_and_zeros[..., 1].t().to(dtype)
         weight = int4_dequant(codes, scales, zeros, self.group_size)
         if self.outlier_index is not None:
@@ -415,7 +446,19 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self.use_kernel and _kernel_input(x2):
+        if self.tiled and _kernel_input(x2) and x2.shape[0] <= NATIVE_INT8_MAX_ROWS and x2.device.type == "cpu":
+            xf = x2.to(torch.float32).contiguous()
+            n, g = self.out_features, self.group_size
+            if torch.compiler.is_compiling():
+                y = torch.ops.slmkit.int4_linear(xf, self.qweight, self.native_sz, n, g)
+            else:
+                y = native.int4_linear(xf, self.qweight, self.native_sz, n, g)
+            y = y.to(x2.dtype)
+            if self.outlier_index is not None:
+                rows = self.outlier_index // self.in_features
+                cols = self.outlier_index % self.in_features
+                y = y.index_add(1, rows, x2[:, cols] * self.outlier_value.to(x2.dtype))
+        elif self.use_kernel and _kernel_input(x2):
             sz = self.kernel_scales_and_zeros
             if sz is None or sz.device != x2.device:
                 sz = self.kernel_scales_and_zeros = self.scales_and_zeros.to(torch.bfloat16)
@@ -543,6 +586,29 @@ def read_spec(config: Any) -> dict[str, Any] | None:
     return spec
 
 
+def _tiles_in_huge_pages(model: nn.Module) -> None:
+    """Move every layer's native-kernel tiles into one allocation backed by huge pages (`native.huge_empty`: the
+    kernels stream faster from them); modules sharing tiles (a tied int8 head and embedding) keep sharing them."""
+    owners: dict[int, list[nn.Module]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        if isinstance(module, (Int8Linear, Int8Embedding, Int4Linear)) and module.tiled:
+            owners.setdefault(id(module.qweight), []).append(module)
+            tensors[id(module.qweight)] = module.qweight
+    if not tensors:
+        return
+    align = 64
+    sizes = {key: -(-t.numel() // align) * align for key, t in tensors.items()}
+    arena = native.huge_empty(sum(sizes.values()), torch.uint8)
+    offset = 0
+    for key, tensor in tensors.items():
+        slot = arena[offset : offset + tensor.numel()].view(tensor.dtype).view(tensor.shape)
+        slot.copy_(tensor)
+        offset += sizes[key]
+        for module in owners[key]:
+            module.qweight = slot
+
+
 def load_compressed(
     directory: Path, config: Any, state: dict[str, torch.Tensor], device: str | torch.device, dtype: torch.dtype | None
 ) -> nn.Module:
@@ -601,8 +667,9 @@ def load_compressed(
     _kernel_order.cache_clear()
     if spec.get("activations", "none") != "dynamic":
         for module in model.modules():
-            if isinstance(module, Int8Linear):
+            if isinstance(module, (Int8Linear, Int4Linear)):
                 module.tile()
+        _tiles_in_huge_pages(model)
     else:
         layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
         done = sum(m.prepack_dynamic() for m in layers)
