@@ -151,6 +151,22 @@ def _kernel_input(x: torch.Tensor) -> bool:
     )
 
 
+def _native_input(x: torch.Tensor, rows_times_k: int) -> bool:
+    """The native kernels' fast path: a decode-sized fp32 CPU input in an eager forward without gradients."""
+    return (
+        x.dtype is torch.float32
+        and x.numel() <= rows_times_k
+        and not torch.is_grad_enabled()
+        and _kernels["enabled"]
+        and not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+    )
+
+
+def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
+
+
 # ---- modules -------------------------------------------------------------------------------------
 class _Int8Codes(nn.Module):
     """int8 codes (N, K) in `qweight` with an fp32 scale per row in `scales`; the codes may lie in memory in the
@@ -256,6 +272,13 @@ class Int8Linear(_Int8Codes):
         return y.to(x2.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        if self.tiled and _native_input(x, NATIVE_INT8_MAX_ROWS * k):  # decoding: straight to the kernel
+            b = self._buffers
+            y = native.int8_linear(_rows(x, k), b["qweight"], b["scales"], None, n)
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*x.shape[:-1], n)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         fast = _kernel_input(x2)
@@ -444,6 +467,12 @@ class Int4Linear(nn.Module):
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, n = self.in_features, self.out_features
+        if self.tiled and self.outlier_index is None and _native_input(x, NATIVE_INT8_MAX_ROWS * k):
+            y = native.int4_linear(_rows(x, k), self._buffers["qweight"], self.native_sz, n, self.group_size)
+            if self.bias is not None:
+                y += self.bias
+            return y.view(*x.shape[:-1], n)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.tiled and _kernel_input(x2) and x2.shape[0] <= NATIVE_INT8_MAX_ROWS and x2.device.type == "cpu":
