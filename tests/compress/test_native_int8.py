@@ -246,3 +246,37 @@ def test_int4_native_matches_float64_product(n, k, group, rows):
     bound = x.double().abs().amax(-1, keepdim=True) * dense.abs().sum(1) * 2**-15 + 1e-5
     assert ((y.double() - reference).abs() <= bound).all()
     torch.library.opcheck(torch.ops.slmkit.int4_linear, (x, tiles, sz, n, group))
+
+
+@pytest.fixture(scope="module")
+def int4_dir(tmp_path_factory, data_dir, make_model):
+    root = tmp_path_factory.mktemp("native4")
+    src = make_model(root / "f", data_dir, d_model=64, d_ff=128, n_layers=2, max_seq_len=64)
+    out = root / "q4"
+    _compress(src, "int4", out, options=CompressOptions(group_size=32), measure=False)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_fused_groups_are_one_kernel_call(kind, int8_embeddings_dir, int4_dir):
+    """q/k/v and gate/up of a loaded quantized model run as one call over tiles lying back to back: the same
+    outputs, bit for bit, as the three (two) calls (the input row is quantized the same way once); a layer whose
+    scales are replaced afterwards sends the group back to one call per linear."""
+    from slmkit.models.decode_layout import fused_call
+
+    if not (native.int8_available() if kind == "int8" else native.int4_available()):
+        pytest.skip("native kernel not built")
+    model = load_model(int8_embeddings_dir if kind == "int8" else int4_dir)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    x = torch.randn(1, 2, attn.q_proj.in_features)
+    with torch.no_grad():
+        qkv, gate_up = fused_call(attn, x), fused_call(mlp, x)
+        assert qkv is not None and gate_up is not None
+        assert torch.equal(qkv, torch.cat([attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)], -1))
+        assert torch.equal(gate_up, torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
+        assert fused_call(attn, torch.randn(1, 40, attn.q_proj.in_features)) is None  # prefill-sized: one by one
+    assert fused_call(attn, x) is None  # gradients on
+    state = {key: value.clone() for key, value in attn.k_proj.state_dict().items()}
+    attn.k_proj.load_state_dict(state, assign=True)  # new tensors for k: the fused group no longer applies
+    with torch.no_grad():
+        assert fused_call(attn, x) is None and fused_call(mlp, x) is not None

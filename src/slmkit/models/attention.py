@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig, RopeScaling
-from slmkit.models.decode_layout import decode_linear, decode_product, fused_weight
+from slmkit.models.decode_layout import decode_linear, decode_product, fused_call, fused_weight
 from slmkit.models.state import (
     BlockMemoryKVState,
     CompactKVState,
@@ -270,10 +270,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context | None, state: nn.Module | None) -> torch.Tensor:
         b, t, _ = x.shape  # (B, T, C)
-        fused = fused_weight(self, QKV)  # CPU decoding: q, k, v as one product (slmkit.models.decode_layout)
-        if fused is not None:
-            sizes = (self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2)
-            q, k, v = decode_product(x, fused).split(sizes, -1)
+        # CPU decoding: q, k, v as one product (slmkit.models.decode_layout; quantized layers register theirs)
+        fused = fused_weight(self, QKV)
+        qkv = decode_product(x, fused) if fused is not None else fused_call(self, x)
+        if qkv is not None:
+            q, k, v = qkv.split((self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2), -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H D), (B, T, K D), (B, T, K D)
         if self.qk_norm_heads:

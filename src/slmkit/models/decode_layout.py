@@ -36,6 +36,7 @@ factor and GPU weights are left alone). `use_decode_layout(model, False)` restor
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,26 @@ def decode_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if _native_weight(weight) and (bias is None or bias.dtype is torch.float32):
             return _native_product(x, weight, bias)
     return linear(x)
+
+
+# module -> a callable computing its FUSED_GROUPS linears in one product (the quantized loader registers these for
+# its tiled layers, slmkit.models.quantized); the callable returns None where it does not apply
+_FUSED_CALLS: weakref.WeakKeyDictionary[nn.Module, Callable[[torch.Tensor], torch.Tensor | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def register_fused_call(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> None:
+    _FUSED_CALLS[module] = fn
+
+
+def fused_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """The module's fused group (q/k/v or gate/up) as one product through a registered callable, in an eager forward
+    without gradients; None (run the linears one by one) where none is registered or it does not apply."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    fn = _FUSED_CALLS.get(module)
+    return None if fn is None else fn(x)
 
 
 def native_layout() -> bool:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmkit.config import ModelConfig
-from slmkit.models.decode_layout import decode_linear, decode_product, fused_weight
+from slmkit.models.decode_layout import decode_linear, decode_product, fused_call, fused_weight
 
 GATE_UP = ("gate_proj", "up_proj")
 
@@ -39,8 +39,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_weight(self, GATE_UP)  # CPU decoding: gate and up as one product (slmkit.models.decode_layout)
-        if fused is not None:
-            gate, up = decode_product(x, fused).chunk(2, dim=-1)
+        gate_up = decode_product(x, fused) if fused is not None else fused_call(self, x)
+        if gate_up is not None:
+            gate, up = gate_up.chunk(2, dim=-1)
             return decode_linear(self.down_proj, self.act(gate) * up)
         return decode_linear(self.down_proj, self.act(self.gate_proj(x)) * self.up_proj(x))
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from slmkit.errors import UserError
 from slmkit.models import native
+from slmkit.models.decode_layout import FUSED_GROUPS, register_fused_call
 
 log = logging.getLogger(__name__)
 
@@ -636,6 +637,69 @@ def _tiles_in_huge_pages(model: nn.Module) -> None:
         offset += sizes[key]
         for module in owners[key]:
             module.qweight = slot
+    for module in model.modules():
+        for names in FUSED_GROUPS:
+            _fuse_tiled(module, names, arena)
+
+
+def _fuse_tiled(module: nn.Module, names: tuple[str, ...], arena: torch.Tensor) -> None:
+    """Register one kernel call for `module`'s linears `names` (q/k/v, gate/up) where they are tiled layers of one
+    kind lying back to back in `arena` (as the huge-page move leaves them): their tiles are read as one matrix and
+    their scales become views of one tensor (so an in-place change of either reaches the fused call)."""
+    linears = [module._modules.get(name) for name in names]
+    first = linears[0]
+    if not isinstance(first, (Int8Linear, Int4Linear)) or not all(type(m) is type(first) for m in linears):
+        return
+    if any(m.bias is not None or not m.tiled or m.in_features != first.in_features for m in linears):  # type: ignore[union-attr]
+        return
+    if isinstance(first, Int4Linear) and any(
+        m.outlier_index is not None or m.group_size != first.group_size
+        for m in linears  # type: ignore[union-attr]
+    ):
+        return
+    tiles = [m.qweight for m in linears]  # type: ignore[union-attr]
+    if any(m.out_features % native.TILE_ROWS for m in linears):  # type: ignore[union-attr]
+        return
+    for a, b in zip(tiles, tiles[1:], strict=False):
+        if a.data_ptr() + a.numel() * a.element_size() != b.data_ptr():
+            return
+    start = tiles[0].data_ptr() - arena.data_ptr()
+    total_bytes = sum(t.numel() * t.element_size() for t in tiles)
+    fused_tiles = arena[start : start + total_bytes].view(tiles[0].dtype).view(-1, *tiles[0].shape[1:])
+    n, k = sum(m.out_features for m in linears), first.in_features  # type: ignore[union-attr]
+    if isinstance(first, Int8Linear):
+        scales = torch.cat([m.scales for m in linears])  # type: ignore[union-attr]
+        row = 0
+        for m in linears:
+            m.scales = scales[row : row + m.out_features]  # type: ignore[union-attr]
+            row += m.out_features  # type: ignore[union-attr]
+    else:
+        scales = torch.cat([m.native_sz for m in linears])  # type: ignore[union-attr,misc]
+        block = 0
+        for m in linears:
+            m.native_sz = scales[block : block + m.native_sz.shape[0]]  # type: ignore[union-attr]
+            block += m.native_sz.shape[0]  # type: ignore[union-attr]
+    group = first.group_size if isinstance(first, Int4Linear) else 0
+
+    def pointers_now() -> tuple[int, ...]:  # _buffers and __dict__ directly: this runs on every decode step
+        if group == 0:
+            return tuple(m._buffers[key].data_ptr() for m in linears for key in ("qweight", "scales"))  # type: ignore[union-attr]
+        return tuple(t.data_ptr() for m in linears for t in (m._buffers["qweight"], m.__dict__["native_sz"]))  # type: ignore[union-attr]
+
+    pointers = pointers_now()
+
+    def call(x: torch.Tensor) -> torch.Tensor | None:
+        if not _native_input(x, NATIVE_INT8_MAX_ROWS * k):
+            return None
+        if pointers_now() != pointers:
+            return None  # re-laid or reloaded since: the linears one by one
+        if group:
+            y = native.int4_linear(_rows(x, k), fused_tiles, scales, n, group)
+        else:
+            y = native.int8_linear(_rows(x, k), fused_tiles, scales, None, n)
+        return y.view(*x.shape[:-1], n)
+
+    register_fused_call(module, call)
 
 
 def load_compressed(
