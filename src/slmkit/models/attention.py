@@ -276,7 +276,8 @@ class Attention(nn.Module):
         if qkv is not None:
             q, k, v = qkv.split((self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2), -1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # (B, T, H D), (B, T, K D), (B, T, K D)
+            # (B, T, H D), (B, T, K D), (B, T, K D); decode_linear: the native kernel in a compiled decode step
+            q, k, v = decode_linear(self.q_proj, x), decode_linear(self.k_proj, x), decode_linear(self.v_proj, x)
         if self.qk_norm_heads:
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, self.n_heads, self.head_dim)  # (B, T, H, D)

@@ -90,13 +90,24 @@ def _fusable(linears: list[nn.Module]) -> bool:
     )
 
 
+# whether the last decode layout was the native kernel's: what a compiled step reads (a plain flag dynamo can guard
+# on; the eager path asks native.f32_available() itself)
+_COMPILED_NATIVE = [False]
+
+
 def _native_rows(x: torch.Tensor) -> bool:
     """Whether an input may take the native fp32 kernel (the weight is checked by the callers)."""
+    if torch.compiler.is_compiling():  # a compiled decode step calls the kernel as a torch op
+        return (
+            _COMPILED_NATIVE[0]
+            and not torch.is_grad_enabled()
+            and x.dtype is torch.float32
+            and x.numel() <= NATIVE_F32_MAX_ROWS * x.shape[-1]
+        )
     return (
         x.dtype is torch.float32
         and x.numel() <= NATIVE_F32_MAX_ROWS * x.shape[-1]
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
         and x.device.type == "cpu"
         and native.f32_available()
     )
@@ -108,6 +119,10 @@ def _native_weight(weight: torch.Tensor) -> bool:
 
 def _native_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     k = x.shape[-1]
+    if torch.compiler.is_compiling():
+        y = torch.ops.slmkit.f32_linear(x.reshape(-1, k).contiguous(), weight)
+        y = y if bias is None else y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
     x2 = x.view(-1, k) if x.is_contiguous() else x.reshape(-1, k).contiguous()
     y = native.f32_linear(x2, weight, None if bias is None else bias.detach().contiguous())
     return y.view(*x.shape[:-1], weight.shape[0])
@@ -294,4 +309,5 @@ def use_decode_layout(model: nn.Module, enable: bool = True) -> int:
                 changed += 1
         if enable and native_layout():
             _place_in_huge_pages(model, routed)
+    _COMPILED_NATIVE[0] = enable and native_layout()
     return changed

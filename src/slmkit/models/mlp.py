@@ -43,7 +43,8 @@ class MLP(nn.Module):
         if gate_up is not None:
             gate, up = gate_up.chunk(2, dim=-1)
             return decode_linear(self.down_proj, self.act(gate) * up)
-        return decode_linear(self.down_proj, self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = decode_linear(self.gate_proj, x), decode_linear(self.up_proj, x)
+        return decode_linear(self.down_proj, self.act(gate) * up)
 
 
 class PlainMLP(nn.Module):

@@ -144,6 +144,17 @@ def f32_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return y
 
 
+@torch.library.custom_op("slmkit::f32_linear", mutates_args=())
+def f32_linear_op(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`f32_linear` as a torch op (no bias), so that a compiled decode step calls the kernel."""
+    return f32_linear(x2, weight, None)
+
+
+@f32_linear_op.register_fake
+def _(x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x2.new_empty(x2.shape[0], weight.shape[0])
+
+
 # ---- memory in huge pages -----------------------------------------------------------------------
 HUGE_PAGE = 1 << 21
 _MADV_HUGEPAGE = 14  # Linux
