@@ -280,3 +280,49 @@ def test_fused_groups_are_one_kernel_call(kind, int8_embeddings_dir, int4_dir):
     attn.k_proj.load_state_dict(state, assign=True)  # new tensors for k: the fused group no longer applies
     with torch.no_grad():
         assert fused_call(attn, x) is None and fused_call(mlp, x) is not None
+
+
+@pytest.mark.parametrize("flags", [("-mavx2", "-mfma", "-mno-avx512f"), ("-mno-avx2", "-mno-avx512f", "-mno-fma")])
+def test_other_simd_paths_compute_the_same(flags, tmp_path):
+    """The AVX2 and portable-C paths (what a CPU without AVX-512 builds) against float64, for each kernel."""
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+
+    from slmkit.compress.quantize import int4_rtn, int8_quantize
+    from slmkit.models.quantized import int4_dequant
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler on x86-64")
+    target = tmp_path / "variant.so"
+    cmd = [compiler, "-O2", *flags, "-shared", "-fPIC", "-std=c11", "-o", str(target), str(native.SOURCE), "-lm"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    lib = ctypes.CDLL(str(target))
+    lib.slm_simd_level.restype = ctypes.c_int
+    assert lib.slm_simd_level() == (1 if "-mavx2" in flags else 0)
+    p = ctypes.c_void_p
+    gen = torch.Generator().manual_seed(7)
+    n, k, group, m = 37, 256, 64, 3
+    x = torch.randn(m, k, generator=gen)
+    y = torch.empty(m, n)
+    # fp32
+    w = torch.randn(n, k, generator=gen)
+    lib.slm_f32_linear.argtypes = [p] * 4 + [ctypes.c_int64] * 3
+    lib.slm_f32_linear(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), m, n, k)
+    assert torch.allclose(y.double(), F.linear(x.double(), w.double()), atol=1e-4)
+    # int8
+    codes, scales = int8_quantize(w * 0.05)
+    tiles = native.tile_int8(codes)
+    lib.slm_q8_linear.argtypes = [p] * 5 + [ctypes.c_int64] * 3
+    assert lib.slm_q8_linear(x.data_ptr(), tiles.data_ptr(), scales.data_ptr(), None, y.data_ptr(), m, n, k) == 0
+    reference = F.linear(x.double(), codes.double() * scales.double()[:, None])
+    assert (y.double() - reference).abs().max() < 1e-4 * reference.abs().max()
+    # int4
+    codes4, s4, z4 = int4_rtn(w * 0.05, group)
+    tiles4, sz = native.tile_int4(codes4, s4.float(), z4.float(), group)
+    lib.slm_q4_linear.argtypes = [p] * 4 + [ctypes.c_int64] * 4
+    assert lib.slm_q4_linear(x.data_ptr(), tiles4.data_ptr(), sz.data_ptr(), y.data_ptr(), m, n, k, group) == 0
+    reference = F.linear(x.double(), int4_dequant(codes4.double(), s4.double(), z4.double(), group))
+    assert (y.double() - reference).abs().max() < 1e-4 * reference.abs().max()
