@@ -276,6 +276,10 @@ def test_fused_groups_are_one_kernel_call(kind, int8_embeddings_dir, int4_dir):
         assert torch.equal(gate_up, torch.cat([mlp.gate_proj(x), mlp.up_proj(x)], -1))
         assert fused_call(attn, torch.randn(1, 40, attn.q_proj.in_features)) is None  # prefill-sized: one by one
     assert fused_call(attn, x) is None  # gradients on
+    handle = attn.v_proj.register_forward_hook(lambda module, args, out: out + 1.0)  # as a LoRA adapter adds its own
+    with torch.no_grad():
+        assert fused_call(attn, x) is None  # the hook must run: the linears one by one
+    handle.remove()
     state = {key: value.clone() for key, value in attn.k_proj.state_dict().items()}
     attn.k_proj.load_state_dict(state, assign=True)  # new tensors for k: the fused group no longer applies
     with torch.no_grad():

@@ -691,8 +691,8 @@ def _fuse_tiled(module: nn.Module, names: tuple[str, ...], arena: torch.Tensor) 
     def call(x: torch.Tensor) -> torch.Tensor | None:
         if not _native_input(x, NATIVE_INT8_MAX_ROWS * k):
             return None
-        if pointers_now() != pointers:
-            return None  # re-laid or reloaded since: the linears one by one
+        if pointers_now() != pointers or any(m._forward_hooks or m._forward_pre_hooks for m in linears):  # type: ignore[union-attr]
+            return None  # re-laid or reloaded since, or adapted (LoRA hooks): the linears one by one
         if group:
             y = native.int4_linear(_rows(x, k), fused_tiles, scales, n, group)
         else:
