@@ -68,9 +68,9 @@ FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # input rows up to which an fp32 decode product takes the native kernel (slmkit.models.native): measured over every
 # 124m product, one thread, quiet: 1.31x MKL's best layout at 1 row, 1.6x at 2, 2.3x at 4, level at 8, slower at 16
 NATIVE_F32_MAX_ROWS = 4
-# a module class lists in DECODE_ROUTED the linears its forward runs through `decode_linear`: with the native
-# kernel those stay row-major (the layout it streams fastest), the others are laid out for MKL as before
-# module -> (fused (in, sum of outs) matrix, its weights' data_ptrs); weak and outside the module, so a deep copy
+# (A module class lists in DECODE_ROUTED the linears its forward runs through `decode_linear`: with the native
+# kernel those stay row-major, the layout it streams fastest; the others are laid out for MKL as before.)
+# module -> (fused (sum of outs, in) weight, its weights' data_ptrs); weak and outside the module, so a deep copy
 # or a pickle of the model does not carry a spare copy of the fused matrix, and a dropped module frees it
 _FUSED: weakref.WeakKeyDictionary[nn.Module, tuple[torch.Tensor, tuple[int, ...]]] = weakref.WeakKeyDictionary()
 
@@ -101,6 +101,7 @@ def _native_rows(x: torch.Tensor) -> bool:
         return (
             _COMPILED_NATIVE[0]
             and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
             and x.dtype is torch.float32
             and x.numel() <= NATIVE_F32_MAX_ROWS * x.shape[-1]
         )

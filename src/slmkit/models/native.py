@@ -1,10 +1,14 @@
 """slmkit's native CPU kernels: built on first use with the system C compiler, loaded with ctypes, optional.
 
-`native_kernels.c` (next to this file) holds an int8-weight matrix product for decode-sized inputs (issue #24):
-int8 weights in tiles of 4 rows x 32 columns read as one stream, activations quantized per row to int16, exact
-int32 dot products (AVX-512 VNNI, AVX-512 BW or AVX2; a portable C loop elsewhere, which is correct but slow and
-so not used by default). torch 2.13's `_weight_int8pack_mm` at one row runs at about a third of this machine's
-read bandwidth, which made int8 decode only ~1.35x float (docs/compression.md).
+`native_kernels.c` (next to this file) holds the matrix products of CPU decoding (issue #24; docs/compression.md
+"The native kernels", docs/inference.md sixth round):
+- int8 and int4 weights in tiles of 4 rows x 32 columns read as one stream, activations quantized per row to int16,
+  exact int32 dot products (AVX-512 VNNI, AVX-512 BW or AVX2; int4 on AVX-512 only). torch 2.13's
+  `_weight_int8pack_mm` at one row ran at about a third of this machine's read bandwidth.
+- fp32 weights in nn.Linear's own row-major layout, one row at a time (one sequential stream, faster than MKL's
+  matrix-vector product over either layout); used through `slmkit.models.decode_layout`.
+A portable C path compiles everywhere; it is correct but slow, so it is not used by default. `huge_empty` gives
+the memory those weights are moved into (transparent huge pages, where the OS grants them).
 
 The library is compiled once per source, compiler and CPU (`cc -O3 -march=native -shared -fPIC`) into
 `$SLMKIT_KERNEL_CACHE` (default `~/.cache/slmkit/kernels`, or a temporary directory when that is not writable);
