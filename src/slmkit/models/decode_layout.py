@@ -220,7 +220,6 @@ def _fuse(module: nn.Module, names: tuple[str, ...]) -> bool | None:
 
 # model -> the huge-page arenas its decode weights were moved into (`_place_in_huge_pages`)
 _ARENAS: weakref.WeakKeyDictionary[nn.Module, list[torch.Tensor]] = weakref.WeakKeyDictionary()
-ARENA_ALIGN = 16  # elements (64 bytes of fp32) between units
 
 
 def _in_arena(model: nn.Module, t: torch.Tensor) -> bool:
@@ -230,32 +229,32 @@ def _in_arena(model: nn.Module, t: torch.Tensor) -> bool:
 
 def _place_in_huge_pages(model: nn.Module, routed: set[int]) -> None:
     """Move the native kernel's decode weights (the fused groups' matrices and the routed weights) into one new
-    allocation backed by huge pages (`native.huge_empty`), unit by unit, each weight a view of it as before (the
+    allocation backed by huge pages (`native.huge_slots`), unit by unit, each weight a view of it as before (the
     same Parameters, shapes, values and ties; the old memory is freed as each unit moves)."""
-    units: list[tuple[str, object, torch.Tensor]] = []
+    units: list[tuple[str, object]] = []  # ("fused", module) or ("weight", Parameter): no old tensor held here
+    likes: list[tuple[torch.Size, torch.dtype]] = []
     for module in model.modules():
         entry = _FUSED.get(module)
         if entry is not None and entry[0].is_contiguous() and not _in_arena(model, entry[0]):
-            units.append(("fused", module, entry[0]))
+            units.append(("fused", module))
+            likes.append((entry[0].shape, entry[0].dtype))
     placed = set()
     for module in model.modules():
         if type(module) is nn.Linear and id(module.weight) in routed and id(module.weight) not in placed:
             placed.add(id(module.weight))
             if module.weight.is_contiguous() and not _in_arena(model, module.weight):
-                units.append(("weight", module.weight, module.weight))
+                units.append(("weight", module.weight))
+                likes.append((module.weight.shape, module.weight.dtype))
     if not units:
         return
-    sizes = [-(-t.numel() // ARENA_ALIGN) * ARENA_ALIGN for _, _, t in units]
-    arena = native.huge_empty(sum(sizes), torch.float32)
+    arena, slots = native.huge_slots(likes)
     _ARENAS.setdefault(model, []).append(arena)
-    offset = 0
-    for (kind, owner, tensor), size in zip(units, sizes, strict=True):
-        slot = arena[offset : offset + tensor.numel()].view(tensor.shape)
-        slot.copy_(tensor)
-        offset += size
+    for (kind, owner), slot in zip(units, slots, strict=True):
         if kind == "weight":
+            slot.copy_(owner.data)  # type: ignore[attr-defined]
             owner.data = slot  # type: ignore[attr-defined]
             continue
+        slot.copy_(_FUSED[owner][0])  # type: ignore[index]
         names = next(group for group in FUSED_GROUPS if all(n in owner._modules for n in group))  # type: ignore[attr-defined]
         start = 0
         for name in names:

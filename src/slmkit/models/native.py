@@ -22,6 +22,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -191,6 +192,19 @@ def huge_empty(numel: int, dtype: torch.dtype) -> torch.Tensor:
     if advise is not None and end > start:
         advise(start, end - start, _MADV_HUGEPAGE)  # best effort: an error leaves plain pages
     return t
+
+
+def huge_slots(likes: list[tuple[torch.Size, torch.dtype]], align: int = 64) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Empty tensors of the given shapes and dtypes, back to back (each at a multiple of `align` bytes) in one
+    `huge_empty` allocation: the allocation (uint8) and the tensors, views of it. Callers copy their weights in one
+    at a time and re-point them, so each old tensor is freed as its copy is made."""
+    nbytes = [math.prod(shape) * dtype.itemsize for shape, dtype in likes]
+    arena = huge_empty(sum(-(-n // align) * align for n in nbytes), torch.uint8)
+    slots, offset = [], 0
+    for (shape, dtype), n in zip(likes, nbytes, strict=True):
+        slots.append(arena[offset : offset + n].view(dtype).view(shape))
+        offset += -(-n // align) * align
+    return arena, slots
 
 
 # ---- the tiled int8 layout -----------------------------------------------------------------------

@@ -619,23 +619,16 @@ def read_spec(config: Any) -> dict[str, Any] | None:
 def _tiles_in_huge_pages(model: nn.Module) -> None:
     """Move every layer's native-kernel tiles into one allocation backed by huge pages (`native.huge_empty`: the
     kernels stream faster from them); modules sharing tiles (a tied int8 head and embedding) keep sharing them."""
-    owners: dict[int, list[nn.Module]] = {}
-    tensors: dict[int, torch.Tensor] = {}
+    owners: dict[int, list[nn.Module]] = {}  # one entry per tiles tensor, in module order (q, k, v back to back)
     for module in model.modules():
         if isinstance(module, (Int8Linear, Int8Embedding, Int4Linear)) and module.tiled:
             owners.setdefault(id(module.qweight), []).append(module)
-            tensors[id(module.qweight)] = module.qweight
-    if not tensors:
+    if not owners:
         return
-    align = 64
-    sizes = {key: -(-t.numel() // align) * align for key, t in tensors.items()}
-    arena = native.huge_empty(sum(sizes.values()), torch.uint8)
-    offset = 0
-    for key, tensor in tensors.items():
-        slot = arena[offset : offset + tensor.numel()].view(tensor.dtype).view(tensor.shape)
-        slot.copy_(tensor)
-        offset += sizes[key]
-        for module in owners[key]:
+    arena, slots = native.huge_slots([(group[0].qweight.shape, group[0].qweight.dtype) for group in owners.values()])
+    for group, slot in zip(owners.values(), slots, strict=True):
+        slot.copy_(group[0].qweight)
+        for module in group:
             module.qweight = slot
     for module in model.modules():
         for names in FUSED_GROUPS:
@@ -667,18 +660,11 @@ def _fuse_tiled(module: nn.Module, names: tuple[str, ...], arena: torch.Tensor) 
     total_bytes = sum(t.numel() * t.element_size() for t in tiles)
     fused_tiles = arena[start : start + total_bytes].view(tiles[0].dtype).view(-1, *tiles[0].shape[1:])
     n, k = sum(m.out_features for m in linears), first.in_features  # type: ignore[union-attr]
-    if isinstance(first, Int8Linear):
-        scales = torch.cat([m.scales for m in linears])  # type: ignore[union-attr]
-        row = 0
-        for m in linears:
-            m.scales = scales[row : row + m.out_features]  # type: ignore[union-attr]
-            row += m.out_features  # type: ignore[union-attr]
-    else:
-        scales = torch.cat([m.native_sz for m in linears])  # type: ignore[union-attr,misc]
-        block = 0
-        for m in linears:
-            m.native_sz = scales[block : block + m.native_sz.shape[0]]  # type: ignore[union-attr]
-            block += m.native_sz.shape[0]  # type: ignore[union-attr]
+    name = "scales" if isinstance(first, Int8Linear) else "native_sz"  # what the kernel reads beside the tiles
+    parts = [getattr(m, name) for m in linears]
+    scales = torch.cat(parts)
+    for m, view in zip(linears, scales.split([p.shape[0] for p in parts]), strict=True):
+        setattr(m, name, view)
     group = first.group_size if isinstance(first, Int4Linear) else 0
 
     def pointers_now() -> tuple[int, ...]:  # _buffers and __dict__ directly: this runs on every decode step
