@@ -27,6 +27,7 @@ from torch import nn
 
 from slmkit.config import ModelConfig
 from slmkit.errors import UserError
+from slmkit.models import native_decode
 from slmkit.models.attention import Context, RMSNorm, rope_cos_sin, rope_inv_freq
 from slmkit.models.decode_layout import decode_linear
 from slmkit.models.registry import build_mixer, build_mlp
@@ -142,6 +143,11 @@ class Transformer(nn.Module):
         position pos[0] + depth(i) for rotary / learned embeddings, and sees the prefix and its ancestors only.
         """
         b, t = idx.shape
+        if t == 1 and b == 1 and state is not None and tree is None and segments is None and logits_at is None:
+            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                hidden = native_decode.decode(self, idx, state, pos, upto)  # every layer in one native call
+                if hidden is not None:
+                    return self._head(hidden)
         if pos is None:
             pos = torch.arange(t, device=idx.device)
         positions = pos if pos.dim() == 2 else pos.unsqueeze(0)  # (B or 1, T)
@@ -198,9 +204,13 @@ class Transformer(nn.Module):
             x = x[torch.arange(b, device=x.device), logits_at].unsqueeze(1)  # (B, 1, C)
         elif last_only:
             x = x[:, -1:, :]
-        logits = decode_linear(self.lm_head, self.norm(x))  # (B, T, V); the native kernel when decoding on a CPU
-        if cfg.logit_softcap is not None:  # smoothly bounded to (-cap, cap)
-            logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        return self._head(self.norm(x))
+
+    def _head(self, normed: torch.Tensor) -> torch.Tensor:
+        logits = decode_linear(self.lm_head, normed)  # (B, T, V); the native kernel when decoding on a CPU
+        cap = self.config.logit_softcap
+        if cap is not None:  # smoothly bounded to (-cap, cap)
+            logits = cap * torch.tanh(logits / cap)
         return logits
 
     def takes_tree(self, state: ModelState) -> bool:
