@@ -91,6 +91,10 @@ def test_seeds_of_choices_wrap_into_int64(tokenizer):
     req = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "seed": 2**63 - 1, "n": 2})
     requests = openai.generation_requests(req, ["Hi"], tokenizer, context=64, max_batch=4, default_max_tokens=4)
     assert [r.sampling.seed for r in requests] == [2**63 - 1, -(2**63)]
+    # any integer: one past int64 is its wrap (the schema does not bound it: +-2^63 is not exact as a float)
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "Hi", "seed": 2**70 + 5, "n": 1})
+    [request] = openai.generation_requests(req, ["Hi"], tokenizer, context=64, max_batch=4, default_max_tokens=4)
+    assert request.sampling.seed == 5
 
 
 @pytest.mark.parametrize(

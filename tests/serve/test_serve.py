@@ -270,7 +270,7 @@ def test_request_joins_while_another_streams(client, engine, name):
             400,
             "logprobs",
         ),
-        ("/v1/completions", {"model": "NAME", "prompt": "x", "seed": 2**70, "temperature": 1}, 400, "seed"),
+        ("/v1/completions", {"model": "NAME", "prompt": "x", "seed": 1.5, "temperature": 1}, 400, "seed"),
         ("/v1/completions", {"model": "NAME", "prompt": ["x"] * 33}, 400, "prompt"),
         ("/v1/completions", {"model": "NAME", "prompt": "x", "stop": ["a"] * 5}, 400, "stop"),
         ("/v1/completions", [1, 2], 400, None),

@@ -196,7 +196,9 @@ class OpenAIRequest(BaseModel):
     top_p: float = Field(default=defaults.OPENAI_TOP_P, gt=0, le=1)
     frequency_penalty: float = Field(default=defaults.FREQUENCY_PENALTY, ge=-2, le=2)
     presence_penalty: float = Field(default=defaults.PRESENCE_PENALTY, ge=-2, le=2)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)  # what torch.Generator.manual_seed takes
+    # any integer, wrapped into int64 (what torch.Generator.manual_seed takes) by `choice_seed`; unbounded in the
+    # schema, since bounds at +-2^63 are not exact in the floating point clients and fuzzers compare them with
+    seed: int | None = None
     stop: Text | list[Text] | None = None
     stream: bool = False
     n: int = Field(default=1, ge=1, le=MAX_N)
