@@ -222,7 +222,8 @@ class Attention(nn.Module):
     packs_documents = True
     # new_state takes a KVCacheSpec (bounded, quantized, pruned caches); Transformer.new_state passes it to such mixers
     accepts_kv_cache = True
-    DECODE_ROUTED = ("o_proj",)  # forward runs it through decode_linear (slmkit.models.decode_layout)
+    # forward runs these through decode_linear (slmkit.models.decode_layout): q/k/v when they are not fused
+    DECODE_ROUTED = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()

@@ -264,6 +264,12 @@ def _place_in_huge_pages(model: nn.Module, routed: set[int]) -> None:
         _FUSED[owner] = (slot, tuple(owner._modules[n].weight.data_ptr() for n in names))  # type: ignore[attr-defined,index]
 
 
+def _group(module: nn.Module) -> list[nn.Module]:
+    """The linears of the fused group a module in _FUSED holds."""
+    names = next(group for group in FUSED_GROUPS if all(n in module._modules for n in group))
+    return [module._modules[n] for n in names]  # type: ignore[misc]
+
+
 def use_decode_layout(model: nn.Module, enable: bool = True) -> int:
     """Lay out the model's fp32 linear weights on a CPU for decoding (enable), or back as nn.Linear stores them (not
     enable), in place; returns how many weights (or fused groups) changed. Attention's q/k/v and a gated MLP's
@@ -308,6 +314,7 @@ def use_decode_layout(model: nn.Module, enable: bool = True) -> int:
                 weight.data = weight.data.contiguous()
                 changed += 1
         if enable and native_layout():
-            _place_in_huge_pages(model, routed)
+            fused_parts = {id(m.weight) for module in model.modules() if module in _FUSED for m in _group(module)}
+            _place_in_huge_pages(model, routed - fused_parts)  # a fused group moves as one matrix
     _COMPILED_NATIVE[0] = enable and native_layout()
     return changed

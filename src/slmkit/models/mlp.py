@@ -27,7 +27,8 @@ ACTIVATIONS = {
 class MLP(nn.Module):
     """Gated: down(act(gate(x)) * up(x)); width `d_ff` unless given (a MoE's shared expert has its own)."""
 
-    DECODE_ROUTED = ("down_proj",)  # forward runs it through decode_linear (slmkit.models.decode_layout)
+    # forward runs these through decode_linear (slmkit.models.decode_layout): gate/up when they are not fused
+    DECODE_ROUTED = ("gate_proj", "up_proj", "down_proj")
 
     def __init__(self, config: ModelConfig, d_ff: int | None = None) -> None:
         super().__init__()
@@ -50,6 +51,8 @@ class MLP(nn.Module):
 class PlainMLP(nn.Module):
     """Ungated: down(act(up(x)))."""
 
+    DECODE_ROUTED = ("up_proj", "down_proj")  # forward runs them through decode_linear
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.act = ACTIVATIONS[config.activation]
@@ -57,4 +60,4 @@ class PlainMLP(nn.Module):
         self.down_proj = nn.Linear(config.d_ff, config.d_model, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+        return decode_linear(self.down_proj, self.act(decode_linear(self.up_proj, x)))

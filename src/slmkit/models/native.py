@@ -102,17 +102,28 @@ def library() -> ctypes.CDLL | None:
             detail = getattr(exc, "stderr", "") or str(exc)
             errors.append(f"{directory}: {detail.strip().splitlines()[-1] if detail.strip() else exc}")
             continue
-        lib.slm_simd_level.restype = ctypes.c_int
-        lib.slm_simd_level.argtypes = []
-        lib.slm_q8_linear.restype = ctypes.c_int
-        lib.slm_q8_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3
-        lib.slm_f32_linear.restype = None
-        lib.slm_f32_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
-        lib.slm_q4_linear.restype = ctypes.c_int
-        lib.slm_q4_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4
-        return lib
+        return declare(lib)
     log.info("native CPU kernels not built (%s); torch's kernels are used", "; ".join(errors))
     return None
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Set the argument and result types of the library's functions (a build of `SOURCE`)."""
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.slm_simd_level.restype = ctypes.c_int
+    lib.slm_simd_level.argtypes = []
+    lib.slm_q8_linear.restype = ctypes.c_int
+    lib.slm_q8_linear.argtypes = [p] * 5 + [i64] * 3
+    lib.slm_f32_linear.restype = None
+    lib.slm_f32_linear.argtypes = [p] * 4 + [i64] * 3
+    lib.slm_q4_linear.restype = ctypes.c_int
+    lib.slm_q4_linear.argtypes = [p] * 4 + [i64] * 4
+    lib.slm_decode_fields.restype = ctypes.c_int
+    lib.slm_decode_fields.argtypes = []
+    # x, layer fields, layers, dims, eps, cos table, sin table, position, upto, final norm, out, scratch
+    lib.slm_decode_layers.restype = ctypes.c_int
+    lib.slm_decode_layers.argtypes = [p, p, i64, p, ctypes.c_float, p, p, p, i64, p, p, p]
+    return lib
 
 
 def simd_level() -> int:

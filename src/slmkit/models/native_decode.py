@@ -20,7 +20,6 @@ was planned on at every step, so a weight moved or replaced since (`.to()`, a ne
 
 from __future__ import annotations
 
-import ctypes
 import weakref
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 from slmkit.models import native
 
 ENABLED = [True]
+STEPS = [0]  # decode steps run natively (what tests and benchmarks read to know the path was taken)
 LIN_NONE, LIN_F32, LIN_Q8, LIN_Q4 = -1, 0, 1, 2
 LIN_FIELDS, LINS = 7, 7  # as native_kernels.c: (kind, weight, aux, bias, n, k, group) x (q, k, v, o, gate, up, down)
 LAYER_FIELDS = LINS * LIN_FIELDS + 4  # + input norm, post-attention norm, key cache, value cache
@@ -45,20 +45,6 @@ class _Unsupported(Exception):
     def __init__(self, why: str, lasting: bool = False) -> None:
         super().__init__(why)
         self.lasting = lasting
-
-
-def _bind(lib: ctypes.CDLL) -> Any:
-    fn = lib.slm_decode_layers
-    if getattr(fn, "_slm_bound", False):
-        return fn
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, p, i64, p, ctypes.c_float, p, p, p, i64, p, p, p]
-    fn.restype = ctypes.c_int
-    lib.slm_decode_fields.restype = ctypes.c_int
-    if lib.slm_decode_fields() != LAYER_FIELDS * 100 + N_DIMS:
-        raise _Unsupported("the kernel library's layer description differs from this module's")
-    fn._slm_bound = True
-    return fn
 
 
 def _linear_fields(linear: nn.Module | None, sources: list) -> list[int]:
@@ -104,6 +90,9 @@ class Plan:
         from slmkit.models.decode_layout import _FUSED
         from slmkit.models.mlp import MLP, PlainMLP
 
+        lib = native.library()
+        if lib is None or lib.slm_decode_fields() != LAYER_FIELDS * 100 + N_DIMS:
+            raise _Unsupported("the kernel library's layer description differs from this module's", lasting=True)
         cfg = model.config  # type: ignore[attr-defined]
         if cfg.positions != "rope" or cfg.value_embeds or cfg.skip_connections:
             raise _Unsupported("positions other than rotary, value embeddings or skips", lasting=True)
@@ -235,7 +224,8 @@ class Plan:
             caches += [(k, k.data_ptr()), (v, v.data_ptr())]
         cfg = self.config
         hd = cfg.dim_per_head
-        dims = [cfg.d_model, cfg.n_heads, cfg.n_kv_heads, hd, self.d_ff, slots, cfg.rope_dim, ACTIVATIONS[cfg.activation]]
+        dims = [cfg.d_model, cfg.n_heads, cfg.n_kv_heads, hd, self.d_ff, slots, cfg.rope_dim]
+        dims.append(ACTIVATIONS[cfg.activation])
         scratch = torch.empty(cfg.d_model * 2 + (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd + 2 * self.d_ff + slots)
         entry = (layers, dims, scratch, caches)
         self.states[state] = entry
@@ -264,7 +254,6 @@ def _plan(model: nn.Module) -> Plan | None:
     elif plan is LASTING or (plan is not None and plan == _signature(model)):
         return None
     try:
-        _bind(native.library())  # type: ignore[arg-type]
         plan = Plan(model)
     except _Unsupported as why:
         _PLANS[model] = LASTING if why.lasting else _signature(model)
@@ -311,4 +300,5 @@ def decode(
         return None  # a position outside the cache: nothing written; the layers' path raises its own error
     if rc:
         raise MemoryError(f"slm_decode_layers failed ({rc})")
+    STEPS[0] += 1
     return out

@@ -1,0 +1,210 @@
+"""The native decode step (`slmkit.models.native_decode`: every layer of a batch-1 one-token step in one C call):
+its logits equal the layers' own path within 1e-5 at every step, for fp32 (with and without the decode layout),
+grouped-query and partial rotary attention, biases, the other activations and rope scalings, and int8 / int4
+tiled weights; greedy tokens through the decode core are the same; it steps aside (the layers run, with their
+results) where it does not apply: a forward hook (an adapter), weights moved since it was planned, caches it does
+not run, two rows, architectures it lacks, a position past the cache; and the AVX2 and portable-C builds compute
+the same step."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from slmkit.config import ModelConfig, RopeScaling
+from slmkit.infer.core import decode_greedy
+from slmkit.models import build_model, native, native_decode
+from slmkit.models.decode_layout import use_decode_layout
+from slmkit.models.state import KVCacheSpec
+
+pytestmark = pytest.mark.skipif(not native.f32_available(), reason="native kernels not built (no C compiler?)")
+
+
+def make(seed: int = 0, **overrides) -> torch.nn.Module:
+    fields = dict(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96, max_seq_len=64,
+        eos_token_id=None,
+    )  # fmt: skip
+    fields.update(overrides)
+    model = build_model(ModelConfig(**fields))
+    model.init_weights(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.mul_(3)  # sharp enough that greedy paths are not degenerate
+            elif name.endswith("bias") or name.endswith("norm.weight") or "layernorm" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed + 1)) * 0.3)
+    return model.eval()
+
+
+def step_logits(model, tokens: list[int], prompt_len: int, native_on: bool, upto: bool = True) -> torch.Tensor:
+    """Prefill the prompt, then feed the rest one token at a time; the stacked logits of every one-token step."""
+    native_decode.ENABLED[0] = native_on
+    try:
+        state = model.new_state(1, 48)
+        out = []
+        with torch.inference_mode():
+            model(torch.tensor([tokens[:prompt_len]]), state=state, pos=torch.arange(prompt_len))
+            for p in range(prompt_len, len(tokens)):
+                pos = torch.tensor([p])
+                logits = model(torch.tensor([[tokens[p]]]), state=state, pos=pos, upto=p + 1 if upto else None)
+                out.append(logits[0, -1])
+        return torch.stack(out)
+    finally:
+        native_decode.ENABLED[0] = True
+
+
+TOKENS = list(torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist())
+VARIANTS = {
+    "llama gqa": {},
+    "multi-head": {"n_kv_heads": 4},
+    "one kv head": {"n_kv_heads": 1},
+    "partial rotary": {"rope_fraction": 0.5},
+    "biases": {"qkv_bias": True, "out_bias": True, "mlp_bias": True},
+    "relu2": {"activation": "relu2"},
+    "gelu_tanh": {"activation": "gelu_tanh"},
+    "gelu plain mlp": {"activation": "gelu", "mlp": "plain"},
+    "yarn": {"rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)},
+    "untied, eps": {"tie_embeddings": False, "norm_eps": 1e-6},
+}
+
+
+@pytest.mark.parametrize("layout", [True, False], ids=["decode layout", "as stored"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_native_step_matches_the_layers(variant, layout):
+    model = make(**VARIANTS[variant])
+    if layout:
+        use_decode_layout(model)
+    before = native_decode.STEPS[0]
+    ours = step_logits(model, TOKENS, 8, True)
+    assert native_decode.STEPS[0] - before == len(TOKENS) - 8  # every one-token step took the native path
+    theirs = step_logits(model, TOKENS, 8, False)
+    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    # without upto (attend every slot up to the position) as with it
+    assert torch.allclose(step_logits(model, TOKENS, 8, True, upto=False), ours, atol=1e-6)
+
+
+def test_greedy_through_the_core_is_the_same():
+    model = make()
+    before = native_decode.STEPS[0]
+    [ours], _ = decode_greedy(model, [TOKENS[:5]], 30)
+    assert native_decode.STEPS[0] - before >= 29
+    native_decode.ENABLED[0] = False
+    try:
+        [theirs], _ = decode_greedy(model, [TOKENS[:5]], 30)
+    finally:
+        native_decode.ENABLED[0] = True
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_tiles(bits):
+    if bits == 4 and not native.int4_available():
+        pytest.skip("the int4 kernel needs AVX-512")
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from quant_decode import quantize_in_memory
+
+    model = quantize_in_memory(make(d_model=64, d_ff=128), bits)
+    before = native_decode.STEPS[0]
+    ours = step_logits(model, TOKENS, 8, True)
+    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    theirs = step_logits(model, TOKENS, 8, False)
+    # the same product kernels; fp32 differences of ~1e-7 in a norm's output can move an activation's int16 rounding
+    # (2^-16 of its row's largest entry) by one step, so the two paths differ by that much, not more
+    assert (ours - theirs).abs().max() <= 1e-4 * max(1.0, theirs.abs().max().item())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_a_hook_keeps_the_layers_path():
+    model = make()
+    plain = step_logits(model, TOKENS, 8, False)
+    handle = model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: o * 1.5)
+    try:
+        before = native_decode.STEPS[0]
+        hooked = step_logits(model, TOKENS, 8, True)
+        assert native_decode.STEPS[0] == before  # the hook ran: the layers' own path
+        assert torch.allclose(hooked, step_logits(model, TOKENS, 8, False))
+        assert not torch.allclose(hooked, plain, atol=1e-3)
+    finally:
+        handle.remove()
+    before = native_decode.STEPS[0]
+    assert torch.allclose(step_logits(model, TOKENS, 8, True), plain, atol=1e-5)  # hook gone: native again
+    assert native_decode.STEPS[0] > before
+
+
+def test_weights_moved_since_the_plan_are_read_where_they_are():
+    model = make()
+    use_decode_layout(model)
+    step_logits(model, TOKENS, 8, True)  # planned
+    with torch.no_grad():
+        down = model.layers[0].mlp.down_proj
+        down.weight.data = down.weight.data * 0.5  # a new tensor
+        model.layers[1].input_layernorm.weight.mul_(2.0)  # in place: same memory
+    use_decode_layout(model, False)  # the fused matrices go; every weight row-major again
+    before = native_decode.STEPS[0]
+    ours = step_logits(model, TOKENS, 8, True)
+    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    assert torch.allclose(ours, step_logits(model, TOKENS, 8, False), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"sliding_window": 8}, {"qk_norm": True}, {"mixer": "mamba2", "mlp": "none"}, {"positions": "learned"}],
+    ids=["window", "qk norm", "mamba2", "learned positions"],
+)
+def test_architectures_it_lacks_take_the_layers_path(overrides):
+    model = make(**overrides)
+    before = native_decode.STEPS[0]
+    ours = step_logits(model, TOKENS, 8, True)
+    assert native_decode.STEPS[0] == before
+    assert torch.equal(ours, step_logits(model, TOKENS, 8, False))
+
+
+def test_states_it_does_not_run_take_the_layers_path():
+    model = make()
+    before = native_decode.STEPS[0]
+    with torch.inference_mode():
+        two = model.new_state(2, 48)  # two rows
+        model(torch.tensor([[1], [2]]), state=two, pos=torch.tensor([0]))
+        one = model.new_state(1, 48)
+        compact = model.new_state(1, 48, cache=KVCacheSpec(dtype="int8"))  # a quantized cache
+        model(torch.tensor([[1]]), state=compact, pos=torch.tensor([0]))
+        model(torch.tensor([[1]]), state=one, pos=torch.tensor([0]))
+    assert native_decode.STEPS[0] == before + 1  # only the plain one-row cache
+    # a position past the cache: nothing written, and the layers' own error
+    with torch.inference_mode(), pytest.raises((IndexError, RuntimeError)):
+        model(torch.tensor([[1]]), state=one, pos=torch.tensor([48]))
+    assert native_decode.STEPS[0] == before + 1
+
+
+def test_other_simd_builds_compute_the_same_step(tmp_path, monkeypatch):
+    """The AVX2 and portable-C paths of the whole step (what a CPU without AVX-512 runs) against the layers."""
+    import ctypes
+
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs a C compiler on x86-64")
+    model = make()
+    use_decode_layout(model)
+    theirs = step_logits(model, TOKENS, 8, False)
+    for flags in (("-mavx2", "-mfma", "-mno-avx512f"), ("-mno-avx2", "-mno-avx512f", "-mno-fma")):
+        target = tmp_path / f"variant{len(flags)}{flags[0]}.so"
+        cmd = [compiler, "-O2", *flags, "-shared", "-fPIC", "-std=c11", "-o", str(target), str(native.SOURCE), "-lm"]
+        subprocess.run(cmd, check=True, capture_output=True)
+        lib = native.declare(ctypes.CDLL(str(target)))
+        monkeypatch.setattr(native, "library", lambda lib=lib: lib)
+        monkeypatch.setattr(native, "f32_available", lambda: True)
+        native_decode._PLANS.pop(model, None)
+        before = native_decode.STEPS[0]
+        ours = step_logits(model, TOKENS, 8, True)
+        assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item()), flags
+    native_decode._PLANS.pop(model, None)
