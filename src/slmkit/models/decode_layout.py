@@ -264,6 +264,19 @@ def _place_in_huge_pages(model: nn.Module, routed: set[int]) -> None:
         _FUSED[owner] = (slot, tuple(owner._modules[n].weight.data_ptr() for n in names))  # type: ignore[attr-defined,index]
 
 
+def fused_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The matrix the decode layout fused `module`'s group into (q/k/v or gate/up, as row blocks or the transpose of
+    column blocks), whether or not it is still current (callers check the linears' pointers: `fused_pointers`)."""
+    entry = _FUSED.get(module)
+    return None if entry is None else entry[0]
+
+
+def fused_pointers(module: nn.Module) -> tuple[int, ...] | None:
+    """The data_ptrs of the group's weights when `module`'s group was fused (None: not fused)."""
+    entry = _FUSED.get(module)
+    return None if entry is None else entry[1]
+
+
 def _group(module: nn.Module) -> list[nn.Module]:
     """The linears of the fused group a module in _FUSED holds."""
     names = next(group for group in FUSED_GROUPS if all(n in module._modules for n in group))

@@ -87,7 +87,7 @@ class Plan:
 
     def __init__(self, model: nn.Module) -> None:
         from slmkit.models.attention import Attention, RMSNorm
-        from slmkit.models.decode_layout import _FUSED
+        from slmkit.models.decode_layout import fused_matrix, fused_pointers
         from slmkit.models.mlp import MLP, PlainMLP
 
         lib = native.library()
@@ -118,9 +118,9 @@ class Plan:
                 raise _Unsupported("MLP widths that differ between layers", lasting=True)
             d_ff = width
             row: list[int] = []
-            fused = _FUSED.get(attn)
-            if fused is not None and fused[0].is_contiguous():  # the decode layout's q/k/v as one row-major matrix
-                row += self._fused_fields(attn, ("q_proj", "k_proj", "v_proj"), fused)
+            fused = fused_matrix(attn)
+            if fused is not None and fused.is_contiguous():  # the decode layout's q/k/v as one row-major matrix
+                row += self._fused_fields(attn, ("q_proj", "k_proj", "v_proj"), fused, fused_pointers(attn))
                 row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
                 row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
             else:
@@ -131,9 +131,9 @@ class Plan:
                 row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
                 row += _linear_fields(mlp.up_proj, self.sources)
             else:
-                fused = _FUSED.get(mlp)
-                if fused is not None and fused[0].is_contiguous():
-                    row += self._fused_fields(mlp, ("gate_proj", "up_proj"), fused)
+                fused = fused_matrix(mlp)
+                if fused is not None and fused.is_contiguous():
+                    row += self._fused_fields(mlp, ("gate_proj", "up_proj"), fused, fused_pointers(mlp))
                     row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
                 else:
                     row += _linear_fields(mlp.gate_proj, self.sources)
@@ -168,8 +168,7 @@ class Plan:
         self.pointers = self._pointers()
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ModelState -> (layers, dims, ...)
 
-    def _fused_fields(self, module: nn.Module, names: tuple[str, ...], fused: tuple) -> list[int]:
-        matrix, pointers = fused
+    def _fused_fields(self, module: nn.Module, names: tuple[str, ...], matrix: torch.Tensor, pointers) -> list[int]:
         linears = [module._modules[name] for name in names]
         if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
             raise _Unsupported("fused linears that are not plain")
