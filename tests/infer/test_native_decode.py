@@ -208,3 +208,26 @@ def test_other_simd_builds_compute_the_same_step(tmp_path, monkeypatch):
         assert native_decode.STEPS[0] - before == len(TOKENS) - 8
         assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item()), flags
     native_decode._PLANS.pop(model, None)
+
+
+def test_dequantized_matmuls_turns_the_quantized_step_off():
+    """Inside `dequantized_matmuls()` the layers widen their weights (the reference); the native step must not run
+    its int8 kernels there, and runs them again after."""
+    from slmkit.models.quantized import dequantized_matmuls
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from quant_decode import quantize_in_memory
+
+    model = quantize_in_memory(make(d_model=64, d_ff=128), 8)
+    with dequantized_matmuls():
+        before = native_decode.STEPS[0]
+        widened = step_logits(model, TOKENS, 8, True)
+        assert native_decode.STEPS[0] == before
+        assert torch.equal(widened, step_logits(model, TOKENS, 8, False))
+    before = native_decode.STEPS[0]
+    step_logits(model, TOKENS, 8, True)
+    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    with dequantized_matmuls():  # planned now, and still off inside the block
+        before = native_decode.STEPS[0]
+        assert torch.equal(step_logits(model, TOKENS, 8, True), widened)
+        assert native_decode.STEPS[0] == before

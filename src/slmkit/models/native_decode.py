@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from slmkit.models import native
+from slmkit.models.quantized import kernels_enabled
 
 ENABLED = [True]
 STEPS = [0]  # decode steps run natively (what tests and benchmarks read to know the path was taken)
@@ -69,17 +70,26 @@ def _linear_fields(linear: nn.Module | None, sources: list) -> list[int]:
     elif type(linear) is Int8Linear and linear.tiled and native.int8_available():
         b = linear._buffers
         sources.extend([(b, "qweight"), (b, "scales")])
+        if not kernels_enabled():
+            raise _Unsupported("quantized kernels off (dequantized_matmuls)")
+        sources.append(QUANTIZED)
         fields = [LIN_Q8, b["qweight"].data_ptr(), b["scales"].data_ptr(), bias_ptr, n, k, 0]  # type: ignore[union-attr]
     elif type(linear) is Int4Linear and linear.tiled and linear.outlier_index is None and native.int4_available():
         sz = linear.native_sz
         assert sz is not None
         sources.extend([(linear._buffers, "qweight"), (linear.__dict__, "native_sz")])
+        if not kernels_enabled():
+            raise _Unsupported("quantized kernels off (dequantized_matmuls)")
+        sources.append(QUANTIZED)
         fields = [LIN_Q4, linear.qweight.data_ptr(), sz.data_ptr(), bias_ptr, n, k, linear.group_size]
     else:
         raise _Unsupported(f"a {type(linear).__name__} the kernels do not run")
     if bias is not None:
         sources.append((linear._parameters if "bias" in linear._parameters else linear._buffers, "bias"))
     return fields
+
+
+QUANTIZED = (None, "")  # a marker among a plan's sources: it runs int8/int4 kernels
 
 
 class Plan:
@@ -165,6 +175,8 @@ class Plan:
         self.rope_scaling = cfg.rope_scaling
         self.n_layers = len(rows)
         self.d_ff = d_ff or 0
+        self.quantized = QUANTIZED in self.sources
+        self.sources = [source for source in self.sources if source is not QUANTIZED]
         self.pointers = self._pointers()
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ModelState -> (layers, dims, ...)
 
@@ -242,12 +254,14 @@ def _signature(model: nn.Module) -> tuple:
         (type(m), getattr(m, "tiled", None), bool(m._forward_hooks or m._forward_pre_hooks)) for m in model.modules()
     )
     param = next(model.parameters(), None)
-    return mods, None if param is None else (param.dtype, param.device)
+    return mods, None if param is None else (param.dtype, param.device), kernels_enabled()
 
 
 def _plan(model: nn.Module) -> Plan | None:
     plan = _PLANS.get(model)
     if isinstance(plan, Plan):
+        if plan.quantized and not kernels_enabled():
+            return None  # inside dequantized_matmuls(): the layers widen their weights
         if plan.valid():
             return plan
     elif plan is LASTING or (plan is not None and plan == _signature(model)):

@@ -72,6 +72,11 @@ def dequantized_matmuls():
         _kernels["enabled"] = saved
 
 
+def kernels_enabled() -> bool:
+    """False inside `dequantized_matmuls()` (the native decode step reads this too)."""
+    return _kernels["enabled"]
+
+
 # ---- int4 packing --------------------------------------------------------------------------------
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """(N, K) integer codes in [0, 15] -> (N, K/2) uint8, low nibble = even column."""
