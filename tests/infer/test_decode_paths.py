@@ -145,6 +145,7 @@ def test_cpu_engine_compiles_after_enough_tokens_with_the_same_output(lm, no_com
     import slmkit.infer.engine as engine_module
 
     monkeypatch.setattr(engine_module, "AUTO_COMPILE_TOKENS", 20)
+    monkeypatch.setattr(engine_module.native_decode, "applies", lambda model: False)  # a model it does not run
     engine = Engine(lm.model, lm.tokenizer)  # compile=None: left to choose
     explicit_eager = Engine(lm.model, lm.tokenizer, compile=False)
     first = engine.generate(PROMPTS, max_new_tokens=8)  # 24 tokens: the rule turns compilation on
@@ -155,3 +156,17 @@ def test_cpu_engine_compiles_after_enough_tokens_with_the_same_output(lm, no_com
     assert [c.token_ids for c in first] == [c.token_ids for c in second] == [c.token_ids for c in want]
     explicit_eager.generate(PROMPTS, max_new_tokens=8)
     assert not explicit_eager.compile  # compile=False stays eager
+
+
+def test_cpu_engine_stays_eager_where_the_native_step_runs(lm, monkeypatch):
+    """The native decode step (slmkit.models.native_decode) is faster than the compiled one: no auto-compile."""
+    import slmkit.infer.engine as engine_module
+    from slmkit.models import native_decode
+
+    if not native_decode.applies(lm.model):
+        pytest.skip("native kernels not built (no C compiler?)")
+    monkeypatch.setattr(engine_module, "AUTO_COMPILE_TOKENS", 20)
+    engine = Engine(lm.model, lm.tokenizer)
+    engine.generate(PROMPTS, max_new_tokens=8)
+    engine.generate(PROMPTS, max_new_tokens=8)
+    assert not engine.compile and not engine._static

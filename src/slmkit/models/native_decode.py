@@ -100,6 +100,8 @@ class Plan:
         from slmkit.models.decode_layout import fused_matrix, fused_pointers
         from slmkit.models.mlp import MLP, PlainMLP
 
+        if not all(hasattr(model, name) for name in ("config", "layers", "embed_tokens", "norm", "rope_table")):
+            raise _Unsupported("not a slmkit Transformer", lasting=True)
         lib = native.library()
         if lib is None or lib.slm_decode_fields() != LAYER_FIELDS * 100 + N_DIMS:
             raise _Unsupported("the kernel library's layer description differs from this module's", lasting=True)
@@ -273,6 +275,12 @@ def _plan(model: nn.Module) -> Plan | None:
         return None
     _PLANS[model] = plan
     return plan
+
+
+def applies(model: nn.Module) -> bool:
+    """Whether the native step runs this model's batch-1 decode steps now (its architecture, layers and hooks; the
+    state is checked per call)."""
+    return ENABLED[0] and native.f32_available() and _plan(model) is not None
 
 
 def decode(
