@@ -1,10 +1,10 @@
-"""The native decode step (`slmkit.models.native_decode`: every layer of a batch-1 one-token step in one C call):
-its logits equal the layers' own path within 1e-5 at every step, for fp32 (with and without the decode layout),
-grouped-query and partial rotary attention, biases, the other activations and rope scalings, and int8 / int4
-tiled weights; greedy tokens through the decode core are the same; it steps aside (the layers run, with their
-results) where it does not apply: a forward hook (an adapter), weights moved since it was planned, caches it does
-not run, two rows, architectures it lacks, a position past the cache; and the AVX2 and portable-C builds compute
-the same step."""
+"""The native decode step (`slmkit.models.native_decode`: every layer of a one-token step in one C call): its
+logits equal the layers' own path within 1e-5 at every step, at batch 1 and for rows at their own positions, for
+fp32 (with and without the decode layout), grouped-query and partial rotary attention, biases, the other
+activations and rope scalings, and int8 / int4 tiled weights; greedy tokens through the decode core are the same;
+it steps aside (the layers run, with their results) where it does not apply: a forward hook (an adapter), weights
+moved since it was planned, caches it does not run, more than MAX_ROWS rows, architectures it lacks, a position
+past the cache; and the AVX2 and portable-C builds compute the same step."""
 
 from __future__ import annotations
 
@@ -172,17 +172,17 @@ def test_states_it_does_not_run_take_the_layers_path():
     model = make()
     before = native_decode.STEPS[0]
     with torch.inference_mode():
-        two = model.new_state(2, 48)  # two rows
+        two = model.new_state(2, 48)  # two rows: native too
         model(torch.tensor([[1], [2]]), state=two, pos=torch.tensor([0]))
         one = model.new_state(1, 48)
         compact = model.new_state(1, 48, cache=KVCacheSpec(dtype="int8"))  # a quantized cache
         model(torch.tensor([[1]]), state=compact, pos=torch.tensor([0]))
         model(torch.tensor([[1]]), state=one, pos=torch.tensor([0]))
-    assert native_decode.STEPS[0] == before + 1  # only the plain one-row cache
+    assert native_decode.STEPS[0] == before + 2  # the plain caches, not the quantized one
     # a position past the cache: nothing written, and the layers' own error
     with torch.inference_mode(), pytest.raises((IndexError, RuntimeError)):
         model(torch.tensor([[1]]), state=one, pos=torch.tensor([48]))
-    assert native_decode.STEPS[0] == before + 1
+    assert native_decode.STEPS[0] == before + 2
 
 
 def test_other_simd_builds_compute_the_same_step(tmp_path, monkeypatch):
@@ -231,3 +231,59 @@ def test_dequantized_matmuls_turns_the_quantized_step_off():
         before = native_decode.STEPS[0]
         assert torch.equal(step_logits(model, TOKENS, 8, True), widened)
         assert native_decode.STEPS[0] == before
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_rows_at_their_own_positions(bits):
+    """Three rows of one state, prefilled to different lengths, then decoded together (pos (B, 1), each row its own
+    position and cache row), and all at one position (pos (1,), upto): the layers' logits within 1e-5 (int8: 1e-4)."""
+    model = make(d_ff=128)
+    if bits:
+        sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+        from quant_decode import quantize_in_memory
+
+        model = quantize_in_memory(model, bits)
+    else:
+        use_decode_layout(model)
+    lengths = [5, 9, 7]
+
+    def run(native_on: bool) -> torch.Tensor:
+        native_decode.ENABLED[0] = native_on
+        try:
+            state = model.new_state(3, 48)
+            out = []
+            with torch.inference_mode():
+                for r, n in enumerate(lengths):
+                    model(torch.tensor([TOKENS[r : r + n]]), state=state.rows(r, r + 1), pos=torch.arange(n))
+                at = list(lengths)
+                for step in range(6):  # rows at their own positions
+                    idx = torch.tensor([[TOKENS[20 + step + r]] for r in range(3)])
+                    pos = torch.tensor(at)[:, None]
+                    out.append(model(idx, state=state, pos=pos, upto=max(at) + 1)[:, -1])
+                    at = [p + 1 for p in at]
+                shared = max(at)  # then every row at one position: [0, upto) attended, gaps and all, as the layers do
+                for step in range(4):
+                    idx = torch.tensor([[TOKENS[30 + step + r]] for r in range(3)])
+                    out.append(model(idx, state=state, pos=torch.tensor([shared]), upto=shared + 1)[:, -1])
+                    shared += 1
+            return torch.stack(out)
+        finally:
+            native_decode.ENABLED[0] = True
+
+    before = native_decode.STEPS[0]
+    ours = run(True)
+    assert native_decode.STEPS[0] - before == 10
+    theirs = run(False)
+    tol = 1e-4 if bits else 1e-5
+    assert (ours - theirs).abs().max() <= tol * max(1.0, theirs.abs().max().item())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_more_rows_than_max_take_the_layers_path():
+    model = make()
+    n = native_decode.MAX_ROWS + 1
+    before = native_decode.STEPS[0]
+    with torch.inference_mode():
+        state = model.new_state(n, 16)
+        model(torch.arange(n)[:, None], state=state, pos=torch.tensor([0]))
+    assert native_decode.STEPS[0] == before

@@ -1,4 +1,4 @@
-"""A batch-1 decode step through every layer in one native call (issue #24).
+"""A CPU decode step of one token per row through every layer in one native call (issue #24).
 
 At batch 1 on a CPU a decode step is a chain of matrix-vector products (memory-bound: the weights' bytes set the
 time) separated by ~40 small torch ops per layer (norms, splits, rotary, the cache write, attention, residuals,
@@ -8,12 +8,13 @@ this was written on: for the 60M `base` preset a third of what its 12 layers' pr
 decode layout's row-major and fused weights, the int8 and int4 tiles), so one step is one ctypes call plus the
 embedding lookup and the head.
 
-`decode(model, idx, state, pos, upto)` is what `Transformer.forward` tries first for a one-token, one-row, eager
-forward without gradients; it returns the final-normed hidden state, or None where the step does not apply and
-the layers run as before. It applies to models whose every block is RMSNorm, attention (rotary, no sliding window,
-no q/k norm, no value embeddings) and a dense MLP, with plain fp32 `KVState` caches of one row, and linears that
-are plain fp32 `nn.Linear`s, or tiled `Int8Linear` / `Int4Linear` (the native kernels' layouts), without forward
-hooks (a LoRA adapter's hook keeps the layers' own path). Everything it reads is checked against the pointers it
+`decode(model, idx, state, pos, upto)` is what `Transformer.forward` tries first for a one-token forward of up to
+MAX_ROWS rows (batch 1 above all; rows may sit at different positions), eager and without gradients; it returns
+the final-normed hidden states, or None where the step does not apply and the layers run as before. It applies to
+models whose every block is RMSNorm, attention (rotary, no sliding window, no q/k norm, no value embeddings) and a
+dense MLP, with plain fp32 `KVState` caches (one row per input row), and linears that are plain fp32 `nn.Linear`s,
+or tiled `Int8Linear` / `Int4Linear` (the native kernels' layouts), without forward hooks (a LoRA adapter's hook
+keeps the layers' own path). Everything it reads is checked against the pointers it
 was planned on at every step, so a weight moved or replaced since (`.to()`, a new layout, a load) replans it.
 `ENABLED[0] = False` (or `SLMKIT_NATIVE_KERNELS=0`) turns it off.
 """
@@ -30,6 +31,9 @@ from slmkit.models import native
 from slmkit.models.quantized import kernels_enabled
 
 ENABLED = [True]
+# rows up to which a decode step runs natively: the products' kernels are at or above MKL's up to about 8 rows (fp32;
+# int8/int4 to 32); the continuous batcher's larger batches keep the layers' path
+MAX_ROWS = 8
 STEPS = [0]  # decode steps run natively (what tests and benchmarks read to know the path was taken)
 LIN_NONE, LIN_F32, LIN_Q8, LIN_Q4 = -1, 0, 1, 2
 LIN_FIELDS, LINS = 7, 7  # as native_kernels.c: (kind, weight, aux, bias, n, k, group) x (q, k, v, o, gate, up, down)
@@ -203,7 +207,7 @@ class Plan:
 
     def for_state(self, state: nn.Module, model: nn.Module) -> tuple | None:
         """(layer fields with this state's caches, dims but the table's rows, scratch, the caches) or None where the
-        state is not one the kernel runs (plain fp32 KV caches of one row, every layer)."""
+        state is not one the kernel runs (plain fp32 KV caches of at most MAX_ROWS rows, every layer)."""
         from slmkit.models.state import KVState
 
         entry = self.states.get(state)
@@ -222,7 +226,7 @@ class Plan:
                 return None
             k, v = s.k, s.v
             if (
-                k.shape[0] != 1
+                k.shape[0] > MAX_ROWS
                 or k.dtype != torch.float32
                 or v.dtype != torch.float32
                 or not (k.is_contiguous() and v.is_contiguous())
@@ -239,7 +243,9 @@ class Plan:
         hd = cfg.dim_per_head
         dims = [cfg.d_model, cfg.n_heads, cfg.n_kv_heads, hd, self.d_ff, slots, cfg.rope_dim]
         dims.append(ACTIVATIONS[cfg.activation])
-        scratch = torch.empty(cfg.d_model * 2 + (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd + 2 * self.d_ff + slots)
+        rows = state.layer(0).k.shape[0]  # type: ignore[operator]
+        per_row = 2 * cfg.d_model + (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd + 3 * self.d_ff
+        scratch = torch.empty(rows * per_row + slots)
         entry = (layers, dims, scratch, caches)
         self.states[state] = entry
         return entry
@@ -278,19 +284,21 @@ def _plan(model: nn.Module) -> Plan | None:
 
 
 def applies(model: nn.Module) -> bool:
-    """Whether the native step runs this model's batch-1 decode steps now (its architecture, layers and hooks; the
-    state is checked per call)."""
+    """Whether the native step runs this model's decode steps (of up to MAX_ROWS rows) now: its architecture, layers
+    and hooks (the state is checked per call)."""
     return ENABLED[0] and native.f32_available() and _plan(model) is not None
 
 
 def decode(
     model: nn.Module, idx: torch.Tensor, state: nn.Module, pos: torch.Tensor | None, upto: int | None
 ) -> torch.Tensor | None:
-    """The final-normed hidden state (1, 1, C) after every layer for one token idx (1, 1) at position pos, with the
-    caches in `state` updated; None (nothing touched) where the native step does not apply."""
-    if not ENABLED[0] or pos is None or idx.device.type != "cpu" or not native.f32_available():
+    """The final-normed hidden states (B, 1, C) after every layer for one token per row idx (B, 1), B <= MAX_ROWS, at
+    positions pos ((1,) or (1, 1): every row at one; (B, 1): each its own), with the caches in `state` (B rows)
+    updated; None (nothing touched) where the native step does not apply."""
+    rows = idx.shape[0]
+    if not ENABLED[0] or pos is None or idx.device.type != "cpu" or rows > MAX_ROWS or not native.f32_available():
         return None
-    if pos.dtype != torch.int64 or pos.numel() != 1 or not pos.is_contiguous():
+    if pos.dtype != torch.int64 or pos.numel() not in (1, rows) or not pos.is_contiguous():
         return None
     plan = _plan(model)
     if plan is None:
@@ -299,6 +307,8 @@ def decode(
     if entry is None:
         return None
     layers, dims, scratch, _ = entry
+    if state.layer(0).k.shape[0] != rows:  # type: ignore[operator]
+        return None
     cfg = plan.config
     if cfg.rope_scaling is not plan.rope_scaling or cfg.rope_dim != dims[6]:
         _PLANS.pop(model, None)  # the config's rotary changed (a context extension): plan again next step
@@ -313,9 +323,11 @@ def decode(
     lib = native.library()
     assert lib is not None
     dims_now = torch.tensor([*dims, cos.shape[0]], dtype=torch.int64)
+    per_row = 1 if pos.numel() > 1 else 0  # (B, 1): each row at its own position; (1,) or (1, 1): one for all
     rc = lib.slm_decode_layers(
         x.data_ptr(), layers.data_ptr(), plan.n_layers, dims_now.data_ptr(), plan.eps, cos.data_ptr(), sin.data_ptr(),
-        pos.data_ptr(), -1 if upto is None else upto, plan.final.weight.data_ptr(), out.data_ptr(), scratch.data_ptr(),
+        pos.data_ptr(), per_row, rows, -1 if upto is None else upto, plan.final.weight.data_ptr(), out.data_ptr(),
+        scratch.data_ptr(),
     )  # fmt: skip
     if rc == -2:
         return None  # a position outside the cache: nothing written; the layers' path raises its own error

@@ -328,19 +328,20 @@ enum { SLM_ACT_SILU = 0, SLM_ACT_GELU = 1, SLM_ACT_GELU_TANH = 2, SLM_ACT_RELU =
 
 int slm_decode_fields(void) { return SLM_LAYER_FIELDS * 100 + SLM_DIMS; }
 
-static int lin_apply(const int64_t *d, const float *x, float *y) {
+static int lin_apply(const int64_t *d, const float *x, float *y, int64_t m) {
     const int64_t n = d[4], k = d[5];
     const float *bias = (const float *)(intptr_t)d[3];
     switch (d[0]) {
     case SLM_LIN_F32:
-        slm_f32_linear(x, (const float *)(intptr_t)d[1], bias, y, 1, n, k);
+        slm_f32_linear(x, (const float *)(intptr_t)d[1], bias, y, m, n, k);
         return 0;
     case SLM_LIN_Q8:
-        return slm_q8_linear(x, (const int8_t *)(intptr_t)d[1], (const float *)(intptr_t)d[2], bias, y, 1, n, k);
+        return slm_q8_linear(x, (const int8_t *)(intptr_t)d[1], (const float *)(intptr_t)d[2], bias, y, m, n, k);
     case SLM_LIN_Q4: {
-        int rc = slm_q4_linear(x, (const uint8_t *)(intptr_t)d[1], (const float *)(intptr_t)d[2], y, 1, n, k, d[6]);
+        int rc = slm_q4_linear(x, (const uint8_t *)(intptr_t)d[1], (const float *)(intptr_t)d[2], y, m, n, k, d[6]);
         if (bias)
-            for (int64_t i = 0; i < n; i++) y[i] += bias[i];
+            for (int64_t r = 0; r < m; r++)
+                for (int64_t i = 0; i < n; i++) y[r * n + i] += bias[i];
         return rc;
     }
     default:
@@ -381,21 +382,25 @@ static void rotate(float *h, const float *c, const float *s, int64_t r) {
 }
 
 /* Returns 0, -1 (a kernel could not allocate), -2 (a position outside the cache or the rotary table: nothing was
- * written) or -3 (a bad description). x (d_model) is updated in place; out gets the final norm of it. */
+ * written) or -3 (a bad description). x (rows, d_model) is updated in place; out gets its final norm. Row r sits at
+ * position pos[r * pos_stride] (pos_stride 0: one position for every row) and writes and reads batch row r of each
+ * cache ((rows, KV, S, D)); it attends to slots [0, upto) with one shared position and upto >= 0 (as the layers
+ * do without a mask), else to slots [0, its position]. */
 int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const int64_t *dims, float eps,
-                      const float *cos_table, const float *sin_table, const int64_t *pos_ptr, int64_t upto,
-                      const float *final_norm, float *out, float *scratch) {
+                      const float *cos_table, const float *sin_table, const int64_t *pos, int64_t pos_stride,
+                      int64_t rows, int64_t upto, const float *final_norm, float *out, float *scratch) {
     const int64_t c = dims[0], nh = dims[1], nkv = dims[2], hd = dims[3], ff = dims[4], slots = dims[5];
     const int64_t rot = dims[6], act = dims[7], table_rows = dims[8];
-    const int64_t pos = *pos_ptr;
-    const int64_t keys = upto >= 0 ? upto : pos + 1;
-    if (pos < 0 || pos >= slots || pos >= table_rows || keys <= pos || keys > slots) return -2;
-    if (nkv <= 0 || nh % nkv || rot > hd || rot % 2) return -3;
-    const int64_t group = nh / nkv, qkv_n = (nh + 2 * nkv) * hd;
-    float *normed = scratch, *qkv = normed + c, *att = qkv + qkv_n, *tmp = att + nh * hd;
-    float *hidden = tmp + c, *scores = hidden + 2 * ff;
-    const float *cos_row = cos_table + pos * rot, *sin_row = sin_table + pos * rot;
+    if (nkv <= 0 || nh % nkv || rot > hd || rot % 2 || rows < 1) return -3;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t p = pos[r * pos_stride], keys = (pos_stride == 0 && upto >= 0) ? upto : p + 1;
+        if (p < 0 || p >= slots || p >= table_rows || keys <= p || keys > slots) return -2;
+    }
+    const int64_t group = nh / nkv, qn = nh * hd, kn = nkv * hd, qkv_n = qn + 2 * kn;
+    float *normed = scratch, *qkv = normed + rows * c, *att = qkv + rows * qkv_n, *tmp = att + rows * qn;
+    float *hidden = tmp + rows * c, *staged = hidden + rows * 2 * ff, *scores = staged + rows * ff;
     const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t cache_row = nkv * slots * hd;
     int rc;
     for (int64_t l = 0; l < n_layers; l++) {
         const int64_t *d = layers + l * SLM_LAYER_FIELDS;
@@ -403,55 +408,78 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
         const int64_t *lg = d + 4 * SLM_LIN_FIELDS, *lu = d + 5 * SLM_LIN_FIELDS, *ld = d + 6 * SLM_LIN_FIELDS;
         const float *ln1 = (const float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS];
         const float *ln2 = (const float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 1];
-        float *kc = (float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 2];
-        float *vc = (float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 3];
-        /* attention */
-        rms_norm(x, ln1, eps, normed, c);
-        if ((rc = lin_apply(lq, normed, qkv))) return rc;
-        if (lk[0] != SLM_LIN_NONE) {
-            if ((rc = lin_apply(lk, normed, qkv + nh * hd)) || (rc = lin_apply(lv, normed, qkv + (nh + nkv) * hd)))
-                return rc;
-        }
-        float *q = qkv, *k = qkv + nh * hd, *v = k + nkv * hd;
-        for (int64_t h = 0; h < nh; h++) rotate(q + h * hd, cos_row, sin_row, rot);
-        for (int64_t h = 0; h < nkv; h++) {
-            rotate(k + h * hd, cos_row, sin_row, rot);
-            memcpy(kc + (h * slots + pos) * hd, k + h * hd, (size_t)hd * sizeof(float));
-            memcpy(vc + (h * slots + pos) * hd, v + h * hd, (size_t)hd * sizeof(float));
-        }
-        for (int64_t h = 0; h < nh; h++) {
-            const float *qh = q + h * hd, *kh = kc + (h / group) * slots * hd, *vh = vc + (h / group) * slots * hd;
-            float top = -INFINITY;
-            for (int64_t j = 0; j < keys; j++) {
-                scores[j] = dot_f32(qh, kh + j * hd, hd) * scale;
-                top = scores[j] > top ? scores[j] : top;
-            }
-            float total = 0.0f, *o = att + h * hd;
-            for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-            for (int64_t j = 0; j < keys; j++) {
-                const float p = expf(scores[j] - top);
-                const float *vj = vh + j * hd;
-                total += p;
-                for (int64_t i = 0; i < hd; i++) o[i] += p * vj[i];
-            }
-            const float inv = 1.0f / total;
-            for (int64_t i = 0; i < hd; i++) o[i] *= inv;
-        }
-        if ((rc = lin_apply(lo, att, tmp))) return rc;
-        for (int64_t i = 0; i < c; i++) x[i] += tmp[i];
-        /* MLP */
-        rms_norm(x, ln2, eps, normed, c);
-        if (lg[0] == SLM_LIN_NONE) { /* ungated: down(act(up(x))) */
-            if ((rc = lin_apply(lu, normed, hidden))) return rc;
-            for (int64_t i = 0; i < ff; i++) hidden[i] = activate(hidden[i], act);
+        float *kcache = (float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 2];
+        float *vcache = (float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 3];
+        /* attention: q, k, v of row r at q + r * qs, k + r * ks, v + r * ks (one fused (rows, qkv_n) output, or
+         * three outputs of their own widths) */
+        for (int64_t r = 0; r < rows; r++) rms_norm(x + r * c, ln1, eps, normed + r * c, c);
+        float *q = qkv, *k, *v;
+        int64_t qs, ks;
+        if ((rc = lin_apply(lq, normed, qkv, rows))) return rc;
+        if (lk[0] == SLM_LIN_NONE) {
+            k = q + qn, v = k + kn, qs = ks = qkv_n;
         } else {
-            if ((rc = lin_apply(lg, normed, hidden))) return rc;
-            if (lu[0] != SLM_LIN_NONE && (rc = lin_apply(lu, normed, hidden + ff))) return rc;
-            for (int64_t i = 0; i < ff; i++) hidden[i] = activate(hidden[i], act) * hidden[ff + i];
+            k = q + rows * qn, v = k + rows * kn, qs = qn, ks = kn;
+            if ((rc = lin_apply(lk, normed, k, rows)) || (rc = lin_apply(lv, normed, v, rows))) return rc;
         }
-        if ((rc = lin_apply(ld, hidden, tmp))) return rc;
-        for (int64_t i = 0; i < c; i++) x[i] += tmp[i];
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t p = pos[r * pos_stride], keys = (pos_stride == 0 && upto >= 0) ? upto : p + 1;
+            const float *cos_row = cos_table + p * rot, *sin_row = sin_table + p * rot;
+            float *qr = q + r * qs, *kr = k + r * ks, *vr = v + r * ks;
+            float *kc = kcache + r * cache_row, *vc = vcache + r * cache_row;
+            for (int64_t h = 0; h < nh; h++) rotate(qr + h * hd, cos_row, sin_row, rot);
+            for (int64_t h = 0; h < nkv; h++) {
+                rotate(kr + h * hd, cos_row, sin_row, rot);
+                memcpy(kc + (h * slots + p) * hd, kr + h * hd, (size_t)hd * sizeof(float));
+                memcpy(vc + (h * slots + p) * hd, vr + h * hd, (size_t)hd * sizeof(float));
+            }
+            for (int64_t h = 0; h < nh; h++) {
+                const float *qh = qr + h * hd, *kh = kc + (h / group) * slots * hd, *vh = vc + (h / group) * slots * hd;
+                float top = -INFINITY;
+                for (int64_t j = 0; j < keys; j++) {
+                    scores[j] = dot_f32(qh, kh + j * hd, hd) * scale;
+                    top = scores[j] > top ? scores[j] : top;
+                }
+                float total = 0.0f, *o = att + r * qn + h * hd;
+                for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+                for (int64_t j = 0; j < keys; j++) {
+                    const float w = expf(scores[j] - top);
+                    const float *vj = vh + j * hd;
+                    total += w;
+                    for (int64_t i = 0; i < hd; i++) o[i] += w * vj[i];
+                }
+                const float inv = 1.0f / total;
+                for (int64_t i = 0; i < hd; i++) o[i] *= inv;
+            }
+        }
+        if ((rc = lin_apply(lo, att, tmp, rows))) return rc;
+        for (int64_t i = 0; i < rows * c; i++) x[i] += tmp[i];
+        /* MLP: gate and up of row r at hidden + r * gs and + r * gs + us (fused: one (rows, 2 ff) output) */
+        for (int64_t r = 0; r < rows; r++) rms_norm(x + r * c, ln2, eps, normed + r * c, c);
+        float *act_out = hidden; /* (rows, ff) */
+        if (lg[0] == SLM_LIN_NONE) { /* ungated: down(act(up(x))) */
+            if ((rc = lin_apply(lu, normed, hidden, rows))) return rc;
+            for (int64_t i = 0; i < rows * ff; i++) hidden[i] = activate(hidden[i], act);
+        } else {
+            int64_t gs, us;
+            if ((rc = lin_apply(lg, normed, hidden, rows))) return rc;
+            if (lu[0] == SLM_LIN_NONE) {
+                gs = 2 * ff, us = ff;
+            } else {
+                gs = ff, us = rows * ff;
+                if ((rc = lin_apply(lu, normed, hidden + rows * ff, rows))) return rc;
+            }
+            for (int64_t r = 0; r < rows; r++) {
+                const float *g = hidden + r * gs, *u = g + us;
+                float *a = staged + r * ff; /* apart: row r's output would overwrite row r + 1's fused input */
+                for (int64_t i = 0; i < ff; i++) a[i] = activate(g[i], act) * u[i];
+            }
+            act_out = staged;
+        }
+        if ((rc = lin_apply(ld, act_out, tmp, rows))) return rc;
+        for (int64_t i = 0; i < rows * c; i++) x[i] += tmp[i];
     }
-    if (final_norm) rms_norm(x, final_norm, eps, out, c);
+    if (final_norm)
+        for (int64_t r = 0; r < rows; r++) rms_norm(x + r * c, final_norm, eps, out + r * c, c);
     return 0;
 }

@@ -143,7 +143,7 @@ class Transformer(nn.Module):
         position pos[0] + depth(i) for rotary / learned embeddings, and sees the prefix and its ancestors only.
         """
         b, t = idx.shape
-        if t == 1 and b == 1 and state is not None and tree is None and segments is None and logits_at is None:
+        if t == 1 and state is not None and tree is None and segments is None and logits_at is None:
             if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
                 hidden = native_decode.decode(self, idx, state, pos, upto)  # every layer in one native call
                 if hidden is not None:
