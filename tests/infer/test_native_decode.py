@@ -72,6 +72,9 @@ VARIANTS = {
     "gelu plain mlp": {"activation": "gelu", "mlp": "plain"},
     "yarn": {"rope_scaling": RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)},
     "untied, eps": {"tie_embeddings": False, "norm_eps": 1e-6},
+    "qk norm per head": {"qk_norm": True},
+    "qk norm over the projection": {"qk_norm": True, "qk_norm_over": "projection"},
+    "sliding window": {"sliding_window": 20},  # window + ring slack >= the cache's 48 slots: a plain KV cache
 }
 
 
@@ -157,8 +160,8 @@ def test_weights_moved_since_the_plan_are_read_where_they_are():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"sliding_window": 8}, {"qk_norm": True}, {"mixer": "mamba2", "mlp": "none"}, {"positions": "learned"}],
-    ids=["window", "qk norm", "mamba2", "learned positions"],
+    [{"sliding_window": 8}, {"mixer": "mamba2", "mlp": "none"}, {"positions": "learned"}, {"norm": "layernorm"}],
+    ids=["window (a ring cache)", "mamba2", "learned positions", "layernorm"],
 )
 def test_architectures_it_lacks_take_the_layers_path(overrides):
     model = make(**overrides)

@@ -11,8 +11,8 @@ embedding lookup and the head.
 `decode(model, idx, state, pos, upto)` is what `Transformer.forward` tries first for a one-token forward of up to
 MAX_ROWS rows (batch 1 above all; rows may sit at different positions), eager and without gradients; it returns
 the final-normed hidden states, or None where the step does not apply and the layers run as before. It applies to
-models whose every block is RMSNorm, attention (rotary, no sliding window, no q/k norm, no value embeddings) and a
-dense MLP, with plain fp32 `KVState` caches (one row per input row), and linears that are plain fp32 `nn.Linear`s,
+models whose every block is RMSNorm, attention (rotary; q/k norm and a sliding window allowed; no value embeddings)
+and a dense MLP, with plain fp32 `KVState` caches (one row per input row), and linears that are plain fp32 `nn.Linear`s,
 or tiled `Int8Linear` / `Int4Linear` (the native kernels' layouts), without forward hooks (a LoRA adapter's hook
 keeps the layers' own path). Everything it reads is checked against the pointers it
 was planned on at every step, so a weight moved or replaced since (`.to()`, a new layout, a load) replans it.
@@ -37,7 +37,9 @@ MAX_ROWS = 8
 STEPS = [0]  # decode steps run natively (what tests and benchmarks read to know the path was taken)
 LIN_NONE, LIN_F32, LIN_Q8, LIN_Q4 = -1, 0, 1, 2
 LIN_FIELDS, LINS = 7, 7  # as native_kernels.c: (kind, weight, aux, bias, n, k, group) x (q, k, v, o, gate, up, down)
-LAYER_FIELDS = LINS * LIN_FIELDS + 4  # + input norm, post-attention norm, key cache, value cache
+# + input norm, post-attention norm, key cache, value cache, q norm, k norm, their kind, sliding window
+LAYER_FIELDS = LINS * LIN_FIELDS + 8
+QK_NONE, QK_HEAD, QK_PROJECTION = 0, 1, 2
 N_DIMS = 9
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
 ROPE_TABLE_TYPES = (None, "linear", "yarn", "llama3")  # scalings whose angles are one table of every position
@@ -123,8 +125,8 @@ class Plan:
         for block in model.layers:  # type: ignore[attr-defined]
             attn, mlp = block._modules.get("self_attn"), block._modules.get("mlp")
             ln1, ln2 = block._modules.get("input_layernorm"), block._modules.get("post_attention_layernorm")
-            if type(attn) is not Attention or attn.window is not None or hasattr(attn, "q_norm"):
-                raise _Unsupported("a mixer other than plain attention", lasting=True)
+            if type(attn) is not Attention:
+                raise _Unsupported("a mixer other than attention", lasting=True)
             if hasattr(attn, "value_lambdas") or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm:
                 raise _Unsupported("value embeddings or a norm other than RMSNorm", lasting=True)
             if type(mlp) not in (MLP, PlainMLP):
@@ -162,9 +164,22 @@ class Plan:
                 self.sources.append((norm._parameters, "weight"))
                 row.append(w.data_ptr())
             row += [0, 0]  # the caches: filled per state
+            if hasattr(attn, "q_norm"):  # q/k norm (Qwen3 per head, OLMoE over the projection), before rotary
+                for norm in (attn.q_norm, attn.k_norm):
+                    w = norm.weight
+                    if type(norm) is not RMSNorm or w.dtype != torch.float32 or not w.is_contiguous():
+                        raise _Unsupported("a q/k norm that is not an fp32 RMSNorm")
+                    self.sources.append((norm._parameters, "weight"))
+                    row.append(w.data_ptr())
+                row.append(QK_PROJECTION if attn.qk_norm_heads else QK_HEAD)
+            else:
+                row += [0, 0, QK_NONE]
+            row.append(attn.window or 0)
             rows.append(row)
             self.modules += [m for m in (attn, mlp, ln1, ln2, block) if m is not None]
             self.modules += [m for m in (*attn.children(), *mlp.children())]  # type: ignore[union-attr]
+            if len(row) != LAYER_FIELDS:
+                raise AssertionError(f"a layer description of {len(row)} fields, not {LAYER_FIELDS}")
         final = model.norm  # type: ignore[attr-defined]
         if type(final) is not RMSNorm:
             raise _Unsupported("a final norm other than RMSNorm", lasting=True)

@@ -314,15 +314,18 @@ int slm_q4_linear(const float *x, const uint8_t *tiles, const float *sz, float *
  * 0.3 ms of a 12-layer step on one core) is gone; the products are the same kernels as above.
  *
  * Each layer is described by int64 fields (slmkit/models/native_decode.py builds them): SLM_LINS linears of
- * SLM_LIN_FIELDS each (kind, weight, scales / scales-and-zeros, bias, n, k, int4 group), then the two norm weights
- * and the layer's key and value caches ((KV, S, D) fp32, one batch row). A linear of kind SLM_LIN_NONE is absent:
+ * SLM_LIN_FIELDS each (kind, weight, scales / scales-and-zeros, bias, n, k, int4 group), then the two norm weights,
+ * the layer's key and value caches ((rows, KV, S, D) fp32), the q and k norm weights with their kind (SLM_QK_*: none,
+ * per head (Qwen3), over all heads' projection (OLMoE); applied before rotary) and the sliding window (0: none; a
+ * query at p sees slots p - window + 1 .. p). A linear of kind SLM_LIN_NONE is absent:
  * q's product then covers k and v too (the decode layout's fused q/k/v), gate's covers up (fused gate/up), and
  * without a gate the MLP is ungated (down(act(up(x)))). */
 enum { SLM_LIN_NONE = -1, SLM_LIN_F32 = 0, SLM_LIN_Q8 = 1, SLM_LIN_Q4 = 2 };
 enum { SLM_ACT_SILU = 0, SLM_ACT_GELU = 1, SLM_ACT_GELU_TANH = 2, SLM_ACT_RELU = 3, SLM_ACT_RELU2 = 4 };
 #define SLM_LIN_FIELDS 7
 #define SLM_LINS 7 /* q, k, v, o, gate, up, down */
-#define SLM_LAYER_FIELDS (SLM_LINS * SLM_LIN_FIELDS + 4)
+#define SLM_LAYER_FIELDS (SLM_LINS * SLM_LIN_FIELDS + 8)
+enum { SLM_QK_NONE = 0, SLM_QK_HEAD = 1, SLM_QK_PROJECTION = 2 };
 /* dims: d_model, heads, kv heads, head dim, d_ff, cache slots, rotary dims, activation, rotary table rows */
 #define SLM_DIMS 9
 
@@ -410,6 +413,9 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
         const float *ln2 = (const float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 1];
         float *kcache = (float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 2];
         float *vcache = (float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 3];
+        const float *qnorm = (const float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 4];
+        const float *knorm = (const float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 5];
+        const int64_t qk = d[SLM_LINS * SLM_LIN_FIELDS + 6], window = d[SLM_LINS * SLM_LIN_FIELDS + 7];
         /* attention: q, k, v of row r at q + r * qs, k + r * ks, v + r * ks (one fused (rows, qkv_n) output, or
          * three outputs of their own widths) */
         for (int64_t r = 0; r < rows; r++) rms_norm(x + r * c, ln1, eps, normed + r * c, c);
@@ -423,10 +429,20 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
             if ((rc = lin_apply(lk, normed, k, rows)) || (rc = lin_apply(lv, normed, v, rows))) return rc;
         }
         for (int64_t r = 0; r < rows; r++) {
-            const int64_t p = pos[r * pos_stride], keys = (pos_stride == 0 && upto >= 0) ? upto : p + 1;
+            const int64_t p = pos[r * pos_stride];
+            /* without a window and with one shared position: [0, upto) as the layers (no mask); else masked */
+            const int64_t keys = (pos_stride == 0 && upto >= 0 && window <= 0) ? upto : p + 1;
+            const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
             const float *cos_row = cos_table + p * rot, *sin_row = sin_table + p * rot;
             float *qr = q + r * qs, *kr = k + r * ks, *vr = v + r * ks;
             float *kc = kcache + r * cache_row, *vc = vcache + r * cache_row;
+            if (qk == SLM_QK_PROJECTION) {
+                rms_norm(qr, qnorm, eps, qr, qn);
+                rms_norm(kr, knorm, eps, kr, kn);
+            } else if (qk == SLM_QK_HEAD) {
+                for (int64_t h = 0; h < nh; h++) rms_norm(qr + h * hd, qnorm, eps, qr + h * hd, hd);
+                for (int64_t h = 0; h < nkv; h++) rms_norm(kr + h * hd, knorm, eps, kr + h * hd, hd);
+            }
             for (int64_t h = 0; h < nh; h++) rotate(qr + h * hd, cos_row, sin_row, rot);
             for (int64_t h = 0; h < nkv; h++) {
                 rotate(kr + h * hd, cos_row, sin_row, rot);
@@ -436,13 +452,13 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
             for (int64_t h = 0; h < nh; h++) {
                 const float *qh = qr + h * hd, *kh = kc + (h / group) * slots * hd, *vh = vc + (h / group) * slots * hd;
                 float top = -INFINITY;
-                for (int64_t j = 0; j < keys; j++) {
+                for (int64_t j = first; j < keys; j++) {
                     scores[j] = dot_f32(qh, kh + j * hd, hd) * scale;
                     top = scores[j] > top ? scores[j] : top;
                 }
                 float total = 0.0f, *o = att + r * qn + h * hd;
                 for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
-                for (int64_t j = 0; j < keys; j++) {
+                for (int64_t j = first; j < keys; j++) {
                     const float w = expf(scores[j] - top);
                     const float *vj = vh + j * hd;
                     total += w;
