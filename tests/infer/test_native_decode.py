@@ -126,7 +126,8 @@ def test_quantized_tiles(bits):
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-def test_a_hook_keeps_the_layers_path():
+def test_a_hook_keeps_the_layers_path(monkeypatch):
+    monkeypatch.setattr(native_decode, "RECHECK_CALLS", 1)  # look again at once (default: after 256 calls)
     model = make()
     plain = step_logits(model, TOKENS, 8, False)
     handle = model.layers[1].self_attn.q_proj.register_forward_hook(lambda m, i, o: o * 1.5)
@@ -213,10 +214,12 @@ def test_other_simd_builds_compute_the_same_step(tmp_path, monkeypatch):
     native_decode._PLANS.pop(model, None)
 
 
-def test_dequantized_matmuls_turns_the_quantized_step_off():
+def test_dequantized_matmuls_turns_the_quantized_step_off(monkeypatch):
     """Inside `dequantized_matmuls()` the layers widen their weights (the reference); the native step must not run
     its int8 kernels there, and runs them again after."""
     from slmkit.models.quantized import dequantized_matmuls
+
+    monkeypatch.setattr(native_decode, "RECHECK_CALLS", 1)
 
     sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
     from quant_decode import quantize_in_memory
@@ -290,3 +293,21 @@ def test_more_rows_than_max_take_the_layers_path():
         state = model.new_state(n, 16)
         model(torch.arange(n)[:, None], state=state, pos=torch.tensor([0]))
     assert native_decode.STEPS[0] == before
+
+
+def test_a_model_refused_for_a_passing_reason_is_looked_at_again_later(monkeypatch):
+    """A refusal that can pass (a hook) is not re-planned at every step (its check costs as much as a small step),
+    but after RECHECK_CALLS calls."""
+    monkeypatch.setattr(native_decode, "RECHECK_CALLS", 5)
+    model = make()
+    handle = model.layers[0].mlp.up_proj.register_forward_hook(lambda m, i, o: o)
+    before = native_decode.STEPS[0]
+    with torch.inference_mode():
+        state = model.new_state(1, 48)
+        model(torch.tensor([[1]]), state=state, pos=torch.tensor([0]))  # refused: [signature, 5]
+        handle.remove()
+        for p in range(1, 5):  # four more calls within the countdown: still the layers' path
+            model(torch.tensor([[1]]), state=state, pos=torch.tensor([p]))
+        assert native_decode.STEPS[0] == before
+        model(torch.tensor([[1]]), state=state, pos=torch.tensor([5]))  # the countdown is out: looked at, planned
+    assert native_decode.STEPS[0] == before + 1

@@ -266,7 +266,7 @@ class Plan:
         return entry
 
 
-# model -> its Plan, or why it has none: LASTING (its architecture) or the `_signature` it failed with
+# model -> its Plan, or why it has none: LASTING (its architecture) or [the `_signature` it failed with, countdown]
 _PLANS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
 LASTING = "lasting"
 
@@ -280,6 +280,11 @@ def _signature(model: nn.Module) -> tuple:
     return mods, None if param is None else (param.dtype, param.device), kernels_enabled()
 
 
+# a model that could not be planned for a passing reason is looked at again after this many calls (its signature
+# costs 0.1-0.3 ms to take, as much as a whole `micro` step); until then its steps take the layers' path
+RECHECK_CALLS = 256
+
+
 def _plan(model: nn.Module) -> Plan | None:
     plan = _PLANS.get(model)
     if isinstance(plan, Plan):
@@ -287,12 +292,17 @@ def _plan(model: nn.Module) -> Plan | None:
             return None  # inside dequantized_matmuls(): the layers widen their weights
         if plan.valid():
             return plan
-    elif plan is LASTING or (plan is not None and plan == _signature(model)):
+    elif plan is LASTING:
         return None
+    elif plan is not None:  # [signature, calls left before it is taken again]
+        plan[1] -= 1
+        if plan[1] > 0 or plan[0] == _signature(model):
+            plan[1] = plan[1] if plan[1] > 0 else RECHECK_CALLS
+            return None
     try:
         plan = Plan(model)
     except _Unsupported as why:
-        _PLANS[model] = LASTING if why.lasting else _signature(model)
+        _PLANS[model] = LASTING if why.lasting else [_signature(model), RECHECK_CALLS]
         return None
     _PLANS[model] = plan
     return plan
