@@ -61,6 +61,7 @@ def step_logits(model, tokens: list[int], prompt_len: int, native_on: bool, upto
 
 
 TOKENS = list(torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist())
+RUN_CALLS = len(TOKENS) - 8 + 1  # native calls in one step_logits: the 8-token prefill, then every one-token step
 VARIANTS = {
     "llama gqa": {},
     "multi-head": {"n_kv_heads": 4},
@@ -86,9 +87,9 @@ def test_native_step_matches_the_layers(variant, layout):
         use_decode_layout(model)
     before = native_decode.STEPS[0]
     ours = step_logits(model, TOKENS, 8, True)
-    assert native_decode.STEPS[0] - before == len(TOKENS) - 8  # every one-token step took the native path
+    assert native_decode.STEPS[0] - before == RUN_CALLS  # every one-token step took the native path
     theirs = step_logits(model, TOKENS, 8, False)
-    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    assert native_decode.STEPS[0] - before == RUN_CALLS
     assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item())
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     # without upto (attend every slot up to the position) as with it
@@ -118,7 +119,7 @@ def test_quantized_tiles(bits):
     model = quantize_in_memory(make(d_model=64, d_ff=128), bits)
     before = native_decode.STEPS[0]
     ours = step_logits(model, TOKENS, 8, True)
-    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    assert native_decode.STEPS[0] - before == RUN_CALLS
     theirs = step_logits(model, TOKENS, 8, False)
     # the same product kernels; fp32 differences of ~1e-7 in a norm's output can move an activation's int16 rounding
     # (2^-16 of its row's largest entry) by one step, so the two paths differ by that much, not more
@@ -155,7 +156,7 @@ def test_weights_moved_since_the_plan_are_read_where_they_are():
     use_decode_layout(model, False)  # the fused matrices go; every weight row-major again
     before = native_decode.STEPS[0]
     ours = step_logits(model, TOKENS, 8, True)
-    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    assert native_decode.STEPS[0] - before == RUN_CALLS
     assert torch.allclose(ours, step_logits(model, TOKENS, 8, False), atol=1e-5)
 
 
@@ -209,7 +210,7 @@ def test_other_simd_builds_compute_the_same_step(tmp_path, monkeypatch):
         native_decode._PLANS.pop(model, None)
         before = native_decode.STEPS[0]
         ours = step_logits(model, TOKENS, 8, True)
-        assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+        assert native_decode.STEPS[0] - before == RUN_CALLS
         assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, theirs.abs().max().item()), flags
     native_decode._PLANS.pop(model, None)
 
@@ -232,7 +233,7 @@ def test_dequantized_matmuls_turns_the_quantized_step_off(monkeypatch):
         assert torch.equal(widened, step_logits(model, TOKENS, 8, False))
     before = native_decode.STEPS[0]
     step_logits(model, TOKENS, 8, True)
-    assert native_decode.STEPS[0] - before == len(TOKENS) - 8
+    assert native_decode.STEPS[0] - before == RUN_CALLS
     with dequantized_matmuls():  # planned now, and still off inside the block
         before = native_decode.STEPS[0]
         assert torch.equal(step_logits(model, TOKENS, 8, True), widened)
@@ -278,7 +279,7 @@ def test_rows_at_their_own_positions(bits):
 
     before = native_decode.STEPS[0]
     ours = run(True)
-    assert native_decode.STEPS[0] - before == 10
+    assert native_decode.STEPS[0] - before == 2 + 10  # the 5- and 7-token prefills (not the 9), then ten steps
     theirs = run(False)
     tol = 1e-4 if bits else 1e-5
     assert (ours - theirs).abs().max() <= tol * max(1.0, theirs.abs().max().item())
@@ -311,3 +312,41 @@ def test_a_model_refused_for_a_passing_reason_is_looked_at_again_later(monkeypat
         assert native_decode.STEPS[0] == before
         model(torch.tensor([[1]]), state=state, pos=torch.tensor([5]))  # the countdown is out: looked at, planned
     assert native_decode.STEPS[0] == before + 1
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_a_few_tokens_of_one_row(bits):
+    """Up to MAX_ROWS consecutive tokens of one row in one call (a speculative verification, a short prefill): every
+    token's logits as the layers' (causal within the call), and more tokens than that take the layers' path."""
+    model = make(d_ff=128)
+    if bits:
+        sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+        from quant_decode import quantize_in_memory
+
+        model = quantize_in_memory(model, bits)
+
+    def run(native_on: bool) -> torch.Tensor:
+        native_decode.ENABLED[0] = native_on
+        try:
+            state = model.new_state(1, 48)
+            out, at = [], 0
+            with torch.inference_mode():
+                for size in (3, 8, 1, 5, 2, 4):
+                    chunk = torch.tensor([TOKENS[at : at + size]])
+                    out.append(model(chunk, state=state, pos=torch.arange(at, at + size), upto=at + size)[0])
+                    at += size
+            return torch.cat(out)
+        finally:
+            native_decode.ENABLED[0] = True
+
+    before = native_decode.STEPS[0]
+    ours = run(True)
+    assert native_decode.STEPS[0] - before == 6
+    theirs = run(False)
+    tol = 1e-4 if bits else 1e-5
+    assert (ours - theirs).abs().max() <= tol * max(1.0, theirs.abs().max().item())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    before = native_decode.STEPS[0]
+    with torch.inference_mode():
+        model(torch.tensor([TOKENS[:9]]), state=model.new_state(1, 48), pos=torch.arange(9))
+    assert native_decode.STEPS[0] == before  # 9 tokens: past MAX_ROWS

@@ -120,10 +120,10 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.slm_q4_linear.argtypes = [p] * 4 + [i64] * 4
     lib.slm_decode_fields.restype = ctypes.c_int
     lib.slm_decode_fields.argtypes = []
-    # x, layer fields, layers, dims, eps, cos table, sin table, positions, their stride, rows, upto, final norm, out,
-    # scratch
+    # x, layer fields, layers, dims, eps, cos table, sin table, positions, their stride, rows, cache row stride, upto,
+    # final norm, out, scratch
     lib.slm_decode_layers.restype = ctypes.c_int
-    lib.slm_decode_layers.argtypes = [p, p, i64, p, ctypes.c_float, p, p, p, i64, i64, i64, p, p, p]
+    lib.slm_decode_layers.argtypes = [p, p, i64, p, ctypes.c_float, p, p, p, i64, i64, i64, i64, p, p, p]
     return lib
 
 

@@ -258,9 +258,8 @@ class Plan:
         hd = cfg.dim_per_head
         dims = [cfg.d_model, cfg.n_heads, cfg.n_kv_heads, hd, self.d_ff, slots, cfg.rope_dim]
         dims.append(ACTIVATIONS[cfg.activation])
-        rows = state.layer(0).k.shape[0]  # type: ignore[operator]
         per_row = 2 * cfg.d_model + (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd + 3 * self.d_ff
-        scratch = torch.empty(rows * per_row + slots)
+        scratch = torch.empty(MAX_ROWS * per_row + slots)
         entry = (layers, dims, scratch, caches)
         self.states[state] = entry
         return entry
@@ -317,13 +316,16 @@ def applies(model: nn.Module) -> bool:
 def decode(
     model: nn.Module, idx: torch.Tensor, state: nn.Module, pos: torch.Tensor | None, upto: int | None
 ) -> torch.Tensor | None:
-    """The final-normed hidden states (B, 1, C) after every layer for one token per row idx (B, 1), B <= MAX_ROWS, at
-    positions pos ((1,) or (1, 1): every row at one; (B, 1): each its own), with the caches in `state` (B rows)
-    updated; None (nothing touched) where the native step does not apply."""
-    rows = idx.shape[0]
+    """The final-normed hidden states (B, T, C) after every layer for tokens idx (B, T), with the caches in `state`
+    updated; None (nothing touched) where the native step does not apply. Either one token per row (T = 1, B <=
+    MAX_ROWS rows of the state; pos (1,) or (1, 1): every row at one position, or (B, 1): each its own), or up to
+    MAX_ROWS consecutive tokens of one row (B = 1: a speculative verification, a short prefill; pos their T
+    positions), each attending causally."""
+    b, t = idx.shape
+    rows = b * t
     if not ENABLED[0] or pos is None or idx.device.type != "cpu" or rows > MAX_ROWS or not native.f32_available():
         return None
-    if pos.dtype != torch.int64 or pos.numel() not in (1, rows) or not pos.is_contiguous():
+    if pos.dtype != torch.int64 or not pos.is_contiguous() or pos.numel() not in ((1, b) if t == 1 else (t,)):
         return None
     plan = _plan(model)
     if plan is None:
@@ -332,7 +334,7 @@ def decode(
     if entry is None:
         return None
     layers, dims, scratch, _ = entry
-    if state.layer(0).k.shape[0] != rows:  # type: ignore[operator]
+    if state.layer(0).k.shape[0] != b:  # type: ignore[operator]
         return None
     cfg = plan.config
     if cfg.rope_scaling is not plan.rope_scaling or cfg.rope_dim != dims[6]:
@@ -348,11 +350,12 @@ def decode(
     lib = native.library()
     assert lib is not None
     dims_now = torch.tensor([*dims, cos.shape[0]], dtype=torch.int64)
-    per_row = 1 if pos.numel() > 1 else 0  # (B, 1): each row at its own position; (1,) or (1, 1): one for all
+    per_row = 1 if pos.numel() > 1 else 0  # one position per row (or token), or one for every row
+    cache_stride = 1 if t == 1 else 0  # rows of the state, or tokens of its one row
     rc = lib.slm_decode_layers(
         x.data_ptr(), layers.data_ptr(), plan.n_layers, dims_now.data_ptr(), plan.eps, cos.data_ptr(), sin.data_ptr(),
-        pos.data_ptr(), per_row, rows, -1 if upto is None else upto, plan.final.weight.data_ptr(), out.data_ptr(),
-        scratch.data_ptr(),
+        pos.data_ptr(), per_row, rows, cache_stride, -1 if upto is None else upto, plan.final.weight.data_ptr(),
+        out.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
     if rc == -2:
         return None  # a position outside the cache: nothing written; the layers' path raises its own error

@@ -386,12 +386,15 @@ static void rotate(float *h, const float *c, const float *s, int64_t r) {
 
 /* Returns 0, -1 (a kernel could not allocate), -2 (a position outside the cache or the rotary table: nothing was
  * written) or -3 (a bad description). x (rows, d_model) is updated in place; out gets its final norm. Row r sits at
- * position pos[r * pos_stride] (pos_stride 0: one position for every row) and writes and reads batch row r of each
- * cache ((rows, KV, S, D)); it attends to slots [0, upto) with one shared position and upto >= 0 (as the layers
- * do without a mask), else to slots [0, its position]. */
+ * position pos[r * pos_stride] (pos_stride 0: one position for every row) and writes and reads batch row
+ * r * cache_stride of each cache ((rows or 1, KV, S, D)): cache_stride 0 makes the rows consecutive tokens of one
+ * sequence (a speculative verification, a short prefill), each written before the next attends. A row attends to
+ * slots [0, upto) with one shared position and upto >= 0 (as the layers do without a mask), else to slots [0, its
+ * position] (within the window, if any). */
 int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const int64_t *dims, float eps,
                       const float *cos_table, const float *sin_table, const int64_t *pos, int64_t pos_stride,
-                      int64_t rows, int64_t upto, const float *final_norm, float *out, float *scratch) {
+                      int64_t rows, int64_t cache_stride, int64_t upto, const float *final_norm, float *out,
+                      float *scratch) {
     const int64_t c = dims[0], nh = dims[1], nkv = dims[2], hd = dims[3], ff = dims[4], slots = dims[5];
     const int64_t rot = dims[6], act = dims[7], table_rows = dims[8];
     if (nkv <= 0 || nh % nkv || rot > hd || rot % 2 || rows < 1) return -3;
@@ -435,7 +438,7 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
             const int64_t first = window > 0 && p - window + 1 > 0 ? p - window + 1 : 0;
             const float *cos_row = cos_table + p * rot, *sin_row = sin_table + p * rot;
             float *qr = q + r * qs, *kr = k + r * ks, *vr = v + r * ks;
-            float *kc = kcache + r * cache_row, *vc = vcache + r * cache_row;
+            float *kc = kcache + r * cache_stride * cache_row, *vc = vcache + r * cache_stride * cache_row;
             if (qk == SLM_QK_PROJECTION) {
                 rms_norm(qr, qnorm, eps, qr, qn);
                 rms_norm(kr, knorm, eps, kr, kn);

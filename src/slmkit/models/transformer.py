@@ -143,11 +143,12 @@ class Transformer(nn.Module):
         position pos[0] + depth(i) for rotary / learned embeddings, and sees the prefix and its ancestors only.
         """
         b, t = idx.shape
-        if t == 1 and state is not None and tree is None and segments is None and logits_at is None:
-            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                hidden = native_decode.decode(self, idx, state, pos, upto)  # every layer in one native call
+        if state is not None and (t == 1 or b == 1) and b * t <= native_decode.MAX_ROWS:
+            if tree is None and segments is None and logits_at is None and not torch.is_grad_enabled():
+                # one token per row, or a few tokens of one row: every layer in one native call (CPU)
+                hidden = None if torch.compiler.is_compiling() else native_decode.decode(self, idx, state, pos, upto)
                 if hidden is not None:
-                    return self._head(hidden)
+                    return self._head(hidden[:, -1:] if last_only else hidden)
         if pos is None:
             pos = torch.arange(t, device=idx.device)
         positions = pos if pos.dim() == 2 else pos.unsqueeze(0)  # (B or 1, T)
