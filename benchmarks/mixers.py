@@ -111,6 +111,7 @@ def recall_section(
     batch: int,
     lrs: list[float] | None = None,
     overrides: dict | None = None,
+    inits: list[float] | None = None,
 ) -> list[dict]:
     """Train each mixer on MQAR from scratch and score held-out sequences. Every pair is queried, and the batch is
     large: with 4 queries of 8 pairs at batch 32 (128 labels a step) even attention stayed at 0.15 after 5,000
@@ -119,21 +120,27 @@ def recall_section(
 
     `lrs`: the same AdamW learning rates for every preset (default 3e-3 alone); each preset is trained once per rate
     and its best accuracy is reported, so no mixer is judged at a rate that suits only another. `overrides`: config
-    fields set on every preset's recall model (e.g. rope_fraction=1.0), named in the table's title."""
+    fields set on every preset's recall model (e.g. rope_fraction=1.0), named in the table's title. `inits`: the
+    same initializer_range values for every preset (default: each preset's own), swept with the rates the same way:
+    at 2,000 steps the scale decides which mixers make the induction-head jump (docs/architectures.md)."""
     n_keys, n_values = 64, 64
     results = []
     for name in presets:
-        for lr in lrs or [3e-3]:
-            results.append(_recall_one(name, lr, steps, pairs, d_model, batch, n_keys, n_values, overrides or {}))
+        for init in inits or [None]:
+            fields = dict(overrides or {}) | ({} if init is None else {"initializer_range": init})
+            for lr in lrs or [3e-3]:
+                results.append(_recall_one(name, lr, steps, pairs, d_model, batch, n_keys, n_values, fields))
+                results[-1]["init"] = init
     best = {}
     for r in results:
         if r["preset"] not in best or r["accuracy"] > best[r["preset"]]["accuracy"]:
             best[r["preset"]] = r
-    sweep = len(lrs or [3e-3]) > 1
+    sweep = len(lrs or [3e-3]) * len(inits or [None]) > 1
     rows = [
         [
             r["preset"],
             f"{r['lr']:g}",
+            "preset" if r["init"] is None else f"{r['init']:g}",
             f"{r['accuracy']:.3f}" + (" *" if sweep and best[r["preset"]] is r else ""),
             f"{r['state_bytes'] / 1024:.1f}",
             f"{r['seconds']:.0f}",
@@ -143,8 +150,8 @@ def recall_section(
     table(
         f"associative recall ({pairs} pairs, all queried, d_model {d_model}, batch {batch}, {steps} steps"
         + "".join(f", {k}={v}" for k, v in (overrides or {}).items())
-        + (", * the best rate of each preset)" if sweep else ")"),
-        ["preset", "lr", "accuracy", "state KiB", "seconds"],
+        + (", * the best rate and init of each preset)" if sweep else ")"),
+        ["preset", "lr", "init", "accuracy", "state KiB", "seconds"],
         rows,
     )
     return results
@@ -200,7 +207,8 @@ def _recall_one(
         mask = y != -100
         accuracy = (pred[mask] == y[mask]).float().mean().item()
         state = model.new_state(1, x.shape[1])
-    print(f"  {name} @ lr {lr:g}: recall {accuracy:.3f}", file=sys.stderr)
+    init = f", init {overrides['initializer_range']:g}" if "initializer_range" in overrides else ""
+    print(f"  {name} @ lr {lr:g}{init}: recall {accuracy:.3f}", file=sys.stderr)
     return {
         "preset": name,
         "lr": lr,
@@ -333,6 +341,10 @@ def main() -> None:
     parser.add_argument("--contexts", nargs="+", type=int, default=[128, 1024, 4096, 16384])
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--recall-steps", type=int, default=2000)
+    parser.add_argument(
+        "--recall-inits", nargs="+", type=float, default=None,
+        help="initializer_range values tried for every preset (best kept with the rates); default: each preset's",
+    )  # fmt: skip
     parser.add_argument("--recall-pairs", type=int, default=8)
     parser.add_argument("--recall-batch", type=int, default=128)
     parser.add_argument("--recall-width", type=int, default=64)
@@ -374,6 +386,7 @@ def main() -> None:
             args.recall_batch,
             args.recall_lrs,
             _key_values(args.recall_set),
+            args.recall_inits,
         )
     if "quality" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
