@@ -279,7 +279,7 @@ def test_rows_at_their_own_positions(bits):
 
     before = native_decode.STEPS[0]
     ours = run(True)
-    assert native_decode.STEPS[0] - before == 2 + 10  # the 5- and 7-token prefills (not the 9), then ten steps
+    assert native_decode.STEPS[0] - before == 3 + 10  # three prefills (a small model: up to 16 tokens), ten steps
     theirs = run(False)
     tol = 1e-4 if bits else 1e-5
     assert (ours - theirs).abs().max() <= tol * max(1.0, theirs.abs().max().item())
@@ -347,6 +347,19 @@ def test_a_few_tokens_of_one_row(bits):
     assert (ours - theirs).abs().max() <= tol * max(1.0, theirs.abs().max().item())
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     before = native_decode.STEPS[0]
+    n = native_decode.MAX_ROWS + 1  # past any model's limit
     with torch.inference_mode():
-        model(torch.tensor([TOKENS[:9]]), state=model.new_state(1, 48), pos=torch.arange(9))
-    assert native_decode.STEPS[0] == before  # 9 tokens: past MAX_ROWS
+        model(torch.tensor([TOKENS[:n]]), state=model.new_state(1, 48), pos=torch.arange(n))
+    assert native_decode.STEPS[0] == before
+
+
+def test_larger_models_take_at_most_8_rows(monkeypatch):
+    """Above SMALL_PARAMS the limit is LARGE_MODEL_ROWS (MKL's products win past it)."""
+    monkeypatch.setattr(native_decode, "SMALL_PARAMS", 1000)  # the test model counts as large
+    model = make()
+    before = native_decode.STEPS[0]
+    with torch.inference_mode():
+        for n, native_calls in ((8, 1), (9, 0)):
+            model(torch.tensor([TOKENS[:n]]), state=model.new_state(1, 48), pos=torch.arange(n))
+            assert native_decode.STEPS[0] - before == native_calls
+            before = native_decode.STEPS[0]

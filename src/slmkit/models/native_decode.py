@@ -8,14 +8,15 @@ this was written on: for the 60M `base` preset a third of what its 12 layers' pr
 decode layout's row-major and fused weights, the int8 and int4 tiles), so one step is one ctypes call plus the
 embedding lookup and the head.
 
-`decode(model, idx, state, pos, upto)` is what `Transformer.forward` tries first for a one-token forward of up to
-MAX_ROWS rows (batch 1 above all; rows may sit at different positions), eager and without gradients; it returns
-the final-normed hidden states, or None where the step does not apply and the layers run as before. It applies to
-models whose every block is RMSNorm, attention (rotary; q/k norm and a sliding window allowed; no value embeddings)
-and a dense MLP, with plain fp32 `KVState` caches (one row per input row), and linears that are plain fp32 `nn.Linear`s,
-or tiled `Int8Linear` / `Int4Linear` (the native kernels' layouts), without forward hooks (a LoRA adapter's hook
-keeps the layers' own path). Everything it reads is checked against the pointers it
-was planned on at every step, so a weight moved or replaced since (`.to()`, a new layout, a load) replans it.
+`decode(model, idx, state, pos, upto)` is what `Transformer.forward` tries first for an eager forward without
+gradients of one token for each of up to 8 rows (16 for small models; batch 1 above all; rows may sit at different
+positions) or of up to that many consecutive tokens of one row; it returns the final-normed hidden states, or None
+where the step does not apply and the layers run as before. It applies to models whose every block is RMSNorm,
+attention (rotary; q/k norm and a sliding window allowed; no value embeddings) and a dense MLP, with plain fp32
+`KVState` caches, and linears that are plain fp32 `nn.Linear`s, or tiled `Int8Linear` / `Int4Linear` (the native
+kernels' layouts), without forward hooks (a LoRA adapter's hook keeps the layers' own path). Everything it reads is
+checked against the pointers it was planned on at every step, so a weight moved or replaced since (`.to()`, a new
+layout, a load) replans it.
 `ENABLED[0] = False` (or `SLMKIT_NATIVE_KERNELS=0`) turns it off.
 """
 
@@ -31,9 +32,12 @@ from slmkit.models import native
 from slmkit.models.quantized import kernels_enabled
 
 ENABLED = [True]
-# rows up to which a decode step runs natively: the products' kernels are at or above MKL's up to about 8 rows (fp32;
-# int8/int4 to 32); the continuous batcher's larger batches keep the layers' path
-MAX_ROWS = 8
+# rows (or tokens of one row) up to which a call runs natively: for models of at least SMALL_PARAMS parameters 8
+# (measured on `base`, one thread: the native call was 1.3x the layers' path at 4-9 tokens of one row, level at 12,
+# 0.88x at 16: MKL's products win there), for smaller ones 16 (`micro`: 2x the layers' path at 12-16 tokens)
+MAX_ROWS = 16
+LARGE_MODEL_ROWS = 8
+SMALL_PARAMS = 20_000_000
 STEPS = [0]  # decode steps run natively (what tests and benchmarks read to know the path was taken)
 LIN_NONE, LIN_F32, LIN_Q8, LIN_Q4 = -1, 0, 1, 2
 LIN_FIELDS, LINS = 7, 7  # as native_kernels.c: (kind, weight, aux, bias, n, k, group) x (q, k, v, o, gate, up, down)
@@ -194,6 +198,7 @@ class Plan:
         self.layers = torch.tensor(rows, dtype=torch.int64)
         self.config = cfg
         self.rope_scaling = cfg.rope_scaling
+        self.max_rows = MAX_ROWS if cfg.num_params() < SMALL_PARAMS else LARGE_MODEL_ROWS
         self.n_layers = len(rows)
         self.d_ff = d_ff or 0
         self.quantized = QUANTIZED in self.sources
@@ -222,7 +227,7 @@ class Plan:
 
     def for_state(self, state: nn.Module, model: nn.Module) -> tuple | None:
         """(layer fields with this state's caches, dims but the table's rows, scratch, the caches) or None where the
-        state is not one the kernel runs (plain fp32 KV caches of at most MAX_ROWS rows, every layer)."""
+        state is not one the kernel runs (plain fp32 KV caches of at most `max_rows` rows, every layer)."""
         from slmkit.models.state import KVState
 
         entry = self.states.get(state)
@@ -241,7 +246,7 @@ class Plan:
                 return None
             k, v = s.k, s.v
             if (
-                k.shape[0] > MAX_ROWS
+                k.shape[0] > self.max_rows
                 or k.dtype != torch.float32
                 or v.dtype != torch.float32
                 or not (k.is_contiguous() and v.is_contiguous())
@@ -308,8 +313,8 @@ def _plan(model: nn.Module) -> Plan | None:
 
 
 def applies(model: nn.Module) -> bool:
-    """Whether the native step runs this model's decode steps (of up to MAX_ROWS rows) now: its architecture, layers
-    and hooks (the state is checked per call)."""
+    """Whether the native step runs this model's decode steps now: its architecture, layers and hooks (the state and
+    the row count are checked per call)."""
     return ENABLED[0] and native.f32_available() and _plan(model) is not None
 
 
@@ -317,10 +322,10 @@ def decode(
     model: nn.Module, idx: torch.Tensor, state: nn.Module, pos: torch.Tensor | None, upto: int | None
 ) -> torch.Tensor | None:
     """The final-normed hidden states (B, T, C) after every layer for tokens idx (B, T), with the caches in `state`
-    updated; None (nothing touched) where the native step does not apply. Either one token per row (T = 1, B <=
-    MAX_ROWS rows of the state; pos (1,) or (1, 1): every row at one position, or (B, 1): each its own), or up to
-    MAX_ROWS consecutive tokens of one row (B = 1: a speculative verification, a short prefill; pos their T
-    positions), each attending causally."""
+    updated; None (nothing touched) where the native step does not apply. Either one token per row (T = 1, B rows of
+    the state, B <= the plan's `max_rows`: 8, or 16 under SMALL_PARAMS; pos (1,) or (1, 1): every row at one
+    position, or (B, 1): each its own), or up to `max_rows` consecutive tokens of one row (B = 1: a speculative
+    verification, a short prefill; pos their T positions), each attending causally."""
     b, t = idx.shape
     rows = b * t
     if not ENABLED[0] or pos is None or idx.device.type != "cpu" or rows > MAX_ROWS or not native.f32_available():
@@ -328,7 +333,7 @@ def decode(
     if pos.dtype != torch.int64 or not pos.is_contiguous() or pos.numel() not in ((1, b) if t == 1 else (t,)):
         return None
     plan = _plan(model)
-    if plan is None:
+    if plan is None or rows > plan.max_rows:
         return None
     entry = plan.for_state(state, model)
     if entry is None:
