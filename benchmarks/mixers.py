@@ -130,7 +130,7 @@ def recall_section(
             fields = dict(overrides or {}) | ({} if init is None else {"initializer_range": init})
             for lr in lrs or [3e-3]:
                 results.append(_recall_one(name, lr, steps, pairs, d_model, batch, n_keys, n_values, fields))
-                results[-1]["init"] = init
+                results[-1]["init"] = fields.get("initializer_range")  # from --recall-inits or --recall-set
     best = {}
     for r in results:
         if r["preset"] not in best or r["accuracy"] > best[r["preset"]]["accuracy"]:
