@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import hardware, training_rate  # noqa: E402
 from slmkit.config import preset  # noqa: E402
+from slmkit.errors import UserError  # noqa: E402
 from slmkit.models import build_model  # noqa: E402
 
 DEFAULT_PRESETS = ["micro", "micro-mamba2", "micro-based", "micro-gla", "micro-hybrid"]
@@ -43,6 +44,31 @@ def table(title: str, header: list[str], rows: list[list[str]]) -> None:
 
 def state_bytes(state: torch.nn.Module) -> int:
     return sum(b.numel() * b.element_size() for b in state.buffers())
+
+
+def memory_bytes(state: torch.nn.Module, window: int | None = None) -> int:
+    """Bytes of what the model remembers of its context: a KV cache's keys and values, a recurrent layer's carry
+    (its conv window and state matrix). Not counted: the copies a recurrent state keeps only so speculation can take
+    tokens back (prev_*, ck_*, the ring of raw inputs) and integer bookkeeping (lengths, positions). A BASED layer's
+    window cache counts `window` of its positions (it holds the whole context when that is short, but attends to
+    the last `window` only). This is the "state size" of the Zoology/BASED recall comparisons; `state_bytes` is
+    what the engine allocates."""
+    total = 0.0
+    for path, module in state.named_modules():
+        carry = getattr(module, "carry_names", None)
+        if carry is not None:
+            total += sum(getattr(module, n).numel() * getattr(module, n).element_size() for n in carry)
+            continue
+        own = sum(
+            b.numel() * b.element_size()
+            for _, b in module.named_buffers(recurse=False)
+            if b.dtype not in (torch.int64, torch.int32, torch.bool)
+        )
+        slots = getattr(module, "slots", None)
+        if own and window is not None and path.endswith(".window") and slots and slots > window:
+            own = own * window / slots
+        total += own
+    return int(total)
 
 
 # ---------------------------------------------------------------- decode cost vs context
@@ -112,6 +138,7 @@ def recall_section(
     lrs: list[float] | None = None,
     overrides: dict | None = None,
     inits: list[float] | None = None,
+    equal_memory: str | None = None,
 ) -> list[dict]:
     """Train each mixer on MQAR from scratch and score held-out sequences. Every pair is queried, and the batch is
     large: with 4 queries of 8 pairs at batch 32 (128 labels a step) even attention stayed at 0.15 after 5,000
@@ -122,15 +149,26 @@ def recall_section(
     and its best accuracy is reported, so no mixer is judged at a rate that suits only another. `overrides`: config
     fields set on every preset's recall model (e.g. rope_fraction=1.0), named in the table's title. `inits`: the
     same initializer_range values for every preset (default: each preset's own), swept with the rates the same way:
-    at 2,000 steps the scale decides which mixers make the induction-head jump (docs/architectures.md)."""
+    at 2,000 steps the scale decides which mixers make the induction-head jump (docs/architectures.md).
+    `equal_memory`: a preset (attention) whose memory of the sequence (`memory_bytes`) every other preset is fitted
+    to, with `fit_memory`'s knobs, as the Zoology/BASED comparisons do; the fitted fields are named in the table."""
     n_keys, n_values = 64, 64
     results = []
+    target = None
+    if equal_memory:
+        target = memory_bytes(
+            _recall_model(equal_memory, pairs, d_model, dict(overrides or {})).new_state(1, 4 * pairs)
+        )
     for name in presets:
+        fitted = {}
+        if target is not None and name != equal_memory:
+            fitted = fit_memory(name, pairs, d_model, dict(overrides or {}), target)
         for init in inits or [None]:
-            fields = dict(overrides or {}) | ({} if init is None else {"initializer_range": init})
+            fields = dict(overrides or {}) | fitted | ({} if init is None else {"initializer_range": init})
             for lr in lrs or [3e-3]:
                 results.append(_recall_one(name, lr, steps, pairs, d_model, batch, n_keys, n_values, fields))
                 results[-1]["init"] = fields.get("initializer_range")  # from --recall-inits or --recall-set
+                results[-1]["fitted"] = fitted
     best = {}
     for r in results:
         if r["preset"] not in best or r["accuracy"] > best[r["preset"]]["accuracy"]:
@@ -142,7 +180,9 @@ def recall_section(
             f"{r['lr']:g}",
             "preset" if r["init"] is None else f"{r['init']:g}",
             f"{r['accuracy']:.3f}" + (" *" if sweep and best[r["preset"]] is r else ""),
+            f"{r['memory_bytes'] / 1024:.1f}",
             f"{r['state_bytes'] / 1024:.1f}",
+            " ".join(f"{k}={v}" for k, v in r["fitted"].items()) or "-",
             f"{r['seconds']:.0f}",
         ]
         for r in results
@@ -150,8 +190,9 @@ def recall_section(
     table(
         f"associative recall ({pairs} pairs, all queried, d_model {d_model}, batch {batch}, {steps} steps"
         + "".join(f", {k}={v}" for k, v in (overrides or {}).items())
+        + (f", memory fitted to {equal_memory}'s {target / 1024:.1f} KiB" if target is not None else "")
         + (", * the best rate and init of each preset)" if sweep else ")"),
-        ["preset", "lr", "init", "accuracy", "state KiB", "seconds"],
+        ["preset", "lr", "init", "accuracy", "memory KiB", "state KiB", "fitted", "seconds"],
         rows,
     )
     return results
@@ -171,23 +212,8 @@ def _recall_one(
     """One preset trained on MQAR at one learning rate (`recall_section`)."""
     import torch.nn.functional as F
 
-    vocab = n_keys + n_values
     torch.manual_seed(0)
-    base = preset(name)
-    fields = dict(
-        vocab_size=vocab,
-        d_model=d_model,
-        n_layers=2,  # the fewest that can form an induction head (attention learns recall fastest)
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=2 * d_model,
-        max_seq_len=4 * pairs,
-        bos_token_id=None,
-        eos_token_id=None,
-        **({"layer_pattern": base.layer_pattern[-2:]} if base.layer_pattern else {}),  # hybrid: M, A
-    )
-    cfg = preset(name, **(fields | overrides))
-    model = build_model(cfg)
+    model = _recall_model(name, pairs, d_model, overrides, n_keys + n_values)
     model.init_weights(seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(1)
@@ -207,6 +233,7 @@ def _recall_one(
         mask = y != -100
         accuracy = (pred[mask] == y[mask]).float().mean().item()
         state = model.new_state(1, x.shape[1])
+    memory = memory_bytes(state, model.config.linear_window)
     init = f", init {overrides['initializer_range']:g}" if "initializer_range" in overrides else ""
     print(f"  {name} @ lr {lr:g}{init}: recall {accuracy:.3f}", file=sys.stderr)
     return {
@@ -214,8 +241,66 @@ def _recall_one(
         "lr": lr,
         "accuracy": accuracy,
         "state_bytes": state_bytes(state),
+        "memory_bytes": memory,
         "seconds": time.perf_counter() - started,
     }
+
+
+def _recall_model(name: str, pairs: int, d_model: int, overrides: dict, vocab: int = 128) -> torch.nn.Module:
+    """The recall benchmark's model of a preset: 2 layers of width d_model (a hybrid keeps its last two kinds)."""
+    base = preset(name)
+    fields = dict(
+        vocab_size=vocab,
+        d_model=d_model,
+        n_layers=2,  # the fewest that can form an induction head (attention learns recall fastest)
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=2 * d_model,
+        max_seq_len=4 * pairs,
+        bos_token_id=None,
+        eos_token_id=None,
+        **({"layer_pattern": base.layer_pattern[-2:]} if base.layer_pattern else {}),  # hybrid: M, A
+    )
+    return build_model(preset(name, **(fields | overrides)))
+
+
+# the fields that set a recurrent mixer's memory, and the values `fit_memory` tries (the preset's own included)
+MEMORY_KNOBS = {
+    "mamba2": {"ssm_state_size": [1, 2, 4, 8, 16, 32, 64, 128]},
+    "mamba": {"ssm_state_size": [1, 2, 4, 8, 16, 32, 64]},
+    "based": {"linear_feature_dim": [1, 2, 4, 8, 16], "linear_window": [2, 4, 8, 16, 32, 64]},
+    "gla": {"n_heads": [1, 2, 4, 8, 16]},  # state per layer: (d_model / 2) x d_model / heads
+}
+
+
+def fit_memory(name: str, pairs: int, d_model: int, overrides: dict, target: int) -> dict:
+    """The knob values (MEMORY_KNOBS of the preset's recurrent mixers) whose model remembers the most without
+    exceeding `target` bytes at the recall sequence's length; ties go to the larger first knob (BASED: feature
+    dimension before window). Attention layers keep their cache (a hybrid's is part of its memory)."""
+    import itertools
+
+    kinds = set(preset(name).layer_pattern[-2:] if preset(name).layer_pattern else [preset(name).mixer])
+    knobs: dict[str, list] = {}
+    for kind in sorted(kinds):
+        knobs |= MEMORY_KNOBS.get(kind, {})
+    if not knobs:
+        return {}
+    best, best_key = None, None
+    for values in itertools.product(*knobs.values()):
+        fields = dict(zip(knobs, values, strict=True))
+        if "n_heads" in fields:
+            fields["n_kv_heads"] = min(fields["n_heads"], overrides.get("n_kv_heads", 2))
+        try:
+            model = _recall_model(name, pairs, d_model, overrides | fields)
+        except UserError:  # a combination the config refuses (heads that do not divide the width)
+            continue
+        size = memory_bytes(model.new_state(1, 4 * pairs), model.config.linear_window)
+        key = (size, *values)
+        if size <= target and (best_key is None or key > best_key):
+            best, best_key = fields, key
+    if best is None:
+        raise SystemExit(f"error: no setting of {', '.join(knobs)} fits {name} into {target} bytes of memory")
+    return best
 
 
 # ---------------------------------------------------------------- quality at equal FLOPs
@@ -346,6 +431,10 @@ def main() -> None:
         help="initializer_range values tried for every preset (best kept with the rates); default: each preset's",
     )  # fmt: skip
     parser.add_argument("--recall-pairs", type=int, default=8)
+    parser.add_argument(
+        "--recall-equal-memory", metavar="PRESET", default=None,
+        help="fit every other preset's state size (MEMORY_KNOBS) to this preset's memory of the sequence",
+    )  # fmt: skip
     parser.add_argument("--recall-batch", type=int, default=128)
     parser.add_argument("--recall-width", type=int, default=64)
     parser.add_argument(
@@ -387,6 +476,7 @@ def main() -> None:
             args.recall_lrs,
             _key_values(args.recall_set),
             args.recall_inits,
+            args.recall_equal_memory,
         )
     if "quality" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:

@@ -118,7 +118,7 @@ def engine_rows(engine: Engine, prompts: list[list[int]], args: argparse.Namespa
                 tree = {"tree_widths": widths} if widths else {}
                 [out] = engine.generate_ids(
                     [prompt], max_new_tokens=args.new_tokens, speculate=name, speculate_k=args.k,
-                    min_acceptance=args.min_acceptance, stats=stats, **tree,
+                    min_acceptance=args.min_acceptance, min_speedup=args.min_speedup, stats=stats, **tree,
                 )  # fmt: skip
                 outputs[mode].append(out.token_ids)
                 if engine.recycler is not None:
@@ -196,6 +196,11 @@ def main() -> None:
     parser.add_argument(
         "--min-acceptance", type=float, default=0.3, help="a sequence stops drafting below this (engine default 0.3)"
     )
+    parser.add_argument(
+        "--min-speedup", type=float, default=0.0,
+        help="a sequence stops drafting once its rounds are slower than this times plain steps (engine rows; "
+        "`slm generate` uses 1.0; default 0 here: measure speculation itself)",
+    )  # fmt: skip
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch threads (default 1, as generate_throughput.py: on a loaded machine the verification's small "

@@ -40,6 +40,7 @@ ROWS: dict[str, list[list[str]]] = {
         ["generate", "{model}", "--prompt", "hi", "--device", "tpu"],
         ["generate", "{model}", "--prompt", "hi", "--speculate", "tree", "--tree-widths", "4,x"],
         ["generate", "{model}", "--prompt", "hi", "--speculate", "recycle", "--tree-widths", "4,2"],
+        ["generate", "{model}", "--prompt", "hi", "--lookup", "--min-speedup", "-1"],
         ["generate"],
     ],
     "eval": [

@@ -480,6 +480,14 @@ def generate(
         str | None,
         typer.Option(help="With --speculate tree: children per node at each depth, e.g. 4,2,1,1,1,1 (the default)."),
     ] = None,
+    min_speedup: Annotated[
+        float,
+        typer.Option(
+            help="Speculation turns itself off after 8 rounds that produced tokens slower than this many times the "
+            "timed plain steps' rate (on a CPU a small model's verification pass can cost more than it saves); "
+            "0 keeps it on."
+        ),
+    ] = 1.0,
     json_schema: Annotated[Path | None, typer.Option(help="Constrain the output to this JSON schema file.")] = None,
     regex: Annotated[str | None, typer.Option(help="Constrain the output to this regular expression.")] = None,
     grammar: Annotated[Path | None, typer.Option(help="Constrain the output to this EBNF (GBNF) grammar file.")] = None,
@@ -567,6 +575,7 @@ def generate(
         speculate=chosen,
         speculate_k=speculate_k,
         **({"tree_widths": tree_widths} if tree_widths is not None else {}),
+        min_speedup=min_speedup,
     )
     stats = EngineStats()
     if prompts_file is None and not (as_json or logprobs):

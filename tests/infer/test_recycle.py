@@ -151,3 +151,62 @@ def test_verify_of_an_empty_draft_samples_one_token():
     tokens, accepted = verify(logits, [], None, SamplingParams(temperature=1.0), g)
     assert accepted == 0 and len(tokens) == 1 and 0 <= tokens[0] < 3
     assert verify(logits, [], None, SamplingParams(), None) == ([1], 0)
+
+
+def test_speculation_clock_judges_measured_rates_after_enough_rounds(monkeypatch):
+    from slmkit.infer import speculative
+
+    now = [0.0]
+    monkeypatch.setattr(speculative.time, "perf_counter", lambda: now[0])
+    plain = [0.001, 0.003, 0.002]  # median 2 ms: 500 tokens/s
+    clock = speculative.SpeculationClock(plain, min_speedup=1.0)
+    for _ in range(speculative.MIN_ROUNDS_TO_TIME):
+        assert clock.pays()  # not judged before MIN_ROUNDS_TO_TIME rounds
+        start = now[0]
+        now[0] += 0.005  # 2 tokens in 5 ms: 400 tokens/s, 0.8x plain
+        clock.round(start, 2)
+    assert clock.speedup() == pytest.approx(0.8)
+    assert not clock.pays() and "0.80x" in clock.describe()
+    lower = speculative.SpeculationClock(plain, min_speedup=0.75)
+    lower.rounds, lower.tokens, lower.seconds = clock.rounds, clock.tokens, clock.seconds
+    assert lower.pays()
+    off = speculative.SpeculationClock(plain, min_speedup=0.0)
+    off.rounds, off.tokens, off.seconds = 100, 1, 10.0  # 0.0002x plain, never judged
+    assert off.pays()
+    plain.append(0.010)  # the engine's list grows with later plain steps: the median moves with it
+    plain.append(0.010)  # median now 3 ms
+    assert clock.speedup() == pytest.approx(1.2) and clock.pays()
+
+
+@pytest.mark.parametrize("mode", ["recycle", "lookup"])
+def test_engine_turns_speculation_off_when_it_is_slower_and_keeps_greedy_output(lm, mode):
+    prompt = PROMPTS[0]
+    [plain] = Engine(lm.model, lm.tokenizer).generate(prompt, max_new_tokens=48)
+    timed = EngineStats()
+    engine = Engine(lm.model, lm.tokenizer)
+    # no pass is 100x faster than a plain step: turned off after MIN_ROUNDS_TO_TIME timed rounds (recycle's passes
+    # over the pending token alone count among them, not in stats.rounds); one token drafted a round, so that a
+    # model that repeats itself still needs more rounds than that
+    [out] = engine.generate(
+        prompt, max_new_tokens=48, speculate=mode, speculate_k=1, min_acceptance=0.0, min_speedup=100.0, stats=timed
+    )
+    from slmkit.infer.speculative import MIN_ROUNDS_TO_TIME
+
+    assert out.token_ids == plain.token_ids
+    assert timed.speculation_turned_off and timed.turned_off_because.startswith("slower than plain decoding")
+    assert 0 < timed.rounds <= MIN_ROUNDS_TO_TIME
+    assert "turned off (slower than plain decoding" in timed.summary()
+    free = EngineStats()
+    [again] = Engine(lm.model, lm.tokenizer).generate(
+        prompt, max_new_tokens=48, speculate=mode, speculate_k=1, min_acceptance=0.0, min_speedup=0.0, stats=free
+    )
+    assert again.token_ids == plain.token_ids
+    assert not free.speculation_turned_off and free.rounds > MIN_ROUNDS_TO_TIME
+
+
+@pytest.mark.parametrize("bad", [-1.0, 101.0, True])
+def test_engine_refuses_a_bad_min_speedup(lm, bad):
+    from slmkit.errors import UserError
+
+    with pytest.raises(UserError, match="min speedup"):
+        Engine(lm.model, lm.tokenizer).generate("A", max_new_tokens=4, speculate="lookup", min_speedup=bad)

@@ -98,6 +98,7 @@ class EngineStats:
     drafted: int = 0
     accepted: int = 0
     speculation_turned_off: bool = False
+    turned_off_because: str | None = None  # "low acceptance" or "slower than plain decoding: 0.69x"
     # speculate="tree" on a model or setting a tree cannot run on (recurrent mixers, bounded or compressed caches,
     # sliding windows, sampling, penalties): why it ran linear recycle drafts instead
     tree_fallback: str | None = None
@@ -148,7 +149,7 @@ class EngineStats:
             if speedup is not None:
                 spec += f", speedup {speedup:.2f}x vs plain decode steps"
             if self.speculation_turned_off:
-                spec += "; turned off (low acceptance)"
+                spec += f"; turned off ({self.turned_off_because or 'low acceptance'})"
             if self.tree_fallback:
                 spec += f"; linear drafts, no tree: {self.tree_fallback}"
             parts.append(spec)
@@ -282,6 +283,7 @@ class Engine:
         min_acceptance: float = 0.3,
         stats: EngineStats | None = None,
         tree_widths: str | Sequence[int] | None = None,
+        min_speedup: float = 0.0,
     ) -> list[Completion]:
         """Completions of one or more prompts (a batch; speculation runs them one at a time)."""
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -305,6 +307,7 @@ class Engine:
             min_acceptance=min_acceptance,
             stats=stats,
             tree_widths=tree_widths,
+            min_speedup=min_speedup,
         )
 
     def stream(self, prompt: str, **kwargs: Any) -> Iterator[str]:
@@ -336,6 +339,7 @@ class Engine:
         min_acceptance: float = 0.3,
         stats: EngineStats | None = None,
         tree_widths: str | Sequence[int] | None = None,
+        min_speedup: float = 0.0,
     ) -> Iterator[Any]:
         sampling = sampling or SamplingParams()
         stats = stats if stats is not None else EngineStats()
@@ -363,6 +367,8 @@ class Engine:
             raise UserError(f"speculate-k must be in [1, 32], got {speculate_k}")
         if not (0 <= min_acceptance <= 1):
             raise UserError(f"min acceptance must be in [0, 1], got {min_acceptance}")
+        if isinstance(min_speedup, bool) or not (0 <= min_speedup <= 100):
+            raise UserError(f"min speedup must be in [0, 100] (0: never judged by time), got {min_speedup}")
         if not (0 <= top_logprobs <= MAX_TOP_LOGPROBS):
             raise UserError(f"top logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {top_logprobs}")
         logprobs = logprobs or top_logprobs > 0
@@ -384,7 +390,7 @@ class Engine:
             compiled,
             speculate,
             speculate_k,
-            min_acceptance,
+            (min_acceptance, min_speedup),
             stats,
             widths,
         )
@@ -434,7 +440,7 @@ class Engine:
         compiled: Any,
         speculate: SpeculateMode,
         speculate_k: int,
-        min_acceptance: float,
+        judge: tuple[float, float],
         stats: EngineStats,
         widths: list[int],
     ) -> Iterator[Any]:
@@ -462,7 +468,7 @@ class Engine:
             stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
             start = time.perf_counter()
             if speculating:
-                steps = self._speculative(core, seqs[0], speculate, speculate_k, min_acceptance, stats, widths)
+                steps = self._speculative(core, seqs[0], speculate, speculate_k, judge, stats, widths)
             else:
                 steps = self._plain(core)
             for outputs in steps:
@@ -518,15 +524,24 @@ class Engine:
         seq: GenerationSequence,
         mode: SpeculateMode,
         k: int,
-        min_acceptance: float,
+        judge: tuple[float, float],
         stats: EngineStats,
         widths: list[int] | None = None,
     ) -> Iterator[list[StepOutput]]:
         """Plain steps first (they time the baseline the speedup is measured against), then rounds of: draft up
         to k tokens, verify them in one pass over the row (`DecodeCore.step` with drafts). mode="tree": a draft
         tree of the template `widths` (at most k deep), verified in one pass with a tree mask (`DecodeCore.step`
-        with tree), or linear recycle drafts where a tree cannot run (`EngineStats.tree_fallback` says why)."""
-        from slmkit.infer.speculative import DraftModel, TokenRecycler, lookup_draft
+        with tree), or linear recycle drafts where a tree cannot run (`EngineStats.tree_fallback` says why).
+
+        judge = (min_acceptance, min_speedup): speculation is turned off for the rest of the sequence once too few
+        drafted tokens survive (`GenerationSequence.speculation_pays`), or, with min_speedup > 0, once
+        MIN_ROUNDS_TO_TIME rounds have produced fewer tokens per second (drafting and verification timed together)
+        than min_speedup times the rate of the timed plain steps (`SpeculationClock`): on a CPU a small model's
+        verification pass of k tokens can cost more than the tokens it saves."""
+        from slmkit.infer.speculative import DraftModel, SpeculationClock, TokenRecycler, lookup_draft
+
+        min_acceptance, min_speedup = judge
+        clock = SpeculationClock(stats.plain_step_seconds, min_speedup)
 
         sampling = seq.request.sampling
         drafter = DraftModel(self.draft, core.max_len, sampling) if mode == "draft" else None
@@ -564,6 +579,7 @@ class Engine:
             budget = seq.request.max_new_tokens - len(seq.out) - 1  # one more token comes from the target
             draft: list[int] = []
             draft_probs = None
+            round_start = time.perf_counter()
             if not stats.speculation_turned_off and plain_steps >= calibration_steps and budget > 0:
                 if mode == "lookup":
                     draft = lookup_draft(tokens, min(k, budget))
@@ -571,23 +587,26 @@ class Engine:
                     assert widths
                     nodes, parents = self.recycler.draft_tree(tokens[-1], widths[: min(k, budget)])
                     if len(nodes) == 1:  # nothing known after the last token: the pending token alone teaches it
-                        yield core.step({seq: ([], None)})
+                        outputs = core.step({seq: ([], None)})
+                        clock.round(round_start, 1)
+                        yield outputs
                         continue
                     accepted = seq.accepted
                     drafted = seq.drafted
                     outputs = core.step(tree=(seq, nodes, parents))
+                    clock.round(round_start, 1 + seq.accepted - accepted)
                     stats.rounds += 1
                     stats.drafted += seq.drafted - drafted  # the tree's depth: the most a pass can accept
                     stats.accepted += seq.accepted - accepted
                     yield outputs
-                    if not seq.speculation_pays(min_acceptance):
-                        stats.speculation_turned_off = True
-                        logger.info("speculation off: %d of %d drafted tokens accepted", seq.accepted, seq.drafted)
+                    self._judge(seq, min_acceptance, clock, stats)
                     continue
                 elif mode in ("recycle", "tree"):
                     draft = self.recycler.draft(tokens[-1], min(k, budget))
                     if not draft:  # a verification pass of the pending token alone: the matrix learns its successors
-                        yield core.step({seq: ([], None)})
+                        outputs = core.step({seq: ([], None)})
+                        clock.round(round_start, 1)
+                        yield outputs
                         continue
                 else:
                     assert drafter is not None
@@ -605,15 +624,28 @@ class Engine:
             base, accepted = seq.length, seq.accepted  # base: the pending token's position
             outputs = core.step({seq: (draft, draft_probs)})
             n_accepted = seq.accepted - accepted
+            clock.round(round_start, 1 + n_accepted)
             stats.rounds += 1
             stats.drafted += len(draft)
             stats.accepted += n_accepted
             if drafter is not None:  # draft tokens it was fed beyond this were rejected
                 drafter.rewind(base + 1 + min(n_accepted, len(draft) - 1))
             yield outputs
-            if not seq.speculation_pays(min_acceptance):  # too few drafted tokens survive verification
-                stats.speculation_turned_off = True
-                logger.info("speculation off: %d of %d drafted tokens accepted", seq.accepted, seq.drafted)
+            self._judge(seq, min_acceptance, clock, stats)
+
+    @staticmethod
+    def _judge(seq: GenerationSequence, min_acceptance: float, clock: Any, stats: EngineStats) -> None:
+        """Turn speculation off for the sequence when too few drafts survive or, timed, when it is slower."""
+        if stats.speculation_turned_off:
+            return
+        if not seq.speculation_pays(min_acceptance):  # too few drafted tokens survive verification
+            stats.speculation_turned_off = True
+            stats.turned_off_because = "low acceptance"
+            logger.info("speculation off: %d of %d drafted tokens accepted", seq.accepted, seq.drafted)
+        elif not clock.pays():
+            stats.speculation_turned_off = True
+            stats.turned_off_because = f"slower than plain decoding: {clock.speedup():.2f}x"
+            logger.info("speculation off: %s", clock.describe())
 
 
 def load_draft(target: Any, draft: Any, device: str | None = None, dtype: torch.dtype | None = None):

@@ -25,6 +25,8 @@ and the residual is p without d.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +51,43 @@ def lookup_draft(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int =
         start = int(full[-1] if full.size else hits[0]) + n  # the latest match with a full continuation
         return arr[start : start + k].tolist()
     return []
+
+
+# rounds of speculation timed before `SpeculationClock` judges them against plain decoding
+MIN_ROUNDS_TO_TIME = 8
+
+
+class SpeculationClock:
+    """Whether speculation is faster than plain decoding, measured: tokens per second of the speculative rounds
+    (drafting and verification timed together) against the rate of the timed plain steps (`plain`, the engine's
+    list, which grows while it runs: the calibration steps, then every step that had nothing to draft). Judged
+    after MIN_ROUNDS_TO_TIME rounds; `min_speedup` 0 never judges."""
+
+    def __init__(self, plain: list[float], min_speedup: float) -> None:
+        self.plain, self.min_speedup = plain, min_speedup
+        self.rounds, self.tokens, self.seconds = 0, 0, 0.0
+
+    def round(self, started: float, tokens: int) -> None:
+        """One round that began at perf_counter() `started` and produced `tokens` tokens."""
+        self.rounds += 1
+        self.tokens += tokens
+        self.seconds += time.perf_counter() - started
+
+    def speedup(self) -> float:
+        """Speculative tokens/s over plain tokens/s (the median plain step); 1.0 before anything is timed."""
+        if not self.plain or not self.seconds:
+            return 1.0
+        return self.tokens / self.seconds * statistics.median(self.plain)
+
+    def pays(self) -> bool:
+        return self.min_speedup <= 0 or self.rounds < MIN_ROUNDS_TO_TIME or self.speedup() >= self.min_speedup
+
+    def describe(self) -> str:
+        return (
+            f"{self.tokens} tokens in {self.rounds} rounds took {self.seconds * 1e3:.1f} ms, "
+            f"{self.speedup():.2f}x the rate of plain steps (median {statistics.median(self.plain) * 1e3:.2f} ms); "
+            f"below the minimum {self.min_speedup:g}x"
+        )
 
 
 class TokenRecycler:
