@@ -210,3 +210,19 @@ def test_engine_refuses_a_bad_min_speedup(lm, bad):
 
     with pytest.raises(UserError, match="min speedup"):
         Engine(lm.model, lm.tokenizer).generate("A", max_new_tokens=4, speculate="lookup", min_speedup=bad)
+
+
+def test_seeded_sampling_is_never_judged_by_time(lm):
+    from slmkit.infer.sampling import SamplingParams
+
+    sampling = SamplingParams(temperature=1.0, seed=7)
+    runs = []
+    for _ in range(2):
+        stats = EngineStats()
+        [out] = Engine(lm.model, lm.tokenizer).generate(
+            PROMPTS[0], max_new_tokens=40, sampling=sampling, speculate="recycle", speculate_k=1,
+            min_acceptance=0.0, min_speedup=100.0, stats=stats,
+        )  # fmt: skip
+        assert not stats.speculation_turned_off  # a time rule here would make the tokens depend on timing
+        runs.append(out.token_ids)
+    assert runs[0] == runs[1]

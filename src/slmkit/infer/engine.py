@@ -537,13 +537,15 @@ class Engine:
         drafted tokens survive (`GenerationSequence.speculation_pays`), or, with min_speedup > 0, once
         MIN_ROUNDS_TO_TIME rounds have produced fewer tokens per second (drafting and verification timed together)
         than min_speedup times the rate of the timed plain steps (`SpeculationClock`): on a CPU a small model's
-        verification pass of k tokens can cost more than the tokens it saves."""
+        verification pass of k tokens can cost more than the tokens it saves. Greedy output is the same either way;
+        seeded sampling is never judged by time (when speculation stops would change its tokens)."""
         from slmkit.infer.speculative import DraftModel, SpeculationClock, TokenRecycler, lookup_draft
 
         min_acceptance, min_speedup = judge
-        clock = SpeculationClock(stats.plain_step_seconds, min_speedup)
-
         sampling = seq.request.sampling
+        if sampling.seed is not None and not sampling.greedy:
+            min_speedup = 0.0  # seeded sampling must not depend on timing: when speculation stops changes the tokens
+        clock = SpeculationClock(stats.plain_step_seconds, min_speedup)
         drafter = DraftModel(self.draft, core.max_len, sampling) if mode == "draft" else None
         use_tree = False
         if mode == "tree":
