@@ -57,8 +57,10 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "wsd": ({"schedule": "wsd"}, {}),
     "bf16": ({"dtype": "bfloat16"}, {}),
     "compile": ({"compile": True}, {}),
+    "embed lr x3": ({"embed_lr_scale": 3.0}, {}),
+    "embed lr x10": ({"embed_lr_scale": 10.0}, {}),
 }
-KNOBS = ("lr 6e-3", "lr 1e-2", "wsd", "bf16", "compile")
+KNOBS = ("lr 6e-3", "lr 1e-2", "wsd", "bf16", "compile", "embed lr x3", "embed lr x10")
 ARMS["combined"] = (
     {
         k: v
@@ -79,6 +81,8 @@ SHORT = {
     "batch-warmup": "batch warm-up",
     "lr6e-3": "lr 6e-3",
     "lr1e-2": "lr 1e-2",
+    "embed3": "embed lr x3",
+    "embed10": "embed lr x10",
 }
 
 

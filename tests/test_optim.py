@@ -83,6 +83,36 @@ def test_muon_lr_scale_follows_the_schedule(data_dir, tmp_path):
     assert [g["lr"] for g in groups] == [0.5 * last["lr"], last["lr"]]
 
 
+@pytest.mark.parametrize("optimizer", ["muon", "adamw"])
+def test_embed_lr_scale_gives_tables_and_head_their_own_rate(data_dir, tmp_path, optimizer):
+    model = build_model(preset("tiny", tie_embeddings=False))
+    opt = make_optimizer(model, cfg(optimizer=optimizer, embed_lr_scale=4.0), torch.device("cpu"))
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    scaled = [g for g in opt.param_groups if g.get("lr_scale") == 4.0]
+    assert len(scaled) == 1 and scaled[0]["weight_decay"] == 0.0
+    assert sorted(by_id[id(p)] for p in scaled[0]["params"]) == ["embed_tokens.weight", "lm_head.weight"]
+    others = {by_id[id(p)] for g in opt.param_groups if g is not scaled[0] for p in g["params"]}
+    assert not others & {"embed_tokens.weight", "lm_head.weight"}
+    assert len(others) + 2 == len(list(model.parameters()))
+    # at 1.0 the groups are those of runs without the knob (their checkpoints resume)
+    plain = make_optimizer(model, cfg(optimizer=optimizer), torch.device("cpu"))
+    tables = {id(model.embed_tokens.weight), id(model.lm_head.weight)}
+    assert all(any(id(p) not in tables for p in g["params"]) for g in plain.param_groups)  # no group of their own
+    # the schedule keeps the ratio, and a resumed run equals the uninterrupted one
+    c = cfg(max_steps=6, optimizer=optimizer, embed_lr_scale=4.0, warmup_steps=0, min_lr_ratio=0.5)
+    full = train(c, data_dir, tmp_path / "full")
+    state = torch.load(tmp_path / "full" / "final" / "trainer_state.pt", weights_only=False)
+    last = [json.loads(x) for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"lr"' in x][-1]
+    lrs = [g["lr"] for g in state["optimizer"]["param_groups"]]
+    assert lrs[-1] == pytest.approx(4.0 * last["lr"]) and last["lr"] in lrs
+    part = train(dataclass_replace(c, save_interval=3), data_dir, tmp_path / "part")
+    shutil.rmtree(tmp_path / "part" / "final")
+    resumed = train(TrainConfig(), data_dir, tmp_path / "part", resume=True)
+    assert part.losses == full.losses and resumed.losses == full.losses[3:]
+    other = train(dataclass_replace(c, embed_lr_scale=1.0), data_dir, tmp_path / "other")
+    assert other.losses[-1] != full.losses[-1]  # the knob changes training
+
+
 def test_bad_recipe_values():
     with pytest.raises(UserError, match="optimizer must be auto, adamw or muon"):
         cfg(optimizer="sgd")
@@ -90,6 +120,8 @@ def test_bad_recipe_values():
         cfg(optimizer="muon", strategy="fsdp")
     with pytest.raises(UserError, match="muon_momentum"):
         cfg(muon_momentum=1.0)
+    with pytest.raises(UserError, match="embed_lr_scale"):
+        cfg(embed_lr_scale=0.0)
     with pytest.raises(UserError, match="seq_len_warmup_start"):
         cfg(seq_len_warmup_steps=10, seq_len_warmup_start=64)  # seq_len is 32
 

@@ -50,6 +50,9 @@ class TrainConfig:
     optimizer: Literal["auto", "adamw", "muon"] = "auto"
     muon_momentum: float = 0.95
     muon_lr_scale: float = 1.0  # Muon's lr = lr x this (its shape-based scaling already matches AdamW's RMS)
+    # the embedding tables' and output head's lr = lr x this (AdamW, either optimizer; the speedrun gives them rates
+    # of their own); 1.0 keeps them in the shared groups (the parameter groups of earlier checkpoints)
+    embed_lr_scale: float = 1.0
     seq_len_warmup_steps: int = 0  # ramp sequences from seq_len_warmup_start to seq_len over these steps (0: off)
     seq_len_warmup_start: int = 64
     batch_warmup_steps: int = 0  # ramp rows per micro-batch from batch_warmup_start to batch_size (0: off)
@@ -197,6 +200,8 @@ class TrainConfig:
             raise UserError(f"train config: muon_momentum must be in [0, 1), got {self.muon_momentum}")
         if not self.muon_lr_scale > 0:
             raise UserError(f"train config: muon_lr_scale must be > 0, got {self.muon_lr_scale}")
+        if isinstance(self.embed_lr_scale, bool) or not self.embed_lr_scale > 0:
+            raise UserError(f"train config: embed_lr_scale must be > 0, got {self.embed_lr_scale}")
         if self.seq_len_warmup_steps < 0:
             raise UserError(f"train config: seq_len_warmup_steps must be >= 0, got {self.seq_len_warmup_steps}")
         if self.batch_warmup_steps < 0:

@@ -680,7 +680,7 @@ class _Session:
         progress = self.budget.progress(c.step, c.tokens, c.flops, c.elapsed)
         if cfg.untie_head_at is not None and progress >= cfg.untie_head_at and self.model.config.tie_embeddings:  # type: ignore[attr-defined]
             self._untie_head()
-            add_head_group(self.optimizer, self.model.lm_head.weight)  # type: ignore[union-attr,arg-type]
+            add_head_group(self.optimizer, self.model.lm_head.weight, cfg.embed_lr_scale)  # type: ignore[union-attr,arg-type]
             self.params.append(self.model.lm_head.weight)  # type: ignore[union-attr,arg-type]
             self.reporter.message(f"step {c.step}: the output head is untied from the embedding (untie_head_at)")
         lr = lr_at(cfg, c.step, progress)
