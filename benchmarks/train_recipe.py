@@ -38,7 +38,9 @@ from _common import hardware
 # each arm: (TrainConfig changes, ModelConfig changes) on top of the baseline; family slmkit where a switch has no
 # Hugging Face family (it changes nothing in the forward pass)
 ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "adamw (today)": ({}, {}),
+    # the "today": AdamW in fp32, pinned (the config's defaults have since become Muon and, on CPUs with
+    # bf16 units, bf16 autocast)
+    "adamw (today)": ({"optimizer": "adamw", "dtype": "float32"}, {}),
     "muon": ({"optimizer": "muon"}, {}),
     "relu2": ({}, {"activation": "relu2"}),
     "zero_init_proj": ({}, {"zero_init_proj": True}),
@@ -59,8 +61,9 @@ ARMS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "compile": ({"compile": True}, {}),
     "embed lr x3": ({"embed_lr_scale": 3.0}, {}),
     "embed lr x10": ({"embed_lr_scale": 10.0}, {}),
+    "embed lr x30": ({"embed_lr_scale": 30.0}, {}),
 }
-KNOBS = ("lr 6e-3", "lr 1e-2", "wsd", "bf16", "compile", "embed lr x3", "embed lr x10")
+KNOBS = ("lr 6e-3", "lr 1e-2", "wsd", "bf16", "compile", "embed lr x3", "embed lr x10", "embed lr x30")
 ARMS["combined"] = (
     {
         k: v
@@ -83,6 +86,7 @@ SHORT = {
     "lr1e-2": "lr 1e-2",
     "embed3": "embed lr x3",
     "embed10": "embed lr x10",
+    "embed30": "embed lr x30",
 }
 
 
