@@ -82,8 +82,9 @@ def run_quickstart(
         schedule="wsd",
         decay_fraction=0.3,
         # the recipe that won on this benchmark's data (docs/training.md): Muon (the default optimizer), an untied
-        # head and 100 steps of sequence-length warm-up from 64 tokens
+        # head at 10x the lr with the embedding table, and 100 steps of sequence-length warm-up from 64 tokens
         model={"tie_embeddings": False},
+        embed_lr_scale=10.0,
         seq_len_warmup_steps=100,
         seq_len_warmup_start=min(64, seq_len),
         max_minutes=minutes,

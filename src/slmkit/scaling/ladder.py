@@ -84,6 +84,7 @@ class LadderSettings:
     device: str = "cpu"
     threads: int | None = None
     optimizer: str = "muon"  # the rungs' (TrainConfig.optimizer); a plan's run uses the fit's optimizer
+    embed_lr_scale: float = 1.0  # the rungs' (TrainConfig.embed_lr_scale); a plan's run uses the fit's
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "batch_size", "levels", "min_steps", "val_windows"):
@@ -94,6 +95,16 @@ class LadderSettings:
             raise UserError(f"ladder: --level-ratio must be > 1, got {self.level_ratio}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"ladder: --lr must be a positive number, got {self.lr}")
+        if not (self.embed_lr_scale > 0 and math.isfinite(self.embed_lr_scale)):
+            raise UserError(f"ladder: embed_lr_scale must be a positive number, got {self.embed_lr_scale}")
+
+    def recorded(self) -> dict:
+        """The settings as a ladder's plan records them: embed_lr_scale only when not 1.0, so ladders planned
+        before it existed resume with the same options."""
+        out = asdict(self)
+        if out["embed_lr_scale"] == 1.0:
+            del out["embed_lr_scale"]
+        return out
 
     @property
     def tokens_per_step(self) -> int:
@@ -381,7 +392,7 @@ def run_ladder(
         "budget_flops": budget_flops,
         "budget_minutes": budget_minutes,
         "sizes": [s.name for s in sizes] if sizes else None,
-        "settings": asdict(settings),
+        "settings": settings.recorded(),
     }
     if mixer != DEFAULT_MIXER:  # absent for attention, so ladders planned before families still resume
         request["mixer"] = mixer
@@ -594,6 +605,7 @@ def _train_rungs(
                 device=settings.device,
                 threads=settings.threads,
                 optimizer=settings.optimizer,  # type: ignore[arg-type]  # checked by TrainConfig
+                embed_lr_scale=settings.embed_lr_scale,
             )
             from slmkit.interop.checkpoint import WEIGHTS, latest_checkpoint
 

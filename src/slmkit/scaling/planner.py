@@ -453,6 +453,7 @@ def _plan_family(
             "schedule": "cosine",
             "seed": settings["seed"],
             "optimizer": settings.get("optimizer", "adamw"),  # ladders from before the key ran AdamW
+            **({"embed_lr_scale": settings["embed_lr_scale"]} if settings.get("embed_lr_scale", 1.0) != 1.0 else {}),
         },
         mixer=mixer,
         ladder=str(ladder),
