@@ -142,6 +142,11 @@ def test_tiny_build_ships_every_artefact(shipped):
     assert "How this model was built" in card and f"{state['result']['bits_per_byte']:.4f}" in card
     html = (out / "report.html").read_text()
     assert "Plan vs actual" in html and "Compression candidates" in html and "Budget per stage" in html
+    # the planned run trains its tables and head at BUILD_EMBED_LR_SCALE; the ladder's rungs (the law) do not
+    from slmkit.build.stages import BUILD_EMBED_LR_SCALE
+
+    trained = json.loads((out / "work" / "run" / "train_config.json").read_text())
+    assert BUILD_EMBED_LR_SCALE != 1.0 and trained["embed_lr_scale"] == BUILD_EMBED_LR_SCALE
 
 
 @pytest.mark.slow

@@ -218,3 +218,22 @@ def test_the_plan_trains_at_the_run_batch_not_the_ladders(tiny_ladder, batch):
     assert options["batch_size"] == expected
     steps = p.tokens // (options["seq_len"] * expected)
     assert options["warmup_steps"] == max(1, min(100, steps // 10))
+
+
+def test_ladder_settings_record_embed_lr_scale_only_when_set_and_the_plan_trains_with_it(tiny_ladder):
+    from slmkit.scaling.ladder import LadderSettings
+
+    assert "embed_lr_scale" not in LadderSettings().recorded()  # ladders planned before the knob resume as they were
+    assert LadderSettings(embed_lr_scale=3.0).recorded()["embed_lr_scale"] == 3.0
+    with pytest.raises(UserError, match="embed_lr_scale"):
+        LadderSettings(embed_lr_scale=0.0)
+    assert "embed_lr_scale" not in plan(tiny_ladder, budget_flops=1e13, bootstrap=0, measure_decode=False).train_options
+    meta = json.loads((tiny_ladder / "ladder.json").read_text())
+    meta["request"]["settings"]["embed_lr_scale"] = 3.0
+    (tiny_ladder / "ladder.json").write_text(json.dumps(meta))
+    try:
+        options = plan(tiny_ladder, budget_flops=1e13, bootstrap=0, measure_decode=False).train_options
+    finally:
+        del meta["request"]["settings"]["embed_lr_scale"]
+        (tiny_ladder / "ladder.json").write_text(json.dumps(meta))
+    assert options["embed_lr_scale"] == 3.0
