@@ -136,11 +136,11 @@ def add_head_group(optimizer: Any, head: torch.nn.Parameter, lr_scale: float = 1
     """Train `head` (a late-untied output head) with AdamW, no weight decay, in a group of its own (at the
     tables' `embed_lr_scale`)."""
     target = optimizer.optimizers[-1] if isinstance(optimizer, MuonWithAdamW) else optimizer
-    extra = {"lr_scale": lr_scale, "lr": target.param_groups[0]["lr"] * lr_scale} if lr_scale != 1.0 else {}
+    extra = {"lr_scale": lr_scale} if lr_scale != 1.0 else {}  # the loop sets every group's lr before each step
     target.add_param_group({"params": [head], "weight_decay": 0.0, **extra})
 
 
-def _tables_apart(model: torch.nn.Module, groups: list[dict], scale: float, lr: float) -> list[dict]:
+def _tables_apart(model: torch.nn.Module, groups: list[dict], scale: float) -> list[dict]:
     """`groups` with the embedding tables and the output head moved into a group of their own at lr x `scale`
     (no weight decay); unchanged at scale 1.0, so runs and checkpoints without the knob keep their groups."""
     if scale == 1.0:
@@ -148,7 +148,7 @@ def _tables_apart(model: torch.nn.Module, groups: list[dict], scale: float, lr: 
     tables = _head_and_tables(model)
     rest = [{**g, "params": [p for p in g["params"] if id(p) not in tables]} for g in groups]
     moved = [p for g in groups for p in g["params"] if id(p) in tables]
-    own = [{"params": moved, "weight_decay": 0.0, "lr_scale": scale, "lr": lr * scale}] if moved else []
+    own = [{"params": moved, "weight_decay": 0.0, "lr_scale": scale}] if moved else []  # lr: set by the loop
     return [g for g in rest if g["params"]] + own
 
 
@@ -174,7 +174,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
         groups = param_groups(model, cfg.weight_decay)
         if head is not None:
             groups = [{**g, "params": [p for p in g["params"] if p is not head]} for g in groups]
-        groups = _tables_apart(model, groups, cfg.embed_lr_scale, cfg.lr)
+        groups = _tables_apart(model, groups, cfg.embed_lr_scale)
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
         if head is not None:
             add_head_group(opt, head, cfg.embed_lr_scale)
@@ -204,7 +204,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     decay = [p for p in rest if p.dim() >= 2 and id(p) not in skip]
     no_decay = [p for p in rest if not (p.dim() >= 2 and id(p) not in skip)]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = _tables_apart(model, groups, cfg.embed_lr_scale, cfg.lr)
+    groups = _tables_apart(model, groups, cfg.embed_lr_scale)
     adamw = torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused
     )
