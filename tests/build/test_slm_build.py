@@ -350,7 +350,10 @@ def test_the_plan_reserves_what_the_post_training_stages_took(tmp_path, shipped,
     after = ("compress", "verify", "ship")
     spent = sum(state["stages"][name]["seconds"] for name in after)
     report = {n: (timed[n], state["stages"][n]["seconds"]) for n in after}
-    assert spent <= sum(timed[name] for name in after), report
+    # wall times of one process: the shipped build paid first-call costs (kernel loads, imports) that the probe,
+    # run later in the same process, did not (7% over in a run of tests/build alone); a part left out of the
+    # reservation (verify's evaluation is half of it) is far more than the slack allowed here
+    assert spent <= 1.25 * sum(timed[name] for name in after), report
     # planned and spent side by side in the terminal summary, the card and the report
     from slmkit.build.pipeline import summary_lines
 
@@ -430,3 +433,31 @@ def test_machine_profile_times_a_deep_thin_shape_for_the_decode_fit():
     timer = machine.decode_timer(profile)
     assert timer(Shape(64, 8), 97, 16) == decode["64x8"]["ms"]  # a timed shape reads its own timing
     assert timer(Shape(80, 4), 97, 16) > 0
+
+
+def test_the_planned_run_takes_the_quickstarts_recipe_on_top_of_the_plans():
+    from slmkit.build.stages import BUILD_EMBED_LR_SCALE, run_recipe
+    from slmkit.train.config import TrainConfig
+
+    plan = {
+        "preset": "tiny",
+        "model": {"d_model": 64, "n_layers": 2},
+        "seq_len": 128,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_steps": 100,
+        "schedule": "cosine",
+        "optimizer": "muon",
+        "max_tokens": 2048 * 3000,
+    }
+    config = run_recipe(plan, untie=True)
+    assert config["schedule"] == "wsd" and config["embed_lr_scale"] == BUILD_EMBED_LR_SCALE
+    assert config["seq_len_warmup_steps"] == 100 and config["seq_len_warmup_start"] == 64
+    assert config["model"] == {"d_model": 64, "n_layers": 2, "tie_embeddings": False}
+    assert plan["model"] == {"d_model": 64, "n_layers": 2} and plan["schedule"] == "cosine"  # the plan is untouched
+    TrainConfig.from_dict(config, source="test")  # a valid training config
+    # --max-size counts bytes of weights: the head stays tied; a short run warms up over a tenth of its steps
+    short = run_recipe({**plan, "max_tokens": 2048 * 200}, untie=False)
+    assert "tie_embeddings" not in short["model"] and short["seq_len_warmup_steps"] == 20
+    # a context no longer than the warm-up's start has nothing to warm up
+    assert "seq_len_warmup_steps" not in run_recipe({**plan, "seq_len": 64}, untie=False)

@@ -22,6 +22,13 @@ LADDER_SHARE = 0.15  # of the budget: the ladder's rungs (training, evaluation, 
 # x10 in its rungs too the 10-minute build's law put the optimum at a 48x4 model (+18% loss against its prediction,
 # 1.35 bpb against the quickstart's 1.17; docs/build.md), so the law describes the plain recipe and the run beats it
 BUILD_EMBED_LR_SCALE = 10.0
+# The rest of the quickstart's recipe that the planned run takes on top of the ladder's (docs/training.md: each
+# took bpb off `micro` at equal time): the wsd schedule (its decay is timed to the run's deadline), sequence-length
+# warm-up (up to 100 steps, from 64 tokens) and an untied output head (same FLOPs and decode work per token; more
+# bytes of weights, so not when --max-size caps them). The law was fitted on the plain recipe, so the run should
+# land at or below its prediction.
+BUILD_SCHEDULE = "wsd"
+BUILD_SEQ_WARMUP_STEPS, BUILD_SEQ_WARMUP_START = 100, 64
 LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer steps (the rest: evals, saves, starts)
 # The ladder's rungs train at a quarter of the run's batch and at least 30 steps (fewer when the budget cannot
 # hold 7 rungs so): the first ~30 steps of a run barely move the loss (8.30 -> 7.82 nats at 30 steps of the
@@ -590,6 +597,20 @@ class _PredictionReporter:
         self.inner.end(result)
 
 
+def run_recipe(train_config: dict[str, Any], untie: bool) -> dict[str, Any]:
+    """The planned run's training options: the plan's (the ladder's recipe at the planned shape and tokens) with
+    the quickstart's recipe on top (BUILD_*; the head untied when `untie`)."""
+    seq_len = train_config["seq_len"]
+    steps = max(1, train_config["max_tokens"] // (seq_len * train_config["batch_size"]))
+    config = {**train_config, "embed_lr_scale": BUILD_EMBED_LR_SCALE, "schedule": BUILD_SCHEDULE}
+    if seq_len > BUILD_SEQ_WARMUP_START:
+        config["seq_len_warmup_steps"] = max(1, min(BUILD_SEQ_WARMUP_STEPS, steps // 10))
+        config["seq_len_warmup_start"] = BUILD_SEQ_WARMUP_START
+    if untie:
+        config["model"] = {**train_config.get("model", {}), "tie_embeddings": False}
+    return config
+
+
 def stage_train(ctx: BuildContext) -> None:
     from slmkit.interop.checkpoint import WEIGHTS, latest_checkpoint
     from slmkit.train.config import TrainConfig
@@ -605,8 +626,7 @@ def stage_train(ctx: BuildContext) -> None:
     )
     steps = max(1, plan["tokens"] // (plan["train_config"]["seq_len"] * plan["train_config"]["batch_size"]))
     config = {
-        **plan["train_config"],
-        "embed_lr_scale": BUILD_EMBED_LR_SCALE,
+        **run_recipe(plan["train_config"], untie=ctx.request.max_size_bytes is None),
         "seed": ctx.request.seed,
         "device": ctx.request.device,
         "threads": ctx.request.threads,
@@ -616,6 +636,21 @@ def stage_train(ctx: BuildContext) -> None:
         "save_interval": max(5, steps // 10),
         "keep_checkpoints": 1,
     }
+    untied = config.get("model", {}).get("tie_embeddings") is False
+    recipe = (
+        "the run trains the ladder's recipe with the quickstart's on top: "
+        f"embedding/head lr x{BUILD_EMBED_LR_SCALE:g}, {BUILD_SCHEDULE} schedule"
+        + (
+            f", {config['seq_len_warmup_steps']} steps of sequence-length warm-up"
+            if "seq_len_warmup_steps" in config
+            else ""
+        )
+        + (", an untied head (same work per token, more bytes of weights)" if untied else "")
+        + (" (the head stays tied: --max-size counts bytes of weights)" if ctx.request.max_size_bytes else "")
+        + "; the law describes the ladder's recipe, so the run should land at or below its prediction"
+    )
+    if not any(d["decision"] == recipe for d in ctx.state.data["decisions"]):
+        ctx.state.decide("train", recipe)
     stop = ctx.runner.stop_after or ""
     stop_step = int(stop.split(":", 1)[1]) if stop.startswith("train:") and stop[6:].isdigit() else None
 
