@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -305,8 +306,17 @@ def fit_memory(name: str, pairs: int, d_model: int, overrides: dict, target: int
 
 # ---------------------------------------------------------------- quality at equal FLOPs
 def quality_section(
-    presets: list[str], corpora: list[str], flops: float, vocab: int, work: Path, dtype: str = "auto"
+    presets: list[str],
+    corpora: list[str],
+    flops: float,
+    vocab: int,
+    work: Path,
+    dtype: str = "auto",
+    seeds: tuple[int, ...] = (1337,),
+    train_set: dict | None = None,
 ) -> list[dict]:
+    """Val bits per byte of each preset after `flops` training FLOPs on each corpus, for each seed (the model's
+    init and the data order); `train_set` overrides TrainConfig fields for every arm (e.g. embed_lr_scale)."""
     from slmkit.data.prepare import prepare
     from slmkit.eval.perplexity import evaluate_text
     from slmkit.loading import load
@@ -318,7 +328,7 @@ def quality_section(
         data_dir = work / f"data-{abs(hash(corpus))}"
         source, _, field = corpus.partition("#")  # PATH#FIELD: the .jsonl field holding the text
         prepare([source], data_dir, vocab_size=vocab, val_fraction=0.05, text_field=field or "text")
-        for name in presets:
+        for name, seed in ((n, s) for n in presets for s in seeds):
             cfg = TrainConfig(
                 preset=name,
                 seq_len=256,
@@ -330,10 +340,11 @@ def quality_section(
                 max_flops=flops,
                 eval_interval=10**9,
                 save_interval=10**9,
-                seed=1337,
+                seed=seed,
                 dtype=dtype,
+                **(train_set or {}),
             )
-            run_dir = work / f"run-{abs(hash(corpus))}-{name}"
+            run_dir = work / f"run-{abs(hash(corpus))}-{name}-{seed}"
             started = time.perf_counter()
             result = train(cfg, data_dir, run_dir, overwrite=True)  # a re-run measures again
             seconds = time.perf_counter() - started
@@ -342,29 +353,53 @@ def quality_section(
                 {
                     "corpus": corpus,
                     "preset": name,
+                    "seed": seed,
                     "bits_per_byte": score.bits_per_byte,
                     "tokens": result.tokens,
                     "flops": result.flops,
                     "seconds": seconds,
                 }
             )
-            print(f"  {corpus} {name}: {score.bits_per_byte:.4f} bpb", file=sys.stderr)
+            print(f"  {corpus} {name} seed {seed}: {score.bits_per_byte:.4f} bpb", file=sys.stderr)
     rows = []
-    for r in results:
-        ref = next((q for q in results if q["corpus"] == r["corpus"] and q["preset"] == presets[0]), r)
+    for r in results:  # each seed against the first preset at the same seed
+        ref = next(
+            (q for q in results if q["corpus"] == r["corpus"] and q["preset"] == presets[0] and q["seed"] == r["seed"]),
+            r,
+        )
         rows.append(
             [
                 Path(r["corpus"].partition("#")[0]).stem if "/" in r["corpus"] else r["corpus"],
                 r["preset"],
+                str(r["seed"]),
                 f"{r['bits_per_byte']:.4f}",
                 f"{r['bits_per_byte'] / ref['bits_per_byte']:.3f}",
                 f"{r['tokens'] / 1e6:.2f}",
                 f"{r['seconds']:.0f}",
             ]
         )
+    if len(seeds) > 1:  # the mean over seeds, and its ratio to the first preset's mean
+        for corpus in corpora:
+            base = statistics.mean(
+                r["bits_per_byte"] for r in results if r["corpus"] == corpus and r["preset"] == presets[0]
+            )
+            for name in presets:
+                values = [r["bits_per_byte"] for r in results if r["corpus"] == corpus and r["preset"] == name]
+                mean = statistics.mean(values)
+                rows.append(
+                    [
+                        Path(corpus.partition("#")[0]).stem if "/" in corpus else corpus,
+                        name,
+                        f"mean of {len(values)} (sd {statistics.stdev(values):.4f})",
+                        f"{mean:.4f}",
+                        f"{mean / base:.3f}",
+                        "",
+                        "",
+                    ]
+                )
     table(
         f"quality at equal training FLOPs ({flops:.2g} each)",
-        ["corpus", "preset", "val bpb", f"vs {presets[0]}", "Mtokens", "seconds"],
+        ["corpus", "preset", "seed", "val bpb", f"vs {presets[0]}", "Mtokens", "seconds"],
         rows,
     )
     return results
@@ -403,13 +438,13 @@ def hf_section(name: str, batch: int, seq_len: int, steps: int, vocab: int) -> d
     return {"preset": name, "slmkit": ours_rate, "transformers": theirs_rate}
 
 
-def _key_values(items: list[str]) -> dict:
+def _key_values(items: list[str], option: str = "--recall-set") -> dict:
     """`KEY=VALUE` pairs from the command line; a value that is not JSON is kept as a string."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"error: --recall-set expects KEY=VALUE, got {item!r}")
+            raise SystemExit(f"error: {option} expects KEY=VALUE, got {item!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -448,6 +483,14 @@ def main() -> None:
         help="config fields for every recall model, e.g. rope_fraction=1.0 (values parsed as JSON)",
     )
     parser.add_argument("--flops", type=float, default=3e12, help="training FLOPs per model (quality)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1337], help="seeds of each quality arm (init, data)")
+    parser.add_argument(
+        "--train-set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="TrainConfig fields for every quality arm, e.g. embed_lr_scale=10 (values parsed as JSON)",
+    )
     parser.add_argument(
         "--dtype",
         default="auto",
@@ -481,7 +524,14 @@ def main() -> None:
     if "quality" in args.sections:
         with tempfile.TemporaryDirectory() as tmp:
             report["quality"] = quality_section(
-                args.presets, args.corpora, args.flops, args.vocab_size, Path(tmp), args.dtype
+                args.presets,
+                args.corpora,
+                args.flops,
+                args.vocab_size,
+                Path(tmp),
+                args.dtype,
+                tuple(args.seeds),
+                _key_values(args.train_set, "--train-set"),
             )
     if "hf" in args.sections:
         report["hf"] = hf_section(args.hf_preset, 8, 256, 4, args.vocab_size)

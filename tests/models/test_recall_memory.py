@@ -1,5 +1,6 @@
 """The recall benchmark's memory accounting (benchmarks/mixers.py): what "equal state size" compares."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -56,3 +57,20 @@ def test_fit_memory_takes_the_largest_setting_under_the_target(name):
 def test_fit_memory_refuses_a_target_nothing_fits():
     with pytest.raises(SystemExit, match="error: no setting"):
         mixers.fit_memory("micro-mamba2", 8, 64, {}, 100)
+
+
+def test_quality_arms_run_per_seed_with_the_train_overrides(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    words = "the model reads the text and predicts the next token of the corpus".split()
+    corpus.write_text("\n".join(" ".join(words[i:] + words[:i]) for i in range(len(words))) * 40)
+    results = mixers.quality_section(
+        ["tiny"], [str(corpus)], 2e8, 300, tmp_path / "work", "float32", (1, 2), {"embed_lr_scale": 10.0}
+    )
+    assert [r["seed"] for r in results] == [1, 2]
+    assert results[0]["bits_per_byte"] != results[1]["bits_per_byte"]  # another init and data order
+    for seed in (1, 2):
+        trained = json.loads(
+            (tmp_path / "work" / f"run-{abs(hash(str(corpus)))}-tiny-{seed}" / "train_config.json").read_text()
+        )
+        assert trained["embed_lr_scale"] == 10.0 and trained["seed"] == seed
+    assert "mean of 2" in capsys.readouterr().out
