@@ -132,8 +132,10 @@ def run_settings(fast: bool, seed: int = 1337, device: str = "cpu", threads: int
     `ladder_rung_settings` of it. `fast`: a build under 5 minutes."""
     from slmkit.scaling.ladder import LadderSettings
 
+    # the quickstart's context at 5 minutes and more (it was 128 until the 10-minute benchmark scored each model at
+    # the length it trained at: 128 cost the build 3% of bits per byte against the quickstart's 256, docs/build.md)
     return LadderSettings(
-        seq_len=64 if fast else 128,
+        seq_len=64 if fast else 256,
         batch_size=4 if fast else 16,
         lr=3e-3,
         levels=4,
