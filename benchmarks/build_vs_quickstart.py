@@ -84,6 +84,8 @@ def main() -> None:
     # quickstart first: it prepares the shared corpus into work/quickstart/data
     start = time.perf_counter()
     summary = work / "quickstart" / "summary.json"
+    if args.score_only and not (summary.is_file() and (work / "build" / "build.json").is_file()):
+        raise SystemExit(f"error: --score-only needs a finished run of this benchmark in --work {work}")
     if (args.reuse_quickstart or args.score_only) and summary.is_file():
         quick = json.loads(summary.read_text())
         quick_wall = quick["total_seconds"]
@@ -99,7 +101,7 @@ def main() -> None:
         efficiency["threads"] = args.threads
     max_latency = None
     if args.score_only:
-        pass
+        pass  # the rescored run's target is in its build.json
     elif args.max_latency == "quickstart":
         max_latency = measure_in_subprocess(Path(quick["model_dir"]), **efficiency)["decode_ms_per_token"]
         print(f"build target: --max-latency {max_latency:.3f}ms (the quickstart model's decode latency here)")

@@ -305,6 +305,11 @@ def fit_memory(name: str, pairs: int, d_model: int, overrides: dict, target: int
 
 
 # ---------------------------------------------------------------- quality at equal FLOPs
+def _corpus_label(corpus: str) -> str:
+    """A table's name for a --corpora item: a file's stem (without its #FIELD), a builtin as given."""
+    return Path(corpus.partition("#")[0]).stem if "/" in corpus else corpus
+
+
 def quality_section(
     presets: list[str],
     corpora: list[str],
@@ -369,7 +374,7 @@ def quality_section(
         )
         rows.append(
             [
-                Path(r["corpus"].partition("#")[0]).stem if "/" in r["corpus"] else r["corpus"],
+                _corpus_label(r["corpus"]),
                 r["preset"],
                 str(r["seed"]),
                 f"{r['bits_per_byte']:.4f}",
@@ -388,7 +393,7 @@ def quality_section(
                 mean = statistics.mean(values)
                 rows.append(
                     [
-                        Path(corpus.partition("#")[0]).stem if "/" in corpus else corpus,
+                        _corpus_label(corpus),
                         name,
                         f"mean of {len(values)} (sd {statistics.stdev(values):.4f})",
                         f"{mean:.4f}",

@@ -599,14 +599,17 @@ class _PredictionReporter:
         self.inner.end(result)
 
 
+def planned_steps(train_config: dict[str, Any]) -> int:
+    """Optimizer steps of the plan's run config (its max_tokens at its batch and context)."""
+    return max(1, train_config["max_tokens"] // (train_config["seq_len"] * train_config["batch_size"]))
+
+
 def run_recipe(train_config: dict[str, Any], untie: bool) -> dict[str, Any]:
     """The planned run's training options: the plan's (the ladder's recipe at the planned shape and tokens) with
     the quickstart's recipe on top (BUILD_*; the head untied when `untie`)."""
-    seq_len = train_config["seq_len"]
-    steps = max(1, train_config["max_tokens"] // (seq_len * train_config["batch_size"]))
     config = {**train_config, "embed_lr_scale": BUILD_EMBED_LR_SCALE, "schedule": BUILD_SCHEDULE}
-    if seq_len > BUILD_SEQ_WARMUP_START:
-        config["seq_len_warmup_steps"] = max(1, min(BUILD_SEQ_WARMUP_STEPS, steps // 10))
+    if train_config["seq_len"] > BUILD_SEQ_WARMUP_START:
+        config["seq_len_warmup_steps"] = max(1, min(BUILD_SEQ_WARMUP_STEPS, planned_steps(train_config) // 10))
         config["seq_len_warmup_start"] = BUILD_SEQ_WARMUP_START
     if untie:
         config["model"] = {**train_config.get("model", {}), "tie_embeddings": False}
@@ -626,7 +629,7 @@ def stage_train(ctx: BuildContext) -> None:
         f"training {plan['width']}x{plan['depth']} ({plan['total_params']:,} parameters) on {plan['tokens']:,} tokens; "
         f"predicted val loss {plan['predicted_loss']:.4f} ({plan['ci_level']:.0%} interval {low:.4f}-{high:.4f})"
     )
-    steps = max(1, plan["tokens"] // (plan["train_config"]["seq_len"] * plan["train_config"]["batch_size"]))
+    steps = planned_steps(plan["train_config"])
     config = {
         **run_recipe(plan["train_config"], untie=ctx.request.max_size_bytes is None),
         "seed": ctx.request.seed,
