@@ -435,6 +435,25 @@ def test_machine_profile_times_a_deep_thin_shape_for_the_decode_fit():
     assert timer(Shape(80, 4), 97, 16) > 0
 
 
+def test_latency_checks_are_timed_once_and_kept_for_resumes_and_replays(monkeypatch):
+    """The planner's timings of members near a latency cap land in the profile (build.json), so planning again
+    (a resume) reads them; a --machine replay times nothing: a member it has no timing of reads the line."""
+    from slmkit.build import machine
+    from slmkit.scaling import planner
+    from slmkit.scaling.shapes import Shape
+
+    calls = []
+    monkeypatch.setattr(planner, "checked_decode_ms", lambda shape, vocab, context: calls.append(shape) or 0.5)
+    profile = json.loads(json.dumps({**PROFILE, "vocab_size": 97}))
+    timer = machine.check_timer(profile)
+    assert timer(Shape(96, 3), 97, 32) == 0.5 and timer(Shape(96, 3), 97, 32) == 0.5
+    assert calls == [Shape(96, 3)] and profile["decode_checked"] == {"attention:96x3:97:32": 0.5}
+    replay = machine.check_timer(json.loads(json.dumps(profile)), replay=True)
+    assert replay(Shape(96, 3), 97, 32) == 0.5
+    assert replay(Shape(128, 3), 97, 32) == machine.decode_timer(profile)(Shape(128, 3), 97, 32) != 0.5
+    assert len(calls) == 1
+
+
 def test_the_planned_run_takes_the_quickstarts_recipe_on_top_of_the_plans():
     from slmkit.build.stages import BUILD_EMBED_LR_SCALE, run_recipe
     from slmkit.train.config import TrainConfig
@@ -452,6 +471,8 @@ def test_the_planned_run_takes_the_quickstarts_recipe_on_top_of_the_plans():
     }
     config = run_recipe(plan, untie=True)
     assert config["schedule"] == "wsd" and config["embed_lr_scale"] == BUILD_EMBED_LR_SCALE
+    assert config["warmup_steps"] == 30 and config["decay_fraction"] == 0.3  # the quickstart's
+    assert run_recipe({**plan, "warmup_steps": 12}, untie=True)["warmup_steps"] == 12  # a shorter plan's stays
     assert config["seq_len_warmup_steps"] == 100 and config["seq_len_warmup_start"] == 64
     assert config["model"] == {"d_model": 64, "n_layers": 2, "tie_embeddings": False}
     assert plan["model"] == {"d_model": 64, "n_layers": 2} and plan["schedule"] == "cosine"  # the plan is untouched

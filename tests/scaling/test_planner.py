@@ -237,3 +237,52 @@ def test_ladder_settings_record_embed_lr_scale_only_when_set_and_the_plan_trains
         del meta["request"]["settings"]["embed_lr_scale"]
         (tiny_ladder / "ladder.json").write_text(json.dumps(meta))
     assert options["embed_lr_scale"] == 3.0
+
+
+def _convex_ms(total_params: float, depth: int) -> float:
+    """A machine whose decode time grows faster than linearly in parameters (weights leaving the cache): a line
+    through a small, a mid and a large timed shape over-predicts the members between them."""
+    millions = total_params / 1e6
+    return 0.1 + 0.05 * millions + 0.04 * millions**2 + 0.01 * depth
+
+
+def test_a_binding_latency_cap_is_checked_by_timing_the_members_near_it(known_ladder):
+    """The decode line only says where to look: members it puts just over the cap are timed themselves (best
+    predicted loss first) and the first that meets the cap wins, over the line's own pick. Without the check the
+    plan is the line's pick, a member with a higher predicted loss."""
+    from slmkit.scaling.planner import BOUNDARY_CHECKS, BOUNDARY_SLACK, decode_line
+
+    ladder, vocab, context = known_ladder
+    budget = 1e15
+
+    def probe_timer(shape, vocab_size, ctx):  # the few shapes the line is fitted on
+        return _convex_ms(shape.config(vocab_size, ctx).num_params(), shape.depth)
+
+    def check_timer(shape, vocab_size, ctx):  # a member's own timing
+        return probe_timer(shape, vocab_size, ctx)
+
+    free = plan(ladder, budget_flops=budget, bootstrap=0, decode_timer=probe_timer, check_timer=check_timer)
+    cap = 0.5 * _convex_ms(free.total_params, free.depth)
+    timers = dict(decode_timer=probe_timer, check_timer=check_timer)
+    p = plan(ladder, budget_flops=budget, bootstrap=0, max_decode_ms=cap, **timers)
+    law = analyse(load_rungs(ladder), bootstrap=0, holdout=False).law
+    smallest = Shape(PRESETS["tiny"]["d_model"], PRESETS["tiny"]["n_layers"]).config(vocab, context)
+    pool = candidates(vocab, context, min_params=smallest.num_params(False), max_params=4 * math.sqrt(budget / 6))
+    line = decode_line(p.decode_measurements)
+
+    def loss(c):
+        return (float(law(c.params, budget / c.flops_per_token)), c.total_params)
+
+    line_pick = min((c for c in pool if line(c.total_params, c.shape.depth) <= cap), key=loss)
+    reach = [c for c in pool if line(c.total_params, c.shape.depth) <= cap * BOUNDARY_SLACK]
+    best = min((c for c in reach if _convex_ms(c.total_params, c.shape.depth) <= cap), key=loss)
+    assert loss(best) < loss(line_pick)  # the line over-predicts here: the check has something to find
+    assert (p.width, p.depth) == (best.shape.width, best.shape.depth)
+    assert _convex_ms(p.total_params, p.depth) <= cap and "max_decode_ms" in p.binding
+    assert 1 <= len(p.decode_checked) <= BOUNDARY_CHECKS
+    *over, last = p.decode_checked
+    assert last["shape"] == best.shape.name and last["meets"] and last["ms"] <= cap
+    assert all(not c["meets"] and c["ms"] > cap for c in over)
+    assert p.measured_decode_ms == pytest.approx(last["ms"])
+    # the line's own estimate of the winner was over the cap: the plan reports it, and the timing that let it in
+    assert p.predicted_decode_ms > cap

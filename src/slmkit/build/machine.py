@@ -8,8 +8,10 @@ the same model on CPU).
 
 A profile is a plain dict:
 ``{"vocab_size", "context", "train": [{"shape", "params", "total_params", "tokens_per_second",
-"flops_per_second"}], "decode": [{"shape", "total_params", "depth", "ms"}]}`` (profiles written before the depth
-was recorded have none: their decode line is by parameters alone).
+"flops_per_second"}], "decode": [{"shape", "total_params", "depth", "ms"}],
+"decode_checked": {"mixer:WxD:vocab:context": ms}}`` (profiles written before the depth was recorded have none:
+their decode line is by parameters alone; "decode_checked" holds the planner's own timings of members near a
+latency cap and of the planned one, added while planning).
 """
 
 from __future__ import annotations
@@ -122,6 +124,28 @@ def decode_timer(profile: dict[str, Any]) -> Callable[[Shape, int, int], float]:
         if shape.name in timed and vocab_size == profile["vocab_size"]:
             return float(timed[shape.name])
         return line(shape.config(vocab_size, context).num_params(), shape.depth)
+
+    return timer
+
+
+def check_timer(profile: dict[str, Any], replay: bool = False) -> Callable[[Shape, int, int], float]:
+    """`planner.plan`'s check_timer: a member's own decode timing (`planner.checked_decode_ms`), taken once and
+    kept in the profile under "decode_checked" (by mixer, shape, vocabulary and context), so a resumed or
+    replayed build checks its latency cap against the same numbers and so plans the same model. `replay` (a
+    `--machine` profile): nothing is timed here; a member the profile has no timing of reads `decode_timer`'s."""
+    from slmkit.scaling.planner import checked_decode_ms
+
+    store = profile.setdefault("decode_checked", {})
+    estimate = decode_timer(profile)
+
+    def timer(shape: Shape, vocab_size: int, context: int) -> float:
+        key = f"{shape.mixer}:{shape.name}:{vocab_size}:{context}"
+        if key in store:
+            return float(store[key])
+        if replay:
+            return estimate(shape, vocab_size, context)
+        store[key] = checked_decode_ms(shape, vocab_size, context)
+        return float(store[key])
 
     return timer
 

@@ -25,9 +25,11 @@ BUILD_EMBED_LR_SCALE = 10.0
 # The rest of the quickstart's recipe that the planned run takes on top of the ladder's (docs/training.md: each
 # took bpb off `micro` at equal time): the wsd schedule (its decay is timed to the run's deadline), sequence-length
 # warm-up (up to 100 steps, from 64 tokens) and an untied output head (same FLOPs and decode work per token; more
-# bytes of weights, so not when --max-size caps them). The law was fitted on the plain recipe, so the run should
-# land at or below its prediction.
+# bytes of weights, so not when --max-size caps them), with the quickstart's lr warm-up (30 steps at most; the
+# plan's rule gives a tenth of the steps up to 100) and its decay over the last 30% of the time (the loop's default
+# is 20%). The law was fitted on the plain recipe, so the run should land at or below its prediction.
 BUILD_SCHEDULE = "wsd"
+BUILD_WARMUP_STEPS, BUILD_DECAY_FRACTION = 30, 0.3
 BUILD_SEQ_WARMUP_STEPS, BUILD_SEQ_WARMUP_START = 100, 64
 LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer steps (the rest: evals, saves, starts)
 # The ladder's rungs train at a quarter of the run's batch and at least 30 steps (fewer when the budget cannot
@@ -402,6 +404,7 @@ def stage_plan(ctx: BuildContext) -> None:
                     seed=request.seed,
                     flops_per_second=machine_mod.flops_rate(profile),
                     decode_timer=machine_mod.decode_timer(profile),
+                    check_timer=machine_mod.check_timer(profile, replay=ctx.replayed),
                     # the run trains at its own batch (the build's ladder runs a smaller one); a --fit ladder's own
                     batch_size=None if request.fit else settings.batch_size,
                 )
@@ -607,7 +610,13 @@ def planned_steps(train_config: dict[str, Any]) -> int:
 def run_recipe(train_config: dict[str, Any], untie: bool) -> dict[str, Any]:
     """The planned run's training options: the plan's (the ladder's recipe at the planned shape and tokens) with
     the quickstart's recipe on top (BUILD_*; the head untied when `untie`)."""
-    config = {**train_config, "embed_lr_scale": BUILD_EMBED_LR_SCALE, "schedule": BUILD_SCHEDULE}
+    config = {
+        **train_config,
+        "embed_lr_scale": BUILD_EMBED_LR_SCALE,
+        "schedule": BUILD_SCHEDULE,
+        "decay_fraction": BUILD_DECAY_FRACTION,
+        "warmup_steps": min(train_config.get("warmup_steps", BUILD_WARMUP_STEPS), BUILD_WARMUP_STEPS),
+    }
     if train_config["seq_len"] > BUILD_SEQ_WARMUP_START:
         config["seq_len_warmup_steps"] = max(1, min(BUILD_SEQ_WARMUP_STEPS, planned_steps(train_config) // 10))
         config["seq_len_warmup_start"] = BUILD_SEQ_WARMUP_START
@@ -644,7 +653,8 @@ def stage_train(ctx: BuildContext) -> None:
     untied = config.get("model", {}).get("tie_embeddings") is False
     recipe = (
         "the run trains the ladder's recipe with the quickstart's on top: "
-        f"embedding/head lr x{BUILD_EMBED_LR_SCALE:g}, {BUILD_SCHEDULE} schedule"
+        f"embedding/head lr x{BUILD_EMBED_LR_SCALE:g}, {BUILD_SCHEDULE} schedule (decay over the last "
+        f"{BUILD_DECAY_FRACTION:.0%}, {config['warmup_steps']} warm-up steps)"
         + (
             f", {config['seq_len_warmup_steps']} steps of sequence-length warm-up"
             if "seq_len_warmup_steps" in config
