@@ -242,3 +242,28 @@ def test_linear_biases_survive_compression(make_model, data_dir, tmp_path, metho
     if method == "int8":
         assert rel_err(logits(model), logits(float_model)) < 0.05
     assert torch.equal(gguf_tensors(model)["blk.1.attn_v.bias"], float_model.layers[1].self_attn.v_proj.bias.detach())
+
+
+def test_scores_are_taken_at_the_eval_length_not_the_calibration_length(float_model_dir, data_dir, tmp_path):
+    """`eval_seq_len` scores before and after on windows of that length (the float model's full context in `slm
+    build`, which compares a candidate with the float model scored there): calibrated and scored at 16 tokens,
+    int8 read worse than the float model scored at its 64, from the shorter windows alone."""
+    from slmkit.data.shards import load_data_dir
+    from slmkit.train.validation import token_nats
+
+    val = load_data_dir(data_dir).val
+    nats, count = token_nats(load_model(float_model_dir), val, 64, 8, 4)
+    short = compress(
+        float_model_dir, "int8", tmp_path / "short", data=data_dir, options=CompressOptions(calib_seq_len=16)
+    )
+    full = compress(
+        float_model_dir,
+        "int8",
+        tmp_path / "full",
+        data=data_dir,
+        options=CompressOptions(calib_seq_len=16),
+        eval_seq_len=64,
+    )
+    assert full.before.loss == pytest.approx(nats / count, rel=1e-6)
+    assert short.before.loss != pytest.approx(full.before.loss, rel=1e-3)
+    assert abs(full.after.loss - full.before.loss) < 0.05 * full.before.loss

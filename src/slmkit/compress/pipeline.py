@@ -221,12 +221,14 @@ def compress(
     measure: bool = True,
     eval_windows: int | None = None,
     overwrite: bool = False,
+    eval_seq_len: int | None = None,
 ) -> CompressResult:
     """Compress the model directory `model` with `method` into `out` (atomically) and measure both.
 
     `data` (a data dir from `slm data prepare`) supplies calibration windows (train split) and the
-    before/after scores (val split; `eval_windows` evenly spaced windows, all when None). `measure`
-    also runs a fresh process per model to record peak memory and decode tokens/s. An existing `out`
+    before/after scores (val split; `eval_windows` evenly spaced windows, all when None, of `eval_seq_len`
+    tokens, default the calibration length; a shorter window scores worse, so compare scores at one length).
+    `measure` also runs a fresh process per model to record peak memory and decode tokens/s. An existing `out`
     directory is replaced only with `overwrite`; a file is never replaced by it.
     """
     from slmkit.compress.calibration import calibration_batches
@@ -333,10 +335,11 @@ def compress(
 
     compressed = load_model(out)
     # the source is measured once per process (a sweep compresses one model many ways)
-    key = (str(source.resolve()), (source / "model.safetensors").stat().st_mtime_ns, seq_len, eval_windows, measure)
+    score_len = min(eval_seq_len, config.max_seq_len) if eval_seq_len else seq_len
+    key = (str(source.resolve()), (source / "model.safetensors").stat().st_mtime_ns, score_len, eval_windows, measure)
     key += (str(data_dir.path) if data_dir is not None else None,)
     if key not in _BEFORE:
-        _BEFORE[key] = _measure(source, float_model, data_dir, seq_len, eval_windows, measure)
+        _BEFORE[key] = _measure(source, float_model, data_dir, score_len, eval_windows, measure)
     before = _BEFORE[key]
-    after = _measure(out, compressed, after_data, seq_len, eval_windows, measure)
+    after = _measure(out, compressed, after_data, score_len, eval_windows, measure)
     return CompressResult(method=method, out=out, seconds=seconds, before=before, after=after, record=record)
