@@ -17,6 +17,9 @@ spends part of its budget on planning and checking. Then, in this one run, both 
     PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 10 --threads 2 --max-latency quickstart
     PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 2 --threads 1    # a short check
 
+`--fit LADDER` plans on an `slm ladder` run beforehand (on the quickstart's data dir: `--reuse-quickstart` keeps it)
+instead of a ladder inside the build's budget; its cost is not in the build's wall time, so say so with a figure.
+
 `--max-latency quickstart` gives the build the quickstart model's own decode latency, measured in this run with
 the instrument of the table below, as its target: the goal's "better bpb at equal or lower latency" asked of the
 planner directly.
@@ -55,6 +58,14 @@ def main() -> None:
         help="the build's --max-latency (e.g. 5ms), or 'quickstart': the quickstart model's decode latency here",
     )
     parser.add_argument("--max-size", default=None, help="the build's --max-size (e.g. 2MB)")
+    parser.add_argument(
+        "--fit",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="the build's --fit: plan on these `slm ladder` dirs (run beforehand on the quickstart's data dir) "
+        "instead of a ladder within the budget",
+    )
     parser.add_argument(
         "--reuse-quickstart",
         action="store_true",
@@ -128,6 +139,7 @@ def main() -> None:
         max_latency_ms=max_latency,
         max_size_bytes=parse_size(args.max_size) if args.max_size else None,
         threads=args.threads,
+        fit=[str(p) for p in args.fit or []],
     )
     start = time.perf_counter()
     if args.score_only:

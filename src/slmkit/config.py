@@ -353,6 +353,9 @@ class ModelConfig:
     memory_query_batchnorm: bool = False  # BatchNorm1d on the queries (Lample et al.; running stats at inference)
     # ---- training-recipe switches (docs/training.md) ----
     zero_init_proj: bool = False  # residual output projections (o_proj, down_proj, out_proj) start at zero
+    # residual dropout (GPT-2's resid/embd pdrop): this share of each block's mixer and MLP outputs and of the
+    # embeddings is zeroed (the rest scaled up) in training only; a regulariser for data seen for several epochs
+    dropout: float = 0.0
     logit_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2); slmkit's own format only
     # N tables of value embeddings (modded-nanogpt): the first N and the last N attention layers add table i's row
     # of each token to their values, v = a v + b ve (a, b learned, from 0.5); slmkit's own format only
@@ -424,6 +427,8 @@ class ModelConfig:
                     f"model config: {name}={getattr(self, name)!r} is not supported "
                     f"(choose one of: {', '.join(get_args(kind))})"
                 )
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise UserError(f"model config: dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise UserError(f"model config: logit_softcap must be a positive number or null, got {self.logit_softcap}")
         for name in (

@@ -52,6 +52,7 @@ class Block(nn.Module):
         if mlp != "none":  # mlp "none": a mixer-only block (Mamba's)
             self.post_attention_layernorm = make_norm(config, config.d_model)
             self.mlp = build_mlp(mlp, config)
+        self.dropout = config.dropout
 
     @property
     def sequence_mixer(self) -> nn.Module:
@@ -59,10 +60,13 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: Context | None, state: nn.Module | None) -> torch.Tensor:
         modules = self._modules  # one dict for the four lookups (nn.Module attribute access is slow per step)
-        x = x + modules[self.mixer_name](modules["input_layernorm"](x), ctx, state)  # (B, T, C)
+        mixed = modules[self.mixer_name](modules["input_layernorm"](x), ctx, state)  # (B, T, C)
+        p = self.dropout if self.training else 0.0  # residual dropout: training only, never at inference
+        x = x + (F.dropout(mixed, p, True) if p else mixed)
         if "mlp" not in modules:
             return x
-        return x + modules["mlp"](modules["post_attention_layernorm"](x))
+        out = modules["mlp"](modules["post_attention_layernorm"](x))
+        return x + (F.dropout(out, p, True) if p else out)
 
 
 class Transformer(nn.Module):
@@ -194,6 +198,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(idx)  # (B, T, C)
         if cfg.positions == "learned":
             x = x + self.embed_positions(positions)  # (B or 1, T, C) broadcast
+        if cfg.dropout and self.training:
+            x = F.dropout(x, cfg.dropout, True)
         if ctx.cos is not None:
             ctx.cos, ctx.sin = ctx.cos.to(x.dtype), ctx.sin.to(x.dtype)  # type: ignore[union-attr]
         if cfg.value_embeds or cfg.skip_connections:
