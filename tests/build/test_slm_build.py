@@ -454,6 +454,70 @@ def test_latency_checks_are_timed_once_and_kept_for_resumes_and_replays(monkeypa
     assert len(calls) == 1
 
 
+def test_flops_rate_reads_timed_shapes_and_interpolates_between_them():
+    from slmkit.build import machine
+
+    points = [(1e5, 2e10), (4e5, 6e10), (1.6e6, 9e10), (4e5, 4e10)]  # two shapes of one size: their mean
+    profile = {"train": [{"shape": f"s{i}", "params": n, "flops_per_second": r} for i, (n, r) in enumerate(points)]}
+    rate = machine.flops_rate(profile)
+    assert rate(1e5) == pytest.approx(2e10) and rate(1.6e6) == pytest.approx(9e10)
+    assert rate(4e5) == pytest.approx((6e10 * 4e10) ** 0.5)  # geometric mean (log-log)
+    assert rate(2e5) == pytest.approx((2e10 * rate(4e5)) ** 0.5)  # half-way in log params: half-way in log rate
+    assert rate(10.0) == pytest.approx(2e10) and rate(1e9) == pytest.approx(9e10)  # the ends beyond the range
+
+
+def test_the_planned_shapes_training_rate_is_timed_once_and_kept(monkeypatch):
+    """machine.check_train_rate times a shape the profile has no training timing of, adds it (so flops_rate reads
+    it), and says how far the profile was off; a timed shape or a replay times nothing."""
+    from slmkit.build import machine
+    from slmkit.scaling import ladder
+    from slmkit.scaling.shapes import Shape
+
+    calls = []
+    monkeypatch.setattr(
+        ladder, "measure_train_throughput", lambda shape, vocab, settings: calls.append(settings) or 1000.0
+    )
+    profile = json.loads(json.dumps({**PROFILE, "vocab_size": 97}))
+    shape = Shape(96, 6)
+    estimate = machine.flops_rate(profile)(shape.config(97, 32).num_params(False))
+    ratio = machine.check_train_rate(profile, shape, "cpu")
+    point = profile["train"][-1]
+    assert point["shape"] == "96x6" and point["checked"] and point["tokens_per_second"] == 1000.0
+    assert point["flops_per_second"] == 1000.0 * shape.config(97, 32).flops_per_token(32)
+    assert ratio == pytest.approx(point["flops_per_second"] / estimate)
+    assert machine.flops_rate(profile)(point["params"]) == pytest.approx(point["flops_per_second"])
+    assert (calls[0].seq_len, calls[0].batch_size) == (32, 16)  # at the profile's context and batch
+    assert machine.check_train_rate(profile, shape, "cpu") is None  # timed once
+    assert machine.check_train_rate(profile, Shape(64, 2), "cpu") is None  # a profile shape
+    assert machine.check_train_rate(json.loads(json.dumps(profile)), Shape(80, 3), "cpu", replay=True) is None
+    assert len(calls) == 1
+
+
+def test_a_measured_build_plans_on_the_planned_shapes_own_training_rate(
+    tmp_path, data_dir, ladder, profile, monkeypatch
+):
+    """Planning times the planned shape's training steps and plans again with them until the plan is a timed
+    shape: the plan's minutes are then its own rate's, not the line's (which a 80x6 plan missed by 21%)."""
+    from slmkit.build import machine
+    from slmkit.build.options import BuildStopped
+    from slmkit.build.pipeline import build
+    from slmkit.scaling import ladder as ladder_mod
+
+    monkeypatch.setattr(machine, "measure", lambda *args, **kwargs: json.loads(json.dumps(profile)))
+    monkeypatch.setattr(ladder_mod, "measure_train_throughput", lambda shape, vocab, settings: 300.0)  # slow
+    with pytest.raises(BuildStopped):
+        build(_request(data_dir, ladder, max_size_bytes=None), tmp_path / "out", stop_after="plan")
+    state = json.loads((tmp_path / "out" / "build.json").read_text())
+    plan, checked = state["plan"], [p for p in state["machine"]["train"] if p.get("checked")]
+    assert checked and len(checked) <= 3
+    planned = f"{plan['width']}x{plan['depth']}"
+    own = next((p for p in state["machine"]["train"] if p["shape"] == planned), None)
+    if own is not None:  # settled on a timed shape: its minutes at its own rate
+        assert plan["predicted_minutes"] * 60 == pytest.approx(plan["flops"] / own["flops_per_second"], rel=1e-6)
+    else:  # three timings and still moving: the last plan read the line through all of them
+        assert len(checked) == 3
+
+
 def test_the_planned_run_takes_the_quickstarts_recipe_on_top_of_the_plans():
     from slmkit.build.stages import BUILD_EMBED_LR_SCALE, run_recipe
     from slmkit.train.config import TrainConfig

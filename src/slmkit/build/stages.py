@@ -16,6 +16,7 @@ from slmkit.build.options import STOP_ENV, BuildRequest, BuildStopped
 from slmkit.errors import UserError
 
 WORK = "work"
+RATE_CHECKS = 3  # planned shapes whose training rate is timed while planning (machine.check_train_rate)
 LADDER_SHARE = 0.15  # of the budget: the ladder's rungs (training, evaluation, checkpoints)
 # the embedding tables' and head's lr multiple of the planned run (TrainConfig.embed_lr_scale): x10 took the
 # quickstart's recipe to its 5-minute target in 2.5 minutes (docs/training.md). The ladder's rungs keep 1.0: with
@@ -427,6 +428,21 @@ def stage_plan(ctx: BuildContext) -> None:
             # planning itself takes seconds (the bootstrap of the fit): this call and the one that replans
             before += 2 * (time.perf_counter() - started)
             seconds = ctx.budget - before - sum(parts.values()) - overhead
+            result = run_planner(seconds)
+        # the planned shape's own training rate: timed, and planned again on it, until the plan is a timed shape
+        # (at most RATE_CHECKS timings; a replay's profile holds them, so it plans the same)
+        for _ in range(RATE_CHECKS):
+            shape = Shape(result.width, result.depth, result.mixer)
+            started = time.perf_counter()
+            ratio = machine_mod.check_train_rate(profile, shape, request.device, replay=ctx.replayed)
+            if ratio is None:
+                break
+            before += time.perf_counter() - started
+            seconds = ctx.budget - before - sum(parts.values()) - overhead
+            ctx.say(
+                f"timed the planned {shape.name}'s training steps: {ratio:.2f}x the rate the timed shapes' line gave "
+                "it; planning again with its own"
+            )
             result = run_planner(seconds)
         for _ in range(2):
             shape = Shape(result.width, result.depth, result.mixer)
