@@ -8,7 +8,8 @@ the same model on CPU).
 
 A profile is a plain dict:
 ``{"vocab_size", "context", "batch_size", "train": [{"shape", "params", "total_params", "tokens_per_second",
-"flops_per_second", "checked" (the planned shape, timed while planning)}], "decode": [{"shape", "total_params", "depth", "ms"}],
+"flops_per_second", "checked" (a planned shape, timed while planning)}], "decode": [{"shape", "total_params",
+"depth", "ms"}],
 "decode_checked": {"mixer:WxD:vocab:context": ms}}`` (profiles written before the depth was recorded have none:
 their decode line is by parameters alone; "decode_checked" holds the planner's own timings of members near a
 latency cap and of the planned one, added while planning).
