@@ -5,6 +5,13 @@
     python benchmarks/mixers.py --sections quality --flops 3e12          # val bits/byte at equal training FLOPs
     python benchmarks/mixers.py --sections hf                            # training tokens/s vs transformers' Mamba2
 
+The equal-FLOPs goal's one recipe (docs/architectures.md: x10 embedding lr with residual dropout 0.2), per size:
+
+    python benchmarks/mixers.py --sections quality --presets micro micro-hybrid --flops 3e12 --seeds 1337 1 \
+        --train-set embed_lr_scale=10 'model={"dropout": 0.2}'
+    python benchmarks/mixers.py --sections quality --presets small small-hybrid --flops 3e13 \
+        --train-set embed_lr_scale=10 'model={"dropout": 0.2}'
+
 Every section compares the same list of presets (``--presets``; default: the `micro` transformer, Mamba-2,
 BASED, GLA and the Mamba-2/attention hybrid). FLOPs are `ModelConfig.flops_per_token`, which counts each
 layer's own mixer. Figures go to stdout as tables (plain text when stdout is not a terminal) and, with
