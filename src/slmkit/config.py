@@ -427,7 +427,7 @@ class ModelConfig:
                     f"model config: {name}={getattr(self, name)!r} is not supported "
                     f"(choose one of: {', '.join(get_args(kind))})"
                 )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if not 0 <= self.dropout < 1:  # its type is checked with the other fields'
             raise UserError(f"model config: dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.logit_softcap is not None and not self.logit_softcap > 0:
             raise UserError(f"model config: logit_softcap must be a positive number or null, got {self.logit_softcap}")

@@ -95,9 +95,11 @@ def check_train_rate(profile: dict[str, Any], shape: Shape, device: str, replay:
     """Time the planned shape's own training steps and add them to the profile's "train" points (marked
     "checked"), so `flops_rate` reads them from now on: the line through the timed shapes misjudged shapes of
     other proportions (a 80x6 plan trained 21% fewer tokens than it promised, a 96x5 one 11%). Returns the timed
-    rate over the rate the profile gave it before; None when nothing is timed: the shape is timed already, or
-    `replay` (a `--machine` profile holds the timings its build took)."""
-    if replay or any(p["shape"] == shape.name for p in profile["train"]):
+    rate over the rate the profile gave it before; None when nothing is timed: a timed shape has its size (so
+    `flops_rate` reads a timing for it already; names do not tell mixers apart, sizes do), or `replay` (a
+    `--machine` profile holds the timings its build took)."""
+    params = shape.config(profile["vocab_size"], profile["context"]).num_params(False)
+    if replay or any(p["params"] == params for p in profile["train"]):
         return None
     point = train_point(shape, profile["vocab_size"], profile["context"], profile["batch_size"], device)
     estimate = flops_rate(profile)(point["params"])
