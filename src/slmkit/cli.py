@@ -1214,9 +1214,12 @@ def build_command(
     tasks: Annotated[
         list[str], typer.Option("--tasks", help="Task files (.jsonl) or built-in tasks to evaluate (repeatable).")
     ] = [],  # noqa: B006
-    mixer: Annotated[str, typer.Option(help="Mixer family: attention, hybrid, ..., or auto (plans several).")] = (
-        "attention"
-    ),
+    mixer: Annotated[
+        str,
+        typer.Option(
+            help="Family: attention, hybrid, moe, mamba2, ... (several joined by ;), or auto: attention, hybrid, moe."
+        ),
+    ] = "attention",
     fit: Annotated[
         list[Path], typer.Option("--fit", help="Plan on this ladder (`slm ladder`) instead of running one.")
     ] = [],  # noqa: B006
@@ -1329,7 +1332,7 @@ def ladder(
     threads: Annotated[int | None, typer.Option(help="CPU threads for training.")] = None,
     mixer: Annotated[
         str,
-        typer.Option(help="Mixer family of every rung: attention, mamba2, gla, based, hybrid, or a pattern a,b,..."),
+        typer.Option(help="Family of every rung: attention, mamba2, gla, based, hybrid, moe, or a pattern a,b,..."),
     ] = "attention",
 ) -> None:
     """Train a ladder of small models within a budget (re-run the same command to resume)."""

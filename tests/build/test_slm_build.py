@@ -169,6 +169,43 @@ def test_hf_dir_loads_in_transformers_with_the_shipped_logits(shipped):
     torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_mixture_of_experts_build_ships_a_mixtral(tmp_path, data_dir, profile):
+    """`--mixer moe` (here through its `--fit` ladder, which sets the family): the plan and the model are a
+    mixture of experts, the HF dir is transformers' Mixtral with the shipped logits, and the GGUF holds the experts
+    stacked as llama.cpp reads them. A --mixer the fit ladders are not of is refused before anything runs."""
+    import torch
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from slmkit.build.pipeline import build
+    from slmkit.errors import UserError
+    from slmkit.interop.checkpoint import load_model
+    from slmkit.scaling.ladder import LadderSettings, run_ladder
+    from slmkit.scaling.shapes import parse_sizes
+
+    fit = tmp_path / "ladder-moe"
+    settings = LadderSettings(seq_len=32, batch_size=16, levels=4, min_steps=3, val_windows=16, threads=1, lr=1e-2)
+    run_ladder(data_dir, fit, budget_flops=1e10, sizes=parse_sizes("32x1,32x2,64x4"), settings=settings, mixer="moe")
+    with pytest.raises(UserError, match="--mixer hybrid but the --fit ladders are of moe"):
+        build(_request(data_dir, fit, max_size_bytes=None, mixer="hybrid"), tmp_path / "refused", machine=profile)
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "shipped"
+    state = build(_request(data_dir, fit, max_size_bytes=None, budget_seconds=110), out, machine=profile)
+    assert state["plan"]["mixer"] == "moe"
+    ours = load_model(out / "model").eval()
+    assert (ours.config.mlp, ours.config.moe_experts, ours.config.moe_top_k) == ("moe", 8, 2)
+    assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "mixtral"
+    theirs = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), atol=2e-4, rtol=1e-4)
+    names = {t.name for t in GGUFReader(out / "model.gguf").tensors}
+    assert {f"blk.{i}.ffn_gate_exps.weight" for i in range(ours.config.n_layers)} <= names
+
+
 def _weights(directory: Path) -> bytes:
     return (directory / "model.safetensors").read_bytes()
 
@@ -464,6 +501,46 @@ def test_flops_rate_reads_timed_shapes_and_interpolates_between_them():
     assert rate(4e5) == pytest.approx((6e10 * 4e10) ** 0.5)  # geometric mean (log-log)
     assert rate(2e5) == pytest.approx((2e10 * rate(4e5)) ** 0.5)  # half-way in log params: half-way in log rate
     assert rate(10.0) == pytest.approx(2e10) and rate(1e9) == pytest.approx(9e10)  # the ends beyond the range
+
+
+def test_each_mixer_family_reads_its_own_training_rates_and_decode_timings(monkeypatch):
+    """A profile timed in several families (`--mixer auto`): flops_rate and decode_timer read each family's own
+    points (a mixture of experts' step or decode costs what an attention model of its size does not), points
+    without a mixer are attention's, and a shape timed in one family is timed again in another."""
+    from slmkit.build import machine
+    from slmkit.scaling import ladder
+    from slmkit.scaling.shapes import Shape
+
+    profile = json.loads(json.dumps({**PROFILE, "vocab_size": 97}))  # PROFILE's points name no mixer: attention
+    profile["train"] += [
+        {"shape": "64x2", "mixer": "moe", "params": 3e5, "tokens_per_second": 1e3, "flops_per_second": 5e8},
+        {"shape": "128x4", "mixer": "moe", "params": 2.4e6, "tokens_per_second": 2e2, "flops_per_second": 7e8},
+    ]
+    profile["decode"] += [
+        {"shape": "64x2", "mixer": "moe", "total_params": 3.2e5, "depth": 2, "ms": 3.0},
+        {"shape": "128x4", "mixer": "moe", "total_params": 2.6e6, "depth": 4, "ms": 9.0},
+    ]
+    attention, moe = machine.flops_rate(profile), machine.flops_rate(profile, "moe")
+    assert attention(86336) == pytest.approx(2.2e9) and attention(7e5) == pytest.approx(3e9)
+    assert moe(3e5) == pytest.approx(5e8) and moe(2.4e6) == pytest.approx(7e8) and moe(86336) == pytest.approx(5e8)
+    hybrid = machine.flops_rate(profile, "hybrid")  # a family timed nowhere (a --machine replay): every point
+    assert hybrid(3e5) == pytest.approx(5e8) and hybrid(7e5) == pytest.approx(3e9)
+    timer = machine.decode_timer(profile)
+    assert timer(Shape(64, 2), 97, 32) == 1.5 and timer(Shape(64, 2, "moe"), 97, 32) == 3.0
+    assert timer(Shape(128, 4, "moe"), 97, 32) == 9.0 and timer(Shape(128, 4), 97, 32) == 4.0
+    assert timer(Shape(96, 3, "moe"), 97, 32) > timer(Shape(96, 3), 97, 32)  # each family's own line
+
+    calls = []
+    monkeypatch.setattr(ladder, "measure_train_throughput", lambda shape, vocab, s: calls.append(shape) or 100.0)
+    moe_128x4 = Shape(128, 4, "moe").config(97, 32).num_params(False)
+    profile["train"][-1]["params"] = moe_128x4
+    assert machine.check_train_rate(profile, Shape(128, 4, "moe"), "cpu") is None  # timed in its family
+    assert machine.check_train_rate(profile, Shape(96, 6, "moe"), "cpu") is not None
+    assert profile["train"][-1]["mixer"] == "moe" and calls == [Shape(96, 6, "moe")]
+    # a moe point is not read as attention's
+    profile["train"].append({**profile["train"][-1], "params": 555555.0})
+    attention_555 = machine.flops_rate(profile)(555555.0)
+    assert attention_555 != pytest.approx(profile["train"][-1]["flops_per_second"])
 
 
 def test_the_planned_shapes_training_rate_is_timed_once_and_kept(monkeypatch):

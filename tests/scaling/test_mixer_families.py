@@ -21,6 +21,7 @@ EXPECTED_LAYERS = {
     "based": lambda depth: ["based"] * depth,
     "hybrid": lambda depth: [("mamba2", "mamba2", "mamba2", "attention")[i % 4] for i in range(depth)],
     "mamba2,attention": lambda depth: [("mamba2", "attention")[i % 2] for i in range(depth)],
+    "moe": lambda depth: ["attention"] * depth,
 }
 
 
@@ -38,6 +39,8 @@ def test_ladder_shapes_have_the_family_mixers_and_growing_params(mixer):
             assert r.params != Shape(r.width, r.depth).config(512, 64).num_params(False)
     if mixer == "mamba2":
         assert Shape(64, 2, mixer).config(512, 64).mlp == "none"  # the Mamba-2 recipe, as micro-mamba2
+    if mixer == "moe":
+        _check_moe_member()
     # params grow with width at fixed depth and with depth at fixed width
     params = {(s.width, s.depth): s.config(512, 64).num_params(False) for s in sizes}
     for (w, d), n in params.items():
@@ -46,6 +49,23 @@ def test_ladder_shapes_have_the_family_mixers_and_growing_params(mixer):
                 assert n2 > n, (mixer, (w, d), (w2, d2))
     ordered = [s.config(512, 64).num_params(False) for s in sizes]
     assert ordered == sorted(ordered)
+
+
+def _check_moe_member():
+    """The moe family is micro-moe's recipe at every shape: 8 experts, top-2, each half the dense MLP's width, so a
+    token costs the dense member's FLOPs (plus the router) with 4x its MLP parameters; saved as Mixtral."""
+    from slmkit.config import PRESETS, ModelConfig
+
+    for width, depth in ((64, 2), (128, 4), (256, 6)):
+        moe, dense = Shape(width, depth, "moe").config(512, 64), Shape(width, depth).config(512, 64)
+        assert (moe.mlp, moe.moe_experts, moe.moe_top_k, moe.family) == ("moe", 8, 2, "mixtral")
+        assert moe.d_ff * 2 == dense.d_ff and [moe.mixer_at(i) for i in range(depth)] == ["attention"] * depth
+        router = 3 * 2 * depth * width * 8  # forward + backward of each layer's router matmul
+        assert moe.flops_per_token(64) == dense.flops_per_token(64) + router
+        mlp_dense = 3 * width * dense.d_ff * depth
+        assert moe.num_params(False) == dense.num_params(False) + 3 * mlp_dense + depth * width * 8
+    micro_moe = ModelConfig(**{**PRESETS["micro-moe"], "max_seq_len": 64, "vocab_size": 512})
+    assert Shape(128, 4, "moe").config(512, 64).num_params() == micro_moe.num_params()
 
 
 @pytest.mark.parametrize("bad", ["mamba3", "mamba2,transformer", ","])
@@ -163,6 +183,26 @@ def test_planner_with_one_family_behaves_as_before(tmp_path):
     listed = plan([one], budget_flops=1e14, bootstrap=5, measure_decode=False)
     assert single.families == [] and single.mixer == "attention"
     assert single.to_dict() == listed.to_dict()
+
+
+def test_each_family_is_planned_at_its_own_training_rate(tmp_path):
+    """`flops_per_second` as a mapping by family (what `slm build` passes): two families with the same law, the
+    one whose steps run faster trains more tokens in the time and wins; a family without a rate is an error."""
+    attention = _synthetic_ladder(tmp_path / "attention", "attention", e=2.0)
+    moe = _synthetic_ladder(tmp_path / "moe", "moe", e=2.0)
+    for fast in ("attention", "moe"):
+        rates = {m: (lambda n: 5e9) if m == fast else (lambda n: 5e8) for m in ("attention", "moe")}
+        p = plan([attention, moe], budget_minutes=30, flops_per_second=rates, bootstrap=5, measure_decode=False)
+        assert p.mixer == fast and [f["mixer"] for f in p.families][0] == fast
+        slow = p.families[1]
+        assert p.tokens * Shape(p.width, p.depth, fast).config(512, 64).flops_per_token(64) == pytest.approx(
+            30 * 60 * 5e9, rel=1e-3
+        )
+        assert slow["tokens"] < p.tokens
+    alone = plan(moe, budget_minutes=30, flops_per_second=lambda n: 5e9, bootstrap=5, measure_decode=False)
+    assert alone.mixer == "moe" and alone.train_config()["model"]["mlp"] == "moe"
+    with pytest.raises(UserError, match="no training rate was measured for the 'moe' family"):
+        plan([attention, moe], budget_minutes=30, flops_per_second={"attention": lambda n: 5e9}, measure_decode=False)
 
 
 def test_planner_refuses_two_ladders_of_one_family(tmp_path):

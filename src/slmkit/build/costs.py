@@ -29,7 +29,7 @@ PARTS = {
 def forward_seconds_per_token(profile: dict[str, Any], shape: Any, vocab: int, context: int) -> float:
     """Seconds per scored token of a forward pass of `shape`, from this machine's training FLOP/s."""
     cfg = shape.config(vocab, context)
-    rate = machine_mod.flops_rate(profile)(cfg.num_params(False))
+    rate = machine_mod.flops_rate(profile, shape.mixer)(cfg.num_params(False))
     return cfg.flops_per_token(context) * FORWARD_SHARE / rate
 
 

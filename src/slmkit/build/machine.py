@@ -7,12 +7,14 @@ build plans from the same numbers, and `--machine build.json` replays them in a 
 the same model on CPU).
 
 A profile is a plain dict:
-``{"vocab_size", "context", "batch_size", "train": [{"shape", "params", "total_params", "tokens_per_second",
-"flops_per_second", "checked" (a planned shape, timed while planning)}], "decode": [{"shape", "total_params",
-"depth", "ms"}],
+``{"vocab_size", "context", "batch_size", "train": [{"shape", "mixer", "params", "total_params",
+"tokens_per_second", "flops_per_second", "checked" (a planned shape, timed while planning)}], "decode": [{"shape",
+"mixer", "total_params", "depth", "ms"}],
 "decode_checked": {"mixer:WxD:vocab:context": ms}}`` (profiles written before the depth was recorded have none:
 their decode line is by parameters alone; "decode_checked" holds the planner's own timings of members near a
-latency cap and of the planned one, added while planning).
+latency cap and of the planned one, added while planning). Each mixer family's rates and decode line are read from
+its own points (a step of a mixture of experts or a Mamba-2 layer costs what an attention model of its size does
+not); points without a "mixer" (profiles from before it was recorded) are attention's.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from slmkit.errors import UserError
-from slmkit.scaling.shapes import Shape
+from slmkit.scaling.shapes import DEFAULT_MIXER, Shape
 
 # shapes timed on this machine: the planner's smallest ("tiny", 64x2) and larger ones for the line through them
 MEASURED_SHAPES = ("64x2", "128x4", "256x6")
@@ -84,6 +86,7 @@ def train_point(shape: Shape, vocab_size: int, context: int, batch_size: int, de
     tokens_per_second = measure_train_throughput(shape, vocab_size, settings)
     return {
         "shape": shape.name,
+        "mixer": shape.mixer,
         "params": cfg.num_params(False),
         "total_params": cfg.num_params(),
         "tokens_per_second": tokens_per_second,
@@ -95,14 +98,14 @@ def check_train_rate(profile: dict[str, Any], shape: Shape, device: str, replay:
     """Time the planned shape's own training steps and add them to the profile's "train" points (marked
     "checked"), so `flops_rate` reads them from now on: the line through the timed shapes misjudged shapes of
     other proportions (a 80x6 plan trained 21% fewer tokens than it promised, a 96x5 one 11%). Returns the timed
-    rate over the rate the profile gave it before; None when nothing is timed: a timed shape has its size (so
-    `flops_rate` reads a timing for it already; names do not tell mixers apart, sizes do), or `replay` (a
-    `--machine` profile holds the timings its build took)."""
+    rate over the rate the profile gave it before; None when nothing is timed: a timed shape of its family has its
+    size (so `flops_rate` reads a timing for it already), or `replay` (a `--machine` profile holds the timings its
+    build took)."""
     params = shape.config(profile["vocab_size"], profile["context"]).num_params(False)
-    if replay or any(p["params"] == params for p in profile["train"]):
+    if replay or any(p["params"] == params for p in family_points(profile["train"], shape.mixer)):
         return None
     point = train_point(shape, profile["vocab_size"], profile["context"], profile["batch_size"], device)
-    estimate = flops_rate(profile)(point["params"])
+    estimate = flops_rate(profile, shape.mixer)(point["params"])
     profile["train"].append({**point, "checked": True})
     return point["flops_per_second"] / estimate
 
@@ -120,12 +123,19 @@ def check_profile(profile: Any, source: str) -> dict[str, Any]:
     return profile
 
 
-def flops_rate(profile: dict[str, Any]) -> Callable[[float], float]:
-    """Training FLOP/s as a function of non-embedding parameters: straight in log-log between neighbouring timed
-    shapes (so a timed shape reads its own rate; shapes of equal size, their mean), the end shapes' rates beyond
-    the measured range."""
+def family_points(points: list[dict[str, Any]], mixer: str) -> list[dict[str, Any]]:
+    """The timings of one mixer family (points without a "mixer" are attention's); all of them when the family has
+    none (a `--machine` profile of a build in other families)."""
+    own = [p for p in points if p.get("mixer", DEFAULT_MIXER) == mixer]
+    return own or points
+
+
+def flops_rate(profile: dict[str, Any], mixer: str = DEFAULT_MIXER) -> Callable[[float], float]:
+    """Training FLOP/s of a mixer family as a function of non-embedding parameters: straight in log-log between
+    neighbouring timed shapes of the family (so a timed shape reads its own rate; shapes of equal size, their mean),
+    the end shapes' rates beyond the measured range."""
     by_size: dict[float, list[float]] = {}
-    for p in profile["train"]:
+    for p in family_points(profile["train"], mixer):
         by_size.setdefault(float(p["params"]), []).append(math.log(p["flops_per_second"]))
     sizes = np.log(np.array(sorted(by_size), dtype=float))
     rates = np.array([np.mean(by_size[n]) for n in sorted(by_size)], dtype=float)
@@ -133,18 +143,20 @@ def flops_rate(profile: dict[str, Any]) -> Callable[[float], float]:
 
 
 def decode_timer(profile: dict[str, Any]) -> Callable[[Shape, int, int], float]:
-    """`planner.plan`'s decode_timer: `planner.decode_line` through the profile's timings, at the shape's total
-    parameters and depth (a line by parameters alone for profiles without depths; a timed shape reads its own
+    """`planner.plan`'s decode_timer: `planner.decode_line` through the timings of the shape's mixer family, at its
+    total parameters and depth (a line by parameters alone for profiles without depths; a timed shape reads its own
     timing)."""
     from slmkit.scaling.planner import decode_line
 
-    line = decode_line(profile["decode"])
-    timed = {p["shape"]: p["ms"] for p in profile["decode"]}
+    lines: dict[str, Callable[[float, int], float]] = {}
+    timed = {(p.get("mixer", DEFAULT_MIXER), p["shape"]): p["ms"] for p in profile["decode"]}
 
     def timer(shape: Shape, vocab_size: int, context: int) -> float:
-        if shape.name in timed and vocab_size == profile["vocab_size"]:
-            return float(timed[shape.name])
-        return line(shape.config(vocab_size, context).num_params(), shape.depth)
+        if (shape.mixer, shape.name) in timed and vocab_size == profile["vocab_size"]:
+            return float(timed[(shape.mixer, shape.name)])
+        if shape.mixer not in lines:
+            lines[shape.mixer] = decode_line(family_points(profile["decode"], shape.mixer))
+        return lines[shape.mixer](shape.config(vocab_size, context).num_params(), shape.depth)
 
     return timer
 
@@ -171,5 +183,5 @@ def check_timer(profile: dict[str, Any], replay: bool = False) -> Callable[[Shap
     return timer
 
 
-def train_seconds(profile: dict[str, Any], params: float, flops: float) -> float:
-    return flops / flops_rate(profile)(params)
+def train_seconds(profile: dict[str, Any], params: float, flops: float, mixer: str = DEFAULT_MIXER) -> float:
+    return flops / flops_rate(profile, mixer)(params)

@@ -9,6 +9,8 @@ from typing import Any
 
 from slmkit.errors import UserError
 
+# `--mixer auto`: the transformer, the hybrid (Mamba-2 + attention) and the mixture of experts, one ladder each
+AUTO_FAMILIES = ("attention", "hybrid", "moe")
 _DURATION_UNITS = {"s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}
 _SIZE_UNITS = {
     "b": 1,
@@ -92,10 +94,22 @@ class BuildRequest:
         return asdict(self)
 
     def mixers(self) -> list[str]:
-        """The mixer families to plan in (one ladder each)."""
+        """The mixer families to plan in (one ladder each). With `--fit`, the given ladders' families: `--mixer`
+        left at attention or auto follows them, another family that is not theirs is refused."""
         from slmkit.scaling.shapes import parse_mixer
 
         if self.mixer == "auto":
-            return ["attention", "hybrid"]
-        names = [m.strip() for m in self.mixer.split(";") if m.strip()]
-        return [parse_mixer(m) for m in names]
+            asked = list(AUTO_FAMILIES)
+        else:
+            asked = [parse_mixer(m.strip()) for m in self.mixer.split(";") if m.strip()]
+        if not self.fit:
+            return asked
+        from slmkit.scaling.planner import _ladder_meta, ladder_mixer
+
+        fitted = [ladder_mixer(_ladder_meta(path)) for path in self.fit]
+        if self.mixer not in ("attention", "auto") and sorted(set(asked)) != sorted(set(fitted)):
+            raise UserError(
+                f"--mixer {self.mixer} but the --fit ladders are of {', '.join(fitted)}: give ladders of the families "
+                "asked for, or leave --mixer out"
+            )
+        return fitted

@@ -212,10 +212,10 @@ def _feasibility(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
         )
     # the planner refuses a budget that cannot train its smallest model on one token per parameter: refuse it here,
     # before the ladder, with the budget that would do
-    rate = machine_mod.flops_rate(profile)
     worst = 0.0
     for shape in smallest.values():
         cfg = shape.config(vocab, settings.seq_len)
+        rate = machine_mod.flops_rate(profile, shape.mixer)
         seconds = cfg.num_params() * cfg.flops_per_token(settings.seq_len) / rate(cfg.num_params(False))
         worst = max(worst, seconds)
     result["smallest_train_seconds"] = worst  # checked against the budget once the post-training work is timed
@@ -299,13 +299,12 @@ def _run_ladders(ctx: BuildContext, profile: dict[str, Any], mixers: list[str]) 
     from slmkit.scaling.ladder import run_ladder
 
     data = ctx.data()
-    rate = machine_mod.flops_rate(profile)
     seconds = ctx.budget * LADDER_SHARE / len(mixers)
     run = _ladder_settings(ctx)
     paths = []
     for mixer in mixers:
         smallest = _smallest_shape(mixer).config(data.vocab_size, run.seq_len).num_params(False)
-        flops = seconds * LADDER_EFFICIENCY * rate(smallest)
+        flops = seconds * LADDER_EFFICIENCY * machine_mod.flops_rate(profile, mixer)(smallest)
         settings, sizes = ladder_design(run, ctx.fast(), data.vocab_size, flops, len(data.train), mixer)
         path = ctx.work / f"ladder-{mixer.replace(',', '-')}"
         note = (
@@ -403,7 +402,7 @@ def stage_plan(ctx: BuildContext) -> None:
                     max_params=feasible.get("max_params"),
                     bootstrap=20 if ctx.fast() else 50,
                     seed=request.seed,
-                    flops_per_second=machine_mod.flops_rate(profile),
+                    flops_per_second={m: machine_mod.flops_rate(profile, m) for m in mixers},
                     decode_timer=machine_mod.decode_timer(profile),
                     check_timer=machine_mod.check_timer(profile, replay=ctx.replayed),
                     # the run trains at its own batch (the build's ladder runs a smaller one); a --fit ladder's own

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,8 @@ from slmkit.errors import UserError
 from slmkit.scaling.fit import FitResult, analyse, extrapolation_width, ladder_file, load_rungs
 from slmkit.scaling.ladder import PLAN_FILE, read_plan, rung_lr
 from slmkit.scaling.shapes import DEFAULT_MIXER, Shape, family, parse_mixer, shape_overrides
+
+Rate = Callable[[float], float]  # training FLOP/s as a function of non-embedding parameters
 
 SIZE_TOLERANCE = 0.10
 SMALLEST_PRESET = "tiny"
@@ -197,7 +199,7 @@ def checked_decode_ms(shape: Shape, vocab_size: int, context: int) -> float:
 def decode_point(shape: Shape, vocab_size: int, context: int, ms: float) -> dict[str, Any]:
     """One decode timing as `decode_line` reads it (and build.json's machine profile stores it)."""
     total = shape.config(vocab_size, context).num_params()
-    return {"shape": shape.name, "total_params": total, "depth": shape.depth, "ms": ms}
+    return {"shape": shape.name, "mixer": shape.mixer, "total_params": total, "depth": shape.depth, "ms": ms}
 
 
 def decode_line(points: list[dict[str, Any]]) -> Callable[[float, int], float]:
@@ -240,7 +242,7 @@ def plan(
     ci_level: float = 0.95,
     measure_decode: bool = True,
     seed: int = 0,
-    flops_per_second: Callable[[float], float] | None = None,
+    flops_per_second: Rate | Mapping[str, Rate] | None = None,
     decode_timer: Callable[[Shape, int, int], float] | None = None,
     batch_size: int | None = None,
     check_timer: Callable[[Shape, int, int], float] | None = None,
@@ -248,10 +250,11 @@ def plan(
     """Recommend a config and token count for a budget; with several ladders (one per mixer family), the
     family whose plan has the lowest predicted loss. See the module docstring.
 
-    flops_per_second (training FLOP/s as a function of non-embedding parameters) replaces the rate fitted on the
-    ladder's rung timings; decode_timer(shape, vocab_size, context) -> ms/token replaces `measure_decode_ms`.
-    `slm build` passes both from its own measurements of this machine, so a build can replay them. batch_size is
-    the planned run's batch (default: the ladder's); `slm build` runs its ladder at a smaller batch than its run."""
+    flops_per_second (training FLOP/s as a function of non-embedding parameters, or a mapping from mixer family to
+    one: each family's steps cost what they cost) replaces the rate fitted on the ladder's rung timings;
+    decode_timer(shape, vocab_size, context) -> ms/token replaces `measure_decode_ms`. `slm build` passes both
+    from its own measurements of this machine, so a build can replay them. batch_size is the planned run's batch
+    (default: the ladder's); `slm build` runs its ladder at a smaller batch than its run."""
     ladders = [ladder] if isinstance(ladder, str | Path) else list(ladder)
     if not ladders:
         raise UserError("give at least one --ladder")
@@ -311,7 +314,7 @@ def _plan_family(
     ci_level: float = 0.95,
     measure_decode: bool = True,
     seed: int = 0,
-    flops_per_second: Callable[[float], float] | None = None,
+    flops_per_second: Rate | Mapping[str, Rate] | None = None,
     decode_timer: Callable[[Shape, int, int], float] | None = None,
     batch_size: int | None = None,
     check_timer: Callable[[Shape, int, int], float] | None = None,
@@ -334,6 +337,10 @@ def _plan_family(
     vocab = int(meta["vocab_size"])
     context = int(meta["request"]["settings"]["seq_len"])
     mixer = ladder_mixer(meta)
+    if isinstance(flops_per_second, Mapping):
+        if mixer not in flops_per_second:
+            raise UserError(f"no training rate was measured for the {mixer!r} family of {ladder}")
+        flops_per_second = flops_per_second[mixer]
     fit = analyse(rungs, bootstrap=bootstrap, ci_level=ci_level, holdout=False, seed=seed, extrapolation=True)
     law = fit.law
 

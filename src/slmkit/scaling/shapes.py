@@ -10,10 +10,13 @@ rounded to a multiple of 32, as in Llama and the presets. The law is fitted on n
 A shape also names its mixer family (``--mixer``): ``attention`` (the default and what ladders without a
 family recorded were), ``mamba2`` (every layer Mamba-2 and no MLP, the Mamba-2 recipe, as in the
 ``*-mamba2`` presets), ``gla`` and ``based`` (every layer that linear attention, MLP kept), ``hybrid`` (the
-presets' three mamba2 layers then one attention layer, repeated over the depth), or a comma-separated
-pattern of mixer names (``mamba2,attention``) repeated over the depth the same way. Width, heads and MLP
-width follow the rules above for every family; parameters and FLOPs are ModelConfig's exact counts for
-the family's mixers, so a family's law is fitted on its own N and C.
+presets' three mamba2 layers then one attention layer, repeated over the depth), ``moe`` (attention, every
+MLP a mixture of 8 experts with top-2 routing, each expert half the dense MLP's width: ``micro-moe``'s recipe,
+the dense member's active FLOPs per token with 4x its MLP parameters; saved as the ``mixtral`` family, so it
+exports to transformers' Mixtral and GGUF), or a comma-separated pattern of mixer names (``mamba2,attention``)
+repeated over the depth the same way. Width, heads and MLP width follow the rules above for every family;
+parameters and FLOPs are ModelConfig's exact counts for the family's layers (a mixture of experts: N counts
+every expert, C the active ones), so a family's law is fitted on its own N and C.
 """
 
 from __future__ import annotations
@@ -34,7 +37,14 @@ MIXER_FAMILIES: dict[str, tuple[str, ...]] = {
     "gla": ("gla",),
     "based": ("based",),
     "hybrid": ("mamba2", "mamba2", "mamba2", "attention"),
+    "moe": ("attention",),
 }
+# families that differ from their mixer pattern's in the MLP: ModelConfig fields on top of it
+FAMILY_MLP: dict[str, dict[str, Any]] = {
+    "moe": dict(mlp="moe", moe_experts=8, moe_top_k=2, family="mixtral"),
+}
+# an expert's width against the dense MLP's (so top-2 of 8 experts costs the dense MLP's FLOPs)
+MOE_EXPERT_WIDTH = 0.5
 
 
 def parse_mixer(text: str | None) -> str:
@@ -65,7 +75,10 @@ def mixer_pattern(mixer: str) -> tuple[str, ...]:
 def mixer_overrides(mixer: str, depth: int) -> dict[str, Any]:
     """ModelConfig fields that give `depth` layers the family's mixers (empty for attention, so an
     attention ladder's configs are exactly what they were before families existed)."""
-    pattern = mixer_pattern(parse_mixer(mixer))
+    mixer = parse_mixer(mixer)
+    if mixer in FAMILY_MLP:
+        return dict(FAMILY_MLP[mixer])
+    pattern = mixer_pattern(mixer)
     if pattern == ("attention",):
         return {}
     # saved in slmkit's own format, which holds any mixers (the ladder's base preset is a llama)
@@ -87,6 +100,8 @@ def shape_overrides(width: int, depth: int, context: int, mixer: str = DEFAULT_M
         n_heads -= 1
     n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
     d_ff = max(32, round(width * 8 / 3 / 32) * 32)
+    if parse_mixer(mixer) in FAMILY_MLP and FAMILY_MLP[parse_mixer(mixer)].get("mlp") == "moe":
+        d_ff = max(WIDTH_STEP, round(d_ff * MOE_EXPERT_WIDTH / WIDTH_STEP) * WIDTH_STEP)
     fields = dict(d_model=width, n_layers=depth, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, max_seq_len=context)
     return {**fields, **mixer_overrides(mixer, depth)}
 
