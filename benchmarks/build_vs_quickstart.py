@@ -16,6 +16,8 @@ spends part of its budget on planning and checking. Then, in this one run, both 
     PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 10 --threads 2   # the benchmark
     PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 10 --threads 2 --max-latency quickstart
     PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 2 --threads 1    # a short check
+    PYTHONPATH=src python benchmarks/build_vs_quickstart.py --minutes 10 --threads 2 --max-latency quickstart \
+        --mixer auto   # the build plans the transformer, the hybrid and the mixture of experts
 
 `--fit LADDER` plans on an `slm ladder` run beforehand (on the quickstart's data dir: `--reuse-quickstart` keeps it)
 instead of a ladder inside the build's budget; its cost is not in the build's wall time, so say so with a figure.
@@ -58,6 +60,7 @@ def main() -> None:
         help="the build's --max-latency (e.g. 5ms), or 'quickstart': the quickstart model's decode latency here",
     )
     parser.add_argument("--max-size", default=None, help="the build's --max-size (e.g. 2MB)")
+    parser.add_argument("--mixer", default="attention", help="the build's --mixer (e.g. auto: attention, hybrid, moe)")
     parser.add_argument(
         "--fit",
         type=Path,
@@ -140,6 +143,7 @@ def main() -> None:
         max_size_bytes=parse_size(args.max_size) if args.max_size else None,
         threads=args.threads,
         fit=[str(p) for p in args.fit or []],
+        mixer=args.mixer,
     )
     start = time.perf_counter()
     if args.score_only:
@@ -202,6 +206,13 @@ def main() -> None:
         f"planner: predicted val loss {plan['predicted_loss']:.4f} ({plan['ci_level']:.0%} interval {low:.4f}-"
         f"{high:.4f}), measured {actual:.4f}: {'inside' if low <= actual <= high else 'OUTSIDE'} the interval"
     )
+    for family in plan.get("families") or []:
+        low_f, high_f = family["loss_interval"]
+        print(
+            f"family {family['mixer']}: {family['width']}x{family['depth']} ({family['params']:,} non-embedding "
+            f"parameters), {family['tokens']:,} tokens, predicted {family['predicted_loss']:.4f} "
+            f"[{low_f:.4f}-{high_f:.4f}]"
+        )
     print(
         f"wall time: build {build_wall / 60:.2f} min for a {args.minutes:g} min budget "
         f"({build_wall / (args.minutes * 60):.0%}); quickstart {quick_wall / 60:.2f} min "

@@ -43,7 +43,6 @@ def run_quickstart(
     from slmkit.infer.generate import generate
     from slmkit.infer.sampling import SamplingParams
     from slmkit.loading import load
-    from slmkit.train.config import TrainConfig
     from slmkit.train.loop import train
     from slmkit.ui import RichReporter
 
@@ -73,26 +72,7 @@ def run_quickstart(
         shutil.rmtree(previous, ignore_errors=True)
         run_dir.rename(previous)
         console.print(f"moved the earlier run to {previous}")
-    cfg = TrainConfig(
-        preset=preset,
-        seq_len=seq_len,
-        batch_size=16,
-        lr=3e-3,
-        warmup_steps=30,
-        schedule="wsd",
-        decay_fraction=0.3,
-        # the recipe that won on this benchmark's data (docs/training.md): Muon (the default optimizer), an untied
-        # head at 10x the lr with the embedding table, and 100 steps of sequence-length warm-up from 64 tokens
-        model={"tie_embeddings": False},
-        embed_lr_scale=10.0,
-        seq_len_warmup_steps=100,
-        seq_len_warmup_start=min(64, seq_len),
-        max_minutes=minutes,
-        eval_interval=100,
-        eval_batches=4,
-        save_interval=250,
-        seed=1337,
-    )
+    cfg = quickstart_config(minutes, preset, seq_len)
     result = train(cfg, data_dir, run_dir, reporter=RichReporter(console))
 
     console.rule("[bold]3/4 evaluate on the val split")
@@ -143,3 +123,30 @@ def run_quickstart(
     )
     console.print(f"next: slm generate {run_dir} --prompt 'def '   |   slm eval {run_dir} --data {data_dir}")
     return summary
+
+
+def quickstart_config(minutes: float, preset: str = "micro", seq_len: int = 256, model: dict[str, Any] | None = None):
+    """The quickstart's training recipe (a TrainConfig) for `minutes` of training; `model` adds ModelConfig
+    overrides (benchmarks/shape_vs_quickstart.py trains other shapes with this recipe)."""
+    from slmkit.train.config import TrainConfig
+
+    return TrainConfig(
+        preset=preset,
+        seq_len=seq_len,
+        batch_size=16,
+        lr=3e-3,
+        warmup_steps=30,
+        schedule="wsd",
+        decay_fraction=0.3,
+        # the recipe that won on this benchmark's data (docs/training.md): Muon (the default optimizer), an untied
+        # head at 10x the lr with the embedding table, and 100 steps of sequence-length warm-up from 64 tokens
+        model={**(model or {}), "tie_embeddings": False},
+        embed_lr_scale=10.0,
+        seq_len_warmup_steps=100,
+        seq_len_warmup_start=min(64, seq_len),
+        max_minutes=minutes,
+        eval_interval=100,
+        eval_batches=4,
+        save_interval=250,
+        seed=1337,
+    )
