@@ -36,30 +36,58 @@ DEFAULT_PRESETS = ["micro", "micro-moe", *(["micro-memory"] if "micro-memory" in
 # ---------------------------------------------------------------- decode tokens/s
 @torch.inference_mode()
 def decode_section(presets: list[str], batches: list[int], steps: int, vocab: int) -> list[dict]:
+    """Greedy decode tokens/s (median step after a 64-token prefill) of each preset, through the native decode step
+    (`models.native_decode`, where it applies: dense and mixture-of-experts transformers) and through the layers'
+    own torch path (the step switched off), side by side."""
+    from slmkit.models import native_decode
+
     results = []
     for name in presets:
         cfg = preset(name, vocab_size=vocab)
         model = build_model(cfg).eval()
         model.init_weights(seed=0)
         for batch in batches:
-            state = model.new_state(batch, 64 + steps + 1)
-            logits = model(torch.randint(0, vocab, (batch, 64)), state=state, pos=torch.arange(64), last_only=True)
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            times = []
-            for i in range(steps):
-                t0 = time.perf_counter()
-                logits = model(token, state=state, pos=torch.tensor([64 + i]), last_only=True)
-                token = logits[:, -1].argmax(-1, keepdim=True)
-                times.append(time.perf_counter() - t0)
-            rate = batch / statistics.median(times)
-            results.append({"preset": name, "batch": batch, "tokens_per_second": rate})
+            for native in (True, False):
+                native_decode.ENABLED[0] = native
+                before = native_decode.STEPS[0]
+                try:
+                    state = model.new_state(batch, 64 + steps + 1)
+                    prompt = torch.randint(0, vocab, (batch, 64), generator=torch.Generator().manual_seed(0))
+                    logits = model(prompt, state=state, pos=torch.arange(64), last_only=True)
+                    token = logits[:, -1].argmax(-1, keepdim=True)
+                    times = []
+                    for i in range(steps):
+                        t0 = time.perf_counter()
+                        logits = model(token, state=state, pos=torch.tensor([64 + i]), last_only=True)
+                        token = logits[:, -1].argmax(-1, keepdim=True)
+                        times.append(time.perf_counter() - t0)
+                finally:
+                    native_decode.ENABLED[0] = True
+                took_native = native_decode.STEPS[0] - before >= steps
+                results.append(
+                    {
+                        "preset": name,
+                        "batch": batch,
+                        "path": "native" if took_native else "layers",
+                        "asked": "native" if native else "layers",
+                        "tokens_per_second": batch / statistics.median(times),
+                    }
+                )
     rows = []
     for r in results:
-        ref = next(q for q in results if q["batch"] == r["batch"] and q["preset"] == presets[0])
+        ref = next(
+            q for q in results if q["batch"] == r["batch"] and q["preset"] == presets[0] and q["asked"] == "native"
+        )
         ratio = r["tokens_per_second"] / ref["tokens_per_second"]
         active = preset(r["preset"]).num_params(active=True)
-        rows.append([r["preset"], str(r["batch"]), f"{active:,}", f"{r['tokens_per_second']:,.0f}", f"{ratio:.2f}x"])
-    table("decode tokens/s (median step)", ["preset", "batch", "active params", "tokens/s", f"vs {presets[0]}"], rows)
+        rows.append(
+            [r["preset"], str(r["batch"]), r["path"], f"{active:,}", f"{r['tokens_per_second']:,.0f}", f"{ratio:.2f}x"]
+        )
+    table(
+        "decode tokens/s (median step)",
+        ["preset", "batch", "path", "active params", "tokens/s", f"vs {presets[0]} (native)"],
+        rows,
+    )
     return results
 
 

@@ -1,7 +1,8 @@
 """The native decode step (`slmkit.models.native_decode`: every layer of a one-token step in one C call): its
 logits equal the layers' own path within 1e-5 at every step, at batch 1 and for rows at their own positions, for
 fp32 (with and without the decode layout), grouped-query and partial rotary attention, biases, the other
-activations and rope scalings, and int8 / int4 tiled weights; greedy tokens through the decode core are the same;
+activations and rope scalings, mixtures of experts (top-k renormalised or not, unit weights, mixed with dense layers),
+and int8 / int4 tiled weights; greedy tokens through the decode core are the same;
 it steps aside (the layers run, with their results) where it does not apply: a forward hook (an adapter), weights
 moved since it was planned, caches it does not run, more than MAX_ROWS rows, architectures it lacks, a position
 past the cache; and the AVX2 and portable-C builds compute the same step."""
@@ -60,6 +61,7 @@ def step_logits(model, tokens: list[int], prompt_len: int, native_on: bool, upto
         native_decode.ENABLED[0] = True
 
 
+MOE = {"mlp": "moe", "moe_experts": 4, "moe_top_k": 2}
 TOKENS = list(torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3)).tolist())
 RUN_CALLS = len(TOKENS) - 8 + 1  # native calls in one step_logits: the 8-token prefill, then every one-token step
 VARIANTS = {
@@ -76,6 +78,11 @@ VARIANTS = {
     "qk norm per head": {"qk_norm": True},
     "qk norm over the projection": {"qk_norm": True, "qk_norm_over": "projection"},
     "sliding window": {"sliding_window": 20},  # window + ring slack >= the cache's 48 slots: a plain KV cache
+    # mixtures of experts: each row's own k experts, chosen and weighted in the kernel
+    "moe top-2 renormalised (mixtral)": {"mlp": "moe", "moe_experts": 4, "moe_top_k": 2},
+    "moe top-3 of 8, not renormalised": {"mlp": "moe", "moe_experts": 8, "moe_top_k": 3, "moe_norm_topk": False},
+    "moe unit weights, top-1": {"mlp": "moe", "moe_experts": 3, "moe_top_k": 1, "moe_weighting": "unit"},
+    "dense and moe layers": {"mlp_pattern": ("gated", "moe"), "moe_experts": 4, "moe_top_k": 2},
 }
 
 
@@ -162,8 +169,14 @@ def test_weights_moved_since_the_plan_are_read_where_they_are():
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"sliding_window": 8}, {"mixer": "mamba2", "mlp": "none"}, {"positions": "learned"}, {"norm": "layernorm"}],
-    ids=["window (a ring cache)", "mamba2", "learned positions", "layernorm"],
+    [
+        {"sliding_window": 8},
+        {"mixer": "mamba2", "mlp": "none"},
+        {"positions": "learned"},
+        {"norm": "layernorm"},
+        {"mlp": "moe", "moe_experts": 4, "moe_shared_d_ff": 32},
+    ],
+    ids=["window (a ring cache)", "mamba2", "learned positions", "layernorm", "moe with a shared expert"],
 )
 def test_architectures_it_lacks_take_the_layers_path(overrides):
     model = make(**overrides)
@@ -240,11 +253,12 @@ def test_dequantized_matmuls_turns_the_quantized_step_off(monkeypatch):
         assert native_decode.STEPS[0] == before
 
 
-@pytest.mark.parametrize("bits", [None, 8])
-def test_rows_at_their_own_positions(bits):
+@pytest.mark.parametrize("bits, overrides", [(None, {}), (8, {}), (None, MOE), (8, MOE)])
+def test_rows_at_their_own_positions(bits, overrides):
     """Three rows of one state, prefilled to different lengths, then decoded together (pos (B, 1), each row its own
-    position and cache row), and all at one position (pos (1,), upto): the layers' logits within 1e-5 (int8: 1e-4)."""
-    model = make(d_ff=128)
+    position and cache row), and all at one position (pos (1,), upto): the layers' logits within 1e-5 (int8: 1e-4).
+    A mixture of experts: each row routed to its own experts."""
+    model = make(d_ff=128, **overrides)
     if bits:
         sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
         from quant_decode import quantize_in_memory

@@ -77,6 +77,34 @@ def measure(
     return profile
 
 
+def screen_families(
+    smallest: dict[str, Shape],
+    cap: float,
+    vocab_size: int,
+    context: int,
+    on_status: Callable[[str], None] | None = None,
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """Before the families are timed in full: each family's smallest shape decoded (timed twice more when over `cap`,
+    the fastest kept, as `stages._feasibility` does); returns the families whose smallest model meets `cap` (all of
+    them when none does: the feasibility check then refuses the build with the figures) and the decode points of
+    those that do not (marked "retimed"), so a family no model of which can meet the latency target costs one decode
+    timing, not its training and decode timings and a ladder."""
+    from slmkit.scaling.planner import decode_point, measure_decode_ms
+
+    kept, dropped = [], []
+    for mixer, shape in smallest.items():
+        if on_status:
+            on_status(f"timing {shape.name} ({mixer}): batch-1 decoding against --max-latency")
+        ms = measure_decode_ms(shape, vocab_size, context)
+        if ms > cap:
+            ms = min(ms, *(measure_decode_ms(shape, vocab_size, context) for _ in range(2)))
+        if ms <= cap:
+            kept.append(mixer)
+        else:
+            dropped.append({**decode_point(shape, vocab_size, context, ms), "retimed": True})
+    return (kept, dropped) if kept else (list(smallest), [])
+
+
 def train_point(shape: Shape, vocab_size: int, context: int, batch_size: int, device: str) -> dict[str, Any]:
     """One shape's training throughput here (`ladder.measure_train_throughput`), as a profile's "train" entry."""
     from slmkit.scaling.ladder import LadderSettings, measure_train_throughput

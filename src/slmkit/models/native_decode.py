@@ -12,11 +12,12 @@ embedding lookup and the head.
 gradients of one token for each of up to 8 rows (16 for small models; batch 1 above all; rows may sit at different
 positions) or of up to that many consecutive tokens of one row; it returns the final-normed hidden states, or None
 where the step does not apply and the layers run as before. It applies to models whose every block is RMSNorm,
-attention (rotary; q/k norm and a sliding window allowed; no value embeddings) and a dense MLP, with plain fp32
-`KVState` caches, and linears that are plain fp32 `nn.Linear`s, or tiled `Int8Linear` / `Int4Linear` (the native
-kernels' layouts), without forward hooks (a LoRA adapter's hook keeps the layers' own path). Everything it reads is
-checked against the pointers it was planned on at every step, so a weight moved or replaced since (`.to()`, a new
-layout, a load) replans it.
+attention (rotary; q/k norm and a sliding window allowed; no value embeddings) and a dense MLP or a mixture of
+experts (gated experts of one width, any k up to 64, renormalised or not, no shared expert: Mixtral, OLMoE; each row
+runs its own k experts), with plain fp32 `KVState` caches, and linears that are plain fp32 `nn.Linear`s, or tiled
+`Int8Linear` / `Int4Linear` (the native kernels' layouts), without forward hooks (a LoRA adapter's hook keeps the
+layers' own path). Everything it reads is checked against the pointers it was planned on at every step, so a weight
+moved or replaced since (`.to()`, a new layout, a load) replans it.
 `ENABLED[0] = False` (or `SLMKIT_NATIVE_KERNELS=0`) turns it off.
 """
 
@@ -41,8 +42,11 @@ SMALL_PARAMS = 20_000_000
 STEPS = [0]  # decode steps run natively (what tests and benchmarks read to know the path was taken)
 LIN_NONE, LIN_F32, LIN_Q8, LIN_Q4 = -1, 0, 1, 2
 LIN_FIELDS, LINS = 7, 7  # as native_kernels.c: (kind, weight, aux, bias, n, k, group) x (q, k, v, o, gate, up, down)
-# + input norm, post-attention norm, key cache, value cache, q norm, k norm, their kind, sliding window
-LAYER_FIELDS = LINS * LIN_FIELDS + 8
+# + input norm, post-attention norm, key cache, value cache, q norm, k norm, their kind, sliding window, and a mixture
+# of experts' description (0: a dense MLP), its number of experts, k and flags (MOE_*)
+LAYER_FIELDS = LINS * LIN_FIELDS + 12
+MOE_NORMALIZE, MOE_UNIT = 1, 2
+MAX_TOP_K = 64  # the kernel's bound on the experts a token uses
 QK_NONE, QK_HEAD, QK_PROJECTION = 0, 1, 2
 N_DIMS = 9
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "relu2": 4}
@@ -109,7 +113,10 @@ class Plan:
         from slmkit.models.attention import Attention, RMSNorm
         from slmkit.models.decode_layout import fused_matrix, fused_pointers
         from slmkit.models.mlp import MLP, PlainMLP
+        from slmkit.models.moe import MoE
 
+        self.moe_descriptions: list[torch.Tensor] = []  # kept alive: the kernel reads them by pointer
+        self.n_experts = 0
         if not all(hasattr(model, name) for name in ("config", "layers", "embed_tokens", "norm", "rope_table")):
             raise _Unsupported("not a slmkit Transformer", lasting=True)
         lib = native.library()
@@ -133,9 +140,15 @@ class Plan:
                 raise _Unsupported("a mixer other than attention", lasting=True)
             if hasattr(attn, "value_lambdas") or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm:
                 raise _Unsupported("value embeddings or a norm other than RMSNorm", lasting=True)
-            if type(mlp) not in (MLP, PlainMLP):
-                raise _Unsupported("an MLP other than the dense ones", lasting=True)
-            width = mlp.down_proj.in_features  # type: ignore[union-attr]
+            moe = type(mlp) is MoE
+            if moe:
+                if "shared_expert" in mlp._modules or mlp.top_k > MAX_TOP_K:  # type: ignore[union-attr]
+                    raise _Unsupported("a shared expert, or more chosen experts than the kernel holds", lasting=True)
+                width = mlp.experts[0].down_proj.in_features  # type: ignore[union-attr, index]
+            elif type(mlp) not in (MLP, PlainMLP):
+                raise _Unsupported("an MLP other than the dense ones and a mixture of experts", lasting=True)
+            else:
+                width = mlp.down_proj.in_features  # type: ignore[union-attr]
             if d_ff not in (None, width):
                 raise _Unsupported("MLP widths that differ between layers", lasting=True)
             d_ff = width
@@ -149,7 +162,10 @@ class Plan:
                 for name in ("q_proj", "k_proj", "v_proj"):
                     row += _linear_fields(attn._modules[name], self.sources)
             row += _linear_fields(attn.o_proj, self.sources)
-            if type(mlp) is PlainMLP:
+            if moe:
+                row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
+                row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
+            elif type(mlp) is PlainMLP:
                 row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
                 row += _linear_fields(mlp.up_proj, self.sources)
             else:
@@ -160,7 +176,7 @@ class Plan:
                 else:
                     row += _linear_fields(mlp.gate_proj, self.sources)
                     row += _linear_fields(mlp.up_proj, self.sources)
-            row += _linear_fields(mlp.down_proj, self.sources)
+            row += [LIN_NONE] + [0] * (LIN_FIELDS - 1) if moe else _linear_fields(mlp.down_proj, self.sources)
             for norm in (ln1, ln2):
                 w = norm.weight  # type: ignore[union-attr]
                 if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
@@ -179,9 +195,10 @@ class Plan:
             else:
                 row += [0, 0, QK_NONE]
             row.append(attn.window or 0)
+            row += self._moe_fields(mlp, width) if moe else [0, 0, 0, 0]
             rows.append(row)
             self.modules += [m for m in (attn, mlp, ln1, ln2, block) if m is not None]
-            self.modules += [m for m in (*attn.children(), *mlp.children())]  # type: ignore[union-attr]
+            self.modules += [m for m in (*attn.children(), *mlp.modules())]  # type: ignore[union-attr]
             if len(row) != LAYER_FIELDS:
                 raise AssertionError(f"a layer description of {len(row)} fields, not {LAYER_FIELDS}")
         final = model.norm  # type: ignore[attr-defined]
@@ -205,6 +222,30 @@ class Plan:
         self.sources = [source for source in self.sources if source is not QUANTIZED]
         self.pointers = self._pointers()
         self.states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # ModelState -> (layers, dims, ...)
+
+    def _moe_fields(self, mlp: nn.Module, width: int) -> list[int]:
+        """A mixture of experts' layer fields: its description (the router's linear, then each expert's gate, up and
+        down), the number of experts, k and the flags."""
+        from slmkit.models.decode_layout import fused_matrix, fused_pointers
+        from slmkit.models.mlp import MLP
+
+        fields = _linear_fields(mlp.gate, self.sources)  # type: ignore[arg-type]
+        for expert in mlp.experts:  # type: ignore[union-attr]
+            if type(expert) is not MLP or expert.down_proj.in_features != width:
+                raise _Unsupported("experts that are not gated MLPs of one width", lasting=True)
+            fused = fused_matrix(expert)
+            if fused is not None and fused.is_contiguous():  # the decode layout's gate/up as one matrix
+                fields += self._fused_fields(expert, ("gate_proj", "up_proj"), fused, fused_pointers(expert))
+                fields += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
+            else:
+                fields += _linear_fields(expert.gate_proj, self.sources)
+                fields += _linear_fields(expert.up_proj, self.sources)
+            fields += _linear_fields(expert.down_proj, self.sources)
+        description = torch.tensor(fields, dtype=torch.int64)
+        self.moe_descriptions.append(description)
+        self.n_experts = max(self.n_experts, int(mlp.n_experts))  # type: ignore[arg-type]
+        flags = (MOE_NORMALIZE if mlp.normalize else 0) | (MOE_UNIT if mlp.unit else 0)
+        return [description.data_ptr(), int(mlp.n_experts), int(mlp.top_k), flags]  # type: ignore[arg-type]
 
     def _fused_fields(self, module: nn.Module, names: tuple[str, ...], matrix: torch.Tensor, pointers) -> list[int]:
         linears = [module._modules[name] for name in names]
@@ -264,7 +305,7 @@ class Plan:
         dims = [cfg.d_model, cfg.n_heads, cfg.n_kv_heads, hd, self.d_ff, slots, cfg.rope_dim]
         dims.append(ACTIVATIONS[cfg.activation])
         per_row = 2 * cfg.d_model + (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd + 3 * self.d_ff
-        scratch = torch.empty(MAX_ROWS * per_row + slots)
+        scratch = torch.empty(MAX_ROWS * per_row + slots + MAX_ROWS * self.n_experts)  # + the router's logits
         entry = (layers, dims, scratch, caches)
         self.states[state] = entry
         return entry

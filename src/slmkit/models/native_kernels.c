@@ -351,15 +351,19 @@ int slm_q4_linear(const float *x, const uint8_t *tiles, const float *sz, float *
  * SLM_LIN_FIELDS each (kind, weight, scales / scales-and-zeros, bias, n, k, int4 group), then the two norm weights,
  * the layer's key and value caches ((rows, KV, S, D) fp32), the q and k norm weights with their kind (SLM_QK_*: none,
  * per head (Qwen3), over all heads' projection (OLMoE); applied before rotary) and the sliding window (0: none; a
- * query at p sees slots p - window + 1 .. p). A linear of kind SLM_LIN_NONE is absent:
+ * query at p sees slots p - window + 1 .. p), then a mixture of experts' fields: its description (0: a dense MLP;
+ * else SLM_LIN_FIELDS for the router and 3 x SLM_LIN_FIELDS per expert, gate, up (absent: gate's product covers it)
+ * and down; the layer's own gate, up and down absent), the number of experts, k, and flags (SLM_MOE_*). A linear of kind SLM_LIN_NONE is absent:
  * q's product then covers k and v too (the decode layout's fused q/k/v), gate's covers up (fused gate/up), and
  * without a gate the MLP is ungated (down(act(up(x)))). */
 enum { SLM_LIN_NONE = -1, SLM_LIN_F32 = 0, SLM_LIN_Q8 = 1, SLM_LIN_Q4 = 2 };
 enum { SLM_ACT_SILU = 0, SLM_ACT_GELU = 1, SLM_ACT_GELU_TANH = 2, SLM_ACT_RELU = 3, SLM_ACT_RELU2 = 4 };
 #define SLM_LIN_FIELDS 7
 #define SLM_LINS 7 /* q, k, v, o, gate, up, down */
-#define SLM_LAYER_FIELDS (SLM_LINS * SLM_LIN_FIELDS + 8)
+#define SLM_LAYER_FIELDS (SLM_LINS * SLM_LIN_FIELDS + 12)
 enum { SLM_QK_NONE = 0, SLM_QK_HEAD = 1, SLM_QK_PROJECTION = 2 };
+/* a mixture of experts: the k chosen weights renormalised to sum to 1; every chosen weight exactly 1 */
+enum { SLM_MOE_NORMALIZE = 1, SLM_MOE_UNIT = 2 };
 /* dims: d_model, heads, kv heads, head dim, d_ff, cache slots, rotary dims, activation, rotary table rows */
 #define SLM_DIMS 9
 
@@ -418,6 +422,52 @@ static void rotate(float *h, const float *c, const float *s, int64_t r) {
     }
 }
 
+/* A mixture of experts' MLP for `rows` rows of normed input, added into x: the router's logits, a softmax over the
+ * experts, the k largest probabilities (ties to the lower index, as torch.topk), renormalised or set to 1 as the
+ * flags say, and each chosen expert's gated MLP (one row at a time: each row has its own experts) weighted by its
+ * probability. router: (rows, experts) scratch; hidden (2 ff), staged (ff) and tmp (c): one row's scratch. */
+static int moe_apply(const int64_t *moe, int64_t n_experts, int64_t top_k, int64_t flags, const float *normed,
+                     float *x, float *router, float *hidden, float *staged, float *tmp, int64_t rows, int64_t c,
+                     int64_t ff, int64_t act) {
+    int rc;
+    if (n_experts < 1 || top_k < 1 || top_k > n_experts || top_k > 64) return -3;
+    if ((rc = lin_apply(moe, normed, router, rows))) return rc;
+    for (int64_t r = 0; r < rows; r++) {
+        float *logits = router + r * n_experts, top = -INFINITY, total = 0.0f;
+        for (int64_t e = 0; e < n_experts; e++) top = logits[e] > top ? logits[e] : top;
+        for (int64_t e = 0; e < n_experts; e++) {
+            logits[e] = expf(logits[e] - top);
+            total += logits[e];
+        }
+        for (int64_t e = 0; e < n_experts; e++) logits[e] /= total;
+        int64_t chosen[64];
+        float weight[64], sum = 0.0f;
+        for (int64_t j = 0; j < top_k; j++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < n_experts; e++) {
+                int taken = 0;
+                for (int64_t i = 0; i < j; i++) taken |= chosen[i] == e;
+                if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+            }
+            chosen[j] = best;
+            weight[j] = logits[best];
+            sum += weight[j];
+        }
+        for (int64_t j = 0; j < top_k; j++) {
+            const float w = (flags & SLM_MOE_UNIT) ? 1.0f : (flags & SLM_MOE_NORMALIZE) ? weight[j] / sum : weight[j];
+            const int64_t *expert = moe + SLM_LIN_FIELDS * (1 + 3 * chosen[j]);
+            const float *in = normed + r * c;
+            if ((rc = lin_apply(expert, in, hidden, 1))) return rc; /* gate (with up when fused: 2 ff outputs) */
+            if (expert[SLM_LIN_FIELDS] != SLM_LIN_NONE && (rc = lin_apply(expert + SLM_LIN_FIELDS, in, hidden + ff, 1)))
+                return rc;
+            for (int64_t i = 0; i < ff; i++) staged[i] = activate(hidden[i], act) * hidden[ff + i];
+            if ((rc = lin_apply(expert + 2 * SLM_LIN_FIELDS, staged, tmp, 1))) return rc;
+            for (int64_t i = 0; i < c; i++) x[r * c + i] += w * tmp[i];
+        }
+    }
+    return 0;
+}
+
 /* Returns 0, -1 (a kernel could not allocate), -2 (a position outside the cache or the rotary table: nothing was
  * written) or -3 (a bad description). x (rows, d_model) is updated in place; out gets its final norm. Row r sits at
  * position pos[r * pos_stride] (pos_stride 0: one position for every row) and writes and reads batch row
@@ -439,6 +489,7 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
     const int64_t group = nh / nkv, qn = nh * hd, kn = nkv * hd, qkv_n = qn + 2 * kn;
     float *normed = scratch, *qkv = normed + rows * c, *att = qkv + rows * qkv_n, *tmp = att + rows * qn;
     float *hidden = tmp + rows * c, *staged = hidden + rows * 2 * ff, *scores = staged + rows * ff;
+    float *router = scores + slots; /* (rows, experts) router logits: the scratch holds them after the scores */
     const float scale = 1.0f / sqrtf((float)hd);
     const int64_t cache_row = nkv * slots * hd;
     int rc;
@@ -453,6 +504,9 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
         const float *qnorm = (const float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 4];
         const float *knorm = (const float *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 5];
         const int64_t qk = d[SLM_LINS * SLM_LIN_FIELDS + 6], window = d[SLM_LINS * SLM_LIN_FIELDS + 7];
+        const int64_t *moe = (const int64_t *)(intptr_t)d[SLM_LINS * SLM_LIN_FIELDS + 8];
+        const int64_t n_experts = d[SLM_LINS * SLM_LIN_FIELDS + 9], top_k = d[SLM_LINS * SLM_LIN_FIELDS + 10];
+        const int64_t moe_flags = d[SLM_LINS * SLM_LIN_FIELDS + 11];
         /* attention: q, k, v of row r at q + r * qs, k + r * ks, v + r * ks (one fused (rows, qkv_n) output, or
          * three outputs of their own widths) */
         for (int64_t r = 0; r < rows; r++) rms_norm(x + r * c, ln1, eps, normed + r * c, c);
@@ -509,6 +563,11 @@ int slm_decode_layers(float *x, const int64_t *layers, int64_t n_layers, const i
         for (int64_t i = 0; i < rows * c; i++) x[i] += tmp[i];
         /* MLP: gate and up of row r at hidden + r * gs and + r * gs + us (fused: one (rows, 2 ff) output) */
         for (int64_t r = 0; r < rows; r++) rms_norm(x + r * c, ln2, eps, normed + r * c, c);
+        if (moe) {
+            if ((rc = moe_apply(moe, n_experts, top_k, moe_flags, normed, x, router, hidden, staged, tmp, rows, c, ff, act)))
+                return rc;
+            continue;
+        }
         float *act_out = hidden; /* (rows, ff) */
         if (lg[0] == SLM_LIN_NONE) { /* ungated: down(act(up(x))) */
             if ((rc = lin_apply(lu, normed, hidden, rows))) return rc;
