@@ -133,7 +133,9 @@ def test_tiny_build_ships_every_artefact(shipped):
     assert plan["loss_interval"][0] <= plan["predicted_loss"] <= plan["loss_interval"][1]
     # the float model misses --max-size, so candidates were measured and one that meets it shipped
     methods = [c["method"] for c in state["candidates"]]
-    assert methods == ["float", "int8", "int4", "gptq-int4"]
+    assert methods == ["float", "int8", "w8a8", "int4", "gptq-int4"]
+    w8a8 = json.loads((Path(state["candidates"][2]["path"]) / "config.json").read_text())
+    assert "dynamic" in json.dumps(w8a8)  # activations quantized per call: W8A8, not int8's weight-only
     assert not state["candidates"][0]["meets"]["size"]
     assert state["result"]["method"] != "float" and state["result"]["meets"]["size"]
     assert state["result"]["size_bytes"] <= 300_000

@@ -40,7 +40,10 @@ LADDER_EFFICIENCY = 0.5  # share of a ladder's wall time spent in optimizer step
 # (two seeds; benchmarks/ladder_predict.py, docs/build.md). Builds under 5 minutes keep their own (already small) batch.
 LADDER_BATCH = 4
 LADDER_MIN_STEPS = (30, 20, 10)  # tried in turn until the budget holds a ladder
-COMPRESS_METHODS = ("int8", "int4", "gptq-int4")
+# the compression candidates, least aggressive first (a loss tie goes to the earlier): w8a8 is int8's weights with
+# activations quantized per call (`slm compress --method int8 --activations dynamic`), the same file
+COMPRESS_METHODS = ("int8", "w8a8", "int4", "gptq-int4")
+INT8_LIKE = ("int8", "w8a8", "int4")  # cost about the same to make and measure; GPTQ more (its calibration)
 LOSS_TIE = 1e-4  # nats/token: candidates closer than this are equally good (the earlier, less aggressive, wins)
 EVAL_WINDOWS = 256  # held-out windows for candidates and the interval (evenly spaced over the val split)
 MIN_EVAL_WINDOWS = 40  # the fewest held-out windows verify shrinks to when the budget runs short
@@ -604,11 +607,12 @@ def probe_post_costs(ctx: BuildContext, candidates: bool, mixer: str) -> dict[st
     timed("train_evaluate", lambda: evaluate_rung(model_dir, data, settings), min(settings.val_windows * seq, val))
     timed("compress_float", lambda: _float_measurement(ctx, model_dir), windows)
     if candidates:
-        # int8 and int4 cost about the same; GPTQ int4 more (its calibration): one candidate is their mean
+        # int8, w8a8 and int4 cost about the same; GPTQ int4 more (its calibration): one candidate is their mean
         timed("compress_candidates", lambda: _candidate(ctx, model_dir, "int8", root / "int8"), windows)
         int8 = seconds["compress_candidates"]
         timed("compress_candidates", lambda: _candidate(ctx, model_dir, "gptq-int4", root / "gptq"), windows)
-        seconds["compress_candidates"] = (2 * int8 + seconds["compress_candidates"]) / len(COMPRESS_METHODS)
+        gptq = seconds["compress_candidates"]
+        seconds["compress_candidates"] = (len(INT8_LIKE) * int8 + gptq) / len(COMPRESS_METHODS)
     timed("select", lambda: shutil.copytree(model_dir, root / "selected"))
     timed(
         "held_out",
@@ -941,13 +945,14 @@ def _candidate(ctx: BuildContext, final: Path, method: str, out: Path | None = N
     from slmkit.interop.hf import load_config
 
     out = out or ctx.work / "candidates" / method
-    options = CompressOptions(seed=ctx.request.seed, calib_samples=32, calib_seq_len=128)
+    activations = "dynamic" if method == "w8a8" else "none"
+    options = CompressOptions(seed=ctx.request.seed, calib_samples=32, calib_seq_len=128, activations=activations)
     # scored at the model's full context, as the float model is (`_float_measurement`): calibrated at 128 tokens
     # and scored there too, int8 read 0.045 bpb worse than the float model on the 10-minute benchmark, which was
     # the shorter windows, not the rounding
     result = compress(
         final,
-        method,
+        "int8" if method == "w8a8" else method,
         out,
         data=ctx.data_dir,
         options=options,
