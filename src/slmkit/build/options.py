@@ -104,9 +104,9 @@ class BuildRequest:
             asked = [parse_mixer(m.strip()) for m in self.mixer.split(";") if m.strip()]
         if not self.fit:
             return asked
-        from slmkit.scaling.planner import _ladder_meta, ladder_mixer
+        from slmkit.scaling.planner import ladder_family
 
-        fitted = [ladder_mixer(_ladder_meta(path)) for path in self.fit]
+        fitted = [ladder_family(path) for path in self.fit]
         if self.mixer not in ("attention", "auto") and sorted(set(asked)) != sorted(set(fitted)):
             raise UserError(
                 f"--mixer {self.mixer} but the --fit ladders are of {', '.join(fitted)}: give ladders of the families "

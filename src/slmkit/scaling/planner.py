@@ -232,6 +232,11 @@ def ladder_mixer(meta: dict[str, Any]) -> str:
     return parse_mixer(meta.get("mixer") or (meta.get("request") or {}).get("mixer"))
 
 
+def ladder_family(path: str | Path) -> str:
+    """The mixer family of the ladder directory at `path` (UserError when it is not one)."""
+    return ladder_mixer(_ladder_meta(path))
+
+
 def plan(
     ladder: str | Path | list[str | Path],
     budget_flops: float | None = None,
