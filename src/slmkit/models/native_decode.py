@@ -45,6 +45,7 @@ LIN_FIELDS, LINS = 7, 7  # as native_kernels.c: (kind, weight, aux, bias, n, k, 
 # + input norm, post-attention norm, key cache, value cache, q norm, k norm, their kind, sliding window, and a mixture
 # of experts' description (0: a dense MLP), its number of experts, k and flags (MOE_*)
 LAYER_FIELDS = LINS * LIN_FIELDS + 12
+NO_LINEAR = [LIN_NONE] + [0] * (LIN_FIELDS - 1)  # an absent linear's fields
 MOE_NORMALIZE, MOE_UNIT = 1, 2
 MAX_TOP_K = 64  # the kernel's bound on the experts a token uses
 QK_NONE, QK_HEAD, QK_PROJECTION = 0, 1, 2
@@ -67,7 +68,7 @@ def _linear_fields(linear: nn.Module | None, sources: list) -> list[int]:
     from slmkit.models.quantized import Int4Linear, Int8Linear
 
     if linear is None:
-        return [LIN_NONE] + [0] * (LIN_FIELDS - 1)
+        return list(NO_LINEAR)
     if linear._forward_hooks or linear._forward_pre_hooks:
         raise _Unsupported("a forward hook (an adapter)")
     bias = getattr(linear, "bias", None)
@@ -156,27 +157,18 @@ class Plan:
             fused = fused_matrix(attn)
             if fused is not None and fused.is_contiguous():  # the decode layout's q/k/v as one row-major matrix
                 row += self._fused_fields(attn, ("q_proj", "k_proj", "v_proj"), fused, fused_pointers(attn))
-                row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
-                row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
+                row += NO_LINEAR * 2
             else:
                 for name in ("q_proj", "k_proj", "v_proj"):
                     row += _linear_fields(attn._modules[name], self.sources)
             row += _linear_fields(attn.o_proj, self.sources)
-            if moe:
-                row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
-                row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
+            if moe:  # the experts' linears are in the layer's mixture-of-experts description
+                row += NO_LINEAR * 3
             elif type(mlp) is PlainMLP:
-                row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
-                row += _linear_fields(mlp.up_proj, self.sources)
+                row += NO_LINEAR + _linear_fields(mlp.up_proj, self.sources)
+                row += _linear_fields(mlp.down_proj, self.sources)
             else:
-                fused = fused_matrix(mlp)
-                if fused is not None and fused.is_contiguous():
-                    row += self._fused_fields(mlp, ("gate_proj", "up_proj"), fused, fused_pointers(mlp))
-                    row += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
-                else:
-                    row += _linear_fields(mlp.gate_proj, self.sources)
-                    row += _linear_fields(mlp.up_proj, self.sources)
-            row += [LIN_NONE] + [0] * (LIN_FIELDS - 1) if moe else _linear_fields(mlp.down_proj, self.sources)
+                row += self._gated_fields(mlp)
             for norm in (ln1, ln2):
                 w = norm.weight  # type: ignore[union-attr]
                 if w.dtype != torch.float32 or not w.is_contiguous() or w.device.type != "cpu":
@@ -198,7 +190,7 @@ class Plan:
             row += self._moe_fields(mlp, width) if moe else [0, 0, 0, 0]
             rows.append(row)
             self.modules += [m for m in (attn, mlp, ln1, ln2, block) if m is not None]
-            self.modules += [m for m in (*attn.children(), *mlp.modules())]  # type: ignore[union-attr]
+            self.modules += [*attn.children(), *(m for m in mlp.modules() if m is not mlp)]  # type: ignore[union-attr]
             if len(row) != LAYER_FIELDS:
                 raise AssertionError(f"a layer description of {len(row)} fields, not {LAYER_FIELDS}")
         final = model.norm  # type: ignore[attr-defined]
@@ -226,26 +218,30 @@ class Plan:
     def _moe_fields(self, mlp: nn.Module, width: int) -> list[int]:
         """A mixture of experts' layer fields: its description (the router's linear, then each expert's gate, up and
         down), the number of experts, k and the flags."""
-        from slmkit.models.decode_layout import fused_matrix, fused_pointers
         from slmkit.models.mlp import MLP
 
         fields = _linear_fields(mlp.gate, self.sources)  # type: ignore[arg-type]
         for expert in mlp.experts:  # type: ignore[union-attr]
             if type(expert) is not MLP or expert.down_proj.in_features != width:
                 raise _Unsupported("experts that are not gated MLPs of one width", lasting=True)
-            fused = fused_matrix(expert)
-            if fused is not None and fused.is_contiguous():  # the decode layout's gate/up as one matrix
-                fields += self._fused_fields(expert, ("gate_proj", "up_proj"), fused, fused_pointers(expert))
-                fields += [LIN_NONE] + [0] * (LIN_FIELDS - 1)
-            else:
-                fields += _linear_fields(expert.gate_proj, self.sources)
-                fields += _linear_fields(expert.up_proj, self.sources)
-            fields += _linear_fields(expert.down_proj, self.sources)
+            fields += self._gated_fields(expert)
         description = torch.tensor(fields, dtype=torch.int64)
         self.moe_descriptions.append(description)
         self.n_experts = max(self.n_experts, int(mlp.n_experts))  # type: ignore[arg-type]
         flags = (MOE_NORMALIZE if mlp.normalize else 0) | (MOE_UNIT if mlp.unit else 0)
         return [description.data_ptr(), int(mlp.n_experts), int(mlp.top_k), flags]  # type: ignore[arg-type]
+
+    def _gated_fields(self, mlp: nn.Module) -> list[int]:
+        """A gated MLP's gate, up and down fields: gate and up as the decode layout's one fused matrix when it has
+        one (up then absent: gate's product covers it), else each linear."""
+        from slmkit.models.decode_layout import fused_matrix, fused_pointers
+
+        fused = fused_matrix(mlp)
+        if fused is not None and fused.is_contiguous():
+            fields = self._fused_fields(mlp, ("gate_proj", "up_proj"), fused, fused_pointers(mlp)) + NO_LINEAR
+        else:
+            fields = _linear_fields(mlp.gate_proj, self.sources) + _linear_fields(mlp.up_proj, self.sources)
+        return fields + _linear_fields(mlp.down_proj, self.sources)
 
     def _fused_fields(self, module: nn.Module, names: tuple[str, ...], matrix: torch.Tensor, pointers) -> list[int]:
         linears = [module._modules[name] for name in names]

@@ -100,7 +100,7 @@ def shape_overrides(width: int, depth: int, context: int, mixer: str = DEFAULT_M
         n_heads -= 1
     n_kv_heads = n_heads // 2 if n_heads % 2 == 0 else n_heads
     d_ff = max(32, round(width * 8 / 3 / 32) * 32)
-    if parse_mixer(mixer) in FAMILY_MLP and FAMILY_MLP[parse_mixer(mixer)].get("mlp") == "moe":
+    if FAMILY_MLP.get(parse_mixer(mixer), {}).get("mlp") == "moe":
         d_ff = max(WIDTH_STEP, round(d_ff * MOE_EXPERT_WIDTH / WIDTH_STEP) * WIDTH_STEP)
     fields = dict(d_model=width, n_layers=depth, n_heads=n_heads, n_kv_heads=n_kv_heads, d_ff=d_ff, max_seq_len=context)
     return {**fields, **mixer_overrides(mixer, depth)}
